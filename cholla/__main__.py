@@ -1,0 +1,5 @@
+import sys
+
+from cholla.cli import main
+
+sys.exit(main())

@@ -1,0 +1,182 @@
+"""The ``cholla`` command: run, info, pull.
+
+Every failure the user can fix (a missing file, a corrupt model, a prompt too
+long) prints one line and exits with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+
+from cholla.errors import ChollaError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-model-len", type=int, default=None, help="context length to serve (default: the model's, capped by the KV cache)")
+    p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB", help="KV cache size in GiB")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("-t", "--temperature", type=float, default=0.8, help="0 means greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="keep the k likeliest tokens, 0 = off (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p x the top probability (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off")
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-generation tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cholla", description="Run LLMs from GGUF and SafeTensors files.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate an answer to one prompt, streamed")
+    run.add_argument("args", nargs="+", metavar="[MODEL] PROMPT", help="model (path or known name; default smollm2) and prompt")
+    run.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    run.add_argument("--system", default=None, metavar="TEXT", help="system message")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    _add_sampling_options(run)
+    _add_model_options(run)
+
+    info = sub.add_parser("info", help="describe a model file")
+    info.add_argument("model", nargs="?", default=None)
+    info.add_argument("--json", action="store_true")
+    info.add_argument("--debug", action="store_true")
+
+    pull = sub.add_parser("pull", help="fetch a known model into the cache")
+    pull.add_argument("model", nargs="?", default=None)
+    pull.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _sampling_params(args: argparse.Namespace):
+    from cholla.sampling.params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = {"max_model_len": args.max_model_len}
+    if args.kv_cache_memory:
+        kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
+    return kwargs
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cholla.llm import LLM
+
+    if len(args.args) > 2:
+        raise ChollaError("give at most a model and one prompt (quote the prompt)")
+    model, prompt = (None, args.args[0]) if len(args.args) == 1 else args.args
+    params = _sampling_params(args)
+    llm = LLM(model, **_engine_kwargs(args))
+    if args.raw:
+        prompt_input = prompt
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        prompt_input = {"prompt_token_ids": llm.encode_messages(messages)}
+
+    start = time.perf_counter()
+    first = last = None
+    printed = 0
+    out = None
+    for out in llm.stream(prompt_input, params):
+        now = time.perf_counter()
+        first = first or now
+        last = now
+        if not args.json:
+            sys.stdout.write(out.text[printed:])
+            sys.stdout.flush()
+            printed = len(out.text)
+    prompt_ids = prompt_input["prompt_token_ids"] if isinstance(prompt_input, dict) else llm.tokenizer.encode(prompt)
+    n_out = len(out.token_ids)
+    prefill_s = (first - start) if first else 0.0
+    decode_s = (last - first) if first else 0.0
+    timings = {
+        "prefill_s": round(prefill_s, 4),
+        "prefill_tokens_per_s": round(len(prompt_ids) / prefill_s, 2) if prefill_s else None,
+        "decode_s": round(decode_s, 4),
+        "decode_tokens_per_s": round((n_out - 1) / decode_s, 2) if decode_s and n_out > 1 else None,
+    }
+    if args.json:
+        print(json.dumps({
+            "text": out.text,
+            "token_ids": out.token_ids,
+            "prompt_token_ids": prompt_ids,
+            "finish_reason": out.finish_reason,
+            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": n_out, "total_tokens": len(prompt_ids) + n_out},
+            "timings": timings,
+        }, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        rate = timings["decode_tokens_per_s"]
+        print(
+            f"[{len(prompt_ids)} prompt tokens at {timings['prefill_tokens_per_s'] or 0:.1f} t/s, "
+            f"{n_out} generated at {rate or 0:.1f} t/s, finish: {out.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from cholla.download import resolve_model
+    from cholla.info import format_info, model_info
+
+    info = model_info(resolve_model(args.model))
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from cholla.download import resolve_model
+
+    print(resolve_model(args.model))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "info": cmd_info, "pull": cmd_pull}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="cholla: %(message)s", stream=sys.stderr
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except ChollaError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"cholla: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The synchronous engine. ``step()`` is the whole loop: schedule, run, postprocess."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cholla.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from cholla.engine.request import Request, RequestStatus
+from cholla.engine.runner import ModelRunner
+from cholla.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from cholla.errors import ContextLengthError, InvalidRequestError
+from cholla.kv.block_manager import BlockManager
+from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, bytes_per_block
+from cholla.models.loader import LoadedModel, load_model
+from cholla.sampling.params import SamplingParams
+from cholla.sampling.stop import find_stop, safe_prefix_len
+from cholla.tokenizer.detokenizer import IncrementalDetokenizer
+from cholla.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger("cholla")
+
+DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int | None = None  # default: the model's context, capped by the KV cache
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory: int | None = None  # bytes; default: 2 GiB or a quarter of free RAM
+    block_size: int = DEFAULT_BLOCK_SIZE
+    enable_prefix_caching: bool = True
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 1024**3
+
+
+def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
+    if loaded.gguf is not None:
+        return Tokenizer.from_gguf(loaded.gguf.metadata)
+    return Tokenizer.from_hf_dir(loaded.path)
+
+
+class _RequestState:
+    """Text-side state of one request: incremental detokenization and stop strings."""
+
+    def __init__(self, request: Request, detokenizer: IncrementalDetokenizer, prompt: str | None, index: int):
+        self.request, self.detokenizer, self.prompt, self.index = request, detokenizer, prompt, index
+        self.text = ""
+
+
+class LLMEngine:
+    def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        self.model_config = self.loaded.config
+        self.tokenizer = load_tokenizer(self.loaded)
+        self.eos_token_ids = set(self.tokenizer.eog_token_ids) | set(self.model_config.eos_token_ids)
+
+        memory = config.kv_cache_memory or min(DEFAULT_KV_CACHE_MEMORY, _available_memory() // 4)
+        block_bytes = bytes_per_block(self.model_config, config.block_size, torch.float32)
+        num_blocks = memory // block_bytes
+        max_len = config.max_model_len or self.model_config.max_position_embeddings
+        if config.max_model_len is None:
+            max_len = min(max_len, num_blocks * config.block_size)
+        if num_blocks * config.block_size < max_len:
+            raise InvalidRequestError(
+                f"a KV cache of {memory / 2**20:.0f} MiB holds {num_blocks * config.block_size} tokens, "
+                f"fewer than max_model_len={max_len}; raise the KV cache memory or lower max_model_len"
+            )
+        self.max_model_len = max_len
+        self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.0f MiB), %d tokens; maximum concurrency for %d-token requests: %.2fx",
+            num_blocks, config.block_size, num_blocks * block_bytes / 2**20, num_blocks * config.block_size,
+            max_len, num_blocks * config.block_size / max_len,
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len), self.block_manager
+        )
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.eos_token_ids)
+        self.states: dict[str, _RequestState] = {}
+        self._ids = itertools.count()
+
+    # -- requests -------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def add_request(self, request_id: str | None, prompt: str | list[int] | dict, params: SamplingParams) -> list[str]:
+        """Queue a prompt; returns the ids of its ``params.n`` sequences."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        text, token_ids = self.tokenize_prompt(prompt)
+        self._check_prompt(token_ids, params)
+        ids = []
+        for i in range(params.n):
+            sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            if sub_id in self.states:
+                raise InvalidRequestError(f"request id {sub_id!r} is already in use")
+            request = Request(sub_id, token_ids, params)
+            if params.seed is not None and i:
+                request.generator = torch.Generator().manual_seed(params.seed + i)
+            detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+            self.states[sub_id] = _RequestState(request, detok, text, i)
+            self.scheduler.add(request)
+            ids.append(sub_id)
+        return ids
+
+    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        if max(token_ids) >= self.model_config.vocab_size or min(token_ids) < 0:
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {self.model_config.vocab_size})")
+        if len(token_ids) >= self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt has {len(token_ids)} tokens but the context holds {self.max_model_len}; "
+                "shorten the prompt or raise --max-model-len"
+            )
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (or all ``n`` sequences of it) and free its blocks now."""
+        for sub_id in [k for k in self.states if k == request_id or k.startswith(f"{request_id}#")]:
+            state = self.states.pop(sub_id)
+            self.scheduler.finish(state.request, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the loop -------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        result = self.runner.execute(batch)
+        return self._postprocess(batch, result.token_ids, result.logprobs)
+
+    def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list) -> list[RequestOutput]:
+        now = time.monotonic()
+        outputs = []
+        for request, n, token, lp in zip(batch.requests, batch.num_tokens, tokens, logprobs):
+            request.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids, request.num_computed_tokens)
+            if token is None:
+                continue
+            request.output_token_ids.append(token)
+            if lp is not None:
+                request.logprobs.append(lp)
+            request.first_token_time = request.first_token_time or now
+            request.last_token_time = now
+            state = self.states[request.request_id]
+            self._check_stop(state, token)
+            outputs.append(self._make_output(state))
+            if request.finish_reason is not None:
+                self.scheduler.finish(request, request.finish_reason)
+                del self.states[request.request_id]
+        return outputs
+
+    def _check_stop(self, state: _RequestState, token: int) -> None:
+        request, params = state.request, state.request.params
+        previous_len = len(state.text)
+        state.text += state.detokenizer.step(token)
+        num_out = len(request.output_token_ids)
+        if num_out >= params.min_tokens:
+            if token in params.stop_token_ids:
+                request.finish_reason, request.stop_reason = "stop", token
+            elif not params.ignore_eos and token in self.eos_token_ids:
+                request.finish_reason, request.stop_reason = "stop", None
+            if request.finish_reason == "stop" and params.skip_special_tokens:
+                pass  # special tokens are already absent from the text
+            if params.stop and request.finish_reason is None:
+                at = find_stop(state.text, params.stop, previous_len)
+                if at is not None:
+                    stop = next(s for s in params.stop if state.text.startswith(s, at))
+                    state.text = state.text[: at + (len(stop) if params.include_stop_str_in_output else 0)]
+                    request.finish_reason, request.stop_reason = "stop", stop
+        if request.finish_reason is None:
+            if params.max_tokens is not None and num_out >= params.max_tokens:
+                request.finish_reason = "length"
+            elif request.num_tokens >= self.max_model_len:
+                request.finish_reason = "length"
+
+    def _make_output(self, state: _RequestState) -> RequestOutput:
+        request = state.request
+        finished = request.finish_reason is not None
+        text = state.text
+        if not finished and request.params.stop:
+            text = text[: safe_prefix_len(text, request.params.stop)]
+        completion = CompletionOutput(
+            index=state.index,
+            text=text,
+            token_ids=list(request.output_token_ids),
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+            logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
+        )
+        metrics = RequestMetrics(
+            request.arrival_time, request.first_token_time, request.last_token_time,
+            request.num_cached_prompt_tokens, request.num_preemptions,
+        )
+        return RequestOutput(request.request_id, state.prompt, request.prompt_token_ids, [completion], finished, metrics)

@@ -1,0 +1,108 @@
+"""Turns a scheduled batch into tensors, runs the model over it, and samples.
+
+All sequences of a step go through the model as one packed batch of tokens
+(no padding); logits are computed only where a sequence needs its next token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cholla.engine.request import Request
+from cholla.engine.scheduler import ScheduledBatch
+from cholla.kv.paged_cache import PagedKVCache
+from cholla.layers.attention import AttentionMetadata
+from cholla.sampling.sampler import SamplingBatch, sample
+
+
+@dataclass
+class StepResult:
+    """Per scheduled request: the sampled token, or None for a prompt chunk that is not the last."""
+
+    token_ids: list[int | None]
+    # Per scheduled request, when it asked for logprobs: (chosen logprob, top [(id, logprob)]).
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, eos_token_ids: set[int]):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.vocab_size = model.config.vocab_size
+        self.eos_token_ids = eos_token_ids
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        block_size = self.kv_cache.block_size
+        input_ids, positions, slots, starts, context_lens, logits_rows = [], [], [], [0], [], []
+        for request, n in zip(batch.requests, batch.num_tokens):
+            start = request.num_computed_tokens
+            input_ids.extend(request.all_token_ids[start : start + n])
+            pos = torch.arange(start, start + n)
+            table = torch.tensor(request.blocks.block_table, dtype=torch.long)
+            positions.append(pos)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+            starts.append(starts[-1] + n)
+            context_lens.append(start + n)
+            if start + n == request.num_tokens:
+                logits_rows.append(starts[-1] - 1)
+        max_blocks = max(len(r.blocks.block_table) for r in batch.requests)
+        block_tables = torch.zeros(len(batch.requests), max_blocks, dtype=torch.long)
+        for i, request in enumerate(batch.requests):
+            block_tables[i, : len(request.blocks.block_table)] = torch.tensor(request.blocks.block_table)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots),
+            query_start_loc=starts,
+            context_lens=context_lens,
+            block_tables=block_tables,
+            num_prefills=batch.num_prefills,
+            decode_context_lens=torch.tensor(context_lens[batch.num_prefills :], dtype=torch.long),
+        )
+        return torch.tensor(input_ids, dtype=torch.long), torch.cat(positions), meta, logits_rows
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        input_ids, positions, meta, logits_rows = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
+        sampled: list[int | None] = [None] * len(batch.requests)
+        logprobs: list = [None] * len(batch.requests)
+        if not logits_rows:
+            return StepResult(sampled, logprobs)
+        logits = self.model.compute_logits(hidden[logits_rows]).float()
+        needs_token = [
+            i for i, (r, n) in enumerate(zip(batch.requests, batch.num_tokens)) if r.num_computed_tokens + n == r.num_tokens
+        ]
+        requests: list[Request] = [batch.requests[i] for i in needs_token]
+        sampling = SamplingBatch.build(
+            params=[r.params for r in requests],
+            prompt_token_ids=[r.prompt_token_ids for r in requests],
+            output_token_ids=[r.output_token_ids for r in requests],
+            generators=[r.generator for r in requests],
+            vocab_size=logits.shape[-1],
+            device=logits.device,
+            eos_token_ids=self.eos_token_ids,
+        )
+        out = sample(logits, sampling)
+        tokens = out.token_ids.tolist()
+        for row, i in enumerate(needs_token):
+            sampled[i] = tokens[row]
+            if out.logprobs is not None and requests[row].params.logprobs is not None:
+                logprobs[i] = out.logprobs[row]
+        return StepResult(sampled, logprobs)
+
+
+@torch.inference_mode()
+def forward_once(model: torch.nn.Module, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Logits ``[len(token_ids), vocab]`` for one sequence in a throwaway cache (scoring, tests)."""
+    n = len(token_ids)
+    cache = PagedKVCache(model.config, num_blocks=-(-n // block_size), block_size=block_size)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n),
+        query_start_loc=[0, n],
+        context_lens=[n],
+        block_tables=torch.arange(cache.num_blocks)[None],
+        num_prefills=1,
+    )
+    hidden = model(torch.tensor(token_ids), torch.arange(n), cache.layers, meta)
+    return model.compute_logits(hidden).float()

@@ -1,0 +1,121 @@
+"""Decides, each step, which requests run and how many of their tokens.
+
+Continuous batching: running requests decode one token per step; waiting
+requests join as soon as there is room, their prompts cut into chunks that fit
+the step's token budget (chunked prefill), so a long prompt never stalls the
+decodes. When the KV cache runs out, the newest running request is preempted:
+its blocks are freed and it goes back to the front of the queue to be
+recomputed later (prefix caching usually makes that cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from cholla.engine.request import Request, RequestStatus
+from cholla.kv.block_manager import BlockManager
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # the token budget of one step
+    max_model_len: int = 8192
+
+
+@dataclass
+class ScheduledBatch:
+    """Requests to run this step, prefill chunks first, with the token count of each."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    num_prefills: int = 0
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """End a request (stopped, at its length, or aborted) and free its blocks at once."""
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status == RequestStatus.WAITING and request in self.waiting:
+            self.waiting.remove(request)
+        self.block_manager.free(request.blocks)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = request.finish_reason or reason
+
+    def _preempt(self, request: Request, batch: ScheduledBatch) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request.blocks)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+        batch.preempted.append(request)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, tuple[Request, int]] = {}  # request id -> (request, new tokens), in order
+
+        # 1. Running requests, oldest first: the rest of their prompt, or one decode token.
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted below to make room for an older request
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
+                victim = self.running[-1]  # the newest request gives way
+                self._preempt(victim, batch)
+                if victim.request_id in scheduled:
+                    budget += scheduled.pop(victim.request_id)[1]
+                if victim is request:
+                    break
+            else:
+                scheduled[request.request_id] = (request, num_new)
+                budget -= num_new
+
+        # 2. Waiting requests, first come first served, while budget, seats and blocks allow.
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not batch.preempted:
+            request = self.waiting[0]
+            if request.num_computed_tokens == 0 and not request.blocks.block_table:
+                request.num_computed_tokens = self.block_manager.match_prefix(request.blocks, request.all_token_ids)
+                if not request.output_token_ids:
+                    request.num_cached_prompt_tokens = request.num_computed_tokens
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = (request, num_new)
+            budget -= num_new
+
+        # Prefill chunks first, then single-token decodes: the layout attention expects.
+        items = list(scheduled.values())
+        is_decode = [r.output_token_ids and r.num_computed_tokens + 1 == r.num_tokens and n == 1 for r, n in items]
+        for want_decode in (False, True):
+            for (request, n), decode in zip(items, is_decode):
+                if bool(decode) == want_decode:
+                    batch.requests.append(request)
+                    batch.num_tokens.append(n)
+        batch.num_prefills = sum(not d for d in is_decode)
+        return batch

@@ -1,0 +1,142 @@
+"""Self-attention over a paged KV cache.
+
+Every step, the new tokens' keys and values are written into their cache
+slots (``slot_mapping``), then each query attends to its sequence's keys read
+back through the sequence's ``block_table``. Sequences that decode one token
+share one batched call; prefill chunks (which may follow a cached prefix) run
+one call each, with a causal mask offset by the tokens already cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cholla.layers.linear import Linear
+from cholla.layers.norm import RMSNorm
+from cholla.layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens sit in the batch and in the cache.
+
+    Tokens are packed sequence after sequence: prefill chunks first, then
+    decodes (one token each).
+    """
+
+    slot_mapping: torch.Tensor  # [tokens] flat cache slot of each new token
+    query_start_loc: list[int]  # [seqs + 1] offsets of each sequence's tokens
+    context_lens: list[int]  # [seqs] cached tokens after this step, per sequence
+    block_tables: torch.Tensor  # [seqs, max_blocks] block ids, padded with 0
+    num_prefills: int  # the first num_prefills sequences are prefill chunks
+    decode_context_lens: torch.Tensor | None = None  # [decodes] as a tensor, for masking
+
+
+def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask: key at k_pos is visible from query at q_pos (causal, optional window)."""
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= q_pos - k_pos < window
+    return mask
+
+
+def _attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """q: [b, heads, q_len, dim]; k, v: [b, kv_heads, k_len, dim]; mask: bool, broadcastable."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]; caches: [blocks, block_size, kv_heads, dim].
+
+    Returns [tokens, heads, dim].
+    """
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    out = torch.empty_like(q)
+    starts = meta.query_start_loc
+
+    for i in range(meta.num_prefills):
+        start, stop, ctx = starts[i], starts[i + 1], meta.context_lens[i]
+        q_len = stop - start
+        blocks = meta.block_tables[i, : (ctx + block_size - 1) // block_size]
+        keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).to(q.dtype)
+        values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1).to(q.dtype)
+        q_pos = torch.arange(ctx - q_len, ctx)[:, None]
+        mask = _allowed(q_pos, torch.arange(ctx)[None, :], window)
+        out[start:stop] = _attend(q[start:stop].transpose(0, 1), keys, values, mask, scale, softcap).transpose(0, 1)
+
+    num_decodes = len(meta.context_lens) - meta.num_prefills
+    if num_decodes:
+        first = starts[meta.num_prefills]
+        ctx = meta.decode_context_lens  # [decodes]
+        max_ctx = int(ctx.max())
+        tables = meta.block_tables[meta.num_prefills :, : (max_ctx + block_size - 1) // block_size]
+        keys = k_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2).to(q.dtype)
+        values = v_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2).to(q.dtype)
+        k_pos = torch.arange(max_ctx)[None, :]
+        q_pos = (ctx - 1)[:, None]
+        mask = _allowed(q_pos, k_pos, window)[:, None, None, :]  # [decodes, 1, 1, max_ctx]
+        queries = q[first:].unsqueeze(2)  # [decodes, heads, 1, dim]
+        out[first:] = _attend(queries, keys, values, mask, scale, softcap).squeeze(2)
+    return out
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, optional QKV bias and QK-norm."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding,
+        scale: float,
+        bias: bool = False,
+        qk_norm_eps: float | None = None,
+        window: int | None = None,
+        softcap: float | None = None,
+    ):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size)
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.rotary, self.scale, self.window, self.softcap = rotary, scale, window, softcap
+
+    def forward(self, x, positions, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+        """x: [tokens, hidden] -> [tokens, hidden]."""
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window, self.softcap)
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))

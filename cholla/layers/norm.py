@@ -1,0 +1,30 @@
+"""RMSNorm, written out the way the reference computes it (fp32 statistics)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., dim] normalised by its root mean square, then scaled by ``weight``."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * x32).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """``weight`` is the final multiplier: Gemma's ``1 + w`` is folded in at load time."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = torch.ones(dim)
+
+    def load(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != (self.dim,):
+            raise ValueError(f"norm weight shape {tuple(weight.shape)} != {(self.dim,)}")
+        self.weight = weight.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)

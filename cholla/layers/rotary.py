@@ -1,0 +1,71 @@
+"""Rotary position embeddings (RoPE) with the scalings real checkpoints use."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cholla.models.config import RopeConfig
+
+
+def inverse_frequencies(rope: RopeConfig, rotary_dim: int) -> torch.Tensor:
+    """Per-pair angular speeds ``[rotary_dim / 2]``, after any context-extension scaling."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    scaling = rope.scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend between.
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_context = float(scaling["original_max_position_embeddings"])
+        low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    if rope.freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32)
+    return inv_freq
+
+
+class RotaryEmbedding:
+    """Rotates q and k by position. Tables of cos/sin grow on demand.
+
+    ``interleaved`` pairs dimensions (2i, 2i+1) as llama.cpp does for its
+    permuted Llama weights; otherwise dimension i pairs with i + dim/2 (HF).
+    """
+
+    def __init__(self, rope: RopeConfig, head_dim: int, interleaved: bool):
+        self.head_dim = head_dim
+        self.interleaved = interleaved
+        self.inv_freq = inverse_frequencies(rope, head_dim)
+        self.cos = self.sin = torch.empty(0, head_dim)
+
+    def _grow(self, length: int) -> None:
+        length = max(length, 2 * self.cos.shape[0], 256)
+        freqs = torch.arange(length, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        if self.interleaved:
+            emb = freqs.repeat_interleave(2, dim=-1)
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            pairs = x.unflatten(-1, (-1, 2))
+            return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [tokens]; q: [tokens, heads, head_dim]; k: [tokens, kv_heads, head_dim]."""
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            self._grow(int(positions.max()) + 1)
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + self._rotate(q) * sin, k * cos + self._rotate(k) * sin

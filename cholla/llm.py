@@ -1,0 +1,102 @@
+"""The offline Python API, shaped like vLLM's: ``LLM(model).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence
+
+from tqdm import tqdm
+
+from cholla.download import resolve_model
+from cholla.engine.engine import EngineConfig, LLMEngine
+from cholla.engine.outputs import CompletionOutput, RequestOutput
+from cholla.sampling.params import SamplingParams
+from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
+
+Prompt = str | list[int] | dict[str, Any]
+Message = dict[str, Any]
+
+
+class LLM:
+    """Load a model (a path or a known name such as ``smollm2``) and generate from it.
+
+    Keyword arguments are ``EngineConfig`` fields: ``max_model_len``,
+    ``max_num_seqs``, ``max_num_batched_tokens``, ``kv_cache_memory``,
+    ``block_size``, ``enable_prefix_caching``.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs: Any):
+        self.engine = LLMEngine(resolve_model(model), EngineConfig(**engine_kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self.chat_template = ChatTemplate(self.tokenizer.chat_template, self.tokenizer.bos_token, self.tokenizer.eos_token)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt through the scheduler together; outputs come back in prompt order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        base = f"generate-{id(prompts)}-"
+        order: list[tuple[str, int]] = []
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            order.append((f"{base}{i}", p.n))
+            try:
+                self.engine.add_request(f"{base}{i}", prompt, p)
+            except Exception:
+                for request_id, _ in order:
+                    self.engine.abort(request_id)
+                raise
+        finished: dict[str, RequestOutput] = {}
+        total = sum(n for _, n in order)
+        with tqdm(total=total, desc="generating", disable=not use_tqdm or total < 8, unit="seq") as bar:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        results = []
+        for request_id, n in order:
+            if n == 1:
+                results.append(finished[request_id])
+                continue
+            subs = [finished[f"{request_id}#{j}"] for j in range(n)]
+            results.append(RequestOutput(request_id, subs[0].prompt, subs[0].prompt_token_ids,
+                                         [s.outputs[0] for s in subs], True, subs[0].metrics))
+        return results
+
+    def encode_messages(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        return encode_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt=add_generation_prompt)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or many) and generate replies."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.encode_messages(c)} for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[CompletionOutput]:
+        """Yield the growing completion of one prompt after every new token."""
+        request_id = f"stream-{id(prompt)}"
+        params = sampling_params or SamplingParams()
+        self.engine.add_request(request_id, prompt, params)
+        try:
+            done = False
+            while not done:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        done = out.finished
+                        yield out.outputs[0]
+        finally:
+            self.engine.abort(request_id)

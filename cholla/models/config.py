@@ -1,0 +1,217 @@
+"""One config dataclass for every decoder-only architecture we run.
+
+Built either from GGUF metadata (``{arch}.block_count`` ...) or from a Hugging
+Face ``config.json``. Fields that only some architectures use default to "off",
+so a model file reads the flags it cares about and ignores the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from cholla.errors import ModelFormatError
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+@dataclass
+class RopeConfig:
+    """Rotary embedding for one kind of layer.
+
+    ``scaling`` follows HF's ``rope_parameters`` (``rope_type`` of ``default``,
+    ``linear`` or ``llama3`` with its factors). ``freq_factors`` is llama.cpp's
+    ``rope_freqs.weight`` (per-frequency divisors), the GGUF form of Llama 3 scaling.
+    """
+
+    theta: float = 10000.0
+    scaling: dict[str, Any] | None = None
+    freq_factors: list[float] | None = None
+
+
+@dataclass
+class ModelConfig:
+    architecture: str  # registry key: HF model_type (llama, mistral, qwen2, qwen3, gemma3)
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    # GGUF's llama-arch Q/K are permuted for llama.cpp's interleaved rope;
+    # HF checkpoints (and GGUF qwen/gemma) pair dimension i with i + head_dim/2.
+    rope_interleaved: bool = False
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+    # Gemma 3
+    layer_types: list[str] = field(default_factory=list)
+    sliding_window: int | None = None
+    local_rope: RopeConfig | None = None
+    query_pre_attn_scalar: float | None = None
+    embed_scale: float | None = None
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.layer_types:
+            self.layer_types = [FULL_ATTENTION] * self.num_layers
+        if self.num_heads % max(self.num_kv_heads, 1):
+            raise ModelFormatError(
+                f"{self.num_heads} attention heads are not a multiple of {self.num_kv_heads} KV heads"
+            )
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+
+def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
+    return [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(num_layers)]
+
+
+# llama.cpp folds these HF model types into the "llama" GGUF architecture.
+GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
+
+
+def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    arch = str(metadata.get("general.architecture", ""))
+    from cholla.errors import UnsupportedArchitectureError
+
+    if arch not in GGUF_ARCH_TO_MODEL_TYPE:
+        raise UnsupportedArchitectureError(
+            f"GGUF architecture {arch!r} is not supported; cholla runs: {', '.join(sorted(GGUF_ARCH_TO_MODEL_TYPE))}"
+        )
+
+    def get(key: str, default: Any = None, required: bool = False) -> Any:
+        value = metadata.get(f"{arch}.{key}", default)
+        if required and value is None:
+            raise ModelFormatError(f"GGUF metadata lacks {arch}.{key}; the file is incomplete")
+        return value
+
+    hidden = int(get("embedding_length", required=True))
+    num_heads = int(get("attention.head_count", required=True))
+    num_kv_heads = get("attention.head_count_kv", num_heads)
+    if isinstance(num_kv_heads, list):
+        num_kv_heads = max(num_kv_heads)
+    head_dim = int(get("attention.key_length", hidden // num_heads))
+    vocab = get("vocab_size") or len(metadata.get("tokenizer.ggml.tokens", []))
+    if not vocab:
+        raise ModelFormatError("GGUF metadata has neither a vocab size nor a token list")
+    rope = RopeConfig(theta=float(get("rope.freq_base", 10000.0)))
+    scaling_type = get("rope.scaling.type")
+    if scaling_type == "linear":
+        rope.scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", 1.0))}
+    elif scaling_type not in (None, "none"):
+        raise ModelFormatError(f"rope scaling {scaling_type!r} in this GGUF is not supported yet")
+    name = str(metadata.get("general.name", "")).lower()
+    model_type = "mistral" if arch == "llama" and "mistral" in name else GGUF_ARCH_TO_MODEL_TYPE[arch]
+    eos = metadata.get("tokenizer.ggml.eos_token_id")
+    cfg = ModelConfig(
+        architecture=model_type,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length", required=True)),
+        num_layers=int(get("block_count", required=True)),
+        num_heads=num_heads,
+        num_kv_heads=int(num_kv_heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(get("context_length", 2048)),
+        rope=rope,
+        rope_interleaved=arch == "llama",
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[int(eos)] if eos is not None else [],
+    )
+    if arch == "gemma3":
+        # llama.cpp hard-codes what GGUF does not store: every 6th layer is global,
+        # local layers use rope base 10000, queries are scaled by head_dim.
+        cfg.hidden_act = "gelu_pytorch_tanh"
+        cfg.layer_types = _gemma3_layer_types(cfg.num_layers)
+        cfg.sliding_window = int(get("attention.sliding_window", 512))
+        cfg.local_rope = RopeConfig(theta=10000.0)
+        cfg.query_pre_attn_scalar = float(head_dim)
+        cfg.embed_scale = math.sqrt(hidden)
+        cfg.final_logit_softcapping = get("final_logit_softcapping")
+        cfg.attn_logit_softcapping = get("attn_logit_softcapping")
+    return cfg
+
+
+def _hf_rope(params: dict[str, Any] | None, theta: float | None, default_theta: float) -> RopeConfig:
+    params = dict(params or {})
+    theta = float(params.pop("rope_theta", theta if theta is not None else default_theta))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ModelFormatError(f"rope_type {rope_type!r} is not supported yet (default, linear, llama3 are)")
+    params["rope_type"] = rope_type
+    return RopeConfig(theta=theta, scaling=None if rope_type == "default" else params)
+
+
+def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    """Map a Hugging Face ``config.json`` (transformers 4.x or 5.x spelling)."""
+    model_type = cfg.get("model_type", "")
+    if model_type == "gemma3" and "text_config" in cfg:  # multimodal wrapper: take the text tower
+        cfg = {**cfg["text_config"], "model_type": "gemma3"}
+    if model_type == "gemma3_text":
+        model_type = "gemma3"
+    try:
+        hidden = int(cfg["hidden_size"])
+        num_heads = int(cfg["num_attention_heads"])
+        num_layers = int(cfg["num_hidden_layers"])
+        intermediate = int(cfg["intermediate_size"])
+        vocab = int(cfg["vocab_size"])
+    except KeyError as e:
+        raise ModelFormatError(f"config.json lacks {e.args[0]!r}") from None
+    head_dim = cfg.get("head_dim") or hidden // num_heads
+    eos = cfg.get("eos_token_id")
+    eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    rope_params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    is_gemma3 = model_type == "gemma3"
+    if is_gemma3 and rope_params and "full_attention" in rope_params:
+        global_params, local_params = rope_params.get("full_attention"), rope_params.get("sliding_attention")
+    else:
+        global_params, local_params = rope_params, None
+    out = ModelConfig(
+        architecture=model_type,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=int(head_dim),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        rope=_hf_rope(global_params, cfg.get("rope_theta"), 1_000_000.0 if is_gemma3 else 10000.0),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", is_gemma3)),
+        attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+        qk_norm=model_type in ("qwen3", "gemma3"),
+        hidden_act=cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu",
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=[int(e) for e in eos_ids],
+    )
+    if model_type in ("mistral", "qwen2", "qwen3") and cfg.get("sliding_window") and cfg.get("use_sliding_window", model_type == "mistral"):
+        out.sliding_window = int(cfg["sliding_window"])
+        out.layer_types = [SLIDING_ATTENTION] * num_layers
+    if is_gemma3:
+        out.hidden_act = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
+        out.layer_types = cfg.get("layer_types") or _gemma3_layer_types(num_layers, cfg.get("sliding_window_pattern", 6))
+        out.sliding_window = int(cfg.get("sliding_window") or 4096)
+        out.local_rope = _hf_rope(local_params, cfg.get("rope_local_base_freq"), 10000.0)
+        out.query_pre_attn_scalar = float(cfg.get("query_pre_attn_scalar", 256))
+        out.embed_scale = math.sqrt(hidden)
+        out.final_logit_softcapping = cfg.get("final_logit_softcapping")
+        out.attn_logit_softcapping = cfg.get("attn_logit_softcapping")
+    return out

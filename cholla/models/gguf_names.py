@@ -1,0 +1,53 @@
+"""GGUF tensor names -> Hugging Face names, in one place for every architecture.
+
+Models are written against HF names; a GGUF checkpoint is renamed on load.
+"""
+
+from __future__ import annotations
+
+import re
+
+_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+# Gemma names the norm after attention "post" and the one before the MLP "pre".
+_LAYER_OVERRIDES = {
+    "gemma3": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
+
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def gguf_to_hf_name(name: str, architecture: str) -> str | None:
+    """The HF name for a GGUF tensor, or None if no model module takes it."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    match = _BLOCK.match(name)
+    if not match:
+        return None
+    layer, part, kind = match.groups()
+    table = {**_LAYER, **_LAYER_OVERRIDES.get(architecture, {})}
+    if part not in table:
+        return None
+    return f"model.layers.{layer}.{table[part]}.{kind}"

@@ -1,0 +1,69 @@
+"""From a path on disk to a ready model: read the file, build the config, place the weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cholla.errors import ModelFormatError, ModelNotFoundError
+from cholla.formats.gguf import GGUFFile, read_gguf
+from cholla.formats.safetensors import read_hf_folder
+from cholla.layers.linear import dense
+from cholla.models.config import ModelConfig, config_from_gguf, config_from_hf
+from cholla.models.gemma3 import Gemma3ForCausalLM
+from cholla.models.gguf_names import gguf_to_hf_name
+from cholla.models.registry import model_class
+from cholla.quant import check_supported
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    path: Path
+    gguf: GGUFFile | None = None  # kept for `cholla info` and to hold the memory map open
+    generation_config: dict | None = None
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    path = Path(path)
+    if path.is_dir():
+        return _load_hf(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"model not found: {path}")
+    return _load_gguf(path)
+
+
+def _load_gguf(path: Path) -> LoadedModel:
+    gguf = read_gguf(path)
+    config = config_from_gguf(gguf.metadata, set(gguf.tensors))
+    weights = {}
+    for name, tensor in gguf.tensors.items():
+        if name == "rope_freqs.weight":
+            config.rope.freq_factors = dense(tensor, torch.float32).tolist()
+            continue
+        hf_name = gguf_to_hf_name(name, config.architecture)
+        if hf_name is None:
+            continue
+        check_supported(tensor.qtype, name)
+        weights[hf_name] = tensor
+    model = model_class(config.architecture)(config)
+    model.load_weights(weights)
+    return LoadedModel(model.eval(), config, path, gguf=gguf)
+
+
+def _load_hf(path: Path) -> LoadedModel:
+    folder = read_hf_folder(path)
+    config = config_from_hf(folder.config)
+    cls = model_class(config.architecture)
+    weights = folder.tensors()
+    if cls is Gemma3ForCausalLM:
+        weights = Gemma3ForCausalLM.sanitize_hf(weights)
+    if not weights:
+        raise ModelFormatError(f"{path}: no weights found")
+    model = cls(config)
+    model.load_weights(weights)
+    return LoadedModel(model.eval(), config, path, generation_config=folder.generation_config)

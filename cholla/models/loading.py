@@ -1,0 +1,36 @@
+"""Put named checkpoint tensors into a model, with one clear error per mismatch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cholla.errors import ModelFormatError
+from cholla.layers.linear import Embedding, Linear, Weight, dense
+from cholla.layers.norm import RMSNorm
+
+
+def load_named_weights(model: nn.Module, weights: dict[str, Weight]) -> None:
+    """``weights`` maps module paths (``layers.3.self_attn.q_proj.weight``) to tensors.
+
+    Every Linear, Embedding and RMSNorm in the model must receive its weight;
+    unknown names are ignored (checkpoints carry extras such as rotary tables).
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, (Linear, Embedding, RMSNorm)):
+            continue
+        key = f"{name}.weight"
+        if key not in weights:
+            raise ModelFormatError(f"the checkpoint has no tensor for {key}; the file is incomplete")
+        try:
+            if isinstance(module, Linear):
+                bias = weights.get(f"{name}.bias")
+                if module.has_bias and bias is None:
+                    raise ModelFormatError(f"the checkpoint has no tensor for {name}.bias")
+                module.load(weights[key], None if bias is None else dense(bias, torch.float32))
+            elif isinstance(module, Embedding):
+                module.load(weights[key])
+            else:
+                module.load(dense(weights[key], torch.float32))
+        except ValueError as e:
+            raise ModelFormatError(f"tensor {key}: {e}") from None

@@ -1,0 +1,25 @@
+"""Architecture name (HF ``model_type``, GGUF ``general.architecture``) -> model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cholla.errors import UnsupportedArchitectureError
+from cholla.models.gemma3 import Gemma3ForCausalLM
+from cholla.models.llama import LlamaForCausalLM
+
+MODELS: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
+}
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    if architecture not in MODELS:
+        raise UnsupportedArchitectureError(
+            f"architecture {architecture!r} is not supported; cholla runs: {', '.join(sorted(MODELS))}"
+        )
+    return MODELS[architecture]
