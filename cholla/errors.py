@@ -35,3 +35,7 @@ class ChatTemplateError(ChollaError):
 
 class DownloadError(ChollaError):
     """A known model could not be fetched into the local cache."""
+
+
+class InvalidRequestError(ChollaError):
+    """A request asks for something impossible: bad sampling parameters, an unusable prompt."""

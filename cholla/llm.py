@@ -28,7 +28,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs: Any):
         self.engine = LLMEngine(resolve_model(model), EngineConfig(**engine_kwargs))
         self.tokenizer = self.engine.tokenizer
-        self.chat_template = ChatTemplate(self.tokenizer.chat_template, self.tokenizer.bos_token, self.tokenizer.eos_token)
+        self.chat_template = ChatTemplate.for_tokenizer(self.tokenizer)
 
     def generate(
         self,

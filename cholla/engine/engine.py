@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from cholla.engine.metrics import EngineMetrics, EngineStats
 from cholla.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from cholla.engine.request import Request, RequestStatus
 from cholla.engine.runner import ModelRunner
@@ -95,6 +96,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.eos_token_ids)
         self.states: dict[str, _RequestState] = {}
+        self.metrics = EngineMetrics()
         self._ids = itertools.count()
 
     # -- requests -------------------------------------------------------------
@@ -124,6 +126,7 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
             self.states[sub_id] = _RequestState(request, detok, text, i)
             self.scheduler.add(request)
+            self.metrics.prompt_tokens += len(token_ids)
             ids.append(sub_id)
         return ids
 
@@ -143,6 +146,7 @@ class LLMEngine:
         for sub_id in [k for k in self.states if k == request_id or k.startswith(f"{request_id}#")]:
             state = self.states.pop(sub_id)
             self.scheduler.finish(state.request, "abort")
+            self.metrics.on_finish("abort", state.request.arrival_time, time.monotonic())
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
@@ -154,7 +158,24 @@ class LLMEngine:
         if batch.is_empty:
             return []
         result = self.runner.execute(batch)
+        self.metrics.steps += 1
+        self.metrics.batch_sizes.append(len(batch.requests))
+        self.metrics.preemptions += len(batch.preempted)
         return self._postprocess(batch, result.token_ids, result.logprobs)
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_free=bm.num_free_blocks,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
+            prompt_tokens=self.metrics.prompt_tokens,
+            generation_tokens=self.metrics.generation_tokens,
+            preemptions=self.metrics.preemptions,
+        )
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list) -> list[RequestOutput]:
         now = time.monotonic()
@@ -167,6 +188,7 @@ class LLMEngine:
             request.output_token_ids.append(token)
             if lp is not None:
                 request.logprobs.append(lp)
+            self.metrics.on_token(request.arrival_time, request.last_token_time, now)
             request.first_token_time = request.first_token_time or now
             request.last_token_time = now
             state = self.states[request.request_id]
@@ -174,6 +196,7 @@ class LLMEngine:
             outputs.append(self._make_output(state))
             if request.finish_reason is not None:
                 self.scheduler.finish(request, request.finish_reason)
+                self.metrics.on_finish(request.finish_reason, request.arrival_time, now)
                 del self.states[request.request_id]
         return outputs
 

@@ -1,0 +1,30 @@
+"""MXFP4 (OCP microscaling): 32 fp4 (e2m1) weights sharing one power-of-two scale.
+
+A block is one e8m0 exponent byte then 16 bytes of nibbles (byte j: weight j
+low, weight j + 16 high). As in ggml, the e2m1 values are stored doubled as
+integers and the scale halved, so weight = ``half_scale * 2 * e2m1``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cholla.quant.bits import lookup, unpack_bits
+
+# Sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6 times two.
+E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+def e8m0_to_half_scale(exponent: torch.Tensor) -> torch.Tensor:
+    """2^(e - 128) as float32, built bit by bit (subnormal for e < 2), as ggml does."""
+    e = exponent.to(torch.int32)
+    bits = torch.where(e < 2, torch.bitwise_left_shift(0x00200000, e), (e - 1) << 23)
+    return bits.view(torch.float32)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor) -> torch.Tensor:
+    """17 bytes: e (e8m0), qs[16]."""
+    n = blocks.shape[0]
+    half_scale = e8m0_to_half_scale(blocks[:, 0:1])
+    index = unpack_bits(blocks[:, 1:17].reshape(n, 1, 16), 4).reshape(n, 32)
+    return lookup(E2M1_DOUBLED, index).mul_(half_scale)

@@ -1,0 +1,103 @@
+"""How one request wants its tokens chosen: vLLM's ``SamplingParams``, same names and defaults.
+
+Checked on construction, so a bad value fails when the request arrives, with
+an ``InvalidRequestError`` that names the field, not in the middle of a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cholla.errors import InvalidRequestError
+
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS).
+SAMPLING_EPS = 1e-5
+
+
+def _fail(field: str, value, should: str) -> None:
+    raise InvalidRequestError(f"{field} must be {should}, got {value!r}")
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None  # a list after __post_init__
+    stop_token_ids: list[int] | None = None  # a list after __post_init__
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None  # how many top alternatives to return with each token
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+
+    def __post_init__(self):
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None:
+            # JSON object keys arrive as strings.
+            try:
+                self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
+            except (TypeError, ValueError, AttributeError):
+                _fail("logit_bias", self.logit_bias, "a mapping of token ids to numbers")
+        if self.top_k == -1:
+            self.top_k = 0
+        self._verify()
+        if self.greedy:
+            # As vLLM: truncation does not change an argmax, so greedy rows skip it.
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    def _verify(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            _fail("n", self.n, "an integer >= 1")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            _fail("presence_penalty", self.presence_penalty, "in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            _fail("frequency_penalty", self.frequency_penalty, "in [-2, 2]")
+        if not self.repetition_penalty > 0.0:
+            _fail("repetition_penalty", self.repetition_penalty, "> 0 (1 turns it off)")
+        if not self.temperature >= 0.0:
+            _fail("temperature", self.temperature, ">= 0 (0 means greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            _fail("top_p", self.top_p, "in (0, 1] (1 turns it off)")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            _fail("top_k", self.top_k, "an integer >= 1, or 0 or -1 to turn it off")
+        if not 0.0 <= self.min_p <= 1.0:
+            _fail("min_p", self.min_p, "in [0, 1] (0 turns it off)")
+        if self.seed is not None and not isinstance(self.seed, int):
+            _fail("seed", self.seed, "an integer or None")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            _fail("stop", self.stop, "non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            _fail("stop_token_ids", self.stop_token_ids, "non-negative token ids")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            _fail("max_tokens", self.max_tokens, "an integer >= 1, or None for no limit")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            _fail("min_tokens", self.min_tokens, "an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            _fail("min_tokens", self.min_tokens, f"<= max_tokens={self.max_tokens}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            _fail("logprobs", self.logprobs, "an integer >= 0, or None")
+        if self.logit_bias is not None and any(t < 0 for t in self.logit_bias):
+            _fail("logit_bias", self.logit_bias, "keyed by non-negative token ids")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS
+
+    def verify_vocab(self, vocab_size: int) -> None:
+        """Token ids named by the request must exist in the model's vocabulary; call when it arrives."""
+        for field, ids in (("logit_bias", self.logit_bias or {}), ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"{field} names token ids {bad[:5]} outside the vocabulary of {vocab_size} tokens"
+                )

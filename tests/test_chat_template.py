@@ -1,0 +1,164 @@
+"""Chat templates rendered by cholla against transformers' ``apply_chat_template``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cholla.download import KNOWN_MODELS, cache_dir
+from cholla.errors import ChatTemplateError
+from cholla.formats.gguf import read_gguf
+from cholla.tokenizer import ChatTemplate, Tokenizer, encode_chat
+
+
+def model_file(name: str) -> Path | None:
+    filename = KNOWN_MODELS[name].filename
+    for folder in (cache_dir(), Path("/tmp/models")):
+        if (folder / filename).exists():
+            return folder / filename
+    return None
+
+
+SYSTEM = {"role": "system", "content": "You answer in one short sentence."}
+USER = {"role": "user", "content": "What is the capital of France? 🇫🇷"}
+ASSISTANT = {"role": "assistant", "content": "Paris."}
+USER2 = {"role": "user", "content": "And of Japan — 日本?"}
+
+CONVERSATIONS = {
+    "single-turn": [USER],
+    "multi-turn": [USER, ASSISTANT, USER2],
+    "system": [SYSTEM, USER],
+    "system-multi-turn": [SYSTEM, USER, ASSISTANT, USER2],
+    "ends-with-assistant": [USER, ASSISTANT],
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(our Tokenizer, our ChatTemplate, transformers' tokenizer) for SmolLM2."""
+    path = model_file("smollm2")
+    if path is None:
+        pytest.skip("smollm2 model file not found")
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = Tokenizer.from_gguf(read_gguf(path).metadata)
+    hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return tokenizer, ChatTemplate.for_tokenizer(tokenizer), hf
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+def test_smollm2_renders_like_transformers(smollm2, conversation, add_generation_prompt):
+    tokenizer, template, hf = smollm2
+    messages = CONVERSATIONS[conversation]
+    assert not template.is_fallback
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert template.render(messages, add_generation_prompt=add_generation_prompt) == expected
+    expected_ids = hf.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+    )
+    assert encode_chat(tokenizer, template, messages, add_generation_prompt) == expected_ids
+
+
+def test_content_parts_become_text(smollm2):
+    tokenizer, template, hf = smollm2
+    parts = [{"type": "text", "text": "First line."}, {"type": "text", "text": "Second line."}]
+    expected = hf.apply_chat_template([{"role": "user", "content": "First line.\nSecond line."}], tokenize=False,
+                                      add_generation_prompt=True)
+    assert template.render([{"role": "user", "content": parts}]) == expected
+    with pytest.raises(ChatTemplateError, match="image"):
+        template.render([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}])
+
+
+def test_none_fields_are_dropped(smollm2):
+    _, _, hf = smollm2
+    source = "{% for m in messages %}{{ m.role }}:{{ m.content if 'content' in m else '-' }};{% endfor %}"
+    messages = [{"role": "assistant", "content": None, "tool_calls": None}]
+    assert ChatTemplate(source).render(messages) == hf.apply_chat_template(messages, chat_template=source, tokenize=False)
+
+
+def test_helpers_like_transformers(smollm2):
+    """tojson (non-ASCII kept, indent), loop controls, namespaces and extra variables, as transformers renders them."""
+    _, _, hf = smollm2
+    source = (
+        "{% set ns = namespace(count=0) %}"
+        "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+        "{% set ns.count = ns.count + 1 %}{{ m | tojson }}\n{% endfor %}"
+        "{{ tools | tojson(indent=2) }}\n{{ ns.count }} {{ bos_token }}|{{ eos_token }}|{{ strftime_now('%Y') | length }}"
+        "{% if add_generation_prompt %}GO{% endif %}"
+    )
+    messages = [SYSTEM, USER, ASSISTANT]
+    tools = [{"type": "function", "function": {"name": "météo", "parameters": {"city": "東京"}}}]
+    ours = ChatTemplate(source, hf.bos_token, hf.eos_token).render(messages, add_generation_prompt=True, tools=tools)
+    expected = hf.apply_chat_template(messages, chat_template=source, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert ours == expected
+    assert "東京" in ours and '\n  {\n    "type"' in ours
+
+
+def test_raise_exception_is_chat_template_error():
+    template = ChatTemplate("{% if messages[0].role != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}ok")
+    assert template.render([USER]) == "ok"
+    with pytest.raises(ChatTemplateError, match="first message must be from the user"):
+        template.render([ASSISTANT])
+
+
+def test_syntax_error_is_chat_template_error():
+    with pytest.raises(ChatTemplateError, match="syntax error at line 2"):
+        ChatTemplate("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+
+
+def test_render_failure_is_chat_template_error():
+    with pytest.raises(ChatTemplateError):
+        ChatTemplate("{{ messages[0].content + 1 }}").render([USER])
+
+
+def test_chatml_fallback():
+    template = ChatTemplate(None, "<s>", "</s>")
+    assert template.is_fallback
+    assert template.render([SYSTEM, USER]) == (
+        f"<|im_start|>system\n{SYSTEM['content']}<|im_end|>\n<|im_start|>user\n{USER['content']}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+GEMMA_TURNS = (
+    "<bos><start_of_turn>user\nYou answer in one short sentence.\n\nWhat is the capital of France? 🇫🇷<end_of_turn>\n"
+    "<start_of_turn>model\nParis.<end_of_turn>\n"
+    "<start_of_turn>user\nAnd of Japan — 日本?<end_of_turn>\n"
+    "<start_of_turn>model\n"
+)
+
+
+def test_gemma_fallback_turn_format():
+    template = ChatTemplate(None, "<bos>", "<eos>", special_tokens=["<bos>", "<start_of_turn>", "<end_of_turn>"])
+    assert template.is_fallback
+    assert template.render([SYSTEM, USER, ASSISTANT, USER2]) == GEMMA_TURNS
+    assert template.render([USER], add_generation_prompt=False) == (
+        f"<bos><start_of_turn>user\n{USER['content']}<end_of_turn>\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    path = model_file("gemma3")
+    if path is None:
+        pytest.skip("gemma3 model file not found")
+    return Tokenizer.from_gguf(read_gguf(path).metadata)
+
+
+def test_gemma3_uses_turn_fallback_with_one_bos(gemma3):
+    template = ChatTemplate.for_tokenizer(gemma3)
+    assert gemma3.chat_template is None and template.is_fallback
+    messages = [SYSTEM, USER, ASSISTANT, USER2]
+    assert template.render(messages) == GEMMA_TURNS
+    ids = encode_chat(gemma3, template, messages)
+    # The template writes <bos>; encoding adds no second one.
+    assert ids == gemma3.encode(GEMMA_TURNS, add_special_tokens=False)
+    assert ids[0] == gemma3.bos_token_id and ids[1] == gemma3.token_to_id("<start_of_turn>")
+    assert ids.count(gemma3.bos_token_id) == 1
+    # A template that leaves BOS out still gets it, since the model asks for BOS.
+    no_bos = ChatTemplate(template.source.replace("{{ bos_token }}", ""), special_tokens=gemma3.special_tokens)
+    assert encode_chat(gemma3, no_bos, messages) == ids
