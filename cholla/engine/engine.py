@@ -133,6 +133,7 @@ class LLMEngine:
     def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
+        params.verify_vocab(self.model_config.vocab_size)
         if max(token_ids) >= self.model_config.vocab_size or min(token_ids) < 0:
             raise InvalidRequestError(f"prompt token ids must lie in [0, {self.model_config.vocab_size})")
         if len(token_ids) >= self.max_model_len:
@@ -227,6 +228,8 @@ class LLMEngine:
     def _make_output(self, state: _RequestState) -> RequestOutput:
         request = state.request
         finished = request.finish_reason is not None
+        if finished and not isinstance(request.stop_reason, str):
+            state.text += state.detokenizer.flush()  # a dangling partial character, shown as U+FFFD
         text = state.text
         if not finished and request.params.stop:
             text = text[: safe_prefix_len(text, request.params.stop)]

@@ -1,0 +1,109 @@
+"""The engine on the real default model: batching must not change greedy tokens,
+and every KV block must come back when requests finish or are aborted."""
+
+from __future__ import annotations
+
+import pytest
+
+from cholla import LLM, SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "List three colours:",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, there lived a " + "very " * 60 + "old dragon who",
+    "1, 2, 3, 4,",
+    "Water boils at",
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def make_llm(smollm2_path):
+    def make(**kwargs):
+        kwargs.setdefault("max_model_len", 512)
+        kwargs.setdefault("max_num_batched_tokens", 64)  # the long prompt is prefilled in chunks
+        return LLM(smollm2_path, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def alone(make_llm):
+    llm = make_llm(enable_prefix_caching=False)
+    return [llm.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
+
+
+def _assert_all_blocks_free(llm: LLM) -> None:
+    manager = llm.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks
+    assert all(count == 0 for count in manager.allocator.ref_counts)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_batched_equals_alone(make_llm, alone, prefix_caching):
+    llm = make_llm(enable_prefix_caching=prefix_caching)
+    outs = llm.generate(PROMPTS + PROMPTS, GREEDY, use_tqdm=False)  # repeats hit the prefix cache
+    assert [o.outputs[0].token_ids for o in outs] == alone + alone
+    _assert_all_blocks_free(llm)
+    if prefix_caching:
+        assert llm.engine.block_manager.prefix_hits > 0
+
+
+def test_preemption_under_small_kv_budget(make_llm, alone):
+    import torch
+
+    from cholla.kv.paged_cache import bytes_per_block
+
+    probe = make_llm(kv_cache_memory=64 * 2**20)
+    block_bytes = bytes_per_block(probe.engine.model_config, 16, torch.float32)
+    # Room for about two of the prompts at once: the scheduler must preempt and recompute.
+    llm = make_llm(kv_cache_memory=12 * block_bytes, max_model_len=192, enable_prefix_caching=False)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert llm.engine.metrics.preemptions > 0
+    _assert_all_blocks_free(llm)
+
+
+def test_abort_in_prefill_and_decode_frees_blocks(make_llm):
+    llm = make_llm()
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=50)
+    engine.add_request("long", PROMPTS[3], params)  # several chunks of prefill
+    engine.add_request("short", PROMPTS[0], params)
+    engine.step()
+    engine.abort("long")  # still in prefill
+    for _ in range(3):
+        engine.step()
+    assert engine.states["short"].request.output_token_ids  # decoding
+    engine.abort("short")
+    assert not engine.has_unfinished_requests()
+    _assert_all_blocks_free(llm)
+
+
+def test_prompt_longer_than_context_is_a_clear_error(make_llm):
+    from cholla.errors import ContextLengthError
+
+    llm = make_llm(max_model_len=32)
+    with pytest.raises(ContextLengthError, match="32"):
+        llm.generate("word " * 100, GREEDY, use_tqdm=False)
+    _assert_all_blocks_free(llm)
+
+
+def test_seed_reproducible_and_n(make_llm):
+    llm = make_llm()
+    params = SamplingParams(temperature=1.0, max_tokens=8, seed=7, n=2)
+    a = llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
+    b = llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
+    assert len(a.outputs) == 2
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+
+
+def test_stop_string_not_in_output(make_llm):
+    llm = make_llm()
+    free = llm.generate(PROMPTS[4], GREEDY, use_tqdm=False)[0].outputs[0].text
+    stop = free.strip()[:2]
+    assert stop
+    out = llm.generate(PROMPTS[4], SamplingParams(temperature=0.0, max_tokens=6, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert stop not in out.text and free.startswith(out.text)
