@@ -58,7 +58,7 @@ def test_preemption_under_small_kv_budget(make_llm, alone):
     probe = make_llm(kv_cache_memory=64 * 2**20)
     block_bytes = bytes_per_block(probe.engine.model_config, 16, torch.float32)
     # Room for about two of the prompts at once: the scheduler must preempt and recompute.
-    llm = make_llm(kv_cache_memory=12 * block_bytes, max_model_len=192, enable_prefix_caching=False)
+    llm = make_llm(kv_cache_memory=7 * block_bytes, max_model_len=112, enable_prefix_caching=False)
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == alone
     assert llm.engine.metrics.preemptions > 0
