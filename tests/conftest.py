@@ -33,9 +33,3 @@ def hf_gguf_model(path: Path):
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return model.eval()
 
-
-def hf_gguf_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

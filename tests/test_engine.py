@@ -3,6 +3,8 @@ and every KV block must come back when requests finish or are aborted."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from cholla import LLM, SamplingParams
@@ -107,3 +109,39 @@ def test_stop_string_not_in_output(make_llm):
     out = llm.generate(PROMPTS[4], SamplingParams(temperature=0.0, max_tokens=6, stop=[stop]), use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert stop not in out.text and free.startswith(out.text)
+
+
+def test_async_engine_streams_and_frees_on_hang_up(make_llm):
+    import asyncio
+
+    from cholla.engine.async_engine import AsyncLLMEngine
+
+    llm = make_llm()
+    engine = AsyncLLMEngine(llm.engine)
+
+    async def full(request_id: str) -> list[int]:
+        last = None
+        async for out in engine.generate(PROMPTS[0], GREEDY, request_id):
+            last = out
+        assert last.finished
+        return last.outputs[0].token_ids
+
+    async def hang_up(request_id: str) -> None:
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        async for _ in engine.generate(PROMPTS[1], params, request_id):
+            break  # the client goes away after its first token
+
+    async def main():
+        return await asyncio.gather(full("a"), hang_up("b"), full("c"))
+
+    try:
+        tokens_a, _, tokens_c = asyncio.run(main())
+        for _ in range(100):  # the hang-up's abort is applied by the engine thread
+            if not llm.engine.has_unfinished_requests():
+                break
+            time.sleep(0.05)
+    finally:
+        engine.shutdown()
+    _assert_all_blocks_free(llm)
+    expected = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert tokens_a == tokens_c == expected

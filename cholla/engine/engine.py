@@ -211,8 +211,6 @@ class LLMEngine:
                 request.finish_reason, request.stop_reason = "stop", token
             elif not params.ignore_eos and token in self.eos_token_ids:
                 request.finish_reason, request.stop_reason = "stop", None
-            if request.finish_reason == "stop" and params.skip_special_tokens:
-                pass  # special tokens are already absent from the text
             if params.stop and request.finish_reason is None:
                 at = find_stop(state.text, params.stop, previous_len)
                 if at is not None:
