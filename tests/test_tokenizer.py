@@ -1,7 +1,7 @@
 """cholla.tokenizer against Hugging Face ``transformers`` loading the same GGUF files.
 
-The real-model tests skip when a model file is not on disk (they never download). The
-tiny synthetic vocabularies at the end always run.
+The real models are fetched into cholla's cache on first use; the tiny synthetic
+vocabularies at the end need no file.
 """
 
 from __future__ import annotations
@@ -12,19 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from cholla.download import KNOWN_MODELS, cache_dir
+from cholla.download import resolve_model
 from cholla.errors import ModelFormatError
 from cholla.formats.gguf import read_gguf
 from cholla.tokenizer import IncrementalDetokenizer, Tokenizer
 from cholla.tokenizer.gguf_vocab import bytes_to_unicode
 
 
-def model_file(name: str) -> Path | None:
-    filename = KNOWN_MODELS[name].filename
-    for folder in (cache_dir(), Path("/tmp/models")):
-        if (folder / filename).exists():
-            return folder / filename
-    return None
+def model_file(name: str) -> Path:
+    """The real model, fetched into cholla's cache on first use (as the model tests do)."""
+    return resolve_model(name)
 
 
 def random_unicode(seed: int, length: int) -> str:
@@ -78,8 +75,6 @@ def _hf_reference(name: str, path: Path):
 def pair(request):
     """(model name, our Tokenizer, transformers' tokenizer) for one real model."""
     path = model_file(request.param)
-    if path is None:
-        pytest.skip(f"{request.param} model file not found")
     ours = Tokenizer.from_gguf(read_gguf(path).metadata)
     return request.param, ours, _hf_reference(request.param, path)
 
