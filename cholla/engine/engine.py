@@ -222,12 +222,12 @@ class LLMEngine:
                 request.finish_reason = "length"
             elif request.num_tokens >= self.max_model_len:
                 request.finish_reason = "length"
+        if request.finish_reason is not None and not isinstance(request.stop_reason, str):
+            state.text += state.detokenizer.flush()  # a dangling partial character, shown as U+FFFD
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         request = state.request
         finished = request.finish_reason is not None
-        if finished and not isinstance(request.stop_reason, str):
-            state.text += state.detokenizer.flush()  # a dangling partial character, shown as U+FFFD
         text = state.text
         if not finished and request.params.stop:
             text = text[: safe_prefix_len(text, request.params.stop)]

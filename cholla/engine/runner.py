@@ -33,10 +33,11 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = eos_token_ids
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int]]:
+        """Packed inputs, plus which token rows need logits and which requests they belong to."""
         block_size = self.kv_cache.block_size
-        input_ids, positions, slots, starts, context_lens, logits_rows = [], [], [], [0], [], []
-        for request, n in zip(batch.requests, batch.num_tokens):
+        input_ids, positions, slots, starts, context_lens, logits_rows, needs_token = [], [], [], [0], [], [], []
+        for i, (request, n) in enumerate(zip(batch.requests, batch.num_tokens)):
             start = request.num_computed_tokens
             input_ids.extend(request.all_token_ids[start : start + n])
             pos = torch.arange(start, start + n)
@@ -45,8 +46,9 @@ class ModelRunner:
             slots.append(table[pos // block_size] * block_size + pos % block_size)
             starts.append(starts[-1] + n)
             context_lens.append(start + n)
-            if start + n == request.num_tokens:
+            if start + n == request.num_tokens:  # the prompt is done: this step yields a token
                 logits_rows.append(starts[-1] - 1)
+                needs_token.append(i)
         max_blocks = max(len(r.blocks.block_table) for r in batch.requests)
         block_tables = torch.zeros(len(batch.requests), max_blocks, dtype=torch.long)
         for i, request in enumerate(batch.requests):
@@ -59,20 +61,17 @@ class ModelRunner:
             num_prefills=batch.num_prefills,
             decode_context_lens=torch.tensor(context_lens[batch.num_prefills :], dtype=torch.long),
         )
-        return torch.tensor(input_ids, dtype=torch.long), torch.cat(positions), meta, logits_rows
+        return torch.tensor(input_ids, dtype=torch.long), torch.cat(positions), meta, logits_rows, needs_token
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
-        input_ids, positions, meta, logits_rows = self._prepare(batch)
+        input_ids, positions, meta, logits_rows, needs_token = self._prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
         sampled: list[int | None] = [None] * len(batch.requests)
         logprobs: list = [None] * len(batch.requests)
         if not logits_rows:
             return StepResult(sampled, logprobs)
         logits = self.model.compute_logits(hidden[logits_rows]).float()
-        needs_token = [
-            i for i, (r, n) in enumerate(zip(batch.requests, batch.num_tokens)) if r.num_computed_tokens + n == r.num_tokens
-        ]
         requests: list[Request] = [batch.requests[i] for i in needs_token]
         sampling = SamplingBatch.build(
             params=[r.params for r in requests],
