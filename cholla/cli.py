@@ -1,4 +1,4 @@
-"""The ``cholla`` command: run, info, pull.
+"""The ``cholla`` command: run, chat, info, pull.
 
 Every failure the user can fix (a missing file, a corrupt model, a prompt too
 long) prints one line and exits with status 2; ``--debug`` shows the traceback.
@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     _add_sampling_options(run)
     _add_model_options(run)
+
+    chat = sub.add_parser("chat", help="talk with a model in the terminal (/help inside for commands)")
+    chat.add_argument("model", nargs="?", default=None, help="path or known name (default smollm2)")
+    chat.add_argument("--system", default=None, metavar="TEXT", help="system message")
+    _add_sampling_options(chat)
+    _add_model_options(chat)
 
     info = sub.add_parser("info", help="describe a model file")
     info.add_argument("model", nargs="?", default=None)
@@ -142,6 +148,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from cholla.chat import run_chat
+    from cholla.llm import LLM
+
+    return run_chat(LLM(args.model, **_engine_kwargs(args)), _sampling_params(args), args.system)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from cholla.download import resolve_model
     from cholla.info import format_info, model_info
@@ -158,7 +171,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info, "pull": cmd_pull}
+COMMANDS = {"run": cmd_run, "info": cmd_info, "pull": cmd_pull, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:
