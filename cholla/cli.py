@@ -1,4 +1,4 @@
-"""The ``cholla`` command: run, chat, info, pull.
+"""The ``cholla`` command: run, chat, serve, info, pull.
 
 Every failure the user can fix (a missing file, a corrupt model, a prompt too
 long) prints one line and exits with status 2; ``--debug`` shows the traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -55,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, metavar="TEXT", help="system message")
     _add_sampling_options(chat)
     _add_model_options(chat)
+
+    serve = sub.add_parser("serve", help="serve a model over HTTP: OpenAI and Anthropic APIs, metrics, a chat page")
+    serve.add_argument("model", nargs="?", default=None, help="path or known name (default smollm2)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("CHOLLA_API_KEY"),
+                       help="require this key on every route but /health (default: $CHOLLA_API_KEY, else none)")
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="model names the API answers to (default: the MODEL argument)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default 64)")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens in one step (default 2048)")
+    serve.add_argument("--no-prefix-caching", action="store_true", help="turn off the prefix cache")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="sequences that may wait beyond --max-num-seqs; more get 503 + Retry-After (default 1024)")
+    _add_model_options(serve)
 
     info = sub.add_parser("info", help="describe a model file")
     info.add_argument("model", nargs="?", default=None)
@@ -155,6 +171,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(LLM(args.model, **_engine_kwargs(args)), _sampling_params(args), args.system)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cholla.download import DEFAULT_MODEL, resolve_model
+    from cholla.engine.engine import EngineConfig, LLMEngine
+    from cholla.serve.app import create_app
+    from cholla.serve.context import ServerSettings
+
+    if not args.debug:
+        logging.getLogger("cholla").setLevel(logging.INFO)  # show the model load's progress
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          enable_prefix_caching=not args.no_prefix_caching, **_engine_kwargs(args))
+    settings = ServerSettings(args.served_model_name or [args.model or DEFAULT_MODEL], args.api_key, args.max_queue)
+    failures: list[BaseException] = []
+
+    def stop_on_load_error(error: BaseException) -> None:
+        failures.append(error)
+        server.should_exit = True
+
+    app = create_app(settings, lambda: LLMEngine(resolve_model(args.model), config), stop_on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="debug" if args.debug else "info",
+                                           timeout_graceful_shutdown=5))
+    server.run()
+    if failures:
+        error = failures[0]
+        raise error if isinstance(error, ChollaError) else ChollaError(f"loading the model failed: {error}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from cholla.download import resolve_model
     from cholla.info import format_info, model_info
@@ -171,7 +216,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info, "pull": cmd_pull, "chat": cmd_chat}
+COMMANDS = {"run": cmd_run, "info": cmd_info, "pull": cmd_pull, "serve": cmd_serve, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

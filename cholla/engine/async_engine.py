@@ -45,7 +45,7 @@ class AsyncLLMEngine:
         Leaving the iteration early (a client hung up) aborts the request and frees its blocks.
         """
         text, token_ids = self.engine.tokenize_prompt(prompt)
-        self.engine._check_prompt(token_ids, params)
+        self.check_request(token_ids, params)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, outputs)
@@ -64,6 +64,10 @@ class AsyncLLMEngine:
             self._streams.pop(request_id, None)
             if remaining:
                 self.abort(request_id)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise the engine's validation error now, so a server can answer 400 before it starts a stream."""
+        self.engine._check_prompt(prompt_token_ids, params)
 
     def abort(self, request_id: str) -> None:
         self._submit(lambda: self.engine.abort(request_id))

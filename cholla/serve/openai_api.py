@@ -1,0 +1,353 @@
+"""OpenAI's API (with vLLM's extra sampling fields): ``/v1/chat/completions`` and ``/v1/completions``.
+
+Request bodies become ``SamplingParams``; engine outputs become OpenAI's responses
+and stream chunks. A field OpenAI defines but cholla does not implement (tools,
+response formats, ...) is refused with a 400 that names it, never ignored. Only
+``user``, ``metadata``, ``store`` and ``service_tier`` are accepted and ignored:
+they ask for bookkeeping, not for different output.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field
+
+from cholla.engine.outputs import CompletionOutput, RequestOutput
+from cholla.serve.context import Prepared, ServeContext, StrictModel, read_json, validate
+from cholla.serve.errors import APIError, error_body
+from cholla.serve.streaming import SSEResponse, collect, merge, sse
+from cholla.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger("cholla")
+
+router = APIRouter()
+
+MAX_TOP_LOGPROBS = 20
+# JSON has no -inf; vLLM reports impossible tokens at this floor too.
+LOGPROB_FLOOR = -9999.0
+
+UNSUPPORTED_COMMON = {
+    "tools": "no tool calling",
+    "tool_choice": "no tool calling",
+    "functions": "no function calling",
+    "function_call": "no function calling",
+    "parallel_tool_calls": "no tool calling",
+    "guided_json": "no structured output",
+    "guided_regex": "no structured output",
+    "guided_choice": "no structured output",
+    "guided_grammar": "no structured output",
+    "prompt_logprobs": "no prompt logprobs",
+}
+UNSUPPORTED_CHAT = {
+    **UNSUPPORTED_COMMON,
+    "audio": "text output only",
+    "prediction": "no predicted outputs",
+    "reasoning_effort": "no reasoning controls",
+    "web_search_options": "no web search",
+}
+UNSUPPORTED_COMPLETIONS = {**UNSUPPORTED_COMMON, "suffix": "no fill-in-the-middle"}
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(StrictModel):
+    """Fields both endpoints share. None means "the default" (vLLM's, which are OpenAI's)."""
+
+    model: str | None = None
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Accepted and ignored: bookkeeping fields that do not change the output.
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        fields = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "seed", "stop", "stop_token_ids", "min_tokens", "logit_bias",
+                  "ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
+
+    def check_stream_options(self) -> bool:
+        """Whether the stream ends with a usage chunk."""
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "'stream_options' is only allowed with stream=true", param="stream_options")
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text"]
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    modalities: list[Literal["text"]] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Any  # a string, strings, token ids or lists of token ids: checked by _completion_prompts
+    max_tokens: int | None = 16  # OpenAI's and vLLM's default for completions
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them; 400 for content that is not text."""
+    converted = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if content is None:
+            if message.role != "assistant":
+                raise APIError(400, f"messages[{i}] ({message.role}) has no content", param=f"messages.{i}.content")
+            content = ""
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(400, f"messages[{i}].content[{j}] is of type {part.get('type')!r}; cholla takes text "
+                                        "parts only ({'type': 'text', 'text': ...})", param=f"messages.{i}.content.{j}")
+            content = [{"type": "text", "text": part["text"]} for part in content]
+        entry = {"role": "system" if message.role == "developer" else message.role, "content": content}
+        if message.name is not None:
+            entry["name"] = message.name
+        converted.append(entry)
+    return converted
+
+
+def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _logprob(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list, num_top: int) -> dict[str, Any]:
+    """OpenAI chat shape: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``."""
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": _logprob(logprob), "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [
+        {**entry(token_id, chosen), "top_logprobs": [entry(i, lp) for i, lp in top[:num_top]]}
+        for token_id, (chosen, top) in zip(token_ids, logprobs)
+    ]}
+
+
+def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list, offset: int) -> dict[str, Any]:
+    """Legacy completions shape: parallel lists of tokens, their logprobs, top-k dicts and text offsets."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for token_id, (chosen, top) in zip(token_ids, logprobs):
+        text = _token_text(tokenizer, token_id)
+        tokens.append(text)
+        token_logprobs.append(_logprob(chosen))
+        top_logprobs.append({_token_text(tokenizer, i): _logprob(lp) for i, lp in top})
+        text_offset.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _Shape:
+    """How one endpoint turns a completion (or a piece of one) into a choice."""
+
+    def __init__(self, ctx: ServeContext, chat: bool, logprobs: int | None, echo: list[str] | None = None):
+        self.tokenizer, self.chat, self.logprobs, self.echo = ctx.tokenizer, chat, logprobs, echo
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def choice(self, index: int, prompt_index: int, text: str, token_ids: list[int], logprobs: list | None,
+               finish: CompletionOutput | None, sent: int | None) -> dict[str, Any]:
+        """A full response's choice when ``sent`` is None, else a stream chunk's (``sent`` chars already out)."""
+        lp = None
+        if self.logprobs is not None and logprobs is not None:
+            if self.chat:
+                lp = chat_logprobs(self.tokenizer, token_ids, logprobs, self.logprobs)
+            else:
+                offset = len(self.echo[prompt_index]) if self.echo else 0
+                lp = completion_logprobs(self.tokenizer, token_ids, logprobs, offset + (sent or 0))
+        choice: dict[str, Any] = {"index": index}
+        if self.chat and sent is None:
+            choice["message"] = {"role": "assistant", "content": text}
+        elif self.chat:
+            choice["delta"] = {"content": text} if text else {}
+        else:
+            choice["text"] = text
+        choice["logprobs"] = lp
+        choice["finish_reason"] = finish.finish_reason if finish else None
+        choice["stop_reason"] = finish.stop_reason if finish else None
+        return choice
+
+
+def _prompt_tokens(prepared: Prepared) -> int:
+    return sum(len(p["prompt_token_ids"]) for p in prepared.prompts)
+
+
+async def _respond(request: Request, ctx: ServeContext, prepared: Prepared, shape: _Shape, model: str,
+                   include_usage: bool, stream: bool) -> Response:
+    engine = ctx.engine()
+    n = prepared.params.n
+    if stream:
+        body = _stream(ctx, prepared, shape, model, include_usage, merge(prepared.streams(engine)))
+        return SSEResponse(body, on_close=prepared.admission.release)
+    try:
+        outputs = await collect(request, merge(prepared.streams(engine)))
+    finally:
+        prepared.admission.release()
+    if outputs is None:  # the client hung up; its requests were aborted
+        return Response(status_code=499)
+    final: dict[int, CompletionOutput] = {}
+    for prompt_index, out in outputs:
+        completion = out.outputs[0]
+        final[prompt_index * n + completion.index] = completion
+    choices = []
+    for index in sorted(final):
+        c = final[index]
+        text = (shape.echo[index // n] if shape.echo else "") + c.text
+        choices.append(shape.choice(index, index // n, text, c.token_ids, c.logprobs, c, None))
+    completion_tokens = sum(len(c.token_ids) for c in final.values())
+    return JSONResponse({
+        "id": prepared.request_id, "object": shape.object, "created": prepared.created, "model": model,
+        "choices": choices, "usage": usage(_prompt_tokens(prepared), completion_tokens),
+    })
+
+
+async def _stream(ctx: ServeContext, prepared: Prepared, shape: _Shape, model: str, include_usage: bool,
+                  outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    """SSE chunks: choices interleaved by index as tokens come, a usage chunk if asked, then ``[DONE]``."""
+    n = prepared.params.n
+    num_choices = n * len(prepared.prompts)
+    head = {"id": prepared.request_id, "object": f"{shape.object}.chunk" if shape.chat else shape.object,
+            "created": prepared.created, "model": model}
+
+    def chunk(choices: list[dict[str, Any]], usage_value: dict | None = None) -> str:
+        return sse({**head, "choices": choices, **({"usage": usage_value} if include_usage else {})})
+
+    sent_chars, sent_tokens = [0] * num_choices, [0] * num_choices
+    try:
+        for index in range(num_choices):
+            if shape.chat:
+                yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            elif shape.echo:
+                yield chunk([shape.choice(index, index // n, shape.echo[index // n], [], None, None, 0)])
+        async for prompt_index, out in outputs:
+            c = out.outputs[0]
+            index = prompt_index * n + c.index
+            text, token_ids = c.text[sent_chars[index]:], c.token_ids[sent_tokens[index]:]
+            logprobs = c.logprobs[sent_tokens[index]:] if c.logprobs is not None else None
+            if not text and not c.finished and not (shape.logprobs is not None and token_ids):
+                continue  # a token whose text is held back (a partial character, a possible stop string)
+            yield chunk([shape.choice(index, prompt_index, text, token_ids, logprobs, c if c.finished else None,
+                                      sent_chars[index])])
+            sent_chars[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+        if include_usage:
+            yield chunk([], usage(_prompt_tokens(prepared), sum(sent_tokens)))
+        yield sse("[DONE]")
+    except Exception as e:  # the engine failed mid-stream: tell the client in the stream's own terms
+        log.exception("stream %s failed", prepared.request_id)
+        yield sse(error_body(500, f"generation failed: {e}", anthropic=False))
+    finally:
+        await outputs.aclose()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    ctx: ServeContext = request.app.state.ctx
+    ctx.engine()
+    body = validate(ChatCompletionRequest, await read_json(request), UNSUPPORTED_CHAT)
+    model = ctx.check_model(body.model)
+    include_usage = body.check_stream_options()
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "'top_logprobs' needs logprobs=true", param="top_logprobs")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+    num_top = (body.top_logprobs or 0) if body.logprobs else None
+    prompt_ids = ctx.encode_chat(template_messages(body.messages), body.add_generation_prompt, body.chat_template_kwargs)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    prepared = ctx.prepare(ctx.new_id("chatcmpl-"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
+                           {**body.sampling_kwargs(), "logprobs": num_top}, max_tokens)
+    return await _respond(request, ctx, prepared, _Shape(ctx, True, num_top), model, include_usage, body.stream)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    ctx: ServeContext = request.app.state.ctx
+    ctx.engine()
+    body = validate(CompletionRequest, await read_json(request), UNSUPPORTED_COMPLETIONS)
+    model = ctx.check_model(body.model)
+    include_usage = body.check_stream_options()
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise APIError(400, "'best_of' other than n is not supported by cholla yet; drop it or set it to n",
+                       param="best_of")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs needs prompt logprobs, which cholla does not compute yet", param="echo")
+    prompts = _completion_prompts(ctx.tokenizer, body.prompt)
+    prepared = ctx.prepare(ctx.new_id("cmpl-"), prompts, {**body.sampling_kwargs(), "logprobs": body.logprobs},
+                           body.max_tokens, prompt_param="prompt")
+    echo = [p["prompt"] for p in prompts] if body.echo else None
+    shape = _Shape(ctx, False, body.logprobs, echo)
+    return await _respond(request, ctx, prepared, shape, model, include_usage, body.stream)
+
+
+def _completion_prompts(tokenizer: Tokenizer, prompt: Any) -> list[dict[str, Any]]:
+    """A string, strings, token ids or lists of token ids, as one engine prompt each."""
+
+    def is_ids(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+    if isinstance(prompt, str) or (is_ids(prompt) and prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) or is_ids(p) for p in prompt):
+        raise APIError(400, "'prompt' must be a non-empty string, a list of strings, a list of token ids "
+                            "or a list of lists of token ids", param="prompt")
+    prompts = []
+    for item in prompt:
+        if isinstance(item, str):
+            prompts.append({"prompt": item, "prompt_token_ids": tokenizer.encode(item)})
+        else:
+            if any(t < 0 or t >= tokenizer.vocab_size for t in item):
+                raise APIError(400, f"prompt token ids must lie in [0, {tokenizer.vocab_size})", param="prompt")
+            prompts.append({"prompt": tokenizer.decode(item, skip_special_tokens=False), "prompt_token_ids": list(item)})
+    return prompts
