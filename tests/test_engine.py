@@ -145,3 +145,68 @@ def test_async_engine_streams_and_frees_on_hang_up(make_llm):
     _assert_all_blocks_free(llm)
     expected = llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert tokens_a == tokens_c == expected
+
+
+def _mixed_prompts(tokenizer, count: int = 64) -> list[list[int]]:
+    """Prompts from 3 to ~170 tokens: short questions, long ones cut into several
+    prefill chunks, and groups sharing a long preamble (prefix-cache hits that
+    are in use by several running requests at once)."""
+    import random
+
+    rng = random.Random(0)
+    topics = ["rivers", "the moon", "bread", "chess", "volcanoes", "music", "trains", "the ocean",
+              "honey bees", "glass", "winter", "clocks", "maps", "salt", "bridges", "paper"]
+    preamble = ("You are a careful assistant. Answer briefly, in plain words, and do not repeat the question. "
+                "If you are not sure, say so. ") * 3
+    prompts = []
+    for i in range(count):
+        topic = topics[i % len(topics)]
+        kind = rng.choice(["short", "preamble", "long"])
+        if kind == "short":
+            text = f"Tell me about {topic}."
+        elif kind == "preamble":
+            text = f"{preamble}Question {i}: what do you know about {topic}?"
+        else:
+            text = f"Here is a list about {topic}: " + ", ".join(f"{topic} {j}" for j in range(rng.randint(10, 40)))
+        prompts.append(tokenizer.encode(text))
+    return prompts
+
+
+MIXED = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def mixed(make_llm):
+    """64 prompts, and the greedy tokens of each run alone (no batching, no cache)."""
+    llm = make_llm(enable_prefix_caching=False, max_num_seqs=1)
+    prompts = _mixed_prompts(llm.tokenizer)
+    assert max(map(len, prompts)) > 128 and min(map(len, prompts)) < 16  # two chunks, and short ones
+    alone = [llm.generate({"prompt_token_ids": p}, MIXED, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    return prompts, alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["prefix_caching", "no_prefix_caching", "tiny_kv_budget"])
+def test_64_mixed_prompts_batched_equal_alone(make_llm, mixed, setting):
+    import torch
+
+    from cholla.kv.paged_cache import bytes_per_block
+
+    prompts, alone = mixed
+    # A 128-token step budget: the longest prompts take two chunks, shorter ones share steps.
+    kwargs = {"enable_prefix_caching": setting != "no_prefix_caching", "max_num_batched_tokens": 128}
+    if setting == "tiny_kv_budget":
+        probe = make_llm()
+        # Room for about three of the longest prompts: most requests wait, many are preempted.
+        num_blocks = 3 * -(-(max(map(len, prompts)) + 4) // 16)
+        kwargs["kv_cache_memory"] = num_blocks * bytes_per_block(probe.engine.model_config, 16, torch.float32)
+        kwargs["max_model_len"] = num_blocks * 16
+    llm = make_llm(**kwargs)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], MIXED, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert max(llm.engine.metrics.batch_sizes) >= 6  # they really ran together
+    if setting == "prefix_caching":
+        assert llm.engine.block_manager.prefix_hits > 0
+    if setting == "tiny_kv_budget":
+        assert llm.engine.metrics.preemptions > 0
+    _assert_all_blocks_free(llm)

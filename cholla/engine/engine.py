@@ -34,7 +34,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context, capped by the KV cache
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    kv_cache_memory: int | None = None  # bytes; default: 2 GiB or a quarter of free RAM
+    kv_cache_memory: int | None = None  # bytes; wins over kv_cache_fraction
+    kv_cache_fraction: float | None = None  # of the RAM available at start; default: min(2 GiB, 1/4)
     block_size: int = DEFAULT_BLOCK_SIZE
     enable_prefix_caching: bool = True
 
@@ -48,6 +49,17 @@ def _available_memory() -> int:
     except OSError:
         pass
     return 8 * 1024**3
+
+
+def _kv_cache_budget(config: EngineConfig) -> int:
+    """Bytes for the KV cache: given outright, as a fraction of free memory, or the default."""
+    if config.kv_cache_memory:
+        return config.kv_cache_memory
+    if config.kv_cache_fraction is not None:
+        if not 0.0 < config.kv_cache_fraction <= 0.95:
+            raise InvalidRequestError(f"kv_cache_fraction must be in (0, 0.95], got {config.kv_cache_fraction}")
+        return int(_available_memory() * config.kv_cache_fraction)
+    return min(DEFAULT_KV_CACHE_MEMORY, _available_memory() // 4)
 
 
 def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
@@ -72,7 +84,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.loaded)
         self.eos_token_ids = set(self.tokenizer.eog_token_ids) | set(self.model_config.eos_token_ids)
 
-        memory = config.kv_cache_memory or min(DEFAULT_KV_CACHE_MEMORY, _available_memory() // 4)
+        memory = _kv_cache_budget(config)
         block_bytes = bytes_per_block(self.model_config, config.block_size, torch.float32)
         num_blocks = memory // block_bytes
         max_len = config.max_model_len or self.model_config.max_position_embeddings

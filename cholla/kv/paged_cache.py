@@ -7,6 +7,7 @@ Shape per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]``. Token
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cholla.models.config import ModelConfig
@@ -19,15 +20,23 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return per_token * block_size
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """A zeroed cache tensor. On CPU it comes from calloc, whose pages the OS maps
+    lazily: memory is only resident once blocks are written, so a large budget
+    does not cost its full size in RSS up front. Zeros matter: padded decode
+    reads touch unwritten slots, and masked garbage could be NaN."""
+    numpy_dtype = {torch.float32: np.float32, torch.float16: np.float16}.get(dtype)
+    if torch.device(device).type == "cpu" and numpy_dtype is not None:
+        return torch.from_numpy(np.zeros(shape, dtype=numpy_dtype))
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.layers = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_layers)
-        ]
+        self.layers = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(config.num_layers)]
 
     @classmethod
     def from_memory_budget(cls, config: ModelConfig, memory_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE,
