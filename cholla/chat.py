@@ -33,7 +33,7 @@ Commands:
   /system TEXT   set the system prompt and start a new conversation; /system alone shows it
   /stats         speed and token counts of the last answer
   /model         the model's path, architecture and context
-  /quit          leave (also Ctrl+D, or Ctrl+C at an empty prompt)
+  /quit, /exit   leave (also Ctrl+D, or Ctrl+C at an empty prompt)
 Ctrl+C while an answer streams stops it; the partial answer stays in the conversation."""
 
 
@@ -174,10 +174,9 @@ class ChatLoop:
                 self._print("")
                 return 0
             except KeyboardInterrupt:
-                if _typed_so_far().strip():
-                    self._print("")
-                    continue
                 self._print("")
+                if _typed_so_far().strip():
+                    continue  # Ctrl+C on a half-typed line only clears it
                 return 0
             line = line.strip()
             if not line:

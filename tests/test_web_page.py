@@ -16,11 +16,13 @@ import subprocess
 import threading
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from cholla.engine.engine import EngineConfig, LLMEngine
 from cholla.serve import ServerSettings, create_app
@@ -41,8 +43,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Server:
+    url: str
+    app: FastAPI
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.app.state.ctx.host.engine.engine
+
+
 @pytest.fixture(scope="module")
-def server_url(smollm2_path):
+def server(smollm2_path):
     config = EngineConfig(max_model_len=512, kv_cache_memory=64 * 2**20)
     app = create_app(ServerSettings(["smollm2"], api_key=API_KEY), lambda: LLMEngine(smollm2_path, config))
     port = _free_port()
@@ -54,7 +66,7 @@ def server_url(smollm2_path):
     while not server.started or httpx.get(f"{url}/ready", headers=_auth()).status_code != 200:
         assert time.monotonic() < deadline, "the server never became ready"
         time.sleep(0.1)
-    yield url
+    yield Server(url, app)
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -133,10 +145,10 @@ class Browser:
 
 
 @pytest.fixture
-def page(server_url, tmp_path):
+def page(server, tmp_path):
     browser = Browser(tmp_path / "profile")
     try:
-        browser.call("Page.navigate", url=server_url)
+        browser.call("Page.navigate", url=server.url)
         browser.wait_for("document.readyState === 'complete' && document.body.dataset.busy === 'false'", 30)
         yield browser
     finally:
@@ -162,7 +174,7 @@ def _api_answer(url: str, messages: list[dict]) -> dict:
     return {"text": body["choices"][0]["message"]["content"], "usage": body["usage"]}
 
 
-def test_page_streams_the_greedy_answer_and_keeps_the_conversation(page, server_url, tmp_path):
+def test_page_streams_the_greedy_answer_and_keeps_the_conversation(page, server, tmp_path):
     assert page.wait_for("document.getElementById('model').textContent.includes('401')", 15)  # no key yet
 
     page.set_field("temperature", "0")
@@ -180,7 +192,7 @@ def test_page_streams_the_greedy_answer_and_keeps_the_conversation(page, server_
     first = _answer_when_done(page)
     conversation = [{"role": "user", "content": "What is the capital of France?"}]
     assert not first["error"]
-    reference = _api_answer(server_url, conversation)
+    reference = _api_answer(server.url, conversation)
     assert first["text"] == reference["text"] != ""
     usage = reference["usage"]
     assert first["stats"].startswith(f"{usage['prompt_tokens']} prompt tokens · {usage['completion_tokens']} tokens · ")
@@ -188,7 +200,7 @@ def test_page_streams_the_greedy_answer_and_keeps_the_conversation(page, server_
     page.type_and_send("And of Italy?")
     second = _answer_when_done(page)
     conversation += [{"role": "assistant", "content": first["text"]}, {"role": "user", "content": "And of Italy?"}]
-    assert second["text"] == _api_answer(server_url, conversation)["text"] != ""  # the page sent the whole conversation
+    assert second["text"] == _api_answer(server.url, conversation)["text"] != ""  # the page sent the whole conversation
     assert "tokens/s" in second["stats"]
 
     screenshot = tmp_path / "web_chat.png"
@@ -198,7 +210,7 @@ def test_page_streams_the_greedy_answer_and_keeps_the_conversation(page, server_
     assert page.errors == []
 
 
-def test_stop_and_new_chat(page):
+def test_stop_and_new_chat(page, server):
     page.set_field("api-key", API_KEY)
     page.set_field("temperature", "0")
     page.set_field("max-tokens", "200")
@@ -207,6 +219,10 @@ def test_stop_and_new_chat(page):
     page.eval("document.getElementById('stop').click()")
     stopped = _answer_when_done(page)
     assert stopped["stats"].endswith("stopped") and stopped["text"] and not stopped["error"]
+    deadline = time.monotonic() + 10
+    while server.engine.has_unfinished_requests():  # the hang-up reached the engine, which aborted the request
+        assert time.monotonic() < deadline, "the server kept generating after Stop"
+        time.sleep(0.1)
 
     page.eval("document.getElementById('new-chat').click()")
     assert page.eval("document.querySelectorAll('.msg').length") == 0
