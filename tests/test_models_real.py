@@ -108,3 +108,20 @@ class TestGemma3(_RealModel):
         ids = llm.tokenizer.encode(LONG_TEXT)
         assert len(ids) > 600 > llm.engine.model_config.sliding_window
         self.check_greedy(llm, reference, ids)
+
+    def test_chunked_batched_prefill_past_sliding_window(self, llm, reference):
+        """The long prompt is prefilled in 100-token chunks next to another request, so
+        chunks beyond the 512-token window attend to a window that spans cached chunks."""
+        from cholla.engine.engine import EngineConfig, LLMEngine
+
+        engine = LLMEngine(llm.engine.loaded, EngineConfig(max_model_len=2048, max_num_batched_tokens=100,
+                                                           kv_cache_memory=256 * 2**20))
+        ids = llm.tokenizer.encode(LONG_TEXT)
+        params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
+        engine.add_request("long", {"prompt_token_ids": ids}, params)
+        engine.add_request("short", "The river flows", params)
+        finished = {}
+        while engine.has_unfinished_requests():
+            finished.update({o.request_id: o for o in engine.step() if o.finished})
+        ref, gaps = hf_greedy(reference, ids, NUM_TOKENS)
+        assert_same_greedy(finished["long"].outputs[0].token_ids, ref, gaps)
