@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -111,7 +112,7 @@ def _routes(ctx: ServeContext, metrics: ServerMetrics) -> APIRouter:
     @router.get("/v1/models")
     async def models() -> JSONResponse:
         engine = ctx.engine()
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "cholla", "root": str(engine.engine.loaded.path),
+        data = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "cholla", "root": str(engine.engine.loaded.path),
                  "max_model_len": engine.engine.max_model_len} for name in ctx.settings.served_model_names]
         return JSONResponse({"object": "list", "data": data})
 
