@@ -137,16 +137,31 @@ def _wait_for(session: str, done: Callable[[str], bool], timeout: float) -> str:
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_chat_in_a_real_terminal(smollm2_path):
+    """An answer, then Ctrl+C in the middle of a long one (the real SIGINT path), then /quit."""
     session = f"cholla-chat-{uuid.uuid4().hex[:8]}"
-    command = f"{sys.executable} -m cholla chat smollm2 -t 0 -n 6 --max-model-len 512; echo EXIT=$?; sleep 30"
+    command = f"{sys.executable} -m cholla chat smollm2 -t 0 -n 60 --max-model-len 512; echo EXIT=$?; sleep 30"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", "-c", str(REPO), command], check=True)
+
+    def send(*keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", session, *keys], check=True)
+
+    def at_prompt(count: int) -> Callable[[str], bool]:
+        return lambda pane: pane.count(PROMPT.strip()) >= count and pane.rstrip().endswith(">>>")
+
     try:
-        _wait_for(session, lambda pane: pane.rstrip().endswith(">>>"), 60)
-        subprocess.run(["tmux", "send-keys", "-t", session, "What is the capital of France?", "Enter"], check=True)
-        pane = _wait_for(session, lambda pane: pane.count(PROMPT.strip()) >= 2 and pane.rstrip().endswith(">>>"), 60)
-        answer = pane.split("What is the capital of France?", 1)[1].rsplit(">>>", 1)[0].strip()
-        assert answer and "Traceback" not in pane
-        subprocess.run(["tmux", "send-keys", "-t", session, "/quit", "Enter"], check=True)
+        _wait_for(session, at_prompt(1), 60)
+        send("What is the capital of France?", "Enter")  # answered in a few tokens, then end of turn
+        pane = _wait_for(session, at_prompt(2), 60)
+        assert "Paris" in pane.split("What is the capital of France?", 1)[1]
+
+        story = "Write a long story about a dragon."
+        send(story, "Enter")
+        _wait_for(session, lambda pane: story in pane and pane.split(story, 1)[1].strip(), 60)  # the answer began
+        send("C-c")
+        pane = _wait_for(session, at_prompt(3), 30)
+        assert "[stopped]" in pane and "Traceback" not in pane
+
+        send("/quit", "Enter")
         _wait_for(session, lambda pane: "EXIT=0" in pane, 20)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

@@ -219,7 +219,7 @@ def test_stop_and_new_chat(page, server):
     page.eval("document.getElementById('stop').click()")
     stopped = _answer_when_done(page)
     assert stopped["stats"].endswith("stopped") and stopped["text"] and not stopped["error"]
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # the engine takes the abort between two steps, slow on a busy machine
     while server.engine.has_unfinished_requests():  # the hang-up reached the engine, which aborted the request
         assert time.monotonic() < deadline, "the server kept generating after Stop"
         time.sleep(0.1)
