@@ -199,6 +199,14 @@ def test_n_and_seed_streamed_and_not(client):
             streamed[choice.index] += choice.text
     assert streamed == [c.text for c in first.choices]
 
+    chat = dict(model=MODEL, messages=CHAT, temperature=1.0, max_tokens=4, n=2, seed=3)
+    whole = [c.message.content for c in client.chat.completions.create(**chat).choices]
+    pieces = ["", ""]
+    for chunk in client.chat.completions.create(stream=True, **chat):
+        for choice in chunk.choices:
+            pieces[choice.index] += choice.delta.content or ""
+    assert pieces == whole
+
 
 def test_anthropic_messages_equal_the_chat_reference(claude, reference):
     system = "Answer briefly."

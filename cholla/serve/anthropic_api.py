@@ -21,7 +21,7 @@ from pydantic import Field
 from cholla.engine.outputs import CompletionOutput, RequestOutput
 from cholla.serve.context import Prepared, ServeContext, StrictModel, read_json, validate
 from cholla.serve.errors import APIError, error_body
-from cholla.serve.streaming import SSEResponse, collect, merge, sse
+from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 
 log = logging.getLogger("cholla")
 
@@ -112,7 +112,7 @@ async def messages(request: Request) -> Response:
     if body.stream:
         return SSEResponse(_events(prepared, model, stream), on_close=prepared.admission.release)
     try:
-        outputs = await collect(request, stream)
+        outputs = await collect(request, finished_only(stream))
     finally:
         prepared.admission.release()
     if outputs is None:  # the client hung up; its request was aborted

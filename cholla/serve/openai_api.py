@@ -19,7 +19,7 @@ from pydantic import Field
 from cholla.engine.outputs import CompletionOutput, RequestOutput
 from cholla.serve.context import Prepared, ServeContext, StrictModel, read_json, validate
 from cholla.serve.errors import APIError, error_body
-from cholla.serve.streaming import SSEResponse, collect, merge, sse
+from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 from cholla.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger("cholla")
@@ -230,7 +230,7 @@ async def _respond(request: Request, ctx: ServeContext, prepared: Prepared, shap
         body = _stream(ctx, prepared, shape, model, include_usage, merge(prepared.streams(engine)))
         return SSEResponse(body, on_close=prepared.admission.release)
     try:
-        outputs = await collect(request, merge(prepared.streams(engine)))
+        outputs = await collect(request, finished_only(merge(prepared.streams(engine))))
     finally:
         prepared.admission.release()
     if outputs is None:  # the client hung up; its requests were aborted

@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from cholla.engine.outputs import RequestOutput
+
 T = TypeVar("T")
 _DONE = object()
 
@@ -95,6 +97,16 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def finished_only(stream: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The last output of each sequence (it holds the whole completion): what a non-streaming reply needs."""
+    try:
+        async for index, out in stream:
+            if out.finished:
+                yield index, out
+    finally:
+        await stream.aclose()
 
 
 async def _wait_for_disconnect(request: Request) -> None:
