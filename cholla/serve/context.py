@@ -114,8 +114,9 @@ class ServeContext:
             params = SamplingParams(max_tokens=max_tokens, **params_kwargs)
             for prompt in prompts:
                 engine.check_request(prompt["prompt_token_ids"], params)
-        except ChollaError as e:
-            raise APIError(400, str(e)) from None
+        except ChollaError as e:  # SamplingParams names the field first: "temperature must be ..."
+            field = str(e).split(" ", 1)[0]
+            raise APIError(400, str(e), param=field if field in {*params_kwargs, "max_tokens"} else None) from None
         num_seqs = params.n * len(prompts)
         if num_seqs > self.host.max_in_flight:
             raise APIError(400, f"the request asks for {num_seqs} sequences but the server holds at most "
