@@ -45,6 +45,8 @@ def _free_port() -> int:
 
 @dataclass
 class Server:
+    """``cholla serve``'s app on a thread: where to reach it, and the engine behind it."""
+
     url: str
     app: FastAPI
 
@@ -58,16 +60,16 @@ def server(smollm2_path):
     config = EngineConfig(max_model_len=512, kv_cache_memory=64 * 2**20)
     app = create_app(ServerSettings(["smollm2"], api_key=API_KEY), lambda: LLMEngine(smollm2_path, config))
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while not server.started or httpx.get(f"{url}/ready", headers=_auth()).status_code != 200:
+    while not uvicorn_server.started or httpx.get(f"{url}/ready", headers=_auth()).status_code != 200:
         assert time.monotonic() < deadline, "the server never became ready"
         time.sleep(0.1)
     yield Server(url, app)
-    server.should_exit = True
+    uvicorn_server.should_exit = True
     thread.join(timeout=10)
 
 
