@@ -227,7 +227,7 @@ async def _respond(request: Request, ctx: ServeContext, prepared: Prepared, shap
     engine = ctx.engine()
     n = prepared.params.n
     if stream:
-        body = _stream(ctx, prepared, shape, model, include_usage, merge(prepared.streams(engine)))
+        body = _stream(prepared, shape, model, include_usage, merge(prepared.streams(engine)))
         return SSEResponse(body, on_close=prepared.admission.release)
     try:
         outputs = await collect(request, finished_only(merge(prepared.streams(engine))))
@@ -251,7 +251,7 @@ async def _respond(request: Request, ctx: ServeContext, prepared: Prepared, shap
     })
 
 
-async def _stream(ctx: ServeContext, prepared: Prepared, shape: _Shape, model: str, include_usage: bool,
+async def _stream(prepared: Prepared, shape: _Shape, model: str, include_usage: bool,
                   outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
     """SSE chunks: choices interleaved by index as tokens come, a usage chunk if asked, then ``[DONE]``."""
     n = prepared.params.n
