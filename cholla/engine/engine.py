@@ -21,6 +21,7 @@ from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, bytes_per_bl
 from cholla.models.loader import LoadedModel, load_model
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
+from cholla.threads import set_threads
 from cholla.tokenizer.detokenizer import IncrementalDetokenizer
 from cholla.tokenizer.tokenizer import Tokenizer
 
@@ -38,6 +39,8 @@ class EngineConfig:
     kv_cache_fraction: float | None = None  # of the RAM available at start; default: min(2 GiB, 1/4)
     block_size: int = DEFAULT_BLOCK_SIZE
     enable_prefix_caching: bool = True
+    dtype: str = "float32"  # "bfloat16": packed weights and bf16 matmuls (cholla.models.loader.DTYPES)
+    threads: int | None = None  # torch threads; default one per physical core
 
 
 def _available_memory() -> int:
@@ -79,7 +82,13 @@ class _RequestState:
 class LLMEngine:
     def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        set_threads(config.threads)
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
+        if self.loaded.dtype != config.dtype:
+            raise InvalidRequestError(
+                f"the model was loaded with dtype {self.loaded.dtype} but the engine asks for {config.dtype}; "
+                "load it again with load_model(path, dtype)"
+            )
         self.model_config = self.loaded.config
         self.tokenizer = load_tokenizer(self.loaded)
         self.eos_token_ids = set(self.tokenizer.eog_token_ids) | set(self.model_config.eos_token_ids)

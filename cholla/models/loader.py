@@ -8,15 +8,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cholla.errors import ModelFormatError, ModelNotFoundError
+from cholla.errors import InvalidRequestError, ModelFormatError, ModelNotFoundError
 from cholla.formats.gguf import GGUFFile, read_gguf
 from cholla.formats.safetensors import read_hf_folder
-from cholla.layers.linear import dense
+from cholla.layers.linear import Linear, dense
 from cholla.models.config import ModelConfig, config_from_gguf, config_from_hf
 from cholla.models.gemma3 import Gemma3ForCausalLM
 from cholla.models.gguf_names import gguf_to_hf_name
 from cholla.models.registry import model_class
 from cholla.quant import check_supported
+
+# "float32": the reference path, every weight dequantized to fp32 before its matmul.
+# "bfloat16": Linear weights packed for PyTorch's weight-only kernels, matmuls in bf16.
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -26,15 +30,35 @@ class LoadedModel:
     path: Path
     gguf: GGUFFile | None = None  # kept for `cholla info` and to hold the memory map open
     generation_config: dict | None = None
+    dtype: str = "float32"
 
 
-def load_model(path: str | Path) -> LoadedModel:
+def load_model(path: str | Path, dtype: str = "float32") -> LoadedModel:
+    """Load a GGUF file or an HF folder; ``dtype`` is one of ``DTYPES``."""
+    if dtype not in DTYPES:
+        raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = Path(path)
     if path.is_dir():
-        return _load_hf(path)
-    if not path.exists():
+        loaded = _load_hf(path)
+    elif not path.exists():
         raise ModelNotFoundError(f"model not found: {path}")
-    return _load_gguf(path)
+    else:
+        loaded = _load_gguf(path)
+    if dtype == "bfloat16":
+        pack_linears(loaded.model)
+        loaded.dtype = dtype
+    return loaded
+
+
+def pack_linears(model: nn.Module) -> None:
+    """Switch every Linear (the output head included) to packed weights and bf16 matmuls.
+
+    Embedding lookups keep dequantizing just the rows they need: that is exact
+    and cheap, so only the matmuls change.
+    """
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.pack()
 
 
 def _load_gguf(path: Path) -> LoadedModel:
