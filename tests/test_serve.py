@@ -371,3 +371,19 @@ def test_loading_state_api_key_and_full_queue(reference):
         while engine.has_unfinished_requests() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_cholla_serve_exits_with_the_load_error(tmp_path):
+    """`cholla serve` listens first, then a model that cannot load stops it with one line and status 2."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "missing.gguf"
+    result = subprocess.run(
+        [sys.executable, "-m", "cholla", "serve", str(missing), "--port", str(_free_port())],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Uvicorn running" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("cholla: error: ") and str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
