@@ -1,4 +1,4 @@
-"""The ``cholla`` command: run, chat, serve, info, pull.
+"""The ``cholla`` command: run, chat, serve, bench, info, pull.
 
 Every failure the user can fix (a missing file, a corrupt model, a prompt too
 long) prints one line and exits with status 2; ``--debug`` shows the traceback.
@@ -22,7 +22,14 @@ EXIT_USER_ERROR = 2
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length to serve (default: the model's, capped by the KV cache)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB", help="KV cache size in GiB")
+    _add_compute_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def _add_compute_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="float32: exact reference (default); bfloat16: packed weights, faster, logits within ~1-2")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: one per physical core)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -77,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.add_argument("--debug", action="store_true")
 
+    bench = sub.add_parser("bench", help="measure prefill (pp) and decode (tg) speed, like llama-bench")
+    bench.add_argument("model", nargs="?", default=None, help="path or known name (default smollm2)")
+    bench.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens to prefill, 0 = skip (default 512)")
+    bench.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to decode, 0 = skip (default 128)")
+    bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs of each test (default 3)")
+    _add_compute_options(bench)
+    bench.add_argument("--debug", action="store_true")
+
     pull = sub.add_parser("pull", help="fetch a known model into the cache")
     pull.add_argument("model", nargs="?", default=None)
     pull.add_argument("--debug", action="store_true")
@@ -102,7 +117,7 @@ def _sampling_params(args: argparse.Namespace):
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = {"max_model_len": args.max_model_len}
+    kwargs = {"max_model_len": args.max_model_len, "dtype": args.dtype, "threads": args.threads}
     if args.kv_cache_memory:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
     return kwargs
@@ -209,6 +224,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cholla.bench import format_table, run_bench
+    from cholla.download import resolve_model
+
+    report = run_bench(resolve_model(args.model), args.n_prompt, args.n_gen, args.repetitions, args.dtype, args.threads)
+    print(format_table(report))
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from cholla.download import resolve_model
 
@@ -216,7 +240,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info, "pull": cmd_pull, "serve": cmd_serve, "chat": cmd_chat}
+COMMANDS = {"run": cmd_run, "info": cmd_info, "pull": cmd_pull, "serve": cmd_serve, "chat": cmd_chat, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,134 @@
+"""``cholla bench``: prompt processing and generation speed in llama-bench's terms.
+
+``pp512`` prefills a 512-token random prompt in one step and reports prompt
+tokens per second; ``tg128`` decodes 128 tokens for a single sequence and
+reports generated tokens per second. Each test runs ``repetitions`` times
+(after one short warm-up), reported as mean ± sample standard deviation, so
+the figures compare with llama.cpp's.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cholla.engine.engine import EngineConfig, LLMEngine
+from cholla.errors import InvalidRequestError
+from cholla.sampling.params import SamplingParams
+
+# Enough KV cache for a few thousand tokens of either real model; pages are only
+# resident once written, so a larger budget would not show in the peak RSS anyway.
+BENCH_KV_CACHE_MEMORY = 256 * 2**20
+
+
+@dataclass
+class BenchTest:
+    name: str  # "pp512", "tg128"
+    tokens_per_s: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.tokens_per_s)
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.tokens_per_s) if len(self.tokens_per_s) > 1 else 0.0
+
+
+@dataclass
+class BenchReport:
+    model: str
+    size_bytes: int
+    dtype: str
+    threads: int
+    tests: list[BenchTest] = field(default_factory=list)
+    peak_rss_bytes: int = 0
+
+
+def _random_prompt(length: int, vocab_size: int, generator: torch.Generator) -> list[int]:
+    return torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def time_prefill(engine: LLMEngine, prompt: list[int]) -> float:
+    """Prompt tokens per second for one prompt prefilled in one step (and its first token sampled)."""
+    engine.add_request(None, {"prompt_token_ids": prompt}, _greedy(1))
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return len(prompt) / (time.perf_counter() - start)
+
+
+def time_decode(engine: LLMEngine, first_token: int, num_tokens: int) -> float:
+    """Tokens per second over ``num_tokens`` single-sequence decode steps after a one-token prompt."""
+    engine.add_request(None, {"prompt_token_ids": [first_token]}, _greedy(num_tokens + 1))
+    engine.step()  # the one-token prompt: not a decode step
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return num_tokens / (time.perf_counter() - start)
+
+
+def run_bench(
+    model_path: str | Path,
+    n_prompt: int = 512,
+    n_gen: int = 128,
+    repetitions: int = 3,
+    dtype: str = "float32",
+    threads: int | None = None,
+    seed: int = 0,
+) -> BenchReport:
+    """Load the model once and run pp{n_prompt} then tg{n_gen}; a count of 0 skips that test."""
+    if repetitions < 1 or n_prompt < 0 or n_gen < 0 or not (n_prompt or n_gen):
+        raise InvalidRequestError("bench needs --repetitions >= 1 and a positive -p or -n")
+    path = Path(model_path)
+    config = EngineConfig(
+        max_model_len=max(n_prompt, n_gen + 1) + 1,
+        max_num_batched_tokens=max(n_prompt, 1),
+        kv_cache_memory=BENCH_KV_CACHE_MEMORY,
+        enable_prefix_caching=False,
+        dtype=dtype,
+        threads=threads,
+    )
+    engine = LLMEngine(path, config)
+    vocab_size = engine.model_config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    report = BenchReport(path.name, path.stat().st_size if path.is_file() else _folder_size(path),
+                         dtype, torch.get_num_threads())
+
+    time_prefill(engine, _random_prompt(min(n_prompt, 16) or 1, vocab_size, generator))  # warm-up
+    time_decode(engine, 0, 2)
+    if n_prompt:
+        rates = [time_prefill(engine, _random_prompt(n_prompt, vocab_size, generator)) for _ in range(repetitions)]
+        report.tests.append(BenchTest(f"pp{n_prompt}", rates))
+    if n_gen:
+        rates = [time_decode(engine, _random_prompt(1, vocab_size, generator)[0], n_gen) for _ in range(repetitions)]
+        report.tests.append(BenchTest(f"tg{n_gen}", rates))
+    report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return report
+
+
+def _folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def format_table(report: BenchReport) -> str:
+    """A markdown table in llama-bench's layout, then the peak RSS."""
+    size = f"{report.size_bytes / 2**20:.2f} MiB"
+    lines = ["| model | size | dtype | threads | test | t/s |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for test in report.tests:
+        lines.append(
+            f"| {report.model} | {size} | {report.dtype} | {report.threads} | {test.name} "
+            f"| {test.mean:.2f} ± {test.sd:.2f} |"
+        )
+    lines.append("")
+    lines.append(f"peak RSS: {report.peak_rss_bytes / 2**20:.0f} MiB")
+    return "\n".join(lines)

@@ -1,0 +1,32 @@
+"""``cholla bench`` runs end to end on the small model and prints llama-bench's table."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cholla.bench import BenchReport, BenchTest, format_table
+from cholla.cli import main
+
+
+def test_format_table_mean_and_sample_sd():
+    report = BenchReport("m.gguf", 3 * 2**20, "bfloat16", 2, [BenchTest("pp512", [10.0, 12.0, 14.0])], 500 * 2**20)
+    table = format_table(report)
+    assert "| m.gguf | 3.00 MiB | bfloat16 | 2 | pp512 | 12.00 ± 2.00 |" in table
+    assert table.splitlines()[-1] == "peak RSS: 500 MiB"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_cli_prints_the_table(smollm2_path, capsys, dtype):
+    assert main(["bench", str(smollm2_path), "-p", "8", "-n", "2", "-r", "2", "--threads", "1", "--dtype", dtype]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| model | size | dtype | threads | test | t/s |")
+    rows = re.findall(rf"\| SmolLM2-135M-Instruct\.Q4_1\.gguf \| [\d.]+ MiB \| {dtype} \| 1 \| (\w+) \| [\d.]+ ± [\d.]+ \|", out)
+    assert rows == ["pp8", "tg2"]
+    assert re.search(r"peak RSS: \d+ MiB", out)
+
+
+def test_bench_rejects_nothing_to_measure(smollm2_path, capsys):
+    assert main(["bench", str(smollm2_path), "-p", "0", "-n", "0"]) == 2
+    assert "bench needs" in capsys.readouterr().err
