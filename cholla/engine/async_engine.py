@@ -19,6 +19,8 @@ from cholla.sampling.params import SamplingParams
 
 log = logging.getLogger("cholla")
 
+SHUTDOWN_TIMEOUT_S = 120  # longer than any one step, even a long prefill on a busy machine
+
 
 class EngineDeadError(RuntimeError):
     """The background loop failed; the request cannot complete."""
@@ -45,7 +47,7 @@ class AsyncLLMEngine:
         Leaving the iteration early (a client hung up) aborts the request and frees its blocks.
         """
         text, token_ids = self.engine.tokenize_prompt(prompt)
-        self.check_request(token_ids, params)
+        self.engine.check_prompt(token_ids, params)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, outputs)
@@ -65,17 +67,24 @@ class AsyncLLMEngine:
             if remaining:
                 self.abort(request_id)
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise the engine's validation error now, so a server can answer 400 before it starts a stream."""
-        self.engine._check_prompt(prompt_token_ids, params)
-
     def abort(self, request_id: str) -> None:
         self._submit(lambda: self.engine.abort(request_id))
 
     def shutdown(self) -> None:
+        """Stop after the current step and end every request in flight.
+
+        Waits for the step to finish: a process that exits while the engine
+        thread is inside a torch kernel aborts instead of exiting cleanly.
+        """
         self._stopped = True
         self._wakeup.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=SHUTDOWN_TIMEOUT_S)
+        if self._thread.is_alive():
+            log.warning("the engine thread did not stop within %d s", SHUTDOWN_TIMEOUT_S)
+            return
+        for request_id in list(self.engine.states):
+            self._deliver(request_id, EngineDeadError("the server is shutting down"))
+            self.engine.abort(request_id)
 
     # -- the background thread -----------------------------------------------
 
@@ -93,7 +102,8 @@ class AsyncLLMEngine:
         stream = self._streams.get(request_id) or self._streams.get(request_id.rsplit("#", 1)[0])
         if stream is not None:
             loop, outputs = stream
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
+            if not loop.is_closed():  # the consumer's loop may be gone at shutdown
+                loop.call_soon_threadsafe(outputs.put_nowait, item)
 
     def _loop(self) -> None:
         while not self._stopped:

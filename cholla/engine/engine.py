@@ -135,7 +135,7 @@ class LLMEngine:
         """Queue a prompt; returns the ids of its ``params.n`` sequences."""
         request_id = request_id if request_id is not None else str(next(self._ids))
         text, token_ids = self.tokenize_prompt(prompt)
-        self._check_prompt(token_ids, params)
+        self.check_prompt(token_ids, params)
         ids = []
         for i in range(params.n):
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -151,7 +151,8 @@ class LLMEngine:
             ids.append(sub_id)
         return ids
 
-    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Raise the error a request would meet, before it is queued (servers answer 400 with it)."""
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
         params.verify_vocab(self.model_config.vocab_size)

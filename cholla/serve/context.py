@@ -113,7 +113,7 @@ class ServeContext:
         try:
             params = SamplingParams(max_tokens=max_tokens, **params_kwargs)
             for prompt in prompts:
-                engine.check_request(prompt["prompt_token_ids"], params)
+                engine.engine.check_prompt(prompt["prompt_token_ids"], params)
         except ChollaError as e:  # SamplingParams names the field first: "temperature must be ..."
             field = str(e).split(" ", 1)[0]
             raise APIError(400, str(e), param=field if field in {*params_kwargs, "max_tokens"} else None) from None
