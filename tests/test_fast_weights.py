@@ -28,10 +28,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 
 from cholla import LLM, SamplingParams
 from cholla.engine.runner import forward_once
-from cholla.formats.gguf import read_gguf
+from cholla.formats.gguf import GGUFTensor, read_gguf
 from cholla.layers.linear import PACKED_MAX_ROWS, Linear
 from cholla.quant import dequantize
 from cholla.quant.pack import INT4_TYPES, Int4Weight, Int8Weight, int4_groups
@@ -95,6 +96,41 @@ def test_packed_linear_matches_dequantized_matmul(real_tensors, rows):
         rtol = INT4_RTOL if tensor.qtype in INT4_TYPES or rows > PACKED_MAX_ROWS else INT8_RTOL
         error = (out - reference).abs().max().item() / reference.abs().max().item()
         assert error < rtol, f"{tensor.name} ({tensor.qtype.name}, {rows} rows): relative error {error:.4f}"
+
+
+@pytest.mark.parametrize("out_features, kind", [(80, Int4Weight), (100, Int8Weight)])
+def test_int4_needs_rows_in_tiles_of_16(out_features, kind):
+    """Random Q4_0 blocks (finite scales): 80 rows pack as int4, 100 fall back to int8."""
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (out_features * 2, 18), dtype=torch.uint8, generator=generator)
+    blocks[:, :2] = (torch.rand(out_features * 2, 1, generator=generator) * 0.1).half().view(torch.uint8)
+    tensor = GGUFTensor("w", GGMLQuantizationType.Q4_0, (out_features, 64), blocks.reshape(out_features, 36))
+    linear = Linear(64, out_features)
+    linear.load(tensor)
+    linear.pack()
+    assert isinstance(linear.packed, kind)
+    x = torch.randn(3, 64, generator=generator)
+    reference = F.linear(x, dequantize(tensor.data, tensor.qtype).reshape(tensor.shape))
+    rtol = INT4_RTOL if kind is Int4Weight else INT8_RTOL
+    assert (linear(x) - reference).abs().max() < rtol * reference.abs().max()
+
+
+@pytest.mark.parametrize("rows", [8, PACKED_MAX_ROWS + 8])
+def test_float_weights_of_a_safetensors_model_go_int8(tmp_path, rows):
+    """An HF folder's fp32 weights take the int8 path; logits stay within 3% of the
+    largest logit (measured 0.5-1.1% on this random tiny Llama)."""
+    transformers = pytest.importorskip("transformers")
+    from cholla.models.loader import load_model
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    reference, fast = load_model(tmp_path), load_model(tmp_path, "bfloat16")
+    assert isinstance(fast.model.layers[0].mlp.up_proj.packed, Int8Weight)
+    ids = torch.randint(0, config.vocab_size, (rows,)).tolist()
+    expected = forward_once(reference.model, ids)
+    assert (forward_once(fast.model, ids) - expected).abs().max() < 0.03 * expected.abs().max()
 
 
 @pytest.fixture(scope="module", params=["smollm2_path", "gemma3_path"])

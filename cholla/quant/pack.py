@@ -9,7 +9,7 @@ Two formats, chosen per GGUF type:
   unchanged and ``zero = offset + 8 * scale``. Only the scale and zero are
   rounded, to bfloat16 (the kernel's dtype), about 3 significant digits.
 - **int8, one scale per output row** (``_weight_int8pack_mm``) for every other
-  type: the weight is dequantized and re-quantized, ``q = round(w / s)`` with
+  type (and for 4-bit weights whose row count is not a multiple of 16): the weight is dequantized and re-quantized, ``q = round(w / s)`` with
   ``s = max|w_row| / 127``, an error of at most ``s / 2`` per weight. That is
   exact for no GGUF type (their scales change every 16-32 weights) but small
   next to their own rounding: measured in ``tests/test_fast_weights.py``.
@@ -35,6 +35,8 @@ T = GGMLQuantizationType
 
 INT4_GROUP_SIZE = 32
 INT4_TYPES: frozenset[GGMLQuantizationType] = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
+# The int4 kernel packs output rows in tiles of 16; other row counts go int8.
+INT4_ROW_MULTIPLE = 16
 # Dequantize at most this many weights at once while re-quantizing to int8.
 PACK_CHUNK_ELEMENTS = 8 * 1024 * 1024
 
@@ -127,6 +129,7 @@ def pack_weight(weight: torch.Tensor | GGUFTensor) -> PackedWeight:
         isinstance(weight, GGUFTensor)
         and weight.qtype in INT4_TYPES
         and in_features % INT4_GROUP_SIZE == 0
+        and out_features % INT4_ROW_MULTIPLE == 0
     ):
         return pack_int4(*int4_groups(weight))
     q = torch.empty(out_features, in_features, dtype=torch.int8)
