@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from cholla.models.gemma3 import Gemma3ForCausalLM
 from cholla.models.gguf_names import gguf_to_hf_name
 from cholla.models.registry import model_class
 from cholla.quant import check_supported
+
+log = logging.getLogger("cholla")
 
 # "float32": the reference path, every weight dequantized to fp32 before its matmul.
 # "bfloat16": Linear weights packed for PyTorch's weight-only kernels, matmuls in bf16.
@@ -56,9 +59,12 @@ def pack_linears(model: nn.Module) -> None:
     Embedding lookups keep dequantizing just the rows they need: that is exact
     and cheap, so only the matmuls change.
     """
+    packed_bytes = 0
     for module in model.modules():
         if isinstance(module, Linear):
             module.pack()
+            packed_bytes += module.packed.nbytes
+    log.info("bfloat16: packed the Linear weights into %.0f MiB", packed_bytes / 2**20)
 
 
 def _load_gguf(path: Path) -> LoadedModel:
