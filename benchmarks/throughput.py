@@ -66,11 +66,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--sequential-requests", type=int, default=4, help="how many to time one at a time")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     path = resolve_model(args.model)
-    llm = LLM(path, max_num_seqs=args.num_requests, max_model_len=args.prompt_len + args.max_tokens + 16)
+    llm = LLM(path, max_num_seqs=args.num_requests, max_model_len=args.prompt_len + args.max_tokens + 16,
+              dtype=args.dtype)
     prompts = random_prompts(args.num_requests, args.prompt_len, llm.engine.model_config.vocab_size, args.seed)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     run_cholla(llm, [prompts[0][:16]], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
@@ -98,7 +100,7 @@ def main() -> None:
 
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\n{path.name}: {args.num_requests} requests x ({args.prompt_len} in + {args.max_tokens} out), "
-          f"greedy, {torch.get_num_threads()} threads")
+          f"greedy, cholla dtype {args.dtype}, {torch.get_num_threads()} threads")
     print(f"| run | seconds | tokens | total tokens/s | vs one at a time |\n|---|---|---|---|---|")
     for name, s, t, rate in rows:
         print(f"| {name} | {s:.1f} | {t} | {rate:.1f} | {rate / sequential_rate:.2f}x |")
