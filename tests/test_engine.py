@@ -210,3 +210,43 @@ def test_64_mixed_prompts_batched_equal_alone(make_llm, mixed, setting):
     if setting == "tiny_kv_budget":
         assert llm.engine.metrics.preemptions > 0
     _assert_all_blocks_free(llm)
+
+
+def test_kv_cache_budget(monkeypatch):
+    from cholla.engine import engine as engine_module
+    from cholla.engine.engine import EngineConfig, _kv_cache_budget
+    from cholla.errors import InvalidRequestError
+
+    monkeypatch.setattr(engine_module, "_available_memory", lambda: 16 * 2**30)
+    assert _kv_cache_budget(EngineConfig()) == 2 * 2**30  # min(2 GiB, a quarter)
+    assert _kv_cache_budget(EngineConfig(kv_cache_fraction=0.5)) == 8 * 2**30
+    assert _kv_cache_budget(EngineConfig(kv_cache_memory=123, kv_cache_fraction=0.5)) == 123
+    monkeypatch.setattr(engine_module, "_available_memory", lambda: 4 * 2**30)
+    assert _kv_cache_budget(EngineConfig()) == 2**30
+    with pytest.raises(InvalidRequestError, match="kv_cache_fraction"):
+        _kv_cache_budget(EngineConfig(kv_cache_fraction=1.5))
+
+
+def test_async_engine_shutdown_ends_streams_and_frees_blocks(make_llm):
+    import asyncio
+
+    from cholla.engine.async_engine import AsyncLLMEngine, EngineDeadError
+
+    llm = make_llm()
+    engine = AsyncLLMEngine(llm.engine)
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+    async def main():
+        stream = engine.generate(PROMPTS[1], params, "long")
+        await stream.__anext__()  # generating
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineDeadError):
+            await engine.generate(PROMPTS[0], params, "late").__anext__()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=120))
+    assert not engine._thread.is_alive()
+    assert not llm.engine.has_unfinished_requests()
+    _assert_all_blocks_free(llm)

@@ -46,6 +46,8 @@ class AsyncLLMEngine:
         Validation errors (prompt too long, bad ids) raise here, before anything is queued.
         Leaving the iteration early (a client hung up) aborts the request and frees its blocks.
         """
+        if self._stopped:
+            raise EngineDeadError("the engine has shut down")
         text, token_ids = self.engine.tokenize_prompt(prompt)
         self.engine.check_prompt(token_ids, params)
         loop = asyncio.get_running_loop()
@@ -82,8 +84,10 @@ class AsyncLLMEngine:
         if self._thread.is_alive():
             log.warning("the engine thread did not stop within %d s", SHUTDOWN_TIMEOUT_S)
             return
+        # Every waiting stream ends, including one whose request was still in the command queue.
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineDeadError("the engine is shutting down"))
         for request_id in list(self.engine.states):
-            self._deliver(request_id, EngineDeadError("the server is shutting down"))
             self.engine.abort(request_id)
 
     # -- the background thread -----------------------------------------------
