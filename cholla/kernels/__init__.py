@@ -1,0 +1,53 @@
+"""Kernels of our own, in C++, compiled on first use and cached on disk.
+
+``qmatmul.cpp`` multiplies activations with weights still in their GGUF blocks
+on Intel AMX tiles (see its header). It needs a C++ compiler at first use and
+a CPU with AMX-BF16 and AVX512-BF16; ``amx_kernels()`` returns ``None``
+elsewhere, and the layers fall back to dequantizing with PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("cholla")
+
+SOURCE = Path(__file__).with_name("qmatmul.cpp")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma", "amx_tile", "amx_bf16")
+COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma"]
+COMPILER_FLAGS += ["-mamx-tile", "-mamx-bf16"]
+
+
+def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> set[str]:
+    try:
+        with open(cpuinfo_path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def amx_kernels():
+    """``torch.ops.cholla`` once built and AMX is granted; ``None`` where they cannot run."""
+    missing = [flag for flag in CPU_FLAGS if flag not in cpu_flags()]
+    if missing:
+        log.info("AMX kernels off: the CPU lacks %s", ", ".join(missing))
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="cholla_kernels", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS, is_python_module=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: fall back, never fail the model
+        log.warning("AMX kernels off: building %s failed (%s)", SOURCE.name, str(e).splitlines()[0] if str(e) else e)
+        return None
+    if not torch.ops.cholla.request_amx():
+        log.info("AMX kernels off: the kernel refused the AMX tile state (arch_prctl)")
+        return None
+    return torch.ops.cholla

@@ -1,0 +1,109 @@
+"""The AMX kernels (cholla/kernels/qmatmul.cpp) against gguf's own dequantizers.
+
+Weights are random GGUF blocks (random quants, finite random scales, see
+tests/test_quant.py). The reference rounds gguf's fp32 weights and the fp32
+activations to bfloat16, as the kernel does, and multiplies in float64, so the
+only difference left is the kernel's fp32 accumulation order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from cholla.kernels import amx_kernels
+from cholla.quant import bytes_per_block, elements_per_block
+from tests.test_quant import random_blocks
+
+T = GGMLQuantizationType
+KERNEL_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+
+kernels = amx_kernels()
+pytestmark = pytest.mark.skipif(kernels is None, reason="needs a CPU with AMX-BF16 and a C++ compiler")
+
+
+def random_weight(qtype: GGMLQuantizationType, rows: int, cols: int, seed: int = 0):
+    """uint8 blocks [rows, bytes per row] and gguf's fp32 dequantization [rows, cols]."""
+    per_row = cols // elements_per_block(qtype)
+    blocks = random_blocks(qtype, rows * per_row, seed).reshape(rows, per_row * bytes_per_block(qtype))
+    reference = torch.from_numpy(gguf_dequantize(blocks.reshape(-1), qtype).reshape(rows, cols).astype("float32"))
+    return torch.from_numpy(blocks), reference
+
+
+def bf16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x.bfloat16().double() @ w.bfloat16().double().T).float()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32 accumulation of bf16 products: error a few ulp of the largest partial sums."""
+    scale = expected.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=float(scale) * 2e-5)
+
+
+def assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32 products and sums: error a few fp32 ulp of the largest partial sums."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=float(expected.abs().max().clamp_min(1.0)) * 1e-6)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_gguf(qtype):
+    blocks, reference = random_weight(qtype, 40, 512)
+    got = kernels.dequantize_bf16(blocks, int(qtype), 512)
+    # Round-to-nearest-even of the fp32 value; fused multiply-adds may land one bf16 ulp off on a tie.
+    torch.testing.assert_close(got.float(), reference.bfloat16().float(), rtol=2**-8, atol=1e-30)
+    assert (got == reference.bfloat16()).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 100])
+def test_qmatmul_matches_reference(qtype, rows):
+    blocks, w = random_weight(qtype, 72, 768, seed=rows)  # 72 rows: two full 32-row jobs and a partial one
+    x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows))
+    assert_close(kernels.qmatmul(x, [blocks], [int(qtype)]), bf16_reference(x, w))
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_qgemv_is_exact_fp32(qtype, rows):
+    """The decode path never rounds to bfloat16: it matches gguf's fp32 weights to fp32 accuracy."""
+    blocks, w = random_weight(qtype, 40, 768, seed=rows)
+    x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows))
+    expected = (x.double() @ w.double().T).float()
+    assert_exact(kernels.qgemv(x, [blocks], [int(qtype)]), expected)
+
+
+def test_fused_weights_side_by_side():
+    """q, k and v of different types in one call equal three calls."""
+    parts = [random_weight(qtype, rows, 512, seed=i) for i, (qtype, rows) in enumerate([(T.Q5_0, 96), (T.Q5_0, 48), (T.Q8_0, 48)])]
+    x = torch.randn(7, 512)
+    got = kernels.qmatmul(x, [b for b, _ in parts], [int(T.Q5_0), int(T.Q5_0), int(T.Q8_0)])
+    assert got.shape == (7, 192)
+    assert_close(got, bf16_reference(x, torch.cat([w for _, w in parts])))
+    exact = kernels.qgemv(x, [b for b, _ in parts], [int(T.Q5_0), int(T.Q5_0), int(T.Q8_0)])
+    assert_exact(exact, (x.double() @ torch.cat([w for _, w in parts]).double().T).float())
+
+
+def test_large_batch_and_threads():
+    blocks, w = random_weight(T.Q4_K, 256, 1024)
+    x = torch.randn(300, 1024)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert_close(kernels.qmatmul(x, [blocks], [int(T.Q4_K)]), bf16_reference(x, w))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bad_input_is_an_error_not_a_crash():
+    blocks, _ = random_weight(T.Q4_0, 32, 256)
+    with pytest.raises(RuntimeError, match="does not hold rows"):
+        kernels.qmatmul(torch.randn(2, 512), [blocks], [int(T.Q4_0)])
+    with pytest.raises(RuntimeError, match="unsupported GGML type"):
+        kernels.qmatmul(torch.randn(2, 256), [blocks], [int(T.IQ4_NL)])
+    with pytest.raises(RuntimeError, match="fp32"):
+        kernels.qmatmul(torch.randn(2, 256).bfloat16(), [blocks], [int(T.Q4_0)])
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        kernels.qgemv(torch.randn(9, 256), [blocks], [int(T.Q4_0)])
