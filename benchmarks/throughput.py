@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--sequential-requests", type=int, default=4, help="how many to time one at a time")
     parser.add_argument("--no-transformers", action="store_true")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

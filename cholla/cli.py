@@ -27,8 +27,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_compute_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="float32: exact reference (default); bfloat16: packed weights, faster, logits within ~1-2")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto (default): bfloat16 where cholla's AMX kernels run, else float32; "
+                        "float32: fp32 matmuls, the reference; bfloat16: batches multiply in bf16, faster")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: one per physical core)")
 
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens to prefill, 0 = skip (default 512)")
     bench.add_argument("-n", "--n-gen", type=int, default=128, help="tokens to decode, 0 = skip (default 128)")
     bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs of each test (default 3)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     _add_compute_options(bench)
     bench.add_argument("--debug", action="store_true")
 
@@ -225,11 +227,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cholla.bench import format_table, run_bench
+    from cholla.bench import format_table, report_dict, run_bench
     from cholla.download import resolve_model
 
     report = run_bench(resolve_model(args.model), args.n_prompt, args.n_gen, args.repetitions, args.dtype, args.threads)
-    print(format_table(report))
+    print(json.dumps(report_dict(report)) if args.json else format_table(report))
     return 0
 
 

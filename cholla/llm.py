@@ -22,8 +22,9 @@ class LLM:
 
     Keyword arguments are ``EngineConfig`` fields: ``max_model_len``,
     ``max_num_seqs``, ``max_num_batched_tokens``, ``kv_cache_memory``,
-    ``block_size``, ``enable_prefix_caching``, ``dtype`` (``"float32"``, the
-    reference, or ``"bfloat16"``: packed weights, faster), ``threads``.
+    ``block_size``, ``enable_prefix_caching``, ``dtype`` (``"auto"``, the
+    default: ``"bfloat16"`` where cholla's AMX kernels run, else ``"float32"``,
+    the reference), ``threads``.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs: Any):

@@ -32,13 +32,16 @@ from gguf import GGMLQuantizationType
 
 from cholla import LLM, SamplingParams
 from cholla.engine.runner import forward_once
-from cholla.formats.gguf import GGUFTensor, read_gguf
-from cholla.layers.linear import PACKED_MAX_ROWS, Linear
+from cholla.formats.gguf import read_gguf
+from cholla.kernels import amx_kernels
+from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, Linear, linear_group
 from cholla.quant import dequantize
-from cholla.quant.pack import INT4_TYPES, Int4Weight, Int8Weight, int4_groups
 
-INT4_RTOL = 0.01
-INT8_RTOL = 0.05
+pytestmark = pytest.mark.skipif(amx_kernels() is None, reason="needs a CPU with AMX-BF16 and a C++ compiler")
+
+# bf16 rounding of weights and activations, fp32 sums, relative to the largest
+# output: measured up to 1.1% (Gemma's Q6_K ffn_down, one random row).
+BF16_RTOL = 0.02
 # Largest final-logit difference allowed vs the fp32 reference: about 2x the measured.
 LOGIT_ATOL = {"smollm2_path": 1.0, "gemma3_path": 2.0}
 # A greedy divergence (or a different top token) is accepted only where the
@@ -50,6 +53,8 @@ PROMPTS = [
     "The history of the printing press begins",
     "Name three uses of copper and explain one.",
 ]
+# One step size per path: the fp32 GEMV, AMX tiles, dequantize + oneDNN.
+ROWS = [1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, AMX_MAX_ROWS, AMX_MAX_ROWS + 1]
 
 
 def _tensors_by_type(path):
@@ -66,59 +71,57 @@ def real_tensors(request):
     return _tensors_by_type(request.getfixturevalue(request.param))
 
 
-def test_int4_groups_reconstruct_the_gguf_weights_exactly(real_tensors):
-    checked = 0
-    for tensor in real_tensors:
-        if tensor.qtype not in INT4_TYPES:
-            continue
-        q, scale, zero = int4_groups(tensor)
-        rebuilt = (q.float() - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1)
-        expected = dequantize(tensor.data, tensor.qtype).reshape(tensor.shape)
-        torch.testing.assert_close(rebuilt, expected, rtol=0, atol=0)
-        checked += 1
-    assert checked
-
-
-@pytest.mark.parametrize("rows", [1, 4, PACKED_MAX_ROWS + 8])
-def test_packed_linear_matches_dequantized_matmul(real_tensors, rows):
-    """Decode-sized steps go through the packed kernels, larger ones through dense bf16."""
-    generator = torch.Generator().manual_seed(0)
-    for tensor in real_tensors:
-        linear = Linear(tensor.shape[1], tensor.shape[0])
-        linear.load(tensor)
-        linear.pack()
-        expected_kind = Int4Weight if tensor.qtype in INT4_TYPES else Int8Weight
-        assert isinstance(linear.packed, expected_kind)
-        x = torch.randn(rows, tensor.shape[1], generator=generator)
-        reference = F.linear(x, dequantize(tensor.data, tensor.qtype).reshape(tensor.shape))
-        out = linear(x)
-        assert out.dtype == torch.float32 and out.shape == reference.shape
-        rtol = INT4_RTOL if tensor.qtype in INT4_TYPES or rows > PACKED_MAX_ROWS else INT8_RTOL
-        error = (out - reference).abs().max().item() / reference.abs().max().item()
-        assert error < rtol, f"{tensor.name} ({tensor.qtype.name}, {rows} rows): relative error {error:.4f}"
-
-
-@pytest.mark.parametrize("out_features, kind", [(80, Int4Weight), (100, Int8Weight)])
-def test_int4_needs_rows_in_tiles_of_16(out_features, kind):
-    """Random Q4_0 blocks (finite scales): 80 rows pack as int4, 100 fall back to int8."""
-    generator = torch.Generator().manual_seed(0)
-    blocks = torch.randint(0, 256, (out_features * 2, 18), dtype=torch.uint8, generator=generator)
-    blocks[:, :2] = (torch.rand(out_features * 2, 1, generator=generator) * 0.1).half().view(torch.uint8)
-    tensor = GGUFTensor("w", GGMLQuantizationType.Q4_0, (out_features, 64), blocks.reshape(out_features, 36))
-    linear = Linear(64, out_features)
+def _linear(tensor, dtype) -> Linear:
+    linear = Linear(tensor.shape[1], tensor.shape[0])
     linear.load(tensor)
-    linear.pack()
-    assert isinstance(linear.packed, kind)
-    x = torch.randn(3, 64, generator=generator)
-    reference = F.linear(x, dequantize(tensor.data, tensor.qtype).reshape(tensor.shape))
-    rtol = INT4_RTOL if kind is Int4Weight else INT8_RTOL
-    assert (linear(x) - reference).abs().max() < rtol * reference.abs().max()
+    linear.compute_dtype = dtype
+    return linear
 
 
-@pytest.mark.parametrize("rows", [8, PACKED_MAX_ROWS + 8])
-def test_float_weights_of_a_safetensors_model_go_int8(tmp_path, rows):
-    """An HF folder's fp32 weights take the int8 path; logits stay within 3% of the
-    largest logit (measured 0.5-1.1% on this random tiny Llama)."""
+@pytest.mark.parametrize("rows", ROWS)
+def test_every_path_matches_the_dequantized_matmul(real_tensors, rows):
+    """Each real tensor type and shape of both models, through each kernel path."""
+    generator = torch.Generator().manual_seed(rows)
+    for tensor in real_tensors:
+        x = torch.randn(rows, tensor.shape[1], generator=generator)
+        reference = F.linear(x.double(), dequantize(tensor.data, tensor.qtype).reshape(tensor.shape).double())
+        for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, BF16_RTOL)):
+            out = _linear(tensor, dtype)(x)
+            assert out.dtype == torch.float32 and out.shape == reference.shape
+            error = (out - reference).abs().max().item() / reference.abs().max().item()
+            assert error < rtol, f"{tensor.name} ({tensor.qtype.name}, {rows} rows, {dtype}): relative error {error:.2e}"
+
+
+def test_bf16_results_do_not_depend_on_the_batch(real_tensors):
+    """A row's output is the same alone, in a decode batch and on AMX tiles. (Prefill-sized
+    steps go through oneDNN, whose bf16 matmul also rounds its output to bf16.)"""
+    generator = torch.Generator().manual_seed(0)
+    for tensor in real_tensors[:4]:
+        linear = _linear(tensor, torch.bfloat16)
+        x = torch.randn(AMX_MAX_ROWS, tensor.shape[1], generator=generator)
+        alone = linear(x[:1])
+        for rows in (GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, AMX_MAX_ROWS):
+            batched = linear(x[:rows])[:1]
+            torch.testing.assert_close(batched, alone, rtol=0, atol=float(alone.abs().max()) * 1e-5)
+
+
+def test_grouped_projections_equal_separate_ones(real_tensors):
+    generator = torch.Generator().manual_seed(0)
+    by_width: dict[int, list] = {}
+    for tensor in real_tensors:
+        by_width.setdefault(tensor.shape[1], []).append(tensor)
+    for tensors in by_width.values():
+        layers = [_linear(t, torch.bfloat16) for t in tensors[:3]]
+        for rows in (1, 20):
+            x = torch.randn(rows, tensors[0].shape[1], generator=generator)
+            for grouped, layer in zip(linear_group(layers, x), layers):
+                torch.testing.assert_close(grouped, layer(x), rtol=0, atol=float(grouped.abs().max()) * 1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, AMX_MAX_ROWS + 1])
+def test_float_weights_of_a_safetensors_model(tmp_path, rows):
+    """An HF folder's fp32 weights go through the same kernels; logits stay within
+    1% of the largest logit of the fp32 path (measured 0.1-0.3% on this random tiny Llama)."""
     transformers = pytest.importorskip("transformers")
     from cholla.models.loader import load_model
 
@@ -126,11 +129,17 @@ def test_float_weights_of_a_safetensors_model_go_int8(tmp_path, rows):
     config = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
-    reference, fast = load_model(tmp_path), load_model(tmp_path, "bfloat16")
-    assert isinstance(fast.model.layers[0].mlp.up_proj.packed, Int8Weight)
+    reference, fast = load_model(tmp_path, "float32"), load_model(tmp_path, "bfloat16")
+    assert fast.model.layers[0].mlp.up_proj.kernel_weight is not None
     ids = torch.randint(0, config.vocab_size, (rows,)).tolist()
     expected = forward_once(reference.model, ids)
-    assert (forward_once(fast.model, ids) - expected).abs().max() < 0.03 * expected.abs().max()
+    assert (forward_once(fast.model, ids) - expected).abs().max() < 0.01 * expected.abs().max()
+
+
+def test_auto_is_bfloat16_where_the_kernels_run(smollm2_path):
+    from cholla.models.loader import load_model
+
+    assert load_model(smollm2_path).dtype == "bfloat16"
 
 
 @pytest.fixture(scope="module", params=["smollm2_path", "gemma3_path"])

@@ -33,6 +33,7 @@ def random_weight(qtype: GGMLQuantizationType, rows: int, cols: int, seed: int =
 
 
 def bf16_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Products of bf16-rounded inputs, summed exactly."""
     return (x.bfloat16().double() @ w.bfloat16().double().T).float()
 
 
@@ -67,11 +68,13 @@ def test_qmatmul_matches_reference(qtype, rows):
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_qgemv_is_exact_fp32(qtype, rows):
-    """The decode path never rounds to bfloat16: it matches gguf's fp32 weights to fp32 accuracy."""
+    """The decode path matches gguf's fp32 weights to fp32 accuracy."""
     blocks, w = random_weight(qtype, 40, 768, seed=rows)
     x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows))
     expected = (x.double() @ w.double().T).float()
-    assert_exact(kernels.qgemv(x, [blocks], [int(qtype)]), expected)
+    assert_exact(kernels.qgemv(x, [blocks], [int(qtype)], False), expected)
+    # Rounding to bf16 first: the AMX path's sums, so batch size does not change results.
+    assert_exact(kernels.qgemv(x, [blocks], [int(qtype)], True), bf16_reference(x, w))
 
 
 def test_fused_weights_side_by_side():
@@ -81,7 +84,7 @@ def test_fused_weights_side_by_side():
     got = kernels.qmatmul(x, [b for b, _ in parts], [int(T.Q5_0), int(T.Q5_0), int(T.Q8_0)])
     assert got.shape == (7, 192)
     assert_close(got, bf16_reference(x, torch.cat([w for _, w in parts])))
-    exact = kernels.qgemv(x, [b for b, _ in parts], [int(T.Q5_0), int(T.Q5_0), int(T.Q8_0)])
+    exact = kernels.qgemv(x, [b for b, _ in parts], [int(T.Q5_0), int(T.Q5_0), int(T.Q8_0)], False)
     assert_exact(exact, (x.double() @ torch.cat([w for _, w in parts]).double().T).float())
 
 
@@ -106,4 +109,32 @@ def test_bad_input_is_an_error_not_a_crash():
     with pytest.raises(RuntimeError, match="fp32"):
         kernels.qmatmul(torch.randn(2, 256).bfloat16(), [blocks], [int(T.Q4_0)])
     with pytest.raises(RuntimeError, match="at most 8 rows"):
-        kernels.qgemv(torch.randn(9, 256), [blocks], [int(T.Q4_0)])
+        kernels.qgemv(torch.randn(9, 256), [blocks], [int(T.Q4_0)], False)
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 1, 256), (2, 2, 40)])
+@pytest.mark.parametrize("window, softcap", [(None, None), (5, None), (None, 30.0), (20, 50.0)])
+def test_paged_attention_decode_matches_the_torch_path(heads, kv_heads, dim, window, softcap):
+    """Scattered blocks, ragged contexts (1 token to several blocks), windows, softcaps, GQA."""
+    from cholla.layers.attention import decode_attention
+
+    generator = torch.Generator().manual_seed(heads * dim)
+    num_blocks, block_size = 40, 16
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator)
+    context_lens = torch.tensor([1, 16, 17, 100, 33])
+    block_tables = torch.randperm(num_blocks, generator=generator)[: 5 * 7].reshape(5, 7)
+    q = torch.randn(5, heads, dim, generator=generator)
+    scale = dim**-0.5
+    expected = decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
+    got = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0, softcap or 0.0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_rejects_bad_tables():
+    k_cache = torch.zeros(4, 16, 1, 64)
+    q = torch.zeros(1, 2, 64)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        kernels.paged_attention_decode(q, k_cache, k_cache, torch.tensor([[7]]), torch.tensor([3]), 1.0, 0, 0.0)
+    with pytest.raises(RuntimeError, match="bad context length"):
+        kernels.paged_attention_decode(q, k_cache, k_cache, torch.tensor([[0]]), torch.tensor([17]), 1.0, 0, 0.0)

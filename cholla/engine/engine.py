@@ -18,7 +18,7 @@ from cholla.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from cholla.errors import ContextLengthError, InvalidRequestError
 from cholla.kv.block_manager import BlockManager
 from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, bytes_per_block
-from cholla.models.loader import LoadedModel, load_model
+from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
 from cholla.threads import set_threads
@@ -39,7 +39,7 @@ class EngineConfig:
     kv_cache_fraction: float | None = None  # of the RAM available at start; default: min(2 GiB, 1/4)
     block_size: int = DEFAULT_BLOCK_SIZE
     enable_prefix_caching: bool = True
-    dtype: str = "float32"  # "bfloat16": packed weights and bf16 matmuls (cholla.models.loader.DTYPES)
+    dtype: str = "auto"  # "float32", "bfloat16" or "auto" (cholla.models.loader.DTYPES)
     threads: int | None = None  # torch threads; default one per physical core
 
 
@@ -84,7 +84,7 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         set_threads(config.threads)
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
-        if self.loaded.dtype != config.dtype:
+        if config.dtype != "auto" and self.loaded.dtype != resolve_dtype(config.dtype):
             raise InvalidRequestError(
                 f"the model was loaded with dtype {self.loaded.dtype} but the engine asks for {config.dtype}; "
                 "load it again with load_model(path, dtype)"

@@ -1,9 +1,11 @@
 """Kernels of our own, in C++, compiled on first use and cached on disk.
 
 ``qmatmul.cpp`` multiplies activations with weights still in their GGUF blocks
-on Intel AMX tiles (see its header). It needs a C++ compiler at first use and
-a CPU with AMX-BF16 and AVX512-BF16; ``amx_kernels()`` returns ``None``
-elsewhere, and the layers fall back to dequantizing with PyTorch ops.
+(AVX-512 for decode, Intel AMX tiles for batches; see its header), and
+``paged_attention.cpp`` attends decode tokens straight from the paged KV
+cache. They need a C++ compiler at first use and a CPU with AMX-BF16 and
+AVX512-BF16; ``amx_kernels()`` returns ``None`` elsewhere, and the layers fall
+back to PyTorch ops.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 log = logging.getLogger("cholla")
 
-SOURCE = Path(__file__).with_name("qmatmul.cpp")
+SOURCES = [str(Path(__file__).with_name(name)) for name in ("qmatmul.cpp", "paged_attention.cpp")]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma", "amx_tile", "amx_bf16")
 COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma"]
 COMPILER_FLAGS += ["-mamx-tile", "-mamx-bf16"]
@@ -43,9 +45,9 @@ def amx_kernels():
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="cholla_kernels", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS, is_python_module=False)
+        load(name="cholla_kernels", sources=SOURCES, extra_cflags=COMPILER_FLAGS, is_python_module=False)
     except Exception as e:  # no compiler, no ninja, a failed build: fall back, never fail the model
-        log.warning("AMX kernels off: building %s failed (%s)", SOURCE.name, str(e).splitlines()[0] if str(e) else e)
+        log.warning("AMX kernels off: building them failed (%s)", str(e).splitlines()[0] if str(e) else e)
         return None
     if not torch.ops.cholla.request_amx():
         log.info("AMX kernels off: the kernel refused the AMX tile state (arch_prctl)")

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cholla.layers.linear import Linear
+from cholla.kernels import amx_kernels
+from cholla.layers.linear import Linear, linear_group
 from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
 
@@ -90,17 +91,32 @@ def paged_attention(
     num_decodes = len(meta.context_lens) - meta.num_prefills
     if num_decodes:
         first = starts[meta.num_prefills]
-        ctx = meta.decode_context_lens  # [decodes]
-        max_ctx = int(ctx.max())
-        tables = meta.block_tables[meta.num_prefills :, : (max_ctx + block_size - 1) // block_size]
-        keys = k_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2).to(q.dtype)
-        values = v_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2).to(q.dtype)
-        k_pos = torch.arange(max_ctx)[None, :]
-        q_pos = (ctx - 1)[:, None]
-        mask = _allowed(q_pos, k_pos, window)[:, None, None, :]  # [decodes, 1, 1, max_ctx]
-        queries = q[first:].unsqueeze(2)  # [decodes, heads, 1, dim]
-        out[first:] = _attend(queries, keys, values, mask, scale, softcap).squeeze(2)
+        tables = meta.block_tables[meta.num_prefills :]
+        kernels = amx_kernels()
+        if kernels is not None and q.dtype == k_cache.dtype == torch.float32:
+            out[first:] = kernels.paged_attention_decode(
+                q[first:], k_cache, v_cache, tables, meta.decode_context_lens, scale, window or 0, softcap or 0.0
+            )
+        else:
+            out[first:] = decode_attention(q[first:], k_cache, v_cache, tables, meta.decode_context_lens, scale, window, softcap)
     return out
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None) -> torch.Tensor:
+    """One new token per sequence, in PyTorch ops: q [decodes, heads, dim] -> [decodes, heads, dim].
+
+    Gathers each sequence's blocks into one padded tensor and masks the padding;
+    ``cholla.kernels`` does the same without the copies where it runs.
+    """
+    block_size = k_cache.shape[1]
+    max_ctx = int(context_lens.max())
+    tables = block_tables[:, : (max_ctx + block_size - 1) // block_size]
+    keys = k_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2).to(q.dtype)
+    values = v_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2).to(q.dtype)
+    k_pos = torch.arange(max_ctx)[None, :]
+    q_pos = (context_lens - 1)[:, None]
+    mask = _allowed(q_pos, k_pos, window)[:, None, None, :]  # [decodes, 1, 1, max_ctx]
+    return _attend(q.unsqueeze(2), keys, values, mask, scale, softcap).squeeze(2)
 
 
 class Attention(nn.Module):
@@ -132,9 +148,10 @@ class Attention(nn.Module):
     def forward(self, x, positions, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         """x: [tokens, hidden] -> [tokens, hidden]."""
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = linear_group((self.q_proj, self.k_proj, self.v_proj), x)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)

@@ -1,36 +1,62 @@
 """Linear layers and embeddings over weights that stay quantized in memory.
 
 A weight is either a plain tensor (SafeTensors, F32 GGUF tensors) or a
-``GGUFTensor`` whose blocks are a view over the memory-mapped file. Quantized
-weights are dequantized just before use, a slab of rows at a time, so the
-model never holds an fp32 copy of itself and the temporary stays small.
+``GGUFTensor`` whose blocks are a view over the memory-mapped file. No layer
+ever holds a dequantized copy of its weight. Where our kernels
+(``cholla.kernels``) run, a matmul reads the blocks directly:
 
-``Linear.pack()`` switches a layer to the ``bfloat16`` path: the weight is also
-packed for PyTorch's weight-only kernels (``cholla.quant.pack``), which serve
-steps of at most ``PACKED_MAX_ROWS`` rows (decode); larger steps (prefill)
-dequantize slabs to bfloat16 and use the dense matmul (oneDNN, AMX), which is
-10x faster per row there. Inputs and outputs stay fp32 either way.
+- steps of at most ``GEMV_MAX_ROWS`` rows (decode) use ``qgemv``: the weight
+  is dequantized in registers and multiplied by fp32 FMAs;
+- with ``compute_dtype`` bfloat16, steps of up to ``AMX_MAX_ROWS`` rows use
+  ``qmatmul`` (AMX tiles), and larger steps (prefill) dequantize the weight to
+  bf16 for one dense oneDNN matmul, which is faster per row there than ours.
+
+In bfloat16, every path rounds weights and activations to bf16 and sums the
+(exact) products in fp32, ``qgemv`` included, so in decode steps a sequence's
+logits do not depend on how many sequences share the step beyond fp32
+summation order. (oneDNN's bf16 matmul also rounds its output to bf16, so a
+row in a prefill-sized step can differ by that rounding.)
+
+Elsewhere, and for the float32 path's larger steps, the weight is dequantized
+to the activations' dtype a slab of rows at a time (the reference path).
+Projections that read the same input (q, k, v; gate, up) go through
+``linear_group`` as one kernel call. Inputs and outputs are fp32 throughout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from cholla.formats.gguf import GGUFTensor
+from cholla.kernels import amx_kernels
 from cholla.quant import dequantize
-from cholla.quant.pack import PackedWeight, pack_weight
 
 Weight = torch.Tensor | GGUFTensor
 
 # Dequantize at most this many weights at once (8M fp32 = 32 MiB of scratch).
 DEQUANT_CHUNK_ELEMENTS = 8 * 1024 * 1024
 
-# Rows at which the packed kernels stop paying off. Their cost grows linearly with
-# rows (about 11 us per row for 1536x576, 2 threads), while dequantizing a slab to
-# bfloat16 (~500 us) plus a dense bfloat16 matmul barely grows: they cross near 48.
-PACKED_MAX_ROWS = 32
+# Row counts where each kernel stops paying off (SmolLM2 and Gemma 3 shapes, 2
+# threads; docs/benchmarks.md): the fp32 GEMV's cost grows with rows, our AMX
+# tiles' barely until they lose to oneDNN's dense bf16 matmul.
+GEMV_MAX_ROWS = 8
+AMX_MAX_ROWS = 64
+
+# GGUF types (and plain tensor dtypes) the kernels read directly.
+KERNEL_TYPES = frozenset(
+    GGMLQuantizationType[name]
+    for name in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+)
+TENSOR_TYPES = {
+    torch.float32: GGMLQuantizationType.F32,
+    torch.float16: GGMLQuantizationType.F16,
+    torch.bfloat16: GGMLQuantizationType.BF16,
+}
 
 
 def weight_shape(weight: Weight) -> tuple[int, ...]:
@@ -52,6 +78,19 @@ def dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
     return dequantize(weight.data, weight.qtype, dtype).reshape(weight.shape)
 
 
+def kernel_view(weight: Weight) -> tuple[torch.Tensor, int] | None:
+    """The weight as (uint8 rows, GGML type id) for the kernels, or None where they cannot read it."""
+    if amx_kernels() is None or len(weight.shape) != 2 or weight.shape[1] % 32:
+        return None
+    if isinstance(weight, GGUFTensor):
+        if weight.qtype not in KERNEL_TYPES:
+            return None
+        return weight.data, int(weight.qtype)
+    if weight.dtype not in TENSOR_TYPES:
+        return None
+    return weight.contiguous().view(torch.uint8), int(TENSOR_TYPES[weight.dtype])
+
+
 class Linear(nn.Module):
     """``y = x W^T + b`` with ``W: [out, in]`` kept as loaded (quantized or not)."""
 
@@ -61,50 +100,65 @@ class Linear(nn.Module):
         self.weight: Weight | None = None
         self.bias: torch.Tensor | None = None
         self.has_bias = bias
-        self.packed: PackedWeight | None = None
+        self.compute_dtype = torch.float32
+        self.kernel_weight: tuple[torch.Tensor, int] | None = None
 
     def load(self, weight: Weight, bias: torch.Tensor | None = None) -> None:
         if weight_shape(weight) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {weight_shape(weight)} != {(self.out_features, self.in_features)}")
         self.weight = weight
+        self.kernel_weight = kernel_view(weight)
         if bias is not None:
             self.bias = bias.float()
 
-    def pack(self) -> None:
-        """Compute in bfloat16 from now on, with the weight packed for the weight-only kernels."""
-        self.packed = pack_weight(self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, in] -> [tokens, out], in x's dtype."""
-        if self.packed is not None:
-            return self._forward_bf16(x)
-        return self._forward(x)
+        """x: [..., in] -> [..., out], fp32."""
+        return linear_group((self,), x)[0]
 
-    def _forward_bf16(self, x: torch.Tensor) -> torch.Tensor:
-        x16 = x.to(torch.bfloat16)
-        rows = x16.reshape(-1, self.in_features)
-        if rows.shape[0] <= PACKED_MAX_ROWS:
-            out = self.packed.matmul(rows).reshape(*x.shape[:-1], self.out_features)
-        else:
-            out = self._forward(x16, with_bias=False)
-        out = out.to(x.dtype)
-        return out if self.bias is None else out + self.bias
-
-    def _forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        """The dense path: the weight dequantized to x's dtype a slab at a time."""
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference path: the weight dequantized to x's dtype a slab at a time; no bias."""
         w = self.weight
-        own_bias = self.bias if with_bias else None
         if isinstance(w, torch.Tensor):
-            return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), own_bias)
+            return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
         rows_per_chunk = max(1, DEQUANT_CHUNK_ELEMENTS // self.in_features)
         if rows_per_chunk >= self.out_features:
-            return F.linear(x, dequantize_rows(w, slice(None), x.dtype), own_bias)
+            return F.linear(x, dequantize_rows(w, slice(None), x.dtype))
         out = x.new_empty(*x.shape[:-1], self.out_features)
         for start in range(0, self.out_features, rows_per_chunk):
             stop = min(start + rows_per_chunk, self.out_features)
-            bias = None if own_bias is None else own_bias[start:stop]
-            out[..., start:stop] = F.linear(x, dequantize_rows(w, slice(start, stop), x.dtype), bias)
+            out[..., start:stop] = F.linear(x, dequantize_rows(w, slice(start, stop), x.dtype))
         return out
+
+
+def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear]) -> torch.Tensor | None:
+    """x: fp32 [rows, in] times every layer's weight, side by side; None where no kernel serves."""
+    if any(layer.kernel_weight is None for layer in layers):
+        return None
+    weights = [layer.kernel_weight[0] for layer in layers]
+    types = [layer.kernel_weight[1] for layer in layers]
+    kernels, rows, bf16 = amx_kernels(), x.shape[0], layers[0].compute_dtype == torch.bfloat16
+    if rows <= GEMV_MAX_ROWS:
+        return kernels.qgemv(x, weights, types, bf16)
+    if not bf16:
+        return None
+    if rows <= AMX_MAX_ROWS:
+        return kernels.qmatmul(x, weights, types)
+    dense = [kernels.dequantize_bf16(w, t, x.shape[1]) for w, t in zip(weights, types)]
+    return F.linear(x.to(torch.bfloat16), dense[0] if len(dense) == 1 else torch.cat(dense)).float()
+
+
+def linear_group(layers: Sequence[Linear], x: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer applied to the same x ([..., in] -> [..., out_i]), in one kernel call where possible."""
+    rows = x.reshape(-1, layers[0].in_features)
+    fused = _kernel_matmul(rows.float(), layers)
+    if fused is not None:
+        outs = fused.split([layer.out_features for layer in layers], dim=1) if len(layers) > 1 else [fused]
+    else:
+        outs = [layer.dense_forward(rows.to(layer.compute_dtype)).float() for layer in layers]
+    return [
+        (out if layer.bias is None else out + layer.bias).reshape(*x.shape[:-1], layer.out_features)
+        for layer, out in zip(layers, outs)
+    ]
 
 
 class Embedding(nn.Module):

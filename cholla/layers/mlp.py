@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cholla.layers.linear import Linear
+from cholla.layers.linear import Linear, linear_group
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -26,4 +26,5 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_group((self.gate_proj, self.up_proj), x)
+        return self.down_proj(self.act(gate) * up)

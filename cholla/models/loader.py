@@ -12,6 +12,7 @@ from torch import nn
 from cholla.errors import InvalidRequestError, ModelFormatError, ModelNotFoundError
 from cholla.formats.gguf import GGUFFile, read_gguf
 from cholla.formats.safetensors import read_hf_folder
+from cholla.kernels import amx_kernels
 from cholla.layers.linear import Linear, dense
 from cholla.models.config import ModelConfig, config_from_gguf, config_from_hf
 from cholla.models.gemma3 import Gemma3ForCausalLM
@@ -21,9 +22,19 @@ from cholla.quant import check_supported
 
 log = logging.getLogger("cholla")
 
-# "float32": the reference path, every weight dequantized to fp32 before its matmul.
-# "bfloat16": Linear weights packed for PyTorch's weight-only kernels, matmuls in bf16.
-DTYPES = ("float32", "bfloat16")
+# "float32": fp32 matmuls only (decode steps through the exact fp32 kernel, larger
+#   steps dequantize to fp32): the reference path.
+# "bfloat16": steps of more than a few rows multiply in bf16 (AMX tiles, oneDNN).
+# "auto": bfloat16 where our AMX kernels run, float32 elsewhere.
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        return "bfloat16" if amx_kernels() is not None else "float32"
+    return dtype
 
 
 @dataclass
@@ -36,10 +47,9 @@ class LoadedModel:
     dtype: str = "float32"
 
 
-def load_model(path: str | Path, dtype: str = "float32") -> LoadedModel:
+def load_model(path: str | Path, dtype: str = "auto") -> LoadedModel:
     """Load a GGUF file or an HF folder; ``dtype`` is one of ``DTYPES``."""
-    if dtype not in DTYPES:
-        raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = resolve_dtype(dtype)
     path = Path(path)
     if path.is_dir():
         loaded = _load_hf(path)
@@ -48,23 +58,11 @@ def load_model(path: str | Path, dtype: str = "float32") -> LoadedModel:
     else:
         loaded = _load_gguf(path)
     if dtype == "bfloat16":
-        pack_linears(loaded.model)
-        loaded.dtype = dtype
+        for module in loaded.model.modules():
+            if isinstance(module, Linear):
+                module.compute_dtype = torch.bfloat16
+    loaded.dtype = dtype
     return loaded
-
-
-def pack_linears(model: nn.Module) -> None:
-    """Switch every Linear (the output head included) to packed weights and bf16 matmuls.
-
-    Embedding lookups keep dequantizing just the rows they need: that is exact
-    and cheap, so only the matmuls change.
-    """
-    packed_bytes = 0
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.pack()
-            packed_bytes += module.packed.nbytes
-    log.info("bfloat16: packed the Linear weights into %.0f MiB", packed_bytes / 2**20)
 
 
 def _load_gguf(path: Path) -> LoadedModel:
