@@ -120,6 +120,18 @@ def _folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def report_dict(report: BenchReport) -> dict:
+    """The report as plain data (``cholla bench --json``), for scripts such as benchmarks/compare.py."""
+    return {
+        "model": report.model,
+        "size_bytes": report.size_bytes,
+        "dtype": report.dtype,
+        "threads": report.threads,
+        "tests": [{"name": t.name, "tokens_per_s": t.tokens_per_s, "mean": t.mean, "sd": t.sd} for t in report.tests],
+        "peak_rss_bytes": report.peak_rss_bytes,
+    }
+
+
 def format_table(report: BenchReport) -> str:
     """A markdown table in llama-bench's layout, then the peak RSS."""
     size = f"{report.size_bytes / 2**20:.2f} MiB"
