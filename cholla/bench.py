@@ -24,6 +24,7 @@ from cholla.sampling.params import SamplingParams
 # Enough KV cache for a few thousand tokens of either real model; pages are only
 # resident once written, so a larger budget would not show in the peak RSS anyway.
 BENCH_KV_CACHE_MEMORY = 256 * 2**20
+PROFILE_ROWS = 15
 
 
 @dataclass
@@ -48,6 +49,7 @@ class BenchReport:
     threads: int
     tests: list[BenchTest] = field(default_factory=list)
     peak_rss_bytes: int = 0
+    profile: str = ""  # with --profile: where each test's time goes, op by op
 
 
 def _random_prompt(length: int, vocab_size: int, generator: torch.Generator) -> list[int]:
@@ -82,11 +84,16 @@ def run_bench(
     n_prompt: int = 512,
     n_gen: int = 128,
     repetitions: int = 3,
-    dtype: str = "float32",
+    dtype: str = "auto",
     threads: int | None = None,
     seed: int = 0,
+    profile: bool = False,
 ) -> BenchReport:
-    """Load the model once and run pp{n_prompt} then tg{n_gen}; a count of 0 skips that test."""
+    """Load the model once and run pp{n_prompt} then tg{n_gen}; a count of 0 skips that test.
+
+    ``profile``: run each test once more under ``torch.profiler`` and keep the
+    ops that took the most time (our kernels appear as ``cholla::...``).
+    """
     if repetitions < 1 or n_prompt < 0 or n_gen < 0 or not (n_prompt or n_gen):
         raise InvalidRequestError("bench needs --repetitions >= 1 and a positive -p or -n")
     path = Path(model_path)
@@ -102,7 +109,7 @@ def run_bench(
     vocab_size = engine.model_config.vocab_size
     generator = torch.Generator().manual_seed(seed)
     report = BenchReport(path.name, path.stat().st_size if path.is_file() else _folder_size(path),
-                         dtype, torch.get_num_threads())
+                         engine.loaded.dtype, torch.get_num_threads())
 
     time_prefill(engine, _random_prompt(min(n_prompt, 16) or 1, vocab_size, generator))  # warm-up
     time_decode(engine, 0, 2)
@@ -113,7 +120,20 @@ def run_bench(
         rates = [time_decode(engine, _random_prompt(1, vocab_size, generator)[0], n_gen) for _ in range(repetitions)]
         report.tests.append(BenchTest(f"tg{n_gen}", rates))
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    if profile:
+        runs = [(f"pp{n_prompt}", lambda: time_prefill(engine, _random_prompt(n_prompt, vocab_size, generator)))] if n_prompt else []
+        runs += [(f"tg{n_gen}", lambda: time_decode(engine, 0, n_gen))] if n_gen else []
+        report.profile = "\n\n".join(_profile(name, run) for name, run in runs)
     return report
+
+
+def _profile(name: str, run) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS)
+    return f"{name}, ops by self time (torch.profiler; wall time includes Python between ops):\n{table}"
 
 
 def _folder_size(path: Path) -> int:
@@ -143,4 +163,6 @@ def format_table(report: BenchReport) -> str:
         )
     lines.append("")
     lines.append(f"peak RSS: {report.peak_rss_bytes / 2**20:.0f} MiB")
+    if report.profile:
+        lines += ["", report.profile]
     return "\n".join(lines)

@@ -30,3 +30,13 @@ def test_bench_cli_prints_the_table(smollm2_path, capsys, dtype):
 def test_bench_rejects_nothing_to_measure(smollm2_path, capsys):
     assert main(["bench", str(smollm2_path), "-p", "0", "-n", "0"]) == 2
     assert "bench needs" in capsys.readouterr().err
+
+
+def test_bench_profile_names_our_kernels(smollm2_path, capsys):
+    from cholla.kernels import amx_kernels
+
+    assert main(["bench", str(smollm2_path), "-p", "16", "-n", "4", "-r", "1", "--threads", "1", "--profile"]) == 0
+    out = capsys.readouterr().out
+    assert "pp16, ops by self time" in out and "tg4, ops by self time" in out
+    if amx_kernels() is not None:
+        assert "cholla::qgemv" in out and "cholla::paged_attention_decode" in out

@@ -25,6 +25,9 @@ def make_llm(smollm2_path):
     def make(**kwargs):
         kwargs.setdefault("max_model_len", 512)
         kwargs.setdefault("max_num_batched_tokens", 64)  # the long prompt is prefilled in chunks
+        # float32 is batch-invariant (bfloat16 changes kernels with the step's size), so
+        # "batched equals alone" holds exactly; the bfloat16 path: tests/test_fast_weights.py.
+        kwargs.setdefault("dtype", "float32")
         return LLM(smollm2_path, **kwargs)
 
     return make

@@ -61,7 +61,8 @@ class _RealModel:
 
     @pytest.fixture(scope="class")
     def llm(self, request):
-        return LLM(request.getfixturevalue(self.path_fixture), max_model_len=2048, kv_cache_memory=256 * 2**20)
+        return LLM(request.getfixturevalue(self.path_fixture), max_model_len=2048, kv_cache_memory=256 * 2**20,
+                   dtype="float32")
 
     @pytest.fixture(scope="class")
     def reference(self, request):
@@ -115,7 +116,7 @@ class TestGemma3(_RealModel):
         from cholla.engine.engine import EngineConfig, LLMEngine
 
         engine = LLMEngine(llm.engine.loaded, EngineConfig(max_model_len=2048, max_num_batched_tokens=100,
-                                                           kv_cache_memory=256 * 2**20))
+                                                           kv_cache_memory=256 * 2**20, dtype="float32"))
         ids = llm.tokenizer.encode(LONG_TEXT)
         params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True)
         engine.add_request("long", {"prompt_token_ids": ids}, params)

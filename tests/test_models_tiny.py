@@ -50,7 +50,7 @@ def test_tiny_model_matches_transformers(name, tmp_path):
     reference.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
 
-    loaded = load_model(tmp_path)
+    loaded = load_model(tmp_path, "float32")
     assert loaded.config.architecture == name.split("-")[0]
     ids = torch.randint(0, config.vocab_size, (40,)).tolist()
     ours = forward_once(loaded.model, ids, block_size=8)

@@ -67,12 +67,14 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def reference(smollm2_path) -> LLM:
-    return LLM(smollm2_path, max_model_len=MAX_MODEL_LEN, enable_prefix_caching=False, kv_cache_memory=32 * 2**20)
+    # float32: batch-invariant, so concurrent answers equal one-at-a-time ones exactly.
+    return LLM(smollm2_path, max_model_len=MAX_MODEL_LEN, enable_prefix_caching=False, kv_cache_memory=32 * 2**20,
+               dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def live(smollm2_path):
-    config = EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=40, kv_cache_memory=128 * 2**20)
+    config = EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=40, kv_cache_memory=128 * 2**20, dtype="float32")
     app = create_app(ServerSettings([MODEL], max_queue=64), lambda: LLMEngine(smollm2_path, config))
     with LiveServer(app) as server:
         server.wait_ready()

@@ -67,11 +67,11 @@ inline void store_bf16(uint16_t* out, __m512 lo, __m512 hi) {
 inline __m512 to_float(__m512i q) { return _mm512_cvtepi32_ps(q); }
 
 // The 16 low nibbles and 16 high nibbles of 16 bytes, as int32 vectors.
+// (One widening shuffle for both: shuffles share a single port, the bottleneck here.)
 inline void nibbles(const uint8_t* qs, __m512i& lo, __m512i& hi) {
-  __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  __m128i mask = _mm_set1_epi8(0x0F);
-  lo = _mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask));
-  hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+  __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+  lo = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F));
+  hi = _mm512_srli_epi32(bytes, 4);
 }
 
 // K-quant 6-bit scale and min of sub-block j (ggml's get_scale_min_k4).
@@ -414,31 +414,19 @@ at::Tensor qmatmul(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
 }
 
 // The few-rows path (decode): each weight row is dequantized into registers
-// and multiplied with the M rows of x by fp32 FMAs. Cost grows with M (two FMAs
-// per 32 weights per row of x), so it serves steps of at most GEMV_MAX_ROWS
-// rows; AMX serves the rest. With RoundBf16 the weights and x are first rounded
-// to bfloat16, as AMX and oneDNN round them: a bf16 x bf16 product is exact in
-// fp32, so every path then computes the same sums, and a sequence's output does
-// not depend on how many others share its step.
+// and multiplied with the M rows of x by fp32 FMAs, exactly. Cost grows with M
+// (two FMAs per 32 weights per row of x), so it serves steps of at most
+// GEMV_MAX_ROWS rows.
 constexpr int64_t GEMV_MAX_ROWS = 8;
 constexpr int64_t GEMV_JOB_ROWS = 16;
 
-inline __m512 round_bf16(__m512 v) {
-  __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-template <int M, bool RoundBf16>
+template <int M>
 void gemv_rows(const Segment& seg, int64_t first, int64_t last, const float* x, int64_t k, float* y,
                int64_t n_total) {
   for (int64_t n = first; n < last; ++n) {
     __m512 acc_lo[M], acc_hi[M];  // two chains per row of x: FMA latency, not throughput, would bound one
     for (int r = 0; r < M; ++r) acc_lo[r] = acc_hi[r] = _mm512_setzero_ps();
     for_each_group(seg.type, seg.data + n * seg.row_bytes, k, [&](int64_t at, __m512 lo, __m512 hi) {
-      if (RoundBf16) {
-        lo = round_bf16(lo);
-        hi = round_bf16(hi);
-      }
       for (int r = 0; r < M; ++r) {
         acc_lo[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + r * k + at), acc_lo[r]);
         acc_hi[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + r * k + at + 16), acc_hi[r]);
@@ -451,25 +439,22 @@ void gemv_rows(const Segment& seg, int64_t first, int64_t last, const float* x, 
 
 using GemvRows = void (*)(const Segment&, int64_t, int64_t, const float*, int64_t, float*, int64_t);
 
-template <bool RoundBf16>
-constexpr GemvRows GEMV_BY_ROWS[GEMV_MAX_ROWS] = {
-    gemv_rows<1, RoundBf16>, gemv_rows<2, RoundBf16>, gemv_rows<3, RoundBf16>, gemv_rows<4, RoundBf16>,
-    gemv_rows<5, RoundBf16>, gemv_rows<6, RoundBf16>, gemv_rows<7, RoundBf16>, gemv_rows<8, RoundBf16>};
+constexpr GemvRows GEMV_BY_ROWS[GEMV_MAX_ROWS] = {gemv_rows<1>, gemv_rows<2>, gemv_rows<3>, gemv_rows<4>,
+                                                  gemv_rows<5>, gemv_rows<6>, gemv_rows<7>, gemv_rows<8>};
 
-// Same contract as qmatmul, fp32 products, x: [m <= 8, k]; bf16: round inputs to bfloat16 first.
-at::Tensor qgemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types, bool bf16) {
-  at::Tensor x = x_in.contiguous();
+// Same contract as qmatmul, fp32 products, x: [m <= 8, k].
+at::Tensor qgemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {
+  const at::Tensor x = x_in.contiguous();
   std::vector<Segment> segments;
   const int64_t n_total = plan_segments(x, weights, types, segments);
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(m <= GEMV_MAX_ROWS, "qgemv: at most ", GEMV_MAX_ROWS, " rows, got ", m);
   at::Tensor y = at::empty({m, n_total}, x.options());
   if (m == 0) return y;
-  if (bf16) x = x.to(at::kBFloat16).to(at::kFloat);
   std::vector<Job> jobs;
   for (size_t i = 0; i < segments.size(); ++i)
     for (int64_t row = 0; row < segments[i].rows; row += GEMV_JOB_ROWS) jobs.push_back({static_cast<int>(i), row});
-  const GemvRows gemv = bf16 ? GEMV_BY_ROWS<true>[m - 1] : GEMV_BY_ROWS<false>[m - 1];
+  const GemvRows gemv = GEMV_BY_ROWS[m - 1];
   const float* xs = x.data_ptr<float>();
   float* out = y.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
@@ -509,7 +494,7 @@ bool request_amx() {
 
 TORCH_LIBRARY(cholla, m) {
   m.def("qmatmul(Tensor x, Tensor[] weights, int[] types) -> Tensor");
-  m.def("qgemv(Tensor x, Tensor[] weights, int[] types, bool bf16) -> Tensor");
+  m.def("qgemv(Tensor x, Tensor[] weights, int[] types) -> Tensor");
   m.def("dequantize_bf16(Tensor w, int type, int k) -> Tensor");
   m.def("request_amx() -> bool", &request_amx);
 }

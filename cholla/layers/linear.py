@@ -5,17 +5,17 @@ A weight is either a plain tensor (SafeTensors, F32 GGUF tensors) or a
 ever holds a dequantized copy of its weight. Where our kernels
 (``cholla.kernels``) run, a matmul reads the blocks directly:
 
-- steps of at most ``GEMV_MAX_ROWS`` rows (decode) use ``qgemv``: the weight
-  is dequantized in registers and multiplied by fp32 FMAs;
+- one-row steps (a single sequence decoding), and in float32 steps of up to
+  ``GEMV_MAX_ROWS`` rows, use ``qgemv``: the weight is dequantized in
+  registers and multiplied by fp32 FMAs, exactly;
 - with ``compute_dtype`` bfloat16, steps of up to ``AMX_MAX_ROWS`` rows use
-  ``qmatmul`` (AMX tiles), and larger steps (prefill) dequantize the weight to
-  bf16 for one dense oneDNN matmul, which is faster per row there than ours.
+  ``qmatmul`` (AMX tiles: weights and activations rounded to bf16, fp32
+  sums), and larger steps (prefill) dequantize the weight to bf16 for one
+  dense oneDNN matmul, which is faster per row there than ours.
 
-In bfloat16, every path rounds weights and activations to bf16 and sums the
-(exact) products in fp32, ``qgemv`` included, so in decode steps a sequence's
-logits do not depend on how many sequences share the step beyond fp32
-summation order. (oneDNN's bf16 matmul also rounds its output to bf16, so a
-row in a prefill-sized step can differ by that rounding.)
+So in bfloat16 a sequence's logits move slightly with the number of sequences
+sharing its step (as in vLLM and llama.cpp); float32 stays batch-invariant up
+to fp32 summation order.
 
 Elsewhere, and for the float32 path's larger steps, the weight is dequantized
 to the activations' dtype a slab of rows at a time (the reference path).
@@ -42,8 +42,9 @@ Weight = torch.Tensor | GGUFTensor
 DEQUANT_CHUNK_ELEMENTS = 8 * 1024 * 1024
 
 # Row counts where each kernel stops paying off (SmolLM2 and Gemma 3 shapes, 2
-# threads; docs/benchmarks.md): the fp32 GEMV's cost grows with rows, our AMX
-# tiles' barely until they lose to oneDNN's dense bf16 matmul.
+# threads; docs/benchmarks.md): the fp32 GEMV's cost grows with rows (from two
+# rows on our AMX tiles are faster), the tiles' barely until they lose to
+# oneDNN's dense bf16 matmul.
 GEMV_MAX_ROWS = 8
 AMX_MAX_ROWS = 64
 
@@ -136,11 +137,11 @@ def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear]) -> torch.Tensor | 
         return None
     weights = [layer.kernel_weight[0] for layer in layers]
     types = [layer.kernel_weight[1] for layer in layers]
-    kernels, rows, bf16 = amx_kernels(), x.shape[0], layers[0].compute_dtype == torch.bfloat16
-    if rows <= GEMV_MAX_ROWS:
-        return kernels.qgemv(x, weights, types, bf16)
-    if not bf16:
-        return None
+    kernels, rows = amx_kernels(), x.shape[0]
+    if layers[0].compute_dtype != torch.bfloat16:
+        return kernels.qgemv(x, weights, types) if rows <= GEMV_MAX_ROWS else None
+    if rows == 1:
+        return kernels.qgemv(x, weights, types)
     if rows <= AMX_MAX_ROWS:
         return kernels.qmatmul(x, weights, types)
     dense = [kernels.dequantize_bf16(w, t, x.shape[1]) for w, t in zip(weights, types)]
