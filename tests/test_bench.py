@@ -39,4 +39,4 @@ def test_bench_profile_names_our_kernels(smollm2_path, capsys):
     out = capsys.readouterr().out
     assert "pp16, ops by self time" in out and "tg4, ops by self time" in out
     if amx_kernels() is not None:
-        assert "cholla::qgemv" in out and "cholla::paged_attention_decode" in out
+        assert "cholla::qgemv" in out

@@ -99,10 +99,11 @@ def test_grouped_projections_equal_separate_ones(real_tensors):
         by_width.setdefault(tensor.shape[1], []).append(tensor)
     for tensors in by_width.values():
         layers = [_linear(t, torch.bfloat16) for t in tensors[:3]]
-        for rows in (1, 20):
+        for rows in (1, 20, AMX_MAX_ROWS + 1):  # one path each
             x = torch.randn(rows, tensors[0].shape[1], generator=generator)
+            rtol = 2**-7 if rows > AMX_MAX_ROWS else 0  # oneDNN rounds its output to bf16: one ulp may flip
             for grouped, layer in zip(linear_group(layers, x), layers):
-                torch.testing.assert_close(grouped, layer(x), rtol=0, atol=float(grouped.abs().max()) * 1e-5)
+                torch.testing.assert_close(grouped, layer(x), rtol=rtol, atol=float(grouped.abs().max()) * 1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, AMX_MAX_ROWS + 1])

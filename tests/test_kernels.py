@@ -51,7 +51,7 @@ def assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
 def test_dequantize_matches_gguf(qtype):
     blocks, reference = random_weight(qtype, 40, 512)
-    got = kernels.dequantize_bf16(blocks, int(qtype), 512)
+    got = kernels.dequantize_bf16([blocks], [int(qtype)], 512)
     # Round-to-nearest-even of the fp32 value; fused multiply-adds may land one bf16 ulp off on a tie.
     torch.testing.assert_close(got.float(), reference.bfloat16().float(), rtol=2**-8, atol=1e-30)
     assert (got == reference.bfloat16()).float().mean() > 0.999

@@ -466,21 +466,20 @@ at::Tensor qgemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef
   return y;
 }
 
-// Dequantize a whole weight to bfloat16 [n, k]: the reference for tests of the
-// kernel's dequantizers, and a dense copy where one is wanted.
-at::Tensor dequantize_bf16(const at::Tensor& w, int64_t type, int64_t k) {
-  const BlockFormat format = block_format(type);
-  TORCH_CHECK(format.elements > 0 && k % format.elements == 0 &&
-                  w.size(1) * w.element_size() == k / format.elements * format.bytes,
-              "dequantize_bf16: bad type or shape");
-  const at::Tensor wc = w.contiguous();
-  at::Tensor out = at::empty({w.size(0), k}, at::TensorOptions().dtype(at::kBFloat16));
-  const uint8_t* src = static_cast<const uint8_t*>(wc.data_ptr());
+// Dequantize whole weights to bfloat16, stacked: [sum n_i, k]. Serves prefill-sized
+// steps (one dense oneDNN matmul over the stack) and tests of the dequantizers.
+at::Tensor dequantize_bf16(at::TensorList weights, at::IntArrayRef types, int64_t k) {
+  const at::Tensor x = at::empty({0, k}, at::TensorOptions().dtype(at::kFloat));
+  std::vector<Segment> segments;
+  const int64_t n_total = plan_segments(x, weights, types, segments);
+  at::Tensor out = at::empty({n_total, k}, at::TensorOptions().dtype(at::kBFloat16));
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t row_bytes = w.size(1) * w.element_size();
-  at::parallel_for(0, w.size(0), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) dequantize_row(type, src + r * row_bytes, k, dst + r * k);
-  });
+  for (const Segment& seg : segments) {
+    at::parallel_for(0, seg.rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        dequantize_row(seg.type, seg.data + r * seg.row_bytes, k, dst + (seg.out_offset + r) * k);
+    });
+  }
   return out;
 }
 
@@ -495,7 +494,7 @@ bool request_amx() {
 TORCH_LIBRARY(cholla, m) {
   m.def("qmatmul(Tensor x, Tensor[] weights, int[] types) -> Tensor");
   m.def("qgemv(Tensor x, Tensor[] weights, int[] types) -> Tensor");
-  m.def("dequantize_bf16(Tensor w, int type, int k) -> Tensor");
+  m.def("dequantize_bf16(Tensor[] weights, int[] types, int k) -> Tensor");
   m.def("request_amx() -> bool", &request_amx);
 }
 

@@ -144,8 +144,7 @@ def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear]) -> torch.Tensor | 
         return kernels.qgemv(x, weights, types)
     if rows <= AMX_MAX_ROWS:
         return kernels.qmatmul(x, weights, types)
-    dense = [kernels.dequantize_bf16(w, t, x.shape[1]) for w, t in zip(weights, types)]
-    return F.linear(x.to(torch.bfloat16), dense[0] if len(dense) == 1 else torch.cat(dense)).float()
+    return F.linear(x.to(torch.bfloat16), kernels.dequantize_bf16(weights, types, x.shape[1])).float()
 
 
 def linear_group(layers: Sequence[Linear], x: torch.Tensor) -> list[torch.Tensor]:

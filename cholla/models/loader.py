@@ -13,6 +13,7 @@ from cholla.errors import InvalidRequestError, ModelFormatError, ModelNotFoundEr
 from cholla.formats.gguf import GGUFFile, read_gguf
 from cholla.formats.safetensors import read_hf_folder
 from cholla.kernels import amx_kernels
+from cholla.layers.attention import Attention
 from cholla.layers.linear import Linear, dense
 from cholla.models.config import ModelConfig, config_from_gguf, config_from_hf
 from cholla.models.gemma3 import Gemma3ForCausalLM
@@ -59,7 +60,7 @@ def load_model(path: str | Path, dtype: str = "auto") -> LoadedModel:
         loaded = _load_gguf(path)
     if dtype == "bfloat16":
         for module in loaded.model.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, Attention)):
                 module.compute_dtype = torch.bfloat16
     loaded.dtype = dtype
     return loaded
