@@ -94,7 +94,9 @@ class LLMEngine:
         self.eos_token_ids = set(self.tokenizer.eog_token_ids) | set(self.model_config.eos_token_ids)
 
         memory = _kv_cache_budget(config)
-        block_bytes = bytes_per_block(self.model_config, config.block_size, torch.float32)
+        # The cache holds K and V in the matmuls' dtype: bf16 halves the bytes each decode step reads.
+        kv_dtype = torch.bfloat16 if self.loaded.dtype == "bfloat16" else torch.float32
+        block_bytes = bytes_per_block(self.model_config, config.block_size, kv_dtype)
         num_blocks = memory // block_bytes
         max_len = config.max_model_len or self.model_config.max_position_embeddings
         if config.max_model_len is None:
@@ -105,7 +107,7 @@ class LLMEngine:
                 f"fewer than max_model_len={max_len}; raise the KV cache memory or lower max_model_len"
             )
         self.max_model_len = max_len
-        self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size)
+        self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, kv_dtype)
         log.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB), %d tokens; maximum concurrency for %d-token requests: %.2fx",
             num_blocks, config.block_size, num_blocks * block_bytes / 2**20, num_blocks * config.block_size,

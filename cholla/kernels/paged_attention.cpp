@@ -17,56 +17,79 @@
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// The cache holds fp32 or bfloat16 (raw uint16); both load as 16 fp32 lanes.
+inline __m512 load16(const float* p, __mmask16 live) { return _mm512_maskz_loadu_ps(live, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 live) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
+}
+
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  float sum = _mm512_reduce_add_ps(acc);
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
-inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w * x
-  const __m512 wv = _mm512_set1_ps(w);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += w * x[i];
-}
-
-// q: fp32 [seqs, heads, dim]; k_cache, v_cache: fp32 [blocks, block_size, kv_heads, dim];
-// block_tables: int64 [seqs, max_blocks]; context_lens: int64 [seqs], the new token
-// included (its key and value already written). window > 0: a key is visible only
-// if fewer than `window` positions back; softcap > 0: scores -> softcap * tanh(s / softcap).
-at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables_in, const at::Tensor& context_lens_in, double scale,
-                                  int64_t window, double softcap) {
-  TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "paged_attention_decode: q must be fp32 [seqs, heads, dim]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
-                  v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kFloat && v_cache.is_contiguous(),
-              "paged_attention_decode: caches must be contiguous fp32 [blocks, block_size, kv_heads, dim]");
-  const at::Tensor q = q_in.contiguous();
-  const at::Tensor block_tables = block_tables_in.to(at::kLong).contiguous();
-  const at::Tensor context_lens = context_lens_in.to(at::kLong).contiguous();
-  const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == dim && heads % kv_heads == 0, "paged_attention_decode: head shapes disagree");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seqs && context_lens.numel() == seqs,
-              "paged_attention_decode: one block table and context length per sequence");
-  const int64_t group = heads / kv_heads, max_blocks = block_tables.size(1);
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  for (int64_t s = 0; s < seqs; ++s) {
-    TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size, "paged_attention_decode: bad context length");
-    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b)
-      TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
-                  "paged_attention_decode: block id out of range");
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = lanes(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, a + i), load16(b + i, live), acc);
   }
-  at::Tensor out = at::zeros_like(q);
-  const float* qs = q.data_ptr<float>();
-  const float* ks = k_cache.data_ptr<float>();
-  const float* vs = v_cache.data_ptr<float>();
-  float* os = out.data_ptr<float>();
-  const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <typename T>
+inline void axpy(float w, const T* x, float* y, int64_t n) {  // y += w * x
+  const __m512 wv = _mm512_set1_ps(w);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = lanes(n - i);
+    _mm512_mask_storeu_ps(y + i, live, _mm512_fmadd_ps(wv, load16(x + i, live), _mm512_maskz_loadu_ps(live, y + i)));
+  }
+}
+
+// e^x for 16 floats: Cephes' expf (range reduction by ln 2, degree-6 polynomial,
+// about 1 ulp), scaled by 2^n with scalef. A scalar expf per score cost more
+// than the dot products themselves.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));  // below this e^x is 0 in fp32 anyway
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// row[0..n) <- softmax(row[0..n)), 16 lanes at a time (a masked tail).
+inline void softmax(float* row, int64_t n) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 live = lanes(n - t);
+    top = _mm512_mask_max_ps(top, live, top, _mm512_maskz_loadu_ps(live, row + t));
+  }
+  const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 live = lanes(n - t);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + t), max));
+    sum = _mm512_mask_add_ps(sum, live, sum, e);
+    _mm512_mask_storeu_ps(row + t, live, e);
+  }
+  const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 live = lanes(n - t);
+    _mm512_mask_storeu_ps(row + t, live, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, row + t), inverse));
+  }
+}
+
+template <typename T>
+void attend_decode(const float* qs, const T* ks, const T* vs, float* os, const int64_t* tables, const int64_t* lens,
+                   int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, int64_t max_blocks,
+                   float scale, int64_t window, float cap) {
+  const int64_t group = heads / kv_heads;
   at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t job = begin; job < end; ++job) {
@@ -76,26 +99,61 @@ at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_ca
       const int64_t* table = tables + s * max_blocks;
       auto slot = [&](int64_t pos) { return (table[pos / block_size] * block_size + pos % block_size) * kv_heads + kvh; };
       for (int64_t t = 0; t < n; ++t) {
-        const float* key = ks + slot(first + t) * dim;
+        const T* key = ks + slot(first + t) * dim;
         for (int64_t g = 0; g < group; ++g) {
-          float score = dot(qs + (s * heads + kvh * group + g) * dim, key, dim) * fscale;
+          float score = dot(qs + (s * heads + kvh * group + g) * dim, key, dim) * scale;
           if (cap > 0) score = cap * std::tanh(score / cap);
           scores[g * n + t] = score;
         }
       }
-      for (int64_t g = 0; g < group; ++g) {  // softmax over this head's n scores
-        float* row = scores.data() + g * n;
-        float top = row[0], sum = 0;
-        for (int64_t t = 1; t < n; ++t) top = std::max(top, row[t]);
-        for (int64_t t = 0; t < n; ++t) sum += (row[t] = std::exp(row[t] - top));
-        for (int64_t t = 0; t < n; ++t) row[t] /= sum;
-      }
+      for (int64_t g = 0; g < group; ++g) softmax(scores.data() + g * n, n);
       for (int64_t t = 0; t < n; ++t) {
-        const float* value = vs + slot(first + t) * dim;
+        const T* value = vs + slot(first + t) * dim;
         for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + t], value, os + (s * heads + kvh * group + g) * dim, dim);
       }
     }
   });
+}
+
+// q: fp32 [seqs, heads, dim]; k_cache, v_cache: fp32 or bfloat16 [blocks, block_size, kv_heads, dim];
+// block_tables: int64 [seqs, max_blocks]; context_lens: int64 [seqs], the new token
+// included (its key and value already written). window > 0: a key is visible only
+// if fewer than `window` positions back; softcap > 0: scores -> softcap * tanh(s / softcap).
+at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables_in, const at::Tensor& context_lens_in, double scale,
+                                  int64_t window, double softcap) {
+  TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "paged_attention_decode: q must be fp32 [seqs, heads, dim]");
+  const auto cache_type = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.dim() == 4 && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
+                  k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.scalar_type() == cache_type && v_cache.is_contiguous(),
+              "paged_attention_decode: caches must be contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim]");
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor block_tables = block_tables_in.to(at::kLong).contiguous();
+  const at::Tensor context_lens = context_lens_in.to(at::kLong).contiguous();
+  const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == dim && heads % kv_heads == 0, "paged_attention_decode: head shapes disagree");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seqs && context_lens.numel() == seqs,
+              "paged_attention_decode: one block table and context length per sequence");
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  for (int64_t s = 0; s < seqs; ++s) {
+    TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size, "paged_attention_decode: bad context length");
+    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
+                  "paged_attention_decode: block id out of range");
+  }
+  at::Tensor out = at::zeros_like(q);
+  const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  if (cache_type == at::kFloat)
+    attend_decode(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>(),
+                  tables, lens, seqs, heads, kv_heads, dim, block_size, max_blocks, fscale, window, cap);
+  else
+    attend_decode(q.data_ptr<float>(), static_cast<const uint16_t*>(k_cache.data_ptr()),
+                  static_cast<const uint16_t*>(v_cache.data_ptr()), out.data_ptr<float>(), tables, lens, seqs, heads,
+                  kv_heads, dim, block_size, max_blocks, fscale, window, cap);
   return out;
 }
 

@@ -25,9 +25,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.devic
     lazily: memory is only resident once blocks are written, so a large budget
     does not cost its full size in RSS up front. Zeros matter: padded decode
     reads touch unwritten slots, and masked garbage could be NaN."""
-    numpy_dtype = {torch.float32: np.float32, torch.float16: np.float16}.get(dtype)
+    numpy_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}.get(dtype)
     if torch.device(device).type == "cpu" and numpy_dtype is not None:
-        return torch.from_numpy(np.zeros(shape, dtype=numpy_dtype))
+        return torch.from_numpy(np.zeros(shape, dtype=numpy_dtype)).view(dtype)  # bf16: same bits as uint16 0
     return torch.zeros(shape, dtype=dtype, device=device)
 
 

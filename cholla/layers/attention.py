@@ -108,7 +108,7 @@ def paged_attention(
         first = starts[meta.num_prefills]
         tables = meta.block_tables[meta.num_prefills :]
         kernels = amx_kernels()
-        if kernels is not None and q.dtype == k_cache.dtype == torch.float32:
+        if kernels is not None and q.dtype == torch.float32 and k_cache.dtype in (torch.float32, torch.bfloat16):
             out[first:] = kernels.paged_attention_decode(
                 q[first:], k_cache, v_cache, tables, meta.decode_context_lens, scale, window or 0, softcap or 0.0
             )
