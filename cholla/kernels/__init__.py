@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -35,6 +36,16 @@ def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the ``ninja`` package's binary may not be there (pyenv, venvs)."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def amx_kernels():
     """``torch.ops.cholla`` once built and AMX is granted; ``None`` where they cannot run."""
@@ -45,6 +56,7 @@ def amx_kernels():
     try:
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
         load(name="cholla_kernels", sources=SOURCES, extra_cflags=COMPILER_FLAGS, is_python_module=False)
     except Exception as e:  # no compiler, no ninja, a failed build: fall back, never fail the model
         log.warning("AMX kernels off: building them failed (%s)", str(e).splitlines()[0] if str(e) else e)
