@@ -23,26 +23,12 @@ inline __m512 load16(const uint16_t* p, __mmask16 live) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
 }
 
-inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
-
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 live = lanes(n - i);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, a + i), load16(b + i, live), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
 }
 
-template <typename T>
-inline void axpy(float w, const T* x, float* y, int64_t n) {  // y += w * x
-  const __m512 wv = _mm512_set1_ps(w);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 live = lanes(n - i);
-    _mm512_mask_storeu_ps(y + i, live, _mm512_fmadd_ps(wv, load16(x + i, live), _mm512_maskz_loadu_ps(live, y + i)));
-  }
-}
+// Query heads per KV head this kernel handles (grouped-query attention); more is refused.
+constexpr int64_t MAX_GROUP = 16;
 
 // e^x for 16 floats: Cephes' expf (range reduction by ln 2, degree-6 polynomial,
 // about 1 ulp), scaled by 2^n with scalef. A scalar expf per score cost more
@@ -98,18 +84,45 @@ void attend_decode(const float* qs, const T* ks, const T* vs, float* os, const i
       scores.resize(group * n);
       const int64_t* table = tables + s * max_blocks;
       auto slot = [&](int64_t pos) { return (table[pos / block_size] * block_size + pos % block_size) * kv_heads + kvh; };
+      // Scores: each key is loaded (and widened from bf16) once, a 64-wide slice at
+      // a time, for all the query heads that share it.
+      const float* q = qs + (s * heads + kvh * group) * dim;
       for (int64_t t = 0; t < n; ++t) {
         const T* key = ks + slot(first + t) * dim;
+        __m512 acc[MAX_GROUP];
+        for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < dim; d += 16) {
+          const __mmask16 live = lanes(dim - d);
+          const __m512 k = load16(key + d, live);
+          for (int64_t g = 0; g < group; ++g)
+            acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, q + g * dim + d), k, acc[g]);
+        }
         for (int64_t g = 0; g < group; ++g) {
-          float score = dot(qs + (s * heads + kvh * group + g) * dim, key, dim) * scale;
+          float score = _mm512_reduce_add_ps(acc[g]) * scale;
           if (cap > 0) score = cap * std::tanh(score / cap);
           scores[g * n + t] = score;
         }
       }
       for (int64_t g = 0; g < group; ++g) softmax(scores.data() + g * n, n);
-      for (int64_t t = 0; t < n; ++t) {
-        const T* value = vs + slot(first + t) * dim;
-        for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + t], value, os + (s * heads + kvh * group + g) * dim, dim);
+      // Weighted values: a 64-wide slice of every head's output stays in registers
+      // while the positions stream by, each value slice loaded once for all heads.
+      float* o = os + (s * heads + kvh * group) * dim;
+      for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+        __m512 out[MAX_GROUP][4];
+        for (int64_t g = 0; g < group; ++g)
+          for (int j = 0; j < 4; ++j) out[g][j] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; ++t) {
+          const T* value = vs + slot(first + t) * dim + d0;
+          __m512 v[4];
+          for (int j = 0; j < 4; ++j) v[j] = load16(value + 16 * j, lanes(dim - d0 - 16 * j));
+          for (int64_t g = 0; g < group; ++g) {
+            const __m512 w = _mm512_set1_ps(scores[g * n + t]);
+            for (int j = 0; j < 4; ++j) out[g][j] = _mm512_fmadd_ps(w, v[j], out[g][j]);
+          }
+        }
+        for (int64_t g = 0; g < group; ++g)
+          for (int j = 0; j < 4 && d0 + 16 * j < dim; ++j)
+            _mm512_mask_storeu_ps(o + g * dim + d0 + 16 * j, lanes(dim - d0 - 16 * j), out[g][j]);
       }
     }
   });
@@ -134,6 +147,7 @@ at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_ca
   const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == dim && heads % kv_heads == 0, "paged_attention_decode: head shapes disagree");
+  TORCH_CHECK(heads / kv_heads <= MAX_GROUP, "paged_attention_decode: more than ", MAX_GROUP, " query heads per KV head");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seqs && context_lens.numel() == seqs,
               "paged_attention_decode: one block table and context length per sequence");
   const int64_t max_blocks = block_tables.size(1);
