@@ -365,12 +365,14 @@ void run_job(const Segment& seg, int64_t first_row, const uint16_t* xp, int64_t 
 // x: fp32 [m, k]; weights[i]: uint8 [n_i, bytes per row] of GGML type types[i].
 // Returns fp32 [m, sum n_i]: the products with each weight side by side, so that
 // projections reading the same input (q, k, v; gate, up) run as one call.
-// Checks x and the weights, fills one Segment per weight; returns the total output width.
-int64_t plan_segments(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types,
-                      std::vector<Segment>& segments) {
+void check_activations(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "qmatmul: x must be fp32 [m, k]");
+}
+
+// Checks the weights hold rows of k weights, fills one Segment per weight; returns
+// the total output width.
+int64_t plan_segments(int64_t k, at::TensorList weights, at::IntArrayRef types, std::vector<Segment>& segments) {
   TORCH_CHECK(weights.size() == types.size() && !weights.empty(), "qmatmul: one type per weight");
-  const int64_t k = x.size(1);
   TORCH_CHECK(k % KCHUNK == 0, "qmatmul: k must be a multiple of 32");
   int64_t n_total = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
@@ -387,17 +389,24 @@ int64_t plan_segments(const at::Tensor& x, at::TensorList weights, at::IntArrayR
   return n_total;
 }
 
+// Every segment cut into jobs of rows_per_job output rows, the unit threads share.
+std::vector<Job> split_jobs(const std::vector<Segment>& segments, int64_t rows_per_job) {
+  std::vector<Job> jobs;
+  for (size_t i = 0; i < segments.size(); ++i)
+    for (int64_t row = 0; row < segments[i].rows; row += rows_per_job) jobs.push_back({static_cast<int>(i), row});
+  return jobs;
+}
+
 // x: fp32 [m, k]; weights[i]: uint8 [n_i, bytes per row] of GGML type types[i].
 // Returns fp32 [m, sum n_i]: the products with each weight side by side, so that
 // projections reading the same input (q, k, v; gate, up) run as one call.
 at::Tensor qmatmul(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {
   const at::Tensor x = x_in.contiguous();
   std::vector<Segment> segments;
-  const int64_t n_total = plan_segments(x, weights, types, segments);
+  check_activations(x);
   const int64_t m = x.size(0), k = x.size(1);
-  std::vector<Job> jobs;
-  for (size_t i = 0; i < segments.size(); ++i)
-    for (int64_t row = 0; row < segments[i].rows; row += BLOCK_ROWS) jobs.push_back({static_cast<int>(i), row});
+  const int64_t n_total = plan_segments(k, weights, types, segments);
+  const std::vector<Job> jobs = split_jobs(segments, BLOCK_ROWS);
   at::Tensor y = at::empty({m, n_total}, x.options());
   if (m == 0) return y;
   const at::Tensor packed = pack_activations(x);
@@ -446,14 +455,13 @@ constexpr GemvRows GEMV_BY_ROWS[GEMV_MAX_ROWS] = {gemv_rows<1>, gemv_rows<2>, ge
 at::Tensor qgemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {
   const at::Tensor x = x_in.contiguous();
   std::vector<Segment> segments;
-  const int64_t n_total = plan_segments(x, weights, types, segments);
+  check_activations(x);
   const int64_t m = x.size(0), k = x.size(1);
+  const int64_t n_total = plan_segments(k, weights, types, segments);
   TORCH_CHECK(m <= GEMV_MAX_ROWS, "qgemv: at most ", GEMV_MAX_ROWS, " rows, got ", m);
   at::Tensor y = at::empty({m, n_total}, x.options());
   if (m == 0) return y;
-  std::vector<Job> jobs;
-  for (size_t i = 0; i < segments.size(); ++i)
-    for (int64_t row = 0; row < segments[i].rows; row += GEMV_JOB_ROWS) jobs.push_back({static_cast<int>(i), row});
+  const std::vector<Job> jobs = split_jobs(segments, GEMV_JOB_ROWS);
   const GemvRows gemv = GEMV_BY_ROWS[m - 1];
   const float* xs = x.data_ptr<float>();
   float* out = y.data_ptr<float>();
@@ -469,9 +477,8 @@ at::Tensor qgemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef
 // Dequantize whole weights to bfloat16, stacked: [sum n_i, k]. Serves prefill-sized
 // steps (one dense oneDNN matmul over the stack) and tests of the dequantizers.
 at::Tensor dequantize_bf16(at::TensorList weights, at::IntArrayRef types, int64_t k) {
-  const at::Tensor x = at::empty({0, k}, at::TensorOptions().dtype(at::kFloat));
   std::vector<Segment> segments;
-  const int64_t n_total = plan_segments(x, weights, types, segments);
+  const int64_t n_total = plan_segments(k, weights, types, segments);
   at::Tensor out = at::empty({n_total, k}, at::TensorOptions().dtype(at::kBFloat16));
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
   for (const Segment& seg : segments) {

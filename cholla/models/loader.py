@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from cholla.models.gemma3 import Gemma3ForCausalLM
 from cholla.models.gguf_names import gguf_to_hf_name
 from cholla.models.registry import model_class
 from cholla.quant import check_supported
-
-log = logging.getLogger("cholla")
 
 # "float32": fp32 matmuls only (decode steps through the exact fp32 kernel, larger
 #   steps dequantize to fp32): the reference path.
