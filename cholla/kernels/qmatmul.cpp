@@ -232,6 +232,16 @@ inline void for_each_group(int64_t type, const uint8_t* row, int64_t k, Sink&& s
   }
 }
 
+// Weights stream from memory once per call: the hardware prefetcher alone, which
+// stops at every 4 KiB page, left the decode GEMV waiting on memory (4.4 GB/s on
+// SmolLM2's layers, 9.6 GB/s with this). Rows this far ahead are requested early.
+constexpr int64_t PREFETCH_ROWS = 4;
+
+// Asks for the cache lines of `bytes` bytes at p (a prefetch never faults, so p may run past the end).
+inline void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+}
+
 // One row of k weights -> k bfloat16 (round to nearest even).
 void dequantize_row(int64_t type, const uint8_t* row, int64_t k, uint16_t* out) {
   for_each_group(type, row, k, [out](int64_t at, __m512 lo, __m512 hi) { store_bf16(out + at, lo, hi); });
@@ -308,6 +318,7 @@ void run_job(const Segment& seg, int64_t first_row, const uint16_t* xp, int64_t 
              int64_t n_total, uint16_t* strip) {
   const int64_t rows = std::min<int64_t>(BLOCK_ROWS, seg.rows - first_row);
   for (int64_t r = 0; r < BLOCK_ROWS; ++r) {
+    prefetch(seg.data + (first_row + r + PREFETCH_ROWS) * seg.row_bytes, seg.row_bytes);
     if (r < rows)
       dequantize_row(seg.type, seg.data + (first_row + r) * seg.row_bytes, k, strip + r * k);
     else
@@ -433,6 +444,7 @@ template <int M>
 void gemv_rows(const Segment& seg, int64_t first, int64_t last, const float* x, int64_t k, float* y,
                int64_t n_total) {
   for (int64_t n = first; n < last; ++n) {
+    prefetch(seg.data + (n + PREFETCH_ROWS) * seg.row_bytes, seg.row_bytes);
     __m512 acc_lo[M], acc_hi[M];  // two chains per row of x: FMA latency, not throughput, would bound one
     for (int r = 0; r < M; ++r) acc_lo[r] = acc_hi[r] = _mm512_setzero_ps();
     for_each_group(seg.type, seg.data + n * seg.row_bytes, k, [&](int64_t at, __m512 lo, __m512 hi) {
@@ -483,8 +495,10 @@ at::Tensor dequantize_bf16(at::TensorList weights, at::IntArrayRef types, int64_
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
   for (const Segment& seg : segments) {
     at::parallel_for(0, seg.rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
+      for (int64_t r = begin; r < end; ++r) {
+        prefetch(seg.data + (r + PREFETCH_ROWS) * seg.row_bytes, seg.row_bytes);
         dequantize_row(seg.type, seg.data + r * seg.row_bytes, k, dst + (seg.out_offset + r) * k);
+      }
     });
   }
   return out;
