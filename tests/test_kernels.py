@@ -1,4 +1,4 @@
-"""The AMX kernels (cholla/kernels/qmatmul.cpp) against gguf's own dequantizers.
+"""Our kernels (cholla/kernels/) against gguf's own dequantizers.
 
 Weights are random GGUF blocks (random quants, finite random scales, see
 tests/test_quant.py). The reference rounds gguf's fp32 weights and the fp32
@@ -75,6 +75,56 @@ def test_qgemv_is_exact_fp32(qtype, rows):
     assert_exact(kernels.qgemv(x, [blocks], [int(qtype)]), expected)
 
 
+INT8_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
+INT8_CENTRE = {T.Q4_1: 8.0, T.Q5_1: 16.0}  # the kernel's m' = m + centre d (see qgemv.cpp)
+
+
+def int8_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: GGMLQuantizationType, w: torch.Tensor):
+    """What qgemv_int8 computes, in float64: x rounded per block of 32 to int8
+    (dx = max|x| / 127, round half to even), times gguf's weights; formats with a
+    min add m' (Σx - Σx̂) per block, since the kernel takes their min term from
+    x's exact sum. Returns the products and a bound on their partial sums."""
+    rows, k = x.shape
+    xb = x.reshape(rows, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    x_hat = (torch.round(xb * inv).double() * (amax / 127.0).double()).reshape(rows, k)
+    y = x_hat @ w.double().T
+    if qtype in INT8_CENTRE:
+        header = blocks.reshape(blocks.shape[0], k // 32, -1)[..., :4].contiguous().view(torch.float16).double()
+        d, m = header[..., 0], header[..., 1]  # [n, blocks]
+        exact_minus_rounded = xb.double().sum(-1) - x_hat.reshape(rows, k // 32, 32).sum(-1)  # [rows, blocks]
+        y += exact_minus_rounded @ (m + INT8_CENTRE[qtype] * d).T
+    return y.float(), float((x_hat.abs() @ w.double().abs().T).max())
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("k", [96, 512, 576, 768])  # 3, 16, 18 and 24 blocks: partial groups of 16 and of 4
+@pytest.mark.parametrize("rows", [1, 3])
+def test_qgemv_int8_matches_its_int8_reference(qtype, k, rows):
+    blocks, w = random_weight(qtype, 40, k, seed=k + rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
+    x[:, :32] = 0.0  # an all-zero block quantizes with dx = 0
+    expected, scale = int8_reference(x, blocks, qtype, w)
+    got = kernels.qgemv_int8(x, [blocks], [int(qtype)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=scale * 1e-6)
+    # ... and within int8 rounding of the exact products.
+    exact = (x.double() @ w.double().T).float()
+    assert (got - exact).norm() / exact.norm() < 0.02
+
+
+def test_qgemv_int8_takes_the_exact_path_for_other_types():
+    parts = [random_weight(qtype, 48, 512, seed=i) for i, qtype in enumerate([T.Q4_K, T.Q8_0, T.Q6_K, T.F16])]
+    types = [int(t) for t in (T.Q4_K, T.Q8_0, T.Q6_K, T.F16)]
+    x = torch.randn(1, 512)
+    got = kernels.qgemv_int8(x, [b for b, _ in parts], types)
+    exact = kernels.qgemv(x, [b for b, _ in parts], types)
+    torch.testing.assert_close(got[:, :48], exact[:, :48], rtol=0, atol=0)
+    torch.testing.assert_close(got[:, 96:], exact[:, 96:], rtol=0, atol=0)
+    expected, scale = int8_reference(x, parts[1][0], T.Q8_0, parts[1][1])
+    torch.testing.assert_close(got[:, 48:96], expected, rtol=0, atol=scale * 1e-6)
+
+
 def test_fused_weights_side_by_side():
     """q, k and v of different types in one call equal three calls."""
     parts = [random_weight(qtype, rows, 512, seed=i) for i, (qtype, rows) in enumerate([(T.Q5_0, 96), (T.Q5_0, 48), (T.Q8_0, 48)])]
@@ -108,6 +158,10 @@ def test_bad_input_is_an_error_not_a_crash():
         kernels.qmatmul(torch.randn(2, 256).bfloat16(), [blocks], [int(T.Q4_0)])
     with pytest.raises(RuntimeError, match="at most 8 rows"):
         kernels.qgemv(torch.randn(9, 256), [blocks], [int(T.Q4_0)])
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        kernels.qgemv_int8(torch.randn(9, 256), [blocks], [int(T.Q4_0)])
+    with pytest.raises(RuntimeError, match="does not hold rows"):
+        kernels.qgemv_int8(torch.randn(1, 512), [blocks], [int(T.Q4_0)])
 
 
 @pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 1, 256), (2, 2, 40)])

@@ -5,10 +5,12 @@ A weight is either a plain tensor (SafeTensors, F32 GGUF tensors) or a
 ever holds a dequantized copy of its weight. Where our kernels
 (``cholla.kernels``) run, a matmul reads the blocks directly:
 
-- one-row steps (a single sequence decoding), and in float32 steps of up to
-  ``GEMV_MAX_ROWS`` rows, use ``qgemv``: the weight is dequantized in
-  registers and multiplied by fp32 FMAs, exactly;
-- with ``compute_dtype`` bfloat16, steps of up to ``AMX_MAX_ROWS`` rows use
+- in float32, steps of up to ``GEMV_MAX_ROWS`` rows use ``qgemv``: the weight
+  is dequantized in registers and multiplied by fp32 FMAs, exactly;
+- with ``compute_dtype`` bfloat16, one-row steps (a single sequence decoding)
+  use ``qgemv_int8``: x is rounded to int8 per block of 32 and meets the
+  weights' integers in VNNI dot products, as in llama.cpp (Q4_0 to Q8_0; other
+  types take the exact path); steps of up to ``AMX_MAX_ROWS`` rows use
   ``qmatmul`` (AMX tiles: weights and activations rounded to bf16, fp32
   sums), and larger steps (prefill) dequantize the weight to bf16 for one
   dense oneDNN matmul, which is faster per row there than ours.
@@ -141,7 +143,7 @@ def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear]) -> torch.Tensor | 
     if layers[0].compute_dtype != torch.bfloat16:
         return kernels.qgemv(x, weights, types) if rows <= GEMV_MAX_ROWS else None
     if rows == 1:
-        return kernels.qgemv(x, weights, types)
+        return kernels.qgemv_int8(x, weights, types)
     if rows <= AMX_MAX_ROWS:
         return kernels.qmatmul(x, weights, types)
     return F.linear(x.to(torch.bfloat16), kernels.dequantize_bf16(weights, types, x.shape[1])).float()
