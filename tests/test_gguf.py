@@ -232,3 +232,23 @@ def test_bad_alignment(tmp_path: Path):
     writer.close()
     with pytest.raises(ModelFormatError, match="alignment = 24 is not a power of two"):
         read_gguf(path)
+
+
+def test_arrays_are_decoded_on_access_and_not_kept(small_gguf: Path):
+    metadata = read_gguf(small_gguf).metadata
+    assert "test.names" in metadata and "nope" not in metadata and len(metadata) == 9
+    first, second = metadata["test.names"], metadata["test.names"]
+    assert first == second == NAMES and first is not second  # the caller owns the list
+    first.append("changed")
+    assert metadata["test.names"] == NAMES
+    assert dict(metadata)["test.scores"] == [0.5, -1.25, 3.0]
+    assert metadata.get("test.types") == [1, 3, 6] and metadata.get("nope") is None
+    assert "array of 4 STRING" in repr(metadata)
+
+
+def test_invalid_utf8_in_an_array_raises_on_access(small_gguf: Path):
+    second_name = value_offset(small_gguf.read_bytes(), "test.names") + 4 + 4 + 8 + 8 + 1 + 8
+    corrupt(small_gguf, second_name, b"\xff")
+    metadata = read_gguf(small_gguf).metadata
+    with pytest.raises(ModelFormatError, match=r"metadata 'test\.names'\[1\] at byte \d+ is not valid UTF-8"):
+        metadata["test.names"]

@@ -7,6 +7,9 @@ a memory map. ``gguf.GGUFReader`` does the same job but keeps several numpy view
 array element: for a 262,144-token vocabulary (Gemma 3) that is a ~950 MB peak and
 ~240 MB held for three arrays that are ~20 MB as Python values. The ``gguf`` package
 still names the value and tensor types and gives each type's block size.
+
+Array values stay in the file until asked for (``GGUFMetadata``): the vocabulary is
+needed once, to build the tokenizer, and would otherwise be held as long as the model.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -67,11 +70,49 @@ class GGUFTensor:
         return self.data.numel() * self.data.element_size()
 
 
+@dataclass(frozen=True)
+class _Array:
+    """An array value left in the file: where its first element starts, the element type, the length."""
+
+    start: int
+    element: GGUFValueType
+    count: int
+
+
+class GGUFMetadata(Mapping[str, Any]):
+    """The key/value section, read-only. Scalars and strings are held as Python values;
+    an array is decoded from the memory map on each access into a fresh ``list`` that
+    the caller owns and nobody else keeps. Gemma 3's vocabulary as Python objects is
+    ~45 MB that only the tokenizer's build needs; a caller that needs an array twice
+    keeps the list.
+    """
+
+    def __init__(self, reader: _Reader, values: dict[str, Any]):
+        self._reader, self._values = reader, values
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._values[key]
+        return self._reader.array(value, key) if isinstance(value, _Array) else value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        shown = {k: f"<array of {v.count} {v.element.name}>" if isinstance(v, _Array) else v for k, v in self._values.items()}
+        return f"GGUFMetadata({shown})"
+
+
 @dataclass
 class GGUFFile:
     path: Path
     version: int
-    metadata: dict[str, Any]
+    metadata: GGUFMetadata
     tensors: dict[str, GGUFTensor]
 
     @property
@@ -83,7 +124,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Open ``path`` as GGUF (v2 or v3); tensors stay on disk until touched.
 
     Metadata values become plain Python values: ``int``, ``float``, ``bool``, ``str``,
-    and ``list`` for arrays (a vocabulary is a ``list[str]``).
+    and ``list`` for arrays (a vocabulary is a ``list[str]``), decoded when asked for.
     """
     path = Path(path)
     if not path.exists():
@@ -96,8 +137,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
                 "pass a .gguf file or a Hugging Face model folder"
             )
         buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # outlives the file handle
-    reader = _Reader(buffer, path)
-    reader.pos = 4
+    reader = _Reader(buffer, path, pos=4)
     version = reader.scalar(_U32, "the version")
     if version not in (2, 3):
         if version and version & 0xFFFF == 0:
@@ -106,15 +146,15 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     tensor_count = reader.scalar(_U64, "the tensor count")
     kv_count = reader.scalar(_U64, "the metadata count")
 
-    metadata: dict[str, Any] = {}
+    values: dict[str, Any] = {}
     for _ in range(kv_count):
         key = reader.string("a metadata key")
-        if key in metadata:
+        if key in values:
             raise ModelFormatError(f"{path}: metadata key {key!r} appears twice; the file is corrupt")
-        metadata[key] = reader.value(key)
+        values[key] = reader.value(key)
 
     infos = [reader.tensor_info() for _ in range(tensor_count)]
-    alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    alignment = values.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise ModelFormatError(f"{path}: general.alignment = {alignment!r} is not a power of two; the file is corrupt")
     data_start = -(-reader.pos // alignment) * alignment
@@ -125,7 +165,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         if name in tensors:
             raise ModelFormatError(f"{path}: tensor {name!r} appears twice; the file is corrupt")
         tensors[name] = _tensor(path, whole, name, dims, qtype, relative, data_start, alignment)
-    return GGUFFile(path, version, metadata, tensors)
+    return GGUFFile(path, version, GGUFMetadata(reader, values), tensors)
 
 
 def _tensor(path: Path, whole: np.ndarray, name: str, dims: tuple[int, ...], qtype: GGMLQuantizationType,
@@ -157,8 +197,8 @@ def _tensor(path: Path, whole: np.ndarray, name: str, dims: tuple[int, ...], qty
 class _Reader:
     """Little-endian values at ``pos`` in the mapped file, each checked against the file's end."""
 
-    def __init__(self, buffer: mmap.mmap, path: Path):
-        self.buffer, self.path, self.pos, self.size = buffer, path, 0, len(buffer)
+    def __init__(self, buffer: mmap.mmap, path: Path, pos: int = 0):
+        self.buffer, self.path, self.pos, self.size = buffer, path, pos, len(buffer)
 
     def take(self, num_bytes: int, what: str) -> int:
         """Advance past ``num_bytes``; return where they start."""
@@ -193,6 +233,7 @@ class _Reader:
             raise ModelFormatError(f"{self.path}: {what} has unknown value type {raw}; the file is corrupt") from None
 
     def value(self, key: str) -> Any:
+        """The value of ``key``; an array is checked against the file's end and left there (``_Array``)."""
         what = f"metadata {key!r}"
         kind = self.value_type(what)
         if kind == GGUFValueType.STRING:
@@ -201,16 +242,24 @@ class _Reader:
             return self.scalar(_SCALARS[kind], what)
         element = self.value_type(f"the elements of {what}")
         count = self.scalar(_U64, f"the length of {what}")
+        start = self.pos
         if element == GGUFValueType.STRING:
-            return self.strings(count, what)
-        if element == GGUFValueType.ARRAY:
+            self.strings(count, what, decode=False)
+        elif element == GGUFValueType.ARRAY:
             raise ModelFormatError(f"{self.path}: {what} is an array of arrays, which GGUF readers do not support")
-        layout = _SCALARS[element]
-        start = self.take(count * layout.size, what)
-        return np.frombuffer(self.buffer, np.dtype(layout.format), count, start).tolist()
+        else:
+            self.take(count * _SCALARS[element].size, what)
+        return _Array(start, element, count)
 
-    def strings(self, count: int, what: str) -> list[str]:
-        """``count`` strings straight into a list: the vocabulary's hot loop, so ``take`` is inlined."""
+    def array(self, array: _Array, key: str) -> list:
+        """Decode an array ``value`` left in the file (its bounds were checked then)."""
+        if array.element == GGUFValueType.STRING:
+            return _Reader(self.buffer, self.path, array.start).strings(array.count, f"metadata {key!r}")
+        layout = _SCALARS[array.element]
+        return np.frombuffer(self.buffer, np.dtype(layout.format), array.count, array.start).tolist()
+
+    def strings(self, count: int, what: str, decode: bool = True) -> list[str]:
+        """``count`` strings straight into a list (or only skipped): the vocabulary's hot loop, so ``take`` is inlined."""
         self.take(count * _U64.size, what)  # each string has at least its length: fail early on a bad count
         self.pos -= count * _U64.size
         buffer, pos, size, unpack = self.buffer, self.pos, self.size, _U64.unpack_from
@@ -225,10 +274,11 @@ class _Reader:
             if end > size:
                 self.pos = pos
                 self.take(length, f"{what}[{index}]")
-            try:
-                values.append(str(buffer[pos:end], "utf-8"))
-            except UnicodeDecodeError:
-                self._decode(pos, length, f"{what}[{index}]")
+            if decode:
+                try:
+                    values.append(str(buffer[pos:end], "utf-8"))
+                except UnicodeDecodeError:
+                    self._decode(pos, length, f"{what}[{index}]")
             pos = end
         self.pos = pos
         return values

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from array import array
 from functools import lru_cache
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -84,7 +84,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def _list(metadata: dict[str, Any], key: str, length: int | None = None, required: bool = True) -> list | None:
+def _list(metadata: Mapping[str, Any], key: str, length: int | None = None, required: bool = True) -> list | None:
     value = metadata.get(key)
     if value is None:
         if required:
@@ -125,7 +125,7 @@ def byte_level_pre_tokenizer(pre: str | None):
     return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
 
 
-def _byte_level(metadata: dict[str, Any], tokens: list[str]) -> tuple[Backend, bool]:
+def _byte_level(metadata: Mapping[str, Any], tokens: list[str]) -> tuple[Backend, bool]:
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     # Tokens outside the byte alphabet (some converters store them as plain text) get respelled.
@@ -170,7 +170,7 @@ def generate_merges(tokens: list[str], scores: dict[str, float]) -> list[tuple[s
     return [(tokens[left], tokens[right]) for left, right in zip(lefts, rights)]
 
 
-def _sentencepiece(metadata: dict[str, Any], tokens: list[str]) -> tuple[Backend, bool]:
+def _sentencepiece(metadata: Mapping[str, Any], tokens: list[str]) -> tuple[Backend, bool]:
     gemma = metadata.get("general.architecture") in GEMMA_ARCHITECTURES
     if gemma:
         # Gemma files store tokens of 2+ spaces as real spaces, but text reaches the model with
@@ -207,8 +207,13 @@ GEMMA_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3", "gemma3n", "gemma-
 BUILDERS = {"gpt2": _byte_level, "llama": _sentencepiece}
 
 
-def backend_from_gguf(metadata: dict[str, Any]) -> Backend:
-    """The ``tokenizers.Tokenizer`` (model, normalizer, pre-tokenizer, decoder, added tokens), no post-processor."""
+def backend_from_gguf(metadata: Mapping[str, Any]) -> tuple[Backend, int]:
+    """The ``tokenizers.Tokenizer`` (model, normalizer, pre-tokenizer, decoder, added tokens), no post-processor,
+    and the number of tokens the file lists.
+
+    ``GGUFMetadata`` decodes an array on each access: each is read once here, and the
+    lists are dropped once ``tokenizers`` holds its own copy.
+    """
     kind = metadata.get("tokenizer.ggml.model")
     if kind in (None, "none", "no"):
         raise ModelFormatError("the GGUF file has no tokenizer (tokenizer.ggml.model is missing); pass token ids instead of text")
@@ -228,7 +233,7 @@ def backend_from_gguf(metadata: dict[str, Any]) -> Backend:
     except Exception as e:  # tokenizers rejects a merge naming an unknown token, and so on
         raise ModelFormatError(f"the GGUF tokenizer metadata is inconsistent ({e}); the file is corrupt") from None
     _add_gguf_tokens(backend, tokens, token_types, byte_level)
-    return backend
+    return backend, len(tokens)
 
 
 def _add_gguf_tokens(backend: Backend, tokens: list[str], token_types: list[int], byte_level: bool) -> None:

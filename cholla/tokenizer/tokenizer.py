@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as Backend
@@ -73,17 +73,16 @@ class Tokenizer:
     # -- construction -----------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, metadata: dict[str, Any]) -> Tokenizer:
+    def from_gguf(cls, metadata: Mapping[str, Any]) -> Tokenizer:
         """From ``GGUFFile.metadata``: llama.cpp's ``tokenizer.ggml.*`` keys and ``tokenizer.chat_template``."""
-        backend = backend_from_gguf(metadata)
-        tokens = metadata["tokenizer.ggml.tokens"]
+        backend, num_tokens = backend_from_gguf(metadata)
 
         def token_id(key: str) -> int | None:
             value = metadata.get(f"tokenizer.ggml.{key}")
             if value is None:
                 return None
-            if not isinstance(value, int) or not 0 <= value < len(tokens):
-                raise ModelFormatError(f"tokenizer.ggml.{key} = {value!r} is not a token id below {len(tokens)}; the file is corrupt")
+            if not isinstance(value, int) or not 0 <= value < num_tokens:
+                raise ModelFormatError(f"tokenizer.ggml.{key} = {value!r} is not a token id below {num_tokens}; the file is corrupt")
             return value
 
         bos, eos = token_id("bos_token_id"), token_id("eos_token_id")
@@ -102,7 +101,7 @@ class Tokenizer:
             unk_token_id=token_id("unknown_token_id"),
             eog_token_ids=[token_id(key) for key in EOG_ID_KEYS],
             chat_template=template,
-            vocab_size=len(tokens),
+            vocab_size=num_tokens,
         )
 
     @classmethod
