@@ -191,3 +191,39 @@ def test_paged_attention_rejects_bad_tables():
         kernels.paged_attention_decode(q, k_cache, k_cache, torch.tensor([[7]]), torch.tensor([3]), 1.0, 0, 0.0)
     with pytest.raises(RuntimeError, match="bad context length"):
         kernels.paged_attention_decode(q, k_cache, k_cache, torch.tensor([[0]]), torch.tensor([17]), 1.0, 0, 0.0)
+
+
+@pytest.mark.parametrize("dim", [64, 576, 650])  # 650: a partial vector at the end of each row
+def test_rms_norm_matches_the_torch_ops(dim):
+    from cholla.layers.norm import rms_norm_ops
+
+    generator = torch.Generator().manual_seed(dim)
+    x = torch.randn(3, 5, dim, generator=generator) * 3
+    weight = torch.randn(dim, generator=generator)
+    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-6), rms_norm_ops(x, weight, 1e-6), rtol=1e-6, atol=1e-6)
+    big = torch.randn(700, dim, generator=generator)  # enough rows to run on both threads
+    torch.testing.assert_close(kernels.rms_norm(big, weight, 1e-5), rms_norm_ops(big, weight, 1e-5), rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        kernels.rms_norm(x, weight[:-1], 1e-6)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_rope_matches_the_torch_ops(interleaved, tokens):
+    """In place on q and k that are views into one fused projection output, as the model passes them."""
+    from cholla.layers.rotary import RotaryEmbedding
+    from cholla.models.config import RopeConfig
+
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), 64, interleaved)
+    generator = torch.Generator().manual_seed(tokens)
+    positions = torch.randint(0, 2000, (tokens,), generator=generator)
+    fused = torch.randn(tokens, 9 * 64 + 3 * 64 + 3 * 64, generator=generator)
+    q = fused[:, : 9 * 64].view(tokens, 9, 64)
+    k = fused[:, 9 * 64 : 12 * 64].view(tokens, 3, 64)
+    rotary._grow(2000)
+    expected_q, expected_k = rotary.rotate_ops(positions, q.clone(), k.clone())
+    kernels.rope_(q, k, positions, rotary.cos, rotary.sin, interleaved)
+    torch.testing.assert_close(q, expected_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k, expected_k, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="position out of the table"):
+        kernels.rope_(q, k, positions + 10**6, rotary.cos, rotary.sin, interleaved)

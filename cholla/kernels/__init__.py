@@ -19,7 +19,7 @@ import torch
 
 log = logging.getLogger("cholla")
 
-SOURCES = [str(Path(__file__).with_name(name)) for name in ("qmatmul.cpp", "qgemv.cpp", "paged_attention.cpp")]
+SOURCES = [str(Path(__file__).with_name(name)) for name in ("qmatmul.cpp", "qgemv.cpp", "norm_rope.cpp", "paged_attention.cpp")]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma", "amx_tile", "amx_bf16")
 COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma", "-mavx512vnni"]
 COMPILER_FLAGS += ["-mamx-tile", "-mamx-bf16"]

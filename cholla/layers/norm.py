@@ -5,9 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cholla.kernels import amx_kernels
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., dim] normalised by its root mean square, then scaled by ``weight``."""
+    """x: [..., dim] normalised by its root mean square, then scaled by ``weight``.
+
+    One fused call where our kernels run (a decode step has two per layer, and
+    the op chain below costs more in dispatch than in arithmetic).
+    """
+    kernels = amx_kernels()
+    if kernels is not None and x.dtype == torch.float32:
+        return kernels.rms_norm(x, weight, eps)
+    return rms_norm_ops(x, weight, eps)
+
+
+def rms_norm_ops(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rms_norm`` in PyTorch ops: the fallback, and the kernel's reference."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (weight * x32).to(x.dtype)

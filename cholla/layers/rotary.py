@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from cholla.kernels import amx_kernels
 from cholla.models.config import RopeConfig
 
 
@@ -63,9 +64,20 @@ class RotaryEmbedding:
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
     def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [tokens]; q: [tokens, heads, head_dim]; k: [tokens, kv_heads, head_dim]."""
+        """positions: [tokens]; q: [tokens, heads, head_dim]; k: [tokens, kv_heads, head_dim].
+
+        Where our kernels run, q and k are rotated in place and returned.
+        """
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             self._grow(int(positions.max()) + 1)
+        kernels = amx_kernels()
+        if kernels is not None and q.dtype == k.dtype == torch.float32:  # in place, one call for q and k
+            kernels.rope_(q, k, positions, self.cos, self.sin, self.interleaved)
+            return q, k
+        return self.rotate_ops(positions, q, k)
+
+    def rotate_ops(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotation in PyTorch ops (tables already grown): the fallback, and the kernel's reference."""
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + self._rotate(q) * sin, k * cos + self._rotate(k) * sin
