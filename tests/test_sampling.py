@@ -336,3 +336,14 @@ def test_safe_prefix_len_holds_back_partial_stop():
     assert safe_prefix_len("a\n", ["\n\nUser", "x"]) == 1
     assert safe_prefix_len("abab", ["abac"]) == 2  # the longest suffix that starts a stop
     assert safe_prefix_len("", ["abc"]) == 0
+
+
+def test_argmax_takes_the_first_of_tied_maxima():
+    from cholla.sampling.sampler import argmax
+
+    logits = torch.zeros(3, 262144)
+    logits[0, [7, 70000]] = 1.0
+    logits[1, 262143] = 2.0
+    assert argmax(logits).tolist() == [7, 262143, 0]
+    random_logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(argmax(random_logits), random_logits.argmax(dim=-1))

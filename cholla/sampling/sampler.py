@@ -227,6 +227,13 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's largest value (the first, on ties). ``max`` gives the same
+    indices as ``argmax`` at a third of its cost on CPU (7 vs 20 ms over Gemma's
+    262k-token vocabulary for 32 rows), which is a seventh of a batched decode step."""
+    return x.max(dim=-1).indices
+
+
 def random_sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """Draw one token per row of ``probs: [batch, vocab]``.
 
@@ -243,7 +250,7 @@ def random_sample(probs: torch.Tensor, generators: list[torch.Generator | None])
         q[row] = torch.empty(probs.shape[-1], device=g.device).exponential_(generator=g).to(probs.device)
     # exponential_ may return exactly 0; keep masked tokens (prob 0) at 0 instead of NaN.
     q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return (probs / q).argmax(dim=-1)
+    return argmax(probs / q)
 
 
 def compute_logprobs(
@@ -277,9 +284,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         )
 
     if batch.all_greedy:
-        token_ids = logits.argmax(dim=-1)
+        token_ids = argmax(logits)
     else:
-        greedy_ids = None if batch.all_random else logits.argmax(dim=-1)
+        greedy_ids = None if batch.all_random else argmax(logits)
         logits = apply_temperature(logits, batch.temperatures)
         if batch.top_k is not None:
             logits = apply_top_k(logits, batch.top_k)
