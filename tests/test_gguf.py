@@ -208,11 +208,28 @@ def test_invalid_utf8(small_gguf: Path):
         read_gguf(small_gguf)
 
 
+def q8_info(path: Path) -> int:
+    """Where tensor q8's info record starts: name length, name, dims count, dims, type, offset."""
+    return path.read_bytes().index(struct.pack("<Q", 2) + b"q8")
+
+
 def test_unknown_tensor_type(small_gguf: Path):
-    data = small_gguf.read_bytes()
-    type_at = data.index(b"\x02\x00\x00\x00\x00\x00\x00\x00q8") + 10 + 4 + 2 * 8
-    corrupt(small_gguf, type_at, struct.pack("<I", 1000))
+    corrupt(small_gguf, q8_info(small_gguf) + 10 + 4 + 2 * 8, struct.pack("<I", 1000))
     with pytest.raises(ModelFormatError, match="tensor 'q8' has type 1000"):
+        read_gguf(small_gguf)
+
+
+def test_row_not_a_whole_number_of_blocks(small_gguf: Path):
+    corrupt(small_gguf, q8_info(small_gguf) + 10 + 4, struct.pack("<Q", 48))
+    with pytest.raises(ModelFormatError, match="tensor q8 has rows of 48 values, not a multiple of Q8_0's 32"):
+        read_gguf(small_gguf)
+
+
+def test_misaligned_tensor_offset(small_gguf: Path):
+    offset_at = q8_info(small_gguf) + 10 + 4 + 2 * 8 + 4
+    (offset,) = struct.unpack_from("<Q", small_gguf.read_bytes(), offset_at)
+    corrupt(small_gguf, offset_at, struct.pack("<Q", offset + 1))
+    with pytest.raises(ModelFormatError, match=f"tensor q8 starts at offset {offset + 1}, not a multiple of 32"):
         read_gguf(small_gguf)
 
 

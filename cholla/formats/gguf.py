@@ -173,9 +173,10 @@ def _tensor(path: Path, whole: np.ndarray, name: str, dims: tuple[int, ...], qty
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     if relative % alignment:
         raise ModelFormatError(f"{path}: tensor {name} starts at offset {relative}, not a multiple of {alignment}; the file is corrupt")
-    if dims and dims[0] % block_size:
+    row = dims[0] if dims else 1
+    if row % block_size:
         raise ModelFormatError(
-            f"{path}: tensor {name} has rows of {dims[0]} values, not a multiple of {qtype.name}'s {block_size}; the file is corrupt"
+            f"{path}: tensor {name} has rows of {row} values, not a multiple of {qtype.name}'s {block_size}; the file is corrupt"
         )
     num_bytes = math.prod(dims) // block_size * type_size
     start = data_start + relative
@@ -184,9 +185,9 @@ def _tensor(path: Path, whole: np.ndarray, name: str, dims: tuple[int, ...], qty
     shape = tuple(reversed(dims))
     dtype = _ELEMENT_DTYPES.get(qtype)
     raw = whole[start:start + num_bytes]
-    if dtype is None:
+    if dtype is None and shape:
         raw = raw.reshape(*shape[:-1], shape[-1] // block_size * type_size)
-    else:
+    elif dtype is not None:
         raw = raw.view(dtype).reshape(shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only memory map: we never write to it
