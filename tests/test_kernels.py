@@ -227,3 +227,24 @@ def test_rope_matches_the_torch_ops(interleaved, tokens):
     torch.testing.assert_close(k, expected_k, rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="position out of the table"):
         kernels.rope_(q, k, positions + 10**6, rotary.cos, rotary.sin, interleaved)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_write_kv_matches_index_copy(cache_dtype):
+    """Strided k and v (views into a fused projection), rounded as ``Tensor.to`` rounds, into scattered slots."""
+    generator = torch.Generator().manual_seed(0)
+    fused = torch.randn(50, 4 * 64 + 2 * 2 * 64, generator=generator) * 100
+    fused[0, 256] = float("nan")
+    k = fused[:, 256:384].view(50, 2, 64)
+    v = fused[:, 384:].view(50, 2, 64)
+    slots = torch.randperm(20 * 16, generator=generator)[:50]
+    expected_k = torch.zeros(20, 16, 2, 64, dtype=cache_dtype)
+    expected_v = torch.zeros(20, 16, 2, 64, dtype=cache_dtype)
+    expected_k.view(-1, 2, 64).index_copy_(0, slots, k.to(cache_dtype))
+    expected_v.view(-1, 2, 64).index_copy_(0, slots, v.to(cache_dtype))
+    k_cache, v_cache = torch.zeros_like(expected_k), torch.zeros_like(expected_v)
+    kernels.write_kv(k, v, k_cache, v_cache, slots)
+    torch.testing.assert_close(k_cache, expected_k, rtol=0, atol=0, equal_nan=True)  # NaN stays NaN
+    torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        kernels.write_kv(k, v, k_cache, v_cache, slots + 10**4)

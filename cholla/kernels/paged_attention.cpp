@@ -1,4 +1,4 @@
-// Decode attention straight from the paged KV cache.
+// Decode attention straight from the paged KV cache, and the cache writes.
 //
 // Each decoding sequence has one new query token per head; its keys and values
 // lie in fixed-size cache blocks listed by its block table. For every (sequence,
@@ -12,7 +12,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -171,11 +173,67 @@ at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_ca
   return out;
 }
 
+// Rounds fp32 to bfloat16, nearest even (as at::BFloat16 does; NaN stays NaN).
+inline void store_row(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = lanes(n - i);
+    const __m256bh packed = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, src + i));
+    _mm256_mask_storeu_epi16(dst + i, live, (__m256i)packed);
+  }
+}
+inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+template <typename T>
+void scatter_rows(const at::Tensor& src, T* cache, const int64_t* slots, int64_t tokens, int64_t row, int64_t slot_count) {
+  const float* data = src.data_ptr<float>();
+  const int64_t stride = src.stride(0);
+  at::parallel_for(0, tokens, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(row, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) store_row(cache + slots[t] * row, data + t * stride, row);
+  });
+}
+
+void check_new_rows(const at::Tensor& x, int64_t tokens, int64_t kv_heads, int64_t dim) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(0) == tokens && x.size(1) == kv_heads &&
+                  x.size(2) == dim && x.stride(2) == 1 && x.stride(1) == dim,
+              "write_kv: k and v must be fp32 [tokens, kv_heads, dim] with contiguous heads");
+}
+
+// Writes this step's keys and values (fp32 [tokens, kv_heads, dim], token stride
+// free: views into the fused q/k/v projection) into their cache slots, rounding
+// to the cache's dtype on the way: one pass instead of a conversion and an
+// index_copy_ per tensor.
+void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
+              const at::Tensor& slot_mapping_in) {
+  const auto cache_type = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.dim() == 4 && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
+                  k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.scalar_type() == cache_type && v_cache.is_contiguous(),
+              "write_kv: caches must be contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim]");
+  const at::Tensor slot_mapping = slot_mapping_in.to(at::kLong).contiguous();
+  const int64_t tokens = slot_mapping.numel(), kv_heads = k_cache.size(2), dim = k_cache.size(3);
+  const int64_t slot_count = k_cache.size(0) * k_cache.size(1), row = kv_heads * dim;
+  check_new_rows(k, tokens, kv_heads, dim);
+  check_new_rows(v, tokens, kv_heads, dim);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(slots[t] >= 0 && slots[t] < slot_count, "write_kv: slot out of range");
+  if (cache_type == at::kFloat) {
+    scatter_rows(k, k_cache.data_ptr<float>(), slots, tokens, row, slot_count);
+    scatter_rows(v, v_cache.data_ptr<float>(), slots, tokens, row, slot_count);
+  } else {
+    scatter_rows(k, static_cast<uint16_t*>(k_cache.data_ptr()), slots, tokens, row, slot_count);
+    scatter_rows(v, static_cast<uint16_t*>(v_cache.data_ptr()), slots, tokens, row, slot_count);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) {
+  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int window, float softcap) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(cholla, CPU, m) { m.impl("paged_attention_decode", &paged_attention_decode); }
+TORCH_LIBRARY_IMPL(cholla, CPU, m) {
+  m.impl("write_kv", &write_kv);
+  m.impl("paged_attention_decode", &paged_attention_decode);
+}

@@ -83,8 +83,7 @@ def paged_attention(
     Returns [tokens, heads, dim]. Prefill chunks attend in ``prefill_dtype``.
     """
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     starts = meta.query_start_loc
 
@@ -115,6 +114,16 @@ def paged_attention(
         else:
             out[first:] = decode_attention(q[first:], k_cache, v_cache, tables, meta.decode_context_lens, scale, window, softcap)
     return out
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """This step's keys and values (fp32 [tokens, kv_heads, dim]) into their cache slots, in the cache's dtype."""
+    kernels = amx_kernels()
+    if kernels is not None and k.dtype == v.dtype == torch.float32 and k_cache.dtype in (torch.float32, torch.bfloat16):
+        kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None) -> torch.Tensor:
