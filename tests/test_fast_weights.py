@@ -1,8 +1,8 @@
 """The ``bfloat16`` path: our kernels on real tensors and the whole model on them.
 
 Each real tensor type and shape of both models goes through each kernel path
-(the int8 GEMV of one-row steps, AMX bf16 tiles, bf16 dequantization +
-oneDNN) and is
+(the int8 GEMV of steps of a few rows, AMX bf16 tiles, bf16 dequantization
++ oneDNN) and is
 checked against ``F.linear`` on gguf's fp32 dequantization. The kernels
 themselves are checked bit-for-bit-ish in tests/test_kernels.py; what is left
 here is bfloat16 (or int8) rounding of the activations and weights.
@@ -31,7 +31,7 @@ from cholla import LLM, SamplingParams
 from cholla.engine.runner import forward_once
 from cholla.formats.gguf import read_gguf
 from cholla.kernels import amx_kernels
-from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, Linear, linear_group
+from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear, linear_group
 from cholla.quant import dequantize
 
 pytestmark = pytest.mark.skipif(amx_kernels() is None, reason="needs a CPU with AMX-BF16 and a C++ compiler")
@@ -54,8 +54,8 @@ PROMPTS = [
     "The history of the printing press begins",
     "Name three uses of copper and explain one.",
 ]
-# Step sizes at each path's edges: the fp32 GEMV, AMX tiles, dequantize + oneDNN.
-ROWS = [1, 2, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, AMX_MAX_ROWS, AMX_MAX_ROWS + 1]
+# Step sizes at each path's edges: the GEMVs (fp32 and int8), AMX tiles, dequantize + oneDNN.
+ROWS = [1, 2, INT8_MAX_ROWS, INT8_MAX_ROWS + 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, AMX_MAX_ROWS, AMX_MAX_ROWS + 1]
 
 
 def _tensors_by_type(path):

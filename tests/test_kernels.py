@@ -100,7 +100,7 @@ def int8_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: GGMLQuantizatio
 
 @pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("k", [96, 512, 576, 768])  # 3, 16, 18 and 24 blocks: partial groups of 16 and of 4
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 8])
 def test_qgemv_int8_matches_its_int8_reference(qtype, k, rows):
     blocks, w = random_weight(qtype, 40, k, seed=k + rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))

@@ -151,12 +151,16 @@ inline __m128i load16(const uint8_t* p, bool present) {
   return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
 }
 
-// Four blocks (`count` of them real) against x: lane L (128 bits) of the result
-// holds four partial integer sums of block L.
+// The weights of four blocks (`count` of them real; TAIL: the rest read as
+// zeros) as VPDPBUSD's unsigned operands: two vectors, each meeting 64 bytes of x.
+struct FourBlocks {
+  __m512i first, second;
+};
+
 template <int64_t TYPE, bool TAIL>
-inline __m512i four_block_sums(const uint8_t* blocks, const int8_t* x_natural, const int8_t* x_nibbles, int count) {
+inline FourBlocks load_four_blocks(const uint8_t* blocks, int count) {
   constexpr IntFormat f = int_format(TYPE);
-  if constexpr (TYPE == Q8_0) {
+  if constexpr (TYPE == Q8_0) {  // two blocks of 32 signed bytes per vector, offset to unsigned
     __m512i w[2];
     for (int h = 0; h < 2; ++h) {
       const uint8_t* p = blocks + 2 * h * f.bytes + f.qs;
@@ -170,12 +174,8 @@ inline __m512i four_block_sums(const uint8_t* blocks, const int8_t* x_natural, c
       }
       w[h] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1), _mm512_set1_epi8(-128));
     }
-    const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512(x_natural));
-    const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_loadu_si512(x_natural + 64));
-    // s0: lanes 0-1 block 0, 2-3 block 1; s1 likewise for blocks 2, 3.
-    return _mm512_add_epi32(_mm512_shuffle_i32x4(s0, s1, _MM_SHUFFLE(2, 0, 2, 0)),
-                            _mm512_shuffle_i32x4(s0, s1, _MM_SHUFFLE(3, 1, 3, 1)));
-  } else {
+    return {w[0], w[1]};
+  } else {  // 16 bytes of nibbles per block: the low nibbles of all four, then the high ones
     const uint8_t* p = blocks + f.qs;
     __m512i v = _mm512_castsi128_si512(load16<TAIL>(p, true));
     v = _mm512_inserti32x4(v, load16<TAIL>(p + f.bytes, 1 < count), 1);
@@ -196,8 +196,22 @@ inline __m512i four_block_sums(const uint8_t* blocks, const int8_t* x_natural, c
       lo = _mm512_mask_add_epi8(lo, lo_bits, lo, sixteen);
       hi = _mm512_mask_add_epi8(hi, hi_bits, hi, sixteen);
     }
-    const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x_nibbles));
-    return _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(x_nibbles + 64));
+    return {lo, hi};
+  }
+}
+
+// Four blocks of weights against 128 bytes of one row of x (in the layout the
+// type reads): lane L (128 bits) of the result holds four partial sums of block L.
+template <int64_t TYPE>
+inline __m512i four_block_sums(const FourBlocks& w, const int8_t* x) {
+  const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.first, _mm512_loadu_si512(x));
+  if constexpr (TYPE == Q8_0) {
+    const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.second, _mm512_loadu_si512(x + 64));
+    // s0: lanes 0-1 block 0, 2-3 block 1; s1 likewise for blocks 2, 3.
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(s0, s1, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(s0, s1, _MM_SHUFFLE(3, 1, 3, 1)));
+  } else {
+    return _mm512_dpbusd_epi32(s0, w.second, _mm512_loadu_si512(x + 64));
   }
 }
 
@@ -209,9 +223,10 @@ inline __m512i sum_blocks(const __m512i s[4]) {
   return _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
 }
 
-// Σ w x over one weight row of `blocks` blocks.
-template <int64_t TYPE>
-float int_dot(const uint8_t* row, int64_t blocks, const QuantizedRow& x) {
+// Σ w x of one weight row of `blocks` blocks with each of the M rows of x, into
+// out[r * stride]. Each block's weights are unpacked once for all M rows.
+template <int64_t TYPE, int M>
+void int_dot(const uint8_t* row, int64_t blocks, const QuantizedRow* x, float* out, int64_t stride) {
   constexpr IntFormat f = int_format(TYPE);
   alignas(64) static constexpr int32_t offsets[16] = {
       group_block(0) * f.bytes,  group_block(1) * f.bytes,  group_block(2) * f.bytes,  group_block(3) * f.bytes,
@@ -219,48 +234,65 @@ float int_dot(const uint8_t* row, int64_t blocks, const QuantizedRow& x) {
       group_block(8) * f.bytes,  group_block(9) * f.bytes,  group_block(10) * f.bytes, group_block(11) * f.bytes,
       group_block(12) * f.bytes, group_block(13) * f.bytes, group_block(14) * f.bytes, group_block(15) * f.bytes};
   const __m512i index = _mm512_load_si512(offsets);
-  __m512 acc = _mm512_setzero_ps();
+  const __m512 bias = _mm512_set1_ps(f.bias);
+  __m512 acc[M];
+  for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t first = 0; first < blocks; first += GROUP_BLOCKS) {
     const uint8_t* base = row + first * f.bytes;
-    const int8_t* xn = x.natural.data() + 32 * first;
-    const int8_t* xb = x.nibbles.data() + 32 * first;
     const int64_t count = std::min<int64_t>(GROUP_BLOCKS, blocks - first);
-    __m512i s[4];
+    __m512i s[M][4];
     __m512i scales;  // 32 bits at each block's start: d, then m for formats with a min
+    for (int i = 0; i < 4; ++i) {
+      FourBlocks w;
+      if (count == GROUP_BLOCKS) {
+        w = load_four_blocks<TYPE, false>(base + 4 * i * f.bytes, 4);
+      } else if (4 * i < count) {
+        w = load_four_blocks<TYPE, true>(base + 4 * i * f.bytes, static_cast<int>(count - 4 * i));
+      } else {
+        for (int r = 0; r < M; ++r) s[r][i] = _mm512_setzero_si512();
+        continue;
+      }
+      for (int r = 0; r < M; ++r) {
+        const int8_t* xs = (TYPE == Q8_0 ? x[r].natural.data() : x[r].nibbles.data()) + 32 * (first + 4 * i);
+        s[r][i] = four_block_sums<TYPE>(w, xs);
+      }
+    }
     if (count == GROUP_BLOCKS) {
-      for (int i = 0; i < 4; ++i) s[i] = four_block_sums<TYPE, false>(base + 4 * i * f.bytes, xn + 128 * i, xb + 128 * i, 4);
       scales = _mm512_i32gather_epi32(index, base, 1);
     } else {
       __mmask16 present = 0;
       for (int p = 0; p < 16; ++p) present |= static_cast<__mmask16>(group_block(p) < count) << p;
-      for (int i = 0; i < 4; ++i)
-        s[i] = 4 * i < count ? four_block_sums<TYPE, true>(base + 4 * i * f.bytes, xn + 128 * i, xb + 128 * i,
-                                                           static_cast<int>(count - 4 * i))
-                             : _mm512_setzero_si512();
       scales = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), present, index, base, 1);
     }
-    const __m512 sums = _mm512_cvtepi32_ps(sum_blocks(s));
-    const __m512 dx = _mm512_loadu_ps(&x.dx[first]), qsum = _mm512_loadu_ps(&x.qsum[first]);
     const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(scales));
-    const __m512 bias = _mm512_set1_ps(f.bias);
-    acc = _mm512_fmadd_ps(_mm512_fmadd_ps(qsum, bias, _mm512_mul_ps(sums, dx)), d, acc);
-    if (f.has_min) {
-      const __m512 m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(scales, 16)));
-      acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(bias, d, m), _mm512_loadu_ps(&x.sum[first]), acc);
+    __m512 m_shifted = _mm512_setzero_ps();  // m' = m - bias d
+    if (f.has_min)
+      m_shifted = _mm512_fnmadd_ps(bias, d, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(scales, 16))));
+    for (int r = 0; r < M; ++r) {
+      const __m512 sums = _mm512_cvtepi32_ps(sum_blocks(s[r]));
+      const __m512 dx = _mm512_loadu_ps(&x[r].dx[first]), qsum = _mm512_loadu_ps(&x[r].qsum[first]);
+      acc[r] = _mm512_fmadd_ps(_mm512_fmadd_ps(qsum, bias, _mm512_mul_ps(sums, dx)), d, acc[r]);
+      if (f.has_min) acc[r] = _mm512_fmadd_ps(m_shifted, _mm512_loadu_ps(&x[r].sum[first]), acc[r]);
     }
   }
-  return _mm512_reduce_add_ps(acc);
+  for (int r = 0; r < M; ++r) out[r * stride] = _mm512_reduce_add_ps(acc[r]);
 }
 
-using IntDot = float (*)(const uint8_t*, int64_t, const QuantizedRow&);
+using IntDot = void (*)(const uint8_t*, int64_t, const QuantizedRow*, float*, int64_t);
 
-IntDot int_dot_for(int64_t type) {
+template <int64_t TYPE>
+constexpr IntDot INT_DOT_BY_ROWS[GEMV_MAX_ROWS] = {int_dot<TYPE, 1>, int_dot<TYPE, 2>, int_dot<TYPE, 3>,
+                                                   int_dot<TYPE, 4>, int_dot<TYPE, 5>, int_dot<TYPE, 6>,
+                                                   int_dot<TYPE, 7>, int_dot<TYPE, 8>};
+
+// The integer kernel for `rows` rows of x, or nullptr for types without one.
+IntDot int_dot_for(int64_t type, int64_t rows) {
   switch (type) {
-    case Q4_0: return int_dot<Q4_0>;
-    case Q4_1: return int_dot<Q4_1>;
-    case Q5_0: return int_dot<Q5_0>;
-    case Q5_1: return int_dot<Q5_1>;
-    case Q8_0: return int_dot<Q8_0>;
+    case Q4_0: return INT_DOT_BY_ROWS<Q4_0>[rows - 1];
+    case Q4_1: return INT_DOT_BY_ROWS<Q4_1>[rows - 1];
+    case Q5_0: return INT_DOT_BY_ROWS<Q5_0>[rows - 1];
+    case Q5_1: return INT_DOT_BY_ROWS<Q5_1>[rows - 1];
+    case Q8_0: return INT_DOT_BY_ROWS<Q8_0>[rows - 1];
     default: return nullptr;
   }
 }
@@ -286,15 +318,14 @@ at::Tensor qgemv_int8(const at::Tensor& x_in, at::TensorList weights, at::IntArr
     for (int64_t j = begin; j < end; ++j) {
       const Segment& seg = segments[jobs[j].segment];
       const int64_t first = jobs[j].first_row, last = std::min(seg.rows, first + GEMV_JOB_ROWS);
-      const IntDot dot = int_dot_for(seg.type);
+      const IntDot dot = int_dot_for(seg.type, m);
       if (dot == nullptr) {
         GEMV_BY_ROWS[m - 1](seg, first, last, xs, k, out, n_total);
         continue;
       }
       for (int64_t n = first; n < last; ++n) {
         prefetch(seg.data + (n + PREFETCH_ROWS) * seg.row_bytes, seg.row_bytes);
-        for (int64_t r = 0; r < m; ++r)
-          out[r * n_total + seg.out_offset + n] = dot(seg.data + n * seg.row_bytes, k / 32, rows[r]);
+        dot(seg.data + n * seg.row_bytes, k / 32, rows.data(), out + seg.out_offset + n, n_total);
       }
     }
   });

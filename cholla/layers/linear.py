@@ -7,10 +7,11 @@ ever holds a dequantized copy of its weight. Where our kernels
 
 - in float32, steps of up to ``GEMV_MAX_ROWS`` rows use ``qgemv``: the weight
   is dequantized in registers and multiplied by fp32 FMAs, exactly;
-- with ``compute_dtype`` bfloat16, one-row steps (a single sequence decoding)
-  use ``qgemv_int8``: x is rounded to int8 per block of 32 and meets the
-  weights' integers in VNNI dot products, as in llama.cpp (Q4_0 to Q8_0; other
-  types take the exact path); steps of up to ``AMX_MAX_ROWS`` rows use
+- with ``compute_dtype`` bfloat16, steps of up to ``INT8_MAX_ROWS`` rows (a
+  few sequences decoding) use ``qgemv_int8``: x is rounded to int8 per block
+  of 32 and meets the weights' integers in VNNI dot products, as in llama.cpp
+  (Q4_0 to Q8_0; other types take the exact path); steps of up to
+  ``AMX_MAX_ROWS`` rows use
   ``qmatmul`` (AMX tiles: weights and activations rounded to bf16, fp32
   sums), and larger steps (prefill) dequantize the weight to bf16 for one
   dense oneDNN matmul, which is faster per row there than ours.
@@ -44,10 +45,11 @@ Weight = torch.Tensor | GGUFTensor
 DEQUANT_CHUNK_ELEMENTS = 8 * 1024 * 1024
 
 # Row counts where each kernel stops paying off (SmolLM2 and Gemma 3 shapes, 2
-# threads; docs/benchmarks.md): the fp32 GEMV's cost grows with rows (from two
-# rows on our AMX tiles are faster), the tiles' barely until they lose to
-# oneDNN's dense bf16 matmul.
+# threads; docs/benchmarks.md): the GEMVs' cost grows with rows (the fp32 one
+# loses to our AMX tiles from two rows, the int8 one from seven), the tiles'
+# barely until they lose to oneDNN's dense bf16 matmul.
 GEMV_MAX_ROWS = 8
+INT8_MAX_ROWS = 6
 AMX_MAX_ROWS = 64
 
 # GGUF types (and plain tensor dtypes) the kernels read directly.
@@ -142,7 +144,7 @@ def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear]) -> torch.Tensor | 
     kernels, rows = amx_kernels(), x.shape[0]
     if layers[0].compute_dtype != torch.bfloat16:
         return kernels.qgemv(x, weights, types) if rows <= GEMV_MAX_ROWS else None
-    if rows == 1:
+    if rows <= INT8_MAX_ROWS:
         return kernels.qgemv_int8(x, weights, types)
     if rows <= AMX_MAX_ROWS:
         return kernels.qmatmul(x, weights, types)
