@@ -84,6 +84,8 @@ def paged_attention(
     """
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if meta.num_prefills == 0:  # a decode-only step: no output to assemble
+        return attend_decodes(q, k_cache, v_cache, meta.block_tables, meta.decode_context_lens, scale, window, softcap)
     out = torch.empty_like(q)
     starts = meta.query_start_loc
 
@@ -102,18 +104,20 @@ def paged_attention(
         attended = _attend(queries, keys[None], values[None], mask, scale, softcap, prefill_dtype)
         out[start:stop] = attended[0].transpose(0, 1)
 
-    num_decodes = len(meta.context_lens) - meta.num_prefills
-    if num_decodes:
+    if len(meta.context_lens) > meta.num_prefills:
         first = starts[meta.num_prefills]
         tables = meta.block_tables[meta.num_prefills :]
-        kernels = amx_kernels()
-        if kernels is not None and q.dtype == torch.float32 and k_cache.dtype in (torch.float32, torch.bfloat16):
-            out[first:] = kernels.paged_attention_decode(
-                q[first:], k_cache, v_cache, tables, meta.decode_context_lens, scale, window or 0, softcap or 0.0
-            )
-        else:
-            out[first:] = decode_attention(q[first:], k_cache, v_cache, tables, meta.decode_context_lens, scale, window, softcap)
+        out[first:] = attend_decodes(q[first:], k_cache, v_cache, tables, meta.decode_context_lens, scale, window, softcap)
     return out
+
+
+def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None) -> torch.Tensor:
+    """One new token per sequence (q: [decodes, heads, dim]), by our kernel where it runs."""
+    kernels = amx_kernels()
+    if kernels is not None and q.dtype == torch.float32 and k_cache.dtype in (torch.float32, torch.bfloat16):
+        return kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0,
+                                              softcap or 0.0)
+    return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:

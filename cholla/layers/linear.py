@@ -137,10 +137,12 @@ class Linear(nn.Module):
 
 def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear]) -> torch.Tensor | None:
     """x: fp32 [rows, in] times every layer's weight, side by side; None where no kernel serves."""
-    if any(layer.kernel_weight is None for layer in layers):
-        return None
-    weights = [layer.kernel_weight[0] for layer in layers]
-    types = [layer.kernel_weight[1] for layer in layers]
+    weights, types = [], []
+    for layer in layers:  # a plain loop: this runs ~120 times per decoded token
+        if layer.kernel_weight is None:
+            return None
+        weights.append(layer.kernel_weight[0])
+        types.append(layer.kernel_weight[1])
     kernels, rows = amx_kernels(), x.shape[0]
     if layers[0].compute_dtype != torch.bfloat16:
         return kernels.qgemv(x, weights, types) if rows <= GEMV_MAX_ROWS else None
@@ -153,16 +155,14 @@ def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear]) -> torch.Tensor | 
 
 def linear_group(layers: Sequence[Linear], x: torch.Tensor) -> list[torch.Tensor]:
     """Every layer applied to the same x ([..., in] -> [..., out_i]), in one kernel call where possible."""
-    rows = x.reshape(-1, layers[0].in_features)
-    fused = _kernel_matmul(rows.float(), layers)
+    rows = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
+    fused = _kernel_matmul(rows if rows.dtype == torch.float32 else rows.float(), layers)
     if fused is not None:
         outs = fused.split([layer.out_features for layer in layers], dim=1) if len(layers) > 1 else [fused]
     else:
         outs = [layer.dense_forward(rows.to(layer.compute_dtype)).float() for layer in layers]
-    return [
-        (out if layer.bias is None else out + layer.bias).reshape(*x.shape[:-1], layer.out_features)
-        for layer, out in zip(layers, outs)
-    ]
+    outs = [out if layer.bias is None else out + layer.bias for layer, out in zip(layers, outs)]
+    return outs if x.dim() == 2 else [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
 
 
 class Embedding(nn.Module):
