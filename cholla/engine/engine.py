@@ -21,6 +21,7 @@ from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, bytes_per_bl
 from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
+from cholla.heap import keep_buffers_mapped
 from cholla.threads import set_threads
 from cholla.tokenizer.detokenizer import IncrementalDetokenizer
 from cholla.tokenizer.tokenizer import Tokenizer
@@ -83,6 +84,7 @@ class LLMEngine:
     def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         set_threads(config.threads)
+        keep_buffers_mapped()
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
         if config.dtype != "auto" and self.loaded.dtype != resolve_dtype(config.dtype):
             raise InvalidRequestError(

@@ -1,0 +1,36 @@
+"""glibc heap settings for inference: keep big activation buffers mapped.
+
+A forward pass allocates and frees the same multi-megabyte activations every
+layer (a 512-token prefill: ~4 MB to 25 MB each). By default glibc serves
+them with fresh ``mmap`` calls, or trims them off the top of the heap on
+free, so every layer pays the kernel's page faults again: a third of a
+512-token prefill's time on the 2-core benchmark machine. With the mmap
+threshold at its maximum (32 MiB) and trimming off, freed blocks stay in the
+heap and later layers reuse most of them (SmolLM2 pp512 2220 -> 2970 t/s;
+Gemma 3, 32 sequences, 780 -> 905 t/s). The resident size then stays near its
+high-water mark instead of returning to the OS between steps (peak RSS +7 MiB
+and +37 MiB).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit (4 * 1024 * 1024 * sizeof(long))
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
+
+
+@functools.cache
+def keep_buffers_mapped() -> bool:
+    """Applies the settings once per process; False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
