@@ -1,12 +1,12 @@
 """Hands out fixed-size KV blocks by id and takes them back, with reference counts.
 
 A block shared by several sequences (a common prompt prefix) is freed only
-when its last user lets go of it.
+when its last user lets go of it. Free blocks form a stack: the most recently
+freed is handed out first, so a server keeps reusing blocks whose pages are
+already resident (and likely cached) instead of faulting in fresh ones.
 """
 
 from __future__ import annotations
-
-from collections import deque
 
 from cholla.errors import ChollaError
 
@@ -19,7 +19,7 @@ class BlockAllocator:
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self.free_ids: deque[int] = deque(range(num_blocks))
+        self.free_ids: list[int] = list(reversed(range(num_blocks)))  # a stack: block 0 on top
 
     @property
     def num_free(self) -> int:
@@ -28,7 +28,7 @@ class BlockAllocator:
     def allocate(self) -> int:
         if not self.free_ids:
             raise OutOfBlocksError("the KV cache is full")
-        block = self.free_ids.popleft()
+        block = self.free_ids.pop()
         self.ref_counts[block] = 1
         return block
 
