@@ -46,7 +46,9 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
 
 
 def _attend(q, k, v, mask, scale: float, softcap: float | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q: [b, heads, q_len, dim]; k, v: [b, kv_heads, k_len, dim]; mask: bool, broadcastable.
+    """q: [b, heads, q_len, dim]; k, v: [b, kv_heads, k_len, dim]; mask: bool, broadcastable,
+    or None for plain causal attention over a whole prompt (q_len == k_len), which
+    SDPA's flash kernel runs without a mask, skipping the blocks above the diagonal.
 
     ``dtype``: what SDPA computes in (bfloat16 is 3-4x faster for a 512-token
     prefill here); the result comes back in q's dtype. Soft-capped scores stay fp32.
@@ -55,8 +57,11 @@ def _attend(q, k, v, mask, scale: float, softcap: float | None, dtype: torch.dty
     """
     if softcap is None:
         out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, scale=scale,
-                                             enable_gqa=True)
+                                             is_causal=mask is None, enable_gqa=True)
         return out.to(q.dtype)
+    if mask is None:
+        positions = torch.arange(q.shape[2])
+        mask = _allowed(positions[:, None], positions[None, :], None)
     k, v = k.to(q.dtype), v.to(q.dtype)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -98,8 +103,10 @@ def paged_attention(
             blocks = meta.block_tables[i, : (ctx + block_size - 1) // block_size]
             keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
             values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
-        q_pos = torch.arange(ctx - q_len, ctx)[:, None]
-        mask = _allowed(q_pos, torch.arange(ctx)[None, :], window)
+        if q_len == ctx and (window is None or window >= ctx):
+            mask = None  # causal over the whole prompt
+        else:
+            mask = _allowed(torch.arange(ctx - q_len, ctx)[:, None], torch.arange(ctx)[None, :], window)
         queries = q[start:stop].transpose(0, 1)[None]
         attended = _attend(queries, keys[None], values[None], mask, scale, softcap, prefill_dtype)
         out[start:stop] = attended[0].transpose(0, 1)
