@@ -76,7 +76,21 @@ def test_qgemv_is_exact_fp32(qtype, rows):
 
 
 INT8_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
-INT8_CENTRE = {T.Q4_1: 8.0, T.Q5_1: 16.0}  # the kernel's m' = m + centre d (see qgemv.cpp)
+INT8_CENTRE = {T.Q4_1: 8.0, T.Q5_1: 16.0, T.Q4_K: 8.0}  # the kernel's m' = m + centre d (see qgemv.cpp)
+
+
+def _scales_and_mins(blocks: torch.Tensor, qtype: GGMLQuantizationType, k: int):
+    """Per block of 32 weights, float64 [n, k / 32]: w = d q + m."""
+    n = blocks.shape[0]
+    if qtype != T.Q4_K:
+        header = blocks.reshape(n, k // 32, -1)[..., :4].contiguous().view(torch.float16).double()
+        return header[..., 0], header[..., 1]
+    supers = blocks.reshape(n, k // 256, 144)
+    d_super, dmin = supers[..., :4].contiguous().view(torch.float16).double().unbind(-1)
+    q = supers[..., 4:16].long()  # ggml's get_scale_min_k4, for sub-blocks 0-3 and 4-7
+    scales = torch.cat([q[..., 0:4] & 63, (q[..., 8:12] & 0xF) | ((q[..., 0:4] >> 6) << 4)], dim=-1)
+    mins = torch.cat([q[..., 4:8] & 63, (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)], dim=-1)
+    return (d_super[..., None] * scales).reshape(n, -1), (-dmin[..., None] * mins).reshape(n, -1)
 
 
 def int8_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: GGMLQuantizationType, w: torch.Tensor):
@@ -91,8 +105,7 @@ def int8_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: GGMLQuantizatio
     x_hat = (torch.round(xb * inv).double() * (amax / 127.0).double()).reshape(rows, k)
     y = x_hat @ w.double().T
     if qtype in INT8_CENTRE:
-        header = blocks.reshape(blocks.shape[0], k // 32, -1)[..., :4].contiguous().view(torch.float16).double()
-        d, m = header[..., 0], header[..., 1]  # [n, blocks]
+        d, m = _scales_and_mins(blocks, qtype, k)  # [n, blocks of 32]
         exact_minus_rounded = xb.double().sum(-1) - x_hat.reshape(rows, k // 32, 32).sum(-1)  # [rows, blocks]
         y += exact_minus_rounded @ (m + INT8_CENTRE[qtype] * d).T
     return y.float(), float((x_hat.abs() @ w.double().abs().T).max())
@@ -113,9 +126,21 @@ def test_qgemv_int8_matches_its_int8_reference(qtype, k, rows):
     assert (got - exact).norm() / exact.norm() < 0.02
 
 
+@pytest.mark.parametrize("k", [256, 512, 768])  # 1, 2 and 3 super-blocks: a group of 16 sub-blocks, half of one
+@pytest.mark.parametrize("rows", [1, 3])
+def test_qgemv_int8_q4_k_matches_its_int8_reference(k, rows):
+    blocks, w = random_weight(T.Q4_K, 40, k, seed=k + rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
+    expected, scale = int8_reference(x, blocks, T.Q4_K, w)
+    got = kernels.qgemv_int8(x, [blocks], [int(T.Q4_K)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=scale * 1e-6)
+    exact = (x.double() @ w.double().T).float()
+    assert (got - exact).norm() / exact.norm() < 0.02
+
+
 def test_qgemv_int8_takes_the_exact_path_for_other_types():
-    parts = [random_weight(qtype, 48, 512, seed=i) for i, qtype in enumerate([T.Q4_K, T.Q8_0, T.Q6_K, T.F16])]
-    types = [int(t) for t in (T.Q4_K, T.Q8_0, T.Q6_K, T.F16)]
+    parts = [random_weight(qtype, 48, 512, seed=i) for i, qtype in enumerate([T.Q5_K, T.Q8_0, T.Q6_K, T.F16])]
+    types = [int(t) for t in (T.Q5_K, T.Q8_0, T.Q6_K, T.F16)]
     x = torch.randn(1, 512)
     got = kernels.qgemv_int8(x, [b for b, _ in parts], types)
     exact = kernels.qgemv(x, [b for b, _ in parts], types)

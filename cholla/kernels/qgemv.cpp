@@ -85,19 +85,22 @@ at::Tensor qgemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef
 // factors; formats with a min m take m' = m - bias d, whose term uses x's exact
 // sum. (Leaving Q4_1 uncentred, as q8_1 dot products do, made its error 4x
 // larger.) Q8_0's signed weights are offset by 128 to fit VPDPBUSD's unsigned
-// operand (bias -128).
+// operand (bias -128). Q4_K's sub-blocks of 32 are blocks here, each with its
+// own d = d_super * scale and m = -dmin * min.
 
 constexpr int64_t GROUP_BLOCKS = 16;  // blocks reduced together
 
 // Position p of a group's reduced vector holds block group_block(p) (see sum_blocks); an involution.
 constexpr int group_block(int p) { return 4 * (p % 4) + p / 4; }
 
-// One row of x, quantized. Four blocks at a time take 128 bytes in both layouts:
-// `natural` (Q8_0 reads 32 weights of a block in order) and `nibbles` (4-bit
-// formats hold weights 0-15 of a block in the low nibbles of 16 bytes and 16-31
-// in the high ones: first the four blocks' first halves, then their second).
+// One row of x, quantized. Four blocks at a time take 128 bytes in each layout:
+// `natural` (Q8_0 reads 32 weights of a block in order), `nibbles` (Q4_0 to
+// Q5_1 hold weights 0-15 of a block in the low nibbles of 16 bytes and 16-31
+// in the high ones: first the four blocks' first halves, then their second) and
+// `k_quant` (Q4_K's 32 bytes hold block 2j in their low nibbles and 2j+1 in
+// the high ones: blocks 0 and 2, then 1 and 3).
 struct QuantizedRow {
-  std::vector<int8_t> natural, nibbles;  // [padded blocks * 32], zero past k
+  std::vector<int8_t> natural, nibbles, k_quant;  // [padded blocks * 32], zero past k
   std::vector<float> dx;                  // per block, in group_block order, zero past k
   std::vector<float> qsum;                // dx Σ xq
   std::vector<float> sum;                 // Σ x, exact
@@ -105,8 +108,9 @@ struct QuantizedRow {
 
 QuantizedRow quantize_row(const float* x, int64_t k) {
   const int64_t blocks = k / 32, padded = (blocks + GROUP_BLOCKS - 1) / GROUP_BLOCKS * GROUP_BLOCKS;
-  QuantizedRow q{std::vector<int8_t>(padded * 32), std::vector<int8_t>(padded * 32), std::vector<float>(padded),
-                 std::vector<float>(padded), std::vector<float>(padded)};
+  QuantizedRow q{std::vector<int8_t>(padded * 32), std::vector<int8_t>(padded * 32),
+                 std::vector<int8_t>(padded * 32), std::vector<float>(padded), std::vector<float>(padded),
+                 std::vector<float>(padded)};
   for (int64_t b = 0; b < blocks; ++b) {
     const __m512 lo = _mm512_loadu_ps(x + 32 * b), hi = _mm512_loadu_ps(x + 32 * b + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -119,6 +123,10 @@ QuantizedRow quantize_row(const float* x, int64_t k) {
     int8_t* four = &q.nibbles[128 * (b / 4)];
     _mm_storeu_si128(reinterpret_cast<__m128i*>(four + 16 * (b % 4)), blo);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(four + 64 + 16 * (b % 4)), bhi);
+    static constexpr int64_t k_quant_at[4] = {0, 64, 32, 96};
+    int8_t* k_block = &q.k_quant[128 * (b / 4) + k_quant_at[b % 4]];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(k_block), blo);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(k_block + 16), bhi);
     const int64_t at = b / GROUP_BLOCKS * GROUP_BLOCKS + group_block(b % GROUP_BLOCKS);
     q.dx[at] = d;
     q.qsum[at] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
@@ -129,8 +137,9 @@ QuantizedRow quantize_row(const float* x, int64_t k) {
 
 struct IntFormat {
   int64_t bytes, qs, qh;  // block size, offsets of the quants and of the 5th bits (-1: none)
-  bool has_min;           // a second fp16 after d: the block's min m
+  bool has_min;           // the block has a min m
   float bias;             // q + bias is the weight over d, less the min
+  int64_t blocks = 1;     // blocks of 32 per unit of `bytes` (Q4_K: 8 sub-blocks in a super-block)
 };
 
 constexpr IntFormat int_format(int64_t type) {
@@ -140,6 +149,7 @@ constexpr IntFormat int_format(int64_t type) {
     case Q5_0: return {22, 6, 2, false, -16.0f};
     case Q5_1: return {24, 8, 4, true, -16.0f};
     case Q8_0: return {34, 2, -1, false, -128.0f};
+    case Q4_K: return {144, 16, -1, true, -8.0f, 8};
     default: return {0, 0, -1, false, 0.0f};
   }
 }
@@ -160,7 +170,10 @@ struct FourBlocks {
 template <int64_t TYPE, bool TAIL>
 inline FourBlocks load_four_blocks(const uint8_t* blocks, int count) {
   constexpr IntFormat f = int_format(TYPE);
-  if constexpr (TYPE == Q8_0) {  // two blocks of 32 signed bytes per vector, offset to unsigned
+  if constexpr (TYPE == Q4_K) {  // `blocks`: 64 bytes of quants, sub-blocks 0 and 2 low, 1 and 3 high
+    const __m512i v = _mm512_loadu_si512(blocks), low4 = _mm512_set1_epi8(0x0F);
+    return {_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)};
+  } else if constexpr (TYPE == Q8_0) {  // two blocks of 32 signed bytes per vector, offset to unsigned
     __m512i w[2];
     for (int h = 0; h < 2; ++h) {
       const uint8_t* p = blocks + 2 * h * f.bytes + f.qs;
@@ -205,9 +218,9 @@ inline FourBlocks load_four_blocks(const uint8_t* blocks, int count) {
 template <int64_t TYPE>
 inline __m512i four_block_sums(const FourBlocks& w, const int8_t* x) {
   const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.first, _mm512_loadu_si512(x));
-  if constexpr (TYPE == Q8_0) {
+  if constexpr (TYPE == Q8_0 || TYPE == Q4_K) {
     const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.second, _mm512_loadu_si512(x + 64));
-    // s0: lanes 0-1 block 0, 2-3 block 1; s1 likewise for blocks 2, 3.
+    // s0: lanes 0-1 block 0, 2-3 block 1; s1 likewise for blocks 2, 3 (Q4_K: blocks 0, 2, 1, 3).
     return _mm512_add_epi32(_mm512_shuffle_i32x4(s0, s1, _MM_SHUFFLE(2, 0, 2, 0)),
                             _mm512_shuffle_i32x4(s0, s1, _MM_SHUFFLE(3, 1, 3, 1)));
   } else {
@@ -221,6 +234,49 @@ inline __m512i sum_blocks(const __m512i s[4]) {
   const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]), _mm512_unpackhi_epi32(s[0], s[1]));
   const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]), _mm512_unpackhi_epi32(s[2], s[3]));
   return _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+}
+
+// Where four_blocks i (of a group) start: Q4_K's are half super-blocks of quants.
+template <int64_t TYPE>
+inline const uint8_t* four_blocks_at(const uint8_t* group, int i) {
+  constexpr IntFormat f = int_format(TYPE);
+  if constexpr (TYPE == Q4_K) return group + (i / 2) * f.bytes + f.qs + 64 * (i % 2);
+  return group + 4 * i * f.bytes;
+}
+
+// The scale d and the shifted min m' = m - bias d of the group's `count` blocks,
+// in group_block order (zero past the row's end).
+template <int64_t TYPE>
+inline void block_scales(const uint8_t* group, int64_t count, __m512i index, __m512 bias, __m512& d, __m512& m_shifted) {
+  constexpr IntFormat f = int_format(TYPE);
+  if constexpr (TYPE == Q4_K) {  // per sub-block j: d * scale_j and -dmin * min_j, 6-bit packed
+    alignas(64) float scale[16] = {}, min[16] = {};
+    for (int64_t unit = 0; unit < count / 8; ++unit) {
+      const uint8_t* super = group + unit * f.bytes;
+      const float d_super = f16(super), dmin = f16(super + 2);
+      for (int j = 0; j < 8; ++j) {
+        int sc, mn;
+        scale_min_k4(j, super + 4, sc, mn);
+        const int p = group_block(static_cast<int>(8 * unit + j));
+        scale[p] = d_super * static_cast<float>(sc);
+        min[p] = -dmin * static_cast<float>(mn);
+      }
+    }
+    d = _mm512_load_ps(scale);
+    m_shifted = _mm512_fnmadd_ps(bias, d, _mm512_load_ps(min));
+  } else {  // 32 bits at each block's start: d, then m for formats with a min
+    __m512i raw;
+    if (count == GROUP_BLOCKS) {
+      raw = _mm512_i32gather_epi32(index, group, 1);
+    } else {
+      __mmask16 present = 0;
+      for (int p = 0; p < 16; ++p) present |= static_cast<__mmask16>(group_block(p) < count) << p;
+      raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), present, index, group, 1);
+    }
+    d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(raw));
+    if (f.has_min)
+      m_shifted = _mm512_fnmadd_ps(bias, d, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(raw, 16))));
+  }
 }
 
 // Σ w x of one weight row of `blocks` blocks with each of the M rows of x, into
@@ -238,38 +294,34 @@ void int_dot(const uint8_t* row, int64_t blocks, const QuantizedRow* x, float* o
   __m512 acc[M];
   for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t first = 0; first < blocks; first += GROUP_BLOCKS) {
-    const uint8_t* base = row + first * f.bytes;
+    const uint8_t* base = row + first / f.blocks * f.bytes;
     const int64_t count = std::min<int64_t>(GROUP_BLOCKS, blocks - first);
     __m512i s[M][4];
-    __m512i scales;  // 32 bits at each block's start: d, then m for formats with a min
     for (int i = 0; i < 4; ++i) {
       FourBlocks w;
       if (count == GROUP_BLOCKS) {
-        w = load_four_blocks<TYPE, false>(base + 4 * i * f.bytes, 4);
+        w = load_four_blocks<TYPE, false>(four_blocks_at<TYPE>(base, i), 4);
       } else if (4 * i < count) {
-        w = load_four_blocks<TYPE, true>(base + 4 * i * f.bytes, static_cast<int>(count - 4 * i));
+        w = load_four_blocks<TYPE, true>(four_blocks_at<TYPE>(base, i), static_cast<int>(count - 4 * i));
       } else {
         for (int r = 0; r < M; ++r) s[r][i] = _mm512_setzero_si512();
         continue;
       }
       for (int r = 0; r < M; ++r) {
-        const int8_t* xs = (TYPE == Q8_0 ? x[r].natural.data() : x[r].nibbles.data()) + 32 * (first + 4 * i);
+        const int8_t* xs = (TYPE == Q8_0   ? x[r].natural.data()
+                            : TYPE == Q4_K ? x[r].k_quant.data()
+                                           : x[r].nibbles.data()) +
+                           32 * (first + 4 * i);
         s[r][i] = four_block_sums<TYPE>(w, xs);
       }
     }
-    if (count == GROUP_BLOCKS) {
-      scales = _mm512_i32gather_epi32(index, base, 1);
-    } else {
-      __mmask16 present = 0;
-      for (int p = 0; p < 16; ++p) present |= static_cast<__mmask16>(group_block(p) < count) << p;
-      scales = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), present, index, base, 1);
-    }
-    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(scales));
-    __m512 m_shifted = _mm512_setzero_ps();  // m' = m - bias d
-    if (f.has_min)
-      m_shifted = _mm512_fnmadd_ps(bias, d, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(scales, 16))));
+    __m512 d, m_shifted = _mm512_setzero_ps();  // m' = m - bias d
+    block_scales<TYPE>(base, count, index, bias, d, m_shifted);
     for (int r = 0; r < M; ++r) {
-      const __m512 sums = _mm512_cvtepi32_ps(sum_blocks(s[r]));
+      __m512i totals = sum_blocks(s[r]);
+      if constexpr (TYPE == Q4_K)  // blocks 4i + (0, 2, 1, 3) came out in lanes 0-3: swap the middle lanes
+        totals = _mm512_shuffle_i32x4(totals, totals, _MM_SHUFFLE(3, 1, 2, 0));
+      const __m512 sums = _mm512_cvtepi32_ps(totals);
       const __m512 dx = _mm512_loadu_ps(&x[r].dx[first]), qsum = _mm512_loadu_ps(&x[r].qsum[first]);
       acc[r] = _mm512_fmadd_ps(_mm512_fmadd_ps(qsum, bias, _mm512_mul_ps(sums, dx)), d, acc[r]);
       if (f.has_min) acc[r] = _mm512_fmadd_ps(m_shifted, _mm512_loadu_ps(&x[r].sum[first]), acc[r]);
@@ -293,11 +345,12 @@ IntDot int_dot_for(int64_t type, int64_t rows) {
     case Q5_0: return INT_DOT_BY_ROWS<Q5_0>[rows - 1];
     case Q5_1: return INT_DOT_BY_ROWS<Q5_1>[rows - 1];
     case Q8_0: return INT_DOT_BY_ROWS<Q8_0>[rows - 1];
+    case Q4_K: return INT_DOT_BY_ROWS<Q4_K>[rows - 1];
     default: return nullptr;
   }
 }
 
-// Same contract as qgemv. Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights take the
+// Same contract as qgemv. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q4_K weights take the
 // integer path (x rounded to int8 per block: not exact, as in llama.cpp); other
 // types the exact one.
 at::Tensor qgemv_int8(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {

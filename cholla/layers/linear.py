@@ -10,7 +10,7 @@ ever holds a dequantized copy of its weight. Where our kernels
 - with ``compute_dtype`` bfloat16, steps of up to ``INT8_MAX_ROWS`` rows (a
   few sequences decoding) use ``qgemv_int8``: x is rounded to int8 per block
   of 32 and meets the weights' integers in VNNI dot products, as in llama.cpp
-  (Q4_0 to Q8_0; other types take the exact path); steps of up to
+  (Q4_0 to Q8_0 and Q4_K; other types take the exact path); steps of up to
   ``AMX_MAX_ROWS`` rows use
   ``qmatmul`` (AMX tiles: weights and activations rounded to bf16, fp32
   sums), and larger steps (prefill) dequantize the weight to bf16 for one
