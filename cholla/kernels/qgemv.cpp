@@ -46,29 +46,6 @@ using GemvRows = void (*)(const Segment&, int64_t, int64_t, const float*, int64_
 constexpr GemvRows GEMV_BY_ROWS[GEMV_MAX_ROWS] = {gemv_rows<1>, gemv_rows<2>, gemv_rows<3>, gemv_rows<4>,
                                                   gemv_rows<5>, gemv_rows<6>, gemv_rows<7>, gemv_rows<8>};
 
-// Same contract as qmatmul, fp32 products, x: [m <= 8, k].
-at::Tensor qgemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {
-  const at::Tensor x = x_in.contiguous();
-  std::vector<Segment> segments;
-  check_activations(x);
-  const int64_t m = x.size(0), k = x.size(1);
-  const int64_t n_total = plan_segments(k, weights, types, segments);
-  TORCH_CHECK(m <= GEMV_MAX_ROWS, "qgemv: at most ", GEMV_MAX_ROWS, " rows, got ", m);
-  at::Tensor y = at::empty({m, n_total}, x.options());
-  if (m == 0) return y;
-  const std::vector<Job> jobs = split_jobs(segments, GEMV_JOB_ROWS);
-  const GemvRows gemv = GEMV_BY_ROWS[m - 1];
-  const float* xs = x.data_ptr<float>();
-  float* out = y.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const Segment& seg = segments[jobs[j].segment];
-      gemv(seg, jobs[j].first_row, std::min(seg.rows, jobs[j].first_row + GEMV_JOB_ROWS), xs, k, out, n_total);
-    }
-  });
-  return y;
-}
-
 // ---- The integer path (bfloat16 mode): int8 activations, VNNI dot products ----
 //
 // Dequantizing to fp32 costs a widening shuffle, conversions and FMAs per 32
@@ -350,28 +327,29 @@ IntDot int_dot_for(int64_t type, int64_t rows) {
   }
 }
 
-// Same contract as qgemv. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q4_K weights take the
-// integer path (x rounded to int8 per block: not exact, as in llama.cpp); other
-// types the exact one.
-at::Tensor qgemv_int8(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {
+// Both GEMVs' body (x: fp32 [m <= 8, k]; the contract of qmatmul): the exact
+// fp32 GEMV for every weight, or, with `integer`, the int8 one for the types
+// that have it.
+at::Tensor gemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types, bool integer) {
   const at::Tensor x = x_in.contiguous();
   std::vector<Segment> segments;
   check_activations(x);
   const int64_t m = x.size(0), k = x.size(1);
   const int64_t n_total = plan_segments(k, weights, types, segments);
-  TORCH_CHECK(m <= GEMV_MAX_ROWS, "qgemv_int8: at most ", GEMV_MAX_ROWS, " rows, got ", m);
+  TORCH_CHECK(m <= GEMV_MAX_ROWS, integer ? "qgemv_int8" : "qgemv", ": at most ", GEMV_MAX_ROWS, " rows, got ", m);
   at::Tensor y = at::empty({m, n_total}, x.options());
   if (m == 0) return y;
   const float* xs = x.data_ptr<float>();
   std::vector<QuantizedRow> rows;
-  for (int64_t r = 0; r < m; ++r) rows.push_back(quantize_row(xs + r * k, k));
+  if (integer)
+    for (int64_t r = 0; r < m; ++r) rows.push_back(quantize_row(xs + r * k, k));
   const std::vector<Job> jobs = split_jobs(segments, GEMV_JOB_ROWS);
   float* out = y.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const Segment& seg = segments[jobs[j].segment];
       const int64_t first = jobs[j].first_row, last = std::min(seg.rows, first + GEMV_JOB_ROWS);
-      const IntDot dot = int_dot_for(seg.type, m);
+      const IntDot dot = integer ? int_dot_for(seg.type, m) : nullptr;
       if (dot == nullptr) {
         GEMV_BY_ROWS[m - 1](seg, first, last, xs, k, out, n_total);
         continue;
@@ -383,6 +361,17 @@ at::Tensor qgemv_int8(const at::Tensor& x_in, at::TensorList weights, at::IntArr
     }
   });
   return y;
+}
+
+// fp32 products, exact: each block dequantized as gguf does, then fp32 FMAs.
+at::Tensor qgemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types) {
+  return gemv(x, weights, types, false);
+}
+
+// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q4_K weights take the integer path (x rounded
+// to int8 per block: not exact, as in llama.cpp); other types the exact one.
+at::Tensor qgemv_int8(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types) {
+  return gemv(x, weights, types, true);
 }
 
 }  // namespace
