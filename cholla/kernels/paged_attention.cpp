@@ -130,6 +130,15 @@ void attend_decode(const float* qs, const T* ks, const T* vs, float* os, const i
   });
 }
 
+// Both kernels' caches: contiguous fp32 or bfloat16 [blocks, block_size, kv_heads, dim], k and v alike.
+void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  const auto cache_type = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.dim() == 4 && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
+                  k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.scalar_type() == cache_type && v_cache.is_contiguous(),
+              op, ": caches must be contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim]");
+}
+
 // q: fp32 [seqs, heads, dim]; k_cache, v_cache: fp32 or bfloat16 [blocks, block_size, kv_heads, dim];
 // block_tables: int64 [seqs, max_blocks]; context_lens: int64 [seqs], the new token
 // included (its key and value already written). window > 0: a key is visible only
@@ -138,11 +147,8 @@ at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_ca
                                   const at::Tensor& block_tables_in, const at::Tensor& context_lens_in, double scale,
                                   int64_t window, double softcap) {
   TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "paged_attention_decode: q must be fp32 [seqs, heads, dim]");
+  check_caches("paged_attention_decode", k_cache, v_cache);
   const auto cache_type = k_cache.scalar_type();
-  TORCH_CHECK(k_cache.dim() == 4 && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
-                  k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-                  v_cache.scalar_type() == cache_type && v_cache.is_contiguous(),
-              "paged_attention_decode: caches must be contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim]");
   const at::Tensor q = q_in.contiguous();
   const at::Tensor block_tables = block_tables_in.to(at::kLong).contiguous();
   const at::Tensor context_lens = context_lens_in.to(at::kLong).contiguous();
@@ -184,7 +190,7 @@ inline void store_row(uint16_t* dst, const float* src, int64_t n) {
 inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 
 template <typename T>
-void scatter_rows(const at::Tensor& src, T* cache, const int64_t* slots, int64_t tokens, int64_t row, int64_t slot_count) {
+void scatter_rows(const at::Tensor& src, T* cache, const int64_t* slots, int64_t tokens, int64_t row) {
   const float* data = src.data_ptr<float>();
   const int64_t stride = src.stride(0);
   at::parallel_for(0, tokens, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(row, 1)), [&](int64_t begin, int64_t end) {
@@ -204,11 +210,8 @@ void check_new_rows(const at::Tensor& x, int64_t tokens, int64_t kv_heads, int64
 // index_copy_ per tensor.
 void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
               const at::Tensor& slot_mapping_in) {
+  check_caches("write_kv", k_cache, v_cache);
   const auto cache_type = k_cache.scalar_type();
-  TORCH_CHECK(k_cache.dim() == 4 && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
-                  k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-                  v_cache.scalar_type() == cache_type && v_cache.is_contiguous(),
-              "write_kv: caches must be contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim]");
   const at::Tensor slot_mapping = slot_mapping_in.to(at::kLong).contiguous();
   const int64_t tokens = slot_mapping.numel(), kv_heads = k_cache.size(2), dim = k_cache.size(3);
   const int64_t slot_count = k_cache.size(0) * k_cache.size(1), row = kv_heads * dim;
@@ -217,11 +220,11 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(slots[t] >= 0 && slots[t] < slot_count, "write_kv: slot out of range");
   if (cache_type == at::kFloat) {
-    scatter_rows(k, k_cache.data_ptr<float>(), slots, tokens, row, slot_count);
-    scatter_rows(v, v_cache.data_ptr<float>(), slots, tokens, row, slot_count);
+    scatter_rows(k, k_cache.data_ptr<float>(), slots, tokens, row);
+    scatter_rows(v, v_cache.data_ptr<float>(), slots, tokens, row);
   } else {
-    scatter_rows(k, static_cast<uint16_t*>(k_cache.data_ptr()), slots, tokens, row, slot_count);
-    scatter_rows(v, static_cast<uint16_t*>(v_cache.data_ptr()), slots, tokens, row, slot_count);
+    scatter_rows(k, static_cast<uint16_t*>(k_cache.data_ptr()), slots, tokens, row);
+    scatter_rows(v, static_cast<uint16_t*>(v_cache.data_ptr()), slots, tokens, row);
   }
 }
 

@@ -87,7 +87,7 @@ def paged_attention(
 
     Returns [tokens, heads, dim]. Prefill chunks attend in ``prefill_dtype``.
     """
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    block_size = k_cache.shape[1]
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.num_prefills == 0:  # a decode-only step: no output to assemble
         return attend_decodes(q, k_cache, v_cache, meta.block_tables, meta.decode_context_lens, scale, window, softcap)
