@@ -14,11 +14,43 @@
 
 #include <cmath>
 
+#include "ops.h"
+
 namespace {
 
 // Rows of at most this many floats in total run on one thread: waking the
 // other costs more than it saves.
 constexpr int64_t SERIAL_ELEMENTS = 1 << 15;
+
+// Rotates one head vector in place by the angles of one position (rows of the
+// cos and sin tables). Interleaved: dimensions (2i, 2i+1) form a pair, as in
+// llama.cpp's permuted Llama weights; otherwise i pairs with i + dim/2 (HF).
+inline void rotate(float* x, const float* cos, const float* sin, int64_t dim, bool interleaved) {
+  if (interleaved) {
+    for (int64_t i = 0; i < dim; i += 2) {
+      const float a = x[i], b = x[i + 1];
+      x[i] = a * cos[i] - b * sin[i];
+      x[i + 1] = b * cos[i + 1] + a * sin[i + 1];
+    }
+  } else {
+    const int64_t half = dim / 2;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = x[i], b = x[i + half];
+      x[i] = a * cos[i] - b * sin[i];
+      x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+void check_heads(const at::Tensor& x, int64_t tokens, int64_t dim) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(0) == tokens && x.size(2) == dim &&
+                  x.stride(2) == 1 && x.stride(1) == dim,
+              "rope: q and k must be fp32 [tokens, heads, ", dim, "] with contiguous heads");
+}
+
+}  // namespace
+
+namespace cholla {
 
 // x: fp32 [..., dim] -> x / sqrt(mean(x^2) + eps) * weight.
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
@@ -58,32 +90,6 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
   return y;
 }
 
-// Rotates one head vector in place by the angles of one position (rows of the
-// cos and sin tables). Interleaved: dimensions (2i, 2i+1) form a pair, as in
-// llama.cpp's permuted Llama weights; otherwise i pairs with i + dim/2 (HF).
-inline void rotate(float* x, const float* cos, const float* sin, int64_t dim, bool interleaved) {
-  if (interleaved) {
-    for (int64_t i = 0; i < dim; i += 2) {
-      const float a = x[i], b = x[i + 1];
-      x[i] = a * cos[i] - b * sin[i];
-      x[i + 1] = b * cos[i + 1] + a * sin[i + 1];
-    }
-  } else {
-    const int64_t half = dim / 2;
-    for (int64_t i = 0; i < half; ++i) {
-      const float a = x[i], b = x[i + half];
-      x[i] = a * cos[i] - b * sin[i];
-      x[i + half] = b * cos[i + half] + a * sin[i + half];
-    }
-  }
-}
-
-void check_heads(const at::Tensor& x, int64_t tokens, int64_t dim) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(0) == tokens && x.size(2) == dim &&
-                  x.stride(2) == 1 && x.stride(1) == dim,
-              "rope: q and k must be fp32 [tokens, heads, ", dim, "] with contiguous heads");
-}
-
 // q: [tokens, heads, dim], k: [tokens, kv_heads, dim] (token stride free),
 // rotated in place by positions [tokens] (int64) through tables cos, sin: [length, dim].
 void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
@@ -111,7 +117,7 @@ void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Te
   });
 }
 
-}  // namespace
+}  // namespace cholla
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -119,6 +125,6 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("rope_", &rope_);
+  m.impl("rms_norm", &cholla::rms_norm);
+  m.impl("rope_", &cholla::rope_);
 }

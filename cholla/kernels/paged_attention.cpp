@@ -17,6 +17,8 @@
 #include <cstring>
 #include <vector>
 
+#include "ops.h"
+
 namespace {
 
 // The cache holds fp32 or bfloat16 (raw uint16); both load as 16 fp32 lanes.
@@ -139,6 +141,35 @@ void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v
               op, ": caches must be contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim]");
 }
 
+// Rounds fp32 to bfloat16, nearest even (as at::BFloat16 does; NaN stays NaN).
+inline void store_row(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 live = lanes(n - i);
+    const __m256bh packed = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, src + i));
+    _mm256_mask_storeu_epi16(dst + i, live, (__m256i)packed);
+  }
+}
+inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+template <typename T>
+void scatter_rows(const at::Tensor& src, T* cache, const int64_t* slots, int64_t tokens, int64_t row) {
+  const float* data = src.data_ptr<float>();
+  const int64_t stride = src.stride(0);
+  at::parallel_for(0, tokens, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(row, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) store_row(cache + slots[t] * row, data + t * stride, row);
+  });
+}
+
+void check_new_rows(const at::Tensor& x, int64_t tokens, int64_t kv_heads, int64_t dim) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(0) == tokens && x.size(1) == kv_heads &&
+                  x.size(2) == dim && x.stride(2) == 1 && x.stride(1) == dim,
+              "write_kv: k and v must be fp32 [tokens, kv_heads, dim] with contiguous heads");
+}
+
+}  // namespace
+
+namespace cholla {
+
 // q: fp32 [seqs, heads, dim]; k_cache, v_cache: fp32 or bfloat16 [blocks, block_size, kv_heads, dim];
 // block_tables: int64 [seqs, max_blocks]; context_lens: int64 [seqs], the new token
 // included (its key and value already written). window > 0: a key is visible only
@@ -179,31 +210,6 @@ at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_ca
   return out;
 }
 
-// Rounds fp32 to bfloat16, nearest even (as at::BFloat16 does; NaN stays NaN).
-inline void store_row(uint16_t* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 live = lanes(n - i);
-    const __m256bh packed = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, src + i));
-    _mm256_mask_storeu_epi16(dst + i, live, (__m256i)packed);
-  }
-}
-inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-
-template <typename T>
-void scatter_rows(const at::Tensor& src, T* cache, const int64_t* slots, int64_t tokens, int64_t row) {
-  const float* data = src.data_ptr<float>();
-  const int64_t stride = src.stride(0);
-  at::parallel_for(0, tokens, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(row, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) store_row(cache + slots[t] * row, data + t * stride, row);
-  });
-}
-
-void check_new_rows(const at::Tensor& x, int64_t tokens, int64_t kv_heads, int64_t dim) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(0) == tokens && x.size(1) == kv_heads &&
-                  x.size(2) == dim && x.stride(2) == 1 && x.stride(1) == dim,
-              "write_kv: k and v must be fp32 [tokens, kv_heads, dim] with contiguous heads");
-}
-
 // Writes this step's keys and values (fp32 [tokens, kv_heads, dim], token stride
 // free: views into the fused q/k/v projection) into their cache slots, rounding
 // to the cache's dtype on the way: one pass instead of a conversion and an
@@ -228,7 +234,7 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::
   }
 }
 
-}  // namespace
+}  // namespace cholla
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) {
   m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
@@ -237,6 +243,6 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) {
-  m.impl("write_kv", &write_kv);
-  m.impl("paged_attention_decode", &paged_attention_decode);
+  m.impl("write_kv", &cholla::write_kv);
+  m.impl("paged_attention_decode", &cholla::paged_attention_decode);
 }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "blocks.h"
+#include "ops.h"
 
 namespace {
 
@@ -327,6 +328,10 @@ IntDot int_dot_for(int64_t type, int64_t rows) {
   }
 }
 
+}  // namespace
+
+namespace cholla {
+
 // Both GEMVs' body (x: fp32 [m <= 8, k]; the contract of qmatmul): the exact
 // fp32 GEMV for every weight, or, with `integer`, the int8 one for the types
 // that have it.
@@ -374,7 +379,7 @@ at::Tensor qgemv_int8(const at::Tensor& x, at::TensorList weights, at::IntArrayR
   return gemv(x, weights, types, true);
 }
 
-}  // namespace
+}  // namespace cholla
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) {
   m.def("qgemv(Tensor x, Tensor[] weights, int[] types) -> Tensor");
@@ -382,6 +387,6 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) {
-  m.impl("qgemv", &qgemv);
-  m.impl("qgemv_int8", &qgemv_int8);
+  m.impl("qgemv", &cholla::qgemv);
+  m.impl("qgemv_int8", &cholla::qgemv_int8);
 }

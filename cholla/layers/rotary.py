@@ -63,13 +63,18 @@ class RotaryEmbedding:
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos and sin tables ``[length, head_dim]``, grown to cover ``positions``."""
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            self._grow(int(positions.max()) + 1)
+        return self.cos, self.sin
+
     def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [tokens]; q: [tokens, heads, head_dim]; k: [tokens, kv_heads, head_dim].
 
         Where our kernels run, q and k are rotated in place and returned.
         """
-        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
-            self._grow(int(positions.max()) + 1)
+        self.tables(positions)
         kernels = amx_kernels()
         if kernels is not None and q.dtype == k.dtype == torch.float32:  # in place, one call for q and k
             kernels.rope_(q, k, positions, self.cos, self.sin, self.interleaved)

@@ -13,6 +13,7 @@ from cholla.layers.mlp import GatedMLP
 from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
 from cholla.models.config import SLIDING_ATTENTION, ModelConfig
+from cholla.models.fused_decode import run_layers
 from cholla.models.loading import load_named_weights
 
 
@@ -62,9 +63,7 @@ class Gemma3ForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         x = x * self.embed_scale.to(x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta)
-        return self.norm(x)
+        return self.norm(run_layers(self, x, positions, kv_caches, meta))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

@@ -14,6 +14,7 @@ from cholla.layers.mlp import GatedMLP
 from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
 from cholla.models.config import SLIDING_ATTENTION, ModelConfig
+from cholla.models.fused_decode import run_layers
 from cholla.models.loading import load_named_weights
 
 
@@ -54,9 +55,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [tokens] -> final hidden states [tokens, hidden]."""
         x = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta)
-        return self.norm(x)
+        return self.norm(run_layers(self, x, positions, kv_caches, meta))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

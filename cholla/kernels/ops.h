@@ -1,0 +1,27 @@
+// The kernels' C++ entry points, for code that chains them without a trip
+// through Python (decode_layers.cpp). Each is also registered as a torch op.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace cholla {
+
+// qgemv.cpp: x fp32 [m <= 8, k] times each weight's GGUF rows, side by side;
+// `integer`: the int8 path for the types that have it.
+at::Tensor gemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer);
+at::Tensor qgemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types);
+at::Tensor qgemv_int8(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types);
+
+// norm_rope.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+           bool interleaved);
+
+// paged_attention.cpp
+void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
+              const at::Tensor& slot_mapping);
+at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t window, double softcap);
+
+}  // namespace cholla

@@ -1,0 +1,134 @@
+"""A decode step's decoder layers in one kernel call (``cholla/kernels/decode_layers.cpp``).
+
+Driven from Python, a small model's decode step spends more time between its
+kernels than in them (docs/benchmarks.md). For the pre-norm layers of the
+Llama family and Gemma 3 (``models/llama.py``, ``models/gemma3.py``),
+``run_layers`` hands every layer's weights, norms and caches to one C++ call
+that chains the kernels the Python layers call, in the same order. Whatever
+it does not cover (prefill chunks, more rows than the GEMVs serve, biases,
+other MLPs, no kernels) runs layer by layer in Python.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cholla.kernels import amx_kernels
+from cholla.layers.attention import AttentionMetadata
+from cholla.layers.linear import GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear
+from cholla.layers.mlp import GatedMLP
+from cholla.layers.rotary import RotaryEmbedding
+
+ACTIVATION_IDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # as decode_layers.cpp numbers them
+
+
+@dataclass
+class DecodePlan:
+    """Everything of the model the kernel reads, flattened layer after layer in its order."""
+
+    weights: list[torch.Tensor]  # q, k, v, o, gate, up, down per layer (GGUF rows)
+    types: list[int]
+    norms: list[torch.Tensor]  # attention in, MLP in, [attention out, MLP out], [q, k] per layer
+    ropes: list[RotaryEmbedding]  # distinct tables; rope_of_layer indexes them
+    rope_of_layer: list[int]
+    windows: list[int]  # 0: no sliding window
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    softcap: float  # 0: none
+    eps: float
+    interleaved: bool
+    activation: int
+    post_norms: bool
+    qk_norm: bool
+    first_linear: Linear  # its compute_dtype picks the GEMV (the loader may set it after planning)
+
+
+_plans: weakref.WeakKeyDictionary[nn.Module, DecodePlan | None] = weakref.WeakKeyDictionary()
+
+
+def _linears(layer: nn.Module) -> list[Linear]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+
+def _layer_norms(layer: nn.Module, post_norms: bool, qk_norm: bool) -> list:
+    if post_norms:  # Gemma 3: post_attention_layernorm normalises the attention's output
+        norms = [layer.input_layernorm, layer.pre_feedforward_layernorm, layer.post_attention_layernorm,
+                 layer.post_feedforward_layernorm]
+    else:  # Llama: post_attention_layernorm is the MLP's input norm
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    if qk_norm:
+        norms += [layer.self_attn.q_norm, layer.self_attn.k_norm]
+    return norms
+
+
+def plan_decode(model: nn.Module) -> DecodePlan | None:
+    """The model's layers as the kernel takes them, or None where it cannot run them all."""
+    if amx_kernels() is None or not len(model.layers):
+        return None
+    first = model.layers[0]
+    post_norms = hasattr(first, "post_feedforward_layernorm")
+    qk_norm = first.self_attn.q_norm is not None
+    attn0 = first.self_attn
+    weights, types, norms, ropes, rope_of_layer, windows = [], [], [], [], [], []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not isinstance(mlp, GatedMLP) or mlp.activation not in ACTIVATION_IDS:
+            return None
+        if hasattr(layer, "post_feedforward_layernorm") != post_norms or (attn.q_norm is not None) != qk_norm:
+            return None
+        shape = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale, attn.softcap, mlp.activation)
+        if shape != (attn0.num_heads, attn0.num_kv_heads, attn0.head_dim, attn0.scale, attn0.softcap,
+                     first.mlp.activation) or attn.rotary.interleaved != attn0.rotary.interleaved:
+            return None
+        for linear in _linears(layer):
+            if linear.kernel_weight is None or linear.bias is not None:
+                return None
+            weights.append(linear.kernel_weight[0])
+            types.append(linear.kernel_weight[1])
+        layer_norms = _layer_norms(layer, post_norms, qk_norm)
+        if any(norm.eps != layer_norms[0].eps or norm.eps != first.input_layernorm.eps for norm in layer_norms):
+            return None
+        norms += [norm.weight for norm in layer_norms]
+        if not any(attn.rotary is rope for rope in ropes):
+            ropes.append(attn.rotary)
+        rope_of_layer.append(next(i for i, rope in enumerate(ropes) if rope is attn.rotary))
+        windows.append(attn.window or 0)
+    return DecodePlan(
+        weights, types, norms, ropes, rope_of_layer, windows, attn0.num_heads, attn0.num_kv_heads, attn0.head_dim,
+        attn0.scale, attn0.softcap or 0.0, first.input_layernorm.eps, attn0.rotary.interleaved,
+        ACTIVATION_IDS[first.mlp.activation], post_norms, qk_norm, first.self_attn.q_proj,
+    )
+
+
+def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor | None:
+    """Every layer in one call, or None where this step is not a small decode-only one."""
+    integer = plan.first_linear.compute_dtype == torch.bfloat16
+    if meta.num_prefills or x.shape[0] > (INT8_MAX_ROWS if integer else GEMV_MAX_ROWS) or x.dtype != torch.float32:
+        return None
+    tables = [rope.tables(positions) for rope in plan.ropes]
+    return amx_kernels().decode_layers(
+        x, positions, plan.weights, plan.types, plan.norms, [kv[0] for kv in kv_caches], [kv[1] for kv in kv_caches],
+        [cos for cos, _ in tables], [sin for _, sin in tables], plan.rope_of_layer, plan.windows, meta.slot_mapping,
+        meta.block_tables, meta.decode_context_lens, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,
+        plan.softcap, plan.eps, plan.interleaved, plan.activation, plan.post_norms, plan.qk_norm, integer,
+    )
+
+
+def run_layers(model: nn.Module, x, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+    """x through every decoder layer: in one kernel call where it serves, else layer by layer."""
+    if model not in _plans:
+        _plans[model] = plan_decode(model)
+    plan = _plans[model]
+    fused = fused_layers(plan, x, positions, kv_caches, meta) if plan is not None else None
+    if fused is not None:
+        return fused
+    for layer, kv_cache in zip(model.layers, kv_caches):
+        x = layer(x, positions, kv_cache, meta)
+    return x

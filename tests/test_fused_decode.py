@@ -1,0 +1,117 @@
+"""The one-call decode step (cholla/kernels/decode_layers.cpp) against the same
+layers run one by one in Python, on the tiny random models of every
+architecture: same hidden states, same KV cache writes.
+
+Three sequences of different lengths decode together for a few steps (past the
+sliding windows of the tiny Mistral and Gemma 3), once through each path, each
+with its own copy of the cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cholla.kernels import amx_kernels
+from cholla.kv.paged_cache import PagedKVCache
+from cholla.layers.attention import AttentionMetadata
+from cholla.models.fused_decode import fused_layers, plan_decode
+from cholla.models.loader import load_model
+from tests.test_models_tiny import CONFIGS, transformers
+
+pytestmark = pytest.mark.skipif(amx_kernels() is None, reason="needs a CPU with AMX-BF16 and a C++ compiler")
+
+BLOCK_SIZE = 8
+BLOCKS_PER_SEQ = 8
+PROMPT_LENS = (5, 19, 30)
+DECODE_STEPS = 4
+
+
+def _tiny_model(name: str, tmp_path, dtype: str):
+    torch.manual_seed(0)
+    config = CONFIGS[name]
+    reference = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # perturb the norms so that each one matters
+        for pname, p in reference.named_parameters():
+            if "norm" in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    return load_model(tmp_path, dtype)
+
+
+def _table(seq: int) -> torch.Tensor:
+    return torch.arange(seq * BLOCKS_PER_SEQ, (seq + 1) * BLOCKS_PER_SEQ)
+
+
+def _prefill(model, cache: PagedKVCache, seq: int, ids: list[int]) -> None:
+    n = len(ids)
+    meta = AttentionMetadata(
+        slot_mapping=_table(seq)[torch.arange(n) // BLOCK_SIZE] * BLOCK_SIZE + torch.arange(n) % BLOCK_SIZE,
+        query_start_loc=[0, n], context_lens=[n], block_tables=_table(seq)[None], num_prefills=1,
+    )
+    model(torch.tensor(ids), torch.arange(n), cache.layers, meta)
+
+
+def _decode_meta(lengths: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
+    """The next token of each sequence, whose cached lengths are ``lengths``."""
+    positions = torch.tensor(lengths)
+    tables = torch.stack([_table(s) for s in range(len(lengths))])
+    slots = tables[torch.arange(len(lengths)), positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+    context = [n + 1 for n in lengths]
+    meta = AttentionMetadata(
+        slot_mapping=slots, query_start_loc=list(range(len(lengths) + 1)), context_lens=context,
+        block_tables=tables, num_prefills=0, decode_context_lens=torch.tensor(context),
+    )
+    return positions, meta
+
+
+def _layer_by_layer(model, x, positions, kv_caches, meta):
+    for layer, kv_cache in zip(model.layers, kv_caches):
+        x = layer(x, positions, kv_cache, meta)
+    return x
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", [name for name in CONFIGS if name != "qwen2"])
+@torch.inference_mode()
+def test_fused_decode_matches_layer_by_layer(name, dtype, tmp_path):
+    loaded = _tiny_model(name, tmp_path, dtype)
+    model, config = loaded.model, loaded.config
+    plan = plan_decode(model)
+    assert plan is not None
+    fused_cache = PagedKVCache(config, num_blocks=len(PROMPT_LENS) * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+    generator = torch.Generator().manual_seed(1)
+    for seq, n in enumerate(PROMPT_LENS):
+        _prefill(model, fused_cache, seq, torch.randint(0, config.vocab_size, (n,), generator=generator).tolist())
+    python_cache = [(k.clone(), v.clone()) for k, v in fused_cache.layers]
+
+    lengths = list(PROMPT_LENS)
+    for _ in range(DECODE_STEPS):
+        positions, meta = _decode_meta(lengths)
+        x = torch.randn(len(lengths), config.hidden_size, generator=generator)
+        fused = fused_layers(plan, x, positions, fused_cache.layers, meta)
+        expected = _layer_by_layer(model, x, positions, python_cache, meta)
+        assert fused is not None
+        # The same kernels in the same order: only PyTorch's own elementwise ops
+        # (activation, adds) might round differently.
+        torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+        lengths = [n + 1 for n in lengths]
+    for (k, v), (k_ref, v_ref) in zip(fused_cache.layers, python_cache):
+        torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_with_bias_stay_in_python(tmp_path):
+    loaded = _tiny_model("qwen2", tmp_path, "float32")
+    assert plan_decode(loaded.model) is None
+
+
+@torch.inference_mode()
+def test_prefill_and_wide_steps_are_not_fused(tmp_path):
+    loaded = _tiny_model("llama", tmp_path, "bfloat16")
+    plan = plan_decode(loaded.model)
+    cache = PagedKVCache(loaded.config, num_blocks=8 * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+    positions, meta = _decode_meta([0] * 7)  # 7 rows: more than the int8 GEMV serves
+    assert fused_layers(plan, torch.randn(7, loaded.config.hidden_size), positions, cache.layers, meta) is None
+    meta.num_prefills = 1
+    assert fused_layers(plan, torch.randn(1, loaded.config.hidden_size), positions[:1], cache.layers, meta) is None
