@@ -75,59 +75,74 @@ inline void softmax(float* row, int64_t n) {
   }
 }
 
+// One (sequence, KV head) pair: the scores of its `group` query heads against
+// each key, a softmax over them, and the weighted sum of values. GROUP > 0 fixes
+// the group size at compile time, so the per-head accumulators stay in
+// registers (with a run-time count they spilled to the stack: 5x slower);
+// GROUP == 0 serves any size up to MAX_GROUP.
+template <typename T, int GROUP>
+void attend_pair(const float* q, const T* ks, const T* vs, float* o, const int64_t* table, int64_t first, int64_t n,
+                 int64_t run_time_group, int64_t kv_heads, int64_t kvh, int64_t dim, int64_t block_size, float scale,
+                 float cap, std::vector<float>& scores) {
+  const int64_t group = GROUP > 0 ? GROUP : run_time_group;
+  constexpr int64_t SLOTS = GROUP > 0 ? GROUP : MAX_GROUP;
+  scores.resize(group * n);
+  auto slot = [&](int64_t pos) { return (table[pos / block_size] * block_size + pos % block_size) * kv_heads + kvh; };
+  // Scores: each key is loaded (and widened from bf16) once, 16 lanes at a time,
+  // for all the query heads that share it.
+  for (int64_t t = 0; t < n; ++t) {
+    const T* key = ks + slot(first + t) * dim;
+    __m512 acc[SLOTS];
+    for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 16) {
+      const __mmask16 live = lanes(dim - d);
+      const __m512 k = load16(key + d, live);
+      for (int64_t g = 0; g < group; ++g)
+        acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, q + g * dim + d), k, acc[g]);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      float score = _mm512_reduce_add_ps(acc[g]) * scale;
+      if (cap > 0) score = cap * std::tanh(score / cap);
+      scores[g * n + t] = score;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) softmax(scores.data() + g * n, n);
+  // Weighted values: a 64-wide slice of every head's output stays in registers
+  // while the positions stream by, each value slice loaded once for all heads.
+  for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+    __m512 out[SLOTS][4];
+    for (int64_t g = 0; g < group; ++g)
+      for (int j = 0; j < 4; ++j) out[g][j] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const T* value = vs + slot(first + t) * dim + d0;
+      __m512 v[4];
+      for (int j = 0; j < 4; ++j) v[j] = load16(value + 16 * j, lanes(dim - d0 - 16 * j));
+      for (int64_t g = 0; g < group; ++g) {
+        const __m512 w = _mm512_set1_ps(scores[g * n + t]);
+        for (int j = 0; j < 4; ++j) out[g][j] = _mm512_fmadd_ps(w, v[j], out[g][j]);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g)
+      for (int j = 0; j < 4 && d0 + 16 * j < dim; ++j)
+        _mm512_mask_storeu_ps(o + g * dim + d0 + 16 * j, lanes(dim - d0 - 16 * j), out[g][j]);
+  }
+}
+
 template <typename T>
 void attend_decode(const float* qs, const T* ks, const T* vs, float* os, const int64_t* tables, const int64_t* lens,
                    int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, int64_t max_blocks,
                    float scale, int64_t window, float cap) {
   const int64_t group = heads / kv_heads;
+  // Group sizes of real models (Gemma 3 270M: 4; SmolLM2: 3; Llama 3: 4; Qwen 3: 2, 4...) get their own copy.
+  const auto pair = group == 1 ? attend_pair<T, 1> : group == 2 ? attend_pair<T, 2> : group == 3 ? attend_pair<T, 3>
+                  : group == 4 ? attend_pair<T, 4> : attend_pair<T, 0>;
   at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t job = begin; job < end; ++job) {
       const int64_t s = job / kv_heads, kvh = job % kv_heads, ctx = lens[s];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0, n = ctx - first;
-      scores.resize(group * n);
-      const int64_t* table = tables + s * max_blocks;
-      auto slot = [&](int64_t pos) { return (table[pos / block_size] * block_size + pos % block_size) * kv_heads + kvh; };
-      // Scores: each key is loaded (and widened from bf16) once, a 64-wide slice at
-      // a time, for all the query heads that share it.
-      const float* q = qs + (s * heads + kvh * group) * dim;
-      for (int64_t t = 0; t < n; ++t) {
-        const T* key = ks + slot(first + t) * dim;
-        __m512 acc[MAX_GROUP];
-        for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < dim; d += 16) {
-          const __mmask16 live = lanes(dim - d);
-          const __m512 k = load16(key + d, live);
-          for (int64_t g = 0; g < group; ++g)
-            acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, q + g * dim + d), k, acc[g]);
-        }
-        for (int64_t g = 0; g < group; ++g) {
-          float score = _mm512_reduce_add_ps(acc[g]) * scale;
-          if (cap > 0) score = cap * std::tanh(score / cap);
-          scores[g * n + t] = score;
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) softmax(scores.data() + g * n, n);
-      // Weighted values: a 64-wide slice of every head's output stays in registers
-      // while the positions stream by, each value slice loaded once for all heads.
-      float* o = os + (s * heads + kvh * group) * dim;
-      for (int64_t d0 = 0; d0 < dim; d0 += 64) {
-        __m512 out[MAX_GROUP][4];
-        for (int64_t g = 0; g < group; ++g)
-          for (int j = 0; j < 4; ++j) out[g][j] = _mm512_setzero_ps();
-        for (int64_t t = 0; t < n; ++t) {
-          const T* value = vs + slot(first + t) * dim + d0;
-          __m512 v[4];
-          for (int j = 0; j < 4; ++j) v[j] = load16(value + 16 * j, lanes(dim - d0 - 16 * j));
-          for (int64_t g = 0; g < group; ++g) {
-            const __m512 w = _mm512_set1_ps(scores[g * n + t]);
-            for (int j = 0; j < 4; ++j) out[g][j] = _mm512_fmadd_ps(w, v[j], out[g][j]);
-          }
-        }
-        for (int64_t g = 0; g < group; ++g)
-          for (int j = 0; j < 4 && d0 + 16 * j < dim; ++j)
-            _mm512_mask_storeu_ps(o + g * dim + d0 + 16 * j, lanes(dim - d0 - 16 * j), out[g][j]);
-      }
+      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+      pair(qs + (s * heads + kvh * group) * dim, ks, vs, os + (s * heads + kvh * group) * dim, tables + s * max_blocks,
+           first, ctx - first, group, kv_heads, kvh, dim, block_size, scale, cap, scores);
     }
   });
 }
