@@ -274,3 +274,16 @@ def test_write_kv_matches_index_copy(cache_dtype):
     torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="slot out of range"):
         kernels.write_kv(k, v, k_cache, v_cache, slots + 10**4)
+
+
+@pytest.mark.parametrize("cols", [1, 17, 65536, 200_000])  # a partial vector; one chunk exactly; several chunks
+def test_argmax_rows_matches_torch_max(cols):
+    generator = torch.Generator().manual_seed(cols)
+    x = torch.randn(5, cols, generator=generator)
+    x[1] = 0.0  # all tied: the first index
+    if cols > 70_000:
+        x[2, [65_535, 65_536, 199_999]] = 50.0  # ties across chunk boundaries
+        x[3, [70_000, 3]] = float("nan")  # a NaN wins, the first one
+        x[4, 150_000] = float("inf")
+    torch.testing.assert_close(kernels.argmax_rows(x), x.max(dim=-1).indices)
+    torch.testing.assert_close(kernels.argmax_rows(x[:, : max(1, cols // 2)]), x[:, : max(1, cols // 2)].max(-1).indices)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cholla.kernels import amx_kernels
 from cholla.errors import InvalidRequestError
 from cholla.sampling.params import SamplingParams
 
@@ -228,9 +229,14 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
-    """Index of each row's largest value (the first, on ties). ``max`` gives the same
-    indices as ``argmax`` at a third of its cost on CPU (7 vs 20 ms over Gemma's
-    262k-token vocabulary for 32 rows), which is a seventh of a batched decode step."""
+    """Index of each row's largest value (the first, on ties; a NaN counts as largest).
+
+    Over Gemma's 262k-token vocabulary and 32 rows, ``argmax`` takes 6.4 ms on
+    CPU, ``max`` 2.3 ms, our kernel (a vector max, then a scan for it) ~1 ms.
+    """
+    kernels = amx_kernels()
+    if kernels is not None and x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[1]:
+        return kernels.argmax_rows(x)
     return x.max(dim=-1).indices
 
 

@@ -1,0 +1,80 @@
+// Greedy sampling's argmax over the vocabulary, one row per sequence.
+//
+// PyTorch's max-with-indices compares and tracks an index per element: 115 us
+// for Gemma 3's 262k logits, 2.3 ms for 32 rows. A vector max followed by a
+// scan for the first lane equal to it reads the row at memory speed instead.
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// Rows are cut into chunks of this many logits (256 KiB, L2 resident for the
+// second pass), so that both cores share even a single sequence's row.
+constexpr int64_t CHUNK = 1 << 16;
+
+struct Best {
+  float value;
+  int64_t index;
+  bool nan;
+};
+
+// The first index of x[0..n)'s largest value; a NaN counts as largest, as in torch.max.
+Best argmax_chunk(const float* x, int64_t n) {
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    top = _mm512_max_ps(top, v);
+  }
+  float best = _mm512_reduce_max_ps(top);
+  bool any_nan = nan != 0;
+  for (int64_t j = i; j < n; ++j) {
+    any_nan |= std::isnan(x[j]);
+    best = std::max(best, x[j]);
+  }
+  for (int64_t j = 0; j < n; ++j)
+    if (any_nan ? std::isnan(x[j]) : x[j] == best) return {x[j], j, any_nan};
+  return {best, 0, false};  // unreachable: n > 0
+}
+
+at::Tensor argmax_rows(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) > 0,
+              "argmax_rows: x must be fp32 [rows, n > 0]");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1), chunks = (n + CHUNK - 1) / CHUNK;
+  std::vector<Best> best(rows * chunks);
+  const float* data = x.data_ptr<float>();
+  at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t r = job / chunks, first = job % chunks * CHUNK;
+      best[job] = argmax_chunk(data + r * n + first, std::min(CHUNK, n - first));
+      best[job].index += first;
+    }
+  });
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  int64_t* idx = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    Best top = best[r * chunks];
+    for (int64_t c = 1; c < chunks && !top.nan; ++c) {  // the first chunk holding the top value wins ties
+      const Best& b = best[r * chunks + c];
+      if (b.nan || b.value > top.value) top = b;
+    }
+    idx[r] = top.index;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cholla, m) { m.def("argmax_rows(Tensor x) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(cholla, CPU, m) { m.impl("argmax_rows", &argmax_rows); }
