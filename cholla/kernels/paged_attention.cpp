@@ -34,6 +34,9 @@ inline __mmask16 lanes(int64_t left) {
 // Query heads per KV head this kernel handles (grouped-query attention); more is refused.
 constexpr int64_t MAX_GROUP = 16;
 
+// Keys (and their values) are prefetched this many positions ahead.
+constexpr int64_t AHEAD = 8;
+
 // e^x for 16 floats: Cephes' expf (range reduction by ln 2, degree-6 polynomial,
 // about 1 ulp), scaled by 2^n with scalef. A scalar expf per score cost more
 // than the dot products themselves.
@@ -92,6 +95,13 @@ void attend_pair(const float* q, const T* ks, const T* vs, float* o, const int64
   // for all the query heads that share it.
   for (int64_t t = 0; t < n; ++t) {
     const T* key = ks + slot(first + t) * dim;
+    if (t + AHEAD < n) {  // the cache rows are scattered over blocks: ask for them early
+      const int64_t ahead = slot(first + t + AHEAD) * dim;
+      for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(ks + ahead) + b, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vs + ahead) + b, _MM_HINT_T1);
+      }
+    }
     __m512 acc[SLOTS];
     for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
     for (int64_t d = 0; d < dim; d += 16) {
