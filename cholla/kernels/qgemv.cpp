@@ -222,6 +222,17 @@ inline const uint8_t* four_blocks_at(const uint8_t* group, int i) {
   return group + 4 * i * f.bytes;
 }
 
+// For a group of `count` < 16 blocks: the positions p holding one (group_block(p) < count).
+struct PresentBlocks {
+  __mmask16 mask[GROUP_BLOCKS + 1];
+  constexpr PresentBlocks() : mask() {
+    for (int count = 0; count <= GROUP_BLOCKS; ++count)
+      for (int p = 0; p < GROUP_BLOCKS; ++p)
+        if (group_block(p) < count) mask[count] |= static_cast<__mmask16>(1u << p);
+  }
+};
+constexpr PresentBlocks PRESENT_BLOCKS{};
+
 // The scale d and the shifted min m' = m - bias d of the group's `count` blocks,
 // in group_block order (zero past the row's end).
 template <int64_t TYPE>
@@ -247,9 +258,7 @@ inline void block_scales(const uint8_t* group, int64_t count, __m512i index, __m
     if (count == GROUP_BLOCKS) {
       raw = _mm512_i32gather_epi32(index, group, 1);
     } else {
-      __mmask16 present = 0;
-      for (int p = 0; p < 16; ++p) present |= static_cast<__mmask16>(group_block(p) < count) << p;
-      raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), present, index, group, 1);
+      raw = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), PRESENT_BLOCKS.mask[count], index, group, 1);
     }
     d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(raw));
     if (f.has_min)
@@ -257,10 +266,11 @@ inline void block_scales(const uint8_t* group, int64_t count, __m512i index, __m
   }
 }
 
-// Σ w x of one weight row of `blocks` blocks with each of the M rows of x, into
-// out[r * stride]. Each block's weights are unpacked once for all M rows.
+// Σ w x of one weight row of `blocks` blocks with each of the M rows of x, as
+// M vectors whose lanes sum to it (the caller reduces 16 weight rows at once).
+// Each block's weights are unpacked once for all M rows.
 template <int64_t TYPE, int M>
-void int_dot(const uint8_t* row, int64_t blocks, const QuantizedRow* x, float* out, int64_t stride) {
+void int_dot(const uint8_t* row, int64_t blocks, const QuantizedRow* x, __m512* sums) {
   constexpr IntFormat f = int_format(TYPE);
   alignas(64) static constexpr int32_t offsets[16] = {
       group_block(0) * f.bytes,  group_block(1) * f.bytes,  group_block(2) * f.bytes,  group_block(3) * f.bytes,
@@ -305,15 +315,33 @@ void int_dot(const uint8_t* row, int64_t blocks, const QuantizedRow* x, float* o
       if (f.has_min) acc[r] = _mm512_fmadd_ps(m_shifted, _mm512_loadu_ps(&x[r].sum[first]), acc[r]);
     }
   }
-  for (int r = 0; r < M; ++r) out[r * stride] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < M; ++r) sums[r] = acc[r];
 }
 
-using IntDot = void (*)(const uint8_t*, int64_t, const QuantizedRow*, float*, int64_t);
+using IntDot = void (*)(const uint8_t*, int64_t, const QuantizedRow*, __m512*);
 
 template <int64_t TYPE>
 constexpr IntDot INT_DOT_BY_ROWS[GEMV_MAX_ROWS] = {int_dot<TYPE, 1>, int_dot<TYPE, 2>, int_dot<TYPE, 3>,
                                                    int_dot<TYPE, 4>, int_dot<TYPE, 5>, int_dot<TYPE, 6>,
                                                    int_dot<TYPE, 7>, int_dot<TYPE, 8>};
+
+// Sixteen vectors -> one: lane i holds the sum of v[i]'s lanes. A tree of
+// in-lane unpacks, then 128-bit shuffles: ~45 instructions, where reducing each
+// vector by itself took ~10 apiece and was a quarter of a decode GEMV's time.
+static_assert(GEMV_JOB_ROWS == 16, "sum_lanes reduces one job's 16 rows");
+inline __m512 sum_lanes(const __m512 v[16]) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: v2i and v2i+1, two partial sums each
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int j = 0; j < 4; ++j) {  // per 128-bit lane: the lane's sum of v4j .. v4j+3
+    const __m512d a = _mm512_castps_pd(pairs[2 * j]), b = _mm512_castps_pd(pairs[2 * j + 1]);
+    quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // Across the four 128-bit lanes: lane pairs (0, 1) and (2, 3), then the two halves.
+  const __m512 q01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88), _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 q23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88), _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(q01, q23, 0x88), _mm512_shuffle_f32x4(q01, q23, 0xDD));
+}
 
 // The integer kernel for `rows` rows of x, or nullptr for types without one.
 IntDot int_dot_for(int64_t type, int64_t rows) {
@@ -359,9 +387,16 @@ at::Tensor gemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef 
         GEMV_BY_ROWS[m - 1](seg, first, last, xs, k, out, n_total);
         continue;
       }
+      __m512 sums[GEMV_JOB_ROWS][GEMV_MAX_ROWS];
       for (int64_t n = first; n < last; ++n) {
         prefetch(seg.data + (n + PREFETCH_ROWS) * seg.row_bytes, seg.row_bytes);
-        dot(seg.data + n * seg.row_bytes, k / 32, rows.data(), out + seg.out_offset + n, n_total);
+        dot(seg.data + n * seg.row_bytes, k / 32, rows.data(), sums[n - first]);
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        __m512 v[GEMV_JOB_ROWS];
+        for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) v[i] = i < last - first ? sums[i][r] : _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(out + r * n_total + seg.out_offset + first,
+                              static_cast<__mmask16>((1u << (last - first)) - 1), sum_lanes(v));
       }
     }
   });
