@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(amx_kernels() is None, reason="needs a CPU with 
 BLOCK_SIZE = 8
 BLOCKS_PER_SEQ = 8
 PROMPT_LENS = (5, 19, 30)
+MANY_PROMPT_LENS = tuple(range(3, 39, 3))  # 12 sequences: the bf16 layers multiply on the AMX tiles
 DECODE_STEPS = 4
 
 
@@ -71,21 +72,22 @@ def _layer_by_layer(model, x, positions, kv_caches, meta):
     return x
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype, prompt_lens", [("float32", PROMPT_LENS), ("bfloat16", PROMPT_LENS),
+                                                ("bfloat16", MANY_PROMPT_LENS)], ids=["fp32", "bf16", "bf16-12seqs"])
 @pytest.mark.parametrize("name", [name for name in CONFIGS if name != "qwen2"])
 @torch.inference_mode()
-def test_fused_decode_matches_layer_by_layer(name, dtype, tmp_path):
+def test_fused_decode_matches_layer_by_layer(name, dtype, prompt_lens, tmp_path):
     loaded = _tiny_model(name, tmp_path, dtype)
     model, config = loaded.model, loaded.config
     plan = plan_decode(model)
     assert plan is not None
-    fused_cache = PagedKVCache(config, num_blocks=len(PROMPT_LENS) * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+    fused_cache = PagedKVCache(config, num_blocks=len(prompt_lens) * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
     generator = torch.Generator().manual_seed(1)
-    for seq, n in enumerate(PROMPT_LENS):
+    for seq, n in enumerate(prompt_lens):
         _prefill(model, fused_cache, seq, torch.randint(0, config.vocab_size, (n,), generator=generator).tolist())
     python_cache = [(k.clone(), v.clone()) for k, v in fused_cache.layers]
 
-    lengths = list(PROMPT_LENS)
+    lengths = list(prompt_lens)
     for _ in range(DECODE_STEPS):
         positions, meta = _decode_meta(lengths)
         x = torch.randn(len(lengths), config.hidden_size, generator=generator)
@@ -108,10 +110,10 @@ def test_layers_with_bias_stay_in_python(tmp_path):
 
 @torch.inference_mode()
 def test_prefill_and_wide_steps_are_not_fused(tmp_path):
-    loaded = _tiny_model("llama", tmp_path, "bfloat16")
+    loaded = _tiny_model("llama", tmp_path, "float32")
     plan = plan_decode(loaded.model)
-    cache = PagedKVCache(loaded.config, num_blocks=8 * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
-    positions, meta = _decode_meta([0] * 7)  # 7 rows: more than the int8 GEMV serves
-    assert fused_layers(plan, torch.randn(7, loaded.config.hidden_size), positions, cache.layers, meta) is None
+    cache = PagedKVCache(loaded.config, num_blocks=9 * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+    positions, meta = _decode_meta([0] * 9)  # 9 rows: more than the fp32 GEMV serves
+    assert fused_layers(plan, torch.randn(9, loaded.config.hidden_size), positions, cache.layers, meta) is None
     meta.num_prefills = 1
     assert fused_layers(plan, torch.randn(1, loaded.config.hidden_size), positions[:1], cache.layers, meta) is None

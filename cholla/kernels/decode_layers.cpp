@@ -28,6 +28,12 @@ enum Activation : int64_t { SILU = 0, GELU_TANH = 1, GELU = 2 };
 
 constexpr int64_t WEIGHTS_PER_LAYER = 7;  // q, k, v, o, gate, up, down
 
+// The product cholla/layers/linear.py picks for this many rows: a GEMV up to
+// gemv_max_rows, the AMX tiles above.
+at::Tensor project(const at::Tensor& x, at::TensorList w, at::IntArrayRef t, bool integer, int64_t gemv_max_rows) {
+  return x.size(0) <= gemv_max_rows ? cholla::gemv(x, w, t, integer) : cholla::qmatmul(x, w, t);
+}
+
 at::Tensor activate(const at::Tensor& gate, int64_t activation) {
   switch (activation) {
     case SILU: return at::silu(gate);
@@ -48,13 +54,16 @@ namespace cholla {
 //     post_norms the attention and MLP outputs, then with qk_norm q and k;
 //   k_caches[l], v_caches[l]; cos[rope_of_layer[l]], sin[...]; windows[l] (0: none).
 // positions, slot_mapping, block_tables, context_lens: as in the single ops.
+// Products of up to gemv_max_rows rows run on the GEMV (int8 with `integer`),
+// larger ones on the AMX tiles.
 at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at::TensorList weights,
                          at::IntArrayRef types, at::TensorList norms, at::TensorList k_caches,
                          at::TensorList v_caches, at::TensorList cos, at::TensorList sin,
                          at::IntArrayRef rope_of_layer, at::IntArrayRef windows, const at::Tensor& slot_mapping,
                          const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t num_heads,
                          int64_t num_kv_heads, int64_t head_dim, double scale, double softcap, double eps,
-                         bool interleaved, int64_t activation, bool post_norms, bool qk_norm, bool integer) {
+                         bool interleaved, int64_t activation, bool post_norms, bool qk_norm, bool integer,
+                         int64_t gemv_max_rows) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   const int64_t norms_per_layer = 2 + (post_norms ? 2 : 0) + (qk_norm ? 2 : 0);
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decode_layers: x must be fp32 [rows, hidden]");
@@ -74,7 +83,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
     const at::TensorList n = norms.slice(norms_per_layer * l, norms_per_layer);
     const at::Tensor* qk_norms = qk_norm ? &n[post_norms ? 4 : 2] : nullptr;
 
-    const at::Tensor qkv = gemv(rms_norm(x, n[0], eps), w.slice(0, 3), t.slice(0, 3), integer);
+    const at::Tensor qkv = project(rms_norm(x, n[0], eps), w.slice(0, 3), t.slice(0, 3), integer, gemv_max_rows);
     at::Tensor q = qkv.narrow(1, 0, q_size).view({rows, num_heads, head_dim});
     at::Tensor k = qkv.narrow(1, q_size, kv_size).view({rows, num_kv_heads, head_dim});
     const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({rows, num_kv_heads, head_dim});
@@ -86,14 +95,14 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
     write_kv(k, v, k_caches[l], v_caches[l], slot_mapping);
     const at::Tensor attended = paged_attention_decode(q, k_caches[l], v_caches[l], block_tables, context_lens,
                                                        scale, windows[l], softcap);
-    at::Tensor o = gemv(attended.view({rows, q_size}), w.slice(3, 1), t.slice(3, 1), integer);
+    at::Tensor o = project(attended.view({rows, q_size}), w.slice(3, 1), t.slice(3, 1), integer, gemv_max_rows);
     if (post_norms) o = rms_norm(o, n[2], eps);
     x.add_(o);
 
-    const at::Tensor gate_up = gemv(rms_norm(x, n[1], eps), w.slice(4, 2), t.slice(4, 2), integer);
+    const at::Tensor gate_up = project(rms_norm(x, n[1], eps), w.slice(4, 2), t.slice(4, 2), integer, gemv_max_rows);
     const int64_t inner = gate_up.size(1) / 2;
     const at::Tensor a = activate(gate_up.narrow(1, 0, inner), activation).mul_(gate_up.narrow(1, inner, inner));
-    at::Tensor d = gemv(a, w.slice(6, 1), t.slice(6, 1), integer);
+    at::Tensor d = project(a, w.slice(6, 1), t.slice(6, 1), integer, gemv_max_rows);
     if (post_norms) d = rms_norm(d, n[3], eps);
     x.add_(d);
   }
@@ -107,7 +116,7 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
         "Tensor[] k_caches, Tensor[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope_of_layer, int[] windows, "
         "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, int num_heads, int num_kv_heads, "
         "int head_dim, float scale, float softcap, float eps, bool interleaved, int activation, bool post_norms, "
-        "bool qk_norm, bool integer) -> Tensor");
+        "bool qk_norm, bool integer, int gemv_max_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) { m.impl("decode_layers", &cholla::decode_layers); }

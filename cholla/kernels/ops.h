@@ -12,6 +12,9 @@ at::Tensor gemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef typ
 at::Tensor qgemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types);
 at::Tensor qgemv_int8(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types);
 
+// qmatmul.cpp: the same products on the AMX tiles (weights and x rounded to bf16).
+at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types);
+
 // norm_rope.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,

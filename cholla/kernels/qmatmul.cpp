@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "blocks.h"
+#include "ops.h"
 
 namespace {
 
@@ -153,31 +154,6 @@ void run_job(const Segment& seg, int64_t first_row, const uint16_t* xp, int64_t 
   }
 }
 
-// x: fp32 [m, k]; weights[i]: uint8 [n_i, bytes per row] of GGML type types[i].
-// Returns fp32 [m, sum n_i]: the products with each weight side by side, so that
-// projections reading the same input (q, k, v; gate, up) run as one call.
-at::Tensor qmatmul(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {
-  const at::Tensor x = x_in.contiguous();
-  std::vector<Segment> segments;
-  check_activations(x);
-  const int64_t m = x.size(0), k = x.size(1);
-  const int64_t n_total = plan_segments(k, weights, types, segments);
-  const std::vector<Job> jobs = split_jobs(segments, BLOCK_ROWS);
-  at::Tensor y = at::empty({m, n_total}, x.options());
-  if (m == 0) return y;
-  const at::Tensor packed = pack_activations(x);
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-  float* out = y.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
-    configure_tiles();
-    std::unique_ptr<uint16_t[]> strip(new uint16_t[BLOCK_ROWS * k]);
-    for (int64_t j = begin; j < end; ++j)
-      run_job(segments[jobs[j].segment], jobs[j].first_row, xp, m, k, out, n_total, strip.get());
-    _tile_release();
-  });
-  return y;
-}
-
 // Dequantize whole weights to bfloat16, stacked: [sum n_i, k]. Serves prefill-sized
 // steps (one dense oneDNN matmul over the stack) and tests of the dequantizers.
 at::Tensor dequantize_bf16(at::TensorList weights, at::IntArrayRef types, int64_t k) {
@@ -204,6 +180,35 @@ bool request_amx() {
 
 }  // namespace
 
+namespace cholla {
+
+// x: fp32 [m, k]; weights[i]: uint8 [n_i, bytes per row] of GGML type types[i].
+// Returns fp32 [m, sum n_i]: the products with each weight side by side, so that
+// projections reading the same input (q, k, v; gate, up) run as one call.
+at::Tensor qmatmul(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {
+  const at::Tensor x = x_in.contiguous();
+  std::vector<Segment> segments;
+  check_activations(x);
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t n_total = plan_segments(k, weights, types, segments);
+  const std::vector<Job> jobs = split_jobs(segments, BLOCK_ROWS);
+  at::Tensor y = at::empty({m, n_total}, x.options());
+  if (m == 0) return y;
+  const at::Tensor packed = pack_activations(x);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    std::unique_ptr<uint16_t[]> strip(new uint16_t[BLOCK_ROWS * k]);
+    for (int64_t j = begin; j < end; ++j)
+      run_job(segments[jobs[j].segment], jobs[j].first_row, xp, m, k, out, n_total, strip.get());
+    _tile_release();
+  });
+  return y;
+}
+
+}  // namespace cholla
+
 TORCH_LIBRARY(cholla, m) {
   m.def("qmatmul(Tensor x, Tensor[] weights, int[] types) -> Tensor");
   m.def("dequantize_bf16(Tensor[] weights, int[] types, int k) -> Tensor");
@@ -211,6 +216,6 @@ TORCH_LIBRARY(cholla, m) {
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) {
-  m.impl("qmatmul", &qmatmul);
+  m.impl("qmatmul", &cholla::qmatmul);
   m.impl("dequantize_bf16", &dequantize_bf16);
 }

@@ -5,8 +5,8 @@ kernels than in them (docs/benchmarks.md). For the pre-norm layers of the
 Llama family and Gemma 3 (``models/llama.py``, ``models/gemma3.py``),
 ``run_layers`` hands every layer's weights, norms and caches to one C++ call
 that chains the kernels the Python layers call, in the same order. Whatever
-it does not cover (prefill chunks, more rows than the GEMVs serve, biases,
-other MLPs, no kernels) runs layer by layer in Python.
+it does not cover (prefill chunks, steps larger than our matmul kernels take,
+biases, other MLPs, no kernels) runs layer by layer in Python.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from cholla.kernels import amx_kernels
 from cholla.layers.attention import AttentionMetadata
-from cholla.layers.linear import GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear
+from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear
 from cholla.layers.mlp import GatedMLP
 from cholla.layers.rotary import RotaryEmbedding
 
@@ -108,9 +108,10 @@ def plan_decode(model: nn.Module) -> DecodePlan | None:
 
 
 def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor | None:
-    """Every layer in one call, or None where this step is not a small decode-only one."""
+    """Every layer in one call, or None where this step is not a decode-only one that
+    our kernels multiply (the rows ``linear_group`` gives to the GEMVs or the AMX tiles)."""
     integer = plan.first_linear.compute_dtype == torch.bfloat16
-    if meta.num_prefills or x.shape[0] > (INT8_MAX_ROWS if integer else GEMV_MAX_ROWS) or x.dtype != torch.float32:
+    if meta.num_prefills or x.shape[0] > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS) or x.dtype != torch.float32:
         return None
     tables = [rope.tables(positions) for rope in plan.ropes]
     return amx_kernels().decode_layers(
@@ -118,6 +119,7 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
         [cos for cos, _ in tables], [sin for _, sin in tables], plan.rope_of_layer, plan.windows, meta.slot_mapping,
         meta.block_tables, meta.decode_context_lens, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,
         plan.softcap, plan.eps, plan.interleaved, plan.activation, plan.post_norms, plan.qk_norm, integer,
+        INT8_MAX_ROWS if integer else GEMV_MAX_ROWS,
     )
 
 
