@@ -8,6 +8,9 @@
 // between them. This file chains the same kernels (ops.h) for all layers, in
 // the order the Python layers use them, so it computes what they compute.
 //
+// Under torch.profiler (cholla bench --profile) each layer's four stages
+// appear as ranges named "cholla::decode_layers: ...".
+//
 // It covers the pre-norm decoder layer of the Llama family and Gemma 3:
 //   h = norm(x); q, k, v = h Wq, h Wk, h Wv; [q, k = q_norm(q), k_norm(k)];
 //   q, k = rope(q, k); cache <- k, v; o = attention(q, cache) Wo; [o = norm(o)];
@@ -18,6 +21,9 @@
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
+
+#include <vector>
 
 #include "ops.h"
 
@@ -83,28 +89,41 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
     const at::TensorList n = norms.slice(norms_per_layer * l, norms_per_layer);
     const at::Tensor* qk_norms = qk_norm ? &n[post_norms ? 4 : 2] : nullptr;
 
-    const at::Tensor qkv = project(rms_norm(x, n[0], eps), w.slice(0, 3), t.slice(0, 3), integer, gemv_max_rows);
-    at::Tensor q = qkv.narrow(1, 0, q_size).view({rows, num_heads, head_dim});
-    at::Tensor k = qkv.narrow(1, q_size, kv_size).view({rows, num_kv_heads, head_dim});
-    const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({rows, num_kv_heads, head_dim});
-    if (qk_norm) {
-      q = rms_norm(q, qk_norms[0], eps);
-      k = rms_norm(k, qk_norms[1], eps);
+    at::Tensor attended;
+    {
+      RECORD_FUNCTION("cholla::decode_layers: attention", std::vector<c10::IValue>());
+      const at::Tensor qkv = project(rms_norm(x, n[0], eps), w.slice(0, 3), t.slice(0, 3), integer, gemv_max_rows);
+      at::Tensor q = qkv.narrow(1, 0, q_size).view({rows, num_heads, head_dim});
+      at::Tensor k = qkv.narrow(1, q_size, kv_size).view({rows, num_kv_heads, head_dim});
+      const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({rows, num_kv_heads, head_dim});
+      if (qk_norm) {
+        q = rms_norm(q, qk_norms[0], eps);
+        k = rms_norm(k, qk_norms[1], eps);
+      }
+      rope_(q, k, positions, cos[rope_of_layer[l]], sin[rope_of_layer[l]], interleaved);
+      write_kv(k, v, k_caches[l], v_caches[l], slot_mapping);
+      attended = paged_attention_decode(q, k_caches[l], v_caches[l], block_tables, context_lens, scale, windows[l],
+                                        softcap);
     }
-    rope_(q, k, positions, cos[rope_of_layer[l]], sin[rope_of_layer[l]], interleaved);
-    write_kv(k, v, k_caches[l], v_caches[l], slot_mapping);
-    const at::Tensor attended = paged_attention_decode(q, k_caches[l], v_caches[l], block_tables, context_lens,
-                                                       scale, windows[l], softcap);
-    at::Tensor o = project(attended.view({rows, q_size}), w.slice(3, 1), t.slice(3, 1), integer, gemv_max_rows);
-    if (post_norms) o = rms_norm(o, n[2], eps);
-    x.add_(o);
-
-    const at::Tensor gate_up = project(rms_norm(x, n[1], eps), w.slice(4, 2), t.slice(4, 2), integer, gemv_max_rows);
-    const int64_t inner = gate_up.size(1) / 2;
-    const at::Tensor a = activate(gate_up.narrow(1, 0, inner), activation).mul_(gate_up.narrow(1, inner, inner));
-    at::Tensor d = project(a, w.slice(6, 1), t.slice(6, 1), integer, gemv_max_rows);
-    if (post_norms) d = rms_norm(d, n[3], eps);
-    x.add_(d);
+    {
+      RECORD_FUNCTION("cholla::decode_layers: o projection", std::vector<c10::IValue>());
+      at::Tensor o = project(attended.view({rows, q_size}), w.slice(3, 1), t.slice(3, 1), integer, gemv_max_rows);
+      if (post_norms) o = rms_norm(o, n[2], eps);
+      x.add_(o);
+    }
+    at::Tensor a;
+    {
+      RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
+      const at::Tensor gate_up = project(rms_norm(x, n[1], eps), w.slice(4, 2), t.slice(4, 2), integer, gemv_max_rows);
+      const int64_t inner = gate_up.size(1) / 2;
+      a = activate(gate_up.narrow(1, 0, inner), activation).mul_(gate_up.narrow(1, inner, inner));
+    }
+    {
+      RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());
+      at::Tensor d = project(a, w.slice(6, 1), t.slice(6, 1), integer, gemv_max_rows);
+      if (post_norms) d = rms_norm(d, n[3], eps);
+      x.add_(d);
+    }
   }
   return x;
 }
