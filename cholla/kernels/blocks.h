@@ -221,11 +221,14 @@ inline void for_each_group(int64_t type, const uint8_t* row, int64_t k, Sink&& s
 // Weights stream from memory once per call: the hardware prefetcher alone, which
 // stops at every 4 KiB page, left the decode GEMV waiting on memory (4.4 GB/s on
 // SmolLM2's layers, 9.6 GB/s with this). Rows this far ahead are requested early.
-constexpr int64_t PREFETCH_ROWS = 4;
+constexpr int64_t PREFETCH_ROWS = 8;
 
 // Asks for the cache lines of `bytes` bytes at p (a prefetch never faults, so p may run past the end).
+// Into L2 (T2), not L1: every GEMV of a decode step ran 15-20% faster than with
+// T0 (SmolLM2's all together 7.0 -> 5.8 ms, Gemma 3's 16.2 -> 13.6 ms), and
+// 8 rows ahead beat 4 once the lines no longer crowd L1.
 inline void prefetch(const uint8_t* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T2);
 }
 
 struct Segment {
