@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from cholla.heap import keep_buffers_mapped
+from cholla.heap import keep_buffers_mapped, release_free_memory
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 
@@ -24,3 +24,13 @@ def test_a_freed_activation_buffer_stays_mapped():
     touched = _resident_kib()
     del buffer
     assert touched - _resident_kib() < 4 * 1024, "the freed buffer went back to the OS"
+
+
+def test_freed_heap_memory_goes_back_when_released():
+    """What loading frees (the tokenizer's lists) would otherwise stay resident with trimming off."""
+    assert keep_buffers_mapped()
+    scratch = [torch.ones(2**16) for _ in range(512)]  # 128 MiB in 256 KiB pieces: heap memory, not maps
+    del scratch
+    held = _resident_kib()
+    assert release_free_memory()
+    assert held - _resident_kib() > 64 * 1024

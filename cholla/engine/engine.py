@@ -21,7 +21,7 @@ from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, bytes_per_bl
 from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
-from cholla.heap import keep_buffers_mapped
+from cholla.heap import keep_buffers_mapped, release_free_memory
 from cholla.threads import set_threads
 from cholla.tokenizer.detokenizer import IncrementalDetokenizer
 from cholla.tokenizer.tokenizer import Tokenizer
@@ -94,6 +94,7 @@ class LLMEngine:
         self.model_config = self.loaded.config
         self.tokenizer = load_tokenizer(self.loaded)
         self.eos_token_ids = set(self.tokenizer.eog_token_ids) | set(self.model_config.eos_token_ids)
+        release_free_memory()  # what loading freed (see cholla/heap.py)
 
         memory = _kv_cache_budget(config)
         # The cache holds K and V in the matmuls' dtype: bf16 halves the bytes each decode step reads.

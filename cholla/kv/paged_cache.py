@@ -7,7 +7,9 @@ Shape per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]``. Token
 
 from __future__ import annotations
 
-import numpy as np
+import math
+import mmap
+
 import torch
 
 from cholla.models.config import ModelConfig
@@ -21,14 +23,16 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) ->
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """A zeroed cache tensor. On CPU it comes from calloc, whose pages the OS maps
-    lazily: memory is only resident once blocks are written, so a large budget
-    does not cost its full size in RSS up front. Zeros matter: padded decode
-    reads touch unwritten slots, and masked garbage could be NaN."""
-    numpy_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}.get(dtype)
-    if torch.device(device).type == "cpu" and numpy_dtype is not None:
-        return torch.from_numpy(np.zeros(shape, dtype=numpy_dtype)).view(dtype)  # bf16: same bits as uint16 0
-    return torch.zeros(shape, dtype=dtype, device=device)
+    """A zeroed cache tensor. On CPU it is an anonymous memory map, whose pages the OS
+    maps (zeroed) on first write: memory is only resident once blocks are written, so a
+    large budget does not cost its full size in RSS up front. (``calloc`` promises the
+    same only for fresh memory: reusing freed heap, it zeroes, and so touches, every page.)
+    Zeros matter: padded decode reads touch unwritten slots, and masked garbage could be NaN."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    pages = mmap.mmap(-1, max(nbytes, 1))  # the tensor keeps the map alive
+    return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
 
 
 class PagedKVCache:
