@@ -93,7 +93,7 @@ def plan_decode(model: nn.Module) -> DecodePlan | None:
             weights.append(linear.kernel_weight[0])
             types.append(linear.kernel_weight[1])
         layer_norms = _layer_norms(layer, post_norms, qk_norm)
-        if any(norm.eps != layer_norms[0].eps or norm.eps != first.input_layernorm.eps for norm in layer_norms):
+        if any(norm.eps != first.input_layernorm.eps for norm in layer_norms):  # the kernel takes one eps
             return None
         norms += [norm.weight for norm in layer_norms]
         if not any(attn.rotary is rope for rope in ropes):
@@ -111,7 +111,9 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
     """Every layer in one call, or None where this step is not a decode-only one that
     our kernels multiply (the rows ``linear_group`` gives to the GEMVs or the AMX tiles)."""
     integer = plan.first_linear.compute_dtype == torch.bfloat16
-    if meta.num_prefills or x.shape[0] > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS) or x.dtype != torch.float32:
+    if meta.num_prefills or x.shape[0] > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS):
+        return None
+    if x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     tables = [rope.tables(positions) for rope in plan.ropes]
     return amx_kernels().decode_layers(
