@@ -287,3 +287,21 @@ def test_argmax_rows_matches_torch_max(cols):
         x[4, 150_000] = float("inf")
     torch.testing.assert_close(kernels.argmax_rows(x), x.max(dim=-1).indices)
     torch.testing.assert_close(kernels.argmax_rows(x[:, : max(1, cols // 2)]), x[:, : max(1, cols // 2)].max(-1).indices)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh", "gelu"])
+@pytest.mark.parametrize("rows, inner", [(1, 2048), (5, 1536), (3, 40)])  # 40: a partial vector per row
+def test_gated_activation_matches_torch(activation, rows, inner):
+    from cholla.layers.mlp import ACTIVATION_IDS, ACTIVATIONS
+
+    generator = torch.Generator().manual_seed(inner)
+    gate_up = torch.randn(rows, 2 * inner, generator=generator) * 4
+    gate_up[:, :8] = torch.tensor([0.0, -0.0, 1e-7, -1e-7, 30.0, -30.0, 100.0, -100.0])  # tiny and saturated
+    gate, up = gate_up[:, :inner], gate_up[:, inner:]  # halves of one product, as the MLP has them
+    got = kernels.gated_activation(gate, up, ACTIVATION_IDS[activation])
+    if activation == "gelu":  # exact GELU is PyTorch's own fp32 erf
+        torch.testing.assert_close(got, ACTIVATIONS[activation](gate) * up, rtol=0, atol=0)
+        return
+    # Ours: within a few fp32 ulp of the float64 truth.
+    expected = (ACTIVATIONS[activation](gate.double()) * up.double()).float()
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6)

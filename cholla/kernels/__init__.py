@@ -2,11 +2,11 @@
 
 ``qgemv.cpp`` (decode) and ``qmatmul.cpp`` (AMX tiles, batches) multiply
 activations with weights still in their GGUF blocks; ``norm_rope.cpp`` fuses
-RMSNorm and the rotary embedding; ``paged_attention.cpp`` writes and attends
-decode tokens straight from the paged KV cache; ``decode_layers.cpp`` chains
-them through every layer of a decode step (``ops.h``); ``argmax.cpp`` serves
-greedy sampling. They need a C++ compiler at first use and a CPU with AMX-BF16 and
-AVX512-BF16; ``amx_kernels()`` returns ``None`` elsewhere, and the layers fall
+RMSNorm and the rotary embedding, ``activation.cpp`` the MLP's act(gate) * up;
+``paged_attention.cpp`` writes and attends decode tokens straight from the
+paged KV cache; ``decode_layers.cpp`` chains them through every layer of a
+decode step (``ops.h``); ``argmax.cpp`` serves greedy sampling. They need a C++ compiler at first use and a CPU with AMX-BF16
+and AVX512-BF16; ``amx_kernels()`` returns ``None`` elsewhere, and the layers fall
 back to PyTorch ops.
 """
 
@@ -21,7 +21,8 @@ import torch
 
 log = logging.getLogger("cholla")
 
-SOURCE_NAMES = ("qmatmul.cpp", "qgemv.cpp", "norm_rope.cpp", "paged_attention.cpp", "decode_layers.cpp", "argmax.cpp")
+SOURCE_NAMES = ("qmatmul.cpp", "qgemv.cpp", "norm_rope.cpp", "paged_attention.cpp", "decode_layers.cpp", "argmax.cpp",
+                "activation.cpp")
 SOURCES = [str(Path(__file__).with_name(name)) for name in SOURCE_NAMES]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma", "amx_tile", "amx_bf16")
 COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma", "-mavx512vnni"]

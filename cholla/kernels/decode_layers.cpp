@@ -29,24 +29,12 @@
 
 namespace {
 
-// The gated MLP's activations, numbered as cholla/models/fused_decode.py does.
-enum Activation : int64_t { SILU = 0, GELU_TANH = 1, GELU = 2 };
-
 constexpr int64_t WEIGHTS_PER_LAYER = 7;  // q, k, v, o, gate, up, down
 
 // The product cholla/layers/linear.py picks for this many rows: a GEMV up to
 // gemv_max_rows, the AMX tiles above.
 at::Tensor project(const at::Tensor& x, at::TensorList w, at::IntArrayRef t, bool integer, int64_t gemv_max_rows) {
   return x.size(0) <= gemv_max_rows ? cholla::gemv(x, w, t, integer) : cholla::qmatmul(x, w, t);
-}
-
-at::Tensor activate(const at::Tensor& gate, int64_t activation) {
-  switch (activation) {
-    case SILU: return at::silu(gate);
-    case GELU_TANH: return at::gelu(gate, "tanh");
-    case GELU: return at::gelu(gate);
-    default: TORCH_CHECK(false, "decode_layers: unknown activation ", activation);
-  }
 }
 
 }  // namespace
@@ -116,7 +104,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
       RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
       const at::Tensor gate_up = project(rms_norm(x, n[1], eps), w.slice(4, 2), t.slice(4, 2), integer, gemv_max_rows);
       const int64_t inner = gate_up.size(1) / 2;
-      a = activate(gate_up.narrow(1, 0, inner), activation).mul_(gate_up.narrow(1, inner, inner));
+      a = gated_activation(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation);
     }
     {
       RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());

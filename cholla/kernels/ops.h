@@ -20,6 +20,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
            bool interleaved);
 
+// activation.cpp: act(gate) * up; activation ids as in cholla/layers/mlp.py.
+at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
+
 // paged_attention.cpp
 void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
               const at::Tensor& slot_mapping);

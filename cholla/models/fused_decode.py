@@ -20,11 +20,8 @@ from torch import nn
 from cholla.kernels import amx_kernels
 from cholla.layers.attention import AttentionMetadata
 from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear
-from cholla.layers.mlp import GatedMLP
+from cholla.layers.mlp import ACTIVATION_IDS, GatedMLP
 from cholla.layers.rotary import RotaryEmbedding
-
-ACTIVATION_IDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # as decode_layers.cpp numbers them
-
 
 @dataclass
 class DecodePlan:

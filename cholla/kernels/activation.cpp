@@ -1,0 +1,67 @@
+// The gated MLP's activation: act(gate) * up in one pass.
+//
+// PyTorch takes two passes and a slow tanh: tanh-GELU alone cost 60 us on
+// Gemma 3's 32 x 2048 decode activations, and about 1 ms per layer of a
+// 512-token prefill. SiLU is g sigmoid(g); tanh-GELU, 0.5 g (1 + tanh z) with
+// z = sqrt(2 / pi) (g + 0.044715 g^3), is the same g sigmoid(2 z): one e^x per
+// weight either way. Exact (erf) GELU stays with PyTorch.
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "exp16.h"
+#include "ops.h"
+
+namespace {
+
+// Activation ids, as cholla/layers/mlp.py numbers them.
+enum Activation : int64_t { SILU = 0, GELU_TANH = 1, GELU = 2 };
+
+void check_half(const at::Tensor& t, const at::Tensor& gate) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.sizes() == gate.sizes() && t.stride(1) == 1,
+              "gated_activation: gate and up must be fp32 [rows, inner] with contiguous rows");
+}
+
+}  // namespace
+
+namespace cholla {
+
+// gate, up: fp32 [rows, inner] (row strides free: halves of the gate/up product) -> act(gate) * up.
+at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation) {
+  check_half(gate, gate);
+  check_half(up, gate);
+  if (activation == GELU) return at::gelu(gate).mul_(up);
+  TORCH_CHECK(activation == SILU || activation == GELU_TANH, "gated_activation: unknown activation ", activation);
+  const int64_t rows = gate.size(0), inner = gate.size(1);
+  at::Tensor out = at::empty({rows, inner}, gate.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* gs = gate.data_ptr<float>();
+  const float* us = up.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const bool tanh_gelu = activation == GELU_TANH;
+  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(inner, 1)), [&](int64_t begin, int64_t end) {
+    const __m512 one = _mm512_set1_ps(1.0f), c1 = _mm512_set1_ps(2.0f * 0.7978845608028654f),
+                 c3 = _mm512_set1_ps(2.0f * 0.7978845608028654f * 0.044715f);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* g_row = gs + r * gate.stride(0);
+      const float* u_row = us + r * up.stride(0);
+      for (int64_t i = 0; i < inner; i += 16) {
+        const __mmask16 live = i + 16 <= inner ? 0xFFFF : static_cast<__mmask16>((1u << (inner - i)) - 1);
+        const __m512 g = _mm512_maskz_loadu_ps(live, g_row + i);
+        const __m512 s = tanh_gelu ? _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), c3, c1)) : g;
+        const __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), s))));
+        _mm512_mask_storeu_ps(dst + r * inner + i, live, _mm512_mul_ps(act, _mm512_maskz_loadu_ps(live, u_row + i)));
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace cholla
+
+TORCH_LIBRARY_FRAGMENT(cholla, m) { m.def("gated_activation(Tensor gate, Tensor up, int activation) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(cholla, CPU, m) { m.impl("gated_activation", &cholla::gated_activation); }
