@@ -5,9 +5,10 @@ activations with weights still in their GGUF blocks; ``norm_rope.cpp`` fuses
 RMSNorm and the rotary embedding, ``activation.cpp`` the MLP's act(gate) * up;
 ``paged_attention.cpp`` writes and attends decode tokens straight from the
 paged KV cache; ``decode_layers.cpp`` chains them through every layer of a
-decode step (``ops.h``); ``argmax.cpp`` serves greedy sampling. They need a C++ compiler at first use and a CPU with AMX-BF16
-and AVX512-BF16; ``amx_kernels()`` returns ``None`` elsewhere, and the layers fall
-back to PyTorch ops.
+decode step (``ops.h``); ``argmax.cpp`` serves greedy sampling. They need a
+C++ compiler at first use and a CPU with AMX-BF16 and AVX512-BF16;
+``amx_kernels()`` returns ``None`` elsewhere, and the layers fall back to
+PyTorch ops.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_
   const float* us = up.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const bool tanh_gelu = activation == GELU_TANH;
-  at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(inner, 1)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(inner, 1));  // rows per thread, at least
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     const __m512 one = _mm512_set1_ps(1.0f), c1 = _mm512_set1_ps(2.0f * 0.7978845608028654f),
                  c3 = _mm512_set1_ps(2.0f * 0.7978845608028654f * 0.044715f);
     for (int64_t r = begin; r < end; ++r) {

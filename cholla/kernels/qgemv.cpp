@@ -338,9 +338,11 @@ inline __m512 sum_lanes(const __m512 v[16]) {
     quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
   }
   // Across the four 128-bit lanes: lane pairs (0, 1) and (2, 3), then the two halves.
-  const __m512 q01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88), _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
-  const __m512 q23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88), _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(q01, q23, 0x88), _mm512_shuffle_f32x4(q01, q23, 0xDD));
+  // (0x88 takes lanes 0 and 2 of each source, 0xDD lanes 1 and 3.)
+  auto fold = [](__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  };
+  return fold(fold(quads[0], quads[1]), fold(quads[2], quads[3]));
 }
 
 // The integer kernel for `rows` rows of x, or nullptr for types without one.

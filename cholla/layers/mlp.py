@@ -21,8 +21,8 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> t
     """``act(gate) * up``: one pass of our kernel where it runs (PyTorch's tanh-GELU
     alone took 60 us on Gemma 3's 32-row decode activations), else PyTorch ops."""
     kernels = amx_kernels()
-    if (kernels is not None and gate.dim() == 2 and gate.dtype == up.dtype == torch.float32 and gate.device.type == "cpu"
-            and gate.stride(1) == 1 and up.stride(1) == 1):
+    if (kernels is not None and gate.dim() == 2 and gate.dtype == up.dtype == torch.float32
+            and gate.device.type == "cpu" and gate.stride(1) == 1 and up.stride(1) == 1):
         return kernels.gated_activation(gate, up, ACTIVATION_IDS[activation])
     return ACTIVATIONS[activation](gate) * up
 
