@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cholla.kernels import amx_kernels
 from cholla.errors import InvalidRequestError
+from cholla.kernels import amx_kernels
 from cholla.sampling.params import SamplingParams
 
 # Per row: (logprob of the chosen token, [(token id, logprob), ...] best first).
@@ -231,8 +231,9 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """Index of each row's largest value (the first, on ties; a NaN counts as largest).
 
-    Over Gemma's 262k-token vocabulary and 32 rows, ``argmax`` takes 6.4 ms on
-    CPU, ``max`` 2.3 ms, our kernel (a vector max, then a scan for it) ~1 ms.
+    Over Gemma's 262k-token vocabulary, ``argmax`` takes 6.4 ms on CPU for 32
+    rows and ``max`` 2.3 ms; our kernel (a vector max, then a scan for it) 2.0 ms,
+    the speed of reading the logits, and 51 us against ``max``'s 115 for one row.
     """
     kernels = amx_kernels()
     if kernels is not None and x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[1]:
