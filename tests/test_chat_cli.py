@@ -139,7 +139,8 @@ def _wait_for(session: str, done: Callable[[str], bool], timeout: float) -> str:
 def test_chat_in_a_real_terminal(smollm2_path):
     """An answer, then Ctrl+C in the middle of a long one (the real SIGINT path), then /quit."""
     session = f"cholla-chat-{uuid.uuid4().hex[:8]}"
-    command = f"{sys.executable} -m cholla chat smollm2 -t 0 -n 60 --max-model-len 512; echo EXIT=$?; sleep 30"
+    # -n 600: the story must still be streaming when Ctrl+C arrives (60 tokens took 0.3 s once decode got fast).
+    command = f"{sys.executable} -m cholla chat smollm2 -t 0 -n 600 --max-model-len 1024; echo EXIT=$?; sleep 30"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", "-c", str(REPO), command], check=True)
 
     def send(*keys: str) -> None:
