@@ -13,7 +13,7 @@
 
 #include <algorithm>
 
-#include "exp16.h"
+#include "simd.h"
 #include "ops.h"
 
 namespace {
@@ -50,7 +50,7 @@ at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_
       const float* g_row = gs + r * gate.stride(0);
       const float* u_row = us + r * up.stride(0);
       for (int64_t i = 0; i < inner; i += 16) {
-        const __mmask16 live = i + 16 <= inner ? 0xFFFF : static_cast<__mmask16>((1u << (inner - i)) - 1);
+        const __mmask16 live = lanes(inner - i);
         const __m512 g = _mm512_maskz_loadu_ps(live, g_row + i);
         const __m512 s = tanh_gelu ? _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), c3, c1)) : g;
         const __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), s))));

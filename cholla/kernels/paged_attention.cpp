@@ -17,7 +17,7 @@
 #include <cstring>
 #include <vector>
 
-#include "exp16.h"
+#include "simd.h"
 #include "ops.h"
 
 namespace {
@@ -26,10 +26,6 @@ namespace {
 inline __m512 load16(const float* p, __mmask16 live) { return _mm512_maskz_loadu_ps(live, p); }
 inline __m512 load16(const uint16_t* p, __mmask16 live) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
-}
-
-inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
 }
 
 // Query heads per KV head this kernel handles (grouped-query attention); more is refused.

@@ -14,6 +14,7 @@
 
 #include "blocks.h"
 #include "ops.h"
+#include "simd.h"
 
 namespace {
 
@@ -398,7 +399,7 @@ at::Tensor gemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef 
         __m512 v[GEMV_JOB_ROWS];
         for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) v[i] = i < last - first ? sums[i][r] : _mm512_setzero_ps();
         _mm512_mask_storeu_ps(out + r * n_total + seg.out_offset + first,
-                              static_cast<__mmask16>((1u << (last - first)) - 1), sum_lanes(v));
+                              lanes(last - first), sum_lanes(v));
       }
     }
   });

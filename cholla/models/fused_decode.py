@@ -23,6 +23,7 @@ from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Lin
 from cholla.layers.mlp import ACTIVATION_IDS, GatedMLP
 from cholla.layers.rotary import RotaryEmbedding
 
+
 @dataclass
 class DecodePlan:
     """Everything of the model the kernel reads, flattened layer after layer in its order."""
@@ -76,7 +77,7 @@ def plan_decode(model: nn.Module) -> DecodePlan | None:
     weights, types, norms, ropes, rope_of_layer, windows = [], [], [], [], [], []
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if not isinstance(mlp, GatedMLP) or mlp.activation not in ACTIVATION_IDS:
+        if not isinstance(mlp, GatedMLP):  # its constructor admits only activations the kernel has
             return None
         if hasattr(layer, "post_feedforward_layernorm") != post_norms or (attn.q_norm is not None) != qk_norm:
             return None

@@ -1,9 +1,16 @@
-// e^x on 16 fp32 lanes, shared by the attention softmax and the MLP activations.
+// 16-lane AVX-512 helpers the kernels share: tail masks and e^x.
 #pragma once
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace {
+
+// The first `left` of 16 lanes (all of them from 16 on, none at 0 or below).
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+}
 
 // e^x for 16 floats: Cephes' expf (range reduction by ln 2, degree-6 polynomial,
 // about 1 ulp), scaled by 2^n with scalef. A scalar expf per score cost more
