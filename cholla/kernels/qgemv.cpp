@@ -104,11 +104,17 @@ struct QuantizedRow {
   const float* sum() const { return numbers.data() + 2 * period; }
 };
 
-QuantizedRow quantize_row(const float* x, int64_t k) {
+// The layouts the int8 path reads for a type (a bit each): natural (Q8_0), nibbles (Q4_0 to Q5_1), k_quant (Q4_K).
+enum Layout : unsigned { NATURAL = 1, NIBBLES = 2, K_QUANT = 4 };
+
+inline unsigned layout_of(int64_t type) { return type == Q8_0 ? NATURAL : type == Q4_K ? K_QUANT : NIBBLES; }
+
+// x's row in the `layouts` asked for (the others are left zero).
+QuantizedRow quantize_row(const float* x, int64_t k, unsigned layouts) {
   const int64_t blocks = k / 32, period = std::lcm(blocks, GROUP_BLOCKS);
   QuantizedRow q{period, std::vector<int8_t>(3 * period * 32), std::vector<float>(3 * period)};
   int8_t* natural = q.bytes.data();
-  float* numbers = q.numbers.data();
+  std::vector<float> first(3 * blocks);  // dx, qsum, sum of the row's blocks
   for (int64_t b = 0; b < blocks; ++b) {  // the first copy, in natural order
     const __m512 lo = _mm512_loadu_ps(x + 32 * b), hi = _mm512_loadu_ps(x + 32 * b + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -117,21 +123,25 @@ QuantizedRow quantize_row(const float* x, int64_t k) {
     const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(natural + 32 * b), _mm512_cvtepi32_epi8(qlo));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(natural + 32 * b + 16), _mm512_cvtepi32_epi8(qhi));
-    numbers[b] = d;
-    numbers[period + b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
-    numbers[2 * period + b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+    first[b] = d;
+    first[blocks + b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+    first[2 * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
   }
-  for (int64_t f = blocks; f < period; ++f) std::memcpy(natural + 32 * f, natural + 32 * (f % blocks), 32);
-  std::vector<float> first(numbers, numbers + 3 * period);
+  if (layouts & NATURAL)
+    for (int64_t f = blocks; f < period; ++f) std::memcpy(natural + 32 * f, natural + 32 * (f % blocks), 32);
   for (int64_t f = 0; f < period; ++f) {
-    const int8_t* block = natural + 32 * f;
-    int8_t* four = q.bytes.data() + period * 32 + 128 * (f / 4);
-    std::memcpy(four + 16 * (f % 4), block, 16);
-    std::memcpy(four + 64 + 16 * (f % 4), block + 16, 16);
-    static constexpr int64_t k_quant_at[4] = {0, 64, 32, 96};
-    std::memcpy(q.bytes.data() + 2 * period * 32 + 128 * (f / 4) + k_quant_at[f % 4], block, 32);
+    const int8_t* block = natural + 32 * (f % blocks);
+    if (layouts & NIBBLES) {
+      int8_t* four = q.bytes.data() + period * 32 + 128 * (f / 4);
+      std::memcpy(four + 16 * (f % 4), block, 16);
+      std::memcpy(four + 64 + 16 * (f % 4), block + 16, 16);
+    }
+    if (layouts & K_QUANT) {
+      static constexpr int64_t k_quant_at[4] = {0, 64, 32, 96};
+      std::memcpy(q.bytes.data() + 2 * period * 32 + 128 * (f / 4) + k_quant_at[f % 4], block, 32);
+    }
     const int64_t at = f / GROUP_BLOCKS * GROUP_BLOCKS + group_block(f % GROUP_BLOCKS);
-    for (int i = 0; i < 3; ++i) numbers[i * period + at] = first[i * period + f % blocks];
+    for (int i = 0; i < 3; ++i) q.numbers[i * period + at] = first[i * blocks + f % blocks];
   }
   return q;
 }
@@ -417,12 +427,15 @@ at::Tensor gemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef 
   at::Tensor y = at::empty({m, n_total}, x.options());
   if (m == 0) return y;
   const float* xs = x.data_ptr<float>();
-  std::vector<QuantizedRow> rows;
-  if (integer)
-    for (int64_t r = 0; r < m; ++r) rows.push_back(quantize_row(xs + r * k, k));
   const std::vector<Job> jobs = split_jobs(segments, GEMV_JOB_ROWS);
   float* out = y.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<QuantizedRow> rows;  // each thread its own: a copy made by another core came slower
+    if (integer) {
+      unsigned layouts = 0;
+      for (int64_t j = begin; j < end; ++j) layouts |= layout_of(segments[jobs[j].segment].type);
+      for (int64_t r = 0; r < m; ++r) rows.push_back(quantize_row(xs + r * k, k, layouts));
+    }
     for (int64_t j = begin; j < end; ++j) {
       const Segment& seg = segments[jobs[j].segment];
       const int64_t first = jobs[j].first_row, last = std::min(seg.rows, first + GEMV_JOB_ROWS);
