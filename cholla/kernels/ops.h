@@ -4,16 +4,33 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <utility>
+
 namespace cholla {
+
+// Thread `thread` of a team of `threads`: its share [begin, end) of n jobs (as at::parallel_for cuts them).
+inline std::pair<int64_t, int64_t> share(int64_t n, int64_t thread, int64_t threads) {
+  const int64_t chunk = (n + threads - 1) / threads;
+  return {std::min(n, thread * chunk), std::min(n, (thread + 1) * chunk)};
+}
+
+// The *_part functions do one thread's share of an op for a team of threads
+// already running (decode_layers.cpp): every member calls them with the same
+// arguments, and each writes its own part of the preallocated output.
 
 // qgemv.cpp: x fp32 [m <= 8, k] times each weight's GGUF rows, side by side;
 // `integer`: the int8 path for the types that have it.
 at::Tensor gemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer);
 at::Tensor qgemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types);
 at::Tensor qgemv_int8(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types);
+void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer, at::Tensor& y,
+               int64_t thread, int64_t threads);
 
 // qmatmul.cpp: the same products on the AMX tiles (weights and x rounded to bf16).
 at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types);
+void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor& y, int64_t thread,
+                  int64_t threads);
 
 // norm_rope.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
@@ -29,5 +46,8 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                   int64_t window, double softcap);
+void paged_attention_part(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t window,
+                          double softcap, at::Tensor& out, int64_t thread, int64_t threads);
 
 }  // namespace cholla

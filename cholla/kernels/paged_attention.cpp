@@ -34,6 +34,23 @@ constexpr int64_t MAX_GROUP = 16;
 // Keys (and their values) are prefetched this many positions ahead.
 constexpr int64_t AHEAD = 8;
 
+// A sequence's positions, walked one by one through its block table: the
+// cache slot of each without a division per position (a run-time block size
+// made it two integer divisions per key, a third of a short context's time).
+struct SlotCursor {
+  const int64_t* table;
+  int64_t block_size, block, offset;
+  SlotCursor(const int64_t* table, int64_t block_size, int64_t position)
+      : table(table), block_size(block_size), block(position / block_size), offset(position % block_size) {}
+  int64_t slot() const { return table[block] * block_size + offset; }
+  void next() {
+    if (++offset == block_size) {
+      offset = 0;
+      ++block;
+    }
+  }
+};
+
 // row[0..n) <- softmax(row[0..n)), 16 lanes at a time (a masked tail).
 inline void softmax(float* row, int64_t n) {
   __m512 top = _mm512_set1_ps(-INFINITY);
@@ -68,13 +85,14 @@ void attend_pair(const float* q, const T* ks, const T* vs, float* o, const int64
   const int64_t group = GROUP > 0 ? GROUP : run_time_group;
   constexpr int64_t SLOTS = GROUP > 0 ? GROUP : MAX_GROUP;
   scores.resize(group * n);
-  auto slot = [&](int64_t pos) { return (table[pos / block_size] * block_size + pos % block_size) * kv_heads + kvh; };
+  auto row = [&](const SlotCursor& cursor) { return (cursor.slot() * kv_heads + kvh) * dim; };
   // Scores: each key is loaded (and widened from bf16) once, 16 lanes at a time,
   // for all the query heads that share it.
-  for (int64_t t = 0; t < n; ++t) {
-    const T* key = ks + slot(first + t) * dim;
+  SlotCursor key_at(table, block_size, first), ahead_at(table, block_size, first + AHEAD);
+  for (int64_t t = 0; t < n; ++t, key_at.next(), ahead_at.next()) {
+    const T* key = ks + row(key_at);
     if (t + AHEAD < n) {  // the cache rows are scattered over blocks: ask for them early
-      const int64_t ahead = slot(first + t + AHEAD) * dim;
+      const int64_t ahead = row(ahead_at);
       for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(ks + ahead) + b, _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(vs + ahead) + b, _MM_HINT_T1);
@@ -101,8 +119,9 @@ void attend_pair(const float* q, const T* ks, const T* vs, float* o, const int64
     __m512 out[SLOTS][4];
     for (int64_t g = 0; g < group; ++g)
       for (int j = 0; j < 4; ++j) out[g][j] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < n; ++t) {
-      const T* value = vs + slot(first + t) * dim + d0;
+    SlotCursor value_at(table, block_size, first);
+    for (int64_t t = 0; t < n; ++t, value_at.next()) {
+      const T* value = vs + row(value_at) + d0;
       __m512 v[4];
       for (int j = 0; j < 4; ++j) v[j] = load16(value + 16 * j, lanes(dim - d0 - 16 * j));
       for (int64_t g = 0; g < group; ++g) {
@@ -116,23 +135,22 @@ void attend_pair(const float* q, const T* ks, const T* vs, float* o, const int64
   }
 }
 
+// (Sequence, KV head) pairs [begin, end) of a decode step.
 template <typename T>
 void attend_decode(const float* qs, const T* ks, const T* vs, float* os, const int64_t* tables, const int64_t* lens,
-                   int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, int64_t max_blocks,
-                   float scale, int64_t window, float cap) {
+                   int64_t begin, int64_t end, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
+                   int64_t max_blocks, float scale, int64_t window, float cap) {
   const int64_t group = heads / kv_heads;
   // Group sizes of real models (Gemma 3 270M: 4; SmolLM2: 3; Llama 3: 4; Qwen 3: 2, 4...) get their own copy.
   const auto pair = group == 1 ? attend_pair<T, 1> : group == 2 ? attend_pair<T, 2> : group == 3 ? attend_pair<T, 3>
                   : group == 4 ? attend_pair<T, 4> : attend_pair<T, 0>;
-  at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t job = begin; job < end; ++job) {
-      const int64_t s = job / kv_heads, kvh = job % kv_heads, ctx = lens[s];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-      pair(qs + (s * heads + kvh * group) * dim, ks, vs, os + (s * heads + kvh * group) * dim, tables + s * max_blocks,
-           first, ctx - first, group, kv_heads, kvh, dim, block_size, scale, cap, scores);
-    }
-  });
+  std::vector<float> scores;
+  for (int64_t job = begin; job < end; ++job) {
+    const int64_t s = job / kv_heads, kvh = job % kv_heads, ctx = lens[s];
+    const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+    pair(qs + (s * heads + kvh * group) * dim, ks, vs, os + (s * heads + kvh * group) * dim, tables + s * max_blocks,
+         first, ctx - first, group, kv_heads, kvh, dim, block_size, scale, cap, scores);
+  }
 }
 
 // Both kernels' caches: contiguous fp32 or bfloat16 [blocks, block_size, kv_heads, dim], k and v alike.
@@ -169,21 +187,11 @@ void check_new_rows(const at::Tensor& x, int64_t tokens, int64_t kv_heads, int64
               "write_kv: k and v must be fp32 [tokens, kv_heads, dim] with contiguous heads");
 }
 
-}  // namespace
-
-namespace cholla {
-
-// q: fp32 [seqs, heads, dim]; k_cache, v_cache: fp32 or bfloat16 [blocks, block_size, kv_heads, dim];
-// block_tables: int64 [seqs, max_blocks]; context_lens: int64 [seqs], the new token
-// included (its key and value already written). window > 0: a key is visible only
-// if fewer than `window` positions back; softcap > 0: scores -> softcap * tanh(s / softcap).
-at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables_in, const at::Tensor& context_lens_in, double scale,
-                                  int64_t window, double softcap) {
-  TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "paged_attention_decode: q must be fp32 [seqs, heads, dim]");
+// Pairs [begin, end) of q's (sequence, KV head) pairs, after checking every argument.
+void attend_pairs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& block_tables_in, const at::Tensor& context_lens_in, double scale, int64_t window,
+                  double softcap, at::Tensor& out, int64_t begin, int64_t end) {
   check_caches("paged_attention_decode", k_cache, v_cache);
-  const auto cache_type = k_cache.scalar_type();
-  const at::Tensor q = q_in.contiguous();
   const at::Tensor block_tables = block_tables_in.to(at::kLong).contiguous();
   const at::Tensor context_lens = context_lens_in.to(at::kLong).contiguous();
   const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2);
@@ -201,16 +209,48 @@ at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_ca
       TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
                   "paged_attention_decode: block id out of range");
   }
-  at::Tensor out = at::zeros_like(q);
   const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  if (cache_type == at::kFloat)
+  if (k_cache.scalar_type() == at::kFloat)
     attend_decode(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>(),
-                  tables, lens, seqs, heads, kv_heads, dim, block_size, max_blocks, fscale, window, cap);
+                  tables, lens, begin, end, heads, kv_heads, dim, block_size, max_blocks, fscale, window, cap);
   else
     attend_decode(q.data_ptr<float>(), static_cast<const uint16_t*>(k_cache.data_ptr()),
-                  static_cast<const uint16_t*>(v_cache.data_ptr()), out.data_ptr<float>(), tables, lens, seqs, heads,
-                  kv_heads, dim, block_size, max_blocks, fscale, window, cap);
+                  static_cast<const uint16_t*>(v_cache.data_ptr()), out.data_ptr<float>(), tables, lens, begin, end,
+                  heads, kv_heads, dim, block_size, max_blocks, fscale, window, cap);
+}
+
+}  // namespace
+
+namespace cholla {
+
+// q: fp32 [seqs, heads, dim]; k_cache, v_cache: fp32 or bfloat16 [blocks, block_size, kv_heads, dim];
+// block_tables: int64 [seqs, max_blocks]; context_lens: int64 [seqs], the new token
+// included (its key and value already written). window > 0: a key is visible only
+// if fewer than `window` positions back; softcap > 0: scores -> softcap * tanh(s / softcap).
+at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t window, double softcap) {
+  TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "paged_attention_decode: q must be fp32 [seqs, heads, dim]");
+  check_caches("paged_attention_decode", k_cache, v_cache);
+  const at::Tensor q = q_in.contiguous();
+  at::Tensor out = at::zeros_like(q);
+  const int64_t pairs = q.size(0) * k_cache.size(2);
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    attend_pairs(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, out, begin, end);
+  });
   return out;
+}
+
+// One thread's share of the pairs, into out (fp32, q's shape).
+void paged_attention_part(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t window,
+                          double softcap, at::Tensor& out, int64_t thread, int64_t threads) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && out.sizes() == q.sizes() &&
+                  out.scalar_type() == at::kFloat && out.is_contiguous(),
+              "paged_attention_part: q and out must be contiguous fp32 [seqs, heads, dim]");
+  check_caches("paged_attention_decode", k_cache, v_cache);
+  const auto [begin, end] = share(q.size(0) * k_cache.size(2), thread, threads);
+  attend_pairs(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, out, begin, end);
 }
 
 // Writes this step's keys and values (fp32 [tokens, kv_heads, dim], token stride

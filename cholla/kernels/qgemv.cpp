@@ -410,6 +410,46 @@ IntDot int_dot_for(int64_t type, int64_t rows) {
   }
 }
 
+// Jobs [begin, end) of a GEMV: the exact fp32 products, or with `integer` the
+// int8 ones for the types that have them.
+void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
+                   const float* xs, int64_t m, int64_t k, bool integer, float* out, int64_t n_total) {
+  std::vector<QuantizedRow> rows;  // each thread its own: a copy made by another core came slower
+  if (integer) {
+    unsigned layouts = 0;
+    for (int64_t j = begin; j < end; ++j) layouts |= layout_of(segments[jobs[j].segment].type);
+    for (int64_t r = 0; r < m; ++r) rows.push_back(quantize_row(xs + r * k, k, layouts));
+  }
+  for (int64_t j = begin; j < end; ++j) {
+    const Segment& seg = segments[jobs[j].segment];
+    const int64_t first = jobs[j].first_row, last = std::min(seg.rows, first + GEMV_JOB_ROWS);
+    const IntDot dot = integer ? int_dot_for(seg.type, m) : nullptr;
+    if (dot == nullptr) {
+      GEMV_BY_ROWS[m - 1](seg, first, last, xs, k, out, n_total);
+      continue;
+    }
+    __m512 sums[GEMV_JOB_ROWS][GEMV_MAX_ROWS];
+    dot(seg.data + first * seg.row_bytes, k / 32, last - first, PREFETCH_AHEAD, rows.data(), sums);
+    for (int64_t r = 0; r < m; ++r) {
+      __m512 v[GEMV_JOB_ROWS];
+      for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) v[i] = i < last - first ? sums[i][r] : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(out + r * n_total + seg.out_offset + first, lanes(last - first), sum_lanes(v));
+    }
+  }
+}
+
+// x's checks and the jobs, as both entry points need them; returns the output width.
+int64_t plan_gemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer,
+                  std::vector<Segment>& segments, std::vector<Job>& jobs) {
+  check_activations(x);
+  TORCH_CHECK(x.is_contiguous(), "qgemv: x must be contiguous");
+  const int64_t n_total = plan_segments(x.size(1), weights, types, segments);
+  TORCH_CHECK(x.size(0) <= GEMV_MAX_ROWS, integer ? "qgemv_int8" : "qgemv", ": at most ", GEMV_MAX_ROWS,
+              " rows, got ", x.size(0));
+  jobs = split_jobs(segments, GEMV_JOB_ROWS);
+  return n_total;
+}
+
 }  // namespace
 
 namespace cholla {
@@ -420,41 +460,28 @@ namespace cholla {
 at::Tensor gemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types, bool integer) {
   const at::Tensor x = x_in.contiguous();
   std::vector<Segment> segments;
-  check_activations(x);
-  const int64_t m = x.size(0), k = x.size(1);
-  const int64_t n_total = plan_segments(k, weights, types, segments);
-  TORCH_CHECK(m <= GEMV_MAX_ROWS, integer ? "qgemv_int8" : "qgemv", ": at most ", GEMV_MAX_ROWS, " rows, got ", m);
+  std::vector<Job> jobs;
+  const int64_t n_total = plan_gemv(x, weights, types, integer, segments, jobs);
+  const int64_t m = x.size(0);
   at::Tensor y = at::empty({m, n_total}, x.options());
   if (m == 0) return y;
-  const float* xs = x.data_ptr<float>();
-  const std::vector<Job> jobs = split_jobs(segments, GEMV_JOB_ROWS);
-  float* out = y.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<QuantizedRow> rows;  // each thread its own: a copy made by another core came slower
-    if (integer) {
-      unsigned layouts = 0;
-      for (int64_t j = begin; j < end; ++j) layouts |= layout_of(segments[jobs[j].segment].type);
-      for (int64_t r = 0; r < m; ++r) rows.push_back(quantize_row(xs + r * k, k, layouts));
-    }
-    for (int64_t j = begin; j < end; ++j) {
-      const Segment& seg = segments[jobs[j].segment];
-      const int64_t first = jobs[j].first_row, last = std::min(seg.rows, first + GEMV_JOB_ROWS);
-      const IntDot dot = integer ? int_dot_for(seg.type, m) : nullptr;
-      if (dot == nullptr) {
-        GEMV_BY_ROWS[m - 1](seg, first, last, xs, k, out, n_total);
-        continue;
-      }
-      __m512 sums[GEMV_JOB_ROWS][GEMV_MAX_ROWS];
-      dot(seg.data + first * seg.row_bytes, k / 32, last - first, PREFETCH_AHEAD, rows.data(), sums);
-      for (int64_t r = 0; r < m; ++r) {
-        __m512 v[GEMV_JOB_ROWS];
-        for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) v[i] = i < last - first ? sums[i][r] : _mm512_setzero_ps();
-        _mm512_mask_storeu_ps(out + r * n_total + seg.out_offset + first,
-                              lanes(last - first), sum_lanes(v));
-      }
-    }
+    run_gemv_jobs(segments, jobs, begin, end, x.data_ptr<float>(), m, x.size(1), integer, y.data_ptr<float>(), n_total);
   });
   return y;
+}
+
+void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer, at::Tensor& y,
+               int64_t thread, int64_t threads) {
+  std::vector<Segment> segments;
+  std::vector<Job> jobs;
+  const int64_t n_total = plan_gemv(x, weights, types, integer, segments, jobs);
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0) &&
+                  y.size(1) == n_total, "gemv_part: y must be fp32 [m, ", n_total, "]");
+  const auto [begin, end] = share(static_cast<int64_t>(jobs.size()), thread, threads);
+  if (x.size(0) > 0 && begin < end)
+    run_gemv_jobs(segments, jobs, begin, end, x.data_ptr<float>(), x.size(0), x.size(1), integer, y.data_ptr<float>(),
+                  n_total);
 }
 
 // fp32 products, exact: each block dequantized as gguf does, then fp32 FMAs.

@@ -178,6 +178,17 @@ bool request_amx() {
   return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 
+// Jobs [begin, end) on this thread's tiles.
+void run_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
+              const at::Tensor& packed, int64_t m, int64_t k, float* out, int64_t n_total) {
+  configure_tiles();
+  std::unique_ptr<uint16_t[]> strip(new uint16_t[BLOCK_ROWS * k]);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+  for (int64_t j = begin; j < end; ++j)
+    run_job(segments[jobs[j].segment], jobs[j].first_row, xp, m, k, out, n_total, strip.get());
+  _tile_release();
+}
+
 }  // namespace
 
 namespace cholla {
@@ -195,16 +206,25 @@ at::Tensor qmatmul(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
   at::Tensor y = at::empty({m, n_total}, x.options());
   if (m == 0) return y;
   const at::Tensor packed = pack_activations(x);
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-  float* out = y.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
-    configure_tiles();
-    std::unique_ptr<uint16_t[]> strip(new uint16_t[BLOCK_ROWS * k]);
-    for (int64_t j = begin; j < end; ++j)
-      run_job(segments[jobs[j].segment], jobs[j].first_row, xp, m, k, out, n_total, strip.get());
-    _tile_release();
+    run_jobs(segments, jobs, begin, end, packed, m, k, y.data_ptr<float>(), n_total);
   });
   return y;
+}
+
+// One thread's share; each packs x itself (a few rows), sparing the team a wait.
+void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor& y, int64_t thread,
+                  int64_t threads) {
+  std::vector<Segment> segments;
+  check_activations(x);
+  TORCH_CHECK(x.is_contiguous(), "qmatmul_part: x must be contiguous");
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t n_total = plan_segments(k, weights, types, segments);
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == m &&
+                  y.size(1) == n_total, "qmatmul_part: y must be fp32 [m, ", n_total, "]");
+  const std::vector<Job> jobs = split_jobs(segments, BLOCK_ROWS);
+  const auto [begin, end] = share(static_cast<int64_t>(jobs.size()), thread, threads);
+  if (m > 0 && begin < end) run_jobs(segments, jobs, begin, end, pack_activations(x), m, k, y.data_ptr<float>(), n_total);
 }
 
 }  // namespace cholla
