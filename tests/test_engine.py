@@ -253,3 +253,20 @@ def test_async_engine_shutdown_ends_streams_and_frees_blocks(make_llm):
     assert not engine._thread.is_alive()
     assert not llm.engine.has_unfinished_requests()
     _assert_all_blocks_free(llm)
+
+
+def test_heap_released_once_a_long_prefill_gives_way_to_decoding(make_llm, monkeypatch):
+    """Freed prefill activations go back to the OS before the first step that is
+    (nearly) all decoding, once per ~1024 prefilled tokens; short prompts never trigger it."""
+    import cholla.engine.engine as engine_module
+
+    llm = make_llm(max_model_len=1400, max_num_batched_tokens=512)
+    calls = []
+    monkeypatch.setattr(engine_module, "release_free_memory", lambda: calls.append(True))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm.generate("Water boils at", params, use_tqdm=False)
+    assert calls == []
+    steps_before = llm.engine.metrics.steps
+    llm.generate({"prompt_token_ids": [1] * 1100}, params, use_tqdm=False)  # three 512-token chunks, then decoding
+    assert calls == [True]
+    assert llm.engine.metrics.steps - steps_before == 3 + 3  # the release cost no step

@@ -307,3 +307,18 @@ def test_gated_activation_matches_torch(activation, rows, inner):
     # Ours: within a few fp32 ulp of the float64 truth.
     expected = (ACTIVATIONS[activation](gate.double()) * up.double()).float()
     torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh", "gelu"])
+def test_gated_activation_in_bf16_is_the_fp32_result_rounded(activation):
+    """A prefill's bf16 gate/up product goes through as bf16: the result must be
+    exactly what the fp32 path gives rounded to bf16, as the down projection's
+    matmul would have rounded it."""
+    from cholla.layers.mlp import ACTIVATION_IDS
+
+    gate_up = (torch.randn(70, 2 * 83, generator=torch.Generator().manual_seed(3)) * 4).to(torch.bfloat16)
+    gate, up = gate_up[:, :83], gate_up[:, 83:]
+    got = kernels.gated_activation(gate, up, ACTIVATION_IDS[activation])
+    assert got.dtype == torch.bfloat16
+    expected = kernels.gated_activation(gate.float(), up.float(), ACTIVATION_IDS[activation]).to(torch.bfloat16)
+    assert torch.equal(got, expected)

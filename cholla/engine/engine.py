@@ -29,6 +29,12 @@ from cholla.tokenizer.tokenizer import Tokenizer
 log = logging.getLogger("cholla")
 
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3
+# Once prefill chunks of this many tokens in all have run, the first step that
+# is (nearly) all decoding hands their freed activations back to the OS
+# (cholla/heap.py keeps freed buffers for reuse, and decoding reuses few of
+# them): Gemma 3's 2048-token chunks leave ~100 MiB behind.
+RELEASE_AFTER_PREFILL_TOKENS = 1024
+SMALL_PREFILL_TOKENS = 256  # a step prefilling fewer needs little activation memory
 
 
 @dataclass
@@ -123,6 +129,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.eos_token_ids)
         self.states: dict[str, _RequestState] = {}
         self.metrics = EngineMetrics()
+        self._prefill_tokens_held = 0  # prefilled since the heap was last released
         self._ids = itertools.count()
 
     # -- requests -------------------------------------------------------------
@@ -185,6 +192,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
+        prefill_tokens = sum(batch.num_tokens[: batch.num_prefills])
+        if prefill_tokens < SMALL_PREFILL_TOKENS and self._prefill_tokens_held >= RELEASE_AFTER_PREFILL_TOKENS:
+            release_free_memory()
+            self._prefill_tokens_held = 0
+        self._prefill_tokens_held += prefill_tokens
         result = self.runner.execute(batch)
         self.metrics.steps += 1
         self.metrics.batch_sizes.append(len(batch.requests))

@@ -22,42 +22,65 @@ namespace {
 enum Activation : int64_t { SILU = 0, GELU_TANH = 1, GELU = 2 };
 
 void check_half(const at::Tensor& t, const at::Tensor& gate) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.sizes() == gate.sizes() && t.stride(1) == 1,
-              "gated_activation: gate and up must be fp32 [rows, inner] with contiguous rows");
+  TORCH_CHECK((t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16) &&
+                  t.scalar_type() == gate.scalar_type() && t.dim() == 2 && t.sizes() == gate.sizes() &&
+                  t.stride(1) == 1,
+              "gated_activation: gate and up must be fp32 or bf16 [rows, inner], alike, with contiguous rows");
+}
+
+// 16 values as fp32 lanes (bf16: its bits are the fp32's top half), and back.
+inline __m512 load16(const float* p, __mmask16 live) { return _mm512_maskz_loadu_ps(live, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 live) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
+}
+inline void store16(float* p, __mmask16 live, __m512 v) { _mm512_mask_storeu_ps(p, live, v); }
+inline void store16(uint16_t* p, __mmask16 live, __m512 v) {  // round to nearest even, as PyTorch's .to(bfloat16)
+  _mm256_mask_storeu_epi16(p, live, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+template <typename T>
+void activate(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out, bool tanh_gelu) {
+  const int64_t rows = gate.size(0), inner = gate.size(1);
+  const T* gs = static_cast<const T*>(gate.data_ptr());
+  const T* us = static_cast<const T*>(up.data_ptr());
+  T* dst = static_cast<T*>(out.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(inner, 1));  // rows per thread, at least
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    const __m512 one = _mm512_set1_ps(1.0f), c1 = _mm512_set1_ps(2.0f * 0.7978845608028654f),
+                 c3 = _mm512_set1_ps(2.0f * 0.7978845608028654f * 0.044715f);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g_row = gs + r * gate.stride(0);
+      const T* u_row = us + r * up.stride(0);
+      for (int64_t i = 0; i < inner; i += 16) {
+        const __mmask16 live = lanes(inner - i);
+        const __m512 g = load16(g_row + i, live);
+        const __m512 s = tanh_gelu ? _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), c3, c1)) : g;
+        const __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), s))));
+        store16(dst + r * inner + i, live, _mm512_mul_ps(act, load16(u_row + i, live)));
+      }
+    }
+  });
 }
 
 }  // namespace
 
 namespace cholla {
 
-// gate, up: fp32 [rows, inner] (row strides free: halves of the gate/up product) -> act(gate) * up.
+// gate, up: fp32 or bf16 [rows, inner] (row strides free: halves of the
+// gate/up product) -> act(gate) * up, in their dtype. In bf16 (a prefill's
+// dense product) the result is what rounding the fp32 one for the down
+// projection's bf16 matmul would give, without the two fp32 copies: 48 MiB
+// less for Gemma 3's 2048-token chunks.
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation) {
   check_half(gate, gate);
   check_half(up, gate);
-  if (activation == GELU) return at::gelu(gate).mul_(up);
+  if (activation == GELU) return at::gelu(gate.to(at::kFloat)).mul_(up).to(gate.scalar_type());
   TORCH_CHECK(activation == SILU || activation == GELU_TANH, "gated_activation: unknown activation ", activation);
-  const int64_t rows = gate.size(0), inner = gate.size(1);
-  at::Tensor out = at::empty({rows, inner}, gate.options().memory_format(at::MemoryFormat::Contiguous));
-  const float* gs = gate.data_ptr<float>();
-  const float* us = up.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  const bool tanh_gelu = activation == GELU_TANH;
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(inner, 1));  // rows per thread, at least
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    const __m512 one = _mm512_set1_ps(1.0f), c1 = _mm512_set1_ps(2.0f * 0.7978845608028654f),
-                 c3 = _mm512_set1_ps(2.0f * 0.7978845608028654f * 0.044715f);
-    for (int64_t r = begin; r < end; ++r) {
-      const float* g_row = gs + r * gate.stride(0);
-      const float* u_row = us + r * up.stride(0);
-      for (int64_t i = 0; i < inner; i += 16) {
-        const __mmask16 live = lanes(inner - i);
-        const __m512 g = _mm512_maskz_loadu_ps(live, g_row + i);
-        const __m512 s = tanh_gelu ? _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), c3, c1)) : g;
-        const __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), s))));
-        _mm512_mask_storeu_ps(dst + r * inner + i, live, _mm512_mul_ps(act, _mm512_maskz_loadu_ps(live, u_row + i)));
-      }
-    }
-  });
+  at::Tensor out = at::empty({gate.size(0), gate.size(1)}, gate.options().memory_format(at::MemoryFormat::Contiguous));
+  if (gate.scalar_type() == at::kFloat)
+    activate<float>(gate, up, out, activation == GELU_TANH);
+  else
+    activate<uint16_t>(gate, up, out, activation == GELU_TANH);
   return out;
 }
 

@@ -135,8 +135,9 @@ class Linear(nn.Module):
         return out
 
 
-def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear]) -> torch.Tensor | None:
-    """x: fp32 [rows, in] times every layer's weight, side by side; None where no kernel serves."""
+def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear], keep_bf16: bool) -> torch.Tensor | None:
+    """x: [rows, in] times every layer's weight, side by side; None where no kernel serves.
+    fp32 out, or with ``keep_bf16`` the dense path's bf16 product as it came."""
     weights, types = [], []
     for layer in layers:  # a plain loop: this runs ~120 times per decoded token
         if layer.kernel_weight is None:
@@ -145,22 +146,29 @@ def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear]) -> torch.Tensor | 
         types.append(layer.kernel_weight[1])
     kernels, rows = amx_kernels(), x.shape[0]
     if layers[0].compute_dtype != torch.bfloat16:
-        return kernels.qgemv(x, weights, types) if rows <= GEMV_MAX_ROWS else None
+        return kernels.qgemv(x.float(), weights, types) if rows <= GEMV_MAX_ROWS else None
     if rows <= INT8_MAX_ROWS:
-        return kernels.qgemv_int8(x, weights, types)
+        return kernels.qgemv_int8(x.float(), weights, types)
     if rows <= AMX_MAX_ROWS:
-        return kernels.qmatmul(x, weights, types)
-    return F.linear(x.to(torch.bfloat16), kernels.dequantize_bf16(weights, types, x.shape[1])).float()
+        return kernels.qmatmul(x.float(), weights, types)
+    out = F.linear(x.to(torch.bfloat16), kernels.dequantize_bf16(weights, types, x.shape[1]))
+    return out if keep_bf16 else out.float()
 
 
-def linear_group(layers: Sequence[Linear], x: torch.Tensor) -> list[torch.Tensor]:
-    """Every layer applied to the same x ([..., in] -> [..., out_i]), in one kernel call where possible."""
+def linear_group(layers: Sequence[Linear], x: torch.Tensor, keep_bf16: bool = False) -> list[torch.Tensor]:
+    """Every layer applied to the same x ([..., in] -> [..., out_i]), in one kernel call where possible.
+
+    Outputs are fp32; with ``keep_bf16`` a product made in bf16 (a prefill's
+    dense matmul) stays bf16, for a consumer that reads it as is (the MLP's
+    activation: no fp32 copy of a 2048-token chunk's gate and up).
+    """
     rows = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
-    fused = _kernel_matmul(rows if rows.dtype == torch.float32 else rows.float(), layers)
+    fused = _kernel_matmul(rows, layers, keep_bf16)
     if fused is not None:
         outs = fused.split([layer.out_features for layer in layers], dim=1) if len(layers) > 1 else [fused]
     else:
-        outs = [layer.dense_forward(rows.to(layer.compute_dtype)).float() for layer in layers]
+        outs = [layer.dense_forward(rows.to(layer.compute_dtype)) for layer in layers]
+        outs = [out if keep_bf16 and out.dtype == torch.bfloat16 else out.float() for out in outs]
     outs = [out if layer.bias is None else out + layer.bias for layer, out in zip(layers, outs)]
     return outs if x.dim() == 2 else [out.reshape(*x.shape[:-1], out.shape[-1]) for out in outs]
 

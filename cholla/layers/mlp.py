@@ -18,13 +18,15 @@ ACTIVATION_IDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # as cholla/ker
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act(gate) * up``: one pass of our kernel where it runs (PyTorch's tanh-GELU
-    alone took 60 us on Gemma 3's 32-row decode activations), else PyTorch ops."""
+    """``act(gate) * up`` in fp32, returned in the inputs' dtype (fp32, or bf16 from a
+    prefill's dense product). One pass of our kernel where it runs (PyTorch's
+    tanh-GELU alone took 60 us on Gemma 3's 32-row decode activations), else PyTorch ops."""
     kernels = amx_kernels()
-    if (kernels is not None and gate.dim() == 2 and gate.dtype == up.dtype == torch.float32
-            and gate.device.type == "cpu" and gate.stride(1) == 1 and up.stride(1) == 1):
+    if (kernels is not None and gate.dim() == 2 and gate.dtype == up.dtype
+            and gate.dtype in (torch.float32, torch.bfloat16) and gate.device.type == "cpu"
+            and gate.stride(1) == 1 and up.stride(1) == 1):
         return kernels.gated_activation(gate, up, ACTIVATION_IDS[activation])
-    return ACTIVATIONS[activation](gate) * up
+    return (ACTIVATIONS[activation](gate.float()) * up.float()).to(gate.dtype)
 
 
 class GatedMLP(nn.Module):
@@ -38,5 +40,7 @@ class GatedMLP(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear_group((self.gate_proj, self.up_proj), x)
+        # A prefill's bf16 product stays bf16 through the activation: the down
+        # projection's matmul would round it to bf16 anyway.
+        gate, up = linear_group((self.gate_proj, self.up_proj), x, keep_bf16=True)
         return self.down_proj(gated_activation(gate, up, self.activation))
