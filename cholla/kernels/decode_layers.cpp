@@ -33,6 +33,7 @@
 #include <omp.h>
 
 #include <atomic>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <vector>
@@ -105,14 +106,44 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
     TORCH_CHECK(r >= 0 && r < static_cast<int64_t>(cos.size()), "decode_layers: rope index out of range");
   const int64_t rows = x_in.size(0), hidden = x_in.size(1);
   if (rows == 0 || layers == 0) return x_in.clone();
-  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim, qkv_size = q_size + 2 * kv_size;
   const int64_t inner = weights[4].size(0);  // the first gate's rows
+  const float feps = static_cast<float>(eps);
+
+  // The row-level bodies used below check nothing: everything is checked here, once.
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == rows &&
+                  slots.numel() == rows, "decode_layers: one int64 position and cache slot per row");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (size_t r = 0; r < cos.size(); ++r) {
+    TORCH_CHECK(cos[r].scalar_type() == at::kFloat && cos[r].is_contiguous() && cos[r].dim() == 2 &&
+                    cos[r].size(1) == head_dim && sin[r].sizes() == cos[r].sizes() &&
+                    sin[r].scalar_type() == at::kFloat && sin[r].is_contiguous() && head_dim % 2 == 0,
+                "decode_layers: rope tables must be fp32 [length, head_dim]");
+    for (int64_t i = 0; i < rows; ++i)
+      TORCH_CHECK(pos[i] >= 0 && pos[i] < cos[r].size(0), "rope: position out of the table");
+  }
+  for (int64_t l = 0; l < layers; ++l) {
+    check_caches("write_kv", k_caches[l], v_caches[l]);
+    TORCH_CHECK(k_caches[l].size(2) == num_kv_heads && k_caches[l].size(3) == head_dim,
+                "decode_layers: cache heads disagree with the model");
+    for (int64_t i = 0; i < rows; ++i)
+      TORCH_CHECK(slot[i] >= 0 && slot[i] < k_caches[l].size(0) * k_caches[l].size(1), "write_kv: slot out of range");
+  }
+  for (int64_t i = 0; i < static_cast<int64_t>(norms.size()); ++i) {
+    const bool per_head = qk_norm && i % norms_per_layer >= norms_per_layer - 2;
+    TORCH_CHECK(norms[i].scalar_type() == at::kFloat && norms[i].is_contiguous() && norms[i].dim() == 1 &&
+                    norms[i].size(0) == (per_head ? head_dim : hidden),
+                "decode_layers: norm weight ", i, " has the wrong shape");
+  }
+
   const auto options = x_in.options().memory_format(at::MemoryFormat::Contiguous);
   // What the members write for each other, one part each.
-  at::Tensor qkv = at::empty({rows, q_size + 2 * kv_size}, options), attended = at::empty({rows, num_heads, head_dim}, options);
+  at::Tensor qkv = at::empty({rows, qkv_size}, options), q = at::empty({rows, num_heads, head_dim}, options);
+  at::Tensor attended = at::empty({rows, num_heads, head_dim}, options);
   at::Tensor o = at::empty({rows, hidden}, options), gate_up = at::empty({rows, 2 * inner}, options);
   at::Tensor down = at::empty({rows, hidden}, options);
-  at::Tensor q_rotated;  // the attention's queries: member 0 prepares them
   at::Tensor result;
   std::unique_ptr<Barrier> barrier;
   std::exception_ptr error;
@@ -131,43 +162,70 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
         qmatmul_part(in, w, t, out, thread, threads);
     };
     try {
-      at::Tensor x = x_in.contiguous().clone();  // each member keeps the residual stream itself
+      // Each member keeps the residual stream itself, and its norms.
+      at::Tensor x = x_in.contiguous().clone(), h = at::empty({rows, hidden}, options);
+      float* xs = x.data_ptr<float>();
+      float* hs = h.data_ptr<float>();
+      // x += (post_norm ? norm(y) : y), row by row (y: fp32 [rows, hidden])
+      auto add = [&](const at::Tensor& y, const at::Tensor* post_norm) {
+        const float* ys = y.data_ptr<float>();
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* add_row = ys + r * hidden;
+          if (post_norm != nullptr) {
+            rms_norm_row(add_row, post_norm->data_ptr<float>(), hs + r * hidden, hidden, feps);
+            add_row = hs + r * hidden;
+          }
+          for (int64_t i = 0; i < hidden; ++i) xs[r * hidden + i] += add_row[i];
+        }
+      };
+      auto normalize = [&](const at::Tensor& weight) {  // h = norm(x)
+        for (int64_t r = 0; r < rows; ++r) rms_norm_row(xs + r * hidden, weight.data_ptr<float>(), hs + r * hidden, hidden, feps);
+        return h;
+      };
       for (int64_t l = 0; l < layers; ++l) {
         const at::TensorList w = weights.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
         const at::IntArrayRef t = types.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
         const at::TensorList n = norms.slice(norms_per_layer * l, norms_per_layer);
         {
           RECORD_FUNCTION("cholla::decode_layers: attention", std::vector<c10::IValue>());
-          project(rms_norm(x, n[0], eps), w.slice(0, 3), t.slice(0, 3), qkv);
+          project(normalize(n[0]), w.slice(0, 3), t.slice(0, 3), qkv);
           if (!barrier->wait()) break;
-          if (thread == 0) {
-            at::Tensor q = qkv.narrow(1, 0, q_size).view({rows, num_heads, head_dim});
-            at::Tensor k = qkv.narrow(1, q_size, kv_size).view({rows, num_kv_heads, head_dim});
-            const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({rows, num_kv_heads, head_dim});
-            if (qk_norm) {
-              const at::Tensor* qk_norms = &n[post_norms ? 4 : 2];
-              q = rms_norm(q, qk_norms[0], eps);
-              k = rms_norm(k, qk_norms[1], eps);
+          if (thread == 0) {  // q (normed, rotated) for the attention; k and v into the cache
+            const float* cos_table = cos[rope_of_layer[l]].data_ptr<float>();
+            const float* sin_table = sin[rope_of_layer[l]].data_ptr<float>();
+            for (int64_t r = 0; r < rows; ++r) {
+              float* qr = q.data_ptr<float>() + r * q_size;
+              float* kr = qkv.data_ptr<float>() + r * qkv_size + q_size;
+              const float* qkv_q = qkv.data_ptr<float>() + r * qkv_size;
+              if (qk_norm) {
+                const at::Tensor* qk_norms = &n[post_norms ? 4 : 2];
+                for (int64_t hd = 0; hd < num_heads; ++hd)
+                  rms_norm_row(qkv_q + hd * head_dim, qk_norms[0].data_ptr<float>(), qr + hd * head_dim, head_dim, feps);
+                for (int64_t hd = 0; hd < num_kv_heads; ++hd)
+                  rms_norm_row(kr + hd * head_dim, qk_norms[1].data_ptr<float>(), kr + hd * head_dim, head_dim, feps);
+              } else {
+                std::memcpy(qr, qkv_q, q_size * sizeof(float));
+              }
+              rope_row(qr, num_heads, kr, num_kv_heads, cos_table + pos[r] * head_dim, sin_table + pos[r] * head_dim,
+                       head_dim, interleaved);
+              write_kv_row(kr, kr + kv_size, k_caches[l], v_caches[l], slot[r]);
             }
-            rope_(q, k, positions, cos[rope_of_layer[l]], sin[rope_of_layer[l]], interleaved);
-            write_kv(k, v, k_caches[l], v_caches[l], slot_mapping);
-            q_rotated = q.contiguous();
           }
           if (!barrier->wait()) break;
-          paged_attention_part(q_rotated, k_caches[l], v_caches[l], block_tables, context_lens, scale, windows[l],
-                               softcap, attended, thread, threads);
+          paged_attention_part(q, k_caches[l], v_caches[l], block_tables, context_lens, scale, windows[l], softcap,
+                               attended, thread, threads);
           if (!barrier->wait()) break;
         }
         {
           RECORD_FUNCTION("cholla::decode_layers: o projection", std::vector<c10::IValue>());
           project(attended.view({rows, q_size}), w.slice(3, 1), t.slice(3, 1), o);
           if (!barrier->wait()) break;
-          x.add_(post_norms ? rms_norm(o, n[2], eps) : o);
+          add(o, post_norms ? &n[2] : nullptr);
         }
         at::Tensor a;
         {
           RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
-          project(rms_norm(x, n[1], eps), w.slice(4, 2), t.slice(4, 2), gate_up);
+          project(normalize(n[1]), w.slice(4, 2), t.slice(4, 2), gate_up);
           if (!barrier->wait()) break;
           a = gated_activation(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation);
         }
@@ -175,7 +233,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
           RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());
           project(a, w.slice(6, 1), t.slice(6, 1), down);
           if (!barrier->wait()) break;
-          x.add_(post_norms ? rms_norm(down, n[3], eps) : down);
+          add(down, post_norms ? &n[3] : nullptr);
         }
       }
       if (thread == 0) result = x;

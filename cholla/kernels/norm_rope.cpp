@@ -52,6 +52,27 @@ void check_heads(const at::Tensor& x, int64_t tokens, int64_t dim) {
 
 namespace cholla {
 
+void rms_norm_row(const float* x, const float* weight, float* y, int64_t dim, float eps) {
+  const __mmask16 tail = static_cast<__mmask16>((1u << (dim % 16)) - 1);
+  const int64_t full = dim - dim % 16;
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < full; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    sum = _mm512_fmadd_ps(v, v, sum);
+  }
+  if (tail) {
+    const __m512 v = _mm512_maskz_loadu_ps(tail, x + full);
+    sum = _mm512_fmadd_ps(v, v, sum);
+  }
+  const float mean = _mm512_reduce_add_ps(sum) / static_cast<float>(dim);
+  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(mean + eps));
+  for (int64_t i = 0; i < full; i += 16)
+    _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(weight + i), _mm512_mul_ps(_mm512_loadu_ps(x + i), scale)));
+  if (tail)
+    _mm512_mask_storeu_ps(y + full, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, weight + full),
+                                                       _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, x + full), scale)));
+}
+
 // x: fp32 [..., dim] -> x / sqrt(mean(x^2) + eps) * weight.
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm: fp32 only");
@@ -63,31 +84,16 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
   const float* src = x.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* dst = y.data_ptr<float>();
-  const __mmask16 tail = static_cast<__mmask16>((1u << (dim % 16)) - 1);
-  const int64_t full = dim - dim % 16;
   at::parallel_for(0, rows, std::max<int64_t>(1, SERIAL_ELEMENTS / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* xr = src + r * dim;
-      float* yr = dst + r * dim;
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t i = 0; i < full; i += 16) {
-        const __m512 v = _mm512_loadu_ps(xr + i);
-        sum = _mm512_fmadd_ps(v, v, sum);
-      }
-      if (tail) {
-        const __m512 v = _mm512_maskz_loadu_ps(tail, xr + full);
-        sum = _mm512_fmadd_ps(v, v, sum);
-      }
-      const float mean = _mm512_reduce_add_ps(sum) / static_cast<float>(dim);
-      const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(mean + static_cast<float>(eps)));
-      for (int64_t i = 0; i < full; i += 16)
-        _mm512_storeu_ps(yr + i, _mm512_mul_ps(_mm512_loadu_ps(w + i), _mm512_mul_ps(_mm512_loadu_ps(xr + i), scale)));
-      if (tail)
-        _mm512_mask_storeu_ps(yr + full, tail, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, w + full),
-                                                             _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, xr + full), scale)));
-    }
+    for (int64_t r = begin; r < end; ++r) rms_norm_row(src + r * dim, w, dst + r * dim, dim, static_cast<float>(eps));
   });
   return y;
+}
+
+void rope_row(float* q, int64_t q_heads, float* k, int64_t k_heads, const float* cos, const float* sin, int64_t dim,
+              bool interleaved) {
+  for (int64_t h = 0; h < q_heads; ++h) rotate(q + h * dim, cos, sin, dim, interleaved);
+  for (int64_t h = 0; h < k_heads; ++h) rotate(k + h * dim, cos, sin, dim, interleaved);
 }
 
 // q: [tokens, heads, dim], k: [tokens, kv_heads, dim] (token stride free),
@@ -108,12 +114,9 @@ void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Te
   const int64_t q_heads = q.size(1), k_heads = k.size(1);
   const int64_t grain = std::max<int64_t>(1, SERIAL_ELEMENTS / ((q_heads + k_heads) * dim));
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* c = cos.data_ptr<float>() + pos[t] * dim;
-      const float* s = sin.data_ptr<float>() + pos[t] * dim;
-      for (int64_t h = 0; h < q_heads; ++h) rotate(qd + t * q.stride(0) + h * dim, c, s, dim, interleaved);
-      for (int64_t h = 0; h < k_heads; ++h) rotate(kd + t * k.stride(0) + h * dim, c, s, dim, interleaved);
-    }
+    for (int64_t t = begin; t < end; ++t)
+      rope_row(qd + t * q.stride(0), q_heads, kd + t * k.stride(0), k_heads, cos.data_ptr<float>() + pos[t] * dim,
+               sin.data_ptr<float>() + pos[t] * dim, dim, interleaved);
   });
 }
 

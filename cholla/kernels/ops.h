@@ -41,6 +41,8 @@ void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Te
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
 
 // paged_attention.cpp
+// Both kernels' caches: contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim], k and v alike.
+void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache);
 void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
               const at::Tensor& slot_mapping);
 at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -49,5 +51,14 @@ at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache
 void paged_attention_part(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t window,
                           double softcap, at::Tensor& out, int64_t thread, int64_t threads);
+
+// The ops' bodies for one row, for decode_layers.cpp's team, which checks a
+// step's arguments once, up front: no checks, no allocation, no threads.
+void rms_norm_row(const float* x, const float* weight, float* y, int64_t dim, float eps);
+// One token's heads, each `dim` floats, back to back; cos, sin: its position's table rows.
+void rope_row(float* q, int64_t q_heads, float* k, int64_t k_heads, const float* cos, const float* sin, int64_t dim,
+              bool interleaved);
+// One token's keys and values (kv_heads * dim floats each) into cache slot `slot`.
+void write_kv_row(const float* k, const float* v, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t slot);
 
 }  // namespace cholla

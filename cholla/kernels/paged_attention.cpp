@@ -153,14 +153,6 @@ void attend_decode(const float* qs, const T* ks, const T* vs, float* os, const i
   }
 }
 
-// Both kernels' caches: contiguous fp32 or bfloat16 [blocks, block_size, kv_heads, dim], k and v alike.
-void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  const auto cache_type = k_cache.scalar_type();
-  TORCH_CHECK(k_cache.dim() == 4 && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
-                  k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-                  v_cache.scalar_type() == cache_type && v_cache.is_contiguous(),
-              op, ": caches must be contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim]");
-}
 
 // Rounds fp32 to bfloat16, nearest even (as at::BFloat16 does; NaN stays NaN).
 inline void store_row(uint16_t* dst, const float* src, int64_t n) {
@@ -191,7 +183,7 @@ void check_new_rows(const at::Tensor& x, int64_t tokens, int64_t kv_heads, int64
 void attend_pairs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables_in, const at::Tensor& context_lens_in, double scale, int64_t window,
                   double softcap, at::Tensor& out, int64_t begin, int64_t end) {
-  check_caches("paged_attention_decode", k_cache, v_cache);
+  cholla::check_caches("paged_attention_decode", k_cache, v_cache);
   const at::Tensor block_tables = block_tables_in.to(at::kLong).contiguous();
   const at::Tensor context_lens = context_lens_in.to(at::kLong).contiguous();
   const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2);
@@ -203,7 +195,7 @@ void attend_pairs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const int64_t max_blocks = block_tables.size(1);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-  for (int64_t s = 0; s < seqs; ++s) {
+  for (int64_t s = begin / kv_heads; s < (end + kv_heads - 1) / kv_heads; ++s) {  // the sequences it reads
     TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size, "paged_attention_decode: bad context length");
     for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b)
       TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
@@ -222,6 +214,15 @@ void attend_pairs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
 }  // namespace
 
 namespace cholla {
+
+// Both kernels' caches: contiguous fp32 or bfloat16 [blocks, block_size, kv_heads, dim], k and v alike.
+void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  const auto cache_type = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.dim() == 4 && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
+                  k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.scalar_type() == cache_type && v_cache.is_contiguous(),
+              op, ": caches must be contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim]");
+}
 
 // q: fp32 [seqs, heads, dim]; k_cache, v_cache: fp32 or bfloat16 [blocks, block_size, kv_heads, dim];
 // block_tables: int64 [seqs, max_blocks]; context_lens: int64 [seqs], the new token
@@ -251,6 +252,17 @@ void paged_attention_part(const at::Tensor& q, const at::Tensor& k_cache, const 
   check_caches("paged_attention_decode", k_cache, v_cache);
   const auto [begin, end] = share(q.size(0) * k_cache.size(2), thread, threads);
   attend_pairs(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, out, begin, end);
+}
+
+void write_kv_row(const float* k, const float* v, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t slot) {
+  const int64_t row = k_cache.size(2) * k_cache.size(3);
+  if (k_cache.scalar_type() == at::kFloat) {
+    store_row(k_cache.data_ptr<float>() + slot * row, k, row);
+    store_row(v_cache.data_ptr<float>() + slot * row, v, row);
+  } else {
+    store_row(static_cast<uint16_t*>(k_cache.data_ptr()) + slot * row, k, row);
+    store_row(static_cast<uint16_t*>(v_cache.data_ptr()) + slot * row, v, row);
+  }
 }
 
 // Writes this step's keys and values (fp32 [tokens, kv_heads, dim], token stride
