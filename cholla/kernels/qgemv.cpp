@@ -93,15 +93,15 @@ constexpr int group_block(int p) { return 4 * (p % 4) + p / 4; }
 // dx Σ xq and the exact sum Σ x.
 struct QuantizedRow {
   int64_t period;
-  std::vector<int8_t> bytes;  // natural, nibbles, k_quant: period * 32 each
-  std::vector<float> numbers;  // dx, qsum, sum: period each
+  const int8_t* bytes;    // natural, nibbles, k_quant: period * 32 each
+  const float* numbers;   // dx, qsum, sum: period each
 
-  const int8_t* natural() const { return bytes.data(); }
-  const int8_t* nibbles() const { return bytes.data() + period * 32; }
-  const int8_t* k_quant() const { return bytes.data() + 2 * period * 32; }
-  const float* dx() const { return numbers.data(); }
-  const float* qsum() const { return numbers.data() + period; }
-  const float* sum() const { return numbers.data() + 2 * period; }
+  const int8_t* natural() const { return bytes; }
+  const int8_t* nibbles() const { return bytes + period * 32; }
+  const int8_t* k_quant() const { return bytes + 2 * period * 32; }
+  const float* dx() const { return numbers; }
+  const float* qsum() const { return numbers + period; }
+  const float* sum() const { return numbers + 2 * period; }
 };
 
 // The layouts the int8 path reads for a type (a bit each): natural (Q8_0), nibbles (Q4_0 to Q5_1), k_quant (Q4_K).
@@ -109,12 +109,12 @@ enum Layout : unsigned { NATURAL = 1, NIBBLES = 2, K_QUANT = 4 };
 
 inline unsigned layout_of(int64_t type) { return type == Q8_0 ? NATURAL : type == Q4_K ? K_QUANT : NIBBLES; }
 
-// x's row in the `layouts` asked for (the others are left zero).
-QuantizedRow quantize_row(const float* x, int64_t k, unsigned layouts) {
+// x's row in the `layouts` asked for (the others are left as they were), into
+// `bytes` (3 * period * 32) and `numbers` (3 * period + 3 * k / 32, the tail scratch).
+QuantizedRow quantize_row(const float* x, int64_t k, unsigned layouts, int8_t* bytes, float* numbers) {
   const int64_t blocks = k / 32, period = std::lcm(blocks, GROUP_BLOCKS);
-  QuantizedRow q{period, std::vector<int8_t>(3 * period * 32), std::vector<float>(3 * period)};
-  int8_t* natural = q.bytes.data();
-  std::vector<float> first(3 * blocks);  // dx, qsum, sum of the row's blocks
+  int8_t* natural = bytes;
+  float* first = numbers + 3 * period;  // dx, qsum, sum of the row's blocks
   for (int64_t b = 0; b < blocks; ++b) {  // the first copy, in natural order
     const __m512 lo = _mm512_loadu_ps(x + 32 * b), hi = _mm512_loadu_ps(x + 32 * b + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
@@ -132,18 +132,18 @@ QuantizedRow quantize_row(const float* x, int64_t k, unsigned layouts) {
   for (int64_t f = 0; f < period; ++f) {
     const int8_t* block = natural + 32 * (f % blocks);
     if (layouts & NIBBLES) {
-      int8_t* four = q.bytes.data() + period * 32 + 128 * (f / 4);
+      int8_t* four = bytes + period * 32 + 128 * (f / 4);
       std::memcpy(four + 16 * (f % 4), block, 16);
       std::memcpy(four + 64 + 16 * (f % 4), block + 16, 16);
     }
     if (layouts & K_QUANT) {
       static constexpr int64_t k_quant_at[4] = {0, 64, 32, 96};
-      std::memcpy(q.bytes.data() + 2 * period * 32 + 128 * (f / 4) + k_quant_at[f % 4], block, 32);
+      std::memcpy(bytes + 2 * period * 32 + 128 * (f / 4) + k_quant_at[f % 4], block, 32);
     }
     const int64_t at = f / GROUP_BLOCKS * GROUP_BLOCKS + group_block(f % GROUP_BLOCKS);
-    for (int i = 0; i < 3; ++i) q.numbers[i * period + at] = first[i * blocks + f % blocks];
+    for (int i = 0; i < 3; ++i) numbers[i * period + at] = first[i * blocks + f % blocks];
   }
-  return q;
+  return {period, bytes, numbers};
 }
 
 struct IntFormat {
@@ -414,13 +414,32 @@ IntDot int_dot_for(int64_t type, int64_t rows) {
 // int8 ones for the types that have them.
 void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
                    const float* xs, int64_t m, int64_t k, bool integer, float* out, int64_t n_total) {
-  std::vector<QuantizedRow> rows;  // each thread its own: a copy made by another core came slower
+  // The walk asks for weights PREFETCH_AHEAD bytes ahead within a weight; the
+  // first ones of the thread's share, and of each weight it moves on to, are
+  // asked for here: now (they arrive while x is quantized), and one job early.
+  auto prefetch_job = [&](int64_t j) {
+    const Segment& seg = segments[jobs[j].segment];
+    prefetch(seg.data + jobs[j].first_row * seg.row_bytes, PREFETCH_AHEAD);
+  };
+  if (begin < end) prefetch_job(begin);
+  // Each thread quantizes x itself (reading a copy another core had just written
+  // cost ~1 us a call), into scratch it keeps from call to call (allocating and
+  // zeroing it each time cost about as much).
+  thread_local std::vector<int8_t> byte_scratch;
+  thread_local std::vector<float> number_scratch;
+  QuantizedRow rows[GEMV_MAX_ROWS];
   if (integer) {
     unsigned layouts = 0;
     for (int64_t j = begin; j < end; ++j) layouts |= layout_of(segments[jobs[j].segment].type);
-    for (int64_t r = 0; r < m; ++r) rows.push_back(quantize_row(xs + r * k, k, layouts));
+    const int64_t period = std::lcm(k / 32, GROUP_BLOCKS), row_bytes = 3 * period * 32, row_numbers = 3 * period + 3 * k / 32;
+    if (static_cast<int64_t>(byte_scratch.size()) < m * row_bytes) byte_scratch.resize(m * row_bytes);
+    if (static_cast<int64_t>(number_scratch.size()) < m * row_numbers) number_scratch.resize(m * row_numbers);
+    for (int64_t r = 0; r < m; ++r)
+      rows[r] = quantize_row(xs + r * k, k, layouts, byte_scratch.data() + r * row_bytes,
+                             number_scratch.data() + r * row_numbers);
   }
   for (int64_t j = begin; j < end; ++j) {
+    if (j + 1 < end && jobs[j + 1].segment != jobs[j].segment) prefetch_job(j + 1);
     const Segment& seg = segments[jobs[j].segment];
     const int64_t first = jobs[j].first_row, last = std::min(seg.rows, first + GEMV_JOB_ROWS);
     const IntDot dot = integer ? int_dot_for(seg.type, m) : nullptr;
@@ -429,7 +448,7 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
       continue;
     }
     __m512 sums[GEMV_JOB_ROWS][GEMV_MAX_ROWS];
-    dot(seg.data + first * seg.row_bytes, k / 32, last - first, PREFETCH_AHEAD, rows.data(), sums);
+    dot(seg.data + first * seg.row_bytes, k / 32, last - first, PREFETCH_AHEAD, rows, sums);
     for (int64_t r = 0; r < m; ++r) {
       __m512 v[GEMV_JOB_ROWS];
       for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) v[i] = i < last - first ? sums[i][r] : _mm512_setzero_ps();
