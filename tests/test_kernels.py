@@ -194,7 +194,8 @@ def test_bad_input_is_an_error_not_a_crash():
 @pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 1, 256), (2, 2, 40), (8, 4, 64), (6, 1, 32)])
 @pytest.mark.parametrize("window, softcap", [(None, None), (5, None), (None, 30.0), (20, 50.0)])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_paged_attention_decode_matches_the_torch_path(heads, kv_heads, dim, window, softcap, cache_dtype):
+@pytest.mark.parametrize("seqs", [5, 1])  # 1: few (sequence, KV head) pairs, so each pair's heads are split in two
+def test_paged_attention_decode_matches_the_torch_path(heads, kv_heads, dim, window, softcap, cache_dtype, seqs):
     """Scattered blocks, ragged contexts (1 token to several blocks), windows, softcaps, GQA, both cache dtypes."""
     from cholla.layers.attention import decode_attention
 
@@ -202,9 +203,9 @@ def test_paged_attention_decode_matches_the_torch_path(heads, kv_heads, dim, win
     num_blocks, block_size = 40, 16
     k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator).to(cache_dtype)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator).to(cache_dtype)
-    context_lens = torch.tensor([1, 16, 17, 100, 33])
-    block_tables = torch.randperm(num_blocks, generator=generator)[: 5 * 7].reshape(5, 7)
-    q = torch.randn(5, heads, dim, generator=generator)
+    context_lens = torch.tensor([1, 16, 17, 100, 33])[-seqs:]
+    block_tables = torch.randperm(num_blocks, generator=generator)[: 5 * 7].reshape(5, 7)[-seqs:]
+    q = torch.randn(seqs, heads, dim, generator=generator)
     scale = dim**-0.5
     expected = decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
     got = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0, softcap or 0.0)

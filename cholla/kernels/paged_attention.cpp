@@ -135,24 +135,33 @@ void attend_pair(const float* q, const T* ks, const T* vs, float* o, const int64
   }
 }
 
-// (Sequence, KV head) pairs [begin, end) of a decode step.
-template <typename T>
-void attend_decode(const float* qs, const T* ks, const T* vs, float* os, const int64_t* tables, const int64_t* lens,
-                   int64_t begin, int64_t end, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-                   int64_t max_blocks, float scale, int64_t window, float cap) {
-  const int64_t group = heads / kv_heads;
-  // Group sizes of real models (Gemma 3 270M: 4; SmolLM2: 3; Llama 3: 4; Qwen 3: 2, 4...) get their own copy.
-  const auto pair = group == 1 ? attend_pair<T, 1> : group == 2 ? attend_pair<T, 2> : group == 3 ? attend_pair<T, 3>
-                  : group == 4 ? attend_pair<T, 4> : attend_pair<T, 0>;
-  std::vector<float> scores;
-  for (int64_t job = begin; job < end; ++job) {
-    const int64_t s = job / kv_heads, kvh = job % kv_heads, ctx = lens[s];
-    const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-    pair(qs + (s * heads + kvh * group) * dim, ks, vs, os + (s * heads + kvh * group) * dim, tables + s * max_blocks,
-         first, ctx - first, group, kv_heads, kvh, dim, block_size, scale, cap, scores);
-  }
+// A step's work is cut into jobs of (sequence, KV head, part of its query
+// heads). With fewer pairs than two per thread each pair's heads are split in
+// two, so that one sequence keeps both cores busy (Gemma 3 has one KV head:
+// unsplit, its attention ran on one core); its keys are then read twice, from cache.
+int64_t attention_parts(int64_t seqs, int64_t kv_heads, int64_t group, int64_t threads) {
+  return seqs * kv_heads < 2 * threads && group > 1 ? 2 : 1;
 }
 
+// Jobs [begin, end) of a decode step (parts per pair: attention_parts).
+template <typename T>
+void attend_decode(const float* qs, const T* ks, const T* vs, float* os, const int64_t* tables, const int64_t* lens,
+                   int64_t begin, int64_t end, int64_t parts, int64_t heads, int64_t kv_heads, int64_t dim,
+                   int64_t block_size, int64_t max_blocks, float scale, int64_t window, float cap) {
+  const int64_t group = heads / kv_heads, per_part = (group + parts - 1) / parts;
+  std::vector<float> scores;
+  for (int64_t job = begin; job < end; ++job) {
+    const int64_t pair = job / parts, s = pair / kv_heads, kvh = pair % kv_heads, ctx = lens[s];
+    const int64_t head = kvh * group + job % parts * per_part, count = std::min(per_part, (kvh + 1) * group - head);
+    if (count <= 0) continue;
+    // Group sizes of real models (Gemma 3 270M: 4; SmolLM2: 3; Llama 3: 4; Qwen 3: 2, 4...) get their own copy.
+    const auto attend = count == 1 ? attend_pair<T, 1> : count == 2 ? attend_pair<T, 2> : count == 3 ? attend_pair<T, 3>
+                      : count == 4 ? attend_pair<T, 4> : attend_pair<T, 0>;
+    const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+    attend(qs + (s * heads + head) * dim, ks, vs, os + (s * heads + head) * dim, tables + s * max_blocks, first,
+           ctx - first, count, kv_heads, kvh, dim, block_size, scale, cap, scores);
+  }
+}
 
 // Rounds fp32 to bfloat16, nearest even (as at::BFloat16 does; NaN stays NaN).
 inline void store_row(uint16_t* dst, const float* src, int64_t n) {
@@ -179,10 +188,10 @@ void check_new_rows(const at::Tensor& x, int64_t tokens, int64_t kv_heads, int64
               "write_kv: k and v must be fp32 [tokens, kv_heads, dim] with contiguous heads");
 }
 
-// Pairs [begin, end) of q's (sequence, KV head) pairs, after checking every argument.
-void attend_pairs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                  const at::Tensor& block_tables_in, const at::Tensor& context_lens_in, double scale, int64_t window,
-                  double softcap, at::Tensor& out, int64_t begin, int64_t end) {
+// Jobs [begin, end) (see attention_parts), after checking every argument.
+void attend_jobs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const at::Tensor& block_tables_in, const at::Tensor& context_lens_in, double scale, int64_t window,
+                 double softcap, at::Tensor& out, int64_t begin, int64_t end, int64_t parts) {
   cholla::check_caches("paged_attention_decode", k_cache, v_cache);
   const at::Tensor block_tables = block_tables_in.to(at::kLong).contiguous();
   const at::Tensor context_lens = context_lens_in.to(at::kLong).contiguous();
@@ -195,7 +204,7 @@ void attend_pairs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const int64_t max_blocks = block_tables.size(1);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-  for (int64_t s = begin / kv_heads; s < (end + kv_heads - 1) / kv_heads; ++s) {  // the sequences it reads
+  for (int64_t s = begin / parts / kv_heads; begin < end && s <= (end - 1) / parts / kv_heads; ++s) {  // those it reads
     TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size, "paged_attention_decode: bad context length");
     for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b)
       TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
@@ -204,11 +213,11 @@ void attend_pairs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
   if (k_cache.scalar_type() == at::kFloat)
     attend_decode(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>(),
-                  tables, lens, begin, end, heads, kv_heads, dim, block_size, max_blocks, fscale, window, cap);
+                  tables, lens, begin, end, parts, heads, kv_heads, dim, block_size, max_blocks, fscale, window, cap);
   else
     attend_decode(q.data_ptr<float>(), static_cast<const uint16_t*>(k_cache.data_ptr()),
                   static_cast<const uint16_t*>(v_cache.data_ptr()), out.data_ptr<float>(), tables, lens, begin, end,
-                  heads, kv_heads, dim, block_size, max_blocks, fscale, window, cap);
+                  parts, heads, kv_heads, dim, block_size, max_blocks, fscale, window, cap);
 }
 
 }  // namespace
@@ -235,14 +244,16 @@ at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_ca
   check_caches("paged_attention_decode", k_cache, v_cache);
   const at::Tensor q = q_in.contiguous();
   at::Tensor out = at::zeros_like(q);
-  const int64_t pairs = q.size(0) * k_cache.size(2);
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-    attend_pairs(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, out, begin, end);
+  const int64_t kv_heads = k_cache.size(2);
+  TORCH_CHECK(q.size(1) % kv_heads == 0, "paged_attention_decode: head shapes disagree");
+  const int64_t parts = attention_parts(q.size(0), kv_heads, q.size(1) / kv_heads, at::get_num_threads());
+  at::parallel_for(0, q.size(0) * kv_heads * parts, 1, [&](int64_t begin, int64_t end) {
+    attend_jobs(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, out, begin, end, parts);
   });
   return out;
 }
 
-// One thread's share of the pairs, into out (fp32, q's shape).
+// One thread's share of the jobs, into out (fp32, q's shape).
 void paged_attention_part(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t window,
                           double softcap, at::Tensor& out, int64_t thread, int64_t threads) {
@@ -250,8 +261,11 @@ void paged_attention_part(const at::Tensor& q, const at::Tensor& k_cache, const 
                   out.scalar_type() == at::kFloat && out.is_contiguous(),
               "paged_attention_part: q and out must be contiguous fp32 [seqs, heads, dim]");
   check_caches("paged_attention_decode", k_cache, v_cache);
-  const auto [begin, end] = share(q.size(0) * k_cache.size(2), thread, threads);
-  attend_pairs(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, out, begin, end);
+  const int64_t kv_heads = k_cache.size(2);
+  TORCH_CHECK(q.size(1) % kv_heads == 0, "paged_attention_decode: head shapes disagree");
+  const int64_t parts = attention_parts(q.size(0), kv_heads, q.size(1) / kv_heads, threads);
+  const auto [begin, end] = share(q.size(0) * kv_heads * parts, thread, threads);
+  attend_jobs(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, out, begin, end, parts);
 }
 
 void write_kv_row(const float* k, const float* v, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t slot) {
