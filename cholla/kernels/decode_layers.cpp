@@ -5,14 +5,17 @@
 // SmolLM2 step spent more time between the kernels than in them: module calls,
 // views, splits and dispatch, ~100 us per layer. The gaps cost the GEMVs too:
 // run back to back they read the weights ~30% faster than with Python work
-// between them. This file chains the same kernels (ops.h) for all layers, in
-// the order the Python layers use them, so it computes what they compute.
+// between them. This file runs the same kernels' bodies (ops.h) for all
+// layers, in the order the Python layers use them, so it computes what they
+// compute.
 //
 // The threads stay together for the whole step: one OpenMP team runs every
 // layer, splitting each product and the attention among its members and
 // meeting at a spinning barrier in between (~0.3 us), where a fork and join
 // per kernel cost 1-2 us, five times a layer. Small steps (norms, rope, cache
-// writes) run on one member or on each for itself.
+// writes, residual adds) run row by row on one member, or on each for itself,
+// with no tensor ops: the step's arguments are checked once, up front. SmolLM2's
+// layers: 2.9 -> 2.4 ms a step.
 //
 // Under torch.profiler (cholla bench --profile) each layer's four stages
 // appear as ranges named "cholla::decode_layers: ...".
