@@ -22,6 +22,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
+import mmap
+
+import torch
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -55,3 +59,13 @@ def release_free_memory() -> bool:
         return False
     malloc_trim(0)
     return True
+
+
+def mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor in an anonymous memory map of its own. The OS maps its
+    pages (zeroed) on first write, so only what is written becomes resident, and
+    the memory goes back to the OS with the tensor. (``calloc`` promises the same
+    only for fresh memory: reusing freed heap, it zeroes, and so touches, every page.)"""
+    nbytes = math.prod(shape) * dtype.itemsize
+    pages = mmap.mmap(-1, max(nbytes, 1))  # the tensor keeps the map alive
+    return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)

@@ -107,6 +107,24 @@ def test_grouped_projections_equal_separate_ones(real_tensors):
                 torch.testing.assert_close(grouped, layer(x), rtol=rtol, atol=float(grouped.abs().max()) * 1e-5)
 
 
+def test_reused_output_is_the_same_product_in_one_kept_buffer(real_tensors):
+    """forward(..., reuse_output=True), as the engine computes its logits: steps
+    the AMX tiles serve write into one buffer the layer keeps; others are fresh."""
+    tensor = real_tensors[0]
+    layer = _linear(tensor, torch.bfloat16)
+    generator = torch.Generator().manual_seed(5)
+    pointers = set()
+    for rows in (20, INT8_MAX_ROWS + 1, AMX_MAX_ROWS):
+        x = torch.randn(rows, tensor.shape[1], generator=generator)
+        out = layer(x, reuse_output=True)
+        torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+        pointers.add(out.data_ptr())
+    assert pointers == {layer.reused_output.data_ptr()}
+    for rows in (1, AMX_MAX_ROWS + 1):  # the GEMV's and oneDNN's steps: a fresh tensor
+        out = layer(torch.randn(rows, tensor.shape[1], generator=generator), reuse_output=True)
+        assert out.data_ptr() != layer.reused_output.data_ptr()
+
+
 @pytest.mark.parametrize("rows", [1, AMX_MAX_ROWS + 1])
 def test_float_weights_of_a_safetensors_model(tmp_path, rows):
     """An HF folder's fp32 weights go through the same kernels; logits stay within

@@ -190,6 +190,16 @@ def test_bad_input_is_an_error_not_a_crash():
         kernels.qgemv_int8(torch.randn(1, 512), [blocks], [int(T.Q4_0)])
 
 
+def test_qmatmul_out_writes_the_same_product_into_out():
+    blocks, _ = random_weight(T.Q8_0, 70, 256, seed=4)
+    x = torch.randn(20, 256, generator=torch.Generator().manual_seed(4))
+    out = torch.full((20, 70), float("nan"))
+    kernels.qmatmul_out(x, [blocks], [int(T.Q8_0)], out)
+    torch.testing.assert_close(out, kernels.qmatmul(x, [blocks], [int(T.Q8_0)]), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="out must be contiguous fp32"):
+        kernels.qmatmul_out(x, [blocks], [int(T.Q8_0)], torch.empty(20, 71))
+
+
 # Query heads per KV head: 3, 4, 1 and 2 have a compiled copy each; 6 takes the general one.
 @pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 1, 256), (2, 2, 40), (8, 4, 64), (6, 1, 32)])
 @pytest.mark.parametrize("window, softcap", [(None, None), (5, None), (None, 30.0), (20, 50.0)])

@@ -74,7 +74,9 @@ class ModelRunner:
         if not logits_rows:
             return StepResult(sampled, logprobs)
         rows = hidden if len(logits_rows) == hidden.shape[0] else hidden[logits_rows]  # decoding: every row, in order
-        logits = self.model.compute_logits(rows).float()
+        # Decoding steps write the logits into the head's kept buffer (used up within
+        # the step; see Linear.forward); a prefill step's own freed activations serve better.
+        logits = self.model.compute_logits(rows, reuse_output=batch.num_prefills == 0).float()
         requests: list[Request] = [batch.requests[i] for i in needs_token]
         sampling = SamplingBatch.build(
             params=[r.params for r in requests],

@@ -29,6 +29,7 @@ void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef type
 
 // qmatmul.cpp: the same products on the AMX tiles (weights and x rounded to bf16).
 at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types);
+void qmatmul_out(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor out);
 void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor& y, int64_t thread,
                   int64_t threads);
 

@@ -199,17 +199,30 @@ namespace cholla {
 at::Tensor qmatmul(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {
   const at::Tensor x = x_in.contiguous();
   std::vector<Segment> segments;
+  const int64_t n_total = plan_segments(x.size(-1), weights, types, segments);
+  at::Tensor y = at::empty({x.size(0), n_total}, x.options());
+  qmatmul_out(x, weights, types, y);
+  return y;
+}
+
+// The same product into `out` (fp32 [m, sum n_i], contiguous): a caller that
+// keeps its output buffer from step to step (the engine's logits) spares fresh
+// memory's page faults and zeroing, ~5 ms a step for Gemma 3's logits at 32
+// sequences (32 MiB).
+void qmatmul_out(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types, at::Tensor out) {
+  const at::Tensor x = x_in.contiguous();
+  std::vector<Segment> segments;
   check_activations(x);
   const int64_t m = x.size(0), k = x.size(1);
   const int64_t n_total = plan_segments(k, weights, types, segments);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == m &&
+                  out.size(1) == n_total, "qmatmul_out: out must be contiguous fp32 [", m, ", ", n_total, "]");
   const std::vector<Job> jobs = split_jobs(segments, BLOCK_ROWS);
-  at::Tensor y = at::empty({m, n_total}, x.options());
-  if (m == 0) return y;
+  if (m == 0) return;
   const at::Tensor packed = pack_activations(x);
   at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
-    run_jobs(segments, jobs, begin, end, packed, m, k, y.data_ptr<float>(), n_total);
+    run_jobs(segments, jobs, begin, end, packed, m, k, out.data_ptr<float>(), n_total);
   });
-  return y;
 }
 
 // One thread's share; each packs x itself (a few rows), sparing the team a wait.
@@ -231,11 +244,13 @@ void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef t
 
 TORCH_LIBRARY(cholla, m) {
   m.def("qmatmul(Tensor x, Tensor[] weights, int[] types) -> Tensor");
+  m.def("qmatmul_out(Tensor x, Tensor[] weights, int[] types, Tensor(a!) out) -> ()");
   m.def("dequantize_bf16(Tensor[] weights, int[] types, int k) -> Tensor");
   m.def("request_amx() -> bool", &request_amx);
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) {
   m.impl("qmatmul", &cholla::qmatmul);
+  m.impl("qmatmul_out", &cholla::qmatmul_out);
   m.impl("dequantize_bf16", &dequantize_bf16);
 }

@@ -7,11 +7,9 @@ Shape per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]``. Token
 
 from __future__ import annotations
 
-import math
-import mmap
-
 import torch
 
+from cholla.heap import mapped_zeros
 from cholla.models.config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16
@@ -23,16 +21,13 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) ->
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """A zeroed cache tensor. On CPU it is an anonymous memory map, whose pages the OS
-    maps (zeroed) on first write: memory is only resident once blocks are written, so a
-    large budget does not cost its full size in RSS up front. (``calloc`` promises the
-    same only for fresh memory: reusing freed heap, it zeroes, and so touches, every page.)
-    Zeros matter: padded decode reads touch unwritten slots, and masked garbage could be NaN."""
+    """A zeroed cache tensor. On CPU an anonymous memory map (``heap.mapped_zeros``):
+    memory is only resident once blocks are written, so a large budget does not
+    cost its full size in RSS up front. Zeros matter: padded decode reads touch
+    unwritten slots, and masked garbage could be NaN."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * dtype.itemsize
-    pages = mmap.mmap(-1, max(nbytes, 1))  # the tensor keeps the map alive
-    return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
+    return mapped_zeros(shape, dtype)
 
 
 class PagedKVCache:

@@ -65,8 +65,9 @@ class Gemma3ForCausalLM(nn.Module):
         x = x * self.embed_scale.to(x.dtype)
         return self.norm(run_layers(self, x, positions, kv_caches, meta))
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, reuse_output: bool = False) -> torch.Tensor:
+        """reuse_output: see Linear.forward (the result lives until the next such call)."""
+        logits = self.lm_head(hidden, reuse_output)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -57,8 +57,9 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         return self.norm(run_layers(self, x, positions, kv_caches, meta))
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, reuse_output: bool = False) -> torch.Tensor:
+        """reuse_output: see Linear.forward (the result lives until the next such call)."""
+        return self.lm_head(hidden, reuse_output)
 
     def load_weights(self, weights: dict[str, Weight]) -> None:
         weights = {name.removeprefix("model."): w for name, w in weights.items()}
