@@ -246,6 +246,12 @@ inline void check_activations(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "qmatmul: x must be fp32 [m, k]");
 }
 
+// An output the caller provides: contiguous fp32 [m, n_total].
+inline void check_output(const char* op, const at::Tensor& out, int64_t m, int64_t n_total) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == m &&
+                  out.size(1) == n_total, op, ": out must be contiguous fp32 [", m, ", ", n_total, "]");
+}
+
 // Checks the weights hold rows of k weights, fills one Segment per weight; returns
 // the total output width.
 inline int64_t plan_segments(int64_t k, at::TensorList weights, at::IntArrayRef types, std::vector<Segment>& segments) {

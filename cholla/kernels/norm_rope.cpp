@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "ops.h"
+#include "simd.h"
 
 namespace {
 
@@ -53,7 +54,7 @@ void check_heads(const at::Tensor& x, int64_t tokens, int64_t dim) {
 namespace cholla {
 
 void rms_norm_row(const float* x, const float* weight, float* y, int64_t dim, float eps) {
-  const __mmask16 tail = static_cast<__mmask16>((1u << (dim % 16)) - 1);
+  const __mmask16 tail = lanes(dim % 16);
   const int64_t full = dim - dim % 16;
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < full; i += 16) {

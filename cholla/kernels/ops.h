@@ -1,5 +1,6 @@
-// The kernels' C++ entry points, for code that chains them without a trip
-// through Python (decode_layers.cpp). Each is also registered as a torch op.
+// What decode_layers.cpp calls of the other kernel files, without a trip
+// through Python: their ops' work split for a team of threads, and their
+// bodies for one row. (The ops themselves are registered in each file.)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,27 +17,17 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int64_t thread, int64_t thre
 }
 
 // The *_part functions do one thread's share of an op for a team of threads
-// already running (decode_layers.cpp): every member calls them with the same
-// arguments, and each writes its own part of the preallocated output.
+// already running: every member calls them with the same arguments, and each
+// writes its own part of the preallocated output.
 
 // qgemv.cpp: x fp32 [m <= 8, k] times each weight's GGUF rows, side by side;
 // `integer`: the int8 path for the types that have it.
-at::Tensor gemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer);
-at::Tensor qgemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types);
-at::Tensor qgemv_int8(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types);
 void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer, at::Tensor& y,
                int64_t thread, int64_t threads);
 
 // qmatmul.cpp: the same products on the AMX tiles (weights and x rounded to bf16).
-at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types);
-void qmatmul_out(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor out);
 void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor& y, int64_t thread,
                   int64_t threads);
-
-// norm_rope.cpp
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
-void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
-           bool interleaved);
 
 // activation.cpp: act(gate) * up; activation ids as in cholla/layers/mlp.py.
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
@@ -44,17 +35,12 @@ at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_
 // paged_attention.cpp
 // Both kernels' caches: contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim], k and v alike.
 void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache);
-void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
-              const at::Tensor& slot_mapping);
-at::Tensor paged_attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                  int64_t window, double softcap);
 void paged_attention_part(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t window,
                           double softcap, at::Tensor& out, int64_t thread, int64_t threads);
 
-// The ops' bodies for one row, for decode_layers.cpp's team, which checks a
-// step's arguments once, up front: no checks, no allocation, no threads.
+// The ops' bodies for one row, for a caller that checks a step's arguments
+// once, up front: no checks, no allocation, no threads.
 void rms_norm_row(const float* x, const float* weight, float* y, int64_t dim, float eps);
 // One token's heads, each `dim` floats, back to back; cos, sin: its position's table rows.
 void rope_row(float* q, int64_t q_heads, float* k, int64_t k_heads, const float* cos, const float* sin, int64_t dim,

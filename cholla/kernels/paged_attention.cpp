@@ -188,17 +188,15 @@ void check_new_rows(const at::Tensor& x, int64_t tokens, int64_t kv_heads, int64
               "write_kv: k and v must be fp32 [tokens, kv_heads, dim] with contiguous heads");
 }
 
-// Jobs [begin, end) (see attention_parts), after checking every argument.
+// Jobs [begin, end) (see attention_parts), after checking the tables and lengths
+// they read (plan_attention has checked q and the caches).
 void attend_jobs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const at::Tensor& block_tables_in, const at::Tensor& context_lens_in, double scale, int64_t window,
                  double softcap, at::Tensor& out, int64_t begin, int64_t end, int64_t parts) {
-  cholla::check_caches("paged_attention_decode", k_cache, v_cache);
   const at::Tensor block_tables = block_tables_in.to(at::kLong).contiguous();
   const at::Tensor context_lens = context_lens_in.to(at::kLong).contiguous();
   const int64_t seqs = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == dim && heads % kv_heads == 0, "paged_attention_decode: head shapes disagree");
-  TORCH_CHECK(heads / kv_heads <= MAX_GROUP, "paged_attention_decode: more than ", MAX_GROUP, " query heads per KV head");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seqs && context_lens.numel() == seqs,
               "paged_attention_decode: one block table and context length per sequence");
   const int64_t max_blocks = block_tables.size(1);
@@ -218,6 +216,15 @@ void attend_jobs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
     attend_decode(q.data_ptr<float>(), static_cast<const uint16_t*>(k_cache.data_ptr()),
                   static_cast<const uint16_t*>(v_cache.data_ptr()), out.data_ptr<float>(), tables, lens, begin, end,
                   parts, heads, kv_heads, dim, block_size, max_blocks, fscale, window, cap);
+}
+
+// q and the caches checked; returns how many parts each (sequence, KV head) pair is cut into for `threads`.
+int64_t plan_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t threads) {
+  cholla::check_caches("paged_attention_decode", k_cache, v_cache);
+  const int64_t heads = q.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == q.size(2) && heads % kv_heads == 0, "paged_attention_decode: head shapes disagree");
+  TORCH_CHECK(heads / kv_heads <= MAX_GROUP, "paged_attention_decode: more than ", MAX_GROUP, " query heads per KV head");
+  return attention_parts(q.size(0), kv_heads, heads / kv_heads, threads);
 }
 
 }  // namespace
@@ -241,13 +248,10 @@ at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_ca
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                   int64_t window, double softcap) {
   TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "paged_attention_decode: q must be fp32 [seqs, heads, dim]");
-  check_caches("paged_attention_decode", k_cache, v_cache);
   const at::Tensor q = q_in.contiguous();
+  const int64_t parts = plan_attention(q, k_cache, v_cache, at::get_num_threads());
   at::Tensor out = at::zeros_like(q);
-  const int64_t kv_heads = k_cache.size(2);
-  TORCH_CHECK(q.size(1) % kv_heads == 0, "paged_attention_decode: head shapes disagree");
-  const int64_t parts = attention_parts(q.size(0), kv_heads, q.size(1) / kv_heads, at::get_num_threads());
-  at::parallel_for(0, q.size(0) * kv_heads * parts, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, q.size(0) * k_cache.size(2) * parts, 1, [&](int64_t begin, int64_t end) {
     attend_jobs(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, out, begin, end, parts);
   });
   return out;
@@ -260,11 +264,8 @@ void paged_attention_part(const at::Tensor& q, const at::Tensor& k_cache, const 
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && out.sizes() == q.sizes() &&
                   out.scalar_type() == at::kFloat && out.is_contiguous(),
               "paged_attention_part: q and out must be contiguous fp32 [seqs, heads, dim]");
-  check_caches("paged_attention_decode", k_cache, v_cache);
-  const int64_t kv_heads = k_cache.size(2);
-  TORCH_CHECK(q.size(1) % kv_heads == 0, "paged_attention_decode: head shapes disagree");
-  const int64_t parts = attention_parts(q.size(0), kv_heads, q.size(1) / kv_heads, threads);
-  const auto [begin, end] = share(q.size(0) * kv_heads * parts, thread, threads);
+  const int64_t parts = plan_attention(q, k_cache, v_cache, threads);
+  const auto [begin, end] = share(q.size(0) * k_cache.size(2) * parts, thread, threads);
   attend_jobs(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, out, begin, end, parts);
 }
 

@@ -495,8 +495,7 @@ void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef type
   std::vector<Segment> segments;
   std::vector<Job> jobs;
   const int64_t n_total = plan_gemv(x, weights, types, integer, segments, jobs);
-  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == x.size(0) &&
-                  y.size(1) == n_total, "gemv_part: y must be fp32 [m, ", n_total, "]");
+  check_output("gemv_part", y, x.size(0), n_total);
   const auto [begin, end] = share(static_cast<int64_t>(jobs.size()), thread, threads);
   if (x.size(0) > 0 && begin < end)
     run_gemv_jobs(segments, jobs, begin, end, x.data_ptr<float>(), x.size(0), x.size(1), integer, y.data_ptr<float>(),

@@ -189,6 +189,26 @@ void run_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs
   _tile_release();
 }
 
+// x's checks and the jobs, as every entry point needs them; returns the output width.
+int64_t plan_qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types,
+                     std::vector<Segment>& segments, std::vector<Job>& jobs) {
+  check_activations(x);
+  TORCH_CHECK(x.is_contiguous(), "qmatmul: x must be contiguous");
+  const int64_t n_total = plan_segments(x.size(1), weights, types, segments);
+  jobs = split_jobs(segments, BLOCK_ROWS);
+  return n_total;
+}
+
+// The whole product into out, both threads sharing the jobs.
+void run_qmatmul(const at::Tensor& x, const std::vector<Segment>& segments, const std::vector<Job>& jobs,
+                 at::Tensor& out, int64_t n_total) {
+  if (x.size(0) == 0) return;
+  const at::Tensor packed = pack_activations(x);
+  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
+    run_jobs(segments, jobs, begin, end, packed, x.size(0), x.size(1), out.data_ptr<float>(), n_total);
+  });
+}
+
 }  // namespace
 
 namespace cholla {
@@ -199,9 +219,10 @@ namespace cholla {
 at::Tensor qmatmul(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {
   const at::Tensor x = x_in.contiguous();
   std::vector<Segment> segments;
-  const int64_t n_total = plan_segments(x.size(-1), weights, types, segments);
+  std::vector<Job> jobs;
+  const int64_t n_total = plan_qmatmul(x, weights, types, segments, jobs);
   at::Tensor y = at::empty({x.size(0), n_total}, x.options());
-  qmatmul_out(x, weights, types, y);
+  run_qmatmul(x, segments, jobs, y, n_total);
   return y;
 }
 
@@ -212,32 +233,22 @@ at::Tensor qmatmul(const at::Tensor& x_in, at::TensorList weights, at::IntArrayR
 void qmatmul_out(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types, at::Tensor out) {
   const at::Tensor x = x_in.contiguous();
   std::vector<Segment> segments;
-  check_activations(x);
-  const int64_t m = x.size(0), k = x.size(1);
-  const int64_t n_total = plan_segments(k, weights, types, segments);
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == m &&
-                  out.size(1) == n_total, "qmatmul_out: out must be contiguous fp32 [", m, ", ", n_total, "]");
-  const std::vector<Job> jobs = split_jobs(segments, BLOCK_ROWS);
-  if (m == 0) return;
-  const at::Tensor packed = pack_activations(x);
-  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
-    run_jobs(segments, jobs, begin, end, packed, m, k, out.data_ptr<float>(), n_total);
-  });
+  std::vector<Job> jobs;
+  const int64_t n_total = plan_qmatmul(x, weights, types, segments, jobs);
+  check_output("qmatmul_out", out, x.size(0), n_total);
+  run_qmatmul(x, segments, jobs, out, n_total);
 }
 
 // One thread's share; each packs x itself (a few rows), sparing the team a wait.
 void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor& y, int64_t thread,
                   int64_t threads) {
   std::vector<Segment> segments;
-  check_activations(x);
-  TORCH_CHECK(x.is_contiguous(), "qmatmul_part: x must be contiguous");
-  const int64_t m = x.size(0), k = x.size(1);
-  const int64_t n_total = plan_segments(k, weights, types, segments);
-  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == m &&
-                  y.size(1) == n_total, "qmatmul_part: y must be fp32 [m, ", n_total, "]");
-  const std::vector<Job> jobs = split_jobs(segments, BLOCK_ROWS);
+  std::vector<Job> jobs;
+  const int64_t n_total = plan_qmatmul(x, weights, types, segments, jobs);
+  check_output("qmatmul_part", y, x.size(0), n_total);
   const auto [begin, end] = share(static_cast<int64_t>(jobs.size()), thread, threads);
-  if (m > 0 && begin < end) run_jobs(segments, jobs, begin, end, pack_activations(x), m, k, y.data_ptr<float>(), n_total);
+  if (x.size(0) > 0 && begin < end)
+    run_jobs(segments, jobs, begin, end, pack_activations(x), x.size(0), x.size(1), y.data_ptr<float>(), n_total);
 }
 
 }  // namespace cholla

@@ -126,13 +126,12 @@ class Linear(nn.Module):
         used up within each step). Fresh memory that large costs page faults and
         zeroing each time: ~5 ms a step for Gemma 3's 32 x 262k logits.
         """
-        if reuse_output and x.dim() == 2 and INT8_MAX_ROWS < x.shape[0] <= AMX_MAX_ROWS and self.bias is None:
+        out = None
+        if reuse_output and x.dim() == 2 and x.shape[0] <= AMX_MAX_ROWS:
             if self.reused_output is None:  # rows are resident only once written
                 self.reused_output = mapped_zeros((AMX_MAX_ROWS, self.out_features), torch.float32)
-            result = _kernel_matmul(x, (self,), keep_bf16=False, out=self.reused_output[: x.shape[0]])
-            if result is not None:
-                return result
-        return linear_group((self,), x)[0]
+            out = self.reused_output[: x.shape[0]]
+        return linear_group((self,), x, out=out)[0]
 
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reference path: the weight dequantized to x's dtype a slab at a time; no bias."""
@@ -174,15 +173,17 @@ def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear], keep_bf16: bool,
     return out if keep_bf16 else out.float()
 
 
-def linear_group(layers: Sequence[Linear], x: torch.Tensor, keep_bf16: bool = False) -> list[torch.Tensor]:
+def linear_group(layers: Sequence[Linear], x: torch.Tensor, keep_bf16: bool = False,
+                 out: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Every layer applied to the same x ([..., in] -> [..., out_i]), in one kernel call where possible.
 
     Outputs are fp32; with ``keep_bf16`` a product made in bf16 (a prefill's
     dense matmul) stays bf16, for a consumer that reads it as is (the MLP's
-    activation: no fp32 copy of a 2048-token chunk's gate and up).
+    activation: no fp32 copy of a 2048-token chunk's gate and up). ``out``
+    (fp32 [rows, sum out_i]): where the AMX kernel runs, the product is written there.
     """
     rows = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
-    fused = _kernel_matmul(rows, layers, keep_bf16)
+    fused = _kernel_matmul(rows, layers, keep_bf16, out)
     if fused is not None:
         outs = fused.split([layer.out_features for layer in layers], dim=1) if len(layers) > 1 else [fused]
     else:
