@@ -37,10 +37,18 @@ def physical_cores(cpuinfo_path: str = "/proc/cpuinfo") -> int:
     return len(cores) or len(allowed)
 
 
+def default_threads() -> int:
+    """``OMP_NUM_THREADS`` when the user set it (as every OpenMP program honours), else one per physical core."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    return physical_cores()
+
+
 def set_threads(threads: int | None = None) -> int:
-    """Set torch's intra-op threads to ``threads``, default one per physical core; returns it."""
+    """Set torch's intra-op threads to ``threads``, default ``default_threads()``; returns it."""
     if threads is not None and threads < 1:
         raise InvalidRequestError(f"threads must be at least 1, got {threads}")
-    count = threads or physical_cores()
+    count = threads or default_threads()
     torch.set_num_threads(count)
     return count

@@ -32,11 +32,14 @@ def test_without_core_ids_falls_back_to_usable_cpus(tmp_path, monkeypatch):
     assert physical_cores(str(path)) == 2
 
 
-def test_set_threads():
+def test_set_threads(monkeypatch):
     before = torch.get_num_threads()
     try:
         assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert set_threads() == physical_cores()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_threads() == 1 and torch.get_num_threads() == 1
         with pytest.raises(InvalidRequestError):
             set_threads(0)
     finally:

@@ -19,6 +19,23 @@ def _fail(field: str, value, should: str) -> None:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a language, as vLLM spells it: exactly one of these is set.
+
+    ``json`` is a JSON schema (a dict or its JSON text); ``json_object`` any JSON
+    object; ``regex`` a regular expression; ``choice`` one of the given strings;
+    ``grammar`` a GBNF (llama.cpp) or Lark grammar. ``cholla.sampling.structured``
+    compiles it against the model's vocabulary.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     presence_penalty: float = 0.0
@@ -38,6 +55,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    prompt_logprobs: int | None = None  # top alternatives per prompt token, computed in the prefill
+    structured_outputs: StructuredOutputsParams | None = None  # grammar-constrained decoding
 
     def __post_init__(self):
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
