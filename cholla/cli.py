@@ -15,8 +15,10 @@ import time
 import traceback
 
 from cholla.errors import ChollaError
+from cholla.reasoning import ALIASES, PARSERS
 
 EXIT_USER_ERROR = 2
+REASONING_PARSER_CHOICES = ["auto", "none", *PARSERS, *ALIASES]
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", action="store_true", help="turn off the prefix cache")
     serve.add_argument("--max-queue", type=int, default=1024,
                        help="sequences that may wait beyond --max-num-seqs; more get 503 + Retry-After (default 1024)")
+    serve.add_argument("--reasoning-parser", default="auto", choices=REASONING_PARSER_CHOICES, metavar="NAME",
+                       help="separate a reasoning model's thinking: think, harmony, auto (from the chat template; "
+                            "the default) or none")
     _add_model_options(serve)
 
     info = sub.add_parser("info", help="describe a model file")
@@ -201,7 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("cholla").setLevel(logging.INFO)  # show the model load's progress
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching, **_engine_kwargs(args))
-    settings = ServerSettings(args.served_model_name or [args.model or DEFAULT_MODEL], args.api_key, args.max_queue)
+    settings = ServerSettings(args.served_model_name or [args.model or DEFAULT_MODEL], args.api_key, args.max_queue,
+                              reasoning_parser=args.reasoning_parser)
     failures: list[BaseException] = []
 
     def stop_on_load_error(error: BaseException) -> None:

@@ -3,9 +3,20 @@ however the text is cut (one character at a time, and in two pieces at every pos
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
+import openai
+import pytest
+import torch
+import transformers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from cholla import LLM, SamplingParams
+from cholla.engine.engine import EngineConfig, LLMEngine
 from cholla.reasoning import PARSERS, ReasoningParserError, Split, choose_parser
+from cholla.serve import ServerSettings, create_app
+from tests.test_serve import LiveServer
 
 THINK = [
     # (text, prompt opened <think>, expected reasoning, expected answer)
@@ -102,3 +113,126 @@ def test_choose_parser_from_the_template():
     assert choose_parser("openai_gptoss", None).name == "harmony"
     with pytest.raises(ReasoningParserError, match="unknown reasoning parser 'magic'"):
         choose_parser("magic", None)
+
+
+# -- a tiny Qwen 3 that thinks, served ----------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+QWEN3_TEMPLATE = (FIXTURES / "qwen3_chat_template.jinja").read_text()
+# DeepSeek-R1's way: the generation prompt itself opens the reasoning.
+OPENED_TEMPLATE = QWEN3_TEMPLATE.replace("{{- '<|im_start|>assistant\\n' }}\n    {%- if enable_thinking",
+                                         "{{- '<|im_start|>assistant\\n<think>' }}\n    {%- if enable_thinking")
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def build_thinking_qwen3(path: Path, template: str) -> None:
+    """A random Qwen 3 (transformers' own, saved as SafeTensors) whose greedy reply is ``<think>Because</think>Paris``.
+
+    Attention and MLP outputs are zeroed, so each position's logits depend on its own token only:
+    each token of the chain gets an embedding of its own direction, and the LM head row of the
+    token to follow points the same way. The vocabulary is a small byte-level BPE with Qwen 3's
+    special tokens (``<think>`` and ``</think>`` are plain added tokens there, as in Qwen 3).
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(["Because Paris is the answer. The user asks; the assistant answers.\n\n"] * 50, trainer)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    (path / "chat_template.jinja").write_text(template)
+
+    def one(text: str) -> int:
+        (token,) = tokenizer.encode(text).ids
+        return token
+
+    sequence = [one("\n"), one("<think>"), one("Because"), one("</think>"), *tokenizer.encode("Paris").ids, one("<|im_end|>")]
+    following = dict(zip(sequence, sequence[1:]))
+    following[one("\n\n")] = tokenizer.encode("Paris").ids[0]  # after enable_thinking=False's empty block
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=one("<|im_end|>"))
+    model = transformers.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        for direction, (token, next_token) in enumerate(following.items()):
+            model.model.embed_tokens.weight[token] = 0
+            model.model.embed_tokens.weight[token, direction] = 1.0
+            model.lm_head.weight[next_token, direction] += 10.0
+    model.save_pretrained(path, safe_serialization=True)
+
+
+@pytest.fixture(scope="module")
+def thinking_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("qwen3-thinking")
+    build_thinking_qwen3(path, QWEN3_TEMPLATE)
+    return path
+
+
+def _serve(path: Path, reasoning_parser: str = "auto") -> LiveServer:
+    config = EngineConfig(max_model_len=256, max_num_seqs=4, kv_cache_memory=8 * 2**20, dtype="float32")
+    return LiveServer(create_app(ServerSettings(["qwen3-tiny"], reasoning_parser=reasoning_parser),
+                                 lambda: LLMEngine(path, config)))
+
+
+@pytest.fixture(scope="module")
+def thinking_server(thinking_model):
+    with _serve(thinking_model) as server:
+        server.wait_ready()
+        yield server
+
+
+def test_tiny_qwen3_thinks_as_built(thinking_model):
+    """The raw greedy reply (no parser): what every surface below must take apart."""
+    llm = LLM(thinking_model, dtype="float32", max_model_len=256, kv_cache_memory=8 * 2**20)
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+    assert llm.chat(QUESTION, greedy, use_tqdm=False)[0].outputs[0].text == "<think>Because</think>Paris"
+    reference = transformers.AutoModelForCausalLM.from_pretrained(thinking_model, dtype=torch.float32)
+    ids = llm.encode_messages(QUESTION)
+    expected = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):]
+    assert llm.tokenizer.decode(expected.tolist()) == "<think>Because</think>Paris"
+
+
+def test_openai_chat_reasoning_content(thinking_server):
+    client = openai.OpenAI(base_url=f"{thinking_server.url}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="qwen3-tiny", messages=QUESTION, temperature=0)
+    message = reply.choices[0].message
+    assert (message.content, message.reasoning_content) == ("Paris", "Because")
+    assert reply.choices[0].finish_reason == "stop"
+
+    chunks = list(client.chat.completions.create(model="qwen3-tiny", messages=QUESTION, temperature=0, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Because"
+    assert "".join(d.content or "" for d in deltas) == "Paris"
+    first_reasoning = next(i for i, d in enumerate(deltas) if getattr(d, "reasoning_content", None))
+    first_content = next(i for i, d in enumerate(deltas) if d.content)
+    assert first_reasoning < first_content
+
+    off = client.chat.completions.create(model="qwen3-tiny", messages=QUESTION, temperature=0,
+                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert (off.choices[0].message.content, off.choices[0].message.reasoning_content) == ("Paris", None)
+
+
+def test_reasoning_parser_none_and_prompt_opened_thinking(thinking_model, tmp_path):
+    with _serve(thinking_model, reasoning_parser="none") as server:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        message = client.chat.completions.create(model="qwen3-tiny", messages=QUESTION, temperature=0).choices[0].message
+        assert message.content == "<think>Because</think>Paris" and getattr(message, "reasoning_content", None) is None
+
+    opened = tmp_path / "opened"
+    build_thinking_qwen3(opened, OPENED_TEMPLATE)
+    with _serve(opened) as server:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        raw = client.completions.create(model="qwen3-tiny", prompt="<|im_start|>assistant\n<think>", temperature=0,
+                                        max_tokens=8)
+        assert raw.choices[0].text == "Because</think>Paris"  # the output starts inside the reasoning
+        message = client.chat.completions.create(model="qwen3-tiny", messages=QUESTION, temperature=0).choices[0].message
+        assert (message.content, message.reasoning_content) == ("Paris", "Because")

@@ -7,6 +7,7 @@ response starts, so every client mistake is a 400 and never a broken stream.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,11 +20,14 @@ from starlette.requests import Request
 from cholla.engine.async_engine import AsyncLLMEngine
 from cholla.engine.outputs import RequestOutput
 from cholla.errors import ChollaError
+from cholla.reasoning import HarmonyStream, ReasoningParser, Split, ThinkStream, choose_parser
 from cholla.sampling.params import SamplingParams
 from cholla.serve.errors import APIError
 from cholla.serve.host import Admission, EngineHost
 from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
 from cholla.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger("cholla")
 
 
 @dataclass
@@ -31,6 +35,7 @@ class ServerSettings:
     served_model_names: list[str]
     api_key: str | None = None
     max_queue: int = 1024
+    reasoning_parser: str = "auto"  # a parser name, "auto" (from the chat template) or "none"
 
 
 @dataclass
@@ -48,10 +53,32 @@ class Prepared:
         return [engine.generate(prompt, self.params, request_id) for prompt, request_id in zip(self.prompts, ids)]
 
 
+@dataclass
+class Reasoning:
+    """A request's reasoning parser, whether its prompt opened the reasoning, and whether to keep special tokens."""
+
+    parser: ReasoningParser
+    starts_in_reasoning: bool
+    keep_special_tokens: bool
+
+    def split(self, text: str) -> Split:
+        return self.parser.split(text, self.starts_in_reasoning)
+
+    def stream(self) -> ThinkStream | HarmonyStream:
+        return self.parser.stream(self.starts_in_reasoning)
+
+    def sampling_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` with special tokens kept in the text when the markers need them (unless the request chose)."""
+        if self.keep_special_tokens and kwargs.get("skip_special_tokens") is None:
+            return {**kwargs, "skip_special_tokens": False}
+        return kwargs
+
+
 class ServeContext:
     def __init__(self, settings: ServerSettings, host: EngineHost):
         self.settings, self.host = settings, host
         self._chat_template: ChatTemplate | None = None
+        self._reasoning_parser: tuple[ReasoningParser | None] | None = None
 
     @property
     def model_name(self) -> str:
@@ -73,6 +100,27 @@ class ServeContext:
         if self._chat_template is None:
             self._chat_template = ChatTemplate.for_tokenizer(self.tokenizer)
         return self._chat_template
+
+    @property
+    def reasoning_parser(self) -> ReasoningParser | None:
+        """The ``--reasoning-parser`` in force (``auto`` resolved from the chat template), or None."""
+        if self._reasoning_parser is None:
+            template = self.chat_template
+            parser = choose_parser(self.settings.reasoning_parser, None if template.is_fallback else template.source)
+            log.info("reasoning parser: %s", parser.name if parser else "none")
+            self._reasoning_parser = (parser,)
+        return self._reasoning_parser[0]
+
+    def reasoning_for(self, prompt_ids: list[int]) -> Reasoning | None:
+        """How to read a chat completion of this prompt, when a reasoning parser is in force."""
+        parser = self.reasoning_parser
+        if parser is None:
+            return None
+        tail = self.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)
+        # Markers that are special tokens must stay in the text (GPT-OSS's <|channel|>, ...).
+        ids = [self.tokenizer.token_to_id(marker) for marker in parser.markers]
+        keep_special = any(i is not None and self.tokenizer.is_special(i) for i in ids)
+        return Reasoning(parser, parser.starts_in_reasoning(tail), keep_special)
 
     def check_model(self, name: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
-from cholla.serve.context import Prepared, ServeContext, StrictModel, read_json, validate
+from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 from cholla.tokenizer.tokenizer import Tokenizer
@@ -191,9 +191,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 class _Shape:
     """How one endpoint turns a completion (or a piece of one) into a choice."""
 
-    def __init__(self, ctx: ServeContext, chat: bool, logprobs: int | None, echo: list[str] | None = None):
+    def __init__(self, ctx: ServeContext, chat: bool, logprobs: int | None, echo: list[str] | None = None,
+                 reasoning: Reasoning | None = None):
         self.tokenizer, self.chat, self.logprobs, self.echo = ctx.tokenizer, chat, logprobs, echo
         self.object = "chat.completion" if chat else "text_completion"
+        self.reasoning, self.reasoning_streams = reasoning, {}  # per choice index, while streaming
 
     def choice(self, index: int, prompt_index: int, text: str, token_ids: list[int], logprobs: list | None,
                finish: CompletionOutput | None, sent: int | None) -> dict[str, Any]:
@@ -207,15 +209,31 @@ class _Shape:
                 lp = completion_logprobs(self.tokenizer, token_ids, logprobs, offset + (sent or 0))
         choice: dict[str, Any] = {"index": index}
         if self.chat and sent is None:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = {"role": "assistant", **self._reasoning_and_content(text)}
         elif self.chat:
-            choice["delta"] = {"content": text} if text else {}
+            choice["delta"] = self._delta(index, text, finish is not None)
         else:
             choice["text"] = text
         choice["logprobs"] = lp
         choice["finish_reason"] = finish.finish_reason if finish else None
         choice["stop_reason"] = finish.stop_reason if finish else None
         return choice
+
+
+    def _reasoning_and_content(self, text: str) -> dict[str, Any]:
+        if self.reasoning is None:
+            return {"content": text}
+        split = self.reasoning.split(text)
+        return {"content": split.content, "reasoning_content": split.reasoning}
+
+    def _delta(self, index: int, text: str, finished: bool) -> dict[str, Any]:
+        """A stream chunk's delta: the new answer text, and with a reasoning parser the new reasoning text."""
+        if self.reasoning is None:
+            return {"content": text} if text else {}
+        stream = self.reasoning_streams.setdefault(index, self.reasoning.stream())
+        parts = [stream.feed(text), *([stream.finish()] if finished else [])]
+        reasoning, content = "".join(p.reasoning or "" for p in parts), "".join(p.content for p in parts)
+        return {**({"reasoning_content": reasoning} if reasoning else {}), **({"content": content} if content else {})}
 
 
 def _prompt_tokens(prepared: Prepared) -> int:
@@ -304,9 +322,12 @@ async def chat_completions(request: Request) -> Response:
     num_top = (body.top_logprobs or 0) if body.logprobs else None
     prompt_ids = ctx.encode_chat(template_messages(body.messages), body.add_generation_prompt, body.chat_template_kwargs)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    reasoning = ctx.reasoning_for(prompt_ids) if body.add_generation_prompt else None
+    kwargs = {**body.sampling_kwargs(), "logprobs": num_top}
     prepared = ctx.prepare(ctx.new_id("chatcmpl-"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
-                           {**body.sampling_kwargs(), "logprobs": num_top}, max_tokens)
-    return await _respond(request, ctx, prepared, _Shape(ctx, True, num_top), model, include_usage, body.stream)
+                           reasoning.sampling_kwargs(kwargs) if reasoning else kwargs, max_tokens)
+    shape = _Shape(ctx, True, num_top, reasoning=reasoning)
+    return await _respond(request, ctx, prepared, shape, model, include_usage, body.stream)
 
 
 @router.post("/v1/completions")
