@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from cholla.engine.engine import LLMEngine
 from cholla.errors import ChollaError
-from cholla.serve import anthropic_api, openai_api
+from cholla.serve import anthropic_api, openai_api, responses_api
 from cholla.serve.context import ServeContext, ServerSettings, StrictModel, read_json, validate
 from cholla.serve.errors import APIError, error_body, error_response, is_anthropic_path
 from cholla.serve.host import RETRY_AFTER_LOADING_S, EngineHost, HostState
@@ -164,6 +164,7 @@ def create_app(
 
     app = FastAPI(title="cholla", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
+    app.state.responses = responses_api.ResponseStore(settings.max_stored_responses)
     _install_error_handlers(app)
 
     @app.get("/health")
@@ -179,4 +180,5 @@ def create_app(
     app.include_router(_routes(ctx, metrics), dependencies=auth)
     app.include_router(openai_api.router, dependencies=auth)
     app.include_router(anthropic_api.router, dependencies=auth)
+    app.include_router(responses_api.router, dependencies=auth)
     return app

@@ -36,6 +36,7 @@ class ServerSettings:
     api_key: str | None = None
     max_queue: int = 1024
     reasoning_parser: str = "auto"  # a parser name, "auto" (from the chat template) or "none"
+    max_stored_responses: int = 1000  # the Responses API's store for previous_response_id (least recently used out)
 
 
 @dataclass

@@ -1,0 +1,446 @@
+"""OpenAI's Responses API: ``POST /v1/responses``, ``GET`` and ``DELETE /v1/responses/{id}``.
+
+What the OpenAI SDK (``client.responses.create``), openai-agents' default model and
+LangChain's ``use_responses_api=True`` send. ``instructions`` and ``input`` (a string,
+or items: messages with text parts, ``reasoning`` items) become a chat conversation
+rendered by the model's own template, as on ``/v1/chat/completions``; the reply is
+a list of output items (a ``reasoning`` item when a reasoning parser is in force,
+then a ``message``), streamed as OpenAI's typed events, each with its
+``sequence_number``.
+
+``store`` (default true) keeps each response, with the conversation that led to it,
+in a bounded in-memory store (the ``max_stored_responses`` most recently used;
+``ServerSettings``), so a later request can continue it with
+``previous_response_id``; an unknown or evicted id is a 404. Fields the API defines
+but cholla does not implement are refused with a 400 that names them; unknown
+fields too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field
+
+from cholla.engine.outputs import CompletionOutput, RequestOutput
+from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, read_json, validate
+from cholla.serve.errors import APIError, error_body
+from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
+
+log = logging.getLogger("cholla")
+
+router = APIRouter()
+
+UNSUPPORTED = {
+    "conversation": "no Conversations API; continue a conversation with previous_response_id",
+    "prompt": "no stored prompt templates",
+    "context_management": "no context management",
+    "top_logprobs": "no logprobs on the Responses API; use /v1/chat/completions",
+    "max_tool_calls": "no limit on tool calls",
+    "tools": "no function tools on the Responses API yet",
+}
+
+
+class TextFormat(StrictModel):
+    type: Literal["text", "json_schema", "json_object"]
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(StrictModel):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None  # a hint for OpenAI's models; no effect here
+
+
+class ReasoningConfig(StrictModel):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+class StreamOptions(StrictModel):
+    include_obfuscation: bool | None = None  # OpenAI pads its events against side channels; nothing to pad here
+
+
+class ResponsesRequest(StrictModel):
+    model: str | None = None
+    input: str | list[dict[str, Any]] = ""
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    include: list[str] | None = None
+    truncation: Literal["disabled", "auto"] | None = None
+    background: bool | None = None
+    # Accepted and ignored: bookkeeping fields that do not change the output.
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    service_tier: str | None = None
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+@dataclass
+class StoredResponse:
+    """A finished response: its JSON, and the conversation after it (without the instructions)."""
+
+    body: dict[str, Any]
+    conversation: list[dict[str, Any]]
+
+
+class ResponseStore:
+    """The ``capacity`` most recently used responses; the least recently used one goes first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def put(self, response_id: str, stored: StoredResponse) -> None:
+        self._responses[response_id] = stored
+        self._responses.move_to_end(response_id)
+        while len(self._responses) > self.capacity:
+            self._responses.popitem(last=False)
+
+    def get(self, response_id: str) -> StoredResponse:
+        """The stored response; 404 in OpenAI's shape when it is unknown, was not stored or was evicted."""
+        stored = self._responses.get(response_id)
+        if stored is None:
+            raise APIError(404, f"response {response_id!r} not found: it was never stored here (store=false), was "
+                                f"deleted, or is older than the {self.capacity} most recent ones this server keeps",
+                           code="response_not_found")
+        self._responses.move_to_end(response_id)
+        return stored
+
+    def delete(self, response_id: str) -> None:
+        self.get(response_id)
+        del self._responses[response_id]
+
+
+# -- input items -> chat messages ------------------------------------------------------------------
+
+
+def _text_parts(content: Any, where: str) -> str:
+    """The text of a message's content: a string, or ``input_text`` / ``output_text`` parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(400, f"{where} must be a string or a list of content parts", param=where)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            raise APIError(400, f"{where}[{j}] is of type {kind!r}; cholla takes text parts only "
+                                "({'type': 'input_text', 'text': ...})", param=f"{where}.{j}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages for the template from the request's ``input``.
+
+    A ``reasoning`` item's text goes to the next assistant message's ``reasoning_content``
+    (templates such as Qwen 3's render it back).
+    """
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict[str, Any]] = []
+    reasoning: str | None = None
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise APIError(400, f"{where}.role must be user, assistant, system or developer, got {role!r}",
+                               param=f"{where}.role")
+            message = {"role": "system" if role == "developer" else role,
+                       "content": _text_parts(item.get("content"), f"{where}.content")}
+            if role == "assistant" and reasoning is not None:
+                message["reasoning_content"], reasoning = reasoning, None
+            messages.append(message)
+        elif kind == "reasoning":
+            parts = [*(item.get("content") or []), *(item.get("summary") or [])]
+            reasoning = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+        elif kind in ("function_call", "function_call_output"):
+            raise APIError(400, f"{where} is a {kind!r} item; function tools are not supported on the Responses API "
+                                "yet", param=where)
+        else:
+            raise APIError(400, f"{where} is of type {kind!r}; cholla takes message and reasoning items "
+                                "(and text parts only)", param=where)
+    return messages
+
+
+def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A response's output items as the chat messages that continue its conversation."""
+    message: dict[str, Any] = {"role": "assistant", "content": ""}
+    for item in output:
+        if item["type"] == "reasoning":
+            message["reasoning_content"] = "".join(part["text"] for part in item["content"])
+        elif item["type"] == "message":
+            message["content"] += "".join(part["text"] for part in item["content"])
+    return [message]
+
+
+# -- output items ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Turn:
+    """One response being made: what the request asked, and the output items as they finish."""
+
+    ctx: ServeContext
+    body: ResponsesRequest
+    model: str
+    prepared: Prepared
+    conversation: list[dict[str, Any]]
+    reasoning: Reasoning | None
+    output: list[dict[str, Any]] = field(default_factory=list)
+    cached_tokens: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.prepared.request_id
+
+    def response(self, status: str, completion: CompletionOutput | None = None) -> dict[str, Any]:
+        """The response object: ``in_progress`` while streaming, then ``completed`` or ``incomplete``."""
+        body = self.body
+        params = self.prepared.params
+        finished = status != "in_progress"
+        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        text_format = body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text and body.text.format \
+            else {"type": "text"}
+        return {
+            "id": self.id, "object": "response", "created_at": self.prepared.created, "status": status,
+            "completed_at": int(time.time()) if finished else None, "error": None, "incomplete_details": incomplete,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": self.model,
+            "output": list(self.output), "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "previous_response_id": body.previous_response_id,
+            "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
+            "store": body.store, "temperature": params.temperature, "top_p": params.top_p,
+            "text": {"format": text_format}, "tool_choice": body.tool_choice or "auto", "tools": [],
+            "truncation": body.truncation or "disabled", "user": body.user, "metadata": body.metadata or {},
+            "usage": self.usage(completion) if completion is not None and finished else None,
+        }
+
+    def usage(self, completion: CompletionOutput) -> dict[str, Any]:
+        prompt_tokens = len(self.prepared.prompts[0]["prompt_token_ids"])
+        output_tokens = len(completion.token_ids)
+        reasoning_text = "".join(part["text"] for item in self.output if item["type"] == "reasoning"
+                                 for part in item["content"])
+        reasoning_tokens = len(self.ctx.tokenizer.encode(reasoning_text, add_special_tokens=False)) if reasoning_text else 0
+        return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
+                "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": min(reasoning_tokens, output_tokens)},
+                "total_tokens": prompt_tokens + output_tokens}
+
+    def finish(self, completion: CompletionOutput, store: ResponseStore) -> dict[str, Any]:
+        """The final response object; stored when the request asked for it."""
+        response = self.response("incomplete" if completion.finish_reason == "length" else "completed", completion)
+        if self.body.store:
+            store.put(self.id, StoredResponse(response, self.conversation + output_messages(self.output)))
+        return response
+
+
+def _reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": item_id, "type": "reasoning", "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}] if status == "completed" else [], "status": status}
+
+
+def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [_text_part(text)] if status == "completed" else []
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+# -- the routes ------------------------------------------------------------------------------------
+
+
+def _store(request: Request) -> ResponseStore:
+    return request.app.state.responses
+
+
+def _sampling_kwargs(body: ResponsesRequest) -> dict[str, Any]:
+    kwargs = {"temperature": body.temperature, "top_p": body.top_p}
+    return {name: value for name, value in kwargs.items() if value is not None}
+
+
+def _template_kwargs(body: ResponsesRequest) -> dict[str, Any]:
+    """``reasoning.effort`` as chat templates read it: GPT-OSS's ``reasoning_effort``, Qwen 3's thinking switch."""
+    effort = body.reasoning.effort if body.reasoning else None
+    if effort is None:
+        return {}
+    if effort == "none":
+        return {"enable_thinking": False}
+    return {"enable_thinking": True, "reasoning_effort": "high" if effort == "xhigh" else
+            "low" if effort == "minimal" else effort}
+
+
+@router.post("/v1/responses")
+async def create_response(request: Request) -> Response:
+    ctx: ServeContext = request.app.state.ctx
+    ctx.engine()
+    data = await read_json(request)
+    body = validate(ResponsesRequest, data, UNSUPPORTED)
+    model = ctx.check_model(body.model)
+    if body.background:
+        raise APIError(400, "'background' is not supported by cholla; send the request and wait (or stream)",
+                       param="background")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "'stream_options' is only allowed with stream=true", param="stream_options")
+    if body.text and body.text.format and body.text.format.type != "text":
+        raise APIError(400, f"text.format {body.text.format.type!r} is not supported by cholla yet (no structured "
+                            "output); remove it or use {'type': 'text'}", param="text.format")
+    unknown_includes = [name for name in body.include or [] if name != "reasoning.encrypted_content"]
+    if unknown_includes:
+        raise APIError(400, f"include {unknown_includes[0]!r} is not supported by cholla", param="include")
+    store = _store(request)
+    history = store.get(body.previous_response_id).conversation if body.previous_response_id else []
+    conversation = history + input_messages(body.input)
+    if not conversation:
+        raise APIError(400, "'input' is empty and there is no previous_response_id to continue", param="input")
+    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    prompt_ids = ctx.encode_chat(system + conversation, template_kwargs=_template_kwargs(body))
+    reasoning = ctx.reasoning_for(prompt_ids)
+    kwargs = _sampling_kwargs(body)
+    prepared = ctx.prepare(ctx.new_id("resp_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
+                           reasoning.sampling_kwargs(kwargs) if reasoning else kwargs, body.max_output_tokens,
+                           prompt_param="input")
+    turn = _Turn(ctx, body, model, prepared, conversation, reasoning)
+    outputs = merge(prepared.streams(ctx.engine()))
+    if body.stream:
+        return SSEResponse(_events(turn, store, outputs), on_close=prepared.admission.release)
+    try:
+        finished = await collect(request, finished_only(outputs))
+    finally:
+        prepared.admission.release()
+    if finished is None:  # the client hung up; its request was aborted
+        return Response(status_code=499)
+    out = finished[-1][1]
+    completion = out.outputs[0]
+    turn.cached_tokens = out.metrics.num_cached_prompt_tokens if out.metrics else 0
+    split = reasoning.split(completion.text) if reasoning else None
+    if split is not None and split.reasoning is not None:
+        turn.output.append(_reasoning_item(ctx.new_id("rs_"), split.reasoning))
+    turn.output.append(_message_item(ctx.new_id("msg_"), split.content if split else completion.text))
+    return JSONResponse(turn.finish(completion, store))
+
+
+async def _events(turn: _Turn, store: ResponseStore, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    """The typed event stream: created, in_progress, each output item's added / deltas / done, then completed."""
+    numbers = itertools.count()
+    ctx = turn.ctx
+
+    def event(kind: str, **fields: Any) -> str:
+        return sse({"type": kind, "sequence_number": next(numbers), **fields}, event=kind)
+
+    # The open item: ("reasoning" | "message", its id, its text so far).
+    open_item: list[Any] = []
+
+    def close() -> list[str]:
+        if not open_item:
+            return []
+        kind, item_id, text = open_item
+        index = len(turn.output)
+        open_item.clear()
+        if kind == "reasoning":
+            item, part = _reasoning_item(item_id, text), {"type": "reasoning_text", "text": text}
+            done = event("response.reasoning_text.done", item_id=item_id, output_index=index, content_index=0, text=text)
+        else:
+            item, part = _message_item(item_id, text), _text_part(text)
+            done = event("response.output_text.done", item_id=item_id, output_index=index, content_index=0, text=text,
+                         logprobs=[])
+        turn.output.append(item)
+        return [done, event("response.content_part.done", item_id=item_id, output_index=index, content_index=0, part=part),
+                event("response.output_item.done", output_index=index, item=item)]
+
+    def add(kind: str, delta: str) -> list[str]:
+        events = []
+        if open_item and open_item[0] != kind:
+            events += close()
+        index = len(turn.output)
+        if not open_item:
+            item_id = ctx.new_id("rs_" if kind == "reasoning" else "msg_")
+            open_item.extend([kind, item_id, ""])
+            if kind == "reasoning":
+                item, part = _reasoning_item(item_id, "", "in_progress"), {"type": "reasoning_text", "text": ""}
+            else:
+                item, part = _message_item(item_id, "", "in_progress"), _text_part("")
+            events += [event("response.output_item.added", output_index=index, item=item),
+                       event("response.content_part.added", item_id=item_id, output_index=index, content_index=0,
+                             part=part)]
+        if delta:
+            open_item[2] += delta
+            kind_name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+            extra = {} if kind == "reasoning" else {"logprobs": []}
+            events.append(event(kind_name, item_id=open_item[1], output_index=index, content_index=0, delta=delta,
+                                **extra))
+        return events
+
+    reasoning_stream = turn.reasoning.stream() if turn.reasoning else None
+    sent = 0
+    completion = None
+    try:
+        yield event("response.created", response=turn.response("in_progress"))
+        yield event("response.in_progress", response=turn.response("in_progress"))
+        async for _, out in outputs:
+            completion = out.outputs[0]
+            piece, sent = completion.text[sent:], len(completion.text)
+            if out.metrics is not None:
+                turn.cached_tokens = out.metrics.num_cached_prompt_tokens
+            if reasoning_stream is None:
+                parts = [(None, piece)]
+            else:
+                splits = [reasoning_stream.feed(piece), *([reasoning_stream.finish()] if completion.finished else [])]
+                parts = [(s.reasoning, s.content) for s in splits]
+            for reasoning_piece, content_piece in parts:
+                for chunk in (add("reasoning", reasoning_piece) if reasoning_piece else []):
+                    yield chunk
+                for chunk in (add("message", content_piece) if content_piece else []):
+                    yield chunk
+        if not any(item["type"] == "message" for item in turn.output) and (not open_item or open_item[0] != "message"):
+            for chunk in add("message", ""):
+                yield chunk
+        for chunk in close():
+            yield chunk
+        response = turn.finish(completion, store)
+        kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
+        yield event(kind, response=response)
+    except Exception as e:  # the engine failed mid-stream: tell the client in the stream's own terms
+        log.exception("stream %s failed", turn.id)
+        yield event("error", **error_body(500, f"generation failed: {e}", anthropic=False)["error"])
+    finally:
+        await outputs.aclose()
+
+
+@router.get("/v1/responses/{response_id}")
+async def retrieve_response(request: Request, response_id: str) -> JSONResponse:
+    return JSONResponse(_store(request).get(response_id).body)
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(request: Request, response_id: str) -> JSONResponse:
+    _store(request).delete(response_id)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})

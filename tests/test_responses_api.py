@@ -1,0 +1,123 @@
+"""The Responses API on the real default model, driven by the real ``openai`` client.
+
+Greedy answers are checked against the chat route for the same conversation: a
+response is a chat completion in another shape, and must add nothing and lose nothing.
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from cholla.serve.errors import APIError
+from cholla.serve.responses_api import ResponseStore, StoredResponse
+from tests.test_serve import MODEL, _wait_idle, client, live  # noqa: F401  (module fixtures)
+
+QUESTION = "Tell me about deserts."
+
+
+def _chat(client, messages: list[dict], max_tokens: int) -> str:
+    reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=max_tokens)
+    return reply.choices[0].message.content
+
+
+def test_create_equals_the_chat_route(client):
+    response = client.responses.create(model=MODEL, input=QUESTION, instructions="Answer briefly.", temperature=0,
+                                       max_output_tokens=8)
+    chat = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=8, messages=[
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": QUESTION}])
+    assert response.output_text == chat.choices[0].message.content
+    assert response.id.startswith("resp_") and response.object == "response" and response.model == MODEL
+    assert [item.type for item in response.output] == ["message"]
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    assert response.usage.output_tokens == 8 and response.usage.total_tokens == chat.usage.total_tokens
+    assert response.instructions == "Answer briefly." and response.max_output_tokens == 8
+
+    # Items instead of a string: message items with input_text / output_text parts, developer for system.
+    items = [{"role": "developer", "content": "Answer briefly."},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTION}]}]
+    assert client.responses.create(model=MODEL, input=items, temperature=0, max_output_tokens=8).output_text \
+        == response.output_text
+
+
+def test_stream_events(client):
+    expected = _chat(client, [{"role": "user", "content": QUESTION}], 8)
+    events = list(client.responses.create(model=MODEL, input=QUESTION, temperature=0, max_output_tokens=8, stream=True))
+    types = [event.type for event in events]
+    assert types[:5] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added", "response.output_text.delta"]
+    assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert events[0].response.status == "in_progress" and events[0].response.output == []
+    deltas = [event for event in events if event.type == "response.output_text.delta"]
+    item_id = events[2].item.id
+    assert all(d.item_id == item_id and d.output_index == 0 and d.content_index == 0 for d in deltas)
+    assert "".join(d.delta for d in deltas) == expected == events[-4].text
+    final = events[-1].response
+    assert final.output_text == expected and final.output[0].id == item_id and final.usage.output_tokens == 8
+
+    # The SDK's own accumulator agrees.
+    with client.responses.stream(model=MODEL, input=QUESTION, temperature=0, max_output_tokens=8) as stream:
+        texts = [event.delta for event in stream if event.type == "response.output_text.delta"]
+    assert "".join(texts) == expected
+
+
+def test_previous_response_id_store_and_retrieve(client):
+    first = client.responses.create(model=MODEL, input=QUESTION, instructions="Answer briefly.", temperature=0,
+                                    max_output_tokens=6)
+    second = client.responses.create(model=MODEL, input="And the sea?", previous_response_id=first.id, temperature=0,
+                                     max_output_tokens=6)
+    # The earlier turns come back; the earlier instructions do not (as OpenAI does).
+    expected = _chat(client, [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first.output_text},
+                              {"role": "user", "content": "And the sea?"}], 6)
+    assert second.output_text == expected and second.previous_response_id == first.id
+    # Streamed responses are stored too.
+    streamed = list(client.responses.create(model=MODEL, input="Hi", temperature=0, max_output_tokens=4, stream=True))
+    assert client.responses.retrieve(streamed[-1].response.id).output_text == streamed[-1].response.output_text
+
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+    client.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError, match=second.id):
+        client.responses.retrieve(second.id)
+
+    unstored = client.responses.create(model=MODEL, input=QUESTION, store=False, max_output_tokens=2)
+    with pytest.raises(openai.NotFoundError, match="store=false"):
+        client.responses.create(model=MODEL, input="More", previous_response_id=unstored.id)
+
+
+def test_errors_are_typed(live, client):
+    missing = httpx.post(f"{live.url}/v1/responses", json={"model": MODEL, "input": "Hi", "previous_response_id": "resp_x"})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found_error" and "resp_x" in missing.json()["error"]["message"]
+    cases = [
+        (dict(input="Hi", extra_body={"frobnicate": 1}), "frobnicate"),
+        (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]), "input_image"),
+        (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "1"}]), "function_call_output"),
+        (dict(input="Hi", conversation="conv_1"), "conversation"),
+        (dict(input="Hi", background=True), "background"),
+        (dict(input="Hi", temperature=-1), "temperature"),
+        (dict(input="word " * 600), "context length"),
+        (dict(input=[]), "input"),
+        (dict(input="Hi", text={"format": {"type": "json_object"}}), "text.format"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(openai.BadRequestError, match=needle):
+            client.responses.create(model=MODEL, **kwargs)
+    with pytest.raises(openai.NotFoundError, match=MODEL):
+        client.responses.create(model="gpt-5", input="Hi")
+    _wait_idle(live)
+
+
+def test_store_keeps_the_most_recently_used():
+    store = ResponseStore(capacity=2)
+    for name in ("a", "b"):
+        store.put(name, StoredResponse({"id": name}, []))
+    store.get("a")  # now b is the least recently used
+    store.put("c", StoredResponse({"id": "c"}, []))
+    assert store.get("a").body == {"id": "a"} and store.get("c").body == {"id": "c"}
+    with pytest.raises(APIError, match="2 most recent") as error:
+        store.get("b")
+    assert error.value.status == 404
