@@ -115,6 +115,11 @@ class ThinkStream:
                 self._pending = ""
         return self._result(reasoning, content)
 
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether the text so far has opened a reasoning that has not closed."""
+        return self._state in ("reasoning_start", "reasoning")
+
     def finish(self) -> Split:
         """What was held back, once the completion has ended."""
         pending, self._pending = self._pending, ""
@@ -238,6 +243,10 @@ class HarmonyStream:
                 self._channel = None
         return self._result(reasoning, content)
 
+    @property
+    def in_reasoning(self) -> bool:
+        return self._channel == "analysis"
+
     def finish(self) -> Split:
         pending, self._pending = self._pending, ""
         if self._plain:
@@ -261,6 +270,7 @@ class ReasoningParser:
 
     name: str
     markers: tuple[str, ...]
+    close: str  # what ends an open reasoning and starts the answer (a thinking budget appends it)
 
     def starts_in_reasoning(self, prompt_tail: str) -> bool:
         """Whether the prompt (its rendered end) already opened the reasoning."""
@@ -274,8 +284,9 @@ class ReasoningParser:
 
 
 PARSERS = {
-    "think": ReasoningParser("think", (THINK_OPEN, THINK_CLOSE)),
-    "harmony": ReasoningParser("harmony", (CHANNEL, MESSAGE, START, *MESSAGE_ENDS)),
+    "think": ReasoningParser("think", (THINK_OPEN, THINK_CLOSE), THINK_CLOSE + "\n\n"),
+    "harmony": ReasoningParser("harmony", (CHANNEL, MESSAGE, START, *MESSAGE_ENDS),
+                               f"<|end|>{START}assistant{CHANNEL}final{MESSAGE}"),
 }
 # vLLM's names for the same formats.
 ALIASES = {"qwen3": "think", "deepseek_r1": "think", "deepseek_v3": "think", "openai_gptoss": "harmony", "gpt_oss": "harmony"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anthropic
 import openai
 import pytest
 import torch
@@ -236,3 +237,67 @@ def test_reasoning_parser_none_and_prompt_opened_thinking(thinking_model, tmp_pa
         assert raw.choices[0].text == "Because</think>Paris"  # the output starts inside the reasoning
         message = client.chat.completions.create(model="qwen3-tiny", messages=QUESTION, temperature=0).choices[0].message
         assert (message.content, message.reasoning_content) == ("Paris", "Because")
+
+
+def test_anthropic_thinking_blocks_switch_and_budget(thinking_server):
+    claude = anthropic.Anthropic(base_url=thinking_server.url, api_key="unused", max_retries=0)
+    greedy = {"extra_body": {"temperature": 0}}
+    reply = claude.messages.create(model="qwen3-tiny", messages=QUESTION, max_tokens=16, **greedy)
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in reply.content] \
+        == [("thinking", "Because"), ("text", "Paris")]
+    assert reply.stop_reason == "end_turn"
+
+    with claude.messages.stream(model="qwen3-tiny", messages=QUESTION, max_tokens=16, **greedy) as stream:
+        events = [event for event in stream]
+        final = stream.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in final.content] \
+        == [("thinking", "Because"), ("text", "Paris")]
+    deltas = [e.delta.type for e in events if e.type == "content_block_delta"]
+    assert deltas.index("thinking_delta") < deltas.index("text_delta")
+
+    off = claude.messages.create(model="qwen3-tiny", messages=QUESTION, max_tokens=16, thinking={"type": "disabled"},
+                                 **greedy)
+    assert [(b.type, b.text) for b in off.content] == [("text", "Paris")]
+    on = {"type": "enabled", "budget_tokens": 1}
+    assert claude.messages.count_tokens(model="qwen3-tiny", messages=QUESTION, thinking={"type": "disabled"}).input_tokens \
+        == claude.messages.count_tokens(model="qwen3-tiny", messages=QUESTION, thinking=on).input_tokens + 4
+
+    # One token of budget: <think>, then the reasoning is closed for it and the model answers.
+    budgeted = claude.messages.create(model="qwen3-tiny", messages=QUESTION, max_tokens=16, thinking=on, **greedy)
+    assert [(b.type, b.text) for b in budgeted.content] == [("text", "Paris")]
+    with claude.messages.stream(model="qwen3-tiny", messages=QUESTION, max_tokens=16, thinking=on, **greedy) as stream:
+        assert [(b.type, b.text) for b in stream.get_final_message().content] == [("text", "Paris")]
+    with pytest.raises(anthropic.BadRequestError, match="budget_tokens"):
+        claude.messages.create(model="qwen3-tiny", messages=QUESTION, max_tokens=16,
+                               thinking={"type": "enabled", "budget_tokens": 16})
+
+
+def test_responses_reasoning_items(thinking_server):
+    client = openai.OpenAI(base_url=f"{thinking_server.url}/v1", api_key="unused", max_retries=0)
+    response = client.responses.create(model="qwen3-tiny", input=QUESTION, temperature=0)
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output[0].content[0].text == "Because" and response.output_text == "Paris"
+    assert response.status == "completed" and 0 < response.usage.output_tokens_details.reasoning_tokens < 3
+
+    events = list(client.responses.create(model="qwen3-tiny", input=QUESTION, temperature=0, stream=True))
+    reasoning = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert (reasoning, text) == ("Because", "Paris")
+    final = events[-1]
+    assert final.type == "response.completed" and [i.type for i in final.response.output] == ["reasoning", "message"]
+    assert [e.output_index for e in events if e.type == "response.output_item.added"] == [0, 1]
+    with client.responses.stream(model="qwen3-tiny", input=QUESTION, temperature=0) as stream:
+        assert stream.get_final_response().output_text == "Paris"
+
+    # Chained: the reasoning item goes back to the template as the assistant turn's reasoning_content.
+    chained = client.responses.create(model="qwen3-tiny", input="Sure?", previous_response_id=response.id, temperature=0)
+    assert chained.output_text == "Paris"
+    none = client.responses.create(model="qwen3-tiny", input=QUESTION, temperature=0, reasoning={"effort": "none"})
+    assert [item.type for item in none.output] == ["message"] and none.output_text == "Paris"
+    # A reasoning item in the input reaches the template as the next assistant message's reasoning_content.
+    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Paris"}]
+    thought = {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Because"}]}
+    plain = client.responses.create(model="qwen3-tiny", input=turn, max_output_tokens=1)
+    with_reasoning = client.responses.create(model="qwen3-tiny", input=[turn[0], thought, turn[1]], max_output_tokens=1)
+    # The template writes <think>\n\n</think> without it, <think>\nBecause\n</think> with it: "\n\n" -> "\n", "Because", "\n".
+    assert with_reasoning.usage.input_tokens == plain.usage.input_tokens + 2

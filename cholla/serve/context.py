@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import json
 from typing import Any, AsyncIterator, TypeVar
 
@@ -24,6 +24,7 @@ from cholla.reasoning import HarmonyStream, ReasoningParser, Split, ThinkStream,
 from cholla.sampling.params import SamplingParams
 from cholla.serve.errors import APIError
 from cholla.serve.host import Admission, EngineHost
+from cholla.serve.streaming import merge
 from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
 from cholla.tokenizer.tokenizer import Tokenizer
 
@@ -67,6 +68,49 @@ class Reasoning:
 
     def stream(self) -> ThinkStream | HarmonyStream:
         return self.parser.stream(self.starts_in_reasoning)
+
+    async def budgeted(self, engine: AsyncLLMEngine, prepared: Prepared, budget: int) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """``prepared``'s one sequence with its reasoning cut at ``budget`` tokens, as ``merge`` yields it.
+
+        The first ``budget`` tokens are generated as asked; if the reasoning is still open
+        then, the parser's closing text is appended and a second request (its prefix served
+        from the cache) answers with the rest of ``max_tokens``. Outputs hold the whole text.
+        """
+        params, prompt = prepared.params, prepared.prompts[0]
+        if params.max_tokens is None or budget >= params.max_tokens:
+            async for item in merge(prepared.streams(engine)):
+                yield item
+            return
+        first = engine.generate(prompt, replace(params, max_tokens=budget, min_tokens=0), prepared.request_id)
+        try:
+            async for out in first:
+                if out.finished and out.outputs[0].finish_reason == "length":
+                    break
+                yield 0, out
+            else:
+                return
+        finally:
+            await first.aclose()
+        thought = out.outputs[0]
+        stream = self.stream()
+        stream.feed(thought.text)
+        close = self.parser.close if stream.in_reasoning else ""
+        close_ids = engine.engine.tokenizer.encode(close, add_special_tokens=False) if close else []
+        remaining = params.max_tokens - len(thought.token_ids) - len(close_ids)
+        if remaining < 1:
+            yield 0, out
+            return
+        answer_prompt = {"prompt": None, "prompt_token_ids": prompt["prompt_token_ids"] + thought.token_ids + close_ids}
+        second = engine.generate(answer_prompt, replace(params, max_tokens=remaining), f"{prepared.request_id}-answer")
+        try:
+            async for answer in second:
+                part = answer.outputs[0]
+                whole = replace(part, text=thought.text + close + part.text, token_ids=thought.token_ids + close_ids + part.token_ids,
+                                logprobs=None)
+                yield 0, replace(answer, request_id=prepared.request_id, prompt_token_ids=out.prompt_token_ids, outputs=[whole],
+                                 metrics=out.metrics)
+        finally:
+            await second.aclose()
 
     def sampling_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """``kwargs`` with special tokens kept in the text when the markers need them (unless the request chose)."""
