@@ -292,6 +292,16 @@ PARSERS = {
 ALIASES = {"qwen3": "think", "deepseek_r1": "think", "deepseek_v3": "think", "openai_gptoss": "harmony", "gpt_oss": "harmony"}
 
 
+def effort_template_kwargs(effort: str | None) -> dict[str, object]:
+    """OpenAI's ``reasoning_effort`` as chat templates read it: Qwen 3's ``enable_thinking``, GPT-OSS's ``reasoning_effort``."""
+    if effort is None:
+        return {}
+    if effort == "none":
+        return {"enable_thinking": False}
+    levels = {"minimal": "low", "xhigh": "high"}
+    return {"enable_thinking": True, "reasoning_effort": levels.get(effort, effort)}
+
+
 def choose_parser(setting: str, template_source: str | None) -> ReasoningParser | None:
     """The parser for ``--reasoning-parser``: a name, ``none``, or ``auto`` (from the chat template's markers)."""
     setting = ALIASES.get(setting, setting)

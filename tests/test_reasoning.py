@@ -218,6 +218,14 @@ def test_openai_chat_reasoning_content(thinking_server):
     off = client.chat.completions.create(model="qwen3-tiny", messages=QUESTION, temperature=0,
                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert (off.choices[0].message.content, off.choices[0].message.reasoning_content) == ("Paris", None)
+    effort = client.chat.completions.create(model="qwen3-tiny", messages=QUESTION, temperature=0, reasoning_effort="none")
+    assert (effort.choices[0].message.content, effort.choices[0].message.reasoning_content) == ("Paris", None)
+
+    # The reply appended to the history as the SDK dumps it (reasoning_content included) is accepted.
+    history = [*QUESTION, {"role": "assistant", "content": "Paris", "reasoning_content": "Because"}]
+    assert client.chat.completions.create(model="qwen3-tiny", messages=history, max_tokens=1).usage.prompt_tokens \
+        == client.chat.completions.create(model="qwen3-tiny", messages=[*QUESTION, {"role": "assistant", "content": "Paris"}],
+                                          max_tokens=1).usage.prompt_tokens + 2
 
 
 def test_reasoning_parser_none_and_prompt_opened_thinking(thinking_model, tmp_path):

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
+from cholla.reasoning import effort_template_kwargs
 from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
@@ -46,7 +47,6 @@ UNSUPPORTED_CHAT = {
     **UNSUPPORTED_COMMON,
     "audio": "text output only",
     "prediction": "no predicted outputs",
-    "reasoning_effort": "no reasoning controls",
     "web_search_options": "no web search",
 }
 UNSUPPORTED_COMPLETIONS = {**UNSUPPORTED_COMMON, "suffix": "no fill-in-the-middle"}
@@ -105,6 +105,7 @@ class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    reasoning_content: str | None = None  # an earlier reply's reasoning, for templates that render it (Qwen 3)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -117,6 +118,7 @@ class ChatCompletionRequest(SamplingRequest):
     modalities: list[Literal["text"]] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -145,6 +147,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         entry = {"role": "system" if message.role == "developer" else message.role, "content": content}
         if message.name is not None:
             entry["name"] = message.name
+        if message.reasoning_content is not None and message.role == "assistant":
+            entry["reasoning_content"] = message.reasoning_content
         converted.append(entry)
     return converted
 
@@ -320,7 +324,8 @@ async def chat_completions(request: Request) -> Response:
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
         raise APIError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
     num_top = (body.top_logprobs or 0) if body.logprobs else None
-    prompt_ids = ctx.encode_chat(template_messages(body.messages), body.add_generation_prompt, body.chat_template_kwargs)
+    template_kwargs = {**effort_template_kwargs(body.reasoning_effort), **(body.chat_template_kwargs or {})}
+    prompt_ids = ctx.encode_chat(template_messages(body.messages), body.add_generation_prompt, template_kwargs)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     reasoning = ctx.reasoning_for(prompt_ids) if body.add_generation_prompt else None
     kwargs = {**body.sampling_kwargs(), "logprobs": num_top}

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
+from cholla.reasoning import effort_template_kwargs
 from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
@@ -287,17 +288,6 @@ def _sampling_kwargs(body: ResponsesRequest) -> dict[str, Any]:
     return {name: value for name, value in kwargs.items() if value is not None}
 
 
-def _template_kwargs(body: ResponsesRequest) -> dict[str, Any]:
-    """``reasoning.effort`` as chat templates read it: GPT-OSS's ``reasoning_effort``, Qwen 3's thinking switch."""
-    effort = body.reasoning.effort if body.reasoning else None
-    if effort is None:
-        return {}
-    if effort == "none":
-        return {"enable_thinking": False}
-    return {"enable_thinking": True, "reasoning_effort": "high" if effort == "xhigh" else
-            "low" if effort == "minimal" else effort}
-
-
 @router.post("/v1/responses")
 async def create_response(request: Request) -> Response:
     ctx: ServeContext = request.app.state.ctx
@@ -322,7 +312,8 @@ async def create_response(request: Request) -> Response:
     if not conversation:
         raise APIError(400, "'input' is empty and there is no previous_response_id to continue", param="input")
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    prompt_ids = ctx.encode_chat(system + conversation, template_kwargs=_template_kwargs(body))
+    effort = body.reasoning.effort if body.reasoning else None
+    prompt_ids = ctx.encode_chat(system + conversation, template_kwargs=effort_template_kwargs(effort))
     reasoning = ctx.reasoning_for(prompt_ids)
     kwargs = _sampling_kwargs(body)
     prepared = ctx.prepare(ctx.new_id("resp_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
