@@ -241,6 +241,8 @@ def validate(model: type[M], data: dict[str, Any], unsupported: dict[str, str]) 
     for name, why in unsupported.items():
         if data.get(name) not in (None, [], {}):
             raise APIError(400, f"'{name}' is not supported by cholla yet ({why}); remove it from the request", param=name)
+    # Sent empty, they ask for nothing: as if omitted (SDKs send "functions": null and the like).
+    data = {key: value for key, value in data.items() if key not in unsupported}
     try:
         return model.model_validate(data)
     except ValidationError as e:
