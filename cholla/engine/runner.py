@@ -109,15 +109,18 @@ class ModelRunner:
         """The constrained rows with their allowed tokens ``[rows, vocab]`` bool, and the rows where none is.
 
         One bitmask ``[rows, ceil(vocab/32)]`` for the step, filled by the grammar engine in parallel.
-        A dead-end row is let free here (so sampling stays defined) and dropped by ``execute``.
+        A dead-end row (a matcher in error allows only end-of-generation, which would end the
+        request as if complete) is let free here, so sampling stays defined, and dropped by ``execute``.
         """
         rows = [row for row, r in enumerate(requests) if r.grammar is not None]
         if not rows:
             return None, []
+        matchers = [requests[row].grammar for row in rows]
         bitmask = torch.zeros(len(rows), self.structured.mask_words, dtype=torch.int32)
-        self.structured.fill_bitmask([requests[row].grammar for row in rows], bitmask)
+        self.structured.fill_bitmask(matchers, bitmask)
         allowed = allowed_tokens(bitmask, vocab_size)
-        dead = (~allowed.any(dim=1)).nonzero()[:, 0].tolist()
+        empty = (~allowed.any(dim=1)).tolist()
+        dead = [i for i, m in enumerate(matchers) if empty[i] or m.error is not None]
         if dead:
             allowed = allowed.clone()
             allowed[dead] = True

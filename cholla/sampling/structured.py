@@ -22,6 +22,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import jsonschema
 import llguidance
 import numpy as np
 import torch
@@ -63,6 +64,7 @@ def _llguidance_grammar(kind: str, text: str) -> str:
     field = "structured_outputs." + kind
     try:
         if kind == "json":
+            _check_schema(json.loads(text))
             return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
         if kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(text)
@@ -71,6 +73,15 @@ def _llguidance_grammar(kind: str, text: str) -> str:
         return llguidance.grammar_from("grammar", text)  # Lark, or GBNF through llguidance's converter
     except ValueError as e:
         raise InvalidRequestError(f"{field} is invalid: {e}") from None
+
+
+def _check_schema(schema: dict | bool) -> None:
+    """A JSON schema must be valid under its own metaschema; the error names the place (``$.properties.age.type``)."""
+    validator = jsonschema.validators.validator_for(schema)
+    error = jsonschema.exceptions.best_match(validator(validator.META_SCHEMA).iter_errors(schema))
+    if error is not None:
+        raise InvalidRequestError(f"structured_outputs.json is not a valid JSON schema at {error.json_path}: "
+                                  f"{error.message}")
 
 
 def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_token_ids: set[int]) -> llguidance.LLTokenizer:
@@ -111,7 +122,10 @@ class GrammarMatcher:
 
     @property
     def error(self) -> str | None:
-        return self._matcher.get_error() or None if self._matcher.is_error() else None
+        """Why no token can continue (llguidance's stop reason), or None while the grammar can go on."""
+        if not self._matcher.is_error():
+            return None
+        return f"{DEAD_END} ({self._matcher.get_error().strip().splitlines()[0]})"
 
 
 @dataclass
@@ -150,6 +164,11 @@ class StructuredOutputs:
         if is_error:
             raise InvalidRequestError(f"structured_outputs.{source[0]} is invalid: {messages[0].strip()}")
         compiled = CompiledGrammar(grammar, tokenizer)
+        probe = compiled.matcher()
+        probe._matcher.compute_bitmask()  # a grammar that matches nothing shows here
+        error = probe.error
+        if error is not None:
+            raise InvalidRequestError(f"structured_outputs.{source[0]} admits no output at all: {error}")
         with self._lock:
             self._cache[source] = compiled
             while len(self._cache) > MAX_CACHED_GRAMMARS:
