@@ -6,6 +6,8 @@ response is a chat completion in another shape, and must add nothing and lose no
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -101,7 +103,9 @@ def test_errors_are_typed(live, client):
         (dict(input="Hi", temperature=-1), "temperature"),
         (dict(input="word " * 600), "context length"),
         (dict(input=[]), "input"),
-        (dict(input="Hi", text={"format": {"type": "json_object"}}), "text.format"),
+        (dict(input="Hi", text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}),
+         "text.format.schema.*nonsense"),
+        (dict(input="Hi", text={"format": {"type": "json_schema", "name": "x"}}), "schema"),
     ]
     for kwargs, needle in cases:
         with pytest.raises(openai.BadRequestError, match=needle):
@@ -121,3 +125,18 @@ def test_store_keeps_the_most_recently_used():
     with pytest.raises(APIError, match="2 most recent") as error:
         store.get("b")
     assert error.value.status == 404
+
+
+def test_text_format_json_schema(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}
+    response = client.responses.create(model=MODEL, input="The capital of France, as JSON.", temperature=0,
+                                       max_output_tokens=40,
+                                       text={"format": {"type": "json_schema", "name": "capital", "schema": schema}})
+    assert response.status == "completed"
+    value = json.loads(response.output_text)
+    assert list(value) == ["city"] and isinstance(value["city"], str) and len(value["city"]) <= 12
+    assert response.text.format.type == "json_schema"
+    anything = client.responses.create(model=MODEL, input="A JSON object, please.", temperature=0, max_output_tokens=40,
+                                       text={"format": {"type": "json_object"}})
+    assert anything.status != "completed" or isinstance(json.loads(anything.output_text), dict)

@@ -6,7 +6,8 @@ or items: messages with text parts, ``reasoning`` items) become a chat conversat
 rendered by the model's own template, as on ``/v1/chat/completions``; the reply is
 a list of output items (a ``reasoning`` item when a reasoning parser is in force,
 then a ``message``), streamed as OpenAI's typed events, each with its
-``sequence_number``.
+``sequence_number``. ``text.format`` ``json_schema`` / ``json_object`` constrain
+the answer with the grammar engine.
 
 ``store`` (default true) keeps each response, with the conversation that led to it,
 in a bounded in-memory store (the ``max_stored_responses`` most recently used;
@@ -31,6 +32,7 @@ from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
 from cholla.reasoning import effort_template_kwargs
+from cholla.sampling.params import StructuredOutputsParams
 from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
@@ -285,7 +287,14 @@ def _store(request: Request) -> ResponseStore:
 
 def _sampling_kwargs(body: ResponsesRequest) -> dict[str, Any]:
     kwargs = {"temperature": body.temperature, "top_p": body.top_p}
-    return {name: value for name, value in kwargs.items() if value is not None}
+    kwargs = {name: value for name, value in kwargs.items() if value is not None}
+    text_format = body.text.format if body.text else None
+    if text_format is not None and text_format.type != "text":
+        if text_format.type == "json_schema" and text_format.json_schema is None:
+            raise APIError(400, "text.format of type 'json_schema' needs its 'schema'", param="text.format.schema")
+        kwargs["structured_outputs"] = StructuredOutputsParams(json=text_format.json_schema) \
+            if text_format.type == "json_schema" else StructuredOutputsParams(json_object=True)
+    return kwargs
 
 
 @router.post("/v1/responses")
@@ -300,9 +309,6 @@ async def create_response(request: Request) -> Response:
                        param="background")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "'stream_options' is only allowed with stream=true", param="stream_options")
-    if body.text and body.text.format and body.text.format.type != "text":
-        raise APIError(400, f"text.format {body.text.format.type!r} is not supported by cholla yet (no structured "
-                            "output); remove it or use {'type': 'text'}", param="text.format")
     unknown_includes = [name for name in body.include or [] if name != "reasoning.encrypted_content"]
     if unknown_includes:
         raise APIError(400, f"include {unknown_includes[0]!r} is not supported by cholla", param="include")
@@ -316,9 +322,15 @@ async def create_response(request: Request) -> Response:
     prompt_ids = ctx.encode_chat(system + conversation, template_kwargs=effort_template_kwargs(effort))
     reasoning = ctx.reasoning_for(prompt_ids)
     kwargs = _sampling_kwargs(body)
-    prepared = ctx.prepare(ctx.new_id("resp_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
-                           reasoning.sampling_kwargs(kwargs) if reasoning else kwargs, body.max_output_tokens,
-                           prompt_param="input")
+    try:
+        prepared = ctx.prepare(ctx.new_id("resp_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
+                               reasoning.sampling_kwargs(kwargs) if reasoning else kwargs, body.max_output_tokens,
+                               prompt_param="input")
+    except APIError as e:  # name the schema as this API spells it
+        prefix = "structured_outputs.json"
+        if not e.message.startswith(prefix):
+            raise
+        raise APIError(400, "text.format.schema" + e.message[len(prefix):], param="text.format.schema") from None
     turn = _Turn(ctx, body, model, prepared, conversation, reasoning)
     outputs = merge(prepared.streams(ctx.engine()))
     if body.stream:
