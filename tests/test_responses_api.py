@@ -33,6 +33,7 @@ def test_create_equals_the_chat_route(client):
     assert response.id.startswith("resp_") and response.object == "response" and response.model == MODEL
     assert [item.type for item in response.output] == ["message"]
     assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output[0].status == "incomplete"
     assert response.usage.input_tokens == chat.usage.prompt_tokens
     assert response.usage.output_tokens == 8 and response.usage.total_tokens == chat.usage.total_tokens
     assert response.instructions == "Answer briefly." and response.max_output_tokens == 8
@@ -60,6 +61,7 @@ def test_stream_events(client):
     assert "".join(d.delta for d in deltas) == expected == events[-4].text
     final = events[-1].response
     assert final.output_text == expected and final.output[0].id == item_id and final.usage.output_tokens == 8
+    assert events[-2].item.status == final.output[0].status == "incomplete"
 
     # The SDK's own accumulator agrees.
     with client.responses.stream(model=MODEL, input=QUESTION, temperature=0, max_output_tokens=8) as stream:

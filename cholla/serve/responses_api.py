@@ -266,11 +266,11 @@ class _Turn:
 
 def _reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
     return {"id": item_id, "type": "reasoning", "summary": [],
-            "content": [{"type": "reasoning_text", "text": text}] if status == "completed" else [], "status": status}
+            "content": [{"type": "reasoning_text", "text": text}] if status != "in_progress" else [], "status": status}
 
 
 def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
-    content = [_text_part(text)] if status == "completed" else []
+    content = [_text_part(text)] if status != "in_progress" else []
     return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
 
 
@@ -347,7 +347,8 @@ async def create_response(request: Request) -> Response:
     split = reasoning.split(completion.text) if reasoning else None
     if split is not None and split.reasoning is not None:
         turn.output.append(_reasoning_item(ctx.new_id("rs_"), split.reasoning))
-    turn.output.append(_message_item(ctx.new_id("msg_"), split.content if split else completion.text))
+    status = "incomplete" if completion.finish_reason == "length" else "completed"
+    turn.output.append(_message_item(ctx.new_id("msg_"), split.content if split else completion.text, status))
     return JSONResponse(turn.finish(completion, store))
 
 
@@ -362,17 +363,17 @@ async def _events(turn: _Turn, store: ResponseStore, outputs: AsyncIterator[tupl
     # The open item: ("reasoning" | "message", its id, its text so far).
     open_item: list[Any] = []
 
-    def close() -> list[str]:
+    def close(status: str = "completed") -> list[str]:
         if not open_item:
             return []
         kind, item_id, text = open_item
         index = len(turn.output)
         open_item.clear()
         if kind == "reasoning":
-            item, part = _reasoning_item(item_id, text), {"type": "reasoning_text", "text": text}
+            item, part = _reasoning_item(item_id, text, status), {"type": "reasoning_text", "text": text}
             done = event("response.reasoning_text.done", item_id=item_id, output_index=index, content_index=0, text=text)
         else:
-            item, part = _message_item(item_id, text), _text_part(text)
+            item, part = _message_item(item_id, text, status), _text_part(text)
             done = event("response.output_text.done", item_id=item_id, output_index=index, content_index=0, text=text,
                          logprobs=[])
         turn.output.append(item)
@@ -426,7 +427,7 @@ async def _events(turn: _Turn, store: ResponseStore, outputs: AsyncIterator[tupl
         if not any(item["type"] == "message" for item in turn.output) and (not open_item or open_item[0] != "message"):
             for chunk in add("message", ""):
                 yield chunk
-        for chunk in close():
+        for chunk in close("incomplete" if completion.finish_reason == "length" else "completed"):
             yield chunk
         response = turn.finish(completion, store)
         kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
