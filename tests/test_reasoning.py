@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import anthropic
+import httpx
 import openai
 import pytest
 import torch
@@ -240,8 +241,10 @@ def test_reasoning_parser_none_and_prompt_opened_thinking(thinking_model, tmp_pa
     with _serve(opened) as server:
         server.wait_ready()
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-        raw = client.completions.create(model="qwen3-tiny", prompt="<|im_start|>assistant\n<think>", temperature=0,
-                                        max_tokens=8)
+        prompt = httpx.post(f"{server.url}/tokenize", json={"messages": QUESTION}).json()["tokens"]
+        text = httpx.post(f"{server.url}/detokenize", json={"tokens": prompt}).json()["prompt"]
+        assert text.endswith("assistant\n<think>")  # the template opened the reasoning
+        raw = client.completions.create(model="qwen3-tiny", prompt=prompt, temperature=0, max_tokens=8)
         assert raw.choices[0].text == "Because</think>Paris"  # the output starts inside the reasoning
         message = client.chat.completions.create(model="qwen3-tiny", messages=QUESTION, temperature=0).choices[0].message
         assert (message.content, message.reasoning_content) == ("Paris", "Because")
