@@ -142,3 +142,12 @@ def test_text_format_json_schema(client):
     anything = client.responses.create(model=MODEL, input="A JSON object, please.", temperature=0, max_output_tokens=40,
                                        text={"format": {"type": "json_object"}})
     assert anything.status != "completed" or isinstance(json.loads(anything.output_text), dict)
+
+
+def test_stream_hang_up_aborts(live):
+    body = {"model": MODEL, "input": QUESTION, "max_output_tokens": 400, "stream": True, "store": False}
+    with httpx.stream("POST", f"{live.url}/v1/responses", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["type"] == "response.output_text.delta":
+                break  # hang up after the first piece of text
+    _wait_idle(live)
