@@ -201,7 +201,7 @@ class LLMEngine:
         self.metrics.steps += 1
         self.metrics.batch_sizes.append(len(batch.requests))
         self.metrics.preemptions += len(batch.preempted)
-        return self._postprocess(batch, result.token_ids, result.logprobs)
+        return self._postprocess(batch, result.token_ids, result.logprobs, result.prompt_logprobs)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -217,13 +217,18 @@ class LLMEngine:
             preemptions=self.metrics.preemptions,
         )
 
-    def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list) -> list[RequestOutput]:
+    def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list,
+                     prompt_logprobs: list | None = None) -> list[RequestOutput]:
         now = time.monotonic()
         outputs = []
-        for request, n, token, lp in zip(batch.requests, batch.num_tokens, tokens, logprobs):
+        for i, (request, n, token, lp) in enumerate(zip(batch.requests, batch.num_tokens, tokens, logprobs)):
             request.num_computed_tokens += n
             self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids, request.num_computed_tokens)
+            if prompt_logprobs is not None and prompt_logprobs[i] is not None:
+                request.prompt_logprobs += prompt_logprobs[i]
             if token is None:
+                if request.params.max_tokens == 0 and request.num_computed_tokens == request.num_tokens:
+                    self._finish_scored(request, now, outputs)  # the prompt is scored; nothing to generate
                 continue
             request.output_token_ids.append(token)
             if lp is not None:
@@ -239,6 +244,15 @@ class LLMEngine:
                 self.metrics.on_finish(request.finish_reason, request.arrival_time, now)
                 del self.states[request.request_id]
         return outputs
+
+    def _finish_scored(self, request: Request, now: float, outputs: list[RequestOutput]) -> None:
+        """End a ``max_tokens=0`` request once its prefill is done, with ``finish_reason="length"``."""
+        request.finish_reason = "length"
+        request.first_token_time = request.last_token_time = now
+        outputs.append(self._make_output(self.states[request.request_id]))
+        self.scheduler.finish(request, "length")
+        self.metrics.on_finish("length", request.arrival_time, now)
+        del self.states[request.request_id]
 
     def _check_stop(self, state: _RequestState, token: int) -> None:
         request, params = state.request, state.request.params
@@ -282,4 +296,6 @@ class LLMEngine:
             request.arrival_time, request.first_token_time, request.last_token_time,
             request.num_cached_prompt_tokens, request.num_preemptions,
         )
-        return RequestOutput(request.request_id, state.prompt, request.prompt_token_ids, [completion], finished, metrics)
+        prompt_logprobs = list(request.prompt_logprobs) if request.params.prompt_logprobs is not None else None
+        return RequestOutput(request.request_id, state.prompt, request.prompt_token_ids, [completion], finished, metrics,
+                             prompt_logprobs)
