@@ -326,7 +326,8 @@ async def _stream(prepared: Prepared, shape: _Shape, model: str, include_usage: 
             c = out.outputs[0]
             index = prompt_index * n + c.index
             last[index] = out
-            prompt_out = out if not started[index] and shape.prompt_logprobs is not None else None
+            # vLLM's prompt_logprobs ride on a completion's first chunk (a chat returns them unstreamed only).
+            prompt_out = out if not started[index] and shape.prompt_logprobs is not None and not shape.chat else None
             if not started[index] and shape.echo:
                 yield chunk([shape.choice(index, prompt_index, shape.echo[prompt_index], [],
                                           [] if shape.logprobs is not None else None, None, 0, prompt_out=out)])
