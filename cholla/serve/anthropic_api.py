@@ -1,13 +1,15 @@
 """Anthropic's Messages API: ``/v1/messages`` (and ``/v1/messages/count_tokens``).
 
 ``system`` and ``messages`` go through the model's chat template like an OpenAI
-chat; the reply is one text block. A final ``assistant`` message is a prefill: the
-prompt stops inside it and the reply continues it (the reply holds only the new text). Fields Anthropic defines but cholla does not
+chat; the reply is one text block. Fields Anthropic defines but cholla does not
 implement (tools, thinking, output formats, ...) are refused with a 400 that names
 them. Bookkeeping and routing hints (``metadata``, ``service_tier``, ``cache_control``,
 ``inference_geo``, ``user_profile_id``, ``workspace_id``) are accepted and ignored:
 they do not change the output. ``temperature``, ``top_p`` and ``top_k`` are honoured
 when sent (recent SDKs no longer send them; pass them in ``extra_body``).
+
+A final ``assistant`` message is a prefill: the prompt stops inside it, the model
+continues it, and the reply holds only the new text.
 """
 
 from __future__ import annotations
@@ -102,8 +104,8 @@ def encode(ctx: ServeContext, system: str | list[dict[str, Any]] | None, message
 
 def usage(ctx: ServeContext, prompt_tokens: int, output: RequestOutput | None, output_tokens: int) -> dict[str, int]:
     """Anthropic's usage: ``input_tokens`` + ``cache_read_input_tokens`` + ``cache_creation_input_tokens``
-    is the whole prompt. Read: tokens the prefix cache served; creation: the prompt's full blocks
-    this request computed, which it leaves in the prefix cache for later requests."""
+    is the whole prompt. Read: tokens the prefix cache served; creation: the tokens of the prompt's
+    full blocks this request computed (what later requests can take from the prefix cache)."""
     cached = output.metrics.num_cached_prompt_tokens if output is not None and output.metrics else 0
     config = ctx.engine().engine.config
     created = 0
