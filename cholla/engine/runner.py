@@ -8,7 +8,7 @@ in the prefill that computes them, a slice of rows at a time).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ from cholla.engine.scheduler import ScheduledBatch
 from cholla.kv.paged_cache import PagedKVCache
 from cholla.layers.attention import AttentionMetadata
 from cholla.sampling.sampler import SamplingBatch, sample
+from cholla.sampling.structured import StructuredOutputs, allowed_tokens
 
 
 @dataclass
@@ -27,6 +28,8 @@ class StepResult:
     token_ids: list[int | None]
     # Per scheduled request, when it asked for logprobs: (chosen logprob, top [(id, logprob)]).
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    # Scheduled requests whose grammar allows no token at all: they get no token and must end.
+    dead_ends: set[int] = field(default_factory=set)
     # Per scheduled request: the prompt tokens this step scored (prompt logprobs), else None.
     prompt_logprobs: list[list[PromptLogprob] | None] | None = None
 
@@ -47,11 +50,13 @@ class PromptRows:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, eos_token_ids: set[int]):
+    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, eos_token_ids: set[int],
+                 structured: StructuredOutputs | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = eos_token_ids
+        self.structured = structured
 
     def _prepare(
         self, batch: ScheduledBatch
@@ -103,12 +108,13 @@ class ModelRunner:
         logprobs: list = [None] * len(batch.requests)
         scored = self._score_prompts(hidden, prompt_rows, len(batch.requests)) if prompt_rows else None
         if not logits_rows:
-            return StepResult(sampled, logprobs, scored)
+            return StepResult(sampled, logprobs, prompt_logprobs=scored)
         rows = hidden if len(logits_rows) == hidden.shape[0] else hidden[logits_rows]  # decoding: every row, in order
         # Decoding steps write the logits into the head's kept buffer (used up within
         # the step; see Linear.forward); a prefill step's own freed activations serve better.
         logits = self.model.compute_logits(rows, reuse_output=batch.num_prefills == 0).float()
         requests: list[Request] = [batch.requests[i] for i in needs_token]
+        allowed, dead_rows = self._grammar_masks(requests, logits.shape[-1])
         sampling = SamplingBatch.build(
             params=[r.params for r in requests],
             prompt_token_ids=[r.prompt_token_ids for r in requests],
@@ -117,6 +123,7 @@ class ModelRunner:
             vocab_size=logits.shape[-1],
             device=logits.device,
             eos_token_ids=self.eos_token_ids,
+            allowed=allowed,
         )
         out = sample(logits, sampling)
         tokens = out.token_ids.tolist()
@@ -124,7 +131,10 @@ class ModelRunner:
             sampled[i] = tokens[row]
             if out.logprobs is not None and requests[row].params.logprobs is not None:
                 logprobs[i] = out.logprobs[row]
-        return StepResult(sampled, logprobs, scored)
+        dead_ends = {needs_token[row] for row in dead_rows}
+        for i in dead_ends:
+            sampled[i] = logprobs[i] = None
+        return StepResult(sampled, logprobs, dead_ends, scored)
 
     def _score_prompts(self, hidden: torch.Tensor, prompt_rows: list[PromptRows], num_requests: int) -> list:
         """Each requested prompt row's next-token logprob, rank and top alternatives (fp32 log_softmax).
@@ -156,6 +166,27 @@ class ModelRunner:
             ]
             at += len(pr.rows)
         return scored
+
+    def _grammar_masks(self, requests: list[Request], vocab_size: int) -> tuple[tuple[list[int], torch.Tensor] | None, list[int]]:
+        """The constrained rows with their allowed tokens ``[rows, vocab]`` bool, and the rows where none is.
+
+        One bitmask ``[rows, ceil(vocab/32)]`` for the step, filled by the grammar engine in parallel.
+        A dead-end row (a matcher in error allows only end-of-generation, which would end the
+        request as if complete) is let free here, so sampling stays defined, and dropped by ``execute``.
+        """
+        rows = [row for row, r in enumerate(requests) if r.grammar is not None]
+        if not rows:
+            return None, []
+        matchers = [requests[row].grammar for row in rows]
+        bitmask = torch.zeros(len(rows), self.structured.mask_words, dtype=torch.int32)
+        self.structured.fill_bitmask(matchers, bitmask)
+        allowed = allowed_tokens(bitmask, vocab_size)
+        empty = (~allowed.any(dim=1)).tolist()
+        dead = [i for i, m in enumerate(matchers) if empty[i] or m.error is not None]
+        if dead:
+            allowed = allowed.clone()
+            allowed[dead] = True
+        return (rows, allowed), [rows[d] for d in dead]
 
 
 @torch.inference_mode()
