@@ -21,11 +21,11 @@ class RequiredParser(ToolParser):
             return ["", PartialCall(None, "")]
         if text[start] != "[":
             raise NotACall("the forced reply is not a JSON array")
-        calls, _ = array_calls(text, start, ("parameters", "arguments"))
-        if not calls:
+        calls, end = array_calls(text, start, ("parameters", "arguments"))
+        if not calls and end is not None:
             raise NotACall("the forced reply holds no call")
         items: list[Item] = [""]
-        for call in calls:
+        for call in calls or [PartialCall(None, "")]:
             items += [call, ""]
         return items[:-1]
 

@@ -30,10 +30,9 @@ class MistralParser(ToolParser):
             return [*items, PartialCall(None, "")]
         if text[body] == "[":
             calls, end = array_calls(text, body, ("arguments",))
-            items.extend(calls)
-            if not calls:
+            if not calls and end is not None:
                 raise NotACall("an empty call array")
-            return items
+            return [*items, *(calls or [PartialCall(None, "")])]
         pos = start
         while True:  # name[ARGS]{...}, each call after its own [TOOL_CALLS]
             body = skip_ws(text, pos + len(MARKER))
