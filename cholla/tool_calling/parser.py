@@ -140,9 +140,10 @@ class ToolCallStream:
     ``feed(text, final=True)`` the finished one.
     """
 
-    def __init__(self, parser: ToolParser, new_id: Callable[[], str] | None = None):
+    def __init__(self, parser: ToolParser, new_id: Callable[[], str] | None = None, max_calls: int | None = None):
         self.parser = parser
         self.new_id = new_id or parser.new_id
+        self.max_calls = max_calls  # calls past this many are dropped (parallel_tool_calls=false)
         self.content = ""
         self.calls: list[ToolCall] = []  # as sent so far (arguments grow)
         self.plain = False
@@ -159,7 +160,7 @@ class ToolCallStream:
         if scan.content.startswith(self.content):
             content, self.content = scan.content[len(self.content):], scan.content
         deltas = []
-        for index, call in enumerate(scan.calls):
+        for index, call in enumerate(scan.calls[:self.max_calls]):
             if call.name is None:
                 break
             if index == len(self.calls):
