@@ -217,3 +217,40 @@ def test_llm_chat_returns_tool_calls(reference):
                          tool_choice={"type": "function", "function": {"name": "get_time"}})[0].outputs[0]
     assert [c.name for c in out.tool_calls] == ["get_time"]
     jsonschema.validate(out.tool_calls[0].arguments_dict, SCHEMAS["get_time"])
+
+
+def _langchain(live):
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        """The current weather in a city."""
+
+        city: str
+        unit: str
+
+    chat = ChatOpenAI(model=MODEL, base_url=f"{live.url}/v1", api_key="unused", temperature=0, max_tokens=48, max_retries=0)
+    return chat, Weather
+
+
+def test_langchain_bind_tools(live):
+    """LangChain's tool binding is accepted as it sends it, whole and streamed; what the model calls is parsed."""
+    chat, Weather = _langchain(live)
+    bound = chat.bind_tools([Weather])
+    reply = bound.invoke("What is the weather in Paris?")
+    streamed = None
+    for chunk in bound.stream("What is the weather in Paris?"):
+        streamed = chunk if streamed is None else streamed + chunk
+    assert streamed.content == reply.content
+    assert [c["args"] for c in streamed.tool_calls] == [c["args"] for c in reply.tool_calls]
+    for call in reply.tool_calls:
+        Weather(**call["args"])
+
+
+@needs_structured_output
+def test_langchain_structured_output_by_function_calling(live):
+    chat, Weather = _langchain(live)
+    result = chat.with_structured_output(Weather, method="function_calling").invoke("What is the weather in Paris?")
+    assert isinstance(result, Weather)
+    named = chat.bind_tools([Weather], tool_choice="Weather").invoke("What is the weather in Paris?")
+    assert [c["name"] for c in named.tool_calls] == ["Weather"]
