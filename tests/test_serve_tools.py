@@ -102,45 +102,104 @@ def test_forced_tool_choice_streamed_and_not(client, tool_choice):
     assert (content, streamed, finish) == ("", calls, "tool_calls")
 
 
-@needs_structured_output
-def test_two_turn_tool_conversation(client, reference):
-    """Call, tool result, answer: the SDK's own assistant message goes back as ``model_dump()``."""
-    first = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
-                                           parallel_tool_calls=False, temperature=0, max_tokens=80).choices[0].message
-    assert len(first.tool_calls) == 1
-    _check_calls([(first.tool_calls[0].function.name, first.tool_calls[0].function.arguments)])
-    history = [*ASK, first.model_dump(), {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "18 C, sunny"}]
-    answer = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, temperature=0, max_tokens=12)
-    expected = reference.chat(_plain(history), SamplingParams(temperature=0, max_tokens=12), use_tqdm=False, tools=TOOLS)
-    assert answer.choices[0].message.content == expected[0].outputs[0].text
-
-
 def _plain(messages: list[dict]) -> list[dict]:
     """The messages ``LLM.chat`` takes: OpenAI's, without the SDK's null fields."""
     return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
-# An assistant turn as the OpenAI SDK gives it back (its null fields included), and the tool's answer.
-CALLED = ChatCompletionMessage(role="assistant", content=None, tool_calls=[
-    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}])
-HISTORY = [*ASK, CALLED.model_dump(), {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"}]
+def _few_shot() -> list[dict]:
+    """Three earlier weather questions answered with a call, then Paris: SmolLM2 then calls the tool itself (greedy)."""
+    messages = []
+    for i, city in enumerate(["London", "Tokyo", "Berlin"]):
+        call = {"id": f"call_{i}", "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps({"city": city, "unit": "C"})}}
+        messages += [{"role": "user", "content": f"What is the weather in {city}?"},
+                     {"role": "assistant", "content": "", "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": f"call_{i}", "content": "18 C, sunny"},
+                     {"role": "assistant", "content": f"It is sunny in {city}."}]
+    return messages + ASK
 
 
-def test_tool_history_answer_equals_llm_chat(client, reference):
-    """The server renders tools and tool history exactly as ``LLM.chat`` does, streamed and not."""
-    assert {"refusal", "audio", "annotations", "function_call"} <= set(HISTORY[1])
-    expected = reference.chat(_plain(HISTORY), SamplingParams(temperature=0, max_tokens=16), use_tqdm=False, tools=TOOLS)
-    completion = expected[0].outputs[0]
-    kwargs = dict(model=MODEL, messages=HISTORY, tools=TOOLS, temperature=0, max_tokens=16)
-    response = client.chat.completions.create(**kwargs)
-    message = response.choices[0].message
-    calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
-    assert calls == [(c.name, c.arguments) for c in completion.tool_calls]
-    assert response.usage.prompt_tokens == len(expected[0].prompt_token_ids)
+FEW_SHOT = _few_shot()
+GREEDY = SamplingParams(temperature=0, max_tokens=40)
+
+
+@pytest.fixture(scope="module")
+def expected_turns(reference):
+    """``LLM.chat``'s two turns: the call it makes, then its answer once the tool's result is in."""
+    first = reference.chat(FEW_SHOT, GREEDY, use_tqdm=False, tools=TOOLS)[0].outputs[0]
+    assert [c.name for c in first.tool_calls] == ["get_weather"]  # the premise of the tests below
+    call = first.tool_calls[0]
+    history = [*FEW_SHOT, {"role": "assistant", "content": "", "tool_calls": [call.to_openai()]},
+               {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"}]
+    second = reference.chat(history, GREEDY, use_tqdm=False, tools=TOOLS)[0]
+    return first, second
+
+
+def test_auto_tool_call_round_trip(client, expected_turns):
+    """Call (whole and streamed alike), tool result, answer: the SDK's own message goes back as ``model_dump()``."""
+    first, second = expected_turns
+    kwargs = dict(model=MODEL, messages=FEW_SHOT, tools=TOOLS, temperature=0, max_tokens=40)
+    reply = client.chat.completions.create(**kwargs).choices[0]
+    calls = [(c.function.name, c.function.arguments) for c in reply.message.tool_calls]
+    assert calls == [(c.name, c.arguments) for c in first.tool_calls]
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    assert reply.message.tool_calls[0].id.startswith("call_") and reply.message.tool_calls[0].type == "function"
+    _check_calls(calls)
     content, streamed, finish = _reassemble(client.chat.completions.create(stream=True, **kwargs))
-    assert (content or None, streamed, finish) == (message.content, calls, response.choices[0].finish_reason)
-    if not calls:
-        assert message.content == completion.text
+    assert (content, streamed, finish) == ("", calls, "tool_calls")
+
+    dumped = reply.message.model_dump()
+    assert {"refusal", "audio", "annotations", "function_call"} <= set(dumped)
+    history = [*FEW_SHOT, dumped, {"role": "tool", "tool_call_id": reply.message.tool_calls[0].id, "content": "18 C, sunny"}]
+    answer = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, temperature=0, max_tokens=40)
+    assert answer.choices[0].message.content == second.outputs[0].text and not answer.choices[0].message.tool_calls
+    assert answer.usage.prompt_tokens == len(second.prompt_token_ids)
+
+
+ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                    "input_schema": t["function"]["parameters"]} for t in TOOLS]
+
+
+def _anthropic(messages: list[dict]) -> list[dict]:
+    """OpenAI-shaped history as Anthropic blocks: calls as ``tool_use``, results as a user's ``tool_result``."""
+    out = []
+    for m in messages:
+        if m["role"] == "tool":
+            out.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": m["tool_call_id"],
+                                                     "content": m["content"]}]})
+        elif m.get("tool_calls"):
+            out.append({"role": "assistant", "content": [
+                {"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
+                 "input": json.loads(c["function"]["arguments"])} for c in m["tool_calls"]]})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def test_anthropic_tool_use_round_trip(claude, expected_turns):
+    first, second = expected_turns
+    kwargs = dict(model=MODEL, messages=_anthropic(FEW_SHOT), tools=ANTHROPIC_TOOLS, max_tokens=40,
+                  extra_body={"temperature": 0})
+    message = claude.messages.create(**kwargs)
+    assert message.stop_reason == "tool_use"
+    uses = [b for b in message.content if b.type == "tool_use"]
+    assert [(b.name, b.input) for b in uses] == [(c.name, c.arguments_dict) for c in first.tool_calls]
+    with claude.messages.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert any(e.type == "content_block_start" and e.content_block.type == "tool_use" for e in events)
+    assert any(e.type == "content_block_delta" and e.delta.type == "input_json_delta" for e in events)
+    assert final.stop_reason == "tool_use"
+    assert [(b.type, b.name, b.input) for b in final.content] == [(b.type, b.name, b.input) for b in uses]
+
+    history = [*kwargs["messages"], {"role": "assistant", "content": [b.model_dump() for b in message.content]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "18 C, sunny"}]}]
+    answer = claude.messages.create(**{**kwargs, "messages": history})
+    assert [b.type for b in answer.content] == ["text"] and answer.content[0].text == second.outputs[0].text
+    assert answer.usage.input_tokens == len(second.prompt_token_ids)
+    counted = claude.messages.count_tokens(model=MODEL, messages=history, tools=ANTHROPIC_TOOLS)
+    assert counted.input_tokens == len(second.prompt_token_ids)
 
 
 def test_empty_and_null_tool_fields_are_omitted(live, client):
@@ -166,10 +225,6 @@ def test_empty_and_null_tool_fields_are_omitted(live, client):
         assert response.status_code == 200, (extra, response.text)
 
 
-ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["description"],
-                    "input_schema": t["function"]["parameters"]} for t in TOOLS]
-
-
 @needs_structured_output
 def test_anthropic_tool_choice_any_streamed_and_not(claude):
     kwargs = dict(model=MODEL, messages=ASK, tools=ANTHROPIC_TOOLS, tool_choice={"type": "any"}, max_tokens=80,
@@ -186,29 +241,6 @@ def test_anthropic_tool_choice_any_streamed_and_not(claude):
     assert any(e.type == "content_block_delta" and e.delta.type == "input_json_delta" for e in events)
     assert final.stop_reason == "tool_use"
     assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [(b.name, b.input) for b in uses]
-
-
-def test_anthropic_tool_history_equals_llm_chat(claude, reference):
-    """``tool_use`` / ``tool_result`` blocks render as the OpenAI history does."""
-    messages = [*ASK,
-                {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "get_weather",
-                                                   "input": {"city": "Paris", "unit": "C"}}]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "18 C, sunny"}]}]
-    expected = reference.chat(_plain(HISTORY), SamplingParams(temperature=0, max_tokens=16), use_tqdm=False, tools=TOOLS)
-    completion = expected[0].outputs[0]
-    message = claude.messages.create(model=MODEL, messages=messages, tools=ANTHROPIC_TOOLS, max_tokens=16,
-                                     extra_body={"temperature": 0})
-    assert message.usage.input_tokens == len(expected[0].prompt_token_ids)
-    uses = [(b.name, b.input) for b in message.content if b.type == "tool_use"]
-    assert uses == [(c.name, c.arguments_dict) for c in completion.tool_calls]
-    assert message.stop_reason == ("tool_use" if uses else "max_tokens")
-    with claude.messages.stream(model=MODEL, messages=messages, tools=ANTHROPIC_TOOLS, max_tokens=16,
-                                extra_body={"temperature": 0}) as stream:
-        final = stream.get_final_message()
-    assert [(b.type, getattr(b, "text", None), getattr(b, "input", None)) for b in final.content] == \
-        [(b.type, getattr(b, "text", None), getattr(b, "input", None)) for b in message.content]
-    counted = claude.messages.count_tokens(model=MODEL, messages=messages, tools=ANTHROPIC_TOOLS)
-    assert counted.input_tokens == len(expected[0].prompt_token_ids)
 
 
 @needs_structured_output
