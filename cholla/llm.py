@@ -106,6 +106,7 @@ class LLM:
         if plan.parser is not None:
             for output in outputs:
                 for completion in output.outputs:
+                    completion.text = plan.reply_text(completion.text, finished=True)  # no end-of-turn token text
                     completion.tool_calls = plan.parse(completion.text)[1]
         return outputs
 
