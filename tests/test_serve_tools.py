@@ -30,7 +30,8 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city", "unit"], "additionalProperties": False}}}
 TIME = {"type": "function", "function": {
     "name": "get_time", "description": "The time in a time zone",
-    "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"],
+                   "additionalProperties": False}}}
 TOOLS = [WEATHER, TIME]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -253,11 +254,12 @@ def test_llm_chat_returns_tool_calls(reference):
 
 def _langchain(live):
     from langchain_openai import ChatOpenAI
-    from pydantic import BaseModel
+    from pydantic import BaseModel, ConfigDict
 
     class Weather(BaseModel):
         """The current weather in a city."""
 
+        model_config = ConfigDict(extra="forbid")  # no other keys: a small model would go on writing some
         city: str
         unit: str
 

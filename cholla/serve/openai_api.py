@@ -393,9 +393,14 @@ async def chat_completions(request: Request) -> Response:
     prompt_ids = ctx.encode_chat(template_messages(body.messages), body.add_generation_prompt, body.chat_template_kwargs,
                                  tools=tools.tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    sampling = body.sampling_kwargs()
+    if "structured_outputs" in sampling and tools.structured_outputs is not None:
+        raise APIError(400, f"tool_choice {body.tool_choice if isinstance(body.tool_choice, str) else 'naming a function'!s} "
+                            "forces JSON calls, and the request also constrains the output; send only one of them",
+                       param="tool_choice")
     prepared = ctx.prepare(ctx.new_id("chatcmpl-"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
-                           {**body.sampling_kwargs(), "logprobs": num_top,
-                            **tools.sampling_kwargs(body.skip_special_tokens)}, max_tokens)
+                           {**sampling, "logprobs": num_top, **tools.sampling_kwargs(body.skip_special_tokens)},
+                           max_tokens)
     shape = _Shape(ctx, True, num_top, tools=tools)
     return await _respond(request, ctx, prepared, shape, model, include_usage, body.stream)
 
