@@ -1,9 +1,9 @@
 """Tool calling through the real ``openai`` and ``anthropic`` clients against a live server on the default model.
 
-SmolLM2's template has no tool support, so these run the generic format. Forced calls
-(``tool_choice`` required / named / Anthropic ``any``) need the grammar engine; until it
-is on this branch they are expected to fail (marked so). Greedy replies are checked
-against ``LLM.chat`` on a separately loaded copy of the model, as in ``test_serve.py``.
+SmolLM2's template has no tool support, so these run the generic format; forced calls
+(``tool_choice`` required / named / Anthropic ``any``) go through the grammar engine.
+Greedy replies are checked against ``LLM.chat`` on a separately loaded copy of the
+model, as in ``test_serve.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ TIME = {"type": "function", "function": {
 TOOLS = [WEATHER, TIME]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-needs_structured_output = pytest.mark.xfail(reason="needs structured output", strict=False)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,6 @@ def _check_calls(calls) -> None:
         jsonschema.validate(json.loads(arguments), SCHEMAS[name])
 
 
-@needs_structured_output
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
                          ids=["required", "named"])
 def test_forced_tool_choice_streamed_and_not(client, tool_choice):
@@ -226,7 +224,6 @@ def test_empty_and_null_tool_fields_are_omitted(live, client):
         assert response.status_code == 200, (extra, response.text)
 
 
-@needs_structured_output
 def test_anthropic_tool_choice_any_streamed_and_not(claude):
     kwargs = dict(model=MODEL, messages=ASK, tools=ANTHROPIC_TOOLS, tool_choice={"type": "any"}, max_tokens=80,
                   extra_body={"temperature": 0})
@@ -244,7 +241,6 @@ def test_anthropic_tool_choice_any_streamed_and_not(claude):
     assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [(b.name, b.input) for b in uses]
 
 
-@needs_structured_output
 def test_llm_chat_returns_tool_calls(reference):
     out = reference.chat(ASK, SamplingParams(temperature=0, max_tokens=80), use_tqdm=False, tools=TOOLS,
                          tool_choice={"type": "function", "function": {"name": "get_time"}})[0].outputs[0]
@@ -281,7 +277,6 @@ def test_langchain_bind_tools(live):
         Weather(**call["args"])
 
 
-@needs_structured_output
 def test_langchain_structured_output_by_function_calling(live):
     chat, Weather = _langchain(live)
     result = chat.with_structured_output(Weather, method="function_calling").invoke("What is the weather in Paris?")
