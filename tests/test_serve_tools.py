@@ -201,6 +201,13 @@ def test_anthropic_tool_use_round_trip(claude, expected_turns):
     assert counted.input_tokens == len(second.prompt_token_ids)
 
 
+def test_tokenize_renders_tools(live, reference):
+    response = httpx.post(f"{live.url}/tokenize", json={"model": MODEL, "messages": FEW_SHOT, "tools": TOOLS})
+    expected = reference.encode_messages(FEW_SHOT, tools=TOOLS)
+    assert response.status_code == 200 and response.json()["tokens"] == expected
+    assert expected != reference.encode_messages(FEW_SHOT)
+
+
 def test_empty_and_null_tool_fields_are_omitted(live, client):
     body = {"model": MODEL, "messages": ASK, "max_tokens": 4, "temperature": 0}
     plain = httpx.post(f"{live.url}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
