@@ -1,6 +1,7 @@
 """Tool calling through the real ``openai`` and ``anthropic`` clients against a live server on the default model.
 
-SmolLM2's template has no tool support, so these run the generic format; forced calls
+SmolLM2's template has no tool support, so most of these run the generic format; a tiny
+random Qwen 3 with Qwen 3's own template runs the Hermes path. Forced calls
 (``tool_choice`` required / named / Anthropic ``any``) go through the grammar engine.
 Greedy replies are checked against ``LLM.chat`` on a separately loaded copy of the
 model, as in ``test_serve.py``.
@@ -9,6 +10,7 @@ model, as in ``test_serve.py``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -290,3 +292,60 @@ def test_langchain_structured_output_by_function_calling(live):
     assert isinstance(result, Weather)
     named = chat.bind_tools([Weather], tool_choice="Weather").invoke("What is the weather in Paris?")
     assert [c["name"] for c in named.tool_calls] == ["Weather"]
+
+
+# A tiny random Qwen 3 with Qwen 3's own template (it renders tools itself, in the Hermes format) and a
+# byte-level vocabulary that has Qwen's <tool_call> tokens. The grammar makes even random weights call.
+UNIT_TOOL = {"type": "function", "function": {"name": "set_unit", "description": "Set the unit", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["C", "F"]}, "ok": {"type": "boolean"}},
+    "required": ["unit", "ok"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def qwen3_folder(tmp_path_factory):
+    import torch
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                                   merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    backend.add_tokens([AddedToken(t, normalized=False) for t in ("<tool_call>", "</tool_call>", "<think>", "</think>")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = (Path(__file__).parent / "fixtures" / "tool_templates" / "qwen3.jinja").read_text()
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        eos_token_id=backend.token_to_id("<|im_end|>"))
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return path, tokenizer
+
+
+def test_qwen3_template_tools_and_hermes_calls(qwen3_folder):
+    path, hf = qwen3_folder
+    config = EngineConfig(max_model_len=1024, max_num_seqs=4, kv_cache_memory=16 * 2**20, dtype="float32")
+    app = create_app(ServerSettings(["qwen"], max_queue=8), lambda: LLMEngine(path, config))
+    with LiveServer(app) as server:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        # The prompt is the model's own template with the tools, token for token as transformers renders it.
+        tokens = httpx.post(f"{server.url}/tokenize", json={"messages": ASK, "tools": [UNIT_TOOL]}).json()["tokens"]
+        assert tokens == hf.apply_chat_template(ASK, tools=[UNIT_TOOL], add_generation_prompt=True, return_dict=False)
+        for tool_choice in ("required", {"type": "function", "function": {"name": "set_unit"}}, "auto"):
+            kwargs = dict(model="qwen", messages=ASK, tools=[UNIT_TOOL], tool_choice=tool_choice, temperature=1.0,
+                          seed=1, max_tokens=96)
+            message = client.chat.completions.create(**kwargs).choices[0].message
+            calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+            content, streamed, _ = _reassemble(client.chat.completions.create(stream=True, **kwargs))
+            assert (content or None, streamed) == (message.content, calls), tool_choice
+            if tool_choice != "auto":  # random weights, forced by the grammar
+                assert calls and all(name == "set_unit" for name, _ in calls)
+                for _, arguments in calls:
+                    jsonschema.validate(json.loads(arguments), UNIT_TOOL["function"]["parameters"])
