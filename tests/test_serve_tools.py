@@ -17,7 +17,6 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessage
 
 from cholla import LLM, SamplingParams
 from cholla.engine.engine import EngineConfig, LLMEngine

@@ -7,6 +7,7 @@ the first; these scanners give all three, without building the value.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 WHITESPACE = " \t\r\n"
@@ -70,8 +71,6 @@ class ObjectScan:
 
 def scan_object(text: str, start: int) -> ObjectScan:
     """Walk the object at ``text[start] == "{"`` as far as the text goes; ``ValueError`` if it is not one."""
-    import json
-
     scan = ObjectScan()
     if text[start] != "{":
         raise ValueError("not an object")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from cholla.tool_calling.call import ToolCall, ToolCallDelta, new_call_id
 from cholla.tool_calling.json_scan import ObjectScan
@@ -140,18 +140,15 @@ class ToolCallStream:
     ``feed(text, final=True)`` the finished one.
     """
 
-    def __init__(self, parser: ToolParser, new_id: Callable[[], str] | None = None, max_calls: int | None = None):
+    def __init__(self, parser: ToolParser, max_calls: int | None = None):
         self.parser = parser
-        self.new_id = new_id or parser.new_id
         self.max_calls = max_calls  # calls past this many are dropped (parallel_tool_calls=false)
         self.content = ""
         self.calls: list[ToolCall] = []  # as sent so far (arguments grow)
-        self.plain = False
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[ToolCallDelta]]:
         scan = self.parser.scan(text, final)
         if scan.plain:
-            self.plain = True
             if self.calls or not text.startswith(self.content):
                 return "", []  # calls already went out: what follows cannot be taken back
             content, self.content = text[len(self.content):], text
@@ -164,7 +161,7 @@ class ToolCallStream:
             if call.name is None:
                 break
             if index == len(self.calls):
-                self.calls.append(ToolCall(self.new_id(), call.name, call.arguments))
+                self.calls.append(ToolCall(self.parser.new_id(), call.name, call.arguments))
                 deltas.append(ToolCallDelta(index, self.calls[index].id, call.name, call.arguments))
             elif len(call.arguments) > len(self.calls[index].arguments):
                 sent = self.calls[index].arguments
