@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from cholla.tool_calling.call import ToolCall
 
 
 class PromptLogprob(NamedTuple):
@@ -27,6 +30,8 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     # Per token: (chosen logprob, [(token id, logprob), ...] best first), when asked for.
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # The calls read from ``text`` when ``LLM.chat`` was given tools (``text`` keeps the raw reply).
+    tool_calls: list[ToolCall] | None = None
 
     @property
     def finished(self) -> bool:

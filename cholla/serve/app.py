@@ -44,6 +44,7 @@ class TokenizeRequest(StrictModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[openai_api.ChatMessage] | None = None
+    tools: list[openai_api.ChatTool] | None = None  # rendered with the messages, as in a chat request
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     return_token_strs: bool = False
@@ -130,7 +131,8 @@ def _routes(ctx: ServeContext, metrics: ServerMetrics) -> APIRouter:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
-            ids = ctx.encode_chat(openai_api.template_messages(body.messages), body.add_generation_prompt)
+            tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
+            ids = ctx.encode_chat(openai_api.template_messages(body.messages), body.add_generation_prompt, tools=tools)
         else:
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
             ids = ctx.tokenizer.encode(body.prompt, add_special_tokens=add_special)

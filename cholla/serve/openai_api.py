@@ -3,10 +3,12 @@
 Request bodies become ``SamplingParams``; engine outputs become OpenAI's responses
 and stream chunks. Structured output comes in OpenAI's ``response_format``, vLLM's
 ``structured_outputs`` / ``guided_*`` and llama.cpp's ``grammar`` / ``json_schema``.
-A field OpenAI defines but cholla does not implement (tools, audio, ...) is refused
-with a 400 that names it, never ignored. Only
-``user``, ``metadata``, ``store`` and ``service_tier`` are accepted and ignored:
-they ask for bookkeeping, not for different output.
+``tools`` / ``tool_choice`` / ``parallel_tool_calls`` follow
+``cholla.tool_calling.plan``: calls come back in ``message.tool_calls`` (streamed as
+OpenAI's deltas) with ``finish_reason: "tool_calls"``. A field OpenAI defines but
+cholla does not implement (audio, ...) is refused with a 400 that names it, never
+ignored. Only ``user``, ``metadata``, ``store`` and ``service_tier`` are accepted
+and ignored: they ask for bookkeeping, not for different output.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from cholla.serve.context import Prepared, ServeContext, StrictModel, read_json,
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 from cholla.tokenizer.tokenizer import Tokenizer
+from cholla.tool_calling.parser import ToolCallStream
+from cholla.tool_calling.plan import ToolPlan
 
 log = logging.getLogger("cholla")
 
@@ -35,11 +39,8 @@ MAX_TOP_LOGPROBS = 20
 LOGPROB_FLOOR = -9999.0
 
 UNSUPPORTED_COMMON = {
-    "tools": "no tool calling",
-    "tool_choice": "no tool calling",
-    "functions": "no function calling",
-    "function_call": "no function calling",
-    "parallel_tool_calls": "no tool calling",
+    "functions": "the deprecated function calling; send 'tools'",
+    "function_call": "the deprecated function calling; send 'tool_choice'",
 }
 UNSUPPORTED_CHAT = {
     **UNSUPPORTED_COMMON,
@@ -48,7 +49,8 @@ UNSUPPORTED_CHAT = {
     "reasoning_effort": "no reasoning controls",
     "web_search_options": "no web search",
 }
-UNSUPPORTED_COMPLETIONS = {**UNSUPPORTED_COMMON, "suffix": "no fill-in-the-middle"}
+UNSUPPORTED_COMPLETIONS = {**UNSUPPORTED_COMMON, "suffix": "no fill-in-the-middle",
+                           "tools": "tools need /v1/chat/completions", "tool_choice": "tools need /v1/chat/completions"}
 
 
 class StreamOptions(StrictModel):
@@ -173,10 +175,49 @@ class SamplingRequest(StrictModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str
+
+
+class ToolCallEntry(StrictModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallEntry] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message answers this call
+    # What the OpenAI SDK's own assistant messages carry (``message.model_dump()``): accepted, no output changes.
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: None = None
+    function_call: None = None
+
+
+class FunctionDefinition(StrictModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -189,6 +230,9 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # vLLM's: the prompt ends inside the final message, which the model continues
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -207,7 +251,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if content is None:
             if message.role != "assistant":
                 raise APIError(400, f"messages[{i}] ({message.role}) has no content", param=f"messages.{i}.content")
-            content = ""
+            content = message.refusal or ""  # an assistant that refused said so in 'refusal'
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -217,6 +261,13 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         entry = {"role": "system" if message.role == "developer" else message.role, "content": content}
         if message.name is not None:
             entry["name"] = message.name
+        if message.tool_calls and message.role == "assistant":
+            entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.role == "tool":
+            if message.tool_call_id is None:
+                raise APIError(400, f"messages[{i}] (tool) needs the 'tool_call_id' it answers",
+                               param=f"messages.{i}.tool_call_id")
+            entry["tool_call_id"] = message.tool_call_id
         converted.append(entry)
     return converted
 
@@ -285,10 +336,34 @@ class _Shape:
     """How one endpoint turns a completion (or a piece of one) into a choice."""
 
     def __init__(self, ctx: ServeContext, chat: bool, logprobs: int | None, echo: list[str] | None = None,
-                 prompt_logprobs: int | None = None):
+                 prompt_logprobs: int | None = None, tools: ToolPlan | None = None):
         self.tokenizer, self.chat, self.logprobs, self.echo = ctx.tokenizer, chat, logprobs, echo
         self.prompt_logprobs = prompt_logprobs
         self.object = "chat.completion" if chat else "text_completion"
+        self.tools = tools if tools is not None and tools.parser is not None else None
+        self.tool_streams: dict[int, ToolCallStream] = {}
+
+    def tool_choice(self, index: int, completion: CompletionOutput, stream: bool) -> dict[str, Any]:
+        """A chat choice whose text is read for tool calls: the message, or a chunk's delta."""
+        if not stream:
+            content, calls = self.tools.parse(completion.text)
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = [call.to_openai() for call in calls]
+            choice = {"index": index, "message": message}
+        else:
+            tool_stream = self.tool_streams.setdefault(index, self.tools.stream())
+            text = self.tools.reply_text(completion.text, completion.finished)
+            content, deltas = tool_stream.feed(text, completion.finished)
+            delta: dict[str, Any] = {"content": content} if content else {}
+            if deltas:
+                delta["tool_calls"] = [d.to_openai() for d in deltas]
+            calls = tool_stream.calls
+            choice = {"index": index, "delta": delta}
+        finish = completion.finish_reason
+        choice["finish_reason"] = "tool_calls" if calls and finish == "stop" else finish
+        choice["stop_reason"] = completion.stop_reason if finish else None
+        return choice
 
     def choice(self, index: int, prompt_index: int, text: str, token_ids: list[int], logprobs: list | None,
                finish: CompletionOutput | None, sent: int | None, prompt_out: RequestOutput | None = None) -> dict[str, Any]:
@@ -351,7 +426,10 @@ async def _respond(request: Request, ctx: ServeContext, prepared: Prepared, shap
         out = final[index]
         c = out.outputs[0]
         text = (shape.echo[index // n] if shape.echo else "") + c.text
-        choices.append(shape.choice(index, index // n, text, c.token_ids, c.logprobs, c, None, prompt_out=out))
+        choice = shape.choice(index, index // n, text, c.token_ids, c.logprobs, c, None, prompt_out=out)
+        if shape.tools is not None:
+            choice.update(shape.tool_choice(index, c, stream=False))
+        choices.append(choice)
     completion_tokens = sum(len(out.outputs[0].token_ids) for out in final.values())
     response = {
         "id": prepared.request_id, "object": shape.object, "created": prepared.created, "model": model,
@@ -404,8 +482,14 @@ async def _stream(prepared: Prepared, shape: _Shape, model: str, include_usage: 
             logprobs = c.logprobs[sent_tokens[index]:] if c.logprobs is not None else None
             if not text and not c.finished and not (shape.logprobs is not None and token_ids) and prompt_out is None:
                 continue  # a token whose text is held back (a partial character, a possible stop string)
-            yield chunk([shape.choice(index, prompt_index, text, token_ids, logprobs, c if c.finished else None,
-                                      sent_chars[index], prompt_out=prompt_out)])
+            choice = shape.choice(index, prompt_index, text, token_ids, logprobs, c if c.finished else None,
+                                  sent_chars[index], prompt_out=prompt_out)
+            if shape.tools is not None:
+                choice.update(shape.tool_choice(index, c, stream=True))
+                if not choice["delta"] and not c.finished and choice["logprobs"] is None:
+                    sent_chars[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+                    continue  # text held back by the tool-call parser (a marker may be starting)
+            yield chunk([choice])
             sent_chars[index], sent_tokens[index] = len(c.text), len(c.token_ids)
         if include_usage:
             yield chunk([], usage(_prompt_tokens(prepared), sum(sent_tokens), _cached_tokens(last.values())))
@@ -433,12 +517,21 @@ async def chat_completions(request: Request) -> Response:
     if body.continue_final_message and body.add_generation_prompt:
         raise APIError(400, "'continue_final_message' continues the last message, so it needs "
                             "'add_generation_prompt': false", param="continue_final_message")
+    tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
+    tools = ctx.plan_tools([t.model_dump(exclude_none=True) for t in body.tools or []], tool_choice,
+                           body.parallel_tool_calls)
     prompt_ids = ctx.encode_chat(template_messages(body.messages), body.add_generation_prompt, body.chat_template_kwargs,
-                                 continue_final_message=body.continue_final_message)
+                                 continue_final_message=body.continue_final_message, tools=tools.tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    sampling = body.sampling_kwargs()
+    if "structured_outputs" in sampling and tools.structured_outputs is not None:
+        raise APIError(400, f"tool_choice {body.tool_choice if isinstance(body.tool_choice, str) else 'naming a function'!s} "
+                            "forces JSON calls, and the request also constrains the output; send only one of them",
+                       param="tool_choice")
     prepared = ctx.prepare(ctx.new_id("chatcmpl-"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
-                           {**body.sampling_kwargs(), "logprobs": num_top}, max_tokens)
-    shape = _Shape(ctx, True, num_top, prompt_logprobs=body.prompt_logprobs)
+                           {**sampling, "logprobs": num_top, **tools.sampling_kwargs(body.skip_special_tokens)},
+                           max_tokens)
+    shape = _Shape(ctx, True, num_top, prompt_logprobs=body.prompt_logprobs, tools=tools)
     return await _respond(request, ctx, prepared, shape, model, include_usage, body.stream)
 
 

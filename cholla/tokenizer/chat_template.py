@@ -20,6 +20,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from cholla.errors import ChatTemplateError
+from cholla.tool_calling.generic import generic_messages
 
 if TYPE_CHECKING:
     from cholla.tokenizer.tokenizer import Tokenizer
@@ -83,6 +84,29 @@ def _loops_over_content(ast: jinja2.nodes.Template) -> bool:
     return False
 
 
+def _uses_variable(ast: jinja2.nodes.Template, name: str) -> bool:
+    """Whether the template reads the variable ``name`` (``tools``: it renders tool definitions itself)."""
+    return any(node.name == name for node in ast.find_all(jinja2.nodes.Name))
+
+
+def _arguments_as_dicts(message: Message) -> Message:
+    """An assistant message whose calls carry arguments as dicts, as HF templates expect (OpenAI sends JSON text)."""
+    calls = []
+    for call in message["tool_calls"]:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ChatTemplateError(f"a tool call must be {{'function': {{'name': ..., 'arguments': ...}}}}, got {call!r}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise ChatTemplateError(f"tool call {function['name']!r} has arguments that are not JSON: "
+                                        f"{arguments[:80]!r}") from None
+        calls.append({**call, "function": {**function, "arguments": arguments}})
+    return {**message, "tool_calls": calls}
+
+
 def _text_of(content: list) -> str:
     texts = []
     for part in content:
@@ -127,6 +151,8 @@ class ChatTemplate:
             ) from None
         # Templates that never loop over content expect a string: lists of text parts get joined.
         self.accepts_content_parts = _loops_over_content(ast)
+        # Templates that never read ``tools`` get tools and tool history in the generic format.
+        self.supports_tools = not self.is_fallback and _uses_variable(ast, "tools")
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Tokenizer) -> ChatTemplate:
@@ -140,14 +166,26 @@ class ChatTemplate:
                 raise ChatTemplateError(f"a chat message must be a dict with 'role' and 'content', got {message!r}")
             # Like transformers: a None value (OpenAI's content=None) is a missing key to the template.
             message = {key: value for key, value in message.items() if value is not None}
+            if message.get("tool_calls"):
+                message = _arguments_as_dicts(message)
             if isinstance(message.get("content"), list) and not self.accepts_content_parts:
                 message["content"] = _text_of(message["content"])
             prepared.append(message)
         return prepared
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True, **extra: Any) -> str:
-        """The prompt text. ``extra`` reaches the template as variables (``tools``, ``documents``, ...)."""
-        variables = {"tools": None, "documents": None, "bos_token": self.bos_token, "eos_token": self.eos_token, **extra}
+    def render(self, messages: list[Message], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None, **extra: Any) -> str:
+        """The prompt text. ``extra`` reaches the template as variables (``documents``, ...).
+
+        ``tools`` (OpenAI tool dicts) and tool history (assistant ``tool_calls``, ``role: "tool"``)
+        go to the template as transformers passes them (arguments as dicts); a template without
+        tool support gets them in the generic format (``cholla.tool_calling.generic``).
+        """
+        tools = tools or None
+        if not self.supports_tools and (tools or any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool")
+                                                     for m in messages)):
+            messages, tools = generic_messages(messages, tools), None
+        variables = {"documents": None, "bos_token": self.bos_token, "eos_token": self.eos_token, **extra, "tools": tools}
         try:
             return self._template.render(
                 messages=self._prepare(messages), add_generation_prompt=add_generation_prompt, **variables
