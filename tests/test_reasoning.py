@@ -120,7 +120,7 @@ def test_choose_parser_from_the_template():
 # -- a tiny Qwen 3 that thinks, served ----------------------------------------------------------------
 
 FIXTURES = Path(__file__).parent / "fixtures"
-QWEN3_TEMPLATE = (FIXTURES / "qwen3_chat_template.jinja").read_text()
+QWEN3_TEMPLATE = (FIXTURES / "tool_templates" / "qwen3.jinja").read_text()  # Qwen/Qwen3-0.6B's own
 # DeepSeek-R1's way: the generation prompt itself opens the reasoning.
 OPENED_TEMPLATE = QWEN3_TEMPLATE.replace("{{- '<|im_start|>assistant\\n' }}\n    {%- if enable_thinking",
                                          "{{- '<|im_start|>assistant\\n<think>' }}\n    {%- if enable_thinking")

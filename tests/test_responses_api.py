@@ -6,6 +6,7 @@ response is a chat completion in another shape, and must add nothing and lose no
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -17,6 +18,10 @@ from cholla.serve.responses_api import ResponseStore, StoredResponse
 from tests.test_serve import MODEL, _wait_idle, client, live  # noqa: F401  (module fixtures)
 
 QUESTION = "Tell me about deserts."
+WEATHER = {"type": "function", "name": "get_weather", "description": "The current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"],
+                          "additionalProperties": False}}
+FORCED = {"type": "function", "name": "get_weather"}
 
 
 def _chat(client, messages: list[dict], max_tokens: int) -> str:
@@ -99,15 +104,19 @@ def test_errors_are_typed(live, client):
     cases = [
         (dict(input="Hi", extra_body={"frobnicate": 1}), "frobnicate"),
         (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]), "input_image"),
-        (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "1"}]), "function_call_output"),
+        (dict(input=[{"type": "function_call", "name": "f", "arguments": "{}"}]), "call_id"),
+        (dict(input="Hi", tools=[{"type": "web_search"}]), "tools"),
+        (dict(input="Hi", tools=[WEATHER], tool_choice={"type": "function", "name": "get_time"}), "get_time"),
+        (dict(input="Hi", tools=[WEATHER], tool_choice="required", text={"format": {"type": "json_object"}}),
+         "text.format"),
+        (dict(input="Hi", text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}),
+         "text.format.schema.*nonsense"),
+        (dict(input="Hi", text={"format": {"type": "json_schema", "name": "x"}}), "schema"),
         (dict(input="Hi", conversation="conv_1"), "conversation"),
         (dict(input="Hi", background=True), "background"),
         (dict(input="Hi", temperature=-1), "temperature"),
         (dict(input="word " * 600), "context length"),
         (dict(input=[]), "input"),
-        (dict(input="Hi", text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}),
-         "text.format.schema.*nonsense"),
-        (dict(input="Hi", text={"format": {"type": "json_schema", "name": "x"}}), "schema"),
     ]
     for kwargs, needle in cases:
         with pytest.raises(openai.BadRequestError, match=needle):
@@ -129,6 +138,55 @@ def test_store_keeps_the_most_recently_used():
     assert error.value.status == 404
 
 
+def test_function_tools_streamed_and_not(client):
+    """A forced call: a function_call item whose arguments fit the schema; the stream's deltas rebuild the same call."""
+    ask = dict(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER], tool_choice=FORCED, temperature=0,
+               max_output_tokens=48)
+    response = client.responses.create(**ask)
+    assert [item.type for item in response.output] == ["function_call"] and response.status == "completed"
+    call = response.output[0]
+    assert call.name == "get_weather" and call.call_id.startswith("call_") and call.id.startswith("fc_")
+    assert isinstance(json.loads(call.arguments)["city"], str)
+    assert response.tools[0].name == "get_weather" and response.tool_choice.name == "get_weather"
+
+    events = list(client.responses.create(stream=True, **ask))
+    types = [e.type for e in events]
+    assert types[2] == "response.output_item.added" and events[2].item.type == "function_call"
+    assert types[-3:] == ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert deltas == events[-3].arguments == call.arguments
+    assert events[-1].response.output[0].name == "get_weather"
+
+
+def test_function_call_round_trip_equals_the_chat_route(client):
+    """Call, result, answer: the items render as the chat route's tool messages and give the same greedy answer."""
+    question = "What is the weather in Paris?"
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    result = {"type": "function_call_output", "call_id": "call_1", "output": "18 C and sunny"}
+    response = client.responses.create(model=MODEL, input=[{"role": "user", "content": question}, call, result],
+                                       tools=[WEATHER], temperature=0, max_output_tokens=8)
+    chat_tool = {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
+    chat = client.chat.completions.create(model=MODEL, tools=[chat_tool], temperature=0, max_tokens=8, messages=[
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"}])
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+
+    # Chained through the store: the call and its output come back as the same conversation.
+    first = client.responses.create(model=MODEL, input=question, tools=[WEATHER], tool_choice=FORCED, temperature=0,
+                                    max_output_tokens=48)
+    made = first.output[0]
+    chained = client.responses.create(model=MODEL, previous_response_id=first.id, tools=[WEATHER], temperature=0,
+                                      max_output_tokens=8, input=[{"type": "function_call_output", "call_id": made.call_id,
+                                                                   "output": "18 C and sunny"}])
+    replayed = client.responses.create(model=MODEL, tools=[WEATHER], temperature=0, max_output_tokens=8, input=[
+        {"role": "user", "content": question}, made.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": made.call_id, "output": "18 C and sunny"}])
+    assert chained.output_text == replayed.output_text
+
+
 def test_text_format_json_schema(client):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
               "additionalProperties": False}
@@ -142,6 +200,39 @@ def test_text_format_json_schema(client):
     anything = client.responses.create(model=MODEL, input="A JSON object, please.", temperature=0, max_output_tokens=40,
                                        text={"format": {"type": "json_object"}})
     assert anything.status != "completed" or isinstance(json.loads(anything.output_text), dict)
+
+
+def test_openai_agents_runs_a_function_tool(live):
+    """openai-agents on its default model (OpenAIResponsesModel): the tool is called, its result read, a final answer."""
+    import agents  # openai-agents (test extras)
+
+    agents.set_tracing_disabled(True)
+    calls = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        calls.append(city)
+        return f"18 C and sunny in {city}"
+
+    async def run() -> tuple[str, str]:
+        async_client = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        # SmolLM2-135M seldom calls a tool on its own: the first turn names it (agents resets it to auto afterwards).
+        settings = agents.ModelSettings(temperature=0, max_tokens=128, tool_choice="get_weather")
+        agent = agents.Agent(name="weather", instructions="Answer in one sentence.", tools=[get_weather],
+                             model=agents.OpenAIResponsesModel(MODEL, async_client), model_settings=settings)
+        try:
+            result = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=3)
+            streamed = agents.Runner.run_streamed(agent, "What is the weather in Paris?", max_turns=3)
+            async for _ in streamed.stream_events():
+                pass
+            return result.final_output, streamed.final_output
+        finally:
+            await async_client.close()
+
+    final, streamed_final = asyncio.run(run())
+    assert len(calls) == 2 and all(isinstance(city, str) and city for city in calls)
+    assert isinstance(final, str) and final and streamed_final == final
 
 
 def test_stream_hang_up_aborts(live):

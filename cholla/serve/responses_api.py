@@ -2,12 +2,14 @@
 
 What the OpenAI SDK (``client.responses.create``), openai-agents' default model and
 LangChain's ``use_responses_api=True`` send. ``instructions`` and ``input`` (a string,
-or items: messages with text parts, ``reasoning`` items) become a chat conversation
-rendered by the model's own template, as on ``/v1/chat/completions``; the reply is
-a list of output items (a ``reasoning`` item when a reasoning parser is in force,
-then a ``message``), streamed as OpenAI's typed events, each with its
-``sequence_number``. ``text.format`` ``json_schema`` / ``json_object`` constrain
-the answer with the grammar engine.
+or items: messages with text parts, ``reasoning``, ``function_call`` and
+``function_call_output`` items) become a chat conversation (assistant tool calls,
+tool messages) rendered by the model's own template with the function ``tools``,
+as on ``/v1/chat/completions`` (``cholla.tool_calling``); the reply is a list of
+output items (a ``reasoning`` item when a reasoning parser is in force, a
+``message``, a ``function_call`` per call), streamed as OpenAI's typed events,
+each with its ``sequence_number``. ``text.format`` ``json_schema`` /
+``json_object`` constrain the answer with the grammar engine.
 
 ``store`` (default true) keeps each response, with the conversation that led to it,
 in a bounded in-memory store (the ``max_stored_responses`` most recently used;
@@ -36,6 +38,8 @@ from cholla.sampling.params import StructuredOutputsParams
 from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
+from cholla.tool_calling.call import ToolCall
+from cholla.tool_calling.plan import ToolPlan
 
 log = logging.getLogger("cholla")
 
@@ -47,7 +51,6 @@ UNSUPPORTED = {
     "context_management": "no context management",
     "top_logprobs": "no logprobs on the Responses API; use /v1/chat/completions",
     "max_tool_calls": "no limit on tool calls",
-    "tools": "no function tools on the Responses API yet",
 }
 
 
@@ -62,6 +65,19 @@ class TextFormat(StrictModel):
 class TextConfig(StrictModel):
     format: TextFormat | None = None
     verbosity: Literal["low", "medium", "high"] | None = None  # a hint for OpenAI's models; no effect here
+
+
+class FunctionTool(StrictModel):
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunction(StrictModel):
+    type: Literal["function"]
+    name: str
 
 
 class ReasoningConfig(StrictModel):
@@ -85,7 +101,8 @@ class ResponsesRequest(StrictModel):
     max_output_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    tool_choice: Literal["none", "auto"] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
@@ -185,23 +202,45 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif kind == "reasoning":
             parts = [*(item.get("content") or []), *(item.get("summary") or [])]
             reasoning = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
-        elif kind in ("function_call", "function_call_output"):
-            raise APIError(400, f"{where} is a {kind!r} item; function tools are not supported on the Responses API "
-                                "yet", param=where)
+        elif kind == "function_call":
+            call = _function_call(item, where)
+            previous = messages[-1] if messages else None
+            if previous is not None and previous["role"] == "assistant" and reasoning is None:
+                previous.setdefault("tool_calls", []).append(call)  # parallel calls join one assistant turn
+            else:
+                message = {"role": "assistant", "content": "", "tool_calls": [call]}
+                if reasoning is not None:
+                    message["reasoning_content"], reasoning = reasoning, None
+                messages.append(message)
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise APIError(400, f"{where} (function_call_output) needs the 'call_id' it answers", param=where)
+            output = item.get("output", "")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": _text_parts(output, f"{where}.output")})
         else:
-            raise APIError(400, f"{where} is of type {kind!r}; cholla takes message and reasoning items "
-                                "(and text parts only)", param=where)
+            raise APIError(400, f"{where} is of type {kind!r}; cholla takes message, reasoning, function_call and "
+                                "function_call_output items (and text parts only)", param=where)
     return messages
 
 
+def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """A ``function_call`` item as a chat template's tool call."""
+    if not all(isinstance(item.get(key), str) for key in ("call_id", "name", "arguments")):
+        raise APIError(400, f"{where} (function_call) needs 'call_id', 'name' and 'arguments' (JSON text)", param=where)
+    return {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+
+
 def output_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A response's output items as the chat messages that continue its conversation."""
+    """A response's output items as the chat message that continues its conversation."""
     message: dict[str, Any] = {"role": "assistant", "content": ""}
     for item in output:
         if item["type"] == "reasoning":
             message["reasoning_content"] = "".join(part["text"] for part in item["content"])
         elif item["type"] == "message":
             message["content"] += "".join(part["text"] for part in item["content"])
+        elif item["type"] == "function_call":
+            message.setdefault("tool_calls", []).append(_function_call(item, "output"))
     return [message]
 
 
@@ -218,6 +257,7 @@ class _Turn:
     prepared: Prepared
     conversation: list[dict[str, Any]]
     reasoning: Reasoning | None
+    tools: ToolPlan
     output: list[dict[str, Any]] = field(default_factory=list)
     cached_tokens: int = 0
 
@@ -241,7 +281,8 @@ class _Turn:
             "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
             "store": body.store, "temperature": params.temperature, "top_p": params.top_p,
-            "text": {"format": text_format}, "tool_choice": body.tool_choice or "auto", "tools": [],
+            "text": {"format": text_format}, "tool_choice": _tool_choice(body),
+            "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or []],
             "truncation": body.truncation or "disabled", "user": body.user, "metadata": body.metadata or {},
             "usage": self.usage(completion) if completion is not None and finished else None,
         }
@@ -255,6 +296,15 @@ class _Turn:
         return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
                 "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": min(reasoning_tokens, output_tokens)},
                 "total_tokens": prompt_tokens + output_tokens}
+
+    def add_answer(self, text: str, status: str) -> None:
+        """The non-streamed answer (the text after any reasoning): a message, then a function_call item per call."""
+        calls: list[ToolCall] = []
+        if self.tools.parser is not None:
+            text, calls = self.tools.parse(text)
+        if text or not calls:
+            self.output.append(_message_item(self.ctx.new_id("msg_"), text or "", status))
+        self.output.extend(_function_call_item(self.ctx.new_id("fc_"), call, call.arguments) for call in calls)
 
     def finish(self, completion: CompletionOutput, store: ResponseStore) -> dict[str, Any]:
         """The final response object; stored when the request asked for it."""
@@ -274,6 +324,16 @@ def _message_item(item_id: str, text: str, status: str = "completed") -> dict[st
     return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
 
 
+def _function_call_item(item_id: str, call: ToolCall, arguments: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "call_id": call.id, "name": call.name, "arguments": arguments,
+            "status": status}
+
+
+def _tool_choice(body: ResponsesRequest) -> str | dict[str, Any]:
+    choice = body.tool_choice or "auto"
+    return choice if isinstance(choice, str) else choice.model_dump()
+
+
 def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -285,16 +345,29 @@ def _store(request: Request) -> ResponseStore:
     return request.app.state.responses
 
 
-def _sampling_kwargs(body: ResponsesRequest) -> dict[str, Any]:
+def _sampling_kwargs(body: ResponsesRequest, tools: ToolPlan) -> dict[str, Any]:
     kwargs = {"temperature": body.temperature, "top_p": body.top_p}
-    kwargs = {name: value for name, value in kwargs.items() if value is not None}
+    kwargs = {**{name: value for name, value in kwargs.items() if value is not None}, **tools.sampling_kwargs()}
     text_format = body.text.format if body.text else None
     if text_format is not None and text_format.type != "text":
+        if "structured_outputs" in kwargs:
+            raise APIError(400, "text.format cannot be combined with tool_choice 'required' or a named function "
+                                "(both constrain the reply); drop one of them", param="text.format")
         if text_format.type == "json_schema" and text_format.json_schema is None:
             raise APIError(400, "text.format of type 'json_schema' needs its 'schema'", param="text.format.schema")
         kwargs["structured_outputs"] = StructuredOutputsParams(json=text_format.json_schema) \
             if text_format.type == "json_schema" else StructuredOutputsParams(json_object=True)
     return kwargs
+
+
+def _plan_tools(ctx: ServeContext, body: ResponsesRequest) -> ToolPlan:
+    """The Responses API's flat function tools and tool_choice as the chat API's, for ``cholla.tool_calling.plan``."""
+    tools = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
+             for tool in body.tools or []]
+    choice = body.tool_choice
+    if isinstance(choice, NamedFunction):
+        choice = {"type": "function", "function": {"name": choice.name}}
+    return ctx.plan_tools(tools, choice, body.parallel_tool_calls)
 
 
 @router.post("/v1/responses")
@@ -319,19 +392,20 @@ async def create_response(request: Request) -> Response:
         raise APIError(400, "'input' is empty and there is no previous_response_id to continue", param="input")
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     effort = body.reasoning.effort if body.reasoning else None
-    prompt_ids = ctx.encode_chat(system + conversation, template_kwargs=effort_template_kwargs(effort))
+    tools = _plan_tools(ctx, body)
+    prompt_ids = ctx.encode_chat(system + conversation, template_kwargs=effort_template_kwargs(effort), tools=tools.tools)
     reasoning = ctx.reasoning_for(prompt_ids)
-    kwargs = _sampling_kwargs(body)
+    kwargs = _sampling_kwargs(body, tools)
     try:
         prepared = ctx.prepare(ctx.new_id("resp_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
                                reasoning.sampling_kwargs(kwargs) if reasoning else kwargs, body.max_output_tokens,
                                prompt_param="input")
     except APIError as e:  # name the schema as this API spells it
         prefix = "structured_outputs.json"
-        if not e.message.startswith(prefix):
+        if not e.message.startswith(prefix) or tools.structured_outputs is not None:
             raise
         raise APIError(400, "text.format.schema" + e.message[len(prefix):], param="text.format.schema") from None
-    turn = _Turn(ctx, body, model, prepared, conversation, reasoning)
+    turn = _Turn(ctx, body, model, prepared, conversation, reasoning, tools)
     outputs = merge(prepared.streams(ctx.engine()))
     if body.stream:
         return SSEResponse(_events(turn, store, outputs), on_close=prepared.admission.release)
@@ -347,8 +421,8 @@ async def create_response(request: Request) -> Response:
     split = reasoning.split(completion.text) if reasoning else None
     if split is not None and split.reasoning is not None:
         turn.output.append(_reasoning_item(ctx.new_id("rs_"), split.reasoning))
-    status = "incomplete" if completion.finish_reason == "length" else "completed"
-    turn.output.append(_message_item(ctx.new_id("msg_"), split.content if split else completion.text, status))
+    turn.add_answer(split.content if split else completion.text,
+                    "incomplete" if completion.finish_reason == "length" else "completed")
     return JSONResponse(turn.finish(completion, store))
 
 
@@ -356,55 +430,65 @@ async def _events(turn: _Turn, store: ResponseStore, outputs: AsyncIterator[tupl
     """The typed event stream: created, in_progress, each output item's added / deltas / done, then completed."""
     numbers = itertools.count()
     ctx = turn.ctx
+    # The item being written: its kind ("reasoning", "message" or "function_call"), id, text so far and call.
+    current: dict[str, Any] = {}
 
     def event(kind: str, **fields: Any) -> str:
         return sse({"type": kind, "sequence_number": next(numbers), **fields}, event=kind)
 
-    # The open item: ("reasoning" | "message", its id, its text so far).
-    open_item: list[Any] = []
-
     def close(status: str = "completed") -> list[str]:
-        if not open_item:
+        if not current:
             return []
-        kind, item_id, text = open_item
+        kind, item_id, text, call = current["kind"], current["id"], current["text"], current["call"]
         index = len(turn.output)
-        open_item.clear()
-        if kind == "reasoning":
-            item, part = _reasoning_item(item_id, text, status), {"type": "reasoning_text", "text": text}
-            done = event("response.reasoning_text.done", item_id=item_id, output_index=index, content_index=0, text=text)
+        where = {"item_id": item_id, "output_index": index}
+        current.clear()
+        if kind == "function_call":
+            item = _function_call_item(item_id, call, text)
+            events = [event("response.function_call_arguments.done", **where, name=call.name, arguments=text)]
+        elif kind == "reasoning":
+            item = _reasoning_item(item_id, text, status)
+            events = [event("response.reasoning_text.done", **where, content_index=0, text=text),
+                      event("response.content_part.done", **where, content_index=0, part=item["content"][0])]
         else:
-            item, part = _message_item(item_id, text, status), _text_part(text)
-            done = event("response.output_text.done", item_id=item_id, output_index=index, content_index=0, text=text,
-                         logprobs=[])
+            item = _message_item(item_id, text, status)
+            events = [event("response.output_text.done", **where, content_index=0, text=text, logprobs=[]),
+                      event("response.content_part.done", **where, content_index=0, part=item["content"][0])]
         turn.output.append(item)
-        return [done, event("response.content_part.done", item_id=item_id, output_index=index, content_index=0, part=part),
-                event("response.output_item.done", output_index=index, item=item)]
+        return [*events, event("response.output_item.done", output_index=index, item=item)]
 
-    def add(kind: str, delta: str) -> list[str]:
-        events = []
-        if open_item and open_item[0] != kind:
-            events += close()
+    def open_item(kind: str, call: ToolCall | None = None) -> list[str]:
+        events = close()
         index = len(turn.output)
-        if not open_item:
-            item_id = ctx.new_id("rs_" if kind == "reasoning" else "msg_")
-            open_item.extend([kind, item_id, ""])
-            if kind == "reasoning":
-                item, part = _reasoning_item(item_id, "", "in_progress"), {"type": "reasoning_text", "text": ""}
-            else:
-                item, part = _message_item(item_id, "", "in_progress"), _text_part("")
-            events += [event("response.output_item.added", output_index=index, item=item),
-                       event("response.content_part.added", item_id=item_id, output_index=index, content_index=0,
-                             part=part)]
+        item_id = ctx.new_id({"reasoning": "rs_", "message": "msg_", "function_call": "fc_"}[kind])
+        current.update(kind=kind, id=item_id, text="", call=call)
+        if kind == "function_call":
+            return [*events, event("response.output_item.added", output_index=index,
+                                   item=_function_call_item(item_id, call, "", "in_progress"))]
+        if kind == "reasoning":
+            item, part = _reasoning_item(item_id, "", "in_progress"), {"type": "reasoning_text", "text": ""}
+        else:
+            item, part = _message_item(item_id, "", "in_progress"), _text_part("")
+        return [*events, event("response.output_item.added", output_index=index, item=item),
+                event("response.content_part.added", item_id=item_id, output_index=index, content_index=0, part=part)]
+
+    def add(kind: str, delta: str, call: ToolCall | None = None) -> list[str]:
+        """``delta`` appended to the current item, opening one of ``kind`` first (always, for a new call)."""
+        events = open_item(kind, call) if current.get("kind") != kind or call is not None else []
         if delta:
-            open_item[2] += delta
-            kind_name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-            extra = {} if kind == "reasoning" else {"logprobs": []}
-            events.append(event(kind_name, item_id=open_item[1], output_index=index, content_index=0, delta=delta,
-                                **extra))
+            current["text"] += delta
+            where = {"item_id": current["id"], "output_index": len(turn.output), "delta": delta}
+            if kind == "function_call":
+                events.append(event("response.function_call_arguments.delta", **where))
+            elif kind == "reasoning":
+                events.append(event("response.reasoning_text.delta", **where, content_index=0))
+            else:
+                events.append(event("response.output_text.delta", **where, content_index=0, logprobs=[]))
         return events
 
     reasoning_stream = turn.reasoning.stream() if turn.reasoning else None
-    sent = 0
+    tool_stream = turn.tools.stream() if turn.tools.parser is not None else None
+    sent, answer = 0, ""  # answer: the text after the reasoning, so far
     completion = None
     try:
         yield event("response.created", response=turn.response("in_progress"))
@@ -414,20 +498,27 @@ async def _events(turn: _Turn, store: ResponseStore, outputs: AsyncIterator[tupl
             piece, sent = completion.text[sent:], len(completion.text)
             if out.metrics is not None:
                 turn.cached_tokens = out.metrics.num_cached_prompt_tokens
-            if reasoning_stream is None:
-                parts = [(None, piece)]
-            else:
-                splits = [reasoning_stream.feed(piece), *([reasoning_stream.finish()] if completion.finished else [])]
-                parts = [(s.reasoning, s.content) for s in splits]
-            for reasoning_piece, content_piece in parts:
-                for chunk in (add("reasoning", reasoning_piece) if reasoning_piece else []):
-                    yield chunk
-                for chunk in (add("message", content_piece) if content_piece else []):
-                    yield chunk
-        if not any(item["type"] == "message" for item in turn.output) and (not open_item or open_item[0] != "message"):
-            for chunk in add("message", ""):
+            events = []
+            if reasoning_stream is not None:
+                parts = [reasoning_stream.feed(piece), *([reasoning_stream.finish()] if completion.finished else [])]
+                thought = "".join(p.reasoning or "" for p in parts)
+                events += add("reasoning", thought) if thought else []
+                piece = "".join(p.content for p in parts)
+            if tool_stream is not None:
+                answer += piece
+                text, deltas = tool_stream.feed(turn.tools.reply_text(answer, completion.finished), completion.finished)
+                events += add("message", text) if text else []
+                for delta in deltas:
+                    call = ToolCall(delta.id, delta.name, "") if delta.id is not None else None
+                    events += add("function_call", delta.arguments, call)
+            elif piece:
+                events += add("message", piece)
+            for chunk in events:
                 yield chunk
-        for chunk in close("incomplete" if completion.finish_reason == "length" else "completed"):
+        answered = current.get("kind") in ("message", "function_call") or \
+            any(item["type"] in ("message", "function_call") for item in turn.output)
+        status = "incomplete" if completion.finish_reason == "length" else "completed"
+        for chunk in [*(add("message", "") if not answered else []), *close(status)]:
             yield chunk
         response = turn.finish(completion, store)
         kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
