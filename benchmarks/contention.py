@@ -137,7 +137,8 @@ def main() -> None:
             busy = start_busy(busy_count)
             try:
                 loads = os.getloadavg()[0]
-                runs = {"cholla": cholla(str(model_path), threads, args), "cholla default": cholla(str(model_path), None, args),
+                runs = {"cholla": cholla(str(model_path), threads, args),
+                        "cholla default": cholla(str(model_path), None, args),
                         "llama.cpp": llama_cpp(model_path, threads, args)}
             finally:
                 stop_busy(busy)
@@ -145,7 +146,8 @@ def main() -> None:
 
     programs = ("cholla", "cholla default", "llama.cpp")
     print(f"\n{platform.node()}, {os.cpu_count()} CPUs, {threads} threads for the fixed runs, "
-          f"pp{args.n_prompt} / tg{args.n_gen}, {args.repetitions} repetitions, {datetime.datetime.now():%Y-%m-%d %H:%M}\n")
+          f"pp{args.n_prompt} / tg{args.n_gen}, {args.repetitions} repetitions, "
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}\n")
     print("| model | busy loops | load (1 min) | program | threads | pp t/s | tg t/s | tg share of quiet |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     quiet = {(row["model"], name): row[name]["tg"] for row in rows if row["busy"] == 0 for name in programs}

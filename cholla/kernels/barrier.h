@@ -81,7 +81,8 @@ class Barrier {
     // FUTEX_WAIT returns at once when the word no longer holds `generation`,
     // so a release between the check and the call is never missed.
     while (!passed(generation))
-      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation_), FUTEX_WAIT_PRIVATE, generation, nullptr, nullptr, 0);
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation_), FUTEX_WAIT_PRIVATE, generation, nullptr,
+              nullptr, 0);
     sleepers_.fetch_sub(1, std::memory_order_relaxed);
   }
 
