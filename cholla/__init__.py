@@ -15,7 +15,7 @@ import os
 # threads need, our own included (docs/benchmarks.md, contention). libgomp
 # reads it once, as it loads with torch: so here, before anything of ours
 # imports torch, unless the user chose a policy (OMP_WAIT_POLICY or
-# GOMP_SPINCOUNT; README.md, Threads).
+# GOMP_SPINCOUNT; README.md, speed options).
 GOMP_SPINCOUNT = "1000"
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
