@@ -219,6 +219,11 @@ def test_openai_chat_reasoning_content(thinking_server):
     off = client.chat.completions.create(model="qwen3-tiny", messages=QUESTION, temperature=0,
                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert (off.choices[0].message.content, off.choices[0].message.reasoning_content) == ("Paris", None)
+    # A constrained reply is not read for reasoning: the grammar covers all of it.
+    constrained = client.chat.completions.create(model="qwen3-tiny", messages=QUESTION, temperature=0, max_tokens=4,
+                                                 response_format={"type": "json_object"})
+    assert getattr(constrained.choices[0].message, "reasoning_content", None) is None
+    assert constrained.choices[0].message.content.startswith("{")
     effort = client.chat.completions.create(model="qwen3-tiny", messages=QUESTION, temperature=0, reasoning_effort="none")
     assert (effort.choices[0].message.content, effort.choices[0].message.reasoning_content) == ("Paris", None)
 

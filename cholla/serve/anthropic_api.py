@@ -242,9 +242,9 @@ async def messages(request: Request) -> Response:
     tools = plan_tools(ctx, body.tools, body.tool_choice)
     budget = _thinking_budget(body.thinking, body.max_tokens)
     prompt_ids = encode(ctx, body.system, body.messages, tools.tools, body.thinking)
-    reasoning = ctx.reasoning_for(prompt_ids)
     kwargs = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "stop": body.stop_sequences}
     kwargs = {**{k: v for k, v in kwargs.items() if v is not None}, **tools.sampling_kwargs()}
+    reasoning = ctx.reasoning_for(prompt_ids, kwargs)
     prepared = ctx.prepare(ctx.new_id("msg_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
                            reasoning.sampling_kwargs(kwargs) if reasoning else kwargs, body.max_tokens)
     if reasoning is not None and budget is not None:

@@ -162,10 +162,14 @@ class ServeContext:
             self._reasoning_parser = (parser,)
         return self._reasoning_parser[0]
 
-    def reasoning_for(self, prompt_ids: list[int]) -> Reasoning | None:
-        """How to read a chat completion of this prompt, when a reasoning parser is in force."""
+    def reasoning_for(self, prompt_ids: list[int], sampling_kwargs: dict[str, Any]) -> Reasoning | None:
+        """How to read a chat completion of this prompt, when a reasoning parser is in force.
+
+        None for a constrained reply (structured output, forced tool calls): the grammar
+        covers the whole reply, which has no room for reasoning.
+        """
         parser = self.reasoning_parser
-        if parser is None:
+        if parser is None or sampling_kwargs.get("structured_outputs") is not None:
             return None
         tail = self.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)
         # Markers that are special tokens must stay in the text (GPT-OSS's <|channel|>, ...).

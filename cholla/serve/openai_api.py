@@ -560,8 +560,8 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(400, f"tool_choice {body.tool_choice if isinstance(body.tool_choice, str) else 'naming a function'!s} "
                             "forces JSON calls, and the request also constrains the output; send only one of them",
                        param="tool_choice")
-    reasoning = ctx.reasoning_for(prompt_ids) if body.add_generation_prompt else None
     kwargs = {**sampling, "logprobs": num_top, **tools.sampling_kwargs(body.skip_special_tokens)}
+    reasoning = ctx.reasoning_for(prompt_ids, kwargs) if body.add_generation_prompt else None
     prepared = ctx.prepare(ctx.new_id("chatcmpl-"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
                            reasoning.sampling_kwargs(kwargs) if reasoning else kwargs, max_tokens)
     shape = _Shape(ctx, True, num_top, prompt_logprobs=body.prompt_logprobs, tools=tools, reasoning=reasoning)

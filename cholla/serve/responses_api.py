@@ -394,8 +394,8 @@ async def create_response(request: Request) -> Response:
     effort = body.reasoning.effort if body.reasoning else None
     tools = _plan_tools(ctx, body)
     prompt_ids = ctx.encode_chat(system + conversation, template_kwargs=effort_template_kwargs(effort), tools=tools.tools)
-    reasoning = ctx.reasoning_for(prompt_ids)
     kwargs = _sampling_kwargs(body, tools)
+    reasoning = ctx.reasoning_for(prompt_ids, kwargs)
     try:
         prepared = ctx.prepare(ctx.new_id("resp_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
                                reasoning.sampling_kwargs(kwargs) if reasoning else kwargs, body.max_output_tokens,
