@@ -242,6 +242,37 @@ async def messages(request: Request) -> Response:
     })
 
 
+class _Blocks:
+    """The content blocks of a streamed reply, opened and closed as text and tool calls come."""
+
+    def __init__(self):
+        self.index, self.kind = -1, None  # the open block
+
+    def _open(self, kind: str, block: dict[str, Any]) -> list[str]:
+        events = self.close()
+        self.index, self.kind = self.index + 1, kind
+        return events + [sse({"type": "content_block_start", "index": self.index, "content_block": block},
+                             event="content_block_start")]
+
+    def close(self) -> list[str]:
+        if self.kind is None:
+            return []
+        self.kind = None
+        return [sse({"type": "content_block_stop", "index": self.index}, event="content_block_stop")]
+
+    def text(self, text: str) -> list[str]:
+        events = [] if self.kind == "text" else self._open("text", {"type": "text", "text": ""})
+        return events + [sse({"type": "content_block_delta", "index": self.index,
+                              "delta": {"type": "text_delta", "text": text}}, event="content_block_delta")]
+
+    def tool_use(self, call_id: str, name: str) -> list[str]:
+        return self._open("tool_use", {"type": "tool_use", "id": call_id, "name": name, "input": {}})
+
+    def input_json(self, partial: str) -> list[str]:
+        return [sse({"type": "content_block_delta", "index": self.index,
+                     "delta": {"type": "input_json_delta", "partial_json": partial}}, event="content_block_delta")]
+
+
 async def _events(ctx: ServeContext, prepared: Prepared, model: str,
                   outputs: AsyncIterator[tuple[int, RequestOutput]], tools: ToolPlan) -> AsyncIterator[str]:
     """Anthropic's event sequence: message_start, each block's start/deltas/stop, message_delta, message_stop.
