@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
-from cholla.serve.context import Prepared, ServeContext, StrictModel, read_json, validate
+from cholla.serve.context import Prepared, ServeContext, StrictModel, off_loop, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 
@@ -104,7 +104,7 @@ async def messages(request: Request) -> Response:
     ctx.engine()
     body = validate(MessagesRequest, await read_json(request), UNSUPPORTED)
     model = ctx.check_model(body.model)
-    prompt_ids = ctx.encode_chat(template_messages(body.system, body.messages))
+    prompt_ids = await off_loop(ctx.encode_chat, template_messages(body.system, body.messages))
     kwargs = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "stop": body.stop_sequences}
     prepared = ctx.prepare(ctx.new_id("msg_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
                            {k: v for k, v in kwargs.items() if v is not None}, body.max_tokens)
@@ -165,4 +165,4 @@ async def count_tokens(request: Request) -> Response:
     ctx.engine()
     body = validate(CountTokensRequest, await read_json(request), UNSUPPORTED)
     ctx.check_model(body.model)
-    return JSONResponse({"input_tokens": len(ctx.encode_chat(template_messages(body.system, body.messages)))})
+    return JSONResponse({"input_tokens": len(await off_loop(ctx.encode_chat, template_messages(body.system, body.messages)))})

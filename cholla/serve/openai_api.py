@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
-from cholla.serve.context import Prepared, ServeContext, StrictModel, read_json, validate
+from cholla.serve.context import Prepared, ServeContext, StrictModel, off_loop, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 from cholla.tokenizer.tokenizer import Tokenizer
@@ -302,7 +302,7 @@ async def chat_completions(request: Request) -> Response:
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
         raise APIError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
     num_top = (body.top_logprobs or 0) if body.logprobs else None
-    prompt_ids = ctx.encode_chat(template_messages(body.messages), body.add_generation_prompt, body.chat_template_kwargs)
+    prompt_ids = await off_loop(ctx.encode_chat, template_messages(body.messages), body.add_generation_prompt, body.chat_template_kwargs)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     prepared = ctx.prepare(ctx.new_id("chatcmpl-"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
                            {**body.sampling_kwargs(), "logprobs": num_top}, max_tokens)
@@ -323,7 +323,7 @@ async def completions(request: Request) -> Response:
         raise APIError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo with logprobs needs prompt logprobs, which cholla does not compute yet", param="echo")
-    prompts = _completion_prompts(ctx.tokenizer, body.prompt)
+    prompts = await off_loop(_completion_prompts, ctx.tokenizer, body.prompt)
     prepared = ctx.prepare(ctx.new_id("cmpl-"), prompts, {**body.sampling_kwargs(), "logprobs": body.logprobs},
                            body.max_tokens, prompt_param="prompt")
     echo = [p["prompt"] for p in prompts] if body.echo else None
