@@ -112,7 +112,7 @@ def check_raw_gguf(metadata: Mapping[str, Any], path: str) -> None:
         ok = _is_number(value) if field in _FLOAT_FIELDS else _is_int(value)
         if not ok:
             raise ModelFormatError(f"{path}: {key} = {str(value)[:60]!r} is not a finite number; the file is corrupt")
-        lowest = 1 if field in ("hidden_size", "num_heads") else 0  # divided by before the config exists
+        lowest = 0 if field == "sliding_window" else 1  # some are divided by before the config exists
         if field in _MOST and not lowest <= value <= _MOST[field]:
             raise ModelFormatError(f"{path}: {key} = {value} must be a whole number in [{lowest}, {_MOST[field]}]; "
                                    "the file is corrupt")
@@ -133,7 +133,7 @@ def check_raw_hf(config: Mapping[str, Any], path: str) -> None:
             continue
         if not (_is_number(value) if field in _FLOAT_FIELDS else _is_int(value)):
             raise ModelFormatError(f"{path}: config.json's {key} = {str(value)[:60]!r} is not a finite number")
-        lowest = 1 if field in ("hidden_size", "num_heads") else 0
+        lowest = 0 if field == "sliding_window" else 1
         if field in _MOST and not lowest <= value <= _MOST[field]:
             raise ModelFormatError(f"{path}: config.json's {key} = {value} must be a whole number in [{lowest}, {_MOST[field]}]")
     for key in ("rope_parameters", "rope_scaling"):
