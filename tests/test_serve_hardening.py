@@ -146,6 +146,9 @@ def test_body_size_is_413_before_parsing(live):
     chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * (limit // len(piece) + 2) + [b"0\r\n\r\n"]
     reply = _raw_request(live, head, chunks)
     assert reply.startswith(b"HTTP/1.1 413") and b"request_too_large" in reply
+    for declared in (b"1" + b"0" * 5000, b"\xb2", b"-1"):  # absurd lengths: a 4xx from uvicorn or from us
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n"
+        assert _raw_request(live, head % declared, [b"{}"]).startswith(b"HTTP/1.1 4")
     assert httpx.get(f"{live.url}/health").status_code == 200
 
 

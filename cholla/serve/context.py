@@ -162,9 +162,11 @@ async def read_json(request: Request) -> dict[str, Any]:
                             f"{request.headers.get('content-type', 'none')!r})")
     too_large = APIError(413, f"the request body is larger than this server's limit of {limits.max_body_bytes} bytes "
                               "(--max-body-size); send a smaller request")
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limits.max_body_bytes):
-        raise too_large if declared.isdigit() else APIError(400, f"Content-Length {declared!r} is not a number")
+    declared = request.headers.get("content-length", "0")
+    if not (declared.isascii() and declared.isdigit()):
+        raise APIError(400, f"Content-Length {declared[:40]!r} is not a number")
+    if len(declared) > 18 or int(declared) > limits.max_body_bytes:
+        raise too_large
     chunks, received = [], 0
     async for chunk in request.stream():
         received += len(chunk)
