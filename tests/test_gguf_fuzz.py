@@ -6,7 +6,8 @@ seeded variants: truncations, flipped bytes, wrong value types, huge counts,
 contradictory config values, broken tensor records. Each variant keeps the
 original's size as a sparse file (the tensor bytes read as zeros), so only its
 header is written; ``cholla info``'s load (``read_gguf`` + the checked config)
-must then succeed or raise ``ModelFormatError``, never anything else.
+must then succeed or raise ``ModelFormatError``, never anything else; a variant
+that passes it is also loaded whole (and the first few build their tokenizer).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 from cholla.errors import ModelFormatError
 from cholla.formats.gguf import read_gguf
 from cholla.models.config_checks import gguf_config
+from cholla.models.loader import load_model
 from cholla.tokenizer.tokenizer import Tokenizer
 
 NUM_VARIANTS = 240
@@ -171,6 +173,11 @@ def load_info_level(path: Path, tokenizer: bool = False) -> None:
         Tokenizer.from_gguf(gguf.metadata)
 
 
+def load_whole(path: Path) -> None:
+    """The model itself, on the memory map (a tenth of a second: nothing is dequantized up front)."""
+    load_model(path, "float32")
+
+
 @pytest.fixture(scope="module")
 def original(smollm2_path) -> tuple[bytes, Layout, int]:
     data = smollm2_path.read_bytes()[:4_000_000]
@@ -200,6 +207,7 @@ def test_corrupt_variants_load_or_fail_with_model_format_error(tmp_path, origina
         try:
             load_info_level(path)
             outcomes["ok"] += 1
+            load_whole(path)
             if outcomes["ok"] <= NUM_TOKENIZER_BUILDS:
                 load_info_level(path, tokenizer=True)
         except ModelFormatError:
