@@ -45,6 +45,12 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="same seed, same output")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this text (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-generation tokens")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", default=None, metavar="SCHEMA|@FILE",
+                            help="answer with JSON that follows this JSON schema (text, or @ and a file)")
+    constraint.add_argument("--grammar", default=None, metavar="GBNF|@FILE",
+                            help="answer in this GBNF (llama.cpp) or Lark grammar (text, or @ and a file)")
+    constraint.add_argument("--json-object", action="store_true", help="answer with a JSON object")
 
 
 # cholla serve's request limits (``serve.limits.RequestLimits``): flag, field, what, default. The
@@ -131,6 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _text_or_file(value: str, flag: str) -> str:
+    """``@path`` reads the file; anything else is the text itself."""
+    if not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ChollaError(f"{flag}: cannot read {value[1:]} ({e.strerror})") from None
+
+
+def _structured_outputs(args: argparse.Namespace):
+    from cholla.sampling.params import StructuredOutputsParams
+
+    if args.json_schema is not None:
+        return StructuredOutputsParams(json=_text_or_file(args.json_schema, "--json-schema"))
+    if args.grammar is not None:
+        return StructuredOutputsParams(grammar=_text_or_file(args.grammar, "--grammar"))
+    return StructuredOutputsParams(json_object=True) if args.json_object else None
+
+
 def _sampling_params(args: argparse.Namespace):
     from cholla.sampling.params import SamplingParams
 
@@ -146,6 +173,7 @@ def _sampling_params(args: argparse.Namespace):
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        structured_outputs=_structured_outputs(args),
     )
 
 
@@ -216,7 +244,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from cholla.chat import run_chat
     from cholla.llm import LLM
 
-    return run_chat(LLM(args.model, **_engine_kwargs(args)), _sampling_params(args), args.system)
+    params = _sampling_params(args)
+    llm = LLM(args.model, **_engine_kwargs(args))
+    if params.structured_outputs is not None:
+        llm.engine.structured.compile(params.structured_outputs)  # a bad schema or grammar fails before the first turn
+    return run_chat(llm, params, args.system)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

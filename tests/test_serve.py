@@ -243,7 +243,7 @@ def test_openai_errors_are_typed(live, client):
         (dict(messages=CHAT, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
         (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), "image_url"),
         (dict(messages=CHAT, extra_body={"frobnicate": 1}), "frobnicate"),
-        (dict(messages=CHAT, response_format={"type": "json_object"}), "response_format"),
+        (dict(messages=CHAT, response_format={"type": "xml"}), "response_format type 'xml' is not supported"),
     ]
     for kwargs, needle in cases:
         with pytest.raises(openai.BadRequestError, match=needle):

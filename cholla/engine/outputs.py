@@ -10,7 +10,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" (a grammar dead end) or None while running
     stop_reason: int | str | None = None
     # Per token: (chosen logprob, [(token id, logprob), ...] best first), when asked for.
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None

@@ -10,6 +10,7 @@ import torch
 
 from cholla.kv.block_manager import SequenceBlocks
 from cholla.sampling.params import SamplingParams
+from cholla.sampling.structured import GrammarMatcher
 
 
 class RequestStatus(enum.Enum):
@@ -30,7 +31,7 @@ class Request:
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
     blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
     status: RequestStatus = RequestStatus.WAITING
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" (a grammar dead end)
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     generator: torch.Generator | None = None
     first_token_time: float | None = None
@@ -38,6 +39,7 @@ class Request:
     num_preemptions: int = 0
     # Per output token: (chosen logprob, [(token id, logprob), ...]) when asked for.
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    grammar: GrammarMatcher | None = None  # structured output: where the output stands in its grammar
 
     def __post_init__(self):
         if self.params.seed is not None and self.generator is None:

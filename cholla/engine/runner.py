@@ -6,7 +6,7 @@ All sequences of a step go through the model as one packed batch of tokens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +15,7 @@ from cholla.engine.scheduler import ScheduledBatch
 from cholla.kv.paged_cache import PagedKVCache
 from cholla.layers.attention import AttentionMetadata
 from cholla.sampling.sampler import SamplingBatch, sample
+from cholla.sampling.structured import StructuredOutputs, allowed_tokens
 
 
 @dataclass
@@ -24,14 +25,18 @@ class StepResult:
     token_ids: list[int | None]
     # Per scheduled request, when it asked for logprobs: (chosen logprob, top [(id, logprob)]).
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    # Scheduled requests whose grammar allows no token at all: they get no token and must end.
+    dead_ends: set[int] = field(default_factory=set)
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, eos_token_ids: set[int]):
+    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, eos_token_ids: set[int],
+                 structured: StructuredOutputs | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = eos_token_ids
+        self.structured = structured
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int]]:
         """Packed inputs, plus which token rows need logits and which requests they belong to.
@@ -78,6 +83,7 @@ class ModelRunner:
         # the step; see Linear.forward); a prefill step's own freed activations serve better.
         logits = self.model.compute_logits(rows, reuse_output=batch.num_prefills == 0).float()
         requests: list[Request] = [batch.requests[i] for i in needs_token]
+        allowed, dead_rows = self._grammar_masks(requests, logits.shape[-1])
         sampling = SamplingBatch.build(
             params=[r.params for r in requests],
             prompt_token_ids=[r.prompt_token_ids for r in requests],
@@ -86,6 +92,7 @@ class ModelRunner:
             vocab_size=logits.shape[-1],
             device=logits.device,
             eos_token_ids=self.eos_token_ids,
+            allowed=allowed,
         )
         out = sample(logits, sampling)
         tokens = out.token_ids.tolist()
@@ -93,7 +100,31 @@ class ModelRunner:
             sampled[i] = tokens[row]
             if out.logprobs is not None and requests[row].params.logprobs is not None:
                 logprobs[i] = out.logprobs[row]
-        return StepResult(sampled, logprobs)
+        dead_ends = {needs_token[row] for row in dead_rows}
+        for i in dead_ends:
+            sampled[i] = logprobs[i] = None
+        return StepResult(sampled, logprobs, dead_ends)
+
+    def _grammar_masks(self, requests: list[Request], vocab_size: int) -> tuple[tuple[list[int], torch.Tensor] | None, list[int]]:
+        """The constrained rows with their allowed tokens ``[rows, vocab]`` bool, and the rows where none is.
+
+        One bitmask ``[rows, ceil(vocab/32)]`` for the step, filled by the grammar engine in parallel.
+        A dead-end row (a matcher in error allows only end-of-generation, which would end the
+        request as if complete) is let free here, so sampling stays defined, and dropped by ``execute``.
+        """
+        rows = [row for row, r in enumerate(requests) if r.grammar is not None]
+        if not rows:
+            return None, []
+        matchers = [requests[row].grammar for row in rows]
+        bitmask = torch.zeros(len(rows), self.structured.mask_words, dtype=torch.int32)
+        self.structured.fill_bitmask(matchers, bitmask)
+        allowed = allowed_tokens(bitmask, vocab_size)
+        empty = (~allowed.any(dim=1)).tolist()
+        dead = [i for i, m in enumerate(matchers) if empty[i] or m.error is not None]
+        if dead:
+            allowed = allowed.clone()
+            allowed[dead] = True
+        return (rows, allowed), [rows[d] for d in dead]
 
 
 @torch.inference_mode()

@@ -6,6 +6,7 @@ an ``InvalidRequestError`` that names the field, not in the middle of a step.
 
 from __future__ import annotations
 
+import json as _json
 import math
 from dataclasses import dataclass
 
@@ -47,11 +48,38 @@ class StructuredOutputsParams:
     compiles it against the model's vocabulary.
     """
 
-    json: str | dict | None = None
+    json: str | dict | bool | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool = False
+
+    def __post_init__(self):
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "structured_outputs takes exactly one of json, regex, choice, grammar or json_object; "
+                f"got {', '.join(given) if given else 'none'}"
+            )
+        if isinstance(self.json, str):
+            try:
+                self.json = _json.loads(self.json)
+            except (ValueError, RecursionError) as e:  # RecursionError: a schema nested thousands deep
+                raise InvalidRequestError(f"structured_outputs.json is not valid JSON: {e}") from None
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            _fail("structured_outputs.json", self.json, "a JSON schema (an object, or its JSON text)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                _fail(f"structured_outputs.{name}", value, "a non-empty string")
+        if self.choice is not None and (
+            not isinstance(self.choice, (list, tuple)) or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            _fail("structured_outputs.choice", self.choice, "a non-empty list of non-empty strings")
+        if not isinstance(self.json_object, bool):
+            _fail("structured_outputs.json_object", self.json_object, "true or false")
 
 
 @dataclass
@@ -142,6 +170,8 @@ class SamplingParams:
                 _fail("logit_bias", self.logit_bias, "keyed by non-negative token ids")
             if any(not _is_number(b) or abs(b) > MAX_LOGIT_BIAS for b in self.logit_bias.values()):
                 _fail("logit_bias", self.logit_bias, f"a mapping to finite numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            _fail("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:

@@ -1,8 +1,10 @@
 """OpenAI's API (with vLLM's extra sampling fields): ``/v1/chat/completions`` and ``/v1/completions``.
 
 Request bodies become ``SamplingParams``; engine outputs become OpenAI's responses
-and stream chunks. A field OpenAI defines but cholla does not implement (tools,
-response formats, ...) is refused with a 400 that names it, never ignored. Only
+and stream chunks. Structured output comes in OpenAI's ``response_format``, vLLM's
+``structured_outputs`` / ``guided_*`` and llama.cpp's ``grammar`` / ``json_schema``.
+A field OpenAI defines but cholla does not implement (tools, audio, ...) is refused
+with a 400 that names it, never ignored. Only
 ``user``, ``metadata``, ``store`` and ``service_tier`` are accepted and ignored:
 they ask for bookkeeping, not for different output.
 """
@@ -17,6 +19,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
+from cholla.errors import InvalidRequestError
+from cholla.sampling.params import StructuredOutputsParams
 from cholla.serve.context import Prepared, ServeContext, StrictModel, off_loop, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
@@ -36,10 +40,6 @@ UNSUPPORTED_COMMON = {
     "functions": "no function calling",
     "function_call": "no function calling",
     "parallel_tool_calls": "no tool calling",
-    "guided_json": "no structured output",
-    "guided_regex": "no structured output",
-    "guided_choice": "no structured output",
-    "guided_grammar": "no structured output",
     "prompt_logprobs": "no prompt logprobs",
 }
 UNSUPPORTED_CHAT = {
@@ -54,6 +54,67 @@ UNSUPPORTED_COMPLETIONS = {**UNSUPPORTED_COMMON, "suffix": "no fill-in-the-middl
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(StrictModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema
+
+
+class ResponseFormat(StrictModel):
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama.cpp: {"type": "json_object", "schema": ...}
+
+
+class StructuredOutputsRequest(StrictModel):
+    """vLLM's ``structured_outputs`` object."""
+
+    json_: dict[str, Any] | str | bool | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+# Fields that constrain the output, as vLLM's older API and llama.cpp's server spell them.
+CONSTRAINT_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                     "guided_grammar": "grammar", "grammar": "grammar", "json_schema": "json"}
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+
+
+def structured_outputs_params(body: SamplingRequest) -> StructuredOutputsParams | None:
+    """The request's output constraint, from whichever API's field carries it; 400 when two fields do."""
+    found: list[tuple[str, dict[str, Any]]] = []  # (request field, StructuredOutputsParams kwargs)
+    fmt = body.response_format
+    if fmt is not None and fmt.type not in RESPONSE_FORMAT_TYPES:
+        raise APIError(400, f"response_format type {fmt.type!r} is not supported by cholla; use one of "
+                            f"{', '.join(RESPONSE_FORMAT_TYPES)} (or structured_outputs for regex, choice or grammar)",
+                       param="response_format.type")
+    if fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError(400, "response_format of type 'json_schema' needs json_schema.schema, the JSON schema "
+                                "the output must follow", param="response_format.json_schema")
+        found.append(("response_format", {"json": fmt.json_schema.schema_}))
+    elif fmt is not None and fmt.type == "json_object":
+        found.append(("response_format", {"json": fmt.schema_} if fmt.schema_ is not None else {"json_object": True}))
+    if body.structured_outputs is not None:
+        given = body.structured_outputs.model_dump(exclude_none=True)
+        found.append(("structured_outputs", {("json" if k == "json_" else k): v for k, v in given.items()}))
+    found += [(name, {key: getattr(body, name)}) for name, key in CONSTRAINT_FIELDS.items()
+              if getattr(body, name) is not None]
+    if not found:
+        return None
+    if len(found) > 1:
+        names = ", ".join(f"'{name}'" for name, _ in found)
+        raise APIError(400, f"{names} each constrain the output; send only one of them", param=found[1][0])
+    name, kwargs = found[0]
+    try:
+        return StructuredOutputsParams(**kwargs)
+    except InvalidRequestError as e:
+        raise APIError(400, f"invalid '{name}': {e}", param=name) from None
 
 
 class SamplingRequest(StrictModel):
@@ -78,6 +139,15 @@ class SamplingRequest(StrictModel):
     include_stop_str_in_output: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Structured output (see structured_outputs_params()): OpenAI's, vLLM's and llama.cpp's spellings.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | str | bool | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | bool | None = None
     # Accepted and ignored: bookkeeping fields that do not change the output.
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -88,17 +158,15 @@ class SamplingRequest(StrictModel):
         fields = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                   "repetition_penalty", "seed", "stop", "stop_token_ids", "min_tokens", "logit_bias",
                   "ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
-        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
+        kwargs = {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
+        constraint = structured_outputs_params(self)
+        return {**kwargs, "structured_outputs": constraint} if constraint is not None else kwargs
 
     def check_stream_options(self) -> bool:
         """Whether the stream ends with a usage chunk."""
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "'stream_options' is only allowed with stream=true", param="stream_options")
         return self.stream_options is not None and self.stream_options.include_usage
-
-
-class ResponseFormat(StrictModel):
-    type: Literal["text"]
 
 
 class ChatMessage(StrictModel):
@@ -113,7 +181,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     modalities: list[Literal["text"]] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
