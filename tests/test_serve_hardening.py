@@ -188,7 +188,8 @@ FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", 
           "n", "stop", "stop_sequences", "seed", "logprobs", "top_logprobs", "logit_bias", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "min_tokens", "stream", "stream_options", "echo", "system",
           "stop_token_ids", "ignore_eos", "metadata", "response_format", "tools", "best_of", "chat_template_kwargs",
-          "add_generation_prompt", "skip_special_tokens", "user"]
+          "add_generation_prompt", "skip_special_tokens", "user", "guided_json", "guided_regex", "guided_choice",
+          "grammar", "json_schema", "structured_outputs"]
 # Raw JSON text, so values Python's json would not write (NaN, 1e309, lone surrogates, deep nesting) are sent too.
 VALUES = ["null", "true", "false", "0", "-1", "1", "2", "3", "17", "2147483648", "9223372036854775808",
           "18446744073709551616", "1e309", "-1e309", "NaN", "Infinity", "-0.0", "1e-300", "0.5", "1.5", "100", "-100",
@@ -196,6 +197,11 @@ VALUES = ["null", "true", "false", "0", "-1", "1", "2", "3", "17", "2147483648",
           '["a", "b", "c"]', "[1, 2, 3]", "[-1]", "[[1, 2]]", "[" * 70 + "]" * 70, "[" * 5000 + "]" * 5000,
           '{"a": 1}', '{"5": 10}',
           '{"5": 1e309}', '{"99999999": 1}', '{"include_usage": true}', '{"type": "json_object"}',
+          # structured output: schemas, regexes and grammars that are deep, broken or impossible
+          '{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}',
+          '{"type": "object", "properties": {"a": {"type": "integer", "minimum": 1e308, "maximum": -1}}}',
+          '"' + "[" * 3000 + '"', '"(a|b"', '"root ::= "', '"[a-"', '{"regex": "a{99999999}"}', '{"choice": []}',
+          '{"json": "{\\"type\\": \\"string\\"}"}',
           '[{"role": "user", "content": "hi"}]', '[{"role": "robot", "content": "hi"}]',
           '[{"role": "user", "content": [{"type": "text", "text": "hi"}]}]',
           '[{"role": "user", "content": [{"type": "image", "source": {}}]}]', '[{"role": "user"}]',
