@@ -283,9 +283,11 @@ def test_seeded_draws_follow_softmax():
         ("presence_penalty", 2.5),
         ("frequency_penalty", -3.0),
         ("repetition_penalty", 0.0),
-        ("max_tokens", 0),
+        ("max_tokens", -1),
         ("n", 0),
         ("logprobs", -1),
+        ("prompt_logprobs", -1),
+        ("prompt_logprobs", 1.5),
         ("min_tokens", -1),
         ("stop", ["ok", ""]),
         # Non-finite, out of float32's range, or numbers where the sampler would make inf and NaN of them.
