@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
-from cholla.serve.context import Prepared, ServeContext, StrictModel, read_json, validate
+from cholla.serve.context import Prepared, ServeContext, StrictModel, off_loop, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 from cholla.tool_calling.call import ToolCall
@@ -212,7 +212,7 @@ async def messages(request: Request) -> Response:
     body = validate(MessagesRequest, await read_json(request), UNSUPPORTED)
     model = ctx.check_model(body.model)
     tools = plan_tools(ctx, body.tools, body.tool_choice)
-    prompt_ids = encode(ctx, body.system, body.messages, tools.tools)
+    prompt_ids = await off_loop(encode, ctx, body.system, body.messages, tools.tools)
     kwargs = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "stop": body.stop_sequences}
     prepared = ctx.prepare(ctx.new_id("msg_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
                            {**{k: v for k, v in kwargs.items() if v is not None}, **tools.sampling_kwargs()},
@@ -334,4 +334,4 @@ async def count_tokens(request: Request) -> Response:
     body = validate(CountTokensRequest, await read_json(request), UNSUPPORTED)
     ctx.check_model(body.model)
     tools = plan_tools(ctx, body.tools, body.tool_choice)
-    return JSONResponse({"input_tokens": len(encode(ctx, body.system, body.messages, tools.tools))})
+    return JSONResponse({"input_tokens": len(await off_loop(encode, ctx, body.system, body.messages, tools.tools))})
