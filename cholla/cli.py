@@ -55,6 +55,35 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     constraint.add_argument("--json-object", action="store_true", help="answer with a JSON object")
 
 
+# cholla serve's request limits (``serve.limits.RequestLimits``): flag, field, what, default. The
+# defaults are repeated here so that the parser does not import the server (seconds, for every command).
+LIMIT_OPTIONS = (
+    ("--max-body-size", "max_body_bytes", "largest request body in MiB; larger gets 413", 8),
+    ("--max-json-depth", "max_json_depth", "deepest nesting of a JSON body", 64),
+    ("--max-messages", "max_messages", "most messages in one request", 2048),
+    ("--max-content-parts", "max_content_parts", "most content parts in one message", 256),
+    ("--max-stop", "max_stop", "most stop strings in one request", 16),
+    ("--max-stop-length", "max_stop_length", "longest stop string, in characters", 256),
+    ("--max-n", "max_n", "most completions (n) per prompt", 16),
+    ("--max-logprobs", "max_logprobs", "most top logprobs per token", 20),
+)
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    for flag, field, what, default in LIMIT_OPTIONS:
+        p.add_argument(flag, type=float if field == "max_body_bytes" else int, default=None, dest=field,
+                       metavar="MIB" if field == "max_body_bytes" else "N", help=f"{what} (default {default})")
+
+
+def _request_limits(args: argparse.Namespace):
+    from cholla.serve.limits import RequestLimits
+
+    given = {field: getattr(args, field) for _, field, _, _ in LIMIT_OPTIONS if getattr(args, field) is not None}
+    if "max_body_bytes" in given:
+        given["max_body_bytes"] = int(given["max_body_bytes"] * 2**20)
+    return RequestLimits(**given)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cholla", description="Run LLMs from GGUF and SafeTensors files.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reasoning-parser", default="auto", choices=REASONING_PARSER_CHOICES, metavar="NAME",
                        help="separate a reasoning model's thinking: think, harmony, auto (from the chat template; "
                             "the default) or none")
+    _add_limit_options(serve)
     _add_model_options(serve)
 
     info = sub.add_parser("info", help="describe a model file")
@@ -266,7 +296,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(args.served_model_name or [args.model or DEFAULT_MODEL], args.api_key, args.max_queue,
                               _flag_list(args.allowed_origins), _flag_list(args.allowed_methods),
                               _flag_list(args.allowed_headers), args.allow_credentials,
-                              reasoning_parser=args.reasoning_parser)
+                              limits=_request_limits(args), reasoning_parser=args.reasoning_parser)
     failures: list[BaseException] = []
 
     def stop_on_load_error(error: BaseException) -> None:

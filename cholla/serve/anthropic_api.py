@@ -31,7 +31,7 @@ from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
 from cholla.reasoning import Split
-from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, read_json, validate
+from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, off_loop, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 from cholla.tool_calling.call import ToolCall
@@ -241,7 +241,7 @@ async def messages(request: Request) -> Response:
     model = ctx.check_model(body.model)
     tools = plan_tools(ctx, body.tools, body.tool_choice)
     budget = _thinking_budget(body.thinking, body.max_tokens)
-    prompt_ids = encode(ctx, body.system, body.messages, tools.tools, body.thinking)
+    prompt_ids = await off_loop(encode, ctx, body.system, body.messages, tools.tools, body.thinking)
     kwargs = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "stop": body.stop_sequences}
     kwargs = {**{k: v for k, v in kwargs.items() if v is not None}, **tools.sampling_kwargs()}
     reasoning = ctx.reasoning_for(prompt_ids, kwargs)
@@ -388,4 +388,5 @@ async def count_tokens(request: Request) -> Response:
     body = validate(CountTokensRequest, await read_json(request), UNSUPPORTED)
     ctx.check_model(body.model)
     tools = plan_tools(ctx, body.tools, body.tool_choice)
-    return JSONResponse({"input_tokens": len(encode(ctx, body.system, body.messages, tools.tools, body.thinking))})
+    ids = await off_loop(encode, ctx, body.system, body.messages, tools.tools, body.thinking)
+    return JSONResponse({"input_tokens": len(ids)})

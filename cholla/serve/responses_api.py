@@ -35,7 +35,7 @@ from pydantic import Field
 from cholla.engine.outputs import CompletionOutput, RequestOutput
 from cholla.reasoning import effort_template_kwargs
 from cholla.sampling.params import StructuredOutputsParams
-from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, read_json, validate
+from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, off_loop, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 from cholla.tool_calling.call import ToolCall
@@ -393,7 +393,8 @@ async def create_response(request: Request) -> Response:
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     effort = body.reasoning.effort if body.reasoning else None
     tools = _plan_tools(ctx, body)
-    prompt_ids = ctx.encode_chat(system + conversation, template_kwargs=effort_template_kwargs(effort), tools=tools.tools)
+    prompt_ids = await off_loop(ctx.encode_chat, system + conversation, template_kwargs=effort_template_kwargs(effort),
+                                tools=tools.tools)
     kwargs = _sampling_kwargs(body, tools)
     reasoning = ctx.reasoning_for(prompt_ids, kwargs)
     try:
