@@ -30,7 +30,8 @@ LIMITS = RequestLimits(max_body_bytes=2 * 2**20)
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 3, "temperature": 0}
 COMPLETION = {"model": MODEL, "prompt": "The sky is", "max_tokens": 3, "temperature": 0}
 MESSAGES = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 3}
-ROUTES = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION, "/v1/messages": MESSAGES}
+RESPONSES = {"model": MODEL, "input": [{"role": "user", "content": "Name a colour."}], "max_output_tokens": 3}
+ROUTES = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION, "/v1/messages": MESSAGES, "/v1/responses": RESPONSES}
 
 
 @pytest.fixture(scope="module")
