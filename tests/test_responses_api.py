@@ -197,9 +197,9 @@ def test_text_format_json_schema(client):
     value = json.loads(response.output_text)
     assert list(value) == ["city"] and isinstance(value["city"], str) and len(value["city"]) <= 12
     assert response.text.format.type == "json_schema"
-    anything = client.responses.create(model=MODEL, input="A JSON object, please.", temperature=0, max_output_tokens=40,
+    anything = client.responses.create(model=MODEL, input="A JSON object, please.", temperature=0, max_output_tokens=4,
                                        text={"format": {"type": "json_object"}})
-    assert anything.status != "completed" or isinstance(json.loads(anything.output_text), dict)
+    assert anything.output_text.lstrip().startswith("{")  # the grammar allows nothing else first
 
 
 def test_openai_agents_runs_a_function_tool(live):
