@@ -103,6 +103,7 @@ class LLMEngine:
     def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         set_threads(config.threads)
+        kv_cache_types(config, "float32")  # a misspelt KV type fails before the model loads
         keep_buffers_mapped()
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
         if config.dtype != "auto" and self.loaded.dtype != resolve_dtype(config.dtype):
