@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs of each test (default 3)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--profile", action="store_true", help="then profile one more run of each test, op by op")
+    bench.add_argument("--kv-cache-dtype", default="auto", metavar="TYPE", help="what the KV cache holds (as for run)")
     _add_compute_options(bench)
     bench.add_argument("--debug", action="store_true")
 
@@ -266,7 +267,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cholla.download import resolve_model
 
     report = run_bench(resolve_model(args.model), args.n_prompt, args.n_gen, args.repetitions, args.dtype, args.threads,
-                       profile=args.profile)
+                       profile=args.profile, kv_cache_dtype=args.kv_cache_dtype)
     print(json.dumps(report_dict(report)) if args.json else format_table(report))
     return 0
 
