@@ -50,6 +50,23 @@ def test_q8_0_is_llama_cpps_block_quantization():
     torch.testing.assert_close(back, torch.from_numpy(expected), rtol=0, atol=0)
 
 
+def test_q4_0_is_llama_cpps_block_quantization():
+    """gguf's Q4_0 quantizer is the reference, byte for byte: an fp16 scale, then 16 bytes of nibbles."""
+    x = _rows(32)
+    x[2, 0, :32] = 0.5  # a block whose extremes tie: the first one sets the sign
+    cache, back = _written("q4_0", x)
+    blocks = gguf_quantize(x.reshape(-1, HEAD_DIM).numpy(), GGMLQuantizationType.Q4_0).reshape(-1, 18)
+    assert isinstance(cache, ScaledKV) and cache.values.shape == (4, 16, KV_HEADS, HEAD_DIM // 2)
+    slots = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:32]
+    ours = torch.cat([cache.scales.flatten(0, 1)[slots].reshape(-1, 1).view(torch.uint8),
+                      cache.values.flatten(0, 1)[slots].reshape(-1, 16)], dim=1)
+    assert np.array_equal(ours.numpy(), blocks)
+    from gguf.quants import dequantize as gguf_dequantize
+
+    expected = gguf_dequantize(blocks.reshape(-1), GGMLQuantizationType.Q4_0).reshape(x.shape)
+    torch.testing.assert_close(back, torch.from_numpy(expected), rtol=0, atol=0)
+
+
 def test_int8_has_one_scale_per_token_and_head():
     x = _rows(40)
     cache, back = _written("int8", x)
@@ -97,6 +114,7 @@ def test_names_aliases_and_errors():
         kv_cache_type("q3_k")
     with pytest.raises(InvalidRequestError, match="divisible by 32"):
         kv_cache_type("q8_0").check(48)
+    assert kv_cache_type("q4_0").bytes_per_head(64) == 32 + 2 * 2  # 18 bytes per 32 values, as llama.cpp's
 
 
 @pytest.mark.parametrize("type_name", sorted(KV_CACHE_TYPES))
@@ -135,7 +153,7 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time, in a land far away, there lived a " + "very " * 40 + "old dragon who",
 ]
-ENGINE_TYPES = ["fp8_e4m3", "int8", "q8_0"]  # bf16 and f32: tests/test_engine.py and the rest
+ENGINE_TYPES = ["fp8_e4m3", "int8", "q8_0", "q4_0"]  # bf16 and f32: tests/test_engine.py and the rest
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ CONTEXT = 640
 
 def _hand_bytes_per_token(config, type_name: str) -> int:
     """Both sides, every layer, worked out apart from the code: values plus fp16 scales."""
-    value_bytes = {"f32": 4, "bf16": 2, "f16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1, "q8_0": 1}[type_name]
-    scales = {"int8": 1, "q8_0": config.head_dim // 32}.get(type_name, 0)
-    return 2 * config.num_layers * config.num_kv_heads * (config.head_dim * value_bytes + 2 * scales)
+    value_bytes = {"f32": 4, "bf16": 2, "f16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1, "q8_0": 1, "q4_0": 0.5}[type_name]
+    scales = {"int8": 1, "q8_0": config.head_dim // 32, "q4_0": config.head_dim // 32}.get(type_name, 0)
+    return int(2 * config.num_layers * config.num_kv_heads * (config.head_dim * value_bytes + 2 * scales))
 
 
 @pytest.mark.parametrize("model_fixture", ["smollm2_path", "gemma3_path"])
@@ -37,7 +37,7 @@ def test_plan_matches_what_the_engine_allocates_and_logs(request, model_fixture,
     loaded = load_model(path, "float32")
     tokenizer = engine_module.load_tokenizer(loaded)  # built once: Gemma's 262k vocabulary takes seconds
     monkeypatch.setattr(engine_module, "load_tokenizer", lambda _: tokenizer)
-    for type_name in ("bf16", "q8_0", "int8"):
+    for type_name in ("bf16", "q8_0", "int8", "q4_0"):
         kv_type = kv_cache_type(type_name)
         plan = make_plan(facts, PlanRequest(context=CONTEXT, kv_cache_memory=BUDGET), kv_type, kv_type, None)
         assert plan.kv["bytes_per_token"] == _hand_bytes_per_token(facts.config, type_name)

@@ -5,10 +5,13 @@ Each side of a layer's cache (K or V) is stored as ``[blocks, block_size, kv_hea
 - float types (``f32``, ``bf16``, ``f16``) and fp8 (``fp8_e4m3``, ``fp8_e5m2``, torch's
   float8 dtypes, no scale, as vLLM's default ``--kv-cache-dtype fp8``) are a plain tensor of
   that dtype; fp8 values are clamped to the type's finite range first (a cast would give NaN);
-- ``int8`` and ``q8_0`` are a ``ScaledKV``: int8 values plus an fp16 scale per group of
-  ``group`` values along ``head_dim``: one group per (token, head) for ``int8``, 32 values for
+- ``int8``, ``q8_0`` and ``q4_0`` are a ``ScaledKV``: integer values plus an fp16 scale per
+  group of values along ``head_dim``: one group per (token, head) for ``int8``, 32 values for
   ``q8_0`` (llama.cpp's Q8_0 block: ``d = max|x| / 127``, ``q = round(x / d)`` half away from
-  zero, ``d`` stored as fp16), kept as two planes instead of interleaved 34-byte blocks.
+  zero, ``d`` stored as fp16) and ``q4_0`` (llama.cpp's Q4_0: ``d = m / -8`` for the value
+  ``m`` of largest magnitude, ``q = trunc(x / d + 8.5)`` clipped to 0..15, value ``(q - 8) d``,
+  two per byte: values 0-15 of a block in the low nibbles, 16-31 in the high ones), kept as
+  two planes (values, scales) instead of interleaved blocks.
 
 Attention reads every type back as fp32 (``gather``). cholla's C++ decode kernels read only
 ``f32`` and ``bf16``; for the others the layers use the PyTorch path.
@@ -29,6 +32,7 @@ class KVCacheType:
     name: str
     storage: torch.dtype  # element dtype of the values
     group: int | None = None  # values per fp16 scale along head_dim; 0 = the whole head; None = no scale
+    bits: int = 8  # per value; 4: two to a byte (q4_0)
 
     def groups(self, head_dim: int) -> int:
         """Scales per (token, head)."""
@@ -38,7 +42,7 @@ class KVCacheType:
 
     def bytes_per_head(self, head_dim: int) -> int:
         """Bytes one token's one head takes: values plus scales."""
-        return head_dim * self.storage.itemsize + self.groups(head_dim) * 2
+        return head_dim * self.bits // 8 * self.storage.itemsize + self.groups(head_dim) * 2
 
     def check(self, head_dim: int) -> None:
         if self.group and head_dim % self.group:
@@ -56,6 +60,7 @@ KV_CACHE_TYPES = {
         KVCacheType("fp8_e5m2", torch.float8_e5m2),
         KVCacheType("int8", torch.int8, group=0),
         KVCacheType("q8_0", torch.int8, group=32),
+        KVCacheType("q4_0", torch.uint8, group=32, bits=4),
     )
 }
 ALIASES = {"fp8": "fp8_e4m3", "float32": "f32", "fp32": "f32", "bfloat16": "bf16", "float16": "f16", "fp16": "f16"}
@@ -80,8 +85,8 @@ def kv_cache_type(spec: "str | torch.dtype | KVCacheType", compute_dtype: str = 
 
 
 class ScaledKV(NamedTuple):
-    """One side of a layer's int8 cache: values ``[blocks, block_size, kv_heads, head_dim]`` (int8)
-    and fp16 scales ``[blocks, block_size, kv_heads, groups]``."""
+    """One side of a layer's integer cache: values ``[blocks, block_size, kv_heads, head_dim]``
+    (int8; uint8 ``head_dim / 2`` packed nibbles for q4_0) and fp16 scales ``[..., groups]``."""
 
     values: torch.Tensor
     scales: torch.Tensor
@@ -108,7 +113,8 @@ def allocate(kv_type: KVCacheType, num_blocks: int, block_size: int, num_kv_head
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     if kv_type.group is None:
         return zeros(shape, kv_type.storage)
-    return ScaledKV(zeros(shape, torch.int8), zeros((*shape[:3], kv_type.groups(head_dim)), torch.float16))
+    values = zeros((*shape[:3], head_dim * kv_type.bits // 8), kv_type.storage)
+    return ScaledKV(values, zeros((*shape[:3], kv_type.groups(head_dim)), torch.float16))
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -131,10 +137,38 @@ def dequantize_int8(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (values.float().unflatten(-1, (groups, -1)) * scales.float().unsqueeze(-1)).flatten(-2)
 
 
-def encode(kv_type: KVCacheType, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x: fp32 [..., head_dim] as the cache stores it."""
-    if kv_type.group is not None:
-        return quantize_int8(x, kv_type.groups(x.shape[-1]))
+def quantize_q4_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: fp32 [..., dim] -> (uint8 packed [..., dim / 2], fp16 scales [..., dim / 32]); Q4_0's arithmetic."""
+    blocks = x.float().unflatten(-1, (-1, 32))
+    extreme = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True))
+    scale = extreme / -8
+    inverse = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
+    q = torch.trunc(blocks * inverse + 8.5).clamp_(0, 15).to(torch.uint8)
+    packed = q[..., :16] | (q[..., 16:] << 4)
+    return packed.flatten(-2), scale.squeeze(-1).to(torch.float16)
+
+
+def dequantize_q4_0(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The inverse: fp32 [..., dim]."""
+    nibbles = packed.unflatten(-1, (-1, 16))
+    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1).float() - 8
+    return (q * scales.float().unsqueeze(-1)).flatten(-2)
+
+
+def _quantize(x: torch.Tensor, cache: ScaledKV) -> tuple[torch.Tensor, torch.Tensor]:
+    if cache.values.dtype == torch.uint8:
+        return quantize_q4_0(x)
+    return quantize_int8(x, cache.scales.shape[-1])
+
+
+def _dequantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if values.dtype == torch.uint8:
+        return dequantize_q4_0(values, scales)
+    return dequantize_int8(values, scales)
+
+
+def _encode_float(kv_type: KVCacheType, x: torch.Tensor) -> torch.Tensor:
+    """x: fp32 [..., head_dim] in a float cache's dtype."""
     if kv_type.storage.is_floating_point and kv_type.storage.itemsize == 1:  # fp8: saturate, never NaN
         limit = torch.finfo(kv_type.storage).max
         return x.clamp(-limit, limit).to(kv_type.storage)
@@ -144,11 +178,11 @@ def encode(kv_type: KVCacheType, x: torch.Tensor) -> torch.Tensor | tuple[torch.
 def store(cache: CacheSide, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """x: fp32 [tokens, kv_heads, head_dim] into the flat cache slots ``slot_mapping``."""
     if isinstance(cache, ScaledKV):
-        values, scales = quantize_int8(x, cache.scales.shape[-1])
+        values, scales = _quantize(x, cache)
         cache.values.view(-1, *cache.values.shape[2:]).index_copy_(0, slot_mapping, values)
         cache.scales.view(-1, *cache.scales.shape[2:]).index_copy_(0, slot_mapping, scales)
         return
-    rows = encode(_BY_TORCH_DTYPE[cache.dtype], x)
+    rows = _encode_float(_BY_TORCH_DTYPE[cache.dtype], x)
     if cache.dtype.itemsize == 1:  # fp8: torch copies and indexes it only as bytes
         cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
     cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, rows)
@@ -157,7 +191,7 @@ def store(cache: CacheSide, x: torch.Tensor, slot_mapping: torch.Tensor) -> None
 def gather(cache: CacheSide, blocks: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The blocks ``blocks`` (any index shape) read back: ``[*blocks.shape, block_size, kv_heads, head_dim]``."""
     if isinstance(cache, ScaledKV):
-        return dequantize_int8(cache.values[blocks], cache.scales[blocks]).to(dtype)
+        return _dequantize(cache.values[blocks], cache.scales[blocks]).to(dtype)
     if cache.dtype.itemsize == 1:  # fp8
         return cache.view(torch.uint8)[blocks].view(cache.dtype).to(dtype)
     return cache[blocks].to(dtype)
