@@ -67,6 +67,27 @@ def test_q4_0_is_llama_cpps_block_quantization():
     torch.testing.assert_close(back, torch.from_numpy(expected), rtol=0, atol=0)
 
 
+def test_q4_0_rot_is_q4_0_of_hadamard_rotated_heads():
+    """Reference: a Hadamard matrix as Kronecker powers of [[1, 1], [1, -1]], gguf's Q4_0 of the
+    rotated rows, rotated back."""
+    from functools import reduce
+
+    from gguf.quants import dequantize as gguf_dequantize
+
+    x = _rows(32)
+    cache, back = _written("q4_0_rot", x)
+    h = (reduce(np.kron, [np.array([[1, 1], [1, -1]])] * int(np.log2(HEAD_DIM))) / np.sqrt(HEAD_DIM)).astype(np.float32)
+    rotated = x.reshape(-1, HEAD_DIM).numpy() @ h
+    blocks = gguf_quantize(rotated, GGMLQuantizationType.Q4_0)
+    expected = gguf_dequantize(blocks, GGMLQuantizationType.Q4_0).reshape(-1, HEAD_DIM) @ h
+    torch.testing.assert_close(back, torch.from_numpy(expected).reshape(x.shape), rtol=0, atol=2e-5)
+    # The point of rotating: keys with outlier channels (as real models' keys have) come back closer.
+    keys = torch.randn(48, KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(3))
+    keys[..., 7] *= 12
+    rotated_back, plain_back = _written("q4_0_rot", keys)[1], _written("q4_0", keys)[1]
+    assert (rotated_back - keys).norm() < 0.7 * (plain_back - keys).norm()
+
+
 def test_int8_has_one_scale_per_token_and_head():
     x = _rows(40)
     cache, back = _written("int8", x)
@@ -115,6 +136,8 @@ def test_names_aliases_and_errors():
     with pytest.raises(InvalidRequestError, match="divisible by 32"):
         kv_cache_type("q8_0").check(48)
     assert kv_cache_type("q4_0").bytes_per_head(64) == 32 + 2 * 2  # 18 bytes per 32 values, as llama.cpp's
+    with pytest.raises(InvalidRequestError, match="power-of-two"):
+        kv_cache_type("q4_0_rot").check(96)
 
 
 @pytest.mark.parametrize("type_name", sorted(KV_CACHE_TYPES))
@@ -153,7 +176,7 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time, in a land far away, there lived a " + "very " * 40 + "old dragon who",
 ]
-ENGINE_TYPES = ["fp8_e4m3", "int8", "q8_0", "q4_0"]  # bf16 and f32: tests/test_engine.py and the rest
+ENGINE_TYPES = ["fp8_e4m3", "int8", "q8_0", "q4_0_rot"]  # bf16 and f32: tests/test_engine.py and the rest
 
 
 @pytest.fixture(scope="module")

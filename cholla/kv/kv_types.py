@@ -11,7 +11,12 @@ Each side of a layer's cache (K or V) is stored as ``[blocks, block_size, kv_hea
   zero, ``d`` stored as fp16) and ``q4_0`` (llama.cpp's Q4_0: ``d = m / -8`` for the value
   ``m`` of largest magnitude, ``q = trunc(x / d + 8.5)`` clipped to 0..15, value ``(q - 8) d``,
   two per byte: values 0-15 of a block in the low nibbles, 16-31 in the high ones), kept as
-  two planes (values, scales) instead of interleaved blocks.
+  two planes (values, scales) instead of interleaved blocks;
+- ``q4_0_rot`` is ``q4_0`` of each head rotated by a normalized Hadamard matrix ``H``
+  (``H = H^T = H^-1``), and rotated back on reading. The rotation spreads a few outlier
+  channels over all of them, so each block's scale is set by typical values, not the
+  outliers: QuaRot's treatment of the KV cache (Ashkboos et al., "QuaRot: Outlier-Free 4-Bit
+  Inference in Rotated LLMs", NeurIPS 2024). Same size as ``q4_0``.
 
 Attention reads every type back as fp32 (``gather``). cholla's C++ decode kernels read only
 ``f32`` and ``bf16``; for the others the layers use the PyTorch path.
@@ -19,6 +24,8 @@ Attention reads every type back as fp32 (``gather``). cholla's C++ decode kernel
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
@@ -33,6 +40,7 @@ class KVCacheType:
     storage: torch.dtype  # element dtype of the values
     group: int | None = None  # values per fp16 scale along head_dim; 0 = the whole head; None = no scale
     bits: int = 8  # per value; 4: two to a byte (q4_0)
+    rotated: bool = False  # each head Hadamard-rotated before quantizing (q4_0_rot)
 
     def groups(self, head_dim: int) -> int:
         """Scales per (token, head)."""
@@ -45,6 +53,9 @@ class KVCacheType:
         return head_dim * self.bits // 8 * self.storage.itemsize + self.groups(head_dim) * 2
 
     def check(self, head_dim: int) -> None:
+        if self.rotated and head_dim & (head_dim - 1):
+            raise InvalidRequestError(f"KV cache type {self.name} needs a power-of-two head_dim, the model's is "
+                                      f"{head_dim}; choose q4_0")
         if self.group and head_dim % self.group:
             raise InvalidRequestError(f"KV cache type {self.name} needs a head_dim divisible by {self.group}, "
                                       f"the model's is {head_dim}; choose int8 or a float type")
@@ -61,6 +72,7 @@ KV_CACHE_TYPES = {
         KVCacheType("int8", torch.int8, group=0),
         KVCacheType("q8_0", torch.int8, group=32),
         KVCacheType("q4_0", torch.uint8, group=32, bits=4),
+        KVCacheType("q4_0_rot", torch.uint8, group=32, bits=4, rotated=True),
     )
 }
 ALIASES = {"fp8": "fp8_e4m3", "float32": "f32", "fp32": "f32", "bfloat16": "bf16", "float16": "f16", "fp16": "f16"}
@@ -90,6 +102,7 @@ class ScaledKV(NamedTuple):
 
     values: torch.Tensor
     scales: torch.Tensor
+    rotated: bool = False  # heads stored Hadamard-rotated (q4_0_rot)
 
     @property
     def shape(self) -> torch.Size:
@@ -114,7 +127,16 @@ def allocate(kv_type: KVCacheType, num_blocks: int, block_size: int, num_kv_head
     if kv_type.group is None:
         return zeros(shape, kv_type.storage)
     values = zeros((*shape[:3], head_dim * kv_type.bits // 8), kv_type.storage)
-    return ScaledKV(values, zeros((*shape[:3], kv_type.groups(head_dim)), torch.float16))
+    return ScaledKV(values, zeros((*shape[:3], kv_type.groups(head_dim)), torch.float16), kv_type.rotated)
+
+
+@functools.cache
+def hadamard(n: int) -> torch.Tensor:
+    """The normalized Sylvester Hadamard matrix [n, n] (n a power of two): symmetric and orthogonal."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)])
+    return h / math.sqrt(n)
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -156,14 +178,17 @@ def dequantize_q4_0(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize(x: torch.Tensor, cache: ScaledKV) -> tuple[torch.Tensor, torch.Tensor]:
+    if cache.rotated:
+        x = x @ hadamard(x.shape[-1])
     if cache.values.dtype == torch.uint8:
         return quantize_q4_0(x)
     return quantize_int8(x, cache.scales.shape[-1])
 
 
-def _dequantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _dequantize(values: torch.Tensor, scales: torch.Tensor, rotated: bool) -> torch.Tensor:
     if values.dtype == torch.uint8:
-        return dequantize_q4_0(values, scales)
+        x = dequantize_q4_0(values, scales)
+        return x @ hadamard(x.shape[-1]) if rotated else x
     return dequantize_int8(values, scales)
 
 
@@ -191,7 +216,7 @@ def store(cache: CacheSide, x: torch.Tensor, slot_mapping: torch.Tensor) -> None
 def gather(cache: CacheSide, blocks: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The blocks ``blocks`` (any index shape) read back: ``[*blocks.shape, block_size, kv_heads, head_dim]``."""
     if isinstance(cache, ScaledKV):
-        return _dequantize(cache.values[blocks], cache.scales[blocks]).to(dtype)
+        return _dequantize(cache.values[blocks], cache.scales[blocks], cache.rotated).to(dtype)
     if cache.dtype.itemsize == 1:  # fp8
         return cache.view(torch.uint8)[blocks].view(cache.dtype).to(dtype)
     return cache[blocks].to(dtype)
