@@ -2,19 +2,31 @@
 
     OMP_NUM_THREADS=1 python benchmarks/plan_vs_bench.py --models smollm2 gemma3 -p 64 -n 32 -r 3
 
-Per model, right before its bench run: this machine measured as ``cholla plan --hardware
-local`` measures it, then the plan's prefill (``-p`` tokens) and single-sequence decode
-estimates (over the contexts ``tg{n}`` walks through) next to the bench's figures.
+Per model: this machine measured as ``cholla plan --hardware local`` measures it, right
+before and right after the bench run (the two averaged: on a shared machine the pace
+drifts), then the plan's prefill (``-p`` tokens) and single-sequence decode estimates (over
+the contexts ``tg{n}`` walks through) next to the bench's figures.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from cholla.bench import run_bench
 from cholla.download import resolve_model
+from cholla.hardware import Hardware
 from cholla.kv.kv_types import kv_cache_type
 from cholla.plan import decode_step, prefill, read_model_facts, resolve_hardware
+
+
+def _average(a: Hardware, b: Hardware) -> Hardware:
+    def mean(x, y):
+        return None if x is None else (x + y) / 2
+
+    rates = {k: (a.dequant_rates[k] + b.dequant_rates[k]) / 2 for k in a.dequant_rates}
+    return replace(a, bandwidth=mean(a.bandwidth, b.bandwidth), flops=mean(a.flops, b.flops),
+                   fp32_flops=mean(a.fp32_flops, b.fp32_flops), dequant_rates=rates)
 
 
 def main() -> None:
@@ -29,8 +41,9 @@ def main() -> None:
     for name in args.models:
         path = resolve_model(name)
         facts = read_model_facts(path)
-        hw = resolve_hardware(args.hardware, None, None, path)
+        before = resolve_hardware(args.hardware, None, None, path)
         report = run_bench(path, args.n_prompt, args.n_gen, args.repetitions, "auto")
+        hw = _average(before, resolve_hardware(args.hardware, None, None, path))
         kv = kv_cache_type("auto", report.dtype)
         plan_pp = args.n_prompt / prefill(facts, hw, args.n_prompt).seconds
         plan_tg = 1 / decode_step(facts, hw, kv, kv, 1, 1 + args.n_gen // 2).seconds

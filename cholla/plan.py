@@ -186,14 +186,20 @@ def decode_step(facts: ModelFacts, hw: Hardware, k_type: KVCacheType, v_type: KV
 def prefill(facts: ModelFacts, hw: Hardware, prompt: int) -> StepEstimate:
     """A ``prompt``-token prefill in one step: matmuls plus causal attention (window-capped)."""
     config = facts.config
-    attention_pairs = sum(prompt * (prompt + 1) // 2 if w is None else sum(min(t + 1, w) for t in range(prompt))
-                          for w in layer_windows(config))
+    attention_pairs = sum(_causal_pairs(prompt, prompt if w is None else w) for w in layer_windows(config))
     flops = 2 * facts.weights.matmul_params * prompt + 4 * config.num_heads * config.head_dim * attention_pairs
     if hw.reference_path:  # each weight dequantized once, then an fp32 matmul
         return StepEstimate(_dequant_seconds(facts.weights, hw) + flops / hw.fp32_flops, "compute")
     memory = facts.weights.decode_bytes / hw.bandwidth
     compute = flops / hw.flops
     return StepEstimate(max(memory, compute), "memory" if memory >= compute else "compute")
+
+
+def _causal_pairs(prompt: int, window: int) -> int:
+    """(query, key) pairs of causal attention over ``prompt`` tokens, each seeing at most ``window`` keys."""
+    if prompt <= window:
+        return prompt * (prompt + 1) // 2
+    return window * (window + 1) // 2 + (prompt - window) * window
 
 
 def _dequant_seconds(weights: WeightFacts, hw: Hardware) -> float:
@@ -220,14 +226,18 @@ def littles_law(facts: ModelFacts, hw: Hardware, k_type: KVCacheType, v_type: KV
 
 def best_for_latency(facts, hw, k_type, v_type, prompt: int, output: int, latency: float,
                      most: int) -> LittlesLaw | None:
-    """The most requests in flight (up to ``most``) whose latency stays within ``latency`` seconds."""
-    best = None
-    for concurrency in range(1, max(most, 0) + 1):
-        result = littles_law(facts, hw, k_type, v_type, prompt, output, concurrency)
-        if result.latency_s > latency:
-            break
-        best = result
-    return best
+    """The most requests in flight (up to ``most``) whose latency stays within ``latency`` seconds.
+    Latency grows with the requests in flight, so a bisection finds it."""
+    def law(concurrency: int) -> LittlesLaw:
+        return littles_law(facts, hw, k_type, v_type, prompt, output, concurrency)
+
+    if most < 1 or law(1).latency_s > latency:
+        return None
+    low, high = 1, most  # law(low) meets the target
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if law(middle).latency_s <= latency else (low, middle - 1)
+    return law(low)
 
 
 # -- the whole plan ---------------------------------------------------------------
@@ -262,8 +272,8 @@ def _weights_by_type(path: Path) -> dict[str, list]:
     if path.is_dir():  # plain tensors: converting them is what the reference path does per step
         facts = read_model_facts(path)
         shape = (facts.config.intermediate_size, facts.config.hidden_size)
-        return {kind: [torch.randn(shape).to(getattr(torch, {"BF16": "bfloat16", "F16": "float16"}.get(kind, "float32")))]
-                for kind in facts.weights.matmul_params_by_type}
+        dtypes = {"BF16": torch.bfloat16, "F16": torch.float16}
+        return {kind: [torch.randn(shape).to(dtypes.get(kind, torch.float32))] for kind in facts.weights.matmul_params_by_type}
     from cholla.formats.gguf import read_gguf
 
     found: dict[str, list] = {}

@@ -14,8 +14,8 @@ from cholla.engine.engine import EngineConfig, LLMEngine
 from cholla.hardware import GB, TFLOP, Hardware
 from cholla.kv.kv_types import kv_cache_type
 from cholla.models.loader import load_model
-from cholla.plan import (PlanRequest, decode_step, littles_law, make_plan, prefill, read_model_facts,
-                         window_aware_bytes)
+from cholla.plan import (PlanRequest, _causal_pairs, best_for_latency, decode_step, littles_law, make_plan, prefill,
+                         read_model_facts, window_aware_bytes)
 
 BUDGET = 48 * 2**20
 CONTEXT = 640
@@ -99,6 +99,12 @@ def test_roofline_and_littles_law_arithmetic(smollm2_path):
     assert law.output_tokens_per_s == pytest.approx(128 * law.requests_per_s)
     step = decode_step(facts, hw, bf16, bf16, 8, 512 + 64).seconds
     assert 1 / law.requests_per_s == pytest.approx(prefill(facts, hw, 512).seconds + 128 * step / 8)
+    brute = [b for b in range(1, 301) if littles_law(facts, hw, bf16, bf16, 512, 128, b).latency_s <= 0.05]
+    best = best_for_latency(facts, hw, bf16, bf16, 512, 128, 0.05, 300)
+    assert 1 < best.concurrency == max(brute) < 300
+    assert best_for_latency(facts, hw, bf16, bf16, 512, 128, 1e-6, 300) is None
+    for prompt, window in ((10, 512), (600, 512), (512, 512), (1000, 3)):
+        assert _causal_pairs(prompt, window) == sum(min(t + 1, window) for t in range(prompt))
     reference = Hardware("cpu", 10 * GB, 0.1 * TFLOP, None, "test", reference_path=True, fp32_flops=0.05 * TFLOP,
                          dequant_rates={"Q4_1": 5e8, "Q8_0": 1e9, "F32": 1e10})
     expected = sum(params / reference.dequant_rates[kind] for kind, params in weights.matmul_params_by_type.items())
