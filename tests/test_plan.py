@@ -137,3 +137,24 @@ def test_default_context_is_capped_by_the_cache_as_in_the_engine(smollm2_path):
     large = make_plan(facts, PlanRequest(kv_cache_memory=2**30), bf16, bf16, None)
     assert large.layout["context"] == facts.config.max_position_embeddings
     assert math.isclose(large.kv["tokens_per_gib"], 2**30 / large.kv["bytes_per_token"])
+
+
+def test_hugging_face_folder_weights(tmp_path):
+    """A SafeTensors folder's sizes from its headers equal the model's own tensors."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3Config(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      max_position_embeddings=512, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    facts = read_model_facts(tmp_path)
+    state = model.state_dict()
+    assert facts.weights.bytes_by_type == {"BF16": sum(t.nbytes for t in state.values())}
+    embedding = state["model.embed_tokens.weight"]
+    assert facts.weights.decode_bytes == facts.weights.total_bytes - embedding.nbytes  # untied: rows only
+    assert facts.weights.matmul_params == sum(t.numel() for n, t in state.items() if t.dim() == 2) - embedding.numel()
+    bf16 = kv_cache_type("bf16")
+    plan = make_plan(facts, PlanRequest(context=512, kv_cache_memory=2**20), bf16, bf16, None)
+    assert plan.kv["bytes_per_token"] == 2 * 2 * 2 * 32 * 2
