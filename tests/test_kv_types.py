@@ -67,24 +67,37 @@ def test_q4_0_is_llama_cpps_block_quantization():
     torch.testing.assert_close(back, torch.from_numpy(expected), rtol=0, atol=0)
 
 
-def test_q4_0_rot_is_q4_0_of_hadamard_rotated_heads():
-    """Reference: a Hadamard matrix as Kronecker powers of [[1, 1], [1, -1]], gguf's Q4_0 of the
-    rotated rows, rotated back."""
-    from functools import reduce
+def _int8_reference(flat: np.ndarray) -> np.ndarray:
+    """Per row: scale max|x| / 127 (kept as fp16), values rounded half away from zero."""
+    scale = np.abs(flat).max(axis=1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(scale == 0, 0, 1 / scale).astype(np.float32)
+    return _round_half_away(flat * inverse) * scale.astype(np.float16).astype(np.float32)
 
+
+def _q4_0_reference(flat: np.ndarray) -> np.ndarray:
     from gguf.quants import dequantize as gguf_dequantize
 
+    blocks = gguf_quantize(flat, GGMLQuantizationType.Q4_0)
+    return gguf_dequantize(blocks, GGMLQuantizationType.Q4_0).reshape(flat.shape)
+
+
+@pytest.mark.parametrize("type_name, plain_name, reference", [("q4_0_rot", "q4_0", _q4_0_reference),
+                                                              ("int8_rot", "int8", _int8_reference)])
+def test_rotated_types_quantize_hadamard_rotated_heads(type_name, plain_name, reference):
+    """Reference: a Hadamard matrix as Kronecker powers of [[1, 1], [1, -1]], the plain type's
+    reference quantizer on the rotated rows, rotated back."""
+    from functools import reduce
+
     x = _rows(32)
-    cache, back = _written("q4_0_rot", x)
+    _, back = _written(type_name, x)
     h = (reduce(np.kron, [np.array([[1, 1], [1, -1]])] * int(np.log2(HEAD_DIM))) / np.sqrt(HEAD_DIM)).astype(np.float32)
-    rotated = x.reshape(-1, HEAD_DIM).numpy() @ h
-    blocks = gguf_quantize(rotated, GGMLQuantizationType.Q4_0)
-    expected = gguf_dequantize(blocks, GGMLQuantizationType.Q4_0).reshape(-1, HEAD_DIM) @ h
+    expected = reference(x.reshape(-1, HEAD_DIM).numpy() @ h) @ h
     torch.testing.assert_close(back, torch.from_numpy(expected).reshape(x.shape), rtol=0, atol=2e-5)
     # The point of rotating: keys with outlier channels (as real models' keys have) come back closer.
     keys = torch.randn(48, KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(3))
     keys[..., 7] *= 12
-    rotated_back, plain_back = _written("q4_0_rot", keys)[1], _written("q4_0", keys)[1]
+    rotated_back, plain_back = _written(type_name, keys)[1], _written(plain_name, keys)[1]
     assert (rotated_back - keys).norm() < 0.7 * (plain_back - keys).norm()
 
 
@@ -92,12 +105,7 @@ def test_int8_has_one_scale_per_token_and_head():
     x = _rows(40)
     cache, back = _written("int8", x)
     assert cache.scales.shape == (4, 16, KV_HEADS, 1)
-    flat = x.numpy().reshape(-1, HEAD_DIM)
-    scale = np.abs(flat).max(axis=1, keepdims=True) / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inverse = np.where(scale == 0, 0, 1 / scale).astype(np.float32)
-    values = _round_half_away(flat * inverse)
-    expected = values * scale.astype(np.float16).astype(np.float32)
+    expected = _int8_reference(x.numpy().reshape(-1, HEAD_DIM))
     torch.testing.assert_close(back, torch.from_numpy(expected.reshape(x.shape)), rtol=0, atol=0)
     assert (back - x).abs().max() <= x.abs().amax(-1, keepdim=True).max() / 127  # within a step
 
@@ -176,7 +184,7 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time, in a land far away, there lived a " + "very " * 40 + "old dragon who",
 ]
-ENGINE_TYPES = ["fp8_e4m3", "int8", "q8_0", "q4_0_rot"]  # bf16 and f32: tests/test_engine.py and the rest
+ENGINE_TYPES = ["fp8_e4m3", "int8", "int8_rot", "q8_0", "q4_0_rot"]  # bf16 and f32: tests/test_engine.py and the rest
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ Each side of a layer's cache (K or V) is stored as ``[blocks, block_size, kv_hea
   ``m`` of largest magnitude, ``q = trunc(x / d + 8.5)`` clipped to 0..15, value ``(q - 8) d``,
   two per byte: values 0-15 of a block in the low nibbles, 16-31 in the high ones), kept as
   two planes (values, scales) instead of interleaved blocks;
-- ``q4_0_rot`` is ``q4_0`` of each head rotated by a normalized Hadamard matrix ``H``
-  (``H = H^T = H^-1``), and rotated back on reading. The rotation spreads a few outlier
-  channels over all of them, so each block's scale is set by typical values, not the
-  outliers: QuaRot's treatment of the KV cache (Ashkboos et al., "QuaRot: Outlier-Free 4-Bit
-  Inference in Rotated LLMs", NeurIPS 2024). Same size as ``q4_0``.
+- ``int8_rot`` and ``q4_0_rot`` are ``int8`` and ``q4_0`` of each head rotated by a
+  normalized Hadamard matrix ``H`` (``H = H^T = H^-1``), and rotated back on reading. The
+  rotation spreads a few outlier channels over all of them, so each scale is set by typical
+  values, not the outliers: QuaRot's treatment of the KV cache (Ashkboos et al., "QuaRot:
+  Outlier-Free 4-Bit Inference in Rotated LLMs", NeurIPS 2024). Same sizes as unrotated.
 
 Attention reads every type back as fp32 (``gather``). cholla's C++ decode kernels read only
 ``f32`` and ``bf16``; for the others the layers use the PyTorch path.
@@ -40,7 +40,7 @@ class KVCacheType:
     storage: torch.dtype  # element dtype of the values
     group: int | None = None  # values per fp16 scale along head_dim; 0 = the whole head; None = no scale
     bits: int = 8  # per value; 4: two to a byte (q4_0)
-    rotated: bool = False  # each head Hadamard-rotated before quantizing (q4_0_rot)
+    rotated: bool = False  # each head Hadamard-rotated before quantizing (int8_rot, q4_0_rot)
 
     def groups(self, head_dim: int) -> int:
         """Scales per (token, head)."""
@@ -55,7 +55,7 @@ class KVCacheType:
     def check(self, head_dim: int) -> None:
         if self.rotated and head_dim & (head_dim - 1):
             raise InvalidRequestError(f"KV cache type {self.name} needs a power-of-two head_dim, the model's is "
-                                      f"{head_dim}; choose q4_0")
+                                      f"{head_dim}; choose a type without _rot")
         if self.group and head_dim % self.group:
             raise InvalidRequestError(f"KV cache type {self.name} needs a head_dim divisible by {self.group}, "
                                       f"the model's is {head_dim}; choose int8 or a float type")
@@ -72,6 +72,7 @@ KV_CACHE_TYPES = {
         KVCacheType("int8", torch.int8, group=0),
         KVCacheType("q8_0", torch.int8, group=32),
         KVCacheType("q4_0", torch.uint8, group=32, bits=4),
+        KVCacheType("int8_rot", torch.int8, group=0, rotated=True),
         KVCacheType("q4_0_rot", torch.uint8, group=32, bits=4, rotated=True),
     )
 }
@@ -102,7 +103,7 @@ class ScaledKV(NamedTuple):
 
     values: torch.Tensor
     scales: torch.Tensor
-    rotated: bool = False  # heads stored Hadamard-rotated (q4_0_rot)
+    rotated: bool = False  # heads stored Hadamard-rotated (int8_rot, q4_0_rot)
 
     @property
     def shape(self) -> torch.Size:
@@ -186,10 +187,8 @@ def _quantize(x: torch.Tensor, cache: ScaledKV) -> tuple[torch.Tensor, torch.Ten
 
 
 def _dequantize(values: torch.Tensor, scales: torch.Tensor, rotated: bool) -> torch.Tensor:
-    if values.dtype == torch.uint8:
-        x = dequantize_q4_0(values, scales)
-        return x @ hadamard(x.shape[-1]) if rotated else x
-    return dequantize_int8(values, scales)
+    x = dequantize_q4_0(values, scales) if values.dtype == torch.uint8 else dequantize_int8(values, scales)
+    return x @ hadamard(x.shape[-1]) if rotated else x
 
 
 def _encode_float(kv_type: KVCacheType, x: torch.Tensor) -> torch.Tensor:
