@@ -1,32 +1,24 @@
 """How close ``cholla plan``'s estimates for this machine come to ``cholla bench``.
 
-    OMP_NUM_THREADS=1 python benchmarks/plan_vs_bench.py --models smollm2 gemma3 -p 64 -n 32 -r 3
+    OMP_NUM_THREADS=1 python benchmarks/plan_vs_bench.py --models smollm2 gemma3 -p 64 -n 32 -r 5
 
-Per model: this machine measured as ``cholla plan --hardware local`` measures it, right
-before and right after the bench run (the two averaged: on a shared machine the pace
-drifts), then the plan's prefill (``-p`` tokens) and single-sequence decode estimates (over
-the contexts ``tg{n}`` walks through) next to the bench's figures.
+On a machine shared with other work the pace drifts by tens of percent from one minute to
+the next, so each repetition pairs a measurement with a bench run taken right after it:
+this machine measured as ``cholla plan --hardware local`` measures it, then one
+``cholla bench -p P -n N -r 1``, and the plan's prefill (``-p`` tokens) and single-sequence
+decode estimates (over the contexts ``tg{n}`` walks through) divided by the bench's figures.
+Prints each pair's ratios and their median.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+import statistics
 
 from cholla.bench import run_bench
 from cholla.download import resolve_model
-from cholla.hardware import Hardware
 from cholla.kv.kv_types import kv_cache_type
 from cholla.plan import decode_step, prefill, read_model_facts, resolve_hardware
-
-
-def _average(a: Hardware, b: Hardware) -> Hardware:
-    def mean(x, y):
-        return None if x is None else (x + y) / 2
-
-    rates = {k: (a.dequant_rates[k] + b.dequant_rates[k]) / 2 for k in a.dequant_rates}
-    return replace(a, bandwidth=mean(a.bandwidth, b.bandwidth), flops=mean(a.flops, b.flops),
-                   fp32_flops=mean(a.fp32_flops, b.fp32_flops), dequant_rates=rates)
 
 
 def main() -> None:
@@ -34,28 +26,32 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
     parser.add_argument("-p", "--n-prompt", type=int, default=64)
     parser.add_argument("-n", "--n-gen", type=int, default=32)
-    parser.add_argument("-r", "--repetitions", type=int, default=3)
+    parser.add_argument("-r", "--repetitions", type=int, default=5, help="measure-then-bench pairs")
     parser.add_argument("--hardware", default="local", help="a cholla plan preset, or local (default)")
     args = parser.parse_args()
-    rows = []
+    print("| model | rep | measured (GB/s; G weights/s by type) | plan pp | bench pp | ratio | plan tg | bench tg | ratio |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    summary = []
     for name in args.models:
         path = resolve_model(name)
         facts = read_model_facts(path)
-        before = resolve_hardware(args.hardware, None, None, path)
-        report = run_bench(path, args.n_prompt, args.n_gen, args.repetitions, "auto")
-        hw = _average(before, resolve_hardware(args.hardware, None, None, path))
-        kv = kv_cache_type("auto", report.dtype)
-        plan_pp = args.n_prompt / prefill(facts, hw, args.n_prompt).seconds
-        plan_tg = 1 / decode_step(facts, hw, kv, kv, 1, 1 + args.n_gen // 2).seconds
-        bench = {test.name: test for test in report.tests}
-        pp, tg = bench[f"pp{args.n_prompt}"], bench[f"tg{args.n_gen}"]
-        rows.append((name, report.dtype, hw, plan_pp, pp, plan_tg, tg))
-    print("| model | dtype | hardware | plan pp t/s | bench pp t/s | plan / bench | plan tg t/s | bench tg t/s | plan / bench |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, dtype, hw, plan_pp, pp, plan_tg, tg in rows:
-        rates = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in hw.dequant_rates.items())
-        print(f"| {name} | {dtype} | {hw.bandwidth / 1e9:.1f} GB/s; {rates} G/s | {plan_pp:.1f} | {pp.mean:.1f} ± {pp.sd:.1f} "
-              f"| {plan_pp / pp.mean:.2f} | {plan_tg:.2f} | {tg.mean:.2f} ± {tg.sd:.2f} | {plan_tg / tg.mean:.2f} |")
+        pp_ratios, tg_ratios = [], []
+        for rep in range(args.repetitions):
+            hw = resolve_hardware(args.hardware, None, None, path)
+            report = run_bench(path, args.n_prompt, args.n_gen, 1, "auto", seed=rep)
+            kv = kv_cache_type("auto", report.dtype)
+            plan_pp = args.n_prompt / prefill(facts, hw, args.n_prompt).seconds
+            plan_tg = 1 / decode_step(facts, hw, kv, kv, 1, 1 + args.n_gen // 2).seconds
+            bench = {test.name: test.mean for test in report.tests}
+            pp, tg = bench[f"pp{args.n_prompt}"], bench[f"tg{args.n_gen}"]
+            pp_ratios.append(plan_pp / pp)
+            tg_ratios.append(plan_tg / tg)
+            rates = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in hw.dequant_rates.items())
+            print(f"| {name} | {rep + 1} | {hw.bandwidth / 1e9:.1f}; {rates} | {plan_pp:.1f} | {pp:.1f} | "
+                  f"{pp_ratios[-1]:.2f} | {plan_tg:.2f} | {tg:.2f} | {tg_ratios[-1]:.2f} |", flush=True)
+        summary.append((name, statistics.median(pp_ratios), statistics.median(tg_ratios), min(tg_ratios), max(tg_ratios)))
+    for name, pp, tg, low, high in summary:
+        print(f"{name}: median plan / bench: pp{args.n_prompt} {pp:.2f}, tg{args.n_gen} {tg:.2f} (range {low:.2f}-{high:.2f})")
 
 
 if __name__ == "__main__":
