@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-headers", nargs="+", default=["*"], metavar="HEADER",
                        help="CORS: allowed request headers (default '*')")
     serve.add_argument("--allow-credentials", action="store_true", help="CORS: allow cookies and credentials")
+    serve.add_argument("--max-stored-responses", type=int, default=1000, metavar="N",
+                       help="responses the Responses API keeps for previous_response_id, least recently used out "
+                            "(default 1000)")
     serve.add_argument("--reasoning-parser", default="auto", choices=REASONING_PARSER_CHOICES, metavar="NAME",
                        help="separate a reasoning model's thinking: think, harmony, auto (from the chat template; "
                             "the default) or none")
@@ -331,7 +334,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(args.served_model_name or [args.model or DEFAULT_MODEL], args.api_key, args.max_queue,
                               _flag_list(args.allowed_origins), _flag_list(args.allowed_methods),
                               _flag_list(args.allowed_headers), args.allow_credentials,
-                              limits=_request_limits(args), reasoning_parser=args.reasoning_parser)
+                              limits=_request_limits(args), reasoning_parser=args.reasoning_parser,
+                              max_stored_responses=args.max_stored_responses)
     failures: list[BaseException] = []
 
     def stop_on_load_error(error: BaseException) -> None:

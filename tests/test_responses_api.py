@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from cholla.errors import ChollaError
 from cholla.serve.errors import APIError
 from cholla.serve.responses_api import ResponseStore, StoredResponse
 from tests.test_serve import MODEL, _wait_idle, client, live  # noqa: F401  (module fixtures)
@@ -136,6 +137,8 @@ def test_store_keeps_the_most_recently_used():
     with pytest.raises(APIError, match="2 most recent") as error:
         store.get("b")
     assert error.value.status == 404
+    with pytest.raises(ChollaError, match="--max-stored-responses must be at least 1"):
+        ResponseStore(capacity=0)
 
 
 def test_function_tools_streamed_and_not(client):

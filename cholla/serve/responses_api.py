@@ -12,8 +12,8 @@ each with its ``sequence_number``. ``text.format`` ``json_schema`` /
 ``json_object`` constrain the answer with the grammar engine.
 
 ``store`` (default true) keeps each response, with the conversation that led to it,
-in a bounded in-memory store (the ``max_stored_responses`` most recently used;
-``ServerSettings``), so a later request can continue it with
+in a bounded in-memory store (the ``--max-stored-responses`` most recently used),
+so a later request can continue it with
 ``previous_response_id``; an unknown or evicted id is a 404. Fields the API defines
 but cholla does not implement are refused with a 400 that names them; unknown
 fields too.
@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
+from cholla.errors import ChollaError
 from cholla.reasoning import effort_template_kwargs
 from cholla.sampling.params import StructuredOutputsParams
 from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, off_loop, read_json, validate
@@ -133,6 +134,9 @@ class ResponseStore:
     """The ``capacity`` most recently used responses; the least recently used one goes first."""
 
     def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ChollaError(f"--max-stored-responses must be at least 1 (the store keeps that many responses), "
+                              f"got {capacity}")
         self.capacity = capacity
         self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
 
