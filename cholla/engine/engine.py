@@ -103,10 +103,10 @@ class _RequestState:
 class LLMEngine:
     def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        set_threads(config.threads)
         kv_cache_types(config, "float32")  # a misspelt KV type fails before the model loads
         keep_buffers_mapped()
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
+        set_threads(config.threads)  # after loading: a corrupt file's error stays the only line printed
         if config.dtype != "auto" and self.loaded.dtype != resolve_dtype(config.dtype):
             raise InvalidRequestError(
                 f"the model was loaded with dtype {self.loaded.dtype} but the engine asks for {config.dtype}; "
