@@ -23,7 +23,7 @@ from cholla.engine.engine import EngineConfig, LLMEngine
 from cholla.errors import InvalidRequestError
 from cholla.sampling.params import StructuredOutputsParams as Structured
 from cholla.sampling.sampler import SamplingBatch, sample
-from cholla.sampling.structured import DEAD_END, allowed_tokens
+from cholla.sampling.structured import DEAD_END, StructuredOutputs, allowed_tokens
 from cholla.serve import ServerSettings, create_app
 from tests.test_serve import LiveServer
 
@@ -116,6 +116,17 @@ def test_mask_matches_llguidance_token_by_token(llm):
     assert torch.equal(allowed, verdict)
     assert 0 < int(allowed.sum()) < vocab
     assert not any(allowed[t] for t in llm.engine.eos_token_ids)  # inside a string: no end yet
+
+
+def test_ids_past_the_tokenizer_are_never_allowed(llm):
+    """A model whose logits are wider than its tokenizer's vocabulary: the extra ids stay masked."""
+    tokenizer = llm.tokenizer
+    wide = StructuredOutputs(tokenizer, tokenizer.vocab_size + 40, llm.engine.eos_token_ids)
+    matcher = wide.compile(Structured(regex="[a-z ]+")).matcher()
+    bitmask = torch.zeros(1, wide.mask_words, dtype=torch.int32)
+    wide.fill_bitmask([matcher], bitmask)
+    allowed = allowed_tokens(bitmask, tokenizer.vocab_size + 40)[0]
+    assert allowed[: tokenizer.vocab_size].sum() > 100 and not allowed[tokenizer.vocab_size :].any()
 
 
 def test_sampler_masks_only_constrained_rows():

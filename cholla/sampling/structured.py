@@ -89,16 +89,14 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_token_ids: set[int])
 
     ``vocab_size`` is the model's logits width; ids past the tokenizer's own are never allowed.
     """
+    key = (vocab_size, tuple(sorted(eos_token_ids)))
     with _ll_tokenizers_lock:
-        cached = _ll_tokenizers.get(tokenizer)
-        key = (vocab_size, tuple(sorted(eos_token_ids)))
-        if cached is None or cached[0] != key:
-            built = llguidance.LLTokenizer(
-                tokenizer.backend.to_str(), n_vocab=max(vocab_size, tokenizer.vocab_size),
-                eos_token=sorted(eos_token_ids),
+        built = _ll_tokenizers.setdefault(tokenizer, {})
+        if key not in built:
+            built[key] = llguidance.LLTokenizer(
+                tokenizer.backend.to_str(), n_vocab=max(vocab_size, tokenizer.vocab_size), eos_token=list(key[1])
             )
-            cached = _ll_tokenizers[tokenizer] = (key, built)
-        return cached[1]
+        return built[key]
 
 
 class GrammarMatcher:
