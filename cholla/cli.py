@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", action="store_true", help="turn off the prefix cache")
     serve.add_argument("--max-queue", type=int, default=1024,
                        help="sequences that may wait beyond --max-num-seqs; more get 503 + Retry-After (default 1024)")
+    serve.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                       help="let browsers on these origins call the API (CORS): '*' or origins, or vLLM's JSON list "
+                            "(default: none, CORS off)")
+    serve.add_argument("--allowed-methods", nargs="+", default=["*"], metavar="METHOD",
+                       help="CORS: allowed methods (default '*')")
+    serve.add_argument("--allowed-headers", nargs="+", default=["*"], metavar="HEADER",
+                       help="CORS: allowed request headers (default '*')")
+    serve.add_argument("--allow-credentials", action="store_true", help="CORS: allow cookies and credentials")
     _add_model_options(serve)
 
     info = sub.add_parser("info", help="describe a model file")
@@ -145,6 +153,23 @@ def _sampling_params(args: argparse.Namespace):
         ignore_eos=args.ignore_eos,
         structured_outputs=_structured_outputs(args),
     )
+
+
+def _flag_list(values: list[str] | None) -> list[str] | None:
+    """Values given one by one, or as vLLM's JSON list (``'["http://a", "http://b"]'``)."""
+    if values is None:
+        return None
+    flat = []
+    for value in values:
+        if value.lstrip().startswith("["):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                raise ChollaError(f"{value!r} is not a JSON list; give the values one by one or as '[\"a\", \"b\"]'") from None
+            flat += [str(v) for v in parsed]
+        else:
+            flat.append(value)
+    return flat
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -233,7 +258,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("cholla").setLevel(logging.INFO)  # show the model load's progress
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching, **_engine_kwargs(args))
-    settings = ServerSettings(args.served_model_name or [args.model or DEFAULT_MODEL], args.api_key, args.max_queue)
+    settings = ServerSettings(args.served_model_name or [args.model or DEFAULT_MODEL], args.api_key, args.max_queue,
+                              _flag_list(args.allowed_origins), _flag_list(args.allowed_methods),
+                              _flag_list(args.allowed_headers), args.allow_credentials)
     failures: list[BaseException] = []
 
     def stop_on_load_error(error: BaseException) -> None:

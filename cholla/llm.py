@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Iterator, Sequence
 
@@ -12,6 +13,7 @@ from cholla.engine.engine import EngineConfig, LLMEngine
 from cholla.engine.outputs import CompletionOutput, RequestOutput
 from cholla.sampling.params import SamplingParams
 from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
+from cholla.tool_calling.plan import ToolChoice, plan_tools
 
 Prompt = str | list[int] | dict[str, Any]
 Message = dict[str, Any]
@@ -71,22 +73,42 @@ class LLM:
                 continue
             subs = [finished[f"{request_id}#{j}"] for j in range(n)]
             results.append(RequestOutput(request_id, subs[0].prompt, subs[0].prompt_token_ids,
-                                         [s.outputs[0] for s in subs], True, subs[0].metrics))
+                                         [s.outputs[0] for s in subs], True, subs[0].metrics, subs[0].prompt_logprobs))
         return results
 
-    def encode_messages(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
-        return encode_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt=add_generation_prompt)
+    def encode_messages(self, messages: list[Message], add_generation_prompt: bool = True,
+                        tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return encode_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           tools=tools)
 
     def chat(
         self,
         messages: list[Message] | list[list[Message]],
         sampling_params: SamplingParams | None = None,
         use_tqdm: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: ToolChoice | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (or many) and generate replies."""
+        """Apply the model's chat template to one conversation (or many) and generate replies.
+
+        ``tools`` (OpenAI tool dicts) go through the template; each completion's ``tool_calls``
+        then holds the calls read from its text (``[]`` when it made none). ``tool_choice``
+        is OpenAI's: ``"auto"`` (default), ``"none"``, ``"required"`` or a named function.
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self.encode_messages(c)} for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        end_texts = tuple(self.tokenizer.decode([i], skip_special_tokens=False) for i in sorted(self.tokenizer.eog_token_ids))
+        plan = plan_tools(self.chat_template, tools, tool_choice, end_texts=end_texts)
+        prompts = [{"prompt_token_ids": self.encode_messages(c, tools=plan.tools)} for c in conversations]
+        params = sampling_params or SamplingParams()
+        if plan.parser is not None:
+            params = dataclasses.replace(params, **plan.sampling_kwargs())
+        outputs = self.generate(prompts, params, use_tqdm=use_tqdm)
+        if plan.parser is not None:
+            for output in outputs:
+                for completion in output.outputs:
+                    completion.text = plan.reply_text(completion.text, finished=True)  # no end-of-turn token text
+                    completion.tool_calls = plan.parse(completion.text)[1]
+        return outputs
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[CompletionOutput]:
         """Yield the growing completion of one prompt after every new token."""

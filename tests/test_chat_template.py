@@ -155,3 +155,87 @@ def test_gemma3_uses_turn_fallback_with_one_bos(gemma3):
     # A template that leaves BOS out still gets it, since the model asks for BOS.
     no_bos = ChatTemplate(template.source.replace("{{ bos_token }}", ""), special_tokens=gemma3.special_tokens)
     assert encode_chat(gemma3, no_bos, messages) == ids
+
+
+# Tool definitions and tool history through real models' templates (tests/fixtures/tool_templates/SOURCES.md).
+TOOL_TEMPLATES = Path(__file__).parent / "fixtures" / "tool_templates"
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city"},
+                                                    "days": {"type": "integer"}}, "required": ["city"]}}}
+CALL_ID = "abcDEF123"  # Mistral's templates insist on 9 letters and digits
+TOOL_HISTORY = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    # As the OpenAI API carries it: arguments as JSON text (transformers takes dicts: see _hf_messages).
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": CALL_ID, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]},
+    {"role": "tool", "tool_call_id": CALL_ID, "content": "sunny, 21 C"},
+]
+
+
+def _hf_messages(messages: list[dict]) -> list[dict]:
+    import json
+
+    out = []
+    for message in messages:
+        if message.get("tool_calls"):
+            message = {**message, "tool_calls": [
+                {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                for c in message["tool_calls"]]}
+        out.append(message)
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_hf_tokenizer():
+    """A transformers tokenizer that only carries BOS/EOS: rendering needs no vocabulary."""
+    from tokenizers import Tokenizer as Backend, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Backend(models.WordLevel({"<s>": 0, "</s>": 1, "<unk>": 2}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("history", [2, 4], ids=["question", "call-and-result"])
+@pytest.mark.parametrize("with_tools", [True, False], ids=["tools", "no-tools"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in TOOL_TEMPLATES.glob("*.jinja")))
+def test_tool_templates_render_like_transformers(plain_hf_tokenizer, name, with_tools, history):
+    source = (TOOL_TEMPLATES / f"{name}.jinja").read_text()
+    template = ChatTemplate(source, "<s>", "</s>")
+    assert template.supports_tools
+    messages, tools = TOOL_HISTORY[:history], [WEATHER_TOOL] if with_tools else None
+    expected = plain_hf_tokenizer.apply_chat_template(_hf_messages(messages), tools=tools, chat_template=source,
+                                                      tokenize=False, add_generation_prompt=True)
+    assert template.render(messages, tools=tools) == expected
+    if with_tools:
+        assert "get_weather" in expected and "The city" in expected
+
+
+def test_generic_tool_format_for_templates_without_tools(smollm2):
+    """SmolLM2's template never reads ``tools``: they go to a system prompt, calls and results into plain turns."""
+    from cholla.tool_calling.hermes import HermesParser
+
+    _, template, hf = smollm2
+    assert not template.supports_tools
+    rendered = template.render(TOOL_HISTORY, tools=[WEATHER_TOOL])
+    assert rendered.startswith("<|im_start|>system\nBe brief.\n\nYou can call these functions.")
+    assert '"name": "get_weather"' in rendered and "<tool_call>" in rendered
+    assert "<|im_start|>user\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>" in rendered
+    # The assistant turn as rendered is what the generic format's parser reads back.
+    turn = rendered.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+    content, calls = HermesParser().parse(turn)
+    assert content is None and [(c.name, c.arguments_dict) for c in calls] == [("get_weather", {"city": "Paris", "days": 2})]
+    # And the messages the template got are plain turns transformers renders the same way.
+    from cholla.tool_calling.generic import generic_messages
+
+    plain = generic_messages(TOOL_HISTORY, [WEATHER_TOOL])
+    assert rendered == hf.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+
+
+def test_tool_call_arguments_must_be_json():
+    template = ChatTemplate((TOOL_TEMPLATES / "qwen2.5.jinja").read_text())
+    bad = [TOOL_HISTORY[1], {"role": "assistant", "content": "", "tool_calls": [
+        {"id": CALL_ID, "type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}]}]
+    with pytest.raises(ChatTemplateError, match="not JSON"):
+        template.render(bad)

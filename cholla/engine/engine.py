@@ -206,7 +206,7 @@ class LLMEngine:
         self.metrics.steps += 1
         self.metrics.batch_sizes.append(len(batch.requests))
         self.metrics.preemptions += len(batch.preempted)
-        return self._postprocess(batch, result.token_ids, result.logprobs, result.dead_ends)
+        return self._postprocess(batch, result.token_ids, result.logprobs, result.dead_ends, result.prompt_logprobs)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -223,17 +223,23 @@ class LLMEngine:
         )
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list,
-                     dead_ends: set[int]) -> list[RequestOutput]:
+                     dead_ends: set[int], prompt_logprobs: list | None = None) -> list[RequestOutput]:
         now = time.monotonic()
         outputs = []
         for i, (request, n, token, lp) in enumerate(zip(batch.requests, batch.num_tokens, tokens, logprobs)):
             request.num_computed_tokens += n
             self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids, request.num_computed_tokens)
+            if prompt_logprobs is not None and prompt_logprobs[i] is not None:
+                request.prompt_logprobs += prompt_logprobs[i]
             state = self.states[request.request_id]
             if i in dead_ends:
                 self._end_grammar(state, request.grammar.error or DEAD_END)
             elif token is None:
-                continue
+                if request.params.max_tokens != 0 or request.num_computed_tokens < request.num_tokens:
+                    continue
+                # max_tokens=0: the prompt is scored (prompt logprobs), nothing is generated.
+                request.finish_reason = "length"
+                request.first_token_time = request.last_token_time = now
             else:
                 self._append_token(state, token, lp, now)
                 if request.grammar is not None and request.finish_reason is None:
@@ -321,4 +327,6 @@ class LLMEngine:
             request.arrival_time, request.first_token_time, request.last_token_time,
             request.num_cached_prompt_tokens, request.num_preemptions,
         )
-        return RequestOutput(request.request_id, state.prompt, request.prompt_token_ids, [completion], finished, metrics)
+        prompt_logprobs = list(request.prompt_logprobs) if request.params.prompt_logprobs is not None else None
+        return RequestOutput(request.request_id, state.prompt, request.prompt_token_ids, [completion], finished, metrics,
+                             prompt_logprobs)

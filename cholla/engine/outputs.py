@@ -3,6 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from cholla.tool_calling.call import ToolCall
+
+
+class PromptLogprob(NamedTuple):
+    """One prompt token scored by the prefill: its logprob, the top alternatives, its rank.
+
+    ``top`` is ``[(token id, logprob), ...]`` best first, as in ``CompletionOutput.logprobs``;
+    ``rank`` is 1 + the number of tokens the model found likelier (vLLM's rank).
+    """
+
+    logprob: float
+    top: list[tuple[int, float]]
+    rank: int
 
 
 @dataclass
@@ -14,6 +30,8 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     # Per token: (chosen logprob, [(token id, logprob), ...] best first), when asked for.
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # The calls read from ``text`` when ``LLM.chat`` was given tools (``text`` keeps the raw reply).
+    tool_calls: list[ToolCall] | None = None
 
     @property
     def finished(self) -> bool:
@@ -37,3 +55,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: RequestMetrics | None = None
+    # With SamplingParams.prompt_logprobs, once the prefill is done: one entry per prompt
+    # token, None for the first (nothing precedes it), as vLLM's RequestOutput.prompt_logprobs.
+    prompt_logprobs: list[PromptLogprob | None] | None = None

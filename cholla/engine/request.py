@@ -39,11 +39,20 @@ class Request:
     num_preemptions: int = 0
     # Per output token: (chosen logprob, [(token id, logprob), ...]) when asked for.
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # With params.prompt_logprobs: [None, then one PromptLogprob per prompt token scored so far].
+    prompt_logprobs: list = field(default_factory=list)
     grammar: GrammarMatcher | None = None  # structured output: where the output stands in its grammar
 
     def __post_init__(self):
         if self.params.seed is not None and self.generator is None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs:
+            self.prompt_logprobs = [None]  # the first prompt token has nothing before it
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prefill rows of this request still have prompt tokens to score (no prefix cache for them)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:

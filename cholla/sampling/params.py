@@ -77,7 +77,7 @@ class SamplingParams:
     stop: str | list[str] | None = None  # a list after __post_init__
     stop_token_ids: list[int] | None = None  # a list after __post_init__
     ignore_eos: bool = False
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # 0: nothing is generated, the prompt is only scored (prompt_logprobs)
     min_tokens: int = 0
     logprobs: int | None = None  # how many top alternatives to return with each token
     skip_special_tokens: bool = True
@@ -125,14 +125,18 @@ class SamplingParams:
             _fail("stop", self.stop, "non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             _fail("stop_token_ids", self.stop_token_ids, "non-negative token ids")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            _fail("max_tokens", self.max_tokens, "an integer >= 1, or None for no limit")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            _fail("max_tokens", self.max_tokens, "an integer >= 0 (0: only score the prompt), or None for no limit")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             _fail("min_tokens", self.min_tokens, "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             _fail("min_tokens", self.min_tokens, f"<= max_tokens={self.max_tokens}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             _fail("logprobs", self.logprobs, "an integer >= 0, or None")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or isinstance(self.prompt_logprobs, bool) or self.prompt_logprobs < 0
+        ):
+            _fail("prompt_logprobs", self.prompt_logprobs, "an integer >= 0 (top alternatives per prompt token), or None")
         if self.logit_bias is not None and any(t < 0 for t in self.logit_bias):
             _fail("logit_bias", self.logit_bias, "keyed by non-negative token ids")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):

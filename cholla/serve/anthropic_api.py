@@ -1,16 +1,24 @@
 """Anthropic's Messages API: ``/v1/messages`` (and ``/v1/messages/count_tokens``).
 
 ``system`` and ``messages`` go through the model's chat template like an OpenAI
-chat; the reply is one text block. Fields Anthropic defines but cholla does not
-implement (tools, thinking, output formats, ...) are refused with a 400 that names
+chat; the reply is a text block, then a ``tool_use`` block per call when ``tools``
+are given (``tool_choice`` ``auto``, ``any``, ``tool`` and ``none`` map to OpenAI's
+``auto``, ``required``, a named function and ``none``). ``tool_use`` and
+``tool_result`` blocks in history become the template's tool calls and tool
+messages. Fields Anthropic defines but cholla does not
+implement (thinking, output formats, ...) are refused with a 400 that names
 them. Bookkeeping and routing hints (``metadata``, ``service_tier``, ``cache_control``,
 ``inference_geo``, ``user_profile_id``, ``workspace_id``) are accepted and ignored:
 they do not change the output. ``temperature``, ``top_p`` and ``top_k`` are honoured
 when sent (recent SDKs no longer send them; pass them in ``extra_body``).
+
+A final ``assistant`` message is a prefill: the prompt stops inside it, the model
+continues it, and the reply holds only the new text.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, AsyncIterator, Literal
 
@@ -22,14 +30,14 @@ from cholla.engine.outputs import CompletionOutput, RequestOutput
 from cholla.serve.context import Prepared, ServeContext, StrictModel, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
+from cholla.tool_calling.call import ToolCall
+from cholla.tool_calling.plan import ToolPlan
 
 log = logging.getLogger("cholla")
 
 router = APIRouter()
 
 UNSUPPORTED = {
-    "tools": "no tool use",
-    "tool_choice": "no tool use",
     "thinking": "no extended thinking",
     "mcp_servers": "no MCP servers",
     "container": "no code execution containers",
@@ -45,6 +53,20 @@ class AnthropicMessage(StrictModel):
     content: str | list[dict[str, Any]]
 
 
+class AnthropicTool(StrictModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    input_schema: dict[str, Any]
+    type: Literal["custom"] | None = None
+    cache_control: dict[str, Any] | None = None  # accepted and ignored, as elsewhere
+
+
+class AnthropicToolChoice(StrictModel):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
 class MessagesRequest(StrictModel):
     model: str
     messages: list[AnthropicMessage] = Field(min_length=1)
@@ -55,6 +77,8 @@ class MessagesRequest(StrictModel):
     top_p: float | None = None
     top_k: int | None = None
     stream: bool = False
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
     # Accepted and ignored: bookkeeping fields that do not change the output.
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
@@ -68,6 +92,8 @@ class CountTokensRequest(StrictModel):
     model: str
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
 
 
 def _text(content: str | list[dict[str, Any]], where: str) -> str:
@@ -82,20 +108,101 @@ def _text(content: str | list[dict[str, Any]], where: str) -> str:
     return "\n".join(texts)
 
 
-def template_messages(system: str | list[dict[str, Any]] | None, messages: list[AnthropicMessage]) -> list[dict[str, str]]:
-    converted = [{"role": "system", "content": _text(system, "system")}] if system else []
+def _tool_result(block: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(block.get("tool_use_id"), str):
+        raise APIError(400, f"{where} (tool_result) needs the 'tool_use_id' it answers")
+    content = block.get("content", "")
+    return {"role": "tool", "tool_call_id": block["tool_use_id"],
+            "content": _text(content, f"{where}.content") if content else ""}
+
+
+def _tool_use(block: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str) or not isinstance(block.get("input"), dict):
+        raise APIError(400, f"{where} (tool_use) needs 'id', 'name' and an 'input' object")
+    arguments = json.dumps(block["input"], ensure_ascii=False)
+    return {"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": arguments}}
+
+
+def template_messages(system: str | list[dict[str, Any]] | None, messages: list[AnthropicMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them: a user's ``tool_result`` blocks become tool messages
+    (before its text), an assistant's ``tool_use`` blocks its ``tool_calls``."""
+    converted: list[dict[str, Any]] = [{"role": "system", "content": _text(system, "system")}] if system else []
     for i, message in enumerate(messages):
-        converted.append({"role": message.role, "content": _text(message.content, f"messages[{i}].content")})
+        where = f"messages[{i}].content"
+        if isinstance(message.content, str):
+            converted.append({"role": message.role, "content": message.content})
+            continue
+        text_blocks, results, calls = [], [], []
+        for j, block in enumerate(message.content):
+            kind = block.get("type")
+            if kind == "tool_result" and message.role == "user":
+                results.append(_tool_result(block, f"{where}[{j}]"))
+            elif kind == "tool_use" and message.role == "assistant":
+                calls.append(_tool_use(block, f"{where}[{j}]"))
+            else:
+                text_blocks.append(block)
+        converted.extend(results)
+        if calls:
+            converted.append({"role": "assistant", "content": _text(text_blocks, where), "tool_calls": calls})
+        elif text_blocks or not results:
+            converted.append({"role": message.role, "content": _text(text_blocks, where)})
     return converted
 
 
-def stop_reason(completion: CompletionOutput) -> tuple[str, str | None]:
-    """Anthropic's ``stop_reason`` and ``stop_sequence`` for a finished completion."""
+def encode(ctx: ServeContext, system: str | list[dict[str, Any]] | None, messages: list[AnthropicMessage],
+           tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The prompt's token ids; a final assistant message is continued, not closed (Anthropic's prefill)."""
+    converted = template_messages(system, messages)
+    last = converted[-1]
+    if last["role"] == "assistant" and isinstance(last.get("content"), str) and last["content"].strip() \
+            and not last.get("tool_calls"):
+        return ctx.encode_chat(converted, add_generation_prompt=False, continue_final_message=True, tools=tools)
+    if last["role"] == "assistant" and not last.get("content") and not last.get("tool_calls"):
+        converted.pop()  # an empty prefill: an ordinary assistant turn
+    return ctx.encode_chat(converted, tools=tools)
+
+
+def usage(ctx: ServeContext, prompt_tokens: int, output: RequestOutput | None, output_tokens: int) -> dict[str, int]:
+    """Anthropic's usage: ``input_tokens`` + ``cache_read_input_tokens`` + ``cache_creation_input_tokens``
+    is the whole prompt. Read: tokens the prefix cache served; creation: the tokens of the prompt's
+    full blocks this request computed (what later requests can take from the prefix cache)."""
+    cached = output.metrics.num_cached_prompt_tokens if output is not None and output.metrics else 0
+    config = ctx.engine().engine.config
+    created = 0
+    if config.enable_prefix_caching:
+        created = max(0, prompt_tokens // config.block_size * config.block_size - cached)
+    return {"input_tokens": prompt_tokens - cached - created, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": created, "cache_read_input_tokens": cached}
+
+
+def plan_tools(ctx: ServeContext, tools: list[AnthropicTool] | None, choice: AnthropicToolChoice | None) -> ToolPlan:
+    """Anthropic's tools and tool_choice as OpenAI's, for ``cholla.tool_calling.plan``."""
+    openai_tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                      "parameters": t.input_schema}} for t in tools or []]
+    for tool in openai_tools:
+        if tool["function"]["description"] is None:
+            del tool["function"]["description"]
+    openai_choice: Any = None
+    if choice is not None:
+        if choice.type == "tool" and not choice.name:
+            raise APIError(400, "tool_choice of type 'tool' needs the tool's 'name'", param="tool_choice.name")
+        openai_choice = {"auto": "auto", "any": "required", "none": "none"}.get(choice.type) or \
+            {"type": "function", "function": {"name": choice.name}}
+    parallel = None if choice is None or choice.disable_parallel_tool_use is None else not choice.disable_parallel_tool_use
+    return ctx.plan_tools(openai_tools, openai_choice, parallel)
+
+
+def _tool_use_block(call: ToolCall) -> dict[str, Any]:
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments_dict}
+
+
+def stop_reason(completion: CompletionOutput, called: bool = False) -> tuple[str, str | None]:
+    """Anthropic's ``stop_reason`` and ``stop_sequence`` for a finished completion (``called``: it made tool calls)."""
     if completion.finish_reason == "length":
         return "max_tokens", None
     if isinstance(completion.stop_reason, str):
         return "stop_sequence", completion.stop_reason
-    return "end_turn", None
+    return ("tool_use" if called else "end_turn"), None
 
 
 @router.post("/v1/messages")
@@ -104,13 +211,15 @@ async def messages(request: Request) -> Response:
     ctx.engine()
     body = validate(MessagesRequest, await read_json(request), UNSUPPORTED)
     model = ctx.check_model(body.model)
-    prompt_ids = ctx.encode_chat(template_messages(body.system, body.messages))
+    tools = plan_tools(ctx, body.tools, body.tool_choice)
+    prompt_ids = encode(ctx, body.system, body.messages, tools.tools)
     kwargs = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "stop": body.stop_sequences}
     prepared = ctx.prepare(ctx.new_id("msg_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
-                           {k: v for k, v in kwargs.items() if v is not None}, body.max_tokens)
+                           {**{k: v for k, v in kwargs.items() if v is not None}, **tools.sampling_kwargs()},
+                           body.max_tokens)
     stream = merge(prepared.streams(ctx.engine()))
     if body.stream:
-        return SSEResponse(_events(prepared, model, stream), on_close=prepared.admission.release)
+        return SSEResponse(_events(ctx, prepared, model, stream, tools), on_close=prepared.admission.release)
     try:
         outputs = await collect(request, finished_only(stream))
     finally:
@@ -118,38 +227,66 @@ async def messages(request: Request) -> Response:
     if outputs is None:  # the client hung up; its request was aborted
         return Response(status_code=499)
     completion = outputs[-1][1].outputs[0]
-    reason, sequence = stop_reason(completion)
+    content: list[dict[str, Any]] = [{"type": "text", "text": completion.text}]
+    calls: list[ToolCall] = []
+    if tools.parser is not None:
+        text, calls = tools.parse(completion.text)
+        content = ([{"type": "text", "text": text}] if text else []) + [_tool_use_block(c) for c in calls]
+    reason, sequence = stop_reason(completion, bool(calls))
+    counts = usage(ctx, len(prompt_ids), outputs[-1][1], len(completion.token_ids))
     return JSONResponse({
         "id": prepared.request_id, "type": "message", "role": "assistant", "model": model,
-        "content": [{"type": "text", "text": completion.text}],
+        "content": content,
         "stop_reason": reason, "stop_sequence": sequence,
-        "usage": {"input_tokens": len(prompt_ids), "output_tokens": len(completion.token_ids)},
+        "usage": counts,
     })
 
 
-async def _events(prepared: Prepared, model: str, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
-    """Anthropic's event sequence: message_start, a text block's start/deltas/stop, message_delta, message_stop."""
+async def _events(ctx: ServeContext, prepared: Prepared, model: str,
+                  outputs: AsyncIterator[tuple[int, RequestOutput]], tools: ToolPlan) -> AsyncIterator[str]:
+    """Anthropic's event sequence: message_start, each block's start/deltas/stop, message_delta, message_stop.
+
+    message_start waits for the first output: only then does the usage know what the prefix cache served.
+    """
     input_tokens = len(prepared.prompts[0]["prompt_token_ids"])
     sent = 0
+    blocks = _Blocks()
+    tool_stream = tools.stream() if tools.parser is not None else None
     try:
-        yield sse({"type": "message_start", "message": {
-            "id": prepared.request_id, "type": "message", "role": "assistant", "model": model, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 0},
-        }}, event="message_start")
-        yield sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                  event="content_block_start")
-        yield sse({"type": "ping"}, event="ping")
-        completion = None
+        completion = out = None
         async for _, out in outputs:
+            if completion is None:
+                yield sse({"type": "message_start", "message": {
+                    "id": prepared.request_id, "type": "message", "role": "assistant", "model": model, "content": [],
+                    "stop_reason": None, "stop_sequence": None, "usage": usage(ctx, input_tokens, out, 0),
+                }}, event="message_start")
+                if tool_stream is None:  # a plain reply opens its text block at once, as Anthropic's does
+                    for event in blocks.text("")[:1]:
+                        yield event
+                yield sse({"type": "ping"}, event="ping")
             completion = out.outputs[0]
-            if len(completion.text) > sent:
-                yield sse({"type": "content_block_delta", "index": 0,
-                           "delta": {"type": "text_delta", "text": completion.text[sent:]}}, event="content_block_delta")
+            if tool_stream is not None:
+                text, deltas = tool_stream.feed(tools.reply_text(completion.text, completion.finished), completion.finished)
+                events = blocks.text(text) if text else []
+                for delta in deltas:
+                    if delta.id is not None:
+                        events += blocks.tool_use(delta.id, delta.name)
+                    if delta.arguments:
+                        events += blocks.input_json(delta.arguments)
+                for event in events:
+                    yield event
+            elif len(completion.text) > sent:
+                for event in blocks.text(completion.text[sent:]):
+                    yield event
                 sent = len(completion.text)
-        yield sse({"type": "content_block_stop", "index": 0}, event="content_block_stop")
-        reason, sequence = stop_reason(completion)
+        if blocks.index < 0:
+            for event in blocks.text("")[:1]:
+                yield event
+        for event in blocks.close():
+            yield event
+        reason, sequence = stop_reason(completion, bool(tool_stream and tool_stream.calls))
         yield sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                   "usage": {"input_tokens": input_tokens, "output_tokens": len(completion.token_ids)}},
+                   "usage": usage(ctx, input_tokens, out, len(completion.token_ids))},
                   event="message_delta")
         yield sse({"type": "message_stop"}, event="message_stop")
     except Exception as e:  # the engine failed mid-stream: tell the client in the stream's own terms
@@ -165,4 +302,5 @@ async def count_tokens(request: Request) -> Response:
     ctx.engine()
     body = validate(CountTokensRequest, await read_json(request), UNSUPPORTED)
     ctx.check_model(body.model)
-    return JSONResponse({"input_tokens": len(ctx.encode_chat(template_messages(body.system, body.messages)))})
+    tools = plan_tools(ctx, body.tools, body.tool_choice)
+    return JSONResponse({"input_tokens": len(encode(ctx, body.system, body.messages, tools.tools))})

@@ -18,12 +18,13 @@ from starlette.requests import Request
 
 from cholla.engine.async_engine import AsyncLLMEngine
 from cholla.engine.outputs import RequestOutput
-from cholla.errors import ChollaError
+from cholla.errors import ChollaError, InvalidRequestError
 from cholla.sampling.params import SamplingParams
 from cholla.serve.errors import APIError
 from cholla.serve.host import Admission, EngineHost
 from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
 from cholla.tokenizer.tokenizer import Tokenizer
+from cholla.tool_calling.plan import ToolChoice, ToolPlan, plan_tools
 
 
 @dataclass
@@ -31,6 +32,11 @@ class ServerSettings:
     served_model_names: list[str]
     api_key: str | None = None
     max_queue: int = 1024
+    # CORS (vLLM's flags), off unless origins are given: ["*"] or a list of origins.
+    allowed_origins: list[str] | None = None
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
 
 @dataclass
@@ -88,9 +94,22 @@ class ServeContext:
         return f"{prefix}{uuid.uuid4().hex[:24]}"
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        return encode_chat(self.tokenizer, self.chat_template, messages,
-                           add_generation_prompt=add_generation_prompt, **(template_kwargs or {}))
+                    template_kwargs: dict[str, Any] | None = None, continue_final_message: bool = False,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        kwargs = dict(template_kwargs or {})
+        if tools is not None:
+            kwargs["tools"] = tools
+        return encode_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message, **kwargs)
+
+    def plan_tools(self, tools: list[dict[str, Any]] | None, tool_choice: ToolChoice | None,
+                   parallel_tool_calls: bool | None = None) -> ToolPlan:
+        """What the request's tools change (``cholla.tool_calling.plan``); 400 for a choice that cannot be met."""
+        end_texts = tuple(self.tokenizer.decode([i], skip_special_tokens=False) for i in sorted(self.tokenizer.eog_token_ids))
+        try:
+            return plan_tools(self.chat_template, tools, tool_choice, parallel_tool_calls, end_texts)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
 
     def prepare(self, request_id: str, prompts: list[dict[str, Any]], params_kwargs: dict[str, Any],
                 max_tokens: int | None, prompt_param: str = "messages") -> Prepared:
@@ -148,6 +167,8 @@ def validate(model: type[M], data: dict[str, Any], unsupported: dict[str, str]) 
     for name, why in unsupported.items():
         if data.get(name) not in (None, [], {}):
             raise APIError(400, f"'{name}' is not supported by cholla yet ({why}); remove it from the request", param=name)
+    # Sent empty, they ask for nothing: as if omitted (SDKs send "functions": null and the like).
+    data = {key: value for key, value in data.items() if key not in unsupported}
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -20,6 +20,7 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from cholla.errors import ChatTemplateError
+from cholla.tool_calling.generic import generic_messages
 
 if TYPE_CHECKING:
     from cholla.tokenizer.tokenizer import Tokenizer
@@ -83,6 +84,29 @@ def _loops_over_content(ast: jinja2.nodes.Template) -> bool:
     return False
 
 
+def _uses_variable(ast: jinja2.nodes.Template, name: str) -> bool:
+    """Whether the template reads the variable ``name`` (``tools``: it renders tool definitions itself)."""
+    return any(node.name == name for node in ast.find_all(jinja2.nodes.Name))
+
+
+def _arguments_as_dicts(message: Message) -> Message:
+    """An assistant message whose calls carry arguments as dicts, as HF templates expect (OpenAI sends JSON text)."""
+    calls = []
+    for call in message["tool_calls"]:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ChatTemplateError(f"a tool call must be {{'function': {{'name': ..., 'arguments': ...}}}}, got {call!r}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise ChatTemplateError(f"tool call {function['name']!r} has arguments that are not JSON: "
+                                        f"{arguments[:80]!r}") from None
+        calls.append({**call, "function": {**function, "arguments": arguments}})
+    return {**message, "tool_calls": calls}
+
+
 def _text_of(content: list) -> str:
     texts = []
     for part in content:
@@ -127,6 +151,8 @@ class ChatTemplate:
             ) from None
         # Templates that never loop over content expect a string: lists of text parts get joined.
         self.accepts_content_parts = _loops_over_content(ast)
+        # Templates that never read ``tools`` get tools and tool history in the generic format.
+        self.supports_tools = not self.is_fallback and _uses_variable(ast, "tools")
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Tokenizer) -> ChatTemplate:
@@ -140,14 +166,26 @@ class ChatTemplate:
                 raise ChatTemplateError(f"a chat message must be a dict with 'role' and 'content', got {message!r}")
             # Like transformers: a None value (OpenAI's content=None) is a missing key to the template.
             message = {key: value for key, value in message.items() if value is not None}
+            if message.get("tool_calls"):
+                message = _arguments_as_dicts(message)
             if isinstance(message.get("content"), list) and not self.accepts_content_parts:
                 message["content"] = _text_of(message["content"])
             prepared.append(message)
         return prepared
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True, **extra: Any) -> str:
-        """The prompt text. ``extra`` reaches the template as variables (``tools``, ``documents``, ...)."""
-        variables = {"tools": None, "documents": None, "bos_token": self.bos_token, "eos_token": self.eos_token, **extra}
+    def render(self, messages: list[Message], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None, **extra: Any) -> str:
+        """The prompt text. ``extra`` reaches the template as variables (``documents``, ...).
+
+        ``tools`` (OpenAI tool dicts) and tool history (assistant ``tool_calls``, ``role: "tool"``)
+        go to the template as transformers passes them (arguments as dicts); a template without
+        tool support gets them in the generic format (``cholla.tool_calling.generic``).
+        """
+        tools = tools or None
+        if not self.supports_tools and (tools or any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool")
+                                                     for m in messages)):
+            messages, tools = generic_messages(messages, tools), None
+        variables = {"documents": None, "bos_token": self.bos_token, "eos_token": self.eos_token, **extra, "tools": tools}
         try:
             return self._template.render(
                 messages=self._prepare(messages), add_generation_prompt=add_generation_prompt, **variables
@@ -160,16 +198,43 @@ class ChatTemplate:
             raise ChatTemplateError(f"the chat template failed on these messages ({type(e).__name__}: {e})") from None
 
 
+def cut_after_final_message(rendered: str, messages: list[Message]) -> str:
+    """The rendered conversation up to the end of the final message's text, so the model continues it.
+
+    transformers' ``continue_final_message``: the template closes every turn, so the text
+    after the final message's (last) text is cut off; where the template trimmed the
+    message's whitespace, the cut falls after the trimmed text.
+    """
+    content = messages[-1].get("content") if messages else None
+    if isinstance(content, list):
+        texts = [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
+        content = texts[-1] if texts else None
+    if not isinstance(content, str) or not content.strip():
+        raise ChatTemplateError("continue_final_message needs a final message with text to continue")
+    at = rendered.rfind(content.strip())
+    if at < 0:
+        raise ChatTemplateError("the chat template changed the final message, so it cannot be continued; "
+                                "send it without continue_final_message")
+    # As transformers: the trailing whitespace is kept only where the template kept the message whole.
+    kept = content.lstrip() if rendered[at : at + len(content.lstrip())] == content else content.strip()
+    return rendered[: at + len(kept)]
+
+
 def encode_chat(
-    tokenizer: Tokenizer, template: ChatTemplate, messages: list[Message], add_generation_prompt: bool = True, **extra: Any
+    tokenizer: Tokenizer, template: ChatTemplate, messages: list[Message], add_generation_prompt: bool = True,
+    continue_final_message: bool = False, **extra: Any
 ) -> list[int]:
     """Token ids of a rendered conversation, as ``apply_chat_template(tokenize=True)`` gives them.
 
     The template writes the special tokens it wants, so the text is encoded without adding any.
     One exception: a model that wants BOS gets it when the template did not write it (llama.cpp's
     behaviour; transformers would leave it out). A template that writes BOS never gets a second.
+    ``continue_final_message``: the prompt stops inside the final message (``cut_after_final_message``).
     """
-    ids = tokenizer.encode(template.render(messages, add_generation_prompt, **extra), add_special_tokens=False)
+    text = template.render(messages, add_generation_prompt, **extra)
+    if continue_final_message:
+        text = cut_after_final_message(text, messages)
+    ids = tokenizer.encode(text, add_special_tokens=False)
     if tokenizer.add_bos and tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
         ids.insert(0, tokenizer.bos_token_id)
     return ids
