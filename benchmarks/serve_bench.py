@@ -8,6 +8,13 @@ asks for usage in the last chunk, so token counts are the server's own. Prints
 requests/s, output and total tokens/s, and time-to-first-token and inter-token
 latency percentiles (the gaps between content chunks of one stream), vLLM's
 benchmark_serving figures. Needs only httpx.
+
+As a soak: ``--hang-up F`` makes a seeded fraction of the clients close their
+stream after the first token, ``--bad F`` sends a fraction of malformed bodies
+(non-finite numbers, lone surrogates, deep nesting, too many stop strings,
+text/plain), and ``--check-leaks`` then waits for cholla's
+``cholla:kv_cache_usage_perc`` to come back to 0. The table counts the answers
+by status: a server that holds up shows no 5xx and no KV cache left in use.
 """
 
 from __future__ import annotations
@@ -28,9 +35,23 @@ WORDS = ("desert river mountain city forest ocean valley island garden bridge li
          "meadow canyon glacier village tower station").split()
 
 
+# Malformed bodies for --bad (raw text: Python's json would not write most of them); each must get a 4xx.
+BAD_BODIES = [
+    ('{"model": "%s", "prompt": "Hi", "max_tokens": 4, "temperature": NaN}', "application/json"),
+    ('{"model": "%s", "prompt": "Hi", "max_tokens": 4, "logit_bias": {"5": 1e309}}', "application/json"),
+    ('{"model": "%s", "prompt": "\\ud800 Hi", "max_tokens": 4}', "application/json"),
+    ('{"model": "%s", "prompt": "Hi", "max_tokens": 4, "metadata": ' + "[" * 5000 + "]" * 5000 + "}", "application/json"),
+    ('{"model": "%s", "prompt": "Hi", "max_tokens": 4, "stop": [' + ", ".join(['"x"'] * 1000) + "]}", "application/json"),
+    ('{"model": "%s", "prompt": "Hi", "max_tokens": 4}', "text/plain"),
+]
+
+
 @dataclass
 class Result:
     ok: bool = False
+    status: int = 0  # HTTP status; 0 if none came
+    hung_up: bool = False  # closed by us after the first token (--hang-up)
+    bad: bool = False  # a malformed body (--bad): ok means it got a 4xx
     error: str = ""
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -48,7 +69,23 @@ def make_prompts(args: argparse.Namespace) -> list[str]:
     return [f"Request {i}: " + " ".join(rng.choice(WORDS) for _ in range(args.prompt_len)) for i in range(args.num_requests)]
 
 
-async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, prompt: str) -> Result:
+async def bad_request(client: httpx.AsyncClient, args: argparse.Namespace, index: int) -> Result:
+    template, content_type = BAD_BODIES[index % len(BAD_BODIES)]
+    result = Result(bad=True)
+    try:
+        response = await client.post(args.base_url.rstrip("/") + "/completions", content=(template % args.model).encode(),
+                                     headers={"content-type": content_type})
+    except httpx.HTTPError as e:
+        result.error = f"{type(e).__name__}: {e}"
+        return result
+    result.status = response.status_code
+    result.ok = 400 <= response.status_code < 500
+    if not result.ok:
+        result.error = f"malformed body got HTTP {response.status_code}: {response.text[:200]!r}"
+    return result
+
+
+async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, prompt: str, hang_up: bool = False) -> Result:
     body: dict = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
                   "stream": True, "stream_options": {"include_usage": True}}
     if args.ignore_eos:
@@ -62,6 +99,7 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, promp
     chunks = 0
     try:
         async with client.stream("POST", args.base_url.rstrip("/") + path, json=body) as response:
+            result.status = response.status_code
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result
@@ -85,6 +123,9 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, promp
                             result.gaps.append(now - last)
                         last = now
                         chunks += 1
+                        if hang_up:  # leave mid-stream; the server must abort and free the request's blocks
+                            result.hung_up = result.ok = True
+                            return result
     except httpx.HTTPError as e:
         result.error = f"{type(e).__name__}: {e}"
         return result
@@ -105,28 +146,50 @@ def percentiles(values: list[float]) -> tuple[float, float, float]:
 
 async def run(args: argparse.Namespace) -> list[Result]:
     prompts = make_prompts(args)
+    rng = random.Random(args.seed + 1)
+    kinds = [("bad" if roll < args.bad else "hang" if roll < args.bad + args.hang_up else "full")
+             for roll in (rng.random() for _ in prompts)]
     limit = asyncio.Semaphore(args.concurrency)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
 
-        async def limited(prompt: str) -> Result:
+        async def limited(index: int, prompt: str) -> Result:
             async with limit:
-                return await one_request(client, args, prompt)
+                if kinds[index] == "bad":
+                    return await bad_request(client, args, index)
+                return await one_request(client, args, prompt, hang_up=kinds[index] == "hang")
 
-        return await asyncio.gather(*(limited(p) for p in prompts))
+        return await asyncio.gather(*(limited(i, p) for i, p in enumerate(prompts)))
 
 
-def report(args: argparse.Namespace, results: list[Result], duration: float) -> str:
-    ok = [r for r in results if r.ok]
+async def kv_cache_usage_after(args: argparse.Namespace, wait_s: float = 20.0) -> float | None:
+    """cholla's ``kv_cache_usage_perc`` once it reaches 0 (aborts land asynchronously), or its last value."""
+    root = args.base_url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    value = None
+    deadline = time.perf_counter() + wait_s
+    async with httpx.AsyncClient(headers=headers) as client:
+        while time.perf_counter() < deadline:
+            for line in (await client.get(root + "/metrics")).text.splitlines():
+                if line.startswith("cholla:kv_cache_usage_perc"):
+                    value = float(line.rsplit(" ", 1)[1])
+            if value == 0.0 or value is None:
+                return value
+            await asyncio.sleep(0.2)
+    return value
+
+
+def report(args: argparse.Namespace, results: list[Result], duration: float, kv_usage: float | None = None) -> str:
+    ok = [r for r in results if r.ok and not r.hung_up and not r.bad]
     prompt_tokens = sum(r.prompt_tokens for r in ok)
     output_tokens = sum(r.output_tokens for r in ok)
     ttft = percentiles([r.ttft for r in ok if r.ttft is not None])
     itl = percentiles([gap for r in ok for gap in r.gaps])
     e2e = percentiles([r.latency for r in ok])
     rows = [
-        ("requests (ok / errors)", f"{len(ok)} / {len(results) - len(ok)}"),
+        ("requests (ok / errors)", f"{len(ok)} / {sum(not r.ok for r in results)}"),
         ("concurrency", f"{args.concurrency}"),
         ("duration (s)", f"{duration:.2f}"),
         ("prompt / output tokens", f"{prompt_tokens} / {output_tokens}"),
@@ -137,6 +200,16 @@ def report(args: argparse.Namespace, results: list[Result], duration: float) -> 
         ("ITL p50 / p90 / p99 (ms)", " / ".join(f"{v * 1000:.0f}" for v in itl)),
         ("E2E latency p50 / p90 / p99 (s)", " / ".join(f"{v:.2f}" for v in e2e)),
     ]
+    if args.hang_up or args.bad or args.check_leaks:
+        statuses = sorted({r.status for r in results})
+        rows += [
+            ("hung up after the first token", f"{sum(r.hung_up for r in results)}"),
+            ("malformed bodies (got 4xx / sent)", f"{sum(r.bad and r.ok for r in results)} / {sum(r.bad for r in results)}"),
+            ("answers by HTTP status", ", ".join(f"{s or 'none'}: {sum(r.status == s for r in results)}" for s in statuses)),
+            ("5xx answers", f"{sum(r.status >= 500 for r in results)}"),
+        ]
+        if args.check_leaks:
+            rows.append(("KV cache in use afterwards", "n/a (no cholla metric)" if kv_usage is None else f"{kv_usage:.4f}"))
     lines = ["| metric | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
     errors = sorted({r.error for r in results if not r.ok})
     lines += [f"error: {e}" for e in errors[:5]]
@@ -158,11 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat", action="store_true", help="use /v1/chat/completions instead of /v1/completions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
+    parser.add_argument("--hang-up", type=float, default=0.0, metavar="F",
+                        help="fraction of clients that close their stream after the first token (soak)")
+    parser.add_argument("--bad", type=float, default=0.0, metavar="F", help="fraction of malformed bodies (soak); each must get a 4xx")
+    parser.add_argument("--check-leaks", action="store_true",
+                        help="afterwards, wait for cholla's KV cache usage to return to 0 and report it")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     results = asyncio.run(run(args))
-    print(report(args, results, time.perf_counter() - start))
-    return 0 if all(r.ok for r in results) else 1
+    duration = time.perf_counter() - start
+    kv_usage = asyncio.run(kv_cache_usage_after(args)) if args.check_leaks else None
+    print(report(args, results, duration, kv_usage))
+    leaked = args.check_leaks and kv_usage not in (None, 0.0)
+    return 0 if all(r.ok for r in results) and not leaked else 1
 
 
 if __name__ == "__main__":

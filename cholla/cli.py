@@ -1,4 +1,4 @@
-"""The ``cholla`` command: run, chat, serve, bench, info, pull.
+"""The ``cholla`` command: run, chat, serve, bench, info, plan, pull.
 
 Every failure the user can fix (a missing file, a corrupt model, a prompt too
 long) prints one line and exits with status 2; ``--debug`` shows the traceback.
@@ -22,8 +22,19 @@ EXIT_USER_ERROR = 2
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length to serve (default: the model's, capped by the KV cache)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB", help="KV cache size in GiB")
+    _add_kv_type_options(p)
     _add_compute_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def _add_kv_type_options(p: argparse.ArgumentParser) -> None:
+    from cholla.kv.kv_types import KV_CACHE_TYPE_NAMES
+
+    types = ", ".join(KV_CACHE_TYPE_NAMES)
+    p.add_argument("--kv-cache-dtype", default="auto", metavar="TYPE",
+                   help=f"what the KV cache holds, K and V: {types} (default auto: bf16 with bfloat16 matmuls, else f32)")
+    p.add_argument("--cache-type-k", default=None, metavar="TYPE", help="the keys' type, overriding --kv-cache-dtype")
+    p.add_argument("--cache-type-v", default=None, metavar="TYPE", help="the values' type, overriding --kv-cache-dtype")
 
 
 def _add_compute_options(p: argparse.ArgumentParser) -> None:
@@ -51,6 +62,35 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     constraint.add_argument("--grammar", default=None, metavar="GBNF|@FILE",
                             help="answer in this GBNF (llama.cpp) or Lark grammar (text, or @ and a file)")
     constraint.add_argument("--json-object", action="store_true", help="answer with a JSON object")
+
+
+# cholla serve's request limits (``serve.limits.RequestLimits``): flag, field, what, default. The
+# defaults are repeated here so that the parser does not import the server (seconds, for every command).
+LIMIT_OPTIONS = (
+    ("--max-body-size", "max_body_bytes", "largest request body in MiB; larger gets 413", 8),
+    ("--max-json-depth", "max_json_depth", "deepest nesting of a JSON body", 64),
+    ("--max-messages", "max_messages", "most messages in one request", 2048),
+    ("--max-content-parts", "max_content_parts", "most content parts in one message", 256),
+    ("--max-stop", "max_stop", "most stop strings in one request", 16),
+    ("--max-stop-length", "max_stop_length", "longest stop string, in characters", 256),
+    ("--max-n", "max_n", "most completions (n) per prompt", 16),
+    ("--max-logprobs", "max_logprobs", "most top logprobs per token", 20),
+)
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    for flag, field, what, default in LIMIT_OPTIONS:
+        p.add_argument(flag, type=float if field == "max_body_bytes" else int, default=None, dest=field,
+                       metavar="MIB" if field == "max_body_bytes" else "N", help=f"{what} (default {default})")
+
+
+def _request_limits(args: argparse.Namespace):
+    from cholla.serve.limits import RequestLimits
+
+    given = {field: getattr(args, field) for _, field, _, _ in LIMIT_OPTIONS if getattr(args, field) is not None}
+    if "max_body_bytes" in given:
+        given["max_body_bytes"] = int(given["max_body_bytes"] * 2**20)
+    return RequestLimits(**given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-headers", nargs="+", default=["*"], metavar="HEADER",
                        help="CORS: allowed request headers (default '*')")
     serve.add_argument("--allow-credentials", action="store_true", help="CORS: allow cookies and credentials")
+    _add_limit_options(serve)
     _add_model_options(serve)
 
     info = sub.add_parser("info", help="describe a model file")
@@ -106,8 +147,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs of each test (default 3)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--profile", action="store_true", help="then profile one more run of each test, op by op")
+    bench.add_argument("--kv-cache-dtype", default="auto", metavar="TYPE", help="what the KV cache holds (as for run)")
     _add_compute_options(bench)
     bench.add_argument("--debug", action="store_true")
+
+    plan = sub.add_parser("plan", help="KV cache memory, concurrency and a roofline speed estimate, from metadata alone")
+    plan.add_argument("model", nargs="?", default=None, help="path or known name (default smollm2)")
+    plan.add_argument("--context", type=int, default=None, metavar="N",
+                      help="tokens per request, the engine's --max-model-len (default: the model's, capped by the KV cache)")
+    plan.add_argument("--concurrency", type=int, default=1, metavar="N", help="target requests in flight (default 1)")
+    plan.add_argument("--memory", type=float, default=None, metavar="GIB", help="total memory; the KV cache gets what the weights leave")
+    plan.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB", help="KV cache size in GiB, as the engine's flag")
+    _add_kv_type_options(plan)
+    plan.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the matmuls' dtype, for --kv-cache-dtype auto")
+    plan.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default 16)")
+    plan.add_argument("--hardware", default=None, metavar="NAME",
+                      help="a preset (h100-sxm, h200, a100-80gb, l4, rtx-4090, m2-ultra, m4-max, epyc-zen5-1t) "
+                           "or local: measure this machine (the default)")
+    plan.add_argument("--bandwidth", type=float, default=None, metavar="GB/s", help="memory bandwidth, with --flops")
+    plan.add_argument("--flops", type=float, default=None, metavar="TFLOP/s", help="dense bf16 matmul rate, with --bandwidth")
+    plan.add_argument("--prompt-tokens", type=int, default=512, metavar="N", help="prompt tokens per request (default 512)")
+    plan.add_argument("--output-tokens", type=int, default=128, metavar="N", help="output tokens per request (default 128)")
+    plan.add_argument("--latency", type=float, default=None, metavar="S",
+                      help="target seconds per request: the most requests in flight that meet it (Little's law)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--debug", action="store_true")
 
     pull = sub.add_parser("pull", help="fetch a known model into the cache")
     pull.add_argument("model", nargs="?", default=None)
@@ -173,7 +237,8 @@ def _flag_list(values: list[str] | None) -> list[str] | None:
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = {"max_model_len": args.max_model_len, "dtype": args.dtype, "threads": args.threads}
+    kwargs = {"max_model_len": args.max_model_len, "dtype": args.dtype, "threads": args.threads,
+              "kv_cache_dtype": args.kv_cache_dtype, "cache_type_k": args.cache_type_k, "cache_type_v": args.cache_type_v}
     if args.kv_cache_memory:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
     return kwargs
@@ -260,7 +325,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           enable_prefix_caching=not args.no_prefix_caching, **_engine_kwargs(args))
     settings = ServerSettings(args.served_model_name or [args.model or DEFAULT_MODEL], args.api_key, args.max_queue,
                               _flag_list(args.allowed_origins), _flag_list(args.allowed_methods),
-                              _flag_list(args.allowed_headers), args.allow_credentials)
+                              _flag_list(args.allowed_headers), args.allow_credentials,
+                              limits=_request_limits(args))
     failures: list[BaseException] = []
 
     def stop_on_load_error(error: BaseException) -> None:
@@ -291,8 +357,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cholla.download import resolve_model
 
     report = run_bench(resolve_model(args.model), args.n_prompt, args.n_gen, args.repetitions, args.dtype, args.threads,
-                       profile=args.profile)
+                       profile=args.profile, kv_cache_dtype=args.kv_cache_dtype)
     print(json.dumps(report_dict(report)) if args.json else format_table(report))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from cholla.download import resolve_model
+    from cholla.plan import PlanRequest, format_plan, make_plan, read_model_facts, resolve_hardware, resolve_kv_types
+
+    for name in ("context", "concurrency", "block_size", "prompt_tokens", "output_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ChollaError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("memory", "kv_cache_memory", "latency"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ChollaError(f"--{name.replace('_', '-')} must be positive")
+    path = resolve_model(args.model)
+    facts = read_model_facts(path)
+    k_type, v_type = resolve_kv_types(args.kv_cache_dtype, args.cache_type_k, args.cache_type_v, args.dtype)
+    hardware = resolve_hardware(args.hardware, args.bandwidth, args.flops, path)
+    request = PlanRequest(args.context, args.concurrency,
+                          int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None,
+                          int(args.memory * 2**30) if args.memory else None, args.block_size,
+                          args.prompt_tokens, args.output_tokens, args.latency)
+    plan = make_plan(facts, request, k_type, v_type, hardware)
+    print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
     return 0
 
 
@@ -303,7 +396,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info, "pull": cmd_pull, "serve": cmd_serve, "chat": cmd_chat, "bench": cmd_bench}
+COMMANDS = {"run": cmd_run, "info": cmd_info, "pull": cmd_pull, "serve": cmd_serve, "chat": cmd_chat, "bench": cmd_bench,
+            "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,13 +9,13 @@ from typing import Any
 
 from cholla.formats.gguf import read_gguf
 from cholla.formats.safetensors import read_hf_folder
-from cholla.models.config import config_from_gguf, config_from_hf
+from cholla.models.config_checks import gguf_config, hf_config
 
 
 def model_info(path: Path) -> dict[str, Any]:
     if path.is_dir():
         folder = read_hf_folder(path)
-        config = config_from_hf(folder.config)
+        config = hf_config(folder)
         from safetensors import safe_open
 
         counts: Counter[str] = Counter()
@@ -32,7 +32,7 @@ def model_info(path: Path) -> dict[str, Any]:
         fmt = "safetensors"
     else:
         gguf = read_gguf(path)
-        config = config_from_gguf(gguf.metadata, set(gguf.tensors))
+        config = gguf_config(gguf)
         counts = Counter(t.qtype.name for t in gguf.tensors.values())
         params = sum(prod(t.shape) for t in gguf.tensors.values())
         tokenizer_kind = str(gguf.metadata.get("tokenizer.ggml.model", "none"))

@@ -10,6 +10,10 @@ with its own copy of the cache.
 from __future__ import annotations
 
 import faulthandler
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -146,3 +150,44 @@ def test_an_error_in_one_thread_of_the_team_is_raised_not_hung(tmp_path):
     finally:
         faulthandler.cancel_dump_traceback_later()
         torch.set_num_threads(threads)
+
+
+@torch.inference_mode()
+def test_an_oversubscribed_team_on_a_busy_machine_keeps_its_results_and_pace(tmp_path):
+    """Twice as many threads as CPUs, and a busy loop on every CPU: the team's
+    members are descheduled all the time, and their waits at the barrier
+    (kernels/barrier.h) end in sleeps and futex wake-ups. The steps give what
+    one thread gives, within a time bound (the barrier's own pace under load
+    against a spinning one: tests/test_barrier.py)."""
+    threads = torch.get_num_threads()
+    loaded = _tiny_model("llama", tmp_path, "float32")
+    plan = plan_decode(loaded.model)
+    lengths = [5, 19, 30]
+    x = torch.randn(len(lengths), loaded.config.hidden_size, generator=torch.Generator().manual_seed(2))
+
+    def steps(team: int) -> list[torch.Tensor]:
+        torch.set_num_threads(team)
+        cache = PagedKVCache(loaded.config, num_blocks=len(lengths) * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+        outs = []
+        for step in range(20):
+            positions, meta = _decode_meta([n + step for n in lengths])
+            outs.append(fused_layers(plan, x, positions, cache.layers, meta))
+        return outs
+
+    cpus = len(os.sched_getaffinity(0))
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cpus)]
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        expected = steps(1)
+        start = time.perf_counter()
+        crowded = steps(2 * cpus)
+        seconds = time.perf_counter() - start
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        for process in busy:
+            process.kill()
+            process.wait()
+        torch.set_num_threads(threads)
+    for got, want in zip(crowded, expected):  # each output row is one member's, summed in the same order
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert seconds < 10, f"20 decode steps took {seconds:.1f} s"

@@ -97,6 +97,11 @@ class GGUFMetadata(Mapping[str, Any]):
     def __contains__(self, key: object) -> bool:
         return key in self._values
 
+    def array_length(self, key: str) -> int | None:
+        """How many elements the array ``key`` holds, without decoding it; None if it is absent or not an array."""
+        value = self._values.get(key)
+        return value.count if isinstance(value, _Array) else None
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 

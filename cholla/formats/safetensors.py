@@ -36,6 +36,19 @@ class HFFolder:
         return out
 
 
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight's shape, from the shards' headers alone (no tensor is read)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for shard in self.shards:
+            try:
+                with safe_open(shard, framework="pt") as f:
+                    for name in f.keys():
+                        shapes[name] = tuple(f.get_slice(name).get_shape())
+            except (SafetensorError, OSError) as e:
+                raise ModelFormatError(f"{shard} is corrupt or truncated ({e}); download it again") from None
+        return shapes
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:

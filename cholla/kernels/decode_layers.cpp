@@ -11,7 +11,8 @@
 //
 // The threads stay together for the whole step: one OpenMP team runs every
 // layer, splitting each product and the attention among its members and
-// meeting at a spinning barrier in between (~0.3 us), where a fork and join
+// meeting at a barrier in between (~0.3 us; barrier.h: it spins briefly, then
+// sleeps, so a busy machine does not stall the team), where a fork and join
 // per kernel cost 1-2 us, five times a layer. Small steps (norms, rope, cache
 // writes, residual adds) run row by row on one member, or on each for itself,
 // with no tensor ops: the step's arguments are checked once, up front. SmolLM2's
@@ -32,7 +33,6 @@
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 #include <c10/util/ParallelGuard.h>
-#include <immintrin.h>
 #include <omp.h>
 
 #include <atomic>
@@ -41,39 +41,12 @@
 #include <memory>
 #include <vector>
 
+#include "barrier.h"
 #include "ops.h"
 
 namespace {
 
 constexpr int64_t WEIGHTS_PER_LAYER = 7;  // q, k, v, o, gate, up, down
-
-// The team's meeting point between stages. It spins (a member's wait is a
-// fraction of a microsecond) and lets everyone go once a member has failed, so
-// an error in one thread cannot leave the others waiting forever.
-class Barrier {
- public:
-  explicit Barrier(int64_t threads) : threads_(threads) {}
-
-  // False once the team has failed: stop.
-  bool wait() {
-    const int64_t generation = generation_.load(std::memory_order_acquire);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads_ - 1) {
-      arrived_.store(0, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
-    } else {
-      while (generation_.load(std::memory_order_acquire) == generation && !failed_.load(std::memory_order_acquire))
-        _mm_pause();
-    }
-    return !failed_.load(std::memory_order_acquire);
-  }
-
-  void fail() { failed_.store(true, std::memory_order_release); }
-
- private:
-  const int64_t threads_;
-  std::atomic<int64_t> arrived_{0}, generation_{0};
-  std::atomic<bool> failed_{false};
-};
 
 }  // namespace
 

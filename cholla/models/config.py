@@ -63,12 +63,8 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        if not self.layer_types:
+        if not self.layer_types:  # (the config's consistency is checked in config_checks.py)
             self.layer_types = [FULL_ATTENTION] * self.num_layers
-        if self.num_heads % max(self.num_kv_heads, 1):
-            raise ModelFormatError(
-                f"{self.num_heads} attention heads are not a multiple of {self.num_kv_heads} KV heads"
-            )
 
     @property
     def attn_scale(self) -> float:

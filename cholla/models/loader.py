@@ -14,7 +14,8 @@ from cholla.formats.safetensors import read_hf_folder
 from cholla.kernels import amx_kernels
 from cholla.layers.attention import Attention
 from cholla.layers.linear import Linear, dense
-from cholla.models.config import ModelConfig, config_from_gguf, config_from_hf
+from cholla.models.config import ModelConfig
+from cholla.models.config_checks import gguf_config, hf_config
 from cholla.models.gemma3 import Gemma3ForCausalLM
 from cholla.models.gguf_names import gguf_to_hf_name
 from cholla.models.registry import model_class
@@ -65,7 +66,7 @@ def load_model(path: str | Path, dtype: str = "auto") -> LoadedModel:
 
 def _load_gguf(path: Path) -> LoadedModel:
     gguf = read_gguf(path)
-    config = config_from_gguf(gguf.metadata, set(gguf.tensors))
+    config = gguf_config(gguf)
     weights = {}
     for name, tensor in gguf.tensors.items():
         if name == "rope_freqs.weight":
@@ -83,7 +84,7 @@ def _load_gguf(path: Path) -> LoadedModel:
 
 def _load_hf(path: Path) -> LoadedModel:
     folder = read_hf_folder(path)
-    config = config_from_hf(folder.config)
+    config = hf_config(folder)
     cls = model_class(config.architecture)
     weights = folder.tensors()
     if cls is Gemma3ForCausalLM:

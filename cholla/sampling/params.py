@@ -7,16 +7,35 @@ an ``InvalidRequestError`` that names the field, not in the middle of a step.
 from __future__ import annotations
 
 import json as _json
+import math
 from dataclasses import dataclass
 
 from cholla.errors import InvalidRequestError
 
 # Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
+# The sampler holds every float parameter in a float32 tensor: larger values become inf there.
+FLOAT32_MAX = 3.4028234663852886e38
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# OpenAI's range for logit_bias values; +-100 already bans or forces a token.
+MAX_LOGIT_BIAS = 100.0
+# Below this a repetition penalty pushes ordinary logits past float32's range (inf, then NaN).
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 def _fail(field: str, value, should: str) -> None:
-    raise InvalidRequestError(f"{field} must be {should}, got {value!r}")
+    shown = repr(value)
+    raise InvalidRequestError(f"{field} must be {should}, got {shown if len(shown) <= 80 else shown[:77] + '...'}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
+
+
+def _is_number(value) -> bool:
+    """A finite int or float that float32 holds (what the sampler's tensors take)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= FLOAT32_MAX)
 
 
 @dataclass
@@ -46,7 +65,7 @@ class StructuredOutputsParams:
         if isinstance(self.json, str):
             try:
                 self.json = _json.loads(self.json)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: a schema nested thousands deep
                 raise InvalidRequestError(f"structured_outputs.json is not valid JSON: {e}") from None
         if self.json is not None and not isinstance(self.json, (dict, bool)):
             _fail("structured_outputs.json", self.json, "a JSON schema (an object, or its JSON text)")
@@ -87,13 +106,16 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None  # grammar-constrained decoding
 
     def __post_init__(self):
-        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        try:
+            self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+            self.stop_token_ids = list(self.stop_token_ids or [])
+        except TypeError:
+            _fail("stop", self.stop, "a string or a list of strings, and stop_token_ids a list of token ids")
         if self.logit_bias is not None:
             # JSON object keys arrive as strings.
             try:
                 self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
-            except (TypeError, ValueError, AttributeError):
+            except (TypeError, ValueError, AttributeError, OverflowError):
                 _fail("logit_bias", self.logit_bias, "a mapping of token ids to numbers")
         if self.top_k == -1:
             self.top_k = 0
@@ -103,42 +125,52 @@ class SamplingParams:
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
 
     def _verify(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
+        """Every field's type and range, here once for every caller (the Python API and all server routes)."""
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p"):
+            if not _is_number(getattr(self, name)):
+                _fail(name, getattr(self, name), "a finite number")
+        for name in ("n", "top_k", "min_tokens"):
+            if not _is_int(getattr(self, name)):
+                _fail(name, getattr(self, name), "an integer")
+        if self.n < 1:
             _fail("n", self.n, "an integer >= 1")
         if not -2.0 <= self.presence_penalty <= 2.0:
             _fail("presence_penalty", self.presence_penalty, "in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             _fail("frequency_penalty", self.frequency_penalty, "in [-2, 2]")
-        if not self.repetition_penalty > 0.0:
-            _fail("repetition_penalty", self.repetition_penalty, "> 0 (1 turns it off)")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            _fail("repetition_penalty", self.repetition_penalty,
+                  f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY:g}] (1 turns it off)")
         if not self.temperature >= 0.0:
             _fail("temperature", self.temperature, ">= 0 (0 means greedy)")
         if not 0.0 < self.top_p <= 1.0:
             _fail("top_p", self.top_p, "in (0, 1] (1 turns it off)")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if self.top_k < -1:
             _fail("top_k", self.top_k, "an integer >= 1, or 0 or -1 to turn it off")
         if not 0.0 <= self.min_p <= 1.0:
             _fail("min_p", self.min_p, "in [0, 1] (0 turns it off)")
-        if self.seed is not None and not isinstance(self.seed, int):
-            _fail("seed", self.seed, "an integer or None")
+        if self.seed is not None and not (isinstance(self.seed, int) and INT64_MIN <= self.seed < 2**64):
+            _fail("seed", self.seed, "an integer in [-2**63, 2**64) or None")  # what torch.Generator takes
         if any(not isinstance(s, str) or not s for s in self.stop):
             _fail("stop", self.stop, "non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             _fail("stop_token_ids", self.stop_token_ids, "non-negative token ids")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 0):
             _fail("max_tokens", self.max_tokens, "an integer >= 0 (0: only score the prompt), or None for no limit")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if self.min_tokens < 0:
             _fail("min_tokens", self.min_tokens, "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             _fail("min_tokens", self.min_tokens, f"<= max_tokens={self.max_tokens}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            _fail("logprobs", self.logprobs, "an integer >= 0, or None")
-        if self.prompt_logprobs is not None and (
-            not isinstance(self.prompt_logprobs, int) or isinstance(self.prompt_logprobs, bool) or self.prompt_logprobs < 0
-        ):
-            _fail("prompt_logprobs", self.prompt_logprobs, "an integer >= 0 (top alternatives per prompt token), or None")
-        if self.logit_bias is not None and any(t < 0 for t in self.logit_bias):
-            _fail("logit_bias", self.logit_bias, "keyed by non-negative token ids")
+        for name, what in (("logprobs", "an integer >= 0, or None"),
+                           ("prompt_logprobs", "an integer >= 0 (top alternatives per prompt token), or None")):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                _fail(name, value, what)
+        if self.logit_bias is not None:
+            if any(not _is_int(t) or t < 0 for t in self.logit_bias):
+                _fail("logit_bias", self.logit_bias, "keyed by non-negative token ids")
+            if any(not _is_number(b) or abs(b) > MAX_LOGIT_BIAS for b in self.logit_bias.values()):
+                _fail("logit_bias", self.logit_bias, f"a mapping to finite numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             _fail("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
 

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
-from cholla.serve.context import Prepared, ServeContext, StrictModel, read_json, validate
+from cholla.serve.context import Prepared, ServeContext, StrictModel, off_loop, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 from cholla.tool_calling.call import ToolCall
@@ -212,7 +212,7 @@ async def messages(request: Request) -> Response:
     body = validate(MessagesRequest, await read_json(request), UNSUPPORTED)
     model = ctx.check_model(body.model)
     tools = plan_tools(ctx, body.tools, body.tool_choice)
-    prompt_ids = encode(ctx, body.system, body.messages, tools.tools)
+    prompt_ids = await off_loop(encode, ctx, body.system, body.messages, tools.tools)
     kwargs = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "stop": body.stop_sequences}
     prepared = ctx.prepare(ctx.new_id("msg_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
                            {**{k: v for k, v in kwargs.items() if v is not None}, **tools.sampling_kwargs()},
@@ -240,6 +240,37 @@ async def messages(request: Request) -> Response:
         "stop_reason": reason, "stop_sequence": sequence,
         "usage": counts,
     })
+
+
+class _Blocks:
+    """The content blocks of a streamed reply, opened and closed as text and tool calls come."""
+
+    def __init__(self):
+        self.index, self.kind = -1, None  # the open block
+
+    def _open(self, kind: str, block: dict[str, Any]) -> list[str]:
+        events = self.close()
+        self.index, self.kind = self.index + 1, kind
+        return events + [sse({"type": "content_block_start", "index": self.index, "content_block": block},
+                             event="content_block_start")]
+
+    def close(self) -> list[str]:
+        if self.kind is None:
+            return []
+        self.kind = None
+        return [sse({"type": "content_block_stop", "index": self.index}, event="content_block_stop")]
+
+    def text(self, text: str) -> list[str]:
+        events = [] if self.kind == "text" else self._open("text", {"type": "text", "text": ""})
+        return events + [sse({"type": "content_block_delta", "index": self.index,
+                              "delta": {"type": "text_delta", "text": text}}, event="content_block_delta")]
+
+    def tool_use(self, call_id: str, name: str) -> list[str]:
+        return self._open("tool_use", {"type": "tool_use", "id": call_id, "name": name, "input": {}})
+
+    def input_json(self, partial: str) -> list[str]:
+        return [sse({"type": "content_block_delta", "index": self.index,
+                     "delta": {"type": "input_json_delta", "partial_json": partial}}, event="content_block_delta")]
 
 
 async def _events(ctx: ServeContext, prepared: Prepared, model: str,
@@ -303,4 +334,4 @@ async def count_tokens(request: Request) -> Response:
     body = validate(CountTokensRequest, await read_json(request), UNSUPPORTED)
     ctx.check_model(body.model)
     tools = plan_tools(ctx, body.tools, body.tool_choice)
-    return JSONResponse({"input_tokens": len(encode(ctx, body.system, body.messages, tools.tools))})
+    return JSONResponse({"input_tokens": len(await off_loop(encode, ctx, body.system, body.messages, tools.tools))})

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 from cholla.engine.engine import LLMEngine
 from cholla.errors import ChollaError
 from cholla.serve import anthropic_api, openai_api
-from cholla.serve.context import ServeContext, ServerSettings, StrictModel, read_json, validate
+from cholla.serve.context import ServeContext, ServerSettings, StrictModel, off_loop, read_json, validate
 from cholla.serve.errors import APIError, error_body, error_response, is_anthropic_path
 from cholla.serve.host import RETRY_AFTER_LOADING_S, EngineHost, HostState
 from cholla.serve.metrics import ServerMetrics
@@ -132,10 +132,11 @@ def _routes(ctx: ServeContext, metrics: ServerMetrics) -> APIRouter:
             raise APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
             tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
-            ids = ctx.encode_chat(openai_api.template_messages(body.messages), body.add_generation_prompt, tools=tools)
+            ids = await off_loop(ctx.encode_chat, openai_api.template_messages(body.messages), body.add_generation_prompt,
+                                tools=tools)
         else:
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
-            ids = ctx.tokenizer.encode(body.prompt, add_special_tokens=add_special)
+            ids = await off_loop(ctx.tokenizer.encode, body.prompt, add_special_tokens=add_special)
         result: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
         if body.return_token_strs:
             result["token_strs"] = [ctx.tokenizer.id_to_token(i) for i in ids]
@@ -149,7 +150,7 @@ def _routes(ctx: ServeContext, metrics: ServerMetrics) -> APIRouter:
         vocab = ctx.tokenizer.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must lie in [0, {vocab})", param="tokens")
-        return JSONResponse({"prompt": ctx.tokenizer.decode(body.tokens)})
+        return JSONResponse({"prompt": await off_loop(ctx.tokenizer.decode, body.tokens)})
 
     return router
 

@@ -7,12 +7,13 @@ response starts, so every client mistake is a 400 and never a broken stream.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field
-import json
-from typing import Any, AsyncIterator, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
+import anyio
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 
@@ -22,6 +23,7 @@ from cholla.errors import ChollaError, InvalidRequestError
 from cholla.sampling.params import SamplingParams
 from cholla.serve.errors import APIError
 from cholla.serve.host import Admission, EngineHost
+from cholla.serve.limits import RequestLimits, parse_body
 from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
 from cholla.tokenizer.tokenizer import Tokenizer
 from cholla.tool_calling.plan import ToolChoice, ToolPlan, plan_tools
@@ -37,6 +39,7 @@ class ServerSettings:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 @dataclass
@@ -136,23 +139,77 @@ class ServeContext:
         except ChollaError as e:  # SamplingParams names the field first: "temperature must be ..."
             field = str(e).split(" ", 1)[0]
             raise APIError(400, str(e), param=field if field in {*params_kwargs, "max_tokens"} else None) from None
+        self._check_limits(params)
         num_seqs = params.n * len(prompts)
         if num_seqs > self.host.max_in_flight:
             raise APIError(400, f"the request asks for {num_seqs} sequences but the server holds at most "
                                 f"{self.host.max_in_flight} at once; lower n or send fewer prompts", param="n")
         return Prepared(request_id, prompts, params, self.host.admit(num_seqs))
 
+    def _check_limits(self, params: SamplingParams) -> None:
+        """The server's bounds on what one request may ask for (``RequestLimits``), for every route."""
+        limits = self.settings.limits
+        if params.n > limits.max_n:
+            raise APIError(400, f"n={params.n} is more than this server's limit of {limits.max_n} (--max-n)", param="n")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > limits.max_logprobs:
+                raise APIError(400, f"{name}={value} asks for more top alternatives than this server's limit of "
+                                    f"{limits.max_logprobs} (--max-logprobs)", param=name)
+        if len(params.stop) > limits.max_stop:
+            raise APIError(400, f"{len(params.stop)} stop strings are more than this server's limit of "
+                                f"{limits.max_stop} (--max-stop)", param="stop")
+        longest = max((len(s) for s in params.stop), default=0)
+        if longest > limits.max_stop_length:
+            raise APIError(400, f"a stop string of {longest} characters is longer than this server's limit of "
+                                f"{limits.max_stop_length} (--max-stop-length)", param="stop")
+
+
+# Bodies parsed at once: a parse briefly holds about seven times its body in Python objects
+# (57 MiB for 8 MiB of token ids), so a flood of large bodies waits here instead of taking gigabytes.
+PARSE_CONCURRENCY = 4
+
 
 async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object; 400 (never a traceback) for anything else."""
-    body = await request.body()
-    try:
-        data = json.loads(body)
-    except ValueError as e:
-        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
-    if not isinstance(data, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
-    return data
+    """The request body as a checked JSON object (``limits.parse_body``); never a traceback.
+
+    415 unless the body is declared ``application/json`` (a form or ``text/plain``
+    body is what a cross-site page can send without a CORS preflight); 413 when
+    ``Content-Length`` or the bytes actually received pass ``max_body_bytes``,
+    before any parsing. The parse runs on a worker thread, ``PARSE_CONCURRENCY`` at a time.
+    """
+    limits: RequestLimits = request.app.state.ctx.settings.limits
+    media_type, *options = [part.strip().lower() for part in request.headers.get("content-type", "").split(";")]
+    charset = next((o.split("=", 1)[1].strip('"') for o in options if o.startswith("charset=")), "utf-8")
+    if media_type != "application/json" or charset not in ("utf-8", "utf8"):
+        raise APIError(415, f"send the body as JSON with 'Content-Type: application/json' (got "
+                            f"{request.headers.get('content-type', 'none')!r})")
+    too_large = APIError(413, f"the request body is larger than this server's limit of {limits.max_body_bytes} bytes "
+                              "(--max-body-size); send a smaller request")
+    declared = request.headers.get("content-length", "0")
+    if not (declared.isascii() and declared.isdigit()):
+        raise APIError(400, f"Content-Length {declared[:40]!r} is not a number")
+    if len(declared) > 18 or int(declared) > limits.max_body_bytes:
+        raise too_large
+    chunks, received = [], 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limits.max_body_bytes:
+            raise too_large
+        chunks.append(chunk)
+    state = request.app.state
+    if getattr(state, "parse_limiter", None) is None:
+        state.parse_limiter = anyio.CapacityLimiter(PARSE_CONCURRENCY)
+    return await anyio.to_thread.run_sync(parse_body, b"".join(chunks), limits, limiter=state.parse_limiter)
+
+
+R = TypeVar("R")
+
+
+async def off_loop(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """``fn(*args, **kwargs)`` on a worker thread: for a chat template and tokenizer over a long
+    prompt (seconds per megabyte), so the event loop, ``/health`` included, keeps answering."""
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
 M = TypeVar("M", bound=BaseModel)

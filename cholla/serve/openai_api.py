@@ -23,7 +23,7 @@ from pydantic import Field
 from cholla.engine.outputs import CompletionOutput, PromptLogprob, RequestOutput
 from cholla.errors import InvalidRequestError
 from cholla.sampling.params import StructuredOutputsParams
-from cholla.serve.context import Prepared, ServeContext, StrictModel, read_json, validate
+from cholla.serve.context import Prepared, ServeContext, StrictModel, off_loop, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 from cholla.tokenizer.tokenizer import Tokenizer
@@ -520,8 +520,9 @@ async def chat_completions(request: Request) -> Response:
     tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
     tools = ctx.plan_tools([t.model_dump(exclude_none=True) for t in body.tools or []], tool_choice,
                            body.parallel_tool_calls)
-    prompt_ids = ctx.encode_chat(template_messages(body.messages), body.add_generation_prompt, body.chat_template_kwargs,
-                                 continue_final_message=body.continue_final_message, tools=tools.tools)
+    prompt_ids = await off_loop(ctx.encode_chat, template_messages(body.messages), body.add_generation_prompt,
+                                body.chat_template_kwargs, continue_final_message=body.continue_final_message,
+                                tools=tools.tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = body.sampling_kwargs()
     if "structured_outputs" in sampling and tools.structured_outputs is not None:
@@ -550,7 +551,7 @@ async def completions(request: Request) -> Response:
     body.check_prompt_logprobs()
     # echo with logprobs scores the prompt too (in the prefill), as OpenAI and vLLM do.
     scored = [n for n in (body.prompt_logprobs, body.logprobs if body.echo else None) if n is not None]
-    prompts = _completion_prompts(ctx.tokenizer, body.prompt)
+    prompts = await off_loop(_completion_prompts, ctx.tokenizer, body.prompt)
     kwargs = {**body.sampling_kwargs(), "logprobs": body.logprobs, "prompt_logprobs": max(scored) if scored else None}
     prepared = ctx.prepare(ctx.new_id("cmpl-"), prompts, kwargs, body.max_tokens, prompt_param="prompt")
     echo = [p["prompt"] for p in prompts] if body.echo else None

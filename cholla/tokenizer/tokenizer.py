@@ -26,6 +26,8 @@ EOG_TOKEN_TEXTS = frozenset({
     "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
 })
 # GGUF keys whose token id, when present, also ends a generation.
+# Texts at least this long are encoded with the GIL released, so a server's other threads keep running.
+LONG_TEXT = 4096
 EOG_ID_KEYS = ("eos_token_id", "eot_token_id", "eom_token_id", "fim_pad_token_id", "fim_rep_token_id", "fim_sep_token_id")
 
 
@@ -168,7 +170,10 @@ class Tokenizer:
         A text that already starts with the BOS token gets no second one (``transformers``
         would add it again; llama.cpp warns about it: a doubled BOS degrades the output).
         """
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) < LONG_TEXT:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        else:  # encode_batch releases the GIL (encode holds it: ~2 s per MB, every other thread stopped)
+            ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self.add_bos and len(ids) > 1 and ids[1] == self.bos_token_id:
             del ids[0]
         return ids

@@ -1,0 +1,179 @@
+"""cholla against llama.cpp on a busy machine: prefill and decode tokens/s with 0, 1, 2 ... competing processes.
+
+Each competing process is a CPU-bound busy loop (``python -c "while True: pass"``),
+started before the measured program and killed after it. For each model and
+each number of them it runs, each in its own process and bounded in time:
+
+- ``cholla bench`` with ``--threads T`` (T: ``--threads``, default one per physical core),
+- ``cholla bench`` with its default thread count (which leaves out the cores it
+  finds busy at start; the log line says how many it took),
+- ``llama-bench -t T`` on the same GGUF file,
+
+and prints ppN / tgN (mean over ``-r`` repetitions) with each program's decode
+speed as a share of its own speed without competition. A run that does not
+finish within ``--timeout`` seconds counts as 0 (a collapse).
+
+Goals (issue 18): with one busy process per core, cholla keeps at least 40% of
+its quiet decode speed and is at least as fast as llama.cpp under the same
+load; never below 25%.
+
+    python benchmarks/contention.py --llama-bin-dir /work/llamacpp/bin
+    python benchmarks/contention.py --llama-bin-dir /work/llamacpp/bin --models smollm2 --busy 0 2 -n 16 -r 1
+
+Every program runs with the environment this script was given: cholla's own
+OpenMP setting (GOMP_SPINCOUNT, which importing cholla sets) is not passed on
+to llama-bench, which keeps libgomp's default as its users get it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ)  # as given, before anything here imports cholla
+BUSY_LOOP = [sys.executable, "-c", "while True: pass"]
+
+
+def physical_cores() -> int:
+    sys.path.insert(0, str(ROOT))
+    from cholla.threads import physical_cores as count  # no torch import happens before this returns
+
+    return count()
+
+
+def start_busy(count: int) -> list[subprocess.Popen]:
+    busy = [subprocess.Popen(BUSY_LOOP, env=ENV) for _ in range(count)]
+    time.sleep(0.5)  # let them get going (cholla's default samples the load at start)
+    return busy
+
+
+def stop_busy(busy: list[subprocess.Popen]) -> None:
+    for process in busy:
+        process.kill()
+    for process in busy:
+        process.wait()
+
+
+def timed(cmd: list[str], timeout: float) -> tuple[str, str] | None:
+    """(stdout, stderr) of ``cmd``, or None when it ran past ``timeout`` seconds or failed."""
+    print(f"[contention] {' '.join(cmd)}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV)
+    except subprocess.TimeoutExpired:
+        print(f"[contention]   timed out after {timeout:.0f} s", file=sys.stderr, flush=True)
+        return None
+    print(f"[contention]   {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    if done.returncode != 0:
+        print(f"[contention]   failed (exit {done.returncode}): {done.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    return done.stdout, done.stderr
+
+
+def cholla(model: str, threads: int | None, args) -> dict:
+    cmd = [sys.executable, "-m", "cholla", "bench", model, "-p", str(args.n_prompt), "-n", str(args.n_gen),
+           "-r", str(args.repetitions), "--json"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    out = timed(cmd, args.timeout)
+    if out is None:
+        return {"pp": 0.0, "tg": 0.0, "threads": threads, "note": "timed out or failed"}
+    report = json.loads(out[0].strip().splitlines()[-1])
+    tests = {t["name"][:2]: t["mean"] for t in report["tests"]}
+    note = next((line.split("cholla: ", 1)[-1] for line in out[1].splitlines() if "cores busy" in line), "")
+    return {"pp": tests.get("pp", 0.0), "tg": tests.get("tg", 0.0), "threads": report["threads"], "note": note}
+
+
+def llama_cpp(model_path: Path, threads: int, args) -> dict:
+    cmd = [str(args.llama_bin_dir / "llama-bench"), "-m", str(model_path), "-p", str(args.n_prompt),
+           "-n", str(args.n_gen), "-r", str(args.repetitions), "-t", str(threads), "-o", "json"]
+    out = timed(cmd, args.timeout)
+    if out is None:
+        return {"pp": 0.0, "tg": 0.0, "threads": threads, "note": "timed out or failed"}
+    result = {"pp": 0.0, "tg": 0.0, "threads": threads, "note": ""}
+    for entry in json.loads(out[0][out[0].find("["):]):
+        result["pp" if entry["n_gen"] == 0 else "tg"] = entry["avg_ts"]
+    return result
+
+
+def resolve(model: str) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from cholla.download import resolve_model
+
+    return resolve_model(model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-bin-dir", type=Path, required=True, help="folder with llama-bench")
+    parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
+    parser.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2], help="competing busy loops per run")
+    parser.add_argument("-p", "--n-prompt", type=int, default=64)
+    parser.add_argument("-n", "--n-gen", type=int, default=16)
+    parser.add_argument("-r", "--repetitions", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="threads of the fixed runs (default: physical cores)")
+    parser.add_argument("--dtype", default=None, help="cholla's --dtype (default: its own)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds one run may take before it counts as 0")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    threads = args.threads or physical_cores()
+    if 0 not in args.busy:
+        parser.error("--busy needs 0: the quiet run each share is taken of")
+
+    rows = []
+    for model in args.models:
+        model_path = resolve(model)
+        for busy_count in sorted(args.busy):
+            busy = start_busy(busy_count)
+            try:
+                loads = os.getloadavg()[0]
+                runs = {"cholla": cholla(str(model_path), threads, args),
+                        "cholla default": cholla(str(model_path), None, args),
+                        "llama.cpp": llama_cpp(model_path, threads, args)}
+            finally:
+                stop_busy(busy)
+            rows.append({"model": model, "busy": busy_count, "loadavg": loads, **runs})
+
+    programs = ("cholla", "cholla default", "llama.cpp")
+    print(f"\n{platform.node()}, {os.cpu_count()} CPUs, {threads} threads for the fixed runs, "
+          f"pp{args.n_prompt} / tg{args.n_gen}, {args.repetitions} repetitions, "
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}\n")
+    print("| model | busy loops | load (1 min) | program | threads | pp t/s | tg t/s | tg share of quiet |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    quiet = {(row["model"], name): row[name]["tg"] for row in rows if row["busy"] == 0 for name in programs}
+    for row in rows:
+        for name in programs:
+            run = row[name]
+            base = quiet[(row["model"], name)]
+            share = f"{100 * run['tg'] / base:.0f}%" if base else "-"
+            print(f"| {row['model']} | {row['busy']} | {row['loadavg']:.1f} | {name} | {run['threads']} "
+                  f"| {run['pp']:.1f} | {run['tg']:.1f} | {share} |")
+    print()
+    for row in rows:
+        if row["busy"] == threads:
+            base = quiet[(row["model"], "cholla")]
+            share = row["cholla"]["tg"] / base if base else 0.0
+            faster = row["cholla"]["tg"] >= row["llama.cpp"]["tg"]
+            print(f"{row['model']}, one busy loop per core: cholla keeps {100 * share:.0f}% of its quiet decode "
+                  f"(goal >= 40%, never < 25%): {'met' if share >= 0.4 else 'MISSED'}; "
+                  f"{'at least as fast as' if faster else 'SLOWER than'} llama.cpp "
+                  f"({row['cholla']['tg']:.1f} vs {row['llama.cpp']['tg']:.1f} t/s)")
+    notes = {row["cholla default"]["note"] for row in rows if row["cholla default"]["note"]}
+    for note in sorted(notes):
+        print(f"cholla default: {note}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

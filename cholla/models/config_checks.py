@@ -1,0 +1,291 @@
+"""A model's config checked in one place, before any weight or cache is allocated.
+
+A file that contradicts itself (a zero head count, heads that do not divide the
+hidden size, a layer count the tensors do not have) would otherwise fail deep in
+model construction, as a ``ZeroDivisionError`` or after gigabytes of allocation.
+Here each contradiction is a ``ModelFormatError`` that names the key at fault.
+
+Two stages: ``check_raw_*`` looks at the metadata's types before
+``config_from_gguf`` / ``config_from_hf`` convert them, and ``CHECKS`` (small
+functions, each one rule; append to extend) look at the built ``ModelConfig``
+against the tensors' shapes. ``gguf_config`` and ``hf_config`` run both.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from cholla.errors import ModelFormatError
+from cholla.formats.gguf import GGUFFile
+from cholla.formats.safetensors import HFFolder
+from cholla.models.config import SLIDING_ATTENTION, FULL_ATTENTION, ModelConfig, RopeConfig, config_from_gguf, config_from_hf
+from cholla.models.gguf_names import gguf_to_hf_name
+
+# Beyond these no real model goes; a file that claims more is corrupt (and would allocate without bound).
+MAX_DIM = 1 << 20  # hidden, intermediate, head dims
+MAX_HEADS = 1 << 12
+MAX_LAYERS = 1 << 12
+MAX_VOCAB = 1 << 24
+MAX_CONTEXT = 1 << 24
+
+# ModelConfig field -> GGUF key (after "{arch}.") and config.json key, for messages and the raw checks.
+GGUF_KEYS = {
+    "hidden_size": "embedding_length", "intermediate_size": "feed_forward_length", "num_layers": "block_count",
+    "num_heads": "attention.head_count", "num_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon", "max_position_embeddings": "context_length",
+    "vocab_size": "vocab_size", "rope": "rope.freq_base", "rope_scaling": "rope.scaling.factor",
+    "sliding_window": "attention.sliding_window", "bos_token_id": "tokenizer.ggml.bos_token_id",
+    "eos_token_id": "tokenizer.ggml.eos_token_id", "final_logit_softcapping": "final_logit_softcapping",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+}
+HF_KEYS = {
+    "hidden_size": "hidden_size", "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+    "rms_norm_eps": "rms_norm_eps", "max_position_embeddings": "max_position_embeddings", "vocab_size": "vocab_size",
+    "rope": "rope_theta", "rope_scaling": "rope_parameters", "sliding_window": "sliding_window",
+    "final_logit_softcapping": "final_logit_softcapping", "attn_logit_softcapping": "attn_logit_softcapping",
+    "query_pre_attn_scalar": "query_pre_attn_scalar", "layer_types": "layer_types", "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+}
+# The most each count may be: checked on the raw values too, before anything is sized by them.
+_MOST = {"num_layers": MAX_LAYERS, "num_heads": MAX_HEADS, "num_kv_heads": MAX_HEADS, "vocab_size": MAX_VOCAB,
+         "max_position_embeddings": MAX_CONTEXT, "hidden_size": MAX_DIM, "intermediate_size": MAX_DIM,
+         "head_dim": MAX_DIM, "sliding_window": MAX_CONTEXT}
+_COUNT_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim", "vocab_size",
+                 "max_position_embeddings")
+_FLOAT_FIELDS = ("rms_norm_eps", "rope", "rope_scaling", "final_logit_softcapping", "attn_logit_softcapping",
+                 "query_pre_attn_scalar")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+@dataclass
+class ConfigSource:
+    """What the checks compare a config against: the file, its key names, its tensors' shapes (HF names)."""
+
+    path: str
+    keys: Mapping[str, str]  # ModelConfig field -> the key it was read from
+    shapes: dict[str, tuple[int, ...]]  # torch order, rows first
+    num_tokens: int | None = None  # entries in the tokenizer's vocabulary, when the file has one
+
+    def fail(self, field: str, value: Any, problem: str) -> None:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ModelFormatError(f"{self.path}: {self.keys.get(field, field)} = {shown} {problem}; "
+                               "the file is corrupt or was written wrongly")
+
+
+Check = Callable[[ModelConfig, ConfigSource], None]
+
+
+def _gguf_key(arch: str, key: str) -> str:
+    return key if key.startswith("tokenizer.") else f"{arch}.{key}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# -- raw metadata, before conversion ---------------------------------------------------------
+
+
+def check_raw_gguf(metadata: Mapping[str, Any], path: str) -> None:
+    """The types of the GGUF keys ``config_from_gguf`` converts, and the counts it divides by."""
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelFormatError(f"{path}: general.architecture = {arch!r} is not a string; the file is corrupt")
+    for field, suffix in GGUF_KEYS.items():
+        key = _gguf_key(arch, suffix)
+        if key not in metadata:
+            continue
+        value = metadata.get(key)
+        if field == "num_kv_heads" and isinstance(value, list):  # per-layer counts
+            if not value or not all(_is_int(v) and 0 <= v <= MAX_HEADS for v in value):
+                raise ModelFormatError(f"{path}: {key} must be a count or a list of counts; the file is corrupt")
+            continue
+        ok = _is_number(value) if field in _FLOAT_FIELDS else _is_int(value)
+        if not ok:
+            raise ModelFormatError(f"{path}: {key} = {str(value)[:60]!r} is not a finite number; the file is corrupt")
+        lowest = 0 if field == "sliding_window" else 1  # some are divided by before the config exists
+        if field in _MOST and not lowest <= value <= _MOST[field]:
+            raise ModelFormatError(f"{path}: {key} = {value} must be a whole number in [{lowest}, {_MOST[field]}]; "
+                                   "the file is corrupt")
+    scaling = metadata.get(f"{arch}.rope.scaling.type")
+    if scaling is not None and not isinstance(scaling, str):
+        raise ModelFormatError(f"{path}: {arch}.rope.scaling.type = {scaling!r} is not a string; the file is corrupt")
+
+
+def check_raw_hf(config: Mapping[str, Any], path: str) -> None:
+    """The types of the config.json keys ``config_from_hf`` converts."""
+    if not isinstance(config, dict):
+        raise ModelFormatError(f"{path}: config.json holds a {type(config).__name__}, not an object")
+    if isinstance(config.get("text_config"), dict):
+        config = {**config, **config["text_config"]}
+    for field, key in HF_KEYS.items():
+        value = config.get(key)
+        if value is None or field in ("rope_scaling", "layer_types"):
+            continue
+        if not (_is_number(value) if field in _FLOAT_FIELDS else _is_int(value)):
+            raise ModelFormatError(f"{path}: config.json's {key} = {str(value)[:60]!r} is not a finite number")
+        lowest = 0 if field == "sliding_window" else 1
+        if field in _MOST and not lowest <= value <= _MOST[field]:
+            raise ModelFormatError(f"{path}: config.json's {key} = {value} must be a whole number in [{lowest}, {_MOST[field]}]")
+    for key in ("rope_parameters", "rope_scaling"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ModelFormatError(f"{path}: config.json's {key} must be an object")
+    eos = config.get("eos_token_id")
+    if eos is not None and not (_is_int(eos) or (isinstance(eos, list) and all(_is_int(e) for e in eos))):
+        raise ModelFormatError(f"{path}: config.json's eos_token_id = {eos!r} is not a token id or a list of them")
+
+
+# -- the built config, against the tensors ----------------------------------------------------
+
+
+def check_counts(config: ModelConfig, source: ConfigSource) -> None:
+    for field in (*_COUNT_FIELDS, "num_kv_heads"):
+        value, most = getattr(config, field), _MOST[field]
+        if not _is_int(value) or not 1 <= value <= most:
+            source.fail(field, value, f"must be a whole number in [1, {most}]")
+
+
+def check_heads(config: ModelConfig, source: ConfigSource) -> None:
+    if config.num_heads % config.num_kv_heads:
+        source.fail("num_kv_heads", config.num_kv_heads, f"does not divide the {config.num_heads} attention heads")
+    if config.head_dim % 2:
+        source.fail("head_dim", config.head_dim, "is odd; rotary embeddings rotate pairs of dimensions")
+
+
+def check_norm(config: ModelConfig, source: ConfigSource) -> None:
+    if not (_is_number(config.rms_norm_eps) and 0 < config.rms_norm_eps < 1):
+        source.fail("rms_norm_eps", config.rms_norm_eps, "must be a number in (0, 1)")
+
+
+def _check_rope(rope: RopeConfig, source: ConfigSource, field: str) -> None:
+    if not (_is_number(rope.theta) and rope.theta > 1):
+        source.fail(field, rope.theta, "must be a rope base > 1")
+    scaling = rope.scaling or {}
+    kind = scaling.get("rope_type", "default")
+    needs = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings")}.get(kind, ())
+    for name in needs:
+        value = scaling.get(name)
+        if not (_is_number(value) and value > 0):
+            source.fail("rope_scaling", value, f"({kind} rope scaling's {name}) must be a number > 0")
+    if kind == "llama3":
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        if not (_is_number(low) and _is_number(high) and 0 < low < high):
+            source.fail("rope_scaling", (low, high), "(llama3 low_freq_factor, high_freq_factor) must have 0 < low < high")
+
+
+def check_rope(config: ModelConfig, source: ConfigSource) -> None:
+    _check_rope(config.rope, source, "rope")
+    if config.local_rope is not None:
+        _check_rope(config.local_rope, source, "rope")
+    factors = source.shapes.get("rope_freqs.weight")
+    if factors is not None and factors != (config.head_dim // 2,):
+        source.fail("head_dim", config.head_dim, f"needs {config.head_dim // 2} rope frequency factors, "
+                                                  f"but rope_freqs.weight has shape {factors}")
+
+
+def check_layer_kinds(config: ModelConfig, source: ConfigSource) -> None:
+    if len(config.layer_types) != config.num_layers:
+        source.fail("layer_types", len(config.layer_types), f"layer kinds do not match the {config.num_layers} layers")
+    if any(kind not in (FULL_ATTENTION, SLIDING_ATTENTION) for kind in config.layer_types):
+        source.fail("layer_types", config.layer_types, f"may hold only {FULL_ATTENTION!r} and {SLIDING_ATTENTION!r}")
+    if config.sliding_window is not None and not (_is_int(config.sliding_window) and 1 <= config.sliding_window <= MAX_CONTEXT):
+        source.fail("sliding_window", config.sliding_window, f"must be a whole number in [1, {MAX_CONTEXT}]")
+    for field in ("final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"):
+        value = getattr(config, field)
+        if value is not None and not (_is_number(value) and value > 0):
+            source.fail(field, value, "must be a number > 0")
+
+
+def check_layers_present(config: ModelConfig, source: ConfigSource) -> None:
+    """The layer count must be the number of layers the tensors hold, no more, no fewer."""
+    present = {int(m.group(1)) for name in source.shapes if (m := _LAYER.match(name))}
+    if present != set(range(config.num_layers)):
+        held = f"layers 0-{max(present)}" if present and present == set(range(max(present) + 1)) else f"{len(present)} layers"
+        source.fail("num_layers", config.num_layers, f"but the file holds tensors for {held}")
+
+
+def check_embedding(config: ModelConfig, source: ConfigSource) -> None:
+    """The vocabulary and hidden size against the embedding (and output head), and the tokenizer's size."""
+    shape = source.shapes.get("model.embed_tokens.weight")
+    if shape is None:
+        raise ModelFormatError(f"{source.path}: the file has no token embedding tensor; it is incomplete")
+    if len(shape) != 2 or shape[1] != config.hidden_size:
+        source.fail("hidden_size", config.hidden_size, f"but the token embedding has shape {shape}")
+    if shape[0] != config.vocab_size:
+        source.fail("vocab_size", config.vocab_size, f"but the token embedding has {shape[0]} rows")
+    head = source.shapes.get("lm_head.weight")
+    if head is not None and head != shape:
+        source.fail("vocab_size", config.vocab_size, f"but the output head has shape {head}, the embedding {shape}")
+    if source.num_tokens is not None and source.num_tokens > config.vocab_size:
+        source.fail("vocab_size", config.vocab_size, f"but the tokenizer has {source.num_tokens} tokens")
+
+
+def check_special_tokens(config: ModelConfig, source: ConfigSource) -> None:
+    for name, ids in (("bos_token_id", [config.bos_token_id]), ("eos_token_id", config.eos_token_ids)):
+        bad = [i for i in ids if i is not None and not (_is_int(i) and 0 <= i < config.vocab_size)]
+        if bad:
+            source.fail(name, bad[0], f"is not a token id of the {config.vocab_size}-token vocabulary")
+
+
+def check_layer_shapes(config: ModelConfig, source: ConfigSource) -> None:
+    """Every layer's attention and MLP weights against the head counts and dimensions."""
+    hidden, q, kv, inner = (config.hidden_size, config.num_heads * config.head_dim,
+                            config.num_kv_heads * config.head_dim, config.intermediate_size)
+    expected = {
+        "self_attn.q_proj.weight": ((q, hidden), "num_heads"), "self_attn.k_proj.weight": ((kv, hidden), "num_kv_heads"),
+        "self_attn.v_proj.weight": ((kv, hidden), "num_kv_heads"), "self_attn.o_proj.weight": ((hidden, q), "num_heads"),
+        "mlp.gate_proj.weight": ((inner, hidden), "intermediate_size"), "mlp.up_proj.weight": ((inner, hidden), "intermediate_size"),
+        "mlp.down_proj.weight": ((hidden, inner), "intermediate_size"),
+    }
+    for layer in range(config.num_layers):
+        for part, (want, field) in expected.items():
+            got = source.shapes.get(f"model.layers.{layer}.{part}")
+            if got is not None and got != want:
+                source.fail(field, getattr(config, field), f"with the other dimensions needs {part.split('.')[-2]} of "
+                                                           f"layer {layer} to be {want}, but it is {got}")
+
+
+CHECKS: list[Check] = [check_counts, check_heads, check_norm, check_rope, check_layer_kinds, check_layers_present,
+                       check_embedding, check_special_tokens, check_layer_shapes]
+
+
+def check_config(config: ModelConfig, source: ConfigSource) -> None:
+    """Run every check in ``CHECKS``; the first contradiction raises ``ModelFormatError``."""
+    for check in CHECKS:
+        check(config, source)
+
+
+# -- the two formats ------------------------------------------------------------------------
+
+
+def gguf_config(gguf: GGUFFile) -> ModelConfig:
+    """The config of a GGUF file, checked against its metadata types and tensors."""
+    path = str(gguf.path)
+    check_raw_gguf(gguf.metadata, path)
+    config = config_from_gguf(gguf.metadata, set(gguf.tensors))
+    shapes = {}
+    for name, tensor in gguf.tensors.items():
+        shapes[gguf_to_hf_name(name, config.architecture) or name] = tensor.shape
+    keys = {field: _gguf_key(gguf.architecture, key) for field, key in GGUF_KEYS.items()}
+    check_config(config, ConfigSource(path, keys, shapes, gguf.metadata.array_length("tokenizer.ggml.tokens")))
+    return config
+
+
+def hf_config(folder: HFFolder) -> ModelConfig:
+    """The config of a Hugging Face folder, checked against config.json's types and the shards' headers."""
+    path = str(folder.path)
+    check_raw_hf(folder.config, path)
+    config = config_from_hf(folder.config)
+    shapes = {name.removeprefix("language_model."): shape for name, shape in folder.tensor_shapes().items()}
+    keys = {field: f"config.json's {key}" for field, key in HF_KEYS.items()}
+    check_config(config, ConfigSource(path, keys, shapes))
+    return config
