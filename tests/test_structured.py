@@ -269,6 +269,16 @@ def test_openai_parse_and_json_object(client):
     assert isinstance(json.loads(text), dict)
 
 
+def test_langchain_structured_output_by_json_schema(server):
+    """LangChain's ``with_structured_output(method="json_schema")`` sends response_format json_schema, strict."""
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(model=MODEL, base_url=f"{server.url}/v1", api_key="unused", temperature=0, max_tokens=48,
+                      max_retries=0)
+    person = chat.with_structured_output(Person, method="json_schema").invoke(ASK_PERSON[0]["content"])
+    assert isinstance(person, Person)
+
+
 def test_every_spelling_of_a_constraint(client, server):
     colours = ["red", "green", "blue"]
     ask = [{"role": "user", "content": "Name a colour."}]
