@@ -23,7 +23,7 @@ from cholla.engine.engine import EngineConfig, LLMEngine
 from cholla.errors import InvalidRequestError
 from cholla.sampling.params import StructuredOutputsParams as Structured
 from cholla.sampling.sampler import SamplingBatch, sample
-from cholla.sampling.structured import DEAD_END, allowed_tokens
+from cholla.sampling.structured import DEAD_END, StructuredOutputs, allowed_tokens
 from cholla.serve import ServerSettings, create_app
 from tests.test_serve import LiveServer
 
@@ -116,6 +116,17 @@ def test_mask_matches_llguidance_token_by_token(llm):
     assert torch.equal(allowed, verdict)
     assert 0 < int(allowed.sum()) < vocab
     assert not any(allowed[t] for t in llm.engine.eos_token_ids)  # inside a string: no end yet
+
+
+def test_ids_past_the_tokenizer_are_never_allowed(llm):
+    """A model whose logits are wider than its tokenizer's vocabulary: the extra ids stay masked."""
+    tokenizer = llm.tokenizer
+    wide = StructuredOutputs(tokenizer, tokenizer.vocab_size + 40, llm.engine.eos_token_ids)
+    matcher = wide.compile(Structured(regex="[a-z ]+")).matcher()
+    bitmask = torch.zeros(1, wide.mask_words, dtype=torch.int32)
+    wide.fill_bitmask([matcher], bitmask)
+    allowed = allowed_tokens(bitmask, tokenizer.vocab_size + 40)[0]
+    assert allowed[: tokenizer.vocab_size].sum() > 100 and not allowed[tokenizer.vocab_size :].any()
 
 
 def test_sampler_masks_only_constrained_rows():
@@ -256,6 +267,16 @@ def test_openai_parse_and_json_object(client):
                                             response_format={"type": "json_object"}, stream=True)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert isinstance(json.loads(text), dict)
+
+
+def test_langchain_structured_output_by_json_schema(server):
+    """LangChain's ``with_structured_output(method="json_schema")`` sends response_format json_schema, strict."""
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(model=MODEL, base_url=f"{server.url}/v1", api_key="unused", temperature=0, max_tokens=48,
+                      max_retries=0)
+    person = chat.with_structured_output(Person, method="json_schema").invoke(ASK_PERSON[0]["content"])
+    assert isinstance(person, Person)
 
 
 def test_every_spelling_of_a_constraint(client, server):

@@ -37,6 +37,8 @@ MAX_CACHED_GRAMMARS = 256
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # Why a request ended early when no token can continue its grammar.
 DEAD_END = "structured output dead end: no token can continue the grammar"
+# How error messages name each kind of source (the same words whichever request field carried it).
+NOUNS = {"json": "the JSON schema", "regex": "the regex", "choice": "the choice list", "grammar": "the grammar"}
 
 _ll_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ll_tokenizers_lock = threading.Lock()
@@ -61,7 +63,6 @@ def grammar_source(spec: StructuredOutputsParams) -> tuple[str, str]:
 
 def _llguidance_grammar(kind: str, text: str) -> str:
     """The llguidance grammar for a source; ``InvalidRequestError`` when it cannot be converted."""
-    field = "structured_outputs." + kind
     try:
         if kind == "json":
             _check_schema(json.loads(text))
@@ -72,7 +73,7 @@ def _llguidance_grammar(kind: str, text: str) -> str:
             return llguidance.grammar_from("choice", text)
         return llguidance.grammar_from("grammar", text)  # Lark, or GBNF through llguidance's converter
     except ValueError as e:
-        raise InvalidRequestError(f"{field} is invalid: {e}") from None
+        raise InvalidRequestError(f"{NOUNS[kind]} is invalid: {e}") from None
 
 
 def _check_schema(schema: dict | bool) -> None:
@@ -80,8 +81,7 @@ def _check_schema(schema: dict | bool) -> None:
     validator = jsonschema.validators.validator_for(schema)
     error = jsonschema.exceptions.best_match(validator(validator.META_SCHEMA).iter_errors(schema))
     if error is not None:
-        raise InvalidRequestError(f"structured_outputs.json is not a valid JSON schema at {error.json_path}: "
-                                  f"{error.message}")
+        raise InvalidRequestError(f"the JSON schema is not valid at {error.json_path}: {error.message}")
 
 
 def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_token_ids: set[int]) -> llguidance.LLTokenizer:
@@ -89,16 +89,14 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_token_ids: set[int])
 
     ``vocab_size`` is the model's logits width; ids past the tokenizer's own are never allowed.
     """
+    key = (vocab_size, tuple(sorted(eos_token_ids)))
     with _ll_tokenizers_lock:
-        cached = _ll_tokenizers.get(tokenizer)
-        key = (vocab_size, tuple(sorted(eos_token_ids)))
-        if cached is None or cached[0] != key:
-            built = llguidance.LLTokenizer(
-                tokenizer.backend.to_str(), n_vocab=max(vocab_size, tokenizer.vocab_size),
-                eos_token=sorted(eos_token_ids),
+        built = _ll_tokenizers.setdefault(tokenizer, {})
+        if key not in built:
+            built[key] = llguidance.LLTokenizer(
+                tokenizer.backend.to_str(), n_vocab=max(vocab_size, tokenizer.vocab_size), eos_token=list(key[1])
             )
-            cached = _ll_tokenizers[tokenizer] = (key, built)
-        return cached[1]
+        return built[key]
 
 
 class GrammarMatcher:
@@ -162,13 +160,13 @@ class StructuredOutputs:
         grammar = _llguidance_grammar(*source)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
         if is_error:
-            raise InvalidRequestError(f"structured_outputs.{source[0]} is invalid: {messages[0].strip()}")
+            raise InvalidRequestError(f"{NOUNS[source[0]]} is invalid: {messages[0].strip()}")
         compiled = CompiledGrammar(grammar, tokenizer)
         probe = compiled.matcher()
         probe._matcher.compute_bitmask()  # a grammar that matches nothing shows here
         error = probe.error
         if error is not None:
-            raise InvalidRequestError(f"structured_outputs.{source[0]} admits no output at all: {error}")
+            raise InvalidRequestError(f"{NOUNS[source[0]]} admits no output at all: {error}")
         with self._lock:
             self._cache[source] = compiled
             while len(self._cache) > MAX_CACHED_GRAMMARS:

@@ -532,6 +532,15 @@ async def _stream(prepared: Prepared, shape: _Shape, model: str, include_usage: 
         await outputs.aclose()
 
 
+async def compile_off_loop(ctx: ServeContext, sampling_kwargs: dict[str, Any]) -> None:
+    """Compile the request's grammar on a worker thread, so the event loop keeps answering (the first
+    one builds llguidance's view of the vocabulary: seconds for Gemma's 262k tokens); ``prepare``
+    and the engine then find it cached. A bad schema or grammar raises here (a 400)."""
+    constraint = sampling_kwargs.get("structured_outputs")
+    if constraint is not None:
+        await off_loop(ctx.engine().engine.structured.compile, constraint)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     ctx: ServeContext = request.app.state.ctx
@@ -561,6 +570,7 @@ async def chat_completions(request: Request) -> Response:
                             "forces JSON calls, and the request also constrains the output; send only one of them",
                        param="tool_choice")
     kwargs = {**sampling, "logprobs": num_top, **tools.sampling_kwargs(body.skip_special_tokens)}
+    await compile_off_loop(ctx, kwargs)
     reasoning = ctx.reasoning_for(prompt_ids, kwargs) if body.add_generation_prompt else None
     prepared = ctx.prepare(ctx.new_id("chatcmpl-"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
                            reasoning.sampling_kwargs(kwargs) if reasoning else kwargs, max_tokens)
@@ -585,6 +595,7 @@ async def completions(request: Request) -> Response:
     scored = [n for n in (body.prompt_logprobs, body.logprobs if body.echo else None) if n is not None]
     prompts = await off_loop(_completion_prompts, ctx.tokenizer, body.prompt)
     kwargs = {**body.sampling_kwargs(), "logprobs": body.logprobs, "prompt_logprobs": max(scored) if scored else None}
+    await compile_off_loop(ctx, kwargs)
     prepared = ctx.prepare(ctx.new_id("cmpl-"), prompts, kwargs, body.max_tokens, prompt_param="prompt")
     echo = [p["prompt"] for p in prompts] if body.echo else None
     shape = _Shape(ctx, False, body.logprobs, echo, body.prompt_logprobs)
