@@ -7,10 +7,13 @@ separately loaded copy of the model: the server must add nothing and lose nothin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -72,23 +75,37 @@ def reference(smollm2_path) -> LLM:
                dtype="float32")
 
 
+@contextlib.contextmanager
+def serving(path: Path, config: EngineConfig, **settings) -> Iterator[LiveServer]:
+    """The model at ``path`` served as ``MODEL`` (``settings``: ``ServerSettings``' fields), loaded and ready."""
+    with LiveServer(create_app(ServerSettings([MODEL], **settings), lambda: LLMEngine(path, config))) as server:
+        server.wait_ready()
+        yield server
+
+
+def openai_client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def anthropic_client(server: LiveServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+
+
 @pytest.fixture(scope="module")
 def live(smollm2_path):
     config = EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=40, kv_cache_memory=128 * 2**20, dtype="float32")
-    app = create_app(ServerSettings([MODEL], max_queue=64), lambda: LLMEngine(smollm2_path, config))
-    with LiveServer(app) as server:
-        server.wait_ready()
+    with serving(smollm2_path, config, max_queue=64) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def client(live) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    return openai_client(live)
 
 
 @pytest.fixture(scope="module")
 def claude(live) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=live.url, api_key="unused", max_retries=0)
+    return anthropic_client(live)
 
 
 def _greedy(max_tokens: int, **kwargs) -> SamplingParams:

@@ -10,7 +10,6 @@ itself against the server.
 
 from __future__ import annotations
 
-import anthropic
 import httpx
 import openai
 import pytest
@@ -19,10 +18,10 @@ from fastapi.testclient import TestClient
 
 pytest.importorskip("transformers")
 
-from cholla.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from cholla.engine.engine import EngineConfig  # noqa: E402
 from cholla.serve import ServerSettings, create_app  # noqa: E402
 from tests.conftest import hf_gguf_model  # noqa: E402
-from tests.test_serve import LiveServer  # noqa: E402
+from tests.test_serve import anthropic_client, openai_client, serving  # noqa: E402
 
 MODEL = "smollm2"
 ATOL = 1e-3
@@ -40,15 +39,13 @@ PREFILL = [{"role": "user", "content": "Name a fruit that is yellow."}, {"role":
 def live(smollm2_path):
     # 32-token steps: the prompts are scored over several prefill chunks.
     config = EngineConfig(max_model_len=512, max_num_batched_tokens=32, kv_cache_memory=64 * 2**20, dtype="float32")
-    app = create_app(ServerSettings([MODEL]), lambda: LLMEngine(smollm2_path, config))
-    with LiveServer(app) as server:
-        server.wait_ready()
+    with serving(smollm2_path, config) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def client(live) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    return openai_client(live)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +164,7 @@ def test_continue_final_message_renders_the_template_prefix(client, live):
         client.chat.completions.create(**kwargs, extra_body={"continue_final_message": True})
 
     # Anthropic's prefill is the same prompt; the reply holds only the continuation.
-    claude = anthropic.Anthropic(base_url=live.url, api_key="unused", max_retries=0)
+    claude = anthropic_client(live)
     reply = claude.messages.create(model=MODEL, messages=PREFILL, max_tokens=6, extra_body={"temperature": 0})
     assert reply.content[0].text == response.choices[0].message.content
     assert claude.messages.count_tokens(model=MODEL, messages=PREFILL).input_tokens == len(expected_ids)
@@ -186,7 +183,7 @@ def test_usage_reports_the_prefix_cache(client, live):
                                                    stream_options={"include_usage": True}))
     assert streamed[-1].usage.prompt_tokens_details.cached_tokens == (total - 1) // block * block
 
-    claude = anthropic.Anthropic(base_url=live.url, api_key="unused", max_retries=0)
+    claude = anthropic_client(live)
     usage = claude.messages.create(model=MODEL, messages=messages, max_tokens=1).usage
     assert usage.cache_read_input_tokens == (total - 1) // block * block
     assert usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens == total

@@ -19,11 +19,10 @@ import time
 import httpx
 import pytest
 
-from cholla.engine.engine import EngineConfig, LLMEngine
-from cholla.serve import ServerSettings, create_app
+from cholla.engine.engine import EngineConfig
 from cholla.serve.limits import RequestLimits, nesting_depth, parse_body
 from cholla.serve.errors import APIError
-from tests.test_serve import MODEL, LiveServer, _wait_idle
+from tests.test_serve import MODEL, _wait_idle, serving
 
 MAX_MODEL_LEN = 256
 LIMITS = RequestLimits(max_body_bytes=2 * 2**20)
@@ -37,9 +36,7 @@ ROUTES = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION, "/v1/mess
 @pytest.fixture(scope="module")
 def live(smollm2_path):
     config = EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=16, kv_cache_memory=64 * 2**20, dtype="float32")
-    app = create_app(ServerSettings([MODEL], max_queue=64, limits=LIMITS), lambda: LLMEngine(smollm2_path, config))
-    with LiveServer(app) as server:
-        server.wait_ready()
+    with serving(smollm2_path, config, max_queue=64, limits=LIMITS) as server:
         yield server
 
 

@@ -21,7 +21,7 @@ import pytest
 from cholla import LLM, SamplingParams
 from cholla.engine.engine import EngineConfig, LLMEngine
 from cholla.serve import ServerSettings, create_app
-from tests.test_serve import LiveServer
+from tests.test_serve import LiveServer, anthropic_client, openai_client, serving
 
 MODEL = "smollm2"
 MAX_MODEL_LEN = 1024
@@ -47,20 +47,18 @@ def reference(smollm2_path) -> LLM:
 @pytest.fixture(scope="module")
 def live(smollm2_path):
     config = EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=8, kv_cache_memory=64 * 2**20, dtype="float32")
-    app = create_app(ServerSettings([MODEL], max_queue=16), lambda: LLMEngine(smollm2_path, config))
-    with LiveServer(app) as server:
-        server.wait_ready()
+    with serving(smollm2_path, config, max_queue=16) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def client(live) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    return openai_client(live)
 
 
 @pytest.fixture(scope="module")
 def claude(live) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=live.url, api_key="unused", max_retries=0)
+    return anthropic_client(live)
 
 
 def _reassemble(chunks) -> tuple[str, list[tuple[str, str]], str]:
@@ -335,7 +333,7 @@ def test_qwen3_template_tools_and_hermes_calls(qwen3_folder):
     app = create_app(ServerSettings(["qwen"], max_queue=8), lambda: LLMEngine(path, config))
     with LiveServer(app) as server:
         server.wait_ready()
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        client = openai_client(server)
         # The prompt is the model's own template with the tools, token for token as transformers renders it.
         tokens = httpx.post(f"{server.url}/tokenize", json={"messages": ASK, "tools": [UNIT_TOOL]}).json()["tokens"]
         assert tokens == hf.apply_chat_template(ASK, tools=[UNIT_TOOL], add_generation_prompt=True, return_dict=False)

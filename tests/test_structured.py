@@ -19,13 +19,12 @@ import pytest
 import torch
 
 from cholla import LLM, SamplingParams
-from cholla.engine.engine import EngineConfig, LLMEngine
+from cholla.engine.engine import EngineConfig
 from cholla.errors import InvalidRequestError
 from cholla.sampling.params import StructuredOutputsParams as Structured
 from cholla.sampling.sampler import SamplingBatch, sample
 from cholla.sampling.structured import DEAD_END, StructuredOutputs, allowed_tokens
-from cholla.serve import ServerSettings, create_app
-from tests.test_serve import LiveServer
+from tests.test_serve import openai_client, serving
 
 MODEL = "smollm2"
 PERSON = {
@@ -246,15 +245,13 @@ class Person(pydantic.BaseModel):
 @pytest.fixture(scope="module")
 def server(smollm2_path):
     config = EngineConfig(max_model_len=256, kv_cache_memory=32 * 2**20, dtype="float32")
-    app = create_app(ServerSettings([MODEL]), lambda: LLMEngine(smollm2_path, config))
-    with LiveServer(app) as live:
-        live.wait_ready()
+    with serving(smollm2_path, config) as live:
         yield live
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 def test_openai_parse_and_json_object(client):

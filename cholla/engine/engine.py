@@ -12,7 +12,7 @@ import torch
 
 from cholla.engine.metrics import EngineMetrics, EngineStats
 from cholla.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from cholla.engine.request import Request, RequestStatus
+from cholla.engine.request import Request
 from cholla.engine.runner import ModelRunner
 from cholla.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from cholla.errors import ContextLengthError, InvalidRequestError
