@@ -35,7 +35,6 @@ log = logging.getLogger("cholla")
 
 router = APIRouter()
 
-MAX_TOP_LOGPROBS = 20
 # JSON has no -inf; vLLM reports impossible tokens at this floor too.
 LOGPROB_FLOOR = -9999.0
 
@@ -163,10 +162,6 @@ class SamplingRequest(StrictModel):
         kwargs = {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
         constraint = structured_outputs_params(self)
         return {**kwargs, "structured_outputs": constraint} if constraint is not None else kwargs
-
-    def check_prompt_logprobs(self) -> None:
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
-            raise APIError(400, f"'prompt_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="prompt_logprobs")
 
     def check_stream_options(self) -> bool:
         """Whether the stream ends with a usage chunk."""
@@ -550,10 +545,9 @@ async def chat_completions(request: Request) -> Response:
     include_usage = body.check_stream_options()
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs logprobs=true", param="top_logprobs")
-    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise APIError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+    if body.top_logprobs is not None and body.top_logprobs < 0:  # the upper bound is the server's --max-logprobs
+        raise APIError(400, "'top_logprobs' must be >= 0", param="top_logprobs")
     num_top = (body.top_logprobs or 0) if body.logprobs else None
-    body.check_prompt_logprobs()
     if body.continue_final_message and body.add_generation_prompt:
         raise APIError(400, "'continue_final_message' continues the last message, so it needs "
                             "'add_generation_prompt': false", param="continue_final_message")
@@ -588,9 +582,6 @@ async def completions(request: Request) -> Response:
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise APIError(400, "'best_of' other than n is not supported by cholla yet; drop it or set it to n",
                        param="best_of")
-    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
-        raise APIError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
-    body.check_prompt_logprobs()
     # echo with logprobs scores the prompt too (in the prefill), as OpenAI and vLLM do.
     scored = [n for n in (body.prompt_logprobs, body.logprobs if body.echo else None) if n is not None]
     prompts = await off_loop(_completion_prompts, ctx.tokenizer, body.prompt)
