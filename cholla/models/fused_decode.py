@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cholla.kernels import amx_kernels
-from cholla.layers.attention import AttentionMetadata
+from cholla.layers.attention import Attention, AttentionMetadata
 from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear
 from cholla.layers.mlp import ACTIVATION_IDS, GatedMLP
 from cholla.layers.rotary import RotaryEmbedding
@@ -66,9 +66,17 @@ def _layer_norms(layer: nn.Module, post_norms: bool, qk_norm: bool) -> list:
     return norms
 
 
+def _covered(layer: nn.Module) -> bool:
+    """The kernel's layer: plain attention (no sinks, per-head QK-norm at most) and a dense gated MLP;
+    mixtures of experts, latent attention and sinks run in Python."""
+    attn = getattr(layer, "self_attn", None)
+    return (type(attn) is Attention and attn.sinks is None and not attn.qk_norm_full
+            and type(getattr(layer, "mlp", None)) is GatedMLP)
+
+
 def plan_decode(model: nn.Module) -> DecodePlan | None:
     """The model's layers as the kernel takes them, or None where it cannot run them all."""
-    if amx_kernels() is None or not len(model.layers):
+    if amx_kernels() is None or not len(model.layers) or not all(_covered(layer) for layer in model.layers):
         return None
     first = model.layers[0]
     post_norms = hasattr(first, "post_feedforward_layernorm")

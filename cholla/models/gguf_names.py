@@ -25,6 +25,15 @@ _LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixtures of experts (layers/moe.py): the router, stacked experts, the shared expert
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 
 # Gemma names the norm after attention "post" and the one before the MLP "pre".
@@ -34,6 +43,7 @@ _LAYER_OVERRIDES = {
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
     },
+    "gpt_oss": {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"},
 }
 
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -50,4 +60,6 @@ def gguf_to_hf_name(name: str, architecture: str) -> str | None:
     table = {**_LAYER, **_LAYER_OVERRIDES.get(architecture, {})}
     if part not in table:
         return None
+    if part == "attn_sinks":  # a bare tensor, named after its module (layers.linear.DenseTensor)
+        return f"model.layers.{layer}.{table[part]}"
     return f"model.layers.{layer}.{table[part]}.{kind}"

@@ -66,18 +66,23 @@ def load_model(path: str | Path, dtype: str = "auto") -> LoadedModel:
 def _load_gguf(path: Path) -> LoadedModel:
     gguf = read_gguf(path)
     config = config_from_gguf(gguf.metadata, set(gguf.tensors))
-    weights = {}
+    weights, gguf_names = {}, {}
     for name, tensor in gguf.tensors.items():
         if name == "rope_freqs.weight":
             config.rope.freq_factors = dense(tensor, torch.float32).tolist()
             continue
         hf_name = gguf_to_hf_name(name, config.architecture)
         if hf_name is None:
-            continue
+            raise ModelFormatError(f"{path.name}: tensor {name} has no place in a {config.architecture} model")
         check_supported(tensor.qtype, name)
         weights[hf_name] = tensor
+        gguf_names[hf_name.removeprefix("model.")] = name
     model = model_class(config.architecture)(config)
-    model.load_weights(weights)
+    leftover = model.load_weights(weights)
+    if leftover:  # a tensor the file has but no module took: the metadata and tensors disagree
+        name = min(leftover)
+        raise ModelFormatError(f"{path.name}: tensor {gguf_names.get(name, name)} has no place in this "
+                               f"{config.architecture} model ({len(leftover)} such tensors)")
     return LoadedModel(model.eval(), config, path, gguf=gguf)
 
 
