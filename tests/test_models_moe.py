@@ -1,0 +1,200 @@
+"""Mixture-of-experts architectures on tiny random models (``tests/tiny_models.py``):
+cholla against transformers from SafeTensors, against itself from llama.cpp's GGUF
+conversion (f32 and requantized), and through the engine."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from cholla import LLM, SamplingParams  # noqa: E402
+from cholla.engine.runner import forward_once  # noqa: E402
+from cholla.errors import ModelFormatError  # noqa: E402
+from cholla.models.fused_decode import plan_decode  # noqa: E402
+from cholla.models.loader import load_model  # noqa: E402
+from tests import tiny_models  # noqa: E402
+
+NAMES = list(tiny_models.configs())
+PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """name -> {"folder", "model"} built once per session; GGUF files added on demand."""
+    tokenizer = tiny_models.tiny_tokenizer()
+    root = tmp_path_factory.mktemp("tiny_moe")
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            folder = root / name
+            cache[name] = {"folder": folder, "model": tiny_models.build_model(name, folder, tokenizer)}
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_of(tiny, tmp_path_factory):
+    """(name, qtype or "F32", dequantized) -> a GGUF path, converted once per session."""
+    converter = tiny_models.find_converter()
+    if converter is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (set CHOLLA_CONVERT_HF_TO_GGUF)")
+    root = tmp_path_factory.mktemp("tiny_moe_gguf")
+    cache: dict[tuple, object] = {}
+
+    def get(name: str, qtype: str = "F32", dequantized: bool = False):
+        key = (name, qtype, dequantized)
+        if not cache:  # every architecture in one converter process
+            jobs = [(tiny(n)["folder"], root / f"{n}.gguf") for n in NAMES]
+            tiny_models.convert_to_gguf(converter, jobs)
+            cache.update({(n, "F32", False): out for n, (_, out) in zip(NAMES, jobs)})
+        if key not in cache:
+            suffix = "-roundtrip" if dequantized else ""
+            cache[key] = tiny_models.requantize(get(name), root / f"{name}-{qtype}{suffix}.gguf", qtype, dequantized)
+        return cache[key]
+
+    return get
+
+
+def _reference_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    """Within ``rel`` of the logits' magnitude, at every position."""
+    err = (ours - ref).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_safetensors_match_transformers(tiny, name):
+    entry = tiny(name)
+    loaded = load_model(entry["folder"], "float32")
+    assert loaded.config.architecture == name and loaded.config.moe is not None
+    assert plan_decode(loaded.model) is None  # the fused C++ decode step has no MoE: Python runs it
+    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(entry["model"], PROMPT))
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    llm = LLM(entry["folder"], dtype="float32", max_model_len=128)
+    ours = llm.generate({"prompt_token_ids": PROMPT[:12]}, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    with torch.no_grad():
+        ref = entry["model"].generate(torch.tensor([PROMPT[:12]]), max_new_tokens=32, do_sample=False,
+                                      min_new_tokens=32)[0, 12:].tolist()
+    assert list(ours) == ref
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gguf_f32_matches_transformers(tiny, gguf_of, name):
+    loaded = load_model(gguf_of(name), "float32")
+    assert loaded.config.architecture == name and loaded.config.moe is not None
+    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(tiny(name)["model"], PROMPT))
+
+
+QUANTS = [("qwen3_moe", "Q8_0"), ("qwen3_moe", "Q4_0"), ("mixtral", "Q4_0"), ("olmoe", "Q8_0"),
+          ("gpt_oss", "MXFP4"), ("gpt_oss", "Q4_0")]
+
+
+@pytest.mark.parametrize("name,qtype", QUANTS)
+def test_gguf_quantized_experts(tiny, gguf_of, name, qtype):
+    """Read from their blocks, quantized experts give what their dequantized values
+    (``gguf.quants``' round trip, stored as f32) give, and stay near the float model."""
+    quantized = load_model(gguf_of(name, qtype), "float32")
+    experts = quantized.model.layers[0].mlp.experts[0].gate_proj.weight
+    assert experts.qtype.name == qtype  # still in its blocks, one expert's slice of the stack
+    ours = forward_once(quantized.model, PROMPT, block_size=8)
+    exact = forward_once(load_model(gguf_of(name, qtype, dequantized=True), "float32").model, PROMPT, block_size=8)
+    _assert_close(ours, exact)
+    ref = _reference_logits(tiny(name)["model"], PROMPT)
+    relative_rms = ((ours - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+    assert relative_rms <= {"Q8_0": 0.05, "Q4_0": 0.3, "MXFP4": 0.35}[qtype]
+
+
+def _engine(folder, **kwargs) -> LLM:
+    kwargs.setdefault("max_model_len", 128)
+    kwargs.setdefault("max_num_batched_tokens", 16)  # longer prompts are prefilled in chunks
+    return LLM(folder, dtype="float32", **kwargs)
+
+
+def _prompts() -> list[dict]:
+    lengths = [5, 23, 9, 40, 17]
+    return [{"prompt_token_ids": [(i * 7 + n * 13) % tiny_models.VOCAB for i in range(n)]} for n in lengths]
+
+
+def _all_free(llm: LLM) -> bool:
+    manager = llm.engine.block_manager
+    return manager.num_free_blocks == manager.num_blocks and not any(manager.allocator.ref_counts)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_engine_batched_chunked_preempted_equal_alone(tiny, name):
+    folder = tiny(name)["folder"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = _prompts()
+    single = _engine(folder, enable_prefix_caching=False)
+    alone = [single.generate(p, greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+
+    llm = _engine(folder, block_size=8)
+    outs = llm.generate(prompts + prompts, greedy, use_tqdm=False)  # repeats hit the prefix cache
+    assert [o.outputs[0].token_ids for o in outs] == alone + alone
+    assert llm.engine.block_manager.prefix_hits > 0 and _all_free(llm)
+
+    from cholla.kv.paged_cache import bytes_per_block
+
+    block = bytes_per_block(llm.engine.model_config, 8, torch.float32)
+    small = _engine(folder, block_size=8, kv_cache_memory=9 * block, max_model_len=64, enable_prefix_caching=False)
+    outs = small.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert small.engine.metrics.preemptions > 0 and _all_free(small)
+
+    engine = llm.engine
+    engine.add_request("long", prompts[3], SamplingParams(temperature=0.0, max_tokens=20))
+    engine.add_request("short", prompts[0], SamplingParams(temperature=0.0, max_tokens=20))
+    engine.step()
+    engine.abort("long")  # still in prefill
+    for _ in range(3):
+        engine.step()
+    engine.abort("short")  # decoding
+    assert not engine.has_unfinished_requests() and _all_free(llm)
+
+
+def _with_metadata(src, dst, key: str, value: int):
+    """A copy of a GGUF file with one uint32 metadata value changed in place."""
+    data = bytearray(src.read_bytes())
+    name = key.encode()
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    assert struct.unpack_from("<I", data, at)[0] == 4  # GGUF's uint32 type
+    struct.pack_into("<I", data, at + 4, value)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_gguf_expert_count_contradicting_tensors_is_one_line_error(gguf_of, tmp_path):
+    path = _with_metadata(gguf_of("qwen3_moe"), tmp_path / "bad.gguf", "qwen3moe.expert_count", 6)
+    with pytest.raises(ModelFormatError, match=r"tensor blk\.0\.ffn_\w+_exps\.weight has shape \[8, .*6 experts") as e:
+        load_model(path, "float32")
+    assert "\n" not in str(e.value)
+
+
+def test_gguf_top_k_beyond_expert_count_is_an_error(gguf_of, tmp_path):
+    path = _with_metadata(gguf_of("olmoe"), tmp_path / "bad.gguf", "olmoe.expert_used_count", 9)
+    with pytest.raises(ModelFormatError, match="routes each token to 9 of 8 experts"):
+        load_model(path, "float32")
+
+
+@pytest.mark.parametrize("extra", ["blk.1.ffn_gate_shexp.weight", "blk.0.mystery.weight"])
+def test_gguf_leftover_tensor_is_an_error(gguf_of, tmp_path, extra):
+    """A tensor no module takes (a shared expert the metadata does not declare, an
+    unknown name) is an error, not silently dropped."""
+    import numpy as np
+
+    path = tiny_models.requantize(gguf_of("qwen3_moe"), tmp_path / "extra.gguf", "F32",
+                                  extra={extra: np.zeros((32, 64), dtype=np.float32)})
+    with pytest.raises(ModelFormatError, match=f"tensor {extra} has no place") as e:
+        load_model(path, "float32")
+    assert "\n" not in str(e.value)
