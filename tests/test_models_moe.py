@@ -92,12 +92,13 @@ def test_safetensors_match_transformers(tiny, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_gguf_f32_matches_transformers(tiny, gguf_of, name):
     loaded = load_model(gguf_of(name), "float32")
-    assert loaded.config.architecture == name and loaded.config.moe is not None
+    same_file_type = {"glm4_moe_lite": "deepseek_v3"}  # GGUF has one "deepseek2" for both
+    assert loaded.config.architecture == same_file_type.get(name, name) and loaded.config.moe is not None
     _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(tiny(name)["model"], PROMPT))
 
 
 QUANTS = [("qwen3_moe", "Q8_0"), ("qwen3_moe", "Q4_0"), ("mixtral", "Q4_0"), ("olmoe", "Q8_0"),
-          ("gpt_oss", "MXFP4"), ("gpt_oss", "Q4_0")]
+          ("gpt_oss", "MXFP4"), ("gpt_oss", "Q4_0"), ("deepseek_v3", "Q4_0"), ("glm4_moe_lite", "Q8_0")]
 
 
 @pytest.mark.parametrize("name,qtype", QUANTS)
@@ -105,7 +106,7 @@ def test_gguf_quantized_experts(tiny, gguf_of, name, qtype):
     """Read from their blocks, quantized experts give what their dequantized values
     (``gguf.quants``' round trip, stored as f32) give, and stay near the float model."""
     quantized = load_model(gguf_of(name, qtype), "float32")
-    experts = quantized.model.layers[0].mlp.experts[0].gate_proj.weight
+    experts = quantized.model.layers[-1].mlp.experts[0].gate_proj.weight
     assert experts.qtype.name == qtype  # still in its blocks, one expert's slice of the stack
     ours = forward_once(quantized.model, PROMPT, block_size=8)
     exact = forward_once(load_model(gguf_of(name, qtype, dequantized=True), "float32").model, PROMPT, block_size=8)
@@ -198,3 +199,46 @@ def test_gguf_leftover_tensor_is_an_error(gguf_of, tmp_path, extra):
     with pytest.raises(ModelFormatError, match=f"tensor {extra} has no place") as e:
         load_model(path, "float32")
     assert "\n" not in str(e.value)
+
+
+def _hf_mxfp4(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[experts, out, in] float -> HF's mxfp4 (blocks [experts, out, in/32, 16], scales
+    [experts, out, in/32]), quantized by gguf.quants and repacked to HF's nibble order
+    (byte j: weights 2j low, 2j + 1 high)."""
+    import gguf
+
+    ggml = torch.from_numpy(gguf.quants.quantize(rows.numpy(), gguf.GGMLQuantizationType.MXFP4))
+    ggml = ggml.view(*rows.shape[:2], -1, 17)
+    qs = ggml[..., 1:]
+    weights = torch.cat((qs & 0x0F, qs >> 4), dim=-1)  # ggml: byte j holds weights j and j + 16
+    return weights[..., 0::2] | (weights[..., 1::2] << 4), ggml[..., 0].contiguous()
+
+
+def test_gpt_oss_hf_mxfp4_checkpoint(tiny, tmp_path):
+    """The HF ``mxfp4`` layout (``*_blocks``, ``*_scales``) runs from its blocks and gives
+    what transformers' own dequantization of those blocks gives."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    entry = tiny("gpt_oss")
+    folder = entry["folder"]
+    state = load_file(folder / "model.safetensors")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = _hf_mxfp4(state.pop(name).transpose(1, 2).contiguous())
+        state[f"{name}_blocks"], state[f"{name}_scales"] = blocks, scales
+        reference.get_parameter(name).data = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    for f in folder.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    save_file(state, tmp_path / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    loaded = load_model(tmp_path, "float32")
+    assert loaded.model.layers[1].mlp.experts[2].down_proj.weight.qtype.name == "MXFP4"
+    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(reference, PROMPT))

@@ -37,23 +37,39 @@ def configs() -> dict:
             sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "beta_fast": 32.0,
                              "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64}),
+        "deepseek_v3": transformers.DeepseekV3Config(
+            **{**_COMMON, "num_key_value_heads": 4}, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+            n_shared_experts=1,
+            first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+            q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
+                             "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                             "original_max_position_embeddings": 128}),
+        "glm4_moe_lite": transformers.Glm4MoeLiteConfig(
+            **{**_COMMON, "num_key_value_heads": 4}, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            n_shared_experts=1,
+            q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            routed_scaling_factor=1.8),
     }
 
 
 def tiny_tokenizer():
-    """A byte-level BPE of exactly ``VOCAB`` tokens (256 bytes, merges, one special)."""
+    """A byte-level BPE of exactly ``VOCAB`` tokens (256 bytes, merges, a few specials)."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
+    # GLM's converter looks its special tokens up by name
+    specials = ["<|endoftext|>", "[gMASK]", "<|user|>", "<|observation|>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog, " * 20,
                              "hello world, this is a tiny model that says little"], trainer)
     assert tok.get_vocab_size() == VOCAB
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                                additional_special_tokens=specials[1:])
 
 
 def build_model(name: str, folder: Path, tokenizer):

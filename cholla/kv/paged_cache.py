@@ -1,11 +1,16 @@
-"""The KV cache itself: per layer, K and V tensors cut into fixed-size blocks.
+"""The KV cache itself: per layer, its cache tensors cut into fixed-size blocks.
 
-Shape per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]``. Token
-``t`` of a sequence lives in block ``block_table[t // block_size]`` at offset
-``t % block_size``; its flat slot is ``block * block_size + offset``.
+What a layer keeps per token is its geometry (``layer_token_shapes``): K and V
+``[num_kv_heads, head_dim]`` for ordinary attention, one latent
+``[1, kv_lora_rank + rope_dim]`` for multi-head latent attention. Each tensor is
+``[num_blocks, block_size, *token_shape]``. Token ``t`` of a sequence lives in block
+``block_table[t // block_size]`` at offset ``t % block_size``; its flat slot is
+``block * block_size + offset``, the same in every layer.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -15,9 +20,19 @@ from cholla.models.config import ModelConfig
 DEFAULT_BLOCK_SIZE = 16
 
 
+def layer_token_shapes(config: ModelConfig) -> list[tuple[tuple[int, ...], ...]]:
+    """Per layer, the per-token shape of each of its cache tensors."""
+    if config.mla is not None:
+        return [((1, config.mla.kv_lora_rank + config.mla.qk_rope_head_dim),)] * config.num_layers
+    return [((config.num_kv_heads, config.head_dim),) * 2] * config.num_layers
+
+
+def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    return sum(math.prod(shape) for layer in layer_token_shapes(config) for shape in layer) * dtype.itemsize
+
+
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
-    return per_token * block_size
+    return bytes_per_token(config, dtype) * block_size
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
@@ -34,8 +49,8 @@ class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.layers = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device)) for _ in range(config.num_layers)]
+        self.layers = [tuple(_zeros((num_blocks, block_size, *shape), dtype, device) for shape in layer)
+                       for layer in layer_token_shapes(config)]
 
     @classmethod
     def from_memory_budget(cls, config: ModelConfig, memory_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE,
@@ -49,4 +64,4 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+        return sum(t.nbytes for layer in self.layers for t in layer)

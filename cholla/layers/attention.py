@@ -92,17 +92,21 @@ def paged_attention(
     softcap: float | None = None,
     prefill_dtype: torch.dtype = torch.float32,
     sinks: torch.Tensor | None = None,
+    write: bool = True,
 ) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]; caches: [blocks, block_size, kv_heads, dim].
 
-    Returns [tokens, heads, dim]. Prefill chunks attend in ``prefill_dtype``.
+    Returns [tokens, heads, v's dim]. Prefill chunks attend in ``prefill_dtype``.
+    ``write=False``: the caller has written k and v into the caches already
+    (latent attention, whose V cache is a view into its K cache).
     """
     block_size = k_cache.shape[1]
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if write:
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.num_prefills == 0:  # a decode-only step: no output to assemble
         return attend_decodes(q, k_cache, v_cache, meta.block_tables, meta.decode_context_lens, scale, window, softcap,
                               sinks)
-    out = torch.empty_like(q)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
     starts = meta.query_start_loc
 
     for i in range(meta.num_prefills):
@@ -134,8 +138,8 @@ def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, windo
                    sinks=None) -> torch.Tensor:
     """One new token per sequence (q: [decodes, heads, dim]), by our kernel where it runs (it has no sinks)."""
     kernels = amx_kernels()
-    if (kernels is not None and sinks is None and q.dtype == torch.float32
-            and k_cache.dtype in (torch.float32, torch.bfloat16)):
+    if (kernels is not None and sinks is None and q.dtype == torch.float32 and k_cache.shape[-1] == v_cache.shape[-1]
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype in (torch.float32, torch.bfloat16)):
         return kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0,
                                               softcap or 0.0)
     return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, sinks)

@@ -24,7 +24,7 @@ from torch import nn
 
 from cholla.errors import ModelFormatError
 from cholla.formats.gguf import GGUFTensor
-from cholla.layers.linear import Linear, Weight, linear_group
+from cholla.layers.linear import DenseTensor, Linear, Weight, linear_group
 from cholla.layers.mlp import ACTIVATIONS, GatedMLP, gated_activation
 
 # Router logits [tokens, experts] (fp32) -> (weights [tokens, k] fp32, expert ids [tokens, k]).
@@ -56,7 +56,7 @@ def topk_softmax(top_k: int) -> Router:
     return route
 
 
-def sigmoid_group_topk(top_k: int, correction_bias: torch.Tensor, num_groups: int, groups_used: int,
+def sigmoid_group_topk(top_k: int, correction_bias: DenseTensor, num_groups: int, groups_used: int,
                        normalize: bool, scale: float) -> Router:
     """DeepSeek-V3 / GLM-4 MoE: sigmoid scores; experts are chosen by score plus a
     correction bias, first among the ``groups_used`` groups whose two best biased
@@ -65,14 +65,14 @@ def sigmoid_group_topk(top_k: int, correction_bias: torch.Tensor, num_groups: in
 
     def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = torch.sigmoid(logits.float())
-        biased = scores + correction_bias
+        biased = scores + correction_bias.value
         if num_groups > 1:
             tokens = biased.shape[0]
             grouped = biased.view(tokens, num_groups, -1)
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(groups_used, dim=-1).indices, 1.0)
             mask = keep.unsqueeze(-1).expand_as(grouped).reshape(tokens, -1)
-            biased = biased.masked_fill(mask == 0, 0.0)
+            biased = biased.masked_fill(mask == 0, float("-inf"))
         ids = biased.topk(top_k, dim=-1).indices
         weights = scores.gather(1, ids)
         if normalize:
@@ -111,12 +111,14 @@ class SparseMoE(nn.Module):
     """Router + experts (+ an optional shared expert every token goes through).
 
     ``gate`` is the router's linear layer (its HF name); ``shared_expert_gate``
-    (Qwen2-MoE) scales the shared expert by a sigmoid of one more projection.
+    (Qwen2-MoE) scales the shared expert by a sigmoid of one more projection;
+    ``correction_bias`` is the router's own tensor where it has one (DeepSeek-V3).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, route: Router,
                  activation: str = "silu", glu: GLU | None = None, router_bias: bool = False,
-                 expert_bias: bool = False, shared_intermediate_size: int = 0, shared_gate: bool = False):
+                 expert_bias: bool = False, shared_intermediate_size: int = 0, shared_gate: bool = False,
+                 correction_bias: DenseTensor | None = None):
         super().__init__()
         if glu is None and activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not supported ({', '.join(ACTIVATIONS)} are)")
@@ -127,6 +129,7 @@ class SparseMoE(nn.Module):
         self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size, activation)
                               if shared_intermediate_size else None)
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_gate else None
+        self.e_score_correction_bias = correction_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden] -> [tokens, hidden]."""

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from cholla.layers.attention import AttentionMetadata
-from cholla.layers.linear import Embedding, Linear, Weight
+from cholla.layers.linear import DenseTensor, Embedding, Linear, Weight
 from cholla.layers.mlp import GatedMLP
-from cholla.layers.moe import SparseMoE, clamped_swiglu, softmax_topk, split_experts, topk_softmax
+from cholla.layers.moe import (SparseMoE, clamped_swiglu, sigmoid_group_topk, softmax_topk, split_experts,
+                               topk_softmax)
 from cholla.layers.norm import RMSNorm
 from cholla.models.config import ModelConfig
 from cholla.models.fused_decode import run_layers
@@ -23,17 +24,19 @@ def feed_forward(config: ModelConfig, layer_index: int) -> nn.Module:
     moe = config.moe
     if moe is None or layer_index in moe.dense_layers:
         return GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+    bias = None
     if moe.router == "softmax_topk":
         route = softmax_topk(moe.top_k, moe.normalize)
     elif moe.router == "topk_softmax":
         route = topk_softmax(moe.top_k)
     else:
-        raise ValueError(f"router {moe.router!r} needs the architecture's own layer")
+        bias = DenseTensor(moe.num_experts)
+        route = sigmoid_group_topk(moe.top_k, bias, moe.num_groups, moe.groups_used, moe.normalize, moe.routed_scale)
     glu = clamped_swiglu(moe.swiglu_alpha, moe.swiglu_limit) if moe.swiglu_limit is not None else None
     biased = config.architecture == "gpt_oss"
     return SparseMoE(config.hidden_size, moe.intermediate_size, moe.num_experts, route, config.hidden_act, glu,
                      router_bias=biased, expert_bias=biased, shared_intermediate_size=moe.shared_intermediate_size,
-                     shared_gate=moe.shared_gate)
+                     shared_gate=moe.shared_gate, correction_bias=bias)
 
 
 class PreNormLayer(nn.Module):

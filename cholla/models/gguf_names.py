@@ -44,7 +44,20 @@ _LAYER_OVERRIDES = {
         "post_ffw_norm": "post_feedforward_layernorm",
     },
     "gpt_oss": {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"},
+    "deepseek_v3": {
+        "attn_q_a": "self_attn.q_a_proj",
+        "attn_q_a_norm": "self_attn.q_a_layernorm",
+        "attn_q_b": "self_attn.q_b_proj",
+        "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+        "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+        "attn_k_b": "self_attn.k_b",
+        "attn_v_b": "self_attn.v_b",
+        "exp_probs_b": "mlp.e_score_correction_bias",
+    },
 }
+
+# Bare tensors (layers.linear.DenseTensor), named after their module without ".weight".
+_BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b"}
 
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
@@ -60,6 +73,6 @@ def gguf_to_hf_name(name: str, architecture: str) -> str | None:
     table = {**_LAYER, **_LAYER_OVERRIDES.get(architecture, {})}
     if part not in table:
         return None
-    if part == "attn_sinks":  # a bare tensor, named after its module (layers.linear.DenseTensor)
+    if part in _BARE:
         return f"model.layers.{layer}.{table[part]}"
     return f"model.layers.{layer}.{table[part]}.{kind}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from cholla.errors import UnsupportedArchitectureError
+from cholla.models.deepseek_v3 import DeepseekV3ForCausalLM
 from cholla.models.gemma3 import Gemma3ForCausalLM
 from cholla.models.gpt_oss import GptOssForCausalLM
 from cholla.models.llama import LlamaForCausalLM
@@ -22,6 +23,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "mixtral": MixtralForCausalLM,
     "olmoe": OlmoeForCausalLM,
     "gpt_oss": GptOssForCausalLM,
+    "deepseek_v3": DeepseekV3ForCausalLM,
+    "glm4_moe_lite": DeepseekV3ForCausalLM,
 }
 
 
