@@ -242,3 +242,19 @@ def test_gpt_oss_hf_mxfp4_checkpoint(tiny, tmp_path):
     loaded = load_model(tmp_path, "float32")
     assert loaded.model.layers[1].mlp.experts[2].down_proj.weight.qtype.name == "MXFP4"
     _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(reference, PROMPT))
+
+
+def test_info_shows_experts_active_parameters_and_kv_geometry(tiny, gguf_of):
+    from cholla.info import format_info, model_info
+
+    for path in (tiny("deepseek_v3")["folder"], gguf_of("deepseek_v3")):
+        info = model_info(path)
+        assert info["experts"] == {"count": 8, "active": 3, "shared_size": 32}
+        # three layers of one latent (32) + rope key (8) per token, not heads x (K + V)
+        assert info["kv_bytes_per_token"]["float32"] == 3 * (32 + 8) * 4
+        assert info["attention"].startswith("latent")
+        routed = 2 * 8 * 3 * 32 * 64  # two MoE layers, eight experts of three 32x64 matrices
+        assert info["parameters"] - info["active_parameters"] == routed - routed * 3 // 8
+    info = model_info(gguf_of("gpt_oss"))
+    assert info["kv_bytes_per_token"]["float32"] == 3 * 2 * 2 * 16 * 4
+    assert "sinks" in info["attention"] and "sliding window 8 in 2 of 3 layers" in format_info(info)
