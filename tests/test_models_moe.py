@@ -258,3 +258,21 @@ def test_info_shows_experts_active_parameters_and_kv_geometry(tiny, gguf_of):
     info = model_info(gguf_of("gpt_oss"))
     assert info["kv_bytes_per_token"]["float32"] == 3 * 2 * 2 * 16 * 4
     assert "sinks" in info["attention"] and "sliding window 8 in 2 of 3 layers" in format_info(info)
+
+
+@pytest.mark.parametrize("template", ["openai-gpt-oss-120b.jinja", "GLM-4.7-Flash.jinja",
+                                      "deepseek-ai-DeepSeek-V3.1.jinja", "Qwen-Qwen3-0.6B.jinja"])
+def test_chat_templates_of_these_models_render_like_transformers(template):
+    """The models' own templates (GPT-OSS's harmony format among them), as llama.cpp ships
+    them, rendered by cholla exactly as transformers' apply_chat_template renders them."""
+    from cholla.tokenizer.chat_template import ChatTemplate
+
+    converter = tiny_models.find_converter()
+    if converter is None:
+        pytest.skip("llama.cpp's sources are not available")
+    source = (converter.parent / "models" / "templates" / template).read_text()
+    hf = tiny_models.tiny_tokenizer()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
+    ours = ChatTemplate(source, hf.bos_token, hf.eos_token).render(messages, add_generation_prompt=True)
+    assert ours == hf.apply_chat_template(messages, chat_template=source, tokenize=False, add_generation_prompt=True)

@@ -147,7 +147,8 @@ class ChatTemplate:
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True, **extra: Any) -> str:
         """The prompt text. ``extra`` reaches the template as variables (``tools``, ``documents``, ...)."""
-        variables = {"tools": None, "documents": None, "bos_token": self.bos_token, "eos_token": self.eos_token, **extra}
+        tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token}  # left undefined when absent, as transformers does
+        variables = {"tools": None, "documents": None, **{k: v for k, v in tokens.items() if v is not None}, **extra}
         try:
             return self._template.render(
                 messages=self._prepare(messages), add_generation_prompt=add_generation_prompt, **variables
