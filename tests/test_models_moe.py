@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from cholla import LLM, SamplingParams  # noqa: E402
 from cholla.engine.runner import forward_once  # noqa: E402
 from cholla.errors import ModelFormatError  # noqa: E402
-from cholla.models.fused_decode import plan_decode  # noqa: E402
+from cholla.models.fused_decode import _covered  # noqa: E402
 from cholla.models.loader import load_model  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
@@ -77,7 +77,9 @@ def test_safetensors_match_transformers(tiny, name):
     entry = tiny(name)
     loaded = load_model(entry["folder"], "float32")
     assert loaded.config.architecture == name and loaded.config.moe is not None
-    assert plan_decode(loaded.model) is None  # the fused C++ decode step has no MoE: Python runs it
+    # the fused C++ decode step has no MoE, sinks or latent attention: it must decline these layers
+    assert not any(_covered(layer) for layer in loaded.model.layers if not hasattr(layer.mlp, "gate_proj"))
+    assert not all(_covered(layer) for layer in loaded.model.layers)
     _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(entry["model"], PROMPT))
 
     greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
@@ -180,6 +182,12 @@ def test_gguf_expert_count_contradicting_tensors_is_one_line_error(gguf_of, tmp_
     with pytest.raises(ModelFormatError, match=r"tensor blk\.0\.ffn_\w+_exps\.weight has shape \[8, .*6 experts") as e:
         load_model(path, "float32")
     assert "\n" not in str(e.value)
+
+
+def test_gguf_expert_size_contradicting_tensors_names_the_tensor(gguf_of, tmp_path):
+    path = _with_metadata(gguf_of("gpt_oss"), tmp_path / "bad.gguf", "gpt-oss.expert_feed_forward_length", 48)
+    with pytest.raises(ModelFormatError, match=r"tensor blk\.0\.ffn_(gate|up|down)_exps\.weight: weight shape"):
+        load_model(path, "float32")
 
 
 def test_gguf_top_k_beyond_expert_count_is_an_error(gguf_of, tmp_path):

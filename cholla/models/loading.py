@@ -35,7 +35,7 @@ def load_named_weights(model: nn.Module, weights: dict[str, Weight]) -> set[str]
                 module.load(weights[key])
             else:
                 module.load(dense(weights[key], torch.float32))
-        except ValueError as e:
-            raise ModelFormatError(f"tensor {key}: {e}") from None
+        except ValueError as e:  # named as the file names it (a GGUF expert slice keeps its stack's name)
+            raise ModelFormatError(f"tensor {getattr(weights[key], 'name', key)}: {e}") from None
         used.add(key)
     return set(weights) - used
