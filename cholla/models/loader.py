@@ -14,6 +14,7 @@ from cholla.formats.safetensors import read_hf_folder
 from cholla.kernels import amx_kernels
 from cholla.layers.attention import Attention
 from cholla.layers.linear import Linear, dense
+from cholla.layers.mla import LatentAttention
 from cholla.models.config import ModelConfig, config_from_gguf, config_from_hf
 from cholla.models.gemma3 import Gemma3ForCausalLM
 from cholla.models.gguf_names import gguf_to_hf_name
@@ -57,7 +58,7 @@ def load_model(path: str | Path, dtype: str = "auto") -> LoadedModel:
         loaded = _load_gguf(path)
     if dtype == "bfloat16":
         for module in loaded.model.modules():
-            if isinstance(module, (Linear, Attention)):
+            if isinstance(module, (Linear, Attention, LatentAttention)):
                 module.compute_dtype = torch.bfloat16
     loaded.dtype = dtype
     return loaded
