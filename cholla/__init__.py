@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "cholla.llm",
     "SamplingParams": "cholla.sampling.params",
+    "StructuredOutputsParams": "cholla.sampling.params",
     "RequestOutput": "cholla.engine.outputs",
     "CompletionOutput": "cholla.engine.outputs",
 }

@@ -45,6 +45,12 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="same seed, same output")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop at this text (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-generation tokens")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", default=None, metavar="SCHEMA|@FILE",
+                            help="answer with JSON that follows this JSON schema (text, or @ and a file)")
+    constraint.add_argument("--grammar", default=None, metavar="GBNF|@FILE",
+                            help="answer in this GBNF (llama.cpp) or Lark grammar (text, or @ and a file)")
+    constraint.add_argument("--json-object", action="store_true", help="answer with a JSON object")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prefix-caching", action="store_true", help="turn off the prefix cache")
     serve.add_argument("--max-queue", type=int, default=1024,
                        help="sequences that may wait beyond --max-num-seqs; more get 503 + Retry-After (default 1024)")
+    serve.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                       help="let browsers on these origins call the API (CORS): '*' or origins, or vLLM's JSON list "
+                            "(default: none, CORS off)")
+    serve.add_argument("--allowed-methods", nargs="+", default=["*"], metavar="METHOD",
+                       help="CORS: allowed methods (default '*')")
+    serve.add_argument("--allowed-headers", nargs="+", default=["*"], metavar="HEADER",
+                       help="CORS: allowed request headers (default '*')")
+    serve.add_argument("--allow-credentials", action="store_true", help="CORS: allow cookies and credentials")
     _add_model_options(serve)
 
     info = sub.add_parser("info", help="describe a model file")
@@ -101,6 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _text_or_file(value: str, flag: str) -> str:
+    """``@path`` reads the file; anything else is the text itself."""
+    if not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ChollaError(f"{flag}: cannot read {value[1:]} ({e.strerror})") from None
+
+
+def _structured_outputs(args: argparse.Namespace):
+    from cholla.sampling.params import StructuredOutputsParams
+
+    if args.json_schema is not None:
+        return StructuredOutputsParams(json=_text_or_file(args.json_schema, "--json-schema"))
+    if args.grammar is not None:
+        return StructuredOutputsParams(grammar=_text_or_file(args.grammar, "--grammar"))
+    return StructuredOutputsParams(json_object=True) if args.json_object else None
+
+
 def _sampling_params(args: argparse.Namespace):
     from cholla.sampling.params import SamplingParams
 
@@ -116,7 +151,25 @@ def _sampling_params(args: argparse.Namespace):
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        structured_outputs=_structured_outputs(args),
     )
+
+
+def _flag_list(values: list[str] | None) -> list[str] | None:
+    """Values given one by one, or as vLLM's JSON list (``'["http://a", "http://b"]'``)."""
+    if values is None:
+        return None
+    flat = []
+    for value in values:
+        if value.lstrip().startswith("["):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                raise ChollaError(f"{value!r} is not a JSON list; give the values one by one or as '[\"a\", \"b\"]'") from None
+            flat += [str(v) for v in parsed]
+        else:
+            flat.append(value)
+    return flat
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -186,7 +239,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from cholla.chat import run_chat
     from cholla.llm import LLM
 
-    return run_chat(LLM(args.model, **_engine_kwargs(args)), _sampling_params(args), args.system)
+    params = _sampling_params(args)
+    llm = LLM(args.model, **_engine_kwargs(args))
+    if params.structured_outputs is not None:
+        llm.engine.structured.compile(params.structured_outputs)  # a bad schema or grammar fails before the first turn
+    return run_chat(llm, params, args.system)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -201,7 +258,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("cholla").setLevel(logging.INFO)  # show the model load's progress
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching, **_engine_kwargs(args))
-    settings = ServerSettings(args.served_model_name or [args.model or DEFAULT_MODEL], args.api_key, args.max_queue)
+    settings = ServerSettings(args.served_model_name or [args.model or DEFAULT_MODEL], args.api_key, args.max_queue,
+                              _flag_list(args.allowed_origins), _flag_list(args.allowed_methods),
+                              _flag_list(args.allowed_headers), args.allow_credentials)
     failures: list[BaseException] = []
 
     def stop_on_load_error(error: BaseException) -> None:

@@ -71,7 +71,7 @@ class LLM:
                 continue
             subs = [finished[f"{request_id}#{j}"] for j in range(n)]
             results.append(RequestOutput(request_id, subs[0].prompt, subs[0].prompt_token_ids,
-                                         [s.outputs[0] for s in subs], True, subs[0].metrics))
+                                         [s.outputs[0] for s in subs], True, subs[0].metrics, subs[0].prompt_logprobs))
         return results
 
     def encode_messages(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:

@@ -21,6 +21,7 @@ from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, bytes_per_bl
 from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
+from cholla.sampling.structured import DEAD_END, StructuredOutputs
 from cholla.heap import keep_buffers_mapped, release_free_memory
 from cholla.threads import set_threads
 from cholla.tokenizer.detokenizer import IncrementalDetokenizer
@@ -126,7 +127,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len), self.block_manager
         )
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.eos_token_ids)
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.eos_token_ids, self.structured)
         self.states: dict[str, _RequestState] = {}
         self.metrics = EngineMetrics()
         self._prefill_tokens_held = 0  # prefilled since the heap was last released
@@ -148,12 +150,13 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         text, token_ids = self.tokenize_prompt(prompt)
         self.check_prompt(token_ids, params)
+        grammar = self.structured.compile(params.structured_outputs) if params.structured_outputs else None
         ids = []
         for i in range(params.n):
             sub_id = request_id if params.n == 1 else f"{request_id}#{i}"
             if sub_id in self.states:
                 raise InvalidRequestError(f"request id {sub_id!r} is already in use")
-            request = Request(sub_id, token_ids, params)
+            request = Request(sub_id, token_ids, params, grammar=grammar.matcher() if grammar else None)
             if params.seed is not None and i:
                 request.generator = torch.Generator().manual_seed(params.seed + i)
             detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
@@ -175,6 +178,8 @@ class LLMEngine:
                 f"the prompt has {len(token_ids)} tokens but the context holds {self.max_model_len}; "
                 "shorten the prompt or raise --max-model-len"
             )
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)  # a bad schema, regex or grammar fails here
 
     def abort(self, request_id: str) -> None:
         """Stop a request (or all ``n`` sequences of it) and free its blocks now."""
@@ -201,7 +206,7 @@ class LLMEngine:
         self.metrics.steps += 1
         self.metrics.batch_sizes.append(len(batch.requests))
         self.metrics.preemptions += len(batch.preempted)
-        return self._postprocess(batch, result.token_ids, result.logprobs)
+        return self._postprocess(batch, result.token_ids, result.logprobs, result.dead_ends, result.prompt_logprobs)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -217,28 +222,68 @@ class LLMEngine:
             preemptions=self.metrics.preemptions,
         )
 
-    def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list) -> list[RequestOutput]:
+    def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list,
+                     dead_ends: set[int], prompt_logprobs: list | None = None) -> list[RequestOutput]:
         now = time.monotonic()
         outputs = []
-        for request, n, token, lp in zip(batch.requests, batch.num_tokens, tokens, logprobs):
+        for i, (request, n, token, lp) in enumerate(zip(batch.requests, batch.num_tokens, tokens, logprobs)):
             request.num_computed_tokens += n
             self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids, request.num_computed_tokens)
-            if token is None:
-                continue
-            request.output_token_ids.append(token)
-            if lp is not None:
-                request.logprobs.append(lp)
-            self.metrics.on_token(request.arrival_time, request.last_token_time, now)
-            request.first_token_time = request.first_token_time or now
-            request.last_token_time = now
+            if prompt_logprobs is not None and prompt_logprobs[i] is not None:
+                request.prompt_logprobs += prompt_logprobs[i]
             state = self.states[request.request_id]
-            self._check_stop(state, token)
+            if i in dead_ends:
+                self._end_grammar(state, request.grammar.error or DEAD_END)
+            elif token is None:
+                if request.params.max_tokens != 0 or request.num_computed_tokens < request.num_tokens:
+                    continue
+                # max_tokens=0: the prompt is scored (prompt logprobs), nothing is generated.
+                request.finish_reason = "length"
+                request.first_token_time = request.last_token_time = now
+            else:
+                self._append_token(state, token, lp, now)
+                if request.grammar is not None and request.finish_reason is None:
+                    self._advance_grammar(state, now)
             outputs.append(self._make_output(state))
             if request.finish_reason is not None:
                 self.scheduler.finish(request, request.finish_reason)
                 self.metrics.on_finish(request.finish_reason, request.arrival_time, now)
                 del self.states[request.request_id]
         return outputs
+
+    def _append_token(self, state: _RequestState, token: int, logprobs, now: float) -> None:
+        request = state.request
+        request.output_token_ids.append(token)
+        if logprobs is not None:
+            request.logprobs.append(logprobs)
+        self.metrics.on_token(request.arrival_time, request.last_token_time, now)
+        request.first_token_time = request.first_token_time or now
+        request.last_token_time = now
+        if request.grammar is not None and not request.grammar.consume([token]):
+            self._end_grammar(state, request.grammar.error or DEAD_END)
+            return
+        self._check_stop(state, token)
+
+    def _advance_grammar(self, state: _RequestState, now: float) -> None:
+        """After a sampled token: end a complete grammar with "stop", or append the tokens it forces.
+
+        Forced (fast-forward) tokens skip sampling: the next step computes them as a
+        chunk, with the token after them. Requests that want logprobs sample every token.
+        """
+        request = state.request
+        if not request.grammar.is_finished and request.params.logprobs is None:
+            for token in request.grammar.fast_forward_tokens():
+                self._append_token(state, token, None, now)
+                if request.finish_reason is not None:
+                    return
+        if request.grammar.is_finished:
+            request.finish_reason, request.stop_reason = "stop", None
+            state.text += state.detokenizer.flush()
+
+    def _end_grammar(self, state: _RequestState, why: str) -> None:
+        """No token can continue the grammar: finish with "error" and the reason, never hang."""
+        state.request.finish_reason, state.request.stop_reason = "error", why
+        state.text += state.detokenizer.flush()
 
     def _check_stop(self, state: _RequestState, token: int) -> None:
         request, params = state.request, state.request.params
@@ -282,4 +327,6 @@ class LLMEngine:
             request.arrival_time, request.first_token_time, request.last_token_time,
             request.num_cached_prompt_tokens, request.num_preemptions,
         )
-        return RequestOutput(request.request_id, state.prompt, request.prompt_token_ids, [completion], finished, metrics)
+        prompt_logprobs = list(request.prompt_logprobs) if request.params.prompt_logprobs is not None else None
+        return RequestOutput(request.request_id, state.prompt, request.prompt_token_ids, [completion], finished, metrics,
+                             prompt_logprobs)

@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class PromptLogprob(NamedTuple):
+    """One prompt token scored by the prefill: its logprob, the top alternatives, its rank.
+
+    ``top`` is ``[(token id, logprob), ...]`` best first, as in ``CompletionOutput.logprobs``;
+    ``rank`` is 1 + the number of tokens the model found likelier (vLLM's rank).
+    """
+
+    logprob: float
+    top: list[tuple[int, float]]
+    rank: int
 
 
 @dataclass
@@ -10,7 +23,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" (a grammar dead end) or None while running
     stop_reason: int | str | None = None
     # Per token: (chosen logprob, [(token id, logprob), ...] best first), when asked for.
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
@@ -37,3 +50,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: RequestMetrics | None = None
+    # With SamplingParams.prompt_logprobs, once the prefill is done: one entry per prompt
+    # token, None for the first (nothing precedes it), as vLLM's RequestOutput.prompt_logprobs.
+    prompt_logprobs: list[PromptLogprob | None] | None = None

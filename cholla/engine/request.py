@@ -10,6 +10,7 @@ import torch
 
 from cholla.kv.block_manager import SequenceBlocks
 from cholla.sampling.params import SamplingParams
+from cholla.sampling.structured import GrammarMatcher
 
 
 class RequestStatus(enum.Enum):
@@ -30,7 +31,7 @@ class Request:
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
     blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
     status: RequestStatus = RequestStatus.WAITING
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" (a grammar dead end)
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     generator: torch.Generator | None = None
     first_token_time: float | None = None
@@ -38,10 +39,20 @@ class Request:
     num_preemptions: int = 0
     # Per output token: (chosen logprob, [(token id, logprob), ...]) when asked for.
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # With params.prompt_logprobs: [None, then one PromptLogprob per prompt token scored so far].
+    prompt_logprobs: list = field(default_factory=list)
+    grammar: GrammarMatcher | None = None  # structured output: where the output stands in its grammar
 
     def __post_init__(self):
         if self.params.seed is not None and self.generator is None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+        if self.params.prompt_logprobs is not None and not self.prompt_logprobs:
+            self.prompt_logprobs = [None]  # the first prompt token has nothing before it
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prefill rows of this request still have prompt tokens to score (no prefix cache for them)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,20 +1,24 @@
 """Turns a scheduled batch into tensors, runs the model over it, and samples.
 
 All sequences of a step go through the model as one packed batch of tokens
-(no padding); logits are computed only where a sequence needs its next token.
+(no padding); logits are computed only where a sequence needs its next token,
+and on the prompt rows of requests that asked for prompt logprobs (scored here,
+in the prefill that computes them, a slice of rows at a time).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from cholla.engine.outputs import PromptLogprob
 from cholla.engine.request import Request
 from cholla.engine.scheduler import ScheduledBatch
 from cholla.kv.paged_cache import PagedKVCache
 from cholla.layers.attention import AttentionMetadata
 from cholla.sampling.sampler import SamplingBatch, sample
+from cholla.sampling.structured import StructuredOutputs, allowed_tokens
 
 
 @dataclass
@@ -24,16 +28,39 @@ class StepResult:
     token_ids: list[int | None]
     # Per scheduled request, when it asked for logprobs: (chosen logprob, top [(id, logprob)]).
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    # Scheduled requests whose grammar allows no token at all: they get no token and must end.
+    dead_ends: set[int] = field(default_factory=set)
+    # Per scheduled request: the prompt tokens this step scored (prompt logprobs), else None.
+    prompt_logprobs: list[list[PromptLogprob] | None] | None = None
+
+
+# Prompt logprobs take the logits of this many bytes of rows at a time (a 2048-token
+# chunk at a 49k vocabulary would be 400 MB of fp32 logits at once).
+PROMPT_LOGITS_SLICE_BYTES = 64 * 2**20
+
+
+@dataclass
+class PromptRows:
+    """Rows of the packed batch whose next prompt token one request wants scored."""
+
+    index: int  # the request's place in the batch
+    rows: list[int]  # rows of the packed batch (positions p)
+    targets: list[int]  # the prompt tokens at p + 1
+    num_top: int
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, eos_token_ids: set[int]):
+    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, eos_token_ids: set[int],
+                 structured: StructuredOutputs | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = eos_token_ids
+        self.structured = structured
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int]]:
+    def _prepare(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int], list[PromptRows]]:
         """Packed inputs, plus which token rows need logits and which requests they belong to.
 
         Built as Python lists and turned into tensors once per field: a decode
@@ -42,14 +69,22 @@ class ModelRunner:
         """
         block_size = self.kv_cache.block_size
         input_ids, positions, slots, starts, context_lens, logits_rows, needs_token = [], [], [], [0], [], [], []
+        prompt_rows: list[PromptRows] = []
         for i, (request, n) in enumerate(zip(batch.requests, batch.num_tokens)):
             start, table = request.num_computed_tokens, request.blocks.block_table
+            if i < batch.num_prefills and request.needs_prompt_logprobs:
+                # Position p predicts prompt token p + 1; those scored before a preemption are skipped.
+                first, end = max(start, len(request.prompt_logprobs) - 1), min(start + n, len(request.prompt_token_ids) - 1)
+                if first < end:
+                    prompt_rows.append(PromptRows(i, [starts[-1] + p - start for p in range(first, end)],
+                                                  request.prompt_token_ids[first + 1 : end + 1], request.params.prompt_logprobs))
             input_ids += request.all_token_ids[start : start + n]
             positions += range(start, start + n)
             slots += [table[p // block_size] * block_size + p % block_size for p in range(start, start + n)]
             starts.append(starts[-1] + n)
             context_lens.append(start + n)
-            if start + n == request.num_tokens:  # the prompt is done: this step yields a token
+            # The prompt is done: this step yields a token (none when max_tokens=0 only scores the prompt).
+            if start + n == request.num_tokens and request.params.max_tokens != 0:
                 logits_rows.append(starts[-1] - 1)
                 needs_token.append(i)
         max_blocks = max(len(r.blocks.block_table) for r in batch.requests)
@@ -63,21 +98,23 @@ class ModelRunner:
             decode_context_lens=torch.tensor(context_lens[batch.num_prefills :], dtype=torch.long),
         )
         return (torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), meta, logits_rows,
-                needs_token)
+                needs_token, prompt_rows)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
-        input_ids, positions, meta, logits_rows, needs_token = self._prepare(batch)
+        input_ids, positions, meta, logits_rows, needs_token, prompt_rows = self._prepare(batch)
         hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
         sampled: list[int | None] = [None] * len(batch.requests)
         logprobs: list = [None] * len(batch.requests)
+        scored = self._score_prompts(hidden, prompt_rows, len(batch.requests)) if prompt_rows else None
         if not logits_rows:
-            return StepResult(sampled, logprobs)
+            return StepResult(sampled, logprobs, prompt_logprobs=scored)
         rows = hidden if len(logits_rows) == hidden.shape[0] else hidden[logits_rows]  # decoding: every row, in order
         # Decoding steps write the logits into the head's kept buffer (used up within
         # the step; see Linear.forward); a prefill step's own freed activations serve better.
         logits = self.model.compute_logits(rows, reuse_output=batch.num_prefills == 0).float()
         requests: list[Request] = [batch.requests[i] for i in needs_token]
+        allowed, dead_rows = self._grammar_masks(requests, logits.shape[-1])
         sampling = SamplingBatch.build(
             params=[r.params for r in requests],
             prompt_token_ids=[r.prompt_token_ids for r in requests],
@@ -86,6 +123,7 @@ class ModelRunner:
             vocab_size=logits.shape[-1],
             device=logits.device,
             eos_token_ids=self.eos_token_ids,
+            allowed=allowed,
         )
         out = sample(logits, sampling)
         tokens = out.token_ids.tolist()
@@ -93,7 +131,62 @@ class ModelRunner:
             sampled[i] = tokens[row]
             if out.logprobs is not None and requests[row].params.logprobs is not None:
                 logprobs[i] = out.logprobs[row]
-        return StepResult(sampled, logprobs)
+        dead_ends = {needs_token[row] for row in dead_rows}
+        for i in dead_ends:
+            sampled[i] = logprobs[i] = None
+        return StepResult(sampled, logprobs, dead_ends, scored)
+
+    def _score_prompts(self, hidden: torch.Tensor, prompt_rows: list[PromptRows], num_requests: int) -> list:
+        """Each requested prompt row's next-token logprob, rank and top alternatives (fp32 log_softmax).
+
+        The rows of all requests go through the LM head together, a slice at a time, so
+        the logits never take more than ``PROMPT_LOGITS_SLICE_BYTES``.
+        """
+        rows = [r for pr in prompt_rows for r in pr.rows]
+        targets = torch.tensor([t for pr in prompt_rows for t in pr.targets], dtype=torch.long)
+        num_top = max(pr.num_top for pr in prompt_rows)
+        step = max(1, PROMPT_LOGITS_SLICE_BYTES // (4 * self.vocab_size))
+        chosen, ranks, top_values, top_ids = [], [], [], []
+        for at in range(0, len(rows), step):
+            logprobs = self.model.compute_logits(hidden[rows[at : at + step]]).float().log_softmax(dim=-1)
+            picked = logprobs.gather(1, targets[at : at + step, None])
+            chosen += picked[:, 0].tolist()
+            ranks += ((logprobs > picked).sum(dim=-1) + 1).tolist()
+            if num_top:
+                values, ids = torch.topk(logprobs, min(num_top, logprobs.shape[-1]), dim=-1)
+                top_values += values.tolist()
+                top_ids += ids.tolist()
+        scored: list = [None] * num_requests
+        at = 0
+        for pr in prompt_rows:
+            scored[pr.index] = [
+                PromptLogprob(chosen[j], list(zip(top_ids[j][: pr.num_top], top_values[j][: pr.num_top])) if num_top else [],
+                              ranks[j])
+                for j in range(at, at + len(pr.rows))
+            ]
+            at += len(pr.rows)
+        return scored
+
+    def _grammar_masks(self, requests: list[Request], vocab_size: int) -> tuple[tuple[list[int], torch.Tensor] | None, list[int]]:
+        """The constrained rows with their allowed tokens ``[rows, vocab]`` bool, and the rows where none is.
+
+        One bitmask ``[rows, ceil(vocab/32)]`` for the step, filled by the grammar engine in parallel.
+        A dead-end row (a matcher in error allows only end-of-generation, which would end the
+        request as if complete) is let free here, so sampling stays defined, and dropped by ``execute``.
+        """
+        rows = [row for row, r in enumerate(requests) if r.grammar is not None]
+        if not rows:
+            return None, []
+        matchers = [requests[row].grammar for row in rows]
+        bitmask = torch.zeros(len(rows), self.structured.mask_words, dtype=torch.int32)
+        self.structured.fill_bitmask(matchers, bitmask)
+        allowed = allowed_tokens(bitmask, vocab_size)
+        empty = (~allowed.any(dim=1)).tolist()
+        dead = [i for i, m in enumerate(matchers) if empty[i] or m.error is not None]
+        if dead:
+            allowed = allowed.clone()
+            allowed[dead] = True
+        return (rows, allowed), [rows[d] for d in dead]
 
 
 @torch.inference_mode()

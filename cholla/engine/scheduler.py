@@ -96,7 +96,8 @@ class Scheduler:
         # 2. Waiting requests, first come first served, while budget, seats and blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not batch.preempted:
             request = self.waiting[0]
-            if request.num_computed_tokens == 0 and not request.blocks.block_table:
+            # Cached blocks have no hidden states: a request still scoring its prompt computes it all.
+            if request.num_computed_tokens == 0 and not request.blocks.block_table and not request.needs_prompt_logprobs:
                 request.num_computed_tokens = self.block_manager.match_prefix(request.blocks, request.all_token_ids)
                 if not request.output_token_ids:
                     request.num_cached_prompt_tokens = request.num_computed_tokens

@@ -6,6 +6,7 @@ an ``InvalidRequestError`` that names the field, not in the middle of a step.
 
 from __future__ import annotations
 
+import json as _json
 from dataclasses import dataclass
 
 from cholla.errors import InvalidRequestError
@@ -28,11 +29,38 @@ class StructuredOutputsParams:
     compiles it against the model's vocabulary.
     """
 
-    json: str | dict | None = None
+    json: str | dict | bool | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool = False
+
+    def __post_init__(self):
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "structured_outputs takes exactly one of json, regex, choice, grammar or json_object; "
+                f"got {', '.join(given) if given else 'none'}"
+            )
+        if isinstance(self.json, str):
+            try:
+                self.json = _json.loads(self.json)
+            except ValueError as e:
+                raise InvalidRequestError(f"structured_outputs.json is not valid JSON: {e}") from None
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            _fail("structured_outputs.json", self.json, "a JSON schema (an object, or its JSON text)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                _fail(f"structured_outputs.{name}", value, "a non-empty string")
+        if self.choice is not None and (
+            not isinstance(self.choice, (list, tuple)) or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            _fail("structured_outputs.choice", self.choice, "a non-empty list of non-empty strings")
+        if not isinstance(self.json_object, bool):
+            _fail("structured_outputs.json_object", self.json_object, "true or false")
 
 
 @dataclass
@@ -49,7 +77,7 @@ class SamplingParams:
     stop: str | list[str] | None = None  # a list after __post_init__
     stop_token_ids: list[int] | None = None  # a list after __post_init__
     ignore_eos: bool = False
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # 0: nothing is generated, the prompt is only scored (prompt_logprobs)
     min_tokens: int = 0
     logprobs: int | None = None  # how many top alternatives to return with each token
     skip_special_tokens: bool = True
@@ -97,16 +125,22 @@ class SamplingParams:
             _fail("stop", self.stop, "non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             _fail("stop_token_ids", self.stop_token_ids, "non-negative token ids")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            _fail("max_tokens", self.max_tokens, "an integer >= 1, or None for no limit")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            _fail("max_tokens", self.max_tokens, "an integer >= 0 (0: only score the prompt), or None for no limit")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             _fail("min_tokens", self.min_tokens, "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             _fail("min_tokens", self.min_tokens, f"<= max_tokens={self.max_tokens}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             _fail("logprobs", self.logprobs, "an integer >= 0, or None")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or isinstance(self.prompt_logprobs, bool) or self.prompt_logprobs < 0
+        ):
+            _fail("prompt_logprobs", self.prompt_logprobs, "an integer >= 0 (top alternatives per prompt token), or None")
         if self.logit_bias is not None and any(t < 0 for t in self.logit_bias):
             _fail("logit_bias", self.logit_bias, "keyed by non-negative token ids")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            _fail("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:

@@ -4,7 +4,7 @@ Per-row parameters become tensors once per step (``SamplingBatch.build``), and
 each stage runs on the whole batch at once; a stage no row asks for is
 skipped (its tensor is None). Order, as vLLM:
 
-    logit_bias → min_tokens (ban stop/EOS ids) → repetition penalty →
+    grammar mask (structured output) → logit_bias → min_tokens (ban stop/EOS ids) → repetition penalty →
     frequency/presence penalties → greedy rows: argmax
     others: temperature → top-k → top-p → min-p → draw
 
@@ -57,6 +57,8 @@ class SamplingBatch:
     output_counts: torch.Tensor | None  # [batch, vocab]
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows, token ids, biases)
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) masked to -inf (min_tokens)
+    # Structured output: (rows, allowed [len(rows), vocab] bool); the other rows are unconstrained.
+    allowed: tuple[torch.Tensor, torch.Tensor] | None
     generators: list[torch.Generator | None]  # per row; None = the default generator (and greedy rows)
     num_logprobs: list[int | None]
     max_num_logprobs: int | None  # None when no row asks for logprobs
@@ -71,7 +73,9 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str,
         eos_token_ids: set[int] = frozenset(),
+        allowed: tuple[list[int], torch.Tensor] | None = None,
     ) -> SamplingBatch:
+        """``allowed``: the constrained rows and their allowed tokens ``[len(rows), vocab]`` bool."""
         def tensor(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
 
@@ -118,8 +122,10 @@ class SamplingBatch:
             logit_bias = (tensor(bias_rows, torch.int64), tensor(bias_ids, torch.int64), tensor(bias_values))
 
         ban_rows, ban_ids = [], []
+        constrained = set(allowed[0]) if allowed is not None else set()
         for row, (p, out) in enumerate(zip(params, output_token_ids)):
-            if len(out) < p.min_tokens:
+            # A grammar decides where its output ends: min_tokens never bans the end it allows.
+            if len(out) < p.min_tokens and row not in constrained:
                 stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
                 stop_ids = sorted(t for t in stop_ids if 0 <= t < vocab_size)
                 ban_rows += [row] * len(stop_ids)
@@ -145,6 +151,7 @@ class SamplingBatch:
             output_counts=output_counts,
             logit_bias=logit_bias,
             banned=banned,
+            allowed=None if allowed is None else (tensor(allowed[0], torch.int64), allowed[1].to(device)),
             generators=[None if g else gen for g, gen in zip(greedy, generators)],
             num_logprobs=num_logprobs,
             max_num_logprobs=max(asked) if asked else None,
@@ -163,6 +170,15 @@ def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.devi
     counts = torch.zeros(len(token_ids), vocab_size + 1, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
     return counts[:, :vocab_size]
+
+
+def apply_allowed(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Structured output: tokens a row's grammar does not allow get -inf (``allowed: [len(rows), vocab]``)."""
+    if rows.numel() == logits.shape[0]:  # every row constrained (rows are in order)
+        return logits.masked_fill(~allowed, float("-inf"))
+    logits = logits.clone()
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    return logits
 
 
 def apply_logit_bias(
@@ -280,6 +296,8 @@ def compute_logprobs(
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """``logits: [batch, vocab]`` float32 → one token per row (and logprobs where asked)."""
     raw = logits
+    if batch.allowed is not None:
+        logits = apply_allowed(logits, *batch.allowed)
     if batch.logit_bias is not None:
         logits = apply_logit_bias(logits, *batch.logit_bias)
     if batch.banned is not None:

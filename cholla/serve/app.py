@@ -4,7 +4,8 @@
 calls ``load`` on a thread; ``/health`` answers from the start, ``/ready`` and
 the model routes say 503 until the model is loaded. With an API key set, every
 route but ``/health`` and the static chat page wants it, as
-``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
+``Authorization: Bearer KEY`` or ``x-api-key: KEY``. With ``allowed_origins`` set,
+browsers on those origins may call it (CORS, Starlette's middleware; off by default).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -116,6 +118,10 @@ def _routes(ctx: ServeContext, metrics: ServerMetrics) -> APIRouter:
                  "max_model_len": engine.engine.max_model_len} for name in ctx.settings.served_model_names]
         return JSONResponse({"object": "list", "data": data})
 
+    @router.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        return JSONResponse(_tokenizer_info(ctx))
+
     @router.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
         ctx.engine()
@@ -146,6 +152,26 @@ def _routes(ctx: ServeContext, metrics: ServerMetrics) -> APIRouter:
     return router
 
 
+def _tokenizer_info(ctx: ServeContext) -> dict[str, Any]:
+    """vLLM's ``/tokenizer_info``: the tokenizer's settings as a ``tokenizer_config.json`` has them,
+    so a client (lm-eval's remote tokenizer) can use the server's tokenizer through ``/tokenize``."""
+    tokenizer = ctx.tokenizer
+    special = sorted(tokenizer.special_token_ids)
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # what transformers calls a ``tokenizers`` tokenizer
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": None if tokenizer.pad_token_id is None else tokenizer.id_to_token(tokenizer.pad_token_id),
+        "unk_token": None if tokenizer.unk_token_id is None else tokenizer.id_to_token(tokenizer.unk_token_id),
+        "add_bos_token": tokenizer.add_bos,
+        "add_eos_token": tokenizer.add_eos,
+        "added_tokens_decoder": {str(i): tokenizer.id_to_token(i) for i in special},
+        "model_max_length": ctx.max_model_len,
+        "vocab_size": tokenizer.vocab_size,
+        "chat_template": ctx.chat_template.source,
+    }
+
+
 def create_app(
     settings: ServerSettings,
     load: Callable[[], LLMEngine],
@@ -165,6 +191,10 @@ def create_app(
     app = FastAPI(title="cholla", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
     _install_error_handlers(app)
+    if settings.allowed_origins:  # answers OPTIONS preflights itself, before routing and the API key
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                           allow_methods=settings.allowed_methods, allow_headers=settings.allowed_headers,
+                           allow_credentials=settings.allow_credentials)
 
     @app.get("/health")
     async def health() -> Response:

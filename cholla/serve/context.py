@@ -31,6 +31,11 @@ class ServerSettings:
     served_model_names: list[str]
     api_key: str | None = None
     max_queue: int = 1024
+    # CORS (vLLM's flags), off unless origins are given: ["*"] or a list of origins.
+    allowed_origins: list[str] | None = None
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
 
 @dataclass
@@ -88,9 +93,9 @@ class ServeContext:
         return f"{prefix}{uuid.uuid4().hex[:24]}"
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        return encode_chat(self.tokenizer, self.chat_template, messages,
-                           add_generation_prompt=add_generation_prompt, **(template_kwargs or {}))
+                    template_kwargs: dict[str, Any] | None = None, continue_final_message: bool = False) -> list[int]:
+        return encode_chat(self.tokenizer, self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message, **(template_kwargs or {}))
 
     def prepare(self, request_id: str, prompts: list[dict[str, Any]], params_kwargs: dict[str, Any],
                 max_tokens: int | None, prompt_param: str = "messages") -> Prepared:

@@ -1,8 +1,10 @@
 """OpenAI's API (with vLLM's extra sampling fields): ``/v1/chat/completions`` and ``/v1/completions``.
 
 Request bodies become ``SamplingParams``; engine outputs become OpenAI's responses
-and stream chunks. A field OpenAI defines but cholla does not implement (tools,
-response formats, ...) is refused with a 400 that names it, never ignored. Only
+and stream chunks. Structured output comes in OpenAI's ``response_format``, vLLM's
+``structured_outputs`` / ``guided_*`` and llama.cpp's ``grammar`` / ``json_schema``.
+A field OpenAI defines but cholla does not implement (tools, audio, ...) is refused
+with a 400 that names it, never ignored. Only
 ``user``, ``metadata``, ``store`` and ``service_tier`` are accepted and ignored:
 they ask for bookkeeping, not for different output.
 """
@@ -10,13 +12,15 @@ they ask for bookkeeping, not for different output.
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Iterable, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from cholla.engine.outputs import CompletionOutput, RequestOutput
+from cholla.engine.outputs import CompletionOutput, PromptLogprob, RequestOutput
+from cholla.errors import InvalidRequestError
+from cholla.sampling.params import StructuredOutputsParams
 from cholla.serve.context import Prepared, ServeContext, StrictModel, read_json, validate
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
@@ -36,11 +40,6 @@ UNSUPPORTED_COMMON = {
     "functions": "no function calling",
     "function_call": "no function calling",
     "parallel_tool_calls": "no tool calling",
-    "guided_json": "no structured output",
-    "guided_regex": "no structured output",
-    "guided_choice": "no structured output",
-    "guided_grammar": "no structured output",
-    "prompt_logprobs": "no prompt logprobs",
 }
 UNSUPPORTED_CHAT = {
     **UNSUPPORTED_COMMON,
@@ -54,6 +53,67 @@ UNSUPPORTED_COMPLETIONS = {**UNSUPPORTED_COMMON, "suffix": "no fill-in-the-middl
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(StrictModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema
+
+
+class ResponseFormat(StrictModel):
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama.cpp: {"type": "json_object", "schema": ...}
+
+
+class StructuredOutputsRequest(StrictModel):
+    """vLLM's ``structured_outputs`` object."""
+
+    json_: dict[str, Any] | str | bool | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+# Fields that constrain the output, as vLLM's older API and llama.cpp's server spell them.
+CONSTRAINT_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                     "guided_grammar": "grammar", "grammar": "grammar", "json_schema": "json"}
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+
+
+def structured_outputs_params(body: SamplingRequest) -> StructuredOutputsParams | None:
+    """The request's output constraint, from whichever API's field carries it; 400 when two fields do."""
+    found: list[tuple[str, dict[str, Any]]] = []  # (request field, StructuredOutputsParams kwargs)
+    fmt = body.response_format
+    if fmt is not None and fmt.type not in RESPONSE_FORMAT_TYPES:
+        raise APIError(400, f"response_format type {fmt.type!r} is not supported by cholla; use one of "
+                            f"{', '.join(RESPONSE_FORMAT_TYPES)} (or structured_outputs for regex, choice or grammar)",
+                       param="response_format.type")
+    if fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError(400, "response_format of type 'json_schema' needs json_schema.schema, the JSON schema "
+                                "the output must follow", param="response_format.json_schema")
+        found.append(("response_format", {"json": fmt.json_schema.schema_}))
+    elif fmt is not None and fmt.type == "json_object":
+        found.append(("response_format", {"json": fmt.schema_} if fmt.schema_ is not None else {"json_object": True}))
+    if body.structured_outputs is not None:
+        given = body.structured_outputs.model_dump(exclude_none=True)
+        found.append(("structured_outputs", {("json" if k == "json_" else k): v for k, v in given.items()}))
+    found += [(name, {key: getattr(body, name)}) for name, key in CONSTRAINT_FIELDS.items()
+              if getattr(body, name) is not None]
+    if not found:
+        return None
+    if len(found) > 1:
+        names = ", ".join(f"'{name}'" for name, _ in found)
+        raise APIError(400, f"{names} each constrain the output; send only one of them", param=found[1][0])
+    name, kwargs = found[0]
+    try:
+        return StructuredOutputsParams(**kwargs)
+    except InvalidRequestError as e:
+        raise APIError(400, f"invalid '{name}': {e}", param=name) from None
 
 
 class SamplingRequest(StrictModel):
@@ -76,8 +136,18 @@ class SamplingRequest(StrictModel):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token, in vLLM's shape
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Structured output (see structured_outputs_params()): OpenAI's, vLLM's and llama.cpp's spellings.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | str | bool | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | bool | None = None
     # Accepted and ignored: bookkeeping fields that do not change the output.
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -87,18 +157,20 @@ class SamplingRequest(StrictModel):
     def sampling_kwargs(self) -> dict[str, Any]:
         fields = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                   "repetition_penalty", "seed", "stop", "stop_token_ids", "min_tokens", "logit_bias",
-                  "ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
-        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
+                  "ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "prompt_logprobs")
+        kwargs = {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
+        constraint = structured_outputs_params(self)
+        return {**kwargs, "structured_outputs": constraint} if constraint is not None else kwargs
+
+    def check_prompt_logprobs(self) -> None:
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise APIError(400, f"'prompt_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="prompt_logprobs")
 
     def check_stream_options(self) -> bool:
         """Whether the stream ends with a usage chunk."""
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "'stream_options' is only allowed with stream=true", param="stream_options")
         return self.stream_options is not None and self.stream_options.include_usage
-
-
-class ResponseFormat(StrictModel):
-    type: Literal["text"]
 
 
 class ChatMessage(StrictModel):
@@ -113,9 +185,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     modalities: list[Literal["text"]] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: the prompt ends inside the final message, which the model continues
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -171,37 +243,67 @@ def chat_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list, nu
 
 
 def completion_logprobs(tokenizer: Tokenizer, token_ids: list[int], logprobs: list, offset: int) -> dict[str, Any]:
-    """Legacy completions shape: parallel lists of tokens, their logprobs, top-k dicts and text offsets."""
+    """Legacy completions shape: parallel lists of tokens, their logprobs, top-k dicts and text offsets.
+
+    An entry of ``logprobs`` may be None (an echoed prompt's first token): null logprob and top.
+    """
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-    for token_id, (chosen, top) in zip(token_ids, logprobs):
+    for token_id, entry in zip(token_ids, logprobs):
         text = _token_text(tokenizer, token_id)
         tokens.append(text)
-        token_logprobs.append(_logprob(chosen))
-        top_logprobs.append({_token_text(tokenizer, i): _logprob(lp) for i, lp in top})
+        token_logprobs.append(None if entry is None else _logprob(entry[0]))
+        top_logprobs.append(None if entry is None else {_token_text(tokenizer, i): _logprob(lp) for i, lp in entry[1]})
         text_offset.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def vllm_prompt_logprobs(tokenizer: Tokenizer, token_ids: list[int], entries: list[PromptLogprob | None]) -> list:
+    """vLLM's ``prompt_logprobs``: per prompt token None (the first) or ``{id: {logprob, rank, decoded_token}}``
+    holding the prompt token itself and the top alternatives (JSON object keys are strings)."""
+
+    def entry(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": _logprob(logprob), "rank": rank, "decoded_token": _token_text(tokenizer, token_id)}
+
+    result: list = []
+    for token_id, scored in zip(token_ids, entries):
+        if scored is None:
+            result.append(None)
+            continue
+        alternatives = {str(i): entry(i, lp, rank) for rank, (i, lp) in enumerate(scored.top, 1)}
+        result.append({str(token_id): entry(token_id, scored.logprob, scored.rank), **alternatives})
+    return result
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; ``cached_tokens``: prompt tokens the prefix cache served."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 class _Shape:
     """How one endpoint turns a completion (or a piece of one) into a choice."""
 
-    def __init__(self, ctx: ServeContext, chat: bool, logprobs: int | None, echo: list[str] | None = None):
+    def __init__(self, ctx: ServeContext, chat: bool, logprobs: int | None, echo: list[str] | None = None,
+                 prompt_logprobs: int | None = None):
         self.tokenizer, self.chat, self.logprobs, self.echo = ctx.tokenizer, chat, logprobs, echo
+        self.prompt_logprobs = prompt_logprobs
         self.object = "chat.completion" if chat else "text_completion"
 
     def choice(self, index: int, prompt_index: int, text: str, token_ids: list[int], logprobs: list | None,
-               finish: CompletionOutput | None, sent: int | None) -> dict[str, Any]:
-        """A full response's choice when ``sent`` is None, else a stream chunk's (``sent`` chars already out)."""
+               finish: CompletionOutput | None, sent: int | None, prompt_out: RequestOutput | None = None) -> dict[str, Any]:
+        """A full response's choice when ``sent`` is None, else a stream chunk's (``sent`` chars already out).
+
+        ``prompt_out``: the output whose scored prompt this choice carries: an echo's prompt
+        tokens lead its logprobs (from text offset 0), and vLLM's ``prompt_logprobs`` are added.
+        """
         lp = None
         if self.logprobs is not None and logprobs is not None:
             if self.chat:
                 lp = chat_logprobs(self.tokenizer, token_ids, logprobs, self.logprobs)
+            elif self.echo and prompt_out is not None:
+                entries = [None if e is None else (e.logprob, e.top[: self.logprobs]) for e in prompt_out.prompt_logprobs]
+                lp = completion_logprobs(self.tokenizer, prompt_out.prompt_token_ids + token_ids, entries + logprobs, 0)
             else:
                 offset = len(self.echo[prompt_index]) if self.echo else 0
                 lp = completion_logprobs(self.tokenizer, token_ids, logprobs, offset + (sent or 0))
@@ -215,7 +317,13 @@ class _Shape:
         choice["logprobs"] = lp
         choice["finish_reason"] = finish.finish_reason if finish else None
         choice["stop_reason"] = finish.stop_reason if finish else None
+        if not self.chat and self.prompt_logprobs is not None and prompt_out is not None:
+            choice["prompt_logprobs"] = self.vllm_prompt_logprobs(prompt_out)
         return choice
+
+    def vllm_prompt_logprobs(self, out: RequestOutput) -> list:
+        entries = [None if e is None else e._replace(top=e.top[: self.prompt_logprobs]) for e in out.prompt_logprobs]
+        return vllm_prompt_logprobs(self.tokenizer, out.prompt_token_ids, entries)
 
 
 def _prompt_tokens(prepared: Prepared) -> int:
@@ -235,25 +343,36 @@ async def _respond(request: Request, ctx: ServeContext, prepared: Prepared, shap
         prepared.admission.release()
     if outputs is None:  # the client hung up; its requests were aborted
         return Response(status_code=499)
-    final: dict[int, CompletionOutput] = {}
+    final: dict[int, RequestOutput] = {}
     for prompt_index, out in outputs:
-        completion = out.outputs[0]
-        final[prompt_index * n + completion.index] = completion
+        final[prompt_index * n + out.outputs[0].index] = out
     choices = []
     for index in sorted(final):
-        c = final[index]
+        out = final[index]
+        c = out.outputs[0]
         text = (shape.echo[index // n] if shape.echo else "") + c.text
-        choices.append(shape.choice(index, index // n, text, c.token_ids, c.logprobs, c, None))
-    completion_tokens = sum(len(c.token_ids) for c in final.values())
-    return JSONResponse({
+        choices.append(shape.choice(index, index // n, text, c.token_ids, c.logprobs, c, None, prompt_out=out))
+    completion_tokens = sum(len(out.outputs[0].token_ids) for out in final.values())
+    response = {
         "id": prepared.request_id, "object": shape.object, "created": prepared.created, "model": model,
-        "choices": choices, "usage": usage(_prompt_tokens(prepared), completion_tokens),
-    })
+        "choices": choices, "usage": usage(_prompt_tokens(prepared), completion_tokens, _cached_tokens(final.values())),
+    }
+    if shape.chat and shape.prompt_logprobs is not None:  # vLLM puts a chat's prompt logprobs beside its choices
+        response["prompt_logprobs"] = shape.vllm_prompt_logprobs(final[min(final)])
+    return JSONResponse(response)
+
+
+def _cached_tokens(outputs: Iterable[RequestOutput]) -> int:
+    """Prompt tokens the prefix cache served, counted once per prompt (its first sequence's)."""
+    return sum(out.metrics.num_cached_prompt_tokens for out in outputs if out.metrics and out.outputs[0].index == 0)
 
 
 async def _stream(prepared: Prepared, shape: _Shape, model: str, include_usage: bool,
                   outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
-    """SSE chunks: choices interleaved by index as tokens come, a usage chunk if asked, then ``[DONE]``."""
+    """SSE chunks: choices interleaved by index as tokens come, a usage chunk if asked, then ``[DONE]``.
+
+    A completion's echo (with its prompt logprobs) leads that choice's first chunk, once the prefill has scored it.
+    """
     n = prepared.params.n
     num_choices = n * len(prepared.prompts)
     head = {"id": prepared.request_id, "object": f"{shape.object}.chunk" if shape.chat else shape.object,
@@ -263,25 +382,33 @@ async def _stream(prepared: Prepared, shape: _Shape, model: str, include_usage: 
         return sse({**head, "choices": choices, **({"usage": usage_value} if include_usage else {})})
 
     sent_chars, sent_tokens = [0] * num_choices, [0] * num_choices
+    started = [False] * num_choices
+    last: dict[int, RequestOutput] = {}
     try:
-        for index in range(num_choices):
-            if shape.chat:
+        if shape.chat:
+            for index in range(num_choices):
                 yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
-            elif shape.echo:
-                yield chunk([shape.choice(index, index // n, shape.echo[index // n], [], None, None, 0)])
         async for prompt_index, out in outputs:
             c = out.outputs[0]
             index = prompt_index * n + c.index
+            last[index] = out
+            # vLLM's prompt_logprobs ride on a completion's first chunk (a chat returns them unstreamed only).
+            prompt_out = out if not started[index] and shape.prompt_logprobs is not None and not shape.chat else None
+            if not started[index] and shape.echo:
+                yield chunk([shape.choice(index, prompt_index, shape.echo[prompt_index], [],
+                                          [] if shape.logprobs is not None else None, None, 0, prompt_out=out)])
+                prompt_out = None
+            started[index] = True
             text, token_ids = c.text[sent_chars[index]:], c.token_ids[sent_tokens[index]:]
             logprobs = c.logprobs[sent_tokens[index]:] if c.logprobs is not None else None
-            if not text and not c.finished and not (shape.logprobs is not None and token_ids):
+            if not text and not c.finished and not (shape.logprobs is not None and token_ids) and prompt_out is None:
                 continue  # a token whose text is held back (a partial character, a possible stop string)
             yield chunk([shape.choice(index, prompt_index, text, token_ids, logprobs, c if c.finished else None,
-                                      sent_chars[index])])
+                                      sent_chars[index], prompt_out=prompt_out)])
             sent_chars[index], sent_tokens[index] = len(c.text), len(c.token_ids)
         if include_usage:
-            yield chunk([], usage(_prompt_tokens(prepared), sum(sent_tokens)))
+            yield chunk([], usage(_prompt_tokens(prepared), sum(sent_tokens), _cached_tokens(last.values())))
         yield sse("[DONE]")
     except Exception as e:  # the engine failed mid-stream: tell the client in the stream's own terms
         log.exception("stream %s failed", prepared.request_id)
@@ -302,11 +429,17 @@ async def chat_completions(request: Request) -> Response:
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
         raise APIError(400, f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
     num_top = (body.top_logprobs or 0) if body.logprobs else None
-    prompt_ids = ctx.encode_chat(template_messages(body.messages), body.add_generation_prompt, body.chat_template_kwargs)
+    body.check_prompt_logprobs()
+    if body.continue_final_message and body.add_generation_prompt:
+        raise APIError(400, "'continue_final_message' continues the last message, so it needs "
+                            "'add_generation_prompt': false", param="continue_final_message")
+    prompt_ids = ctx.encode_chat(template_messages(body.messages), body.add_generation_prompt, body.chat_template_kwargs,
+                                 continue_final_message=body.continue_final_message)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     prepared = ctx.prepare(ctx.new_id("chatcmpl-"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
                            {**body.sampling_kwargs(), "logprobs": num_top}, max_tokens)
-    return await _respond(request, ctx, prepared, _Shape(ctx, True, num_top), model, include_usage, body.stream)
+    shape = _Shape(ctx, True, num_top, prompt_logprobs=body.prompt_logprobs)
+    return await _respond(request, ctx, prepared, shape, model, include_usage, body.stream)
 
 
 @router.post("/v1/completions")
@@ -321,13 +454,14 @@ async def completions(request: Request) -> Response:
                        param="best_of")
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
         raise APIError(400, f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs needs prompt logprobs, which cholla does not compute yet", param="echo")
+    body.check_prompt_logprobs()
+    # echo with logprobs scores the prompt too (in the prefill), as OpenAI and vLLM do.
+    scored = [n for n in (body.prompt_logprobs, body.logprobs if body.echo else None) if n is not None]
     prompts = _completion_prompts(ctx.tokenizer, body.prompt)
-    prepared = ctx.prepare(ctx.new_id("cmpl-"), prompts, {**body.sampling_kwargs(), "logprobs": body.logprobs},
-                           body.max_tokens, prompt_param="prompt")
+    kwargs = {**body.sampling_kwargs(), "logprobs": body.logprobs, "prompt_logprobs": max(scored) if scored else None}
+    prepared = ctx.prepare(ctx.new_id("cmpl-"), prompts, kwargs, body.max_tokens, prompt_param="prompt")
     echo = [p["prompt"] for p in prompts] if body.echo else None
-    shape = _Shape(ctx, False, body.logprobs, echo)
+    shape = _Shape(ctx, False, body.logprobs, echo, body.prompt_logprobs)
     return await _respond(request, ctx, prepared, shape, model, include_usage, body.stream)
 
 

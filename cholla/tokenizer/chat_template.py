@@ -161,16 +161,43 @@ class ChatTemplate:
             raise ChatTemplateError(f"the chat template failed on these messages ({type(e).__name__}: {e})") from None
 
 
+def cut_after_final_message(rendered: str, messages: list[Message]) -> str:
+    """The rendered conversation up to the end of the final message's text, so the model continues it.
+
+    transformers' ``continue_final_message``: the template closes every turn, so the text
+    after the final message's (last) text is cut off; where the template trimmed the
+    message's whitespace, the cut falls after the trimmed text.
+    """
+    content = messages[-1].get("content") if messages else None
+    if isinstance(content, list):
+        texts = [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
+        content = texts[-1] if texts else None
+    if not isinstance(content, str) or not content.strip():
+        raise ChatTemplateError("continue_final_message needs a final message with text to continue")
+    at = rendered.rfind(content.strip())
+    if at < 0:
+        raise ChatTemplateError("the chat template changed the final message, so it cannot be continued; "
+                                "send it without continue_final_message")
+    # As transformers: the trailing whitespace is kept only where the template kept the message whole.
+    kept = content.lstrip() if rendered[at : at + len(content.lstrip())] == content else content.strip()
+    return rendered[: at + len(kept)]
+
+
 def encode_chat(
-    tokenizer: Tokenizer, template: ChatTemplate, messages: list[Message], add_generation_prompt: bool = True, **extra: Any
+    tokenizer: Tokenizer, template: ChatTemplate, messages: list[Message], add_generation_prompt: bool = True,
+    continue_final_message: bool = False, **extra: Any
 ) -> list[int]:
     """Token ids of a rendered conversation, as ``apply_chat_template(tokenize=True)`` gives them.
 
     The template writes the special tokens it wants, so the text is encoded without adding any.
     One exception: a model that wants BOS gets it when the template did not write it (llama.cpp's
     behaviour; transformers would leave it out). A template that writes BOS never gets a second.
+    ``continue_final_message``: the prompt stops inside the final message (``cut_after_final_message``).
     """
-    ids = tokenizer.encode(template.render(messages, add_generation_prompt, **extra), add_special_tokens=False)
+    text = template.render(messages, add_generation_prompt, **extra)
+    if continue_final_message:
+        text = cut_after_final_message(text, messages)
+    ids = tokenizer.encode(text, add_special_tokens=False)
     if tokenizer.add_bos and tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
         ids.insert(0, tokenizer.bos_token_id)
     return ids
