@@ -259,7 +259,10 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         out.final_logit_softcapping = cfg.get("final_logit_softcapping")
         out.attn_logit_softcapping = cfg.get("attn_logit_softcapping")
     if model_type in ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe_lite"):
-        _hf_moe(out, cfg, model_type)
+        try:
+            _hf_moe(out, cfg, model_type)
+        except KeyError as e:
+            raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
     return out
 
 
