@@ -50,6 +50,7 @@ _LAYER_OVERRIDES = {
         "attn_q_b": "self_attn.q_b_proj",
         "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
         "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+        "attn_kv_b": "self_attn.kv_b_proj",  # older conversions: not yet split per head
         "attn_k_b": "self_attn.k_b",
         "attn_v_b": "self_attn.v_b",
         "exp_probs_b": "mlp.e_score_correction_bias",
