@@ -166,6 +166,24 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny, name):
     assert not engine.has_unfinished_requests() and _all_free(llm)
 
 
+def test_deepseek2_gguf_with_unsplit_kv_b(tiny, gguf_of, tmp_path):
+    """Older conversions store ``attn_kv_b`` whole; it is split per head as HF's ``kv_b_proj`` is."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(gguf_of("deepseek_v3"))
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    extra = {}
+    for layer in range(3):
+        k_b, v_b = tensors[f"blk.{layer}.attn_k_b.weight"], tensors[f"blk.{layer}.attn_v_b.weight"]  # [H, L, nope], [H, v, L]
+        kv_b = np.concatenate((k_b.transpose(0, 2, 1), v_b), axis=1)  # [H, nope + v, L]
+        extra[f"blk.{layer}.attn_kv_b.weight"] = np.ascontiguousarray(kv_b.reshape(-1, kv_b.shape[-1]))
+    path = tiny_models.requantize(gguf_of("deepseek_v3"), tmp_path / "kv_b.gguf", "F32", extra=extra,
+                                  drop=("attn_k_b", "attn_v_b"))
+    loaded = load_model(path, "float32")
+    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(tiny("deepseek_v3")["model"], PROMPT))
+
+
 def _with_metadata(src, dst, key: str, value: int):
     """A copy of a GGUF file with one uint32 metadata value changed in place."""
     data = bytearray(src.read_bytes())

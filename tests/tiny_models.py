@@ -132,12 +132,13 @@ def convert_to_gguf(converter: Path, jobs: list[tuple[Path, Path]]) -> None:
 
 
 def requantize(src: Path, dst: Path, qtype_name: str, dequantized: bool = False,
-               extra: dict[str, np.ndarray] | None = None) -> Path:
+               extra: dict[str, np.ndarray] | None = None, drop: tuple[str, ...] = ()) -> Path:
     """A copy of the f32 GGUF ``src`` whose expert tensors are ``qtype_name`` (other
     matrices Q8_0 where the type is MXFP4, which llama.cpp uses for experts only).
     ``dequantized``: store the quantize-dequantize round trip in f32 instead, the
     exact reference for reading the quantized file. ``qtype_name`` F32 copies the
-    tensors as they are; ``extra`` adds tensors (to make broken files)."""
+    tensors as they are; ``extra`` adds tensors and ``drop`` leaves out those whose
+    names contain one of its strings (to make other layouts and broken files)."""
     import gguf
 
     reader = gguf.GGUFReader(src)
@@ -151,6 +152,8 @@ def requantize(src: Path, dst: Path, qtype_name: str, dequantized: bool = False,
         writer.add_key_value(key, field.contents(), value_type, sub_type=sub_type)
     expert_type = gguf.GGMLQuantizationType[qtype_name]
     for tensor in reader.tensors:
+        if any(part in tensor.name for part in drop):
+            continue
         data = np.array(tensor.data)
         qtype = expert_type if "_exps." in tensor.name else (
             gguf.GGMLQuantizationType.Q8_0 if qtype_name == "MXFP4" else expert_type)
