@@ -184,6 +184,19 @@ def test_deepseek2_gguf_with_unsplit_kv_b(tiny, gguf_of, tmp_path):
     _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(tiny("deepseek_v3")["model"], PROMPT))
 
 
+def test_safetensors_experts_contradicting_config_is_an_error(tiny, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny("qwen3_moe")["folder"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_experts"] = 6  # the weights hold 8
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match=r"tensor layers\.0\.mlp\.gate\.weight: weight shape \(8, 64\) != \(6, 64\)"):
+        load_model(folder, "float32")
+
+
 def _with_metadata(src, dst, key: str, value: int):
     """A copy of a GGUF file with one uint32 metadata value changed in place."""
     data = bytearray(src.read_bytes())

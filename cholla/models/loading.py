@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from cholla.errors import ModelFormatError
+from cholla.formats.gguf import GGUFTensor
 from cholla.layers.linear import DenseTensor, Embedding, Linear, Weight, dense
 from cholla.layers.norm import RMSNorm
 
@@ -36,6 +37,7 @@ def load_named_weights(model: nn.Module, weights: dict[str, Weight]) -> set[str]
             else:
                 module.load(dense(weights[key], torch.float32))
         except ValueError as e:  # named as the file names it (a GGUF expert slice keeps its stack's name)
-            raise ModelFormatError(f"tensor {getattr(weights[key], 'name', key)}: {e}") from None
+            label = weights[key].name if isinstance(weights[key], GGUFTensor) else key
+            raise ModelFormatError(f"tensor {label}: {e}") from None
         used.add(key)
     return set(weights) - used
