@@ -315,3 +315,32 @@ def test_chat_templates_of_these_models_render_like_transformers(template):
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
     ours = ChatTemplate(source, hf.bos_token, hf.eos_token).render(messages, add_generation_prompt=True)
     assert ours == hf.apply_chat_template(messages, chat_template=source, tokenize=False, add_generation_prompt=True)
+
+
+def test_moe_layer_reads_only_the_routed_experts():
+    """Tokens grouped by expert give the per-token sum of weighted expert outputs, and an
+    expert no token chose is never read (its weights are NaN here)."""
+    from cholla.layers.moe import SparseMoE, softmax_topk
+
+    torch.manual_seed(0)
+    hidden, width, experts, top_k = 32, 16, 8, 2
+    moe = SparseMoE(hidden, width, experts, softmax_topk(top_k, normalize=True))
+    moe.gate.load(torch.randn(experts, hidden))
+    for expert in moe.experts:
+        for proj, shape in (("gate_proj", (width, hidden)), ("up_proj", (width, hidden)), ("down_proj", (hidden, width))):
+            getattr(expert, proj).load(torch.randn(shape) * 0.1)
+    x = torch.randn(5, hidden)
+    weights, ids = moe.route(moe.gate(x))
+    unused = set(range(experts)) - set(ids.flatten().tolist())
+    assert unused  # 5 tokens x 2 choices leave some of the 8 experts idle
+    expected = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t], ids[t]):
+            expert = moe.experts[int(e)]
+            y = expert.down_proj(torch.nn.functional.silu(expert.gate_proj(x[t:t + 1])) * expert.up_proj(x[t:t + 1]))
+            expected[t] += w * y[0]
+    for e in unused:
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            linear = getattr(moe.experts[e], proj)
+            linear.load(torch.full_like(linear.weight, float("nan")))
+    torch.testing.assert_close(moe(x), expected, rtol=1e-5, atol=1e-6)
