@@ -10,7 +10,7 @@ drops Qwen3-MoE's experts). Reported, llama-bench style (mean ± sd):
 - ``pp`` prompt tokens/s and ``tg`` generated tokens/s for each engine;
 - the decode floor: the bytes one token reads (every non-expert weight, plus the
   routed ``top_k / experts`` share of the expert weights, in the file's types)
-  divided by the memory bandwidth measured here (a large ``torch`` copy), against
+  divided by the read bandwidth measured here (a ``torch`` sum over 1 GiB), against
   cholla's measured time per token.
 
     python benchmarks/moe.py --llama-bin-dir /work/llamacpp/bin
@@ -95,17 +95,16 @@ def bytes_per_token(path: Path) -> tuple[int, int, int]:
 
 
 def bandwidth() -> float:
-    """Bytes/s of a 1 GiB copy (read + write), best of five."""
+    """Read bandwidth in bytes/s: a sum over 1 GiB of float32, best of five (what decode does: stream weights)."""
     import torch
 
-    src = torch.ones(2**28)
-    dst = torch.empty_like(src)
+    data = torch.ones(2**28)
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
-        dst.copy_(src)
+        data.sum()
         best = min(best, time.perf_counter() - start)
-    return 2 * src.nbytes / best
+    return data.nbytes / best
 
 
 def transformers_bench(folder: Path, args) -> dict:
@@ -154,7 +153,7 @@ def main() -> None:
     files = ggufs(folder, args.quants)
     bw = bandwidth()
     hf = transformers_bench(folder, args) if "transformers" in peers else None
-    lines = [f"Machine: {machine()}; memory bandwidth (1 GiB copy) {bw / 1e9:.1f} GB/s; threads {args.threads}.",
+    lines = [f"Machine: {machine()}; read bandwidth (sum over 1 GiB) {bw / 1e9:.1f} GB/s; threads {args.threads}.",
              f"Model: random Qwen3-MoE, {args.experts} experts, top-{args.top_k}, hidden {args.hidden}, "
              f"{args.layers} layers, expert width {args.expert_size}, vocabulary {args.vocab}.", "",
              f"| file | engine | pp{args.n_prompt} t/s | tg{args.n_gen} t/s | decode ms/token | floor ms/token |",
