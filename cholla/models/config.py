@@ -391,8 +391,9 @@ def _gguf_mla(cfg: ModelConfig, get, num_experts: int, top_k: int, size: int, de
                         int(get("attention.key_length_mla", required=True)) - rope_dim, rope_dim,
                         int(get("attention.value_length_mla", required=True)), get("attention.q_lora_rank"))
     cfg.rope_interleaved = True
-    if cfg.rope.scaling and get("rope.scaling.yarn_log_multiplier"):  # the converter stores 0.1 * mscale_all_dim
-        cfg.rope.scaling["mscale"] = cfg.rope.scaling["mscale_all_dim"] = float(get("rope.scaling.yarn_log_multiplier")) / 0.1
+    log_multiplier = get("rope.scaling.yarn_log_multiplier")  # the converter stores 0.1 * mscale_all_dim
+    if cfg.rope.scaling and log_multiplier:
+        cfg.rope.scaling["mscale"] = cfg.rope.scaling["mscale_all_dim"] = float(log_multiplier) / 0.1
     cfg.query_pre_attn_scalar = _mla_query_scalar(cfg.mla, cfg.rope.scaling)
     cfg.moe = MoEConfig(num_experts, top_k, size, router="sigmoid_group_topk",
                         normalize=bool(get("expert_weights_norm", False)),
