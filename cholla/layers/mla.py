@@ -25,8 +25,8 @@ from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
 
 
-# The latent norms keep the reference implementation's default epsilon whatever the
-# model's rms_norm_eps (DeepSeek's and transformers' code; GLM-4 MoE Lite's is 1e-5).
+# The latent norms use 1e-6 whatever the model's rms_norm_eps, as DeepSeek's and
+# transformers' code do (it matters for GLM-4 MoE Lite, whose rms_norm_eps is 1e-5).
 LATENT_NORM_EPS = 1e-6
 
 

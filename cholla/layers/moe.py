@@ -110,14 +110,13 @@ class Expert(nn.Module):
 class SparseMoE(nn.Module):
     """Router + experts (+ an optional shared expert every token goes through).
 
-    ``gate`` is the router's linear layer (its HF name); ``shared_expert_gate``
-    (Qwen2-MoE) scales the shared expert by a sigmoid of one more projection;
+    ``gate`` is the router's linear layer (its HF name);
     ``correction_bias`` is the router's own tensor where it has one (DeepSeek-V3).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, route: Router,
                  activation: str = "silu", glu: GLU | None = None, router_bias: bool = False,
-                 expert_bias: bool = False, shared_intermediate_size: int = 0, shared_gate: bool = False,
+                 expert_bias: bool = False, shared_intermediate_size: int = 0,
                  correction_bias: DenseTensor | None = None):
         super().__init__()
         if glu is None and activation not in ACTIVATIONS:
@@ -128,7 +127,6 @@ class SparseMoE(nn.Module):
         self.experts = nn.ModuleList(Expert(hidden_size, intermediate_size, expert_bias) for _ in range(num_experts))
         self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size, activation)
                               if shared_intermediate_size else None)
-        self.shared_expert_gate = Linear(hidden_size, 1) if shared_gate else None
         self.e_score_correction_bias = correction_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,10 +147,7 @@ class SparseMoE(nn.Module):
             out.index_add_(0, rows, y * weight_of_pair[start:start + count, None])
             start += count
         if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = shared * torch.sigmoid(self.shared_expert_gate(x))
-            out += shared
+            out += self.shared_expert(x)
         return out
 
 

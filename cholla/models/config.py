@@ -43,7 +43,6 @@ class MoEConfig:
     router: str = "softmax_topk"
     normalize: bool = True
     shared_intermediate_size: int = 0
-    shared_gate: bool = False
     dense_layers: list[int] = field(default_factory=list)
     swiglu_alpha: float | None = None  # GPT-OSS's clamped SwiGLU
     swiglu_limit: float | None = None
