@@ -7,9 +7,26 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cholla.formats.gguf import read_gguf
 from cholla.formats.safetensors import read_hf_folder
+from cholla.kv.paged_cache import bytes_per_token
+from cholla.models.config import SLIDING_ATTENTION, ModelConfig
 from cholla.models.config_checks import gguf_config, hf_config
+
+
+def _is_routed_expert(name: str) -> bool:
+    """GGUF ``ffn_*_exps`` stacks and HF ``experts.N.*`` / fused ``experts.*`` tensors (not shared experts)."""
+    return "_exps." in name or (".experts." in name and "shared" not in name)
+
+
+def _attention_kind(config: ModelConfig) -> str:
+    kind = "latent (MLA)" if config.mla else "grouped-query" if config.num_kv_heads < config.num_heads else "multi-head"
+    sliding = sum(t == SLIDING_ATTENTION for t in config.layer_types)
+    if sliding:
+        kind += f", sliding window {config.sliding_window} in {sliding} of {config.num_layers} layers"
+    return kind + (", sinks" if config.attention_sinks else "")
 
 
 def model_info(path: Path) -> dict[str, Any]:
@@ -19,12 +36,14 @@ def model_info(path: Path) -> dict[str, Any]:
         from safetensors import safe_open
 
         counts: Counter[str] = Counter()
-        params = 0
+        params = expert_params = 0
         for shard in folder.shards:
             with safe_open(shard, framework="pt") as f:
                 for name in f.keys():
                     sl = f.get_slice(name)
-                    params += prod(sl.get_shape())
+                    n = prod(sl.get_shape()) * (2 if sl.get_dtype() == "U8" and name.endswith("_blocks") else 1)
+                    params += n
+                    expert_params += n if _is_routed_expert(name) else 0
                     counts[sl.get_dtype()] += 1
         tokenizer_kind = "tokenizer.json" if (path / "tokenizer.json").exists() else "none"
         template = (path / "tokenizer_config.json").exists() and "chat_template" in (path / "tokenizer_config.json").read_text()
@@ -35,6 +54,7 @@ def model_info(path: Path) -> dict[str, Any]:
         config = gguf_config(gguf)
         counts = Counter(t.qtype.name for t in gguf.tensors.values())
         params = sum(prod(t.shape) for t in gguf.tensors.values())
+        expert_params = sum(prod(t.shape) for name, t in gguf.tensors.items() if _is_routed_expert(name))
         tokenizer_kind = str(gguf.metadata.get("tokenizer.ggml.model", "none"))
         template = bool(gguf.metadata.get("tokenizer.chat_template"))
         size = path.stat().st_size
@@ -44,6 +64,14 @@ def model_info(path: Path) -> dict[str, Any]:
         "format": fmt,
         "architecture": config.architecture,
         "parameters": params,
+        "experts": None if config.moe is None else {"count": config.moe.num_experts, "active": config.moe.top_k,
+                                                     "shared_size": config.moe.shared_intermediate_size},
+        # routed experts count only for the share a token uses
+        "active_parameters": params - (expert_params - expert_params * config.moe.top_k // config.moe.num_experts)
+        if config.moe else params,
+        "attention": _attention_kind(config),
+        "kv_bytes_per_token": {"float32": bytes_per_token(config, torch.float32),
+                               "bfloat16": bytes_per_token(config, torch.bfloat16)},
         "layers": config.num_layers,
         "hidden_size": config.hidden_size,
         "heads": config.num_heads,
@@ -72,11 +100,17 @@ def format_info(info: dict[str, Any]) -> str:
         ("format", info["format"]),
         ("architecture", info["architecture"]),
         ("parameters", human(info["parameters"], "").strip()),
+        ("active parameters", human(info["active_parameters"], "").strip()),
+        ("experts", f"{info['experts']['active']} of {info['experts']['count']} per token"
+                    + (" + shared" if info["experts"]["shared_size"] else "") if info["experts"] else "-"),
+        ("attention", info["attention"]),
         ("layers", info["layers"]),
         ("hidden size", info["hidden_size"]),
         ("attention heads", f"{info['heads']} (KV heads {info['kv_heads']}, head dim {info['head_dim']})"),
         ("context length", info["context_length"]),
         ("sliding window", info["sliding_window"] or "-"),
+        ("KV cache per token", f"{info['kv_bytes_per_token']['bfloat16'] / 1024:.1f} KiB (bf16), "
+                               f"{info['kv_bytes_per_token']['float32'] / 1024:.1f} KiB (fp32)"),
         ("vocabulary", info["vocab_size"]),
         ("tensor types", ", ".join(f"{k}: {v}" for k, v in info["tensor_types"].items())),
         ("tokenizer", info["tokenizer"]),

@@ -30,7 +30,7 @@ from pathlib import Path
 from cholla.hardware import GB, TFLOP, Hardware, hardware_preset, kernels_run_here, measure
 from cholla.errors import InvalidRequestError
 from cholla.kv.kv_types import KVCacheType, kv_cache_type
-from cholla.kv.paged_cache import KVCacheLayout, plan_layout
+from cholla.kv.paged_cache import KVCacheLayout, check_kv_types, layer_bytes_per_token, plan_layout
 from cholla.models.config import SLIDING_ATTENTION, ModelConfig, config_from_gguf, config_from_hf
 
 # Names of the token embedding and the output head, GGUF and Hugging Face.
@@ -120,7 +120,8 @@ def layer_windows(config: ModelConfig) -> list[int | None]:
 
 
 def kv_bytes_per_layer_token(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType) -> int:
-    return config.num_kv_heads * (k_type.bytes_per_head(config.head_dim) + v_type.bytes_per_head(config.head_dim))
+    """One layer's bytes per token, as the engine allocates it (a latent layer: its latent); every layer alike."""
+    return layer_bytes_per_token(config, k_type, v_type)[0]
 
 
 @dataclass
@@ -322,8 +323,7 @@ def kv_budget(facts: ModelFacts, request: PlanRequest, hw: Hardware | None) -> t
 def make_plan(facts: ModelFacts, request: PlanRequest, k_type: KVCacheType, v_type: KVCacheType,
               hw: Hardware | None) -> Plan:
     config, weights = facts.config, facts.weights
-    for kv_type in (k_type, v_type):
-        kv_type.check(config.head_dim)
+    check_kv_types(config, k_type, v_type)
     budget, budget_source = kv_budget(facts, request, hw)
     layout: KVCacheLayout = plan_layout(config, budget, request.block_size, k_type, v_type, request.context)
     context = layout.max_model_len

@@ -1,6 +1,8 @@
 """The element types a KV cache can hold, and how keys/values go in and come back out.
 
-Each side of a layer's cache (K or V) is stored as ``[blocks, block_size, kv_heads, head_dim]``:
+Each side of a layer's cache (K or V) is stored as ``[blocks, block_size, kv_heads, head_dim]``
+(a latent-attention layer has one side, ``[blocks, block_size, 1, kv_lora_rank + rope_dim]``,
+in a float type: ``paged_cache.check_kv_types``):
 
 - float types (``f32``, ``bf16``, ``f16``) and fp8 (``fp8_e4m3``, ``fp8_e5m2``, torch's
   float8 dtypes, no scale, as vLLM's default ``--kv-cache-dtype fp8``) are a plain tensor of

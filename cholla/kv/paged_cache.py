@@ -1,10 +1,13 @@
-"""The KV cache itself: per layer, K and V tensors cut into fixed-size blocks.
+"""The KV cache itself: per layer, its cache tensors cut into fixed-size blocks.
 
-Shape per layer: ``[num_blocks, block_size, num_kv_heads, head_dim]``. Token
-``t`` of a sequence lives in block ``block_table[t // block_size]`` at offset
-``t % block_size``; its flat slot is ``block * block_size + offset``. K and V
-may hold different types (``cholla/kv/kv_types.py``: llama.cpp's
-``--cache-type-k/-v``).
+What a layer keeps per token is its geometry (``layer_token_shapes``): K and V
+``[num_kv_heads, head_dim]`` for ordinary attention, one latent
+``[1, kv_lora_rank + rope_dim]`` for multi-head latent attention (whose V is a
+view of the latent's first ``kv_lora_rank`` columns). Each side is
+``[num_blocks, block_size, *token_shape]`` in its type (``cholla/kv/kv_types.py``:
+K and V may differ, llama.cpp's ``--cache-type-k/-v``). Token ``t`` of a sequence
+lives in block ``block_table[t // block_size]`` at offset ``t % block_size``; its
+flat slot is ``block * block_size + offset``, the same in every layer.
 
 Every layer gets the same number of blocks, sliding-window layers included:
 one block table serves all layers (``cholla plan`` shows what a window-aware
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cholla.errors import InvalidRequestError
 from cholla.heap import mapped_zeros
 from cholla.kv.kv_types import CacheSide, KVCacheType, allocate, kv_cache_type
 from cholla.models.config import ModelConfig
@@ -24,13 +28,47 @@ from cholla.models.config import ModelConfig
 DEFAULT_BLOCK_SIZE = 16
 
 
+def layer_token_shapes(config: ModelConfig) -> list[tuple[tuple[int, int], ...]]:
+    """Per layer, the per-token shape ``(heads, dim)`` of each of its cache sides: (K, V), or the one latent."""
+    if config.mla is not None:
+        return [((1, config.mla.kv_lora_rank + config.mla.qk_rope_head_dim),)] * config.num_layers
+    return [((config.num_kv_heads, config.head_dim),) * 2] * config.num_layers
+
+
+def _types(k_type: KVCacheType | torch.dtype, v_type: KVCacheType | torch.dtype | None) -> tuple[KVCacheType, ...]:
+    k_type = kv_cache_type(k_type)
+    return k_type, kv_cache_type(v_type) if v_type is not None else k_type
+
+
+def check_kv_types(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType) -> None:
+    """Refuse, before anything is allocated, K and V types this model's cache cannot hold.
+
+    A latent cache is one tensor read as K and (a view) as V, so it takes one type,
+    and a plain one: the scaled types' groups would straddle the latent and rope parts."""
+    if config.mla is not None:
+        if k_type != v_type:
+            raise InvalidRequestError(f"multi-head latent attention keeps keys and values in one latent cache: "
+                                      f"give one KV cache type for both, not K {k_type.name} and V {v_type.name}")
+        if k_type.group is not None:
+            raise InvalidRequestError(f"kv cache type {k_type.name} is not supported for multi-head latent attention "
+                                      "yet; choose f32, bf16, f16 or fp8")
+    for heads_dims in set(layer_token_shapes(config)):
+        for (_, dim), kv_type in zip(heads_dims, (k_type, v_type)):
+            kv_type.check(dim)
+
+
+def layer_bytes_per_token(config: ModelConfig, k_type: KVCacheType | torch.dtype,
+                          v_type: KVCacheType | torch.dtype | None = None) -> list[int]:
+    """Per layer, the bytes one token's cache entries take (scales included): a latent layer counts its latent."""
+    types = _types(k_type, v_type)
+    return [sum(heads * kv_type.bytes_per_head(dim) for (heads, dim), kv_type in zip(layer, types))
+            for layer in layer_token_shapes(config)]
+
+
 def bytes_per_token(config: ModelConfig, k_type: KVCacheType | torch.dtype,
                     v_type: KVCacheType | torch.dtype | None = None) -> int:
     """Bytes one token's keys and values take in every layer (scales included)."""
-    k_type = kv_cache_type(k_type)
-    v_type = kv_cache_type(v_type) if v_type is not None else k_type
-    per_layer = config.num_kv_heads * (k_type.bytes_per_head(config.head_dim) + v_type.bytes_per_head(config.head_dim))
-    return config.num_layers * per_layer
+    return sum(layer_bytes_per_token(config, k_type, v_type))
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, k_type: KVCacheType | torch.dtype,
@@ -68,6 +106,7 @@ class KVCacheLayout:
 def plan_layout(config: ModelConfig, memory_bytes: int, block_size: int, k_type: KVCacheType,
                 v_type: KVCacheType, max_model_len: int | None = None) -> KVCacheLayout:
     """Blocks for ``memory_bytes``; the context defaults to the model's, capped by what the cache holds."""
+    check_kv_types(config, k_type, v_type)
     block_bytes = bytes_per_block(config, block_size, k_type, v_type)
     num_blocks = memory_bytes // block_bytes
     max_len = max_model_len or min(config.max_position_embeddings, num_blocks * block_size)
@@ -89,16 +128,14 @@ class PagedKVCache:
                  dtype: KVCacheType | torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  v_dtype: KVCacheType | torch.dtype | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.k_type = kv_cache_type(dtype)
-        self.v_type = kv_cache_type(v_dtype) if v_dtype is not None else self.k_type
-        for kv_type in (self.k_type, self.v_type):
-            kv_type.check(config.head_dim)
+        self.k_type, self.v_type = _types(dtype, v_dtype)
+        check_kv_types(config, self.k_type, self.v_type)
 
-        def side(kv_type: KVCacheType) -> CacheSide:
-            return allocate(kv_type, num_blocks, block_size, config.num_kv_heads, config.head_dim,
-                            lambda shape, dtype: _zeros(shape, dtype, device))
+        def side(kv_type: KVCacheType, heads: int, dim: int) -> CacheSide:
+            return allocate(kv_type, num_blocks, block_size, heads, dim, lambda shape, dtype: _zeros(shape, dtype, device))
 
-        self.layers = [(side(self.k_type), side(self.v_type)) for _ in range(config.num_layers)]
+        self.layers = [tuple(side(kv_type, *shape) for shape, kv_type in zip(layer, (self.k_type, self.v_type)))
+                       for layer in layer_token_shapes(config)]
 
     @classmethod
     def from_memory_budget(cls, config: ModelConfig, memory_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE,
@@ -113,4 +150,4 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+        return sum(t.nbytes for layer in self.layers for t in layer)

@@ -17,7 +17,7 @@ from torch import nn
 
 from cholla.kernels import amx_kernels
 from cholla.kv.kv_types import gather, store
-from cholla.layers.linear import Linear, linear_group
+from cholla.layers.linear import DenseTensor, Linear, linear_group
 from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
 
@@ -46,7 +46,8 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
     return mask
 
 
-def _attend(q, k, v, mask, scale: float, softcap: float | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _attend(q, k, v, mask, scale: float, softcap: float | None, dtype: torch.dtype = torch.float32,
+            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q: [b, heads, q_len, dim]; k, v: [b, kv_heads, k_len, dim]; mask: bool, broadcastable,
     or None for plain causal attention over a whole prompt (q_len == k_len), which
     SDPA's flash kernel runs without a mask, skipping the blocks above the diagonal.
@@ -55,8 +56,11 @@ def _attend(q, k, v, mask, scale: float, softcap: float | None, dtype: torch.dty
     prefill here); the result comes back in q's dtype. Soft-capped scores stay fp32.
     Inputs must be 4-D: with 3-D ones SDPA drops to its unfused path (every
     score materialized in fp32, then ``where`` and ``softmax``), 7x slower.
+
+    ``sinks`` ([heads], GPT-OSS): one more logit per head in the softmax's
+    denominator, attached to no value, so a head can attend to nothing.
     """
-    if softcap is None:
+    if softcap is None and sinks is None:
         out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, scale=scale,
                                              is_causal=mask is None, enable_gqa=True)
         return out.to(q.dtype)
@@ -67,9 +71,14 @@ def _attend(q, k, v, mask, scale: float, softcap: float | None, dtype: torch.dty
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
+    if sinks is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(probs, v)
 
 
 def paged_attention(
@@ -83,17 +92,23 @@ def paged_attention(
     window: int | None = None,
     softcap: float | None = None,
     prefill_dtype: torch.dtype = torch.float32,
+    sinks: torch.Tensor | None = None,
+    write: bool = True,
 ) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]; caches: [blocks, block_size, kv_heads, dim]
     (any ``cholla/kv/kv_types.py`` type: read back as fp32).
 
-    Returns [tokens, heads, dim]. Prefill chunks attend in ``prefill_dtype``.
+    Returns [tokens, heads, v's dim]. Prefill chunks attend in ``prefill_dtype``.
+    ``write=False``: the caller has written k and v into the caches already
+    (latent attention, whose V cache is a view into its K cache).
     """
     block_size = k_cache.shape[1]
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if write:
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.num_prefills == 0:  # a decode-only step: no output to assemble
-        return attend_decodes(q, k_cache, v_cache, meta.block_tables, meta.decode_context_lens, scale, window, softcap)
-    out = torch.empty_like(q)
+        return attend_decodes(q, k_cache, v_cache, meta.block_tables, meta.decode_context_lens, scale, window, softcap,
+                              sinks)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
     starts = meta.query_start_loc
 
     for i in range(meta.num_prefills):
@@ -110,29 +125,33 @@ def paged_attention(
         else:
             mask = _allowed(torch.arange(ctx - q_len, ctx)[:, None], torch.arange(ctx)[None, :], window)
         queries = q[start:stop].transpose(0, 1)[None]
-        attended = _attend(queries, keys[None], values[None], mask, scale, softcap, prefill_dtype)
+        attended = _attend(queries, keys[None], values[None], mask, scale, softcap, prefill_dtype, sinks)
         out[start:stop] = attended[0].transpose(0, 1)
 
     if len(meta.context_lens) > meta.num_prefills:
         first = starts[meta.num_prefills]
         tables = meta.block_tables[meta.num_prefills :]
-        out[first:] = attend_decodes(q[first:], k_cache, v_cache, tables, meta.decode_context_lens, scale, window, softcap)
+        out[first:] = attend_decodes(q[first:], k_cache, v_cache, tables, meta.decode_context_lens, scale, window, softcap,
+                                     sinks)
     return out
 
 
 def kernel_reads(k_cache, v_cache) -> bool:
-    """Whether our C++ kernels read (and write) these caches: plain fp32 or bf16, both sides alike."""
+    """Whether our C++ kernels read (and write) these caches: plain contiguous fp32 or bf16, both
+    sides alike in type and width (a latent cache's V, a narrower view of its K, is not)."""
     return (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
-            and k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16))
+            and k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16)
+            and k_cache.shape[-1] == v_cache.shape[-1] and k_cache.is_contiguous() and v_cache.is_contiguous())
 
 
-def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None) -> torch.Tensor:
-    """One new token per sequence (q: [decodes, heads, dim]), by our kernel where it runs."""
+def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None,
+                   sinks=None) -> torch.Tensor:
+    """One new token per sequence (q: [decodes, heads, dim]), by our kernel where it runs (it has no sinks)."""
     kernels = amx_kernels()
-    if kernels is not None and q.dtype == torch.float32 and kernel_reads(k_cache, v_cache):
+    if kernels is not None and sinks is None and q.dtype == torch.float32 and kernel_reads(k_cache, v_cache):
         return kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0,
                                               softcap or 0.0)
-    return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
+    return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, sinks)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -145,7 +164,8 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     store(v_cache, v.float(), slot_mapping)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None) -> torch.Tensor:
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None,
+                     sinks=None) -> torch.Tensor:
     """One new token per sequence, in PyTorch ops: q [decodes, heads, dim] -> [decodes, heads, dim].
 
     Gathers each sequence's blocks into one padded tensor and masks the padding;
@@ -159,11 +179,16 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, win
     k_pos = torch.arange(max_ctx)[None, :]
     q_pos = (context_lens - 1)[:, None]
     mask = _allowed(q_pos, k_pos, window)[:, None, None, :]  # [decodes, 1, 1, max_ctx]
-    return _attend(q.unsqueeze(2), keys, values, mask, scale, softcap).squeeze(2)
+    return _attend(q.unsqueeze(2), keys, values, mask, scale, softcap, sinks=sinks).squeeze(2)
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads, optional QKV bias and QK-norm."""
+    """Multi-head attention with grouped KV heads, optional QKV bias and QK-norm.
+
+    Variants: ``qk_norm="head"`` normalises each head (Qwen 3, Gemma 3), ``"full"``
+    the whole q and k projections (OLMoE); ``sinks`` adds GPT-OSS's learned
+    per-head softmax logit; ``output_bias`` a bias on the output projection.
+    """
 
     def __init__(
         self,
@@ -177,15 +202,21 @@ class Attention(nn.Module):
         qk_norm_eps: float | None = None,
         window: int | None = None,
         softcap: float | None = None,
+        qk_norm: str = "head",
+        sinks: bool = False,
+        output_bias: bool = False,
     ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_proj = Linear(hidden_size, num_heads * head_dim, bias)
         self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias)
         self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias)
-        self.o_proj = Linear(num_heads * head_dim, hidden_size)
-        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
-        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, output_bias)
+        self.qk_norm_full = qk_norm == "full"
+        q_dim, k_dim = (num_heads * head_dim, num_kv_heads * head_dim) if self.qk_norm_full else (head_dim, head_dim)
+        self.q_norm = RMSNorm(q_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(k_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.sinks = DenseTensor(num_heads) if sinks else None
         self.rotary, self.scale, self.window, self.softcap = rotary, scale, window, softcap
         self.compute_dtype = torch.float32  # of prefill attention; the loader sets bfloat16 with the matmuls
 
@@ -193,12 +224,14 @@ class Attention(nn.Module):
         """x: [tokens, hidden] -> [tokens, hidden]."""
         tokens = x.shape[0]
         q, k, v = linear_group((self.q_proj, self.k_proj, self.v_proj), x)
+        if self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window, self.softcap,
-                              self.compute_dtype)
+                              self.compute_dtype, None if self.sinks is None else self.sinks.value)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))

@@ -214,3 +214,18 @@ class Embedding(nn.Module):
         head = Linear(self.hidden_size, self.vocab_size)
         head.load(self.weight)
         return head
+
+
+class DenseTensor(nn.Module):
+    """A small fp32 tensor a layer uses as is (attention sinks, a router's correction
+    bias); checkpoints name it after the module itself, without ``.weight``."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.shape = shape
+        self.value = torch.zeros(shape)
+
+    def load(self, weight: torch.Tensor) -> None:
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"shape {tuple(weight.shape)} != {self.shape}")
+        self.value = weight.float()

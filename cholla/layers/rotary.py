@@ -29,9 +29,50 @@ def inverse_frequencies(rope: RopeConfig, rotary_dim: int) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
         inv_freq = torch.where(is_medium, smoothed, scaled)
+    elif kind == "yarn":
+        inv_freq = _yarn_inverse_frequencies(inv_freq, rope.theta, rotary_dim, scaling)
     if rope.freq_factors is not None:
         inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32)
     return inv_freq
+
+
+def _yarn_inverse_frequencies(inv_freq: torch.Tensor, theta: float, dim: int, scaling: dict) -> torch.Tensor:
+    """YaRN: keep the fast-turning pairs, divide the slow ones by ``factor``, with a
+    linear ramp between the pair indices that turn ``beta_fast`` and ``beta_slow``
+    times over the original context (rounded outwards unless ``truncate`` is False)."""
+    factor = float(scaling["factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = correction_dim(float(scaling.get("beta_fast") or 32))
+    high = correction_dim(float(scaling.get("beta_slow") or 1))
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    return (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+
+
+def rope_attention_factor(rope: RopeConfig) -> float:
+    """YaRN's multiplier on cos and sin (HF's ``attention_factor``); 1 for other ropes."""
+    scaling = rope.scaling or {}
+    if scaling.get("rope_type") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(float(scaling["mscale"])) / mscale(float(scaling["mscale_all_dim"]))
+    return mscale(1.0)
 
 
 class RotaryEmbedding:
@@ -45,6 +86,7 @@ class RotaryEmbedding:
         self.head_dim = head_dim
         self.interleaved = interleaved
         self.inv_freq = inverse_frequencies(rope, head_dim)
+        self.attention_factor = rope_attention_factor(rope)
         self.cos = self.sin = torch.empty(0, head_dim)
 
     def _grow(self, length: int) -> None:
@@ -55,6 +97,8 @@ class RotaryEmbedding:
         else:
             emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            self.cos, self.sin = self.cos * self.attention_factor, self.sin * self.attention_factor
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         if self.interleaved:

@@ -32,6 +32,38 @@ class RopeConfig:
 
 
 @dataclass
+class MoEConfig:
+    """A mixture-of-experts MLP (``layers/moe.py``). ``router``: ``softmax_topk``
+    (Mixtral, Qwen-MoE, OLMoE), ``topk_softmax`` (GPT-OSS) or ``sigmoid_group_topk``
+    (DeepSeek-V3). ``dense_layers`` keep a plain MLP of ``ModelConfig.intermediate_size``."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    router: str = "softmax_topk"
+    normalize: bool = True
+    shared_intermediate_size: int = 0
+    dense_layers: list[int] = field(default_factory=list)
+    swiglu_alpha: float | None = None  # GPT-OSS's clamped SwiGLU
+    swiglu_limit: float | None = None
+    num_groups: int = 1
+    groups_used: int = 1
+    routed_scale: float = 1.0
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3, GLM-4 MoE Lite): the cache holds a
+    ``kv_lora_rank`` latent and one shared ``qk_rope_head_dim`` rope key per token."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+
+
+@dataclass
 class ModelConfig:
     architecture: str  # registry key: HF model_type (llama, mistral, qwen2, qwen3, gemma3)
     vocab_size: int
@@ -61,6 +93,10 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    moe: MoEConfig | None = None
+    mla: MLAConfig | None = None
+    qk_norm_full: bool = False  # OLMoE: one norm over all heads' q (and k)
+    attention_sinks: bool = False  # GPT-OSS
 
     def __post_init__(self):
         if not self.layer_types:  # (the config's consistency is checked in config_checks.py)
@@ -76,7 +112,8 @@ def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
 
 
 # llama.cpp folds these HF model types into the "llama" GGUF architecture.
-GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
+GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
+                           "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss", "deepseek2": "deepseek_v3"}
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
@@ -107,6 +144,8 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> ModelC
     scaling_type = get("rope.scaling.type")
     if scaling_type == "linear":
         rope.scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", 1.0))}
+    elif scaling_type == "yarn":
+        rope.scaling = _gguf_yarn(arch, get)
     elif scaling_type not in (None, "none"):
         raise ModelFormatError(f"rope scaling {scaling_type!r} in this GGUF is not supported yet")
     name = str(metadata.get("general.name", "")).lower()
@@ -142,6 +181,10 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> ModelC
         cfg.embed_scale = math.sqrt(hidden)
         cfg.final_logit_softcapping = get("final_logit_softcapping")
         cfg.attn_logit_softcapping = get("attn_logit_softcapping")
+    if get("expert_count"):
+        _gguf_moe(cfg, arch, get, tensor_names)
+    elif arch == "deepseek2":
+        raise ModelFormatError("this deepseek2 GGUF has no experts; cholla runs the MoE models of that family")
     return cfg
 
 
@@ -149,8 +192,8 @@ def _hf_rope(params: dict[str, Any] | None, theta: float | None, default_theta: 
     params = dict(params or {})
     theta = float(params.pop("rope_theta", theta if theta is not None else default_theta))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ModelFormatError(f"rope_type {rope_type!r} is not supported yet (default, linear, llama3 are)")
+    if rope_type not in ("default", "linear", "llama3", "yarn"):
+        raise ModelFormatError(f"rope_type {rope_type!r} is not supported yet (default, linear, llama3, yarn are)")
     params["rope_type"] = rope_type
     return RopeConfig(theta=theta, scaling=None if rope_type == "default" else params)
 
@@ -210,4 +253,147 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         out.embed_scale = math.sqrt(hidden)
         out.final_logit_softcapping = cfg.get("final_logit_softcapping")
         out.attn_logit_softcapping = cfg.get("attn_logit_softcapping")
+    if model_type in ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe_lite"):
+        try:
+            _hf_moe(out, cfg, model_type)
+        except KeyError as e:
+            raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
     return out
+
+
+# -- mixtures of experts ------------------------------------------------------------------
+
+
+def _hf_moe(out: ModelConfig, cfg: dict[str, Any], model_type: str) -> None:
+    """The MoE architectures' fields of a ``config.json``."""
+    top_k = int(cfg.get("num_experts_per_tok", 0))
+    num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if model_type == "qwen3_moe":
+        out.qk_norm = True
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        only_mlp = set(cfg.get("mlp_only_layers") or [])
+        dense = [i for i in range(out.num_layers) if i in only_mlp or (i + 1) % step]
+        out.moe = MoEConfig(num_experts, top_k, int(cfg["moe_intermediate_size"]),
+                            normalize=bool(cfg.get("norm_topk_prob", False)), dense_layers=dense)
+    elif model_type == "mixtral":
+        if cfg.get("sliding_window"):
+            out.sliding_window = int(cfg["sliding_window"])
+            out.layer_types = [SLIDING_ATTENTION] * out.num_layers
+        out.moe = MoEConfig(num_experts, top_k, out.intermediate_size)
+    elif model_type == "olmoe":
+        if cfg.get("clip_qkv") is not None:
+            raise ModelFormatError("OLMoE with clip_qkv is not supported")
+        out.qk_norm = out.qk_norm_full = True
+        out.moe = MoEConfig(num_experts, top_k, out.intermediate_size, normalize=bool(cfg.get("norm_topk_prob", False)))
+    elif model_type == "gpt_oss":
+        out.attention_sinks = True
+        out.sliding_window = int(cfg.get("sliding_window") or 128)
+        out.layer_types = list(cfg.get("layer_types") or _alternating_layer_types(out.num_layers))
+        out.moe = MoEConfig(num_experts, top_k, out.intermediate_size, router="topk_softmax", normalize=False,
+                            swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
+                            swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))
+    elif model_type in ("deepseek_v3", "glm4_moe_lite"):
+        _hf_mla(out, cfg, model_type)
+        num_experts = int(cfg.get("n_routed_experts") or 0)
+    if not 0 < top_k <= num_experts:
+        raise ModelFormatError(f"config.json routes each token to {top_k} of {num_experts} experts")
+
+
+def _hf_mla(out: ModelConfig, cfg: dict[str, Any], model_type: str) -> None:
+    """DeepSeek-V3 / GLM-4 MoE Lite: latent attention and the sigmoid-routed MoE."""
+    out.mla = MLAConfig(int(cfg["kv_lora_rank"]), int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"]),
+                        int(cfg["v_head_dim"]), cfg.get("q_lora_rank"))
+    out.rope_interleaved = bool(cfg.get("rope_interleave", True))
+    out.query_pre_attn_scalar = _mla_query_scalar(out.mla, out.rope.scaling)
+    if model_type == "glm4_moe_lite":
+        types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (out.num_layers - 1)
+        dense = [i for i, kind in enumerate(types) if kind == "dense"]
+    else:
+        dense = list(range(int(cfg.get("first_k_dense_replace") or 0)))
+    size = int(cfg["moe_intermediate_size"])
+    out.moe = MoEConfig(int(cfg["n_routed_experts"]), int(cfg["num_experts_per_tok"]), size,
+                        router="sigmoid_group_topk", normalize=bool(cfg.get("norm_topk_prob", True)),
+                        shared_intermediate_size=size * int(cfg.get("n_shared_experts") or 0), dense_layers=dense,
+                        num_groups=int(cfg.get("n_group") or 1), groups_used=int(cfg.get("topk_group") or 1),
+                        routed_scale=float(cfg.get("routed_scaling_factor") or 1.0))
+
+
+def _mla_query_scalar(mla: MLAConfig, scaling: dict[str, Any] | None) -> float:
+    """1 / scale**2: queries are scaled by (nope + rope dims)^-1/2, times YaRN's
+    ``mscale_all_dim`` correction squared where the rope is scaled (DeepSeek-V3)."""
+    scale = (mla.qk_nope_head_dim + mla.qk_rope_head_dim) ** -0.5
+    factor, mscale_all_dim = (scaling or {}).get("factor"), (scaling or {}).get("mscale_all_dim")
+    if factor and mscale_all_dim and float(factor) > 1:
+        scale *= (0.1 * float(mscale_all_dim) * math.log(float(factor)) + 1.0) ** 2
+    return scale**-2
+
+
+def _alternating_layer_types(num_layers: int) -> list[str]:
+    """GPT-OSS: even layers slide, odd layers see everything (llama.cpp's swa pattern 2)."""
+    return [SLIDING_ATTENTION if i % 2 == 0 else FULL_ATTENTION for i in range(num_layers)]
+
+
+def _gguf_yarn(arch: str, get) -> dict[str, Any]:
+    """YaRN as GGUF stores it, in HF's spelling. GGUF has no ``truncate``: llama.cpp always
+    rounds the ramp's ends, but GPT-OSS was trained without rounding (its HF config says so)."""
+    scaling = {
+        "rope_type": "yarn",
+        "factor": float(get("rope.scaling.factor", 1.0)),
+        "original_max_position_embeddings": float(get("rope.scaling.original_context_length", required=True)),
+        "beta_fast": get("rope.scaling.yarn_beta_fast"),
+        "beta_slow": get("rope.scaling.yarn_beta_slow"),
+        "truncate": arch != "gpt-oss",
+    }
+    if get("rope.scaling.yarn_attn_factor") is not None:
+        scaling["attention_factor"] = float(get("rope.scaling.yarn_attn_factor"))
+    return scaling
+
+
+def _gguf_moe(cfg: ModelConfig, arch: str, get, tensor_names: set[str]) -> None:
+    """The MoE fields of GGUF metadata, with llama.cpp's per-architecture routing defaults."""
+    num_experts, top_k = int(get("expert_count")), int(get("expert_used_count", 0))
+    if not 0 < top_k <= num_experts:
+        raise ModelFormatError(f"GGUF metadata routes each token to {top_k} of {num_experts} experts")
+    size = int(get("expert_feed_forward_length") or cfg.intermediate_size)
+    dense = [i for i in range(cfg.num_layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names]
+    if arch == "llama":
+        cfg.architecture = "mixtral"
+        cfg.moe = MoEConfig(num_experts, top_k, size, dense_layers=dense)
+    elif arch == "qwen3moe":
+        cfg.moe = MoEConfig(num_experts, top_k, size, normalize=True, dense_layers=dense)
+    elif arch == "olmoe":
+        cfg.qk_norm_full = True
+        cfg.moe = MoEConfig(num_experts, top_k, size, normalize=False, dense_layers=dense)
+    elif arch == "gpt-oss":
+        cfg.attention_sinks = True
+        cfg.sliding_window = int(get("attention.sliding_window", required=True))
+        cfg.layer_types = _alternating_layer_types(cfg.num_layers)
+        cfg.moe = MoEConfig(num_experts, top_k, size, router="topk_softmax", normalize=False,
+                            swiglu_alpha=1.702, swiglu_limit=7.0, dense_layers=dense)
+    elif arch == "deepseek2":
+        _gguf_mla(cfg, get, num_experts, top_k, size, dense)
+    else:
+        raise ModelFormatError(f"GGUF architecture {arch!r} declares experts, which cholla does not run for it")
+
+
+def _gguf_mla(cfg: ModelConfig, get, num_experts: int, top_k: int, size: int, dense: list[int]) -> None:
+    """deepseek2 (DeepSeek-V2/V3, GLM-4 MoE Lite) as llama.cpp's converter writes it. The dense
+    layers are those without a router (GLM's converter writes no ``leading_dense_block_count``)."""
+    if int(get("expert_gating_func", 2)) != 2:
+        raise ModelFormatError("deepseek2 GGUF with softmax routing (DeepSeek-V2) is not supported; sigmoid is")
+    rope_dim = int(get("rope.dimension_count", required=True))
+    cfg.mla = MLAConfig(int(get("attention.kv_lora_rank", required=True)),
+                        int(get("attention.key_length_mla", required=True)) - rope_dim, rope_dim,
+                        int(get("attention.value_length_mla", required=True)), get("attention.q_lora_rank"))
+    cfg.rope_interleaved = True
+    log_multiplier = get("rope.scaling.yarn_log_multiplier")  # the converter stores 0.1 * mscale_all_dim
+    if cfg.rope.scaling and log_multiplier:
+        cfg.rope.scaling["mscale"] = cfg.rope.scaling["mscale_all_dim"] = float(log_multiplier) / 0.1
+    cfg.query_pre_attn_scalar = _mla_query_scalar(cfg.mla, cfg.rope.scaling)
+    cfg.moe = MoEConfig(num_experts, top_k, size, router="sigmoid_group_topk",
+                        normalize=bool(get("expert_weights_norm", False)),
+                        shared_intermediate_size=size * int(get("expert_shared_count", 0)),
+                        dense_layers=dense,
+                        num_groups=int(get("expert_group_count", 1) or 1),
+                        groups_used=int(get("expert_group_used_count", 1) or 1),
+                        routed_scale=float(get("expert_weights_scale", 1.0) or 1.0))

@@ -30,6 +30,7 @@ MAX_HEADS = 1 << 12
 MAX_LAYERS = 1 << 12
 MAX_VOCAB = 1 << 24
 MAX_CONTEXT = 1 << 24
+MAX_EXPERTS = 1 << 16
 
 # ModelConfig field -> GGUF key (after "{arch}.") and config.json key, for messages and the raw checks.
 GGUF_KEYS = {
@@ -39,7 +40,8 @@ GGUF_KEYS = {
     "vocab_size": "vocab_size", "rope": "rope.freq_base", "rope_scaling": "rope.scaling.factor",
     "sliding_window": "attention.sliding_window", "bos_token_id": "tokenizer.ggml.bos_token_id",
     "eos_token_id": "tokenizer.ggml.eos_token_id", "final_logit_softcapping": "final_logit_softcapping",
-    "attn_logit_softcapping": "attn_logit_softcapping",
+    "attn_logit_softcapping": "attn_logit_softcapping", "num_experts": "expert_count", "top_k": "expert_used_count",
+    "kv_lora_rank": "attention.kv_lora_rank", "moe_intermediate_size": "expert_feed_forward_length",
 }
 HF_KEYS = {
     "hidden_size": "hidden_size", "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
@@ -48,7 +50,9 @@ HF_KEYS = {
     "rope": "rope_theta", "rope_scaling": "rope_parameters", "sliding_window": "sliding_window",
     "final_logit_softcapping": "final_logit_softcapping", "attn_logit_softcapping": "attn_logit_softcapping",
     "query_pre_attn_scalar": "query_pre_attn_scalar", "layer_types": "layer_types", "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id",
+    "eos_token_id": "eos_token_id", "top_k": "num_experts_per_tok", "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim",
+    "q_lora_rank": "q_lora_rank", "moe_intermediate_size": "moe_intermediate_size",
 }
 # The most each count may be: checked on the raw values too, before anything is sized by them.
 _MOST = {"num_layers": MAX_LAYERS, "num_heads": MAX_HEADS, "num_kv_heads": MAX_HEADS, "vocab_size": MAX_VOCAB,
@@ -236,26 +240,74 @@ def check_special_tokens(config: ModelConfig, source: ConfigSource) -> None:
             source.fail(name, bad[0], f"is not a token id of the {config.vocab_size}-token vocabulary")
 
 
+def _attention_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, int], str]]:
+    """Attention weight -> (its shape, the field that sizes it): grouped-query or latent (MLA)."""
+    hidden, mla = config.hidden_size, config.mla
+    if mla is None:
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        return {"q_proj": ((q, hidden), "num_heads"), "k_proj": ((kv, hidden), "num_kv_heads"),
+                "v_proj": ((kv, hidden), "num_kv_heads"), "o_proj": ((hidden, q), "num_heads")}
+    q = config.num_heads * (mla.qk_nope_head_dim + mla.qk_rope_head_dim)
+    return {"q_proj": ((q, hidden), "num_heads"), "q_b_proj": ((q, mla.q_lora_rank or 0), "num_heads"),
+            "kv_a_proj_with_mqa": ((mla.kv_lora_rank + mla.qk_rope_head_dim, hidden), "kv_lora_rank"),
+            "o_proj": ((hidden, config.num_heads * mla.v_head_dim), "num_heads")}
+
+
 def check_layer_shapes(config: ModelConfig, source: ConfigSource) -> None:
-    """Every layer's attention and MLP weights against the head counts and dimensions."""
-    hidden, q, kv, inner = (config.hidden_size, config.num_heads * config.head_dim,
-                            config.num_kv_heads * config.head_dim, config.intermediate_size)
-    expected = {
-        "self_attn.q_proj.weight": ((q, hidden), "num_heads"), "self_attn.k_proj.weight": ((kv, hidden), "num_kv_heads"),
-        "self_attn.v_proj.weight": ((kv, hidden), "num_kv_heads"), "self_attn.o_proj.weight": ((hidden, q), "num_heads"),
+    """Every layer's attention and dense MLP weights against the head counts and dimensions
+    (routed experts are checked against the config as the loader takes them)."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    expected = {f"self_attn.{name}.weight": shape for name, shape in _attention_shapes(config).items()}
+    expected.update({
         "mlp.gate_proj.weight": ((inner, hidden), "intermediate_size"), "mlp.up_proj.weight": ((inner, hidden), "intermediate_size"),
         "mlp.down_proj.weight": ((hidden, inner), "intermediate_size"),
-    }
+    })
     for layer in range(config.num_layers):
         for part, (want, field) in expected.items():
             got = source.shapes.get(f"model.layers.{layer}.{part}")
             if got is not None and got != want:
-                source.fail(field, getattr(config, field), f"with the other dimensions needs {part.split('.')[-2]} of "
-                                                           f"layer {layer} to be {want}, but it is {got}")
+                owner = config.mla if field == "kv_lora_rank" else config
+                source.fail(field, getattr(owner, field), f"with the other dimensions needs {part.split('.')[-2]} "
+                                                          f"of layer {layer} to be {want}, but it is {got}")
 
 
-CHECKS: list[Check] = [check_counts, check_heads, check_norm, check_rope, check_layer_kinds, check_layers_present,
-                       check_embedding, check_special_tokens, check_layer_shapes]
+def check_experts(config: ModelConfig, source: ConfigSource) -> None:
+    """A mixture of experts' counts: each token routed to 1..num_experts of them, in whole groups."""
+    moe = config.moe
+    if moe is None:
+        return
+    if not (_is_int(moe.num_experts) and 1 <= moe.num_experts <= MAX_EXPERTS):
+        source.fail("num_experts", moe.num_experts, f"must be a whole number in [1, {MAX_EXPERTS}]")
+    if not (_is_int(moe.top_k) and 1 <= moe.top_k <= moe.num_experts):
+        source.fail("top_k", moe.top_k, f"must route each token to between 1 and the {moe.num_experts} experts")
+    if not (_is_int(moe.intermediate_size) and 1 <= moe.intermediate_size <= MAX_DIM):
+        source.fail("moe_intermediate_size", moe.intermediate_size, f"must be a whole number in [1, {MAX_DIM}]")
+    if not (_is_int(moe.shared_intermediate_size) and 0 <= moe.shared_intermediate_size <= MAX_DIM):
+        source.fail("shared_intermediate_size", moe.shared_intermediate_size, f"must be a whole number in [0, {MAX_DIM}]")
+    if not (1 <= moe.num_groups and moe.num_experts % moe.num_groups == 0 and 1 <= moe.groups_used <= moe.num_groups):
+        source.fail("num_groups", (moe.num_groups, moe.groups_used),
+                    f"(expert groups, groups used) must divide the {moe.num_experts} experts, using 1 to all groups")
+    if any(not (_is_int(i) and 0 <= i < config.num_layers) for i in moe.dense_layers):
+        source.fail("dense_layers", moe.dense_layers, f"must be layers of the {config.num_layers}")
+
+
+def check_latent(config: ModelConfig, source: ConfigSource) -> None:
+    """Multi-head latent attention's widths: whole, bounded, and a rope part of whole pairs."""
+    mla = config.mla
+    if mla is None:
+        return
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        value = getattr(mla, name)
+        if not (_is_int(value) and 1 <= value <= MAX_DIM):
+            source.fail(name, value, f"must be a whole number in [1, {MAX_DIM}]")
+    if mla.q_lora_rank is not None and not (_is_int(mla.q_lora_rank) and 0 <= mla.q_lora_rank <= MAX_DIM):
+        source.fail("q_lora_rank", mla.q_lora_rank, f"must be a whole number in [0, {MAX_DIM}]")
+    if mla.qk_rope_head_dim % 2:
+        source.fail("qk_rope_head_dim", mla.qk_rope_head_dim, "is odd; rotary embeddings rotate pairs of dimensions")
+
+
+CHECKS: list[Check] = [check_counts, check_heads, check_experts, check_latent, check_norm, check_rope, check_layer_kinds,
+                       check_layers_present, check_embedding, check_special_tokens, check_layer_shapes]
 
 
 def check_config(config: ModelConfig, source: ConfigSource) -> None:

@@ -6,8 +6,8 @@ Llama family and Gemma 3 (``models/llama.py``, ``models/gemma3.py``),
 ``run_layers`` hands every layer's weights, norms and caches to one C++ call
 that chains the kernels the Python layers call, in the same order. Whatever
 it does not cover (prefill chunks, steps larger than our matmul kernels take,
-biases, other MLPs, KV cache types other than fp32 and bf16, no kernels) runs
-layer by layer in Python.
+biases, other MLPs, mixtures of experts, latent attention, attention sinks, KV
+cache types other than fp32 and bf16, no kernels) runs layer by layer in Python.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cholla.kernels import amx_kernels
-from cholla.layers.attention import AttentionMetadata, kernel_reads
+from cholla.layers.attention import Attention, AttentionMetadata, kernel_reads
 from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear
 from cholla.layers.mlp import ACTIVATION_IDS, GatedMLP
 from cholla.layers.rotary import RotaryEmbedding
@@ -67,9 +67,17 @@ def _layer_norms(layer: nn.Module, post_norms: bool, qk_norm: bool) -> list:
     return norms
 
 
+def _covered(layer: nn.Module) -> bool:
+    """The kernel's layer: plain attention (no sinks, per-head QK-norm at most) and a dense gated MLP;
+    mixtures of experts, latent attention and sinks run in Python."""
+    attn = getattr(layer, "self_attn", None)
+    return (type(attn) is Attention and attn.sinks is None and not attn.qk_norm_full
+            and type(getattr(layer, "mlp", None)) is GatedMLP)
+
+
 def plan_decode(model: nn.Module) -> DecodePlan | None:
     """The model's layers as the kernel takes them, or None where it cannot run them all."""
-    if amx_kernels() is None or not len(model.layers):
+    if amx_kernels() is None or not len(model.layers) or not all(_covered(layer) for layer in model.layers):
         return None
     first = model.layers[0]
     post_norms = hasattr(first, "post_feedforward_layernorm")

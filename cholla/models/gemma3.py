@@ -73,11 +73,12 @@ class Gemma3ForCausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def load_weights(self, weights: dict[str, Weight]) -> None:
+    def load_weights(self, weights: dict[str, Weight]) -> set[str]:
+        """HF-named weights in; returns the names no module took."""
         weights = {name.removeprefix("model."): w for name, w in weights.items()}
         if "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
-        load_named_weights(self, weights)
+        return load_named_weights(self, weights)
 
     @staticmethod
     def sanitize_hf(weights: dict[str, Weight]) -> dict[str, Weight]:

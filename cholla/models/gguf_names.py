@@ -25,6 +25,14 @@ _LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # mixtures of experts (layers/moe.py): the router, stacked experts, the shared expert
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 
 # Gemma names the norm after attention "post" and the one before the MLP "pre".
@@ -34,7 +42,22 @@ _LAYER_OVERRIDES = {
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
     },
+    "gpt_oss": {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"},
+    "deepseek_v3": {
+        "attn_q_a": "self_attn.q_a_proj",
+        "attn_q_a_norm": "self_attn.q_a_layernorm",
+        "attn_q_b": "self_attn.q_b_proj",
+        "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+        "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+        "attn_kv_b": "self_attn.kv_b_proj",  # older conversions: not yet split per head
+        "attn_k_b": "self_attn.k_b",
+        "attn_v_b": "self_attn.v_b",
+        "exp_probs_b": "mlp.e_score_correction_bias",
+    },
 }
+
+# Bare tensors (layers.linear.DenseTensor), named after their module without ".weight".
+_BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b"}
 
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
@@ -50,4 +73,6 @@ def gguf_to_hf_name(name: str, architecture: str) -> str | None:
     table = {**_LAYER, **_LAYER_OVERRIDES.get(architecture, {})}
     if part not in table:
         return None
+    if part in _BARE:
+        return f"model.layers.{layer}.{table[part]}"
     return f"model.layers.{layer}.{table[part]}.{kind}"

@@ -61,8 +61,9 @@ class LlamaForCausalLM(nn.Module):
         """reuse_output: see Linear.forward (the result lives until the next such call)."""
         return self.lm_head(hidden, reuse_output)
 
-    def load_weights(self, weights: dict[str, Weight]) -> None:
+    def load_weights(self, weights: dict[str, Weight]) -> set[str]:
+        """HF-named weights in; returns the names no module took."""
         weights = {name.removeprefix("model."): w for name, w in weights.items()}
         if self.config.tie_word_embeddings or "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
-        load_named_weights(self, weights)
+        return load_named_weights(self, weights)

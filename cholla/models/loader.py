@@ -14,6 +14,7 @@ from cholla.formats.safetensors import read_hf_folder
 from cholla.kernels import amx_kernels
 from cholla.layers.attention import Attention
 from cholla.layers.linear import Linear, dense
+from cholla.layers.mla import LatentAttention
 from cholla.models.config import ModelConfig
 from cholla.models.config_checks import gguf_config, hf_config
 from cholla.models.gemma3 import Gemma3ForCausalLM
@@ -58,7 +59,7 @@ def load_model(path: str | Path, dtype: str = "auto") -> LoadedModel:
         loaded = _load_gguf(path)
     if dtype == "bfloat16":
         for module in loaded.model.modules():
-            if isinstance(module, (Linear, Attention)):
+            if isinstance(module, (Linear, Attention, LatentAttention)):
                 module.compute_dtype = torch.bfloat16
     loaded.dtype = dtype
     return loaded
@@ -67,18 +68,23 @@ def load_model(path: str | Path, dtype: str = "auto") -> LoadedModel:
 def _load_gguf(path: Path) -> LoadedModel:
     gguf = read_gguf(path)
     config = gguf_config(gguf)
-    weights = {}
+    weights, gguf_names = {}, {}
     for name, tensor in gguf.tensors.items():
         if name == "rope_freqs.weight":
             config.rope.freq_factors = dense(tensor, torch.float32).tolist()
             continue
         hf_name = gguf_to_hf_name(name, config.architecture)
         if hf_name is None:
-            continue
+            raise ModelFormatError(f"{path.name}: tensor {name} has no place in a {config.architecture} model")
         check_supported(tensor.qtype, name)
         weights[hf_name] = tensor
+        gguf_names[hf_name.removeprefix("model.")] = name
     model = model_class(config.architecture)(config)
-    model.load_weights(weights)
+    leftover = model.load_weights(weights)
+    if leftover:  # a tensor the file has but no module took: the metadata and tensors disagree
+        name = min(leftover)
+        raise ModelFormatError(f"{path.name}: tensor {gguf_names.get(name, name)} has no place in this "
+                               f"{config.architecture} model ({len(leftover)} such tensors)")
     return LoadedModel(model.eval(), config, path, gguf=gguf)
 
 

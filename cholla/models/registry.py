@@ -5,8 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from cholla.errors import UnsupportedArchitectureError
+from cholla.models.deepseek_v3 import DeepseekV3ForCausalLM
 from cholla.models.gemma3 import Gemma3ForCausalLM
+from cholla.models.gpt_oss import GptOssForCausalLM
 from cholla.models.llama import LlamaForCausalLM
+from cholla.models.mixtral import MixtralForCausalLM
+from cholla.models.olmoe import OlmoeForCausalLM
+from cholla.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -14,6 +19,12 @@ MODELS: dict[str, type[nn.Module]] = {
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
     "gemma3": Gemma3ForCausalLM,
+    "qwen3_moe": Qwen3MoeForCausalLM,
+    "mixtral": MixtralForCausalLM,
+    "olmoe": OlmoeForCausalLM,
+    "gpt_oss": GptOssForCausalLM,
+    "deepseek_v3": DeepseekV3ForCausalLM,
+    "glm4_moe_lite": DeepseekV3ForCausalLM,
 }
 
 

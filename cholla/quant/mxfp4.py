@@ -28,3 +28,16 @@ def dequantize_mxfp4(blocks: torch.Tensor) -> torch.Tensor:
     half_scale = e8m0_to_half_scale(blocks[:, 0:1])
     index = unpack_bits(blocks[:, 1:17].reshape(n, 1, 16), 4).reshape(n, 32)
     return lookup(E2M1_DOUBLED, index).mul_(half_scale)
+
+
+def ggml_blocks_from_hf(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """HF's ``mxfp4`` SafeTensors layout -> GGUF MXFP4 rows, so the same code reads both.
+
+    blocks: uint8 ``[..., groups, 16]``, byte j holding weights 2j (low nibble) and
+    2j + 1 (high); scales: uint8 e8m0 ``[..., groups]`` (the same exponent byte ggml
+    stores). Returns uint8 ``[..., groups * 17]``: per group the exponent, then byte j
+    holding weights j (low) and j + 16 (high).
+    """
+    nibbles = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2)  # [..., groups, 32] in weight order
+    packed = nibbles[..., :16] | (nibbles[..., 16:] << 4)
+    return torch.cat((scales.unsqueeze(-1), packed), dim=-1).flatten(-2).contiguous()

@@ -185,7 +185,8 @@ class ChatTemplate:
         if not self.supports_tools and (tools or any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool")
                                                      for m in messages)):
             messages, tools = generic_messages(messages, tools), None
-        variables = {"documents": None, "bos_token": self.bos_token, "eos_token": self.eos_token, **extra, "tools": tools}
+        tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token}  # left undefined when absent, as transformers does
+        variables = {"documents": None, **{k: v for k, v in tokens.items() if v is not None}, **extra, "tools": tools}
         try:
             return self._template.render(
                 messages=self._prepare(messages), add_generation_prompt=add_generation_prompt, **variables

@@ -1,0 +1,182 @@
+"""Mixture of experts: a router picks ``top_k`` of ``num_experts`` gated MLPs per token.
+
+One layer serves every architecture; what differs between them is how router
+logits become (weights, expert ids), written below as small functions
+(``softmax_topk``, ``topk_softmax``, ``sigmoid_group_topk``), and the experts'
+activation (``GatedMLP``'s, or GPT-OSS's clamped SwiGLU).
+
+Each expert is three ``Linear`` layers over its own slice of the checkpoint's
+stacked ``[experts, rows, cols]`` tensors (``split_experts``): a GGUF expert
+stays in its quantized blocks and goes through the same kernels as a dense
+weight. Tokens are grouped by expert (a sorted permutation of the token-expert
+pairs), so each active expert's weights are read once per step in one matmul,
+and experts no token chose are never touched: a decode step reads only the
+routed experts' bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from cholla.errors import ModelFormatError
+from cholla.formats.gguf import GGUFTensor
+from cholla.layers.linear import DenseTensor, Linear, Weight, linear_group
+from cholla.layers.mlp import ACTIVATIONS, GatedMLP, gated_activation
+
+# Router logits [tokens, experts] (fp32) -> (weights [tokens, k] fp32, expert ids [tokens, k]).
+Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (gate, up) [rows, intermediate] -> activation [rows, intermediate]
+GLU = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def softmax_topk(top_k: int, normalize: bool) -> Router:
+    """Mixtral, Qwen-MoE, OLMoE: softmax over all experts, keep the k largest,
+    optionally rescaled to sum to one (Mixtral's softmax over the top k is the same)."""
+
+    def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+        if normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    return route
+
+
+def topk_softmax(top_k: int) -> Router:
+    """GPT-OSS: the k largest logits, then a softmax over just those."""
+
+    def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, ids = torch.topk(logits.float(), top_k, dim=-1)
+        return torch.softmax(values, dim=-1), ids
+
+    return route
+
+
+def sigmoid_group_topk(top_k: int, correction_bias: DenseTensor, num_groups: int, groups_used: int,
+                       normalize: bool, scale: float) -> Router:
+    """DeepSeek-V3 / GLM-4 MoE: sigmoid scores; experts are chosen by score plus a
+    correction bias, first among the ``groups_used`` groups whose two best biased
+    scores sum highest; the weights are the unbiased scores, optionally normalised,
+    times ``scale``. ``correction_bias`` is read at call time (it is loaded later)."""
+
+    def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(logits.float())
+        biased = scores + correction_bias.value
+        if num_groups > 1:
+            tokens = biased.shape[0]
+            grouped = biased.view(tokens, num_groups, -1)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(groups_used, dim=-1).indices, 1.0)
+            mask = keep.unsqueeze(-1).expand_as(grouped).reshape(tokens, -1)
+            biased = biased.masked_fill(mask == 0, float("-inf"))
+        ids = biased.topk(top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * scale, ids
+
+    return route
+
+
+def clamped_swiglu(alpha: float, limit: float) -> GLU:
+    """GPT-OSS: ``(clamp(up) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``."""
+
+    def glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.float().clamp(max=limit)
+        up = up.float().clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+    return glu
+
+
+class Expert(nn.Module):
+    """One gated MLP; its activation is the layer's (``glu``)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
+        super().__init__()
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias)
+
+    def forward(self, x: torch.Tensor, glu: GLU) -> torch.Tensor:
+        gate, up = linear_group((self.gate_proj, self.up_proj), x)
+        return self.down_proj(glu(gate, up))
+
+
+class SparseMoE(nn.Module):
+    """Router + experts (+ an optional shared expert every token goes through).
+
+    ``gate`` is the router's linear layer (its HF name);
+    ``correction_bias`` is the router's own tensor where it has one (DeepSeek-V3).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, route: Router,
+                 activation: str = "silu", glu: GLU | None = None, router_bias: bool = False,
+                 expert_bias: bool = False, shared_intermediate_size: int = 0,
+                 correction_bias: DenseTensor | None = None):
+        super().__init__()
+        if glu is None and activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not supported ({', '.join(ACTIVATIONS)} are)")
+        self.num_experts, self.route = num_experts, route
+        self.glu = glu or (lambda gate, up: gated_activation(gate, up, activation))
+        self.gate = Linear(hidden_size, num_experts, router_bias)
+        self.experts = nn.ModuleList(Expert(hidden_size, intermediate_size, expert_bias) for _ in range(num_experts))
+        self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size, activation)
+                              if shared_intermediate_size else None)
+        self.e_score_correction_bias = correction_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, hidden] -> [tokens, hidden]."""
+        weights, ids = self.route(self.gate(x))
+        top_k = ids.shape[1]
+        flat = ids.flatten()
+        order = torch.argsort(flat, stable=True)  # token-expert pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        tokens_of_pair, weight_of_pair = order // top_k, weights.flatten()[order]
+        out = torch.zeros(x.shape, dtype=torch.float32)
+        start = 0
+        for expert, count in enumerate(counts):
+            if not count:
+                continue
+            rows = tokens_of_pair[start:start + count]
+            y = self.experts[expert](x[rows], self.glu)
+            out.index_add_(0, rows, y * weight_of_pair[start:start + count, None])
+            start += count
+        if self.shared_expert is not None:
+            out += self.shared_expert(x)
+        return out
+
+
+_STACKED = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
+
+
+def split_experts(weights: dict[str, Weight], num_experts: int) -> dict[str, Weight]:
+    """Stacked expert tensors (``...experts.gate_proj.weight: [experts, rows, cols]``, as
+    GGUF's ``ffn_*_exps`` are) into one entry per expert (``...experts.3.gate_proj.weight``),
+    views over the same memory. A stack whose first dimension is not ``num_experts``
+    is a ``ModelFormatError`` naming the tensor."""
+    out = {}
+    for name, weight in weights.items():
+        match = _STACKED.match(name)
+        if not match:
+            out[name] = weight
+            continue
+        prefix, proj, kind = match.groups()
+        shape = tuple(weight.shape)
+        expected_dims = 3 if kind == "weight" else 2
+        if len(shape) != expected_dims or shape[0] != num_experts:
+            label = weight.name if isinstance(weight, GGUFTensor) else name
+            raise ModelFormatError(
+                f"tensor {label} has shape {list(shape)} but the model declares {num_experts} experts"
+            )
+        for e in range(num_experts):
+            if isinstance(weight, GGUFTensor):
+                part = GGUFTensor(weight.name, weight.qtype, shape[1:], weight.data[e], weight.offset)
+            else:
+                part = weight[e]
+            out[f"{prefix}.{e}.{proj}.{kind}"] = part
+    return out
