@@ -31,7 +31,8 @@ from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
 from cholla.reasoning import Split
-from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, off_loop, read_json, validate
+from cholla.serve.context import (Prepared, Reasoning, ServeContext, StrictModel, compile_off_loop, off_loop,
+                                  read_json, validate)
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 from cholla.tool_calling.call import ToolCall
@@ -244,6 +245,7 @@ async def messages(request: Request) -> Response:
     prompt_ids = await off_loop(encode, ctx, body.system, body.messages, tools.tools, body.thinking)
     kwargs = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "stop": body.stop_sequences}
     kwargs = {**{k: v for k, v in kwargs.items() if v is not None}, **tools.sampling_kwargs()}
+    await compile_off_loop(ctx, kwargs)  # a forced tool_choice's grammar
     reasoning = ctx.reasoning_for(prompt_ids, kwargs)
     prepared = ctx.prepare(ctx.new_id("msg_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
                            reasoning.sampling_kwargs(kwargs) if reasoning else kwargs, body.max_tokens)

@@ -347,3 +347,12 @@ class StrictModel(BaseModel):
     """A request body that refuses fields it does not know."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+async def compile_off_loop(ctx: ServeContext, sampling_kwargs: dict[str, Any]) -> None:
+    """Compile the request's grammar on a worker thread, so the event loop keeps answering (the first
+    one builds llguidance's view of the vocabulary: seconds for Gemma's 262k tokens); ``prepare``
+    and the engine then find it cached. A bad schema or grammar raises here (a 400)."""
+    constraint = sampling_kwargs.get("structured_outputs")
+    if constraint is not None:
+        await off_loop(ctx.engine().engine.structured.compile, constraint)

@@ -24,7 +24,8 @@ from cholla.engine.outputs import CompletionOutput, PromptLogprob, RequestOutput
 from cholla.errors import InvalidRequestError
 from cholla.reasoning import effort_template_kwargs
 from cholla.sampling.params import StructuredOutputsParams
-from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, off_loop, read_json, validate
+from cholla.serve.context import (Prepared, Reasoning, ServeContext, StrictModel, compile_off_loop, off_loop,
+                                  read_json, validate)
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 from cholla.tokenizer.tokenizer import Tokenizer
@@ -525,15 +526,6 @@ async def _stream(prepared: Prepared, shape: _Shape, model: str, include_usage: 
         yield sse(error_body(500, f"generation failed: {e}", anthropic=False))
     finally:
         await outputs.aclose()
-
-
-async def compile_off_loop(ctx: ServeContext, sampling_kwargs: dict[str, Any]) -> None:
-    """Compile the request's grammar on a worker thread, so the event loop keeps answering (the first
-    one builds llguidance's view of the vocabulary: seconds for Gemma's 262k tokens); ``prepare``
-    and the engine then find it cached. A bad schema or grammar raises here (a 400)."""
-    constraint = sampling_kwargs.get("structured_outputs")
-    if constraint is not None:
-        await off_loop(ctx.engine().engine.structured.compile, constraint)
 
 
 @router.post("/v1/chat/completions")

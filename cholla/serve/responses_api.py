@@ -33,10 +33,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from cholla.engine.outputs import CompletionOutput, RequestOutput
-from cholla.errors import ChollaError
+from cholla.errors import ChollaError, InvalidRequestError
 from cholla.reasoning import effort_template_kwargs
 from cholla.sampling.params import StructuredOutputsParams
-from cholla.serve.context import Prepared, Reasoning, ServeContext, StrictModel, off_loop, read_json, validate
+from cholla.serve.context import (Prepared, Reasoning, ServeContext, StrictModel, compile_off_loop, off_loop,
+                                  read_json, validate)
 from cholla.serve.errors import APIError, error_body
 from cholla.serve.streaming import SSEResponse, collect, finished_only, merge, sse
 from cholla.tool_calling.call import ToolCall
@@ -402,14 +403,13 @@ async def create_response(request: Request) -> Response:
     kwargs = _sampling_kwargs(body, tools)
     reasoning = ctx.reasoning_for(prompt_ids, kwargs)
     try:
-        prepared = ctx.prepare(ctx.new_id("resp_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
-                               reasoning.sampling_kwargs(kwargs) if reasoning else kwargs, body.max_output_tokens,
-                               prompt_param="input")
-    except APIError as e:  # name the schema as this API spells it
-        prefix = "structured_outputs.json"
-        if not e.message.startswith(prefix) or tools.structured_outputs is not None:
-            raise
-        raise APIError(400, "text.format.schema" + e.message[len(prefix):], param="text.format.schema") from None
+        await compile_off_loop(ctx, kwargs)
+    except InvalidRequestError as e:  # name the constraint as this API spells it
+        field = "tools" if tools.structured_outputs is not None else "text.format.schema"
+        raise APIError(400, f"{field}: {e}", param=field) from None
+    prepared = ctx.prepare(ctx.new_id("resp_"), [{"prompt": None, "prompt_token_ids": prompt_ids}],
+                           reasoning.sampling_kwargs(kwargs) if reasoning else kwargs, body.max_output_tokens,
+                           prompt_param="input")
     turn = _Turn(ctx, body, model, prepared, conversation, reasoning, tools)
     outputs = merge(prepared.streams(ctx.engine()))
     if body.stream:
