@@ -89,15 +89,14 @@ def build_model(name: str, folder: Path, tokenizer):
 
 
 def find_converter() -> Path | None:
-    """llama.cpp's ``convert_hf_to_gguf.py``: $CHOLLA_CONVERT_HF_TO_GGUF, an extracted
-    llama-cpp-python sdist under /work/llamacpp, or one fetched into ~/.cache/cholla."""
+    """llama.cpp's ``convert_hf_to_gguf.py``: $CHOLLA_CONVERT_HF_TO_GGUF, or the llama-cpp-python
+    sdist's copy, fetched from PyPI into ~/.cache/cholla once."""
     if os.environ.get("CHOLLA_CONVERT_HF_TO_GGUF"):
         return Path(os.environ["CHOLLA_CONVERT_HF_TO_GGUF"])
     cache = Path.home() / ".cache" / "cholla" / "llama-cpp-src"
-    for root in ("/work/llamacpp", str(cache)):
-        found = sorted(glob.glob(f"{root}/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
-        if found:
-            return Path(found[-1])
+    found = sorted(glob.glob(f"{cache}/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    if found:
+        return Path(found[-1])
     cache.mkdir(parents=True, exist_ok=True)
     fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                               "llama-cpp-python==0.3.36", "-d", str(cache)], capture_output=True)
