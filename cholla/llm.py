@@ -26,7 +26,8 @@ class LLM:
     ``max_num_seqs``, ``max_num_batched_tokens``, ``kv_cache_memory``,
     ``block_size``, ``enable_prefix_caching``, ``dtype`` (``"auto"``, the
     default: ``"bfloat16"`` where cholla's AMX kernels run, else ``"float32"``,
-    the reference), ``threads``.
+    the reference), ``threads``, ``speculative_method`` (``"ngram"``: prompt
+    lookup for greedy requests; default None, off) and ``num_speculative_tokens``.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs: Any):

@@ -199,3 +199,19 @@ def test_preemption_and_abort_leave_no_block(make_llm, engines):
     engine.abort("copy")
     assert not engine.has_unfinished_requests()
     _assert_all_blocks_free(spec)
+
+
+def test_metrics_reach_prometheus(engines):
+    from types import SimpleNamespace
+
+    from cholla.serve.metrics import ServerMetrics
+
+    _, spec = engines
+    spec.generate(COPY, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    host = SimpleNamespace(engine=SimpleNamespace(engine=spec.engine), num_in_flight=0)
+    text = ServerMetrics(host, "m").render().decode()
+    stats = spec.engine.stats()
+    assert stats.spec_verifications > 0
+    for name, value in (("drafts", stats.spec_verifications), ("draft_tokens", stats.spec_draft_tokens),
+                        ("accepted_tokens", stats.spec_accepted_tokens)):
+        assert f'cholla:spec_decode_num_{name}_total{{model_name="m"}} {float(value)}' in text
