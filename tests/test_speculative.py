@@ -21,6 +21,8 @@ COPY = f"Repeat the following text exactly.\nText: {TEXT}\nRepeated text: {TEXT[
 OPEN = "Once upon a time, in a small village by the sea,"
 CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
         "# The same two functions, with docstrings:\ndef add(a, b):\n")
+# Past Gemma 3's 512-token sliding window: verification rows must mask it as decoding does.
+LONG = "A log:\n" + "\n".join(f"line {i}: status ok, value {i * 7 % 13}" for i in range(60)) + "\nline 60:"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 
@@ -86,8 +88,8 @@ def make_llm(request):
     path = request.getfixturevalue(f"{request.param}_path")
 
     def make(**kwargs):
-        kwargs.setdefault("max_model_len", 512)
-        kwargs.setdefault("kv_cache_memory", 32 * 2**20)
+        kwargs.setdefault("max_model_len", 1024)
+        kwargs.setdefault("kv_cache_memory", 64 * 2**20)
         kwargs.setdefault("dtype", "float32")  # batch-invariant: verification rows equal decode rows
         return LLM(path, **kwargs)
 
@@ -101,7 +103,7 @@ def engines(make_llm):
 
 def _prompts(llm: LLM) -> list:
     chat = llm.encode_messages([{"role": "user", "content": f"Copy this text word for word: {TEXT}"}])
-    return [COPY, OPEN, CODE, {"prompt_token_ids": chat}]
+    return [COPY, OPEN, CODE, {"prompt_token_ids": chat}, LONG]
 
 
 def _assert_all_blocks_free(llm: LLM) -> None:
@@ -117,6 +119,7 @@ def _ids(outs) -> list[list[int]]:
 def test_greedy_identical_and_copying_is_accepted(engines):
     plain, spec = engines
     prompts = _prompts(spec)
+    assert len(spec.tokenizer.encode(LONG)) > 600
     expected = _ids(plain.generate(prompts, GREEDY, use_tqdm=False))
     stats = spec.engine.metrics
     before = stats.spec_accepted_tokens
