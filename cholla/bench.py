@@ -88,6 +88,7 @@ def run_bench(
     threads: int | None = None,
     seed: int = 0,
     profile: bool = False,
+    kv_cache_dtype: str = "auto",
 ) -> BenchReport:
     """Load the model once and run pp{n_prompt} then tg{n_gen}; a count of 0 skips that test.
 
@@ -104,6 +105,7 @@ def run_bench(
         enable_prefix_caching=False,
         dtype=dtype,
         threads=threads,
+        kv_cache_dtype=kv_cache_dtype,
     )
     engine = LLMEngine(path, config)
     vocab_size = engine.model_config.vocab_size

@@ -1,4 +1,4 @@
-"""The ``cholla`` command: run, chat, serve, bench, info, pull.
+"""The ``cholla`` command: run, chat, serve, bench, info, plan, pull.
 
 Every failure the user can fix (a missing file, a corrupt model, a prompt too
 long) prints one line and exits with status 2; ``--debug`` shows the traceback.
@@ -22,6 +22,7 @@ EXIT_USER_ERROR = 2
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length to serve (default: the model's, capped by the KV cache)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB", help="KV cache size in GiB")
+    _add_kv_type_options(p)
     _add_compute_options(p)
     p.add_argument("--speculative-method", choices=["ngram"], default=None,
                    help="ngram: draft tokens from the prompt and output (prompt lookup) and verify them in one step; "
@@ -29,6 +30,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="drafts verified per step with --speculative-method, 1-16 (default 4)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def _add_kv_type_options(p: argparse.ArgumentParser) -> None:
+    from cholla.kv.kv_types import KV_CACHE_TYPE_NAMES
+
+    types = ", ".join(KV_CACHE_TYPE_NAMES)
+    p.add_argument("--kv-cache-dtype", default="auto", metavar="TYPE",
+                   help=f"what the KV cache holds, K and V: {types} (default auto: bf16 with bfloat16 matmuls, else f32)")
+    p.add_argument("--cache-type-k", default=None, metavar="TYPE", help="the keys' type, overriding --kv-cache-dtype")
+    p.add_argument("--cache-type-v", default=None, metavar="TYPE", help="the values' type, overriding --kv-cache-dtype")
 
 
 def _add_compute_options(p: argparse.ArgumentParser) -> None:
@@ -141,8 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs of each test (default 3)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--profile", action="store_true", help="then profile one more run of each test, op by op")
+    bench.add_argument("--kv-cache-dtype", default="auto", metavar="TYPE", help="what the KV cache holds (as for run)")
     _add_compute_options(bench)
     bench.add_argument("--debug", action="store_true")
+
+    plan = sub.add_parser("plan", help="KV cache memory, concurrency and a roofline speed estimate, from metadata alone")
+    plan.add_argument("model", nargs="?", default=None, help="path or known name (default smollm2)")
+    plan.add_argument("--context", type=int, default=None, metavar="N",
+                      help="tokens per request, the engine's --max-model-len (default: the model's, capped by the KV cache)")
+    plan.add_argument("--concurrency", type=int, default=1, metavar="N", help="target requests in flight (default 1)")
+    plan.add_argument("--memory", type=float, default=None, metavar="GIB", help="total memory; the KV cache gets what the weights leave")
+    plan.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB", help="KV cache size in GiB, as the engine's flag")
+    _add_kv_type_options(plan)
+    plan.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the matmuls' dtype, for --kv-cache-dtype auto")
+    plan.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default 16)")
+    plan.add_argument("--hardware", default=None, metavar="NAME",
+                      help="a preset (h100-sxm, h200, a100-80gb, l4, rtx-4090, m2-ultra, m4-max, epyc-zen5-1t) "
+                           "or local: measure this machine (the default)")
+    plan.add_argument("--bandwidth", type=float, default=None, metavar="GB/s", help="memory bandwidth, with --flops")
+    plan.add_argument("--flops", type=float, default=None, metavar="TFLOP/s", help="dense bf16 matmul rate, with --bandwidth")
+    plan.add_argument("--prompt-tokens", type=int, default=512, metavar="N", help="prompt tokens per request (default 512)")
+    plan.add_argument("--output-tokens", type=int, default=128, metavar="N", help="output tokens per request (default 128)")
+    plan.add_argument("--latency", type=float, default=None, metavar="S",
+                      help="target seconds per request: the most requests in flight that meet it (Little's law)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--debug", action="store_true")
 
     pull = sub.add_parser("pull", help="fetch a known model into the cache")
     pull.add_argument("model", nargs="?", default=None)
@@ -209,6 +243,7 @@ def _flag_list(values: list[str] | None) -> list[str] | None:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"max_model_len": args.max_model_len, "dtype": args.dtype, "threads": args.threads,
+              "kv_cache_dtype": args.kv_cache_dtype, "cache_type_k": args.cache_type_k, "cache_type_v": args.cache_type_v,
               "speculative_method": args.speculative_method, "num_speculative_tokens": args.num_speculative_tokens}
     if args.kv_cache_memory:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
@@ -328,8 +363,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cholla.download import resolve_model
 
     report = run_bench(resolve_model(args.model), args.n_prompt, args.n_gen, args.repetitions, args.dtype, args.threads,
-                       profile=args.profile)
+                       profile=args.profile, kv_cache_dtype=args.kv_cache_dtype)
     print(json.dumps(report_dict(report)) if args.json else format_table(report))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from cholla.download import resolve_model
+    from cholla.plan import PlanRequest, format_plan, make_plan, read_model_facts, resolve_hardware, resolve_kv_types
+
+    for name in ("context", "concurrency", "block_size", "prompt_tokens", "output_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ChollaError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("memory", "kv_cache_memory", "latency"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ChollaError(f"--{name.replace('_', '-')} must be positive")
+    path = resolve_model(args.model)
+    facts = read_model_facts(path)
+    k_type, v_type = resolve_kv_types(args.kv_cache_dtype, args.cache_type_k, args.cache_type_v, args.dtype)
+    hardware = resolve_hardware(args.hardware, args.bandwidth, args.flops, path)
+    request = PlanRequest(args.context, args.concurrency,
+                          int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None,
+                          int(args.memory * 2**30) if args.memory else None, args.block_size,
+                          args.prompt_tokens, args.output_tokens, args.latency)
+    plan = make_plan(facts, request, k_type, v_type, hardware)
+    print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
     return 0
 
 
@@ -340,7 +402,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info, "pull": cmd_pull, "serve": cmd_serve, "chat": cmd_chat, "bench": cmd_bench}
+COMMANDS = {"run": cmd_run, "info": cmd_info, "pull": cmd_pull, "serve": cmd_serve, "chat": cmd_chat, "bench": cmd_bench,
+            "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

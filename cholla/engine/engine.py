@@ -17,7 +17,8 @@ from cholla.engine.runner import ModelRunner
 from cholla.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from cholla.errors import ContextLengthError, InvalidRequestError
 from cholla.kv.block_manager import BlockManager
-from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, bytes_per_block
+from cholla.kv.kv_types import KVCacheType, kv_cache_type
+from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, plan_layout
 from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
@@ -52,6 +53,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     dtype: str = "auto"  # "float32", "bfloat16" or "auto" (cholla.models.loader.DTYPES)
     threads: int | None = None  # torch threads; default one per physical core
+    # What the KV cache holds (cholla/kv/kv_types.py): "auto" is the matmuls' dtype (bf16 or f32);
+    # cache_type_k / cache_type_v, where given, override it for one side (llama.cpp's flags).
+    kv_cache_dtype: str = "auto"
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
     speculative_method: str | None = None  # "ngram" (prompt lookup); None: no speculation
     num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS  # K: drafts verified per step and sequence
 
@@ -78,6 +84,13 @@ def _kv_cache_budget(config: EngineConfig) -> int:
     return min(DEFAULT_KV_CACHE_MEMORY, _available_memory() // 4)
 
 
+def kv_cache_types(config: EngineConfig, compute_dtype: str) -> tuple[KVCacheType, KVCacheType]:
+    """(K type, V type) for an engine whose matmuls run in ``compute_dtype``."""
+    both = config.kv_cache_dtype
+    return (kv_cache_type(config.cache_type_k or both, compute_dtype),
+            kv_cache_type(config.cache_type_v or both, compute_dtype))
+
+
 def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
     if loaded.gguf is not None:
         return Tokenizer.from_gguf(loaded.gguf.metadata)
@@ -97,6 +110,7 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         check_speculative(config.speculative_method, config.num_speculative_tokens)
         set_threads(config.threads)
+        kv_cache_types(config, "float32")  # a misspelt KV type fails before the model loads
         keep_buffers_mapped()
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
         if config.dtype != "auto" and self.loaded.dtype != resolve_dtype(config.dtype):
@@ -110,24 +124,22 @@ class LLMEngine:
         release_free_memory()  # what loading freed (see cholla/heap.py)
 
         memory = _kv_cache_budget(config)
-        # The cache holds K and V in the matmuls' dtype: bf16 halves the bytes each decode step reads.
-        kv_dtype = torch.bfloat16 if self.loaded.dtype == "bfloat16" else torch.float32
-        block_bytes = bytes_per_block(self.model_config, config.block_size, kv_dtype)
-        num_blocks = memory // block_bytes
-        max_len = config.max_model_len or self.model_config.max_position_embeddings
-        if config.max_model_len is None:
-            max_len = min(max_len, num_blocks * config.block_size)
-        if num_blocks * config.block_size < max_len:
+        # "auto" holds K and V in the matmuls' dtype: bf16 halves the bytes each decode step reads.
+        k_type, v_type = kv_cache_types(config, self.loaded.dtype)
+        layout = plan_layout(self.model_config, memory, config.block_size, k_type, v_type, config.max_model_len)
+        num_blocks, max_len = layout.num_blocks, layout.max_model_len
+        if layout.num_blocks == 0 or layout.num_tokens < max_len:
             raise InvalidRequestError(
-                f"a KV cache of {memory / 2**20:.0f} MiB holds {num_blocks * config.block_size} tokens, "
+                f"a KV cache of {memory / 2**20:.0f} MiB holds {layout.num_tokens} tokens, "
                 f"fewer than max_model_len={max_len}; raise the KV cache memory or lower max_model_len"
             )
-        self.max_model_len = max_len
-        self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, kv_dtype)
+        self.max_model_len, self.kv_layout = max_len, layout
+        self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, k_type, v_dtype=v_type)
         log.info(
-            "KV cache: %d blocks of %d tokens (%.0f MiB), %d tokens; maximum concurrency for %d-token requests: %.2fx",
-            num_blocks, config.block_size, num_blocks * block_bytes / 2**20, num_blocks * config.block_size,
-            max_len, num_blocks * config.block_size / max_len,
+            "KV cache: %d blocks of %d tokens (%.0f MiB, K %s, V %s, %.0f tokens per GiB), %d tokens; "
+            "maximum concurrency for %d-token requests: %.2fx",
+            num_blocks, config.block_size, layout.nbytes / 2**20, k_type.name, v_type.name, layout.tokens_per_gib,
+            layout.num_tokens, max_len, layout.max_concurrency,
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.speculator = NgramSpeculator(config.num_speculative_tokens) if config.speculative_method else None

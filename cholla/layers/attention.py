@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cholla.kernels import amx_kernels
+from cholla.kv.kv_types import gather, store
 from cholla.layers.linear import Linear, linear_group
 from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
@@ -83,7 +84,8 @@ def paged_attention(
     softcap: float | None = None,
     prefill_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]; caches: [blocks, block_size, kv_heads, dim].
+    """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]; caches: [blocks, block_size, kv_heads, dim]
+    (any ``cholla/kv/kv_types.py`` type: read back as fp32).
 
     Returns [tokens, heads, dim]. Prefill chunks attend in ``prefill_dtype``.
     """
@@ -101,8 +103,8 @@ def paged_attention(
             keys, values = k[start:stop].transpose(0, 1), v[start:stop].transpose(0, 1)
         else:
             blocks = meta.block_tables[i, : (ctx + block_size - 1) // block_size]
-            keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
-            values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+            keys = gather(k_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
+            values = gather(v_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
         if q_len == ctx and (window is None or window >= ctx):
             mask = None  # causal over the whole prompt
         else:
@@ -118,23 +120,29 @@ def paged_attention(
     return out
 
 
+def kernel_reads(k_cache, v_cache) -> bool:
+    """Whether our C++ kernels read (and write) these caches: plain fp32 or bf16, both sides alike."""
+    return (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
+            and k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16))
+
+
 def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None) -> torch.Tensor:
     """One new token per sequence (q: [decodes, heads, dim]), by our kernel where it runs."""
     kernels = amx_kernels()
-    if kernels is not None and q.dtype == torch.float32 and k_cache.dtype in (torch.float32, torch.bfloat16):
+    if kernels is not None and q.dtype == torch.float32 and kernel_reads(k_cache, v_cache):
         return kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0,
                                               softcap or 0.0)
     return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """This step's keys and values (fp32 [tokens, kv_heads, dim]) into their cache slots, in the cache's dtype."""
+    """This step's keys and values (fp32 [tokens, kv_heads, dim]) into their cache slots, in the cache's type."""
     kernels = amx_kernels()
-    if kernels is not None and k.dtype == v.dtype == torch.float32 and k_cache.dtype in (torch.float32, torch.bfloat16):
+    if kernels is not None and k.dtype == v.dtype == torch.float32 and kernel_reads(k_cache, v_cache):
         kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
         return
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    store(k_cache, k.float(), slot_mapping)
+    store(v_cache, v.float(), slot_mapping)
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None) -> torch.Tensor:
@@ -146,8 +154,8 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, win
     block_size = k_cache.shape[1]
     max_ctx = int(context_lens.max())
     tables = block_tables[:, : (max_ctx + block_size - 1) // block_size]
-    keys = k_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2).to(q.dtype)
-    values = v_cache[tables].flatten(1, 2)[:, :max_ctx].transpose(1, 2).to(q.dtype)
+    keys = gather(k_cache, tables, q.dtype).flatten(1, 2)[:, :max_ctx].transpose(1, 2)
+    values = gather(v_cache, tables, q.dtype).flatten(1, 2)[:, :max_ctx].transpose(1, 2)
     k_pos = torch.arange(max_ctx)[None, :]
     q_pos = (context_lens - 1)[:, None]
     mask = _allowed(q_pos, k_pos, window)[:, None, None, :]  # [decodes, 1, 1, max_ctx]

@@ -6,7 +6,8 @@ Llama family and Gemma 3 (``models/llama.py``, ``models/gemma3.py``),
 ``run_layers`` hands every layer's weights, norms and caches to one C++ call
 that chains the kernels the Python layers call, in the same order. Whatever
 it does not cover (prefill chunks, steps larger than our matmul kernels take,
-biases, other MLPs, no kernels) runs layer by layer in Python.
+biases, other MLPs, KV cache types other than fp32 and bf16, no kernels) runs
+layer by layer in Python.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from cholla.kernels import amx_kernels
-from cholla.layers.attention import AttentionMetadata
+from cholla.layers.attention import AttentionMetadata, kernel_reads
 from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear
 from cholla.layers.mlp import ACTIVATION_IDS, GatedMLP
 from cholla.layers.rotary import RotaryEmbedding
@@ -111,8 +112,8 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
     integer = plan.first_linear.compute_dtype == torch.bfloat16
     if meta.num_prefills or x.shape[0] > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS):
         return None
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        return None
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not kernel_reads(*kv_caches[0]):
+        return None  # the kernel reads fp32 and bf16 caches; other KV types decode layer by layer
     tables = [rope.tables(positions) for rope in plan.ropes]
     return amx_kernels().decode_layers(
         x, positions, plan.weights, plan.types, plan.norms, [kv[0] for kv in kv_caches], [kv[1] for kv in kv_caches],

@@ -1,0 +1,299 @@
+"""KV cache types: each one's layout against an independent reference, attention reading it,
+and the engine (batching, prefix cache, preemption) unchanged by it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize as gguf_quantize
+
+from cholla.kv.kv_types import KV_CACHE_TYPES, ScaledKV, allocate, gather, kv_cache_type, store
+from cholla.layers.attention import AttentionMetadata, paged_attention
+from cholla.errors import InvalidRequestError
+
+HEAD_DIM, KV_HEADS = 64, 2
+
+
+def _rows(tokens: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, KV_HEADS, HEAD_DIM, generator=g) * 3
+    x[0, 0] = 0.0  # an all-zero head: scale 0, no division by it
+    x[1, 1, 5] = 1000.0  # past fp8 e4m3's 448: saturates, never NaN
+    return x
+
+
+def _written(type_name: str, x: torch.Tensor) -> tuple[object, torch.Tensor]:
+    """x written to shuffled slots of a 4-block cache and read back in token order."""
+    kv_type = kv_cache_type(type_name)
+    cache = allocate(kv_type, 4, 16, KV_HEADS, HEAD_DIM, lambda shape, dtype: torch.zeros(shape, dtype=dtype))
+    slots = torch.randperm(64, generator=torch.Generator().manual_seed(1))[: x.shape[0]]
+    store(cache, x, slots)
+    back = gather(cache, torch.arange(4)).flatten(0, 1)[slots]
+    return cache, back
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def test_q8_0_is_llama_cpps_block_quantization():
+    """gguf's own Q8_0 quantizer is the reference: per 32 values an fp16 scale and 32 int8s."""
+    x = _rows(32)
+    cache, back = _written("q8_0", x)
+    blocks = gguf_quantize(x.reshape(-1, HEAD_DIM).numpy(), GGMLQuantizationType.Q8_0).reshape(-1, 34)
+    ref_scales = blocks[:, :2].copy().view(np.float16).reshape(-1)
+    ref_values = blocks[:, 2:].view(np.int8).reshape(-1)
+    expected = (ref_values.astype(np.float32).reshape(-1, 32) * ref_scales.astype(np.float32)[:, None]).reshape(x.shape)
+    assert isinstance(cache, ScaledKV) and cache.scales.shape == (4, 16, KV_HEADS, HEAD_DIM // 32)
+    torch.testing.assert_close(back, torch.from_numpy(expected), rtol=0, atol=0)
+
+
+def test_q4_0_is_llama_cpps_block_quantization():
+    """gguf's Q4_0 quantizer is the reference, byte for byte: an fp16 scale, then 16 bytes of nibbles."""
+    x = _rows(32)
+    x[2, 0, :32] = 0.5  # a block whose extremes tie: the first one sets the sign
+    cache, back = _written("q4_0", x)
+    blocks = gguf_quantize(x.reshape(-1, HEAD_DIM).numpy(), GGMLQuantizationType.Q4_0).reshape(-1, 18)
+    assert isinstance(cache, ScaledKV) and cache.values.shape == (4, 16, KV_HEADS, HEAD_DIM // 2)
+    slots = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:32]
+    ours = torch.cat([cache.scales.flatten(0, 1)[slots].reshape(-1, 1).view(torch.uint8),
+                      cache.values.flatten(0, 1)[slots].reshape(-1, 16)], dim=1)
+    assert np.array_equal(ours.numpy(), blocks)
+    from gguf.quants import dequantize as gguf_dequantize
+
+    expected = gguf_dequantize(blocks.reshape(-1), GGMLQuantizationType.Q4_0).reshape(x.shape)
+    torch.testing.assert_close(back, torch.from_numpy(expected), rtol=0, atol=0)
+
+
+def _int8_reference(flat: np.ndarray) -> np.ndarray:
+    """Per row: scale max|x| / 127 (kept as fp16), values rounded half away from zero."""
+    scale = np.abs(flat).max(axis=1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(scale == 0, 0, 1 / scale).astype(np.float32)
+    return _round_half_away(flat * inverse) * scale.astype(np.float16).astype(np.float32)
+
+
+def _q4_0_reference(flat: np.ndarray) -> np.ndarray:
+    from gguf.quants import dequantize as gguf_dequantize
+
+    blocks = gguf_quantize(flat, GGMLQuantizationType.Q4_0)
+    return gguf_dequantize(blocks, GGMLQuantizationType.Q4_0).reshape(flat.shape)
+
+
+@pytest.mark.parametrize("type_name, plain_name, reference", [("q4_0_rot", "q4_0", _q4_0_reference),
+                                                              ("int8_rot", "int8", _int8_reference)])
+def test_rotated_types_quantize_hadamard_rotated_heads(type_name, plain_name, reference):
+    """Reference: a Hadamard matrix as Kronecker powers of [[1, 1], [1, -1]], the plain type's
+    reference quantizer on the rotated rows, rotated back."""
+    from functools import reduce
+
+    x = _rows(32)
+    _, back = _written(type_name, x)
+    h = (reduce(np.kron, [np.array([[1, 1], [1, -1]])] * int(np.log2(HEAD_DIM))) / np.sqrt(HEAD_DIM)).astype(np.float32)
+    expected = reference(x.reshape(-1, HEAD_DIM).numpy() @ h) @ h
+    torch.testing.assert_close(back, torch.from_numpy(expected).reshape(x.shape), rtol=0, atol=2e-5)
+    # The point of rotating: keys with outlier channels (as real models' keys have) come back closer.
+    keys = torch.randn(48, KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(3))
+    keys[..., 7] *= 12
+    rotated_back, plain_back = _written(type_name, keys)[1], _written(plain_name, keys)[1]
+    assert (rotated_back - keys).norm() < 0.7 * (plain_back - keys).norm()
+
+
+def test_int8_has_one_scale_per_token_and_head():
+    x = _rows(40)
+    cache, back = _written("int8", x)
+    assert cache.scales.shape == (4, 16, KV_HEADS, 1)
+    expected = _int8_reference(x.numpy().reshape(-1, HEAD_DIM))
+    torch.testing.assert_close(back, torch.from_numpy(expected.reshape(x.shape)), rtol=0, atol=0)
+    assert (back - x).abs().max() <= x.abs().amax(-1, keepdim=True).max() / 127  # within a step
+
+
+@pytest.mark.parametrize("type_name", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_rounds_to_the_nearest_code_and_saturates(type_name):
+    """Reference: every one of the 256 codes decoded, the nearest one picked (ties to the even code)."""
+    x = _rows(24)
+    _, back = _written(type_name, x)
+    dtype = kv_cache_type(type_name).storage
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    finite = codes[torch.isfinite(codes)]
+    limit = finite.max()
+    target = x.clamp(-limit, limit).reshape(-1, 1)
+    distance = (target - finite[None, :]).abs()
+    nearest = distance.min(dim=1, keepdim=True).values
+    candidates = distance == nearest  # at most two on a tie
+    ok = (candidates & (finite[None, :] == back.reshape(-1, 1))).any(dim=1)
+    assert ok.all() and torch.isfinite(back).all()
+    if limit < 1000:  # e4m3 (448): saturated
+        assert back[1, 1, 5] == limit
+
+
+@pytest.mark.parametrize("type_name", ["f32", "bf16", "f16"])
+def test_float_types_are_plain_casts(type_name):
+    x = _rows(20)
+    _, back = _written(type_name, x)
+    torch.testing.assert_close(back, x.to(kv_cache_type(type_name).storage).float(), rtol=0, atol=0)
+
+
+def test_names_aliases_and_errors():
+    assert kv_cache_type("fp8").name == "fp8_e4m3" and kv_cache_type("bfloat16").name == "bf16"
+    assert kv_cache_type("auto", "bfloat16").name == "bf16" and kv_cache_type("auto", "float32").name == "f32"
+    with pytest.raises(InvalidRequestError, match="unknown KV cache type"):
+        kv_cache_type("q3_k")
+    with pytest.raises(InvalidRequestError, match="divisible by 32"):
+        kv_cache_type("q8_0").check(48)
+    assert kv_cache_type("q4_0").bytes_per_head(64) == 32 + 2 * 2  # 18 bytes per 32 values, as llama.cpp's
+    with pytest.raises(InvalidRequestError, match="power-of-two"):
+        kv_cache_type("q4_0_rot").check(96)
+
+
+@pytest.mark.parametrize("type_name", sorted(KV_CACHE_TYPES))
+def test_attention_reads_each_type_as_its_values(type_name):
+    """Decode and chunked-prefill attention over a quantized cache equal attention over an fp32
+    cache holding the same (dequantized) values: the read path loses nothing more."""
+    heads, block_size, ctx = 4, 16, 40
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(ctx, KV_HEADS, HEAD_DIM, generator=g), torch.randn(ctx, KV_HEADS, HEAD_DIM, generator=g)
+    kv_type = kv_cache_type(type_name)
+    zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype)  # noqa: E731
+    caches = [allocate(kv_type, 8, block_size, KV_HEADS, HEAD_DIM, zeros) for _ in range(2)]
+    slots = torch.arange(ctx) + 3 * block_size  # blocks 3, 4, 5
+    store(caches[0], k, slots)
+    store(caches[1], v, slots)
+    reference = [torch.zeros(8, block_size, KV_HEADS, HEAD_DIM) for _ in range(2)]
+    for ref, cache in zip(reference, caches):
+        ref.copy_(gather(cache, torch.arange(8)))
+    q = torch.randn(ctx, heads, HEAD_DIM, generator=g)
+    tables = torch.tensor([[3, 4, 5]])
+    # A decode step for the last token (its K/V written again, a no-op), then a 10-token chunk.
+    for q_len in (1, 10):
+        meta = AttentionMetadata(slot_mapping=slots[-q_len:], query_start_loc=[0, q_len], context_lens=[ctx],
+                                 block_tables=tables, num_prefills=0 if q_len == 1 else 1,
+                                 decode_context_lens=torch.tensor([ctx]) if q_len == 1 else None)
+        new_k, new_v = gather(caches[0], tables[0]).flatten(0, 1)[ctx - q_len: ctx], gather(caches[1], tables[0]).flatten(0, 1)[ctx - q_len: ctx]
+        ours = paged_attention(q[-q_len:], new_k, new_v, caches[0], caches[1], meta, 0.125, window=24)
+        ref = paged_attention(q[-q_len:], new_k, new_v, reference[0], reference[1], meta, 0.125, window=24)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+# -- the engine, on the real default model --------------------------------------------------
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away, there lived a " + "very " * 40 + "old dragon who",
+]
+ENGINE_TYPES = ["fp8_e4m3", "int8", "int8_rot", "q8_0", "q4_0_rot"]  # bf16 and f32: tests/test_engine.py and the rest
+
+
+@pytest.fixture(scope="module")
+def smollm2_loaded(smollm2_path):
+    from cholla.engine.engine import load_tokenizer
+    from cholla.models.loader import load_model
+
+    loaded = load_model(smollm2_path, "float32")
+    return loaded, load_tokenizer(loaded)
+
+
+def _engine(loaded_and_tokenizer, monkeypatch, **config):
+    from cholla.engine import engine as engine_module
+    from cholla.engine.engine import EngineConfig, LLMEngine
+
+    loaded, tokenizer = loaded_and_tokenizer
+    monkeypatch.setattr(engine_module, "load_tokenizer", lambda _: tokenizer)
+    config = {"max_model_len": 256, "max_num_batched_tokens": 32, "dtype": "float32", **config}
+    return LLMEngine(loaded, EngineConfig(**config))
+
+
+def _generate(engine, prompts, max_tokens: int = 6) -> list[list[int]]:
+    from cholla import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    manager = engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks  # every block came back
+    return [done[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("type_name", ENGINE_TYPES)
+def test_batched_prefix_cached_and_preempted_equal_alone(smollm2_loaded, monkeypatch, type_name):
+    engine = _engine(smollm2_loaded, monkeypatch, kv_cache_dtype=type_name, enable_prefix_caching=False)
+    alone = [_generate(engine, [p])[0] for p in PROMPTS]
+    cached = _engine(smollm2_loaded, monkeypatch, kv_cache_dtype=type_name)
+    assert _generate(cached, PROMPTS + PROMPTS) == alone + alone  # the repeats hit the prefix cache
+    assert cached.block_manager.prefix_hits > 0
+    # Five blocks: the long prompt takes four, so the three cannot all finish together: preemption.
+    block_bytes = engine.kv_layout.block_bytes
+    tight = _engine(smollm2_loaded, monkeypatch, kv_cache_dtype=type_name, kv_cache_memory=5 * block_bytes,
+                    max_model_len=80, enable_prefix_caching=False)
+    assert _generate(tight, PROMPTS) == alone
+    assert tight.metrics.preemptions > 0
+
+
+def test_keys_and_values_may_differ(smollm2_loaded, monkeypatch):
+    engine = _engine(smollm2_loaded, monkeypatch, cache_type_k="q8_0", cache_type_v="bf16")
+    k, v = engine.kv_cache.layers[0]
+    assert isinstance(k, ScaledKV) and v.dtype == torch.bfloat16
+    assert len(_generate(engine, PROMPTS[:1])[0]) == 6
+
+
+# -- greedy tokens on both real models against the bf16 cache -----------------------------------
+
+GREEDY_TOKENS = 16
+# A divergence from the bf16 cache's tokens is accepted only where that run's two best logits
+# were closer than this (int8/q8_0 move logits by ~0.1-0.2 on average: benchmarks/kv_quality.py).
+KV_TIE_GAP = 0.5
+
+
+def _greedy_with_gaps(engine, prompts) -> list[tuple[list[int], list[float]]]:
+    from cholla import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True, logprobs=2)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+    results = []
+    for i in range(len(prompts)):
+        out = done[str(i)]
+        gaps = [top[0][1] - top[1][1] for _, top in out.logprobs]
+        results.append((out.token_ids, gaps))
+    return results
+
+
+@pytest.mark.parametrize("model_fixture", ["smollm2_path", "gemma3_path"])
+def test_int8_and_q8_0_greedy_match_the_bf16_cache(request, model_fixture, monkeypatch):
+    import warnings
+
+    from cholla.engine import engine as engine_module
+    from cholla.engine.engine import EngineConfig, LLMEngine, load_tokenizer
+    from cholla.models.loader import load_model
+
+    loaded = load_model(request.getfixturevalue(model_fixture), "float32")
+    tokenizer = load_tokenizer(loaded)
+    monkeypatch.setattr(engine_module, "load_tokenizer", lambda _: tokenizer)
+    from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
+
+    chat = encode_chat(tokenizer, ChatTemplate.for_tokenizer(tokenizer),
+                       [{"role": "user", "content": "Name three uses of copper and explain one."}])
+    prompts = ["The history of the printing press begins", {"prompt_token_ids": chat}]  # tests/test_models_real.py's
+
+    def run(type_name):
+        config = EngineConfig(max_model_len=256, kv_cache_memory=32 * 2**20, dtype="float32", kv_cache_dtype=type_name)
+        return _greedy_with_gaps(LLMEngine(loaded, config), prompts)
+
+    reference = run("bf16")
+    for type_name in ("int8", "q8_0"):
+        for (ours, _), (ref, gaps) in zip(run(type_name), reference):
+            assert len(ours) == len(ref) == GREEDY_TOKENS
+            for i, (a, b) in enumerate(zip(ours, ref)):
+                if a != b:
+                    assert gaps[i] < KV_TIE_GAP, f"{type_name}: token {i} differs ({a} vs {b}), bf16's margin {gaps[i]:.3f}"
+                    warnings.warn(f"{type_name}: near-tie at token {i} (margin {gaps[i]:.3f})")
+                    break
