@@ -27,8 +27,10 @@ class LLM:
     ``block_size``, ``enable_prefix_caching``, ``dtype`` (``"auto"``, the
     default: ``"bfloat16"`` where cholla's AMX kernels run, else ``"float32"``,
     the reference), ``threads``, ``kv_cache_dtype`` (``"auto"``, ``"bf16"``,
-    ``"int8"``, ``"q8_0"``, ``"fp8_e4m3"``, ...: ``cholla/kv/kv_types.py``) and
-    ``cache_type_k`` / ``cache_type_v`` (one side each).
+    ``"int8"``, ``"q8_0"``, ``"fp8_e4m3"``, ...: ``cholla/kv/kv_types.py``),
+    ``cache_type_k`` / ``cache_type_v`` (one side each), ``speculative_method``
+    (``"ngram"``: prompt lookup for greedy requests; default None, off) and
+    ``num_speculative_tokens``.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs: Any):

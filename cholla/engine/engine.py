@@ -23,6 +23,9 @@ from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
 from cholla.sampling.structured import DEAD_END, StructuredOutputs
+from cholla.speculative.config import DEFAULT_SPECULATIVE_TOKENS, check_speculative
+from cholla.speculative.speculator import NgramSpeculator
+from cholla.speculative.verify import accept_greedy
 from cholla.heap import keep_buffers_mapped, release_free_memory
 from cholla.threads import set_threads
 from cholla.tokenizer.detokenizer import IncrementalDetokenizer
@@ -55,6 +58,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     cache_type_k: str | None = None
     cache_type_v: str | None = None
+    speculative_method: str | None = None  # "ngram" (prompt lookup); None: no speculation
+    num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS  # K: drafts verified per step and sequence
 
 
 def _available_memory() -> int:
@@ -103,6 +108,7 @@ class _RequestState:
 class LLMEngine:
     def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
+        check_speculative(config.speculative_method, config.num_speculative_tokens)
         kv_cache_types(config, "float32")  # a misspelt KV type fails before the model loads
         keep_buffers_mapped()
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
@@ -136,8 +142,10 @@ class LLMEngine:
             layout.num_tokens, max_len, layout.max_concurrency,
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.speculator = NgramSpeculator(config.num_speculative_tokens) if config.speculative_method else None
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len), self.block_manager
+            SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len), self.block_manager,
+            self.speculator,
         )
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.eos_token_ids, self.structured)
@@ -218,7 +226,8 @@ class LLMEngine:
         self.metrics.steps += 1
         self.metrics.batch_sizes.append(len(batch.requests))
         self.metrics.preemptions += len(batch.preempted)
-        return self._postprocess(batch, result.token_ids, result.logprobs, result.dead_ends, result.prompt_logprobs)
+        return self._postprocess(batch, result.token_ids, result.logprobs, result.dead_ends, result.prompt_logprobs,
+                                 result.targets)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -232,13 +241,25 @@ class LLMEngine:
             prompt_tokens=self.metrics.prompt_tokens,
             generation_tokens=self.metrics.generation_tokens,
             preemptions=self.metrics.preemptions,
+            spec_verifications=self.metrics.spec_verifications,
+            spec_draft_tokens=self.metrics.spec_draft_tokens,
+            spec_accepted_tokens=self.metrics.spec_accepted_tokens,
         )
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list,
-                     dead_ends: set[int], prompt_logprobs: list | None = None) -> list[RequestOutput]:
+                     dead_ends: set[int], prompt_logprobs: list | None = None,
+                     targets: dict[int, list[int]] | None = None) -> list[RequestOutput]:
         now = time.monotonic()
         outputs = []
         for i, (request, n, token, lp) in enumerate(zip(batch.requests, batch.num_tokens, tokens, logprobs)):
+            if targets and i in targets:
+                self._accept_drafts(self.states[request.request_id], targets[i], now)
+                outputs.append(self._make_output(self.states[request.request_id]))
+                if request.finish_reason is not None:
+                    self.scheduler.finish(request, request.finish_reason)
+                    self.metrics.on_finish(request.finish_reason, request.arrival_time, now)
+                    del self.states[request.request_id]
+                continue
             request.num_computed_tokens += n
             self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids, request.num_computed_tokens)
             if prompt_logprobs is not None and prompt_logprobs[i] is not None:
@@ -262,6 +283,27 @@ class LLMEngine:
                 self.metrics.on_finish(request.finish_reason, request.arrival_time, now)
                 del self.states[request.request_id]
         return outputs
+
+    def _accept_drafts(self, state: _RequestState, targets: list[int], now: float) -> None:
+        """Keep the verified run of a speculating request and roll back the rest.
+
+        The run is appended token by token, so a stop token, stop string, EOS or
+        max_tokens inside it ends the request exactly where one-token decoding would.
+        Only the kept tokens count as computed (the rejected drafts' K/V is overwritten
+        later), only they can enter the prefix cache, and blocks taken for the rest go back.
+        """
+        request = state.request
+        drafts, request.draft_token_ids = request.draft_token_ids, []
+        run = accept_greedy(drafts, targets)
+        self.speculator.record(request.speculation, len(run) - 1, len(request.output_token_ids) + len(run))
+        self.metrics.on_verification(len(drafts), len(run) - 1)
+        for token in run:
+            self._append_token(state, token, None, now)
+            if request.finish_reason is not None:
+                break
+        request.num_computed_tokens = request.num_tokens - 1  # the last kept token is computed next step
+        self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids, request.num_computed_tokens)
+        self.block_manager.trim(request.blocks, request.num_tokens)
 
     def _append_token(self, state: _RequestState, token: int, logprobs, now: float) -> None:
         request = state.request

@@ -17,6 +17,10 @@ class EngineMetrics:
     finished_requests: dict[str, int] = field(default_factory=dict)  # by finish reason
     preemptions: int = 0
     steps: int = 0
+    # Speculative decoding: verification steps (one per speculating sequence), drafts, accepted drafts.
+    spec_verifications: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
     # Recent latencies in seconds, drained by whoever reports them (bounded, so nobody leaks).
     time_to_first_token: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     inter_token_latency: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
@@ -29,6 +33,11 @@ class EngineMetrics:
             self.time_to_first_token.append(now - arrival)
         else:
             self.inter_token_latency.append(now - previous)
+
+    def on_verification(self, num_drafts: int, num_accepted: int) -> None:
+        self.spec_verifications += 1
+        self.spec_draft_tokens += num_drafts
+        self.spec_accepted_tokens += num_accepted
 
     def on_finish(self, reason: str, arrival: float, now: float) -> None:
         self.finished_requests[reason] = self.finished_requests.get(reason, 0) + 1
@@ -48,6 +57,19 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     preemptions: int
+    spec_verifications: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted drafts over proposed drafts."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a verification step yields on average: the accepted drafts plus the model's own token."""
+        return 1 + self.spec_accepted_tokens / self.spec_verifications if self.spec_verifications else 0.0
 
     @property
     def kv_cache_usage(self) -> float:

@@ -11,6 +11,7 @@ import torch
 from cholla.kv.block_manager import SequenceBlocks
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.structured import GrammarMatcher
+from cholla.speculative.speculator import SpeculationState
 
 
 class RequestStatus(enum.Enum):
@@ -42,6 +43,10 @@ class Request:
     # With params.prompt_logprobs: [None, then one PromptLogprob per prompt token scored so far].
     prompt_logprobs: list = field(default_factory=list)
     grammar: GrammarMatcher | None = None  # structured output: where the output stands in its grammar
+    # Speculative decoding: this step's drafted tokens (computed after the last token, not yet
+    # accepted) and the sequence's back-off record.
+    draft_token_ids: list[int] = field(default_factory=list)
+    speculation: SpeculationState = field(default_factory=SpeculationState)
 
     def __post_init__(self):
         if self.params.seed is not None and self.generator is None:

@@ -2,8 +2,10 @@
 
 All sequences of a step go through the model as one packed batch of tokens
 (no padding); logits are computed only where a sequence needs its next token,
-and on the prompt rows of requests that asked for prompt logprobs (scored here,
-in the prefill that computes them, a slice of rows at a time).
+on every drafted position of a speculating sequence (its last token and each
+draft: what the model would choose after each), and on the prompt rows of
+requests that asked for prompt logprobs (scored here, in the prefill that
+computes them, a slice of rows at a time).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class StepResult:
     dead_ends: set[int] = field(default_factory=set)
     # Per scheduled request: the prompt tokens this step scored (prompt logprobs), else None.
     prompt_logprobs: list[list[PromptLogprob] | None] | None = None
+    # Speculating requests (by place in the batch): the model's token after the last token and
+    # after each draft, 1 + K of them; token_ids holds the first.
+    targets: dict[int, list[int]] = field(default_factory=dict)
 
 
 # Prompt logprobs take the logits of this many bytes of rows at a time (a 2048-token
@@ -61,7 +66,7 @@ class ModelRunner:
     def _prepare(
         self, batch: ScheduledBatch
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int], list[PromptRows]]:
-        """Packed inputs, plus which token rows need logits and which requests they belong to.
+        """Packed inputs, plus which token rows need logits and which request each belongs to.
 
         Built as Python lists and turned into tensors once per field: a decode
         step has one token per request, and a few small tensor ops per request
@@ -78,15 +83,17 @@ class ModelRunner:
                 if first < end:
                     prompt_rows.append(PromptRows(i, [starts[-1] + p - start for p in range(first, end)],
                                                   request.prompt_token_ids[first + 1 : end + 1], request.params.prompt_logprobs))
-            input_ids += request.all_token_ids[start : start + n]
+            drafts = request.draft_token_ids
+            input_ids += (request.all_token_ids + drafts if drafts else request.all_token_ids)[start : start + n]
             positions += range(start, start + n)
             slots += [table[p // block_size] * block_size + p % block_size for p in range(start, start + n)]
             starts.append(starts[-1] + n)
             context_lens.append(start + n)
-            # The prompt is done: this step yields a token (none when max_tokens=0 only scores the prompt).
-            if start + n == request.num_tokens and request.params.max_tokens != 0:
-                logits_rows.append(starts[-1] - 1)
-                needs_token.append(i)
+            # The prompt is done: this step yields a token (none when max_tokens=0 only scores the prompt),
+            # and a speculating request one after each of its drafts too.
+            if start + n == request.num_tokens + len(drafts) and request.params.max_tokens != 0:
+                logits_rows += range(starts[-1] - 1 - len(drafts), starts[-1])
+                needs_token += [i] * (1 + len(drafts))
         max_blocks = max(len(r.blocks.block_table) for r in batch.requests)
         tables = [r.blocks.block_table + [0] * (max_blocks - len(r.blocks.block_table)) for r in batch.requests]
         meta = AttentionMetadata(
@@ -118,7 +125,7 @@ class ModelRunner:
         sampling = SamplingBatch.build(
             params=[r.params for r in requests],
             prompt_token_ids=[r.prompt_token_ids for r in requests],
-            output_token_ids=[r.output_token_ids for r in requests],
+            output_token_ids=_outputs_so_far(requests),
             generators=[r.generator for r in requests],
             vocab_size=logits.shape[-1],
             device=logits.device,
@@ -127,14 +134,19 @@ class ModelRunner:
         )
         out = sample(logits, sampling)
         tokens = out.token_ids.tolist()
+        targets: dict[int, list[int]] = {}
         for row, i in enumerate(needs_token):
+            if batch.requests[i].draft_token_ids:
+                targets.setdefault(i, []).append(tokens[row])
+            if sampled[i] is not None:
+                continue  # a speculating request's later rows
             sampled[i] = tokens[row]
             if out.logprobs is not None and requests[row].params.logprobs is not None:
                 logprobs[i] = out.logprobs[row]
         dead_ends = {needs_token[row] for row in dead_rows}
         for i in dead_ends:
             sampled[i] = logprobs[i] = None
-        return StepResult(sampled, logprobs, dead_ends, scored)
+        return StepResult(sampled, logprobs, dead_ends, scored, targets)
 
     def _score_prompts(self, hidden: torch.Tensor, prompt_rows: list[PromptRows], num_requests: int) -> list:
         """Each requested prompt row's next-token logprob, rank and top alternatives (fp32 log_softmax).
@@ -187,6 +199,17 @@ class ModelRunner:
             allowed = allowed.clone()
             allowed[dead] = True
         return (rows, allowed), [rows[d] for d in dead]
+
+
+def _outputs_so_far(requests: list[Request]) -> list[list[int]]:
+    """Per logits row, the output its token would follow: a speculating request's rows
+    (consecutive) see one more of its drafts each, so min_tokens and logit bias apply as in
+    one-token decoding."""
+    outputs, seen = [], 0
+    for row, request in enumerate(requests):
+        seen = seen + 1 if row and request is requests[row - 1] else 0
+        outputs.append(request.output_token_ids + request.draft_token_ids[:seen] if seen else request.output_token_ids)
+    return outputs
 
 
 @torch.inference_mode()

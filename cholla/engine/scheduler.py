@@ -6,6 +6,11 @@ the step's token budget (chunked prefill), so a long prompt never stalls the
 decodes. When the KV cache runs out, the newest running request is preempted:
 its blocks are freed and it goes back to the front of the queue to be
 recomputed later (prefix caching usually makes that cheap).
+
+With a speculator, a decoding request may also carry drafted tokens: it then
+runs 1 + K tokens (its last token and the drafts), like a small prefill chunk,
+when the budget and free blocks allow, and decodes plainly otherwise. Drafts
+never preempt anyone.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 
 from cholla.engine.request import Request, RequestStatus
 from cholla.kv.block_manager import BlockManager
+from cholla.speculative.speculator import MAX_DECODING_SEQS, NgramSpeculator
 
 
 @dataclass
@@ -39,9 +45,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, speculator: NgramSpeculator | None = None):
         self.config = config
         self.block_manager = block_manager
+        self.speculator = speculator
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -66,6 +73,7 @@ class Scheduler:
         self.block_manager.free(request.blocks)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
+        request.draft_token_ids = []
         request.num_preemptions += 1
         self.waiting.appendleft(request)
         batch.preempted.append(request)
@@ -75,13 +83,17 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, tuple[Request, int]] = {}  # request id -> (request, new tokens), in order
 
-        # 1. Running requests, oldest first: the rest of their prompt, or one decode token.
+        # 1. Running requests, oldest first: the rest of their prompt, or one decode token (and drafts).
+        speculate = self.speculator is not None and sum(map(_is_decoding, self.running)) <= MAX_DECODING_SEQS
         for request in list(self.running):
+            request.draft_token_ids = []
             if budget == 0:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted below to make room for an older request
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if speculate and _is_decoding(request):
+                num_new += self._draft(request, budget - 1)
             while not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
                 victim = self.running[-1]  # the newest request gives way
                 self._preempt(victim, batch)
@@ -110,7 +122,7 @@ class Scheduler:
             scheduled[request.request_id] = (request, num_new)
             budget -= num_new
 
-        # Prefill chunks first, then single-token decodes: the layout attention expects.
+        # Prefill chunks (and speculating decodes) first, then single-token decodes: the layout attention expects.
         items = list(scheduled.values())
         is_decode = [r.output_token_ids and r.num_computed_tokens + 1 == r.num_tokens and n == 1 for r, n in items]
         for want_decode in (False, True):
@@ -120,3 +132,28 @@ class Scheduler:
                     batch.num_tokens.append(n)
         batch.num_prefills = sum(not d for d in is_decode)
         return batch
+
+    def _draft(self, request: Request, budget: int) -> int:
+        """Give a decoding request drafts (``request.draft_token_ids``) if they fit; returns how many.
+
+        Within the token budget, short of the context's end, and only with blocks to
+        spare: a draft's block must never be the one another running request needs.
+        """
+        limit = min(budget, self.config.max_model_len - request.num_tokens - 1)
+        if request.params.max_tokens is not None:
+            limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
+        drafts = self.speculator.propose(request.all_token_ids, request.params, request.grammar is not None,
+                                         len(request.output_token_ids), request.speculation, limit)
+        if not drafts:
+            return 0
+        total = request.num_tokens + len(drafts)
+        spare = self.block_manager.num_free_blocks - self.block_manager.blocks_needed(request.blocks, total)
+        if spare < len(self.running) or not self.block_manager.allocate(request.blocks, total):
+            return 0
+        request.draft_token_ids = drafts
+        return len(drafts)
+
+
+def _is_decoding(request: Request) -> bool:
+    """Whether the request's next step computes just its last token (its prompt is done)."""
+    return bool(request.output_token_ids) and request.num_computed_tokens + 1 == request.num_tokens

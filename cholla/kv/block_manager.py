@@ -116,6 +116,16 @@ class BlockManager:
                 self.cached[h] = block
                 self.block_info[block] = CachedBlock(h, tokens)
 
+    def trim(self, seq: SequenceBlocks, num_tokens: int) -> None:
+        """Return the blocks past the first ``num_tokens`` tokens (speculated slots that were rejected).
+
+        Only blocks beyond every hashed (full, computed) block can go: they were
+        allocated for this step's drafts and never entered the prefix cache.
+        """
+        keep = max(-(-num_tokens // self.block_size), len(seq.block_hashes))
+        while len(seq.block_table) > keep:
+            self.allocator.free(seq.block_table.pop())
+
     def free(self, seq: SequenceBlocks) -> None:
         """Let go of every block; cached ones wait in the LRU, the rest are free at once."""
         for block in reversed(seq.block_table):

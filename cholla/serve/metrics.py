@@ -63,6 +63,10 @@ class _EngineCollector(Collector):
         yield counter("cholla:prompt_tokens", "Prompt tokens of requests that started.", stats.prompt_tokens)
         yield counter("cholla:generation_tokens", "Tokens generated.", stats.generation_tokens)
         yield counter("cholla:num_preemptions", "Sequences preempted to free KV cache.", stats.preemptions)
+        yield counter("cholla:spec_decode_num_drafts", "Speculative verifications (one per speculating sequence and step).",
+                      stats.spec_verifications)
+        yield counter("cholla:spec_decode_num_draft_tokens", "Draft tokens proposed.", stats.spec_draft_tokens)
+        yield counter("cholla:spec_decode_num_accepted_tokens", "Draft tokens accepted.", stats.spec_accepted_tokens)
         finished = CounterMetricFamily("cholla:request_success", "Sequences finished, by reason.",
                                        labels=["model_name", "finished_reason"])
         for reason, count in sorted(metrics.finished_requests.items()):

@@ -1,0 +1,24 @@
+"""Which speculative method an engine runs, and how many tokens it drafts; checked once at start."""
+
+from __future__ import annotations
+
+from cholla.errors import InvalidRequestError
+
+METHODS = ("ngram",)
+# Each drafted token is a row of the verification step; past ~16 the rows cost more
+# than the few drafts that survive that far ever save.
+MAX_SPECULATIVE_TOKENS = 16
+DEFAULT_SPECULATIVE_TOKENS = 4
+
+
+def check_speculative(method: str | None, num_speculative_tokens: int) -> None:
+    """Raise a one-line ``InvalidRequestError`` for an unknown method or a K out of range."""
+    if method is None:
+        return
+    if method not in METHODS:
+        raise InvalidRequestError(f"speculative method {method!r} is not supported; choose one of {', '.join(METHODS)}")
+    if (isinstance(num_speculative_tokens, bool) or not isinstance(num_speculative_tokens, int)
+            or not 1 <= num_speculative_tokens <= MAX_SPECULATIVE_TOKENS):
+        raise InvalidRequestError(
+            f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {num_speculative_tokens!r}"
+        )

@@ -1,0 +1,220 @@
+"""Speculative decoding (n-gram prompt lookup): greedy output must be token for token what
+plain decoding gives, rejected drafts must leave no block and no prefix-cache entry behind,
+and stops inside an accepted run must land where one-token decoding puts them."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cholla import LLM, SamplingParams
+from cholla.errors import InvalidRequestError
+from cholla.speculative import ngram
+from cholla.speculative.config import check_speculative
+from cholla.speculative.speculator import FIRST_PAUSE, MISSES_BEFORE_PAUSE, NgramSpeculator, SpeculationState
+from cholla.speculative.verify import accept_greedy
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+        "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow.")
+COPY = f"Repeat the following text exactly.\nText: {TEXT}\nRepeated text: {TEXT[:20]}"
+OPEN = "Once upon a time, in a small village by the sea,"
+CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
+        "# The same two functions, with docstrings:\ndef add(a, b):\n")
+# Past Gemma 3's 512-token sliding window: verification rows must mask it as decoding does.
+LONG = "A log:\n" + "\n".join(f"line {i}: status ok, value {i * 7 % 13}" for i in range(60)) + "\nline 60:"
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+
+# -- the pieces, against independent references ---------------------------------------------
+
+def _propose_reference(tokens: list[int], k: int, max_n: int = 3, min_n: int = 1) -> list[int]:
+    for n in range(max_n, min_n - 1, -1):
+        for end in range(len(tokens) - 1, n - 1, -1):
+            if tokens[end - n : end] == tokens[len(tokens) - n :]:
+                return tokens[end : end + k]
+    return []
+
+
+def test_ngram_matches_a_plain_search():
+    rng = random.Random(0)
+    for _ in range(500):
+        tokens = [rng.randrange(6) for _ in range(rng.randrange(1, 40))]
+        k = rng.randrange(1, 6)
+        assert ngram.propose(tokens, k) == _propose_reference(tokens, k), tokens
+    # The longest suffix wins over a later shorter match, and the latest occurrence of it.
+    assert ngram.propose([1, 2, 3, 9, 7, 5, 2, 3, 8, 1, 2, 3], 2) == [9, 7]
+    assert ngram.propose([5, 1, 2, 7, 1, 2, 8, 1, 2], 3) == [8, 1, 2]
+    assert ngram.propose([1, 2, 3, 4], 3) == []
+
+
+def test_greedy_acceptance():
+    assert accept_greedy([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]  # all drafts, then the bonus token
+    assert accept_greedy([5, 6, 7], [5, 9, 7, 8]) == [5, 9]  # stops at the first disagreement
+    assert accept_greedy([5, 6, 7], [4, 6, 7, 8]) == [4]
+
+
+def test_settings_are_checked():
+    check_speculative(None, 99)  # off: K is not looked at
+    check_speculative("ngram", 1)
+    for method, k in (("ngram", 0), ("ngram", 17), ("ngram", 2.5), ("ngram", True), ("medusa", 4)):
+        with pytest.raises(InvalidRequestError) as error:
+            check_speculative(method, k)
+        assert "\n" not in str(error.value)
+
+
+def test_back_off_after_repeated_misses():
+    speculator, state = NgramSpeculator(4), SpeculationState()
+    tokens, greedy = [1, 2, 3, 1, 2], SamplingParams(temperature=0)
+    for i in range(MISSES_BEFORE_PAUSE):
+        assert speculator.propose(tokens, greedy, False, 10, state, 8) == [3, 1, 2]
+        speculator.record(state, 0, 10)
+    assert speculator.propose(tokens, greedy, False, 10 + FIRST_PAUSE - 1, state, 8) == []
+    assert speculator.propose(tokens, greedy, False, 10 + FIRST_PAUSE, state, 8) == [3, 1, 2]
+    assert state.pause == 2 * FIRST_PAUSE  # a second pause would be longer...
+    speculator.record(state, 2, 20)
+    assert state.pause == FIRST_PAUSE and state.misses == 0  # ...unless a draft is accepted
+    # Only plain greedy requests speculate.
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, logprobs=2),
+                   SamplingParams(temperature=0, repetition_penalty=1.2)):
+        assert speculator.propose(tokens, params, False, 100, SpeculationState(), 8) == []
+    assert speculator.propose(tokens, greedy, True, 100, SpeculationState(), 8) == []  # a grammar
+
+
+# -- the engine, on both real models ----------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["smollm2", "gemma3"])
+def make_llm(request):
+    path = request.getfixturevalue(f"{request.param}_path")
+
+    def make(**kwargs):
+        kwargs.setdefault("max_model_len", 1024)
+        kwargs.setdefault("kv_cache_memory", 64 * 2**20)
+        kwargs.setdefault("dtype", "float32")  # batch-invariant: verification rows equal decode rows
+        return LLM(path, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def engines(make_llm):
+    return make_llm(), make_llm(speculative_method="ngram", num_speculative_tokens=5)
+
+
+def _prompts(llm: LLM) -> list:
+    chat = llm.encode_messages([{"role": "user", "content": f"Copy this text word for word: {TEXT}"}])
+    return [COPY, OPEN, CODE, {"prompt_token_ids": chat}, LONG]
+
+
+def _assert_all_blocks_free(llm: LLM) -> None:
+    manager = llm.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks
+    assert all(count == 0 for count in manager.allocator.ref_counts)
+
+
+def _ids(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_greedy_identical_and_copying_is_accepted(engines):
+    plain, spec = engines
+    prompts = _prompts(spec)
+    assert len(spec.tokenizer.encode(LONG)) > 600
+    expected = _ids(plain.generate(prompts, GREEDY, use_tqdm=False))
+    stats = spec.engine.metrics
+    before = stats.spec_accepted_tokens
+    for prompt, want in zip(prompts, expected):  # one at a time: every one speculates
+        assert _ids(spec.generate(prompt, GREEDY, use_tqdm=False)) == [want]
+    assert stats.spec_accepted_tokens > before
+    assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens  # both accepted and rejected drafts
+    assert spec.engine.stats().spec_mean_accepted_length > 1.5
+    _assert_all_blocks_free(spec)
+
+
+def test_batched_with_sampled_and_penalised_requests(engines):
+    plain, spec = engines
+    params = [GREEDY, SamplingParams(temperature=0.8, seed=3, max_tokens=30),
+              SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=30)]
+    prompts = [COPY, OPEN, CODE]
+    expected = _ids(plain.generate(prompts, params, use_tqdm=False))
+    before = spec.engine.metrics.spec_verifications
+    assert _ids(spec.generate(prompts, params, use_tqdm=False)) == expected
+    # Three decoding at once is past the engine-wide limit: speculation starts once one finishes.
+    assert spec.engine.metrics.spec_verifications > before
+    _assert_all_blocks_free(spec)
+
+
+def test_stops_inside_an_accepted_run(engines):
+    plain, spec = engines
+    full = plain.generate(COPY, GREEDY, use_tqdm=False)[0].outputs[0]
+    word = full.text.split()[6]
+    stop_token = full.token_ids[17]
+    for params in (SamplingParams(temperature=0, max_tokens=40, stop=[word]),
+                   SamplingParams(temperature=0, max_tokens=40, stop=[word], include_stop_str_in_output=True),
+                   SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_token]),
+                   SamplingParams(temperature=0, max_tokens=13, ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=40, min_tokens=20, stop_token_ids=[stop_token])):
+        want, got = (llm.generate(COPY, params, use_tqdm=False)[0].outputs[0] for llm in (plain, spec))
+        assert (got.token_ids, got.text, got.finish_reason, got.stop_reason) == \
+               (want.token_ids, want.text, want.finish_reason, want.stop_reason), params
+    _assert_all_blocks_free(spec)
+
+
+def test_prefix_cache_holds_only_accepted_tokens(make_llm, engines):
+    plain, _ = engines
+    spec = make_llm(speculative_method="ngram", num_speculative_tokens=8)
+    block_size = spec.engine.block_manager.block_size
+    out = spec.generate(CODE, GREEDY, use_tqdm=False)[0]
+    assert spec.engine.metrics.spec_accepted_tokens < spec.engine.metrics.spec_draft_tokens  # some were rejected
+    tokens = out.prompt_token_ids + out.outputs[0].token_ids
+    chunks = {tuple(tokens[i : i + block_size]) for i in range(0, len(tokens) - block_size + 1, block_size)}
+    cached = [info.tokens for info in spec.engine.block_manager.block_info.values()]
+    assert cached and all(c in chunks for c in cached)
+    # A request that continues from the cached prefix gets what plain decoding gives it.
+    follow = {"prompt_token_ids": tokens[: len(tokens) - 3]}
+    before = spec.engine.block_manager.prefix_hits
+    assert _ids(spec.generate(follow, GREEDY, use_tqdm=False)) == _ids(plain.generate(follow, GREEDY, use_tqdm=False))
+    assert spec.engine.block_manager.prefix_hits > before
+    _assert_all_blocks_free(spec)
+
+
+def test_preemption_and_abort_leave_no_block(make_llm, engines):
+    import torch
+
+    from cholla.kv.paged_cache import bytes_per_block
+
+    plain, _ = engines
+    block_bytes = bytes_per_block(plain.engine.model_config, 16, torch.float32)
+    spec = make_llm(speculative_method="ngram", num_speculative_tokens=4, kv_cache_memory=10 * block_bytes,
+                    max_model_len=112, enable_prefix_caching=False)
+    prompts = [COPY, CODE]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    assert _ids(spec.generate(prompts, params, use_tqdm=False)) == _ids(plain.generate(prompts, params, use_tqdm=False))
+    assert spec.engine.metrics.preemptions > 0 and spec.engine.metrics.spec_accepted_tokens > 0
+    _assert_all_blocks_free(spec)
+
+    engine = spec.engine
+    engine.add_request("copy", COPY, params)
+    start = engine.metrics.spec_verifications
+    while engine.metrics.spec_verifications == start and engine.has_unfinished_requests():
+        engine.step()
+    assert engine.has_unfinished_requests()  # aborted while speculating
+    engine.abort("copy")
+    assert not engine.has_unfinished_requests()
+    _assert_all_blocks_free(spec)
+
+
+def test_metrics_reach_prometheus(engines):
+    from types import SimpleNamespace
+
+    from cholla.serve.metrics import ServerMetrics
+
+    _, spec = engines
+    spec.generate(COPY, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    host = SimpleNamespace(engine=SimpleNamespace(engine=spec.engine), num_in_flight=0)
+    text = ServerMetrics(host, "m").render().decode()
+    stats = spec.engine.stats()
+    assert stats.spec_verifications > 0
+    for name, value in (("drafts", stats.spec_verifications), ("draft_tokens", stats.spec_draft_tokens),
+                        ("accepted_tokens", stats.spec_accepted_tokens)):
+        assert f'cholla:spec_decode_num_{name}_total{{model_name="m"}} {float(value)}' in text
