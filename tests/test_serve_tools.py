@@ -61,6 +61,17 @@ def claude(live) -> anthropic.Anthropic:
     return anthropic_client(live)
 
 
+def _streamed_tool_use(claude: anthropic.Anthropic, kwargs: dict):
+    """The streamed reply's final message, after checking it streamed a tool_use block with input_json_delta."""
+    with claude.messages.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert any(e.type == "content_block_start" and e.content_block.type == "tool_use" for e in events)
+    assert any(e.type == "content_block_delta" and e.delta.type == "input_json_delta" for e in events)
+    assert final.stop_reason == "tool_use"
+    return final
+
+
 def _reassemble(chunks) -> tuple[str, list[tuple[str, str]], str]:
     """(content, [(name, arguments)], finish_reason) from OpenAI stream chunks; checks the delta shape."""
     content, calls, finish = "", {}, None
@@ -183,12 +194,7 @@ def test_anthropic_tool_use_round_trip(claude, expected_turns):
     assert message.stop_reason == "tool_use"
     uses = [b for b in message.content if b.type == "tool_use"]
     assert [(b.name, b.input) for b in uses] == [(c.name, c.arguments_dict) for c in first.tool_calls]
-    with claude.messages.stream(**kwargs) as stream:
-        events = list(stream)
-        final = stream.get_final_message()
-    assert any(e.type == "content_block_start" and e.content_block.type == "tool_use" for e in events)
-    assert any(e.type == "content_block_delta" and e.delta.type == "input_json_delta" for e in events)
-    assert final.stop_reason == "tool_use"
+    final = _streamed_tool_use(claude, kwargs)
     assert [(b.type, b.name, b.input) for b in final.content] == [(b.type, b.name, b.input) for b in uses]
 
     history = [*kwargs["messages"], {"role": "assistant", "content": [b.model_dump() for b in message.content]},
@@ -240,12 +246,7 @@ def test_anthropic_tool_choice_any_streamed_and_not(claude):
     assert message.stop_reason == "tool_use" and uses
     for block in uses:
         jsonschema.validate(block.input, SCHEMAS[block.name])
-    with claude.messages.stream(**kwargs) as stream:
-        events = list(stream)
-        final = stream.get_final_message()
-    assert any(e.type == "content_block_start" and e.content_block.type == "tool_use" for e in events)
-    assert any(e.type == "content_block_delta" and e.delta.type == "input_json_delta" for e in events)
-    assert final.stop_reason == "tool_use"
+    final = _streamed_tool_use(claude, kwargs)
     assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [(b.name, b.input) for b in uses]
 
 
