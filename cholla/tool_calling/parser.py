@@ -17,11 +17,12 @@ for both, so a stream always reassembles to the whole-text parse:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cholla.tool_calling.call import ToolCall, ToolCallDelta, new_call_id
-from cholla.tool_calling.json_scan import ObjectScan
+from cholla.tool_calling.json_scan import ObjectScan, skip_ws
 
 
 class NotACall(ValueError):
@@ -100,6 +101,33 @@ class ToolParser:
         scan = self.scan(text, final=True)
         calls = [ToolCall(self.new_id(), c.name, c.arguments) for c in scan.calls]
         return (scan.content or None) if calls else scan.content, calls
+
+
+def tagged_calls(text: str, start_tag: str, end_tag: str,
+                 call_at: Callable[[str, int], tuple[Item, int | None]]) -> list[Item]:
+    """Text and calls of a reply whose calls sit between ``start_tag`` and ``end_tag`` (Hermes,
+    Qwen3-Coder). ``call_at(text, at)`` reads the call starting at ``at``: the call and where it
+    ends, or None as the end while it is still growing. A last call the model ends without
+    ``end_tag`` (it stopped at end-of-turn) still counts."""
+    items: list[Item] = []
+    pos = 0
+    while True:
+        start = text.find(start_tag, pos)
+        if start < 0:
+            items.append(text[pos:])
+            return items
+        items.append(text[pos:start])
+        call, end = call_at(text, skip_ws(text, start + len(start_tag)))
+        items.append(call)
+        if end is None:
+            return items
+        after = skip_ws(text, end)
+        if text.startswith(end_tag, after):
+            pos = after + len(end_tag)
+        elif end_tag.startswith(text[after:]):  # the end tag still coming, or left out at the end
+            return items
+        else:
+            pos = end
 
 
 def _valid(call: PartialCall) -> bool:

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from cholla.tool_calling.json_scan import skip_ws
-from cholla.tool_calling.parser import Item, NotACall, PartialCall, ToolParser
+from cholla.tool_calling.parser import Item, NotACall, PartialCall, ToolParser, tagged_calls
 
 START, END = "<tool_call>", "</tool_call>"
 FUNCTION, FUNCTION_END = "<function=", "</function>"
@@ -72,28 +72,11 @@ class Qwen3CoderParser(ToolParser):
                 raise NotACall(f"unexpected text inside <function={name}>")
 
     def items(self, text: str, final: bool) -> list[Item]:
-        items: list[Item] = []
-        pos = 0
-        while True:
-            start = text.find(START, pos)
-            if start < 0:
-                items.append(text[pos:])
-                return items
-            items.append(text[pos:start])
-            body = skip_ws(text, start + len(START))
+        def function_call(text: str, body: int) -> tuple[Item, int | None]:
             if _partial(text, body, FUNCTION):
-                items.append(PartialCall(None, ""))
-                return items
+                return PartialCall(None, ""), None
             if not text.startswith(FUNCTION, body):
                 raise NotACall(f"{START} is not followed by {FUNCTION}")
-            call, end = self._function(text, body)
-            items.append(call)
-            if end is None:
-                return items
-            after = skip_ws(text, end)
-            if text.startswith(END, after):
-                pos = after + len(END)
-            elif END.startswith(text[after:]):
-                return items
-            else:
-                pos = end
+            return self._function(text, body)
+
+        return tagged_calls(text, START, END, function_call)
