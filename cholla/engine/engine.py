@@ -252,31 +252,27 @@ class LLMEngine:
         now = time.monotonic()
         outputs = []
         for i, (request, n, token, lp) in enumerate(zip(batch.requests, batch.num_tokens, tokens, logprobs)):
-            if targets and i in targets:
-                self._accept_drafts(self.states[request.request_id], targets[i], now)
-                outputs.append(self._make_output(self.states[request.request_id]))
-                if request.finish_reason is not None:
-                    self.scheduler.finish(request, request.finish_reason)
-                    self.metrics.on_finish(request.finish_reason, request.arrival_time, now)
-                    del self.states[request.request_id]
-                continue
-            request.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids, request.num_computed_tokens)
-            if prompt_logprobs is not None and prompt_logprobs[i] is not None:
-                request.prompt_logprobs += prompt_logprobs[i]
             state = self.states[request.request_id]
-            if i in dead_ends:
-                self._end_grammar(state, request.grammar.error or DEAD_END)
-            elif token is None:
-                if request.params.max_tokens != 0 or request.num_computed_tokens < request.num_tokens:
-                    continue
-                # max_tokens=0: the prompt is scored (prompt logprobs), nothing is generated.
-                request.finish_reason = "length"
-                request.first_token_time = request.last_token_time = now
+            if targets and i in targets:
+                self._accept_drafts(state, targets[i], now)  # counts its computed tokens itself
             else:
-                self._append_token(state, token, lp, now)
-                if request.grammar is not None and request.finish_reason is None:
-                    self._advance_grammar(state, now)
+                request.num_computed_tokens += n
+                self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids,
+                                                     request.num_computed_tokens)
+                if prompt_logprobs is not None and prompt_logprobs[i] is not None:
+                    request.prompt_logprobs += prompt_logprobs[i]
+                if i in dead_ends:
+                    self._end_grammar(state, request.grammar.error or DEAD_END)
+                elif token is None:
+                    if request.params.max_tokens != 0 or request.num_computed_tokens < request.num_tokens:
+                        continue
+                    # max_tokens=0: the prompt is scored (prompt logprobs), nothing is generated.
+                    request.finish_reason = "length"
+                    request.first_token_time = request.last_token_time = now
+                else:
+                    self._append_token(state, token, lp, now)
+                    if request.grammar is not None and request.finish_reason is None:
+                        self._advance_grammar(state, now)
             outputs.append(self._make_output(state))
             if request.finish_reason is not None:
                 self.scheduler.finish(request, request.finish_reason)
