@@ -31,6 +31,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
     blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
+    state_slot: int | None = None  # models with recurrent layers: its slot in the state cache while running
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop", "length", "abort" or "error" (a grammar dead end)
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it

@@ -18,6 +18,7 @@ from cholla.engine.outputs import PromptLogprob
 from cholla.engine.request import Request
 from cholla.engine.scheduler import ScheduledBatch
 from cholla.kv.paged_cache import PagedKVCache
+from cholla.kv.state_cache import StateCache, layer_caches
 from cholla.layers.attention import AttentionMetadata
 from cholla.sampling.sampler import SamplingBatch, sample
 from cholla.sampling.structured import StructuredOutputs, allowed_tokens
@@ -56,9 +57,11 @@ class PromptRows:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, eos_token_ids: set[int],
-                 structured: StructuredOutputs | None = None):
+                 structured: StructuredOutputs | None = None, state_cache: StateCache | None = None):
         self.model = model
         self.kv_cache = kv_cache
+        self.state_cache = state_cache  # models with recurrent layers; requests then own a state_slot
+        self.caches = layer_caches(kv_cache.layers, state_cache)
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = eos_token_ids
         self.structured = structured
@@ -104,13 +107,18 @@ class ModelRunner:
             num_prefills=batch.num_prefills,
             decode_context_lens=torch.tensor(context_lens[batch.num_prefills :], dtype=torch.long),
         )
+        if self.state_cache is not None:
+            slots = [r.state_slot for r in batch.requests]
+            # A prefill from the first token starts from a zero state; later chunks carry theirs on.
+            self.state_cache.reset([slot for r, slot in zip(batch.requests, slots) if r.num_computed_tokens == 0])
+            meta.state_slots = torch.tensor(slots, dtype=torch.long)
         return (torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), meta, logits_rows,
                 needs_token, prompt_rows)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
         input_ids, positions, meta, logits_rows, needs_token, prompt_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_cache.layers, meta)
+        hidden = self.model(input_ids, positions, self.caches, meta)
         sampled: list[int | None] = [None] * len(batch.requests)
         logprobs: list = [None] * len(batch.requests)
         scored = self._score_prompts(hidden, prompt_rows, len(batch.requests)) if prompt_rows else None
@@ -217,12 +225,14 @@ def forward_once(model: torch.nn.Module, token_ids: list[int], block_size: int =
     """Logits ``[len(token_ids), vocab]`` for one sequence in a throwaway cache (scoring, tests)."""
     n = len(token_ids)
     cache = PagedKVCache(model.config, num_blocks=-(-n // block_size), block_size=block_size)
+    states = StateCache(model.config, num_slots=1) if model.config.has_state else None
     meta = AttentionMetadata(
         slot_mapping=torch.arange(n),
         query_start_loc=[0, n],
         context_lens=[n],
         block_tables=torch.arange(cache.num_blocks)[None],
         num_prefills=1,
+        state_slots=torch.zeros(1, dtype=torch.long) if states is not None else None,
     )
-    hidden = model(torch.tensor(token_ids), torch.arange(n), cache.layers, meta)
+    hidden = model(torch.tensor(token_ids), torch.arange(n), layer_caches(cache.layers, states), meta)
     return model.compute_logits(hidden).float()

@@ -23,16 +23,19 @@ import torch
 from cholla.errors import InvalidRequestError
 from cholla.heap import mapped_zeros
 from cholla.kv.kv_types import CacheSide, KVCacheType, allocate, kv_cache_type
-from cholla.models.config import ModelConfig
+from cholla.models.config import ATTENTION_TYPES, ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16
 
 
 def layer_token_shapes(config: ModelConfig) -> list[tuple[tuple[int, int], ...]]:
-    """Per layer, the per-token shape ``(heads, dim)`` of each of its cache sides: (K, V), or the one latent."""
+    """Per layer, the per-token shape ``(heads, dim)`` of each of its cache sides: (K, V), the one
+    latent, or none for a layer without attention (a hybrid model's recurrent and MLP-only layers)."""
     if config.mla is not None:
-        return [((1, config.mla.kv_lora_rank + config.mla.qk_rope_head_dim),)] * config.num_layers
-    return [((config.num_kv_heads, config.head_dim),) * 2] * config.num_layers
+        sides = ((1, config.mla.kv_lora_rank + config.mla.qk_rope_head_dim),)
+    else:
+        sides = ((config.num_kv_heads, config.head_dim),) * 2
+    return [sides if kind in ATTENTION_TYPES else () for kind in config.layer_types]
 
 
 def _types(k_type: KVCacheType | torch.dtype, v_type: KVCacheType | torch.dtype | None) -> tuple[KVCacheType, ...]:

@@ -36,6 +36,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [seqs, max_blocks] block ids, padded with 0
     num_prefills: int  # the first num_prefills sequences are prefill chunks
     decode_context_lens: torch.Tensor | None = None  # [decodes] as a tensor, for masking
+    # Models with recurrent layers: [seqs] the state-cache slot of each sequence (kv/state_cache.py).
+    state_slots: torch.Tensor | None = None
 
 
 def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -15,6 +15,12 @@ from cholla.errors import ModelFormatError
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
+ATTENTION_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)  # the layer types that keep paged K and V
+# Recurrent layer types (hybrid models): a fixed-size state per sequence (``kv/state_cache.py``), no KV.
+LINEAR_ATTENTION = "linear_attention"  # Gated DeltaNet (Qwen3-Next, Qwen 3.5)
+MAMBA = "mamba"  # Mamba-2 mixer (Mamba-2, Nemotron-H, Granite 4 hybrid)
+SHORT_CONV = "conv"  # gated short convolution (LFM2)
+MLP_ONLY = "mlp"  # a layer with no token mixing at all (Nemotron-H's MLP and MoE layers)
 
 
 @dataclass
@@ -97,10 +103,19 @@ class ModelConfig:
     mla: MLAConfig | None = None
     qk_norm_full: bool = False  # OLMoE: one norm over all heads' q (and k)
     attention_sinks: bool = False  # GPT-OSS
+    # Hybrid models: per layer, the float32 state tensors one sequence keeps (conv state, recurrent
+    # state), each given by its shape without the slot axis; () for a layer without state. Empty: none.
+    # A layer may have both (Falcon-H1 runs attention and Mamba-2 side by side).
+    state_shapes: list[tuple[tuple[int, ...], ...]] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.layer_types:  # (the config's consistency is checked in config_checks.py)
             self.layer_types = [FULL_ATTENTION] * self.num_layers
+
+    @property
+    def has_state(self) -> bool:
+        """Whether some layer keeps a recurrent state per sequence (a hybrid or pure recurrent model)."""
+        return any(self.state_shapes)
 
     @property
     def attn_scale(self) -> float:

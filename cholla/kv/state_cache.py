@@ -1,0 +1,71 @@
+"""The second kind of cache: a fixed-size recurrent state per sequence, for hybrid models.
+
+A recurrent layer (Mamba-2, Gated DeltaNet, a short convolution) does not keep
+anything per token: it folds the whole prefix into a few tensors of fixed size
+(the last ``kernel - 1`` inputs of its causal convolution, and the recurrent
+state of its SSM or delta rule). So instead of blocks, the cache is a pool of
+*slots*: one per running sequence, each holding every recurrent layer's state
+tensors (``ModelConfig.state_shapes``), always in float32 whatever the weights'
+dtype, because the state accumulates over the whole sequence.
+
+A sequence takes a slot when it is scheduled and gives it back when it ends or
+is preempted; its prefill's first chunk starts from a zeroed slot (the runner
+resets it), later chunks and decode steps update it in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cholla.models.config import ModelConfig
+
+STATE_DTYPE = torch.float32
+
+
+def state_bytes_per_sequence(config: ModelConfig) -> int:
+    """Bytes one sequence's recurrent states take over all layers (0 for attention-only models)."""
+    return sum(math.prod(shape) for layer in config.state_shapes for shape in layer) * STATE_DTYPE.itemsize
+
+
+@dataclass
+class LayerCache:
+    """What one layer of a model with recurrent layers is handed each step: its KV cache
+    sides (empty for a layer without attention) and its state tensors, each
+    ``[num_slots, *shape]`` (empty for a layer without state). ``meta.state_slots``
+    says which slot each sequence of the step owns."""
+
+    kv: tuple
+    state: tuple[torch.Tensor, ...]
+
+
+class StateCache:
+    def __init__(self, config: ModelConfig, num_slots: int, device: str | torch.device = "cpu"):
+        self.num_slots = num_slots
+        self.layers: list[tuple[torch.Tensor, ...]] = [
+            tuple(torch.zeros((num_slots, *shape), dtype=STATE_DTYPE, device=device) for shape in layer)
+            for layer in config.state_shapes
+        ]
+
+    def reset(self, slots: list[int]) -> None:
+        """Zero the states of ``slots``: a sequence whose prefill starts from its first token."""
+        if not slots:
+            return
+        index = torch.tensor(slots, dtype=torch.long)
+        for layer in self.layers:
+            for state in layer:
+                state.index_fill_(0, index.to(state.device), 0.0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for layer in self.layers for t in layer)
+
+
+def layer_caches(kv_layers: list[tuple], state_cache: StateCache | None) -> list:
+    """Per layer, what the model's layers are called with: the KV sides alone for an
+    attention-only model (as always), a ``LayerCache`` per layer for a model with state."""
+    if state_cache is None:
+        return kv_layers
+    return [LayerCache(kv, state) for kv, state in zip(kv_layers, state_cache.layers)]
