@@ -21,6 +21,7 @@ LINEAR_ATTENTION = "linear_attention"  # Gated DeltaNet (Qwen3-Next, Qwen 3.5)
 MAMBA = "mamba"  # Mamba-2 mixer (Mamba-2, Nemotron-H, Granite 4 hybrid)
 SHORT_CONV = "conv"  # gated short convolution (LFM2)
 MLP_ONLY = "mlp"  # a layer with no token mixing at all (Nemotron-H's MLP and MoE layers)
+LAYER_TYPES = (*ATTENTION_TYPES, LINEAR_ATTENTION, MAMBA, SHORT_CONV, MLP_ONLY)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 from cholla.errors import ModelFormatError
 from cholla.formats.gguf import GGUFFile
 from cholla.formats.safetensors import HFFolder
-from cholla.models.config import SLIDING_ATTENTION, FULL_ATTENTION, ModelConfig, RopeConfig, config_from_gguf, config_from_hf
+from cholla.models.config import (LAYER_TYPES, ModelConfig, RopeConfig, config_from_gguf, config_from_hf)
 from cholla.models.gguf_names import gguf_to_hf_name
 
 # Beyond these no real model goes; a file that claims more is corrupt (and would allocate without bound).
@@ -199,8 +199,10 @@ def check_rope(config: ModelConfig, source: ConfigSource) -> None:
 def check_layer_kinds(config: ModelConfig, source: ConfigSource) -> None:
     if len(config.layer_types) != config.num_layers:
         source.fail("layer_types", len(config.layer_types), f"layer kinds do not match the {config.num_layers} layers")
-    if any(kind not in (FULL_ATTENTION, SLIDING_ATTENTION) for kind in config.layer_types):
-        source.fail("layer_types", config.layer_types, f"may hold only {FULL_ATTENTION!r} and {SLIDING_ATTENTION!r}")
+    if any(kind not in LAYER_TYPES for kind in config.layer_types):
+        source.fail("layer_types", config.layer_types, f"may hold only {', '.join(map(repr, LAYER_TYPES))}")
+    if config.state_shapes and len(config.state_shapes) != config.num_layers:
+        source.fail("layer_types", len(config.state_shapes), f"recurrent states do not match the {config.num_layers} layers")
     if config.sliding_window is not None and not (_is_int(config.sliding_window) and 1 <= config.sliding_window <= MAX_CONTEXT):
         source.fail("sliding_window", config.sliding_window, f"must be a whole number in [1, {MAX_CONTEXT}]")
     for field in ("final_logit_softcapping", "attn_logit_softcapping", "query_pre_attn_scalar"):
