@@ -26,12 +26,21 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB", help="KV cache size in GiB")
     _add_kv_type_options(p)
     _add_compute_options(p)
+    _add_speculative_options(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def _add_speculative_options(p: argparse.ArgumentParser) -> None:
+    from cholla.speculative.config import DEFAULT_NGRAM_CACHE_SIZE
+
     p.add_argument("--speculative-method", choices=["ngram"], default=None,
-                   help="ngram: draft tokens from the prompt and output (prompt lookup) and verify them in one step; "
-                        "greedy requests only (default: off)")
+                   help="ngram: draft tokens from the prompt and output (prompt lookup) and verify them in one step, "
+                        "keeping the output's distribution (default: off)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="drafts verified per step with --speculative-method, 1-16 (default 4)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--speculative-ngram-cache-size", type=int, default=DEFAULT_NGRAM_CACHE_SIZE, metavar="N",
+                   help="n-grams of earlier requests kept for drafting (LRU, ~350 bytes each; 0: only the "
+                        f"request's own tokens; default {DEFAULT_NGRAM_CACHE_SIZE})")
 
 
 def _add_kv_type_options(p: argparse.ArgumentParser) -> None:
@@ -252,7 +261,8 @@ def _flag_list(values: list[str] | None) -> list[str] | None:
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"max_model_len": args.max_model_len, "dtype": args.dtype, "threads": args.threads,
               "kv_cache_dtype": args.kv_cache_dtype, "cache_type_k": args.cache_type_k, "cache_type_v": args.cache_type_v,
-              "speculative_method": args.speculative_method, "num_speculative_tokens": args.num_speculative_tokens}
+              "speculative_method": args.speculative_method, "num_speculative_tokens": args.num_speculative_tokens,
+              "speculative_ngram_cache_size": args.speculative_ngram_cache_size}
     if args.kv_cache_memory:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
     return kwargs

@@ -12,6 +12,7 @@ from cholla import LLM, SamplingParams
 from cholla.errors import InvalidRequestError
 from cholla.speculative import ngram
 from cholla.speculative.config import check_speculative
+from cholla.speculative.ngram_cache import NgramCache
 from cholla.speculative.speculator import FIRST_PAUSE, MISSES_BEFORE_PAUSE, NgramSpeculator, SpeculationState
 from cholla.speculative.verify import accept_greedy
 
@@ -48,6 +49,24 @@ def test_ngram_matches_a_plain_search():
     assert ngram.propose([1, 2, 3, 4], 3) == []
 
 
+def test_ngram_cache_keeps_the_latest_continuation_and_forgets_the_oldest():
+    cache = NgramCache(capacity=100, span=3)
+    cache.add([1, 2, 3, 4, 5, 6])
+    cache.add([9, 2, 3, 7, 8])
+    assert cache.lookup([0, 9, 2, 3], 5) == ([7, 8], 3)  # the 3-gram (9, 2, 3)
+    assert cache.lookup([0, 1, 2, 3], 5) == ([4, 5, 6], 3)
+    assert cache.lookup([5, 2, 3], 2) == ([7, 8], 2)  # no 3-gram: the 2-gram's latest continuation
+    assert cache.lookup([5, 2, 3], 2, min_n=3) == ([], 0)
+    assert cache.lookup([4, 5], 4) == ([6], 2) and cache.lookup([7, 3], 4) == ([], 0)  # no unigrams
+    assert cache.lookup([6], 4) == ([], 0)
+    small = NgramCache(capacity=4, span=2)
+    small.add([1, 2, 3, 4, 5])  # (1,2) (2,3) (1,2,3) (3,4) (2,3,4): the oldest, (1,2), goes
+    assert len(small) == 4 and small.lookup([1, 2], 2) == ([], 0)
+    assert small.lookup([1, 2, 3], 2) == ([4, 5], 3)
+    small.add([7, 8, 9])  # (7,8) evicts the least recently used, (2,3), not (1,2,3) just looked up
+    assert len(small) == 4 and small.lookup([1, 2, 3], 2) == ([4, 5], 3) and small.lookup([0, 2, 3], 2) == ([], 0)
+
+
 def test_greedy_acceptance():
     assert accept_greedy([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]  # all drafts, then the bonus token
     assert accept_greedy([5, 6, 7], [5, 9, 7, 8]) == [5, 9]  # stops at the first disagreement
@@ -57,9 +76,10 @@ def test_greedy_acceptance():
 def test_settings_are_checked():
     check_speculative(None, 99)  # off: K is not looked at
     check_speculative("ngram", 1)
-    for method, k in (("ngram", 0), ("ngram", 17), ("ngram", 2.5), ("ngram", True), ("medusa", 4)):
+    for method, k, size in (("ngram", 0, 0), ("ngram", 17, 0), ("ngram", 2.5, 0), ("ngram", True, 0), ("medusa", 4, 0),
+                            ("ngram", 4, -1), ("ngram", 4, 1.5)):
         with pytest.raises(InvalidRequestError) as error:
-            check_speculative(method, k)
+            check_speculative(method, k, size)
         assert "\n" not in str(error.value)
 
 
@@ -74,9 +94,10 @@ def test_back_off_after_repeated_misses():
     assert state.pause == 2 * FIRST_PAUSE  # a second pause would be longer...
     speculator.record(state, 2, 20)
     assert state.pause == FIRST_PAUSE and state.misses == 0  # ...unless a draft is accepted
-    # Only plain greedy requests speculate.
-    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, logprobs=2),
-                   SamplingParams(temperature=0, repetition_penalty=1.2)):
+    # Sampled and penalised requests speculate; logprobs, a grammar or an opt-out do not.
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, repetition_penalty=1.2)):
+        assert speculator.propose(tokens, params, False, 100, SpeculationState(), 8) == [3, 1, 2]
+    for params in (SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0.7, speculative_decoding=False)):
         assert speculator.propose(tokens, params, False, 100, SpeculationState(), 8) == []
     assert speculator.propose(tokens, greedy, True, 100, SpeculationState(), 8) == []  # a grammar
 
@@ -201,6 +222,26 @@ def test_preemption_and_abort_leave_no_block(make_llm, engines):
     assert engine.has_unfinished_requests()  # aborted while speculating
     engine.abort("copy")
     assert not engine.has_unfinished_requests()
+    _assert_all_blocks_free(spec)
+
+
+def test_shared_cache_drafts_what_an_earlier_request_wrote(engines):
+    """A request whose answer another request already gave drafts it from the shared cache:
+    its own prompt holds nothing to copy, yet most drafts are accepted, and the output is plain decoding's."""
+    plain, spec = engines
+    prompt = "Write two sentences about a lighthouse on a rocky island."
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = _ids(plain.generate(prompt, params, use_tqdm=False))
+    runs = []
+    for _ in range(2):
+        before = spec.engine.stats()
+        assert _ids(spec.generate(prompt, params, use_tqdm=False)) == want
+        after = spec.engine.stats()
+        runs.append((after.spec_draft_tokens - before.spec_draft_tokens,
+                     after.spec_accepted_tokens - before.spec_accepted_tokens,
+                     after.spec_verifications - before.spec_verifications))
+    (_, first_accepted, _), (drafts, accepted, steps) = runs
+    assert accepted > 2 * first_accepted and accepted > 0.8 * drafts and 1 + accepted / steps > 3
     _assert_all_blocks_free(spec)
 
 

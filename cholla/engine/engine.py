@@ -23,7 +23,7 @@ from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
 from cholla.sampling.structured import DEAD_END, StructuredOutputs
-from cholla.speculative.config import DEFAULT_SPECULATIVE_TOKENS, check_speculative
+from cholla.speculative.config import DEFAULT_NGRAM_CACHE_SIZE, DEFAULT_SPECULATIVE_TOKENS, check_speculative
 from cholla.speculative.speculator import NgramSpeculator
 from cholla.speculative.verify import accept_greedy
 from cholla.heap import keep_buffers_mapped, release_free_memory
@@ -60,6 +60,7 @@ class EngineConfig:
     cache_type_v: str | None = None
     speculative_method: str | None = None  # "ngram" (prompt lookup); None: no speculation
     num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS  # K: drafts verified per step and sequence
+    speculative_ngram_cache_size: int = DEFAULT_NGRAM_CACHE_SIZE  # n-grams shared across requests; 0: off
 
 
 def _available_memory() -> int:
@@ -108,7 +109,7 @@ class _RequestState:
 class LLMEngine:
     def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        check_speculative(config.speculative_method, config.num_speculative_tokens)
+        check_speculative(config.speculative_method, config.num_speculative_tokens, config.speculative_ngram_cache_size)
         kv_cache_types(config, "float32")  # a misspelt KV type fails before the model loads
         keep_buffers_mapped()
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
@@ -142,7 +143,8 @@ class LLMEngine:
             layout.num_tokens, max_len, layout.max_concurrency,
         )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.speculator = NgramSpeculator(config.num_speculative_tokens) if config.speculative_method else None
+        self.speculator = (NgramSpeculator(config.num_speculative_tokens, config.speculative_ngram_cache_size)
+                           if config.speculative_method else None)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len), self.block_manager,
             self.speculator,

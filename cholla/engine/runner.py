@@ -20,8 +20,9 @@ from cholla.engine.scheduler import ScheduledBatch
 from cholla.kv.paged_cache import PagedKVCache
 from cholla.kv.state_cache import StateCache, layer_caches
 from cholla.layers.attention import AttentionMetadata
-from cholla.sampling.sampler import SamplingBatch, sample
+from cholla.sampling.sampler import SamplingBatch, sample, skip_draws
 from cholla.sampling.structured import StructuredOutputs, allowed_tokens
+from cholla.speculative.verify import accept_greedy
 
 
 @dataclass
@@ -140,6 +141,9 @@ class ModelRunner:
             eos_token_ids=self.eos_token_ids,
             allowed=allowed,
         )
+        # A seeded speculating request draws once per row; the draws of rows past its accepted run are undone.
+        seeded = {i: r.generator.get_state() for i, r in enumerate(batch.requests)
+                  if r.draft_token_ids and r.generator is not None and not r.params.greedy}
         out = sample(logits, sampling)
         tokens = out.token_ids.tolist()
         targets: dict[int, list[int]] = {}
@@ -151,6 +155,8 @@ class ModelRunner:
             sampled[i] = tokens[row]
             if out.logprobs is not None and requests[row].params.logprobs is not None:
                 logprobs[i] = out.logprobs[row]
+        for i, state in seeded.items():
+            _rewind(batch.requests[i], targets[i], state, logits.shape[-1])
         dead_ends = {needs_token[row] for row in dead_rows}
         for i in dead_ends:
             sampled[i] = logprobs[i] = None
@@ -207,6 +213,15 @@ class ModelRunner:
             allowed = allowed.clone()
             allowed[dead] = True
         return (rows, allowed), [rows[d] for d in dead]
+
+
+def _rewind(request: Request, targets: list[int], state: torch.Tensor, vocab_size: int) -> None:
+    """Leave a seeded request's generator where plain decoding of the kept tokens would: it drew
+    once per row, and the rows past the accepted run were never tokens of the output."""
+    kept = len(accept_greedy(request.draft_token_ids, targets))
+    if kept < len(targets):
+        request.generator.set_state(state)
+        skip_draws(request.generator, kept, vocab_size)
 
 
 def _outputs_so_far(requests: list[Request]) -> list[list[int]]:

@@ -54,6 +54,8 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+        if self.speculator is not None:
+            self.speculator.observe(request.prompt_token_ids)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -65,6 +67,8 @@ class Scheduler:
         elif request.status == RequestStatus.WAITING and request in self.waiting:
             self.waiting.remove(request)
         self.block_manager.free(request.blocks)
+        if self.speculator is not None and request.status != RequestStatus.FINISHED:
+            self.speculator.observe(request.all_token_ids)
         request.status = RequestStatus.FINISHED
         request.finish_reason = request.finish_reason or reason
 

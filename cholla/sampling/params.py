@@ -104,6 +104,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     prompt_logprobs: int | None = None  # top alternatives per prompt token, computed in the prefill
     structured_outputs: StructuredOutputsParams | None = None  # grammar-constrained decoding
+    speculative_decoding: bool = True  # False: decode one token per step even when the engine speculates
 
     def __post_init__(self):
         try:
@@ -171,6 +172,8 @@ class SamplingParams:
                 _fail("logit_bias", self.logit_bias, "keyed by non-negative token ids")
             if any(not _is_number(b) or abs(b) > MAX_LOGIT_BIAS for b in self.logit_bias.values()):
                 _fail("logit_bias", self.logit_bias, f"a mapping to finite numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if not isinstance(self.speculative_decoding, bool):
+            _fail("speculative_decoding", self.speculative_decoding, "true or false")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             _fail("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
 

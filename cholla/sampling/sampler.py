@@ -8,6 +8,10 @@ skipped (its tensor is None). Order, as vLLM:
     frequency/presence penalties → greedy rows: argmax
     others: temperature → top-k → top-p → min-p → draw
 
+``process_logits`` runs every stage before the draw and ``probabilities`` gives the
+distribution a row's token is drawn from: what speculative verification compares
+drafts against, from the same pipeline.
+
 The stage functions (``apply_*``) work on ``logits: [batch, vocab]`` with one
 parameter per row and return new tensors; their semantics are transformers'
 ``TopKLogitsWarper`` etc., so they can be checked against them.
@@ -257,6 +261,11 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return x.max(dim=-1).indices
 
 
+def _noise(generator: torch.Generator, vocab_size: int) -> torch.Tensor:
+    """One seeded row's draw: ``vocab_size`` Exp(1) variates from its own generator."""
+    return torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
+
+
 def random_sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """Draw one token per row of ``probs: [batch, vocab]``.
 
@@ -269,11 +278,16 @@ def random_sample(probs: torch.Tensor, generators: list[torch.Generator | None])
     if len(seeded) < len(generators):
         q.exponential_()
     for row in seeded:
-        g = generators[row]
-        q[row] = torch.empty(probs.shape[-1], device=g.device).exponential_(generator=g).to(probs.device)
+        q[row] = _noise(generators[row], probs.shape[-1]).to(probs.device)
     # exponential_ may return exactly 0; keep masked tokens (prob 0) at 0 instead of NaN.
     q.clamp_(min=torch.finfo(q.dtype).tiny)
     return argmax(probs / q)
+
+
+def skip_draws(generator: torch.Generator, num_rows: int, vocab_size: int) -> None:
+    """Advance ``generator`` past ``num_rows`` rows' draws, exactly as ``random_sample`` takes them."""
+    for _ in range(num_rows):
+        _noise(generator, vocab_size)
 
 
 def compute_logprobs(
@@ -293,9 +307,12 @@ def compute_logprobs(
 # -- the sampler -----------------------------------------------------------------
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """``logits: [batch, vocab]`` float32 → one token per row (and logprobs where asked)."""
-    raw = logits
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Every stage before the draw, ``[batch, vocab]``: the logits each row's token is chosen from.
+
+    A greedy row's are its penalised logits (temperature 1, no truncation: its argmax is the
+    token); a sampled row's softmax is the exact distribution its token is drawn from.
+    """
     if batch.allowed is not None:
         logits = apply_allowed(logits, *batch.allowed)
     if batch.logit_bias is not None:
@@ -307,23 +324,44 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
             logits, batch.prompt_counts, batch.output_counts,
             batch.repetition_penalties, batch.frequency_penalties, batch.presence_penalties,
         )
-
     if batch.all_greedy:
-        token_ids = argmax(logits)
+        return logits
+    logits = apply_temperature(logits, batch.temperatures)
+    if batch.top_k is not None:
+        logits = apply_top_k(logits, batch.top_k)
+    if batch.top_p is not None:
+        logits = apply_top_p(logits, batch.top_p)
+    if batch.min_p is not None:
+        logits = apply_min_p(logits, batch.min_p)
+    return logits
+
+
+def probabilities(processed: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The distribution ``sample`` draws each row's token from, ``[batch, vocab]`` float32.
+
+    ``processed`` comes from ``process_logits``. A greedy row is one-hot at its argmax, so
+    speculative rejection sampling (``cholla.speculative.verify``) treats it as any other row.
+    """
+    if batch.all_greedy:
+        return torch.zeros_like(processed).scatter_(1, argmax(processed)[:, None], 1.0)
+    probs = processed.softmax(dim=-1)
+    if not batch.all_random:
+        one_hot = torch.zeros_like(probs).scatter_(1, argmax(processed)[:, None], 1.0)
+        probs = torch.where(batch.greedy_mask[:, None], one_hot, probs)
+    return probs
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """``logits: [batch, vocab]`` float32 → one token per row (and logprobs where asked)."""
+    processed = process_logits(logits, batch)
+    if batch.all_greedy:
+        token_ids = argmax(processed)
     else:
-        greedy_ids = None if batch.all_random else argmax(logits)
-        logits = apply_temperature(logits, batch.temperatures)
-        if batch.top_k is not None:
-            logits = apply_top_k(logits, batch.top_k)
-        if batch.top_p is not None:
-            logits = apply_top_p(logits, batch.top_p)
-        if batch.min_p is not None:
-            logits = apply_min_p(logits, batch.min_p)
-        token_ids = random_sample(logits.softmax(dim=-1), batch.generators)
-        if greedy_ids is not None:
-            token_ids = torch.where(batch.greedy_mask, greedy_ids, token_ids)
+        token_ids = random_sample(processed.softmax(dim=-1), batch.generators)
+        if not batch.all_random:
+            token_ids = torch.where(batch.greedy_mask, argmax(processed), token_ids)
 
     logprobs = None
     if batch.max_num_logprobs is not None:
-        logprobs = compute_logprobs(raw, token_ids, batch.num_logprobs)
+        logprobs = compute_logprobs(logits, token_ids, batch.num_logprobs)
     return SamplerOutput(token_ids, logprobs)

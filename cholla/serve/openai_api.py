@@ -139,6 +139,7 @@ class SamplingRequest(StrictModel):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token, in vLLM's shape
+    speculative_decoding: bool | None = None  # false: this request never speculates (server flag --speculative-method)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Structured output (see structured_outputs_params()): OpenAI's, vLLM's and llama.cpp's spellings.
@@ -159,7 +160,8 @@ class SamplingRequest(StrictModel):
     def sampling_kwargs(self) -> dict[str, Any]:
         fields = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                   "repetition_penalty", "seed", "stop", "stop_token_ids", "min_tokens", "logit_bias",
-                  "ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "prompt_logprobs")
+                  "ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "prompt_logprobs",
+                  "speculative_decoding")
         kwargs = {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
         constraint = structured_outputs_params(self)
         return {**kwargs, "structured_outputs": constraint} if constraint is not None else kwargs

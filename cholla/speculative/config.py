@@ -9,10 +9,12 @@ METHODS = ("ngram",)
 # than the few drafts that survive that far ever save.
 MAX_SPECULATIVE_TOKENS = 16
 DEFAULT_SPECULATIVE_TOKENS = 4
+# N-grams the engine-wide cache holds (ngram_cache.py): ~350 bytes each, ~22 MiB in all.
+DEFAULT_NGRAM_CACHE_SIZE = 65536
 
 
-def check_speculative(method: str | None, num_speculative_tokens: int) -> None:
-    """Raise a one-line ``InvalidRequestError`` for an unknown method or a K out of range."""
+def check_speculative(method: str | None, num_speculative_tokens: int, ngram_cache_size: int = 0) -> None:
+    """Raise a one-line ``InvalidRequestError`` for an unknown method, a K out of range or a bad cache size."""
     if method is None:
         return
     if method not in METHODS:
@@ -21,4 +23,8 @@ def check_speculative(method: str | None, num_speculative_tokens: int) -> None:
             or not 1 <= num_speculative_tokens <= MAX_SPECULATIVE_TOKENS):
         raise InvalidRequestError(
             f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {num_speculative_tokens!r}"
+        )
+    if isinstance(ngram_cache_size, bool) or not isinstance(ngram_cache_size, int) or ngram_cache_size < 0:
+        raise InvalidRequestError(
+            f"speculative_ngram_cache_size must be an integer >= 0 (0 turns the shared cache off), got {ngram_cache_size!r}"
         )

@@ -17,8 +17,13 @@ MIN_NGRAM = 1
 
 def propose(token_ids: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM) -> list[int]:
     """Up to ``k`` draft tokens for ``token_ids`` (prompt + output), or [] when no suffix recurs."""
+    return match(token_ids, k, max_n, min_n)[0]
+
+
+def match(token_ids: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM) -> tuple[list[int], int]:
+    """``propose``'s drafts and the length of the suffix that matched (0: none)."""
     if k <= 0 or len(token_ids) < 2:
-        return []
+        return [], 0
     tokens = np.asarray(token_ids, dtype=np.int64)
     length = len(tokens)
     for n in range(min(max_n, length - 1), min_n - 1, -1):
@@ -28,5 +33,5 @@ def propose(token_ids: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = M
             ends = ends[tokens[ends - 1 - back] == tokens[length - 1 - back]]
         if ends.size:
             end = int(ends[-1])
-            return tokens[end : end + k].tolist()
-    return []
+            return tokens[end : end + k].tolist(), n
+    return [], 0

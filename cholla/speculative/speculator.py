@@ -1,10 +1,10 @@
 """Who speculates this step, how far, and when to stop trying.
 
-Only greedy requests without a grammar, logprobs or penalties speculate in this
-slice: their next token is the plain argmax, so verification is a comparison.
-(Sampled requests would need rejection sampling; a grammar would need its mask
-for every drafted position; logprobs and penalties change with each accepted
-token.) Everything else decodes one token per step, exactly as before.
+Greedy and sampled requests speculate, penalties included: each drafted row is
+sampled as plain decoding would sample it (``verify.py``: for point-mass drafts
+that is speculative sampling). Requests with a grammar (its mask would be needed
+at every drafted position), with logprobs, or that opted out
+(``SamplingParams.speculative_decoding=False``) decode one token per step.
 
 Back-off, per sequence: after ``MISSES_BEFORE_PAUSE`` verifications in a row that
 accepted nothing, the sequence stops proposing for ``pause`` generated tokens;
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from cholla.sampling.params import SamplingParams
 from cholla.speculative import ngram
+from cholla.speculative.ngram_cache import NgramCache
 
 MISSES_BEFORE_PAUSE = 3
 FIRST_PAUSE = 8
@@ -44,15 +45,17 @@ class SpeculationState:
 
 
 def can_speculate(params: SamplingParams, has_grammar: bool) -> bool:
-    return (params.greedy and not has_grammar and params.logprobs is None and params.repetition_penalty == 1.0
-            and params.frequency_penalty == 0.0 and params.presence_penalty == 0.0)
+    return params.speculative_decoding and not has_grammar and params.logprobs is None
 
 
 class NgramSpeculator:
-    """Prompt-lookup drafts of up to ``k`` tokens for sequences that can use them."""
+    """Drafts of up to ``k`` tokens for sequences that can use them: from the sequence's own
+    tokens (prompt lookup), or, where an engine-wide cache of ``cache_size`` n-grams (0: none)
+    knows a longer match, from what other requests wrote after the same words."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, cache_size: int = 0):
         self.k = k
+        self.cache = NgramCache(cache_size, k) if cache_size else None
 
     def propose(self, token_ids: list[int], params: SamplingParams, has_grammar: bool, num_output: int,
                 state: SpeculationState, limit: int) -> list[int]:
@@ -60,7 +63,16 @@ class NgramSpeculator:
         limit = min(self.k, limit)
         if limit <= 0 or num_output < state.resume_at or not can_speculate(params, has_grammar):
             return []
-        return ngram.propose(token_ids, limit)
+        drafts, n = ngram.match(token_ids, limit)
+        if self.cache is not None and n < ngram.MAX_NGRAM:
+            cached, _ = self.cache.lookup(token_ids, limit, min_n=n + 1)
+            drafts = cached or drafts
+        return drafts
+
+    def observe(self, token_ids: list[int]) -> None:
+        """Feed a request's tokens to the shared cache (a prompt as it arrives, prompt + output as it ends)."""
+        if self.cache is not None:
+            self.cache.add(token_ids)
 
     @staticmethod
     def record(state: SpeculationState, num_accepted: int, num_output: int) -> None:
