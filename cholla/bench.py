@@ -12,7 +12,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +50,25 @@ class BenchReport:
     tests: list[BenchTest] = field(default_factory=list)
     peak_rss_bytes: int = 0
     profile: str = ""  # with --profile: where each test's time goes, op by op
+    speculative: SpeculativeStats | None = None  # with a speculative method: its counts over the tg runs
+
+
+@dataclass
+class SpeculativeStats:
+    method: str
+    num_speculative_tokens: int
+    verifications: int  # steps in which a sequence verified drafts
+    draft_tokens: int
+    accepted_tokens: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verification step: the accepted drafts and the model's own token."""
+        return 1 + self.accepted_tokens / self.verifications if self.verifications else 0.0
 
 
 def _random_prompt(length: int, vocab_size: int, generator: torch.Generator) -> list[int]:
@@ -89,8 +108,15 @@ def run_bench(
     seed: int = 0,
     profile: bool = False,
     kv_cache_dtype: str = "auto",
+    speculative_method: str | None = None,
+    num_speculative_tokens: int = 4,
+    speculative_ngram_cache_size: int = 0,
 ) -> BenchReport:
     """Load the model once and run pp{n_prompt} then tg{n_gen}; a count of 0 skips that test.
+
+    ``speculative_method``: decode with speculation (as ``EngineConfig``), reporting its counts
+    over the tg runs. The shared n-gram cache is off by default here: the tg runs would draft
+    each other's text.
 
     ``profile``: run each test once more under ``torch.profiler`` and keep the
     ops that took the most time (our kernels appear as ``cholla::...``).
@@ -100,12 +126,15 @@ def run_bench(
     path = Path(model_path)
     config = EngineConfig(
         max_model_len=max(n_prompt, n_gen + 1) + 1,
-        max_num_batched_tokens=max(n_prompt, 1),
+        max_num_batched_tokens=max(n_prompt, 1 + (num_speculative_tokens if speculative_method else 0)),
         kv_cache_memory=BENCH_KV_CACHE_MEMORY,
         enable_prefix_caching=False,
         dtype=dtype,
         threads=threads,
         kv_cache_dtype=kv_cache_dtype,
+        speculative_method=speculative_method,
+        num_speculative_tokens=num_speculative_tokens,
+        speculative_ngram_cache_size=speculative_ngram_cache_size,
     )
     engine = LLMEngine(path, config)
     vocab_size = engine.model_config.vocab_size
@@ -119,8 +148,14 @@ def run_bench(
         rates = [time_prefill(engine, _random_prompt(n_prompt, vocab_size, generator)) for _ in range(repetitions)]
         report.tests.append(BenchTest(f"pp{n_prompt}", rates))
     if n_gen:
+        before = engine.stats()
         rates = [time_decode(engine, _random_prompt(1, vocab_size, generator)[0], n_gen) for _ in range(repetitions)]
         report.tests.append(BenchTest(f"tg{n_gen}", rates))
+        after = engine.stats()
+        if speculative_method:
+            report.speculative = SpeculativeStats(
+                speculative_method, num_speculative_tokens, after.spec_verifications - before.spec_verifications,
+                after.spec_draft_tokens - before.spec_draft_tokens, after.spec_accepted_tokens - before.spec_accepted_tokens)
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     if profile:
         runs = [(f"pp{n_prompt}", lambda: time_prefill(engine, _random_prompt(n_prompt, vocab_size, generator)))] if n_prompt else []
@@ -151,6 +186,9 @@ def report_dict(report: BenchReport) -> dict:
         "threads": report.threads,
         "tests": [{"name": t.name, "tokens_per_s": t.tokens_per_s, "mean": t.mean, "sd": t.sd} for t in report.tests],
         "peak_rss_bytes": report.peak_rss_bytes,
+        "speculative": None if report.speculative is None else {
+            **asdict(report.speculative), "acceptance_rate": report.speculative.acceptance_rate,
+            "mean_accepted_length": report.speculative.mean_accepted_length},
     }
 
 
@@ -164,6 +202,11 @@ def format_table(report: BenchReport) -> str:
             f"| {test.mean:.2f} ± {test.sd:.2f} |"
         )
     lines.append("")
+    spec = report.speculative
+    if spec is not None:
+        lines.append(f"speculative ({spec.method}, K={spec.num_speculative_tokens}) over the tg runs: "
+                     f"{spec.draft_tokens} drafts proposed, {spec.accepted_tokens} accepted ({spec.acceptance_rate:.0%}), "
+                     f"{spec.mean_accepted_length:.2f} tokens per verification step ({spec.verifications} steps)")
     lines.append(f"peak RSS: {report.peak_rss_bytes / 2**20:.0f} MiB")
     if report.profile:
         lines += ["", report.profile]

@@ -47,6 +47,11 @@ class TurnStats:
     prefill_s: float  # request sent → first token
     decode_s: float  # first token → last token
     finish_reason: str
+    # Speculative decoding during this answer (an engine with --speculative-method): drafts proposed,
+    # drafts accepted, verification steps.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verifications: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -95,7 +100,7 @@ class ChatSession:
         messages = self.messages() + [{"role": "user", "content": text}]
         prompt_ids = self.llm.encode_messages(messages)
         request_id = f"chat-{next(self._ids)}"
-        start = time.perf_counter()
+        start, before = time.perf_counter(), engine.stats()
         engine.add_request(request_id, {"prompt_token_ids": prompt_ids}, self.params)
         first = last = None
         answer, num_tokens, cached = "", 0, 0
@@ -124,6 +129,10 @@ class ChatSession:
             decode_s=(last - first) if first else 0.0,
             finish_reason=finish_reason or "abort",
         )
+        after = engine.stats()
+        self.last_stats.draft_tokens = after.spec_draft_tokens - before.spec_draft_tokens
+        self.last_stats.accepted_tokens = after.spec_accepted_tokens - before.spec_accepted_tokens
+        self.last_stats.verifications = after.spec_verifications - before.spec_verifications
         return self.last_stats
 
 
@@ -244,6 +253,11 @@ class ChatLoop:
             f"finish: {stats.finish_reason}\n"
             f"context: {stats.context_used} / {max_len} tokens ({100 * stats.context_used / max_len:.0f}%)"
         )
+        if self.session.llm.engine.speculator is not None:
+            rate = stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0
+            length = 1 + stats.accepted_tokens / stats.verifications if stats.verifications else 0.0
+            self._print(f"speculative: {stats.draft_tokens} drafts proposed, {stats.accepted_tokens} accepted "
+                        f"({rate:.0%}), {length:.2f} tokens per verification step ({stats.verifications} steps)")
         return True
 
     def _model(self, _: str) -> bool:

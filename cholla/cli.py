@@ -30,17 +30,19 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
 
-def _add_speculative_options(p: argparse.ArgumentParser) -> None:
+def _add_speculative_options(p: argparse.ArgumentParser, ngram_cache_size: int | None = None) -> None:
     from cholla.speculative.config import DEFAULT_NGRAM_CACHE_SIZE
+
+    ngram_cache_size = DEFAULT_NGRAM_CACHE_SIZE if ngram_cache_size is None else ngram_cache_size
 
     p.add_argument("--speculative-method", choices=["ngram"], default=None,
                    help="ngram: draft tokens from the prompt and output (prompt lookup) and verify them in one step, "
                         "keeping the output's distribution (default: off)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="drafts verified per step with --speculative-method, 1-16 (default 4)")
-    p.add_argument("--speculative-ngram-cache-size", type=int, default=DEFAULT_NGRAM_CACHE_SIZE, metavar="N",
+    p.add_argument("--speculative-ngram-cache-size", type=int, default=ngram_cache_size, metavar="N",
                    help="n-grams of earlier requests kept for drafting (LRU, ~350 bytes each; 0: only the "
-                        f"request's own tokens; default {DEFAULT_NGRAM_CACHE_SIZE})")
+                        f"request's own tokens; default {ngram_cache_size})")
 
 
 def _add_kv_type_options(p: argparse.ArgumentParser) -> None:
@@ -171,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", action="store_true", help="then profile one more run of each test, op by op")
     bench.add_argument("--kv-cache-dtype", default="auto", metavar="TYPE", help="what the KV cache holds (as for run)")
     _add_compute_options(bench)
+    _add_speculative_options(bench, ngram_cache_size=0)
     bench.add_argument("--debug", action="store_true")
 
     plan = sub.add_parser("plan", help="KV cache memory, concurrency and a roofline speed estimate, from metadata alone")
@@ -382,7 +385,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cholla.download import resolve_model
 
     report = run_bench(resolve_model(args.model), args.n_prompt, args.n_gen, args.repetitions, args.dtype, args.threads,
-                       profile=args.profile, kv_cache_dtype=args.kv_cache_dtype)
+                       profile=args.profile, kv_cache_dtype=args.kv_cache_dtype,
+                       speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
+                       speculative_ngram_cache_size=args.speculative_ngram_cache_size)
     print(json.dumps(report_dict(report)) if args.json else format_table(report))
     return 0
 

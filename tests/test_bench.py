@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from cholla.bench import BenchReport, BenchTest, format_table
+from cholla.bench import BenchReport, BenchTest, SpeculativeStats, format_table
 from cholla.cli import main
 
 
@@ -25,6 +25,21 @@ def test_bench_cli_prints_the_table(smollm2_path, capsys, dtype):
     rows = re.findall(rf"\| SmolLM2-135M-Instruct\.Q4_1\.gguf \| [\d.]+ MiB \| {dtype} \| 1 \| (\w+) \| [\d.]+ ± [\d.]+ \|", out)
     assert rows == ["pp8", "tg2"]
     assert re.search(r"peak RSS: \d+ MiB", out)
+
+
+def test_bench_reports_speculation(smollm2_path, capsys):
+    import json
+
+    assert main(["bench", str(smollm2_path), "-p", "0", "-n", "24", "-r", "1", "--threads", "1",
+                 "--speculative-method", "ngram", "--num-speculative-tokens", "3", "--json"]) == 0
+    spec = json.loads(capsys.readouterr().out)["speculative"]
+    assert spec["method"] == "ngram" and spec["num_speculative_tokens"] == 3 and spec["verifications"] > 0
+    assert 0 <= spec["accepted_tokens"] <= spec["draft_tokens"] <= 3 * spec["verifications"]
+    assert spec["mean_accepted_length"] == 1 + spec["accepted_tokens"] / spec["verifications"]
+    report = BenchReport("m.gguf", 2**20, "float32", 1, [BenchTest("tg8", [5.0])], 2**20,
+                         speculative=SpeculativeStats("ngram", 4, verifications=4, draft_tokens=12, accepted_tokens=9))
+    assert ("speculative (ngram, K=4) over the tg runs: 12 drafts proposed, 9 accepted (75%), "
+            "3.25 tokens per verification step (4 steps)") in format_table(report)
 
 
 def test_bench_rejects_nothing_to_measure(smollm2_path, capsys):

@@ -51,6 +51,19 @@ def _greedy_reply(llm: LLM, messages: list[dict]) -> str:
     return llm.chat(messages, GREEDY, use_tqdm=False)[0].outputs[0].text
 
 
+def test_stats_show_speculation(smollm2_path):
+    """With --speculative-method, /stats counts this answer's drafts, as the engine does."""
+    llm = LLM(smollm2_path, max_model_len=512, speculative_method="ngram", num_speculative_tokens=4)
+    session = ChatSession(llm, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    output = _run(session, "Repeat exactly: one two three four five six seven eight nine ten", "/stats")
+    stats, engine = session.last_stats, llm.engine.stats()
+    assert 0 < stats.accepted_tokens <= stats.draft_tokens == engine.spec_draft_tokens
+    assert stats.verifications == engine.spec_verifications
+    assert (f"speculative: {stats.draft_tokens} drafts proposed, {stats.accepted_tokens} accepted "
+            f"({stats.accepted_tokens / stats.draft_tokens:.0%}), {engine.spec_mean_accepted_length:.2f} tokens per "
+            f"verification step ({stats.verifications} steps)") in output
+
+
 def test_second_turn_reuses_the_cached_prefix_and_matches_llm_chat(llm):
     session = ChatSession(llm, GREEDY)
     output = _run(session, "/stats", "What is the capital of France?", "And of Italy?", "/stats")

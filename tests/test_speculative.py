@@ -259,3 +259,4 @@ def test_metrics_reach_prometheus(engines):
     for name, value in (("drafts", stats.spec_verifications), ("draft_tokens", stats.spec_draft_tokens),
                         ("accepted_tokens", stats.spec_accepted_tokens)):
         assert f'cholla:spec_decode_num_{name}_total{{model_name="m"}} {float(value)}' in text
+    assert f'cholla:spec_decode_mean_accepted_length{{model_name="m"}} {stats.spec_mean_accepted_length}' in text

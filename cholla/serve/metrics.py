@@ -67,6 +67,9 @@ class _EngineCollector(Collector):
                       stats.spec_verifications)
         yield counter("cholla:spec_decode_num_draft_tokens", "Draft tokens proposed.", stats.spec_draft_tokens)
         yield counter("cholla:spec_decode_num_accepted_tokens", "Draft tokens accepted.", stats.spec_accepted_tokens)
+        yield gauge("cholla:spec_decode_mean_accepted_length",
+                    "Tokens per verification step since start: accepted drafts plus the model's own (0: none yet).",
+                    stats.spec_mean_accepted_length)
         finished = CounterMetricFamily("cholla:request_success", "Sequences finished, by reason.",
                                        labels=["model_name", "finished_reason"])
         for reason, count in sorted(metrics.finished_requests.items()):
