@@ -1,18 +1,23 @@
 """N-gram (prompt lookup) speculation against cholla's plain decode, one stream at a time.
 
-For each model and workload it decodes the same greedy chat request with and
-without ``speculative_method="ngram"`` (both engines share one loaded model)
+For each model, workload and temperature it decodes the same chat request with
+and without ``speculative_method="ngram"`` (both engines share one loaded model)
 and reports decode tokens/s (first token to last, so prefill is left out; mean
 ± sd over ``-r`` runs), the speed-up, and for speculation the acceptance rate
 (accepted / proposed drafts) and the mean accepted length (tokens each
 verification step yields, its own token included). It also checks that both
-produced the same tokens.
+produced the same tokens: greedy requests, and sampled ones too, since a seeded
+request's speculative sampling gives plain decoding's very tokens.
+
+The shared n-gram cache is off here: every repetition asks the same question, and
+the cache would draft each run from the one before. ``--cache`` adds a row per
+workload where it is on, measured on such a repeat (the first run's answer asked again).
 
 Workloads: ``copy`` (repeat a given paragraph), ``code`` (rewrite given code
 with a small change), both copy-heavy; ``open`` (a story: nothing to copy).
 
-    python benchmarks/speculative.py                      # both models, K=4, 3 runs
-    python benchmarks/speculative.py --models smollm2 -k 8 -n 96 -r 1
+    python benchmarks/speculative.py                      # both models, K=4, 3 runs, t=0 and t=0.7
+    python benchmarks/speculative.py --models smollm2 -k 8 -n 96 -r 1 --temperatures 0.7 --cache
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ def main() -> None:
     parser.add_argument("-n", "--max-tokens", type=int, default=128)
     parser.add_argument("-r", "--repetitions", type=int, default=3)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.7],
+                        help="sampled rows (> 0) use top_p=0.95 and seed 0")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--cache", action="store_true", help="also measure the shared n-gram cache on a repeated request")
     args = parser.parse_args()
 
     rows = []
@@ -81,41 +90,52 @@ def main() -> None:
         loaded = load_model(resolve_model(name), args.dtype)
         base = dict(max_model_len=2048, kv_cache_memory=256 * 2**20, dtype=args.dtype)
         plain = LLMEngine(loaded, EngineConfig(**base))
-        spec = LLMEngine(loaded, EngineConfig(**base, speculative_method="ngram",
+        spec = LLMEngine(loaded, EngineConfig(**base, speculative_method="ngram", speculative_ngram_cache_size=0,
                                               num_speculative_tokens=args.num_speculative_tokens))
         template = ChatTemplate.for_tokenizer(plain.tokenizer)
-        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-        for workload, text in WORKLOADS.items():
-            prompt_ids = encode_chat(plain.tokenizer, template, [{"role": "user", "content": text}])
-            decode(plain, prompt_ids, params)  # warm-up (and the prefix cache) for both
-            decode(spec, prompt_ids, params)
-            speeds: dict[str, list[float]] = {"plain": [], "ngram": []}
-            outputs = {}
-            before = spec.stats()
-            for _ in range(args.repetitions):
-                for label, engine in (("plain", plain), ("ngram", spec)):
-                    outputs[label], rate = decode(engine, prompt_ids, params)
-                    speeds[label].append(rate)
-            after = spec.stats()
-            drafts = after.spec_draft_tokens - before.spec_draft_tokens
-            accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
-            steps = after.spec_verifications - before.spec_verifications
-            rows.append((name, workload, speeds["plain"], speeds["ngram"], accepted / drafts if drafts else 0.0,
-                         1 + accepted / steps if steps else 0.0, outputs["plain"] == outputs["ngram"]))
-            print(f"[speculative] {name} {workload}: done", flush=True)
+        for temperature in args.temperatures:
+            params = SamplingParams(temperature=temperature, top_p=0.95 if temperature else 1.0, seed=0,
+                                    max_tokens=args.max_tokens, ignore_eos=True)
+            for workload in args.workloads:
+                prompt_ids = encode_chat(plain.tokenizer, template, [{"role": "user", "content": WORKLOADS[workload]}])
+                decode(plain, prompt_ids, params)  # warm-up (and the prefix cache) for both
+                decode(spec, prompt_ids, params)
+                engines = [("ngram", spec)]
+                if args.cache:
+                    cached = LLMEngine(loaded, EngineConfig(**base, speculative_method="ngram",
+                                                            num_speculative_tokens=args.num_speculative_tokens))
+                    decode(cached, prompt_ids, params)  # the answer the repeats are drafted from
+                    engines.append(("ngram+cache", cached))
+                for label, engine in engines:
+                    speeds: dict[str, list[float]] = {"plain": [], label: []}
+                    outputs = {}
+                    before = engine.stats()
+                    for _ in range(args.repetitions):
+                        for run_label, run_engine in (("plain", plain), (label, engine)):
+                            outputs[run_label], rate = decode(run_engine, prompt_ids, params)
+                            speeds[run_label].append(rate)
+                    after = engine.stats()
+                    drafts = after.spec_draft_tokens - before.spec_draft_tokens
+                    accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
+                    steps = after.spec_verifications - before.spec_verifications
+                    rows.append((name, workload, temperature, label, speeds["plain"], speeds[label],
+                                 accepted / drafts if drafts else 0.0, 1 + accepted / steps if steps else 0.0,
+                                 outputs["plain"] == outputs[label]))
+                print(f"[speculative] {name} {workload} t={temperature}: done", flush=True)
 
     def fmt(values: list[float]) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):7.1f} ± {sd:5.1f}"
 
-    print(f"\nbatch 1, greedy, {args.max_tokens} tokens, K={args.num_speculative_tokens}, dtype={args.dtype}, "
-          f"{args.repetitions} runs\n")
-    print("| model | workload | plain t/s | ngram t/s | speed-up | acceptance | mean accepted length | same tokens |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, workload, plain_speeds, spec_speeds, acceptance, length, same in rows:
+    print(f"\nbatch 1, {args.max_tokens} tokens, K={args.num_speculative_tokens}, dtype={args.dtype}, "
+          f"{args.repetitions} runs; t > 0: top_p 0.95, seed 0\n")
+    print("| model | workload | temperature | method | plain t/s | speculative t/s | speed-up | acceptance "
+          "| mean accepted length | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, workload, temperature, label, plain_speeds, spec_speeds, acceptance, length, same in rows:
         speedup = statistics.mean(spec_speeds) / statistics.mean(plain_speeds)
-        print(f"| {name} | {workload} | {fmt(plain_speeds)} | {fmt(spec_speeds)} | {speedup:.2f}x | "
-              f"{acceptance:.0%} | {length:.2f} | {'yes' if same else 'NO'} |")
+        print(f"| {name} | {workload} | {temperature:g} | {label} | {fmt(plain_speeds)} | {fmt(spec_speeds)} | "
+              f"{speedup:.2f}x | {acceptance:.0%} | {length:.2f} | {'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -356,10 +356,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     processed = process_logits(logits, batch)
     if batch.all_greedy:
         token_ids = argmax(processed)
-    else:
-        token_ids = random_sample(processed.softmax(dim=-1), batch.generators)
-        if not batch.all_random:
-            token_ids = torch.where(batch.greedy_mask, argmax(processed), token_ids)
+    else:  # a greedy row's one-hot distribution draws its argmax
+        token_ids = random_sample(probabilities(processed, batch), batch.generators)
 
     logprobs = None
     if batch.max_num_logprobs is not None:
