@@ -25,14 +25,14 @@ PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """name -> {"folder", "model"} built once per session; GGUF files added on demand."""
-    tokenizer = tiny_models.tiny_tokenizer()
     root = tmp_path_factory.mktemp("tiny_moe")
     cache: dict[str, dict] = {}
 
     def get(name: str) -> dict:
         if name not in cache:
             folder = root / name
-            cache[name] = {"folder": folder, "model": tiny_models.build_model(name, folder, tokenizer)}
+            model = tiny_models.build_model(name, folder, tiny_models.tokenizer_for(name))
+            cache[name] = {"folder": folder, "model": model}
         return cache[name]
 
     return get
@@ -134,7 +134,7 @@ def _all_free(llm: LLM) -> bool:
     return manager.num_free_blocks == manager.num_blocks and not any(manager.allocator.ref_counts)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*NAMES, "gemma4", "gemma4_moe"])  # gemma4: KV-shared layers read others' blocks
 def test_engine_batched_chunked_preempted_equal_alone(tiny, name):
     folder = tiny(name)["folder"]
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

@@ -344,6 +344,10 @@ def check_layer_geometry(config: ModelConfig, source: ConfigSource) -> None:
         source.fail("per_layer_input_size", size, f"must be a whole number in [0, {MAX_DIM}]")
     if size and vocab is not None and not (_is_int(vocab) and config.vocab_size <= vocab <= MAX_VOCAB):
         source.fail("per_layer_vocab_size", vocab, f"must cover the {config.vocab_size}-token vocabulary")
+    shape = source.shapes.get("model.embed_tokens_per_layer.weight")
+    if (shape is not None) != bool(size) or (shape is not None and shape[1:] != (config.num_layers * size,)):
+        source.fail("per_layer_input_size", size, f"with {config.num_layers} layers does not fit the per-layer "
+                                                  f"embedding model.embed_tokens_per_layer.weight of shape {shape}")
 
 
 CHECKS: list[Check] = [check_counts, check_heads, check_experts, check_latent, check_norm, check_rope, check_layer_kinds,
@@ -373,12 +377,19 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
     return config
 
 
+def _text_tower(name: str) -> str:
+    """A multimodal checkpoint's text-model tensor under its text-only name
+    (``language_model.model.*``, Gemma 4's ``model.language_model.*``)."""
+    return name.replace("model.language_model.", "model.", 1) if name.startswith("model.language_model.") \
+        else name.removeprefix("language_model.")
+
+
 def hf_config(folder: HFFolder) -> ModelConfig:
     """The config of a Hugging Face folder, checked against config.json's types and the shards' headers."""
     path = str(folder.path)
     check_raw_hf(folder.config, path)
     config = config_from_hf(folder.config)
-    shapes = {name.removeprefix("language_model."): shape for name, shape in folder.tensor_shapes().items()}
+    shapes = {_text_tower(name): shape for name, shape in folder.tensor_shapes().items()}
     keys = {field: f"config.json's {key}" for field, key in HF_KEYS.items()}
     check_config(config, ConfigSource(path, keys, shapes))
     return config
