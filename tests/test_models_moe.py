@@ -364,7 +364,8 @@ def test_info_shows_experts_active_parameters_and_kv_geometry(tiny, gguf_of):
 
 
 @pytest.mark.parametrize("template", ["openai-gpt-oss-120b.jinja", "GLM-4.7-Flash.jinja",
-                                      "deepseek-ai-DeepSeek-V3.1.jinja", "Qwen-Qwen3-0.6B.jinja"])
+                                      "deepseek-ai-DeepSeek-V3.1.jinja", "Qwen-Qwen3-0.6B.jinja",
+                                      "google-gemma-4-31B-it.jinja"])
 def test_chat_templates_of_these_models_render_like_transformers(template):
     """The models' own templates (GPT-OSS's harmony format among them), as llama.cpp ships
     them, rendered by cholla exactly as transformers' apply_chat_template renders them."""
