@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 
 import pytest
@@ -167,4 +168,17 @@ def test_config_contradictions_are_one_line_errors(tiny, tmp_path, change, needl
     (folder / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ModelFormatError, match=needle) as error:
         load_model(folder, "float32")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("shared, needle", [
+    (3, "gemma4.attention.shared_kv_layers = 3 leaves layer 2 no earlier full_attention layer"),
+    (1, "needs gate_proj of layer 3 to be (96, 64), but it is (192, 64)"),  # a double-wide MLP, but unshared
+])
+def test_gguf_kv_sharing_contradicting_the_file_is_one_line_error(gguf_of, tmp_path, shared, needle):
+    from tests.test_models_moe import _with_metadata
+
+    path = _with_metadata(gguf_of("gemma4"), tmp_path / "bad.gguf", "gemma4.attention.shared_kv_layers", shared)
+    with pytest.raises(ModelFormatError, match=re.escape(needle)) as error:
+        load_model(path, "float32")
     assert "\n" not in str(error.value)

@@ -28,6 +28,7 @@ import logging
 import torch
 from torch import nn
 
+from cholla.formats.gguf import GGUFTensor
 from cholla.layers.attention import Attention, AttentionMetadata, paged_attention
 from cholla.layers.linear import DenseTensor, Embedding, Linear, Weight, linear_group
 from cholla.layers.mlp import GatedMLP, gated_activation
@@ -204,7 +205,5 @@ def _rows(weight: Weight, start: int, stop: int) -> Weight:
     """Rows ``start:stop`` of each expert of a stacked ``[experts, rows, cols]`` weight (a view)."""
     if isinstance(weight, torch.Tensor):
         return weight[:, start:stop]
-    from cholla.formats.gguf import GGUFTensor
-
     experts, _, cols = weight.shape
     return GGUFTensor(weight.name, weight.qtype, (experts, stop - start, cols), weight.data[:, start:stop], weight.offset)
