@@ -222,3 +222,35 @@ def test_info_shows_state_per_sequence(tiny, gguf_of, name):
         info = model_info(path)
         assert info["state_bytes_per_sequence"] == state_bytes_per_sequence(load_model(path, "float32").config) > 0
         assert "state per sequence" in format_info(info)
+
+
+def test_a_model_without_attention_runs_on_token_counting_blocks(tmp_path):
+    """LFM2 with convolution layers only keeps no KV at all (as pure Mamba-2): its blocks cost
+    nothing and only count tokens, the state slots take the whole budget, and it still matches
+    transformers through the engine, batched and chunked."""
+    config = tiny_models.hybrid_configs()["lfm2"]
+    config.layer_types = ["conv"] * config.num_hidden_layers
+    torch.manual_seed(1)
+    reference = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for pname, p in reference.named_parameters():
+            p.mul_(15.0 if "conv.in_proj" in pname else 30.0 if "conv.conv" in pname else 1.0)
+    reference.save_pretrained(tmp_path)
+    tiny_models.tiny_tokenizer().save_pretrained(tmp_path)
+
+    llm = _engine(tmp_path, max_model_len=None, kv_cache_memory=4 * 2**20)
+    engine = llm.engine
+    assert engine.kv_layout.block_bytes == 0 and engine.kv_cache.nbytes == 0
+    assert engine.max_model_len == config.max_position_embeddings
+    assert engine.state_cache.num_slots == 64  # max_num_seqs: the budget holds far more
+    assert engine.block_manager.num_blocks == 64 * config.max_position_embeddings // 16
+    prompts = [PROMPT, PROMPT[:7], PROMPT[5:30]]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        ids = list(prompt)  # transformers' generate needs an attention layer for its cache: whole forwards
+        for _ in range(16):
+            with torch.no_grad():
+                ids.append(int(reference(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+        assert list(out.outputs[0].token_ids) == ids[len(prompt):]
+    assert _all_free(llm)
