@@ -95,6 +95,21 @@ def gemma_tokenizer():
 def tokenizer_for(name: str):
     """Gemma 4's converter reads only Gemma-style vocabularies; the others take the byte-level BPE."""
     return gemma_tokenizer() if name.startswith("gemma") else tiny_tokenizer()
+def hybrid_configs() -> dict:
+    """Models with recurrent layers (a state per sequence), their layer kinds mixed."""
+    import transformers
+
+    return {
+        "lfm2": transformers.Lfm2Config(
+            **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}, intermediate_size=96,
+            block_multiple_of=32, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3,
+            tie_word_embeddings=True, eos_token_id=None),
+    }
+
+
+# Weights the 0.02-std init leaves too small to matter (a short convolution's output is a product of
+# three of them): scaled up so a mistake in those layers shows in the logits.
+_SCALED = {"lfm2": {"conv.in_proj": 15.0, "conv.conv": 30.0}}
 
 
 def tiny_tokenizer():
@@ -117,17 +132,20 @@ def tiny_tokenizer():
 
 
 def build_model(name: str, folder: Path, tokenizer, config=None):
-    """The reference model (from ``configs()`` or ``gemma4_configs()`` unless ``config`` is given),
-    saved with its tokenizer into ``folder``; returns the model."""
+    """The reference model (from ``configs()``, ``gemma4_configs()`` or ``hybrid_configs()`` unless ``config``
+    is given), saved with its tokenizer into ``folder``; returns the model."""
     import transformers
 
     torch.manual_seed(0)
-    config = config or {**configs(), **gemma4_configs()}[name]
+    config = config or {**configs(), **gemma4_configs(), **hybrid_configs()}[name]
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random init leaves norms, scales at 1 and biases, sinks at 0: make them matter
         for pname, p in model.named_parameters():
             if "norm" in pname or "bias" in pname or "sinks" in pname or "scale" in pname:
                 p.add_(torch.randn_like(p) * 0.1)
+            for part, factor in _SCALED.get(name, {}).items():
+                if part in pname:
+                    p.mul_(factor)
         for bname, b in model.named_buffers():
             if bname.endswith("layer_scalar"):  # Gemma 4's learned output scalar, stored as a buffer
                 b.add_(torch.randn_like(b) * 0.1)
