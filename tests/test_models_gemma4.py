@@ -134,6 +134,31 @@ def test_cache_geometry_and_info(tiny, gguf_of):
     assert "K = V" in info["attention"]
 
 
+def test_plan_counts_per_layer_geometry_as_the_engine_allocates(tiny):
+    """``cholla plan`` on the dense model: per kind, the bytes its layers store (KV-shared ones none),
+    what a window-aware allocation would keep, and the decode step's reads (shared layers read their
+    producer's blocks); the engine allocates what the plan counts."""
+    from cholla.kv.kv_types import kv_cache_type
+    from cholla.plan import GB, TFLOP, Hardware, PlanRequest, decode_step, make_plan, read_model_facts, window_aware_bytes
+
+    facts, bf16 = read_model_facts(tiny["gemma4"]["folder"]), kv_cache_type("bf16")
+    plan = make_plan(facts, PlanRequest(context=64, kv_cache_memory=2**20), bf16, bf16, None)
+    sliding, full = 2 * 2 * 16 * 2, 2 * 2 * 32 * 2  # K and V, 2 heads, bf16
+    kinds = {kind["kind"]: kind for kind in plan.kv["layer_kinds"]}
+    assert kinds["sliding_attention"]["layers"] == 3 and kinds["sliding_attention"]["bytes_per_token"] == 2 * sliding
+    assert kinds["full_attention"]["layers"] == 2 and kinds["full_attention"]["bytes_per_token"] == full
+    assert plan.kv["bytes_per_token"] == 2 * sliding + full
+    # 64 tokens in 8 blocks of 8; a window of 8 reaches at most 2 of them
+    assert window_aware_bytes(facts.config, bf16, bf16, 64, 8) == 8 * (2 * 2 * sliding + 8 * full)
+    hw = Hardware("test", 1000 * GB, 100 * TFLOP, None, "test")
+    kv_read = 2 * (3 * 8 * sliding + 2 * 64 * full)  # two sequences at 64 tokens; sliding layers see 8
+    step = decode_step(facts, hw, bf16, bf16, 2, 64)
+    assert step.bound == "memory" and step.seconds == pytest.approx((facts.weights.decode_bytes + kv_read) / hw.bandwidth)
+    engine = LLM(tiny["gemma4"]["folder"], dtype="float32", max_model_len=64, kv_cache_dtype="bf16",
+                 kv_cache_memory=2**20).engine
+    assert engine.kv_cache.nbytes == engine.kv_layout.nbytes == plan.layout["bytes"]
+
+
 def test_multimodal_checkpoint_runs_its_text_tower(tiny, tmp_path, caplog):
     """A Gemma4ForConditionalGeneration folder: the config's ``text_config``, the
     ``model.language_model.*`` tensors; the vision tower's tensors are skipped with a log line."""
