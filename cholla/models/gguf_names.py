@@ -55,6 +55,12 @@ _LAYER_OVERRIDES = {
         "shortconv.conv": "conv.conv",
         "shortconv.in_proj": "conv.in_proj",
         "shortconv.out_proj": "conv.out_proj",
+        # LFM2-MoE: its router, expert bias and stacked experts (split per expert on load)
+        "ffn_gate_inp": "feed_forward.gate",
+        "exp_probs_b": "feed_forward.expert_bias",
+        "ffn_gate_exps": "feed_forward.experts.w1",
+        "ffn_up_exps": "feed_forward.experts.w3",
+        "ffn_down_exps": "feed_forward.experts.w2",
     },
     "gpt_oss": {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"},
     "deepseek_v3": {
@@ -76,6 +82,8 @@ _BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b"}
 _BLOCK = re.compile(r"blk\.(\d+)\.([\w.]+)\.(weight|bias)$")
 # Whole-model tensors some architectures name otherwise.
 _GLOBAL_OVERRIDES = {"lfm2": {"token_embd_norm.weight": "model.embedding_norm.weight"}}
+_LAYER_OVERRIDES["lfm2_moe"] = _LAYER_OVERRIDES["lfm2"]
+_GLOBAL_OVERRIDES["lfm2_moe"] = _GLOBAL_OVERRIDES["lfm2"]
 
 
 def gguf_to_hf_name(name: str, architecture: str) -> str | None:
