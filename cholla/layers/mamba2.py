@@ -22,8 +22,6 @@ All state math is float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,38 +30,7 @@ from cholla.layers.attention import AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
 from cholla.layers.linear import DenseTensor, Linear
 from cholla.layers.norm import RMSNorm
-
-
-@dataclass
-class Mamba2Shape:
-    """One Mamba-2 mixer's dimensions and variants (HF's Mamba2Config names in comments)."""
-
-    hidden_size: int
-    num_heads: int  # num_heads / mamba_num_heads
-    head_dim: int  # head_dim / mamba_head_dim
-    state_size: int  # state_size / ssm_state_size
-    n_groups: int = 1  # heads share B and C per group
-    conv_kernel: int = 4
-    chunk_size: int = 256
-    norm_eps: float = 1e-5
-    dt_limit: tuple[float, float] = (0.0, float("inf"))  # dt is clamped to this after softplus
-    norm_before_gate: bool = False  # False: norm(y * silu(z)) (Mamba-2, Nemotron-H); True: norm(y) * silu(z)
-    gated_norm: bool = True  # False: y * silu(z), no norm (Falcon-H1 without mamba_rms_norm)
-    bias: bool = False  # in_proj / out_proj biases
-    conv_bias: bool = True
-
-    @property
-    def inner_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def conv_channels(self) -> int:
-        return self.inner_size + 2 * self.n_groups * self.state_size
-
-    @property
-    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The conv state and the SSM state one sequence keeps (``ModelConfig.state_shapes``)."""
-        return (self.conv_channels, self.conv_kernel - 1), (self.num_heads, self.head_dim, self.state_size)
+from cholla.models.config import Mamba2Shape
 
 
 class Conv1d(nn.Module):

@@ -50,12 +50,45 @@ class MoEConfig:
     router: str = "softmax_topk"
     normalize: bool = True
     shared_intermediate_size: int = 0
+    gated: bool = True  # False: each expert is down(act(up(x))) (Nemotron-H), not down(act(gate(x)) * up(x))
     dense_layers: list[int] = field(default_factory=list)
     swiglu_alpha: float | None = None  # GPT-OSS's clamped SwiGLU
     swiglu_limit: float | None = None
     num_groups: int = 1
     groups_used: int = 1
     routed_scale: float = 1.0
+
+
+@dataclass
+class Mamba2Shape:
+    """The dimensions of one Mamba-2 mixer (``layers/mamba2.py``) and variants (HF's Mamba2Config names in comments)."""
+
+    hidden_size: int
+    num_heads: int  # num_heads / mamba_num_heads
+    head_dim: int  # head_dim / mamba_head_dim
+    state_size: int  # state_size / ssm_state_size
+    n_groups: int = 1  # heads share B and C per group
+    conv_kernel: int = 4
+    chunk_size: int = 256
+    norm_eps: float = 1e-5
+    dt_limit: tuple[float, float] = (0.0, float("inf"))  # dt is clamped to this after softplus
+    norm_before_gate: bool = False  # False: norm(y * silu(z)) (Mamba-2, Nemotron-H); True: norm(y) * silu(z)
+    gated_norm: bool = True  # False: y * silu(z), no norm (Falcon-H1 without mamba_rms_norm)
+    bias: bool = False  # in_proj / out_proj biases
+    conv_bias: bool = True
+
+    @property
+    def inner_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_channels(self) -> int:
+        return self.inner_size + 2 * self.n_groups * self.state_size
+
+    @property
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The conv state and the SSM state one sequence keeps (``ModelConfig.state_shapes``)."""
+        return (self.conv_channels, self.conv_kernel - 1), (self.num_heads, self.head_dim, self.state_size)
 
 
 @dataclass
@@ -108,6 +141,7 @@ class ModelConfig:
     # state), each given by its shape without the slot axis; () for a layer without state. Empty: none.
     # A layer may have both (Falcon-H1 runs attention and Mamba-2 side by side).
     state_shapes: list[tuple[tuple[int, ...], ...]] = field(default_factory=list)
+    mamba: Mamba2Shape | None = None  # the Mamba-2 mixers' shape (Mamba-2, Nemotron-H)
 
     def __post_init__(self):
         if not self.layer_types:  # (the config's consistency is checked in config_checks.py)
@@ -129,10 +163,13 @@ def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
 
 # llama.cpp folds these HF model types into the "llama" GGUF architecture.
 GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
-                           "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss", "deepseek2": "deepseek_v3"}
+                           "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss", "deepseek2": "deepseek_v3",
+                           "mamba2": "mamba2", "nemotron_h": "nemotron_h", "nemotron_h_moe": "nemotron_h"}
 
 
-def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
+                     tensor_shapes: dict[str, tuple[int, ...]] | None = None) -> ModelConfig:
+    """``tensor_shapes`` (GGUF names, torch order): sizes some metadata lacks (Nemotron-H's dense MLP)."""
     arch = str(metadata.get("general.architecture", ""))
     from cholla.errors import UnsupportedArchitectureError
 
@@ -147,6 +184,8 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> ModelC
             raise ModelFormatError(f"GGUF metadata lacks {arch}.{key}; the file is incomplete")
         return value
 
+    if GGUF_ARCH_TO_MODEL_TYPE[arch] in ("mamba2", "nemotron_h"):
+        return _gguf_mamba(metadata, arch, get, tensor_names, tensor_shapes or {})
     hidden = int(get("embedding_length", required=True))
     num_heads = int(get("attention.head_count", required=True))
     num_kv_heads = get("attention.head_count_kv", num_heads)
@@ -217,6 +256,10 @@ def _hf_rope(params: dict[str, Any] | None, theta: float | None, default_theta: 
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     """Map a Hugging Face ``config.json`` (transformers 4.x or 5.x spelling)."""
     model_type = cfg.get("model_type", "")
+    if model_type == "mamba2":
+        return _hf_mamba2(cfg)
+    if model_type == "nemotron_h":
+        cfg = {**cfg, "num_hidden_layers": len(_nemotron_h_kinds(cfg))}
     if model_type == "gemma3" and "text_config" in cfg:  # multimodal wrapper: take the text tower
         cfg = {**cfg["text_config"], "model_type": "gemma3"}
     if model_type == "gemma3_text":
@@ -272,6 +315,11 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     if model_type in ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe_lite"):
         try:
             _hf_moe(out, cfg, model_type)
+        except KeyError as e:
+            raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
+    if model_type == "nemotron_h":
+        try:
+            _hf_nemotron_h(out, cfg)
         except KeyError as e:
             raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
     return out
@@ -413,3 +461,129 @@ def _gguf_mla(cfg: ModelConfig, get, num_experts: int, top_k: int, size: int, de
                         num_groups=int(get("expert_group_count", 1) or 1),
                         groups_used=int(get("expert_group_used_count", 1) or 1),
                         routed_scale=float(get("expert_weights_scale", 1.0) or 1.0))
+
+
+# -- Mamba-2 and its hybrids ------------------------------------------------------------------------
+
+# Nemotron-H's layer kinds: its hybrid_override_pattern letters, and transformers 5's layers_block_type names.
+_NEMOTRON_H_KINDS = {"M": MAMBA, "*": FULL_ATTENTION, "-": MLP_ONLY, "E": MLP_ONLY,
+                     "mamba": MAMBA, "linear_attention": MAMBA, "attention": FULL_ATTENTION,
+                     "full_attention": FULL_ATTENTION, "mlp": MLP_ONLY, "moe": MLP_ONLY}
+
+
+def _dt_limit(value: Any) -> tuple[float, float]:
+    """HF's ``time_step_limit``; transformers 5 writes infinity as ``{"__float__": "Infinity"}``."""
+    if not value:
+        return 0.0, math.inf
+    low, high = (float(v["__float__"]) if isinstance(v, dict) else float(v) for v in value)
+    return low, high
+
+
+def _with_mamba(out: ModelConfig, shape: Mamba2Shape) -> ModelConfig:
+    if shape.num_heads % shape.n_groups or shape.inner_size % shape.n_groups:
+        raise ModelFormatError(f"the Mamba-2 layers' {shape.n_groups} groups do not divide their {shape.num_heads} heads")
+    out.mamba = shape
+    out.state_shapes = [shape.state_shapes if kind == MAMBA else () for kind in out.layer_types]
+    return out
+
+
+def _hf_mamba2(cfg: dict[str, Any]) -> ModelConfig:
+    """A pure Mamba-2 (no attention, no MLP): its attention-shaped fields carry the mixer's heads."""
+    try:
+        heads, head_dim, layers = int(cfg["num_heads"]), int(cfg["head_dim"]), int(cfg["num_hidden_layers"])
+        shape = Mamba2Shape(int(cfg["hidden_size"]), heads, head_dim, int(cfg["state_size"]), int(cfg.get("n_groups", 1)),
+                            int(cfg.get("conv_kernel", 4)), int(cfg.get("chunk_size", 256)),
+                            float(cfg.get("layer_norm_epsilon", 1e-5)), _dt_limit(cfg.get("time_step_limit")),
+                            bias=bool(cfg.get("use_bias", False)), conv_bias=bool(cfg.get("use_conv_bias", True)))
+        vocab = int(cfg["vocab_size"])
+    except KeyError as e:
+        raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which mamba2 needs") from None
+    eos = cfg.get("eos_token_id")
+    out = ModelConfig("mamba2", vocab, shape.hidden_size, shape.inner_size, layers, heads, heads, head_dim,
+                      shape.norm_eps, 1 << 20, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                      layer_types=[MAMBA] * layers, bos_token_id=cfg.get("bos_token_id"),
+                      eos_token_ids=[int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])])
+    return _with_mamba(out, shape)
+
+
+def _nemotron_h_kinds(cfg: dict[str, Any]) -> list[str]:
+    """Nemotron-H's own names for its layers: ``hybrid_override_pattern`` (``M*-E``) or ``layers_block_type``."""
+    kinds = cfg.get("layers_block_type") or cfg.get("hybrid_override_pattern")
+    if not kinds or any(k not in _NEMOTRON_H_KINDS for k in kinds):
+        raise ModelFormatError(f"config.json's hybrid_override_pattern / layers_block_type = {str(kinds)[:60]!r} must "
+                               "name each layer M (Mamba-2), * (attention), - (MLP) or E (experts)")
+    return list(kinds)
+
+
+def _hf_nemotron_h(out: ModelConfig, cfg: dict[str, Any]) -> None:
+    """Nemotron-H: Mamba-2, attention without rope, relu2 MLP and (Nemotron Nano) MoE layers.
+    transformers clamps its prefill's dt at ``time_step_min``; so does cholla (GGUF files do not
+    store it: llama.cpp clamps nothing)."""
+    kinds = _nemotron_h_kinds(cfg)
+    out.layer_types = [_NEMOTRON_H_KINDS[k] for k in kinds]
+    out.rms_norm_eps = float(cfg.get("layer_norm_epsilon", 1e-5))
+    out.hidden_act = cfg.get("mlp_hidden_act", "relu2")
+    heads = int(cfg["mamba_num_heads"])
+    shape = Mamba2Shape(out.hidden_size, heads, int(cfg["mamba_head_dim"]), int(cfg["ssm_state_size"]),
+                        int(cfg.get("n_groups", 1)), int(cfg.get("conv_kernel", 4)), int(cfg.get("chunk_size", 128)),
+                        out.rms_norm_eps, (float(cfg.get("time_step_min", 0.0)), math.inf),
+                        bias=bool(cfg.get("use_bias", False)), conv_bias=bool(cfg.get("use_conv_bias", True)))
+    moe_layers = [i for i, k in enumerate(kinds) if k in ("E", "moe")]
+    if moe_layers:
+        if cfg.get("moe_latent_size") is not None:
+            raise ModelFormatError("Nemotron-H with moe_latent_size (latent expert projections) is not supported yet")
+        out.moe = MoEConfig(int(cfg["n_routed_experts"]), int(cfg["num_experts_per_tok"]),
+                            int(cfg["moe_intermediate_size"]), router="sigmoid_group_topk",
+                            normalize=bool(cfg.get("norm_topk_prob", True)),
+                            shared_intermediate_size=int(cfg.get("moe_shared_expert_intermediate_size") or 0),
+                            gated=False, dense_layers=[i for i in range(out.num_layers) if i not in moe_layers],
+                            num_groups=int(cfg.get("n_group") or 1), groups_used=int(cfg.get("topk_group") or 1),
+                            routed_scale=float(cfg.get("routed_scaling_factor") or 1.0))
+    _with_mamba(out, shape)
+
+
+def _gguf_mamba(metadata: dict[str, Any], arch: str, get, tensor_names: set[str],
+                shapes: dict[str, tuple[int, ...]]) -> ModelConfig:
+    """mamba2 and nemotron_h(_moe) as llama.cpp's converter writes them. Each layer's kind comes
+    from its tensors (the converter writes a dense Nemotron-H as nemotron_h_moe, with zero MLP widths)."""
+    hidden, layers = int(get("embedding_length", required=True)), int(get("block_count", required=True))
+    inner, heads = int(get("ssm.inner_size", required=True)), int(get("ssm.time_step_rank", required=True))
+    eps = float(get("attention.layer_norm_rms_epsilon") or get("attention.layer_norm_epsilon") or 1e-5)
+    if not 0 < heads <= inner or inner % heads:
+        raise ModelFormatError(f"GGUF metadata {arch}.ssm.time_step_rank = {heads} heads do not divide "
+                               f"{arch}.ssm.inner_size = {inner}; the file is corrupt")
+    shape = Mamba2Shape(hidden, heads, inner // heads, int(get("ssm.state_size", required=True)),
+                        int(get("ssm.group_count", 1)), int(get("ssm.conv_kernel", 4)),
+                        256 if arch == "mamba2" else 128, eps, conv_bias=f"blk.0.ssm_conv1d.bias" in tensor_names)
+
+    def kind(i: int) -> str:
+        if f"blk.{i}.ssm_in.weight" in tensor_names:
+            return MAMBA
+        return FULL_ATTENTION if f"blk.{i}.attn_q.weight" in tensor_names else MLP_ONLY
+
+    vocab = get("vocab_size") or len(metadata.get("tokenizer.ggml.tokens", []))
+    eos = metadata.get("tokenizer.ggml.eos_token_id")
+    kinds = [kind(i) for i in range(layers)]
+    attention = arch != "mamba2" and FULL_ATTENTION in kinds
+    kv_heads = get("attention.head_count_kv", 0)
+    num_heads = int(get("attention.head_count", required=True)) if attention else heads
+    head_dim = int(get("attention.key_length", hidden // max(num_heads, 1))) if attention else inner // heads
+    widths = [shapes[f"blk.{i}.ffn_up.weight"][0] for i in range(layers) if f"blk.{i}.ffn_up.weight" in shapes]
+    out = ModelConfig(
+        architecture=GGUF_ARCH_TO_MODEL_TYPE[arch], vocab_size=int(vocab), hidden_size=hidden,
+        intermediate_size=max(widths) if widths else inner, num_layers=layers, num_heads=num_heads,
+        num_kv_heads=int(max(kv_heads) if isinstance(kv_heads, list) else kv_heads) if attention else num_heads,
+        head_dim=head_dim, rms_norm_eps=eps, max_position_embeddings=int(get("context_length", 1 << 20)),
+        tie_word_embeddings="output.weight" not in tensor_names, layer_types=kinds, hidden_act="relu2",
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"), eos_token_ids=[int(eos)] if eos is not None else [])
+    moe_layers = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in tensor_names]
+    if moe_layers:
+        out.moe = MoEConfig(int(get("expert_count", required=True)), int(get("expert_used_count", required=True)),
+                            int(get("expert_feed_forward_length", required=True)), router="sigmoid_group_topk",
+                            normalize=bool(get("expert_weights_norm", True)),
+                            shared_intermediate_size=int(get("expert_shared_feed_forward_length", 0)), gated=False,
+                            dense_layers=[i for i in range(layers) if i not in moe_layers],
+                            num_groups=int(get("expert_group_count", 1) or 1),
+                            groups_used=int(get("expert_group_used_count", 1) or 1),
+                            routed_scale=float(get("expert_weights_scale", 1.0) or 1.0))
+    return _with_mamba(out, shape)
