@@ -10,6 +10,7 @@ the spot, saved as SafeTensors, then converted (f32) and requantized with
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -53,6 +54,38 @@ def configs() -> dict:
     }
 
 
+def hybrid_configs() -> dict:
+    """Hybrid recurrent models (issue 15): Mamba-2 mixers with chunks of 8 tokens, so a 40-token
+    prompt's scan crosses chunks inside one prefill chunk as well as between them."""
+    import transformers
+
+    mamba = dict(mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=8)
+    return {
+        # muP multipliers all unlike 1 and each other, so folding one into the wrong weight shows
+        "falcon_h1": transformers.FalconH1Config(
+            **_COMMON, head_dim=16, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, **mamba,
+            embedding_multiplier=1.5, lm_head_multiplier=0.8, mlp_multipliers=[1.2, 0.9], key_multiplier=0.7,
+            attention_in_multiplier=1.1, attention_out_multiplier=0.6, ssm_in_multiplier=1.3, ssm_out_multiplier=0.5,
+            ssm_multipliers=[0.9, 1.1, 0.8, 1.2, 1.4], tie_word_embeddings=False),
+        # vocab padded to a multiple of 8, as llama.cpp's converter pads a Mamba-2 vocabulary
+        "granitemoehybrid": transformers.GraniteMoeHybridConfig(
+            **{**_COMMON, "vocab_size": VOCAB + 4}, layer_types=["mamba", "attention", "mamba"],
+            num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48, mamba_n_heads=8, mamba_d_head=16,
+            **mamba, embedding_multiplier=2.0, logits_scaling=3.0, residual_multiplier=0.4, attention_multiplier=0.05,
+            position_embedding_type="nope", tie_word_embeddings=True),
+    }
+
+
+def _released_spelling(folder: Path) -> None:
+    """transformers 5 saves Granite 4 hybrid's layer kinds as linear_attention/full_attention; the released
+    checkpoints (and llama.cpp's converter, which finds no attention layer otherwise) say mamba/attention."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("model_type") == "granitemoehybrid":
+        config["layer_types"] = ["mamba" if kind == "linear_attention" else "attention" for kind in config["layer_types"]]
+        path.write_text(json.dumps(config, indent=2))
+
+
 def tiny_tokenizer():
     """A byte-level BPE of exactly ``VOCAB`` tokens (256 bytes, merges, a few specials)."""
     import transformers
@@ -77,7 +110,8 @@ def build_model(name: str, folder: Path, tokenizer):
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(configs()[name], dtype=torch.float32).eval()
+    config = {**configs(), **hybrid_configs()}[name]
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases, sinks at 0: make them matter
         for pname, p in model.named_parameters():
             if "norm" in pname or "bias" in pname or "sinks" in pname:
@@ -85,6 +119,7 @@ def build_model(name: str, folder: Path, tokenizer):
     model.generation_config.eos_token_id = None
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    _released_spelling(folder)
     return model
 
 

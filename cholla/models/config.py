@@ -141,7 +141,15 @@ class ModelConfig:
     # state), each given by its shape without the slot axis; () for a layer without state. Empty: none.
     # A layer may have both (Falcon-H1 runs attention and Mamba-2 side by side).
     state_shapes: list[tuple[tuple[int, ...], ...]] = field(default_factory=list)
-    mamba: Mamba2Shape | None = None  # the Mamba-2 mixers' shape (Mamba-2, Nemotron-H)
+    mamba: Mamba2Shape | None = None  # the Mamba-2 mixers' shape (Mamba-2, Nemotron-H, Falcon-H1, Granite 4 hybrid)
+    # Granite: residual branches, logits (1 / logits_scaling) and embeddings (``embed_scale``) are scaled;
+    # attention without rotary embeddings (Granite 4 hybrid's "nope").
+    residual_multiplier: float = 1.0
+    logit_scale: float = 1.0
+    no_rope: bool = False
+    # Falcon-H1 from config.json: its muP multipliers by HF name, folded into the weights at load
+    # (llama.cpp's converter folds them into a GGUF's weights, so GGUF files have none).
+    multipliers: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.layer_types:  # (the config's consistency is checked in config_checks.py)
@@ -164,7 +172,8 @@ def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
 # llama.cpp folds these HF model types into the "llama" GGUF architecture.
 GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
                            "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss", "deepseek2": "deepseek_v3",
-                           "mamba2": "mamba2", "nemotron_h": "nemotron_h", "nemotron_h_moe": "nemotron_h"}
+                           "mamba2": "mamba2", "nemotron_h": "nemotron_h", "nemotron_h_moe": "nemotron_h",
+                           "falcon-h1": "falcon_h1", "granitehybrid": "granitemoehybrid"}
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
@@ -240,6 +249,8 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
         _gguf_moe(cfg, arch, get, tensor_names)
     elif arch == "deepseek2":
         raise ModelFormatError("this deepseek2 GGUF has no experts; cholla runs the MoE models of that family")
+    if arch in ("falcon-h1", "granitehybrid"):
+        _gguf_hybrid(cfg, arch, get, metadata, tensor_names)
     return cfg
 
 
@@ -322,6 +333,8 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
             _hf_nemotron_h(out, cfg)
         except KeyError as e:
             raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
+    if model_type in ("falcon_h1", "granitemoehybrid"):
+        _hf_hybrid(out, cfg, model_type)
     return out
 
 
@@ -436,6 +449,9 @@ def _gguf_moe(cfg: ModelConfig, arch: str, get, tensor_names: set[str]) -> None:
                             swiglu_alpha=1.702, swiglu_limit=7.0, dense_layers=dense)
     elif arch == "deepseek2":
         _gguf_mla(cfg, get, num_experts, top_k, size, dense)
+    elif arch == "granitehybrid":
+        cfg.moe = MoEConfig(num_experts, top_k, size, router="topk_softmax", normalize=False,
+                            shared_intermediate_size=int(get("expert_shared_feed_forward_length", 0) or 0))
     else:
         raise ModelFormatError(f"GGUF architecture {arch!r} declares experts, which cholla does not run for it")
 
@@ -587,3 +603,92 @@ def _gguf_mamba(metadata: dict[str, Any], arch: str, get, tensor_names: set[str]
                             groups_used=int(get("expert_group_used_count", 1) or 1),
                             routed_scale=float(get("expert_weights_scale", 1.0) or 1.0))
     return _with_mamba(out, shape)
+# -- Falcon-H1 and Granite 4 hybrid: Mamba-2 beside attention ---------------------------------------
+
+# Falcon-H1's muP multipliers (config.json keys); each is 1 (or all 1s) when absent.
+FALCON_H1_MULTIPLIERS = ("embedding_multiplier", "lm_head_multiplier", "mlp_multipliers", "key_multiplier",
+                         "attention_in_multiplier", "attention_out_multiplier", "ssm_multipliers", "ssm_in_multiplier",
+                         "ssm_out_multiplier")
+
+
+def _hf_mamba_keys(cfg: dict[str, Any], out: ModelConfig, inner: int | None, gated_norm: bool,
+                   norm_before_gate: bool) -> Mamba2Shape:
+    """The ``mamba_*`` keys Falcon-H1 and Granite 4 hybrid share (``mamba_d_head`` may be "auto")."""
+    heads = int(cfg["mamba_n_heads"])
+    inner = int(inner or int(cfg.get("mamba_expand") or 2) * out.hidden_size)
+    head_dim = cfg.get("mamba_d_head")
+    if head_dim in (None, "auto"):
+        if not 0 < heads <= inner:
+            raise ModelFormatError(f"config.json's mamba_n_heads = {heads} must be in [1, {inner}]")
+        head_dim = inner // heads
+    return Mamba2Shape(out.hidden_size, heads, int(head_dim), int(cfg["mamba_d_state"]), int(cfg.get("mamba_n_groups") or 1),
+                       int(cfg.get("mamba_d_conv") or 4), int(cfg.get("mamba_chunk_size") or 256), out.rms_norm_eps,
+                       _dt_limit(cfg.get("time_step_limit")), norm_before_gate, gated_norm,
+                       bool(cfg.get("mamba_proj_bias", False)), bool(cfg.get("mamba_conv_bias", True)))
+
+
+def _hf_hybrid(out: ModelConfig, cfg: dict[str, Any], model_type: str) -> None:
+    """Falcon-H1 (attention and Mamba-2 side by side in every layer, muP multipliers) and
+    Granite 4 hybrid (each layer either Mamba-2 or attention; Granite's multipliers)."""
+    try:
+        if model_type == "falcon_h1":
+            if cfg.get("mlp_bias") or bool(cfg.get("projectors_bias")) != bool(cfg.get("mamba_proj_bias")):
+                raise ModelFormatError("Falcon-H1 with mlp_bias, or with projectors_bias unlike mamba_proj_bias, "
+                                       "is not supported")
+            shape = _hf_mamba_keys(cfg, out, cfg.get("mamba_d_ssm"), bool(cfg.get("mamba_rms_norm")),
+                                   bool(cfg.get("mamba_norm_before_gate", True)))
+            out.multipliers = {key: cfg[key] for key in FALCON_H1_MULTIPLIERS if cfg.get(key) is not None}
+            out.layer_types = [FULL_ATTENTION] * out.num_layers
+        else:
+            shape = _hf_mamba_keys(cfg, out, None, True, False)
+            kinds = cfg.get("layer_types") or ["mamba"] * out.num_layers
+            out.layer_types = [MAMBA if kind in ("mamba", "linear_attention") else FULL_ATTENTION for kind in kinds]
+            out.embed_scale = float(cfg.get("embedding_multiplier") or 1.0)
+            out.residual_multiplier = float(cfg.get("residual_multiplier") or 1.0)
+            out.logit_scale = 1.0 / float(cfg.get("logits_scaling") or 1.0)
+            out.query_pre_attn_scalar = float(cfg.get("attention_multiplier") or 1.0) ** -2
+            out.no_rope = cfg.get("position_embedding_type") != "rope"
+            if cfg.get("num_local_experts"):
+                out.moe = MoEConfig(int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"]), out.intermediate_size,
+                                    router="topk_softmax", normalize=False,
+                                    shared_intermediate_size=int(cfg.get("shared_intermediate_size") or 0))
+            out.intermediate_size = int(cfg.get("shared_intermediate_size") or out.intermediate_size)
+    except KeyError as e:
+        raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
+    except (TypeError, ValueError) as e:
+        raise ModelFormatError(f"config.json's mamba_* or multiplier keys of {model_type} are malformed ({e})") from None
+    _with_mamba(out, shape)
+    if model_type == "falcon_h1":  # its attention layers run a mixer too
+        out.state_shapes = [shape.state_shapes] * out.num_layers
+
+
+def _gguf_hybrid(cfg: ModelConfig, arch: str, get, metadata: dict[str, Any], tensor_names: set[str]) -> None:
+    """falcon-h1 and granitehybrid as llama.cpp's converter writes them: the ``ssm.*`` keys (a
+    ``ssm_norm`` tensor says the mixer has its gated norm); a granitehybrid layer is recurrent
+    where its KV head count is 0; Granite's scales."""
+    inner, heads = int(get("ssm.inner_size", required=True)), int(get("ssm.time_step_rank", required=True))
+    if not 0 < heads <= inner or inner % heads:
+        raise ModelFormatError(f"GGUF metadata {arch}.ssm.time_step_rank = {heads} heads do not divide "
+                               f"{arch}.ssm.inner_size = {inner}; the file is corrupt")
+    shape = Mamba2Shape(cfg.hidden_size, heads, inner // heads, int(get("ssm.state_size", required=True)),
+                        int(get("ssm.group_count", 1)), int(get("ssm.conv_kernel", 4)), norm_eps=cfg.rms_norm_eps,
+                        gated_norm=any(name.endswith("ssm_norm.weight") for name in tensor_names),
+                        conv_bias=any(name.endswith("ssm_conv1d.bias") for name in tensor_names))
+    if arch == "falcon-h1":
+        cfg.layer_types = [FULL_ATTENTION] * cfg.num_layers
+        _with_mamba(cfg, shape)
+        cfg.state_shapes = [shape.state_shapes] * cfg.num_layers
+        return
+    cfg.rope_interleaved = True  # the converter permutes q and k as for llama
+    kv_heads = metadata.get(f"{arch}.attention.head_count_kv")
+    kv_heads = kv_heads if isinstance(kv_heads, list) else [cfg.num_kv_heads] * cfg.num_layers
+    cfg.layer_types = [MAMBA if not n else FULL_ATTENTION for n in kv_heads]
+    cfg.no_rope = not get("rope.scaling.finetuned", True)
+    cfg.embed_scale = float(get("embedding_scale", 1.0) or 1.0)
+    cfg.residual_multiplier = float(get("residual_scale", 1.0) or 1.0)
+    cfg.logit_scale = 1.0 / float(get("logit_scale", 1.0) or 1.0)
+    if get("attention.scale"):
+        cfg.query_pre_attn_scalar = float(get("attention.scale")) ** -2
+    if get("expert_shared_feed_forward_length"):  # the width of the shared MLP, or of the only one
+        cfg.intermediate_size = int(get("expert_shared_feed_forward_length"))
+    _with_mamba(cfg, shape)

@@ -35,6 +35,13 @@ _LAYER = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 
+
+def _mamba2(module: str) -> dict[str, str]:
+    """llama.cpp's Mamba-2 mixer tensors, under the mixer's HF module name."""
+    return {"ssm_in": f"{module}.in_proj", "ssm_conv1d": f"{module}.conv1d", "ssm_dt": f"{module}.dt_bias",
+            "ssm_a": f"{module}.A", "ssm_d": f"{module}.D", "ssm_norm": f"{module}.norm", "ssm_out": f"{module}.out_proj"}
+
+
 # Gemma names the norm after attention "post" and the one before the MLP "pre".
 _LAYER_OVERRIDES = {
     "gemma3": {
@@ -54,12 +61,22 @@ _LAYER_OVERRIDES = {
         "attn_v_b": "self_attn.v_b",
         "exp_probs_b": "mlp.e_score_correction_bias",
     },
+    "falcon_h1": {**_mamba2("mamba"), "ffn_norm": "pre_ff_layernorm", "ffn_gate": "feed_forward.gate_proj",
+                  "ffn_up": "feed_forward.up_proj", "ffn_down": "feed_forward.down_proj"},
+    "granitemoehybrid": {
+        **_mamba2("mamba"),
+        **{f"ffn_{proj}{suffix}": f"shared_mlp.{proj}_proj" for proj in ("gate", "up", "down") for suffix in ("", "_shexp")},
+        **{f"ffn_{proj}_exps": f"block_sparse_moe.experts.{proj}_proj" for proj in ("gate", "up", "down")},
+        "ffn_gate_inp": "block_sparse_moe.gate",
+    },
 }
 
 # Bare tensors (layers.linear.DenseTensor), named after their module without ".weight".
-_BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b"}
+_BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b", "ssm_a", "ssm_d", "ssm_dt"}
+# Weights llama.cpp's converter writes without their ".weight".
+_NO_SUFFIX = {("falcon_h1", "ffn_norm")}
 
-_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)(?:\.(weight|bias))?$")  # Mamba-2's ssm_a and ssm_d have no suffix
 
 
 def gguf_to_hf_name(name: str, architecture: str) -> str | None:
@@ -75,4 +92,8 @@ def gguf_to_hf_name(name: str, architecture: str) -> str | None:
         return None
     if part in _BARE:
         return f"model.layers.{layer}.{table[part]}"
+    if kind is None:
+        if (architecture, part) not in _NO_SUFFIX:
+            return None
+        kind = "weight"
     return f"model.layers.{layer}.{table[part]}.{kind}"

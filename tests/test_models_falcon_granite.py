@@ -1,0 +1,139 @@
+"""Falcon-H1 and Granite 4 hybrid on tiny random models (``tests/tiny_models.py``): cholla
+against transformers from SafeTensors (a prompt prefilled in two chunks, so the Mamba-2
+states cross from one to the next, then greedy decoding), and against itself from
+llama.cpp's GGUF conversion (f32, and Q8_0 requantized)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from cholla.engine.runner import forward_once  # noqa: E402
+from cholla.kv.paged_cache import PagedKVCache  # noqa: E402
+from cholla.kv.state_cache import StateCache, layer_caches  # noqa: E402
+from cholla.layers.attention import AttentionMetadata  # noqa: E402
+from cholla.models.config import FULL_ATTENTION, MAMBA  # noqa: E402
+from cholla.models.fused_decode import plan_decode  # noqa: E402
+from cholla.models.loader import load_model  # noqa: E402
+from tests import tiny_models  # noqa: E402
+
+NAMES = list(tiny_models.hybrid_configs())
+PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """name -> {"folder", "model"}, built once per session."""
+    tokenizer = tiny_models.tiny_tokenizer()
+    root = tmp_path_factory.mktemp("tiny_hybrid")
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            folder = root / name
+            cache[name] = {"folder": folder, "model": tiny_models.build_model(name, folder, tokenizer)}
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_of(tiny, tmp_path_factory):
+    """(name, qtype or "F32") -> a GGUF path; both models converted in one converter process."""
+    converter = tiny_models.find_converter()
+    if converter is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (set CHOLLA_CONVERT_HF_TO_GGUF)")
+    root = tmp_path_factory.mktemp("tiny_hybrid_gguf")
+    cache: dict[tuple, object] = {}
+
+    def get(name: str, qtype: str = "F32"):
+        if not cache:
+            jobs = [(tiny(n)["folder"], root / f"{n}.gguf") for n in NAMES]
+            tiny_models.convert_to_gguf(converter, jobs)
+            cache.update({(n, "F32"): out for n, (_, out) in zip(NAMES, jobs)})
+        if (name, qtype) not in cache:
+            cache[name, qtype] = tiny_models.requantize(get(name), root / f"{name}-{qtype}.gguf", qtype)
+        return cache[name, qtype]
+
+    return get
+
+
+@torch.inference_mode()
+def prefill_then_decode(model, prompt: list[int], cut: int, new_tokens: int, block_size: int = 8):
+    """The prompt prefilled as two chunks (``prompt[:cut]``, then the rest) and ``new_tokens``
+    greedy decode steps, all in state slot 1 of 2 (slot 0 must stay untouched).
+    Returns (the prompt's logits [len(prompt), vocab], the generated tokens)."""
+    total = len(prompt) + new_tokens
+    kv = PagedKVCache(model.config, num_blocks=-(-total // block_size), block_size=block_size)
+    states = StateCache(model.config, num_slots=2)
+    caches = layer_caches(kv.layers, states)
+
+    def step(ids: list[int], start: int, prefill: bool) -> torch.Tensor:
+        end = start + len(ids)
+        meta = AttentionMetadata(slot_mapping=torch.arange(start, end), query_start_loc=[0, len(ids)], context_lens=[end],
+                                 block_tables=torch.arange(kv.num_blocks)[None], num_prefills=int(prefill),
+                                 decode_context_lens=None if prefill else torch.tensor([end]),
+                                 state_slots=torch.tensor([1]))
+        return model.compute_logits(model(torch.tensor(ids), torch.arange(start, end), caches, meta)).float()
+
+    logits = torch.cat((step(prompt[:cut], 0, True), step(prompt[cut:], cut, True)))
+    tokens = [int(logits[-1].argmax())]
+    while len(tokens) < new_tokens:
+        tokens.append(int(step(tokens[-1:], len(prompt) + len(tokens) - 1, False)[0].argmax()))
+    assert all(state[0].abs().sum() == 0 for layer in states.layers for state in layer)
+    return logits, tokens
+
+
+def _reference(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    """Within ``rel`` of the logits' magnitude, at every position."""
+    err = (ours - ref).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_safetensors_match_transformers(tiny, name):
+    entry = tiny(name)
+    loaded = load_model(entry["folder"], "float32")
+    config = loaded.config
+    assert config.architecture == name and config.has_state
+    if name == "falcon_h1":  # attention and a mixer in every layer: KV and state everywhere
+        assert config.layer_types == [FULL_ATTENTION] * 3 and all(config.state_shapes)
+        assert config.mamba.num_heads == 8 and config.mamba.head_dim == 8 and config.mamba.n_groups == 2
+    else:
+        assert config.layer_types == [MAMBA, FULL_ATTENTION, MAMBA] and config.no_rope and config.moe.num_experts == 4
+        assert [bool(s) for s in config.state_shapes] == [True, False, True]
+    assert plan_decode(loaded.model) is None  # the fused Llama-shaped decode step must not take these layers
+
+    ours, generated = prefill_then_decode(loaded.model, PROMPT, 19, NEW_TOKENS)
+    _assert_close(ours, _reference(entry["model"], PROMPT))
+    with torch.no_grad():
+        ref = entry["model"].generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                      min_new_tokens=NEW_TOKENS)[0, len(PROMPT):].tolist()
+    assert generated == ref
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gguf_matches_transformers_and_q8_0_its_safetensors(tiny, gguf_of, name):
+    """The f32 conversion (Falcon-H1's multipliers folded by llama.cpp's converter, Granite's
+    kept as metadata) gives transformers' logits; Q8_0, read from its blocks, stays near the
+    SafeTensors run."""
+    reference = _reference(tiny(name)["model"], PROMPT)
+    loaded = load_model(gguf_of(name), "float32")
+    assert loaded.config.architecture == name and not loaded.config.multipliers
+    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), reference)
+
+    quantized = load_model(gguf_of(name, "Q8_0"), "float32")
+    mixer = next(layer.mamba for layer in quantized.model.layers if layer.mamba is not None)
+    assert mixer.in_proj.weight.qtype.name == "Q8_0"
+    ours, _ = prefill_then_decode(quantized.model, PROMPT, 19, 1)
+    safetensors = forward_once(load_model(tiny(name)["folder"], "float32").model, PROMPT, block_size=8)
+    relative_rms = ((ours - safetensors).pow(2).mean() / safetensors.pow(2).mean()).sqrt().item()
+    assert relative_rms <= 0.05
