@@ -17,8 +17,10 @@ from cholla.models.config_checks import gguf_config, hf_config
 
 
 def _is_routed_expert(name: str) -> bool:
-    """GGUF ``ffn_*_exps`` stacks and HF ``experts.N.*`` / fused ``experts.*`` tensors (not shared experts)."""
-    return "_exps." in name or (".experts." in name and "shared" not in name)
+    """GGUF ``ffn_*_exps`` stacks and HF ``experts.N.*`` / fused ``experts.*`` tensors (not shared experts),
+    and Granite's fused ``block_sparse_moe.input_linear`` / ``output_linear`` stacks."""
+    return ("_exps." in name or (".experts." in name and "shared" not in name)
+            or ".block_sparse_moe.input_linear." in name or ".block_sparse_moe.output_linear." in name)
 
 
 def _attention_kind(config: ModelConfig) -> str:

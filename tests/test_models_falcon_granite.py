@@ -20,6 +20,7 @@ from cholla.models.loader import load_model  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 NAMES = list(tiny_models.hybrid_configs())
+ARCHITECTURE = {"granite_dense": "granitemoehybrid"}
 PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 NEW_TOKENS = 32
 
@@ -103,13 +104,15 @@ def test_safetensors_match_transformers(tiny, name):
     entry = tiny(name)
     loaded = load_model(entry["folder"], "float32")
     config = loaded.config
-    assert config.architecture == name and config.has_state
+    assert config.architecture == ARCHITECTURE.get(name, name) and config.has_state
     if name == "falcon_h1":  # attention and a mixer in every layer: KV and state everywhere
         assert config.layer_types == [FULL_ATTENTION] * 3 and all(config.state_shapes)
         assert config.mamba.num_heads == 8 and config.mamba.head_dim == 8 and config.mamba.n_groups == 2
-    else:
+    elif name == "granitemoehybrid":
         assert config.layer_types == [MAMBA, FULL_ATTENTION, MAMBA] and config.no_rope and config.moe.num_experts == 4
         assert [bool(s) for s in config.state_shapes] == [True, False, True]
+    else:
+        assert config.layer_types == [FULL_ATTENTION, MAMBA] and not config.no_rope and config.moe is None
     assert plan_decode(loaded.model) is None  # the fused Llama-shaped decode step must not take these layers
 
     ours, generated = prefill_then_decode(loaded.model, PROMPT, 19, NEW_TOKENS)
@@ -120,7 +123,7 @@ def test_safetensors_match_transformers(tiny, name):
     assert generated == ref
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ["falcon_h1", "granitemoehybrid"])
 def test_gguf_matches_transformers_and_q8_0_its_safetensors(tiny, gguf_of, name):
     """The f32 conversion (Falcon-H1's multipliers folded by llama.cpp's converter, Granite's
     kept as metadata) gives transformers' logits; Q8_0, read from its blocks, stays near the
@@ -137,3 +140,35 @@ def test_gguf_matches_transformers_and_q8_0_its_safetensors(tiny, gguf_of, name)
     safetensors = forward_once(load_model(tiny(name)["folder"], "float32").model, PROMPT, block_size=8)
     relative_rms = ((ours - safetensors).pow(2).mean() / safetensors.pow(2).mean()).sqrt().item()
     assert relative_rms <= 0.05
+
+
+def test_dense_granite_gguf_runs_without_rope_as_llama_cpp_does(tiny, gguf_of):
+    """A dense Granite hybrid's MLP is GGUF's plain ffn_gate/up/down, sized by the shared width; the
+    converter drops rope for any hybrid Granite (its metadata says so), so the file equals the
+    SafeTensors weights run without rope."""
+    from cholla.formats.safetensors import read_hf_folder
+    from cholla.models.config_checks import hf_config
+    from cholla.models.granitemoehybrid import GraniteMoeHybridForCausalLM
+
+    loaded = load_model(gguf_of("granite_dense"), "float32")
+    config = loaded.config
+    assert config.no_rope and config.moe is None and config.intermediate_size == 80
+    assert config.layer_types == [FULL_ATTENTION, MAMBA]
+    folder = read_hf_folder(tiny("granite_dense")["folder"])
+    unrotated = hf_config(folder)
+    unrotated.no_rope = True
+    reference = GraniteMoeHybridForCausalLM(unrotated)
+    reference.load_weights(folder.tensors())
+    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), forward_once(reference, PROMPT, block_size=8))
+
+
+def test_info_counts_granites_active_parameters(tiny, gguf_of):
+    """Granite's fused expert stacks (``block_sparse_moe.input_linear``) count as routed experts:
+    a token uses 2 of the 4 in each of its 3 layers."""
+    from cholla.info import model_info
+
+    routed = 3 * 4 * (2 * 96 * 64 + 64 * 96)
+    for path in (tiny("granitemoehybrid")["folder"], gguf_of("granitemoehybrid")):
+        info = model_info(path)
+        assert info["experts"] == {"count": 4, "active": 2, "shared_size": 48}
+        assert info["parameters"] - info["active_parameters"] == routed // 2

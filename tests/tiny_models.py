@@ -73,6 +73,13 @@ def hybrid_configs() -> dict:
             num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48, mamba_n_heads=8, mamba_d_head=16,
             **mamba, embedding_multiplier=2.0, logits_scaling=3.0, residual_multiplier=0.4, attention_multiplier=0.05,
             position_embedding_type="nope", tie_word_embeddings=True),
+        # dense (Granite 4.0-H-Micro's layout) and with rope, which only config.json can say: llama.cpp's
+        # converter runs a hybrid Granite without it
+        "granite_dense": transformers.GraniteMoeHybridConfig(
+            **{**_COMMON, "vocab_size": VOCAB + 4, "num_hidden_layers": 2}, layer_types=["attention", "mamba"],
+            num_local_experts=0, shared_intermediate_size=80, mamba_n_heads=8, mamba_d_head=16, **mamba,
+            embedding_multiplier=3.0, logits_scaling=0.5, residual_multiplier=0.7, attention_multiplier=0.1,
+            position_embedding_type="rope", tie_word_embeddings=False),
     }
 
 

@@ -53,12 +53,13 @@ class GraniteHybridLayer(nn.Module):
             config.hidden_size, moe.intermediate_size, moe.num_experts, topk_softmax(moe.top_k), config.hidden_act)
         self.residual_multiplier = config.residual_multiplier
 
-    def forward(self, x, positions, cache: LayerCache, meta: AttentionMetadata):
+    def forward(self, x, positions, cache: LayerCache | tuple, meta: AttentionMetadata):
+        """cache: a ``LayerCache``, or the KV sides alone where no layer is Mamba-2 (Granite 4.0 Micro)."""
         h = self.input_layernorm(x)
         if self.mamba is not None:
             h = self.mamba(h, cache.state, meta)
         else:
-            h = self.self_attn(h, positions, cache.kv, meta)
+            h = self.self_attn(h, positions, cache.kv if isinstance(cache, LayerCache) else cache, meta)
         x = x + h * self.residual_multiplier
         h = self.post_attention_layernorm(x)
         out = self.shared_mlp(h)
