@@ -172,3 +172,26 @@ def test_info_counts_granites_active_parameters(tiny, gguf_of):
         info = model_info(path)
         assert info["experts"] == {"count": 4, "active": 2, "shared_size": 48}
         assert info["parameters"] - info["active_parameters"] == routed // 2
+
+
+@pytest.mark.parametrize("name, change, needle", [
+    ("falcon_h1", {"mamba_d_ssm": 48}, "mamba_n_heads = 8 heads of mamba_d_head = 8 are not the mixer's 48 channels"),
+    ("falcon_h1", {"mamba_d_state": 8}, "in_proj.weight: weight shape (200, 64) has not the 168 rows"),
+    ("falcon_h1", {"ssm_multipliers": [1.0, 2.0]}, "ssm_multipliers = '[1.0, 2.0]' must be a list of 5 numbers"),
+    ("falcon_h1", {"projectors_bias": True}, "projectors_bias unlike mamba_proj_bias, is not supported"),
+    ("granitemoehybrid", {"mamba_n_groups": 3}, "3 groups do not divide their 8 heads"),
+    ("granitemoehybrid", {"layer_types": ["mamba", "attention"]}, "layer_types = 2 layer kinds do not match the 3 layers"),
+])
+def test_config_contradictions_are_one_line_errors(tiny, tmp_path, name, change, needle):
+    import json
+    import shutil
+
+    from cholla.errors import ModelFormatError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny(name)["folder"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ModelFormatError) as error:
+        load_model(folder, "float32")
+    assert needle in str(error.value) and "\n" not in str(error.value)

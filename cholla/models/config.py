@@ -611,6 +611,23 @@ FALCON_H1_MULTIPLIERS = ("embedding_multiplier", "lm_head_multiplier", "mlp_mult
                          "ssm_out_multiplier")
 
 
+def _falcon_h1_multipliers(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The multipliers config.json gives, checked: finite numbers, two for the MLP, five for the SSM."""
+    out = {}
+    for key in FALCON_H1_MULTIPLIERS:
+        value = cfg.get(key)
+        if value is None:
+            continue
+        count = {"mlp_multipliers": 2, "ssm_multipliers": 5}.get(key)
+        values = value if count else [value]
+        if (not isinstance(values, list) or len(values) != (count or 1)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+            raise ModelFormatError(f"config.json's {key} = {str(value)[:60]!r} must be "
+                                   + (f"a list of {count} numbers" if count else "a finite number"))
+        out[key] = value
+    return out
+
+
 def _hf_mamba_keys(cfg: dict[str, Any], out: ModelConfig, inner: int | None, gated_norm: bool,
                    norm_before_gate: bool) -> Mamba2Shape:
     """The ``mamba_*`` keys Falcon-H1 and Granite 4 hybrid share (``mamba_d_head`` may be "auto")."""
@@ -621,6 +638,9 @@ def _hf_mamba_keys(cfg: dict[str, Any], out: ModelConfig, inner: int | None, gat
         if not 0 < heads <= inner:
             raise ModelFormatError(f"config.json's mamba_n_heads = {heads} must be in [1, {inner}]")
         head_dim = inner // heads
+    if heads * int(head_dim) != inner:
+        raise ModelFormatError(f"config.json's mamba_n_heads = {heads} heads of mamba_d_head = {head_dim} are not "
+                               f"the mixer's {inner} channels (mamba_d_ssm, or mamba_expand x hidden_size)")
     return Mamba2Shape(out.hidden_size, heads, int(head_dim), int(cfg["mamba_d_state"]), int(cfg.get("mamba_n_groups") or 1),
                        int(cfg.get("mamba_d_conv") or 4), int(cfg.get("mamba_chunk_size") or 256), out.rms_norm_eps,
                        _dt_limit(cfg.get("time_step_limit")), norm_before_gate, gated_norm,
@@ -637,7 +657,7 @@ def _hf_hybrid(out: ModelConfig, cfg: dict[str, Any], model_type: str) -> None:
                                        "is not supported")
             shape = _hf_mamba_keys(cfg, out, cfg.get("mamba_d_ssm"), bool(cfg.get("mamba_rms_norm")),
                                    bool(cfg.get("mamba_norm_before_gate", True)))
-            out.multipliers = {key: cfg[key] for key in FALCON_H1_MULTIPLIERS if cfg.get(key) is not None}
+            out.multipliers = _falcon_h1_multipliers(cfg)
             out.layer_types = [FULL_ATTENTION] * out.num_layers
         else:
             shape = _hf_mamba_keys(cfg, out, None, True, False)
