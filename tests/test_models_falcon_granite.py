@@ -19,7 +19,7 @@ from cholla.models.fused_decode import plan_decode  # noqa: E402
 from cholla.models.loader import load_model  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
-NAMES = list(tiny_models.hybrid_configs())
+NAMES = list(tiny_models.falcon_granite_configs())
 ARCHITECTURE = {"granite_dense": "granitemoehybrid"}
 PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 NEW_TOKENS = 32

@@ -54,8 +54,8 @@ def configs() -> dict:
     }
 
 
-def hybrid_configs() -> dict:
-    """Hybrid recurrent models (issue 15): Mamba-2 mixers with chunks of 8 tokens, so a 40-token
+def falcon_granite_configs() -> dict:
+    """Falcon-H1 and Granite 4 hybrid: Mamba-2 mixers with chunks of 8 tokens, so a 40-token
     prompt's scan crosses chunks inside one prefill chunk as well as between them."""
     import transformers
 
@@ -117,7 +117,7 @@ def build_model(name: str, folder: Path, tokenizer):
     import transformers
 
     torch.manual_seed(0)
-    config = {**configs(), **hybrid_configs()}[name]
+    config = {**configs(), **falcon_granite_configs()}[name]
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases, sinks at 0: make them matter
         for pname, p in model.named_parameters():
