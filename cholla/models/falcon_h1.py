@@ -90,9 +90,13 @@ def fold_multipliers(weights: dict[str, Weight], multipliers: dict, mamba: Mamba
             if not isinstance(w, torch.Tensor):
                 raise ModelFormatError(f"tensor {name}: Falcon-H1's multipliers fold only into float weights")
             factor = factors[key][0 if kind == "weight" else 1]
-            if isinstance(factor, torch.Tensor) and w.shape[0] != factor.shape[0]:
-                raise ModelFormatError(f"tensor {name}: weight shape {tuple(w.shape)} has not the {factor.shape[0]} "
-                                       "rows the Mamba-2 dimensions need")
+            if isinstance(factor, torch.Tensor):
+                if w.shape[0] != factor.shape[0]:
+                    raise ModelFormatError(f"tensor {name}: weight shape {tuple(w.shape)} has not the "
+                                           f"{factor.shape[0]} rows the Mamba-2 dimensions need")
+            elif factor == 1.0:  # left as loaded (memory-mapped)
+                out[name] = w
+                continue
             w = (w.float() * factor).to(w.dtype)  # a new tensor: a tied head keeps its own copy
         out[name] = w
     return out
