@@ -54,6 +54,23 @@ def configs() -> dict:
     }
 
 
+def hybrid_configs() -> dict:
+    """Models with recurrent layers (a state per sequence), their layer kinds mixed."""
+    import transformers
+
+    return {
+        "lfm2": transformers.Lfm2Config(
+            **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}, intermediate_size=96,
+            block_multiple_of=32, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3,
+            tie_word_embeddings=True, eos_token_id=None),
+    }
+
+
+# Weights the 0.02-std init leaves too small to matter (a short convolution's output is a product of
+# three of them): scaled up so a mistake in those layers shows in the logits.
+_SCALED = {"lfm2": {"conv.in_proj": 15.0, "conv.conv": 30.0}}
+
+
 def falcon_granite_configs() -> dict:
     """Falcon-H1 and Granite 4 hybrid: Mamba-2 mixers with chunks of 8 tokens, so a 40-token
     prompt's scan crosses chunks inside one prefill chunk as well as between them."""
@@ -117,12 +134,15 @@ def build_model(name: str, folder: Path, tokenizer):
     import transformers
 
     torch.manual_seed(0)
-    config = {**configs(), **falcon_granite_configs()}[name]
+    config = {**configs(), **hybrid_configs(), **falcon_granite_configs()}[name]
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases, sinks at 0: make them matter
         for pname, p in model.named_parameters():
             if "norm" in pname or "bias" in pname or "sinks" in pname:
                 p.add_(torch.randn_like(p) * 0.1)
+            for part, factor in _SCALED.get(name, {}).items():
+                if part in pname:
+                    p.mul_(factor)
     model.generation_config.eos_token_id = None
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

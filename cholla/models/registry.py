@@ -10,6 +10,7 @@ from cholla.models.falcon_h1 import FalconH1ForCausalLM
 from cholla.models.gemma3 import Gemma3ForCausalLM
 from cholla.models.gpt_oss import GptOssForCausalLM
 from cholla.models.granitemoehybrid import GraniteMoeHybridForCausalLM
+from cholla.models.lfm2 import Lfm2ForCausalLM
 from cholla.models.llama import LlamaForCausalLM
 from cholla.models.mixtral import MixtralForCausalLM
 from cholla.models.olmoe import OlmoeForCausalLM
@@ -27,6 +28,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "gpt_oss": GptOssForCausalLM,
     "deepseek_v3": DeepseekV3ForCausalLM,
     "glm4_moe_lite": DeepseekV3ForCausalLM,
+    "lfm2": Lfm2ForCausalLM,
     "falcon_h1": FalconH1ForCausalLM,
     "granitemoehybrid": GraniteMoeHybridForCausalLM,
 }
