@@ -164,14 +164,16 @@ def test_dense_granite_gguf_runs_without_rope_as_llama_cpp_does(tiny, gguf_of):
 
 def test_info_counts_granites_active_parameters(tiny, gguf_of):
     """Granite's fused expert stacks (``block_sparse_moe.input_linear``) count as routed experts:
-    a token uses 2 of the 4 in each of its 3 layers."""
+    a token uses 2 of the 4 in each of its 3 layers. Falcon-H1's layers are attention and Mamba-2."""
     from cholla.info import model_info
 
+    assert model_info(tiny("falcon_h1")["folder"])["layer_kinds"] == {"full_attention + mamba": 3}
     routed = 3 * 4 * (2 * 96 * 64 + 64 * 96)
     for path in (tiny("granitemoehybrid")["folder"], gguf_of("granitemoehybrid")):
         info = model_info(path)
         assert info["experts"] == {"count": 4, "active": 2, "shared_size": 48}
         assert info["parameters"] - info["active_parameters"] == routed // 2
+        assert info["layer_kinds"] == {"mamba": 2, "full_attention": 1}
 
 
 @pytest.mark.parametrize("name, change, needle", [
