@@ -53,6 +53,27 @@ def configs() -> dict:
     }
 
 
+def mamba_configs() -> dict:
+    """Mamba-2 and its hybrids (Nemotron-H dense and MoE): chunk_size 16, so a 40-token
+    prompt crosses the SSD's chunks as well as the engine's prefill chunks. Their vocabularies
+    are padded to a multiple of 16 (llama.cpp's converter pads these families' token lists)."""
+    import transformers
+
+    mamba = dict(vocab_size=VOCAB + 4, hidden_size=64, n_groups=2, conv_kernel=4, chunk_size=16, tie_word_embeddings=False)
+    hybrid = dict(**mamba, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                  mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, max_position_embeddings=512)
+    return {
+        "mamba2": transformers.Mamba2Config(**mamba, num_heads=8, head_dim=16, expand=2, state_size=16,
+                                            num_hidden_layers=2),
+        "nemotron_h": transformers.NemotronHConfig(**hybrid, layers_block_type=[
+            "linear_attention", "full_attention", "mlp", "linear_attention"]),
+        "nemotron_h_moe": transformers.NemotronHConfig(**hybrid, layers_block_type=[
+            "linear_attention", "moe", "full_attention", "mlp", "linear_attention"], n_routed_experts=8,
+            num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
+            routed_scaling_factor=2.5, norm_topk_prob=True),
+    }
+
+
 def tiny_tokenizer():
     """A byte-level BPE of exactly ``VOCAB`` tokens (256 bytes, merges, a few specials)."""
     import transformers
@@ -77,7 +98,8 @@ def build_model(name: str, folder: Path, tokenizer):
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(configs()[name], dtype=torch.float32).eval()
+    config = {**configs(), **mamba_configs()}[name]
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases, sinks at 0: make them matter
         for pname, p in model.named_parameters():
             if "norm" in pname or "bias" in pname or "sinks" in pname:

@@ -9,7 +9,9 @@ from cholla.models.deepseek_v3 import DeepseekV3ForCausalLM
 from cholla.models.gemma3 import Gemma3ForCausalLM
 from cholla.models.gpt_oss import GptOssForCausalLM
 from cholla.models.llama import LlamaForCausalLM
+from cholla.models.mamba2 import Mamba2ForCausalLM
 from cholla.models.mixtral import MixtralForCausalLM
+from cholla.models.nemotron_h import NemotronHForCausalLM
 from cholla.models.olmoe import OlmoeForCausalLM
 from cholla.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -25,6 +27,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "gpt_oss": GptOssForCausalLM,
     "deepseek_v3": DeepseekV3ForCausalLM,
     "glm4_moe_lite": DeepseekV3ForCausalLM,
+    "mamba2": Mamba2ForCausalLM,
+    "nemotron_h": NemotronHForCausalLM,
 }
 
 
