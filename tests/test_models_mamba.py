@@ -139,7 +139,7 @@ def test_gguf_matches_safetensors(tiny, gguf_of, name):
 
 
 @pytest.mark.parametrize("change, needle", [
-    ({"ssm_state_size": 8}, "needs in_proj.weight of layer 0 to be (296, 64), but it is (328, 64)"),
+    ({"ssm_state_size": 4}, "needs in_proj.weight of layer 0 to be (152, 64), but it is (168, 64)"),
     ({"n_groups": 3}, "groups do not divide their 8 heads"),
     ({"hybrid_override_pattern": "M*X-M", "layers_block_type": None}, "must name each layer M (Mamba-2)"),
 ])
@@ -151,3 +151,57 @@ def test_config_contradictions_name_the_key(tiny, tmp_path, change, needle):
     with pytest.raises(ModelFormatError, match=re.escape(needle)) as error:
         load_model(folder, "float32")
     assert "\n" not in str(error.value)
+
+
+def _all_free(llm) -> bool:
+    engine = llm.engine
+    manager, slots = engine.block_manager, engine.scheduler.state_slots
+    return (manager.num_free_blocks == manager.num_blocks and not any(manager.allocator.ref_counts)
+            and slots.num_free == slots.num_slots)
+
+
+@pytest.mark.parametrize("name", GGUF_NAMES)
+def test_engine_batched_chunked_preempted_equal_alone(tiny, name):
+    """Through the engine (16-token prefill chunks): each prompt alone gives transformers' tokens;
+    all together, and under a budget so small that requests are preempted (their slots freed and
+    their prefill recomputed from 0), give the same; aborts leave every block and slot free."""
+    from cholla import LLM, SamplingParams
+    from cholla.kv.paged_cache import bytes_per_block
+    from cholla.kv.state_cache import state_bytes_per_sequence
+
+    entry = tiny(name)
+
+    def engine(**kwargs) -> LLM:
+        return LLM(entry["folder"], dtype="float32", max_model_len=64, max_num_batched_tokens=16, **kwargs)
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [[(i * 7 + n * 13) % tiny_models.VOCAB for i in range(n)] for n in (5, 23, 9, 40, 17, 3, 30, 12)]
+    single = engine()
+    alone = [single.generate({"prompt_token_ids": p}, greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    with torch.no_grad():
+        ref = entry["model"].generate(torch.tensor([prompts[3]]), max_new_tokens=8, do_sample=False,
+                                      min_new_tokens=8)[0, 40:].tolist()
+    assert list(alone[3]) == ref
+
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    outs = single.generate(batch, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == alone and _all_free(single)
+    config = single.engine.model_config
+    # Four slots (the state takes at most half the budget) and the KV blocks of 96 tokens between them.
+    budget = 8 * state_bytes_per_sequence(config)
+    small = engine(block_size=8, kv_cache_memory=budget, max_num_seqs=4)
+    assert small.engine.state_cache.num_slots == 4
+    outs = small.generate(batch, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == alone and _all_free(small)
+    if name != "mamba2":  # a model without attention counts tokens in free blocks: nothing to run short of
+        assert small.engine.metrics.preemptions > 0
+
+    core = single.engine
+    core.add_request("long", {"prompt_token_ids": prompts[3]}, SamplingParams(temperature=0.0, max_tokens=20))
+    core.add_request("short", {"prompt_token_ids": prompts[0]}, SamplingParams(temperature=0.0, max_tokens=20))
+    core.step()
+    core.abort("long")  # still in prefill
+    for _ in range(3):
+        core.step()
+    core.abort("short")  # decoding
+    assert not core.has_unfinished_requests() and _all_free(single)

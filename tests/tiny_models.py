@@ -53,6 +53,23 @@ def configs() -> dict:
     }
 
 
+def hybrid_configs() -> dict:
+    """Models with recurrent layers (a state per sequence), their layer kinds mixed."""
+    import transformers
+
+    return {
+        "lfm2": transformers.Lfm2Config(
+            **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}, intermediate_size=96,
+            block_multiple_of=32, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3,
+            tie_word_embeddings=True, eos_token_id=None),
+    }
+
+
+# Weights the 0.02-std init leaves too small to matter (a short convolution's output is a product of
+# three of them): scaled up so a mistake in those layers shows in the logits.
+_SCALED = {"lfm2": {"conv.in_proj": 15.0, "conv.conv": 30.0}}
+
+
 def mamba_configs() -> dict:
     """Mamba-2 and its hybrids (Nemotron-H dense and MoE): chunk_size 16, so a 40-token
     prompt crosses the SSD's chunks as well as the engine's prefill chunks. Their vocabularies
@@ -61,7 +78,7 @@ def mamba_configs() -> dict:
 
     mamba = dict(vocab_size=VOCAB + 4, hidden_size=64, n_groups=2, conv_kernel=4, chunk_size=16, tie_word_embeddings=False)
     hybrid = dict(**mamba, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
-                  mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, max_position_embeddings=512)
+                  mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=8, max_position_embeddings=512)
     return {
         "mamba2": transformers.Mamba2Config(**mamba, num_heads=8, head_dim=16, expand=2, state_size=16,
                                             num_hidden_layers=2),
@@ -98,12 +115,15 @@ def build_model(name: str, folder: Path, tokenizer):
     import transformers
 
     torch.manual_seed(0)
-    config = {**configs(), **mamba_configs()}[name]
+    config = {**configs(), **hybrid_configs(), **mamba_configs()}[name]
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases, sinks at 0: make them matter
         for pname, p in model.named_parameters():
             if "norm" in pname or "bias" in pname or "sinks" in pname:
                 p.add_(torch.randn_like(p) * 0.1)
+            for part, factor in _SCALED.get(name, {}).items():
+                if part in pname:
+                    p.mul_(factor)
     model.generation_config.eos_token_id = None
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
