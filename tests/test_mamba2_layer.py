@@ -51,9 +51,11 @@ def test_chunked_prefill_and_batched_decode_match_transformers(n_groups, chunk_s
     conv = torch.zeros(3, *shape.state_shapes[0])
     ssm = torch.zeros(3, *shape.state_shapes[1])
     slots, got, at = [2, 0], [[], []], [0, 0]
-    for a, b in [(13, 3), (9, 12)]:  # two prefill chunks each, the second continuing from the slot's state
+    # Both prefill a chunk; then sequence 0 prefills on while sequence 1 decodes in the same step;
+    # then both prefill again, each chunk continuing from its slot's state.
+    for a, b, num_prefills in [(13, 3, 2), (9, 1, 1), (8, 12, 2)]:
         x = torch.cat((seqs[0][at[0]:at[0] + a], seqs[1][at[1]:at[1] + b]))
-        out = ours(x, (conv, ssm), _meta([a, b], 2, slots))
+        out = ours(x, (conv, ssm), _meta([a, b], num_prefills, slots))
         got[0].append(out[:a]), got[1].append(out[a:])
         at = [at[0] + a, at[1] + b]
     while at[0] < 30 or at[1] < 21:

@@ -178,7 +178,7 @@ def test_info_counts_granites_active_parameters(tiny, gguf_of):
 
 @pytest.mark.parametrize("name, change, needle", [
     ("falcon_h1", {"mamba_d_ssm": 48}, "mamba_n_heads = 8 heads of mamba_d_head = 8 are not the mixer's 48 channels"),
-    ("falcon_h1", {"mamba_d_state": 8}, "in_proj.weight: weight shape (200, 64) has not the 168 rows"),
+    ("falcon_h1", {"mamba_d_state": 8}, "needs in_proj.weight of layer 0 to be (168, 64), but it is (200, 64)"),
     ("falcon_h1", {"ssm_multipliers": [1.0, 2.0]}, "ssm_multipliers = '[1.0, 2.0]' must be a list of 5 numbers"),
     ("falcon_h1", {"projectors_bias": True}, "projectors_bias unlike mamba_proj_bias, is not supported"),
     ("granitemoehybrid", {"mamba_n_groups": 3}, "3 groups do not divide their 8 heads"),

@@ -71,6 +71,27 @@ def hybrid_configs() -> dict:
 _SCALED = {"lfm2": {"conv.in_proj": 15.0, "conv.conv": 30.0}}
 
 
+def mamba_configs() -> dict:
+    """Mamba-2 and its hybrids (Nemotron-H dense and MoE): chunk_size 16, so a 40-token
+    prompt crosses the SSD's chunks as well as the engine's prefill chunks. Their vocabularies
+    are padded to a multiple of 16 (llama.cpp's converter pads these families' token lists)."""
+    import transformers
+
+    mamba = dict(vocab_size=VOCAB + 4, hidden_size=64, n_groups=2, conv_kernel=4, chunk_size=16, tie_word_embeddings=False)
+    hybrid = dict(**mamba, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                  mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=8, max_position_embeddings=512)
+    return {
+        "mamba2": transformers.Mamba2Config(**mamba, num_heads=8, head_dim=16, expand=2, state_size=16,
+                                            num_hidden_layers=2),
+        "nemotron_h": transformers.NemotronHConfig(**hybrid, layers_block_type=[
+            "linear_attention", "full_attention", "mlp", "linear_attention"]),
+        "nemotron_h_moe": transformers.NemotronHConfig(**hybrid, layers_block_type=[
+            "linear_attention", "moe", "full_attention", "mlp", "linear_attention"], n_routed_experts=8,
+            num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
+            routed_scaling_factor=2.5, norm_topk_prob=True),
+    }
+
+
 def falcon_granite_configs() -> dict:
     """Falcon-H1 and Granite 4 hybrid: Mamba-2 mixers with chunks of 8 tokens, so a 40-token
     prompt's scan crosses chunks inside one prefill chunk as well as between them."""
@@ -134,7 +155,7 @@ def build_model(name: str, folder: Path, tokenizer):
     import transformers
 
     torch.manual_seed(0)
-    config = {**configs(), **hybrid_configs(), **falcon_granite_configs()}[name]
+    config = {**configs(), **hybrid_configs(), **mamba_configs(), **falcon_granite_configs()}[name]
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases, sinks at 0: make them matter
         for pname, p in model.named_parameters():

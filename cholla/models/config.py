@@ -274,12 +274,12 @@ def _hf_rope(params: dict[str, Any] | None, theta: float | None, default_theta: 
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     """Map a Hugging Face ``config.json`` (transformers 4.x or 5.x spelling)."""
     model_type = cfg.get("model_type", "")
+    if model_type == "lfm2" and "intermediate_size" not in cfg:  # its older spelling
+        cfg = {**cfg, "intermediate_size": cfg.get("block_ff_dim")}
     if model_type == "mamba2":
         return _hf_mamba2(cfg)
     if model_type == "nemotron_h":
         cfg = {**cfg, "num_hidden_layers": len(_nemotron_h_kinds(cfg))}
-    if model_type == "lfm2" and "intermediate_size" not in cfg:  # its older spelling
-        cfg = {**cfg, "intermediate_size": cfg.get("block_ff_dim")}
     if model_type == "gemma3" and "text_config" in cfg:  # multimodal wrapper: take the text tower
         cfg = {**cfg["text_config"], "model_type": "gemma3"}
     if model_type == "gemma3_text":
@@ -534,6 +534,11 @@ _NEMOTRON_H_KINDS = {"M": MAMBA, "*": FULL_ATTENTION, "-": MLP_ONLY, "E": MLP_ON
                      "full_attention": FULL_ATTENTION, "mlp": MLP_ONLY, "moe": MLP_ONLY}
 
 
+# transformers' NemotronHConfig still reads these older spellings.
+_NEMOTRON_H_OLD_KEYS = {"n_groups": "mamba_n_groups", "conv_kernel": "mamba_d_conv", "chunk_size": "mamba_chunk_size",
+                        "time_step_min": "mamba_dt_min", "use_conv_bias": "mamba_conv_bias"}
+
+
 def _dt_limit(value: Any) -> tuple[float, float]:
     """HF's ``time_step_limit``; transformers 5 writes infinity as ``{"__float__": "Infinity"}``."""
     if not value:
@@ -554,7 +559,7 @@ def _hf_mamba2(cfg: dict[str, Any]) -> ModelConfig:
     """A pure Mamba-2 (no attention, no MLP): its attention-shaped fields carry the mixer's heads."""
     try:
         heads, head_dim, layers = int(cfg["num_heads"]), int(cfg["head_dim"]), int(cfg["num_hidden_layers"])
-        shape = Mamba2Shape(int(cfg["hidden_size"]), heads, head_dim, int(cfg["state_size"]), int(cfg.get("n_groups", 1)),
+        shape = Mamba2Shape(int(cfg["hidden_size"]), heads, head_dim, int(cfg["state_size"]), int(cfg.get("n_groups", 8)),
                             int(cfg.get("conv_kernel", 4)), int(cfg.get("chunk_size", 256)),
                             float(cfg.get("layer_norm_epsilon", 1e-5)), _dt_limit(cfg.get("time_step_limit")),
                             bias=bool(cfg.get("use_bias", False)), conv_bias=bool(cfg.get("use_conv_bias", True)))
@@ -583,14 +588,21 @@ def _hf_nemotron_h(out: ModelConfig, cfg: dict[str, Any]) -> None:
     transformers clamps its prefill's dt at ``time_step_min``; so does cholla (GGUF files do not
     store it: llama.cpp clamps nothing)."""
     kinds = _nemotron_h_kinds(cfg)
+    if cfg.get("mlp_bias"):
+        raise ModelFormatError("Nemotron-H with mlp_bias is not supported yet")
+
+    def get(key: str, default: Any = None) -> Any:  # older configs spell the Mamba keys mamba_*
+        return cfg.get(key, cfg.get(_NEMOTRON_H_OLD_KEYS.get(key, key), default))
+
     out.layer_types = [_NEMOTRON_H_KINDS[k] for k in kinds]
+    out.head_dim = int(cfg.get("head_dim") or cfg.get("attention_head_dim") or out.head_dim)
     out.rms_norm_eps = float(cfg.get("layer_norm_epsilon", 1e-5))
     out.hidden_act = cfg.get("mlp_hidden_act", "relu2")
     heads = int(cfg["mamba_num_heads"])
     shape = Mamba2Shape(out.hidden_size, heads, int(cfg["mamba_head_dim"]), int(cfg["ssm_state_size"]),
-                        int(cfg.get("n_groups", 1)), int(cfg.get("conv_kernel", 4)), int(cfg.get("chunk_size", 128)),
-                        out.rms_norm_eps, (float(cfg.get("time_step_min", 0.0)), math.inf),
-                        bias=bool(cfg.get("use_bias", False)), conv_bias=bool(cfg.get("use_conv_bias", True)))
+                        int(get("n_groups", 8)), int(get("conv_kernel", 4)), int(get("chunk_size", 128)),
+                        out.rms_norm_eps, (float(get("time_step_min", 0.001)), math.inf),
+                        bias=bool(cfg.get("use_bias", False)), conv_bias=bool(get("use_conv_bias", True)))
     moe_layers = [i for i, k in enumerate(kinds) if k in ("E", "moe")]
     if moe_layers:
         if cfg.get("moe_latent_size") is not None:

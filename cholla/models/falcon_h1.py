@@ -66,7 +66,8 @@ def _mup_rows(multipliers: dict, mamba: Mamba2Shape) -> torch.Tensor:
 def fold_multipliers(weights: dict[str, Weight], multipliers: dict, mamba: Mamba2Shape) -> dict[str, Weight]:
     """Falcon-H1's muP multipliers folded into the weights they scale (HF's ``FalconH1*``
     modules apply them to activations): per module, (weight factor, bias factor); a factor
-    on a matmul's input scales its weight only, one on its output the bias too."""
+    on a matmul's input scales its weight only, one on its output the bias too. (``check_mamba``
+    has made sure in_proj has the rows the multipliers are laid out for.)"""
     m = {key: multipliers.get(key, 1.0) for key in ("attention_in_multiplier", "attention_out_multiplier",
                                                      "key_multiplier", "ssm_in_multiplier", "ssm_out_multiplier",
                                                      "embedding_multiplier", "lm_head_multiplier")}
@@ -90,11 +91,7 @@ def fold_multipliers(weights: dict[str, Weight], multipliers: dict, mamba: Mamba
             if not isinstance(w, torch.Tensor):
                 raise ModelFormatError(f"tensor {name}: Falcon-H1's multipliers fold only into float weights")
             factor = factors[key][0 if kind == "weight" else 1]
-            if isinstance(factor, torch.Tensor):
-                if w.shape[0] != factor.shape[0]:
-                    raise ModelFormatError(f"tensor {name}: weight shape {tuple(w.shape)} has not the "
-                                           f"{factor.shape[0]} rows the Mamba-2 dimensions need")
-            elif factor == 1.0:  # left as loaded (memory-mapped)
+            if not isinstance(factor, torch.Tensor) and factor == 1.0:  # left as loaded (memory-mapped)
                 out[name] = w
                 continue
             w = (w.float() * factor).to(w.dtype)  # a new tensor: a tied head keeps its own copy

@@ -75,6 +75,16 @@ _LAYER_OVERRIDES = {
         "attn_v_b": "self_attn.v_b",
         "exp_probs_b": "mlp.e_score_correction_bias",
     },
+    # Mamba-2 and Nemotron-H: one mixer per layer under one norm
+    **{arch: {
+        "attn_norm": "norm", "ssm_in": "mixer.in_proj", "ssm_conv1d": "mixer.conv1d", "ssm_dt": "mixer.dt_bias",
+        "ssm_a": "mixer.A", "ssm_d": "mixer.D", "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj",
+        "attn_q": "mixer.q_proj", "attn_k": "mixer.k_proj", "attn_v": "mixer.v_proj", "attn_output": "mixer.o_proj",
+        "ffn_up": "mixer.up_proj", "ffn_down": "mixer.down_proj", "ffn_gate_inp": "mixer.gate",
+        "ffn_up_exps": "mixer.experts.up_proj", "ffn_down_exps": "mixer.experts.down_proj",
+        "ffn_up_shexp": "mixer.shared_expert.up_proj", "ffn_down_shexp": "mixer.shared_expert.down_proj",
+        "exp_probs_b": "mixer.e_score_correction_bias",
+    } for arch in ("mamba2", "nemotron_h")},
     "falcon_h1": {**_mamba2("mamba"), "ffn_norm": "pre_ff_layernorm", "ffn_gate": "feed_forward.gate_proj",
                   "ffn_up": "feed_forward.up_proj", "ffn_down": "feed_forward.down_proj"},
     "granitemoehybrid": {

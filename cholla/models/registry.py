@@ -12,7 +12,9 @@ from cholla.models.gpt_oss import GptOssForCausalLM
 from cholla.models.granitemoehybrid import GraniteMoeHybridForCausalLM
 from cholla.models.lfm2 import Lfm2ForCausalLM
 from cholla.models.llama import LlamaForCausalLM
+from cholla.models.mamba2 import Mamba2ForCausalLM
 from cholla.models.mixtral import MixtralForCausalLM
+from cholla.models.nemotron_h import NemotronHForCausalLM
 from cholla.models.olmoe import OlmoeForCausalLM
 from cholla.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -29,6 +31,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "deepseek_v3": DeepseekV3ForCausalLM,
     "glm4_moe_lite": DeepseekV3ForCausalLM,
     "lfm2": Lfm2ForCausalLM,
+    "mamba2": Mamba2ForCausalLM,
+    "nemotron_h": NemotronHForCausalLM,
     "falcon_h1": FalconH1ForCausalLM,
     "granitemoehybrid": GraniteMoeHybridForCausalLM,
 }
