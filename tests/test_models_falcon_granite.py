@@ -20,7 +20,8 @@ from cholla.models.loader import load_model  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 NAMES = list(tiny_models.falcon_granite_configs())
-ARCHITECTURE = {"granite_dense": "granitemoehybrid"}
+ARCHITECTURE = {"granite_dense": "granitemoehybrid", "falcon_h1_rms_norm": "falcon_h1"}
+CONVERTED = ["falcon_h1", "granitemoehybrid", "granite_dense"]  # through llama.cpp's converter
 PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 NEW_TOKENS = 32
 
@@ -52,9 +53,9 @@ def gguf_of(tiny, tmp_path_factory):
 
     def get(name: str, qtype: str = "F32"):
         if not cache:
-            jobs = [(tiny(n)["folder"], root / f"{n}.gguf") for n in NAMES]
+            jobs = [(tiny(n)["folder"], root / f"{n}.gguf") for n in CONVERTED]
             tiny_models.convert_to_gguf(converter, jobs)
-            cache.update({(n, "F32"): out for n, (_, out) in zip(NAMES, jobs)})
+            cache.update({(n, "F32"): out for n, (_, out) in zip(CONVERTED, jobs)})
         if (name, qtype) not in cache:
             cache[name, qtype] = tiny_models.requantize(get(name), root / f"{name}-{qtype}.gguf", qtype)
         return cache[name, qtype]
@@ -108,6 +109,9 @@ def test_safetensors_match_transformers(tiny, name):
     if name == "falcon_h1":  # attention and a mixer in every layer: KV and state everywhere
         assert config.layer_types == [FULL_ATTENTION] * 3 and all(config.state_shapes)
         assert config.mamba.num_heads == 8 and config.mamba.head_dim == 8 and config.mamba.n_groups == 2
+        assert not config.mamba.gated_norm
+    elif name == "falcon_h1_rms_norm":
+        assert config.mamba.gated_norm and config.mamba.norm_before_gate and config.tie_word_embeddings
     elif name == "granitemoehybrid":
         assert config.layer_types == [MAMBA, FULL_ATTENTION, MAMBA] and config.no_rope and config.moe.num_experts == 4
         assert [bool(s) for s in config.state_shapes] == [True, False, True]

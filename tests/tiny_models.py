@@ -110,6 +110,12 @@ def falcon_granite_configs() -> dict:
             embedding_multiplier=1.5, lm_head_multiplier=0.8, mlp_multipliers=[1.2, 0.9], key_multiplier=0.7,
             attention_in_multiplier=1.1, attention_out_multiplier=0.6, ssm_in_multiplier=1.3, ssm_out_multiplier=0.5,
             ssm_multipliers=[0.9, 1.1, 0.8, 1.2, 1.4], tie_word_embeddings=False),
+        # the mixer's optional grouped RMSNorm, taken before the gate (HF's default order when it is on)
+        "falcon_h1_rms_norm": transformers.FalconH1Config(
+            **{**_COMMON, "num_hidden_layers": 2}, head_dim=16, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8,
+            mamba_n_groups=2, **mamba, mamba_rms_norm=True, mamba_norm_before_gate=True, key_multiplier=0.7,
+            embedding_multiplier=1.5, lm_head_multiplier=0.8,  # tied: one tensor, two factors
+            ssm_multipliers=[0.9, 1.1, 0.8, 1.2, 1.4], tie_word_embeddings=True),
         # vocab padded to a multiple of 8, as llama.cpp's converter pads a Mamba-2 vocabulary
         "granitemoehybrid": transformers.GraniteMoeHybridConfig(
             **{**_COMMON, "vocab_size": VOCAB + 4}, layer_types=["mamba", "attention", "mamba"],
