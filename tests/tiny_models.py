@@ -74,6 +74,10 @@ def hybrid_configs() -> dict:
 # three of them): scaled up so a mistake in those layers shows in the logits.
 _SCALED = {"lfm2": {"conv.in_proj": 15.0, "conv.conv": 30.0}, "lfm2_moe": {"conv.in_proj": 15.0, "conv.conv": 30.0,
                                                                        "feed_forward.gate": 10.0, "experts": 3.0}}
+# Mamba-2 mixers: a larger in_proj, and time steps near softplus(-4) instead of softplus(1), so a head's
+# state decays over tens of tokens, not two or three, and losing it between prefill chunks shows.
+_MAMBA_SCALED = {"mamba.in_proj": 15.0, "mamba.dt_bias": -4.0}
+_SCALED.update({name: _MAMBA_SCALED for name in ("falcon_h1", "falcon_h1_rms_norm", "granitemoehybrid", "granite_dense")})
 
 
 def mamba_configs() -> dict:
