@@ -23,6 +23,7 @@ from cholla.formats.gguf import GGUFFile
 from cholla.formats.safetensors import HFFolder
 from cholla.models.config import (LAYER_TYPES, ModelConfig, RopeConfig, config_from_gguf, config_from_hf)
 from cholla.models.gguf_names import gguf_to_hf_name
+from cholla.models.mamba2 import backbone_names
 
 # Beyond these no real model goes; a file that claims more is corrupt (and would allocate without bound).
 MAX_DIM = 1 << 20  # hidden, intermediate, head dims
@@ -122,6 +123,8 @@ def check_raw_gguf(metadata: Mapping[str, Any], path: str) -> None:
         if not ok:
             raise ModelFormatError(f"{path}: {key} = {str(value)[:60]!r} is not a finite number; the file is corrupt")
         lowest = 0 if field == "sliding_window" else 1  # some are divided by before the config exists
+        if arch == "mamba2" and field in ("num_heads", "intermediate_size"):
+            lowest = 0  # no attention, no MLP: the converter writes zeros
         if field in _MOST and not lowest <= value <= _MOST[field]:
             raise ModelFormatError(f"{path}: {key} = {value} must be a whole number in [{lowest}, {_MOST[field]}]; "
                                    "the file is corrupt")
@@ -306,6 +309,27 @@ def check_experts(config: ModelConfig, source: ConfigSource) -> None:
         source.fail("dense_layers", moe.dense_layers, f"must be layers of the {config.num_layers}")
 
 
+def check_mamba(config: ModelConfig, source: ConfigSource) -> None:
+    """The Mamba-2 mixers' dimensions: whole and bounded, and their projections the sizes they imply."""
+    shape = config.mamba
+    if shape is None:
+        return
+    for name in ("num_heads", "head_dim", "state_size", "n_groups", "conv_kernel", "chunk_size"):
+        value = getattr(shape, name)
+        if not (_is_int(value) and 1 <= value <= MAX_DIM):
+            source.fail(f"mamba {name}", value, f"must be a whole number in [1, {MAX_DIM}]")
+    expected = {"in_proj.weight": (2 * shape.inner_size + 2 * shape.n_groups * shape.state_size + shape.num_heads,
+                                   shape.hidden_size),
+                "out_proj.weight": (shape.hidden_size, shape.inner_size)}
+    for layer in range(config.num_layers):
+        for part, want in expected.items():
+            got = (source.shapes.get(f"model.layers.{layer}.mixer.{part}")  # Mamba-2, Nemotron-H
+                   or source.shapes.get(f"model.layers.{layer}.mamba.{part}"))  # Falcon-H1, Granite 4 hybrid
+            if got is not None and tuple(got) != want:
+                source.fail("mamba num_heads", shape.num_heads, f"with the other Mamba-2 dimensions needs {part} of "
+                                                                f"layer {layer} to be {want}, but it is {tuple(got)}")
+
+
 def check_latent(config: ModelConfig, source: ConfigSource) -> None:
     """Multi-head latent attention's widths: whole, bounded, and a rope part of whole pairs."""
     mla = config.mla
@@ -350,7 +374,7 @@ def check_layer_geometry(config: ModelConfig, source: ConfigSource) -> None:
                                                   f"embedding model.embed_tokens_per_layer.weight of shape {shape}")
 
 
-CHECKS: list[Check] = [check_counts, check_heads, check_experts, check_latent, check_norm, check_rope, check_layer_kinds,
+CHECKS: list[Check] = [check_counts, check_heads, check_experts, check_latent, check_mamba, check_norm, check_rope, check_layer_kinds,
                        check_layer_geometry, check_layers_present, check_embedding, check_special_tokens,
                        check_layer_shapes]
 
@@ -368,7 +392,7 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
     """The config of a GGUF file, checked against its metadata types and tensors."""
     path = str(gguf.path)
     check_raw_gguf(gguf.metadata, path)
-    config = config_from_gguf(gguf.metadata, set(gguf.tensors))
+    config = config_from_gguf(gguf.metadata, set(gguf.tensors), {n: tuple(t.shape) for n, t in gguf.tensors.items()})
     shapes = {}
     for name, tensor in gguf.tensors.items():
         shapes[gguf_to_hf_name(name, config.architecture) or name] = tensor.shape
@@ -389,7 +413,7 @@ def hf_config(folder: HFFolder) -> ModelConfig:
     path = str(folder.path)
     check_raw_hf(folder.config, path)
     config = config_from_hf(folder.config)
-    shapes = {_text_tower(name): shape for name, shape in folder.tensor_shapes().items()}
+    shapes = backbone_names({_text_tower(name): shape for name, shape in folder.tensor_shapes().items()})
     keys = {field: f"config.json's {key}" for field, key in HF_KEYS.items()}
     check_config(config, ConfigSource(path, keys, shapes))
     return config

@@ -60,6 +60,12 @@ _LFM2 = {
     "ffn_down_exps": "feed_forward.experts.w2",
 }
 
+def _mamba2(module: str) -> dict[str, str]:
+    """llama.cpp's Mamba-2 mixer tensors, under the mixer's HF module name."""
+    return {"ssm_in": f"{module}.in_proj", "ssm_conv1d": f"{module}.conv1d", "ssm_dt": f"{module}.dt_bias",
+            "ssm_a": f"{module}.A", "ssm_d": f"{module}.D", "ssm_norm": f"{module}.norm", "ssm_out": f"{module}.out_proj"}
+
+
 # Gemma names the norm after attention "post" and the one before the MLP "pre".
 _LAYER_OVERRIDES = {
     "gemma3": {
@@ -98,13 +104,34 @@ _LAYER_OVERRIDES = {
         "attn_v_b": "self_attn.v_b",
         "exp_probs_b": "mlp.e_score_correction_bias",
     },
+    # Mamba-2 and Nemotron-H: one mixer per layer under one norm
+    **{arch: {
+        "attn_norm": "norm", "ssm_in": "mixer.in_proj", "ssm_conv1d": "mixer.conv1d", "ssm_dt": "mixer.dt_bias",
+        "ssm_a": "mixer.A", "ssm_d": "mixer.D", "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj",
+        "attn_q": "mixer.q_proj", "attn_k": "mixer.k_proj", "attn_v": "mixer.v_proj", "attn_output": "mixer.o_proj",
+        "ffn_up": "mixer.up_proj", "ffn_down": "mixer.down_proj", "ffn_gate_inp": "mixer.gate",
+        "ffn_up_exps": "mixer.experts.up_proj", "ffn_down_exps": "mixer.experts.down_proj",
+        "ffn_up_shexp": "mixer.shared_expert.up_proj", "ffn_down_shexp": "mixer.shared_expert.down_proj",
+        "exp_probs_b": "mixer.e_score_correction_bias",
+    } for arch in ("mamba2", "nemotron_h")},
+    "falcon_h1": {**_mamba2("mamba"), "ffn_norm": "pre_ff_layernorm", "ffn_gate": "feed_forward.gate_proj",
+                  "ffn_up": "feed_forward.up_proj", "ffn_down": "feed_forward.down_proj"},
+    "granitemoehybrid": {
+        **_mamba2("mamba"),
+        **{f"ffn_{proj}{suffix}": f"shared_mlp.{proj}_proj" for proj in ("gate", "up", "down") for suffix in ("", "_shexp")},
+        **{f"ffn_{proj}_exps": f"block_sparse_moe.experts.{proj}_proj" for proj in ("gate", "up", "down")},
+        "ffn_gate_inp": "block_sparse_moe.gate",
+    },
 }
 
-# Bare tensors (layers.linear.DenseTensor, HF's fused experts), named without ".weight".
+# Bare tensors (layers.linear.DenseTensor, HF's fused experts), named after their module without ".weight".
 _BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b", "layer_output_scale", "ffn_gate_up_exps",
-         "ffn_gate_inp.scale", "ffn_down_exps.scale"}
+         "ffn_gate_inp.scale", "ffn_down_exps.scale", "ssm_a", "ssm_d", "ssm_dt"}
+# Weights llama.cpp's converter writes without their ".weight".
+_NO_SUFFIX = {("falcon_h1", "ffn_norm")}
 
-_BLOCK = re.compile(r"blk\.(\d+)\.([\w.]+)\.(weight|bias|scale)$")
+# Mamba-2's ssm_a and ssm_d have no suffix; Gemma 4's router scales are ".scale"
+_BLOCK = re.compile(r"blk\.(\d+)\.([\w.]+?)(?:\.(weight|bias|scale))?$")
 # Whole-model tensors some architectures name otherwise.
 _LFM2_GLOBAL = {"token_embd_norm.weight": "model.embedding_norm.weight"}  # its final norm
 _GLOBAL_OVERRIDES = {"lfm2": _LFM2_GLOBAL, "lfm2_moe": _LFM2_GLOBAL}
@@ -126,4 +153,8 @@ def gguf_to_hf_name(name: str, architecture: str) -> str | None:
         return None
     if part in _BARE:
         return f"model.layers.{layer}.{table[part]}"
+    if kind is None:
+        if (architecture, part) not in _NO_SUFFIX:
+            return None
+        kind = "weight"
     return f"model.layers.{layer}.{table[part]}.{kind}"
