@@ -69,8 +69,9 @@ def hybrid_configs() -> dict:
 # three of them): scaled up so a mistake in those layers shows in the logits.
 _SCALED = {"lfm2": {"conv.in_proj": 15.0, "conv.conv": 30.0},
            # Mamba-2: time steps of ~0.5 instead of ~0.01, and inputs, B and C large enough that the SSM
-           # state (not only the D skip) moves the logits.
-           **{name: {"mixer.dt_bias": 0.1, "mixer.in_proj": 3.0} for name in ("mamba2", "nemotron_h", "nemotron_h_moe")}}
+           # state (not only the D skip) moves the logits (Nemotron-H initialises with std 0.02, Mamba-2 0.1).
+           "mamba2": {"mixer.dt_bias": 0.1, "mixer.in_proj": 3.0},
+           **{name: {"mixer.dt_bias": 0.1, "mixer.in_proj": 15.0} for name in ("nemotron_h", "nemotron_h_moe")}}
 
 
 def mamba_configs() -> dict:
