@@ -202,7 +202,8 @@ def requantize(src: Path, dst: Path, qtype_name: str, dequantized: bool = False,
         data = np.array(tensor.data)
         qtype = expert_type if "_exps." in tensor.name else (
             gguf.GGMLQuantizationType.Q8_0 if qtype_name == "MXFP4" else expert_type)
-        if qtype_name == "F32" or data.ndim < 2 or data.shape[-1] % 32 or not tensor.name.endswith(".weight"):
+        if (qtype_name == "F32" or data.ndim < 2 or data.shape[-1] % 32 or not tensor.name.endswith(".weight")
+                or tensor.name.endswith("norm.weight")):  # as llama-quantize: norms (Mamba-2's are 2-D) stay f32
             writer.add_tensor(tensor.name, data)
             continue
         packed = gguf.quants.quantize(data, qtype)
