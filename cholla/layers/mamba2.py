@@ -52,6 +52,7 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     length, heads, head_dim = x.shape
     groups, state_size = B.shape[1:]
     per_group = heads // groups
+    chunk_size = min(chunk_size, length)  # the result does not depend on it: no padding a short prompt to a chunk
     pad = -length % chunk_size
     # Padded steps have dt = 0: no input and no decay, so they change nothing.
     x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in (x, dt, B, C))
