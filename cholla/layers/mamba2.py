@@ -152,9 +152,9 @@ class Mamba2Mixer(nn.Module):
         first = starts[meta.num_prefills]
         if first < tokens:
             index = slots[meta.num_prefills:].to(ssm_state.device)
-            states = torch.index_select(ssm_state, 0, index, out=_gather_buffer(ssm_state, len(index)))
-            y[first:] = ssd_step(hs[first:], dt[first:], A, B[first:], C[first:], states)
-            ssm_state.index_copy_(0, index, states)
+            gathered = torch.index_select(ssm_state, 0, index, out=_gather_buffer(ssm_state, len(index)))
+            y[first:] = ssd_step(hs[first:], dt[first:], A, B[first:], C[first:], gathered)
+            ssm_state.index_copy_(0, index, gathered)
         y = (y + hs * self.D.value[:, None]).reshape(tokens, s.inner_size)
         return self.out_proj(self._gate(y, z))
 
