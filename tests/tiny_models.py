@@ -53,6 +53,48 @@ def configs() -> dict:
     }
 
 
+def gemma4_configs() -> dict:
+    """Gemma 4's two text variants, every window-crossing feature on: the dense one as the E2B/E4B
+    models (per-layer embeddings, the last two layers sharing KV with double-wide MLPs), the MoE
+    one as 26B-A4B (global layers with one KV head and V = K, experts beside the dense MLP)."""
+    import transformers
+
+    gemma = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, global_head_dim=32, max_position_embeddings=512, sliding_window=8,
+                 final_logit_softcapping=30.0)
+    return {
+        "gemma4": transformers.Gemma4TextConfig(
+            **gemma, num_hidden_layers=5, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                         "full_attention"], num_kv_shared_layers=2, use_double_wide_mlp=True),
+        "gemma4_moe": transformers.Gemma4TextConfig(
+            **gemma, num_hidden_layers=3, hidden_size_per_layer_input=0, attention_k_eq_v=True,
+            num_global_key_value_heads=1, layer_types=["sliding_attention", "full_attention", "full_attention"],
+            enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32),
+    }
+
+
+def gemma_tokenizer():
+    """A ``VOCAB``-token BPE with byte fallback laid out as Gemma's (pad, eos, bos, unk first; spaces
+    as "▁"), the kind llama.cpp's Gemma 4 converter reads."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog, " * 20,
+                             "hello world, this is a tiny model that says little"], trainer)
+    assert tok.get_vocab_size() == VOCAB
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                                pad_token="<pad>", unk_token="<unk>")
+
+
+def tokenizer_for(name: str):
+    """Gemma 4's converter reads only Gemma-style vocabularies; the others take the byte-level BPE."""
+    return gemma_tokenizer() if name.startswith("gemma") else tiny_tokenizer()
 def hybrid_configs() -> dict:
     """Models with recurrent layers (a state per sequence), their layer kinds mixed."""
     import transformers
@@ -119,22 +161,24 @@ def tiny_tokenizer():
                                                 additional_special_tokens=specials[1:])
 
 
-def build_model(name: str, folder: Path, tokenizer):
-    """The reference model, saved with its tokenizer into ``folder``; returns the model."""
+def build_model(name: str, folder: Path, tokenizer, config=None):
+    """The reference model (from ``configs()``, ``gemma4_configs()`` or ``hybrid_configs()`` unless ``config``
+    is given), saved with its tokenizer into ``folder``; returns the model."""
     import transformers
 
     torch.manual_seed(0)
-    config = {**configs(), **hybrid_configs(), **mamba_configs()}[name]
+    config = config or {**configs(), **gemma4_configs(), **hybrid_configs(), **mamba_configs()}[name]
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # random init leaves norms at 1 and biases, sinks at 0: make them matter
+    with torch.no_grad():  # random init leaves norms, scales at 1 and biases, sinks at 0: make them matter
         for pname, p in model.named_parameters():
-            if "norm" in pname or "bias" in pname or "sinks" in pname:
+            if "norm" in pname or "bias" in pname or "sinks" in pname or "scale" in pname:
                 p.add_(torch.randn_like(p) * 0.1)
             for part, factor in _SCALED.get(name, {}).items():
                 if part in pname:
                     p.mul_(factor)
-        for bname, b in model.named_buffers():  # a router's selection bias is a buffer, zero at init
-            if bname.endswith("expert_bias"):
+        # buffers left at zero or one: a router's selection bias, Gemma 4's learned output scalar
+        for bname, b in model.named_buffers():
+            if bname.endswith(("expert_bias", "layer_scalar")):
                 b.add_(torch.randn_like(b) * 0.1)
     model.generation_config.eos_token_id = None
     model.save_pretrained(folder)

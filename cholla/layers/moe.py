@@ -2,9 +2,8 @@
 
 One layer serves every architecture; what differs between them is how router
 logits become (weights, expert ids), written below as small functions
-(``softmax_topk``, ``topk_softmax``, ``sigmoid_group_topk``), and the experts'
-activation (``GatedMLP``'s, or GPT-OSS's clamped SwiGLU), or ungated experts
-(``down(act(up(x)))``, Nemotron-H).
+(``softmax_topk``, ``topk_softmax``, ``sigmoid_group_topk``, ``softmax_topk_scaled``), and the experts'
+activation (``GatedMLP``'s, or GPT-OSS's clamped SwiGLU), or ungated experts (``down(act(up(x)))``, Nemotron-H).
 
 Each expert is three ``Linear`` layers over its own slice of the checkpoint's
 stacked ``[experts, rows, cols]`` tensors (``split_experts``): a GGUF expert
@@ -53,6 +52,18 @@ def topk_softmax(top_k: int) -> Router:
     def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         values, ids = torch.topk(logits.float(), top_k, dim=-1)
         return torch.softmax(values, dim=-1), ids
+
+    return route
+
+
+def softmax_topk_scaled(top_k: int, expert_scale: DenseTensor) -> Router:
+    """Gemma 4: ``softmax_topk`` normalised to sum to one, each weight then times its expert's
+    learned scale (``expert_scale``: [experts], read at call time, as it is loaded later)."""
+    normalized = softmax_topk(top_k, normalize=True)
+
+    def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = normalized(logits)
+        return weights * expert_scale.value[ids], ids
 
     return route
 
@@ -138,9 +149,10 @@ class SparseMoE(nn.Module):
         self.shared_expert = shared(hidden_size, shared_intermediate_size, activation) if shared_intermediate_size else None
         self.e_score_correction_bias = correction_bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, hidden] -> [tokens, hidden]."""
-        weights, ids = self.route(self.gate(x))
+    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [tokens, hidden] -> [tokens, hidden]. ``router_input``: what the router reads when it
+        is not the experts' input (Gemma 4 routes from the residual stream, normalised its own way)."""
+        weights, ids = self.route(self.gate(x if router_input is None else router_input))
         top_k = ids.shape[1]
         flat = ids.flatten()
         order = torch.argsort(flat, stable=True)  # token-expert pairs grouped by expert

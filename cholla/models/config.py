@@ -29,7 +29,7 @@ class RopeConfig:
     """Rotary embedding for one kind of layer.
 
     ``scaling`` follows HF's ``rope_parameters`` (``rope_type`` of ``default``,
-    ``linear`` or ``llama3`` with its factors). ``freq_factors`` is llama.cpp's
+    ``linear``, ``llama3``, ``yarn`` or ``proportional`` with its factors). ``freq_factors`` is llama.cpp's
     ``rope_freqs.weight`` (per-frequency divisors), the GGUF form of Llama 3 scaling.
     """
 
@@ -41,8 +41,9 @@ class RopeConfig:
 @dataclass
 class MoEConfig:
     """A mixture-of-experts MLP (``layers/moe.py``). ``router``: ``softmax_topk``
-    (Mixtral, Qwen-MoE, OLMoE), ``topk_softmax`` (GPT-OSS) or ``sigmoid_group_topk``
-    (DeepSeek-V3). ``dense_layers`` keep a plain MLP of ``ModelConfig.intermediate_size``."""
+    (Mixtral, Qwen-MoE, OLMoE), ``topk_softmax`` (GPT-OSS), ``sigmoid_group_topk``
+    (DeepSeek-V3) or ``softmax_topk_scaled`` (Gemma 4). ``dense_layers`` keep a plain MLP
+    of ``ModelConfig.intermediate_size``."""
 
     num_experts: int
     top_k: int
@@ -137,6 +138,17 @@ class ModelConfig:
     mla: MLAConfig | None = None
     qk_norm_full: bool = False  # OLMoE: one norm over all heads' q (and k)
     attention_sinks: bool = False  # GPT-OSS
+    # Gemma 4: full-attention layers with their own head size and KV heads (None: as the others),
+    # whose V may be K's projection; the last ``kv_shared_layers`` layers attend to the cache of the
+    # last earlier layer of their kind (``kv_producer``), and their MLPs may be twice as wide;
+    # per-layer embeddings of ``per_layer_input_size`` numbers per layer (0: none).
+    global_head_dim: int | None = None
+    global_kv_heads: int | None = None
+    attention_k_eq_v: bool = False
+    kv_shared_layers: int = 0
+    double_wide_mlp: bool = False
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int | None = None
     # Hybrid models: per layer, the float32 state tensors one sequence keeps (conv state, recurrent
     # state), each given by its shape without the slot axis; () for a layer without state. Empty: none.
     # A layer may have both (Falcon-H1 runs attention and Mamba-2 side by side).
@@ -157,6 +169,26 @@ class ModelConfig:
     def attn_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
+    def layer_attention(self, layer: int) -> tuple[int, int]:
+        """(KV heads, head dim) of layer ``layer``: Gemma 4's full-attention layers may differ."""
+        if self.layer_types[layer] == FULL_ATTENTION:
+            return self.global_kv_heads or self.num_kv_heads, self.global_head_dim or self.head_dim
+        return self.num_kv_heads, self.head_dim
+
+    def kv_producer(self, layer: int) -> int:
+        """The layer whose KV cache layer ``layer`` attends to: itself, or for Gemma 4's KV-shared
+        last layers the last earlier unshared layer of the same kind (-1 when there is none)."""
+        first_shared = self.num_layers - self.kv_shared_layers
+        if layer < first_shared:
+            return layer
+        kind = self.layer_types[layer]
+        return next((i for i in range(first_shared - 1, -1, -1) if self.layer_types[i] == kind), -1)
+
+    def layer_intermediate_size(self, layer: int) -> int:
+        """The dense MLP's width in layer ``layer`` (Gemma 4's KV-shared layers may double it)."""
+        wide = self.double_wide_mlp and self.kv_producer(layer) != layer
+        return self.intermediate_size * (2 if wide else 1)
+
 
 def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
     return [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(num_layers)]
@@ -165,7 +197,8 @@ def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
 # llama.cpp folds these HF model types into the "llama" GGUF architecture.
 GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
                            "lfm2": "lfm2", "lfm2moe": "lfm2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss",
-                           "deepseek2": "deepseek_v3", "mamba2": "mamba2", "nemotron_h": "nemotron_h", "nemotron_h_moe": "nemotron_h"}
+                           "deepseek2": "deepseek_v3", "gemma4": "gemma4", "mamba2": "mamba2", "nemotron_h": "nemotron_h",
+                           "nemotron_h_moe": "nemotron_h"}
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
@@ -207,11 +240,12 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
     name = str(metadata.get("general.name", "")).lower()
     model_type = "mistral" if arch == "llama" and "mistral" in name else GGUF_ARCH_TO_MODEL_TYPE[arch]
     eos = metadata.get("tokenizer.ggml.eos_token_id")
+    feed_forward = get("feed_forward_length", required=True)  # per layer in Gemma 4 files
     cfg = ModelConfig(
         architecture=model_type,
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length", required=True)),
+        intermediate_size=int(min(feed_forward) if isinstance(feed_forward, list) else feed_forward),
         num_layers=int(get("block_count", required=True)),
         num_heads=num_heads,
         num_kv_heads=int(num_kv_heads),
@@ -237,6 +271,8 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
         cfg.embed_scale = math.sqrt(hidden)
         cfg.final_logit_softcapping = get("final_logit_softcapping")
         cfg.attn_logit_softcapping = get("attn_logit_softcapping")
+    if arch == "gemma4":
+        _gguf_gemma4(cfg, get, metadata.get(f"{arch}.attention.head_count_kv", num_kv_heads), feed_forward, tensor_names)
     if arch in ("lfm2", "lfm2moe"):
         # The converter writes each layer's KV heads, 0 for a convolution layer.
         kv_heads = get("attention.head_count_kv", num_heads)
@@ -250,12 +286,15 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
     return cfg
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+
+
 def _hf_rope(params: dict[str, Any] | None, theta: float | None, default_theta: float) -> RopeConfig:
     params = dict(params or {})
     theta = float(params.pop("rope_theta", theta if theta is not None else default_theta))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3", "yarn"):
-        raise ModelFormatError(f"rope_type {rope_type!r} is not supported yet (default, linear, llama3, yarn are)")
+    if rope_type not in ROPE_TYPES:
+        raise ModelFormatError(f"rope_type {rope_type!r} is not supported yet ({', '.join(ROPE_TYPES)} are)")
     params["rope_type"] = rope_type
     return RopeConfig(theta=theta, scaling=None if rope_type == "default" else params)
 
@@ -269,10 +308,9 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         return _hf_mamba2(cfg)
     if model_type == "nemotron_h":
         cfg = {**cfg, "num_hidden_layers": len(_nemotron_h_kinds(cfg))}
-    if model_type == "gemma3" and "text_config" in cfg:  # multimodal wrapper: take the text tower
-        cfg = {**cfg["text_config"], "model_type": "gemma3"}
-    if model_type == "gemma3_text":
-        model_type = "gemma3"
+    if model_type in ("gemma3", "gemma4") and "text_config" in cfg:  # multimodal wrapper: take the text tower
+        cfg = {**cfg["text_config"], "model_type": model_type}
+    model_type = {"gemma3_text": "gemma3", "gemma4_text": "gemma4"}.get(model_type, model_type)
     try:
         hidden = int(cfg["hidden_size"])
         num_heads = int(cfg["num_attention_heads"])
@@ -285,8 +323,8 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     eos = cfg.get("eos_token_id")
     eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
     rope_params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
-    is_gemma3 = model_type == "gemma3"
-    if is_gemma3 and rope_params and "full_attention" in rope_params:
+    is_gemma = model_type in ("gemma3", "gemma4")  # Gemma 4 starts from Gemma 3's fields
+    if is_gemma and rope_params and "full_attention" in rope_params:
         global_params, local_params = rope_params.get("full_attention"), rope_params.get("sliding_attention")
     else:
         global_params, local_params = rope_params, None
@@ -301,10 +339,10 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         head_dim=int(head_dim),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        rope=_hf_rope(global_params, cfg.get("rope_theta"), 1_000_000.0 if is_gemma3 else 10000.0),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", is_gemma3)),
+        rope=_hf_rope(global_params, cfg.get("rope_theta"), 1_000_000.0 if is_gemma else 10000.0),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", is_gemma)),
         attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
-        qk_norm=model_type in ("qwen3", "gemma3"),
+        qk_norm=model_type in ("qwen3", "gemma3", "gemma4"),
         hidden_act=cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu",
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=[int(e) for e in eos_ids],
@@ -312,7 +350,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     if model_type in ("mistral", "qwen2", "qwen3") and cfg.get("sliding_window") and cfg.get("use_sliding_window", model_type == "mistral"):
         out.sliding_window = int(cfg["sliding_window"])
         out.layer_types = [SLIDING_ATTENTION] * num_layers
-    if is_gemma3:
+    if is_gemma:
         out.hidden_act = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
         out.layer_types = cfg.get("layer_types") or _gemma3_layer_types(num_layers, cfg.get("sliding_window_pattern", 6))
         out.sliding_window = int(cfg.get("sliding_window") or 4096)
@@ -321,6 +359,11 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         out.embed_scale = math.sqrt(hidden)
         out.final_logit_softcapping = cfg.get("final_logit_softcapping")
         out.attn_logit_softcapping = cfg.get("attn_logit_softcapping")
+    if model_type == "gemma4":
+        try:
+            _hf_gemma4(out, cfg)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFormatError(f"config.json's Gemma 4 fields are incomplete or malformed ({e})") from None
     if model_type in ("lfm2", "lfm2_moe"):
         _hf_lfm2(out, cfg, model_type)
     if model_type in ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe_lite", "lfm2_moe"):
@@ -336,6 +379,86 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     return out
 
 
+# -- Gemma 4 ------------------------------------------------------------------------------
+
+# transformers' Gemma4TextConfig defaults, for keys a config.json leaves out
+_GEMMA4_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
+
+
+def _hf_gemma4(out: ModelConfig, cfg: dict[str, Any]) -> None:
+    """Gemma 4's fields of a (text) ``config.json``, over the Gemma 3 ones already read."""
+    if cfg.get("use_bidirectional_attention") == "all":
+        raise ModelFormatError("Gemma 4 with use_bidirectional_attention='all' is an encoder; cholla runs causal models")
+    types = list(cfg.get("layer_types") or _gemma3_layer_types(out.num_layers))
+    types[-1] = FULL_ATTENTION  # as transformers forces it
+    out.layer_types = types
+    out.sliding_window = int(cfg.get("sliding_window") or 512)
+    rope = cfg.get("rope_parameters") or _GEMMA4_ROPE
+    out.rope = _hf_rope(rope.get("full_attention") or _GEMMA4_ROPE["full_attention"], None, 1_000_000.0)
+    out.local_rope = _hf_rope(rope.get("sliding_attention") or _GEMMA4_ROPE["sliding_attention"], None, 10_000.0)
+    out.query_pre_attn_scalar = 1.0  # q and k are RMS-normalised; scores are not scaled
+    out.attn_logit_softcapping = None
+    out.attention_k_eq_v = bool(cfg.get("attention_k_eq_v", False))
+    out.global_head_dim, out.global_kv_heads = _gemma4_global_attention(cfg, types, out.attention_k_eq_v)
+    out.kv_shared_layers = int(cfg.get("num_kv_shared_layers") or 0)
+    out.double_wide_mlp = bool(cfg.get("use_double_wide_mlp", False))
+    out.per_layer_input_size = int(cfg.get("hidden_size_per_layer_input") or 0)
+    out.per_layer_vocab_size = int(cfg.get("vocab_size_per_layer_input") or out.vocab_size)
+    if cfg.get("enable_moe_block"):
+        out.moe = MoEConfig(int(cfg["num_experts"]), int(cfg["top_k_experts"]), int(cfg["moe_intermediate_size"]),
+                            router="softmax_topk_scaled")
+
+
+def _gemma4_global_attention(cfg: dict[str, Any], types: list[str], k_eq_v: bool) -> tuple[int, int | None]:
+    """(head dim, KV heads) of the full-attention layers: from ``per_layer_config`` (transformers 5.24's
+    spelling), else ``global_head_dim`` / ``num_global_key_value_heads`` (the latter only with K = V)."""
+    per_layer = cfg.get("per_layer_config")
+    if per_layer is None:
+        return int(cfg.get("global_head_dim") or 512), (cfg.get("num_global_key_value_heads") if k_eq_v else None)
+    overrides = {}
+    for index, kind in enumerate(types):
+        layer = per_layer.get(str(index), per_layer.get(index, {}))
+        if kind == FULL_ATTENTION:
+            overrides[index] = (layer.get("head_dim"), layer.get("num_key_value_heads"))
+        elif set(layer) & {"head_dim", "num_key_value_heads"}:
+            raise ModelFormatError(f"config.json's per_layer_config gives sliding layer {index} its own attention "
+                                   "geometry; cholla supports one per layer kind")
+    if len(set(overrides.values())) > 1:
+        raise ModelFormatError("config.json's per_layer_config gives full-attention layers different head sizes; "
+                               "cholla supports one per layer kind")
+    head_dim, kv_heads = next(iter(overrides.values()), (None, None))
+    return int(head_dim or cfg.get("head_dim") or 256), kv_heads
+
+
+def _gguf_gemma4(cfg: ModelConfig, get, kv_heads: int | list[int], feed_forward: int | list[int],
+                 tensor_names: set[str]) -> None:
+    """gemma4 GGUF metadata: a sliding-window pattern, per-kind head sizes and KV heads, and the
+    per-layer feed-forward widths (double-wide KV-shared layers). The full layers' partial rope
+    comes as ``rope_freqs.weight`` (huge divisors on the unrotated pairs), which the loader reads."""
+    pattern = get("attention.sliding_window_pattern", required=True)
+    if not isinstance(pattern, list) or len(pattern) != cfg.num_layers:
+        raise ModelFormatError(f"gemma4.attention.sliding_window_pattern must list all {cfg.num_layers} layers")
+    cfg.layer_types = [SLIDING_ATTENTION if sliding else FULL_ATTENTION for sliding in pattern]
+    cfg.hidden_act = "gelu_pytorch_tanh"
+    cfg.sliding_window = int(get("attention.sliding_window", required=True))
+    cfg.global_head_dim = cfg.head_dim
+    cfg.head_dim = int(get("attention.key_length_swa", cfg.head_dim))
+    if int(get("rope.dimension_count_swa", cfg.head_dim)) != cfg.head_dim:
+        raise ModelFormatError("gemma4 GGUF with partial rope on sliding layers is not supported")
+    if isinstance(kv_heads, list):
+        cfg.num_kv_heads = int(kv_heads[pattern.index(True)] if True in pattern else kv_heads[0])
+        cfg.global_kv_heads = int(kv_heads[pattern.index(False)] if False in pattern else kv_heads[0])
+    cfg.local_rope = RopeConfig(theta=float(get("rope.freq_base_swa", 10_000.0)))
+    cfg.query_pre_attn_scalar = 1.0
+    cfg.embed_scale = math.sqrt(cfg.hidden_size)
+    cfg.final_logit_softcapping = get("final_logit_softcapping")
+    cfg.qk_norm = True
+    cfg.kv_shared_layers = int(get("attention.shared_kv_layers", 0))
+    full = [i for i, kind in enumerate(cfg.layer_types) if kind == FULL_ATTENTION and cfg.kv_producer(i) == i]
+    cfg.attention_k_eq_v = bool(full) and f"blk.{full[0]}.attn_v.weight" not in tensor_names
+    cfg.double_wide_mlp = isinstance(feed_forward, list) and max(feed_forward) > min(feed_forward)
+    cfg.per_layer_input_size = int(get("embedding_length_per_layer_input", 0))
 # -- hybrid models ----------------------------------------------------------------------------
 
 
@@ -495,6 +618,8 @@ def _gguf_moe(cfg: ModelConfig, arch: str, get, tensor_names: set[str]) -> None:
                             routed_scale=float(get("expert_weights_scale", 1.0) or 1.0))
     elif arch == "deepseek2":
         _gguf_mla(cfg, get, num_experts, top_k, size, dense)
+    elif arch == "gemma4":
+        cfg.moe = MoEConfig(num_experts, top_k, size, router="softmax_topk_scaled", dense_layers=dense)
     else:
         raise ModelFormatError(f"GGUF architecture {arch!r} declares experts, which cholla does not run for it")
 

@@ -11,6 +11,10 @@ _GLOBAL = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
+    # Gemma 4's per-layer embeddings
+    "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+    "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+    "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight",
 }
 
 _LAYER = {
@@ -63,6 +67,23 @@ _LAYER_OVERRIDES = {
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
     },
+    "gemma4": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+        "post_ffw_norm_1": "post_feedforward_layernorm_1",
+        "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+        "post_ffw_norm_2": "post_feedforward_layernorm_2",
+        "layer_output_scale": "layer_scalar",
+        "inp_gate": "per_layer_input_gate",
+        "proj": "per_layer_projection",
+        "post_norm": "post_per_layer_input_norm",
+        "ffn_gate_inp": "router.proj",
+        "ffn_gate_inp.scale": "router.scale",
+        "ffn_down_exps.scale": "router.per_expert_scale",
+        "ffn_gate_up_exps": "experts.gate_up_proj",  # split into gate and up by models/gemma4.py
+        "ffn_down_exps": "moe.experts.down_proj",
+    },
     "lfm2": _LFM2,
     "lfm2_moe": _LFM2,
     "gpt_oss": {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"},
@@ -89,10 +110,11 @@ _LAYER_OVERRIDES = {
     } for arch in ("mamba2", "nemotron_h")},
 }
 
-# Bare tensors (layers.linear.DenseTensor), named after their module without ".weight".
-_BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b", "ssm_a", "ssm_d", "ssm_dt"}
+# Bare tensors (layers.linear.DenseTensor, HF's fused experts), named without ".weight".
+_BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b", "layer_output_scale", "ffn_gate_up_exps",
+         "ffn_gate_inp.scale", "ffn_down_exps.scale", "ssm_a", "ssm_d", "ssm_dt"}
 
-_BLOCK = re.compile(r"blk\.(\d+)\.([\w.]+?)(?:\.(weight|bias))?$")  # Mamba-2's ssm_a and ssm_d have no suffix
+_BLOCK = re.compile(r"blk\.(\d+)\.([\w.]+?)(?:\.(weight|bias|scale))?$")  # Mamba-2's ssm_a and ssm_d have no suffix
 # Whole-model tensors some architectures name otherwise.
 _LFM2_GLOBAL = {"token_embd_norm.weight": "model.embedding_norm.weight"}  # its final norm
 _GLOBAL_OVERRIDES = {"lfm2": _LFM2_GLOBAL, "lfm2_moe": _LFM2_GLOBAL}
@@ -107,6 +129,8 @@ def gguf_to_hf_name(name: str, architecture: str) -> str | None:
     if not match:
         return None
     layer, part, kind = match.groups()
+    if kind == "scale":  # Gemma 4's router scales sit beside their tensor: ffn_gate_inp.scale
+        part, kind = f"{part}.scale", "weight"
     table = {**_LAYER, **_LAYER_OVERRIDES.get(architecture, {})}
     if part not in table:
         return None

@@ -7,6 +7,7 @@ from torch import nn
 from cholla.errors import UnsupportedArchitectureError
 from cholla.models.deepseek_v3 import DeepseekV3ForCausalLM
 from cholla.models.gemma3 import Gemma3ForCausalLM
+from cholla.models.gemma4 import Gemma4ForCausalLM
 from cholla.models.gpt_oss import GptOssForCausalLM
 from cholla.models.lfm2 import Lfm2ForCausalLM
 from cholla.models.llama import LlamaForCausalLM
@@ -22,6 +23,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
     "gemma3": Gemma3ForCausalLM,
+    "gemma4": Gemma4ForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
     "mixtral": MixtralForCausalLM,
     "olmoe": OlmoeForCausalLM,
