@@ -113,7 +113,7 @@ def main() -> None:
                     accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
                     steps = after.spec_verifications - before.spec_verifications
                     rows.append((name, method, batch, workload, speeds["plain"], speeds["spec"],
-                                 accepted / drafts if drafts else 0.0, 1 + accepted / steps if steps else 0.0,
+                                 accepted / drafts if drafts else None, 1 + accepted / steps if steps else None,
                                  outputs["plain"] == outputs["spec"]))
                     print(f"[speculative] {name} {method} batch {batch} {workload}: done", flush=True)
 
@@ -128,8 +128,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, method, batch, workload, plain_speeds, spec_speeds, acceptance, length, same in rows:
         speedup = statistics.mean(spec_speeds) / statistics.mean(plain_speeds)
+        acceptance, length = ("-", "-") if length is None else (f"{acceptance:.0%}", f"{length:.2f}")  # never speculated
         print(f"| {name} | {method} | {batch} | {workload} | {fmt(plain_speeds)} | {fmt(spec_speeds)} | {speedup:.2f}x | "
-              f"{acceptance:.0%} | {length:.2f} | {'yes' if same else 'NO'} |")
+              f"{acceptance} | {length} | {'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":
