@@ -126,7 +126,11 @@ def test_truncated_draft_is_partly_accepted_and_exact(tiny, tiny_target):
                                           num_speculative_tokens=4))
     prompts = _tiny_prompts(5, 17, 30)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    draft_batches = []  # sequences in each draft forward
+    execute = spec.speculator.runner.execute
+    spec.speculator.runner.execute = lambda batch: draft_batches.append(len(batch.requests)) or execute(batch)
     assert _generate(spec, prompts[:2], params) == _generate(plain, prompts[:2], params)  # two speculate together
+    assert 2 in draft_batches  # one forward per drafted position for both, not one per sequence
     assert [_generate(spec, [p], params)[0] for p in prompts] == [_generate(plain, [p], params)[0] for p in prompts]
     assert 0 < spec.metrics.spec_accepted_tokens < spec.metrics.spec_draft_tokens
     _assert_all_blocks_free(spec)
