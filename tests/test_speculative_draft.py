@@ -13,13 +13,15 @@ import json
 import pytest
 import torch
 
-from cholla import SamplingParams
-from cholla.engine.engine import EngineConfig, LLMEngine
-from cholla.errors import InvalidRequestError
-from cholla.kv.paged_cache import bytes_per_block
-from cholla.models.loader import load_model
-from cholla.speculative.config import check_speculative
-from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
+transformers = pytest.importorskip("transformers")
+
+from cholla import SamplingParams  # noqa: E402
+from cholla.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from cholla.errors import InvalidRequestError  # noqa: E402
+from cholla.kv.paged_cache import bytes_per_block  # noqa: E402
+from cholla.models.loader import load_model  # noqa: E402
+from cholla.speculative.config import check_speculative  # noqa: E402
+from cholla.tokenizer.chat_template import ChatTemplate, encode_chat  # noqa: E402
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
 BASE = dict(max_model_len=512, kv_cache_memory=64 * 2**20, dtype="float32")
@@ -82,29 +84,35 @@ def test_a_draft_with_another_vocabulary_is_refused(smollm2, gemma3_path):
 
 # -- a tiny random llama and a truncated copy of it: drafts sometimes right --------------------
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(target folder, draft folder): the draft keeps the target's first 2 of 4 layers; the last
-    two layers' outputs are damped so the two often, not always, agree."""
-    transformers = pytest.importorskip("transformers")
+def _truncated_pair(root, config, keep: int):
+    """(target folder, draft folder) of a tiny random model and a copy of its first ``keep``
+    layers; the later layers' outputs are damped so the two often, not always, agree."""
     from tests import tiny_models
 
-    root = tmp_path_factory.mktemp("draft")
-    tokenizer = tiny_models.tiny_tokenizer()
-    config = transformers.LlamaConfig(vocab_size=tiny_models.VOCAB, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
-        for layer in model.model.layers[2:]:
+        for layer in model.model.layers[keep:]:
             layer.self_attn.o_proj.weight.mul_(0.3)
             layer.mlp.down_proj.weight.mul_(0.3)
-    for name, layers in (("target", model.model.layers), ("draft", model.model.layers[:2])):
+    layer_types = getattr(model.config, "layer_types", None)
+    tokenizer = tiny_models.tiny_tokenizer()
+    for name, layers in (("target", model.model.layers), ("draft", model.model.layers[:keep])):
         model.model.layers, model.config.num_hidden_layers = layers, len(layers)
+        if layer_types:
+            model.config.layer_types = layer_types[: len(layers)]
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     return root / "target", root / "draft"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny llama of 4 layers and a draft of its first 2."""
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=False)
+    return _truncated_pair(tmp_path_factory.mktemp("draft"), config, keep=2)
 
 
 TINY = dict(max_model_len=256, kv_cache_memory=8 * 2**20, dtype="float32")
@@ -172,6 +180,26 @@ def test_preemption_and_abort_free_both_caches(tiny, tiny_target):
         spec.step()
     assert spec.has_unfinished_requests() and spec.speculator.sequences  # aborted while speculating
     spec.abort("open")
+    _assert_all_blocks_free(spec)
+
+
+def test_sliding_window_past_its_length(tmp_path):
+    """Gemma 3's sliding-window layers (window 16) in both models, sequences of 60-70 tokens:
+    the draft's catch-up chunks and its one-row decodes must mask the window as the target does."""
+    config = transformers.Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=7,
+                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                           head_dim=32, sliding_window=16, query_pre_attn_scalar=24,
+                                           rope_local_base_freq=10000.0, rope_theta=1000000.0)
+    target_path, draft_path = _truncated_pair(tmp_path, config, keep=3)
+    target = load_model(target_path, "float32")
+    assert target.config.sliding_window == 16
+    plain = LLMEngine(target, EngineConfig(**TINY))
+    spec = LLMEngine(target, EngineConfig(**TINY, speculative_method="draft", draft_model=draft_path,
+                                          num_speculative_tokens=4))
+    prompts = _tiny_prompts(5, 30)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    assert _generate(spec, prompts, params) == _generate(plain, prompts, params)
+    assert 0 < spec.metrics.spec_accepted_tokens < spec.metrics.spec_draft_tokens
     _assert_all_blocks_free(spec)
 
 
