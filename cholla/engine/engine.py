@@ -13,10 +13,11 @@ import torch
 from cholla.engine.metrics import EngineMetrics, EngineStats
 from cholla.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from cholla.engine.request import Request
-from cholla.engine.runner import ModelRunner
+from cholla.engine.runner import ModelRunner, forward_once
 from cholla.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from cholla.errors import ContextLengthError, InvalidRequestError
 from cholla.kv.block_manager import BlockManager
+from cholla.kv.calibration import CALIBRATION_TEXT, fill_statistics, needs_calibration
 from cholla.kv.kv_types import KVCacheType, kv_cache_type
 from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, PagedKVCache, plan_layout
 from cholla.kv.state_cache import SlotAllocator, StateCache
@@ -100,6 +101,20 @@ def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
     return Tokenizer.from_hf_dir(loaded.path)
 
 
+def calibrate_kv_cache(model: torch.nn.Module, tokenizer: Tokenizer, cache: PagedKVCache) -> None:
+    """Measure the calibrated KV types' per-channel statistics (``kv/calibration.py``) on the
+    model's own keys and values for the calibration text; nothing to do for other types."""
+    if not needs_calibration(cache.layers):
+        return
+    ids = tokenizer.encode(CALIBRATION_TEXT)
+    bos = model.config.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    probe = PagedKVCache(model.config, -(-len(ids) // cache.block_size), cache.block_size, torch.float32)
+    forward_once(model, ids, cache=probe)
+    fill_statistics(cache.layers, probe.layers, len(ids))
+
+
 class _RequestState:
     """Text-side state of one request: incremental detokenization and stop strings."""
 
@@ -148,6 +163,7 @@ class LLMEngine:
             )
         self.max_model_len, self.kv_layout = max_len, layout
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, k_type, v_dtype=v_type)
+        calibrate_kv_cache(self.loaded.model, self.tokenizer, self.kv_cache)
         log.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB, K %s, V %s, %d bytes per token, %.0f tokens per GiB), "
             "%d tokens%s; maximum concurrency for %d-token requests: %.2fx",

@@ -27,6 +27,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "deepseek_v3": DeepseekV3ForCausalLM,
     "glm4_moe_lite": DeepseekV3ForCausalLM,
     "lfm2": Lfm2ForCausalLM,
+    "lfm2_moe": Lfm2ForCausalLM,
 }
 
 
