@@ -102,7 +102,7 @@ class DraftModelSpeculator:
              v_type: KVCacheType) -> DraftModelSpeculator:
         """Load (or take) the draft model, check it can draft for ``target``, and size its cache."""
         from cholla.download import resolve_model
-        from cholla.engine.engine import load_tokenizer
+        from cholla.engine.engine import calibrate_kv_cache, load_tokenizer
 
         loaded = model if isinstance(model, LoadedModel) else load_model(resolve_model(model), dtype)
         if loaded.config.has_state:
@@ -118,7 +118,9 @@ class DraftModelSpeculator:
         log.info("draft model %s: KV cache of %d blocks (%.0f MiB), K=%d", Path(loaded.path).name, num_blocks,
                  num_blocks * block_bytes / 2**20, k)
         eos = set(tokenizer.eog_token_ids) | set(loaded.config.eos_token_ids)
-        return cls(loaded, k, num_blocks, block_size, k_type, v_type, target.config.vocab_size, eos)
+        speculator = cls(loaded, k, num_blocks, block_size, k_type, v_type, target.config.vocab_size, eos)
+        calibrate_kv_cache(loaded.model, tokenizer, speculator.kv_cache)  # calibrated KV types: the draft's own statistics
+        return speculator
 
     def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int]]:
         """Up to ``min(k, limit)`` greedy drafts per decoding request ([] where it should not speculate)."""
