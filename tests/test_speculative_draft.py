@@ -224,3 +224,14 @@ def test_a_draft_with_other_tokens_or_recurrent_state_is_refused(tiny, tmp_path)
     with pytest.raises(InvalidRequestError) as error:
         LLMEngine(target, EngineConfig(speculative_method="draft", draft_model=hybrid, kv_cache_memory=2**20))
     assert "recurrent" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cli_flags(tiny, capsys):
+    from cholla.cli import main
+
+    assert main(["run", "--speculative-method", "draft", "hello"]) == 2  # no --draft-model
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    target, draft = tiny
+    assert main(["run", "--speculative-method", "draft", "--draft-model", str(draft), "--num-speculative-tokens", "3",
+                 "--raw", "-t", "0", "-n", "12", "--ignore-eos", "--json", str(target), "the quick brown fox"]) == 0
+    assert json.loads(capsys.readouterr().out)["usage"]["completion_tokens"] == 12
