@@ -88,7 +88,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         loaded = load_model(resolve_model(name), args.dtype)
-        base = dict(max_model_len=2048, kv_cache_memory=256 * 2**20, max_num_seqs=max(args.batch), dtype=args.dtype)
+        base = {"max_model_len": 2048, "kv_cache_memory": 256 * 2**20, "max_num_seqs": max(args.batch), "dtype": args.dtype}
         plain = LLMEngine(loaded, EngineConfig(**base))
         template = ChatTemplate.for_tokenizer(plain.tokenizer)
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)

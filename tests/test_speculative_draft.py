@@ -15,16 +15,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from cholla import SamplingParams  # noqa: E402
-from cholla.engine.engine import EngineConfig, LLMEngine  # noqa: E402
-from cholla.errors import InvalidRequestError  # noqa: E402
-from cholla.kv.paged_cache import bytes_per_block  # noqa: E402
-from cholla.models.loader import load_model  # noqa: E402
-from cholla.speculative.config import check_speculative  # noqa: E402
-from cholla.tokenizer.chat_template import ChatTemplate, encode_chat  # noqa: E402
+from cholla import SamplingParams
+from cholla.engine.engine import EngineConfig, LLMEngine
+from cholla.errors import InvalidRequestError
+from cholla.kv.paged_cache import bytes_per_block
+from cholla.models.loader import load_model
+from cholla.speculative.config import check_speculative
+from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
-BASE = dict(max_model_len=512, kv_cache_memory=64 * 2**20, dtype="float32")
+BASE = {"max_model_len": 512, "kv_cache_memory": 64 * 2**20, "dtype": "float32"}
 
 
 def _generate(engine: LLMEngine, prompts: list, params) -> list[list[int]]:
@@ -115,7 +115,7 @@ def tiny(tmp_path_factory):
     return _truncated_pair(tmp_path_factory.mktemp("draft"), config, keep=2)
 
 
-TINY = dict(max_model_len=256, kv_cache_memory=8 * 2**20, dtype="float32")
+TINY = {"max_model_len": 256, "kv_cache_memory": 8 * 2**20, "dtype": "float32"}
 
 
 def _tiny_prompts(*lengths: int) -> list[dict]:

@@ -33,7 +33,11 @@ from cholla.kv.kv_types import KVCacheType
 from cholla.kv.paged_cache import PagedKVCache, bytes_per_block
 from cholla.models.loader import LoadedModel, load_model
 from cholla.sampling.params import SamplingParams
-from cholla.speculative.speculator import MAX_DECODING_SEQS, NgramSpeculator, can_speculate
+from cholla.speculative.speculator import (
+    MAX_DECODING_SEQS,
+    NgramSpeculator,
+    can_speculate,
+)
 from cholla.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger("cholla")
