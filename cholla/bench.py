@@ -111,6 +111,7 @@ def run_bench(
     speculative_method: str | None = None,
     num_speculative_tokens: int = 4,
     speculative_ngram_cache_size: int = 0,
+    draft_model: str | Path | None = None,
 ) -> BenchReport:
     """Load the model once and run pp{n_prompt} then tg{n_gen}; a count of 0 skips that test.
 
@@ -135,6 +136,7 @@ def run_bench(
         speculative_method=speculative_method,
         num_speculative_tokens=num_speculative_tokens,
         speculative_ngram_cache_size=speculative_ngram_cache_size,
+        draft_model=draft_model,
     )
     engine = LLMEngine(path, config)
     vocab_size = engine.model_config.vocab_size

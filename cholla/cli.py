@@ -35,9 +35,13 @@ def _add_speculative_options(p: argparse.ArgumentParser, ngram_cache_size: int |
 
     ngram_cache_size = DEFAULT_NGRAM_CACHE_SIZE if ngram_cache_size is None else ngram_cache_size
 
-    p.add_argument("--speculative-method", choices=["ngram"], default=None,
-                   help="ngram: draft tokens from the prompt and output (prompt lookup) and verify them in one step, "
-                        "keeping the output's distribution (default: off)")
+    p.add_argument("--speculative-method", choices=["ngram", "draft"], default=None,
+                   help="ngram: draft tokens from the prompt and output (prompt lookup) and verify them in one step; "
+                        "draft: a smaller model with the same vocabulary drafts them (--draft-model); "
+                        "the output keeps its distribution, sampled or greedy (default: off)")
+    p.add_argument("--draft-model", default=None, metavar="MODEL",
+                   help="with --speculative-method draft: the drafting model (a path or a known name) sharing the "
+                        "model's tokenizer")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="drafts verified per step with --speculative-method, 1-16 (default 4)")
     p.add_argument("--speculative-ngram-cache-size", type=int, default=ngram_cache_size, metavar="N",
@@ -186,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kv_type_options(plan)
     plan.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the matmuls' dtype, for --kv-cache-dtype auto")
     plan.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default 16)")
+    plan.add_argument("--max-num-seqs", type=int, default=64, metavar="N",
+                      help="as the engine's: caps a hybrid model's state slots (default 64)")
     plan.add_argument("--hardware", default=None, metavar="NAME",
                       help="a preset (h100-sxm, h200, a100-80gb, l4, rtx-4090, m2-ultra, m4-max, epyc-zen5-1t) "
                            "or local: measure this machine (the default)")
@@ -265,7 +271,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"max_model_len": args.max_model_len, "dtype": args.dtype, "threads": args.threads,
               "kv_cache_dtype": args.kv_cache_dtype, "cache_type_k": args.cache_type_k, "cache_type_v": args.cache_type_v,
               "speculative_method": args.speculative_method, "num_speculative_tokens": args.num_speculative_tokens,
-              "speculative_ngram_cache_size": args.speculative_ngram_cache_size}
+              "draft_model": args.draft_model, "speculative_ngram_cache_size": args.speculative_ngram_cache_size}
     if args.kv_cache_memory:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
     return kwargs
@@ -387,7 +393,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(resolve_model(args.model), args.n_prompt, args.n_gen, args.repetitions, args.dtype, args.threads,
                        profile=args.profile, kv_cache_dtype=args.kv_cache_dtype,
                        speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
-                       speculative_ngram_cache_size=args.speculative_ngram_cache_size)
+                       speculative_ngram_cache_size=args.speculative_ngram_cache_size, draft_model=args.draft_model)
     print(json.dumps(report_dict(report)) if args.json else format_table(report))
     return 0
 
@@ -398,7 +404,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from cholla.download import resolve_model
     from cholla.plan import PlanRequest, format_plan, make_plan, read_model_facts, resolve_hardware, resolve_kv_types
 
-    for name in ("context", "concurrency", "block_size", "prompt_tokens", "output_tokens"):
+    for name in ("context", "concurrency", "block_size", "prompt_tokens", "output_tokens", "max_num_seqs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ChollaError(f"--{name.replace('_', '-')} must be at least 1")
@@ -413,7 +419,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     request = PlanRequest(args.context, args.concurrency,
                           int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None,
                           int(args.memory * 2**30) if args.memory else None, args.block_size,
-                          args.prompt_tokens, args.output_tokens, args.latency)
+                          args.prompt_tokens, args.output_tokens, args.latency, args.max_num_seqs)
     plan = make_plan(facts, request, k_type, v_type, hardware)
     print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
     return 0

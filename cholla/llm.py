@@ -29,8 +29,10 @@ class LLM:
     the reference), ``threads``, ``kv_cache_dtype`` (``"auto"``, ``"bf16"``,
     ``"int8"``, ``"q8_0"``, ``"fp8_e4m3"``, ...: ``cholla/kv/kv_types.py``),
     ``cache_type_k`` / ``cache_type_v`` (one side each), ``speculative_method``
-    (``"ngram"``: prompt lookup; default None, off), ``num_speculative_tokens`` and
-    ``speculative_ngram_cache_size`` (n-grams shared across requests; 0: off).
+    (``"ngram"``: prompt lookup; ``"draft"``: a smaller model given as ``draft_model``,
+    a path, known name or ``LoadedModel``, with the same vocabulary; default None, off),
+    ``num_speculative_tokens`` and ``speculative_ngram_cache_size`` (n-grams shared
+    across requests for ``"ngram"``; 0: off).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs: Any):

@@ -79,7 +79,7 @@ def test_settings_are_checked():
     for method, k, size in (("ngram", 0, 0), ("ngram", 17, 0), ("ngram", 2.5, 0), ("ngram", True, 0), ("medusa", 4, 0),
                             ("ngram", 4, -1), ("ngram", 4, 1.5)):
         with pytest.raises(InvalidRequestError) as error:
-            check_speculative(method, k, size)
+            check_speculative(method, k, ngram_cache_size=size)
         assert "\n" not in str(error.value)
 
 

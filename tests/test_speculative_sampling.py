@@ -106,8 +106,8 @@ def tiny_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_engines(tiny_path):
     loaded = load_model(tiny_path, "float32")
-    base = dict(max_model_len=64, max_num_seqs=4096, max_num_batched_tokens=1 << 16, kv_cache_memory=256 * 2**20,
-                dtype="float32")
+    base = {"max_model_len": 64, "max_num_seqs": 4096, "max_num_batched_tokens": 1 << 16, "kv_cache_memory": 256 * 2**20,
+                "dtype": "float32"}
     return (LLMEngine(loaded, EngineConfig(**base)),
             LLMEngine(loaded, EngineConfig(**base, speculative_method="ngram", num_speculative_tokens=2)))
 
@@ -166,9 +166,9 @@ def test_seeded_requests_give_plain_decodings_tokens(tiny_engines, speculate_in_
     """A seeded request draws its rows from its own generator in plain decoding's order, and the
     draws of rejected rows are undone: its tokens are those of plain decoding, all settings."""
     plain, spec = tiny_engines
-    settings = [dict(temperature=1.0), dict(temperature=0.7, top_k=3, presence_penalty=1.0),
-                dict(temperature=1.2, top_p=0.8, min_p=0.05, repetition_penalty=1.5),
-                dict(temperature=0.8, frequency_penalty=1.0, logit_bias={2: 2.0}, min_tokens=5, stop_token_ids=[6])]
+    settings = [{"temperature": 1.0}, {"temperature": 0.7, "top_k": 3, "presence_penalty": 1.0},
+                {"temperature": 1.2, "top_p": 0.8, "min_p": 0.05, "repetition_penalty": 1.5},
+                {"temperature": 0.8, "frequency_penalty": 1.0, "logit_bias": {2: 2.0}, "min_tokens": 5, "stop_token_ids": [6]}]
     params = [SamplingParams(**settings[i % len(settings)], seed=i, max_tokens=12) for i in range(200)]
     before = spec.stats()
     assert _run(spec, params) == _run(plain, params)

@@ -7,6 +7,12 @@ decodes. When the KV cache runs out, the newest running request is preempted:
 its blocks are freed and it goes back to the front of the queue to be
 recomputed later (prefix caching usually makes that cheap).
 
+A model with recurrent layers also needs a state slot per running sequence
+(``kv/state_cache.py``): a waiting request is admitted only when its blocks and
+a free slot are both there; the slot goes back when the request finishes, is
+aborted or is preempted (it is then recomputed from its first token, whose
+prefill starts from a zeroed slot).
+
 With a speculator, a decoding request may also carry drafted tokens: it then
 runs 1 + K tokens (its last token and the drafts), like a small prefill chunk,
 when the budget and free blocks allow, and decodes plainly otherwise. Drafts
@@ -20,7 +26,8 @@ from dataclasses import dataclass, field
 
 from cholla.engine.request import Request, RequestStatus
 from cholla.kv.block_manager import BlockManager
-from cholla.speculative.speculator import MAX_DECODING_SEQS, NgramSpeculator
+from cholla.kv.state_cache import SlotAllocator
+from cholla.speculative.speculator import MAX_DECODING_SEQS, Speculator
 
 
 @dataclass
@@ -45,10 +52,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, speculator: NgramSpeculator | None = None):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, speculator: Speculator | None = None,
+                 state_slots: SlotAllocator | None = None):
         self.config = config
         self.block_manager = block_manager
         self.speculator = speculator
+        self.state_slots = state_slots  # models with recurrent layers
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -66,15 +75,24 @@ class Scheduler:
             self.running.remove(request)
         elif request.status == RequestStatus.WAITING and request in self.waiting:
             self.waiting.remove(request)
-        self.block_manager.free(request.blocks)
         if self.speculator is not None and request.status != RequestStatus.FINISHED:
             self.speculator.observe(request.all_token_ids)
+        self._release(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = request.finish_reason or reason
 
+    def _release(self, request: Request) -> None:
+        """Give back the request's blocks, its state slot and what the speculator keeps for it."""
+        self.block_manager.free(request.blocks)
+        if self.speculator is not None:
+            self.speculator.release(request)
+        if request.state_slot is not None:
+            self.state_slots.free(request.state_slot)
+            request.state_slot = None
+
     def _preempt(self, request: Request, batch: ScheduledBatch) -> None:
         self.running.remove(request)
-        self.block_manager.free(request.blocks)
+        self._release(request)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.draft_token_ids = []
@@ -89,6 +107,7 @@ class Scheduler:
 
         # 1. Running requests, oldest first: the rest of their prompt, or one decode token (and drafts).
         speculate = self.speculator is not None and sum(map(_is_decoding, self.running)) <= MAX_DECODING_SEQS
+        proposals = self._propose() if speculate else {}
         for request in list(self.running):
             request.draft_token_ids = []
             if budget == 0:
@@ -96,8 +115,8 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted below to make room for an older request
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if speculate and _is_decoding(request):
-                num_new += self._draft(request, budget - 1)
+            if request.request_id in proposals:
+                num_new += self._draft(request, proposals[request.request_id][: budget - 1])
             while not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
                 victim = self.running[-1]  # the newest request gives way
                 self._preempt(victim, batch)
@@ -111,6 +130,8 @@ class Scheduler:
 
         # 2. Waiting requests, first come first served, while budget, seats and blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not batch.preempted:
+            if self.state_slots is not None and self.state_slots.num_free == 0:
+                break
             request = self.waiting[0]
             # Cached blocks have no hidden states: a request still scoring its prompt computes it all.
             if request.num_computed_tokens == 0 and not request.blocks.block_table and not request.needs_prompt_logprobs:
@@ -121,6 +142,8 @@ class Scheduler:
             if not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
                 break
             self.waiting.popleft()
+            if self.state_slots is not None:
+                request.state_slot = self.state_slots.allocate()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled[request.request_id] = (request, num_new)
@@ -137,17 +160,24 @@ class Scheduler:
         batch.num_prefills = sum(not d for d in is_decode)
         return batch
 
-    def _draft(self, request: Request, budget: int) -> int:
-        """Give a decoding request drafts (``request.draft_token_ids``) if they fit; returns how many.
+    def _propose(self) -> dict[str, list[int]]:
+        """Drafts for every decoding request at once (a draft model runs them as one batch), each
+        short of the context's end and of ``max_tokens``; the step's budget cuts them later."""
+        decoding = [r for r in self.running if _is_decoding(r)]
+        limits = []
+        for request in decoding:
+            limit = self.config.max_model_len - request.num_tokens - 1
+            if request.params.max_tokens is not None:
+                limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
+            limits.append(limit)
+        drafts = self.speculator.propose_batch(decoding, limits)
+        return {r.request_id: d for r, d in zip(decoding, drafts) if d}
 
-        Within the token budget, short of the context's end, and only with blocks to
-        spare: a draft's block must never be the one another running request needs.
+    def _draft(self, request: Request, drafts: list[int]) -> int:
+        """Give a decoding request ``drafts`` (``request.draft_token_ids``) if they fit; returns how many.
+
+        Only with blocks to spare: a draft's block must never be the one another running request needs.
         """
-        limit = min(budget, self.config.max_model_len - request.num_tokens - 1)
-        if request.params.max_tokens is not None:
-            limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
-        drafts = self.speculator.propose(request.all_token_ids, request.params, request.grammar is not None,
-                                         len(request.output_token_ids), request.speculation, limit)
         if not drafts:
             return 0
         total = request.num_tokens + len(drafts)

@@ -1,10 +1,10 @@
-"""Which speculative method an engine runs, and how many tokens it drafts; checked once at start."""
+"""Which speculative method an engine runs, how many tokens it drafts, and from what; checked once at start."""
 
 from __future__ import annotations
 
 from cholla.errors import InvalidRequestError
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
 # Each drafted token is a row of the verification step; past ~16 the rows cost more
 # than the few drafts that survive that far ever save.
 MAX_SPECULATIVE_TOKENS = 16
@@ -13,8 +13,13 @@ DEFAULT_SPECULATIVE_TOKENS = 4
 DEFAULT_NGRAM_CACHE_SIZE = 65536
 
 
-def check_speculative(method: str | None, num_speculative_tokens: int, ngram_cache_size: int = 0) -> None:
-    """Raise a one-line ``InvalidRequestError`` for an unknown method, a K out of range or a bad cache size."""
+def check_speculative(method: str | None, num_speculative_tokens: int, draft_model: object = None,
+                      ngram_cache_size: int = 0) -> None:
+    """Raise a one-line ``InvalidRequestError`` for an unknown method, a K out of range, a
+    draft model missing for ``"draft"`` (or given to another method, where it would be ignored),
+    or a bad n-gram cache size."""
+    if method != "draft" and draft_model is not None:
+        raise InvalidRequestError("a draft model is only used with speculative_method='draft' (--speculative-method draft)")
     if method is None:
         return
     if method not in METHODS:
@@ -24,6 +29,8 @@ def check_speculative(method: str | None, num_speculative_tokens: int, ngram_cac
         raise InvalidRequestError(
             f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {num_speculative_tokens!r}"
         )
+    if method == "draft" and draft_model is None:
+        raise InvalidRequestError("speculative_method='draft' needs a draft model: pass --draft-model MODEL (draft_model=...)")
     if isinstance(ngram_cache_size, bool) or not isinstance(ngram_cache_size, int) or ngram_cache_size < 0:
         raise InvalidRequestError(
             f"speculative_ngram_cache_size must be an integer >= 0 (0 turns the shared cache off), got {ngram_cache_size!r}"
