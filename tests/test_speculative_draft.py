@@ -147,18 +147,32 @@ def test_truncated_draft_is_partly_accepted_and_exact(tiny, tiny_target):
 def test_batched_with_plain_requests(tiny_target):
     """Three decoding at once is past the engine-wide cap: none speculates until the short one
     ends; then the greedy one drafts, its draft cache first catching up on all it has so far,
-    beside a sampled request that never speculates."""
+    beside a sampled request that opted out of speculation."""
     target, plain = tiny_target
     spec = LLMEngine(target, EngineConfig(**TINY, speculative_method="draft", draft_model=target,
                                           num_speculative_tokens=3))
     params = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True),
-              SamplingParams(temperature=0.8, seed=3, max_tokens=40, ignore_eos=True)]
+              SamplingParams(temperature=0.8, seed=3, max_tokens=40, ignore_eos=True, speculative_decoding=False)]
     prompts = _tiny_prompts(9, 21, 14)
     assert _generate(spec, prompts, params) == _generate(plain, prompts, params)
     metrics = spec.metrics
     assert metrics.spec_verifications > 0 and metrics.spec_accepted_tokens == metrics.spec_draft_tokens
     assert metrics.spec_draft_tokens <= 3 * metrics.spec_verifications
+    _assert_all_blocks_free(spec)
+
+
+def test_sampled_requests_keep_plain_decodings_tokens(tiny_target):
+    """A draft model's greedy proposals are point masses: a sampled request keeps a draft while its
+    sample (drawn as plain decoding draws it) agrees, so a seeded one gets plain decoding's tokens."""
+    target, plain = tiny_target
+    spec = LLMEngine(target, EngineConfig(**TINY, speculative_method="draft", draft_model=target,
+                                          num_speculative_tokens=3))
+    params = [SamplingParams(temperature=0.8, top_k=20, seed=5, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.2, seed=6, max_tokens=30, ignore_eos=True)]
+    prompts = _tiny_prompts(9, 21)
+    assert _generate(spec, prompts, params) == _generate(plain, prompts, params)
+    assert 0 < spec.metrics.spec_accepted_tokens < spec.metrics.spec_draft_tokens
     _assert_all_blocks_free(spec)
 
 
