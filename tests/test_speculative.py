@@ -240,7 +240,7 @@ def test_shared_cache_drafts_what_an_earlier_request_wrote(engines):
     most drafts are accepted (more than from its own tokens alone), and the output is plain decoding's."""
     plain, spec = engines
     prompt = "Write two sentences about a lighthouse on a rocky island."
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     want = _ids(plain.generate(prompt, params, use_tqdm=False))
     speculator = spec.engine.speculator
 
