@@ -20,7 +20,7 @@ from cholla.kv.block_manager import BlockManager
 from cholla.kv.calibration import CALIBRATION_TEXT, fill_statistics, needs_calibration
 from cholla.kv.kv_types import KVCacheType, kv_cache_type
 from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, PagedKVCache, plan_layout
-from cholla.kv.state_cache import SlotAllocator, StateCache
+from cholla.kv.state_cache import SlotAllocator, StateCache, StateSnapshots
 from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
@@ -147,7 +147,7 @@ class LLMEngine:
         # "auto" holds K and V in the matmuls' dtype: bf16 halves the bytes each decode step reads.
         k_type, v_type = kv_cache_types(config, self.loaded.dtype)
         layout = plan_layout(self.model_config, memory, config.block_size, k_type, v_type, config.max_model_len,
-                             config.max_num_seqs)
+                             config.max_num_seqs, config.enable_prefix_caching)
         num_blocks, max_len = layout.num_blocks, layout.max_model_len
         if self.model_config.has_state and layout.num_slots == 0:
             raise InvalidRequestError(
@@ -173,16 +173,25 @@ class LLMEngine:
         )
         self.state_cache = StateCache(self.model_config, layout.num_slots) if layout.slot_bytes else None
         prefix_caching = config.enable_prefix_caching
+        self.snapshots: StateSnapshots | None = None  # a model with state: its prefix cache's states
         if prefix_caching and self.model_config.has_state:
-            # Cached blocks hold K/V, not the recurrent state at their end: a hit would resume from a wrong state.
-            log.info("prefix caching is off for %s: its recurrent layers' state cannot be restored from cached "
-                     "blocks (state snapshots are not implemented yet)", self.model_config.architecture)
-            prefix_caching = False
+            if layout.num_snapshots:
+                self.snapshots = StateSnapshots(self.state_cache, self.model_config, layout.num_snapshots)
+                log.info("prefix caching for %s resumes from state snapshots at block boundaries: %d snapshots "
+                         "(%.1f MiB)", self.model_config.architecture, layout.num_snapshots,
+                         layout.snapshot_nbytes / 2**20)
+            else:
+                # Cached blocks hold K/V, not the recurrent state at their end: without snapshots a hit would be wrong.
+                log.info("prefix caching is off for %s: not one snapshot of its recurrent state (%d bytes) fits "
+                         "beside the state slots; raise the KV cache memory", self.model_config.architecture,
+                         layout.slot_bytes)
+                prefix_caching = False
         self.block_manager = BlockManager(num_blocks, config.block_size, prefix_caching)
         self.speculator = NgramSpeculator(config.num_speculative_tokens) if config.speculative_method else None
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len), self.block_manager,
             self.speculator, SlotAllocator(layout.num_slots) if self.state_cache is not None else None,
+            self.snapshots,
         )
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.eos_token_ids, self.structured,
@@ -299,6 +308,8 @@ class LLMEngine:
                 request.num_computed_tokens += n
                 self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids,
                                                      request.num_computed_tokens)
+                if self.snapshots is not None:
+                    self._snapshot(request)
                 if prompt_logprobs is not None and prompt_logprobs[i] is not None:
                     request.prompt_logprobs += prompt_logprobs[i]
                 if i in dead_ends:
@@ -319,6 +330,13 @@ class LLMEngine:
                 self.metrics.on_finish(request.finish_reason, request.arrival_time, now)
                 del self.states[request.request_id]
         return outputs
+
+    def _snapshot(self, request: Request) -> None:
+        """Keep the request's state where this step left it exactly at a block boundary (the
+        prefix its last full block's hash names), for a later request with that prefix."""
+        hashes = request.blocks.block_hashes
+        if hashes and len(hashes) * self.block_manager.block_size == request.num_computed_tokens:
+            self.snapshots.save(hashes[-1], request.state_slot)
 
     def _accept_drafts(self, state: _RequestState, targets: list[int], now: float) -> None:
         """Keep the verified run of a speculating request and roll back the rest.

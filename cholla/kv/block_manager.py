@@ -10,6 +10,7 @@ first out) until a new allocation needs the memory.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cholla.kv.block_allocator import BlockAllocator
@@ -65,15 +66,20 @@ class BlockManager:
             self.allocator.free_ids.append(block)
         return self.allocator.allocate()
 
-    def match_prefix(self, seq: SequenceBlocks, token_ids: list[int]) -> int:
+    def match_prefix(self, seq: SequenceBlocks, token_ids: list[int],
+                     resumable: Callable[[int], bool] | None = None) -> int:
         """Attach the longest cached prefix of ``token_ids`` to an empty sequence.
 
         Returns how many tokens are already computed. At least one token is
         always left to compute, since the model must produce the next logits.
+        With ``resumable`` (a model with recurrent state), the prefix ends at the
+        last cached block whose hash it accepts (one with a state snapshot).
         """
         if not self.enable_prefix_caching:
             return 0
         parent = None
+        found: list[tuple[int, int]] = []  # (block, hash) of the cached prefix, in order
+        keep = 0
         usable = (len(token_ids) - 1) // self.block_size
         for i in range(usable):
             tokens = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
@@ -82,7 +88,12 @@ class BlockManager:
             block = self.cached.get(h)
             if block is None or self.block_info[block].tokens != tokens:
                 break
-            self.prefix_hits += 1
+            found.append((block, h))
+            if resumable is None or resumable(h):
+                keep = len(found)
+            parent = h
+        self.prefix_hits += keep
+        for block, h in found[:keep]:
             if block in self.evictable:
                 del self.evictable[block]
                 self.allocator.ref_counts[block] = 1
@@ -90,7 +101,6 @@ class BlockManager:
                 self.allocator.share(block)
             seq.block_table.append(block)
             seq.block_hashes.append(h)
-            parent = h
         return len(seq.block_table) * self.block_size
 
     def allocate(self, seq: SequenceBlocks, num_tokens: int) -> bool:
