@@ -98,6 +98,15 @@ def test_safetensors_match_transformers_across_prefill_chunks(tiny, name):
         ref = entry["model"].generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False,
                                       min_new_tokens=32)[0, len(PROMPT):].tolist()
     assert list(out.outputs[0].token_ids) == ref
+    # Again, the prefix and its state snapshots cached: prompt logprobs still compute the whole prompt,
+    # and a plain request resumes from a snapshot to the same tokens.
+    again = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
+    assert again.metrics.num_cached_prompt_tokens == 0
+    assert [e.logprob for e in again.prompt_logprobs[1:]] == [e.logprob for e in out.prompt_logprobs[1:]]
+    plain = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    resumed = llm.generate({"prompt_token_ids": PROMPT}, plain, use_tqdm=False)[0]
+    assert resumed.metrics.num_cached_prompt_tokens > 0 and llm.engine.snapshots.restored == 1
+    assert list(resumed.outputs[0].token_ids) == ref
 
 
 @pytest.mark.parametrize("name", NAMES)
