@@ -91,14 +91,15 @@ def main() -> None:
             cache = DynamicCache(config=config)
             ref(history, cache=cache)
             step = torch.randn(batch, args.hidden)
-            ours_d = timed(lambda: ours(step, (conv, ssm), meta([1] * batch, 0)), args.runs * 4)
-            ref_d = timed(lambda: ref(step[:, None], cache=cache), args.runs * 4)
-            projections = timed(lambda: ours.out_proj(ours.in_proj(step)[:, : shape.inner_size]), args.runs * 4)
+            step_meta = meta([1] * batch, 0)
+            ours_d = timed(lambda step=step, m=step_meta: ours(step, (conv, ssm), m), args.runs * 4)
+            ref_d = timed(lambda step=step, cache=cache: ref(step[:, None], cache=cache), args.runs * 4)
+            projections = timed(lambda step=step: ours.out_proj(ours.in_proj(step)[:, : shape.inner_size]), args.runs * 4)
             rows.append((f"decode batch {batch} at {context}", ours_d, ref_d, 1 - projections[0] / ours_d[0]))
 
     print(f"Mamba-2 mixer: hidden {args.hidden}, {args.heads} heads x {args.head_dim}, state {args.state}, "
           f"{args.groups} group(s), fp32, {args.threads} threads")
-    print(f"| step | cholla ms | transformers ms | speed-up | cholla outside projections |")
+    print("| step | cholla ms | transformers ms | speed-up | cholla outside projections |")
     print("|---|---|---|---|---|")
     for name, (om, osd), (rm, rsd), share in rows:
         print(f"| {name} | {om:.2f} ± {osd:.2f} | {rm:.2f} ± {rsd:.2f} | {rm / om:.2f}x | "

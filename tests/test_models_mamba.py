@@ -166,7 +166,6 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny, name):
     all together, and under a budget so small that requests are preempted (their slots freed and
     their prefill recomputed from 0), give the same; aborts leave every block and slot free."""
     from cholla import LLM, SamplingParams
-    from cholla.kv.paged_cache import bytes_per_block
     from cholla.kv.state_cache import state_bytes_per_sequence
 
     entry = tiny(name)

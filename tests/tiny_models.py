@@ -115,7 +115,11 @@ def hybrid_configs() -> dict:
 # Weights the 0.02-std init leaves too small to matter (a short convolution's output is a product of
 # three of them): scaled up so a mistake in those layers shows in the logits.
 _SCALED = {"lfm2": {"conv.in_proj": 15.0, "conv.conv": 30.0}, "lfm2_moe": {"conv.in_proj": 15.0, "conv.conv": 30.0,
-                                                                       "feed_forward.gate": 10.0, "experts": 3.0}}
+                                                                        "feed_forward.gate": 10.0, "experts": 3.0},
+           # Mamba-2: time steps of ~0.5 instead of ~0.01, and inputs, B and C large enough that the SSM
+           # state (not only the D skip) moves the logits (Nemotron-H initialises with std 0.02, Mamba-2 0.1).
+           "mamba2": {"mixer.dt_bias": 0.1, "mixer.in_proj": 3.0},
+           **{name: {"mixer.dt_bias": 0.1, "mixer.in_proj": 15.0} for name in ("nemotron_h", "nemotron_h_moe")}}
 # Mamba-2 mixers: a larger in_proj, and time steps near softplus(-4) instead of softplus(1), so a head's
 # state decays over tens of tokens, not two or three, and losing it between prefill chunks shows.
 _MAMBA_SCALED = {"mamba.in_proj": 15.0, "mamba.dt_bias": -4.0}
@@ -301,7 +305,8 @@ def requantize(src: Path, dst: Path, qtype_name: str, dequantized: bool = False,
         data = np.array(tensor.data)
         qtype = expert_type if "_exps." in tensor.name else (
             gguf.GGMLQuantizationType.Q8_0 if qtype_name == "MXFP4" else expert_type)
-        if qtype_name == "F32" or data.ndim < 2 or data.shape[-1] % 32 or not tensor.name.endswith(".weight"):
+        if (qtype_name == "F32" or data.ndim < 2 or data.shape[-1] % 32 or not tensor.name.endswith(".weight")
+                or tensor.name.endswith("norm.weight")):  # as llama-quantize: norms (Mamba-2's are 2-D) stay f32
             writer.add_tensor(tensor.name, data)
             continue
         packed = gguf.quants.quantize(data, qtype)

@@ -42,57 +42,73 @@ class Conv1d(nn.Module):
         self.bias = DenseTensor(channels) if bias else None
 
 
-def segment_sum(a: torch.Tensor) -> torch.Tensor:
-    """a: [..., Q] per-step log decays -> [..., Q, Q] with ``[l, s] = a[s+1] + ... + a[l]`` for
-    ``l >= s`` and -inf above the diagonal: the log decay from step s to step l. Summed per
-    pair (a masked cumulative sum), not as a difference of running sums, to stay exact."""
-    q = a.shape[-1]
-    strict = torch.ones(q, q, dtype=torch.bool, device=a.device).tril(-1)
-    sums = a[..., :, None].expand(*a.shape, q).masked_fill(~strict, 0.0).cumsum(dim=-2)
-    return sums.masked_fill(~strict.logical_or(torch.eye(q, dtype=torch.bool, device=a.device)), float("-inf"))
-
-
 def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 state: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's scan from ``state``. x: [L, H, P]; dt: [L, H] (after softplus); A: [H];
-    B, C: [L, H, N] (already expanded from groups to heads); state: [H, P, N].
-    Returns (y [L, H, P] without the D skip, the final state [H, P, N]). float32 throughout."""
-    length = x.shape[0]
+    B, C: [L, G, N], group g serving heads ``g * H/G ... (g + 1) * H/G - 1``; state: [H, P, N].
+    Returns (y [L, H, P] without the D skip, the final state [H, P, N]). float32 throughout.
+
+    B and C stay per group: ``C_l . B_s`` is computed once per group, not per head."""
+    length, heads, head_dim = x.shape
+    groups, state_size = B.shape[1:]
+    per_group = heads // groups
+    chunk_size = min(chunk_size, length)  # the result does not depend on it: no padding a short prompt to a chunk
     pad = -length % chunk_size
     # Padded steps have dt = 0: no input and no decay, so they change nothing.
     x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in (x, dt, B, C))
     chunks = x.shape[0] // chunk_size
     x, dt, B, C = (t.reshape(chunks, chunk_size, *t.shape[1:]) for t in (x, dt, B, C))  # [c, Q, ...]
-    xdt = x * dt[..., None]  # [c, Q, H, P]
-    log_decay = (dt * A).transpose(1, 2)  # [c, H, Q]
-    cumulative = log_decay.cumsum(dim=-1)  # [c, H, Q]: log decay from the chunk's start to step l
+    xdt = (x * dt[..., None]).view(chunks, chunk_size, groups, per_group, head_dim)  # [c, Q, G, R, P]
+    cumulative = (dt * A).transpose(1, 2).cumsum(dim=-1)  # [c, H, Q]: log decay from the chunk's start to step l
 
-    # Within each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(decay s -> l) dt_s x_s.
-    scores = torch.einsum("clhn,cshn->chls", C, B) * torch.exp(segment_sum(log_decay))
-    y = torch.einsum("chls,cshp->clhp", scores, xdt)
+    # Within each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(decay s -> l) dt_s x_s, the decay being a
+    # difference of running sums (as mamba_ssm's kernels take it), masked to s <= l before exp.
+    decay = cumulative[..., :, None] - cumulative[..., None, :]  # [c, H, Q(l), Q(s)]
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
+    decay = decay.masked_fill_(~causal, float("-inf")).exp_().view(chunks, groups, per_group, chunk_size, chunk_size)
+    scores = decay.mul_(torch.einsum("clgn,csgn->cgls", C, B)[:, :, None])  # [c, G, R, Q, Q]
+    y = torch.einsum("cgrls,csgrp->clgrp", scores, xdt)
 
     # What each chunk adds to the state by its end, then the state entering each chunk.
-    to_end = torch.exp(cumulative[:, :, -1:] - cumulative)  # [c, H, Q]
-    added = torch.einsum("chs,cshn,cshp->chpn", to_end, B, xdt)  # [c, H, P, N]
+    to_end = torch.exp(cumulative[:, :, -1:] - cumulative).transpose(1, 2)  # [c, Q, H]
+    weighted = xdt * to_end.view(chunks, chunk_size, groups, per_group, 1)
+    added = torch.einsum("csgrp,csgn->cgrpn", weighted, B).reshape(chunks, heads, head_dim, state_size)
     chunk_decay = torch.exp(cumulative[:, :, -1])  # [c, H]
-    entering = []
+    entering = torch.empty(chunks, heads, head_dim, state_size, dtype=x.dtype, device=x.device)
     for c in range(chunks):
-        entering.append(state)
+        entering[c] = state
         state = state * chunk_decay[c, :, None, None] + added[c]
-    entering = torch.stack(entering)  # [c, H, P, N]
 
     # The entering state's part of each output, decayed to step l.
-    y = y + torch.einsum("clhn,chpn->clhp", C, entering) * torch.exp(cumulative).transpose(1, 2)[..., None]
-    return y.reshape(chunks * chunk_size, *y.shape[2:])[:length], state
+    from_start = torch.exp(cumulative).transpose(1, 2).reshape(chunks, chunk_size, groups, per_group, 1)
+    y += torch.einsum("clgn,cgrpn->clgrp", C, entering.view(chunks, groups, per_group, head_dim, state_size)) * from_start
+    return y.reshape(chunks * chunk_size, heads, head_dim)[:length], state
 
 
 def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step for a batch of sequences. x: [b, H, P]; dt: [b, H]; B, C: [b, H, N];
-    state: [b, H, P, N]. Returns (y [b, H, P] without the D skip, the new state)."""
-    decay = torch.exp(dt * A)[..., None, None]
-    state = state * decay + (x * dt[..., None])[..., None] * B[:, :, None, :]
-    return torch.einsum("bhpn,bhn->bhp", state, C), state
+             state: torch.Tensor) -> torch.Tensor:
+    """One step for a batch of sequences, ``state`` [b, H, P, N] updated in place. x: [b, H, P];
+    dt: [b, H]; B, C: [b, G, N]. Returns y [b, H, P] without the D skip."""
+    batch, heads, head_dim = x.shape
+    groups, state_size = B.shape[1:]
+    B, C = (t.repeat_interleave(heads // groups, dim=1).reshape(batch * heads, 1, state_size) for t in (B, C))
+    state.mul_(torch.exp(dt * A)[..., None, None])
+    flat = state.view(batch * heads, head_dim, state_size)
+    flat.baddbmm_((x * dt[..., None]).reshape(batch * heads, head_dim, 1), B)  # += dt x B^T
+    return torch.bmm(flat, C.transpose(1, 2)).view(batch, heads, head_dim)
+
+
+# Decode steps gather their sequences' SSM states into this buffer, reused by every layer and step:
+# a fresh tensor of that size costs more in page faults than the step's arithmetic.
+_gathered: dict[tuple, torch.Tensor] = {}
+
+
+def _gather_buffer(ssm_state: torch.Tensor, batch: int) -> torch.Tensor:
+    key = (tuple(ssm_state.shape[1:]), ssm_state.dtype, ssm_state.device)
+    buffer = _gathered.get(key)
+    if buffer is None or buffer.shape[0] < batch:
+        buffer = _gathered[key] = torch.empty(batch, *key[0], dtype=key[1], device=key[2])
+    return buffer[:batch]
 
 
 class Mamba2Mixer(nn.Module):
@@ -122,8 +138,7 @@ class Mamba2Mixer(nn.Module):
         xBC = F.silu(causal_conv1d(xBC, conv.weight.value, conv.bias.value if conv.bias is not None else None, conv_state, meta))
         hs, B, C = xBC.split([s.inner_size, groups * s.state_size, groups * s.state_size], dim=-1)
         hs = hs.reshape(tokens, heads, s.head_dim)
-        B = B.reshape(tokens, groups, s.state_size).repeat_interleave(heads // groups, dim=1)
-        C = C.reshape(tokens, groups, s.state_size).repeat_interleave(heads // groups, dim=1)
+        B, C = B.reshape(tokens, groups, s.state_size), C.reshape(tokens, groups, s.state_size)
         dt = F.softplus(dt + self.dt_bias.value)
         if s.dt_limit != (0.0, float("inf")):
             dt = dt.clamp(*s.dt_limit)
@@ -136,8 +151,10 @@ class Mamba2Mixer(nn.Module):
             y[a:b], ssm_state[slot] = ssd_chunked(hs[a:b], dt[a:b], A, B[a:b], C[a:b], ssm_state[slot], s.chunk_size)
         first = starts[meta.num_prefills]
         if first < tokens:
-            index = slots[meta.num_prefills:]
-            y[first:], ssm_state[index] = ssd_step(hs[first:], dt[first:], A, B[first:], C[first:], ssm_state[index])
+            index = slots[meta.num_prefills:].to(ssm_state.device)
+            gathered = torch.index_select(ssm_state, 0, index, out=_gather_buffer(ssm_state, len(index)))
+            y[first:] = ssd_step(hs[first:], dt[first:], A, B[first:], C[first:], gathered)
+            ssm_state.index_copy_(0, index, gathered)
         y = (y + hs * self.D.value[:, None]).reshape(tokens, s.inner_size)
         return self.out_proj(self._gate(y, z))
 

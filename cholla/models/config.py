@@ -765,7 +765,7 @@ def _gguf_mamba(metadata: dict[str, Any], arch: str, get, tensor_names: set[str]
                                f"{arch}.ssm.inner_size = {inner}; the file is corrupt")
     shape = Mamba2Shape(hidden, heads, inner // heads, int(get("ssm.state_size", required=True)),
                         int(get("ssm.group_count", 1)), int(get("ssm.conv_kernel", 4)),
-                        256 if arch == "mamba2" else 128, eps, conv_bias=f"blk.0.ssm_conv1d.bias" in tensor_names)
+                        256 if arch == "mamba2" else 128, eps, conv_bias="blk.0.ssm_conv1d.bias" in tensor_names)
 
     def kind(i: int) -> str:
         if f"blk.{i}.ssm_in.weight" in tensor_names:
