@@ -29,8 +29,10 @@ class LLM:
     the reference), ``threads``, ``kv_cache_dtype`` (``"auto"``, ``"bf16"``,
     ``"int8"``, ``"q8_0"``, ``"fp8_e4m3"``, ...: ``cholla/kv/kv_types.py``),
     ``cache_type_k`` / ``cache_type_v`` (one side each), ``speculative_method``
-    (``"ngram"``: prompt lookup for greedy requests; default None, off) and
-    ``num_speculative_tokens``.
+    (``"ngram"``: prompt lookup for greedy requests; default None, off),
+    ``num_speculative_tokens``, and ``kv_offload_dir`` / ``kv_offload_gib``
+    (the KV cache's disk tier: evicted prefix blocks kept in files, read back
+    by later requests and after restarts; ``close()`` finishes its writes).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs: Any):
@@ -128,3 +130,7 @@ class LLM:
                         yield out.outputs[0]
         finally:
             self.engine.abort(request_id)
+
+    def close(self) -> None:
+        """Finish the KV disk tier's writes (``kv_offload_dir``); nothing to do without one."""
+        self.engine.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from cholla.engine.runner import ModelRunner
 from cholla.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from cholla.errors import ContextLengthError, InvalidRequestError
 from cholla.kv.block_manager import BlockManager
+from cholla.kv.disk_tier import DEFAULT_OFFLOAD_GIB, DiskTier, cache_parts, fingerprint
 from cholla.kv.kv_types import KVCacheType, kv_cache_type
 from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, plan_layout
 from cholla.models.loader import LoadedModel, load_model, resolve_dtype
@@ -58,6 +60,10 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     cache_type_k: str | None = None
     cache_type_v: str | None = None
+    # The KV cache's disk tier (cholla/kv/disk_tier.py): evicted prefix-cache blocks are kept in files
+    # under this folder, up to kv_offload_gib GiB, and read back by later requests and restarts.
+    kv_offload_dir: str | None = None
+    kv_offload_gib: float = DEFAULT_OFFLOAD_GIB
     speculative_method: str | None = None  # "ngram" (prompt lookup); None: no speculation
     num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS  # K: drafts verified per step and sequence
 
@@ -95,6 +101,15 @@ def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
     if loaded.gguf is not None:
         return Tokenizer.from_gguf(loaded.gguf.metadata)
     return Tokenizer.from_hf_dir(loaded.path)
+
+
+def _close_disk_tier(block_manager: BlockManager) -> None:
+    disk = block_manager.disk
+    if disk is not None and not disk.closed:
+        block_manager.offload_cached()
+        disk.close()
+        log.info("KV offload: %d blocks read back, %d written, %d dropped, %d removed as unsound",
+                 disk.stats.hits, disk.stats.writes, disk.stats.dropped, disk.stats.invalid)
 
 
 class _RequestState:
@@ -141,7 +156,9 @@ class LLMEngine:
             num_blocks, config.block_size, layout.nbytes / 2**20, k_type.name, v_type.name, layout.tokens_per_gib,
             layout.num_tokens, max_len, layout.max_concurrency,
         )
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                          self._disk_tier(k_type, v_type))
+        self._close_disk = weakref.finalize(self, _close_disk_tier, self.block_manager)
         self.speculator = NgramSpeculator(config.num_speculative_tokens) if config.speculative_method else None
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len), self.block_manager,
@@ -153,6 +170,32 @@ class LLMEngine:
         self.metrics = EngineMetrics()
         self._prefill_tokens_held = 0  # prefilled since the heap was last released
         self._ids = itertools.count()
+
+    def _disk_tier(self, k_type: KVCacheType, v_type: KVCacheType) -> DiskTier | None:
+        """The disk tier, when asked for and the prefix cache is on (models with recurrent state have none)."""
+        config = self.config
+        if not config.kv_offload_dir:
+            return None
+        if self.model_config.has_state:
+            log.warning("KV offload is off: a model with recurrent state has no prefix cache")
+            return None
+        if not config.enable_prefix_caching:
+            raise InvalidRequestError("the KV offload keeps prefix-cache blocks: it needs the prefix cache on")
+        if not config.kv_offload_gib > 0:
+            raise InvalidRequestError(f"kv_offload_gib must be positive, got {config.kv_offload_gib}")
+        parts = cache_parts(self.kv_cache.layers)
+        tier = DiskTier(config.kv_offload_dir, int(config.kv_offload_gib * 2**30),
+                        fingerprint(self.loaded.path, parts, config.block_size, f"K {k_type.name} V {v_type.name}",
+                                    self.loaded.dtype), parts)
+        log.info("KV offload: %s, %d blocks (%.2f of %.2f GiB) found", tier.dir, tier.num_files,
+                 tier.bytes_on_disk / 2**30, config.kv_offload_gib)
+        return tier
+
+    def close(self) -> None:
+        """Write the prefix cache's blocks to the disk tier and wait for every write (no-op without one),
+        so a restart finds what this process computed. Runs by itself when the engine is collected or
+        the interpreter exits."""
+        self._close_disk()
 
     # -- requests -------------------------------------------------------------
 
