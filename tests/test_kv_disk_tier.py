@@ -83,6 +83,23 @@ def test_blocks_round_trip_through_files_and_a_restart(tmp_path):
     again.close()
 
 
+def test_a_burst_of_evictions_waits_for_the_writer_instead_of_dropping(tmp_path, monkeypatch):
+    from cholla.kv import disk_tier
+
+    cache = _fake_cache()
+    parts = cache_parts(cache)
+    monkeypatch.setattr(disk_tier, "STAGING_BYTES", sum(p.shape[1] * p.dtype.itemsize for p in parts))  # one block
+    tier = _tier(tmp_path, cache)
+    entries = _entries(4)
+    tier.save(entries, [0, 1, 2, 3])
+    tier.close()
+    assert tier.stats.writes == 4 and tier.stats.dropped == 0
+    again = _tier(tmp_path, cache)
+    assert again.load(entries, [4, 5, 6, 7]) == 4
+    assert all(torch.equal(p[b], p[b + 4]) for p in parts for b in range(4))
+    again.close()
+
+
 def _damage(path, how: str, tmp_path) -> None:
     data = bytearray(path.read_bytes())
     if how == "flipped":

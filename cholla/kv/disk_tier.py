@@ -52,9 +52,12 @@ HEADER_BYTES = 64  # the header padded, so tokens and payload lie 8-byte aligned
 SUFFIX = ".kvb"
 DEFAULT_OFFLOAD_GIB = 8.0
 # Evicted blocks copied out but not yet written: a staging buffer of this size, allocated once (fresh
-# buffers per eviction cost more in page faults than the copy). An eviction finding it full is dropped
-# (counted), never waited for.
+# buffers per eviction cost more in page faults than the copy). An eviction finding it full waits for
+# the writer, as a bounded queue does: writing a block costs a small fraction of computing the tokens
+# that displace it (docs/benchmarks.md), so a long prompt's burst of evictions is slowed, not lost.
+# Past SAVE_WAIT_S (a disk that has stopped answering) the rest are dropped, counted.
 STAGING_BYTES = 64 * 2**20
+SAVE_WAIT_S = 5.0
 # Blocks read ahead for queued requests and not yet taken; the oldest are forgotten past this.
 MAX_PREFETCH_BYTES = 256 * 2**20
 LOAD_CHUNK_BYTES = 32 * 2**20  # blocks read back go into the cache this many bytes at a time
@@ -66,7 +69,7 @@ STALE_TEMP_S = 60.0  # a temporary file older than this is a write that died wit
 class DiskTierStats:
     hits: int = 0  # blocks read back into the cache
     writes: int = 0  # files written
-    dropped: int = 0  # evicted blocks not written: the writer was STAGING_BYTES behind
+    dropped: int = 0  # evicted blocks not written: the writer was stuck for SAVE_WAIT_S
     invalid: int = 0  # files found missing, truncated, corrupt or foreign, and removed
     removed: int = 0  # files removed to keep the budget
 
@@ -217,8 +220,8 @@ class DiskTier:
         """Copy blocks out of the cache now (they are about to be reused) and queue their files.
 
         ``entries`` are each block's (hash, tokens). Blocks already on disk are only marked
-        recently used. Without ``wait``, blocks finding the staging buffer full are dropped;
-        with it (closing), the call waits for the writer to make room.
+        recently used. When the staging buffer is full the call waits for the writer to make
+        room, up to ``SAVE_WAIT_S`` without ``wait``, for as long as it takes with it (closing).
         """
         new = []
         for (block_hash, tokens), block in zip(entries, blocks):
@@ -228,23 +231,21 @@ class DiskTier:
                 self._queue.put((block_hash, None, None))  # touch it: recently used
             else:
                 new.append((block_hash, tokens, block))
+        deadline = None if wait else time.monotonic() + SAVE_WAIT_S
         while new:
             with self._lock:
-                if wait:
-                    self._pending_room.wait_for(lambda: self._free_slots)
-                take = min(len(new), len(self._free_slots))
-                slots = [self._free_slots.pop() for _ in range(take)]
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._pending_room.wait_for(lambda: self._free_slots, timeout)
+                slots = [self._free_slots.pop() for _ in range(min(len(new), len(self._free_slots)))]
             if not slots:
+                log.warning("KV offload: the writer is stuck; %d evicted blocks are not kept", len(new))
                 self.stats.dropped += len(new)
                 return
-            batch, new = new[:take], new[take:]
+            batch, new = new[: len(slots)], new[len(slots) :]
             self._copy_out([block for _, _, block in batch], slots)
             for (block_hash, tokens, _), slot in zip(batch, slots):
                 self._pending[block_hash] = (tokens, self._staging[slot])
                 self._queue.put((block_hash, tokens, slot))
-            if not wait:
-                self.stats.dropped += len(new)
-                return
 
     def _copy_out(self, blocks: list[int], slots: list[int]) -> None:
         """The blocks' bytes into staging rows ``slots``, one copy per cache part."""
