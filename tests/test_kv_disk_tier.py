@@ -255,13 +255,15 @@ def test_evicted_blocks_come_back_from_disk_and_after_a_restart(smollm2, alone, 
     restarted.close()
 
 
-def test_preempted_sequences_come_back_from_disk(smollm2, alone, monkeypatch, tmp_path):
-    """Room for about one prompt: the two run together, one is preempted, and its blocks return from disk."""
+def test_preemption_with_the_tier_gives_the_same_tokens_and_frees_every_block(smollm2, alone, monkeypatch, tmp_path):
+    """Room for about one prompt: the two run together, one is preempted and comes back through
+    the prefix cache (its blocks in memory or on disk), and every block is freed at the end."""
     tokens, block_bytes = alone
     engine = _engine(smollm2, monkeypatch, kv_cache_memory=8 * block_bytes, max_num_batched_tokens=16,
                      kv_offload_dir=str(tmp_path))
     assert _generate(engine, PROMPTS) == tokens
     assert engine.metrics.preemptions > 0
+    assert engine.block_manager.disk.stats.writes > 0
     engine.close()
 
 

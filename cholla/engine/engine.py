@@ -108,6 +108,7 @@ def _close_disk_tier(block_manager: BlockManager) -> None:
     if disk is not None and not disk.closed:
         block_manager.offload_cached()
         disk.close()
+        block_manager.disk = None  # an engine used after close() goes on without the tier
         log.info("KV offload: %d blocks read back, %d written, %d dropped, %d removed as unsound",
                  disk.stats.hits, disk.stats.writes, disk.stats.dropped, disk.stats.invalid)
 

@@ -169,14 +169,14 @@ class DiskTier:
         found = []
         now = time.time()
         for sub in self.root.iterdir():
-            if not sub.is_dir():
-                continue
+            if not (sub.is_dir() and len(sub.name) == 32 and all(c in "0123456789abcdef" for c in sub.name)):
+                continue  # only fingerprint folders are ours
             for entry in os.scandir(sub):
                 try:
                     stat = entry.stat()
                     if entry.name.endswith(SUFFIX):
                         found.append((stat.st_mtime_ns, entry.path, stat.st_size))
-                    elif ".tmp" in entry.name and now - stat.st_mtime > STALE_TEMP_S:
+                    elif SUFFIX + "." in entry.name and entry.name.endswith(".tmp") and now - stat.st_mtime > STALE_TEMP_S:
                         os.unlink(entry.path)
                 except OSError:
                     continue
@@ -267,8 +267,8 @@ class DiskTier:
                 continue
             try:
                 size = _write_file(path, self.fingerprint, block_hash, tokens, self._staging[slot])
-            except OSError as e:
-                log.warning("KV offload: writing %s failed (%s); the block is not kept", path, e.strerror or e)
+            except Exception as e:  # the thread must live on: evictions and close wait for its slots
+                log.warning("KV offload: writing %s failed (%s); the block is not kept", path, e)
                 size = None
             with self._lock:
                 del self._pending[block_hash]
