@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 from cholla.download import resolve_model
-from cholla.engine.engine import load_tokenizer
+from cholla.engine.engine import calibrate_kv_cache, load_tokenizer
 from cholla.kv.kv_types import kv_cache_type
 from cholla.kv.paged_cache import PagedKVCache, bytes_per_token
 from cholla.layers.attention import AttentionMetadata
 from cholla.models.loader import load_model
 
 TEXT = Path("/usr/share/common-licenses/Apache-2.0")
-TYPES = ["f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "int8_rot", "q8_0", "q4_0", "q4_0_rot"]
+TYPES = ["f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "int8_rot", "q8_0", "q4_0", "q4_0_rot", "q4_0_cal"]
 BASELINE = "bf16"
 
 
@@ -57,6 +57,8 @@ def score(model_name: str, tokens: int, chunk: int, types: list[str]) -> list[di
     ids = ids[:tokens]
     blocks = -(-len(ids) // 16)
     caches = {name: PagedKVCache(loaded.config, blocks, 16, kv_cache_type(name)) for name in types}
+    for cache in caches.values():  # the calibrated types measure their statistics, as the engine does
+        calibrate_kv_cache(loaded.model, tokenizer, cache)
     nll = {name: 0.0 for name in types}
     max_diff = {name: 0.0 for name in types}
     sum_diff = {name: 0.0 for name in types}

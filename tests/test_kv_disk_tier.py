@@ -163,13 +163,19 @@ def test_the_directory_keeps_its_budget_least_recently_used_out(tmp_path):
 def test_the_fingerprint_names_model_layout_and_types(tmp_path):
     model = tmp_path / "model.gguf"
     model.write_bytes(bytes(1000))
-    parts = cache_parts(_fake_cache())
-    base = fingerprint(model, parts, BLOCK_SIZE, "K f32 V f32", "float32")
-    assert base == fingerprint(model, parts, BLOCK_SIZE, "K f32 V f32", "float32")
-    assert base != fingerprint(model, parts, 2 * BLOCK_SIZE, "K f32 V f32", "float32")
-    assert base != fingerprint(model, parts, BLOCK_SIZE, "K q8_0 V f32", "float32")
-    assert base != fingerprint(model, parts, BLOCK_SIZE, "K f32 V f32", "bfloat16")
-    assert base != fingerprint(model, parts[:2], BLOCK_SIZE, "K f32 V f32", "float32")
+    cache = _fake_cache()
+    base = fingerprint(model, cache, BLOCK_SIZE, "K f32 V f32", "float32")
+    assert base == fingerprint(model, cache, BLOCK_SIZE, "K f32 V f32", "float32")
+    assert base != fingerprint(model, cache, 2 * BLOCK_SIZE, "K f32 V f32", "float32")
+    assert base != fingerprint(model, cache, BLOCK_SIZE, "K q8_0 V f32", "float32")
+    assert base != fingerprint(model, cache, BLOCK_SIZE, "K f32 V f32", "bfloat16")
+    assert base != fingerprint(model, cache[:1], BLOCK_SIZE, "K f32 V f32", "float32")
+    # A calibrated type's stored values are relative to its per-channel statistics.
+    k, v = cache[1]
+    calibrated = [cache[0], (k._replace(shift=torch.zeros(2, 8), spread=torch.ones(2, 8)), v)]
+    other = [cache[0], (k._replace(shift=torch.zeros(2, 8), spread=torch.full((2, 8), 2.0)), v)]
+    assert len({base, fingerprint(model, calibrated, BLOCK_SIZE, "K f32 V f32", "float32"),
+                fingerprint(model, other, BLOCK_SIZE, "K f32 V f32", "float32")}) == 3
     identity = model_identity(model)
     model.write_bytes(bytes(500) + b"\x01" + bytes(499))  # the same size, another model
     assert model_identity(model) != identity

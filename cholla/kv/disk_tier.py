@@ -109,13 +109,19 @@ def cache_parts(layers: list[tuple]) -> list[torch.Tensor]:
     return [t.view(word) for t in tensors]
 
 
-def fingerprint(model_path: Path, parts: list[torch.Tensor], block_size: int, kv_types: str, compute_dtype: str) -> bytes:
-    """What a block file's bytes mean; a file with another fingerprint is never read."""
+def fingerprint(model_path: Path, layers: list[tuple], block_size: int, kv_types: str, compute_dtype: str) -> bytes:
+    """What a block file's bytes mean; a file with another fingerprint is never read. ``layers`` is
+    the cache (``PagedKVCache.layers``): its per-block layout, and the calibrated types' per-channel
+    statistics, which the stored values are relative to."""
     from cholla import __version__
 
-    layout = ";".join(str(p.shape[1] * p.dtype.itemsize) for p in parts)
+    layout = ";".join(str(p.shape[1] * p.dtype.itemsize) for p in cache_parts(layers))
     digest = hashlib.blake2b(model_identity(model_path), digest_size=16)
     digest.update(f"v{FORMAT_VERSION}|cholla {__version__}|{compute_dtype}|{kv_types}|block {block_size}|{layout}".encode())
+    for side in (side for layer in layers for side in layer if isinstance(side, ScaledKV)):
+        for statistic in (side.shift, side.spread):
+            if statistic is not None:
+                digest.update(statistic.float().contiguous().numpy().tobytes())
     return digest.digest()
 
 

@@ -108,6 +108,7 @@ class ModelConfig:
     # state), each given by its shape without the slot axis; () for a layer without state. Empty: none.
     # A layer may have both (Falcon-H1 runs attention and Mamba-2 side by side).
     state_shapes: list[tuple[tuple[int, ...], ...]] = field(default_factory=list)
+    short_conv_kernel: int = 0  # LFM2: the taps of its short convolutions (conv_L_cache)
 
     def __post_init__(self):
         if not self.layer_types:  # (the config's consistency is checked in config_checks.py)
@@ -129,7 +130,7 @@ def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
 
 # llama.cpp folds these HF model types into the "llama" GGUF architecture.
 GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
-                           "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss", "deepseek2": "deepseek_v3"}
+                           "lfm2": "lfm2", "lfm2moe": "lfm2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss", "deepseek2": "deepseek_v3"}
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
@@ -197,6 +198,12 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> ModelC
         cfg.embed_scale = math.sqrt(hidden)
         cfg.final_logit_softcapping = get("final_logit_softcapping")
         cfg.attn_logit_softcapping = get("attn_logit_softcapping")
+    if arch in ("lfm2", "lfm2moe"):
+        # The converter writes each layer's KV heads, 0 for a convolution layer.
+        kv_heads = get("attention.head_count_kv", num_heads)
+        kinds = kv_heads if isinstance(kv_heads, list) else [kv_heads] * cfg.num_layers
+        cfg.qk_norm = True
+        _lfm2_layers(cfg, [FULL_ATTENTION if n else SHORT_CONV for n in kinds], int(get("shortconv.l_cache", required=True)))
     if get("expert_count"):
         _gguf_moe(cfg, arch, get, tensor_names)
     elif arch == "deepseek2":
@@ -217,6 +224,8 @@ def _hf_rope(params: dict[str, Any] | None, theta: float | None, default_theta: 
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     """Map a Hugging Face ``config.json`` (transformers 4.x or 5.x spelling)."""
     model_type = cfg.get("model_type", "")
+    if model_type in ("lfm2", "lfm2_moe") and "intermediate_size" not in cfg:  # its older spelling
+        cfg = {**cfg, "intermediate_size": cfg.get("block_ff_dim")}
     if model_type == "gemma3" and "text_config" in cfg:  # multimodal wrapper: take the text tower
         cfg = {**cfg["text_config"], "model_type": "gemma3"}
     if model_type == "gemma3_text":
@@ -269,12 +278,50 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         out.embed_scale = math.sqrt(hidden)
         out.final_logit_softcapping = cfg.get("final_logit_softcapping")
         out.attn_logit_softcapping = cfg.get("attn_logit_softcapping")
-    if model_type in ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe_lite"):
+    if model_type in ("lfm2", "lfm2_moe"):
+        _hf_lfm2(out, cfg, model_type)
+    if model_type in ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe_lite", "lfm2_moe"):
         try:
             _hf_moe(out, cfg, model_type)
         except KeyError as e:
             raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
     return out
+
+
+# -- hybrid models ----------------------------------------------------------------------------
+
+
+def _lfm2_layers(out: ModelConfig, layer_types: list[str], kernel: int) -> None:
+    """LFM2's layer kinds; a convolution layer keeps its last ``kernel - 1`` inputs per sequence."""
+    if not 2 <= kernel <= 64:
+        raise ModelFormatError(f"LFM2's short convolution has {kernel} taps; a model has 2 to 64 (conv_L_cache)")
+    out.layer_types = layer_types
+    out.short_conv_kernel = kernel
+    out.state_shapes = [((out.hidden_size, kernel - 1),) if kind == SHORT_CONV else () for kind in layer_types]
+
+
+def _hf_lfm2(out: ModelConfig, cfg: dict[str, Any], model_type: str) -> None:
+    """LFM2's config.json: its own norm and tie keys, and (the dense LFM2) the MLP width it derives from
+    ``block_ff_dim``: two thirds, times the multiplier, rounded up to ``block_multiple_of``, as transformers does."""
+    if cfg.get("conv_bias"):
+        raise ModelFormatError("LFM2 with conv_bias is not supported (no released LFM2 model uses it)")
+    out.rms_norm_eps = float(cfg.get("norm_eps", 1e-5))
+    out.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", cfg.get("tie_embedding", True)))
+    out.qk_norm = True
+    if "rope_theta" not in cfg and not (cfg.get("rope_parameters") or {}).get("rope_theta"):
+        out.rope.theta = 1_000_000.0
+    if model_type == "lfm2" and cfg.get("block_auto_adjust_ff_dim", True):
+        size = int(2 * out.intermediate_size / 3)
+        if cfg.get("block_ffn_dim_multiplier") is not None:
+            size = int(float(cfg["block_ffn_dim_multiplier"]) * size)
+        multiple = int(cfg.get("block_multiple_of", 256))
+        out.intermediate_size = multiple * -(-size // multiple)
+    types = cfg.get("layer_types")
+    if types is None:
+        full = cfg.get("full_attn_idxs")
+        full = range(out.num_layers) if full is None else full
+        types = [FULL_ATTENTION if i in full else SHORT_CONV for i in range(out.num_layers)]
+    _lfm2_layers(out, list(types), int(cfg.get("conv_L_cache", 3)))
 
 
 # -- mixtures of experts ------------------------------------------------------------------
@@ -308,6 +355,13 @@ def _hf_moe(out: ModelConfig, cfg: dict[str, Any], model_type: str) -> None:
         out.moe = MoEConfig(num_experts, top_k, out.intermediate_size, router="topk_softmax", normalize=False,
                             swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
                             swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))
+    elif model_type == "lfm2_moe":
+        if not cfg.get("use_expert_bias", True):
+            raise ModelFormatError("LFM2-MoE without use_expert_bias is not supported (no released model has it)")
+        out.moe = MoEConfig(num_experts, top_k, int(cfg["moe_intermediate_size"]), router="sigmoid_group_topk",
+                            normalize=bool(cfg.get("norm_topk_prob", True)),
+                            dense_layers=list(range(int(cfg.get("num_dense_layers") or 0))),
+                            routed_scale=float(cfg.get("routed_scaling_factor") or 1.0))
     elif model_type in ("deepseek_v3", "glm4_moe_lite"):
         _hf_mla(out, cfg, model_type)
         num_experts = int(cfg.get("n_routed_experts") or 0)
@@ -386,6 +440,11 @@ def _gguf_moe(cfg: ModelConfig, arch: str, get, tensor_names: set[str]) -> None:
         cfg.layer_types = _alternating_layer_types(cfg.num_layers)
         cfg.moe = MoEConfig(num_experts, top_k, size, router="topk_softmax", normalize=False,
                             swiglu_alpha=1.702, swiglu_limit=7.0, dense_layers=dense)
+    elif arch == "lfm2moe":  # llama.cpp always normalises LFM2-MoE's routing weights
+        if int(get("expert_gating_func", 2)) != 2:
+            raise ModelFormatError("lfm2moe GGUF with other than sigmoid routing is not supported")
+        cfg.moe = MoEConfig(num_experts, top_k, size, router="sigmoid_group_topk", normalize=True, dense_layers=dense,
+                            routed_scale=float(get("expert_weights_scale", 1.0) or 1.0))
     elif arch == "deepseek2":
         _gguf_mla(cfg, get, num_experts, top_k, size, dense)
     else:

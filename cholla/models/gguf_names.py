@@ -35,6 +35,27 @@ _LAYER = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 
+# LFM2 and LFM2-MoE: HF's own names (models/lfm2.py renames them); conv layers' tensors are ``shortconv.*``.
+_LFM2 = {
+    "attn_norm": "operator_norm",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2",
+    "attn_output": "self_attn.out_proj",
+    "attn_q_norm": "self_attn.q_layernorm",
+    "attn_k_norm": "self_attn.k_layernorm",
+    "shortconv.conv": "conv.conv",
+    "shortconv.in_proj": "conv.in_proj",
+    "shortconv.out_proj": "conv.out_proj",
+    # LFM2-MoE: its router, expert bias and stacked experts (split per expert on load)
+    "ffn_gate_inp": "feed_forward.gate",
+    "exp_probs_b": "feed_forward.expert_bias",
+    "ffn_gate_exps": "feed_forward.experts.w1",
+    "ffn_up_exps": "feed_forward.experts.w3",
+    "ffn_down_exps": "feed_forward.experts.w2",
+}
+
 # Gemma names the norm after attention "post" and the one before the MLP "pre".
 _LAYER_OVERRIDES = {
     "gemma3": {
@@ -42,6 +63,8 @@ _LAYER_OVERRIDES = {
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
     },
+    "lfm2": _LFM2,
+    "lfm2_moe": _LFM2,
     "gpt_oss": {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"},
     "deepseek_v3": {
         "attn_q_a": "self_attn.q_a_proj",
@@ -59,13 +82,17 @@ _LAYER_OVERRIDES = {
 # Bare tensors (layers.linear.DenseTensor), named after their module without ".weight".
 _BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b"}
 
-_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_BLOCK = re.compile(r"blk\.(\d+)\.([\w.]+)\.(weight|bias)$")
+# Whole-model tensors some architectures name otherwise.
+_LFM2_GLOBAL = {"token_embd_norm.weight": "model.embedding_norm.weight"}  # its final norm
+_GLOBAL_OVERRIDES = {"lfm2": _LFM2_GLOBAL, "lfm2_moe": _LFM2_GLOBAL}
 
 
 def gguf_to_hf_name(name: str, architecture: str) -> str | None:
     """The HF name for a GGUF tensor, or None if no model module takes it."""
-    if name in _GLOBAL:
-        return _GLOBAL[name]
+    globals_ = {**_GLOBAL, **_GLOBAL_OVERRIDES.get(architecture, {})}
+    if name in globals_:
+        return globals_[name]
     match = _BLOCK.match(name)
     if not match:
         return None

@@ -8,6 +8,7 @@ from cholla.errors import UnsupportedArchitectureError
 from cholla.models.deepseek_v3 import DeepseekV3ForCausalLM
 from cholla.models.gemma3 import Gemma3ForCausalLM
 from cholla.models.gpt_oss import GptOssForCausalLM
+from cholla.models.lfm2 import Lfm2ForCausalLM
 from cholla.models.llama import LlamaForCausalLM
 from cholla.models.mixtral import MixtralForCausalLM
 from cholla.models.olmoe import OlmoeForCausalLM
@@ -25,6 +26,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "gpt_oss": GptOssForCausalLM,
     "deepseek_v3": DeepseekV3ForCausalLM,
     "glm4_moe_lite": DeepseekV3ForCausalLM,
+    "lfm2": Lfm2ForCausalLM,
+    "lfm2_moe": Lfm2ForCausalLM,
 }
 
 
