@@ -243,6 +243,7 @@ def test_evicted_blocks_come_back_from_disk_and_after_a_restart(smollm2, alone, 
     assert disk.stats.writes > 0
     assert _generate(engine, [PROMPTS[0]]) == [tokens[0]]
     assert disk.stats.hits > 0  # read back, not recomputed
+    assert engine.stats().kv_offload_blocks_read == disk.stats.hits  # what /metrics reports
     engine.close()  # the blocks still only in memory go to disk too
 
     # A restart on the same directory finds them; one damaged file is a miss, removed, not a wrong answer.

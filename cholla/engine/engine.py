@@ -328,6 +328,8 @@ class LLMEngine:
             spec_verifications=self.metrics.spec_verifications,
             spec_draft_tokens=self.metrics.spec_draft_tokens,
             spec_accepted_tokens=self.metrics.spec_accepted_tokens,
+            kv_offload_blocks_read=bm.disk.stats.hits if bm.disk is not None else 0,
+            kv_offload_blocks_written=bm.disk.stats.writes if bm.disk is not None else 0,
         )
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list,
