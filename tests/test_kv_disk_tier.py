@@ -84,11 +84,15 @@ def test_blocks_round_trip_through_files_and_a_restart(tmp_path):
 
 
 def test_a_burst_of_evictions_waits_for_the_writer_instead_of_dropping(tmp_path, monkeypatch):
+    """And a long run of blocks is read ahead a window at a time and copied in a chunk at a time."""
     from cholla.kv import disk_tier
 
     cache = _fake_cache()
     parts = cache_parts(cache)
-    monkeypatch.setattr(disk_tier, "STAGING_BYTES", sum(p.shape[1] * p.dtype.itemsize for p in parts))  # one block
+    block_bytes = sum(p.shape[1] * p.dtype.itemsize for p in parts)
+    monkeypatch.setattr(disk_tier, "STAGING_BYTES", block_bytes)  # one block
+    monkeypatch.setattr(disk_tier, "MAX_PREFETCH_BYTES", 2 * block_bytes)
+    monkeypatch.setattr(disk_tier, "LOAD_CHUNK_BYTES", 3 * block_bytes)
     tier = _tier(tmp_path, cache)
     entries = _entries(4)
     tier.save(entries, [0, 1, 2, 3])

@@ -255,10 +255,11 @@ class DiskTier:
 
     def _copy_out(self, blocks: list[int], slots: list[int]) -> None:
         """The blocks' bytes into staging rows ``slots``, one copy per cache part."""
-        index, rows = torch.tensor(blocks, dtype=torch.long), torch.tensor(slots, dtype=torch.long)
+        index = torch.tensor(blocks, dtype=torch.long, device=self.parts[0].device)
+        rows = torch.tensor(slots, dtype=torch.long)
         at = 0
         for part in self.parts:
-            self._staging[:, at : at + part.shape[1]].index_copy_(0, rows, part.index_select(0, index))
+            self._staging[:, at : at + part.shape[1]].index_copy_(0, rows, part.index_select(0, index).cpu())
             at += part.shape[1]
 
     def _write_loop(self) -> None:
@@ -309,36 +310,48 @@ class DiskTier:
 
     def load(self, entries: list[tuple[int, tuple[int, ...]]], blocks: list[int]) -> int:
         """Read blocks (hash, tokens) into cache blocks ``blocks``, in order; returns how many
-        were read. The first one missing or bad ends the run: later blocks depend on it."""
-        self.prefetch([block_hash for block_hash, _ in entries])
-        rows = []
-        for block_hash, tokens in entries:
-            pending = self._pending.get(block_hash)
-            future = self._prefetched.pop(block_hash, None)
-            if pending is not None:
-                found = pending
-            elif future is not None and not future.cancelled():
-                found = future.result()
-            else:
-                found = self._read(block_hash)
+        were read. The first one missing or bad ends the run: later blocks depend on it.
+        Reads run ahead a window at a time; what is read goes into the cache a chunk at a time."""
+        window = max(1, MAX_PREFETCH_BYTES // self.block_bytes)
+        rows, loaded = [], 0
+        for i, (block_hash, tokens) in enumerate(entries):
+            if i % window == 0:
+                self.prefetch([h for h, _ in entries[i : i + window]])
+            found = self._take(block_hash)
             if found is None or found[0] != tokens:
                 break
             rows.append(found[1])
-        for block_hash, _ in entries[len(rows):]:
+            if len(rows) == self._load_buffer.shape[0]:
+                self._copy_in(rows, blocks[loaded : loaded + len(rows)])
+                loaded, rows = loaded + len(rows), []
+        if rows:
+            self._copy_in(rows, blocks[loaded : loaded + len(rows)])
+            loaded += len(rows)
+        for block_hash, _ in entries[loaded:]:
             future = self._prefetched.pop(block_hash, None)
             if future is not None:
                 future.cancel()
-        chunk = self._load_buffer.shape[0]
-        for first in range(0, len(rows), chunk):
-            some = rows[first : first + chunk]
-            buffer = torch.stack(some, out=self._load_buffer[: len(some)])
-            index = torch.tensor(blocks[first : first + len(some)], dtype=torch.long)
-            at = 0
-            for part in self.parts:
-                part.index_copy_(0, index, buffer[:, at : at + part.shape[1]])
-                at += part.shape[1]
-        self.stats.hits += len(rows)
-        return len(rows)
+        self.stats.hits += loaded
+        return loaded
+
+    def _take(self, block_hash: int) -> tuple[tuple[int, ...], torch.Tensor] | None:
+        """A block's (tokens, payload): still waiting to be written, read ahead, or read now."""
+        pending = self._pending.get(block_hash)
+        future = self._prefetched.pop(block_hash, None)
+        if pending is not None:
+            return pending
+        if future is not None and not future.cancelled():
+            return future.result()
+        return self._read(block_hash)
+
+    def _copy_in(self, rows: list[torch.Tensor], blocks: list[int]) -> None:
+        """Payload rows into cache blocks, one copy per cache part."""
+        buffer = torch.stack(rows, out=self._load_buffer[: len(rows)])
+        index = torch.tensor(blocks, dtype=torch.long, device=self.parts[0].device)
+        at = 0
+        for part in self.parts:
+            part.index_copy_(0, index, buffer[:, at : at + part.shape[1]].to(part.device))
+            at += part.shape[1]
 
     def _read(self, block_hash: int) -> tuple[tuple[int, ...], torch.Tensor] | None:
         """A block file's (tokens, payload), checked; None (and the file removed) if it is not sound."""
