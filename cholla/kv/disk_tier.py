@@ -130,7 +130,7 @@ class DiskTier:
     ``save``, ``prefetch`` and ``load``; a writer thread and ``READ_THREADS`` readers do the IO."""
 
     def __init__(self, directory: str | os.PathLike, budget_bytes: int, fingerprint: bytes, parts: list[torch.Tensor]):
-        self.root = Path(directory)
+        self.root = Path(directory).expanduser()
         self.budget = budget_bytes
         self.fingerprint = fingerprint
         self.parts = parts
