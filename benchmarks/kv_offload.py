@@ -11,8 +11,13 @@ Rows, each the mean ± sd of --repeat requests with fresh random prefixes:
 - after restart, not in page cache: as above with the files dropped from the OS page
   cache first (``posix_fadvise(DONTNEED)``), so they come from the disk itself.
 
+--io measures only the engine thread's share of the tier's work on the model's
+real cache layout: copying a prefix's evicted blocks out (waiting for the
+writer when its staging buffer is full) and reading them back in.
+
     python benchmarks/kv_offload.py                       # SmolLM2, 4000-token prefix
     python benchmarks/kv_offload.py gemma3 --prefix-len 4000 --kv-cache-dtype bf16
+    python benchmarks/kv_offload.py --io
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -74,6 +80,36 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"results": results, "hits": engine.block_manager.disk.stats.hits}))
 
 
+def io_costs(args: argparse.Namespace) -> None:
+    """Milliseconds per block the engine thread spends saving (copy-out, back-pressure) and loading."""
+    from cholla.kv.block_manager import chain_hash
+    from cholla.kv.disk_tier import DiskTier, cache_parts
+
+    with tempfile.TemporaryDirectory(prefix="cholla-kv-offload-") as directory:
+        engine = build(args, directory)
+        parts = cache_parts(engine.kv_cache.layers)
+        size = engine.config.block_size
+        blocks = args.prefix_len // size
+        entries, parent = [], None
+        for i in range(blocks):
+            tokens = tuple(range(size * i, size * (i + 1)))
+            parent = chain_hash(parent, tokens)
+            entries.append((parent, tokens))
+        tier = DiskTier(Path(directory) / "io", 2 * blocks * engine.kv_layout.block_bytes, bytes(16), parts)
+        start = time.perf_counter()
+        tier.save(entries, list(range(blocks)))
+        saved = time.perf_counter() - start
+        tier.flush()
+        written = time.perf_counter() - start
+        start = time.perf_counter()
+        assert tier.load(entries, list(range(blocks))) == blocks
+        loaded = time.perf_counter() - start
+        tier.close()
+    print(f"{args.model}: {blocks} blocks of {engine.kv_layout.block_bytes / 2**10:.0f} KiB on the engine thread: "
+          f"save {1000 * saved / blocks:.2f} ms/block (all on disk after {1000 * written:.0f} ms), "
+          f"load {1000 * loaded / blocks:.2f} ms/block (from the page cache)")
+
+
 def drop_page_cache(directory: str) -> None:
     for path in Path(directory).rglob("*.kvb"):
         with open(path, "rb") as f:
@@ -106,12 +142,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--offload-gib", type=float, default=4.0)
+    parser.add_argument("--io", action="store_true", help="only the engine thread's save and load cost per block")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seeds", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.io:
+        io_costs(args)
         return
 
     with tempfile.TemporaryDirectory(prefix="cholla-kv-offload-") as directory:
