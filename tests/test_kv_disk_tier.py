@@ -104,7 +104,7 @@ def test_a_burst_of_evictions_waits_for_the_writer_instead_of_dropping(tmp_path,
     again.close()
 
 
-def _damage(path, how: str, tmp_path) -> None:
+def _damage(path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "flipped":
         data[-5] ^= 0xFF
@@ -126,7 +126,7 @@ def test_a_damaged_file_is_a_miss_and_removed(tmp_path, how):
     if how == "missing":
         path.unlink()
     else:
-        _damage(path, how, tmp_path)
+        _damage(path, how)
     before = _block_rows(cache, 6)
 
     again = _tier(tmp_path, cache)
