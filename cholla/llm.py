@@ -29,10 +29,12 @@ class LLM:
     the reference), ``threads``, ``kv_cache_dtype`` (``"auto"``, ``"bf16"``,
     ``"int8"``, ``"q8_0"``, ``"fp8_e4m3"``, ...: ``cholla/kv/kv_types.py``),
     ``cache_type_k`` / ``cache_type_v`` (one side each), ``speculative_method``
-    (``"ngram"``: prompt lookup for greedy requests; default None, off),
-    ``num_speculative_tokens``, and ``kv_offload_dir`` / ``kv_offload_gib``
-    (the KV cache's disk tier: evicted prefix blocks kept in files, read back
-    by later requests and after restarts; ``close()`` finishes its writes).
+    (``"ngram"``: prompt lookup for greedy requests; ``"draft"``: a smaller model
+    given as ``draft_model``, a path, known name or ``LoadedModel``, with the same
+    vocabulary; default None, off), ``num_speculative_tokens``, and
+    ``kv_offload_dir`` / ``kv_offload_gib`` (the KV cache's disk tier: evicted
+    prefix blocks kept in files, read back by later requests and after restarts;
+    ``close()`` finishes its writes).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs: Any):

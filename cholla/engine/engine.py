@@ -28,7 +28,8 @@ from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
 from cholla.sampling.structured import DEAD_END, StructuredOutputs
 from cholla.speculative.config import DEFAULT_SPECULATIVE_TOKENS, check_speculative
-from cholla.speculative.speculator import NgramSpeculator
+from cholla.speculative.draft_model import DraftModelSpeculator
+from cholla.speculative.speculator import NgramSpeculator, Speculator
 from cholla.speculative.verify import accept_greedy
 from cholla.heap import keep_buffers_mapped, release_free_memory
 from cholla.threads import set_threads
@@ -68,6 +69,7 @@ class EngineConfig:
     kv_offload_gib: float = DEFAULT_OFFLOAD_GIB
     speculative_method: str | None = None  # "ngram" (prompt lookup); None: no speculation
     num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS  # K: drafts verified per step and sequence
+    draft_model: str | Path | LoadedModel | None = None  # with "draft": a model sharing the target's vocabulary
 
 
 def _available_memory() -> int:
@@ -140,7 +142,7 @@ class _RequestState:
 class LLMEngine:
     def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        check_speculative(config.speculative_method, config.num_speculative_tokens)
+        check_speculative(config.speculative_method, config.num_speculative_tokens, config.draft_model)
         kv_cache_types(config, "float32")  # a misspelt KV type fails before the model loads
         keep_buffers_mapped()
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
@@ -197,7 +199,13 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, prefix_caching,
                                           self._disk_tier(k_type, v_type))
         self._close_disk = weakref.finalize(self, _close_disk_tier, self.block_manager)
-        self.speculator = NgramSpeculator(config.num_speculative_tokens) if config.speculative_method else None
+        self.speculator: Speculator | None = None
+        if config.speculative_method == "ngram":
+            self.speculator = NgramSpeculator(config.num_speculative_tokens)
+        elif config.speculative_method == "draft":
+            self.speculator = DraftModelSpeculator.load(
+                config.draft_model, self.loaded.dtype, self.loaded, self.tokenizer, config.num_speculative_tokens,
+                layout.nbytes, max_len, config.block_size, k_type, v_type)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len), self.block_manager,
             self.speculator, SlotAllocator(layout.num_slots) if self.state_cache is not None else None,
