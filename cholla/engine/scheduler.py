@@ -68,6 +68,8 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+        if not request.needs_prompt_logprobs:
+            self.block_manager.prefetch(request.all_token_ids)  # disk tier reads start while it waits
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
