@@ -108,7 +108,8 @@ class Expert(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Router + experts (+ an optional shared expert every token goes through).
+    """Router + experts (+ an optional shared expert every token goes through, optionally
+    weighted by its own sigmoid gate).
 
     ``gate`` is the router's linear layer (its HF name);
     ``correction_bias`` is the router's own tensor where it has one (DeepSeek-V3).
@@ -117,7 +118,7 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, route: Router,
                  activation: str = "silu", glu: GLU | None = None, router_bias: bool = False,
                  expert_bias: bool = False, shared_intermediate_size: int = 0,
-                 correction_bias: DenseTensor | None = None):
+                 correction_bias: DenseTensor | None = None, shared_expert_gate: bool = False):
         super().__init__()
         if glu is None and activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not supported ({', '.join(ACTIVATIONS)} are)")
@@ -128,6 +129,8 @@ class SparseMoE(nn.Module):
         self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size, activation)
                               if shared_intermediate_size else None)
         self.e_score_correction_bias = correction_bias
+        # Qwen3-Next / Qwen 3.5: the shared expert's output scaled per token by sigmoid(gate . x)
+        self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden] -> [tokens, hidden]."""
@@ -147,7 +150,8 @@ class SparseMoE(nn.Module):
             out.index_add_(0, rows, y * weight_of_pair[start:start + count, None])
             start += count
         if self.shared_expert is not None:
-            out += self.shared_expert(x)
+            shared = self.shared_expert(x)
+            out += shared if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x)) * shared
         return out
 
 

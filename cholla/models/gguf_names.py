@@ -35,6 +35,23 @@ _LAYER = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 
+# Gated DeltaNet hybrids (layers/gated_deltanet.py). ssm_a is llama.cpp's -exp(A_log), which our layer
+# keeps as ``A``; qwen3next's ssm_ba (b and a rows interleaved per key head) is split by the model.
+_DELTANET = {
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_qkv": "linear_attn.in_proj_qkv",
+    "attn_gate": "linear_attn.in_proj_z",
+    "ssm_ba": "linear_attn.in_proj_ba",
+    "ssm_beta": "linear_attn.in_proj_b",
+    "ssm_alpha": "linear_attn.in_proj_a",
+    "ssm_a": "linear_attn.A",
+    "ssm_dt": "linear_attn.dt_bias",
+    "ssm_conv1d": "linear_attn.conv1d",
+    "ssm_norm": "linear_attn.norm",
+    "ssm_out": "linear_attn.out_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+
 # Gemma names the norm after attention "post" and the one before the MLP "pre".
 _LAYER_OVERRIDES = {
     "gemma3": {
@@ -43,6 +60,9 @@ _LAYER_OVERRIDES = {
         "post_ffw_norm": "post_feedforward_layernorm",
     },
     "gpt_oss": {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"},
+    "qwen3_next": _DELTANET,
+    "qwen3_5": _DELTANET,
+    "qwen3_5_moe": _DELTANET,
     "deepseek_v3": {
         "attn_q_a": "self_attn.q_a_proj",
         "attn_q_a_norm": "self_attn.q_a_layernorm",
@@ -57,9 +77,9 @@ _LAYER_OVERRIDES = {
 }
 
 # Bare tensors (layers.linear.DenseTensor), named after their module without ".weight".
-_BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b"}
+_BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b", "ssm_a", "ssm_dt"}
 
-_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(weight|bias))?$")  # (ssm_a has no suffix)
 
 
 def gguf_to_hf_name(name: str, architecture: str) -> str | None:
@@ -75,4 +95,6 @@ def gguf_to_hf_name(name: str, architecture: str) -> str | None:
         return None
     if part in _BARE:
         return f"model.layers.{layer}.{table[part]}"
+    if kind is None:
+        return None
     return f"model.layers.{layer}.{table[part]}.{kind}"

@@ -12,6 +12,7 @@ from cholla.models.llama import LlamaForCausalLM
 from cholla.models.mixtral import MixtralForCausalLM
 from cholla.models.olmoe import OlmoeForCausalLM
 from cholla.models.qwen3_moe import Qwen3MoeForCausalLM
+from cholla.models.qwen3_next import Qwen3NextForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -25,6 +26,9 @@ MODELS: dict[str, type[nn.Module]] = {
     "gpt_oss": GptOssForCausalLM,
     "deepseek_v3": DeepseekV3ForCausalLM,
     "glm4_moe_lite": DeepseekV3ForCausalLM,
+    "qwen3_next": Qwen3NextForCausalLM,
+    "qwen3_5": Qwen3NextForCausalLM,
+    "qwen3_5_moe": Qwen3NextForCausalLM,
 }
 
 
