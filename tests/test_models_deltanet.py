@@ -1,0 +1,174 @@
+"""Gated DeltaNet hybrids (Qwen3-Next, Qwen 3.5 dense and MoE) on tiny random models
+(``tests/tiny_models.py``): the delta rule's chunked form against its recurrence, then
+cholla against transformers from SafeTensors (a prompt prefilled in two chunks through one
+state slot, then greedy decoding batched with a second sequence), and from llama.cpp's GGUF
+conversion (f32 and Q8_0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from cholla.engine.runner import forward_once  # noqa: E402
+from cholla.kv.paged_cache import PagedKVCache  # noqa: E402
+from cholla.kv.state_cache import StateCache, layer_caches  # noqa: E402
+from cholla.layers.attention import AttentionMetadata  # noqa: E402
+from cholla.layers.gated_deltanet import delta_rule_chunked, delta_rule_step, l2_normalize  # noqa: E402
+from cholla.models.loader import load_model  # noqa: E402
+from tests import tiny_models  # noqa: E402
+
+NAMES = list(tiny_models.deltanet_configs())
+PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(100)]
+FIRST_CHUNK = 70  # the first prefill call spans two of the delta rule's 64-token chunks
+BLOCK = 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """name -> {"folder", "model"}, built once per module."""
+    tokenizer = tiny_models.tiny_tokenizer()
+    root = tmp_path_factory.mktemp("tiny_deltanet")
+    configs = tiny_models.deltanet_configs()
+    return {name: {"folder": root / name, "model": tiny_models.build_model(name, root / name, tokenizer, configs[name])}
+            for name in NAMES}
+
+
+@pytest.fixture(scope="module")
+def gguf_of(tiny, tmp_path_factory):
+    """(name, qtype or "F32", dequantized) -> a GGUF path; every model converted in one process."""
+    converter = tiny_models.find_converter()
+    if converter is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (set CHOLLA_CONVERT_HF_TO_GGUF)")
+    root = tmp_path_factory.mktemp("tiny_deltanet_gguf")
+    jobs = [(tiny[n]["folder"], root / f"{n}.gguf") for n in NAMES]
+    tiny_models.convert_to_gguf(converter, jobs, ("--no-mtp",))
+    cache = {(n, "F32", False): out for n, (_, out) in zip(NAMES, jobs)}
+
+    def get(name: str, qtype: str = "F32", dequantized: bool = False):
+        key = (name, qtype, dequantized)
+        if key not in cache:
+            suffix = "-roundtrip" if dequantized else ""
+            cache[key] = tiny_models.requantize(cache[(name, "F32", False)], root / f"{name}-{qtype}{suffix}.gguf",
+                                                qtype, dequantized)
+        return cache[key]
+
+    return get
+
+
+def _reference_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    """Within ``rel`` of the logits' magnitude, at every position."""
+    err = (ours - ref).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
+
+
+def test_chunked_delta_rule_is_the_recurrence():
+    """From a nonzero state, chunked (lengths around the chunk size) == one token at a time."""
+    torch.manual_seed(0)
+    heads, dk, dv = 3, 8, 5
+    for tokens, chunk in ((37, 16), (16, 16), (5, 64)):
+        q = l2_normalize(torch.randn(tokens, heads, dk)) * dk**-0.5
+        k = l2_normalize(torch.randn(tokens, heads, dk))
+        v, beta = torch.randn(tokens, heads, dv), torch.rand(tokens, heads)
+        g = -torch.rand(tokens, heads) * 2
+        start = torch.randn(heads, dk, dv)
+        out, state = delta_rule_chunked(q, k, v, g, beta, start.clone(), chunk)
+        expected, step_state = [], start[None]
+        for t in range(tokens):
+            o, step_state = delta_rule_step(q[t:t + 1], k[t:t + 1], v[t:t + 1], g[t:t + 1], beta[t:t + 1], step_state)
+            expected.append(o)
+        torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, step_state[0], rtol=1e-5, atol=1e-5)
+
+
+class _Sequences:
+    """Drives a model step by step the way the engine will: each sequence owns a run of KV blocks
+    and a state slot; prefill chunks come first in a step, then one-token decodes."""
+
+    def __init__(self, model, num_seqs: int, max_len: int):
+        self.model = model
+        self.blocks_per_seq = -(-max_len // BLOCK)
+        kv = PagedKVCache(model.config, num_blocks=num_seqs * self.blocks_per_seq, block_size=BLOCK)
+        self.states = StateCache(model.config, num_slots=num_seqs + 1)
+        self.caches = layer_caches(kv.layers, self.states)
+        self.lengths = [0] * num_seqs
+        self.slots = [num_seqs - i for i in range(num_seqs)]  # not the sequence's index: slots are looked up
+
+    def step(self, chunks: list[tuple[int, list[int]]], num_prefills: int) -> torch.Tensor:
+        """chunks: (sequence, its new tokens), prefills first. Returns logits [tokens, vocab]."""
+        ids, positions, slot_mapping, starts, context = [], [], [], [0], []
+        for seq, tokens in chunks:
+            if self.lengths[seq] == 0:
+                self.states.reset([self.slots[seq]])
+            for token in tokens:
+                pos = self.lengths[seq]
+                ids.append(token), positions.append(pos)
+                slot_mapping.append((seq * self.blocks_per_seq + pos // BLOCK) * BLOCK + pos % BLOCK)
+                self.lengths[seq] += 1
+            starts.append(len(ids))
+            context.append(self.lengths[seq])
+        seqs = [seq for seq, _ in chunks]
+        tables = torch.stack([torch.arange(self.blocks_per_seq) + s * self.blocks_per_seq for s in seqs])
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slot_mapping), query_start_loc=starts, context_lens=context,
+                                 block_tables=tables, num_prefills=num_prefills,
+                                 decode_context_lens=torch.tensor(context[num_prefills:], dtype=torch.long),
+                                 state_slots=torch.tensor([self.slots[s] for s in seqs]))
+        with torch.inference_mode():
+            return self.model.compute_logits(self.model(torch.tensor(ids), torch.tensor(positions), self.caches, meta))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_safetensors_match_transformers(tiny, name):
+    entry = tiny[name]
+    loaded = load_model(entry["folder"], "float32")
+    assert loaded.config.architecture == name and loaded.config.has_state
+    reference = entry["model"]
+
+    # One prompt in two prefill calls (the second continues the state in the slot), alongside a
+    # short second sequence prefilled in the same steps: logits at every position.
+    run = _Sequences(loaded.model, 2, len(PROMPT) + 40)
+    other = PROMPT[::-1][:9]
+    first = run.step([(0, PROMPT[:FIRST_CHUNK]), (1, other[:4])], num_prefills=2)
+    second = run.step([(0, PROMPT[FIRST_CHUNK:]), (1, other[4:])], num_prefills=2)
+    ours = torch.cat((first[:FIRST_CHUNK], second[: len(PROMPT) - FIRST_CHUNK]))
+    _assert_close(ours, _reference_logits(reference, PROMPT))
+    _assert_close(torch.cat((first[FIRST_CHUNK:], second[len(PROMPT) - FIRST_CHUNK:])), _reference_logits(reference, other))
+
+    # 32 greedy tokens, both sequences decoding in one batched step each time.
+    prompt, generated = PROMPT[:12], [[], []]
+    run = _Sequences(loaded.model, 2, 12 + 9 + 32)
+    logits = run.step([(0, prompt), (1, other)], num_prefills=2)
+    last = [logits[len(prompt) - 1], logits[-1]]
+    for _ in range(32):
+        for seq in (0, 1):
+            generated[seq].append(int(last[seq].argmax()))
+        last = run.step([(0, generated[0][-1:]), (1, generated[1][-1:])], num_prefills=0)
+    for seq, ids in ((0, prompt), (1, other)):
+        with torch.no_grad():
+            ref = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                     min_new_tokens=32)[0, len(ids):].tolist()
+        assert generated[seq] == ref
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gguf_matches_transformers_and_q8_0_its_round_trip(tiny, gguf_of, name):
+    """f32 GGUF == transformers; Q8_0 read from its blocks == its dequantized values stored as
+    f32, and near the float model."""
+    loaded = load_model(gguf_of(name), "float32")
+    assert loaded.config.architecture == name and loaded.config.deltanet is not None
+    ref = _reference_logits(tiny[name]["model"], PROMPT)
+    _assert_close(forward_once(loaded.model, PROMPT, block_size=BLOCK), ref)
+
+    quantized = load_model(gguf_of(name, "Q8_0"), "float32")
+    assert quantized.model.layers[0].linear_attn.in_proj_qkv.weight.qtype.name == "Q8_0"
+    ours = forward_once(quantized.model, PROMPT, block_size=BLOCK)
+    exact = forward_once(load_model(gguf_of(name, "Q8_0", dequantized=True), "float32").model, PROMPT, block_size=BLOCK)
+    _assert_close(ours, exact)
+    relative_rms = ((ours - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+    assert relative_rms <= 0.05
