@@ -172,3 +172,70 @@ def test_gguf_matches_transformers_and_q8_0_its_round_trip(tiny, gguf_of, name):
     _assert_close(ours, exact)
     relative_rms = ((ours - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
     assert relative_rms <= 0.05
+
+
+def test_qwen3_5_multimodal_checkpoint_loads_its_text_tower(tiny, tmp_path):
+    """Qwen 3.5 as published: a ``qwen3_5`` config wrapping ``text_config``, the text tower under
+    ``model.language_model.``, a vision tower and MTP layers beside it (not read)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny["qwen3_5"]["folder"]
+    text = json.loads((src / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "text_config": text,
+                                                      "vision_config": {"depth": 1}, "tie_word_embeddings": False}))
+    weights = load_file(src / "model.safetensors")
+    renamed = {name.replace("model.", "model.language_model.", 1): w for name, w in weights.items()}
+    save_file({**renamed, "model.visual.patch_embed.proj.weight": torch.zeros(4, 3),
+               "mtp.fc.weight": torch.zeros(64, 128)}, tmp_path / "model.safetensors")
+    loaded = load_model(tmp_path, "float32")
+    assert loaded.config.architecture == "qwen3_5"
+    _assert_close(forward_once(loaded.model, PROMPT[:20], block_size=BLOCK),
+                  _reference_logits(tiny["qwen3_5"]["model"], PROMPT[:20]))
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"linear_num_value_heads": 3}, "linear_num_value_heads = 3 must be a multiple of the 2 key heads"),
+    ({"linear_value_head_dim": 8}, "needs in_proj_qkvz of layer 0 to be (128, 64), but it is (192, 64)"),
+    ({"linear_conv_kernel_dim": 1}, "linear_conv_kernel_dim = 1 must be a whole number in [2, 64]"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.0}},
+     "partial_rotary_factor = 0.0"),
+])
+def test_contradictory_deltanet_config_names_the_key(tiny, tmp_path, change, needle):
+    import json
+    import re
+    import shutil
+
+    from cholla.errors import ModelFormatError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny["qwen3_next"]["folder"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ModelFormatError, match=re.escape(needle)):
+        load_model(bad, "float32")
+
+
+def test_gguf_with_mtp_layers_is_refused(gguf_of, tmp_path):
+    """A conversion without ``--no-mtp`` says how to make one cholla runs."""
+    import gguf
+    import numpy as np
+
+    from cholla.errors import ModelFormatError
+
+    src = gguf_of("qwen3_5")
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(tmp_path / "mtp.gguf", "qwen35")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    writer.add_uint32("qwen35.nextn_predict_layers", 1)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelFormatError, match="--no-mtp"):
+        load_model(tmp_path / "mtp.gguf", "float32")

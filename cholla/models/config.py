@@ -486,7 +486,9 @@ def _hf_deltanet(out: ModelConfig, cfg: dict[str, Any], model_type: str) -> None
                            _deltanet_layer_types(out.num_layers, int(cfg.get("full_attention_interval") or 4)))
     params = cfg.get("rope_parameters") or {}
     factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    out.rotary_dim = int(out.head_dim * float(factor))
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1:
+        raise ModelFormatError(f"config.json's partial_rotary_factor = {factor!r} must be a number in (0, 1]")
+    out.rotary_dim = int(out.head_dim * factor)
     _finish_deltanet(out)
     if model_type == "qwen3_next" and int(cfg.get("num_experts") or 0):
         step = int(cfg.get("decoder_sparse_step") or 1)

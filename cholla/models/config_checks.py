@@ -42,8 +42,8 @@ GGUF_KEYS = {
     "eos_token_id": "tokenizer.ggml.eos_token_id", "final_logit_softcapping": "final_logit_softcapping",
     "attn_logit_softcapping": "attn_logit_softcapping", "num_experts": "expert_count", "top_k": "expert_used_count",
     "kv_lora_rank": "attention.kv_lora_rank", "moe_intermediate_size": "expert_feed_forward_length",
-    "num_k_heads": "ssm.group_count", "num_v_heads": "ssm.time_step_rank", "k_head_dim": "ssm.state_size",
-    "v_head_dim": "ssm.inner_size", "conv_kernel": "ssm.conv_kernel", "rotary_dim": "rope.dimension_count",
+    "deltanet.num_k_heads": "ssm.group_count", "deltanet.num_v_heads": "ssm.time_step_rank",
+    "deltanet.k_head_dim": "ssm.state_size", "deltanet.conv_kernel": "ssm.conv_kernel", "rotary_dim": "rope.dimension_count",
 }
 HF_KEYS = {
     "hidden_size": "hidden_size", "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
@@ -55,8 +55,9 @@ HF_KEYS = {
     "eos_token_id": "eos_token_id", "top_k": "num_experts_per_tok", "kv_lora_rank": "kv_lora_rank",
     "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim",
     "q_lora_rank": "q_lora_rank", "moe_intermediate_size": "moe_intermediate_size",
-    "num_k_heads": "linear_num_key_heads", "num_v_heads": "linear_num_value_heads", "k_head_dim": "linear_key_head_dim",
-    "v_head_dim": "linear_value_head_dim", "conv_kernel": "linear_conv_kernel_dim", "rotary_dim": "partial_rotary_factor",
+    "deltanet.num_k_heads": "linear_num_key_heads", "deltanet.num_v_heads": "linear_num_value_heads",
+    "deltanet.k_head_dim": "linear_key_head_dim", "deltanet.v_head_dim": "linear_value_head_dim",
+    "deltanet.conv_kernel": "linear_conv_kernel_dim",
 }
 # The most each count may be: checked on the raw values too, before anything is sized by them.
 _MOST = {"num_layers": MAX_LAYERS, "num_heads": MAX_HEADS, "num_kv_heads": MAX_HEADS, "vocab_size": MAX_VOCAB,
@@ -316,30 +317,31 @@ def check_latent(config: ModelConfig, source: ConfigSource) -> None:
 def check_deltanet(config: ModelConfig, source: ConfigSource) -> None:
     """Gated DeltaNet's widths (bounded, value heads in whole groups per key head, a conv that
     remembers at least one input), its projections' shapes, and the partial rope's width."""
-    if config.rotary_dim is not None and not (_is_int(config.rotary_dim) and 2 <= config.rotary_dim <= config.head_dim
-                                              and config.rotary_dim % 2 == 0):
-        source.fail("rotary_dim", config.rotary_dim, f"must be an even number of the head's {config.head_dim} dims")
+    rotary = config.rotary_dim
+    if rotary is not None and not (_is_int(rotary) and 2 <= rotary <= config.head_dim and rotary % 2 == 0):
+        source.fail("rotary_dim", rotary, f"must be an even number of the head's {config.head_dim} dims")
     c = config.deltanet
     if c is None:
         return
     for name in ("num_k_heads", "num_v_heads", "k_head_dim", "v_head_dim"):
-        value = getattr(c, name)
-        if not (_is_int(value) and 1 <= value <= (MAX_HEADS if name.endswith("heads") else MAX_DIM)):
-            source.fail(name, value, "must be a whole number of at least 1")
+        value, most = getattr(c, name), MAX_HEADS if name.endswith("heads") else MAX_DIM
+        if not (_is_int(value) and 1 <= value <= most):
+            source.fail(f"deltanet.{name}", value, f"must be a whole number in [1, {most}]")
     if c.num_v_heads % c.num_k_heads:
-        source.fail("num_v_heads", c.num_v_heads, f"must be a multiple of the {c.num_k_heads} key heads")
+        source.fail("deltanet.num_v_heads", c.num_v_heads, f"must be a multiple of the {c.num_k_heads} key heads")
     if not (_is_int(c.conv_kernel) and 2 <= c.conv_kernel <= 64):
-        source.fail("conv_kernel", c.conv_kernel, "must be a whole number in [2, 64]")
+        source.fail("deltanet.conv_kernel", c.conv_kernel, "must be a whole number in [2, 64]")
     hidden, value_dim = config.hidden_size, c.num_v_heads * c.v_head_dim
     expected = {"in_proj_qkv": (c.conv_channels, hidden), "in_proj_z": (value_dim, hidden),
                 "in_proj_b": (c.num_v_heads, hidden), "in_proj_a": (c.num_v_heads, hidden),
+                "in_proj_qkvz": (c.conv_channels + value_dim, hidden), "in_proj_ba": (2 * c.num_v_heads, hidden),
                 "out_proj": (hidden, value_dim)}
-    for layer, kind in enumerate(config.layer_types):
+    for layer in range(config.num_layers):
         for part, want in expected.items():
             got = source.shapes.get(f"model.layers.{layer}.linear_attn.{part}.weight")
             if got is not None and got != want:
-                source.fail("num_v_heads", c.num_v_heads, f"with the other dimensions needs {part} of layer {layer} "
-                                                          f"to be {want}, but it is {got}")
+                source.fail("deltanet.num_v_heads", c.num_v_heads,
+                            f"with the other dimensions needs {part} of layer {layer} to be {want}, but it is {got}")
 
 
 CHECKS: list[Check] = [check_counts, check_heads, check_experts, check_latent, check_norm, check_rope, check_layer_kinds,
