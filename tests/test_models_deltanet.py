@@ -68,8 +68,9 @@ def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> N
     assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
 
 
-def test_chunked_delta_rule_is_the_recurrence():
-    """From a nonzero state, chunked (lengths around the chunk size) == one token at a time."""
+def test_chunked_and_step_forms_are_the_delta_rule():
+    """From a nonzero state, the chunked form (lengths around the chunk size) and the batched
+    step (two sequences side by side) == the rule applied one token at a time as written."""
     torch.manual_seed(0)
     heads, dk, dv = 3, 8, 5
     for tokens, chunk in ((37, 16), (16, 16), (5, 64)):
@@ -79,12 +80,19 @@ def test_chunked_delta_rule_is_the_recurrence():
         g = -torch.rand(tokens, heads) * 2
         start = torch.randn(heads, dk, dv)
         out, state = delta_rule_chunked(q, k, v, g, beta, start.clone(), chunk)
-        expected, step_state = [], start[None]
-        for t in range(tokens):
-            o, step_state = delta_rule_step(q[t:t + 1], k[t:t + 1], v[t:t + 1], g[t:t + 1], beta[t:t + 1], step_state)
-            expected.append(o)
+        expected, step_state = [], start[None].clone()
+        for t in range(tokens):  # the rule as written, token by token
+            step_state = step_state * g[t, :, None, None].exp()
+            correction = (v[t] - (k[t, :, None, :] @ step_state[0]).squeeze(1)) * beta[t, :, None]
+            step_state = step_state + k[t, :, :, None] * correction[:, None, :]
+            expected.append((q[t, :, None, :] @ step_state[0]).squeeze(1)[None])
         torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(state, step_state[0], rtol=1e-5, atol=1e-5)
+        batch = torch.stack((start, -start))  # a second sequence (its state negated) beside the first
+        stepped = torch.stack([delta_rule_step(q[t].expand(2, -1, -1), k[t].expand(2, -1, -1), v[t].expand(2, -1, -1),
+                                               g[t].expand(2, -1), beta[t].expand(2, -1), batch) for t in range(tokens)])
+        torch.testing.assert_close(stepped[:, 0], torch.cat(expected), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batch[0], step_state[0], rtol=1e-5, atol=1e-5)
 
 
 class _Sequences:

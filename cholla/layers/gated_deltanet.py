@@ -72,13 +72,20 @@ def delta_rule_chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK
     return out.flatten(1, 2)[:, :tokens].transpose(0, 1), state
 
 
-def delta_rule_step(q, k, v, g, beta, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def delta_rule_step(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
     """One token of each of a batch of sequences. q, k: [batch, heads, dk]; v: [batch, heads, dv];
-    g, beta: [batch, heads]; state: [batch, heads, dk, dv]. Returns (out [batch, heads, dv], new state)."""
-    state = state * g.exp()[..., None, None]
-    read = (k[..., None, :] @ state).squeeze(-2)  # k S: [batch, heads, dv]
-    state = state + k[..., :, None] * ((v - read) * beta[..., None])[..., None, :]
-    return (q[..., None, :] @ state).squeeze(-2), state
+    g, beta: [batch, heads]; state: [batch, heads, dk, dv], updated in place. Returns out [batch, heads, dv].
+
+    With ``d = exp(g)`` and ``delta = beta (v - d k S)``, the new state is ``d S + k delta^T`` and
+    its read-out ``q S' = d q S + (q.k) delta``: both reads of S happen in one product before the
+    update, which then rewrites S in place (the state is the step's largest tensor by far)."""
+    decay = g.exp()[..., None]
+    reads = torch.stack((q, k), dim=-2) @ state  # [batch, heads, 2, dv]: q S and k S
+    delta = beta[..., None] * (v - decay * reads[..., 1, :])
+    out = decay * reads[..., 0, :] + (q * k).sum(-1, keepdim=True) * delta
+    state.mul_(decay[..., None])
+    state.view(-1, *state.shape[2:]).baddbmm_(k.reshape(-1, k.shape[-1], 1), delta.reshape(-1, 1, delta.shape[-1]))
+    return out
 
 
 class _Conv(nn.Module):
@@ -136,8 +143,9 @@ class GatedDeltaNet(nn.Module):
         first = starts[meta.num_prefills]
         if first < x.shape[0]:
             index = slots[meta.num_prefills:]
-            out[first:], recurrent[index] = delta_rule_step(q[first:], k[first:], v[first:], g[first:], beta[first:],
-                                                            recurrent[index])
+            batch_state = recurrent[index]  # gathered: a copy, written back after the step
+            out[first:] = delta_rule_step(q[first:], k[first:], v[first:], g[first:], beta[first:], batch_state)
+            recurrent[index] = batch_state
         # Qwen's gated norm: normalise each head's output, then gate it
         out = rms_norm(out, self.norm.weight, self.norm.eps) * F.silu(z.float().view_as(out))
         return self.out_proj(out.flatten(1))
