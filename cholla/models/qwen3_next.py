@@ -81,7 +81,8 @@ class Qwen3NextForCausalLM(DecoderModel):
         weights = dict(weights)
         for name in [n for n in weights if n.endswith(("in_proj_qkvz.weight", "in_proj_ba.weight"))]:
             prefix = name.rsplit(".", 2)[0]
-            w = dense(weights.pop(name), torch.float32)
+            w = weights.pop(name)  # SafeTensors stay in their dtype; a GGUF ba (a few rows) is dequantized
+            w = w if isinstance(w, torch.Tensor) else dense(w, torch.float32)
             if name.endswith("in_proj_qkvz.weight"):  # per key head: q, k, then its value heads' v and z
                 groups = w.unflatten(0, (c.num_k_heads, -1))
                 sizes = (c.k_head_dim, c.k_head_dim, ratio * c.v_head_dim, ratio * c.v_head_dim)
