@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kv_type_options(plan)
     plan.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="the matmuls' dtype, for --kv-cache-dtype auto")
     plan.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default 16)")
+    plan.add_argument("--max-num-seqs", type=int, default=64, metavar="N",
+                      help="as the engine's: caps a hybrid model's state slots (default 64)")
     plan.add_argument("--hardware", default=None, metavar="NAME",
                       help="a preset (h100-sxm, h200, a100-80gb, l4, rtx-4090, m2-ultra, m4-max, epyc-zen5-1t) "
                            "or local: measure this machine (the default)")
@@ -383,7 +385,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from cholla.download import resolve_model
     from cholla.plan import PlanRequest, format_plan, make_plan, read_model_facts, resolve_hardware, resolve_kv_types
 
-    for name in ("context", "concurrency", "block_size", "prompt_tokens", "output_tokens"):
+    for name in ("context", "concurrency", "block_size", "prompt_tokens", "output_tokens", "max_num_seqs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ChollaError(f"--{name.replace('_', '-')} must be at least 1")
@@ -398,7 +400,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     request = PlanRequest(args.context, args.concurrency,
                           int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None,
                           int(args.memory * 2**30) if args.memory else None, args.block_size,
-                          args.prompt_tokens, args.output_tokens, args.latency)
+                          args.prompt_tokens, args.output_tokens, args.latency, args.max_num_seqs)
     plan = make_plan(facts, request, k_type, v_type, hardware)
     print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan))
     return 0

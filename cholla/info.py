@@ -12,6 +12,7 @@ import torch
 from cholla.formats.gguf import read_gguf
 from cholla.formats.safetensors import read_hf_folder
 from cholla.kv.paged_cache import bytes_per_token
+from cholla.kv.state_cache import state_bytes_per_sequence
 from cholla.models.config import SLIDING_ATTENTION, ModelConfig
 from cholla.models.config_checks import gguf_config, hf_config
 
@@ -72,6 +73,8 @@ def model_info(path: Path) -> dict[str, Any]:
         "attention": _attention_kind(config),
         "kv_bytes_per_token": {"float32": bytes_per_token(config, torch.float32),
                                "bfloat16": bytes_per_token(config, torch.bfloat16)},
+        "state_bytes_per_sequence": state_bytes_per_sequence(config),  # recurrent layers, always float32
+        "layer_kinds": dict(Counter(config.layer_types)),
         "layers": config.num_layers,
         "hidden_size": config.hidden_size,
         "heads": config.num_heads,
@@ -109,8 +112,11 @@ def format_info(info: dict[str, Any]) -> str:
         ("attention heads", f"{info['heads']} (KV heads {info['kv_heads']}, head dim {info['head_dim']})"),
         ("context length", info["context_length"]),
         ("sliding window", info["sliding_window"] or "-"),
+        ("layer kinds", ", ".join(f"{n} {kind}" for kind, n in info["layer_kinds"].items())),
         ("KV cache per token", f"{info['kv_bytes_per_token']['bfloat16'] / 1024:.1f} KiB (bf16), "
                                f"{info['kv_bytes_per_token']['float32'] / 1024:.1f} KiB (fp32)"),
+        ("state per sequence", f"{info['state_bytes_per_sequence'] / 1024:.1f} KiB (fp32)"
+                               if info["state_bytes_per_sequence"] else "-"),
         ("vocabulary", info["vocab_size"]),
         ("tensor types", ", ".join(f"{k}: {v}" for k, v in info["tensor_types"].items())),
         ("tokenizer", info["tokenizer"]),

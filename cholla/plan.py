@@ -6,8 +6,10 @@ headers) gives the tensors' types and sizes and the attention shape. From them:
 - weight bytes by type, and what one decode step reads (the tied output head
   reads the whole embedding; an untied embedding only its rows);
 - KV bytes per token per layer kind, as the engine allocates them
-  (``cholla/kv/paged_cache.py``: every layer holds every token, sliding-window
-  layers included) and what a window-aware allocation would need instead;
+  (``cholla/kv/paged_cache.py``: every attention layer holds every token,
+  sliding-window layers included) and what a window-aware allocation would
+  need instead; for a hybrid model, the recurrent state bytes per sequence
+  (``cholla/kv/state_cache.py``), whose slots share the budget;
 - the engine's block layout for a KV budget (the same ``plan_layout`` the
   engine sizes its cache with, so the numbers are the ones it logs): maximum
   concurrency at a context length, and the memory a target concurrency needs;
@@ -30,8 +32,10 @@ from pathlib import Path
 from cholla.hardware import GB, TFLOP, Hardware, hardware_preset, kernels_run_here, measure
 from cholla.errors import InvalidRequestError
 from cholla.kv.kv_types import KVCacheType, kv_cache_type
-from cholla.kv.paged_cache import KVCacheLayout, check_kv_types, layer_bytes_per_token, plan_layout
-from cholla.models.config import SLIDING_ATTENTION, ModelConfig, config_from_gguf, config_from_hf
+from cholla.kv.state_cache import state_bytes_per_sequence
+from cholla.kv.paged_cache import (DEFAULT_MAX_NUM_SEQS, KVCacheLayout, check_kv_types, layer_bytes_per_token,
+                                   plan_layout)
+from cholla.models.config import ATTENTION_TYPES, SLIDING_ATTENTION, ModelConfig, config_from_gguf, config_from_hf
 
 # Names of the token embedding and the output head, GGUF and Hugging Face.
 EMBEDDING_NAMES = ("token_embd.weight", "model.embed_tokens.weight")
@@ -115,13 +119,15 @@ def read_model_facts(path: Path) -> ModelFacts:
 
 
 def layer_windows(config: ModelConfig) -> list[int | None]:
-    """Each layer's sliding window, None for global attention."""
-    return [config.sliding_window if kind == SLIDING_ATTENTION else None for kind in config.layer_types]
+    """Each attention layer's sliding window, None for global attention (recurrent and MLP-only layers are left out)."""
+    return [config.sliding_window if kind == SLIDING_ATTENTION else None for kind in config.layer_types
+            if kind in ATTENTION_TYPES]
 
 
 def kv_bytes_per_layer_token(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType) -> int:
-    """One layer's bytes per token, as the engine allocates it (a latent layer: its latent); every layer alike."""
-    return layer_bytes_per_token(config, k_type, v_type)[0]
+    """One attention layer's bytes per token, as the engine allocates it (a latent layer: its latent);
+    every attention layer alike (0 for a model without attention)."""
+    return max(layer_bytes_per_token(config, k_type, v_type))
 
 
 @dataclass
@@ -133,9 +139,11 @@ class LayerKind:
 
 
 def layer_kinds(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType) -> list[LayerKind]:
-    per_layer = kv_bytes_per_layer_token(config, k_type, v_type)
-    kinds: Counter[tuple[str, int | None]] = Counter(zip(config.layer_types, layer_windows(config)))
-    return [LayerKind(kind, n, window, n * per_layer) for (kind, window), n in kinds.items()]
+    """Layers by kind; a recurrent or MLP-only kind has no KV (its state is counted per sequence)."""
+    kinds: Counter[tuple[str, int | None]] = Counter(
+        (kind, config.sliding_window if kind == SLIDING_ATTENTION else None) for kind in config.layer_types)
+    per_token = dict(zip(config.layer_types, layer_bytes_per_token(config, k_type, v_type)))
+    return [LayerKind(kind, n, window, n * per_token[kind]) for (kind, window), n in kinds.items()]
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -172,7 +180,8 @@ def decode_step(facts: ModelFacts, hw: Hardware, k_type: KVCacheType, v_type: KV
     config = facts.config
     per_layer_token = kv_bytes_per_layer_token(config, k_type, v_type)
     keys = attention_tokens(config, context)
-    kv_bytes = batch * keys * per_layer_token
+    # A recurrent layer reads and writes its state once a step, whatever the context.
+    kv_bytes = batch * (keys * per_layer_token + 2 * state_bytes_per_sequence(config))
     flops = batch * (2 * facts.weights.matmul_params + 4 * config.num_heads * config.head_dim * keys)
     if hw.reference_path:
         dequant = _dequant_seconds(facts.weights, hw)
@@ -294,6 +303,7 @@ class PlanRequest:
     prompt_tokens: int = 512
     output_tokens: int = 128
     latency: float | None = None  # seconds, for Little's law
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # as the engine's: caps the state slots of a model with state
 
 
 @dataclass
@@ -325,12 +335,17 @@ def make_plan(facts: ModelFacts, request: PlanRequest, k_type: KVCacheType, v_ty
     config, weights = facts.config, facts.weights
     check_kv_types(config, k_type, v_type)
     budget, budget_source = kv_budget(facts, request, hw)
-    layout: KVCacheLayout = plan_layout(config, budget, request.block_size, k_type, v_type, request.context)
+    layout: KVCacheLayout = plan_layout(config, budget, request.block_size, k_type, v_type, request.context,
+                                        request.max_num_seqs)
     context = layout.max_model_len
     per_seq_blocks = blocks_for(context, request.block_size)
     per_seq = per_seq_blocks * layout.block_bytes
     window_seq = window_aware_bytes(config, k_type, v_type, context, request.block_size)
     per_token = layout.block_bytes // request.block_size
+    state = layout.slot_bytes
+    whole = layout.num_blocks // per_seq_blocks if per_seq_blocks else 0
+    if state:
+        whole = min(whole, layout.num_slots)
     plan = Plan(
         model={"path": facts.path, "architecture": config.architecture, "layers": config.num_layers,
                "heads": config.num_heads, "kv_heads": config.num_kv_heads, "head_dim": config.head_dim,
@@ -339,16 +354,19 @@ def make_plan(facts: ModelFacts, request: PlanRequest, k_type: KVCacheType, v_ty
                  "tensors_by_type": weights.tensors_by_type, "decode_bytes": weights.decode_bytes,
                  "matmul_params": weights.matmul_params},
         kv={"k_type": k_type.name, "v_type": v_type.name, "bytes_per_token": per_token,
-            "tokens_per_gib": layout.tokens_per_gib,
+            "tokens_per_gib": layout.tokens_per_gib if layout.block_bytes else None,  # None: no attention
             "layer_kinds": [asdict(kind) for kind in layer_kinds(config, k_type, v_type)],
-            "bytes_per_sequence": per_seq, "window_aware_bytes_per_sequence": window_seq},
+            "bytes_per_sequence": per_seq, "window_aware_bytes_per_sequence": window_seq,
+            "state_bytes_per_sequence": layout.slot_bytes},
         layout={"budget_bytes": budget, "budget_source": budget_source, "block_size": layout.block_size,
                 "block_bytes": layout.block_bytes, "num_blocks": layout.num_blocks, "num_tokens": layout.num_tokens,
-                "bytes": layout.nbytes, "context": context, "max_concurrency": layout.max_concurrency,
-                "max_whole_requests": layout.num_blocks // per_seq_blocks if per_seq_blocks else 0,
-                "fits": layout.num_blocks > 0 and layout.num_tokens >= context},
+                "bytes": layout.nbytes, "state_slots": layout.num_slots, "state_bytes": layout.state_nbytes,
+                "context": context, "max_concurrency": layout.max_concurrency,
+                "max_whole_requests": whole,
+                "fits": layout.num_blocks > 0 and layout.num_tokens >= context and (layout.num_slots > 0 or not state)},
         target={"concurrency": request.concurrency, "kv_bytes": request.concurrency * per_seq,
-                "total_bytes": request.concurrency * per_seq + weights.total_bytes,
+                "state_bytes": request.concurrency * state,
+                "total_bytes": request.concurrency * (per_seq + state) + weights.total_bytes,
                 "window_aware_kv_bytes": request.concurrency * window_seq},
     )
     if hw is not None:
@@ -398,23 +416,31 @@ def format_plan(plan: Plan) -> str:
         f"{m['head_dim']}, context {m['context_length']}" + (f", sliding window {m['sliding_window']}" if m["sliding_window"] else ""),
         f"weights      {_size(w['bytes'])}: {by_type}",
         f"             read per decode step: {_size(w['decode_bytes'])}; {w['matmul_params'] / 1e6:.1f}M matmul weights",
-        f"KV cache     K {kv['k_type']}, V {kv['v_type']}: {kv['bytes_per_token']} B per token, "
-        f"{kv['tokens_per_gib']:.0f} tokens per GiB",
+        f"KV cache     K {kv['k_type']}, V {kv['v_type']}: {kv['bytes_per_token']} B per token"
+        + (f", {kv['tokens_per_gib']:.0f} tokens per GiB" if kv["tokens_per_gib"] else " (no attention layers)"),
     ]
     for kind in kv["layer_kinds"]:
+        if kind["kind"] not in ATTENTION_TYPES:
+            lines.append(f"             {kind['layers']:>3} {kind['kind']} layers: no KV")
+            continue
         window = f"window {kind['window']}" if kind["window"] else "global"
         lines.append(f"             {kind['layers']:>3} {kind['kind']} layers ({window}): {kind['bytes_per_token']} B per token")
+    if kv["state_bytes_per_sequence"]:
+        lines.append(f"state        {_size(kv['state_bytes_per_sequence'])} per sequence (float32 recurrent states)")
     lines += [
         f"budget       {_size(lay['budget_bytes'])} ({lay['budget_source']})",
         f"             {lay['num_blocks']} blocks of {lay['block_size']} tokens ({_size(lay['bytes'])}), {lay['num_tokens']} tokens",
     ]
+    if kv["state_bytes_per_sequence"]:
+        lines.append(f"             {lay['state_slots']} state slots ({_size(lay['state_bytes'])})")
     if not lay["fits"]:
         lines.append(f"             does not hold one {lay['context']}-token request: raise the budget or lower --context")
     lines += [
         f"concurrency  at {lay['context']} tokens: {lay['max_concurrency']:.2f}x (the engine's figure), "
         f"{lay['max_whole_requests']} whole requests",
-        f"target       {tgt['concurrency']} x {lay['context']} tokens: KV {_size(tgt['kv_bytes'])} + weights "
-        f"{_size(w['bytes'])} = {_size(tgt['total_bytes'])}",
+        f"target       {tgt['concurrency']} x {lay['context']} tokens: KV {_size(tgt['kv_bytes'])} + "
+        + (f"state {_size(tgt['state_bytes'])} + " if tgt["state_bytes"] else "")
+        + f"weights {_size(w['bytes'])} = {_size(tgt['total_bytes'])}",
     ]
     if tgt["window_aware_kv_bytes"] < tgt["kv_bytes"]:
         saved = 1 - tgt["window_aware_kv_bytes"] / tgt["kv_bytes"]

@@ -30,8 +30,7 @@ def tiny(tmp_path_factory):
     """name -> {"folder", "model"}, built once per module."""
     tokenizer = tiny_models.tiny_tokenizer()
     root = tmp_path_factory.mktemp("tiny_deltanet")
-    configs = tiny_models.deltanet_configs()
-    return {name: {"folder": root / name, "model": tiny_models.build_model(name, root / name, tokenizer, configs[name])}
+    return {name: {"folder": root / name, "model": tiny_models.build_model(name, root / name, tokenizer)}
             for name in NAMES}
 
 
@@ -247,3 +246,44 @@ def test_gguf_with_mtp_layers_is_refused(gguf_of, tmp_path):
     writer.close()
     with pytest.raises(ModelFormatError, match="--no-mtp"):
         load_model(tmp_path / "mtp.gguf", "float32")
+
+
+def test_engine_batched_chunked_preempted_equal_alone(tiny):
+    """Through the engine's state slots: prompts batched (prefilled in chunks, decoded together)
+    give what each gives alone, also when few blocks force preemption; aborts free every slot."""
+    from cholla import LLM, SamplingParams
+    from cholla.kv.paged_cache import bytes_per_block
+    from cholla.kv.state_cache import state_bytes_per_sequence
+
+    folder = tiny["qwen3_next"]["folder"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [(i * 7 + n * 13) % tiny_models.VOCAB for i in range(n)]} for n in (5, 23, 90, 70)]
+
+    def engine(**kwargs) -> LLM:
+        return LLM(folder, dtype="float32", max_model_len=128, max_num_batched_tokens=32, block_size=8, **kwargs)
+
+    def all_free(llm: LLM) -> bool:
+        manager, slots = llm.engine.block_manager, llm.engine.scheduler.state_slots
+        return manager.num_free_blocks == manager.num_blocks and slots.num_free == slots.num_slots
+
+    single = engine()
+    alone = [single.generate(p, greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    config = single.engine.model_config
+    # Two slots (their states take at most half the budget) and 17 blocks: the two long prompts
+    # (12 and 10 blocks) cannot both stay, so one is preempted and recomputed from its first token.
+    budget = 17 * bytes_per_block(config, 8, torch.float32) + 2 * state_bytes_per_sequence(config)
+    small = engine(kv_cache_memory=budget, max_num_seqs=2)
+    assert small.engine.state_cache.num_slots == 2
+    outs = small.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert small.engine.metrics.preemptions > 0 and all_free(small)
+
+    core = single.engine
+    core.add_request("long", prompts[2], SamplingParams(temperature=0.0, max_tokens=20))
+    core.add_request("short", prompts[0], SamplingParams(temperature=0.0, max_tokens=20))
+    core.step()
+    core.abort("long")  # still in prefill
+    for _ in range(3):
+        core.step()
+    core.abort("short")  # decoding
+    assert not core.has_unfinished_requests() and all_free(single)

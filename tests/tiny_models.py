@@ -74,6 +74,23 @@ def deltanet_configs() -> dict:
     }
 
 
+def hybrid_configs() -> dict:
+    """Models with recurrent layers (a state per sequence), their layer kinds mixed."""
+    import transformers
+
+    return {
+        "lfm2": transformers.Lfm2Config(
+            **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}, intermediate_size=96,
+            block_multiple_of=32, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3,
+            tie_word_embeddings=True, eos_token_id=None),
+    }
+
+
+# Weights the 0.02-std init leaves too small to matter (a short convolution's output is a product of
+# three of them): scaled up so a mistake in those layers shows in the logits.
+_SCALED = {"lfm2": {"conv.in_proj": 15.0, "conv.conv": 30.0}}
+
+
 def tiny_tokenizer():
     """A byte-level BPE of exactly ``VOCAB`` tokens (256 bytes, merges, a few specials)."""
     import transformers
@@ -93,17 +110,20 @@ def tiny_tokenizer():
                                                 additional_special_tokens=specials[1:])
 
 
-def build_model(name: str, folder: Path, tokenizer, config=None):
-    """The reference model (``configs()[name]`` unless ``config`` is given), saved with its
-    tokenizer into ``folder``; returns the model."""
+def build_model(name: str, folder: Path, tokenizer):
+    """The reference model, saved with its tokenizer into ``folder``; returns the model."""
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config or configs()[name], dtype=torch.float32).eval()
+    config = {**configs(), **hybrid_configs(), **deltanet_configs()}[name]
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random init leaves norms at 1 and biases, sinks at 0: make them matter
         for pname, p in model.named_parameters():
             if "norm" in pname or "bias" in pname or "sinks" in pname:
                 p.add_(torch.randn_like(p) * 0.1)
+            for part, factor in _SCALED.get(name, {}).items():
+                if part in pname:
+                    p.mul_(factor)
     model.generation_config.eos_token_id = None
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -18,7 +18,8 @@ from cholla.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from cholla.errors import ContextLengthError, InvalidRequestError
 from cholla.kv.block_manager import BlockManager
 from cholla.kv.kv_types import KVCacheType, kv_cache_type
-from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, plan_layout
+from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, PagedKVCache, plan_layout
+from cholla.kv.state_cache import SlotAllocator, StateCache
 from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
@@ -45,7 +46,7 @@ SMALL_PREFILL_TOKENS = 256  # a step prefilling fewer needs little activation me
 @dataclass
 class EngineConfig:
     max_model_len: int | None = None  # default: the model's context, capped by the KV cache
-    max_num_seqs: int = 64
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # running sequences at most (a model with state: at most its slots)
     max_num_batched_tokens: int = 2048
     kv_cache_memory: int | None = None  # bytes; wins over kv_cache_fraction
     kv_cache_fraction: float | None = None  # of the RAM available at start; default: min(2 GiB, 1/4)
@@ -119,6 +120,10 @@ class LLMEngine:
                 "load it again with load_model(path, dtype)"
             )
         self.model_config = self.loaded.config
+        if config.speculative_method and self.model_config.has_state:
+            raise InvalidRequestError(
+                f"speculative decoding is not supported for {self.model_config.architecture}: its recurrent state "
+                "cannot roll back rejected drafts; run it without a speculative method")
         self.tokenizer = load_tokenizer(self.loaded)
         self.eos_token_ids = set(self.tokenizer.eog_token_ids) | set(self.model_config.eos_token_ids)
         release_free_memory()  # what loading freed (see cholla/heap.py)
@@ -126,8 +131,14 @@ class LLMEngine:
         memory = _kv_cache_budget(config)
         # "auto" holds K and V in the matmuls' dtype: bf16 halves the bytes each decode step reads.
         k_type, v_type = kv_cache_types(config, self.loaded.dtype)
-        layout = plan_layout(self.model_config, memory, config.block_size, k_type, v_type, config.max_model_len)
+        layout = plan_layout(self.model_config, memory, config.block_size, k_type, v_type, config.max_model_len,
+                             config.max_num_seqs)
         num_blocks, max_len = layout.num_blocks, layout.max_model_len
+        if self.model_config.has_state and layout.num_slots == 0:
+            raise InvalidRequestError(
+                f"a cache of {memory / 2**20:.0f} MiB holds no sequence's recurrent state "
+                f"({layout.slot_bytes / 2**20:.2f} MiB each); raise the KV cache memory"
+            )
         if layout.num_blocks == 0 or layout.num_tokens < max_len:
             raise InvalidRequestError(
                 f"a KV cache of {memory / 2**20:.0f} MiB holds {layout.num_tokens} tokens, "
@@ -136,19 +147,30 @@ class LLMEngine:
         self.max_model_len, self.kv_layout = max_len, layout
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, k_type, v_dtype=v_type)
         log.info(
-            "KV cache: %d blocks of %d tokens (%.0f MiB, K %s, V %s, %.0f tokens per GiB), %d tokens; "
-            "maximum concurrency for %d-token requests: %.2fx",
-            num_blocks, config.block_size, layout.nbytes / 2**20, k_type.name, v_type.name, layout.tokens_per_gib,
-            layout.num_tokens, max_len, layout.max_concurrency,
+            "KV cache: %d blocks of %d tokens (%.0f MiB, K %s, V %s, %d bytes per token, %.0f tokens per GiB), "
+            "%d tokens%s; maximum concurrency for %d-token requests: %.2fx",
+            num_blocks, config.block_size, layout.nbytes / 2**20, k_type.name, v_type.name,
+            layout.block_bytes // config.block_size, layout.tokens_per_gib, layout.num_tokens,
+            f"; state cache: {layout.num_slots} slots of {layout.slot_bytes} bytes per sequence "
+            f"({layout.state_nbytes / 2**20:.1f} MiB)" if layout.slot_bytes else "",
+            max_len, layout.max_concurrency,
         )
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.state_cache = StateCache(self.model_config, layout.num_slots) if layout.slot_bytes else None
+        prefix_caching = config.enable_prefix_caching
+        if prefix_caching and self.model_config.has_state:
+            # Cached blocks hold K/V, not the recurrent state at their end: a hit would resume from a wrong state.
+            log.info("prefix caching is off for %s: its recurrent layers' state cannot be restored from cached "
+                     "blocks (state snapshots are not implemented yet)", self.model_config.architecture)
+            prefix_caching = False
+        self.block_manager = BlockManager(num_blocks, config.block_size, prefix_caching)
         self.speculator = NgramSpeculator(config.num_speculative_tokens) if config.speculative_method else None
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len), self.block_manager,
-            self.speculator,
+            self.speculator, SlotAllocator(layout.num_slots) if self.state_cache is not None else None,
         )
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.eos_token_ids, self.structured)
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.eos_token_ids, self.structured,
+                                  self.state_cache)
         self.states: dict[str, _RequestState] = {}
         self.metrics = EngineMetrics()
         self._prefill_tokens_held = 0  # prefilled since the heap was last released
@@ -236,6 +258,8 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             kv_blocks_total=bm.num_blocks,
             kv_blocks_free=bm.num_free_blocks,
+            state_slots_total=self.state_cache.num_slots if self.state_cache is not None else 0,
+            state_slots_free=self.scheduler.state_slots.num_free if self.state_cache is not None else 0,
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
             prompt_tokens=self.metrics.prompt_tokens,

@@ -60,6 +60,8 @@ class EngineStats:
     spec_verifications: int = 0
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    state_slots_total: int = 0  # models with recurrent layers (kv/state_cache.py)
+    state_slots_free: int = 0
 
     @property
     def spec_acceptance_rate(self) -> float:

@@ -7,6 +7,12 @@ decodes. When the KV cache runs out, the newest running request is preempted:
 its blocks are freed and it goes back to the front of the queue to be
 recomputed later (prefix caching usually makes that cheap).
 
+A model with recurrent layers also needs a state slot per running sequence
+(``kv/state_cache.py``): a waiting request is admitted only when its blocks and
+a free slot are both there; the slot goes back when the request finishes, is
+aborted or is preempted (it is then recomputed from its first token, whose
+prefill starts from a zeroed slot).
+
 With a speculator, a decoding request may also carry drafted tokens: it then
 runs 1 + K tokens (its last token and the drafts), like a small prefill chunk,
 when the budget and free blocks allow, and decodes plainly otherwise. Drafts
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 
 from cholla.engine.request import Request, RequestStatus
 from cholla.kv.block_manager import BlockManager
+from cholla.kv.state_cache import SlotAllocator
 from cholla.speculative.speculator import MAX_DECODING_SEQS, NgramSpeculator
 
 
@@ -45,10 +52,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, speculator: NgramSpeculator | None = None):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, speculator: NgramSpeculator | None = None,
+                 state_slots: SlotAllocator | None = None):
         self.config = config
         self.block_manager = block_manager
         self.speculator = speculator
+        self.state_slots = state_slots  # models with recurrent layers
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -64,13 +73,20 @@ class Scheduler:
             self.running.remove(request)
         elif request.status == RequestStatus.WAITING and request in self.waiting:
             self.waiting.remove(request)
-        self.block_manager.free(request.blocks)
+        self._release(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = request.finish_reason or reason
 
+    def _release(self, request: Request) -> None:
+        """Give back the request's blocks and its state slot."""
+        self.block_manager.free(request.blocks)
+        if request.state_slot is not None:
+            self.state_slots.free(request.state_slot)
+            request.state_slot = None
+
     def _preempt(self, request: Request, batch: ScheduledBatch) -> None:
         self.running.remove(request)
-        self.block_manager.free(request.blocks)
+        self._release(request)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.draft_token_ids = []
@@ -107,6 +123,8 @@ class Scheduler:
 
         # 2. Waiting requests, first come first served, while budget, seats and blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not batch.preempted:
+            if self.state_slots is not None and self.state_slots.num_free == 0:
+                break
             request = self.waiting[0]
             # Cached blocks have no hidden states: a request still scoring its prompt computes it all.
             if request.num_computed_tokens == 0 and not request.blocks.block_table and not request.needs_prompt_logprobs:
@@ -117,6 +135,8 @@ class Scheduler:
             if not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
                 break
             self.waiting.popleft()
+            if self.state_slots is not None:
+                request.state_slot = self.state_slots.allocate()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled[request.request_id] = (request, num_new)

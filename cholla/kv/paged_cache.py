@@ -16,6 +16,7 @@ allocation would save).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +24,11 @@ import torch
 from cholla.errors import InvalidRequestError
 from cholla.heap import mapped_zeros
 from cholla.kv.kv_types import CacheSide, KVCacheType, allocate, kv_cache_type
+from cholla.kv.state_cache import state_bytes_per_sequence, state_slots_for
 from cholla.models.config import ATTENTION_TYPES, ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16
+DEFAULT_MAX_NUM_SEQS = 64  # the engine's default cap on running sequences (and so on state slots)
 
 
 def layer_token_shapes(config: ModelConfig) -> list[tuple[tuple[int, int], ...]]:
@@ -81,12 +84,16 @@ def bytes_per_block(config: ModelConfig, block_size: int, k_type: KVCacheType | 
 
 @dataclass
 class KVCacheLayout:
-    """How a memory budget becomes blocks: what the engine allocates and logs, and ``cholla plan`` shows."""
+    """How a memory budget becomes blocks and state slots: what the engine allocates and logs,
+    and ``cholla plan`` shows. A model without attention has blocks that cost nothing
+    (``block_bytes`` 0): they only count tokens, enough for every slot at full context."""
 
     block_size: int
     block_bytes: int
     num_blocks: int
     max_model_len: int
+    num_slots: int = 0  # models with recurrent layers: sequences whose states fit (kv/state_cache.py)
+    slot_bytes: int = 0  # state bytes per sequence
 
     @property
     def num_tokens(self) -> int:
@@ -94,26 +101,41 @@ class KVCacheLayout:
 
     @property
     def nbytes(self) -> int:
+        """The KV blocks' bytes (the state slots' are ``state_nbytes``)."""
         return self.num_blocks * self.block_bytes
 
     @property
+    def state_nbytes(self) -> int:
+        return self.num_slots * self.slot_bytes
+
+    @property
     def max_concurrency(self) -> float:
-        """Full-context requests that fit at once (the engine's log line)."""
-        return self.num_tokens / self.max_model_len
+        """Full-context requests that fit at once (the engine's log line): in the KV blocks and,
+        for a model with state, in the slots too."""
+        by_tokens = self.num_tokens / self.max_model_len
+        return min(by_tokens, self.num_slots) if self.slot_bytes else by_tokens
 
     @property
     def tokens_per_gib(self) -> float:
-        return 2**30 / (self.block_bytes / self.block_size)
+        return 2**30 / (self.block_bytes / self.block_size) if self.block_bytes else math.inf
 
 
 def plan_layout(config: ModelConfig, memory_bytes: int, block_size: int, k_type: KVCacheType,
-                v_type: KVCacheType, max_model_len: int | None = None) -> KVCacheLayout:
-    """Blocks for ``memory_bytes``; the context defaults to the model's, capped by what the cache holds."""
+                v_type: KVCacheType, max_model_len: int | None = None,
+                max_num_seqs: int = DEFAULT_MAX_NUM_SEQS) -> KVCacheLayout:
+    """Slots and blocks for ``memory_bytes``; the context defaults to the model's, capped by what the cache holds.
+    State slots are taken first (``state_slots_for``), the KV blocks get what they leave."""
     check_kv_types(config, k_type, v_type)
     block_bytes = bytes_per_block(config, block_size, k_type, v_type)
-    num_blocks = memory_bytes // block_bytes
-    max_len = max_model_len or min(config.max_position_embeddings, num_blocks * block_size)
-    return KVCacheLayout(block_size, block_bytes, num_blocks, max_len)
+    num_slots = state_slots_for(config, memory_bytes, max_num_seqs)
+    slot_bytes = state_bytes_per_sequence(config)
+    if block_bytes == 0:  # no attention layer: blocks only count tokens
+        max_len = max_model_len or config.max_position_embeddings
+        num_blocks = num_slots * -(-max_len // block_size)
+    else:
+        num_blocks = (memory_bytes - num_slots * slot_bytes) // block_bytes
+        max_len = max_model_len or min(config.max_position_embeddings, num_blocks * block_size)
+    return KVCacheLayout(block_size, block_bytes, num_blocks, max_len, num_slots, slot_bytes)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:

@@ -11,6 +11,13 @@ dtype, because the state accumulates over the whole sequence.
 A sequence takes a slot when it is scheduled and gives it back when it ends or
 is preempted; its prefill's first chunk starts from a zeroed slot (the runner
 resets it), later chunks and decode steps update it in place.
+
+How many slots: the engine's KV memory budget pays for both caches
+(``state_slots_for``). Every running sequence needs one slot, so slots come
+first, ``max_num_seqs`` of them, but where the model also has attention they
+may take at most half the budget (the KV blocks get the rest, so a model with
+large states still holds long contexts); a model without attention gives them
+the whole budget.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cholla.models.config import ModelConfig
+from cholla.models.config import ATTENTION_TYPES, ModelConfig
 
 STATE_DTYPE = torch.float32
 
@@ -28,6 +35,42 @@ STATE_DTYPE = torch.float32
 def state_bytes_per_sequence(config: ModelConfig) -> int:
     """Bytes one sequence's recurrent states take over all layers (0 for attention-only models)."""
     return sum(math.prod(shape) for layer in config.state_shapes for shape in layer) * STATE_DTYPE.itemsize
+
+
+# Of the memory budget, the most the state slots may take when attention layers need KV blocks too.
+MAX_STATE_SHARE = 0.5
+
+
+def state_slots_for(config: ModelConfig, memory_bytes: int, max_num_seqs: int) -> int:
+    """How many state slots the engine allocates from a ``memory_bytes`` budget (0 without state):
+    ``max_num_seqs``, or fewer where they would take more than their share (see the module's docstring)."""
+    per_sequence = state_bytes_per_sequence(config)
+    if per_sequence == 0:
+        return 0
+    has_attention = any(kind in ATTENTION_TYPES for kind in config.layer_types)
+    share = int(memory_bytes * MAX_STATE_SHARE) if has_attention else memory_bytes
+    return max(0, min(max_num_seqs, share // per_sequence))
+
+
+class SlotAllocator:
+    """Hands out state slots by id; a stack, so a freed slot (its pages resident) is reused first."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self.free_ids: list[int] = list(reversed(range(num_slots)))
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_ids)
+
+    def allocate(self) -> int | None:
+        """A free slot, or None when every slot is taken."""
+        return self.free_ids.pop() if self.free_ids else None
+
+    def free(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots or slot in self.free_ids:
+            raise RuntimeError(f"state slot {slot} freed twice or never allocated")
+        self.free_ids.append(slot)
 
 
 @dataclass

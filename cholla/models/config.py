@@ -136,6 +136,7 @@ class ModelConfig:
     # state), each given by its shape without the slot axis; () for a layer without state. Empty: none.
     # A layer may have both (Falcon-H1 runs attention and Mamba-2 side by side).
     state_shapes: list[tuple[tuple[int, ...], ...]] = field(default_factory=list)
+    short_conv_kernel: int = 0  # LFM2: the taps of its short convolutions (conv_L_cache)
 
     def __post_init__(self):
         if not self.layer_types:  # (the config's consistency is checked in config_checks.py)
@@ -157,7 +158,7 @@ def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
 
 # llama.cpp folds these HF model types into the "llama" GGUF architecture.
 GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
-                           "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss", "deepseek2": "deepseek_v3",
+                           "lfm2": "lfm2", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss", "deepseek2": "deepseek_v3",
                            "qwen3next": "qwen3_next", "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
 DELTANET_GGUF_ARCHS = ("qwen3next", "qwen35", "qwen35moe")
 # HF model types of the Gated DeltaNet hybrids -> our architecture name (Qwen 3.5's text towers).
@@ -256,6 +257,8 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         text = cfg["text_config"]
         cfg = {**text, "tie_word_embeddings": cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))}
     model_type = DELTANET_MODEL_TYPES.get(model_type, model_type)
+    if model_type == "lfm2" and "intermediate_size" not in cfg:  # its older spelling
+        cfg = {**cfg, "intermediate_size": cfg.get("block_ff_dim")}
     if model_type == "gemma3" and "text_config" in cfg:  # multimodal wrapper: take the text tower
         cfg = {**cfg["text_config"], "model_type": "gemma3"}
     if model_type == "gemma3_text":
@@ -313,12 +316,50 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
             _hf_deltanet(out, cfg, model_type)
         except KeyError as e:
             raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
+    if model_type == "lfm2":
+        _hf_lfm2(out, cfg)
     if model_type in ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe_lite"):
         try:
             _hf_moe(out, cfg, model_type)
         except KeyError as e:
             raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
     return out
+
+
+# -- hybrid models ----------------------------------------------------------------------------
+
+
+def _lfm2_layers(out: ModelConfig, layer_types: list[str], kernel: int) -> None:
+    """LFM2's layer kinds; a convolution layer keeps its last ``kernel - 1`` inputs per sequence."""
+    if not 2 <= kernel <= 64:
+        raise ModelFormatError(f"LFM2's short convolution has {kernel} taps; a model has 2 to 64 (conv_L_cache)")
+    out.layer_types = layer_types
+    out.short_conv_kernel = kernel
+    out.state_shapes = [((out.hidden_size, kernel - 1),) if kind == SHORT_CONV else () for kind in layer_types]
+
+
+def _hf_lfm2(out: ModelConfig, cfg: dict[str, Any]) -> None:
+    """LFM2's config.json: its own norm and tie keys, and the MLP width it derives from ``block_ff_dim``
+    (two thirds, times the multiplier, rounded up to ``block_multiple_of``), as transformers does."""
+    if cfg.get("conv_bias"):
+        raise ModelFormatError("LFM2 with conv_bias is not supported (no released LFM2 model uses it)")
+    out.rms_norm_eps = float(cfg.get("norm_eps", 1e-5))
+    out.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", cfg.get("tie_embedding", True)))
+    out.qk_norm = True
+    if "rope_theta" not in cfg and not (cfg.get("rope_parameters") or {}).get("rope_theta"):
+        out.rope.theta = 1_000_000.0
+    if cfg.get("block_auto_adjust_ff_dim", True):
+        size = int(2 * out.intermediate_size / 3)
+        if cfg.get("block_ffn_dim_multiplier") is not None:
+            size = int(float(cfg["block_ffn_dim_multiplier"]) * size)
+        multiple = int(cfg.get("block_multiple_of", 256))
+        out.intermediate_size = multiple * -(-size // multiple)
+    types = cfg.get("layer_types")
+    if types is None:
+        full = cfg.get("full_attn_idxs")
+        full = range(out.num_layers) if full is None else full
+        types = [FULL_ATTENTION if i in full else SHORT_CONV for i in range(out.num_layers)]
+    _lfm2_layers(out, list(types), int(cfg.get("conv_L_cache", 3)))
 
 
 # -- mixtures of experts ------------------------------------------------------------------

@@ -59,6 +59,20 @@ _LAYER_OVERRIDES = {
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
     },
+    # LFM2: HF's own names (models/lfm2.py renames them); its conv layers' tensors are ``shortconv.*``.
+    "lfm2": {
+        "attn_norm": "operator_norm",
+        "ffn_norm": "ffn_norm",
+        "ffn_gate": "feed_forward.w1",
+        "ffn_up": "feed_forward.w3",
+        "ffn_down": "feed_forward.w2",
+        "attn_output": "self_attn.out_proj",
+        "attn_q_norm": "self_attn.q_layernorm",
+        "attn_k_norm": "self_attn.k_layernorm",
+        "shortconv.conv": "conv.conv",
+        "shortconv.in_proj": "conv.in_proj",
+        "shortconv.out_proj": "conv.out_proj",
+    },
     "gpt_oss": {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"},
     "qwen3_next": _DELTANET,
     "qwen3_5": _DELTANET,
@@ -79,13 +93,16 @@ _LAYER_OVERRIDES = {
 # Bare tensors (layers.linear.DenseTensor), named after their module without ".weight".
 _BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b", "ssm_a", "ssm_dt"}
 
-_BLOCK = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(weight|bias))?$")  # (ssm_a has no suffix)
+_BLOCK = re.compile(r"blk\.(\d+)\.([\w.]+?)(?:\.(weight|bias))?$")  # (ssm_a has no suffix)
+# Whole-model tensors some architectures name otherwise.
+_GLOBAL_OVERRIDES = {"lfm2": {"token_embd_norm.weight": "model.embedding_norm.weight"}}
 
 
 def gguf_to_hf_name(name: str, architecture: str) -> str | None:
     """The HF name for a GGUF tensor, or None if no model module takes it."""
-    if name in _GLOBAL:
-        return _GLOBAL[name]
+    globals_ = {**_GLOBAL, **_GLOBAL_OVERRIDES.get(architecture, {})}
+    if name in globals_:
+        return globals_[name]
     match = _BLOCK.match(name)
     if not match:
         return None

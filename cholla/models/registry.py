@@ -8,6 +8,7 @@ from cholla.errors import UnsupportedArchitectureError
 from cholla.models.deepseek_v3 import DeepseekV3ForCausalLM
 from cholla.models.gemma3 import Gemma3ForCausalLM
 from cholla.models.gpt_oss import GptOssForCausalLM
+from cholla.models.lfm2 import Lfm2ForCausalLM
 from cholla.models.llama import LlamaForCausalLM
 from cholla.models.mixtral import MixtralForCausalLM
 from cholla.models.olmoe import OlmoeForCausalLM
@@ -29,6 +30,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "qwen3_next": Qwen3NextForCausalLM,
     "qwen3_5": Qwen3NextForCausalLM,
     "qwen3_5_moe": Qwen3NextForCausalLM,
+    "lfm2": Lfm2ForCausalLM,
 }
 
 

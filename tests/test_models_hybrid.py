@@ -1,0 +1,256 @@
+"""Hybrid models (recurrent layers with a state per sequence beside attention) on tiny random
+models (``tests/tiny_models.py``): cholla against transformers from SafeTensors, against itself
+from llama.cpp's GGUF conversion, and through the engine's state cache."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from cholla import LLM, SamplingParams  # noqa: E402
+from cholla.engine.runner import forward_once  # noqa: E402
+from cholla.errors import InvalidRequestError  # noqa: E402
+from cholla.kv.state_cache import state_bytes_per_sequence  # noqa: E402
+from cholla.models.loader import load_model  # noqa: E402
+from tests import tiny_models  # noqa: E402
+
+NAMES = list(tiny_models.hybrid_configs())
+PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
+CHUNK = 16  # tokens per step: PROMPT is prefilled in three chunks, the state carried across them
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """name -> {"folder", "model"} built once per session."""
+    tokenizer = tiny_models.tiny_tokenizer()
+    root = tmp_path_factory.mktemp("tiny_hybrid")
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            folder = root / name
+            cache[name] = {"folder": folder, "model": tiny_models.build_model(name, folder, tokenizer)}
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_of(tiny, tmp_path_factory):
+    """(name, qtype or "F32") -> a GGUF path, every architecture converted in one process."""
+    converter = tiny_models.find_converter()
+    if converter is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (set CHOLLA_CONVERT_HF_TO_GGUF)")
+    root = tmp_path_factory.mktemp("tiny_hybrid_gguf")
+    cache: dict[tuple, object] = {}
+
+    def get(name: str, qtype: str = "F32"):
+        if not cache:
+            jobs = [(tiny(n)["folder"], root / f"{n}.gguf") for n in NAMES]
+            tiny_models.convert_to_gguf(converter, jobs)
+            cache.update({(n, "F32"): out for n, (_, out) in zip(NAMES, jobs)})
+        if (name, qtype) not in cache:
+            cache[name, qtype] = tiny_models.requantize(get(name), root / f"{name}-{qtype}.gguf", qtype)
+        return cache[name, qtype]
+
+    return get
+
+
+def _reference_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    """Within ``rel`` of the logits' magnitude, at every position."""
+    err = (ours - ref).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
+
+
+def _engine(folder, **kwargs) -> LLM:
+    kwargs.setdefault("max_model_len", 128)
+    kwargs.setdefault("max_num_batched_tokens", CHUNK)
+    return LLM(folder, dtype="float32", **kwargs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_safetensors_match_transformers_across_prefill_chunks(tiny, name):
+    entry = tiny(name)
+    loaded = load_model(entry["folder"], "float32")
+    assert loaded.config.architecture == name and loaded.config.has_state
+    reference = _reference_logits(entry["model"], PROMPT)
+    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), reference)
+
+    # Through the engine: prompt logprobs of three prefill chunks, then 32 greedy tokens of decode.
+    llm = _engine(entry["folder"])
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, prompt_logprobs=0)
+    out = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
+    want = reference[:-1].log_softmax(-1)[torch.arange(len(PROMPT) - 1), torch.tensor(PROMPT[1:])]
+    got = torch.tensor([e.logprob for e in out.prompt_logprobs[1:]])
+    assert (got - want).abs().max().item() < 1e-4
+    with torch.no_grad():
+        ref = entry["model"].generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False,
+                                      min_new_tokens=32)[0, len(PROMPT):].tolist()
+    assert list(out.outputs[0].token_ids) == ref
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gguf_matches_own_safetensors(tiny, gguf_of, name):
+    """llama.cpp's f32 conversion gives transformers' logits; Q8_0 stays within its rounding."""
+    reference = _reference_logits(tiny(name)["model"], PROMPT)
+    loaded = load_model(gguf_of(name), "float32")
+    assert loaded.config.architecture == name and loaded.config.has_state
+    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), reference)
+    ours = forward_once(load_model(gguf_of(name, "Q8_0"), "float32").model, PROMPT, block_size=8)
+    relative_rms = ((ours - reference).pow(2).mean() / reference.pow(2).mean()).sqrt().item()
+    assert relative_rms <= 0.05
+
+
+def _prompts() -> list[dict]:
+    lengths = [5, 23, 9, 40, 17, 3, 30, 12]
+    return [{"prompt_token_ids": [(i * 7 + n * 13) % tiny_models.VOCAB for i in range(n)]} for n in lengths]
+
+
+def _all_free(llm: LLM) -> bool:
+    engine = llm.engine
+    manager, slots = engine.block_manager, engine.scheduler.state_slots
+    blocks_free = manager.num_free_blocks == manager.num_blocks and not any(manager.allocator.ref_counts)
+    return blocks_free and slots.num_free == slots.num_slots
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_engine_batched_chunked_preempted_equal_alone(tiny, name, caplog):
+    folder = tiny(name)["folder"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = _prompts()
+    single = _engine(folder)
+    alone = [single.generate(p, greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+
+    with caplog.at_level(logging.INFO, logger="cholla"):
+        llm = _engine(folder, block_size=8)
+    assert any(r.getMessage().startswith(f"prefix caching is off for {name}") for r in caplog.records)
+    assert not llm.engine.block_manager.enable_prefix_caching
+    outs = llm.generate(prompts + prompts, greedy, use_tqdm=False)  # repeats: nothing may come from a cache
+    assert [o.outputs[0].token_ids for o in outs] == alone + alone
+    assert llm.engine.block_manager.prefix_hits == 0 and _all_free(llm)
+
+    # Few blocks: the newest requests are preempted, give their slots back and are recomputed from 0.
+    from cholla.kv.paged_cache import bytes_per_block
+
+    config = llm.engine.model_config
+    budget = 9 * bytes_per_block(config, 8, torch.float32) + 8 * state_bytes_per_sequence(config)
+    small = _engine(folder, block_size=8, kv_cache_memory=budget, max_model_len=64, max_num_seqs=8)
+    assert small.engine.state_cache.num_slots == 8
+    outs = small.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert small.engine.metrics.preemptions > 0 and _all_free(small)
+
+    # Three state slots for eight requests: they take turns, and all finish as alone.
+    three = _engine(folder, max_num_seqs=3)
+    assert three.engine.state_cache.num_slots == 3 and three.engine.stats().state_slots_total == 3
+    outs = three.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == alone and _all_free(three)
+
+    # Aborts, in prefill and while decoding, leave every block and every slot free.
+    engine = llm.engine
+    engine.add_request("long", prompts[3], SamplingParams(temperature=0.0, max_tokens=20))
+    engine.add_request("short", prompts[0], SamplingParams(temperature=0.0, max_tokens=20))
+    engine.add_request("queued", prompts[1], SamplingParams(temperature=0.0, max_tokens=20))
+    engine.step()
+    assert engine.stats().state_slots_free < engine.stats().state_slots_total
+    engine.abort("long")  # still in prefill
+    for _ in range(3):
+        engine.step()
+    engine.abort("short")  # decoding
+    engine.abort("queued")
+    assert not engine.has_unfinished_requests() and _all_free(llm)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_engine_refuses_speculation_and_logs_both_caches(tiny, name, caplog):
+    folder = tiny(name)["folder"]
+    with pytest.raises(InvalidRequestError, match="speculative decoding is not supported") as error:
+        _engine(folder, speculative_method="ngram")
+    assert "\n" not in str(error.value)
+    with caplog.at_level(logging.INFO, logger="cholla"):
+        llm = _engine(folder, kv_cache_memory=2**20, max_num_seqs=16)
+    engine = llm.engine
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("KV cache:"))
+    per_sequence = state_bytes_per_sequence(engine.model_config)
+    logged = re.search(r"(\d+) bytes per token.*state cache: (\d+) slots of (\d+) bytes per sequence.*"
+                       r"maximum concurrency for 128-token requests: ([\d.]+)x", line)
+    assert logged, line
+    per_token, slots, per_seq, concurrency = logged.groups()
+    assert int(per_token) == engine.kv_layout.block_bytes // engine.kv_layout.block_size
+    assert int(slots) == 16 == engine.state_cache.num_slots and int(per_seq) == per_sequence
+    assert float(concurrency) == 16  # the slots bind before the tokens do
+    assert engine.state_cache.nbytes == 16 * per_sequence
+    assert engine.kv_cache.nbytes + engine.state_cache.nbytes <= 2**20
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plan_counts_the_state_as_the_engine_allocates(tiny, name):
+    from cholla.kv.kv_types import kv_cache_type
+    from cholla.plan import PlanRequest, format_plan, make_plan, read_model_facts
+
+    folder = tiny(name)["folder"]
+    facts = read_model_facts(folder)
+    f32 = kv_cache_type("f32")
+    for budget, seqs in ((2**20, 16), (64 * 1024, 64)):  # seats bind, then half the budget does
+        plan = make_plan(facts, PlanRequest(context=128, kv_cache_memory=budget, max_num_seqs=seqs), f32, f32, None)
+        engine = _engine(folder, kv_cache_memory=budget, max_num_seqs=seqs).engine
+        assert plan.kv["state_bytes_per_sequence"] == state_bytes_per_sequence(engine.model_config) > 0
+        assert plan.layout["state_slots"] == engine.state_cache.num_slots
+        assert plan.layout["state_bytes"] == engine.state_cache.nbytes
+        assert plan.layout["num_blocks"] == engine.kv_cache.num_blocks and plan.layout["bytes"] == engine.kv_cache.nbytes
+        assert plan.layout["max_concurrency"] == engine.kv_layout.max_concurrency
+        assert plan.layout["max_whole_requests"] <= plan.layout["state_slots"]
+    assert plan.layout["state_bytes"] <= budget // 2 < 64 * plan.kv["state_bytes_per_sequence"]
+    assert "state slots" in format_plan(plan) and "no KV" in format_plan(plan)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_info_shows_state_per_sequence(tiny, gguf_of, name):
+    from cholla.info import format_info, model_info
+
+    for path in (tiny(name)["folder"], gguf_of(name)):
+        info = model_info(path)
+        assert info["state_bytes_per_sequence"] == state_bytes_per_sequence(load_model(path, "float32").config) > 0
+        assert "state per sequence" in format_info(info)
+
+
+def test_a_model_without_attention_runs_on_token_counting_blocks(tmp_path):
+    """LFM2 with convolution layers only keeps no KV at all (as pure Mamba-2): its blocks cost
+    nothing and only count tokens, the state slots take the whole budget, and it still matches
+    transformers through the engine, batched and chunked."""
+    config = tiny_models.hybrid_configs()["lfm2"]
+    config.layer_types = ["conv"] * config.num_hidden_layers
+    torch.manual_seed(1)
+    reference = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for pname, p in reference.named_parameters():
+            p.mul_(15.0 if "conv.in_proj" in pname else 30.0 if "conv.conv" in pname else 1.0)
+    reference.save_pretrained(tmp_path)
+    tiny_models.tiny_tokenizer().save_pretrained(tmp_path)
+
+    llm = _engine(tmp_path, max_model_len=None, kv_cache_memory=4 * 2**20)
+    engine = llm.engine
+    assert engine.kv_layout.block_bytes == 0 and engine.kv_cache.nbytes == 0
+    assert engine.max_model_len == config.max_position_embeddings
+    assert engine.state_cache.num_slots == 64  # max_num_seqs: the budget holds far more
+    assert engine.block_manager.num_blocks == 64 * config.max_position_embeddings // 16
+    prompts = [PROMPT, PROMPT[:7], PROMPT[5:30]]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        ids = list(prompt)  # transformers' generate needs an attention layer for its cache: whole forwards
+        for _ in range(16):
+            with torch.no_grad():
+                ids.append(int(reference(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+        assert list(out.outputs[0].token_ids) == ids[len(prompt):]
+    assert _all_free(llm)
