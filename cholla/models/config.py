@@ -231,6 +231,12 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> ModelC
         cfg.embed_scale = math.sqrt(hidden)
         cfg.final_logit_softcapping = get("final_logit_softcapping")
         cfg.attn_logit_softcapping = get("attn_logit_softcapping")
+    if arch == "lfm2":
+        # The converter writes each layer's KV heads, 0 for a convolution layer.
+        kv_heads = get("attention.head_count_kv", num_heads)
+        kinds = kv_heads if isinstance(kv_heads, list) else [kv_heads] * cfg.num_layers
+        cfg.qk_norm = True
+        _lfm2_layers(cfg, [FULL_ATTENTION if n else SHORT_CONV for n in kinds], int(get("shortconv.l_cache", required=True)))
     if arch in DELTANET_GGUF_ARCHS:
         _gguf_deltanet(cfg, arch, get)
     if get("expert_count"):
