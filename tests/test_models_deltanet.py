@@ -147,15 +147,19 @@ def test_safetensors_match_transformers(tiny, name):
     _assert_close(ours, _reference_logits(reference, PROMPT))
     _assert_close(torch.cat((first[FIRST_CHUNK:], second[len(PROMPT) - FIRST_CHUNK:])), _reference_logits(reference, other))
 
-    # 32 greedy tokens, both sequences decoding in one batched step each time.
+    # 32 greedy tokens, the two sequences decoding in one batched step (their slots gathered) or,
+    # every other token, each in a step of its own (its slot used in place).
     prompt, generated = PROMPT[:12], [[], []]
     run = _Sequences(loaded.model, 2, 12 + 9 + 32)
     logits = run.step([(0, prompt), (1, other)], num_prefills=2)
     last = [logits[len(prompt) - 1], logits[-1]]
-    for _ in range(32):
+    for step in range(32):
         for seq in (0, 1):
             generated[seq].append(int(last[seq].argmax()))
-        last = run.step([(0, generated[0][-1:]), (1, generated[1][-1:])], num_prefills=0)
+        if step % 2:
+            last = [run.step([(seq, generated[seq][-1:])], num_prefills=0)[0] for seq in (0, 1)]
+        else:
+            last = run.step([(0, generated[0][-1:]), (1, generated[1][-1:])], num_prefills=0)
     for seq, ids in ((0, prompt), (1, other)):
         with torch.no_grad():
             ref = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,

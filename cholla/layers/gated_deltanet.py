@@ -143,9 +143,12 @@ class GatedDeltaNet(nn.Module):
         first = starts[meta.num_prefills]
         if first < x.shape[0]:
             index = slots[meta.num_prefills:]
-            batch_state = recurrent[index]  # gathered: a copy, written back after the step
+            low = int(index[0])
+            run = bool((index == torch.arange(low, low + len(index))).all())  # consecutive slots (one decode always)
+            batch_state = recurrent[low:low + len(index)] if run else recurrent[index]  # a view, or a gathered copy
             out[first:] = delta_rule_step(q[first:], k[first:], v[first:], g[first:], beta[first:], batch_state)
-            recurrent[index] = batch_state
+            if not run:
+                recurrent[index] = batch_state
         # Qwen's gated norm: normalise each head's output, then gate it
         out = rms_norm(out, self.norm.weight, self.norm.eps) * F.silu(z.float().view_as(out))
         return self.out_proj(out.flatten(1))
