@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 from cholla.download import resolve_model
-from cholla.engine.engine import load_tokenizer
+from cholla.engine.engine import calibrate_kv_cache, load_tokenizer
 from cholla.kv.kv_types import kv_cache_type
 from cholla.kv.paged_cache import PagedKVCache, bytes_per_token
 from cholla.layers.attention import AttentionMetadata
 from cholla.models.loader import load_model
 
 TEXT = Path("/usr/share/common-licenses/Apache-2.0")
-TYPES = ["f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "int8_rot", "q8_0", "q4_0", "q4_0_rot"]
+TYPES = ["f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "int8_rot", "q8_0", "q4_0", "q4_0_rot", "q4_0_cal",
+         "q4_0_cal/q4_0_rot"]
 BASELINE = "bf16"
 
 
@@ -47,6 +48,12 @@ def chunked_logits(model, caches: dict[str, PagedKVCache], token_ids: list[int],
         yield start, out
 
 
+def _sides(name: str) -> tuple:
+    """``TYPE`` for both sides, or ``K_TYPE/V_TYPE`` for keys and values apart."""
+    k_name, _, v_name = name.partition("/")
+    return kv_cache_type(k_name), kv_cache_type(v_name or k_name)
+
+
 @torch.inference_mode()
 def score(model_name: str, tokens: int, chunk: int, types: list[str]) -> list[dict]:
     loaded = load_model(resolve_model(model_name), "float32")
@@ -56,7 +63,9 @@ def score(model_name: str, tokens: int, chunk: int, types: list[str]) -> list[di
         ids = [loaded.config.bos_token_id] + ids
     ids = ids[:tokens]
     blocks = -(-len(ids) // 16)
-    caches = {name: PagedKVCache(loaded.config, blocks, 16, kv_cache_type(name)) for name in types}
+    caches = {name: PagedKVCache(loaded.config, blocks, 16, _sides(name)[0], v_dtype=_sides(name)[1]) for name in types}
+    for cache in caches.values():  # the calibrated types measure their statistics, as the engine does
+        calibrate_kv_cache(loaded.model, tokenizer, cache)
     nll = {name: 0.0 for name in types}
     max_diff = {name: 0.0 for name in types}
     sum_diff = {name: 0.0 for name in types}
@@ -71,7 +80,7 @@ def score(model_name: str, tokens: int, chunk: int, types: list[str]) -> list[di
     scored = len(ids) - 1
     results = []
     for name in types:
-        per_token = bytes_per_token(loaded.config, kv_cache_type(name))
+        per_token = bytes_per_token(loaded.config, *_sides(name))
         results.append({"model": model_name, "type": name, "bytes_per_token": per_token,
                         "tokens_per_gib": 2**30 / per_token, "perplexity": math.exp(nll[name] / scored),
                         "max_logit_diff": max_diff[name], "mean_logit_diff": sum_diff[name] / len(ids),
@@ -84,7 +93,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
     parser.add_argument("--tokens", type=int, default=1024, help="tokens of the text to score (default 1024)")
     parser.add_argument("--chunk", type=int, default=64, help="tokens per forward after the first (default 64)")
-    parser.add_argument("--types", nargs="+", default=TYPES)
+    parser.add_argument("--types", nargs="+", default=TYPES, help="KV types; K_TYPE/V_TYPE for a pair (q4_0_cal/q4_0_rot)")
     args = parser.parse_args()
     types = list(dict.fromkeys([BASELINE, *args.types]))
     for model_name in args.models:

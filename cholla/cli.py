@@ -26,9 +26,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB", help="KV cache size in GiB")
     _add_kv_type_options(p)
     _add_compute_options(p)
-    p.add_argument("--speculative-method", choices=["ngram"], default=None,
+    p.add_argument("--speculative-method", choices=["ngram", "draft"], default=None,
                    help="ngram: draft tokens from the prompt and output (prompt lookup) and verify them in one step; "
+                        "draft: a smaller model with the same vocabulary drafts them (--draft-model); "
                         "greedy requests only (default: off)")
+    p.add_argument("--draft-model", default=None, metavar="MODEL",
+                   help="with --speculative-method draft: the drafting model (a path or a known name) sharing the "
+                        "model's tokenizer")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="drafts verified per step with --speculative-method, 1-16 (default 4)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -254,7 +258,8 @@ def _flag_list(values: list[str] | None) -> list[str] | None:
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"max_model_len": args.max_model_len, "dtype": args.dtype, "threads": args.threads,
               "kv_cache_dtype": args.kv_cache_dtype, "cache_type_k": args.cache_type_k, "cache_type_v": args.cache_type_v,
-              "speculative_method": args.speculative_method, "num_speculative_tokens": args.num_speculative_tokens}
+              "speculative_method": args.speculative_method, "num_speculative_tokens": args.num_speculative_tokens,
+              "draft_model": args.draft_model}
     if args.kv_cache_memory:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
     return kwargs

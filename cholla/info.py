@@ -13,13 +13,22 @@ from cholla.formats.gguf import read_gguf
 from cholla.formats.safetensors import read_hf_folder
 from cholla.kv.paged_cache import bytes_per_token
 from cholla.kv.state_cache import state_bytes_per_sequence
-from cholla.models.config import SLIDING_ATTENTION, ModelConfig
+from cholla.models.config import ATTENTION_TYPES, FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
 from cholla.models.config_checks import gguf_config, hf_config
 
 
 def _is_routed_expert(name: str) -> bool:
-    """GGUF ``ffn_*_exps`` stacks and HF ``experts.N.*`` / fused ``experts.*`` tensors (not shared experts)."""
-    return "_exps." in name or (".experts." in name and "shared" not in name)
+    """GGUF ``ffn_*_exps`` stacks and HF ``experts.N.*`` / fused ``experts.*`` tensors (not shared experts),
+    and Granite's fused ``block_sparse_moe.input_linear`` / ``output_linear`` stacks."""
+    return ("_exps." in name or (".experts." in name and "shared" not in name)
+            or ".block_sparse_moe.input_linear." in name or ".block_sparse_moe.output_linear." in name)
+
+
+def _layer_kinds(config: ModelConfig) -> list[str]:
+    """Each layer's kind; an attention layer that also keeps a state runs a Mamba-2 mixer beside it (Falcon-H1)."""
+    states = config.state_shapes or [()] * config.num_layers
+    return [f"{kind} + mamba" if kind in ATTENTION_TYPES and state else kind
+            for kind, state in zip(config.layer_types, states)]
 
 
 def _attention_kind(config: ModelConfig) -> str:
@@ -27,6 +36,11 @@ def _attention_kind(config: ModelConfig) -> str:
     sliding = sum(t == SLIDING_ATTENTION for t in config.layer_types)
     if sliding:
         kind += f", sliding window {config.sliding_window} in {sliding} of {config.num_layers} layers"
+    if FULL_ATTENTION in config.layer_types and (config.global_head_dim or config.global_kv_heads):
+        kv_heads, head_dim = config.layer_attention(config.layer_types.index(FULL_ATTENTION))
+        kind += f"; global layers: head dim {head_dim}, KV heads {kv_heads}" + (", K = V" if config.attention_k_eq_v else "")
+    if config.kv_shared_layers:
+        kind += f"; last {config.kv_shared_layers} layers share KV"
     return kind + (", sinks" if config.attention_sinks else "")
 
 
@@ -74,9 +88,10 @@ def model_info(path: Path) -> dict[str, Any]:
         "kv_bytes_per_token": {"float32": bytes_per_token(config, torch.float32),
                                "bfloat16": bytes_per_token(config, torch.bfloat16)},
         "state_bytes_per_sequence": state_bytes_per_sequence(config),  # recurrent layers, always float32
-        "layer_kinds": dict(Counter(config.layer_types)),
+        "layer_kinds": dict(Counter(_layer_kinds(config))),
         "layers": config.num_layers,
         "hidden_size": config.hidden_size,
+        "per_layer_input_size": config.per_layer_input_size,
         "heads": config.num_heads,
         "kv_heads": config.num_kv_heads,
         "head_dim": config.head_dim,
@@ -108,7 +123,8 @@ def format_info(info: dict[str, Any]) -> str:
                     + (" + shared" if info["experts"]["shared_size"] else "") if info["experts"] else "-"),
         ("attention", info["attention"]),
         ("layers", info["layers"]),
-        ("hidden size", info["hidden_size"]),
+        ("hidden size", f"{info['hidden_size']}" + (f" (+ per-layer embeddings {info['per_layer_input_size']} per layer)"
+                                                     if info.get("per_layer_input_size") else "")),
         ("attention heads", f"{info['heads']} (KV heads {info['kv_heads']}, head dim {info['head_dim']})"),
         ("context length", info["context_length"]),
         ("sliding window", info["sliding_window"] or "-"),

@@ -29,8 +29,9 @@ class LLM:
     the reference), ``threads``, ``kv_cache_dtype`` (``"auto"``, ``"bf16"``,
     ``"int8"``, ``"q8_0"``, ``"fp8_e4m3"``, ...: ``cholla/kv/kv_types.py``),
     ``cache_type_k`` / ``cache_type_v`` (one side each), ``speculative_method``
-    (``"ngram"``: prompt lookup for greedy requests; default None, off) and
-    ``num_speculative_tokens``.
+    (``"ngram"``: prompt lookup for greedy requests; ``"draft"``: a smaller model
+    given as ``draft_model``, a path, known name or ``LoadedModel``, with the same
+    vocabulary; default None, off) and ``num_speculative_tokens``.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs: Any):

@@ -124,10 +124,13 @@ def layer_windows(config: ModelConfig) -> list[int | None]:
             if kind in ATTENTION_TYPES]
 
 
-def kv_bytes_per_layer_token(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType) -> int:
-    """One attention layer's bytes per token, as the engine allocates it (a latent layer: its latent);
-    every attention layer alike (0 for a model without attention)."""
-    return max(layer_bytes_per_token(config, k_type, v_type))
+def attention_layer_bytes(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType) -> list[tuple[int, int]]:
+    """Per attention layer (as ``layer_windows`` lists them), the bytes per token it stores and the
+    bytes per token it reads: the same, except for Gemma 4's KV-shared layers, which store none and
+    read their producer's."""
+    stored = layer_bytes_per_token(config, k_type, v_type)
+    return [(stored[i], stored[config.kv_producer(i)]) for i, kind in enumerate(config.layer_types)
+            if kind in ATTENTION_TYPES]
 
 
 @dataclass
@@ -140,10 +143,13 @@ class LayerKind:
 
 def layer_kinds(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType) -> list[LayerKind]:
     """Layers by kind; a recurrent or MLP-only kind has no KV (its state is counted per sequence)."""
-    kinds: Counter[tuple[str, int | None]] = Counter(
-        (kind, config.sliding_window if kind == SLIDING_ATTENTION else None) for kind in config.layer_types)
-    per_token = dict(zip(config.layer_types, layer_bytes_per_token(config, k_type, v_type)))
-    return [LayerKind(kind, n, window, n * per_token[kind]) for (kind, window), n in kinds.items()]
+    kinds: Counter[tuple[str, int | None]] = Counter()
+    per_token: Counter[tuple[str, int | None]] = Counter()  # layers of one kind may differ (Gemma 4's KV sharing)
+    for kind, nbytes in zip(config.layer_types, layer_bytes_per_token(config, k_type, v_type)):
+        key = (kind, config.sliding_window if kind == SLIDING_ATTENTION else None)
+        kinds[key] += 1
+        per_token[key] += nbytes
+    return [LayerKind(kind, n, window, per_token[kind, window]) for (kind, window), n in kinds.items()]
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -154,10 +160,9 @@ def window_aware_bytes(config: ModelConfig, k_type: KVCacheType, v_type: KVCache
                        block_size: int) -> int:
     """KV bytes one ``context``-token sequence would need if sliding layers kept only the blocks
     their window can reach (at most ``ceil(window / block_size) + 1``, the window rarely aligned)."""
-    per_layer_block = kv_bytes_per_layer_token(config, k_type, v_type) * block_size
     full = blocks_for(context, block_size)
-    return sum(per_layer_block * (full if w is None else min(full, blocks_for(w, block_size) + 1))
-               for w in layer_windows(config))
+    return sum(stored * block_size * (full if w is None else min(full, blocks_for(w, block_size) + 1))
+               for w, (stored, _) in zip(layer_windows(config), attention_layer_bytes(config, k_type, v_type)))
 
 
 # -- the roofline ---------------------------------------------------------------
@@ -178,10 +183,11 @@ def decode_step(facts: ModelFacts, hw: Hardware, k_type: KVCacheType, v_type: KV
                 context: int) -> StepEstimate:
     """One decode step of ``batch`` sequences at ``context`` tokens each."""
     config = facts.config
-    per_layer_token = kv_bytes_per_layer_token(config, k_type, v_type)
     keys = attention_tokens(config, context)
+    read = sum((context if w is None else min(context, w)) * nbytes
+               for w, (_, nbytes) in zip(layer_windows(config), attention_layer_bytes(config, k_type, v_type)))
     # A recurrent layer reads and writes its state once a step, whatever the context.
-    kv_bytes = batch * (keys * per_layer_token + 2 * state_bytes_per_sequence(config))
+    kv_bytes = batch * (read + 2 * state_bytes_per_sequence(config))
     flops = batch * (2 * facts.weights.matmul_params + 4 * config.num_heads * config.head_dim * keys)
     if hw.reference_path:
         dequant = _dequant_seconds(facts.weights, hw)

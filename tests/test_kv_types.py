@@ -101,6 +101,31 @@ def test_rotated_types_quantize_hadamard_rotated_heads(type_name, plain_name, re
     assert (rotated_back - keys).norm() < 0.7 * (plain_back - keys).norm()
 
 
+def test_calibrated_type_stores_channels_shifted_and_scaled_by_their_statistics():
+    """q4_0_cal: fill_statistics takes each channel's mean and spread over the probe's tokens
+    after the first; the stored rows are q4_0_rot's of (x - mean) / spread, undone on reading."""
+    from cholla.kv.calibration import fill_statistics
+
+    g = torch.Generator().manual_seed(4)
+    offset = torch.randn(KV_HEADS, HEAD_DIM, generator=g) * 20  # what every token's keys share
+    width = torch.rand(KV_HEADS, HEAD_DIM, generator=g) * 4 + 0.1
+    keys = offset + torch.randn(40, KV_HEADS, HEAD_DIM, generator=g) * width
+    probe = torch.zeros(4, 16, KV_HEADS, HEAD_DIM)
+    probe.flatten(0, 1)[:33] = torch.cat((torch.full((1, KV_HEADS, HEAD_DIM), 500.0), keys[:32]))  # token 0: a sink
+    zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype)  # noqa: E731
+    cache = allocate(kv_cache_type("q4_0_cal"), 4, 16, KV_HEADS, HEAD_DIM, zeros)
+    fill_statistics([(cache,)], [(probe,)], 33)
+    torch.testing.assert_close(cache.shift, keys[:32].mean(0))
+    torch.testing.assert_close(cache.spread, keys[:32].std(0))
+    _, rotated = _written("q4_0_rot", (keys - cache.shift) / cache.spread)
+    slots = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:40]
+    store(cache, keys, slots)
+    back = gather(cache, torch.arange(4)).flatten(0, 1)[slots]
+    torch.testing.assert_close(back, rotated * cache.spread + cache.shift, rtol=0, atol=1e-4)
+    # The point: keys with a shared offset come back far closer than rotation alone brings them.
+    assert (back - keys).norm() < 0.3 * (_written("q4_0_rot", keys)[1] - keys).norm()
+
+
 def test_int8_has_one_scale_per_token_and_head():
     x = _rows(40)
     cache, back = _written("int8", x)
@@ -184,7 +209,7 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time, in a land far away, there lived a " + "very " * 40 + "old dragon who",
 ]
-ENGINE_TYPES = ["fp8_e4m3", "int8", "int8_rot", "q8_0", "q4_0_rot"]  # bf16 and f32: tests/test_engine.py and the rest
+ENGINE_TYPES = ["fp8_e4m3", "int8", "int8_rot", "q8_0", "q4_0_rot", "q4_0_cal"]  # bf16 and f32: tests/test_engine.py and the rest
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +249,8 @@ def _generate(engine, prompts, max_tokens: int = 6) -> list[list[int]]:
 def test_batched_prefix_cached_and_preempted_equal_alone(smollm2_loaded, monkeypatch, type_name):
     engine = _engine(smollm2_loaded, monkeypatch, kv_cache_dtype=type_name, enable_prefix_caching=False)
     alone = [_generate(engine, [p])[0] for p in PROMPTS]
+    if kv_cache_type(type_name).calibrated:  # the engine measured the statistics before any request
+        assert engine.kv_cache.layers[0][0].shift.abs().sum() > 0
     cached = _engine(smollm2_loaded, monkeypatch, kv_cache_dtype=type_name)
     assert _generate(cached, PROMPTS + PROMPTS) == alone + alone  # the repeats hit the prefix cache
     assert cached.block_manager.prefix_hits > 0

@@ -20,6 +20,7 @@ from cholla.models.loader import load_model  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 NAMES = list(tiny_models.hybrid_configs())
+ENGINE_NAMES = [name for name in NAMES if name != "lfm2_moe"]  # LFM2-MoE takes LFM2's path through the engine
 PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 CHUNK = 16  # tokens per step: PROMPT is prefilled in three chunks, the state carried across them
 
@@ -123,7 +124,7 @@ def _all_free(llm: LLM) -> bool:
     return blocks_free and slots.num_free == slots.num_slots
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ENGINE_NAMES)
 def test_engine_batched_chunked_preempted_equal_alone(tiny, name, caplog):
     folder = tiny(name)["folder"]
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -171,11 +172,14 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny, name, caplog):
     assert not engine.has_unfinished_requests() and _all_free(llm)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ENGINE_NAMES)
 def test_engine_refuses_speculation_and_logs_both_caches(tiny, name, caplog):
     folder = tiny(name)["folder"]
     with pytest.raises(InvalidRequestError, match="speculative decoding is not supported") as error:
         _engine(folder, speculative_method="ngram")
+    assert "\n" not in str(error.value)
+    with pytest.raises(InvalidRequestError, match="holds no sequence's recurrent state") as error:
+        _engine(folder, kv_cache_memory=1000)  # half of it is less than one sequence's state
     assert "\n" not in str(error.value)
     with caplog.at_level(logging.INFO, logger="cholla"):
         llm = _engine(folder, kv_cache_memory=2**20, max_num_seqs=16)
@@ -193,7 +197,7 @@ def test_engine_refuses_speculation_and_logs_both_caches(tiny, name, caplog):
     assert engine.kv_cache.nbytes + engine.state_cache.nbytes <= 2**20
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ENGINE_NAMES)
 def test_plan_counts_the_state_as_the_engine_allocates(tiny, name):
     from cholla.kv.kv_types import kv_cache_type
     from cholla.plan import PlanRequest, format_plan, make_plan, read_model_facts
@@ -214,7 +218,7 @@ def test_plan_counts_the_state_as_the_engine_allocates(tiny, name):
     assert "state slots" in format_plan(plan) and "no KV" in format_plan(plan)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ENGINE_NAMES)
 def test_info_shows_state_per_sequence(tiny, gguf_of, name):
     from cholla.info import format_info, model_info
 
@@ -244,6 +248,14 @@ def test_a_model_without_attention_runs_on_token_counting_blocks(tmp_path):
     assert engine.max_model_len == config.max_position_embeddings
     assert engine.state_cache.num_slots == 64  # max_num_seqs: the budget holds far more
     assert engine.block_manager.num_blocks == 64 * config.max_position_embeddings // 16
+    from cholla.kv.kv_types import kv_cache_type
+    from cholla.plan import PlanRequest, format_plan, make_plan, read_model_facts
+
+    f32 = kv_cache_type("f32")
+    plan = make_plan(read_model_facts(tmp_path), PlanRequest(kv_cache_memory=4 * 2**20), f32, f32, None)
+    assert (plan.layout["state_slots"], plan.layout["num_blocks"], plan.layout["bytes"]) == (64, engine.kv_cache.num_blocks, 0)
+    assert plan.layout["max_concurrency"] == engine.kv_layout.max_concurrency == 64 and plan.layout["fits"]
+    assert "(no attention layers)" in format_plan(plan)
     prompts = [PROMPT, PROMPT[:7], PROMPT[5:30]]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

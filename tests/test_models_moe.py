@@ -25,14 +25,14 @@ PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """name -> {"folder", "model"} built once per session; GGUF files added on demand."""
-    tokenizer = tiny_models.tiny_tokenizer()
     root = tmp_path_factory.mktemp("tiny_moe")
     cache: dict[str, dict] = {}
 
     def get(name: str) -> dict:
         if name not in cache:
             folder = root / name
-            cache[name] = {"folder": folder, "model": tiny_models.build_model(name, folder, tokenizer)}
+            model = tiny_models.build_model(name, folder, tiny_models.tokenizer_for(name))
+            cache[name] = {"folder": folder, "model": model}
         return cache[name]
 
     return get
@@ -134,7 +134,7 @@ def _all_free(llm: LLM) -> bool:
     return manager.num_free_blocks == manager.num_blocks and not any(manager.allocator.ref_counts)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*NAMES, "gemma4", "gemma4_moe"])  # gemma4: KV-shared layers read others' blocks
 def test_engine_batched_chunked_preempted_equal_alone(tiny, name):
     folder = tiny(name)["folder"]
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -364,7 +364,8 @@ def test_info_shows_experts_active_parameters_and_kv_geometry(tiny, gguf_of):
 
 
 @pytest.mark.parametrize("template", ["openai-gpt-oss-120b.jinja", "GLM-4.7-Flash.jinja",
-                                      "deepseek-ai-DeepSeek-V3.1.jinja", "Qwen-Qwen3-0.6B.jinja"])
+                                      "deepseek-ai-DeepSeek-V3.1.jinja", "Qwen-Qwen3-0.6B.jinja",
+                                      "google-gemma-4-31B-it.jinja"])
 def test_chat_templates_of_these_models_render_like_transformers(template):
     """The models' own templates (GPT-OSS's harmony format among them), as llama.cpp ships
     them, rendered by cholla exactly as transformers' apply_chat_template renders them."""

@@ -10,6 +10,7 @@ the spot, saved as SafeTensors, then converted (f32) and requantized with
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -74,6 +75,50 @@ def deltanet_configs() -> dict:
     }
 
 
+
+
+def gemma4_configs() -> dict:
+    """Gemma 4's two text variants, every window-crossing feature on: the dense one as the E2B/E4B
+    models (per-layer embeddings, the last two layers sharing KV with double-wide MLPs), the MoE
+    one as 26B-A4B (global layers with one KV head and V = K, experts beside the dense MLP)."""
+    import transformers
+
+    gemma = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, global_head_dim=32, max_position_embeddings=512, sliding_window=8,
+                 final_logit_softcapping=30.0)
+    return {
+        "gemma4": transformers.Gemma4TextConfig(
+            **gemma, num_hidden_layers=5, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                         "full_attention"], num_kv_shared_layers=2, use_double_wide_mlp=True),
+        "gemma4_moe": transformers.Gemma4TextConfig(
+            **gemma, num_hidden_layers=3, hidden_size_per_layer_input=0, attention_k_eq_v=True,
+            num_global_key_value_heads=1, layer_types=["sliding_attention", "full_attention", "full_attention"],
+            enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32),
+    }
+
+
+def gemma_tokenizer():
+    """A ``VOCAB``-token BPE with byte fallback laid out as Gemma's (pad, eos, bos, unk first; spaces
+    as "▁"), the kind llama.cpp's Gemma 4 converter reads."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog, " * 20,
+                             "hello world, this is a tiny model that says little"], trainer)
+    assert tok.get_vocab_size() == VOCAB
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                                pad_token="<pad>", unk_token="<unk>")
+
+
+def tokenizer_for(name: str):
+    """Gemma 4's converter reads only Gemma-style vocabularies; the others take the byte-level BPE."""
+    return gemma_tokenizer() if name.startswith("gemma") else tiny_tokenizer()
 def hybrid_configs() -> dict:
     """Models with recurrent layers (a state per sequence), their layer kinds mixed."""
     import transformers
@@ -83,12 +128,91 @@ def hybrid_configs() -> dict:
             **{k: v for k, v in _COMMON.items() if k != "intermediate_size"}, intermediate_size=96,
             block_multiple_of=32, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3,
             tie_word_embeddings=True, eos_token_id=None),
+        "lfm2_moe": transformers.Lfm2MoeConfig(
+            **_COMMON, moe_intermediate_size=32, num_dense_layers=1, num_experts=8, num_experts_per_tok=3,
+            layer_types=["conv", "full_attention", "conv"], conv_L_cache=3,
+            tie_word_embeddings=True, eos_token_id=None),
     }
 
 
 # Weights the 0.02-std init leaves too small to matter (a short convolution's output is a product of
 # three of them): scaled up so a mistake in those layers shows in the logits.
-_SCALED = {"lfm2": {"conv.in_proj": 15.0, "conv.conv": 30.0}}
+_SCALED = {"lfm2": {"conv.in_proj": 15.0, "conv.conv": 30.0}, "lfm2_moe": {"conv.in_proj": 15.0, "conv.conv": 30.0,
+                                                                        "feed_forward.gate": 10.0, "experts": 3.0},
+           # Mamba-2: time steps of ~0.5 instead of ~0.01, and inputs, B and C large enough that the SSM
+           # state (not only the D skip) moves the logits (Nemotron-H initialises with std 0.02, Mamba-2 0.1).
+           "mamba2": {"mixer.dt_bias": 0.1, "mixer.in_proj": 3.0},
+           **{name: {"mixer.dt_bias": 0.1, "mixer.in_proj": 15.0} for name in ("nemotron_h", "nemotron_h_moe")}}
+# Mamba-2 mixers: a larger in_proj, and time steps near softplus(-4) instead of softplus(1), so a head's
+# state decays over tens of tokens, not two or three, and losing it between prefill chunks shows.
+_MAMBA_SCALED = {"mamba.in_proj": 15.0, "mamba.dt_bias": -4.0}
+_SCALED.update({name: _MAMBA_SCALED for name in ("falcon_h1", "falcon_h1_rms_norm", "granitemoehybrid", "granite_dense")})
+
+
+def mamba_configs() -> dict:
+    """Mamba-2 and its hybrids (Nemotron-H dense and MoE): chunk_size 16, so a 40-token
+    prompt crosses the SSD's chunks as well as the engine's prefill chunks. Their vocabularies
+    are padded to a multiple of 16 (llama.cpp's converter pads these families' token lists)."""
+    import transformers
+
+    mamba = dict(vocab_size=VOCAB + 4, hidden_size=64, n_groups=2, conv_kernel=4, chunk_size=16, tie_word_embeddings=False)
+    hybrid = dict(**mamba, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                  mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=8, max_position_embeddings=512)
+    return {
+        "mamba2": transformers.Mamba2Config(**mamba, num_heads=8, head_dim=16, expand=2, state_size=16,
+                                            num_hidden_layers=2),
+        "nemotron_h": transformers.NemotronHConfig(**hybrid, layers_block_type=[
+            "linear_attention", "full_attention", "mlp", "linear_attention"]),
+        "nemotron_h_moe": transformers.NemotronHConfig(**hybrid, layers_block_type=[
+            "linear_attention", "moe", "full_attention", "mlp", "linear_attention"], n_routed_experts=8,
+            num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
+            routed_scaling_factor=2.5, norm_topk_prob=True),
+    }
+
+
+def falcon_granite_configs() -> dict:
+    """Falcon-H1 and Granite 4 hybrid: Mamba-2 mixers with chunks of 8 tokens, so a 40-token
+    prompt's scan crosses chunks inside one prefill chunk as well as between them."""
+    import transformers
+
+    mamba = dict(mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=8)
+    return {
+        # muP multipliers all unlike 1 and each other, so folding one into the wrong weight shows
+        "falcon_h1": transformers.FalconH1Config(
+            **_COMMON, head_dim=16, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, **mamba,
+            embedding_multiplier=1.5, lm_head_multiplier=0.8, mlp_multipliers=[1.2, 0.9], key_multiplier=0.7,
+            attention_in_multiplier=1.1, attention_out_multiplier=0.6, ssm_in_multiplier=1.3, ssm_out_multiplier=0.5,
+            ssm_multipliers=[0.9, 1.1, 0.8, 1.2, 1.4], tie_word_embeddings=False),
+        # the mixer's optional grouped RMSNorm, taken before the gate (HF's default order when it is on)
+        "falcon_h1_rms_norm": transformers.FalconH1Config(
+            **{**_COMMON, "num_hidden_layers": 2}, head_dim=16, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8,
+            mamba_n_groups=2, **mamba, mamba_rms_norm=True, mamba_norm_before_gate=True, key_multiplier=0.7,
+            embedding_multiplier=1.5, lm_head_multiplier=0.8,  # tied: one tensor, two factors
+            ssm_multipliers=[0.9, 1.1, 0.8, 1.2, 1.4], tie_word_embeddings=True),
+        # vocab padded to a multiple of 8, as llama.cpp's converter pads a Mamba-2 vocabulary
+        "granitemoehybrid": transformers.GraniteMoeHybridConfig(
+            **{**_COMMON, "vocab_size": VOCAB + 4}, layer_types=["mamba", "attention", "mamba"],
+            num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48, mamba_n_heads=8, mamba_d_head=16,
+            **mamba, embedding_multiplier=2.0, logits_scaling=3.0, residual_multiplier=0.4, attention_multiplier=0.05,
+            position_embedding_type="nope", tie_word_embeddings=True),
+        # dense (Granite 4.0-H-Micro's layout) and with rope, which only config.json can say: llama.cpp's
+        # converter runs a hybrid Granite without it
+        "granite_dense": transformers.GraniteMoeHybridConfig(
+            **{**_COMMON, "vocab_size": VOCAB + 4, "num_hidden_layers": 2}, layer_types=["attention", "mamba"],
+            num_local_experts=0, shared_intermediate_size=80, mamba_n_heads=8, mamba_d_head=16, **mamba,
+            embedding_multiplier=3.0, logits_scaling=0.5, residual_multiplier=0.7, attention_multiplier=0.1,
+            position_embedding_type="rope", tie_word_embeddings=False),
+    }
+
+
+def _released_spelling(folder: Path) -> None:
+    """transformers 5 saves Granite 4 hybrid's layer kinds as linear_attention/full_attention; the released
+    checkpoints (and llama.cpp's converter, which finds no attention layer otherwise) say mamba/attention."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("model_type") == "granitemoehybrid":
+        config["layer_types"] = ["mamba" if kind == "linear_attention" else "attention" for kind in config["layer_types"]]
+        path.write_text(json.dumps(config, indent=2))
 
 
 def tiny_tokenizer():
@@ -110,23 +234,30 @@ def tiny_tokenizer():
                                                 additional_special_tokens=specials[1:])
 
 
-def build_model(name: str, folder: Path, tokenizer):
-    """The reference model, saved with its tokenizer into ``folder``; returns the model."""
+def build_model(name: str, folder: Path, tokenizer, config=None):
+    """The reference model (from ``configs()``, ``gemma4_configs()`` or ``hybrid_configs()`` unless ``config``
+    is given), saved with its tokenizer into ``folder``; returns the model."""
     import transformers
 
     torch.manual_seed(0)
-    config = {**configs(), **hybrid_configs(), **deltanet_configs()}[name]
+    config = config or {**configs(), **gemma4_configs(), **hybrid_configs(), **mamba_configs(), **falcon_granite_configs(),
+                       **deltanet_configs()}[name]
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # random init leaves norms at 1 and biases, sinks at 0: make them matter
+    with torch.no_grad():  # random init leaves norms, scales at 1 and biases, sinks at 0: make them matter
         for pname, p in model.named_parameters():
-            if "norm" in pname or "bias" in pname or "sinks" in pname:
+            if "norm" in pname or "bias" in pname or "sinks" in pname or "scale" in pname:
                 p.add_(torch.randn_like(p) * 0.1)
             for part, factor in _SCALED.get(name, {}).items():
                 if part in pname:
                     p.mul_(factor)
+        # buffers left at zero or one: a router's selection bias, Gemma 4's learned output scalar
+        for bname, b in model.named_buffers():
+            if bname.endswith(("expert_bias", "layer_scalar")):
+                b.add_(torch.randn_like(b) * 0.1)
     model.generation_config.eos_token_id = None
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    _released_spelling(folder)
     return model
 
 
@@ -200,7 +331,8 @@ def requantize(src: Path, dst: Path, qtype_name: str, dequantized: bool = False,
         data = np.array(tensor.data)
         qtype = expert_type if "_exps." in tensor.name else (
             gguf.GGMLQuantizationType.Q8_0 if qtype_name == "MXFP4" else expert_type)
-        if qtype_name == "F32" or data.ndim < 2 or data.shape[-1] % 32 or not tensor.name.endswith(".weight"):
+        if (qtype_name == "F32" or data.ndim < 2 or data.shape[-1] % 32 or not tensor.name.endswith(".weight")
+                or tensor.name.endswith("norm.weight")):  # as llama-quantize: norms (Mamba-2's are 2-D) stay f32
             writer.add_tensor(tensor.name, data)
             continue
         packed = gguf.quants.quantize(data, qtype)

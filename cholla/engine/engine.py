@@ -13,10 +13,11 @@ import torch
 from cholla.engine.metrics import EngineMetrics, EngineStats
 from cholla.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from cholla.engine.request import Request
-from cholla.engine.runner import ModelRunner
+from cholla.engine.runner import ModelRunner, forward_once
 from cholla.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from cholla.errors import ContextLengthError, InvalidRequestError
 from cholla.kv.block_manager import BlockManager
+from cholla.kv.calibration import CALIBRATION_TEXT, fill_statistics, needs_calibration
 from cholla.kv.kv_types import KVCacheType, kv_cache_type
 from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, PagedKVCache, plan_layout
 from cholla.kv.state_cache import SlotAllocator, StateCache
@@ -25,7 +26,8 @@ from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
 from cholla.sampling.structured import DEAD_END, StructuredOutputs
 from cholla.speculative.config import DEFAULT_SPECULATIVE_TOKENS, check_speculative
-from cholla.speculative.speculator import NgramSpeculator
+from cholla.speculative.draft_model import DraftModelSpeculator
+from cholla.speculative.speculator import NgramSpeculator, Speculator
 from cholla.speculative.verify import accept_greedy
 from cholla.heap import keep_buffers_mapped, release_free_memory
 from cholla.threads import set_threads
@@ -61,6 +63,7 @@ class EngineConfig:
     cache_type_v: str | None = None
     speculative_method: str | None = None  # "ngram" (prompt lookup); None: no speculation
     num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS  # K: drafts verified per step and sequence
+    draft_model: str | Path | LoadedModel | None = None  # with "draft": a model sharing the target's vocabulary
 
 
 def _available_memory() -> int:
@@ -98,6 +101,20 @@ def load_tokenizer(loaded: LoadedModel) -> Tokenizer:
     return Tokenizer.from_hf_dir(loaded.path)
 
 
+def calibrate_kv_cache(model: torch.nn.Module, tokenizer: Tokenizer, cache: PagedKVCache) -> None:
+    """Measure the calibrated KV types' per-channel statistics (``kv/calibration.py``) on the
+    model's own keys and values for the calibration text; nothing to do for other types."""
+    if not needs_calibration(cache.layers):
+        return
+    ids = tokenizer.encode(CALIBRATION_TEXT)
+    bos = model.config.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    probe = PagedKVCache(model.config, -(-len(ids) // cache.block_size), cache.block_size, torch.float32)
+    forward_once(model, ids, cache=probe)
+    fill_statistics(cache.layers, probe.layers, len(ids))
+
+
 class _RequestState:
     """Text-side state of one request: incremental detokenization and stop strings."""
 
@@ -109,7 +126,7 @@ class _RequestState:
 class LLMEngine:
     def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
-        check_speculative(config.speculative_method, config.num_speculative_tokens)
+        check_speculative(config.speculative_method, config.num_speculative_tokens, config.draft_model)
         kv_cache_types(config, "float32")  # a misspelt KV type fails before the model loads
         keep_buffers_mapped()
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
@@ -146,6 +163,7 @@ class LLMEngine:
             )
         self.max_model_len, self.kv_layout = max_len, layout
         self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, k_type, v_dtype=v_type)
+        calibrate_kv_cache(self.loaded.model, self.tokenizer, self.kv_cache)
         log.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB, K %s, V %s, %d bytes per token, %.0f tokens per GiB), "
             "%d tokens%s; maximum concurrency for %d-token requests: %.2fx",
@@ -163,7 +181,13 @@ class LLMEngine:
                      "blocks (state snapshots are not implemented yet)", self.model_config.architecture)
             prefix_caching = False
         self.block_manager = BlockManager(num_blocks, config.block_size, prefix_caching)
-        self.speculator = NgramSpeculator(config.num_speculative_tokens) if config.speculative_method else None
+        self.speculator: Speculator | None = None
+        if config.speculative_method == "ngram":
+            self.speculator = NgramSpeculator(config.num_speculative_tokens)
+        elif config.speculative_method == "draft":
+            self.speculator = DraftModelSpeculator.load(
+                config.draft_model, self.loaded.dtype, self.loaded, self.tokenizer, config.num_speculative_tokens,
+                layout.nbytes, max_len, config.block_size, k_type, v_type)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len), self.block_manager,
             self.speculator, SlotAllocator(layout.num_slots) if self.state_cache is not None else None,

@@ -221,10 +221,14 @@ def _outputs_so_far(requests: list[Request]) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def forward_once(model: torch.nn.Module, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
-    """Logits ``[len(token_ids), vocab]`` for one sequence in a throwaway cache (scoring, tests)."""
+def forward_once(model: torch.nn.Module, token_ids: list[int], block_size: int = 16,
+                 cache: PagedKVCache | None = None) -> torch.Tensor:
+    """Logits ``[len(token_ids), vocab]`` for one sequence in a throwaway cache (scoring, tests),
+    or in ``cache`` from slot 0 on, to read its keys and values afterwards (KV calibration)."""
     n = len(token_ids)
-    cache = PagedKVCache(model.config, num_blocks=-(-n // block_size), block_size=block_size)
+    if cache is None:
+        cache = PagedKVCache(model.config, num_blocks=-(-n // block_size), block_size=block_size)
+    block_size = cache.block_size
     states = StateCache(model.config, num_slots=1) if model.config.has_state else None
     meta = AttentionMetadata(
         slot_mapping=torch.arange(n),

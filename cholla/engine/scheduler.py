@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from cholla.engine.request import Request, RequestStatus
 from cholla.kv.block_manager import BlockManager
 from cholla.kv.state_cache import SlotAllocator
-from cholla.speculative.speculator import MAX_DECODING_SEQS, NgramSpeculator
+from cholla.speculative.speculator import MAX_DECODING_SEQS, Speculator
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, speculator: NgramSpeculator | None = None,
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, speculator: Speculator | None = None,
                  state_slots: SlotAllocator | None = None):
         self.config = config
         self.block_manager = block_manager
@@ -78,8 +78,10 @@ class Scheduler:
         request.finish_reason = request.finish_reason or reason
 
     def _release(self, request: Request) -> None:
-        """Give back the request's blocks and its state slot."""
+        """Give back the request's blocks, its state slot and what the speculator keeps for it."""
         self.block_manager.free(request.blocks)
+        if self.speculator is not None:
+            self.speculator.release(request)
         if request.state_slot is not None:
             self.state_slots.free(request.state_slot)
             request.state_slot = None
@@ -101,6 +103,7 @@ class Scheduler:
 
         # 1. Running requests, oldest first: the rest of their prompt, or one decode token (and drafts).
         speculate = self.speculator is not None and sum(map(_is_decoding, self.running)) <= MAX_DECODING_SEQS
+        proposals = self._propose() if speculate else {}
         for request in list(self.running):
             request.draft_token_ids = []
             if budget == 0:
@@ -108,8 +111,8 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted below to make room for an older request
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if speculate and _is_decoding(request):
-                num_new += self._draft(request, budget - 1)
+            if request.request_id in proposals:
+                num_new += self._draft(request, proposals[request.request_id][: budget - 1])
             while not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
                 victim = self.running[-1]  # the newest request gives way
                 self._preempt(victim, batch)
@@ -153,17 +156,24 @@ class Scheduler:
         batch.num_prefills = sum(not d for d in is_decode)
         return batch
 
-    def _draft(self, request: Request, budget: int) -> int:
-        """Give a decoding request drafts (``request.draft_token_ids``) if they fit; returns how many.
+    def _propose(self) -> dict[str, list[int]]:
+        """Drafts for every decoding request at once (a draft model runs them as one batch), each
+        short of the context's end and of ``max_tokens``; the step's budget cuts them later."""
+        decoding = [r for r in self.running if _is_decoding(r)]
+        limits = []
+        for request in decoding:
+            limit = self.config.max_model_len - request.num_tokens - 1
+            if request.params.max_tokens is not None:
+                limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
+            limits.append(limit)
+        drafts = self.speculator.propose_batch(decoding, limits)
+        return {r.request_id: d for r, d in zip(decoding, drafts) if d}
 
-        Within the token budget, short of the context's end, and only with blocks to
-        spare: a draft's block must never be the one another running request needs.
+    def _draft(self, request: Request, drafts: list[int]) -> int:
+        """Give a decoding request ``drafts`` (``request.draft_token_ids``) if they fit; returns how many.
+
+        Only with blocks to spare: a draft's block must never be the one another running request needs.
         """
-        limit = min(budget, self.config.max_model_len - request.num_tokens - 1)
-        if request.params.max_tokens is not None:
-            limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
-        drafts = self.speculator.propose(request.all_token_ids, request.params, request.grammar is not None,
-                                         len(request.output_token_ids), request.speculation, limit)
         if not drafts:
             return 0
         total = request.num_tokens + len(drafts)

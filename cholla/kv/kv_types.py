@@ -19,6 +19,15 @@ in a float type: ``paged_cache.check_kv_types``):
   rotation spreads a few outlier channels over all of them, so each scale is set by typical
   values, not the outliers: QuaRot's treatment of the KV cache (Ashkboos et al., "QuaRot:
   Outlier-Free 4-Bit Inference in Rotated LLMs", NeurIPS 2024). Same sizes as unrotated.
+- ``q4_0_cal`` is ``q4_0_rot`` of each channel first shifted by its mean and divided by its
+  spread, both measured once per layer, head and channel on a fixed calibration text when the
+  cache is made (``kv/calibration.py``), and undone on reading. Keys carry a large per-channel
+  offset shared by every token (outlier channels, QK-norm weights): rotation alone spreads it
+  over all channels, where it still sets every scale; subtracting it first leaves the part that
+  differs between tokens, which is what attention scores depend on. Per-channel statistics of
+  keys are KVQuant's and KIVI's observation (Hooper et al., "KVQuant", NeurIPS 2024; Liu et al.,
+  "KIVI", ICML 2024), here calibrated offline so a token's row is still written once.
+  The same bytes as ``q4_0`` per token; the statistics are a few KiB per layer.
 
 Attention reads every type back as fp32 (``gather``). cholla's C++ decode kernels read only
 ``f32`` and ``bf16``; for the others the layers use the PyTorch path.
@@ -43,6 +52,7 @@ class KVCacheType:
     group: int | None = None  # values per fp16 scale along head_dim; 0 = the whole head; None = no scale
     bits: int = 8  # per value; 4: two to a byte (q4_0)
     rotated: bool = False  # each head Hadamard-rotated before quantizing (int8_rot, q4_0_rot)
+    calibrated: bool = False  # channels shifted and scaled by calibrated statistics first (q4_0_cal)
 
     def groups(self, head_dim: int) -> int:
         """Scales per (token, head)."""
@@ -76,6 +86,7 @@ KV_CACHE_TYPES = {
         KVCacheType("q4_0", torch.uint8, group=32, bits=4),
         KVCacheType("int8_rot", torch.int8, group=0, rotated=True),
         KVCacheType("q4_0_rot", torch.uint8, group=32, bits=4, rotated=True),
+        KVCacheType("q4_0_cal", torch.uint8, group=32, bits=4, rotated=True, calibrated=True),
     )
 }
 ALIASES = {"fp8": "fp8_e4m3", "float32": "f32", "fp32": "f32", "bfloat16": "bf16", "float16": "f16", "fp16": "f16"}
@@ -106,6 +117,10 @@ class ScaledKV(NamedTuple):
     values: torch.Tensor
     scales: torch.Tensor
     rotated: bool = False  # heads stored Hadamard-rotated (int8_rot, q4_0_rot)
+    # Calibrated types (q4_0_cal): fp32 [kv_heads, head_dim] per-channel mean and spread, stored
+    # values are (x - shift) / spread; filled by kv/calibration.py before the first write.
+    shift: torch.Tensor | None = None
+    spread: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -130,7 +145,10 @@ def allocate(kv_type: KVCacheType, num_blocks: int, block_size: int, num_kv_head
     if kv_type.group is None:
         return zeros(shape, kv_type.storage)
     values = zeros((*shape[:3], head_dim * kv_type.bits // 8), kv_type.storage)
-    return ScaledKV(values, zeros((*shape[:3], kv_type.groups(head_dim)), torch.float16), kv_type.rotated)
+    scales = zeros((*shape[:3], kv_type.groups(head_dim)), torch.float16)
+    if not kv_type.calibrated:
+        return ScaledKV(values, scales, kv_type.rotated)
+    return ScaledKV(values, scales, True, torch.zeros(num_kv_heads, head_dim), torch.ones(num_kv_heads, head_dim))
 
 
 @functools.cache
@@ -181,6 +199,8 @@ def dequantize_q4_0(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize(x: torch.Tensor, cache: ScaledKV) -> tuple[torch.Tensor, torch.Tensor]:
+    if cache.shift is not None:
+        x = (x - cache.shift) / cache.spread
     if cache.rotated:
         x = x @ hadamard(x.shape[-1])
     if cache.values.dtype == torch.uint8:
@@ -188,9 +208,11 @@ def _quantize(x: torch.Tensor, cache: ScaledKV) -> tuple[torch.Tensor, torch.Ten
     return quantize_int8(x, cache.scales.shape[-1])
 
 
-def _dequantize(values: torch.Tensor, scales: torch.Tensor, rotated: bool) -> torch.Tensor:
+def _dequantize(values: torch.Tensor, scales: torch.Tensor, cache: ScaledKV) -> torch.Tensor:
     x = dequantize_q4_0(values, scales) if values.dtype == torch.uint8 else dequantize_int8(values, scales)
-    return x @ hadamard(x.shape[-1]) if rotated else x
+    if cache.rotated:
+        x = x @ hadamard(x.shape[-1])
+    return x * cache.spread + cache.shift if cache.shift is not None else x
 
 
 def _encode_float(kv_type: KVCacheType, x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +239,7 @@ def store(cache: CacheSide, x: torch.Tensor, slot_mapping: torch.Tensor) -> None
 def gather(cache: CacheSide, blocks: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The blocks ``blocks`` (any index shape) read back: ``[*blocks.shape, block_size, kv_heads, head_dim]``."""
     if isinstance(cache, ScaledKV):
-        return _dequantize(cache.values[blocks], cache.scales[blocks], cache.rotated).to(dtype)
+        return _dequantize(cache.values[blocks], cache.scales[blocks], cache).to(dtype)
     if cache.dtype.itemsize == 1:  # fp8
         return cache.view(torch.uint8)[blocks].view(cache.dtype).to(dtype)
     return cache[blocks].to(dtype)

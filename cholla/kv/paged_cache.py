@@ -32,13 +32,14 @@ DEFAULT_MAX_NUM_SEQS = 64  # the engine's default cap on running sequences (and 
 
 
 def layer_token_shapes(config: ModelConfig) -> list[tuple[tuple[int, int], ...]]:
-    """Per layer, the per-token shape ``(heads, dim)`` of each of its cache sides: (K, V), the one
-    latent, or none for a layer without attention (a hybrid model's recurrent and MLP-only layers)."""
+    """Per layer, the per-token shape ``(heads, dim)`` of each of its cache sides: (K, V) (Gemma 4's
+    global layers have their own), the one latent, or none for a layer without attention (a hybrid
+    model's recurrent and MLP-only layers) or one that reads another layer's cache (Gemma 4's KV sharing)."""
     if config.mla is not None:
-        sides = ((1, config.mla.kv_lora_rank + config.mla.qk_rope_head_dim),)
-    else:
-        sides = ((config.num_kv_heads, config.head_dim),) * 2
-    return [sides if kind in ATTENTION_TYPES else () for kind in config.layer_types]
+        latent = ((1, config.mla.kv_lora_rank + config.mla.qk_rope_head_dim),)
+        return [latent if kind in ATTENTION_TYPES else () for kind in config.layer_types]
+    return [(config.layer_attention(i),) * 2 if kind in ATTENTION_TYPES and config.kv_producer(i) == i else ()
+            for i, kind in enumerate(config.layer_types)]
 
 
 def _types(k_type: KVCacheType | torch.dtype, v_type: KVCacheType | torch.dtype | None) -> tuple[KVCacheType, ...]:

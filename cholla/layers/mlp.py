@@ -1,4 +1,4 @@
-"""The gated feed-forward block: ``down(act(gate(x)) * up(x))``."""
+"""The feed-forward blocks: gated ``down(act(gate(x)) * up(x))``, and plain ``down(act(up(x)))``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
 }
+# Activations of the ungated block: these and squared ReLU (Nemotron-H).
+UNGATED_ACTIVATIONS = {**ACTIVATIONS, "relu2": lambda x: torch.relu(x).square()}
 ACTIVATION_IDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # as cholla/kernels/activation.cpp numbers them
 
 
@@ -44,3 +46,18 @@ class GatedMLP(nn.Module):
         # projection's matmul would round it to bf16 anyway.
         gate, up = linear_group((self.gate_proj, self.up_proj), x, keep_bf16=True)
         return self.down_proj(gated_activation(gate, up, self.activation))
+
+
+class MLP(nn.Module):
+    """The ungated block ``down(act(up(x)))`` (Nemotron-H's MLP layers and experts)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = False):
+        super().__init__()
+        if activation not in UNGATED_ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not supported ({', '.join(UNGATED_ACTIVATIONS)} are)")
+        self.up_proj = Linear(hidden_size, intermediate_size, bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias)
+        self.activation = UNGATED_ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation(self.up_proj(x)))

@@ -2,8 +2,9 @@
 
 One layer serves every architecture; what differs between them is how router
 logits become (weights, expert ids), written below as small functions
-(``softmax_topk``, ``topk_softmax``, ``sigmoid_group_topk``), and the experts'
-activation (``GatedMLP``'s, or GPT-OSS's clamped SwiGLU).
+(``softmax_topk``, ``topk_softmax``, ``sigmoid_group_topk``, ``softmax_topk_scaled``), and the experts'
+activation (``GatedMLP``'s, or GPT-OSS's clamped SwiGLU), or ungated experts
+(``down(act(up(x)))``, Nemotron-H).
 
 Each expert is three ``Linear`` layers over its own slice of the checkpoint's
 stacked ``[experts, rows, cols]`` tensors (``split_experts``): a GGUF expert
@@ -25,7 +26,7 @@ from torch import nn
 from cholla.errors import ModelFormatError
 from cholla.formats.gguf import GGUFTensor
 from cholla.layers.linear import DenseTensor, Linear, Weight, linear_group
-from cholla.layers.mlp import ACTIVATIONS, GatedMLP, gated_activation
+from cholla.layers.mlp import ACTIVATIONS, MLP, UNGATED_ACTIVATIONS, GatedMLP, gated_activation
 
 # Router logits [tokens, experts] (fp32) -> (weights [tokens, k] fp32, expert ids [tokens, k]).
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -52,6 +53,18 @@ def topk_softmax(top_k: int) -> Router:
     def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         values, ids = torch.topk(logits.float(), top_k, dim=-1)
         return torch.softmax(values, dim=-1), ids
+
+    return route
+
+
+def softmax_topk_scaled(top_k: int, expert_scale: DenseTensor) -> Router:
+    """Gemma 4: ``softmax_topk`` normalised to sum to one, each weight then times its expert's
+    learned scale (``expert_scale``: [experts], read at call time, as it is loaded later)."""
+    normalized = softmax_topk(top_k, normalize=True)
+
+    def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = normalized(logits)
+        return weights * expert_scale.value[ids], ids
 
     return route
 
@@ -94,15 +107,18 @@ def clamped_swiglu(alpha: float, limit: float) -> GLU:
 
 
 class Expert(nn.Module):
-    """One gated MLP; its activation is the layer's (``glu``)."""
+    """One gated MLP; its activation is the layer's (``glu``). Ungated (``gated=False``): no
+    ``gate_proj``, and ``glu`` is the activation alone."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, gated: bool = True):
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, bias)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias) if gated else None
         self.up_proj = Linear(hidden_size, intermediate_size, bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias)
 
     def forward(self, x: torch.Tensor, glu: GLU) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(glu(self.up_proj(x)))
         gate, up = linear_group((self.gate_proj, self.up_proj), x)
         return self.down_proj(glu(gate, up))
 
@@ -118,23 +134,30 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, route: Router,
                  activation: str = "silu", glu: GLU | None = None, router_bias: bool = False,
                  expert_bias: bool = False, shared_intermediate_size: int = 0,
-                 correction_bias: DenseTensor | None = None, shared_expert_gate: bool = False):
+                 correction_bias: DenseTensor | None = None, gated: bool = True,
+                 shared_expert_gate: bool = False):
         super().__init__()
-        if glu is None and activation not in ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} is not supported ({', '.join(ACTIVATIONS)} are)")
+        known = ACTIVATIONS if gated else UNGATED_ACTIVATIONS
+        if glu is None and activation not in known:
+            raise ValueError(f"activation {activation!r} is not supported ({', '.join(known)} are)")
         self.num_experts, self.route = num_experts, route
-        self.glu = glu or (lambda gate, up: gated_activation(gate, up, activation))
+        if gated:
+            self.glu = glu or (lambda gate, up: gated_activation(gate, up, activation))
+        else:
+            self.glu = UNGATED_ACTIVATIONS[activation]
         self.gate = Linear(hidden_size, num_experts, router_bias)
-        self.experts = nn.ModuleList(Expert(hidden_size, intermediate_size, expert_bias) for _ in range(num_experts))
-        self.shared_expert = (GatedMLP(hidden_size, shared_intermediate_size, activation)
-                              if shared_intermediate_size else None)
+        self.experts = nn.ModuleList(Expert(hidden_size, intermediate_size, expert_bias, gated)
+                                     for _ in range(num_experts))
+        shared = GatedMLP if gated else MLP
+        self.shared_expert = shared(hidden_size, shared_intermediate_size, activation) if shared_intermediate_size else None
         self.e_score_correction_bias = correction_bias
         # Qwen3-Next / Qwen 3.5: the shared expert's output scaled per token by sigmoid(gate . x)
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_gate else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, hidden] -> [tokens, hidden]."""
-        weights, ids = self.route(self.gate(x))
+    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [tokens, hidden] -> [tokens, hidden]. ``router_input``: what the router reads when it
+        is not the experts' input (Gemma 4 routes from the residual stream, normalised its own way)."""
+        weights, ids = self.route(self.gate(x if router_input is None else router_input))
         top_k = ids.shape[1]
         flat = ids.flatten()
         order = torch.argsort(flat, stable=True)  # token-expert pairs grouped by expert

@@ -31,6 +31,11 @@ def inverse_frequencies(rope: RopeConfig, rotary_dim: int) -> torch.Tensor:
         inv_freq = torch.where(is_medium, smoothed, scaled)
     elif kind == "yarn":
         inv_freq = _yarn_inverse_frequencies(inv_freq, rope.theta, rotary_dim, scaling)
+    elif kind == "proportional":
+        # Gemma 4's full-attention layers: only the first ``partial_rotary_factor`` of the pairs
+        # turn, at the whole head's frequencies; the rest get frequency 0 and pass through as they are.
+        turning = int(float(scaling.get("partial_rotary_factor", 1.0)) * rotary_dim // 2)
+        inv_freq = torch.cat((inv_freq[:turning], torch.zeros(rotary_dim // 2 - turning))) / float(scaling.get("factor", 1.0))
     if rope.freq_factors is not None:
         inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32)
     return inv_freq
@@ -135,3 +140,8 @@ class RotaryEmbedding:
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + self._rotate(q) * sin, k * cos + self._rotate(k) * sin
+
+    def rotate_queries(self, positions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """q alone ([tokens, heads, head_dim]), for a layer that attends to another layer's (rotated) keys."""
+        self.tables(positions)
+        return self.rotate_ops(positions, q, q[:, :0])[0]

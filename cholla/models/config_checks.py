@@ -23,6 +23,7 @@ from cholla.formats.gguf import GGUFFile
 from cholla.formats.safetensors import HFFolder
 from cholla.models.config import (LAYER_TYPES, ModelConfig, RopeConfig, config_from_gguf, config_from_hf)
 from cholla.models.gguf_names import gguf_to_hf_name
+from cholla.models.mamba2 import backbone_names
 
 # Beyond these no real model goes; a file that claims more is corrupt (and would allocate without bound).
 MAX_DIM = 1 << 20  # hidden, intermediate, head dims
@@ -44,6 +45,8 @@ GGUF_KEYS = {
     "kv_lora_rank": "attention.kv_lora_rank", "moe_intermediate_size": "expert_feed_forward_length",
     "deltanet.num_k_heads": "ssm.group_count", "deltanet.num_v_heads": "ssm.time_step_rank",
     "deltanet.k_head_dim": "ssm.state_size", "deltanet.conv_kernel": "ssm.conv_kernel", "rotary_dim": "rope.dimension_count",
+    "global_head_dim": "attention.key_length", "kv_shared_layers": "attention.shared_kv_layers",
+    "per_layer_input_size": "embedding_length_per_layer_input",
 }
 HF_KEYS = {
     "hidden_size": "hidden_size", "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
@@ -58,11 +61,14 @@ HF_KEYS = {
     "deltanet.num_k_heads": "linear_num_key_heads", "deltanet.num_v_heads": "linear_num_value_heads",
     "deltanet.k_head_dim": "linear_key_head_dim", "deltanet.v_head_dim": "linear_value_head_dim",
     "deltanet.conv_kernel": "linear_conv_kernel_dim",
+    "global_head_dim": "global_head_dim", "global_kv_heads": "num_global_key_value_heads",
+    "kv_shared_layers": "num_kv_shared_layers", "per_layer_input_size": "hidden_size_per_layer_input",
+    "per_layer_vocab_size": "vocab_size_per_layer_input",
 }
 # The most each count may be: checked on the raw values too, before anything is sized by them.
 _MOST = {"num_layers": MAX_LAYERS, "num_heads": MAX_HEADS, "num_kv_heads": MAX_HEADS, "vocab_size": MAX_VOCAB,
          "max_position_embeddings": MAX_CONTEXT, "hidden_size": MAX_DIM, "intermediate_size": MAX_DIM,
-         "head_dim": MAX_DIM, "sliding_window": MAX_CONTEXT}
+         "head_dim": MAX_DIM, "sliding_window": MAX_CONTEXT, "global_head_dim": MAX_DIM, "global_kv_heads": MAX_HEADS}
 _COUNT_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim", "vocab_size",
                  "max_position_embeddings")
 _FLOAT_FIELDS = ("rms_norm_eps", "rope", "rope_scaling", "final_logit_softcapping", "attn_logit_softcapping",
@@ -114,14 +120,16 @@ def check_raw_gguf(metadata: Mapping[str, Any], path: str) -> None:
         if key not in metadata:
             continue
         value = metadata.get(key)
-        if field == "num_kv_heads" and isinstance(value, list):  # per-layer counts
-            if not value or not all(_is_int(v) and 0 <= v <= MAX_HEADS for v in value):
+        if field in ("num_kv_heads", "intermediate_size") and isinstance(value, list):  # per-layer counts
+            if not value or not all(_is_int(v) and 0 <= v <= _MOST[field] for v in value):
                 raise ModelFormatError(f"{path}: {key} must be a count or a list of counts; the file is corrupt")
             continue
         ok = _is_number(value) if field in _FLOAT_FIELDS else _is_int(value)
         if not ok:
             raise ModelFormatError(f"{path}: {key} = {str(value)[:60]!r} is not a finite number; the file is corrupt")
         lowest = 0 if field == "sliding_window" else 1  # some are divided by before the config exists
+        if arch == "mamba2" and field in ("num_heads", "intermediate_size"):
+            lowest = 0  # no attention, no MLP: the converter writes zeros
         if field in _MOST and not lowest <= value <= _MOST[field]:
             raise ModelFormatError(f"{path}: {key} = {value} must be a whole number in [{lowest}, {_MOST[field]}]; "
                                    "the file is corrupt")
@@ -185,6 +193,10 @@ def _check_rope(rope: RopeConfig, source: ConfigSource, field: str) -> None:
         value = scaling.get(name)
         if not (_is_number(value) and value > 0):
             source.fail("rope_scaling", value, f"({kind} rope scaling's {name}) must be a number > 0")
+    if kind == "proportional":
+        part = scaling.get("partial_rotary_factor", 1.0)
+        if not (_is_number(part) and 0 <= part <= 1):
+            source.fail("rope_scaling", part, "(proportional rope's partial_rotary_factor) must be a number in [0, 1]")
     if kind == "llama3":
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
         if not (_is_number(low) and _is_number(high) and 0 < low < high):
@@ -196,9 +208,10 @@ def check_rope(config: ModelConfig, source: ConfigSource) -> None:
     if config.local_rope is not None:
         _check_rope(config.local_rope, source, "rope")
     factors = source.shapes.get("rope_freqs.weight")
-    if factors is not None and factors != (config.head_dim // 2,):
-        source.fail("head_dim", config.head_dim, f"needs {config.head_dim // 2} rope frequency factors, "
-                                                  f"but rope_freqs.weight has shape {factors}")
+    rotated = config.global_head_dim or config.head_dim  # the factors belong to config.rope, the global layers'
+    if factors is not None and factors != (rotated // 2,):
+        source.fail("head_dim", rotated, f"needs {rotated // 2} rope frequency factors, "
+                                         f"but rope_freqs.weight has shape {factors}")
 
 
 def check_layer_kinds(config: ModelConfig, source: ConfigSource) -> None:
@@ -247,11 +260,12 @@ def check_special_tokens(config: ModelConfig, source: ConfigSource) -> None:
             source.fail(name, bad[0], f"is not a token id of the {config.vocab_size}-token vocabulary")
 
 
-def _attention_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, int], str]]:
-    """Attention weight -> (its shape, the field that sizes it): grouped-query or latent (MLA)."""
+def _attention_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[tuple[int, int], str]]:
+    """Layer ``layer``'s attention weight -> (its shape, the field that sizes it): grouped-query or latent (MLA)."""
     hidden, mla = config.hidden_size, config.mla
     if mla is None:
-        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        kv_heads, head_dim = config.layer_attention(layer)
+        q, kv = config.num_heads * head_dim, kv_heads * head_dim
         q_rows = 2 * q if config.attn_output_gate else q  # a gate per head after its query
         return {"q_proj": ((q_rows, hidden), "num_heads"), "k_proj": ((kv, hidden), "num_kv_heads"),
                 "v_proj": ((kv, hidden), "num_kv_heads"), "o_proj": ((hidden, q), "num_heads")}
@@ -264,13 +278,15 @@ def _attention_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, int], s
 def check_layer_shapes(config: ModelConfig, source: ConfigSource) -> None:
     """Every layer's attention and dense MLP weights against the head counts and dimensions
     (routed experts are checked against the config as the loader takes them)."""
-    hidden, inner = config.hidden_size, config.intermediate_size
-    expected = {f"self_attn.{name}.weight": shape for name, shape in _attention_shapes(config).items()}
-    expected.update({
-        "mlp.gate_proj.weight": ((inner, hidden), "intermediate_size"), "mlp.up_proj.weight": ((inner, hidden), "intermediate_size"),
-        "mlp.down_proj.weight": ((hidden, inner), "intermediate_size"),
-    })
+    hidden = config.hidden_size
     for layer in range(config.num_layers):
+        inner = config.layer_intermediate_size(layer)
+        expected = {f"self_attn.{name}.weight": shape for name, shape in _attention_shapes(config, layer).items()}
+        expected.update({
+            "mlp.gate_proj.weight": ((inner, hidden), "intermediate_size"),
+            "mlp.up_proj.weight": ((inner, hidden), "intermediate_size"),
+            "mlp.down_proj.weight": ((hidden, inner), "intermediate_size"),
+        })
         for part, (want, field) in expected.items():
             got = source.shapes.get(f"model.layers.{layer}.{part}")
             if got is not None and got != want:
@@ -297,6 +313,27 @@ def check_experts(config: ModelConfig, source: ConfigSource) -> None:
                     f"(expert groups, groups used) must divide the {moe.num_experts} experts, using 1 to all groups")
     if any(not (_is_int(i) and 0 <= i < config.num_layers) for i in moe.dense_layers):
         source.fail("dense_layers", moe.dense_layers, f"must be layers of the {config.num_layers}")
+
+
+def check_mamba(config: ModelConfig, source: ConfigSource) -> None:
+    """The Mamba-2 mixers' dimensions: whole and bounded, and their projections the sizes they imply."""
+    shape = config.mamba
+    if shape is None:
+        return
+    for name in ("num_heads", "head_dim", "state_size", "n_groups", "conv_kernel", "chunk_size"):
+        value = getattr(shape, name)
+        if not (_is_int(value) and 1 <= value <= MAX_DIM):
+            source.fail(f"mamba {name}", value, f"must be a whole number in [1, {MAX_DIM}]")
+    expected = {"in_proj.weight": (2 * shape.inner_size + 2 * shape.n_groups * shape.state_size + shape.num_heads,
+                                   shape.hidden_size),
+                "out_proj.weight": (shape.hidden_size, shape.inner_size)}
+    for layer in range(config.num_layers):
+        for part, want in expected.items():
+            got = (source.shapes.get(f"model.layers.{layer}.mixer.{part}")  # Mamba-2, Nemotron-H
+                   or source.shapes.get(f"model.layers.{layer}.mamba.{part}"))  # Falcon-H1, Granite 4 hybrid
+            if got is not None and tuple(got) != want:
+                source.fail("mamba num_heads", shape.num_heads, f"with the other Mamba-2 dimensions needs {part} of "
+                                                                f"layer {layer} to be {want}, but it is {tuple(got)}")
 
 
 def check_latent(config: ModelConfig, source: ConfigSource) -> None:
@@ -344,8 +381,38 @@ def check_deltanet(config: ModelConfig, source: ConfigSource) -> None:
                             f"with the other dimensions needs {part} of layer {layer} to be {want}, but it is {got}")
 
 
-CHECKS: list[Check] = [check_counts, check_heads, check_experts, check_latent, check_norm, check_rope, check_layer_kinds,
-                       check_layers_present, check_embedding, check_special_tokens, check_layer_shapes, check_deltanet]
+def check_layer_geometry(config: ModelConfig, source: ConfigSource) -> None:
+    """Gemma 4's per-kind heads, KV sharing and per-layer embeddings: whole, bounded, and every
+    KV-shared layer with an earlier layer of its kind to read from."""
+    for field in ("global_head_dim", "global_kv_heads"):
+        value = getattr(config, field)
+        if value is not None and not (_is_int(value) and 1 <= value <= _MOST[field]):
+            source.fail(field, value, f"must be a whole number in [1, {_MOST[field]}]")
+    kv_heads, head_dim = config.global_kv_heads or config.num_kv_heads, config.global_head_dim or config.head_dim
+    if config.num_heads % kv_heads or head_dim % 2:
+        source.fail("global_head_dim", (kv_heads, head_dim), f"(full-attention KV heads, head dim) must divide the "
+                                                              f"{config.num_heads} heads and be even")
+    shared = config.kv_shared_layers
+    if not (_is_int(shared) and 0 <= shared < config.num_layers):
+        source.fail("kv_shared_layers", shared, f"must be a whole number in [0, {config.num_layers - 1}]")
+    orphans = [i for i in range(config.num_layers) if config.kv_producer(i) < 0]
+    if orphans:
+        source.fail("kv_shared_layers", shared, f"leaves layer {orphans[0]} no earlier {config.layer_types[orphans[0]]} "
+                                                "layer to share keys and values with")
+    size, vocab = config.per_layer_input_size, config.per_layer_vocab_size
+    if not (_is_int(size) and 0 <= size <= MAX_DIM):
+        source.fail("per_layer_input_size", size, f"must be a whole number in [0, {MAX_DIM}]")
+    if size and vocab is not None and not (_is_int(vocab) and config.vocab_size <= vocab <= MAX_VOCAB):
+        source.fail("per_layer_vocab_size", vocab, f"must cover the {config.vocab_size}-token vocabulary")
+    shape = source.shapes.get("model.embed_tokens_per_layer.weight")
+    if (shape is not None) != bool(size) or (shape is not None and shape[1:] != (config.num_layers * size,)):
+        source.fail("per_layer_input_size", size, f"with {config.num_layers} layers does not fit the per-layer "
+                                                  f"embedding model.embed_tokens_per_layer.weight of shape {shape}")
+
+
+CHECKS: list[Check] = [check_counts, check_heads, check_experts, check_latent, check_mamba, check_norm, check_rope, check_layer_kinds,
+                       check_layer_geometry, check_layers_present, check_embedding, check_special_tokens,
+                       check_layer_shapes, check_deltanet]
 
 
 def check_config(config: ModelConfig, source: ConfigSource) -> None:
@@ -361,7 +428,7 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
     """The config of a GGUF file, checked against its metadata types and tensors."""
     path = str(gguf.path)
     check_raw_gguf(gguf.metadata, path)
-    config = config_from_gguf(gguf.metadata, set(gguf.tensors))
+    config = config_from_gguf(gguf.metadata, set(gguf.tensors), {n: tuple(t.shape) for n, t in gguf.tensors.items()})
     shapes = {}
     for name, tensor in gguf.tensors.items():
         shapes[gguf_to_hf_name(name, config.architecture) or name] = tensor.shape
@@ -370,13 +437,19 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
     return config
 
 
+def _text_tower(name: str) -> str:
+    """A multimodal checkpoint's text-model tensor under its text-only name
+    (``language_model.model.*``, Gemma 4's ``model.language_model.*``)."""
+    return name.replace("model.language_model.", "model.", 1) if name.startswith("model.language_model.") \
+        else name.removeprefix("language_model.")
+
+
 def hf_config(folder: HFFolder) -> ModelConfig:
     """The config of a Hugging Face folder, checked against config.json's types and the shards' headers."""
     path = str(folder.path)
     check_raw_hf(folder.config, path)
     config = config_from_hf(folder.config)
-    shapes = {name.removeprefix("language_model.").replace("model.language_model.", "model."): shape
-              for name, shape in folder.tensor_shapes().items()}
+    shapes = backbone_names({_text_tower(name): shape for name, shape in folder.tensor_shapes().items()})
     keys = {field: f"config.json's {key}" for field, key in HF_KEYS.items()}
     check_config(config, ConfigSource(path, keys, shapes))
     return config

@@ -72,7 +72,7 @@ def _covered(layer: nn.Module) -> bool:
     mixtures of experts, latent attention and sinks run in Python."""
     attn = getattr(layer, "self_attn", None)
     return (type(attn) is Attention and attn.sinks is None and not attn.qk_norm_full and not attn.output_gate
-            and attn.rotary.head_dim == attn.head_dim
+            and getattr(attn.rotary, "head_dim", attn.head_dim) == attn.head_dim  # no partial rope
             and type(getattr(layer, "mlp", None)) is GatedMLP)
 
 

@@ -1,5 +1,8 @@
 """Gemma 3 (text): sliding-window and global layers, each with its own rope base,
 pre- and post-norms around both sublayers, QK-norm, scaled embeddings, GELU-tanh.
+
+Gemma 4 (``models/gemma4.py``) builds on the rope tables, the layer's norms and the
+model shell here.
 """
 
 from __future__ import annotations
@@ -8,32 +11,29 @@ import torch
 from torch import nn
 
 from cholla.layers.attention import Attention, AttentionMetadata
-from cholla.layers.linear import Embedding, Linear, Weight
+from cholla.layers.linear import Weight
 from cholla.layers.mlp import GatedMLP
 from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
-from cholla.models.config import SLIDING_ATTENTION, ModelConfig
+from cholla.models.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
+from cholla.models.decoder import DecoderModel
 from cholla.models.fused_decode import run_layers
-from cholla.models.loading import load_named_weights
+
+
+def gemma_ropes(config: ModelConfig) -> dict[str, RotaryEmbedding]:
+    """One rotary table per layer kind: global layers turn at ``config.rope`` (with their own head
+    size in Gemma 4), sliding ones at ``config.local_rope``."""
+    full_dim = config.global_head_dim or config.head_dim
+    return {FULL_ATTENTION: RotaryEmbedding(config.rope, full_dim, config.rope_interleaved),
+            SLIDING_ATTENTION: RotaryEmbedding(config.local_rope or config.rope, config.head_dim, config.rope_interleaved)}
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, global_rope, local_rope):
+    """Norms before and after both sublayers (HF's names); the attention and the MLP are given."""
+
+    def __init__(self, config: ModelConfig, attention: nn.Module, mlp: nn.Module):
         super().__init__()
-        sliding = config.layer_types[layer_index] == SLIDING_ATTENTION
-        self.self_attn = Attention(
-            config.hidden_size,
-            config.num_heads,
-            config.num_kv_heads,
-            config.head_dim,
-            local_rope if sliding else global_rope,
-            scale=config.attn_scale,
-            bias=config.attention_bias,
-            qk_norm_eps=config.rms_norm_eps,
-            window=config.sliding_window if sliding else None,
-            softcap=config.attn_logit_softcapping,
-        )
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.self_attn, self.mlp = attention, mlp
         dim, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(dim, eps)
         self.post_attention_layernorm = RMSNorm(dim, eps)
@@ -45,20 +45,21 @@ class Gemma3DecoderLayer(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(DecoderModel):
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        global_rope = RotaryEmbedding(config.rope, config.head_dim, config.rope_interleaved)
-        local_rope = RotaryEmbedding(config.local_rope or config.rope, config.head_dim, config.rope_interleaved)
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(config, i, global_rope, local_rope) for i in range(config.num_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        ropes = gemma_ropes(config)
+        super().__init__(config, lambda cfg, index: self.decoder_layer(cfg, index, ropes[cfg.layer_types[index]]))
         # HF rounds the scale to the activation dtype before multiplying.
         self.embed_scale = torch.tensor(config.embed_scale or 1.0, dtype=torch.float32)
+
+    def decoder_layer(self, config: ModelConfig, index: int, rotary: RotaryEmbedding) -> nn.Module:
+        """Layer ``index``, turning q and k with its kind's ``rotary``."""
+        sliding = config.layer_types[index] == SLIDING_ATTENTION
+        attention = Attention(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, rotary,
+                              scale=config.attn_scale, bias=config.attention_bias, qk_norm_eps=config.rms_norm_eps,
+                              window=config.sliding_window if sliding else None, softcap=config.attn_logit_softcapping)
+        return Gemma3DecoderLayer(config, attention, GatedMLP(config.hidden_size, config.intermediate_size,
+                                                              config.hidden_act))
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -73,16 +74,9 @@ class Gemma3ForCausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def load_weights(self, weights: dict[str, Weight]) -> set[str]:
-        """HF-named weights in; returns the names no module took."""
-        weights = {name.removeprefix("model."): w for name, w in weights.items()}
-        if "lm_head.weight" not in weights:
-            weights["lm_head.weight"] = weights["embed_tokens.weight"]
-        return load_named_weights(self, weights)
-
     @staticmethod
     def sanitize_hf(weights: dict[str, Weight]) -> dict[str, Weight]:
-        """HF stores Gemma norms as ``w`` and multiplies by ``1 + w``; GGUF already stores ``1 + w``."""
+        """HF stores Gemma 3 norms as ``w`` and multiplies by ``1 + w``; GGUF already stores ``1 + w``."""
         return {
             name: (w.float() + 1.0 if name.endswith("norm.weight") else w) for name, w in weights.items()
         }

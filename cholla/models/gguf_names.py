@@ -11,6 +11,10 @@ _GLOBAL = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
+    # Gemma 4's per-layer embeddings
+    "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+    "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+    "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight",
 }
 
 _LAYER = {
@@ -52,6 +56,33 @@ _DELTANET = {
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 
+# LFM2 and LFM2-MoE: HF's own names (models/lfm2.py renames them); conv layers' tensors are ``shortconv.*``.
+_LFM2 = {
+    "attn_norm": "operator_norm",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2",
+    "attn_output": "self_attn.out_proj",
+    "attn_q_norm": "self_attn.q_layernorm",
+    "attn_k_norm": "self_attn.k_layernorm",
+    "shortconv.conv": "conv.conv",
+    "shortconv.in_proj": "conv.in_proj",
+    "shortconv.out_proj": "conv.out_proj",
+    # LFM2-MoE: its router, expert bias and stacked experts (split per expert on load)
+    "ffn_gate_inp": "feed_forward.gate",
+    "exp_probs_b": "feed_forward.expert_bias",
+    "ffn_gate_exps": "feed_forward.experts.w1",
+    "ffn_up_exps": "feed_forward.experts.w3",
+    "ffn_down_exps": "feed_forward.experts.w2",
+}
+
+def _mamba2(module: str) -> dict[str, str]:
+    """llama.cpp's Mamba-2 mixer tensors, under the mixer's HF module name."""
+    return {"ssm_in": f"{module}.in_proj", "ssm_conv1d": f"{module}.conv1d", "ssm_dt": f"{module}.dt_bias",
+            "ssm_a": f"{module}.A", "ssm_d": f"{module}.D", "ssm_norm": f"{module}.norm", "ssm_out": f"{module}.out_proj"}
+
+
 # Gemma names the norm after attention "post" and the one before the MLP "pre".
 _LAYER_OVERRIDES = {
     "gemma3": {
@@ -59,20 +90,25 @@ _LAYER_OVERRIDES = {
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
     },
-    # LFM2: HF's own names (models/lfm2.py renames them); its conv layers' tensors are ``shortconv.*``.
-    "lfm2": {
-        "attn_norm": "operator_norm",
-        "ffn_norm": "ffn_norm",
-        "ffn_gate": "feed_forward.w1",
-        "ffn_up": "feed_forward.w3",
-        "ffn_down": "feed_forward.w2",
-        "attn_output": "self_attn.out_proj",
-        "attn_q_norm": "self_attn.q_layernorm",
-        "attn_k_norm": "self_attn.k_layernorm",
-        "shortconv.conv": "conv.conv",
-        "shortconv.in_proj": "conv.in_proj",
-        "shortconv.out_proj": "conv.out_proj",
+    "gemma4": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+        "post_ffw_norm_1": "post_feedforward_layernorm_1",
+        "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+        "post_ffw_norm_2": "post_feedforward_layernorm_2",
+        "layer_output_scale": "layer_scalar",
+        "inp_gate": "per_layer_input_gate",
+        "proj": "per_layer_projection",
+        "post_norm": "post_per_layer_input_norm",
+        "ffn_gate_inp": "router.proj",
+        "ffn_gate_inp.scale": "router.scale",
+        "ffn_down_exps.scale": "router.per_expert_scale",
+        "ffn_gate_up_exps": "experts.gate_up_proj",  # split into gate and up by models/gemma4.py
+        "ffn_down_exps": "moe.experts.down_proj",
     },
+    "lfm2": _LFM2,
+    "lfm2_moe": _LFM2,
     "gpt_oss": {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"},
     "qwen3_next": _DELTANET,
     "qwen3_5": _DELTANET,
@@ -88,14 +124,37 @@ _LAYER_OVERRIDES = {
         "attn_v_b": "self_attn.v_b",
         "exp_probs_b": "mlp.e_score_correction_bias",
     },
+    # Mamba-2 and Nemotron-H: one mixer per layer under one norm
+    **{arch: {
+        "attn_norm": "norm", "ssm_in": "mixer.in_proj", "ssm_conv1d": "mixer.conv1d", "ssm_dt": "mixer.dt_bias",
+        "ssm_a": "mixer.A", "ssm_d": "mixer.D", "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj",
+        "attn_q": "mixer.q_proj", "attn_k": "mixer.k_proj", "attn_v": "mixer.v_proj", "attn_output": "mixer.o_proj",
+        "ffn_up": "mixer.up_proj", "ffn_down": "mixer.down_proj", "ffn_gate_inp": "mixer.gate",
+        "ffn_up_exps": "mixer.experts.up_proj", "ffn_down_exps": "mixer.experts.down_proj",
+        "ffn_up_shexp": "mixer.shared_expert.up_proj", "ffn_down_shexp": "mixer.shared_expert.down_proj",
+        "exp_probs_b": "mixer.e_score_correction_bias",
+    } for arch in ("mamba2", "nemotron_h")},
+    "falcon_h1": {**_mamba2("mamba"), "ffn_norm": "pre_ff_layernorm", "ffn_gate": "feed_forward.gate_proj",
+                  "ffn_up": "feed_forward.up_proj", "ffn_down": "feed_forward.down_proj"},
+    "granitemoehybrid": {
+        **_mamba2("mamba"),
+        **{f"ffn_{proj}{suffix}": f"shared_mlp.{proj}_proj" for proj in ("gate", "up", "down") for suffix in ("", "_shexp")},
+        **{f"ffn_{proj}_exps": f"block_sparse_moe.experts.{proj}_proj" for proj in ("gate", "up", "down")},
+        "ffn_gate_inp": "block_sparse_moe.gate",
+    },
 }
 
-# Bare tensors (layers.linear.DenseTensor), named after their module without ".weight".
-_BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b", "ssm_a", "ssm_dt"}
+# Bare tensors (layers.linear.DenseTensor, HF's fused experts), named after their module without ".weight".
+_BARE = {"attn_sinks", "attn_k_b", "attn_v_b", "exp_probs_b", "layer_output_scale", "ffn_gate_up_exps",
+         "ffn_gate_inp.scale", "ffn_down_exps.scale", "ssm_a", "ssm_d", "ssm_dt"}
+# Weights llama.cpp's converter writes without their ".weight".
+_NO_SUFFIX = {("falcon_h1", "ffn_norm")}
 
-_BLOCK = re.compile(r"blk\.(\d+)\.([\w.]+?)(?:\.(weight|bias))?$")  # (ssm_a has no suffix)
+# Mamba-2's ssm_a and ssm_d have no suffix; Gemma 4's router scales are ".scale"
+_BLOCK = re.compile(r"blk\.(\d+)\.([\w.]+?)(?:\.(weight|bias|scale))?$")
 # Whole-model tensors some architectures name otherwise.
-_GLOBAL_OVERRIDES = {"lfm2": {"token_embd_norm.weight": "model.embedding_norm.weight"}}
+_LFM2_GLOBAL = {"token_embd_norm.weight": "model.embedding_norm.weight"}  # its final norm
+_GLOBAL_OVERRIDES = {"lfm2": _LFM2_GLOBAL, "lfm2_moe": _LFM2_GLOBAL}
 
 
 def gguf_to_hf_name(name: str, architecture: str) -> str | None:
@@ -107,11 +166,15 @@ def gguf_to_hf_name(name: str, architecture: str) -> str | None:
     if not match:
         return None
     layer, part, kind = match.groups()
+    if kind == "scale":  # Gemma 4's router scales sit beside their tensor: ffn_gate_inp.scale
+        part, kind = f"{part}.scale", "weight"
     table = {**_LAYER, **_LAYER_OVERRIDES.get(architecture, {})}
     if part not in table:
         return None
     if part in _BARE:
         return f"model.layers.{layer}.{table[part]}"
     if kind is None:
-        return None
+        if (architecture, part) not in _NO_SUFFIX:
+            return None
+        kind = "weight"
     return f"model.layers.{layer}.{table[part]}.{kind}"

@@ -1,11 +1,13 @@
-"""LFM2 (Liquid AI): a hybrid of gated short convolutions and grouped-query attention.
+"""LFM2 and LFM2-MoE (Liquid AI): hybrids of gated short convolutions and grouped-query attention.
 
 Most layers mix tokens with a *gated short convolution*: ``in_proj`` gives three
 streams B, C, x; ``B * x`` runs through a per-channel causal convolution of
 ``conv_L_cache`` taps (``layers/causal_conv.py``, whose last ``taps - 1`` inputs
 are the layer's state in the state cache) and ``C`` gates the result. A few
 layers are attention with per-head QK-norm. Every layer is pre-norm with a
-SwiGLU MLP; the final norm is the checkpoint's ``embedding_norm``.
+SwiGLU MLP (LFM2-MoE: after its first dense layers, experts routed by sigmoid
+scores plus a selection bias, ``layers/moe.py``); the final norm is the
+checkpoint's ``embedding_norm``.
 """
 
 from __future__ import annotations
@@ -17,19 +19,21 @@ from cholla.kv.state_cache import LayerCache
 from cholla.layers.attention import Attention, AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
 from cholla.layers.linear import DenseTensor, Linear, Weight, dense
-from cholla.layers.mlp import GatedMLP
 from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
 from cholla.models.config import ATTENTION_TYPES, ModelConfig
-from cholla.models.decoder import DecoderModel
+from cholla.models.decoder import DecoderModel, feed_forward
 
-# HF's LFM2 names -> ours (the shell's and the shared layers'), as substrings of a layer's tensor names.
+# HF's LFM2 names -> ours (the shell's and the shared layers'), replaced in this order in a layer's
+# tensor names: dense MLPs are ``feed_forward.w1``, experts ``feed_forward.experts.N.w1``.
 _RENAMES = {
     ".operator_norm.": ".input_layernorm.",
     ".ffn_norm.": ".post_attention_layernorm.",
-    ".feed_forward.w1.": ".mlp.gate_proj.",
-    ".feed_forward.w3.": ".mlp.up_proj.",
-    ".feed_forward.w2.": ".mlp.down_proj.",
+    ".feed_forward.expert_bias": ".mlp.e_score_correction_bias",
+    ".feed_forward.": ".mlp.",
+    ".w1.": ".gate_proj.",
+    ".w3.": ".up_proj.",
+    ".w2.": ".down_proj.",
     ".self_attn.out_proj.": ".self_attn.o_proj.",
     ".self_attn.q_layernorm.": ".self_attn.q_norm.",
     ".self_attn.k_layernorm.": ".self_attn.k_norm.",
@@ -60,7 +64,7 @@ class Lfm2Layer(nn.Module):
         hidden = config.hidden_size
         self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
-        self.mlp = GatedMLP(hidden, config.intermediate_size, config.hidden_act)
+        self.mlp = feed_forward(config, index)  # LFM2-MoE: sigmoid-routed experts after the first dense layers
         self.is_attention = config.layer_types[index] in ATTENTION_TYPES
         if self.is_attention:
             self.self_attn = Attention(hidden, config.num_heads, config.num_kv_heads, config.head_dim, rotary,

@@ -92,7 +92,7 @@ def _load_hf(path: Path) -> LoadedModel:
     config = hf_config(folder)
     cls = model_class(config.architecture)
     weights = folder.tensors()
-    if hasattr(cls, "sanitize_hf"):  # what differs between the HF and GGUF forms of the same tensors
+    if "sanitize_hf" in vars(cls):  # the class's own HF -> GGUF-form step (not inherited: Gemma 4 keeps its norms)
         weights = cls.sanitize_hf(weights)
     if not weights:
         raise ModelFormatError(f"{path}: no weights found")

@@ -2,7 +2,8 @@
 
 A GGUF carries no ``tokenizer.json``: only llama.cpp's keys (``tokenizer.ggml.tokens``,
 ``scores``, ``token_type``, ``merges``, ``pre``...). The tokenizer they describe is a
-byte-level BPE (``gpt2``) or a SentencePiece-style BPE with byte fallback (``llama``).
+byte-level BPE (``gpt2``) or a SentencePiece-style BPE with byte fallback (``llama``, and
+Gemma 4's ``gemma4``, whose merges are listed).
 We assemble the same pipeline Hugging Face ``transformers`` builds when it loads a
 GGUF (``AutoTokenizer.from_pretrained(dir, gguf_file=...)``), so ids agree with it, and
 take the split regexes of the ``gpt2`` family from llama.cpp where the two disagree.
@@ -202,9 +203,23 @@ def _sentencepiece(metadata: Mapping[str, Any], tokens: list[str]) -> tuple[Back
     return backend, False
 
 
+def _gemma4(metadata: Mapping[str, Any], tokens: list[str]) -> tuple[Backend, bool]:
+    """llama.cpp's ``gemma4`` tokenizer: Gemma's vocabulary (spaces as "▁", byte fallback, no prefix
+    space) with its merges listed; runs of newlines are cut off before merging, as llama.cpp does."""
+    vocab = {token: index for index, token in enumerate(tokens)}
+    merges = _merges(_list(metadata, "tokenizer.ggml.merges"))
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend, False
+
+
 # Architectures whose SentencePiece vocabulary is Gemma's (no prefix space, merges in file order).
 GEMMA_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3", "gemma3n", "gemma-embedding"})
-BUILDERS = {"gpt2": _byte_level, "llama": _sentencepiece}
+BUILDERS = {"gpt2": _byte_level, "llama": _sentencepiece, "gemma4": _gemma4}
 
 
 def backend_from_gguf(metadata: Mapping[str, Any]) -> tuple[Backend, int]:

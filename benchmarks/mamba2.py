@@ -1,0 +1,89 @@
+"""A pure Mamba-2 model: cholla against llama.cpp (same GGUF files) and transformers.
+
+The model is a Mamba-2 of Mamba-2 130M's proportions with random weights (hidden
+768, 24 layers of 24 heads x 64, state 128, one group, 32k vocabulary), built by
+transformers, converted by llama.cpp's ``convert_hf_to_gguf.py`` and requantized
+with ``gguf.quants``. Reported llama-bench style (mean ± sd): ``pp`` prompt tokens/s
+and ``tg`` generated tokens/s; transformers runs the SafeTensors folder (its
+PyTorch path: no ``mamba_ssm`` kernels on CPU).
+
+    python benchmarks/mamba2.py --threads 1 -p 128 -n 32 -r 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.compare import cholla_bench, fmt, llama_bench, machine  # noqa: E402
+from benchmarks.moe import transformers_bench  # noqa: E402  (pp: one forward; tg: greedy generate)
+from tests import tiny_models  # noqa: E402
+
+
+def build(args) -> Path:
+    """The random model as SafeTensors (cached by its shape under --cache)."""
+    import torch
+    import transformers
+
+    folder = args.cache / f"mamba2-h{args.hidden}-l{args.layers}-s{args.state}-v{args.vocab}"
+    if (folder / "config.json").exists():
+        return folder
+    config = transformers.Mamba2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                       num_heads=2 * args.hidden // 64, head_dim=64, expand=2, state_size=args.state,
+                                       n_groups=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(folder)
+    tiny_models.tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--state", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--quants", nargs="+", default=["Q8_0", "Q4_0"])
+    parser.add_argument("--peers", default="llama.cpp,transformers", help="comma-separated; '' for cholla alone")
+    parser.add_argument("--llama-bin-dir", type=Path, default=Path("/work/llamacpp/bin"))
+    parser.add_argument("--hf-dtype", choices=["bfloat16", "float32"], default="float32")
+    parser.add_argument("--dtype", default=None, help="cholla's --dtype (default: its own)")
+    parser.add_argument("-p", "--n-prompt", type=int, default=512)
+    parser.add_argument("-n", "--n-gen", type=int, default=128)
+    parser.add_argument("-r", "--repetitions", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "cholla" / "bench-mamba2")
+    args = parser.parse_args()
+    peers = [p for p in args.peers.split(",") if p]
+
+    folder = build(args)
+    f32 = folder.with_suffix(".f32.gguf")
+    if not f32.exists():
+        tiny_models.convert_to_gguf(tiny_models.find_converter(), [(folder, f32)])
+    lines = [f"Machine: {machine()}; threads {args.threads}.",
+             f"Model: random Mamba-2, hidden {args.hidden}, {args.layers} layers, state {args.state}, "
+             f"vocabulary {args.vocab}.", "",
+             f"| file | engine | pp{args.n_prompt} t/s | tg{args.n_gen} t/s |", "|---|---|---|---|"]
+    for q in args.quants:
+        path = folder.with_suffix(f".{q}.gguf")
+        if not path.exists():
+            tiny_models.requantize(f32, path, q)
+        results = {"cholla": cholla_bench(path, args)}
+        if "llama.cpp" in peers:
+            results["llama.cpp"] = llama_bench(path, args)
+        for engine, res in results.items():
+            lines.append(f"| {q} | {engine} | {fmt(res.get('pp'))} | {fmt(res.get('tg'))} |")
+    if "transformers" in peers:
+        hf = transformers_bench(folder, args)
+        lines.append(f"| SafeTensors ({args.hf_dtype}) | transformers | {fmt(hf['pp'])} | {fmt(hf['tg'])} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

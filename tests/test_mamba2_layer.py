@@ -1,0 +1,80 @@
+"""The Mamba-2 mixer (``cholla/layers/mamba2.py``) against transformers' ``Mamba2Mixer``
+on the whole sequence: two sequences in their own state slots, prefilled in chunks
+that cross the SSD's chunk boundaries, then decoded one token a step together."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from cholla.layers.attention import AttentionMetadata  # noqa: E402
+from cholla.layers.mamba2 import Mamba2Mixer, Mamba2Shape, sanitize_mixer_weights  # noqa: E402
+from cholla.models.loading import load_named_weights  # noqa: E402
+
+
+def _meta(lengths: list[int], num_prefills: int, slots: list[int]) -> AttentionMetadata:
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    return AttentionMetadata(slot_mapping=torch.zeros(0), query_start_loc=starts, context_lens=[],
+                             block_tables=torch.zeros(0), num_prefills=num_prefills, state_slots=torch.tensor(slots))
+
+
+def _pair(n_groups: int, chunk_size: int):
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMixer
+
+    config = transformers.Mamba2Config(hidden_size=32, num_heads=8, head_dim=8, state_size=6, n_groups=n_groups,
+                                       expand=2, conv_kernel=4, chunk_size=chunk_size, layer_norm_epsilon=1e-5)
+    torch.manual_seed(0)
+    ref = HFMixer(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if "proj" in name or "conv" in name else 0.5))
+        ref.dt_bias.uniform_(-2.0, 0.5)  # decays from mild to strong
+    shape = Mamba2Shape(hidden_size=32, num_heads=8, head_dim=8, state_size=6, n_groups=n_groups, conv_kernel=4,
+                        chunk_size=chunk_size, norm_eps=1e-5)
+    ours = Mamba2Mixer(shape)
+    weights = sanitize_mixer_weights({f"mixer.{k}": v.detach().clone() for k, v in ref.state_dict().items()})
+    assert not load_named_weights(ours, {k.removeprefix("mixer."): v for k, v in weights.items()})
+    return ref, ours, shape
+
+
+@pytest.mark.parametrize("n_groups, chunk_size", [(1, 8), (2, 5)])
+def test_chunked_prefill_and_batched_decode_match_transformers(n_groups, chunk_size):
+    ref, ours, shape = _pair(n_groups, chunk_size)
+    torch.manual_seed(1)
+    seqs = [torch.randn(30, 32), torch.randn(21, 32)]
+    with torch.no_grad():
+        expected = [ref(s[None])[0] for s in seqs]
+    conv = torch.zeros(3, *shape.state_shapes[0])
+    ssm = torch.zeros(3, *shape.state_shapes[1])
+    slots, got, at = [2, 0], [[], []], [0, 0]
+    # Both prefill a chunk; then sequence 0 prefills on while sequence 1 decodes in the same step;
+    # then both prefill again, each chunk continuing from its slot's state.
+    for a, b, num_prefills in [(13, 3, 2), (9, 1, 1), (8, 12, 2)]:
+        x = torch.cat((seqs[0][at[0]:at[0] + a], seqs[1][at[1]:at[1] + b]))
+        out = ours(x, (conv, ssm), _meta([a, b], num_prefills, slots))
+        got[0].append(out[:a]), got[1].append(out[a:])
+        at = [at[0] + a, at[1] + b]
+    while at[0] < 30 or at[1] < 21:
+        live = [i for i in (0, 1) if at[i] < len(seqs[i])]
+        x = torch.stack([seqs[i][at[i]] for i in live])
+        out = ours(x, (conv, ssm), _meta([1] * len(live), 0, [slots[i] for i in live]))
+        for row, i in enumerate(live):
+            got[i].append(out[row:row + 1])
+            at[i] += 1
+    for i in (0, 1):
+        torch.testing.assert_close(torch.cat(got[i]), expected[i], rtol=1e-4, atol=1e-4)
+    assert conv[1].abs().sum() == 0 and ssm[1].abs().sum() == 0  # a slot nobody owns is never written
+
+
+def test_gguf_layouts_of_the_small_tensors():
+    """llama.cpp stores ``A = -exp(A_log)`` and ``D`` as [heads, 1], the norm per group: read back as HF's."""
+    A_log, D, norm = torch.randn(4), torch.randn(4), torch.randn(8)
+    out = sanitize_mixer_weights({"l.mixer.A": -torch.exp(A_log)[:, None], "l.mixer.D": D[:, None],
+                                  "l.mixer.norm.weight": norm.view(2, 4)})
+    torch.testing.assert_close(out["l.mixer.A_log"], A_log)
+    torch.testing.assert_close(out["l.mixer.D"], D)
+    torch.testing.assert_close(out["l.mixer.norm.weight"], norm)
