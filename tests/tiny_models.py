@@ -75,8 +75,6 @@ def deltanet_configs() -> dict:
     }
 
 
-
-
 def gemma4_configs() -> dict:
     """Gemma 4's two text variants, every window-crossing feature on: the dense one as the E2B/E4B
     models (per-layer embeddings, the last two layers sharing KV with double-wide MLPs), the MoE
