@@ -13,8 +13,9 @@ from cholla import LLM, SamplingParams  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 # One of each kind of recurrent layer the engine runs: short convolution, Mamba-2 alone, Mamba-2 beside
-# attention and MoE, Mamba-2 beside attention in parallel (Falcon-H1) and in sequence (Granite 4).
-NAMES = ["lfm2", "mamba2", "nemotron_h_moe", "falcon_h1", "granitemoehybrid"]
+# attention and MoE, Mamba-2 beside attention in parallel (Falcon-H1) and in sequence (Granite 4), Gated
+# DeltaNet beside gated attention (Qwen3-Next with MoE, Qwen 3.5 dense).
+NAMES = ["lfm2", "mamba2", "nemotron_h_moe", "falcon_h1", "granitemoehybrid", "qwen3_next", "qwen3_5"]
 
 
 def _run(folder, prompts, prefix_caching: bool) -> tuple[LLM, list]:
