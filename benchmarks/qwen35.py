@@ -29,6 +29,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare import fmt, machine, run, stats  # noqa: E402
+from benchmarks.moe import ggufs  # noqa: E402
 from tests import tiny_models  # noqa: E402  (tokenizer, converter and requantizer of the model tests)
 
 
@@ -51,22 +52,6 @@ def build(args) -> Path:
     model.save_pretrained(folder)
     tiny_models.tiny_tokenizer().save_pretrained(folder)
     return folder
-
-
-def ggufs(folder: Path, quants: list[str]) -> dict[str, Path]:
-    f32 = folder.with_suffix(".f32.gguf")
-    if not f32.exists():
-        converter = tiny_models.find_converter()
-        if converter is None:
-            sys.exit("llama.cpp's convert_hf_to_gguf.py is needed (set CHOLLA_CONVERT_HF_TO_GGUF)")
-        tiny_models.convert_to_gguf(converter, [(folder, f32)], ("--no-mtp",))
-    out = {}
-    for q in quants:
-        path = folder.with_suffix(f".{q}.gguf")
-        if not path.exists():
-            tiny_models.requantize(f32, path, q)
-        out[q] = path
-    return out
 
 
 def cholla_all(path: Path, args) -> dict:
@@ -159,7 +144,7 @@ def main() -> None:
     args = parser.parse_args()
 
     folder = build(args)
-    files = ggufs(folder, args.quants)
+    files = ggufs(folder, args.quants, ("--no-mtp",))
     lines = [f"Machine: {machine()}; threads {args.threads}.",
              f"Model: random Qwen 3.5 shape, hidden {args.hidden}, {args.layers} layers (every 4th full attention), "
              f"vocabulary {args.vocab}.", "",

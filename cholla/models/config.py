@@ -408,31 +408,26 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         out.embed_scale = math.sqrt(hidden)
         out.final_logit_softcapping = cfg.get("final_logit_softcapping")
         out.attn_logit_softcapping = cfg.get("attn_logit_softcapping")
-    if model_type in DELTANET_MODEL_TYPES.values():
-        try:
-            _hf_deltanet(out, cfg, model_type)
-        except KeyError as e:
-            raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
-    if model_type == "gemma4":
-        try:
-            _hf_gemma4(out, cfg)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelFormatError(f"config.json's Gemma 4 fields are incomplete or malformed ({e})") from None
-    if model_type in ("lfm2", "lfm2_moe"):
-        _hf_lfm2(out, cfg, model_type)
-    if model_type in ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe_lite", "lfm2_moe"):
-        try:
-            _hf_moe(out, cfg, model_type)
-        except KeyError as e:
-            raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
-    if model_type == "nemotron_h":
-        try:
-            _hf_nemotron_h(out, cfg)
-        except KeyError as e:
-            raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
-    if model_type in ("falcon_h1", "granitemoehybrid"):
-        _hf_hybrid(out, cfg, model_type)
+    for types, read in _HF_FAMILY_PARTS:
+        if model_type in types:
+            try:
+                read(out, cfg, model_type)
+            except (KeyError, TypeError, ValueError) as e:  # a missing or malformed key: the file's fault
+                what = f"lacks {e.args[0]!r}" if isinstance(e, KeyError) else f"has a malformed field ({e})"
+                raise ModelFormatError(f"config.json {what}, which {model_type} needs") from None
     return out
+
+
+# Each family's own fields of a config.json, read over the common ones by ``config_from_hf``.
+_HF_FAMILY_PARTS = [
+    (DELTANET_MODEL_TYPES.values(), lambda out, cfg, model_type: _hf_deltanet(out, cfg, model_type)),
+    (("gemma4",), lambda out, cfg, model_type: _hf_gemma4(out, cfg)),
+    (("lfm2", "lfm2_moe"), lambda out, cfg, model_type: _hf_lfm2(out, cfg, model_type)),
+    (("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe_lite", "lfm2_moe"),
+     lambda out, cfg, model_type: _hf_moe(out, cfg, model_type)),
+    (("nemotron_h",), lambda out, cfg, model_type: _hf_nemotron_h(out, cfg)),
+    (("falcon_h1", "granitemoehybrid"), lambda out, cfg, model_type: _hf_hybrid(out, cfg, model_type)),
+]
 
 
 # -- Gemma 4 ------------------------------------------------------------------------------
