@@ -25,37 +25,6 @@ FIRST_CHUNK = 70  # the first prefill call spans two of the delta rule's 64-toke
 BLOCK = 8
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """name -> {"folder", "model"}, built once per module."""
-    tokenizer = tiny_models.tiny_tokenizer()
-    root = tmp_path_factory.mktemp("tiny_deltanet")
-    return {name: {"folder": root / name, "model": tiny_models.build_model(name, root / name, tokenizer)}
-            for name in NAMES}
-
-
-@pytest.fixture(scope="module")
-def gguf_of(tiny, tmp_path_factory):
-    """(name, qtype or "F32", dequantized) -> a GGUF path; every model converted in one process."""
-    converter = tiny_models.find_converter()
-    if converter is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (set CHOLLA_CONVERT_HF_TO_GGUF)")
-    root = tmp_path_factory.mktemp("tiny_deltanet_gguf")
-    jobs = [(tiny[n]["folder"], root / f"{n}.gguf") for n in NAMES]
-    tiny_models.convert_to_gguf(converter, jobs, ("--no-mtp",))
-    cache = {(n, "F32", False): out for n, (_, out) in zip(NAMES, jobs)}
-
-    def get(name: str, qtype: str = "F32", dequantized: bool = False):
-        key = (name, qtype, dequantized)
-        if key not in cache:
-            suffix = "-roundtrip" if dequantized else ""
-            cache[key] = tiny_models.requantize(cache[(name, "F32", False)], root / f"{name}-{qtype}{suffix}.gguf",
-                                                qtype, dequantized)
-        return cache[key]
-
-    return get
-
-
 def _reference_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
@@ -132,7 +101,7 @@ class _Sequences:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_safetensors_match_transformers(tiny, name):
-    entry = tiny[name]
+    entry = tiny(name)
     loaded = load_model(entry["folder"], "float32")
     assert loaded.config.architecture == name and loaded.config.has_state
     reference = entry["model"]
@@ -173,7 +142,7 @@ def test_gguf_matches_transformers_and_q8_0_its_round_trip(tiny, gguf_of, name):
     f32, and near the float model."""
     loaded = load_model(gguf_of(name), "float32")
     assert loaded.config.architecture == name and loaded.config.deltanet is not None
-    ref = _reference_logits(tiny[name]["model"], PROMPT)
+    ref = _reference_logits(tiny(name)["model"], PROMPT)
     _assert_close(forward_once(loaded.model, PROMPT, block_size=BLOCK), ref)
 
     quantized = load_model(gguf_of(name, "Q8_0"), "float32")
@@ -192,7 +161,7 @@ def test_qwen3_5_multimodal_checkpoint_loads_its_text_tower(tiny, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    src = tiny["qwen3_5"]["folder"]
+    src = tiny("qwen3_5")["folder"]
     text = json.loads((src / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "text_config": text,
                                                       "vision_config": {"depth": 1}, "tie_word_embeddings": False}))
@@ -203,7 +172,7 @@ def test_qwen3_5_multimodal_checkpoint_loads_its_text_tower(tiny, tmp_path):
     loaded = load_model(tmp_path, "float32")
     assert loaded.config.architecture == "qwen3_5"
     _assert_close(forward_once(loaded.model, PROMPT[:20], block_size=BLOCK),
-                  _reference_logits(tiny["qwen3_5"]["model"], PROMPT[:20]))
+                  _reference_logits(tiny("qwen3_5")["model"], PROMPT[:20]))
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -221,7 +190,7 @@ def test_contradictory_deltanet_config_names_the_key(tiny, tmp_path, change, nee
     from cholla.errors import ModelFormatError
 
     bad = tmp_path / "bad"
-    shutil.copytree(tiny["qwen3_next"]["folder"], bad)
+    shutil.copytree(tiny("qwen3_next")["folder"], bad)
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ModelFormatError, match=re.escape(needle)):
@@ -259,7 +228,7 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny):
     from cholla.kv.paged_cache import bytes_per_block
     from cholla.kv.state_cache import state_bytes_per_sequence
 
-    folder = tiny["qwen3_next"]["folder"]
+    folder = tiny("qwen3_next")["folder"]
     greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     prompts = [{"prompt_token_ids": [(i * 7 + n * 13) % tiny_models.VOCAB for i in range(n)]} for n in (5, 23, 90, 70)]
 

@@ -25,43 +25,6 @@ PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 CHUNK = 16  # tokens per step: PROMPT is prefilled in three chunks, the state carried across them
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """name -> {"folder", "model"} built once per session."""
-    tokenizer = tiny_models.tiny_tokenizer()
-    root = tmp_path_factory.mktemp("tiny_hybrid")
-    cache: dict[str, dict] = {}
-
-    def get(name: str) -> dict:
-        if name not in cache:
-            folder = root / name
-            cache[name] = {"folder": folder, "model": tiny_models.build_model(name, folder, tokenizer)}
-        return cache[name]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def gguf_of(tiny, tmp_path_factory):
-    """(name, qtype or "F32") -> a GGUF path, every architecture converted in one process."""
-    converter = tiny_models.find_converter()
-    if converter is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (set CHOLLA_CONVERT_HF_TO_GGUF)")
-    root = tmp_path_factory.mktemp("tiny_hybrid_gguf")
-    cache: dict[tuple, object] = {}
-
-    def get(name: str, qtype: str = "F32"):
-        if not cache:
-            jobs = [(tiny(n)["folder"], root / f"{n}.gguf") for n in NAMES]
-            tiny_models.convert_to_gguf(converter, jobs)
-            cache.update({(n, "F32"): out for n, (_, out) in zip(NAMES, jobs)})
-        if (name, qtype) not in cache:
-            cache[name, qtype] = tiny_models.requantize(get(name), root / f"{name}-{qtype}.gguf", qtype)
-        return cache[name, qtype]
-
-    return get
-
-
 def _reference_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]

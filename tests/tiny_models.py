@@ -117,6 +117,8 @@ def gemma_tokenizer():
 def tokenizer_for(name: str):
     """Gemma 4's converter reads only Gemma-style vocabularies; the others take the byte-level BPE."""
     return gemma_tokenizer() if name.startswith("gemma") else tiny_tokenizer()
+
+
 def hybrid_configs() -> dict:
     """Models with recurrent layers (a state per sequence), their layer kinds mixed."""
     import transformers
@@ -203,6 +205,20 @@ def falcon_granite_configs() -> dict:
     }
 
 
+# The tiny models that go through llama.cpp's converter (the shared ``gguf_of`` fixture converts them
+# all in one process): of the Mamba-2 families two, which between them have every kind of layer and
+# tensor; of the Falcon-H1 / Granite ones three (the RMSNorm-mixer variant is checked from SafeTensors).
+MAMBA_GGUF = ["mamba2", "nemotron_h_moe"]
+FALCON_GRANITE_GGUF = ["falcon_h1", "granitemoehybrid", "granite_dense"]
+
+
+def gguf_jobs() -> dict[str, tuple[str, ...]]:
+    """name -> its own converter arguments, for every tiny model converted to GGUF (the
+    Gated DeltaNet ones without their multi-token-prediction layers)."""
+    plain = [*configs(), *gemma4_configs(), *hybrid_configs(), *MAMBA_GGUF, *FALCON_GRANITE_GGUF]
+    return {**{name: () for name in plain}, **{name: ("--no-mtp",) for name in deltanet_configs()}}
+
+
 def _released_spelling(folder: Path) -> None:
     """transformers 5 saves Granite 4 hybrid's layer kinds as linear_attention/full_attention; the released
     checkpoints (and llama.cpp's converter, which finds no attention layer otherwise) say mamba/attention."""
@@ -280,25 +296,25 @@ def find_converter() -> Path | None:
 
 
 _CONVERT = """
-import runpy, sys
-converter, pairs = sys.argv[1], sys.argv[2:]
+import json, runpy, sys
+converter, jobs = sys.argv[1], json.loads(sys.argv[2])
 root = converter.rsplit("/", 1)[0]
 sys.path[:0] = [root + "/gguf-py", root]  # the converter's own gguf package, newer than ours
 import conversion.base as base
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"  # tiny vocabularies have no known hash
-extra = sys.argv[sys.argv.index("--") + 1:] if "--" in pairs else []
-pairs = pairs[:pairs.index("--")] if "--" in pairs else pairs
-for folder, out in zip(pairs[::2], pairs[1::2]):
+for folder, out, extra in jobs:
     sys.argv = [converter, folder, "--outtype", "f32", "--outfile", out, *extra]
     runpy.run_path(converter, run_name="__main__")
 """
 
 
-def convert_to_gguf(converter: Path, jobs: list[tuple[Path, Path]], extra_args: tuple[str, ...] = ()) -> None:
-    """f32 GGUFs of HF folders (``(folder, out)`` pairs), all in one interpreter: its
-    imports cost more than a tiny model's conversion. ``extra_args`` go to every conversion."""
-    args = [str(p) for pair in jobs for p in pair] + (["--", *extra_args] if extra_args else [])
-    done = subprocess.run([sys.executable, "-c", _CONVERT, str(converter), *args], capture_output=True, text=True)
+def convert_to_gguf(converter: Path, jobs: list[tuple], extra_args: tuple[str, ...] = ()) -> None:
+    """f32 GGUFs of HF folders, all in one interpreter: its imports cost more than a tiny
+    model's conversion. Each job is ``(folder, out)`` or ``(folder, out, its_own_args)``;
+    ``extra_args`` go to every conversion."""
+    spec = [[str(job[0]), str(job[1]), [*extra_args, *(job[2] if len(job) > 2 else ())]] for job in jobs]
+    done = subprocess.run([sys.executable, "-c", _CONVERT, str(converter), json.dumps(spec)],
+                          capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{done.stderr[-3000:]}")
 
