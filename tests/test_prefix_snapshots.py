@@ -28,9 +28,8 @@ def _run(folder, prompts, prefix_caching: bool) -> tuple[LLM, list]:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_repeated_prompts_resume_from_snapshots_exactly(name, tmp_path):
-    folder = tmp_path / name
-    tiny_models.build_model(name, folder, tiny_models.tiny_tokenizer())
+def test_repeated_prompts_resume_from_snapshots_exactly(name, tiny):
+    folder = tiny(name)["folder"]
     shared = [(i * 37 + 11) % tiny_models.VOCAB for i in range(27)]
     prompts = [{"prompt_token_ids": shared + [(i * 5 + n) % tiny_models.VOCAB for i in range(n)]} for n in (1, 14, 6)]
     prompts += prompts[:2]
