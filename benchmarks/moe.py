@@ -55,13 +55,15 @@ def build(args) -> Path:
     return folder
 
 
-def ggufs(folder: Path, quants: list[str]) -> dict[str, Path]:
+def ggufs(folder: Path, quants: list[str], convert_args: tuple[str, ...] = ()) -> dict[str, Path]:
+    """The f32 conversion of ``folder`` (llama.cpp's converter, ``convert_args`` passed on) and its
+    requantized copies, each made once and kept beside the folder."""
     f32 = folder.with_suffix(".f32.gguf")
     if not f32.exists():
         converter = tiny_models.find_converter()
         if converter is None:
             sys.exit("llama.cpp's convert_hf_to_gguf.py is needed (set CHOLLA_CONVERT_HF_TO_GGUF)")
-        tiny_models.convert_to_gguf(converter, [(folder, f32)])
+        tiny_models.convert_to_gguf(converter, [(folder, f32)], convert_args)
     out = {}
     for q in quants:
         path = folder.with_suffix(f".{q}.gguf")

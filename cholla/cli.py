@@ -25,6 +25,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length to serve (default: the model's, capped by the KV cache)")
     p.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB", help="KV cache size in GiB")
     _add_kv_type_options(p)
+    p.add_argument("--kv-offload-dir", default=None, metavar="DIR",
+                   help="keep prefix-cache blocks evicted from memory in files here, read back by later requests "
+                        "and after restarts (default: off)")
+    p.add_argument("--kv-offload-gib", type=float, default=8.0, metavar="GIB",
+                   help="most disk space --kv-offload-dir takes, least recently used blocks out (default 8)")
     _add_compute_options(p)
     _add_speculative_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -271,7 +276,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"max_model_len": args.max_model_len, "dtype": args.dtype, "threads": args.threads,
               "kv_cache_dtype": args.kv_cache_dtype, "cache_type_k": args.cache_type_k, "cache_type_v": args.cache_type_v,
               "speculative_method": args.speculative_method, "num_speculative_tokens": args.num_speculative_tokens,
-              "draft_model": args.draft_model, "speculative_ngram_cache_size": args.speculative_ngram_cache_size}
+              "draft_model": args.draft_model, "speculative_ngram_cache_size": args.speculative_ngram_cache_size,
+              "kv_offload_dir": args.kv_offload_dir, "kv_offload_gib": args.kv_offload_gib}
     if args.kv_cache_memory:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
     return kwargs

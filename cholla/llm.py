@@ -31,8 +31,11 @@ class LLM:
     ``cache_type_k`` / ``cache_type_v`` (one side each), ``speculative_method``
     (``"ngram"``: prompt lookup; ``"draft"``: a smaller model given as ``draft_model``,
     a path, known name or ``LoadedModel``, with the same vocabulary; default None, off),
-    ``num_speculative_tokens`` and ``speculative_ngram_cache_size`` (n-grams shared
-    across requests for ``"ngram"``; 0: off).
+    ``num_speculative_tokens``, ``speculative_ngram_cache_size`` (n-grams shared
+    across requests for ``"ngram"``; 0: off), and
+    ``kv_offload_dir`` / ``kv_offload_gib`` (the KV cache's disk tier: evicted
+    prefix blocks kept in files, read back by later requests and after restarts;
+    ``close()`` finishes its writes).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_kwargs: Any):
@@ -130,3 +133,7 @@ class LLM:
                         yield out.outputs[0]
         finally:
             self.engine.abort(request_id)
+
+    def close(self) -> None:
+        """Finish the KV disk tier's writes (``kv_offload_dir``); nothing to do without one."""
+        self.engine.close()

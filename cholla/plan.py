@@ -367,6 +367,7 @@ def make_plan(facts: ModelFacts, request: PlanRequest, k_type: KVCacheType, v_ty
         layout={"budget_bytes": budget, "budget_source": budget_source, "block_size": layout.block_size,
                 "block_bytes": layout.block_bytes, "num_blocks": layout.num_blocks, "num_tokens": layout.num_tokens,
                 "bytes": layout.nbytes, "state_slots": layout.num_slots, "state_bytes": layout.state_nbytes,
+                "state_snapshots": layout.num_snapshots, "snapshot_bytes": layout.snapshot_nbytes,
                 "context": context, "max_concurrency": layout.max_concurrency,
                 "max_whole_requests": whole,
                 "fits": layout.num_blocks > 0 and layout.num_tokens >= context and (layout.num_slots > 0 or not state)},
@@ -438,7 +439,8 @@ def format_plan(plan: Plan) -> str:
         f"             {lay['num_blocks']} blocks of {lay['block_size']} tokens ({_size(lay['bytes'])}), {lay['num_tokens']} tokens",
     ]
     if kv["state_bytes_per_sequence"]:
-        lines.append(f"             {lay['state_slots']} state slots ({_size(lay['state_bytes'])})")
+        lines.append(f"             {lay['state_slots']} state slots ({_size(lay['state_bytes'])}), "
+                     f"{lay['state_snapshots']} snapshots for prefix caching ({_size(lay['snapshot_bytes'])})")
     if not lay["fits"]:
         lines.append(f"             does not hold one {lay['context']}-token request: raise the budget or lower --context")
     lines += [

@@ -1,4 +1,5 @@
-"""Shared fixtures: the two real models, fetched once into cholla's cache."""
+"""Shared fixtures: the two real models, fetched once into cholla's cache, and the tiny random
+models of ``tests/tiny_models.py`` with their GGUF conversions, built once per session."""
 
 from __future__ import annotations
 
@@ -33,3 +34,50 @@ def hf_gguf_model(path: Path):
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return model.eval()
 
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """name -> {"folder", "model"}: a tiny random model and its SafeTensors folder, built on first use."""
+    from tests import tiny_models
+
+    root = tmp_path_factory.mktemp("tiny")
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            folder = root / name
+            cache[name] = {"folder": folder,
+                           "model": tiny_models.build_model(name, folder, tiny_models.tokenizer_for(name))}
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_of(tiny, tmp_path_factory):
+    """(name, qtype or "F32", dequantized) -> a GGUF path. The first call converts every model of
+    ``tiny_models.gguf_jobs()`` in one converter process (its imports cost ~10 s); requantized
+    copies are made on demand and kept."""
+    from tests import tiny_models
+
+    converter = tiny_models.find_converter()
+    if converter is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (set CHOLLA_CONVERT_HF_TO_GGUF)")
+    root = tmp_path_factory.mktemp("tiny_gguf")
+    cache: dict[tuple, Path] = {}
+
+    def get(name: str, qtype: str = "F32", dequantized: bool = False) -> Path:
+        if not cache:
+            jobs = {name: (tiny(name)["folder"], root / f"{name}.gguf", args)
+                    for name, args in tiny_models.gguf_jobs().items()}
+            tiny_models.convert_to_gguf(converter, list(jobs.values()))
+            cache.update({(name, "F32", False): out for name, (_, out, _) in jobs.items()})
+        key = (name, qtype, dequantized)
+        if key not in cache:
+            suffix = "-roundtrip" if dequantized else ""
+            cache[key] = tiny_models.requantize(cache[name, "F32", False], root / f"{name}-{qtype}{suffix}.gguf",
+                                                qtype, dequantized)
+        return cache[key]
+
+    return get

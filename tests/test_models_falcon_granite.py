@@ -21,46 +21,9 @@ from tests import tiny_models  # noqa: E402
 
 NAMES = list(tiny_models.falcon_granite_configs())
 ARCHITECTURE = {"granite_dense": "granitemoehybrid", "falcon_h1_rms_norm": "falcon_h1"}
-CONVERTED = ["falcon_h1", "granitemoehybrid", "granite_dense"]  # through llama.cpp's converter
+CONVERTED = tiny_models.FALCON_GRANITE_GGUF  # through llama.cpp's converter
 PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 NEW_TOKENS = 32
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """name -> {"folder", "model"}, built once per session."""
-    tokenizer = tiny_models.tiny_tokenizer()
-    root = tmp_path_factory.mktemp("tiny_hybrid")
-    cache: dict[str, dict] = {}
-
-    def get(name: str) -> dict:
-        if name not in cache:
-            folder = root / name
-            cache[name] = {"folder": folder, "model": tiny_models.build_model(name, folder, tokenizer)}
-        return cache[name]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def gguf_of(tiny, tmp_path_factory):
-    """(name, qtype or "F32") -> a GGUF path; both models converted in one converter process."""
-    converter = tiny_models.find_converter()
-    if converter is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (set CHOLLA_CONVERT_HF_TO_GGUF)")
-    root = tmp_path_factory.mktemp("tiny_hybrid_gguf")
-    cache: dict[tuple, object] = {}
-
-    def get(name: str, qtype: str = "F32"):
-        if not cache:
-            jobs = [(tiny(n)["folder"], root / f"{n}.gguf") for n in CONVERTED]
-            tiny_models.convert_to_gguf(converter, jobs)
-            cache.update({(n, "F32"): out for n, (_, out) in zip(CONVERTED, jobs)})
-        if (name, qtype) not in cache:
-            cache[name, qtype] = tiny_models.requantize(get(name), root / f"{name}-{qtype}.gguf", qtype)
-        return cache[name, qtype]
-
-    return get
 
 
 @torch.inference_mode()

@@ -26,35 +26,6 @@ NAMES = list(tiny_models.gemma4_configs())
 PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """name -> {"folder", "model"}, both variants built once."""
-    root = tmp_path_factory.mktemp("tiny_gemma4")
-    tokenizer = tiny_models.gemma_tokenizer()
-    return {name: {"folder": root / name, "model": tiny_models.build_model(name, root / name, tokenizer)}
-            for name in NAMES}
-
-
-@pytest.fixture(scope="module")
-def gguf_of(tiny, tmp_path_factory):
-    """(name, "F32" or a type, dequantized) -> a GGUF path; both converted in one converter process."""
-    converter = tiny_models.find_converter()
-    if converter is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (set CHOLLA_CONVERT_HF_TO_GGUF)")
-    root = tmp_path_factory.mktemp("tiny_gemma4_gguf")
-    jobs = [(tiny[name]["folder"], root / f"{name}.gguf") for name in NAMES]
-    tiny_models.convert_to_gguf(converter, jobs)
-    cache = {(name, "F32", False): out for name, (_, out) in zip(NAMES, jobs)}
-
-    def get(name: str, qtype: str = "F32", dequantized: bool = False):
-        if (name, qtype, dequantized) not in cache:
-            out = root / f"{name}-{qtype}{'-roundtrip' if dequantized else ''}.gguf"
-            cache[name, qtype, dequantized] = tiny_models.requantize(cache[name, "F32", False], out, qtype, dequantized)
-        return cache[name, qtype, dequantized]
-
-    return get
-
-
 def _reference_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
@@ -68,7 +39,7 @@ def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> N
 
 @pytest.mark.parametrize("name", NAMES)
 def test_safetensors_match_transformers(tiny, name):
-    entry = tiny[name]
+    entry = tiny(name)
     loaded = load_model(entry["folder"], "float32")
     config = loaded.config
     assert config.architecture == "gemma4" and (config.moe is not None) == (name == "gemma4_moe")
@@ -88,7 +59,7 @@ def test_gguf_f32_and_q8_0(tiny, gguf_of, name):
     """llama.cpp's conversion (fused experts, router scales, partial rope as frequency divisors,
     per-layer FFN widths and KV heads) gives transformers' logits; Q8_0, read from its blocks, gives
     what its dequantized values give, and stays near the float model."""
-    ref = _reference_logits(tiny[name]["model"], PROMPT)
+    ref = _reference_logits(tiny(name)["model"], PROMPT)
     loaded = load_model(gguf_of(name), "float32")
     assert loaded.config.architecture == "gemma4"
     _assert_close(forward_once(loaded.model, PROMPT, block_size=8), ref)
@@ -110,7 +81,7 @@ def test_gguf_vocabulary_matches_tokenizer_json(tiny, gguf_of):
     from cholla.tokenizer.tokenizer import Tokenizer
 
     ours = Tokenizer.from_gguf(read_gguf(gguf_of("gemma4")).metadata)
-    hf = transformers.AutoTokenizer.from_pretrained(tiny["gemma4"]["folder"])
+    hf = transformers.AutoTokenizer.from_pretrained(tiny("gemma4")["folder"])
     for text in ("hello world, the quick brown fox", "the lazy dog\n\nsays little é€"):
         assert ours.encode(text) == [2, *hf(text).input_ids]
 
@@ -121,11 +92,11 @@ def test_cache_geometry_and_info(tiny, gguf_of):
     from cholla.info import format_info, model_info
     from cholla.kv.paged_cache import bytes_per_token
 
-    dense = load_model(tiny["gemma4"]["folder"], "float32").config
+    dense = load_model(tiny("gemma4")["folder"], "float32").config
     assert bytes_per_token(dense, torch.float32) == 4 * 2 * (2 * 16 + 2 * 16 + 2 * 32)  # layers 3, 4 share
-    moe = load_model(tiny["gemma4_moe"]["folder"], "float32").config
+    moe = load_model(tiny("gemma4_moe")["folder"], "float32").config
     assert bytes_per_token(moe, torch.float32) == 4 * 2 * (2 * 16 + 1 * 32 + 1 * 32)
-    for path in (tiny["gemma4"]["folder"], gguf_of("gemma4")):
+    for path in (tiny("gemma4")["folder"], gguf_of("gemma4")):
         shown = format_info(model_info(path))
         assert "global layers: head dim 32, KV heads 2" in shown and "last 2 layers share KV" in shown
         assert "per-layer embeddings 8" in shown
@@ -141,7 +112,7 @@ def test_plan_counts_per_layer_geometry_as_the_engine_allocates(tiny):
     from cholla.kv.kv_types import kv_cache_type
     from cholla.plan import GB, TFLOP, Hardware, PlanRequest, decode_step, make_plan, read_model_facts, window_aware_bytes
 
-    facts, bf16 = read_model_facts(tiny["gemma4"]["folder"]), kv_cache_type("bf16")
+    facts, bf16 = read_model_facts(tiny("gemma4")["folder"]), kv_cache_type("bf16")
     plan = make_plan(facts, PlanRequest(context=64, kv_cache_memory=2**20), bf16, bf16, None)
     sliding, full = 2 * 2 * 16 * 2, 2 * 2 * 32 * 2  # K and V, 2 heads, bf16
     kinds = {kind["kind"]: kind for kind in plan.kv["layer_kinds"]}
@@ -154,7 +125,7 @@ def test_plan_counts_per_layer_geometry_as_the_engine_allocates(tiny):
     kv_read = 2 * (3 * 8 * sliding + 2 * 64 * full)  # two sequences at 64 tokens; sliding layers see 8
     step = decode_step(facts, hw, bf16, bf16, 2, 64)
     assert step.bound == "memory" and step.seconds == pytest.approx((facts.weights.decode_bytes + kv_read) / hw.bandwidth)
-    engine = LLM(tiny["gemma4"]["folder"], dtype="float32", max_model_len=64, kv_cache_dtype="bf16",
+    engine = LLM(tiny("gemma4")["folder"], dtype="float32", max_model_len=64, kv_cache_dtype="bf16",
                  kv_cache_memory=2**20).engine
     assert engine.kv_cache.nbytes == engine.kv_layout.nbytes == plan.layout["bytes"]
 
@@ -164,7 +135,7 @@ def test_multimodal_checkpoint_runs_its_text_tower(tiny, tmp_path, caplog):
     ``model.language_model.*`` tensors; the vision tower's tensors are skipped with a log line."""
     from safetensors.torch import load_file, save_file
 
-    folder = tiny["gemma4"]["folder"]
+    folder = tiny("gemma4")["folder"]
     text = json.loads((folder / "config.json").read_text())
     config = {"model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"],
               "text_config": text, "vision_config": {"model_type": "gemma4_vision", "hidden_size": 16}}
@@ -177,7 +148,7 @@ def test_multimodal_checkpoint_runs_its_text_tower(tiny, tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         loaded = load_model(tmp_path, "float32")
     assert "skipped 1 vision/audio tensors" in caplog.text
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(tiny["gemma4"]["model"], PROMPT))
+    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(tiny("gemma4")["model"], PROMPT))
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -188,7 +159,7 @@ def test_multimodal_checkpoint_runs_its_text_tower(tiny, tmp_path, caplog):
 ])
 def test_config_contradictions_are_one_line_errors(tiny, tmp_path, change, needle):
     folder = tmp_path / "model"
-    shutil.copytree(tiny["gemma4"]["folder"], folder)
+    shutil.copytree(tiny("gemma4")["folder"], folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ModelFormatError, match=needle) as error:

@@ -25,43 +25,6 @@ PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 CHUNK = 16  # tokens per step: PROMPT is prefilled in three chunks, the state carried across them
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """name -> {"folder", "model"} built once per session."""
-    tokenizer = tiny_models.tiny_tokenizer()
-    root = tmp_path_factory.mktemp("tiny_hybrid")
-    cache: dict[str, dict] = {}
-
-    def get(name: str) -> dict:
-        if name not in cache:
-            folder = root / name
-            cache[name] = {"folder": folder, "model": tiny_models.build_model(name, folder, tokenizer)}
-        return cache[name]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def gguf_of(tiny, tmp_path_factory):
-    """(name, qtype or "F32") -> a GGUF path, every architecture converted in one process."""
-    converter = tiny_models.find_converter()
-    if converter is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (set CHOLLA_CONVERT_HF_TO_GGUF)")
-    root = tmp_path_factory.mktemp("tiny_hybrid_gguf")
-    cache: dict[tuple, object] = {}
-
-    def get(name: str, qtype: str = "F32"):
-        if not cache:
-            jobs = [(tiny(n)["folder"], root / f"{n}.gguf") for n in NAMES]
-            tiny_models.convert_to_gguf(converter, jobs)
-            cache.update({(n, "F32"): out for n, (_, out) in zip(NAMES, jobs)})
-        if (name, qtype) not in cache:
-            cache[name, qtype] = tiny_models.requantize(get(name), root / f"{name}-{qtype}.gguf", qtype)
-        return cache[name, qtype]
-
-    return get
-
-
 def _reference_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
@@ -98,6 +61,15 @@ def test_safetensors_match_transformers_across_prefill_chunks(tiny, name):
         ref = entry["model"].generate(torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False,
                                       min_new_tokens=32)[0, len(PROMPT):].tolist()
     assert list(out.outputs[0].token_ids) == ref
+    # Again, the prefix and its state snapshots cached: prompt logprobs still compute the whole prompt,
+    # and a plain request resumes from a snapshot to the same tokens.
+    again = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
+    assert again.metrics.num_cached_prompt_tokens == 0
+    assert [e.logprob for e in again.prompt_logprobs[1:]] == [e.logprob for e in out.prompt_logprobs[1:]]
+    plain = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    resumed = llm.generate({"prompt_token_ids": PROMPT}, plain, use_tqdm=False)[0]
+    assert resumed.metrics.num_cached_prompt_tokens > 0 and llm.engine.snapshots.restored == 1
+    assert list(resumed.outputs[0].token_ids) == ref
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -132,24 +104,37 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny, name, caplog):
     single = _engine(folder)
     alone = [single.generate(p, greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
 
+    # Prefix caching on: repeats resume from cached blocks and the state snapshot at their end.
     with caplog.at_level(logging.INFO, logger="cholla"):
         llm = _engine(folder, block_size=8)
-    assert any(r.getMessage().startswith(f"prefix caching is off for {name}") for r in caplog.records)
-    assert not llm.engine.block_manager.enable_prefix_caching
-    outs = llm.generate(prompts + prompts, greedy, use_tqdm=False)  # repeats: nothing may come from a cache
+    assert any(r.getMessage().startswith(f"prefix caching for {name} resumes from state snapshots")
+               for r in caplog.records)
+    outs = llm.generate(prompts + prompts, greedy, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == alone + alone
-    assert llm.engine.block_manager.prefix_hits == 0 and _all_free(llm)
+    snapshots = llm.engine.snapshots
+    assert llm.engine.block_manager.prefix_hits > 0 and snapshots.restored > 0 and _all_free(llm)
+    assert sum(o.metrics.num_cached_prompt_tokens for o in outs[len(prompts):]) > 0
+    assert len(snapshots.by_hash) <= snapshots.cache.num_slots == llm.engine.kv_layout.num_snapshots
 
-    # Few blocks: the newest requests are preempted, give their slots back and are recomputed from 0.
+    # Few blocks: the newest requests are preempted, give their slots back and are recomputed, from 0
+    # or from their own snapshots.
     from cholla.kv.paged_cache import bytes_per_block
 
     config = llm.engine.model_config
-    budget = 9 * bytes_per_block(config, 8, torch.float32) + 8 * state_bytes_per_sequence(config)
+    budget = 10 * bytes_per_block(config, 8, torch.float32) + 12 * state_bytes_per_sequence(config)
     small = _engine(folder, block_size=8, kv_cache_memory=budget, max_model_len=64, max_num_seqs=8)
-    assert small.engine.state_cache.num_slots == 8
-    outs = small.generate(prompts, greedy, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == alone
-    assert small.engine.metrics.preemptions > 0 and _all_free(small)
+    assert small.engine.state_cache.num_slots == 8 and small.engine.snapshots is not None
+    outs = small.generate(prompts + prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == alone + alone
+    assert small.engine.metrics.preemptions > 0 and small.engine.snapshots.restored > 0 and _all_free(small)
+
+    # A budget with no room for one snapshot beside the slots: prefix caching off, said so.
+    budget = 2 * bytes_per_block(config, 8, torch.float32) + 4 * state_bytes_per_sequence(config)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cholla"):
+        tight = _engine(folder, block_size=8, kv_cache_memory=budget, max_model_len=16)
+    assert any(r.getMessage().startswith(f"prefix caching is off for {name}") for r in caplog.records)
+    assert tight.engine.snapshots is None and not tight.engine.block_manager.enable_prefix_caching
 
     # Three state slots for eight requests: they take turns, and all finish as alone.
     three = _engine(folder, max_num_seqs=3)
@@ -205,17 +190,20 @@ def test_plan_counts_the_state_as_the_engine_allocates(tiny, name):
     folder = tiny(name)["folder"]
     facts = read_model_facts(folder)
     f32 = kv_cache_type("f32")
-    for budget, seqs in ((2**20, 16), (64 * 1024, 64)):  # seats bind, then half the budget does
+    for budget, seqs in ((2**20, 16), (80 * 1024, 64)):  # seats bind, then half the budget does
         plan = make_plan(facts, PlanRequest(context=128, kv_cache_memory=budget, max_num_seqs=seqs), f32, f32, None)
         engine = _engine(folder, kv_cache_memory=budget, max_num_seqs=seqs).engine
         assert plan.kv["state_bytes_per_sequence"] == state_bytes_per_sequence(engine.model_config) > 0
         assert plan.layout["state_slots"] == engine.state_cache.num_slots
         assert plan.layout["state_bytes"] == engine.state_cache.nbytes
+        assert plan.layout["state_snapshots"] == engine.snapshots.cache.num_slots > 0
+        assert plan.layout["snapshot_bytes"] == engine.snapshots.cache.nbytes
         assert plan.layout["num_blocks"] == engine.kv_cache.num_blocks and plan.layout["bytes"] == engine.kv_cache.nbytes
         assert plan.layout["max_concurrency"] == engine.kv_layout.max_concurrency
         assert plan.layout["max_whole_requests"] <= plan.layout["state_slots"]
     assert plan.layout["state_bytes"] <= budget // 2 < 64 * plan.kv["state_bytes_per_sequence"]
-    assert "state slots" in format_plan(plan) and "no KV" in format_plan(plan)
+    assert "state slots" in format_plan(plan) and "snapshots for prefix caching" in format_plan(plan)
+    assert "no KV" in format_plan(plan)
 
 
 @pytest.mark.parametrize("name", ENGINE_NAMES)

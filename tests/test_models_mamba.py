@@ -22,45 +22,9 @@ from cholla.models.loader import load_model  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 NAMES = list(tiny_models.mamba_configs())
-GGUF_NAMES = ["mamba2", "nemotron_h_moe"]  # between them every kind of layer and tensor
+GGUF_NAMES = tiny_models.MAMBA_GGUF  # between them every kind of layer and tensor
 PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 BLOCK = 8
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    tokenizer = tiny_models.tiny_tokenizer()
-    root = tmp_path_factory.mktemp("tiny_mamba")
-    cache: dict[str, dict] = {}
-
-    def get(name: str) -> dict:
-        if name not in cache:
-            folder = root / name
-            cache[name] = {"folder": folder, "model": tiny_models.build_model(name, folder, tokenizer)}
-        return cache[name]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def gguf_of(tiny, tmp_path_factory):
-    """(name, qtype) -> a GGUF path; every f32 conversion in one converter process."""
-    converter = tiny_models.find_converter()
-    if converter is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (set CHOLLA_CONVERT_HF_TO_GGUF)")
-    root = tmp_path_factory.mktemp("tiny_mamba_gguf")
-    cache: dict[tuple, object] = {}
-
-    def get(name: str, qtype: str = "F32"):
-        if not cache:
-            jobs = [(tiny(n)["folder"], root / f"{n}.gguf") for n in GGUF_NAMES]
-            tiny_models.convert_to_gguf(converter, jobs)
-            cache.update({(n, "F32"): out for n, (_, out) in zip(GGUF_NAMES, jobs)})
-        if (name, qtype) not in cache:
-            cache[name, qtype] = tiny_models.requantize(cache[name, "F32"], root / f"{name}-{qtype}.gguf", qtype)
-        return cache[name, qtype]
-
-    return get
 
 
 class Sequence:

@@ -22,45 +22,6 @@ NAMES = list(tiny_models.configs())
 PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """name -> {"folder", "model"} built once per session; GGUF files added on demand."""
-    root = tmp_path_factory.mktemp("tiny_moe")
-    cache: dict[str, dict] = {}
-
-    def get(name: str) -> dict:
-        if name not in cache:
-            folder = root / name
-            model = tiny_models.build_model(name, folder, tiny_models.tokenizer_for(name))
-            cache[name] = {"folder": folder, "model": model}
-        return cache[name]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def gguf_of(tiny, tmp_path_factory):
-    """(name, qtype or "F32", dequantized) -> a GGUF path, converted once per session."""
-    converter = tiny_models.find_converter()
-    if converter is None:
-        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not available (set CHOLLA_CONVERT_HF_TO_GGUF)")
-    root = tmp_path_factory.mktemp("tiny_moe_gguf")
-    cache: dict[tuple, object] = {}
-
-    def get(name: str, qtype: str = "F32", dequantized: bool = False):
-        key = (name, qtype, dequantized)
-        if not cache:  # every architecture in one converter process
-            jobs = [(tiny(n)["folder"], root / f"{n}.gguf") for n in NAMES]
-            tiny_models.convert_to_gguf(converter, jobs)
-            cache.update({(n, "F32", False): out for n, (_, out) in zip(NAMES, jobs)})
-        if key not in cache:
-            suffix = "-roundtrip" if dequantized else ""
-            cache[key] = tiny_models.requantize(get(name), root / f"{name}-{qtype}{suffix}.gguf", qtype, dequantized)
-        return cache[key]
-
-    return get
-
-
 def _reference_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]

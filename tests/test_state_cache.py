@@ -12,7 +12,8 @@ from cholla.engine.scheduler import Scheduler, SchedulerConfig
 from cholla.kv.block_manager import BlockManager
 from cholla.kv.kv_types import kv_cache_type
 from cholla.kv.paged_cache import PagedKVCache, plan_layout
-from cholla.kv.state_cache import SlotAllocator, StateCache, state_bytes_per_sequence, state_slots_for
+from cholla.kv.state_cache import (SlotAllocator, StateCache, StateSnapshots, state_bytes_per_sequence,
+                                   state_slots_for, state_snapshots_for)
 from cholla.models.config import FULL_ATTENTION, MAMBA, SHORT_CONV, ModelConfig
 from cholla.sampling.params import SamplingParams
 
@@ -35,16 +36,23 @@ def test_budget_split_between_slots_and_blocks():
     slot_bytes = 2 * 64 * 2 * 4
     block_bytes = 16 * 2 * 2 * 16 * 4  # one attention layer's K and V, 16 tokens
     assert state_bytes_per_sequence(config) == slot_bytes
-    # Plenty of memory: one slot per seat, the blocks get the rest.
+    # Plenty of memory: one slot per seat, snapshots for prefix caching (4 per seat at most), the blocks the rest.
     layout = plan_layout(config, 2**20, 16, F32, F32, 256, max_num_seqs=8)
     assert (layout.num_slots, layout.slot_bytes, layout.block_bytes) == (8, slot_bytes, block_bytes)
-    assert layout.num_blocks == (2**20 - 8 * slot_bytes) // block_bytes
+    assert layout.num_snapshots == 32 and layout.snapshot_nbytes == 32 * slot_bytes
+    assert layout.num_blocks == (2**20 - 40 * slot_bytes) // block_bytes
+    off = plan_layout(config, 2**20, 16, F32, F32, 256, max_num_seqs=8, prefix_caching=False)
+    assert off.num_snapshots == 0 and off.num_blocks == (2**20 - 8 * slot_bytes) // block_bytes
+    # Snapshots take at most a tenth of the budget, and none where not one fits there.
+    assert state_snapshots_for(config, 64 * slot_bytes, 8, 8) == 6
+    assert state_snapshots_for(config, 9 * slot_bytes, 3, 8) == 0
     assert layout.max_concurrency == 8  # the slots bind, not the tokens
     # Little memory: the slots take at most half of it.
     small = 7 * slot_bytes
     assert state_slots_for(config, small, 8) == 3
     layout = plan_layout(config, small, 16, F32, F32, 16, max_num_seqs=8)
-    assert layout.num_slots == 3 and layout.num_blocks == (small - 3 * slot_bytes) // block_bytes
+    assert layout.num_slots == 3 and layout.num_snapshots == 0
+    assert layout.num_blocks == (small - 3 * slot_bytes) // block_bytes
     assert layout.max_concurrency == min(3, layout.num_tokens / 16)
     # The engine allocates exactly that.
     assert PagedKVCache(config, layout.num_blocks).nbytes == layout.nbytes
@@ -127,3 +135,43 @@ def test_scheduler_admits_only_with_a_free_slot_and_frees_it_on_finish_abort_and
     assert preempted
     assert all(len(r.output_token_ids) == 8 for r in requests)
     assert slots.num_free == 3 and blocks.num_free_blocks == 6
+
+
+def test_snapshots_copy_whole_slots_and_evict_the_least_recently_used():
+    config = _hybrid()
+    live = StateCache(config, 2)
+    snapshots = StateSnapshots(live, config, 2)
+    for value, slot in ((1.0, 0), (2.0, 1)):
+        for layer in live.layers:
+            for state in layer:
+                state[slot].fill_(value)
+    snapshots.save(101, 0)
+    snapshots.save(102, 1)
+    snapshots.restore(101, 1)  # 101 now the most recently used
+    assert all(float(state[1].min()) == float(state[1].max()) == 1.0 for layer in live.layers for state in layer)
+    snapshots.save(103, 0)  # evicts 102
+    assert 101 in snapshots and 103 in snapshots and 102 not in snapshots
+    assert (snapshots.saved, snapshots.restored) == (3, 1)
+
+
+def test_prefix_match_stops_at_the_last_block_with_a_snapshot_and_chunks_end_on_boundaries():
+    config = _hybrid()
+    live = StateCache(config, 2)
+    snapshots = StateSnapshots(live, config, 4)
+    blocks = BlockManager(16, 4)
+    first = Request("a", list(range(1, 15)), SamplingParams(max_tokens=1))  # 14 tokens: 3 full blocks before the last
+    blocks.allocate(first.blocks, 14)
+    blocks.cache_full_blocks(first.blocks, first.all_token_ids, 12)
+    snapshots.save(first.blocks.block_hashes[0], 0)  # a snapshot after block 0 only
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=6, max_model_len=64), blocks,
+                          state_slots=SlotAllocator(2), snapshots=snapshots)
+    second = Request("b", list(range(1, 15)), SamplingParams(max_tokens=1))
+    scheduler.add(second)
+    batch = scheduler.schedule()
+    # Three blocks are cached but only the first has a state: resume at 4, restored, a chunk to 8 (not 10).
+    assert second.num_computed_tokens == 4 and second.num_cached_prompt_tokens == 4 and snapshots.restored == 1
+    assert batch.num_tokens == [4] and blocks.prefix_hits == 1
+    second.num_computed_tokens += 4
+    assert scheduler.schedule().num_tokens == [4]  # 8 -> 12, the prompt's last full block: not 8 -> 13
+    second.num_computed_tokens += 4
+    assert scheduler.schedule().num_tokens == [2]

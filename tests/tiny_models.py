@@ -54,6 +54,27 @@ def configs() -> dict:
     }
 
 
+# Gated DeltaNet hybrids (Qwen3-Next, Qwen 3.5): linear-attention layers around every third full-attention
+# one; 4 value heads over 2 key heads, so queries and keys are shared across value heads.
+_DELTANET = dict(**{**_COMMON, "num_hidden_layers": 4}, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                 linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                 layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+                 tie_word_embeddings=False)
+_DELTANET_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+
+
+def deltanet_configs() -> dict:
+    """The Gated DeltaNet families, each converted with ``--no-mtp`` (``convert_to_gguf``'s ``extra_args``)."""
+    import transformers
+
+    return {
+        "qwen3_next": transformers.Qwen3NextConfig(**_DELTANET, **_DELTANET_MOE, norm_topk_prob=True, decoder_sparse_step=1),
+        "qwen3_5": transformers.Qwen3_5TextConfig(**_DELTANET),
+        "qwen3_5_moe": transformers.Qwen3_5MoeTextConfig(**_DELTANET, **_DELTANET_MOE),
+    }
+
+
 def gemma4_configs() -> dict:
     """Gemma 4's two text variants, every window-crossing feature on: the dense one as the E2B/E4B
     models (per-layer embeddings, the last two layers sharing KV with double-wide MLPs), the MoE
@@ -96,6 +117,8 @@ def gemma_tokenizer():
 def tokenizer_for(name: str):
     """Gemma 4's converter reads only Gemma-style vocabularies; the others take the byte-level BPE."""
     return gemma_tokenizer() if name.startswith("gemma") else tiny_tokenizer()
+
+
 def hybrid_configs() -> dict:
     """Models with recurrent layers (a state per sequence), their layer kinds mixed."""
     import transformers
@@ -182,6 +205,20 @@ def falcon_granite_configs() -> dict:
     }
 
 
+# The tiny models that go through llama.cpp's converter (the shared ``gguf_of`` fixture converts them
+# all in one process): of the Mamba-2 families two, which between them have every kind of layer and
+# tensor; of the Falcon-H1 / Granite ones three (the RMSNorm-mixer variant is checked from SafeTensors).
+MAMBA_GGUF = ["mamba2", "nemotron_h_moe"]
+FALCON_GRANITE_GGUF = ["falcon_h1", "granitemoehybrid", "granite_dense"]
+
+
+def gguf_jobs() -> dict[str, tuple[str, ...]]:
+    """name -> its own converter arguments, for every tiny model converted to GGUF (the
+    Gated DeltaNet ones without their multi-token-prediction layers)."""
+    plain = [*configs(), *gemma4_configs(), *hybrid_configs(), *MAMBA_GGUF, *FALCON_GRANITE_GGUF]
+    return {**{name: () for name in plain}, **{name: ("--no-mtp",) for name in deltanet_configs()}}
+
+
 def _released_spelling(folder: Path) -> None:
     """transformers 5 saves Granite 4 hybrid's layer kinds as linear_attention/full_attention; the released
     checkpoints (and llama.cpp's converter, which finds no attention layer otherwise) say mamba/attention."""
@@ -217,7 +254,8 @@ def build_model(name: str, folder: Path, tokenizer, config=None):
     import transformers
 
     torch.manual_seed(0)
-    config = config or {**configs(), **gemma4_configs(), **hybrid_configs(), **mamba_configs(), **falcon_granite_configs()}[name]
+    config = config or {**configs(), **gemma4_configs(), **hybrid_configs(), **mamba_configs(), **falcon_granite_configs(),
+                       **deltanet_configs()}[name]
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():  # random init leaves norms, scales at 1 and biases, sinks at 0: make them matter
         for pname, p in model.named_parameters():
@@ -258,23 +296,25 @@ def find_converter() -> Path | None:
 
 
 _CONVERT = """
-import runpy, sys
-converter, pairs = sys.argv[1], sys.argv[2:]
+import json, runpy, sys
+converter, jobs = sys.argv[1], json.loads(sys.argv[2])
 root = converter.rsplit("/", 1)[0]
 sys.path[:0] = [root + "/gguf-py", root]  # the converter's own gguf package, newer than ours
 import conversion.base as base
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"  # tiny vocabularies have no known hash
-for folder, out in zip(pairs[::2], pairs[1::2]):
-    sys.argv = [converter, folder, "--outtype", "f32", "--outfile", out]
+for folder, out, extra in jobs:
+    sys.argv = [converter, folder, "--outtype", "f32", "--outfile", out, *extra]
     runpy.run_path(converter, run_name="__main__")
 """
 
 
-def convert_to_gguf(converter: Path, jobs: list[tuple[Path, Path]]) -> None:
-    """f32 GGUFs of HF folders (``(folder, out)`` pairs), all in one interpreter: its
-    imports cost more than a tiny model's conversion."""
-    args = [str(p) for pair in jobs for p in pair]
-    done = subprocess.run([sys.executable, "-c", _CONVERT, str(converter), *args], capture_output=True, text=True)
+def convert_to_gguf(converter: Path, jobs: list[tuple], extra_args: tuple[str, ...] = ()) -> None:
+    """f32 GGUFs of HF folders, all in one interpreter: its imports cost more than a tiny
+    model's conversion. Each job is ``(folder, out)`` or ``(folder, out, its_own_args)``;
+    ``extra_args`` go to every conversion."""
+    spec = [[str(job[0]), str(job[1]), [*extra_args, *(job[2] if len(job) > 2 else ())]] for job in jobs]
+    done = subprocess.run([sys.executable, "-c", _CONVERT, str(converter), json.dumps(spec)],
+                          capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{done.stderr[-3000:]}")
 

@@ -89,6 +89,7 @@ class AsyncLLMEngine:
             self._deliver(request_id, EngineDeadError("the engine is shutting down"))
         for request_id in list(self.engine.states):
             self.engine.abort(request_id)
+        self.engine.close()  # the disk tier's last writes, so a restart finds them
 
     # -- the background thread -----------------------------------------------
 

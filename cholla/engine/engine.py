@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,10 @@ from cholla.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from cholla.errors import ContextLengthError, InvalidRequestError
 from cholla.kv.block_manager import BlockManager
 from cholla.kv.calibration import CALIBRATION_TEXT, fill_statistics, needs_calibration
+from cholla.kv.disk_tier import DEFAULT_OFFLOAD_GIB, DiskTier, cache_parts, fingerprint
 from cholla.kv.kv_types import KVCacheType, kv_cache_type
 from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, PagedKVCache, plan_layout
-from cholla.kv.state_cache import SlotAllocator, StateCache
+from cholla.kv.state_cache import SlotAllocator, StateCache, StateSnapshots
 from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
@@ -61,6 +63,10 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     cache_type_k: str | None = None
     cache_type_v: str | None = None
+    # The KV cache's disk tier (cholla/kv/disk_tier.py): evicted prefix-cache blocks are kept in files
+    # under this folder, up to kv_offload_gib GiB, and read back by later requests and restarts.
+    kv_offload_dir: str | None = None
+    kv_offload_gib: float = DEFAULT_OFFLOAD_GIB
     speculative_method: str | None = None  # "ngram" (prompt lookup); None: no speculation
     num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS  # K: drafts verified per step and sequence
     draft_model: str | Path | LoadedModel | None = None  # with "draft": a model sharing the target's vocabulary
@@ -116,6 +122,16 @@ def calibrate_kv_cache(model: torch.nn.Module, tokenizer: Tokenizer, cache: Page
     fill_statistics(cache.layers, probe.layers, len(ids))
 
 
+def _close_disk_tier(block_manager: BlockManager) -> None:
+    disk = block_manager.disk
+    if disk is not None and not disk.closed:
+        block_manager.offload_cached()
+        disk.close()
+        block_manager.disk = None  # an engine used after close() goes on without the tier
+        log.info("KV offload: %d blocks read back, %d written, %d dropped, %d removed as unsound",
+                 disk.stats.hits, disk.stats.writes, disk.stats.dropped, disk.stats.invalid)
+
+
 class _RequestState:
     """Text-side state of one request: incremental detokenization and stop strings."""
 
@@ -151,7 +167,7 @@ class LLMEngine:
         # "auto" holds K and V in the matmuls' dtype: bf16 halves the bytes each decode step reads.
         k_type, v_type = kv_cache_types(config, self.loaded.dtype)
         layout = plan_layout(self.model_config, memory, config.block_size, k_type, v_type, config.max_model_len,
-                             config.max_num_seqs)
+                             config.max_num_seqs, config.enable_prefix_caching)
         num_blocks, max_len = layout.num_blocks, layout.max_model_len
         if self.model_config.has_state and layout.num_slots == 0:
             raise InvalidRequestError(
@@ -177,12 +193,22 @@ class LLMEngine:
         )
         self.state_cache = StateCache(self.model_config, layout.num_slots) if layout.slot_bytes else None
         prefix_caching = config.enable_prefix_caching
+        self.snapshots: StateSnapshots | None = None  # a model with state: its prefix cache's states
         if prefix_caching and self.model_config.has_state:
-            # Cached blocks hold K/V, not the recurrent state at their end: a hit would resume from a wrong state.
-            log.info("prefix caching is off for %s: its recurrent layers' state cannot be restored from cached "
-                     "blocks (state snapshots are not implemented yet)", self.model_config.architecture)
-            prefix_caching = False
-        self.block_manager = BlockManager(num_blocks, config.block_size, prefix_caching)
+            if layout.num_snapshots:
+                self.snapshots = StateSnapshots(self.state_cache, self.model_config, layout.num_snapshots)
+                log.info("prefix caching for %s resumes from state snapshots at block boundaries: %d snapshots "
+                         "(%.1f MiB)", self.model_config.architecture, layout.num_snapshots,
+                         layout.snapshot_nbytes / 2**20)
+            else:
+                # Cached blocks hold K/V, not the recurrent state at their end: without snapshots a hit would be wrong.
+                log.info("prefix caching is off for %s: not one snapshot of its recurrent state (%d bytes) fits "
+                         "beside the state slots; raise the KV cache memory", self.model_config.architecture,
+                         layout.slot_bytes)
+                prefix_caching = False
+        self.block_manager = BlockManager(num_blocks, config.block_size, prefix_caching,
+                                          self._disk_tier(k_type, v_type))
+        self._close_disk = weakref.finalize(self, _close_disk_tier, self.block_manager)
         self.speculator: Speculator | None = None
         if config.speculative_method == "ngram":
             self.speculator = NgramSpeculator(config.num_speculative_tokens, config.speculative_ngram_cache_size)
@@ -193,6 +219,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len), self.block_manager,
             self.speculator, SlotAllocator(layout.num_slots) if self.state_cache is not None else None,
+            self.snapshots,
         )
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.eos_token_ids, self.structured,
@@ -201,6 +228,33 @@ class LLMEngine:
         self.metrics = EngineMetrics()
         self._prefill_tokens_held = 0  # prefilled since the heap was last released
         self._ids = itertools.count()
+
+    def _disk_tier(self, k_type: KVCacheType, v_type: KVCacheType) -> DiskTier | None:
+        """The disk tier, when asked for and the prefix cache is on (not for models with recurrent state:
+        their prefix cache also needs state snapshots, which stay in memory)."""
+        config = self.config
+        if not config.kv_offload_dir:
+            return None
+        if self.model_config.has_state:
+            log.warning("KV offload is off: a model with recurrent state keeps its state snapshots in memory only")
+            return None
+        if not config.enable_prefix_caching:
+            raise InvalidRequestError("the KV offload keeps prefix-cache blocks: it needs the prefix cache on")
+        if not config.kv_offload_gib > 0:
+            raise InvalidRequestError(f"kv_offload_gib must be positive, got {config.kv_offload_gib}")
+        layers = self.kv_cache.layers
+        tier = DiskTier(config.kv_offload_dir, int(config.kv_offload_gib * 2**30),
+                        fingerprint(self.loaded.path, layers, config.block_size, f"K {k_type.name} V {v_type.name}",
+                                    self.loaded.dtype), cache_parts(layers))
+        log.info("KV offload: %s, %d blocks (%.2f of %.2f GiB) found", tier.dir, tier.num_files,
+                 tier.bytes_on_disk / 2**30, config.kv_offload_gib)
+        return tier
+
+    def close(self) -> None:
+        """Write the prefix cache's blocks to the disk tier and wait for every write (no-op without one),
+        so a restart finds what this process computed. Runs by itself when the engine is collected or
+        the interpreter exits."""
+        self._close_disk()
 
     # -- requests -------------------------------------------------------------
 
@@ -294,6 +348,8 @@ class LLMEngine:
             spec_verifications=self.metrics.spec_verifications,
             spec_draft_tokens=self.metrics.spec_draft_tokens,
             spec_accepted_tokens=self.metrics.spec_accepted_tokens,
+            kv_offload_blocks_read=bm.disk.stats.hits if bm.disk is not None else 0,
+            kv_offload_blocks_written=bm.disk.stats.writes if bm.disk is not None else 0,
         )
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list,
@@ -309,6 +365,8 @@ class LLMEngine:
                 request.num_computed_tokens += n
                 self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids,
                                                      request.num_computed_tokens)
+                if self.snapshots is not None:
+                    self._snapshot(request)
                 if prompt_logprobs is not None and prompt_logprobs[i] is not None:
                     request.prompt_logprobs += prompt_logprobs[i]
                 if i in dead_ends:
@@ -329,6 +387,13 @@ class LLMEngine:
                 self.metrics.on_finish(request.finish_reason, request.arrival_time, now)
                 del self.states[request.request_id]
         return outputs
+
+    def _snapshot(self, request: Request) -> None:
+        """Keep the request's state where this step left it exactly at a block boundary (the
+        prefix its last full block's hash names), for a later request with that prefix."""
+        hashes = request.blocks.block_hashes
+        if hashes and len(hashes) * self.block_manager.block_size == request.num_computed_tokens:
+            self.snapshots.save(hashes[-1], request.state_slot)
 
     def _accept_drafts(self, state: _RequestState, targets: list[int], now: float) -> None:
         """Keep the verified run of a speculating request and roll back the rest.

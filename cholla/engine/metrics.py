@@ -62,6 +62,8 @@ class EngineStats:
     spec_accepted_tokens: int = 0
     state_slots_total: int = 0  # models with recurrent layers (kv/state_cache.py)
     state_slots_free: int = 0
+    kv_offload_blocks_read: int = 0  # the KV disk tier (kv/disk_tier.py): blocks read back instead of recomputed
+    kv_offload_blocks_written: int = 0
 
     @property
     def spec_acceptance_rate(self) -> float:

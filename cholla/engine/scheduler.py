@@ -11,7 +11,11 @@ A model with recurrent layers also needs a state slot per running sequence
 (``kv/state_cache.py``): a waiting request is admitted only when its blocks and
 a free slot are both there; the slot goes back when the request finishes, is
 aborted or is preempted (it is then recomputed from its first token, whose
-prefill starts from a zeroed slot).
+prefill starts from a zeroed slot). With prefix caching such a model resumes a
+cached prefix only where a state snapshot was taken (``StateSnapshots``): its
+slot is filled from it on admission. Snapshots are taken where a step ends on a
+block boundary, so its prefill chunks are cut to end on one (and once at the
+prompt's last full block, where a repeat of the prompt would resume).
 
 With a speculator, a decoding request may also carry drafted tokens: it then
 runs 1 + K tokens (its last token and the drafts), like a small prefill chunk,
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 
 from cholla.engine.request import Request, RequestStatus
 from cholla.kv.block_manager import BlockManager
-from cholla.kv.state_cache import SlotAllocator
+from cholla.kv.state_cache import SlotAllocator, StateSnapshots
 from cholla.speculative.speculator import MAX_DECODING_SEQS, Speculator
 
 
@@ -53,11 +57,12 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, speculator: Speculator | None = None,
-                 state_slots: SlotAllocator | None = None):
+                 state_slots: SlotAllocator | None = None, snapshots: StateSnapshots | None = None):
         self.config = config
         self.block_manager = block_manager
         self.speculator = speculator
         self.state_slots = state_slots  # models with recurrent layers
+        self.snapshots = snapshots  # and their prefix cache's states, where it is on
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -65,6 +70,8 @@ class Scheduler:
         self.waiting.append(request)
         if self.speculator is not None:
             self.speculator.observe(request.prompt_token_ids)
+        if not request.needs_prompt_logprobs:
+            self.block_manager.prefetch(request.all_token_ids)  # disk tier reads start while it waits
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -114,7 +121,7 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted below to make room for an older request
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._chunk(request, min(request.num_tokens - request.num_computed_tokens, budget))
             if request.request_id in proposals:
                 num_new += self._draft(request, proposals[request.request_id][: budget - 1])
             while not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
@@ -135,15 +142,24 @@ class Scheduler:
             request = self.waiting[0]
             # Cached blocks have no hidden states: a request still scoring its prompt computes it all.
             if request.num_computed_tokens == 0 and not request.blocks.block_table and not request.needs_prompt_logprobs:
-                request.num_computed_tokens = self.block_manager.match_prefix(request.blocks, request.all_token_ids)
+                resumable = self.snapshots.__contains__ if self.snapshots is not None else None
+                request.num_computed_tokens = self.block_manager.match_prefix(request.blocks, request.all_token_ids,
+                                                                              resumable)
                 if not request.output_token_ids:
                     request.num_cached_prompt_tokens = request.num_computed_tokens
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._chunk(request, min(request.num_tokens - request.num_computed_tokens, budget))
             if not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
+                if self.snapshots is not None:  # its snapshot may be gone by the next try: match again then
+                    self.block_manager.free(request.blocks)
+                    request.num_computed_tokens = 0
+                    if not request.output_token_ids:
+                        request.num_cached_prompt_tokens = 0
                 break
             self.waiting.popleft()
             if self.state_slots is not None:
                 request.state_slot = self.state_slots.allocate()
+                if request.num_computed_tokens:  # a cached prefix: its state from the snapshot at its end
+                    self.snapshots.restore(request.blocks.block_hashes[-1], request.state_slot)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled[request.request_id] = (request, num_new)
@@ -159,6 +175,20 @@ class Scheduler:
                     batch.num_tokens.append(n)
         batch.num_prefills = sum(not d for d in is_decode)
         return batch
+
+    def _chunk(self, request: Request, num_new: int) -> int:
+        """A prefill chunk of a model with state snapshots, cut to end on a block boundary (where
+        a snapshot is taken): the prompt's last full block, or the last boundary the budget reaches."""
+        start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+        if self.snapshots is None or end - start <= 1:
+            return num_new
+        block_size = self.block_manager.block_size
+        last = (request.num_tokens - 1) // block_size * block_size  # the longest prefix a match can resume
+        if start < last < end:
+            return last - start
+        if end < request.num_tokens and end - end % block_size > start:
+            return end - end % block_size - start
+        return num_new
 
     def _propose(self) -> dict[str, list[int]]:
         """Drafts for every decoding request at once (a draft model runs them as one batch), each

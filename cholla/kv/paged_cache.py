@@ -24,7 +24,7 @@ import torch
 from cholla.errors import InvalidRequestError
 from cholla.heap import mapped_zeros
 from cholla.kv.kv_types import CacheSide, KVCacheType, allocate, kv_cache_type
-from cholla.kv.state_cache import state_bytes_per_sequence, state_slots_for
+from cholla.kv.state_cache import state_bytes_per_sequence, state_slots_for, state_snapshots_for
 from cholla.models.config import ATTENTION_TYPES, ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16
@@ -95,6 +95,7 @@ class KVCacheLayout:
     max_model_len: int
     num_slots: int = 0  # models with recurrent layers: sequences whose states fit (kv/state_cache.py)
     slot_bytes: int = 0  # state bytes per sequence
+    num_snapshots: int = 0  # prefix caching for a model with state: slots' snapshots at block boundaries
 
     @property
     def num_tokens(self) -> int:
@@ -110,6 +111,10 @@ class KVCacheLayout:
         return self.num_slots * self.slot_bytes
 
     @property
+    def snapshot_nbytes(self) -> int:
+        return self.num_snapshots * self.slot_bytes
+
+    @property
     def max_concurrency(self) -> float:
         """Full-context requests that fit at once (the engine's log line): in the KV blocks and,
         for a model with state, in the slots too."""
@@ -123,20 +128,22 @@ class KVCacheLayout:
 
 def plan_layout(config: ModelConfig, memory_bytes: int, block_size: int, k_type: KVCacheType,
                 v_type: KVCacheType, max_model_len: int | None = None,
-                max_num_seqs: int = DEFAULT_MAX_NUM_SEQS) -> KVCacheLayout:
+                max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, prefix_caching: bool = True) -> KVCacheLayout:
     """Slots and blocks for ``memory_bytes``; the context defaults to the model's, capped by what the cache holds.
-    State slots are taken first (``state_slots_for``), the KV blocks get what they leave."""
+    State slots are taken first (``state_slots_for``), then with prefix caching their snapshots
+    (``state_snapshots_for``), the KV blocks get what they leave."""
     check_kv_types(config, k_type, v_type)
     block_bytes = bytes_per_block(config, block_size, k_type, v_type)
     num_slots = state_slots_for(config, memory_bytes, max_num_seqs)
     slot_bytes = state_bytes_per_sequence(config)
+    num_snapshots = state_snapshots_for(config, memory_bytes, num_slots, max_num_seqs) if prefix_caching else 0
     if block_bytes == 0:  # no attention layer: blocks only count tokens
         max_len = max_model_len or config.max_position_embeddings
         num_blocks = num_slots * -(-max_len // block_size)
     else:
-        num_blocks = (memory_bytes - num_slots * slot_bytes) // block_bytes
+        num_blocks = (memory_bytes - (num_slots + num_snapshots) * slot_bytes) // block_bytes
         max_len = max_model_len or min(config.max_position_embeddings, num_blocks * block_size)
-    return KVCacheLayout(block_size, block_bytes, num_blocks, max_len, num_slots, slot_bytes)
+    return KVCacheLayout(block_size, block_bytes, num_blocks, max_len, num_slots, slot_bytes, num_snapshots)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:

@@ -18,11 +18,20 @@ first, ``max_num_seqs`` of them, but where the model also has attention they
 may take at most half the budget (the KV blocks get the rest, so a model with
 large states still holds long contexts); a model without attention gives them
 the whole budget.
+
+Prefix caching needs the state too: a cached KV block says nothing of the
+recurrent state at its end. So the engine keeps *snapshots* (``StateSnapshots``):
+copies of a sequence's whole slot taken when a step leaves it exactly at a block
+boundary, keyed by the chained hash of that last full block (``kv/block_manager.py``),
+in a second, bounded pool of slots (``state_snapshots_for``: a small share of the
+budget), least recently used first out. A new request resumes only at a boundary
+where both the KV blocks and a snapshot are cached, its slot filled from the snapshot.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +59,23 @@ def state_slots_for(config: ModelConfig, memory_bytes: int, max_num_seqs: int) -
     has_attention = any(kind in ATTENTION_TYPES for kind in config.layer_types)
     share = int(memory_bytes * MAX_STATE_SHARE) if has_attention else memory_bytes
     return max(0, min(max_num_seqs, share // per_sequence))
+
+
+# Of the budget, the most the prefix cache's state snapshots may take, and at most this many per seat.
+SNAPSHOT_SHARE = 0.1
+MAX_SNAPSHOTS_PER_SEQ = 4
+
+
+def state_snapshots_for(config: ModelConfig, memory_bytes: int, num_slots: int, max_num_seqs: int) -> int:
+    """How many state snapshots (for prefix caching) the budget keeps beside ``num_slots`` slots:
+    at most ``SNAPSHOT_SHARE`` of it, what the slots leave, and ``MAX_SNAPSHOTS_PER_SEQ`` per seat;
+    0 without state, or where not one fits (prefix caching is then off for the model)."""
+    per_sequence = state_bytes_per_sequence(config)
+    if per_sequence == 0 or num_slots == 0:
+        return 0
+    left = memory_bytes - num_slots * per_sequence
+    return max(0, min(MAX_SNAPSHOTS_PER_SEQ * max_num_seqs, int(memory_bytes * SNAPSHOT_SHARE) // per_sequence,
+                      left // per_sequence))
 
 
 class SlotAllocator:
@@ -104,6 +130,46 @@ class StateCache:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for layer in self.layers for t in layer)
+
+
+def copy_slot(src: StateCache, src_slot: int, dst: StateCache, dst_slot: int) -> None:
+    """Every layer's state of ``src_slot`` in ``src`` into ``dst_slot`` of ``dst``."""
+    for src_layer, dst_layer in zip(src.layers, dst.layers):
+        for a, b in zip(src_layer, dst_layer):
+            b[dst_slot].copy_(a[src_slot])
+
+
+class StateSnapshots:
+    """Sequences' states at block boundaries for prefix caching (see the module's docstring):
+    block hash -> a slot of its own ``StateCache``, least recently used first out."""
+
+    def __init__(self, live: StateCache, config: ModelConfig, num_snapshots: int):
+        self.live = live
+        self.cache = StateCache(config, num_snapshots)
+        self.by_hash: OrderedDict[int, int] = OrderedDict()
+        self.free_ids: list[int] = list(reversed(range(num_snapshots)))
+        self.saved = 0
+        self.restored = 0
+
+    def __contains__(self, block_hash: int) -> bool:
+        return block_hash in self.by_hash
+
+    def save(self, block_hash: int, slot: int) -> None:
+        """Keep the state of live ``slot``, which has computed exactly the prefix ``block_hash`` ends."""
+        if block_hash in self.by_hash:  # the same prefix's state, kept already
+            self.by_hash.move_to_end(block_hash)
+            return
+        snapshot = self.free_ids.pop() if self.free_ids else self.by_hash.popitem(last=False)[1]
+        copy_slot(self.live, slot, self.cache, snapshot)
+        self.by_hash[block_hash] = snapshot
+        self.saved += 1
+
+    def restore(self, block_hash: int, slot: int) -> None:
+        """Fill live ``slot`` with the state after the prefix ``block_hash`` ends (it must be kept)."""
+        snapshot = self.by_hash[block_hash]
+        self.by_hash.move_to_end(block_hash)
+        copy_slot(self.cache, snapshot, self.live, slot)
+        self.restored += 1
 
 
 def layer_caches(kv_layers: list[tuple], state_cache: StateCache | None) -> list:

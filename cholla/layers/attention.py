@@ -189,7 +189,9 @@ class Attention(nn.Module):
 
     Variants: ``qk_norm="head"`` normalises each head (Qwen 3, Gemma 3), ``"full"``
     the whole q and k projections (OLMoE); ``sinks`` adds GPT-OSS's learned
-    per-head softmax logit; ``output_bias`` a bias on the output projection.
+    per-head softmax logit; ``output_bias`` a bias on the output projection;
+    ``output_gate`` (Qwen3-Next, Qwen 3.5) makes ``q_proj`` give each head its query
+    and then a gate, and scales the head's output by ``sigmoid(gate)``.
     """
 
     def __init__(
@@ -207,10 +209,12 @@ class Attention(nn.Module):
         qk_norm: str = "head",
         sinks: bool = False,
         output_bias: bool = False,
+        output_gate: bool = False,
     ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias)
+        self.output_gate = output_gate
+        self.q_proj = Linear(hidden_size, num_heads * head_dim * (2 if output_gate else 1), bias)
         self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias)
         self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias)
         self.o_proj = Linear(num_heads * head_dim, hidden_size, output_bias)
@@ -228,6 +232,10 @@ class Attention(nn.Module):
         q, k, v = linear_group((self.q_proj, self.k_proj, self.v_proj), x)
         if self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
+        gate = None
+        if self.output_gate:  # per head: head_dim of query, then head_dim of gate
+            q, gate = q.view(tokens, self.num_heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
+            q = q.contiguous()
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
@@ -236,4 +244,6 @@ class Attention(nn.Module):
         q, k = self.rotary(positions, q, k)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window, self.softcap,
                               self.compute_dtype, None if self.sinks is None else self.sinks.value)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))

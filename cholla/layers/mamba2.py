@@ -104,7 +104,8 @@ _gathered: dict[tuple, torch.Tensor] = {}
 
 
 def _gather_buffer(ssm_state: torch.Tensor, batch: int) -> torch.Tensor:
-    key = (tuple(ssm_state.shape[1:]), ssm_state.dtype, ssm_state.device)
+    # A buffer made under inference mode cannot be written outside it (tests run both ways).
+    key = (tuple(ssm_state.shape[1:]), ssm_state.dtype, ssm_state.device, torch.is_inference_mode_enabled())
     buffer = _gathered.get(key)
     if buffer is None or buffer.shape[0] < batch:
         buffer = _gathered[key] = torch.empty(batch, *key[0], dtype=key[1], device=key[2])

@@ -124,7 +124,8 @@ class Expert(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Router + experts (+ an optional shared expert every token goes through).
+    """Router + experts (+ an optional shared expert every token goes through, optionally
+    weighted by its own sigmoid gate).
 
     ``gate`` is the router's linear layer (its HF name);
     ``correction_bias`` is the router's own tensor where it has one (DeepSeek-V3).
@@ -133,7 +134,8 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, route: Router,
                  activation: str = "silu", glu: GLU | None = None, router_bias: bool = False,
                  expert_bias: bool = False, shared_intermediate_size: int = 0,
-                 correction_bias: DenseTensor | None = None, gated: bool = True):
+                 correction_bias: DenseTensor | None = None, gated: bool = True,
+                 shared_expert_gate: bool = False):
         super().__init__()
         known = ACTIVATIONS if gated else UNGATED_ACTIVATIONS
         if glu is None and activation not in known:
@@ -149,6 +151,8 @@ class SparseMoE(nn.Module):
         shared = GatedMLP if gated else MLP
         self.shared_expert = shared(hidden_size, shared_intermediate_size, activation) if shared_intermediate_size else None
         self.e_score_correction_bias = correction_bias
+        # Qwen3-Next / Qwen 3.5: the shared expert's output scaled per token by sigmoid(gate . x)
+        self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_gate else None
 
     def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
         """x: [tokens, hidden] -> [tokens, hidden]. ``router_input``: what the router reads when it
@@ -169,7 +173,8 @@ class SparseMoE(nn.Module):
             out.index_add_(0, rows, y * weight_of_pair[start:start + count, None])
             start += count
         if self.shared_expert is not None:
-            out += self.shared_expert(x)
+            shared = self.shared_expert(x)
+            out += shared if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x)) * shared
         return out
 
 

@@ -121,8 +121,13 @@ class RotaryEmbedding:
     def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [tokens]; q: [tokens, heads, head_dim]; k: [tokens, kv_heads, head_dim].
 
-        Where our kernels run, q and k are rotated in place and returned.
+        Where our kernels run, q and k are rotated in place and returned. Heads wider than
+        this rope's ``head_dim`` (partial rotary: Qwen3-Next, Qwen 3.5) turn only their leading dims.
         """
+        if q.shape[-1] > self.head_dim:
+            rot = self.head_dim
+            q_rot, k_rot = self(positions, q[..., :rot].contiguous(), k[..., :rot].contiguous())
+            return torch.cat((q_rot, q[..., rot:]), dim=-1), torch.cat((k_rot, k[..., rot:]), dim=-1)
         self.tables(positions)
         kernels = amx_kernels()
         if kernels is not None and q.dtype == k.dtype == torch.float32:  # in place, one call for q and k

@@ -51,6 +51,7 @@ class MoEConfig:
     router: str = "softmax_topk"
     normalize: bool = True
     shared_intermediate_size: int = 0
+    shared_expert_gate: bool = False  # Qwen2/3-MoE family: the shared expert scaled by sigmoid(a learned row . x)
     gated: bool = True  # False: each expert is down(act(up(x))) (Nemotron-H), not down(act(gate(x)) * up(x))
     dense_layers: list[int] = field(default_factory=list)
     swiglu_alpha: float | None = None  # GPT-OSS's clamped SwiGLU
@@ -58,6 +59,28 @@ class MoEConfig:
     num_groups: int = 1
     groups_used: int = 1
     routed_scale: float = 1.0
+
+
+@dataclass
+class DeltaNetConfig:
+    """Gated DeltaNet linear attention (Qwen3-Next, Qwen 3.5; ``layers/gated_deltanet.py``): each
+    query/key head serves ``num_v_heads // num_k_heads`` value heads, grouped (value head ``h`` reads
+    key head ``h // ratio``, HF's order) or tiled (``h % num_k_heads``: llama.cpp's qwen35 files)."""
+
+    num_k_heads: int
+    num_v_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    conv_kernel: int
+    v_heads_tiled: bool = False
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.num_k_heads * self.k_head_dim + self.num_v_heads * self.v_head_dim
+
+    def state_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """One sequence's conv state (the last ``kernel - 1`` inputs) and delta-rule state."""
+        return ((self.conv_channels, self.conv_kernel - 1), (self.num_v_heads, self.k_head_dim, self.v_head_dim))
 
 
 @dataclass
@@ -138,6 +161,11 @@ class ModelConfig:
     mla: MLAConfig | None = None
     qk_norm_full: bool = False  # OLMoE: one norm over all heads' q (and k)
     attention_sinks: bool = False  # GPT-OSS
+    # Qwen3-Next, Qwen 3.5: rope on the leading rotary_dim of each head only (None: all of it), the
+    # attention output gated by sigmoid of a second half of q_proj, Gated DeltaNet layers.
+    rotary_dim: int | None = None
+    attn_output_gate: bool = False
+    deltanet: DeltaNetConfig | None = None
     # Gemma 4: full-attention layers with their own head size and KV heads (None: as the others),
     # whose V may be K's projection; the last ``kv_shared_layers`` layers attend to the cache of the
     # last earlier layer of their kind (``kv_producer``), and their MLPs may be twice as wide;
@@ -206,7 +234,12 @@ def _gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
 GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3",
                            "lfm2": "lfm2", "lfm2moe": "lfm2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe", "gpt-oss": "gpt_oss",
                            "deepseek2": "deepseek_v3", "gemma4": "gemma4", "mamba2": "mamba2", "nemotron_h": "nemotron_h",
-                           "nemotron_h_moe": "nemotron_h", "falcon-h1": "falcon_h1", "granitehybrid": "granitemoehybrid"}
+                           "nemotron_h_moe": "nemotron_h", "falcon-h1": "falcon_h1", "granitehybrid": "granitemoehybrid",
+                           "qwen3next": "qwen3_next", "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
+DELTANET_GGUF_ARCHS = ("qwen3next", "qwen35", "qwen35moe")
+# HF model types of the Gated DeltaNet hybrids -> our architecture name (Qwen 3.5's text towers).
+DELTANET_MODEL_TYPES = {"qwen3_next": "qwen3_next", "qwen3_5": "qwen3_5", "qwen3_5_text": "qwen3_5",
+                        "qwen3_5_moe": "qwen3_5_moe", "qwen3_5_moe_text": "qwen3_5_moe"}
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
@@ -287,6 +320,8 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: set[str],
         kinds = kv_heads if isinstance(kv_heads, list) else [kv_heads] * cfg.num_layers
         cfg.qk_norm = True
         _lfm2_layers(cfg, [FULL_ATTENTION if n else SHORT_CONV for n in kinds], int(get("shortconv.l_cache", required=True)))
+    if arch in DELTANET_GGUF_ARCHS:
+        _gguf_deltanet(cfg, arch, get)
     if get("expert_count"):
         _gguf_moe(cfg, arch, get, tensor_names)
     elif arch == "deepseek2":
@@ -312,6 +347,10 @@ def _hf_rope(params: dict[str, Any] | None, theta: float | None, default_theta: 
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     """Map a Hugging Face ``config.json`` (transformers 4.x or 5.x spelling)."""
     model_type = cfg.get("model_type", "")
+    if model_type in ("qwen3_5", "qwen3_5_moe") and "text_config" in cfg:  # multimodal wrapper: the text tower
+        text = cfg["text_config"]
+        cfg = {**text, "tie_word_embeddings": cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))}
+    model_type = DELTANET_MODEL_TYPES.get(model_type, model_type)
     if model_type in ("lfm2", "lfm2_moe") and "intermediate_size" not in cfg:  # its older spelling
         cfg = {**cfg, "intermediate_size": cfg.get("block_ff_dim")}
     if model_type == "mamba2":
@@ -369,26 +408,26 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         out.embed_scale = math.sqrt(hidden)
         out.final_logit_softcapping = cfg.get("final_logit_softcapping")
         out.attn_logit_softcapping = cfg.get("attn_logit_softcapping")
-    if model_type == "gemma4":
-        try:
-            _hf_gemma4(out, cfg)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelFormatError(f"config.json's Gemma 4 fields are incomplete or malformed ({e})") from None
-    if model_type in ("lfm2", "lfm2_moe"):
-        _hf_lfm2(out, cfg, model_type)
-    if model_type in ("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe_lite", "lfm2_moe"):
-        try:
-            _hf_moe(out, cfg, model_type)
-        except KeyError as e:
-            raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
-    if model_type == "nemotron_h":
-        try:
-            _hf_nemotron_h(out, cfg)
-        except KeyError as e:
-            raise ModelFormatError(f"config.json lacks {e.args[0]!r}, which {model_type} needs") from None
-    if model_type in ("falcon_h1", "granitemoehybrid"):
-        _hf_hybrid(out, cfg, model_type)
+    for types, read in _HF_FAMILY_PARTS:
+        if model_type in types:
+            try:
+                read(out, cfg, model_type)
+            except (KeyError, TypeError, ValueError) as e:  # a missing or malformed key: the file's fault
+                what = f"lacks {e.args[0]!r}" if isinstance(e, KeyError) else f"has a malformed field ({e})"
+                raise ModelFormatError(f"config.json {what}, which {model_type} needs") from None
     return out
+
+
+# Each family's own fields of a config.json, read over the common ones by ``config_from_hf``.
+_HF_FAMILY_PARTS = [
+    (DELTANET_MODEL_TYPES.values(), lambda out, cfg, model_type: _hf_deltanet(out, cfg, model_type)),
+    (("gemma4",), lambda out, cfg, model_type: _hf_gemma4(out, cfg)),
+    (("lfm2", "lfm2_moe"), lambda out, cfg, model_type: _hf_lfm2(out, cfg, model_type)),
+    (("qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3", "glm4_moe_lite", "lfm2_moe"),
+     lambda out, cfg, model_type: _hf_moe(out, cfg, model_type)),
+    (("nemotron_h",), lambda out, cfg, model_type: _hf_nemotron_h(out, cfg)),
+    (("falcon_h1", "granitemoehybrid"), lambda out, cfg, model_type: _hf_hybrid(out, cfg, model_type)),
+]
 
 
 # -- Gemma 4 ------------------------------------------------------------------------------
@@ -630,6 +669,9 @@ def _gguf_moe(cfg: ModelConfig, arch: str, get, tensor_names: set[str]) -> None:
                             routed_scale=float(get("expert_weights_scale", 1.0) or 1.0))
     elif arch == "deepseek2":
         _gguf_mla(cfg, get, num_experts, top_k, size, dense)
+    elif arch in ("qwen3next", "qwen35moe"):
+        cfg.moe = MoEConfig(num_experts, top_k, size, normalize=True, dense_layers=dense, shared_expert_gate=True,
+                            shared_intermediate_size=int(get("expert_shared_feed_forward_length", 0)))
     elif arch == "gemma4":
         cfg.moe = MoEConfig(num_experts, top_k, size, router="softmax_topk_scaled", dense_layers=dense)
     elif arch == "granitehybrid":
@@ -660,6 +702,67 @@ def _gguf_mla(cfg: ModelConfig, get, num_experts: int, top_k: int, size: int, de
                         num_groups=int(get("expert_group_count", 1) or 1),
                         groups_used=int(get("expert_group_used_count", 1) or 1),
                         routed_scale=float(get("expert_weights_scale", 1.0) or 1.0))
+
+
+# -- Gated DeltaNet hybrids (Qwen3-Next, Qwen 3.5) ------------------------------------------------
+
+
+def _deltanet_layer_types(num_layers: int, interval: int) -> list[str]:
+    """Every ``interval``-th layer is full attention, the others Gated DeltaNet."""
+    return [FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(num_layers)]
+
+
+def _finish_deltanet(out: ModelConfig) -> None:
+    """What both formats share: gated attention, QK-norm, a state per DeltaNet layer."""
+    out.qk_norm = out.attn_output_gate = True
+    out.state_shapes = [out.deltanet.state_shapes() if kind == LINEAR_ATTENTION else () for kind in out.layer_types]
+
+
+def _hf_deltanet(out: ModelConfig, cfg: dict[str, Any], model_type: str) -> None:
+    """Qwen3-Next / Qwen 3.5 (dense and MoE) fields of a ``config.json``. Their multi-token
+    prediction layers (``mtp.*``) are not read: cholla decodes one token a step."""
+    out.deltanet = DeltaNetConfig(int(cfg["linear_num_key_heads"]), int(cfg["linear_num_value_heads"]),
+                                  int(cfg["linear_key_head_dim"]), int(cfg["linear_value_head_dim"]),
+                                  int(cfg["linear_conv_kernel_dim"]))
+    out.layer_types = list(cfg.get("layer_types") or
+                           _deltanet_layer_types(out.num_layers, int(cfg.get("full_attention_interval") or 4)))
+    params = cfg.get("rope_parameters") or {}
+    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor <= 1:
+        raise ModelFormatError(f"config.json's partial_rotary_factor = {factor!r} must be a number in (0, 1]")
+    out.rotary_dim = int(out.head_dim * factor)
+    _finish_deltanet(out)
+    if model_type == "qwen3_next" and int(cfg.get("num_experts") or 0):
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        only_mlp = set(cfg.get("mlp_only_layers") or [])
+        dense = [i for i in range(out.num_layers) if i in only_mlp or (i + 1) % step]
+        out.moe = MoEConfig(int(cfg["num_experts"]), int(cfg["num_experts_per_tok"]), int(cfg["moe_intermediate_size"]),
+                            normalize=bool(cfg.get("norm_topk_prob", True)), dense_layers=dense, shared_expert_gate=True,
+                            shared_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0))
+    elif model_type == "qwen3_5_moe":
+        out.moe = MoEConfig(int(cfg["num_experts"]), int(cfg["num_experts_per_tok"]), int(cfg["moe_intermediate_size"]),
+                            shared_expert_gate=True,
+                            shared_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0))
+
+
+def _gguf_deltanet(cfg: ModelConfig, arch: str, get) -> None:
+    """qwen3next / qwen35 / qwen35moe as llama.cpp's converter writes them (``ssm.*`` keys)."""
+    if int(get("nextn_predict_layers", 0) or 0):
+        raise ModelFormatError(f"this {arch} GGUF carries multi-token-prediction layers, which cholla does not run; "
+                               "convert it with convert_hf_to_gguf.py --no-mtp")
+    num_v_heads = int(get("ssm.time_step_rank", required=True))
+    cfg.deltanet = DeltaNetConfig(int(get("ssm.group_count", required=True)), num_v_heads,
+                                  int(get("ssm.state_size", required=True)),
+                                  int(get("ssm.inner_size", required=True)) // max(num_v_heads, 1),
+                                  int(get("ssm.conv_kernel", required=True)),
+                                  v_heads_tiled=arch != "qwen3next")  # qwen35's converter reorders value heads
+    recurrent = get("attention.recurrent_layers")
+    if recurrent is not None:
+        cfg.layer_types = [LINEAR_ATTENTION if r else FULL_ATTENTION for r in recurrent]
+    else:
+        cfg.layer_types = _deltanet_layer_types(cfg.num_layers, int(get("full_attention_interval", 4)))
+    cfg.rotary_dim = int(get("rope.dimension_count", cfg.head_dim))
+    _finish_deltanet(cfg)
 
 
 # -- Mamba-2 and its hybrids ------------------------------------------------------------------------

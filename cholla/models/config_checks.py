@@ -43,6 +43,8 @@ GGUF_KEYS = {
     "eos_token_id": "tokenizer.ggml.eos_token_id", "final_logit_softcapping": "final_logit_softcapping",
     "attn_logit_softcapping": "attn_logit_softcapping", "num_experts": "expert_count", "top_k": "expert_used_count",
     "kv_lora_rank": "attention.kv_lora_rank", "moe_intermediate_size": "expert_feed_forward_length",
+    "deltanet.num_k_heads": "ssm.group_count", "deltanet.num_v_heads": "ssm.time_step_rank",
+    "deltanet.k_head_dim": "ssm.state_size", "deltanet.conv_kernel": "ssm.conv_kernel", "rotary_dim": "rope.dimension_count",
     "global_head_dim": "attention.key_length", "kv_shared_layers": "attention.shared_kv_layers",
     "per_layer_input_size": "embedding_length_per_layer_input",
 }
@@ -56,6 +58,9 @@ HF_KEYS = {
     "eos_token_id": "eos_token_id", "top_k": "num_experts_per_tok", "kv_lora_rank": "kv_lora_rank",
     "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim",
     "q_lora_rank": "q_lora_rank", "moe_intermediate_size": "moe_intermediate_size",
+    "deltanet.num_k_heads": "linear_num_key_heads", "deltanet.num_v_heads": "linear_num_value_heads",
+    "deltanet.k_head_dim": "linear_key_head_dim", "deltanet.v_head_dim": "linear_value_head_dim",
+    "deltanet.conv_kernel": "linear_conv_kernel_dim",
     "global_head_dim": "global_head_dim", "global_kv_heads": "num_global_key_value_heads",
     "kv_shared_layers": "num_kv_shared_layers", "per_layer_input_size": "hidden_size_per_layer_input",
     "per_layer_vocab_size": "vocab_size_per_layer_input",
@@ -261,7 +266,8 @@ def _attention_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[tuple[
     if mla is None:
         kv_heads, head_dim = config.layer_attention(layer)
         q, kv = config.num_heads * head_dim, kv_heads * head_dim
-        return {"q_proj": ((q, hidden), "num_heads"), "k_proj": ((kv, hidden), "num_kv_heads"),
+        q_rows = 2 * q if config.attn_output_gate else q  # a gate per head after its query
+        return {"q_proj": ((q_rows, hidden), "num_heads"), "k_proj": ((kv, hidden), "num_kv_heads"),
                 "v_proj": ((kv, hidden), "num_kv_heads"), "o_proj": ((hidden, q), "num_heads")}
     q = config.num_heads * (mla.qk_nope_head_dim + mla.qk_rope_head_dim)
     return {"q_proj": ((q, hidden), "num_heads"), "q_b_proj": ((q, mla.q_lora_rank or 0), "num_heads"),
@@ -345,6 +351,36 @@ def check_latent(config: ModelConfig, source: ConfigSource) -> None:
         source.fail("qk_rope_head_dim", mla.qk_rope_head_dim, "is odd; rotary embeddings rotate pairs of dimensions")
 
 
+def check_deltanet(config: ModelConfig, source: ConfigSource) -> None:
+    """Gated DeltaNet's widths (bounded, value heads in whole groups per key head, a conv that
+    remembers at least one input), its projections' shapes, and the partial rope's width."""
+    rotary = config.rotary_dim
+    if rotary is not None and not (_is_int(rotary) and 2 <= rotary <= config.head_dim and rotary % 2 == 0):
+        source.fail("rotary_dim", rotary, f"must be an even number of the head's {config.head_dim} dims")
+    c = config.deltanet
+    if c is None:
+        return
+    for name in ("num_k_heads", "num_v_heads", "k_head_dim", "v_head_dim"):
+        value, most = getattr(c, name), MAX_HEADS if name.endswith("heads") else MAX_DIM
+        if not (_is_int(value) and 1 <= value <= most):
+            source.fail(f"deltanet.{name}", value, f"must be a whole number in [1, {most}]")
+    if c.num_v_heads % c.num_k_heads:
+        source.fail("deltanet.num_v_heads", c.num_v_heads, f"must be a multiple of the {c.num_k_heads} key heads")
+    if not (_is_int(c.conv_kernel) and 2 <= c.conv_kernel <= 64):
+        source.fail("deltanet.conv_kernel", c.conv_kernel, "must be a whole number in [2, 64]")
+    hidden, value_dim = config.hidden_size, c.num_v_heads * c.v_head_dim
+    expected = {"in_proj_qkv": (c.conv_channels, hidden), "in_proj_z": (value_dim, hidden),
+                "in_proj_b": (c.num_v_heads, hidden), "in_proj_a": (c.num_v_heads, hidden),
+                "in_proj_qkvz": (c.conv_channels + value_dim, hidden), "in_proj_ba": (2 * c.num_v_heads, hidden),
+                "out_proj": (hidden, value_dim)}
+    for layer in range(config.num_layers):
+        for part, want in expected.items():
+            got = source.shapes.get(f"model.layers.{layer}.linear_attn.{part}.weight")
+            if got is not None and got != want:
+                source.fail("deltanet.num_v_heads", c.num_v_heads,
+                            f"with the other dimensions needs {part} of layer {layer} to be {want}, but it is {got}")
+
+
 def check_layer_geometry(config: ModelConfig, source: ConfigSource) -> None:
     """Gemma 4's per-kind heads, KV sharing and per-layer embeddings: whole, bounded, and every
     KV-shared layer with an earlier layer of its kind to read from."""
@@ -376,7 +412,7 @@ def check_layer_geometry(config: ModelConfig, source: ConfigSource) -> None:
 
 CHECKS: list[Check] = [check_counts, check_heads, check_experts, check_latent, check_mamba, check_norm, check_rope, check_layer_kinds,
                        check_layer_geometry, check_layers_present, check_embedding, check_special_tokens,
-                       check_layer_shapes]
+                       check_layer_shapes, check_deltanet]
 
 
 def check_config(config: ModelConfig, source: ConfigSource) -> None:

@@ -36,7 +36,8 @@ def feed_forward(config: ModelConfig, layer_index: int) -> nn.Module:
     biased = config.architecture == "gpt_oss"
     return SparseMoE(config.hidden_size, moe.intermediate_size, moe.num_experts, route, config.hidden_act, glu,
                      router_bias=biased, expert_bias=biased, shared_intermediate_size=moe.shared_intermediate_size,
-                     correction_bias=bias, gated=moe.gated)
+                     correction_bias=bias, gated=moe.gated,
+                     shared_expert_gate=moe.shared_expert_gate)
 
 
 class PreNormLayer(nn.Module):

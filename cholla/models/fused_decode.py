@@ -71,7 +71,8 @@ def _covered(layer: nn.Module) -> bool:
     """The kernel's layer: plain attention (no sinks, per-head QK-norm at most) and a dense gated MLP;
     mixtures of experts, latent attention and sinks run in Python."""
     attn = getattr(layer, "self_attn", None)
-    return (type(attn) is Attention and attn.sinks is None and not attn.qk_norm_full
+    return (type(attn) is Attention and attn.sinks is None and not attn.qk_norm_full and not attn.output_gate
+            and getattr(attn.rotary, "head_dim", attn.head_dim) == attn.head_dim  # no partial rope
             and type(getattr(layer, "mlp", None)) is GatedMLP)
 
 

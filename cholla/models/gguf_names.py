@@ -39,6 +39,23 @@ _LAYER = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 
+# Gated DeltaNet hybrids (layers/gated_deltanet.py). ssm_a is llama.cpp's -exp(A_log), which our layer
+# keeps as ``A``; qwen3next's ssm_ba (b and a rows interleaved per key head) is split by the model.
+_DELTANET = {
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_qkv": "linear_attn.in_proj_qkv",
+    "attn_gate": "linear_attn.in_proj_z",
+    "ssm_ba": "linear_attn.in_proj_ba",
+    "ssm_beta": "linear_attn.in_proj_b",
+    "ssm_alpha": "linear_attn.in_proj_a",
+    "ssm_a": "linear_attn.A",
+    "ssm_dt": "linear_attn.dt_bias",
+    "ssm_conv1d": "linear_attn.conv1d",
+    "ssm_norm": "linear_attn.norm",
+    "ssm_out": "linear_attn.out_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+
 # LFM2 and LFM2-MoE: HF's own names (models/lfm2.py renames them); conv layers' tensors are ``shortconv.*``.
 _LFM2 = {
     "attn_norm": "operator_norm",
@@ -93,6 +110,9 @@ _LAYER_OVERRIDES = {
     "lfm2": _LFM2,
     "lfm2_moe": _LFM2,
     "gpt_oss": {"post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"},
+    "qwen3_next": _DELTANET,
+    "qwen3_5": _DELTANET,
+    "qwen3_5_moe": _DELTANET,
     "deepseek_v3": {
         "attn_q_a": "self_attn.q_a_proj",
         "attn_q_a_norm": "self_attn.q_a_layernorm",

@@ -17,7 +17,6 @@ from cholla.layers.linear import Linear, dense
 from cholla.layers.mla import LatentAttention
 from cholla.models.config import ModelConfig
 from cholla.models.config_checks import gguf_config, hf_config
-from cholla.models.gemma3 import Gemma3ForCausalLM
 from cholla.models.gguf_names import gguf_to_hf_name
 from cholla.models.registry import model_class
 from cholla.quant import check_supported
@@ -93,8 +92,8 @@ def _load_hf(path: Path) -> LoadedModel:
     config = hf_config(folder)
     cls = model_class(config.architecture)
     weights = folder.tensors()
-    if cls is Gemma3ForCausalLM:
-        weights = Gemma3ForCausalLM.sanitize_hf(weights)
+    if "sanitize_hf" in vars(cls):  # the class's own HF -> GGUF-form step (not inherited: Gemma 4 keeps its norms)
+        weights = cls.sanitize_hf(weights)
     if not weights:
         raise ModelFormatError(f"{path}: no weights found")
     model = cls(config)

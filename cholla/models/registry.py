@@ -18,6 +18,7 @@ from cholla.models.mixtral import MixtralForCausalLM
 from cholla.models.nemotron_h import NemotronHForCausalLM
 from cholla.models.olmoe import OlmoeForCausalLM
 from cholla.models.qwen3_moe import Qwen3MoeForCausalLM
+from cholla.models.qwen3_next import Qwen3NextForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -32,6 +33,9 @@ MODELS: dict[str, type[nn.Module]] = {
     "gpt_oss": GptOssForCausalLM,
     "deepseek_v3": DeepseekV3ForCausalLM,
     "glm4_moe_lite": DeepseekV3ForCausalLM,
+    "qwen3_next": Qwen3NextForCausalLM,
+    "qwen3_5": Qwen3NextForCausalLM,
+    "qwen3_5_moe": Qwen3NextForCausalLM,
     "lfm2": Lfm2ForCausalLM,
     "lfm2_moe": Lfm2ForCausalLM,
     "mamba2": Mamba2ForCausalLM,

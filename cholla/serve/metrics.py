@@ -60,6 +60,10 @@ class _EngineCollector(Collector):
         yield gauge("cholla:kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).", stats.kv_cache_usage)
         yield counter("cholla:prefix_cache_queries", "KV blocks looked up in the prefix cache.", stats.prefix_cache_queries)
         yield counter("cholla:prefix_cache_hits", "KV blocks found in the prefix cache.", stats.prefix_cache_hits)
+        yield counter("cholla:kv_offload_blocks_read", "KV blocks read back from the disk tier (--kv-offload-dir).",
+                      stats.kv_offload_blocks_read)
+        yield counter("cholla:kv_offload_blocks_written", "KV blocks written to the disk tier.",
+                      stats.kv_offload_blocks_written)
         yield counter("cholla:prompt_tokens", "Prompt tokens of requests that started.", stats.prompt_tokens)
         yield counter("cholla:generation_tokens", "Tokens generated.", stats.generation_tokens)
         yield counter("cholla:num_preemptions", "Sequences preempted to free KV cache.", stats.preemptions)

@@ -1,0 +1,154 @@
+"""Gated DeltaNet: the linear-attention layer of Qwen3-Next and Qwen 3.5.
+
+Instead of keeping every past key and value, each value head keeps one matrix
+``S: [k_head_dim, v_head_dim]`` that maps keys to values. Per token, with the
+key ``k`` and query ``q`` L2-normalised:
+
+    S = exp(g) * S                      # decay, g = A * softplus(a + dt_bias) <= 0
+    S = S + k (beta * (v - k S))^T      # delta rule: move k's read-out towards v, beta = sigmoid(b)
+    o = q S / sqrt(k_head_dim)
+
+q, k and v first pass a short causal convolution (``causal_conv.py``) and SiLU;
+the output is RMS-normalised per head and gated by ``silu(z)`` before
+``out_proj``. One sequence's state is the convolution's last ``kernel - 1``
+inputs and ``S`` for every value head, float32, in its state-cache slot.
+
+Decodes run the recurrence above for the whole batch at once. A prefill chunk
+uses the chunked form: within a chunk of ``CHUNK`` tokens the delta-rule updates
+are solved together as one triangular system (the "UT transform"), so the
+sequential part is one small matrix product per chunk instead of per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cholla.layers.attention import AttentionMetadata
+from cholla.layers.causal_conv import causal_conv1d
+from cholla.layers.linear import DenseTensor, Linear, linear_group
+from cholla.layers.norm import RMSNorm, rms_norm
+from cholla.models.config import DeltaNetConfig
+
+CHUNK = 64
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / ||x|| over the last dim, as the FLA kernels (and transformers) compute it."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def delta_rule_chunked(q, k, v, g, beta, state: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence. q, k: [tokens, heads, dk] (normalised, q already scaled); v: [tokens, heads, dv];
+    g, beta: [tokens, heads]; state: [heads, dk, dv]. Returns (out [tokens, heads, dv], final state).
+
+    Per chunk with ``G`` the running sum of g from the chunk's start, the tokens' own
+    updates are coupled through ``M[i, j] = beta_i k_i.k_j exp(G_i - G_j)`` (j < i); solving
+    ``(I + M) U = beta v`` and ``(I + M) W = beta k exp(G)`` gives each token's correction
+    ``U - W S`` to write, where S is the state entering the chunk."""
+    tokens = q.shape[0]
+    pad = -tokens % chunk
+    # [heads, chunks, chunk, dim], zero-padded at the end (padding writes nothing: its k and beta are 0)
+    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(0, 1).unflatten(1, (-1, chunk)) for x in (q, k, v))
+    g, beta = (F.pad(x, (0, 0, 0, pad)).transpose(0, 1).unflatten(1, (-1, chunk)) for x in (g, beta))
+    G = g.cumsum(dim=-1)
+    lower = torch.ones(chunk, chunk, dtype=torch.bool).tril()
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~lower, float("-inf")).exp()  # exp(G_i - G_j), j <= i
+    k_beta = k * beta[..., None]
+    coupling = (k_beta @ k.transpose(-1, -2)) * decay  # its diagonal is ignored (unit triangular)
+    corrections = torch.linalg.solve_triangular(coupling, torch.cat((v * beta[..., None], k_beta * G.exp()[..., None]), -1),
+                                                upper=False, unitriangular=True)
+    U, W = corrections.split((v.shape[-1], k.shape[-1]), dim=-1)
+    within = (q @ k.transpose(-1, -2)) * decay  # causal attention inside the chunk
+    q_decayed = q * G.exp()[..., None]
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None]
+    chunk_decay = G[..., -1].exp()[..., None, None]
+    out = torch.empty_like(v)
+    for c in range(q.shape[1]):
+        new = U[:, c] - W[:, c] @ state
+        out[:, c] = q_decayed[:, c] @ state + within[:, c] @ new
+        state = state * chunk_decay[:, c] + k_to_end[:, c].transpose(-1, -2) @ new
+    return out.flatten(1, 2)[:, :tokens].transpose(0, 1), state
+
+
+def delta_rule_step(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
+    """One token of each of a batch of sequences. q, k: [batch, heads, dk]; v: [batch, heads, dv];
+    g, beta: [batch, heads]; state: [batch, heads, dk, dv], updated in place. Returns out [batch, heads, dv].
+
+    With ``d = exp(g)`` and ``delta = beta (v - d k S)``, the new state is ``d S + k delta^T`` and
+    its read-out ``q S' = d q S + (q.k) delta``: both reads of S happen in one product before the
+    update, which then rewrites S in place (the state is the step's largest tensor by far)."""
+    decay = g.exp()[..., None]
+    reads = torch.stack((q, k), dim=-2) @ state  # [batch, heads, 2, dv]: q S and k S
+    delta = beta[..., None] * (v - decay * reads[..., 1, :])
+    out = decay * reads[..., 0, :] + (q * k).sum(-1, keepdim=True) * delta
+    state.mul_(decay[..., None])
+    state.view(-1, *state.shape[2:]).baddbmm_(k.reshape(-1, k.shape[-1], 1), delta.reshape(-1, 1, delta.shape[-1]))
+    return out
+
+
+class _Conv(nn.Module):
+    """Holds the depthwise convolution's ``weight: [channels, kernel]`` under HF's name."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.weight = DenseTensor(channels, kernel)
+
+
+class GatedDeltaNet(nn.Module):
+    """x: [tokens, hidden] -> [tokens, hidden], reading and writing each sequence's slot in
+    ``state = (conv_state [slots, channels, kernel - 1], recurrent [slots, v_heads, dk, dv])``.
+    Weights under Qwen 3.5's names (Qwen3-Next's fused projections are split at load)."""
+
+    def __init__(self, hidden_size: int, config: DeltaNetConfig, eps: float):
+        super().__init__()
+        self.config = config
+        key_dim, value_dim = config.num_k_heads * config.k_head_dim, config.num_v_heads * config.v_head_dim
+        self.in_proj_qkv = Linear(hidden_size, 2 * key_dim + value_dim)
+        self.in_proj_z = Linear(hidden_size, value_dim)
+        self.in_proj_b = Linear(hidden_size, config.num_v_heads)
+        self.in_proj_a = Linear(hidden_size, config.num_v_heads)
+        self.conv1d = _Conv(config.conv_channels, config.conv_kernel)
+        self.A = DenseTensor(config.num_v_heads)  # -exp(A_log): the decay rate, negative
+        self.dt_bias = DenseTensor(config.num_v_heads)
+        self.norm = RMSNorm(config.v_head_dim, eps)  # plain weight (not 1 + w), shared by all heads
+        self.out_proj = Linear(value_dim, hidden_size)
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The convolved [tokens, channels] as q, k (normalised, repeated to the value heads) and v."""
+        c, tokens = self.config, qkv.shape[0]
+        key_dim = c.num_k_heads * c.k_head_dim
+        q, k, v = qkv.split((key_dim, key_dim, c.num_v_heads * c.v_head_dim), dim=-1)
+        q = l2_normalize(q.reshape(tokens, c.num_k_heads, c.k_head_dim)) * c.k_head_dim**-0.5
+        k = l2_normalize(k.reshape(tokens, c.num_k_heads, c.k_head_dim))
+        ratio = c.num_v_heads // c.num_k_heads
+        if ratio > 1:
+            q, k = ((x.repeat(1, ratio, 1) if c.v_heads_tiled else x.repeat_interleave(ratio, dim=1)) for x in (q, k))
+        return q, k, v.reshape(tokens, c.num_v_heads, c.v_head_dim)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        conv_state, recurrent = state
+        qkv, z, b, a = linear_group((self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a), x)
+        qkv = F.silu(causal_conv1d(qkv, self.conv1d.weight.value, None, conv_state, meta))
+        q, k, v = self._heads(qkv)
+        beta = torch.sigmoid(b.float())
+        g = self.A.value * F.softplus(a.float() + self.dt_bias.value)
+        out = torch.empty_like(v)
+        starts, slots = meta.query_start_loc, meta.state_slots
+        for s in range(meta.num_prefills):
+            start, end, slot = starts[s], starts[s + 1], int(slots[s])
+            span = slice(start, end)
+            out[span], recurrent[slot] = delta_rule_chunked(q[span], k[span], v[span], g[span], beta[span], recurrent[slot])
+        first = starts[meta.num_prefills]
+        if first < x.shape[0]:
+            index = slots[meta.num_prefills:]
+            low = int(index[0])
+            run = bool((index == torch.arange(low, low + len(index))).all())  # consecutive slots (one decode always)
+            batch_state = recurrent[low:low + len(index)] if run else recurrent[index]  # a view, or a gathered copy
+            out[first:] = delta_rule_step(q[first:], k[first:], v[first:], g[first:], beta[first:], batch_state)
+            if not run:
+                recurrent[index] = batch_state
+        # Qwen's gated norm: normalise each head's output, then gate it
+        out = rms_norm(out, self.norm.weight, self.norm.eps) * F.silu(z.float().view_as(out))
+        return self.out_proj(out.flatten(1))
