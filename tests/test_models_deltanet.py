@@ -25,17 +25,6 @@ FIRST_CHUNK = 70  # the first prefill call spans two of the delta rule's 64-toke
 BLOCK = 8
 
 
-def _reference_logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
-
-
-def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
-    """Within ``rel`` of the logits' magnitude, at every position."""
-    err = (ours - ref).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
-
-
 def test_chunked_and_step_forms_are_the_delta_rule():
     """From a nonzero state, the chunked form (lengths around the chunk size) and the batched
     step (two sequences side by side) == the rule applied one token at a time as written."""
@@ -113,8 +102,8 @@ def test_safetensors_match_transformers(tiny, name):
     first = run.step([(0, PROMPT[:FIRST_CHUNK]), (1, other[:4])], num_prefills=2)
     second = run.step([(0, PROMPT[FIRST_CHUNK:]), (1, other[4:])], num_prefills=2)
     ours = torch.cat((first[:FIRST_CHUNK], second[: len(PROMPT) - FIRST_CHUNK]))
-    _assert_close(ours, _reference_logits(reference, PROMPT))
-    _assert_close(torch.cat((first[FIRST_CHUNK:], second[len(PROMPT) - FIRST_CHUNK:])), _reference_logits(reference, other))
+    tiny_models.assert_close(ours, tiny_models.reference_logits(reference, PROMPT))
+    tiny_models.assert_close(torch.cat((first[FIRST_CHUNK:], second[len(PROMPT) - FIRST_CHUNK:])), tiny_models.reference_logits(reference, other))
 
     # 32 greedy tokens, the two sequences decoding in one batched step (their slots gathered) or,
     # every other token, each in a step of its own (its slot used in place).
@@ -142,14 +131,14 @@ def test_gguf_matches_transformers_and_q8_0_its_round_trip(tiny, gguf_of, name):
     f32, and near the float model."""
     loaded = load_model(gguf_of(name), "float32")
     assert loaded.config.architecture == name and loaded.config.deltanet is not None
-    ref = _reference_logits(tiny(name)["model"], PROMPT)
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=BLOCK), ref)
+    ref = tiny_models.reference_logits(tiny(name)["model"], PROMPT)
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT, block_size=BLOCK), ref)
 
     quantized = load_model(gguf_of(name, "Q8_0"), "float32")
     assert quantized.model.layers[0].linear_attn.in_proj_qkv.weight.qtype.name == "Q8_0"
     ours = forward_once(quantized.model, PROMPT, block_size=BLOCK)
     exact = forward_once(load_model(gguf_of(name, "Q8_0", dequantized=True), "float32").model, PROMPT, block_size=BLOCK)
-    _assert_close(ours, exact)
+    tiny_models.assert_close(ours, exact)
     relative_rms = ((ours - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
     assert relative_rms <= 0.05
 
@@ -171,8 +160,8 @@ def test_qwen3_5_multimodal_checkpoint_loads_its_text_tower(tiny, tmp_path):
                "mtp.fc.weight": torch.zeros(64, 128)}, tmp_path / "model.safetensors")
     loaded = load_model(tmp_path, "float32")
     assert loaded.config.architecture == "qwen3_5"
-    _assert_close(forward_once(loaded.model, PROMPT[:20], block_size=BLOCK),
-                  _reference_logits(tiny("qwen3_5")["model"], PROMPT[:20]))
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT[:20], block_size=BLOCK),
+                  tiny_models.reference_logits(tiny("qwen3_5")["model"], PROMPT[:20]))
 
 
 @pytest.mark.parametrize("change, needle", [

@@ -52,17 +52,6 @@ def prefill_then_decode(model, prompt: list[int], cut: int, new_tokens: int, blo
     return logits, tokens
 
 
-def _reference(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
-
-
-def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
-    """Within ``rel`` of the logits' magnitude, at every position."""
-    err = (ours - ref).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_safetensors_match_transformers(tiny, name):
     entry = tiny(name)
@@ -84,7 +73,7 @@ def test_safetensors_match_transformers(tiny, name):
     assert not any(_covered(layer) for layer in loaded.model.layers)
 
     ours, generated = prefill_then_decode(loaded.model, PROMPT, 19, NEW_TOKENS)
-    _assert_close(ours, _reference(entry["model"], PROMPT))
+    tiny_models.assert_close(ours, tiny_models.reference_logits(entry["model"], PROMPT))
     with torch.no_grad():
         ref = entry["model"].generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False,
                                       min_new_tokens=NEW_TOKENS)[0, len(PROMPT):].tolist()
@@ -96,10 +85,10 @@ def test_gguf_matches_transformers_and_q8_0_its_safetensors(tiny, gguf_of, name)
     """The f32 conversion (Falcon-H1's multipliers folded by llama.cpp's converter, Granite's
     kept as metadata) gives transformers' logits; Q8_0, read from its blocks, stays near the
     SafeTensors run."""
-    reference = _reference(tiny(name)["model"], PROMPT)
+    reference = tiny_models.reference_logits(tiny(name)["model"], PROMPT)
     loaded = load_model(gguf_of(name), "float32")
     assert loaded.config.architecture == name and not loaded.config.multipliers
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), reference)
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT, block_size=8), reference)
 
     quantized = load_model(gguf_of(name, "Q8_0"), "float32")
     mixer = next(layer.mamba for layer in quantized.model.layers if layer.mamba is not None)
@@ -127,7 +116,7 @@ def test_dense_granite_gguf_runs_without_rope_as_llama_cpp_does(tiny, gguf_of):
     unrotated.no_rope = True
     reference = GraniteMoeHybridForCausalLM(unrotated)
     reference.load_weights(folder.tensors())
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), forward_once(reference, PROMPT, block_size=8))
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT, block_size=8), forward_once(reference, PROMPT, block_size=8))
 
 
 def test_info_counts_granites_active_parameters(tiny, gguf_of):

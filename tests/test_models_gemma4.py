@@ -26,24 +26,13 @@ NAMES = list(tiny_models.gemma4_configs())
 PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 
 
-def _reference_logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
-
-
-def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
-    """Within ``rel`` of the logits' magnitude, at every position."""
-    err = (ours - ref).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_safetensors_match_transformers(tiny, name):
     entry = tiny(name)
     loaded = load_model(entry["folder"], "float32")
     config = loaded.config
     assert config.architecture == "gemma4" and (config.moe is not None) == (name == "gemma4_moe")
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(entry["model"], PROMPT))
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT, block_size=8), tiny_models.reference_logits(entry["model"], PROMPT))
 
     greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     llm = LLM(entry["folder"], dtype="float32", max_model_len=128, max_num_batched_tokens=8)  # chunked prefill
@@ -59,16 +48,16 @@ def test_gguf_f32_and_q8_0(tiny, gguf_of, name):
     """llama.cpp's conversion (fused experts, router scales, partial rope as frequency divisors,
     per-layer FFN widths and KV heads) gives transformers' logits; Q8_0, read from its blocks, gives
     what its dequantized values give, and stays near the float model."""
-    ref = _reference_logits(tiny(name)["model"], PROMPT)
+    ref = tiny_models.reference_logits(tiny(name)["model"], PROMPT)
     loaded = load_model(gguf_of(name), "float32")
     assert loaded.config.architecture == "gemma4"
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), ref)
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT, block_size=8), ref)
 
     quantized = load_model(gguf_of(name, "Q8_0"), "float32")
     assert quantized.model.layers[1].self_attn.q_proj.weight.qtype.name == "Q8_0"
     ours = forward_once(quantized.model, PROMPT, block_size=8)
     exact = forward_once(load_model(gguf_of(name, "Q8_0", dequantized=True), "float32").model, PROMPT, block_size=8)
-    _assert_close(ours, exact)
+    tiny_models.assert_close(ours, exact)
     # Unscaled scores of unit-RMS q and k make these random models' softmaxes sharp: Q8_0 noise in any
     # one tensor alone moves the logits 2-8% (RMS); a misread tensor moves them by their whole size.
     assert ((ours - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item() <= 0.25
@@ -148,7 +137,7 @@ def test_multimodal_checkpoint_runs_its_text_tower(tiny, tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         loaded = load_model(tmp_path, "float32")
     assert "skipped 1 vision/audio tensors" in caplog.text
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(tiny("gemma4")["model"], PROMPT))
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT, block_size=8), tiny_models.reference_logits(tiny("gemma4")["model"], PROMPT))
 
 
 @pytest.mark.parametrize("change, needle", [

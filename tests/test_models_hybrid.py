@@ -25,17 +25,6 @@ PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 CHUNK = 16  # tokens per step: PROMPT is prefilled in three chunks, the state carried across them
 
 
-def _reference_logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
-
-
-def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
-    """Within ``rel`` of the logits' magnitude, at every position."""
-    err = (ours - ref).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
-
-
 def _engine(folder, **kwargs) -> LLM:
     kwargs.setdefault("max_model_len", 128)
     kwargs.setdefault("max_num_batched_tokens", CHUNK)
@@ -47,8 +36,8 @@ def test_safetensors_match_transformers_across_prefill_chunks(tiny, name):
     entry = tiny(name)
     loaded = load_model(entry["folder"], "float32")
     assert loaded.config.architecture == name and loaded.config.has_state
-    reference = _reference_logits(entry["model"], PROMPT)
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), reference)
+    reference = tiny_models.reference_logits(entry["model"], PROMPT)
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT, block_size=8), reference)
 
     # Through the engine: prompt logprobs of three prefill chunks, then 32 greedy tokens of decode.
     llm = _engine(entry["folder"])
@@ -75,10 +64,10 @@ def test_safetensors_match_transformers_across_prefill_chunks(tiny, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_gguf_matches_own_safetensors(tiny, gguf_of, name):
     """llama.cpp's f32 conversion gives transformers' logits; Q8_0 stays within its rounding."""
-    reference = _reference_logits(tiny(name)["model"], PROMPT)
+    reference = tiny_models.reference_logits(tiny(name)["model"], PROMPT)
     loaded = load_model(gguf_of(name), "float32")
     assert loaded.config.architecture == name and loaded.config.has_state
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), reference)
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT, block_size=8), reference)
     ours = forward_once(load_model(gguf_of(name, "Q8_0"), "float32").model, PROMPT, block_size=8)
     relative_rms = ((ours - reference).pow(2).mean() / reference.pow(2).mean()).sqrt().item()
     assert relative_rms <= 0.05

@@ -51,16 +51,6 @@ class Sequence:
         return self.model.compute_logits(hidden).float()
 
 
-def _reference_logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
-
-
-def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
-    err = (ours - ref).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
-
-
 def _chunked_logits(model) -> torch.Tensor:
     """PROMPT's logits from two prefill chunks (23 + 17 tokens: both cross the SSD's 16-token chunks)."""
     seq = Sequence(model, len(PROMPT))
@@ -74,7 +64,7 @@ def test_safetensors_match_transformers(tiny, name):
     config = loaded.config
     assert config.architecture == name.removesuffix("_moe") and config.has_state
     assert (config.moe is not None) == name.endswith("_moe")
-    _assert_close(_chunked_logits(loaded.model), _reference_logits(entry["model"], PROMPT))
+    tiny_models.assert_close(_chunked_logits(loaded.model), tiny_models.reference_logits(entry["model"], PROMPT))
 
     seq, ours = Sequence(loaded.model, 12 + 32), []
     seq.step(PROMPT[:5])
@@ -92,10 +82,10 @@ def test_safetensors_match_transformers(tiny, name):
 def test_gguf_matches_safetensors(tiny, gguf_of, name):
     """llama.cpp's conversion (A stored as -exp(A_log), the conv squeezed, the norm per group,
     stacked experts): f32 exact against transformers, Q8_0 near cholla's own SafeTensors run."""
-    ref = _reference_logits(tiny(name)["model"], PROMPT)
+    ref = tiny_models.reference_logits(tiny(name)["model"], PROMPT)
     loaded = load_model(gguf_of(name), "float32")
     assert loaded.config.layer_types == load_model(tiny(name)["folder"], "float32").config.layer_types
-    _assert_close(_chunked_logits(loaded.model), ref)
+    tiny_models.assert_close(_chunked_logits(loaded.model), ref)
     quantized = load_model(gguf_of(name, "Q8_0"), "float32")
     assert quantized.model.layers[0].mixer.in_proj.weight.qtype.name == "Q8_0"
     ours = _chunked_logits(quantized.model)

@@ -22,17 +22,6 @@ NAMES = list(tiny_models.configs())
 PROMPT = [(i * 37 + 11) % tiny_models.VOCAB for i in range(40)]
 
 
-def _reference_logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
-
-
-def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
-    """Within ``rel`` of the logits' magnitude, at every position."""
-    err = (ours - ref).abs().max().item()
-    assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_safetensors_match_transformers(tiny, name):
     entry = tiny(name)
@@ -41,7 +30,7 @@ def test_safetensors_match_transformers(tiny, name):
     # the fused C++ decode step has no MoE, sinks or latent attention: it must decline these layers
     assert not any(_covered(layer) for layer in loaded.model.layers if not hasattr(layer.mlp, "gate_proj"))
     assert not all(_covered(layer) for layer in loaded.model.layers)
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(entry["model"], PROMPT))
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT, block_size=8), tiny_models.reference_logits(entry["model"], PROMPT))
 
     greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     llm = LLM(entry["folder"], dtype="float32", max_model_len=128)
@@ -57,7 +46,7 @@ def test_gguf_f32_matches_transformers(tiny, gguf_of, name):
     loaded = load_model(gguf_of(name), "float32")
     same_file_type = {"glm4_moe_lite": "deepseek_v3"}  # GGUF has one "deepseek2" for both
     assert loaded.config.architecture == same_file_type.get(name, name) and loaded.config.moe is not None
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(tiny(name)["model"], PROMPT))
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT, block_size=8), tiny_models.reference_logits(tiny(name)["model"], PROMPT))
 
 
 QUANTS = [("qwen3_moe", "Q8_0"), ("qwen3_moe", "Q4_0"), ("mixtral", "Q4_0"), ("olmoe", "Q8_0"),
@@ -73,8 +62,8 @@ def test_gguf_quantized_experts(tiny, gguf_of, name, qtype):
     assert experts.qtype.name == qtype  # still in its blocks, one expert's slice of the stack
     ours = forward_once(quantized.model, PROMPT, block_size=8)
     exact = forward_once(load_model(gguf_of(name, qtype, dequantized=True), "float32").model, PROMPT, block_size=8)
-    _assert_close(ours, exact)
-    ref = _reference_logits(tiny(name)["model"], PROMPT)
+    tiny_models.assert_close(ours, exact)
+    ref = tiny_models.reference_logits(tiny(name)["model"], PROMPT)
     relative_rms = ((ours - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
     assert relative_rms <= {"Q8_0": 0.05, "Q4_0": 0.3, "MXFP4": 0.35}[qtype]
 
@@ -135,7 +124,7 @@ def test_latent_cache_float_types(tiny, kv_type, atol):
     llm = _engine(entry["folder"], kv_cache_dtype=kv_type)
     scored = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=0)
     out = llm.generate({"prompt_token_ids": PROMPT}, scored, use_tqdm=False)[0]
-    reference = _reference_logits(entry["model"], PROMPT)[:-1].float().log_softmax(-1)
+    reference = tiny_models.reference_logits(entry["model"], PROMPT)[:-1].float().log_softmax(-1)
     got = torch.tensor([e.logprob for e in out.prompt_logprobs[1:]])
     want = reference[torch.arange(len(PROMPT) - 1), torch.tensor(PROMPT[1:])]
     assert (got - want).abs().max().item() < atol
@@ -184,7 +173,7 @@ def test_deepseek2_gguf_with_unsplit_kv_b(tiny, gguf_of, tmp_path):
     path = tiny_models.requantize(gguf_of("deepseek_v3"), tmp_path / "kv_b.gguf", "F32", extra=extra,
                                   drop=("attn_k_b", "attn_v_b"))
     loaded = load_model(path, "float32")
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(tiny("deepseek_v3")["model"], PROMPT))
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT, block_size=8), tiny_models.reference_logits(tiny("deepseek_v3")["model"], PROMPT))
 
 
 def test_safetensors_experts_contradicting_config_is_an_error(tiny, tmp_path):
@@ -305,7 +294,7 @@ def test_gpt_oss_hf_mxfp4_checkpoint(tiny, tmp_path):
 
     loaded = load_model(tmp_path, "float32")
     assert loaded.model.layers[1].mlp.experts[2].down_proj.weight.qtype.name == "MXFP4"
-    _assert_close(forward_once(loaded.model, PROMPT, block_size=8), _reference_logits(reference, PROMPT))
+    tiny_models.assert_close(forward_once(loaded.model, PROMPT, block_size=8), tiny_models.reference_logits(reference, PROMPT))
 
 
 def test_info_shows_experts_active_parameters_and_kv_geometry(tiny, gguf_of):

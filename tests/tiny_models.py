@@ -361,3 +361,15 @@ def requantize(src: Path, dst: Path, qtype_name: str, dequantized: bool = False,
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+def reference_logits(model, ids: list[int]) -> torch.Tensor:
+    """transformers' logits ``[len(ids), vocab]`` for one prompt."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None:
+    """Within ``rel`` of the logits' magnitude, at every position."""
+    err = (ours - ref).abs().max().item()
+    assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
