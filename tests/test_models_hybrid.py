@@ -59,6 +59,14 @@ def test_safetensors_match_transformers_across_prefill_chunks(tiny, name):
     resumed = llm.generate({"prompt_token_ids": PROMPT}, plain, use_tqdm=False)[0]
     assert resumed.metrics.num_cached_prompt_tokens > 0 and llm.engine.snapshots.restored == 1
     assert list(resumed.outputs[0].token_ids) == ref
+    # /metrics reports the slots (all free again) and the restore.
+    from types import SimpleNamespace
+
+    from cholla.serve.metrics import _EngineCollector
+
+    host = SimpleNamespace(engine=SimpleNamespace(engine=llm.engine), num_in_flight=0)
+    scraped = {m.name: m.samples[0].value for m in _EngineCollector(host, "tiny").collect() if m.samples}
+    assert scraped["cholla:state_slots_usage_perc"] == 0.0 and scraped["cholla:state_snapshots_restored"] == 1
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -340,6 +340,7 @@ class LLMEngine:
             kv_blocks_free=bm.num_free_blocks,
             state_slots_total=self.state_cache.num_slots if self.state_cache is not None else 0,
             state_slots_free=self.scheduler.state_slots.num_free if self.state_cache is not None else 0,
+            state_snapshots_restored=self.snapshots.restored if self.snapshots is not None else 0,
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
             prompt_tokens=self.metrics.prompt_tokens,

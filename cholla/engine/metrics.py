@@ -62,6 +62,7 @@ class EngineStats:
     spec_accepted_tokens: int = 0
     state_slots_total: int = 0  # models with recurrent layers (kv/state_cache.py)
     state_slots_free: int = 0
+    state_snapshots_restored: int = 0  # prefix-cache hits that resumed a sequence's state from a snapshot
     kv_offload_blocks_read: int = 0  # the KV disk tier (kv/disk_tier.py): blocks read back instead of recomputed
     kv_offload_blocks_written: int = 0
 
@@ -78,6 +79,10 @@ class EngineStats:
     @property
     def kv_cache_usage(self) -> float:
         return 1.0 - self.kv_blocks_free / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def state_slots_usage(self) -> float:
+        return 1.0 - self.state_slots_free / self.state_slots_total if self.state_slots_total else 0.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -58,6 +58,11 @@ class _EngineCollector(Collector):
         yield gauge("cholla:num_requests_admitted", "Sequences the server has admitted and not yet finished.",
                     self.host.num_in_flight)
         yield gauge("cholla:kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).", stats.kv_cache_usage)
+        if stats.state_slots_total:  # a model with recurrent layers (kv/state_cache.py)
+            yield gauge("cholla:state_slots_usage_perc", "Fraction of recurrent-state slots in use (1 = full).",
+                        stats.state_slots_usage)
+            yield counter("cholla:state_snapshots_restored", "Prefix-cache hits resumed from a state snapshot.",
+                          stats.state_snapshots_restored)
         yield counter("cholla:prefix_cache_queries", "KV blocks looked up in the prefix cache.", stats.prefix_cache_queries)
         yield counter("cholla:prefix_cache_hits", "KV blocks found in the prefix cache.", stats.prefix_cache_hits)
         yield counter("cholla:kv_offload_blocks_read", "KV blocks read back from the disk tier (--kv-offload-dir).",
