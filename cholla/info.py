@@ -32,7 +32,12 @@ def _layer_kinds(config: ModelConfig) -> list[str]:
 
 
 def _attention_kind(config: ModelConfig) -> str:
+    attention_layers = sum(kind in ATTENTION_TYPES for kind in config.layer_types)
+    if not attention_layers:
+        return "none (recurrent layers only)"
     kind = "latent (MLA)" if config.mla else "grouped-query" if config.num_kv_heads < config.num_heads else "multi-head"
+    if attention_layers < config.num_layers:  # a hybrid: the other layers are recurrent or MLP only
+        kind += f" in {attention_layers} of {config.num_layers} layers"
     sliding = sum(t == SLIDING_ATTENTION for t in config.layer_types)
     if sliding:
         kind += f", sliding window {config.sliding_window} in {sliding} of {config.num_layers} layers"

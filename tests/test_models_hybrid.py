@@ -211,6 +211,11 @@ def test_info_shows_state_per_sequence(tiny, gguf_of, name):
         info = model_info(path)
         assert info["state_bytes_per_sequence"] == state_bytes_per_sequence(load_model(path, "float32").config) > 0
         assert "state per sequence" in format_info(info)
+    # The attention line counts only the attention layers (a hybrid's others are recurrent).
+    assert model_info(tiny("mamba2")["folder"])["attention"] == "none (recurrent layers only)"
+    config = load_model(tiny(name)["folder"], "float32").config
+    attention_layers = sum(kind == "full_attention" for kind in config.layer_types)
+    assert f"in {attention_layers} of {config.num_layers} layers" in model_info(tiny(name)["folder"])["attention"]
 
 
 def test_a_model_without_attention_runs_on_token_counting_blocks(tmp_path):
