@@ -20,13 +20,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.compare import cholla_bench, fmt, llama_bench, machine  # noqa: E402
-from benchmarks.moe import transformers_bench  # noqa: E402  (pp: one forward; tg: greedy generate)
-from tests import tiny_models  # noqa: E402
+from benchmarks.moe import ggufs, save_random_model, transformers_bench  # noqa: E402
 
 
 def build(args) -> Path:
     """The random model as SafeTensors (cached by its shape under --cache)."""
-    import torch
     import transformers
 
     folder = args.cache / f"mamba2-h{args.hidden}-l{args.layers}-s{args.state}-v{args.vocab}"
@@ -35,12 +33,7 @@ def build(args) -> Path:
     config = transformers.Mamba2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                                        num_heads=2 * args.hidden // 64, head_dim=64, expand=2, state_size=args.state,
                                        n_groups=1, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(folder)
-    tiny_models.tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_random_model(folder, config)
 
 
 def main() -> None:
@@ -63,17 +56,12 @@ def main() -> None:
     peers = [p for p in args.peers.split(",") if p]
 
     folder = build(args)
-    f32 = folder.with_suffix(".f32.gguf")
-    if not f32.exists():
-        tiny_models.convert_to_gguf(tiny_models.find_converter(), [(folder, f32)])
+    files = ggufs(folder, args.quants)
     lines = [f"Machine: {machine()}; threads {args.threads}.",
              f"Model: random Mamba-2, hidden {args.hidden}, {args.layers} layers, state {args.state}, "
              f"vocabulary {args.vocab}.", "",
              f"| file | engine | pp{args.n_prompt} t/s | tg{args.n_gen} t/s |", "|---|---|---|---|"]
-    for q in args.quants:
-        path = folder.with_suffix(f".{q}.gguf")
-        if not path.exists():
-            tiny_models.requantize(f32, path, q)
+    for q, path in files.items():
         results = {"cholla": cholla_bench(path, args)}
         if "llama.cpp" in peers:
             results["llama.cpp"] = llama_bench(path, args)

@@ -35,7 +35,6 @@ from tests import tiny_models  # noqa: E402  (tokenizer, converter and requantiz
 
 def build(args) -> Path:
     """The random model as SafeTensors (cached by its shape under --cache)."""
-    import torch
     import transformers
 
     name = f"qwen3moe-e{args.experts}k{args.top_k}-h{args.hidden}-l{args.layers}-f{args.expert_size}-v{args.vocab}"
@@ -47,6 +46,15 @@ def build(args) -> Path:
         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 256,
         head_dim=64, num_experts=args.experts, num_experts_per_tok=args.top_k, moe_intermediate_size=args.expert_size,
         norm_topk_prob=True, max_position_embeddings=4096, tie_word_embeddings=False)
+    return save_random_model(folder, config)
+
+
+def save_random_model(folder: Path, config) -> Path:
+    """A random-weight model of ``config`` (seed 0) saved into ``folder`` with the tests' byte-level
+    tokenizer: the benchmarks time token ids, any vocabulary serves."""
+    import torch
+    import transformers
+
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = None

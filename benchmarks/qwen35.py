@@ -29,13 +29,11 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare import fmt, machine, run, stats  # noqa: E402
-from benchmarks.moe import ggufs  # noqa: E402
-from tests import tiny_models  # noqa: E402  (tokenizer, converter and requantizer of the model tests)
+from benchmarks.moe import ggufs, save_random_model  # noqa: E402
 
 
 def build(args) -> Path:
     """The random model as SafeTensors (cached by its shape under --cache)."""
-    import torch
     import transformers
 
     folder = args.cache / f"qwen35-h{args.hidden}-l{args.layers}-v{args.vocab}"
@@ -46,12 +44,7 @@ def build(args) -> Path:
         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
         linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
         max_position_embeddings=8192, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(folder)
-    tiny_models.tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_random_model(folder, config)
 
 
 def cholla_all(path: Path, args) -> dict:
