@@ -25,6 +25,26 @@ def gemma3_path() -> Path:
     return _model_path("gemma3")
 
 
+@pytest.fixture(scope="session")
+def smollm2_loaded(smollm2_path):
+    """SmolLM2 loaded in float32 with its tokenizer, once for every test that builds engines on it."""
+    from cholla.engine.engine import load_tokenizer
+    from cholla.models.loader import load_model
+
+    loaded = load_model(smollm2_path, "float32")
+    return loaded, load_tokenizer(loaded)
+
+
+def engine_on(loaded_and_tokenizer, monkeypatch, **config):
+    """An ``LLMEngine`` over an already loaded ``(model, tokenizer)``: no file read, no tokenizer rebuilt."""
+    from cholla.engine import engine as engine_module
+    from cholla.engine.engine import EngineConfig, LLMEngine
+
+    loaded, tokenizer = loaded_and_tokenizer
+    monkeypatch.setattr(engine_module, "load_tokenizer", lambda _: tokenizer)
+    return LLMEngine(loaded, EngineConfig(**config))
+
+
 def hf_gguf_model(path: Path):
     """transformers' own load of the same GGUF file (it dequantizes to fp32): the reference."""
     import torch

@@ -15,6 +15,7 @@ import torch
 from cholla.kv.block_manager import chain_hash
 from cholla.kv.disk_tier import DiskTier, cache_parts, fingerprint, model_identity
 from cholla.kv.kv_types import ScaledKV
+from tests.conftest import engine_on
 
 FINGERPRINT = bytes(range(16))
 BLOCK_SIZE = 4
@@ -195,22 +196,8 @@ GREEDY = dict(temperature=0.0, max_tokens=4, ignore_eos=True)
 ENGINE = dict(max_model_len=60, max_num_batched_tokens=64, block_size=8, dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    from cholla.engine.engine import load_tokenizer
-    from cholla.models.loader import load_model
-
-    loaded = load_model(smollm2_path, "float32")
-    return loaded, load_tokenizer(loaded)
-
-
-def _engine(smollm2, monkeypatch, **config):
-    from cholla.engine import engine as engine_module
-    from cholla.engine.engine import EngineConfig, LLMEngine
-
-    loaded, tokenizer = smollm2
-    monkeypatch.setattr(engine_module, "load_tokenizer", lambda _: tokenizer)
-    return LLMEngine(loaded, EngineConfig(**{**ENGINE, **config}))
+def _engine(smollm2_loaded, monkeypatch, **config):
+    return engine_on(smollm2_loaded, monkeypatch, **{**ENGINE, **config})
 
 
 def _generate(engine, prompts) -> list[list[int]]:
@@ -228,18 +215,18 @@ def _generate(engine, prompts) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def alone(smollm2):
+def alone(smollm2_loaded):
     """Each prompt's greedy tokens, recomputed from scratch; and the bytes of one block."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        reference = _engine(smollm2, monkeypatch, enable_prefix_caching=False)
+        reference = _engine(smollm2_loaded, monkeypatch, enable_prefix_caching=False)
         return [_generate(reference, [p])[0] for p in PROMPTS], reference.kv_layout.block_bytes
 
 
-def test_evicted_blocks_come_back_from_disk_and_after_a_restart(smollm2, alone, monkeypatch, tmp_path):
+def test_evicted_blocks_come_back_from_disk_and_after_a_restart(smollm2_loaded, alone, monkeypatch, tmp_path):
     tokens, block_bytes = alone
     tight = dict(kv_cache_memory=8 * block_bytes, kv_offload_dir=str(tmp_path))  # about one prompt's blocks
 
-    engine = _engine(smollm2, monkeypatch, **tight)
+    engine = _engine(smollm2_loaded, monkeypatch, **tight)
     disk = engine.block_manager.disk
     assert _generate(engine, [PROMPTS[0]]) == [tokens[0]]
     assert _generate(engine, [PROMPTS[1]]) == [tokens[1]]  # evicts the first prompt's blocks to disk
@@ -257,7 +244,7 @@ def test_evicted_blocks_come_back_from_disk_and_after_a_restart(smollm2, alone, 
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF
     damaged.write_bytes(data)
-    restarted = _engine(smollm2, monkeypatch, **tight)
+    restarted = _engine(smollm2_loaded, monkeypatch, **tight)
     stats = restarted.block_manager.disk.stats
     assert _generate(restarted, [PROMPTS[0]]) == [tokens[0]]
     assert stats.hits == 1 and stats.invalid == 1 and not damaged.exists()  # block 0, then the damaged one
@@ -266,11 +253,11 @@ def test_evicted_blocks_come_back_from_disk_and_after_a_restart(smollm2, alone, 
     restarted.close()
 
 
-def test_preemption_with_the_tier_gives_the_same_tokens_and_frees_every_block(smollm2, alone, monkeypatch, tmp_path):
+def test_preemption_with_the_tier_gives_the_same_tokens_and_frees_every_block(smollm2_loaded, alone, monkeypatch, tmp_path):
     """Room for about one prompt: the two run together, one is preempted and comes back through
     the prefix cache (its blocks in memory or on disk), and every block is freed at the end."""
     tokens, block_bytes = alone
-    engine = _engine(smollm2, monkeypatch, kv_cache_memory=8 * block_bytes, max_num_batched_tokens=16,
+    engine = _engine(smollm2_loaded, monkeypatch, kv_cache_memory=8 * block_bytes, max_num_batched_tokens=16,
                      kv_offload_dir=str(tmp_path))
     assert _generate(engine, PROMPTS) == tokens
     assert engine.metrics.preemptions > 0
@@ -278,12 +265,12 @@ def test_preemption_with_the_tier_gives_the_same_tokens_and_frees_every_block(sm
     engine.close()
 
 
-def test_the_tier_needs_the_prefix_cache_and_is_off_for_models_with_state(smollm2, monkeypatch, tmp_path):
+def test_the_tier_needs_the_prefix_cache_and_is_off_for_models_with_state(smollm2_loaded, monkeypatch, tmp_path):
     from cholla.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match="prefix cache"):
-        _engine(smollm2, monkeypatch, kv_offload_dir=str(tmp_path), enable_prefix_caching=False)
-    loaded, tokenizer = smollm2
+        _engine(smollm2_loaded, monkeypatch, kv_offload_dir=str(tmp_path), enable_prefix_caching=False)
+    loaded, tokenizer = smollm2_loaded
     config = dataclasses.replace(loaded.config, state_shapes=[((1,),)] * loaded.config.num_layers)
     hybrid = (dataclasses.replace(loaded, config=config), tokenizer)
     assert _engine(hybrid, monkeypatch, kv_offload_dir=str(tmp_path)).block_manager.disk is None

@@ -12,6 +12,7 @@ from gguf.quants import quantize as gguf_quantize
 from cholla.kv.kv_types import KV_CACHE_TYPES, ScaledKV, allocate, gather, kv_cache_type, store
 from cholla.layers.attention import AttentionMetadata, paged_attention
 from cholla.errors import InvalidRequestError
+from tests.conftest import engine_on
 
 HEAD_DIM, KV_HEADS = 64, 2
 
@@ -212,23 +213,9 @@ PROMPTS = [
 ENGINE_TYPES = ["fp8_e4m3", "int8", "int8_rot", "q8_0", "q4_0_rot", "q4_0_cal"]  # bf16 and f32: tests/test_engine.py and the rest
 
 
-@pytest.fixture(scope="module")
-def smollm2_loaded(smollm2_path):
-    from cholla.engine.engine import load_tokenizer
-    from cholla.models.loader import load_model
-
-    loaded = load_model(smollm2_path, "float32")
-    return loaded, load_tokenizer(loaded)
-
-
 def _engine(loaded_and_tokenizer, monkeypatch, **config):
-    from cholla.engine import engine as engine_module
-    from cholla.engine.engine import EngineConfig, LLMEngine
-
-    loaded, tokenizer = loaded_and_tokenizer
-    monkeypatch.setattr(engine_module, "load_tokenizer", lambda _: tokenizer)
     config = {"max_model_len": 256, "max_num_batched_tokens": 32, "dtype": "float32", **config}
-    return LLMEngine(loaded, EngineConfig(**config))
+    return engine_on(loaded_and_tokenizer, monkeypatch, **config)
 
 
 def _generate(engine, prompts, max_tokens: int = 6) -> list[list[int]]:
