@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 
 from cholla.errors import ModelFormatError
 from cholla.models.loader import load_model
+from tests import tiny_models
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,10 +49,7 @@ def folder(tmp_path_factory):
     ({"eos_token_id": 257}, "eos_token_id = 257 is not a token id"),
 ])
 def test_contradictory_config_json_names_the_key(folder, tmp_path, change, needle):
-    bad = tmp_path / "bad"
-    shutil.copytree(folder, bad)
-    config = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**config, **change}))
+    bad = tiny_models.with_config(folder, tmp_path / "bad", change)
     start = time.perf_counter()
     with pytest.raises(ModelFormatError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_model(bad, "float32")

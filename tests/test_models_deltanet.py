@@ -172,16 +172,11 @@ def test_qwen3_5_multimodal_checkpoint_loads_its_text_tower(tiny, tmp_path):
      "partial_rotary_factor = 0.0"),
 ])
 def test_contradictory_deltanet_config_names_the_key(tiny, tmp_path, change, needle):
-    import json
     import re
-    import shutil
 
     from cholla.errors import ModelFormatError
 
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny("qwen3_next")["folder"], bad)
-    config = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**config, **change}))
+    bad = tiny_models.with_config(tiny("qwen3_next")["folder"], tmp_path / "bad", change)
     with pytest.raises(ModelFormatError, match=re.escape(needle)):
         load_model(bad, "float32")
 

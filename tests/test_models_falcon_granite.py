@@ -142,15 +142,10 @@ def test_info_counts_granites_active_parameters(tiny, gguf_of):
     ("granitemoehybrid", {"layer_types": ["mamba", "attention"]}, "layer_types = 2 layer kinds do not match the 3 layers"),
 ])
 def test_config_contradictions_are_one_line_errors(tiny, tmp_path, name, change, needle):
-    import json
-    import shutil
 
     from cholla.errors import ModelFormatError
 
-    folder = tmp_path / "model"
-    shutil.copytree(tiny(name)["folder"], folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    folder = tiny_models.with_config(tiny(name)["folder"], tmp_path / "model", change)
     with pytest.raises(ModelFormatError) as error:
         load_model(folder, "float32")
     assert needle in str(error.value) and "\n" not in str(error.value)

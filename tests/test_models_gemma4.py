@@ -147,10 +147,7 @@ def test_multimodal_checkpoint_runs_its_text_tower(tiny, tmp_path, caplog):
     ({"use_bidirectional_attention": "all"}, "encoder"),
 ])
 def test_config_contradictions_are_one_line_errors(tiny, tmp_path, change, needle):
-    folder = tmp_path / "model"
-    shutil.copytree(tiny("gemma4")["folder"], folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    folder = tiny_models.with_config(tiny("gemma4")["folder"], tmp_path / "model", change)
     with pytest.raises(ModelFormatError, match=needle) as error:
         load_model(folder, "float32")
     assert "\n" not in str(error.value)

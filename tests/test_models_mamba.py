@@ -5,9 +5,7 @@ itself from llama.cpp's GGUF conversion (f32 and Q8_0)."""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 
 import pytest
 import torch
@@ -98,10 +96,7 @@ def test_gguf_matches_safetensors(tiny, gguf_of, name):
     ({"hybrid_override_pattern": "M*X-M", "layers_block_type": None}, "must name each layer M (Mamba-2)"),
 ])
 def test_config_contradictions_name_the_key(tiny, tmp_path, change, needle):
-    folder = tmp_path / "model"
-    shutil.copytree(tiny("nemotron_h_moe")["folder"], folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    folder = tiny_models.with_config(tiny("nemotron_h_moe")["folder"], tmp_path / "model", change)
     with pytest.raises(ModelFormatError, match=re.escape(needle)) as error:
         load_model(folder, "float32")
     assert "\n" not in str(error.value)

@@ -210,14 +210,9 @@ def _with_metadata(src, dst, key: str, value: int):
 ])
 def test_latent_moe_config_contradictions_name_the_key(tiny, tmp_path, change, needle):
     """config_checks' CHECKS cover the latent widths and the expert counts, before anything is allocated."""
-    import json
     import re
-    import shutil
 
-    folder = tmp_path / "model"
-    shutil.copytree(tiny("deepseek_v3")["folder"], folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    folder = tiny_models.with_config(tiny("deepseek_v3")["folder"], tmp_path / "model", change)
     with pytest.raises(ModelFormatError, match=re.escape(needle)):
         load_model(folder, "float32")
 

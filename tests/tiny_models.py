@@ -373,3 +373,15 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> No
     """Within ``rel`` of the logits' magnitude, at every position."""
     err = (ours - ref).abs().max().item()
     assert err <= rel * ref.abs().max().item(), f"max error {err:.3g} vs logits up to {ref.abs().max().item():.3g}"
+
+
+def with_config(folder: Path, dst: Path, change: dict) -> Path:
+    """A copy of the HF folder ``folder`` at ``dst`` whose config.json has the keys of ``change`` set:
+    a contradictory model, for the config checks' errors."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **change}))
+    return dst
