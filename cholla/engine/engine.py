@@ -14,7 +14,7 @@ import torch
 from cholla.engine.metrics import EngineMetrics, EngineStats
 from cholla.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from cholla.engine.request import Request
-from cholla.engine.runner import ModelRunner, forward_once
+from cholla.engine.runner import ModelRunner, prefill_once
 from cholla.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from cholla.errors import ContextLengthError, InvalidRequestError
 from cholla.kv.block_manager import BlockManager
@@ -118,7 +118,7 @@ def calibrate_kv_cache(model: torch.nn.Module, tokenizer: Tokenizer, cache: Page
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids
     probe = PagedKVCache(model.config, -(-len(ids) // cache.block_size), cache.block_size, torch.float32)
-    forward_once(model, ids, cache=probe)
+    prefill_once(model, ids, probe)
     fill_statistics(cache.layers, probe.layers, len(ids))
 
 

@@ -236,14 +236,17 @@ def _outputs_so_far(requests: list[Request]) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def forward_once(model: torch.nn.Module, token_ids: list[int], block_size: int = 16,
-                 cache: PagedKVCache | None = None) -> torch.Tensor:
-    """Logits ``[len(token_ids), vocab]`` for one sequence in a throwaway cache (scoring, tests),
-    or in ``cache`` from slot 0 on, to read its keys and values afterwards (KV calibration)."""
+def forward_once(model: torch.nn.Module, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Logits ``[len(token_ids), vocab]`` for one sequence in a throwaway cache (scoring, tests)."""
+    cache = PagedKVCache(model.config, num_blocks=-(-len(token_ids) // block_size), block_size=block_size)
+    return model.compute_logits(prefill_once(model, token_ids, cache)).float()
+
+
+@torch.inference_mode()
+def prefill_once(model: torch.nn.Module, token_ids: list[int], cache: PagedKVCache) -> torch.Tensor:
+    """One sequence's final hidden states ``[len(token_ids), hidden]``, its keys and values written
+    into ``cache`` from slot 0 on (read back by KV calibration; no logits are computed)."""
     n = len(token_ids)
-    if cache is None:
-        cache = PagedKVCache(model.config, num_blocks=-(-n // block_size), block_size=block_size)
-    block_size = cache.block_size
     states = StateCache(model.config, num_slots=1) if model.config.has_state else None
     meta = AttentionMetadata(
         slot_mapping=torch.arange(n),
@@ -253,5 +256,4 @@ def forward_once(model: torch.nn.Module, token_ids: list[int], block_size: int =
         num_prefills=1,
         state_slots=torch.zeros(1, dtype=torch.long) if states is not None else None,
     )
-    hidden = model(torch.tensor(token_ids), torch.arange(n), layer_caches(cache.layers, states), meta)
-    return model.compute_logits(hidden).float()
+    return model(torch.tensor(token_ids), torch.arange(n), layer_caches(cache.layers, states), meta)
