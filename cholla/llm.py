@@ -25,7 +25,7 @@ class LLM:
     Keyword arguments are ``EngineConfig`` fields: ``max_model_len``,
     ``max_num_seqs``, ``max_num_batched_tokens``, ``kv_cache_memory``,
     ``block_size``, ``enable_prefix_caching``, ``dtype`` (``"auto"``, the
-    default: ``"bfloat16"`` where cholla's AMX kernels run, else ``"float32"``,
+    default: ``"bfloat16"`` where cholla's C++ kernels run, else ``"float32"``,
     the reference), ``threads``, ``kv_cache_dtype`` (``"auto"``, ``"bf16"``,
     ``"int8"``, ``"q8_0"``, ``"fp8_e4m3"``, ...: ``cholla/kv/kv_types.py``),
     ``cache_type_k`` / ``cache_type_v`` (one side each), ``speculative_method``

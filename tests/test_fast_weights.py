@@ -30,11 +30,11 @@ from gguf import GGMLQuantizationType
 from cholla import LLM, SamplingParams
 from cholla.engine.runner import forward_once
 from cholla.formats.gguf import read_gguf
-from cholla.kernels import amx_kernels
+from cholla.kernels import cpu_kernels
 from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear, linear_group
 from cholla.quant import dequantize
 
-pytestmark = pytest.mark.skipif(amx_kernels() is None, reason="needs a CPU with AMX-BF16 and a C++ compiler")
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="needs a CPU with AVX512-BF16 and a C++ compiler")
 
 # bf16 rounding of weights and activations, fp32 sums, relative to the largest
 # output: measured up to 1.1% (Gemma's Q6_K ffn_down, one random row).

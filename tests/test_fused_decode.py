@@ -18,14 +18,14 @@ import time
 import pytest
 import torch
 
-from cholla.kernels import amx_kernels
+from cholla.kernels import cpu_kernels
 from cholla.kv.paged_cache import PagedKVCache
 from cholla.layers.attention import AttentionMetadata
 from cholla.models.fused_decode import fused_layers, plan_decode
 from cholla.models.loader import load_model
 from tests.test_models_tiny import CONFIGS, transformers
 
-pytestmark = pytest.mark.skipif(amx_kernels() is None, reason="needs a CPU with AMX-BF16 and a C++ compiler")
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="needs a CPU with AVX512-BF16 and a C++ compiler")
 
 BLOCK_SIZE = 8
 BLOCKS_PER_SEQ = 8

@@ -13,15 +13,15 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from cholla.kernels import amx_kernels
+from cholla.kernels import cpu_kernels
 from cholla.quant import bytes_per_block, elements_per_block
 from tests.test_quant import random_blocks
 
 T = GGMLQuantizationType
 KERNEL_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
 
-kernels = amx_kernels()
-pytestmark = pytest.mark.skipif(kernels is None, reason="needs a CPU with AMX-BF16 and a C++ compiler")
+kernels = cpu_kernels()
+pytestmark = pytest.mark.skipif(kernels is None, reason="needs a CPU with AVX512-BF16 and a C++ compiler")
 
 
 def random_weight(qtype: GGMLQuantizationType, rows: int, cols: int, seed: int = 0):

@@ -1,4 +1,6 @@
-// Matrix products straight from GGUF blocks with Intel AMX (bfloat16 tiles).
+// Matrix products straight from GGUF blocks with Intel AMX (bfloat16 tiles), or
+// where the CPU has no AMX (AMD Zen 4/5, Intel before Sapphire Rapids) the same
+// tile products with AVX512-BF16 dot products.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k], where W stays in the GGUF file's blocks.
 // For every 32 output rows the kernel dequantizes the rows' blocks once into a
@@ -60,6 +62,9 @@ void configure_tiles() {
   _tile_loadconfig(&config);
 }
 
+// Set once by request_amx(): whether this process may use the tiles.
+bool amx_granted = false;
+
 constexpr int64_t TILE = 16;          // rows of one tile
 constexpr int64_t KCHUNK = 32;        // bfloat16 per tile row
 constexpr int64_t BLOCK_ROWS = 32;    // output rows per job (two A tiles)
@@ -95,6 +100,43 @@ inline void write_tile(const float* c, float* y, int64_t n_total, int64_t m0, in
     for (int64_t i = 0; i < n_count; ++i) y[(m0 + j) * n_total + n0 + i] = c[i * TILE + j];
 }
 
+// What _tile_dpbf16ps(c, a, b) computes, over `chunks` consecutive A and B tiles,
+// with AVX512-BF16: c[i][j] = sum_k a[i][k] * x[j][k]. A: 16 rows of bfloat16
+// at `stride` elements; B: packed activations ([16 pairs][16 rows][2] per chunk);
+// c: fp32 [16 n][16 m], as _tile_stored writes it.
+void tile_product_avx512(const uint16_t* a, int64_t stride, const uint16_t* b, int64_t chunks, float* c) {
+  __m512 acc[TILE];
+  for (int i = 0; i < TILE; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const uint16_t* a_chunk = a + ch * KCHUNK;
+    const uint16_t* b_chunk = b + ch * TILE_ELEMS;
+    for (int p = 0; p < KCHUNK / 2; ++p) {
+      const __m512bh x_pairs = (__m512bh)_mm512_loadu_si512(b_chunk + p * 2 * TILE);
+      for (int i = 0; i < TILE; ++i) {
+        int32_t w_pair;
+        std::memcpy(&w_pair, a_chunk + i * stride + 2 * p, 4);
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(w_pair), x_pairs);
+      }
+    }
+  }
+  for (int i = 0; i < TILE; ++i) _mm512_store_ps(c + i * TILE, acc[i]);
+}
+
+// The products of one 32-row strip with every tile of x, without AMX.
+void strip_products_avx512(const uint16_t* strip, const uint16_t* xp, int64_t m, int64_t k, float* y,
+                           int64_t n_total, int64_t n0, int64_t rows) {
+  const int64_t chunks = k / KCHUNK, m_tiles = (m + TILE - 1) / TILE;
+  alignas(64) float c[TILE * TILE];
+  for (int64_t mt = 0; mt < m_tiles; ++mt) {
+    const uint16_t* b = xp + mt * chunks * TILE_ELEMS;
+    const int64_t m0 = mt * TILE, m_count = std::min<int64_t>(TILE, m - m0);
+    for (int64_t half = 0; half * TILE < rows; ++half) {
+      tile_product_avx512(strip + half * TILE * k, k, b, chunks, c);
+      write_tile(c, y, n_total, m0, m_count, n0 + half * TILE, std::min<int64_t>(TILE, rows - half * TILE));
+    }
+  }
+}
+
 void run_job(const Segment& seg, int64_t first_row, const uint16_t* xp, int64_t m, int64_t k, float* y,
              int64_t n_total, uint16_t* strip) {
   const int64_t rows = std::min<int64_t>(BLOCK_ROWS, seg.rows - first_row);
@@ -105,11 +147,12 @@ void run_job(const Segment& seg, int64_t first_row, const uint16_t* xp, int64_t 
     else
       std::memset(strip + r * k, 0, k * 2);
   }
+  const int64_t n0 = seg.out_offset + first_row;
+  if (!amx_granted) return strip_products_avx512(strip, xp, m, k, y, n_total, n0, rows);
   const int64_t chunks = k / KCHUNK, m_tiles = (m + TILE - 1) / TILE, stride = k * 2;
   const uint16_t* a0 = strip;
   const uint16_t* a1 = strip + TILE * k;
   alignas(64) float c[4][TILE * TILE];
-  const int64_t n0 = seg.out_offset + first_row;
   for (int64_t mt = 0; mt < m_tiles; mt += 2) {
     const uint16_t* b0 = xp + mt * chunks * TILE_ELEMS;
     const bool two = mt + 1 < m_tiles;
@@ -172,21 +215,23 @@ at::Tensor dequantize_bf16(at::TensorList weights, at::IntArrayRef types, int64_
   return out;
 }
 
-// Linux hands out AMX tile state only to processes that ask for it.
+// Linux hands out AMX tile state only to processes that ask for it; without it
+// (or on a CPU without AMX) the products run on AVX512-BF16 instead.
 bool request_amx() {
   constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  amx_granted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  return amx_granted;
 }
 
 // Jobs [begin, end) on this thread's tiles.
 void run_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
               const at::Tensor& packed, int64_t m, int64_t k, float* out, int64_t n_total) {
-  configure_tiles();
+  if (amx_granted) configure_tiles();
   std::unique_ptr<uint16_t[]> strip(new uint16_t[BLOCK_ROWS * k]);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   for (int64_t j = begin; j < end; ++j)
     run_job(segments[jobs[j].segment], jobs[j].first_row, xp, m, k, out, n_total, strip.get());
-  _tile_release();
+  if (amx_granted) _tile_release();
 }
 
 // x's checks and the jobs, as every entry point needs them; returns the output width.

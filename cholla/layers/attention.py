@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cholla.kernels import amx_kernels
+from cholla.kernels import cpu_kernels
 from cholla.kv.kv_types import gather, store
 from cholla.layers.linear import DenseTensor, Linear, linear_group
 from cholla.layers.norm import RMSNorm
@@ -149,7 +149,7 @@ def kernel_reads(k_cache, v_cache) -> bool:
 def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None,
                    sinks=None) -> torch.Tensor:
     """One new token per sequence (q: [decodes, heads, dim]), by our kernel where it runs (it has no sinks)."""
-    kernels = amx_kernels()
+    kernels = cpu_kernels()
     if kernels is not None and sinks is None and q.dtype == torch.float32 and kernel_reads(k_cache, v_cache):
         return kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0,
                                               softcap or 0.0)
@@ -158,7 +158,7 @@ def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, windo
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     """This step's keys and values (fp32 [tokens, kv_heads, dim]) into their cache slots, in the cache's type."""
-    kernels = amx_kernels()
+    kernels = cpu_kernels()
     if kernels is not None and k.dtype == v.dtype == torch.float32 and kernel_reads(k_cache, v_cache):
         kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
         return

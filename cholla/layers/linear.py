@@ -37,7 +37,7 @@ from torch import nn
 
 from cholla.formats.gguf import GGUFTensor
 from cholla.heap import mapped_zeros
-from cholla.kernels import amx_kernels
+from cholla.kernels import cpu_kernels
 from cholla.quant import dequantize
 
 Weight = torch.Tensor | GGUFTensor
@@ -86,7 +86,7 @@ def dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
 
 def kernel_view(weight: Weight) -> tuple[torch.Tensor, int] | None:
     """The weight as (uint8 rows, GGML type id) for the kernels, or None where they cannot read it."""
-    if amx_kernels() is None or len(weight.shape) != 2 or weight.shape[1] % 32:
+    if cpu_kernels() is None or len(weight.shape) != 2 or weight.shape[1] % 32:
         return None
     if isinstance(weight, GGUFTensor):
         if weight.qtype not in KERNEL_TYPES:
@@ -159,7 +159,7 @@ def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear], keep_bf16: bool,
             return None
         weights.append(layer.kernel_weight[0])
         types.append(layer.kernel_weight[1])
-    kernels, rows = amx_kernels(), x.shape[0]
+    kernels, rows = cpu_kernels(), x.shape[0]
     if layers[0].compute_dtype != torch.bfloat16:
         return kernels.qgemv(x.float(), weights, types) if rows <= GEMV_MAX_ROWS else None
     if rows <= INT8_MAX_ROWS:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cholla.kernels import amx_kernels
+from cholla.kernels import cpu_kernels
 from cholla.layers.linear import Linear, linear_group
 
 ACTIVATIONS = {
@@ -23,7 +23,7 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> t
     """``act(gate) * up`` in fp32, returned in the inputs' dtype (fp32, or bf16 from a
     prefill's dense product). One pass of our kernel where it runs (PyTorch's
     tanh-GELU alone took 60 us on Gemma 3's 32-row decode activations), else PyTorch ops."""
-    kernels = amx_kernels()
+    kernels = cpu_kernels()
     if (kernels is not None and gate.dim() == 2 and gate.dtype == up.dtype
             and gate.dtype in (torch.float32, torch.bfloat16) and gate.device.type == "cpu"
             and gate.stride(1) == 1 and up.stride(1) == 1):

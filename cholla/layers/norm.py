@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cholla.kernels import amx_kernels
+from cholla.kernels import cpu_kernels
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -14,7 +14,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     One fused call where our kernels run (a decode step has two per layer, and
     the op chain below costs more in dispatch than in arithmetic).
     """
-    kernels = amx_kernels()
+    kernels = cpu_kernels()
     if kernels is not None and x.dtype == torch.float32:
         return kernels.rms_norm(x, weight, eps)
     return rms_norm_ops(x, weight, eps)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from cholla.kernels import amx_kernels
+from cholla.kernels import cpu_kernels
 from cholla.models.config import RopeConfig
 
 
@@ -129,7 +129,7 @@ class RotaryEmbedding:
             q_rot, k_rot = self(positions, q[..., :rot].contiguous(), k[..., :rot].contiguous())
             return torch.cat((q_rot, q[..., rot:]), dim=-1), torch.cat((k_rot, k[..., rot:]), dim=-1)
         self.tables(positions)
-        kernels = amx_kernels()
+        kernels = cpu_kernels()
         if kernels is not None and q.dtype == k.dtype == torch.float32:  # in place, one call for q and k
             kernels.rope_(q, k, positions, self.cos, self.sin, self.interleaved)
             return q, k

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cholla.kernels import amx_kernels
+from cholla.kernels import cpu_kernels
 from cholla.layers.attention import Attention, AttentionMetadata, kernel_reads
 from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear
 from cholla.layers.mlp import ACTIVATION_IDS, GatedMLP
@@ -78,7 +78,7 @@ def _covered(layer: nn.Module) -> bool:
 
 def plan_decode(model: nn.Module) -> DecodePlan | None:
     """The model's layers as the kernel takes them, or None where it cannot run them all."""
-    if amx_kernels() is None or not len(model.layers) or not all(_covered(layer) for layer in model.layers):
+    if cpu_kernels() is None or not len(model.layers) or not all(_covered(layer) for layer in model.layers):
         return None
     first = model.layers[0]
     post_norms = hasattr(first, "post_feedforward_layernorm")
@@ -124,7 +124,7 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
     if x.dtype != torch.float32 or x.device.type != "cpu" or not kernel_reads(*kv_caches[0]):
         return None  # the kernel reads fp32 and bf16 caches; other KV types decode layer by layer
     tables = [rope.tables(positions) for rope in plan.ropes]
-    return amx_kernels().decode_layers(
+    return cpu_kernels().decode_layers(
         x, positions, plan.weights, plan.types, plan.norms, [kv[0] for kv in kv_caches], [kv[1] for kv in kv_caches],
         [cos for cos, _ in tables], [sin for _, sin in tables], plan.rope_of_layer, plan.windows, meta.slot_mapping,
         meta.block_tables, meta.decode_context_lens, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,

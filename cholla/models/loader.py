@@ -11,7 +11,7 @@ from torch import nn
 from cholla.errors import InvalidRequestError, ModelFormatError, ModelNotFoundError
 from cholla.formats.gguf import GGUFFile, read_gguf
 from cholla.formats.safetensors import read_hf_folder
-from cholla.kernels import amx_kernels
+from cholla.kernels import cpu_kernels
 from cholla.layers.attention import Attention
 from cholla.layers.linear import Linear, dense
 from cholla.layers.mla import LatentAttention
@@ -24,7 +24,7 @@ from cholla.quant import check_supported
 # "float32": fp32 matmuls only (decode steps through the exact fp32 kernel, larger
 #   steps dequantize to fp32): the reference path.
 # "bfloat16": steps of more than a few rows multiply in bf16 (AMX tiles, oneDNN).
-# "auto": bfloat16 where our AMX kernels run, float32 elsewhere.
+# "auto": bfloat16 where our C++ kernels run (AVX512-BF16), float32 elsewhere.
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -32,7 +32,7 @@ def resolve_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise InvalidRequestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "auto":
-        return "bfloat16" if amx_kernels() is not None else "float32"
+        return "bfloat16" if cpu_kernels() is not None else "float32"
     return dtype
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from cholla.errors import InvalidRequestError
-from cholla.kernels import amx_kernels
+from cholla.kernels import cpu_kernels
 from cholla.sampling.params import SamplingParams
 
 # Per row: (logprob of the chosen token, [(token id, logprob), ...] best first).
@@ -255,7 +255,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     rows and ``max`` 2.3 ms; our kernel (a vector max, then a vector scan for it)
     0.67 ms, and 18 us against ``max``'s 115 for one row.
     """
-    kernels = amx_kernels()
+    kernels = cpu_kernels()
     if kernels is not None and x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[1]:
         return kernels.argmax_rows(x)
     return x.max(dim=-1).indices
