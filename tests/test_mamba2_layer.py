@@ -2,7 +2,7 @@
 on the whole sequence: two sequences in their own state slots, prefilled in chunks
 that cross the SSD's chunk boundaries, then decoded one token a step together (with
 the C++ decode step and with PyTorch's); and the C++ step (``kernels/ssd.cpp``)
-against PyTorch's ``ssd_step`` in float64."""
+against PyTorch's ``ssd_step`` in float64, and the C++ gated RMSNorm against PyTorch's."""
 
 from __future__ import annotations
 
@@ -104,19 +104,19 @@ def test_cpp_ssd_step_matches_pytorch_on_its_slots(heads, head_dim, state_size, 
     # x, dt, B, C as the mixer hands them over: column slices of one wider row (row stride != width).
     packed = torch.randn(batch, heads * head_dim + heads + 2 * groups * state_size + 5)
     x, dt, B, C, _ = packed.split([heads * head_dim, heads, groups * state_size, groups * state_size, 5], dim=-1)
-    dt_bias, A, D = torch.randn(heads), -torch.rand(heads) * 4, torch.randn(heads)
+    dt_bias, A_log, D = torch.randn(heads), torch.randn(heads), torch.randn(heads)
     dt_bias[0] = 30.0  # softplus's linear branch
 
     expected_state = state.double().clone()
     step = torch.nn.functional.softplus(dt.double() + dt_bias.double()).clamp(*dt_limit)
     x3 = x.double().reshape(batch, heads, head_dim)
     gathered = expected_state[slots]  # a copy, which ssd_step updates in place
-    y_ref = ssd_step(x3, step, A.double(), B.double().reshape(batch, groups, -1), C.double().reshape(batch, groups, -1),
+    y_ref = ssd_step(x3, step, -A_log.double().exp(), B.double().reshape(batch, groups, -1), C.double().reshape(batch, groups, -1),
                      gathered)
     expected_state[slots] = gathered
     y_ref = (y_ref + x3 * D.double()[:, None]).reshape(batch, -1)
 
-    y = cpu_kernels().ssd_step(state, slots, x, dt, dt_bias, A, B, C, D, *dt_limit)
+    y = cpu_kernels().ssd_step(state, slots, x, dt, dt_bias, A_log, B, C, D, *dt_limit)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state.double(), expected_state, rtol=1e-5, atol=1e-5)  # slots 0, 3, 5 included
 
@@ -129,3 +129,19 @@ def test_cpp_ssd_step_refuses_a_slot_twice_or_outside_the_cache():
     for slots in ([1, 1], [0, 4]):
         with pytest.raises(RuntimeError, match="out of range .* or given twice"):
             cpu_kernels().ssd_step(state, torch.tensor(slots), x, dt, small, small, B, C, small, 0.0, float("inf"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+def test_cpp_gated_rms_norm_matches_pytorch(groups, norm_before_gate, monkeypatch):
+    """Groups of 40 channels (16 + 16 + a masked 8), z a view into a wider row as in the mixer."""
+    shape = Mamba2Shape(hidden_size=32, num_heads=15, head_dim=8, state_size=4, n_groups=groups,
+                        norm_before_gate=norm_before_gate)
+    mixer = Mamba2Mixer(shape)
+    torch.manual_seed(0)
+    mixer.norm.weight = torch.randn(120)
+    y, z = torch.randn(5, 120) * 3, torch.randn(5, 130)[:, 10:]
+    got = mixer._gate(y, z)
+    monkeypatch.setattr(mamba2, "cpu_kernels", lambda: None)
+    torch.testing.assert_close(got, mixer._gate(y, z), rtol=1e-5, atol=1e-5)

@@ -1,10 +1,11 @@
-// Mamba-2's state-space step for a batch of decoding sequences, on their state slots in place.
+// Mamba-2's decode kernels: the state-space step on the sequences' state slots
+// in place, and the gated RMSNorm after it.
 //
 // Each sequence's head h keeps a state S [head_dim, state_size] (fp32, in its
 // slot of the state cache). One token advances it by
 //
-//     dt = clamp(softplus(dt_raw + dt_bias[h]), dt_min, dt_max)
-//     S  = exp(dt A[h]) S + dt x B^T          y = S C + D[h] x
+//     dt = clamp(softplus(dt_raw + dt_bias[h]), dt_min, dt_max)      A = -exp(A_log[h])
+//     S  = exp(dt A) S + dt x B^T          y = S C + D[h] x
 //
 // with B, C [state_size] shared by the heads of a group. PyTorch's form
 // (cholla/layers/mamba2.py ssd_step) gathers the batch's states by slot, takes
@@ -12,6 +13,9 @@
 // back: five passes over 1.5 MB per sequence and layer at Mamba-2 780M's shape.
 // Here each (sequence, head) reads and writes its state once, row by row: the
 // decay, the update and the dot product with C on the same 16-lane registers.
+//
+// The gated RMSNorm (y * silu(z), normalised over each group's channels, or
+// normalised first and gated after) was nine PyTorch ops per layer and step.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -35,6 +39,31 @@ bool fp32_rows(const at::Tensor& t, int64_t rows, int64_t width) {
 
 bool fp32_vector(const at::Tensor& t, int64_t size) {
   return t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == size && t.is_contiguous();
+}
+
+// silu(z) = z sigmoid(z), as activation.cpp and PyTorch take it.
+inline __m512 silu16(__m512 z) {
+  return _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+}
+
+// One group of one row: out = norm(y * silu(z)) * w, or norm(y) * w * silu(z) with norm_before_gate.
+void gated_norm_group(const float* y, const float* z, const float* w, float* out, int64_t width, float eps,
+                      bool norm_before_gate) {
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t i = 0; i < width; i += 16) {
+    const __mmask16 live = lanes(width - i);
+    __m512 v = _mm512_maskz_loadu_ps(live, y + i);
+    if (!norm_before_gate) v = _mm512_mul_ps(v, silu16(_mm512_maskz_loadu_ps(live, z + i)));
+    _mm512_mask_storeu_ps(out + i, live, v);
+    squares = _mm512_fmadd_ps(v, v, squares);
+  }
+  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / width + eps));
+  for (int64_t i = 0; i < width; i += 16) {
+    const __mmask16 live = lanes(width - i);
+    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, out + i), scale), _mm512_maskz_loadu_ps(live, w + i));
+    if (norm_before_gate) v = _mm512_mul_ps(v, silu16(_mm512_maskz_loadu_ps(live, z + i)));
+    _mm512_mask_storeu_ps(out + i, live, v);
+  }
 }
 
 // One head's step: state [head_dim, state_size] rows updated in place, y [head_dim] written.
@@ -73,10 +102,10 @@ namespace cholla {
 // for the rows of `slots` (int64 [batch], distinct) and no others. x: [batch,
 // heads * head_dim]; dt: [batch, heads] before softplus; B, C: [batch, groups *
 // state_size]; each fp32 with contiguous rows (row strides free: views of the
-// in_proj / conv output). dt_bias, A (= -exp(A_log)), D: fp32 [heads].
+// in_proj / conv output). dt_bias, A_log, D: fp32 [heads].
 // Returns y [batch, heads * head_dim] fp32, the D skip included.
 at::Tensor ssd_step(at::Tensor& state, const at::Tensor& slots, const at::Tensor& x, const at::Tensor& dt,
-                    const at::Tensor& dt_bias, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                    const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& B, const at::Tensor& C,
                     const at::Tensor& D, double dt_min, double dt_max) {
   TORCH_CHECK(state.scalar_type() == at::kFloat && state.dim() == 4 && state.is_contiguous(),
               "ssd_step: state must be a contiguous fp32 [slots, heads, head_dim, state_size] tensor");
@@ -93,8 +122,8 @@ at::Tensor ssd_step(at::Tensor& state, const at::Tensor& slots, const at::Tensor
   TORCH_CHECK(heads % groups == 0, "ssd_step: ", groups, " groups do not divide ", heads, " heads");
   TORCH_CHECK(fp32_rows(B, batch, groups * state_size) && fp32_rows(C, batch, groups * state_size),
               "ssd_step: B and C must be fp32 [batch, groups * state_size], rows contiguous");
-  TORCH_CHECK(fp32_vector(dt_bias, heads) && fp32_vector(A, heads) && fp32_vector(D, heads),
-              "ssd_step: dt_bias, A and D must be contiguous fp32 [heads]");
+  TORCH_CHECK(fp32_vector(dt_bias, heads) && fp32_vector(A_log, heads) && fp32_vector(D, heads),
+              "ssd_step: dt_bias, A_log and D must be contiguous fp32 [heads]");
   const int64_t* slot = slots.data_ptr<int64_t>();
   std::vector<bool> taken(num_slots, false);
   for (int64_t b = 0; b < batch; ++b) {  // two rows on one slot would race, one outside the cache would corrupt memory
@@ -107,7 +136,7 @@ at::Tensor ssd_step(at::Tensor& state, const at::Tensor& slots, const at::Tensor
   float* states = state.data_ptr<float>();
   float* ys = y.data_ptr<float>();
   const float *xs = x.data_ptr<float>(), *dts = dt.data_ptr<float>(), *Bs = B.data_ptr<float>(),
-              *Cs = C.data_ptr<float>(), *bias = dt_bias.data_ptr<float>(), *As = A.data_ptr<float>(),
+              *Cs = C.data_ptr<float>(), *bias = dt_bias.data_ptr<float>(), *A_logs = A_log.data_ptr<float>(),
               *Ds = D.data_ptr<float>();
   const int64_t per_group = heads / groups, head_state = head_dim * state_size;
   const float lo = static_cast<float>(dt_min), hi = static_cast<float>(dt_max);
@@ -116,19 +145,49 @@ at::Tensor ssd_step(at::Tensor& state, const at::Tensor& slots, const at::Tensor
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / heads, h = i % heads, g = h / per_group;
       const float step = std::min(std::max(softplus(dts[b * dt.stride(0) + h] + bias[h]), lo), hi);
+      const float decay = std::exp(-step * std::exp(A_logs[h]));
       head_step(states + (slot[b] * heads + h) * head_state, xs + b * x.stride(0) + h * head_dim,
                 Bs + b * B.stride(0) + g * state_size, Cs + b * C.stride(0) + g * state_size,
-                ys + b * heads * head_dim + h * head_dim, head_dim, state_size, step, std::exp(step * As[h]), Ds[h]);
+                ys + b * heads * head_dim + h * head_dim, head_dim, state_size, step, decay, Ds[h]);
     }
   });
   return y;
 }
 
+// y: fp32 [rows, inner], contiguous; z: fp32 [rows, inner] (row stride free: a
+// view of in_proj's output); weight: fp32 [inner]. The norm is taken over each
+// of `groups` runs of inner / groups channels. Returns fp32 [rows, inner].
+at::Tensor gated_rms_norm(const at::Tensor& y, const at::Tensor& z, const at::Tensor& weight, int64_t groups,
+                          double eps, bool norm_before_gate) {
+  const int64_t rows = y.size(0), inner = y.dim() == 2 ? y.size(1) : 0;
+  TORCH_CHECK(fp32_rows(y, rows, inner) && y.is_contiguous() && fp32_rows(z, rows, inner),
+              "gated_rms_norm: y must be contiguous fp32 [rows, inner], z fp32 [rows, inner] with contiguous rows");
+  TORCH_CHECK(fp32_vector(weight, inner), "gated_rms_norm: weight must be contiguous fp32 [", inner, "]");
+  TORCH_CHECK(groups > 0 && inner % groups == 0, "gated_rms_norm: ", groups, " groups do not divide ", inner, " channels");
+  at::Tensor out = at::empty_like(y);
+  const int64_t width = inner / groups;
+  const float *ys = y.data_ptr<float>(), *zs = z.data_ptr<float>(), *w = weight.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(width, 1));
+  at::parallel_for(0, rows * groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / groups, offset = (i % groups) * width;
+      gated_norm_group(ys + r * inner + offset, zs + r * z.stride(0) + offset, w + offset, dst + r * inner + offset,
+                       width, static_cast<float>(eps), norm_before_gate);
+    }
+  });
+  return out;
+}
+
 }  // namespace cholla
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) {
-  m.def("ssd_step(Tensor(a!) state, Tensor slots, Tensor x, Tensor dt, Tensor dt_bias, Tensor A, Tensor B, Tensor C, "
+  m.def("ssd_step(Tensor(a!) state, Tensor slots, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B, Tensor C, "
         "Tensor D, float dt_min, float dt_max) -> Tensor");
+  m.def("gated_rms_norm(Tensor y, Tensor z, Tensor weight, int groups, float eps, bool norm_before_gate) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(cholla, CPU, m) { m.impl("ssd_step", &cholla::ssd_step); }
+TORCH_LIBRARY_IMPL(cholla, CPU, m) {
+  m.impl("ssd_step", &cholla::ssd_step);
+  m.impl("gated_rms_norm", &cholla::gated_rms_norm);
+}
