@@ -8,7 +8,8 @@ SSD step on the state slots in place (``kernels/ssd.cpp``, where the kernels run
 with the PyTorch step (states gathered by slot, one vectorised step, scattered back);
 transformers takes its recurrent step on a batched cache. Also shown: the share of
 cholla's C++ decode step spent outside the two projections (conv, SSD step, gate), and
-the SSD step alone (C++ against PyTorch's gather, step and scatter). Default shape:
+the SSD step alone (C++ against PyTorch's gather, step and scatter; medians, as one
+preempted run on a busy machine outweighs a hundred 40-us steps). Default shape:
 Mamba-2 780M's (hidden 1536, 48 heads of 64, state 128, one group).
 
     python benchmarks/mamba2_mixer.py
@@ -28,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cholla.layers.mamba2 as mamba2  # noqa: E402
 from cholla.kernels import cpu_kernels  # noqa: E402
+from cholla.layers import mamba2  # noqa: E402
 from cholla.layers.attention import AttentionMetadata  # noqa: E402
 from cholla.layers.mamba2 import Mamba2Mixer, Mamba2Shape, sanitize_mixer_weights  # noqa: E402
 from cholla.models.loading import load_named_weights  # noqa: E402
@@ -44,14 +45,15 @@ def meta(lengths: list[int], num_prefills: int) -> AttentionMetadata:
                              state_slots=torch.arange(len(lengths)))
 
 
-def timed(fn, runs: int) -> tuple[float, float]:
-    fn()  # warm-up
+def timed(fn, runs: int, median: bool = False) -> tuple[float, float]:
+    """(mean or median, sd) of ``runs`` calls, in ms, after one warm-up call."""
+    fn()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.mean(times), statistics.stdev(times) if runs > 1 else 0.0
+    return (statistics.median if median else statistics.mean)(times), statistics.stdev(times) if runs > 1 else 0.0
 
 
 @contextlib.contextmanager
@@ -116,7 +118,7 @@ def main() -> None:
             projections = timed(lambda step=step: ours.out_proj(ours.in_proj(step)[:, : shape.inner_size]), args.runs * 4)
             rows.append((f"decode batch {batch} at {context}", ours_d, torch_d, ref_d, 1 - projections[0] / ours_d[0]))
             if context == contexts[0]:
-                steps.append((batch, *ssd_steps(ours, shape, ssm, batch, args.runs * 4)))
+                steps.append((batch, *ssd_steps(ours, shape, ssm, batch, args.runs * 20)))
 
     print(f"Mamba-2 mixer: hidden {args.hidden}, {args.heads} heads x {args.head_dim}, state {args.state}, "
           f"{args.groups} group(s), fp32, {args.threads} threads")
@@ -124,11 +126,12 @@ def main() -> None:
           "| C++ outside projections |")
     print("|---|---|---|---|---|---|---|")
     for name, (om, osd), torch_d, (rm, rsd), share in rows:
-        torch_cells = "| |" if torch_d is None else f"{torch_d[0]:.2f} ± {torch_d[1]:.2f} | {torch_d[0] / om:.2f}x |"
-        print(f"| {name} | {om:.2f} ± {osd:.2f} | {torch_cells} {rm:.2f} ± {rsd:.2f} | {rm / om:.2f}x | "
-              f"{'' if share is None else f'{share:.0%}'} |")
+        torch_ms, torch_ratio = ("", "") if torch_d is None else (f"{torch_d[0]:.2f} ± {torch_d[1]:.2f}",
+                                                                  f"{torch_d[0] / om:.2f}x")
+        print(f"| {name} | {om:.2f} ± {osd:.2f} | {torch_ms} | {rm:.2f} ± {rsd:.2f} | {torch_ratio} | {rm / om:.2f}x "
+              f"| {'' if share is None else f'{share:.0%}'} |")
     print()
-    print("| SSD step alone | C++ ms | PyTorch ms (gather, step, scatter) | speed-up |")
+    print("| SSD step alone (median ± sd) | C++ ms | PyTorch ms (gather, step, scatter) | speed-up |")
     print("|---|---|---|---|")
     for batch, (cm, csd), (tm, tsd) in steps:
         print(f"| batch {batch} | {cm:.3f} ± {csd:.3f} | {tm:.3f} ± {tsd:.3f} | {tm / cm:.2f}x |")
@@ -139,12 +142,12 @@ def ssd_steps(mixer: Mamba2Mixer, shape: Mamba2Shape, ssm: torch.Tensor, batch: 
     ``batch`` sequences in slots ``0 .. batch - 1``."""
     x = torch.randn(batch, shape.inner_size)
     dt = torch.randn(batch, shape.num_heads)
-    B, C = (torch.randn(batch, shape.n_groups, shape.state_size) for _ in range(2))
-    A, slots = -torch.exp(mixer.A_log.value), torch.arange(batch)
-    step = lambda: mixer._decode(x, dt, A, B, C, ssm, slots)  # noqa: E731
-    kernel = timed(step, runs)
+    B, C = (torch.randn(batch, shape.n_groups * shape.state_size) for _ in range(2))
+    slots = torch.arange(batch)
+    step = lambda: mixer._decode(x, dt, B, C, ssm, slots)  # noqa: E731
+    kernel = timed(step, runs, median=True)
     with pytorch_step():
-        return kernel, timed(step, runs)
+        return kernel, timed(step, runs, median=True)
 
 if __name__ == "__main__":
     main()

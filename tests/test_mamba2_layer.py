@@ -11,8 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import cholla.layers.mamba2 as mamba2  # noqa: E402
 from cholla.kernels import cpu_kernels  # noqa: E402
+from cholla.layers import mamba2  # noqa: E402
 from cholla.layers.attention import AttentionMetadata  # noqa: E402
 from cholla.layers.mamba2 import Mamba2Mixer, Mamba2Shape, sanitize_mixer_weights, ssd_step  # noqa: E402
 from cholla.models.loading import load_named_weights  # noqa: E402
@@ -111,8 +111,8 @@ def test_cpp_ssd_step_matches_pytorch_on_its_slots(heads, head_dim, state_size, 
     step = torch.nn.functional.softplus(dt.double() + dt_bias.double()).clamp(*dt_limit)
     x3 = x.double().reshape(batch, heads, head_dim)
     gathered = expected_state[slots]  # a copy, which ssd_step updates in place
-    y_ref = ssd_step(x3, step, -A_log.double().exp(), B.double().reshape(batch, groups, -1), C.double().reshape(batch, groups, -1),
-                     gathered)
+    B3, C3 = (t.double().reshape(batch, groups, -1) for t in (B, C))
+    y_ref = ssd_step(x3, step, -A_log.double().exp(), B3, C3, gathered)
     expected_state[slots] = gathered
     y_ref = (y_ref + x3 * D.double()[:, None]).reshape(batch, -1)
 

@@ -14,11 +14,12 @@ run) and ``out_proj``.
 
 Decodes take that recurrence one step, batched over sequences: in C++ on the
 state slots in place (``kernels/ssd.cpp``) where the kernels run, else in PyTorch
-(``ssd_step``, the kernel's reference: states gathered by slot and scattered back). A prefill chunk uses the chunked "state space duality"
-form: within a chunk of ``chunk_size`` tokens the output is a masked,
-decay-weighted attention-like product (``C_l . B_s`` times the decay from ``s``
-to ``l``), and the state is carried between chunks by the recurrence above at
-chunk granularity; the chunk starts from, and writes back, the sequence's slot.
+(``ssd_step``, the kernel's reference: states gathered by slot and scattered
+back). A prefill chunk uses the chunked "state space duality" form: within a
+chunk of ``chunk_size`` tokens the output is a masked, decay-weighted
+attention-like product (``C_l . B_s`` times the decay from ``s`` to ``l``), and
+the state is carried between chunks by the recurrence above at chunk
+granularity; the chunk starts from, and writes back, the sequence's slot.
 All state math is float32.
 """
 
@@ -102,7 +103,7 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return torch.bmm(flat, C.transpose(1, 2)).view(batch, heads, head_dim)
 
 
-# Decode steps gather their sequences' SSM states into this buffer, reused by every layer and step:
+# PyTorch's decode step gathers its sequences' SSM states into this buffer, reused by every layer and step:
 # a fresh tensor of that size costs more in page faults than the step's arithmetic.
 _gathered: dict[tuple, torch.Tensor] = {}
 
@@ -149,7 +150,8 @@ class Mamba2Mixer(nn.Module):
             a, b, slot = starts[i], starts[i + 1], int(slots[i])
             x_i = hs[a:b].reshape(b - a, heads, s.head_dim)
             B_i, C_i = (t[a:b].reshape(b - a, groups, s.state_size) for t in (B, C))
-            y_i, ssm_state[slot] = ssd_chunked(x_i, self._dt(dt[a:b]), self._A(), B_i, C_i, ssm_state[slot], s.chunk_size)
+            y_i, ssm_state[slot] = ssd_chunked(x_i, self._dt(dt[a:b]), self._A(), B_i, C_i, ssm_state[slot],
+                                               s.chunk_size)
             y[a:b] = (y_i + x_i * self.D.value[:, None]).reshape(b - a, s.inner_size)
         first = starts[meta.num_prefills]
         if first < tokens:
@@ -157,6 +159,7 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self._gate(y, z))
 
     def _A(self) -> torch.Tensor:
+        """The per-head decay rate ``-exp(A_log)`` [H], negative."""
         return -torch.exp(self.A_log.value)
 
     def _dt(self, dt: torch.Tensor) -> torch.Tensor:
