@@ -1,7 +1,12 @@
 """A pure Mamba-2 model: cholla against llama.cpp (same GGUF files) and transformers.
 
 The model is a Mamba-2 of Mamba-2 130M's proportions with random weights (hidden
-768, 24 layers of 24 heads x 64, state 128, one group, 32k vocabulary), built by
+768, 24 layers of 24 heads x 64, state 128, one group, 32k vocabulary), or with
+``--arch nemotron_h`` a Nemotron Nano-shaped hybrid of the same hidden size (Mamba-2
+layers of eight groups, MoE layers of 8 squared-ReLU experts, top 2, with a shared
+expert, and one attention layer in eight, in Nemotron-H's order; MoE rather than dense
+MLPs because llama.cpp's converter, reading transformers 5's ``layers_block_type``,
+files a dense ``mlp`` layer as a Mamba-2 one and llama.cpp then refuses the file), built by
 transformers, converted by llama.cpp's ``convert_hf_to_gguf.py`` and requantized
 with ``gguf.quants``. Reported llama-bench style (mean ± sd), tokens/s: ``pp`` for a
 ``-p``-token prompt, ``tg`` single-sequence decode at depth 0 and after a ``--depth``-token
@@ -32,9 +37,18 @@ def build(args) -> Path:
     """The random model as SafeTensors (cached by its shape under --cache)."""
     import transformers
 
-    folder = args.cache / f"mamba2-h{args.hidden}-l{args.layers}-s{args.state}-v{args.vocab}"
+    folder = args.cache / f"{args.arch}-h{args.hidden}-l{args.layers}-s{args.state}-v{args.vocab}"
     if (folder / "config.json").exists():
         return folder
+    if args.arch == "nemotron_h":  # MEMEMEM*: Nemotron-H's layer order, one attention layer in eight
+        pattern = (["linear_attention", "moe"] * 3 + ["linear_attention", "full_attention"]) * (args.layers // 8)
+        config = transformers.NemotronHConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, layers_block_type=pattern + ["moe"] * (args.layers % 8),
+            mamba_num_heads=2 * args.hidden // 64, mamba_head_dim=64, ssm_state_size=args.state, n_groups=8,
+            num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 256), head_dim=64,
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=args.hidden,
+            moe_shared_expert_intermediate_size=2 * args.hidden, max_position_embeddings=8192, tie_word_embeddings=False)
+        return save_random_model(folder, config)
     config = transformers.Mamba2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                                        num_heads=2 * args.hidden // 64, head_dim=64, expand=2, state_size=args.state,
                                        n_groups=1, tie_word_embeddings=False)
@@ -43,6 +57,7 @@ def build(args) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["mamba2", "nemotron_h"], default="mamba2")
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--state", type=int, default=128)
@@ -63,7 +78,7 @@ def main() -> None:
     folder = build(args)
     files = ggufs(folder, args.quants)
     lines = [f"Machine: {machine()}; threads {args.threads}.",
-             f"Model: random Mamba-2, hidden {args.hidden}, {args.layers} layers, state {args.state}, "
+             f"Model: random {args.arch}, hidden {args.hidden}, {args.layers} layers, state {args.state}, "
              f"vocabulary {args.vocab}.", "",
              f"| file | engine | pp{args.n_prompt} t/s | tg{args.n_gen} t/s | tg{args.n_gen} @ d{args.depth} t/s "
              f"| 32 x tg{args.n_gen} total t/s |", "|---|---|---|---|---|---|"]
