@@ -3,6 +3,7 @@
 ``qgemv.cpp`` (decode) and ``qmatmul.cpp`` (AMX tiles, batches) multiply
 activations with weights still in their GGUF blocks; ``norm_rope.cpp`` fuses
 RMSNorm and the rotary embedding, ``activation.cpp`` the MLP's act(gate) * up;
+``ssd.cpp`` takes Mamba-2's decode step on the state slots in place;
 ``paged_attention.cpp`` writes and attends decode tokens straight from the
 paged KV cache; ``decode_layers.cpp`` chains them through every layer of a
 decode step (``ops.h``); ``argmax.cpp`` serves greedy sampling. They need a
@@ -26,7 +27,7 @@ import torch
 log = logging.getLogger("cholla")
 
 SOURCE_NAMES = ("qmatmul.cpp", "qgemv.cpp", "norm_rope.cpp", "paged_attention.cpp", "decode_layers.cpp", "argmax.cpp",
-                "activation.cpp")
+                "activation.cpp", "ssd.cpp")
 SOURCES = [str(Path(__file__).with_name(name)) for name in SOURCE_NAMES]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma")
 AMX_FLAGS = ("amx_tile", "amx_bf16")
