@@ -141,7 +141,7 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(x).float().split([s.inner_size, s.conv_channels, heads], dim=-1)
         conv_state, ssm_state = states
         conv = self.conv1d
-        xBC = F.silu(causal_conv1d(xBC, conv.weight.value, conv.bias.value if conv.bias is not None else None, conv_state, meta))
+        xBC = causal_conv1d(xBC, conv.weight.value, conv.bias.value if conv.bias is not None else None, conv_state, meta, silu=True)
         hs, B, C = xBC.split([s.inner_size, groups * s.state_size, groups * s.state_size], dim=-1)  # [tokens, ...]
 
         y = hs.new_empty(tokens, s.inner_size)
