@@ -19,7 +19,7 @@ from cholla.engine.request import Request
 from cholla.engine.scheduler import ScheduledBatch
 from cholla.kv.paged_cache import PagedKVCache
 from cholla.kv.state_cache import StateCache, layer_caches
-from cholla.layers.attention import AttentionMetadata
+from cholla.layers.attention import MAX_QUERY_SPAN, AttentionMetadata
 from cholla.sampling.sampler import SamplingBatch, sample, skip_draws
 from cholla.sampling.structured import StructuredOutputs, allowed_tokens
 from cholla.speculative.verify import accept_greedy
@@ -108,6 +108,9 @@ class ModelRunner:
             num_prefills=batch.num_prefills,
             decode_context_lens=torch.tensor(context_lens[batch.num_prefills :], dtype=torch.long),
         )
+        if batch.num_prefills and max(batch.num_tokens) <= MAX_QUERY_SPAN:  # speculating decodes, tiny chunks
+            meta.span_starts = torch.tensor(starts, dtype=torch.long)
+            meta.span_context_lens = torch.tensor(context_lens, dtype=torch.long)
         if self.state_cache is not None:
             slots = [r.state_slot for r in batch.requests]
             # A prefill from the first token starts from a zero state; later chunks carry theirs on.
