@@ -97,19 +97,19 @@ def test_back_off_after_repeated_misses():
     speculator, state = NgramSpeculator(4), SpeculationState()
     tokens, greedy = [1, 2, 3, 1, 2], SamplingParams(temperature=0)
     for i in range(MISSES_BEFORE_PAUSE):
-        assert speculator.propose(tokens, greedy, False, 10, state, 8) == [3, 1, 2]
+        assert speculator.propose(tokens, greedy, 10, state, 8) == [3, 1, 2]
         speculator.record(state, 0, 10)
-    assert speculator.propose(tokens, greedy, False, 10 + FIRST_PAUSE - 1, state, 8) == []
-    assert speculator.propose(tokens, greedy, False, 10 + FIRST_PAUSE, state, 8) == [3, 1, 2]
+    assert speculator.propose(tokens, greedy, 10 + FIRST_PAUSE - 1, state, 8) == []
+    assert speculator.propose(tokens, greedy, 10 + FIRST_PAUSE, state, 8) == [3, 1, 2]
     assert state.pause == 2 * FIRST_PAUSE  # a second pause would be longer...
     speculator.record(state, 2, 20)
     assert state.pause == FIRST_PAUSE and state.misses == 0  # ...unless a draft is accepted
-    # Sampled and penalised requests speculate; logprobs, a grammar or an opt-out do not.
-    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, repetition_penalty=1.2)):
-        assert speculator.propose(tokens, params, False, 100, SpeculationState(), 8) == [3, 1, 2]
-    for params in (SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0.7, speculative_decoding=False)):
-        assert speculator.propose(tokens, params, False, 100, SpeculationState(), 8) == []
-    assert speculator.propose(tokens, greedy, True, 100, SpeculationState(), 8) == []  # a grammar
+    # Sampled, penalised and logprobs requests speculate; an opt-out does not.
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, repetition_penalty=1.2),
+                   SamplingParams(temperature=0, logprobs=2)):
+        assert speculator.propose(tokens, params, 100, SpeculationState(), 8) == [3, 1, 2]
+    assert speculator.propose(tokens, SamplingParams(temperature=0.7, speculative_decoding=False), 100,
+                              SpeculationState(), 8) == []
 
 
 # -- the engine, on both real models ----------------------------------------------------------
@@ -170,7 +170,7 @@ def test_batched_with_sampled_and_penalised_requests(engines):
     expected = _ids(plain.generate(prompts, params, use_tqdm=False))
     before = spec.engine.metrics.spec_verifications
     assert _ids(spec.generate(prompts, params, use_tqdm=False)) == expected
-    # Three decoding at once is past the engine-wide limit: speculation starts once one finishes.
+    # Three decoding at once leave room for a few drafts within the engine-wide row limit.
     assert spec.engine.metrics.spec_verifications > before
     _assert_all_blocks_free(spec)
 
@@ -277,3 +277,34 @@ def test_metrics_reach_prometheus(engines):
                         ("accepted_tokens", stats.spec_accepted_tokens)):
         assert f'cholla:spec_decode_num_{name}_total{{model_name="m"}} {float(value)}' in text
     assert f'cholla:spec_decode_mean_accepted_length{{model_name="m"}} {stats.spec_mean_accepted_length}' in text
+
+
+def test_grammar_and_logprobs_requests_speculate(engines):
+    """Grammar requests verify drafts under the mask after each draft (forced tokens and the
+    grammar's end where one-token decoding puts them); logprobs requests get their verification
+    rows' logprobs: tokens and logprobs as plain decoding gives them, batched with an opt-out."""
+    from cholla.sampling.params import StructuredOutputsParams
+
+    plain, spec = engines
+    record = '{"name": "Ada Lovelace", "age": 36}'
+    person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    prompts = [f"Copy this record exactly.\nRecord: {record}\nCopy: ", COPY, COPY]
+    params = [SamplingParams(temperature=0, max_tokens=30, structured_outputs=StructuredOutputsParams(json=person)),
+              SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=20, speculative_decoding=False, ignore_eos=True)]
+    want = plain.generate(prompts, params, use_tqdm=False)
+    before = spec.engine.metrics.spec_accepted_tokens
+    for prompt, p, expected in zip(prompts, params, want):  # one at a time: every one may speculate
+        got = spec.generate(prompt, p, use_tqdm=False)[0].outputs[0]
+        assert (got.token_ids, got.text, got.finish_reason) == \
+               (expected.outputs[0].token_ids, expected.outputs[0].text, expected.outputs[0].finish_reason), p
+        if p.logprobs is not None:
+            assert [chosen for chosen, _ in got.logprobs] == pytest.approx(
+                [chosen for chosen, _ in expected.outputs[0].logprobs], abs=1e-4)
+            assert [[t for t, _ in top] for _, top in got.logprobs] == \
+                   [[t for t, _ in top] for _, top in expected.outputs[0].logprobs]
+    assert spec.engine.metrics.spec_accepted_tokens > before
+    got = spec.generate(prompts, params, use_tqdm=False)  # and all three at once
+    assert _ids(got) == _ids(want)
+    _assert_all_blocks_free(spec)
