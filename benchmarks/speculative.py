@@ -23,6 +23,11 @@ which accepts every draft: it measures the machinery's cost, not a gain).
     python benchmarks/speculative.py --models smollm2 -k 8 -n 96 -r 1
     python benchmarks/speculative.py --models smollm2 --methods draft --batch 1 32 -r 1
     python benchmarks/speculative.py --models smollm2 -n 64 -r 2 --temperatures 0 0.7 --cache
+    python benchmarks/speculative.py --models smollm2 --step-cost   # the table speculator.STEP_COST holds
+
+``--step-cost`` measures what decides how many drafts a step verifies: a plain decode
+step's time by rows (``rows`` sequences decoding at once), relative to a one-row step,
+as wall time and as the process's CPU time (the steadier of the two on a shared machine).
 """
 
 from __future__ import annotations
@@ -80,6 +85,36 @@ def decode(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, bat
     return tokens["bench-0"], (sum(map(len, tokens.values())) - batch) / (last - first)
 
 
+STEP_ROWS = {"bfloat16": [1, 2, 3, 5, 6, 7, 9, 13, 17, 24, 32, 48, 64], "float32": [1, 2, 3, 4, 5, 6, 7, 8]}
+
+
+def step_cost(loaded, dtype: str, steps: int = 12) -> None:
+    """Median wall and CPU time of a decode step by rows, each relative to one row's."""
+    engine = LLMEngine(loaded, EngineConfig(max_model_len=512, kv_cache_memory=128 * 2**20, max_num_seqs=64, dtype=dtype))
+    print(f"\n{loaded.dtype} step cost by rows ({steps} steps each, median)\n")
+    print("| rows | wall ms | CPU ms | wall cost | CPU cost |")
+    print("|---|---|---|---|---|")
+    first = None
+    for rows in STEP_ROWS[loaded.dtype]:
+        params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+        for i in range(rows):
+            engine.add_request(f"rows{rows}-{i}", f"Count to {i}:", params)
+        for _ in range(4):  # the prompts and the first decode steps
+            engine.step()
+        wall, cpu = [], []
+        for _ in range(steps):
+            w, c = time.perf_counter(), time.process_time()
+            engine.step()
+            wall.append(time.perf_counter() - w)
+            cpu.append(time.process_time() - c)
+        while engine.has_unfinished_requests():
+            engine.step()
+        times = statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+        first = first or times
+        print(f"| {rows} | {times[0]:.2f} | {times[1]:.2f} | {times[0] / first[0]:.2f} | {times[1] / first[1]:.2f} |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
@@ -94,7 +129,12 @@ def main() -> None:
     parser.add_argument("--temperatures", nargs="+", type=float, default=[0.0],
                         help="sampled rows (> 0) use top_p=0.95 and seed 0")
     parser.add_argument("--cache", action="store_true", help="with ngram: also measure the shared n-gram cache on a repeat")
+    parser.add_argument("--step-cost", action="store_true", help="measure a decode step's cost by rows instead")
     args = parser.parse_args()
+    if args.step_cost:
+        for name in args.models:
+            step_cost(load_model(resolve_model(name), args.dtype), args.dtype)
+        return
 
     rows = []
     for name in args.models:

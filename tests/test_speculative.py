@@ -4,6 +4,7 @@ and stops inside an accepted run must land where one-token decoding puts them.""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -83,6 +84,32 @@ def test_settings_are_checked():
         assert "\n" not in str(error.value)
 
 
+def test_drafts_are_kept_where_they_pay_for_their_rows():
+    """allot against a brute-force search over every way to cut the drafts, on a made-up cost curve
+    shaped like the measured ones (steep GEMV rows, then flat tiles, then a per-row slope)."""
+    from cholla.speculative.speculator import allot, step_cost
+
+    table = ((1, 1.0), (3, 2.0), (4, 3.0), (12, 3.5), (40, 10.0))
+    assert step_cost(table, 1) == 1.0 and step_cost(table, 8) == 3.25 and step_cost(table, 41) == float("inf")
+
+    def state(accepted: float, tried: float) -> SpeculationState:
+        return SpeculationState(tried=tried, accepted=accepted)
+
+    rng = random.Random(0)
+    for _ in range(40):
+        n = rng.randint(1, 4)
+        drafts = [[7] * rng.randint(0, 4) for _ in range(n)]
+        states = [state(a, a + rng.choice([0.5, 2.0, 6.0])) for a in (rng.uniform(0, 9) for _ in range(n))]
+        rate = lambda cut: (n + sum(s.acceptance ** (j + 1) for c, s in zip(cut, states) for j in range(c))) \
+            / step_cost(table, n + sum(cut))
+        best = max(itertools.product(*(range(len(d) + 1) for d in drafts)), key=rate)
+        got = [len(d) for d in allot(drafts, states, n, table)]
+        assert rate(got) == pytest.approx(rate(best)), (drafts, got, best)
+    # Many decoding sequences: no draft pays for its row; one stream that keeps being right drafts fully.
+    assert allot([[7] * 4] * 30, [state(9, 10)] * 30, 30, table) == [[]] * 30
+    assert allot([[7] * 4], [state(49, 50)], 1, table) == [[7] * 4]
+
+
 def test_the_opt_out_field():
     from cholla.serve.openai_api import CompletionRequest
 
@@ -98,11 +125,11 @@ def test_back_off_after_repeated_misses():
     tokens, greedy = [1, 2, 3, 1, 2], SamplingParams(temperature=0)
     for i in range(MISSES_BEFORE_PAUSE):
         assert speculator.propose(tokens, greedy, 10, state, 8) == [3, 1, 2]
-        speculator.record(state, 0, 10)
+        speculator.record(state, 3, 0, 10)
     assert speculator.propose(tokens, greedy, 10 + FIRST_PAUSE - 1, state, 8) == []
     assert speculator.propose(tokens, greedy, 10 + FIRST_PAUSE, state, 8) == [3, 1, 2]
     assert state.pause == 2 * FIRST_PAUSE  # a second pause would be longer...
-    speculator.record(state, 2, 20)
+    speculator.record(state, 3, 2, 20)
     assert state.pause == FIRST_PAUSE and state.misses == 0  # ...unless a draft is accepted
     # Sampled, penalised and logprobs requests speculate; an opt-out does not.
     for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, repetition_penalty=1.2),

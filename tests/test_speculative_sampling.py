@@ -115,7 +115,7 @@ def tiny_engines(tiny_path):
 @pytest.fixture
 def speculate_in_large_batches(monkeypatch, tiny_engines):
     """The engine-wide row limit is a speed policy; these tests want every sequence of a big batch to speculate."""
-    monkeypatch.setattr(tiny_engines[1].scheduler.config, "max_speculative_rows", 1 << 30)
+    monkeypatch.setattr(tiny_engines[1].scheduler.config, "step_cost", ((1, 1.0), (1 << 30, 1.0)))
 
 
 def _run(engine: LLMEngine, params: list[SamplingParams]) -> list[tuple[int, ...]]:

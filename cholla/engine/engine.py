@@ -29,7 +29,7 @@ from cholla.sampling.stop import find_stop, safe_prefix_len
 from cholla.sampling.structured import DEAD_END, StructuredOutputs
 from cholla.speculative.config import DEFAULT_NGRAM_CACHE_SIZE, DEFAULT_SPECULATIVE_TOKENS, check_speculative
 from cholla.speculative.draft_model import DraftModelSpeculator
-from cholla.speculative.speculator import NgramSpeculator, Speculator, max_step_rows
+from cholla.speculative.speculator import STEP_COST, NgramSpeculator, Speculator
 from cholla.speculative.verify import accept_greedy
 from cholla.heap import keep_buffers_mapped, release_free_memory
 from cholla.threads import set_threads
@@ -218,7 +218,7 @@ class LLMEngine:
                 layout.nbytes, max_len, config.block_size, k_type, v_type)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len,
-                            max_step_rows(self.loaded.dtype)), self.block_manager,
+                            STEP_COST[self.loaded.dtype]), self.block_manager,
             self.speculator, SlotAllocator(layout.num_slots) if self.state_cache is not None else None,
             self.snapshots,
         )
@@ -413,7 +413,7 @@ class LLMEngine:
         request = state.request
         drafts, request.draft_token_ids = request.draft_token_ids, []
         run = accept_greedy(drafts, targets)
-        self.speculator.record(request.speculation, len(run) - 1, len(request.output_token_ids) + len(run))
+        self.speculator.record(request.speculation, len(drafts), len(run) - 1, len(request.output_token_ids) + len(run))
         self.metrics.on_verification(len(drafts), len(run) - 1)
         computed, kept = request.num_tokens - 1, 0
         for token, lp in zip(run, logprobs or [None] * len(run)):

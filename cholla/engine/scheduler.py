@@ -20,9 +20,8 @@ prompt's last full block, where a repeat of the prompt would resume).
 With a speculator, a decoding request may also carry drafted tokens: it then
 runs 1 + K tokens (its last token and the drafts), like a small prefill chunk,
 when the budget and free blocks allow, and decodes plainly otherwise. Drafts
-never preempt anyone, and a step takes drafts only while its decoding rows and
-drafts stay within ``max_speculative_rows`` (oldest requests first; see
-``cholla/speculative/speculator.py`` for why).
+never preempt anyone, and a step keeps only the drafts worth their rows' cost
+(``speculator.allot`` over ``step_cost``).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from cholla.engine.request import Request, RequestStatus
 from cholla.kv.block_manager import BlockManager
 from cholla.kv.state_cache import SlotAllocator, StateSnapshots
-from cholla.speculative.speculator import MAX_STEP_ROWS, Speculator
+from cholla.speculative.speculator import STEP_COST, Speculator, allot
 
 
 @dataclass
@@ -41,8 +40,8 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # the token budget of one step
     max_model_len: int = 8192
-    # Decoding rows plus drafted ones a step may reach for any sequence to speculate.
-    max_speculative_rows: int = MAX_STEP_ROWS
+    # A step's cost by rows (speculator.STEP_COST): what decides how many drafts a step verifies.
+    step_cost: tuple[tuple[int, float], ...] = STEP_COST["bfloat16"]
 
 
 @dataclass
@@ -117,8 +116,8 @@ class Scheduler:
         scheduled: dict[str, tuple[Request, int]] = {}  # request id -> (request, new tokens), in order
 
         # 1. Running requests, oldest first: the rest of their prompt, or one decode token (and drafts).
-        # Drafted rows this step may add: the room left under max_speculative_rows by its decodes.
-        room = self.config.max_speculative_rows - sum(map(_is_decoding, self.running))
+        # Drafted rows this step may add: up to the cost table's last row (the fused step's limit).
+        room = self.config.step_cost[-1][0] - sum(map(_is_decoding, self.running))
         proposals = self._propose(room) if self.speculator is not None and room > 0 else {}
         for request in list(self.running):
             request.draft_token_ids = []
@@ -128,8 +127,7 @@ class Scheduler:
                 continue  # preempted below to make room for an older request
             num_new = self._chunk(request, min(request.num_tokens - request.num_computed_tokens, budget))
             if request.request_id in proposals:
-                drafted = self._draft(request, proposals[request.request_id][: min(budget - 1, room)])
-                num_new, room = num_new + drafted, room - drafted
+                num_new += self._draft(request, proposals[request.request_id][: budget - 1])
             while not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
                 victim = self.running[-1]  # the newest request gives way
                 self._preempt(victim, batch)
@@ -198,8 +196,8 @@ class Scheduler:
 
     def _propose(self, room: int) -> dict[str, list[int]]:
         """Drafts for every decoding request at once (a draft model runs them as one batch), each
-        short of the context's end, of ``max_tokens`` and of the step's ``room`` for drafts; the
-        step's budget and room (shared, oldest first) cut them later."""
+        short of the context's end, of ``max_tokens`` and of the step's ``room`` for drafts, then
+        cut to those worth their cost (``allot``); the step's token budget cuts them later."""
         decoding = [r for r in self.running if _is_decoding(r)]
         limits = []
         for request in decoding:
@@ -210,6 +208,7 @@ class Scheduler:
         drafts = self.speculator.propose_batch(decoding, limits)
         # A grammar's request drafts only what its grammar would take: a refused token can't be verified.
         drafts = [d[: r.grammar.valid_prefix(d)] if d and r.grammar is not None else d for r, d in zip(decoding, drafts)]
+        drafts = allot(drafts, [r.speculation for r in decoding], len(decoding), self.config.step_cost)
         return {r.request_id: d for r, d in zip(decoding, drafts) if d}
 
     def _draft(self, request: Request, drafts: list[int]) -> int:

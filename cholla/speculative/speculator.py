@@ -15,18 +15,15 @@ draft is accepted.
 
 Engine-wide: a verification step runs in the fused C++ decode step like any
 decode (its rows are query spans, causal within each sequence's), so a drafted
-row costs what a decoding row costs, and the question is only how much a row
-costs. A step takes drafts while its rows (every decoding sequence's, plus
-the drafts) stay within ``max_step_rows``, oldest requests first; past that
-everyone decodes plainly. Measured per-step CPU time of SmolLM2's fused step by
-rows (docs/benchmarks.md, bf16, one thread): the int8 GEMV's rows cost ~60% of
-the first each (1 row 4.8 ms, 5 rows 15.5 ms), the bf16 tiles past it are
-~21 ms at 7-9 rows and 25 ms at 13, then grow ~1 ms a row (40 ms at 32, 69 ms
-at 64). A draft pays where a step's accepted drafts outgrow that; at batch 32
-no draft can (the step is already at its per-row cost), while a single stream
-copying text gets 8-12 accepted tokens for ~5x a row's cost. So bf16 steps
-speculate up to ``MAX_STEP_ROWS`` (13) rows, float32 ones (whose fused step
-takes at most ``GEMV_MAX_ROWS``) within the fp32 GEMV's rows.
+row costs what a decoding row costs, and how much that is depends on the rows
+already there: ``STEP_COST`` is a step's measured cost by rows (docs/benchmarks.md:
+the int8 GEMV's rows each cost ~60% of the first, the bf16 tiles past 6 rows are
+nearly flat up to 13, then every row adds ~3-4% of a one-row step up to 64). Each
+step ``allot`` keeps the drafts that maximise expected tokens per unit of cost:
+a sequence's j-th draft is accepted with probability ``acceptance ** j`` (its
+decayed acceptance rate, ``SpeculationState.acceptance``), so at batch 32 no draft
+pays for its row, a single stream copying text drafts fully, and a sequence whose
+drafts keep failing drafts little or nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from cholla.layers.linear import GEMV_MAX_ROWS
 from cholla.sampling.params import SamplingParams
 from cholla.speculative import ngram
 from cholla.speculative.ngram_cache import NgramCache
@@ -45,8 +41,23 @@ if TYPE_CHECKING:
 MISSES_BEFORE_PAUSE = 3
 FIRST_PAUSE = 8
 MAX_PAUSE = 128
-# Rows (decodes plus drafts) of a bf16 step within which sequences speculate (module doc).
-MAX_STEP_ROWS = 13
+# A decode step's cost by rows, relative to a one-row step: (rows, cost) points, linear in
+# between; a step past the last point leaves the fused step. SmolLM2's fused step on a 2-core
+# Zen 5 (no AMX) with one thread, the mean of wall and CPU time from `benchmarks/speculative.py
+# --step-cost` (docs/benchmarks.md): in bf16 the int8 GEMV's rows (up to 6) cost ~50% of the
+# first each, the bf16 dot-product tiles past it are flat from 7 to 13 rows and from 17 to 32,
+# then each row adds ~25% of a one-row step; in float32 the second row costs ~1.9 rows (the
+# one-row GEMV is a path of its own), later ones ~0.6.
+STEP_COST = {
+    "bfloat16": ((1, 1.0), (2, 1.17), (3, 2.06), (5, 2.94), (6, 3.2), (7, 4.6), (9, 4.6), (13, 4.86), (17, 7.2),
+                 (24, 7.33), (32, 7.69), (48, 11.4), (64, 15.8)),
+    "float32": ((1, 1.0), (2, 2.87), (3, 3.41), (4, 4.03), (5, 4.89), (6, 5.36), (7, 6.06), (8, 6.69)),
+}
+# Sequences a draft model's cache is sized for (more than cost allows to speculate at once here;
+# past them a sequence finds no draft blocks and decodes plainly).
+MAX_SPECULATING_SEQS = 8
+# Each verification's weight in a sequence's acceptance rate decays by this much per verification.
+ACCEPTANCE_DECAY = 0.7
 
 
 @dataclass
@@ -56,16 +67,50 @@ class SpeculationState:
     misses: int = 0
     pause: int = FIRST_PAUSE
     resume_at: int = 0  # number of output tokens from which proposing resumes
+    # Drafts that met the verifier (each accepted one and the first rejected) and those accepted,
+    # each verification weighing ACCEPTANCE_DECAY less than the next.
+    tried: float = 0.0
+    accepted: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """The chance a draft is accepted once those before it were (drafts after a rejection never
+        meet the verifier), with one accepted and one rejected draft as prior."""
+        return (self.accepted + 1) / (self.tried + 2)
 
 
 def can_speculate(params: SamplingParams) -> bool:
     return params.speculative_decoding
 
 
-def max_step_rows(dtype: str) -> int:
-    """Rows a speculating step may reach for an engine computing in ``dtype`` (module doc): in
-    float32 the fused step's limit, past which a step runs layer by layer."""
-    return MAX_STEP_ROWS if dtype == "bfloat16" else GEMV_MAX_ROWS
+def step_cost(table: tuple[tuple[int, float], ...], rows: int) -> float:
+    """A step of ``rows`` rows, relative to a one-row step (``STEP_COST``); inf past the table."""
+    for (r0, c0), (r1, c1) in zip(table, table[1:]):
+        if rows <= r1:
+            return c0 + (c1 - c0) * (max(rows, r0) - r0) / (r1 - r0)
+    return float("inf")
+
+
+def allot(drafts: list[list[int]], states: list[SpeculationState], num_rows: int,
+          table: tuple[tuple[int, float], ...]) -> list[list[int]]:
+    """Each sequence's drafts cut to those a step of ``num_rows`` rows (without drafts) should verify:
+    the most expected tokens per unit of ``step_cost``, the j-th draft of a sequence counting
+    ``acceptance ** j`` tokens. Returns the kept prefixes, [] for a sequence that drafts nothing."""
+    gains = sorted(((state.acceptance ** (j + 1), j, i) for i, (d, state) in enumerate(zip(drafts, states))
+                    for j in range(len(d))), key=lambda g: (-g[0], g[1]))
+    best_rate, best, tokens = num_rows / step_cost(table, num_rows), 0, float(num_rows)
+    for m, (gain, _, _) in enumerate(gains, 1):
+        tokens += gain
+        rate = tokens / step_cost(table, num_rows + m)
+        if rate > best_rate:
+            best_rate, best = rate, m
+    keep = [0] * len(drafts)
+    for _, j, i in gains[:best]:
+        keep[i] = max(keep[i], j + 1)
+    for d, k, state in zip(drafts, keep, states):
+        if d and not k:  # unverified, its rate drifts back to the prior: it gets to try again some day
+            state.tried, state.accepted = ACCEPTANCE_DECAY * state.tried, ACCEPTANCE_DECAY * state.accepted
+    return [d[:k] for d, k in zip(drafts, keep)]
 
 
 class Speculator(Protocol):
@@ -74,7 +119,7 @@ class Speculator(Protocol):
 
     def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int]]: ...
 
-    def record(self, state: SpeculationState, num_accepted: int, num_output: int) -> None: ...
+    def record(self, state: SpeculationState, num_drafted: int, num_accepted: int, num_output: int) -> None: ...
 
     def release(self, request: Request) -> None: ...
 
@@ -116,8 +161,10 @@ class NgramSpeculator:
         """A request finished or was preempted: prompt lookup keeps nothing per sequence to free."""
 
     @staticmethod
-    def record(state: SpeculationState, num_accepted: int, num_output: int) -> None:
-        """After a verification: back off after repeated misses, reset on any acceptance."""
+    def record(state: SpeculationState, num_drafted: int, num_accepted: int, num_output: int) -> None:
+        """After a verification: update the acceptance rate; back off after repeated misses, reset on any acceptance."""
+        state.tried = ACCEPTANCE_DECAY * state.tried + num_accepted + (num_accepted < num_drafted)
+        state.accepted = ACCEPTANCE_DECAY * state.accepted + num_accepted
         if num_accepted:
             state.misses, state.pause = 0, FIRST_PAUSE
             return
