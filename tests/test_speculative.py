@@ -174,16 +174,26 @@ def _ids(outs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-def test_greedy_identical_and_copying_is_accepted(engines):
+def test_greedy_identical_and_copying_is_accepted(engines, monkeypatch):
+    from cholla.models import fused_decode
+
     plain, spec = engines
     prompts = _prompts(spec)
     assert len(spec.tokenizer.encode(LONG)) > 600
     expected = _ids(plain.generate(prompts, GREEDY, use_tqdm=False))
     stats = spec.engine.metrics
     before = stats.spec_accepted_tokens
+    fused, verified = fused_decode.fused_layers, []
+
+    def counting(plan, x, positions, kv_caches, meta):
+        out = fused(plan, x, positions, kv_caches, meta)
+        verified.append(meta.span_starts is not None and out is not None)
+        return out
+
+    monkeypatch.setattr(fused_decode, "fused_layers", counting)
     for prompt, want in zip(prompts, expected):  # one at a time: every one speculates
         assert _ids(spec.generate(prompt, GREEDY, use_tqdm=False)) == [want]
-    assert stats.spec_accepted_tokens > before
+    assert stats.spec_accepted_tokens > before and any(verified)  # verification rows in the fused decode step
     assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens  # both accepted and rejected drafts
     assert spec.engine.stats().spec_mean_accepted_length > 1.5
     _assert_all_blocks_free(spec)
@@ -317,21 +327,17 @@ def test_grammar_and_logprobs_requests_speculate(engines):
     person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
               "required": ["name", "age"], "additionalProperties": False}
     prompts = [f"Copy this record exactly.\nRecord: {record}\nCopy: ", COPY, COPY]
-    params = [SamplingParams(temperature=0, max_tokens=30, structured_outputs=StructuredOutputsParams(json=person)),
-              SamplingParams(temperature=0, max_tokens=20, logprobs=2, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=20, speculative_decoding=False, ignore_eos=True)]
+    params = [SamplingParams(temperature=0, max_tokens=24, structured_outputs=StructuredOutputsParams(json=person)),
+              SamplingParams(temperature=0, max_tokens=12, logprobs=2, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=8, speculative_decoding=False, ignore_eos=True)]
     want = plain.generate(prompts, params, use_tqdm=False)
     before = spec.engine.metrics.spec_accepted_tokens
-    for prompt, p, expected in zip(prompts, params, want):  # one at a time: every one may speculate
-        got = spec.generate(prompt, p, use_tqdm=False)[0].outputs[0]
-        assert (got.token_ids, got.text, got.finish_reason) == \
-               (expected.outputs[0].token_ids, expected.outputs[0].text, expected.outputs[0].finish_reason), p
+    got = spec.generate(prompts, params, use_tqdm=False)
+    for p, g, w in zip(params, got, want):
+        g, w = g.outputs[0], w.outputs[0]
+        assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason), p
         if p.logprobs is not None:
-            assert [chosen for chosen, _ in got.logprobs] == pytest.approx(
-                [chosen for chosen, _ in expected.outputs[0].logprobs], abs=1e-4)
-            assert [[t for t, _ in top] for _, top in got.logprobs] == \
-                   [[t for t, _ in top] for _, top in expected.outputs[0].logprobs]
-    assert spec.engine.metrics.spec_accepted_tokens > before
-    got = spec.generate(prompts, params, use_tqdm=False)  # and all three at once
-    assert _ids(got) == _ids(want)
+            assert [chosen for chosen, _ in g.logprobs] == pytest.approx([chosen for chosen, _ in w.logprobs], abs=1e-4)
+            assert [[t for t, _ in top] for _, top in g.logprobs] == [[t for t, _ in top] for _, top in w.logprobs]
+    assert got[0].outputs[0].finish_reason == "stop" and spec.engine.metrics.spec_accepted_tokens > before
     _assert_all_blocks_free(spec)
