@@ -4,7 +4,8 @@ For each model, method, batch size and workload it decodes the same greedy chat
 request (``--batch`` copies of it at once) with and without speculation (the
 engines share one loaded model) and reports decode tokens/s (all sequences'
 tokens from the first token to the last, so prefill is left out; mean ± sd over
-``-r`` runs), the speed-up, and for speculation the acceptance rate (accepted /
+``-r`` runs), the speed-up, the speed-up by the process's CPU time (steadier than the
+wall clock on a machine shared with other work), and for speculation the acceptance rate (accepted /
 proposed drafts) and the mean accepted length (tokens each verification step
 yields, its own token included). It also checks that both produced the same tokens:
 greedy requests, and sampled ones (``--temperatures``) too, since a seeded request's
@@ -69,20 +70,22 @@ WORKLOADS = {
 }
 
 
-def decode(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, batch: int) -> tuple[list[int], float]:
+def decode(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams,
+           batch: int) -> tuple[list[int], float, float]:
     """Generate ``batch`` copies of one request; returns the first one's tokens and decode tokens/s
-    over all of them (first token to last)."""
+    over all of them (first token to last), by the wall clock and by the process's CPU time."""
     for i in range(batch):
         engine.add_request(f"bench-{i}", {"prompt_token_ids": prompt_ids}, params)
     first = last = None
     tokens: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
-            now = time.perf_counter()
+            now = time.perf_counter(), time.process_time()
             if out.outputs[0].token_ids and first is None:
                 first = now
             last, tokens[out.request_id] = now, out.outputs[0].token_ids
-    return tokens["bench-0"], (sum(map(len, tokens.values())) - batch) / (last - first)
+    generated = sum(map(len, tokens.values())) - batch
+    return tokens["bench-0"], generated / (last[0] - first[0]), generated / (last[1] - first[1])
 
 
 STEP_ROWS = {"bfloat16": [1, 2, 3, 5, 6, 7, 9, 13, 17, 24, 32, 48, 64], "float32": [1, 2, 3, 4, 5, 6, 7, 8]}
@@ -161,17 +164,20 @@ def main() -> None:
                         decode(plain, prompt_ids, params, 1)  # warm-up (and the prefix cache) for both
                         decode(spec, prompt_ids, params, 1)
                         speeds: dict[str, list[float]] = {"plain": [], "spec": []}
+                        cpu: dict[str, list[float]] = {"plain": [], "spec": []}
                         outputs = {}
                         before = spec.stats()
                         for _ in range(args.repetitions):
                             for run, engine in (("plain", plain), ("spec", spec)):
-                                outputs[run], rate = decode(engine, prompt_ids, params, batch)
+                                outputs[run], rate, cpu_rate = decode(engine, prompt_ids, params, batch)
                                 speeds[run].append(rate)
+                                cpu[run].append(cpu_rate)
                         after = spec.stats()
                         drafts = after.spec_draft_tokens - before.spec_draft_tokens
                         accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
                         steps = after.spec_verifications - before.spec_verifications
                         rows.append((name, label, temperature, batch, workload, speeds["plain"], speeds["spec"],
+                                     statistics.mean(cpu["spec"]) / statistics.mean(cpu["plain"]),
                                      accepted / drafts if drafts else None, 1 + accepted / steps if steps else None,
                                      outputs["plain"] == outputs["spec"]))
                         print(f"[speculative] {name} {label} t={temperature:g} batch {batch} {workload}: done", flush=True)
@@ -183,13 +189,15 @@ def main() -> None:
     print(f"\n{args.max_tokens} tokens, K={args.num_speculative_tokens}, dtype={args.dtype}, "
           f"{args.repetitions} runs, t > 0: top_p 0.95 and seed 0, "
           f"draft model: {args.draft_model or 'the model itself'}\n")
-    print("| model | method | temperature | batch | workload | plain t/s | speculative t/s | speed-up | acceptance | "
-          "mean accepted length | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, method, temperature, batch, workload, plain_speeds, spec_speeds, acceptance, length, same in rows:
+    print("| model | method | temperature | batch | workload | plain t/s | speculative t/s | speed-up | "
+          "speed-up (CPU time) | acceptance | mean accepted length | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, method, temperature, batch, workload, plain_speeds, spec_speeds, cpu_speedup, acceptance, length, same \
+            in rows:
         speedup = statistics.mean(spec_speeds) / statistics.mean(plain_speeds)
         acceptance, length = ("-", "-") if length is None else (f"{acceptance:.0%}", f"{length:.2f}")  # never speculated
-        print(f"| {name} | {method} | {temperature:g} | {batch} | {workload} | {fmt(plain_speeds)} | {fmt(spec_speeds)} | {speedup:.2f}x | "
+        print(f"| {name} | {method} | {temperature:g} | {batch} | {workload} | {fmt(plain_speeds)} | {fmt(spec_speeds)} | "
+              f"{speedup:.2f}x | {cpu_speedup:.2f}x | "
               f"{acceptance} | {length} | {'yes' if same else 'NO'} |")
 
 

@@ -195,21 +195,27 @@ class Scheduler:
         return num_new
 
     def _propose(self, room: int) -> dict[str, list[int]]:
-        """Drafts for every decoding request at once (a draft model runs them as one batch), each
+        """Drafts for the decoding requests at once (a draft model runs them as one batch), each
         short of the context's end, of ``max_tokens`` and of the step's ``room`` for drafts, then
-        cut to those worth their cost (``allot``); the step's token budget cuts them later."""
+        cut to those worth their cost (``allot``); the step's token budget cuts them later.
+        Only requests whose full drafts could pay are asked (at batch 32 none is: no lookup runs)."""
         decoding = [r for r in self.running if _is_decoding(r)]
         limits = []
         for request in decoding:
-            limit = min(room, self.config.max_model_len - request.num_tokens - 1)
+            limit = min(room, self.speculator.k, self.config.max_model_len - request.num_tokens - 1)
             if request.params.max_tokens is not None:
                 limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
-            limits.append(limit)
-        drafts = self.speculator.propose_batch(decoding, limits)
+            limits.append(max(limit, 0))
+        table = self.config.step_cost
+        at_best = allot([[0] * limit for limit in limits], [r.speculation for r in decoding], len(decoding), table)
+        asked = [(r, len(d)) for r, d in zip(decoding, at_best) if d]
+        if not asked:
+            return {}
+        drafts = self.speculator.propose_batch([r for r, _ in asked], [limit for _, limit in asked])
         # A grammar's request drafts only what its grammar would take: a refused token can't be verified.
-        drafts = [d[: r.grammar.valid_prefix(d)] if d and r.grammar is not None else d for r, d in zip(decoding, drafts)]
-        drafts = allot(drafts, [r.speculation for r in decoding], len(decoding), self.config.step_cost)
-        return {r.request_id: d for r, d in zip(decoding, drafts) if d}
+        drafts = [d[: r.grammar.valid_prefix(d)] if d and r.grammar is not None else d for (r, _), d in zip(asked, drafts)]
+        drafts = allot(drafts, [r.speculation for r, _ in asked], len(decoding), table)
+        return {r.request_id: d for (r, _), d in zip(asked, drafts) if d}
 
     def _draft(self, request: Request, drafts: list[int]) -> int:
         """Give a decoding request ``drafts`` (``request.draft_token_ids``) if they fit; returns how many.

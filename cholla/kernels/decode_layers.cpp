@@ -231,9 +231,8 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
   m.def("decode_layers(Tensor x, Tensor positions, Tensor[] weights, int[] types, Tensor[] norms, "
         "Tensor[] k_caches, Tensor[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope_of_layer, int[] windows, "
         "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor? query_starts, int num_heads, "
-        "int num_kv_heads, "
-        "int head_dim, float scale, float softcap, float eps, bool interleaved, int activation, bool post_norms, "
-        "bool qk_norm, bool integer, int gemv_max_rows) -> Tensor");
+        "int num_kv_heads, int head_dim, float scale, float softcap, float eps, bool interleaved, int activation, "
+        "bool post_norms, bool qk_norm, bool integer, int gemv_max_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) { m.impl("decode_layers", &cholla::decode_layers); }

@@ -8,8 +8,9 @@
 // short span of query rows instead, its last q_len positions, causal within the
 // span: its row i sees the first context_len - q_len + i + 1 keys. Each row is
 // then attended as a decode of its own (the span's keys are read once per row,
-// from cache: spans are a few rows). PyTorch would instead gather every sequence's whole context into a
-// contiguous copy and build a mask per layer, a dozen ops per layer per step.
+// from cache: spans are a few rows). PyTorch would instead gather every
+// sequence's whole context into a contiguous copy and build a mask per layer, a
+// dozen ops per layer per step.
 
 #include <torch/library.h>
 #include <ATen/ATen.h>

@@ -117,6 +117,8 @@ class Speculator(Protocol):
     """What the scheduler and engine ask of a speculative method (``NgramSpeculator``,
     ``draft_model.DraftModelSpeculator``)."""
 
+    k: int  # the most tokens it drafts per sequence and step
+
     def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int]]: ...
 
     def record(self, state: SpeculationState, num_drafted: int, num_accepted: int, num_output: int) -> None: ...
