@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <optional>
 #include <utility>
 
 namespace cholla {
@@ -36,8 +37,9 @@ at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_
 // Both kernels' caches: contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim], k and v alike.
 void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache);
 void paged_attention_part(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t window,
-                          double softcap, at::Tensor& out, int64_t thread, int64_t threads);
+                          const at::Tensor& block_tables, const at::Tensor& context_lens,
+                          const std::optional<at::Tensor>& query_starts, double scale, int64_t window, double softcap,
+                          at::Tensor& out, int64_t thread, int64_t threads);
 
 // The ops' bodies for one row, for a caller that checks a step's arguments
 // once, up front: no checks, no allocation, no threads.
