@@ -20,7 +20,7 @@ from torch import nn
 
 from cholla.kernels import cpu_kernels
 from cholla.layers.attention import Attention, AttentionMetadata, kernel_reads
-from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear
+from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear, int8_batch_max_rows
 from cholla.layers.mlp import ACTIVATION_IDS, GatedMLP
 from cholla.layers.rotary import RotaryEmbedding
 
@@ -129,7 +129,7 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
         [cos for cos, _ in tables], [sin for _, sin in tables], plan.rope_of_layer, plan.windows, meta.slot_mapping,
         meta.block_tables, meta.decode_context_lens, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,
         plan.softcap, plan.eps, plan.interleaved, plan.activation, plan.post_norms, plan.qk_norm, integer,
-        INT8_MAX_ROWS if integer else GEMV_MAX_ROWS,
+        INT8_MAX_ROWS if integer else GEMV_MAX_ROWS, int8_batch_max_rows() if integer else 0,
     )
 
 
