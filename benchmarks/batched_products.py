@@ -19,6 +19,7 @@ process: total tokens/s.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -27,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cholla.download import resolve_model
 from cholla.formats.gguf import read_gguf
 from cholla.kernels import amx_tiles, cpu_kernels
-from cholla.download import resolve_model
 
 
 def groups(path) -> dict[str, list]:
@@ -116,8 +117,8 @@ def main() -> None:
             for rows in args.rows:
                 x = torch.randn(rows, tensors[0].shape[1])
                 out = torch.zeros(rows, sum(t.shape[0] for t in tensors))  # kept, as the engine keeps its logits
-                int8 = best_ms(lambda: kernels.qgemv_int8_out(x, weights, types, out), args.seconds)
-                bf16 = best_ms(lambda: kernels.qmatmul_out(x, weights, types, out), args.seconds)
+                calls = (kernels.qgemv_int8_out, kernels.qmatmul_out)
+                int8, bf16 = (best_ms(functools.partial(call, x, weights, types, out), args.seconds) for call in calls)
                 print(f"| {name} | {product} | {type_names} | {rows} | {int8:.3f} | {bf16:.3f} | {bf16 / int8:.2f}x |",
                       flush=True)
 

@@ -20,7 +20,13 @@ from torch import nn
 
 from cholla.kernels import cpu_kernels
 from cholla.layers.attention import Attention, AttentionMetadata, kernel_reads
-from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear, int8_batch_max_rows
+from cholla.layers.linear import (
+    AMX_MAX_ROWS,
+    GEMV_MAX_ROWS,
+    INT8_MAX_ROWS,
+    Linear,
+    int8_batch_max_rows,
+)
 from cholla.layers.mlp import ACTIVATION_IDS, GatedMLP
 from cholla.layers.rotary import RotaryEmbedding
 
