@@ -110,7 +110,7 @@ def test_fused_decode_matches_layer_by_layer(name, dtype, prompt_lens, tmp_path)
 
 
 @torch.inference_mode()
-def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(smollm2_path, monkeypatch):
+def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(smollm2_path):
     """SmolLM2's Q4_1 layers at 12 sequences: the fused step multiplies on the batched int8
     product (where the CPU has no AMX), as linear_group does for a decode step's rows."""
     from cholla.layers import linear
@@ -127,12 +127,10 @@ def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(smollm2_p
     positions, meta = _decode_meta(lengths)
     x = torch.randn(len(lengths), config.hidden_size, generator=generator)
     fused = fused_layers(plan, x, positions, cache.layers, meta)
-    kernel_matmul = linear._kernel_matmul  # every product of the Python layers as a decode step's
-    monkeypatch.setattr(linear, "_kernel_matmul", lambda x, layers, keep_bf16, out, decode: kernel_matmul(
-        x, layers, keep_bf16, out, True))
-    expected = _layer_by_layer(model, x, positions, python_cache, meta)
+    with linear.decode_step():  # as the engine runs the Python layers in a decode-only step
+        expected = _layer_by_layer(model, x, positions, python_cache, meta)
     torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
-    monkeypatch.setattr(linear, "_kernel_matmul", kernel_matmul)  # bf16 tiles: a different product
+    # Outside one, 7-64 rows take the bf16 tiles: a different product.
     bf16 = _layer_by_layer(model, x, positions, [(k.clone(), v.clone()) for k, v in cache.layers], meta)
     assert (fused - bf16).abs().max() > 1e-3 or linear.int8_batch_max_rows() == 0
 

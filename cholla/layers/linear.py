@@ -11,7 +11,8 @@ ever holds a dequantized copy of its weight. Where our kernels
   few sequences decoding) use ``qgemv_int8``: x is rounded to int8 per block
   of 32 and meets the weights' integers in VNNI dot products, as in llama.cpp
   (``INT8_TYPES``: Q4_0 to Q8_0 and Q4_K; other types take the exact path);
-  decode steps (``decode``: one row per sequence, no prompt rows) of up to
+  decode steps (``decode``, or within ``decode_step()``, which the engine
+  enters for each step without prompt rows) of up to
   ``INT8_BATCH_MAX_ROWS`` rows whose weights are all ``INT8_TYPES`` take the
   same kernel's batched product (x's rows in the VNNI lanes, the weights read
   once as their own integers), except on CPUs with AMX tiles, where it was
@@ -33,6 +34,7 @@ Projections that read the same input (q, k, v; gate, up) go through
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -93,6 +95,23 @@ def dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(weight, torch.Tensor):
         return weight.to(dtype)
     return dequantize(weight.data, weight.qtype, dtype).reshape(weight.shape)
+
+
+# Whether the products running now are a decode-only step's (see decode_step).
+_decode_step = False
+
+
+@contextlib.contextmanager
+def decode_step(active: bool = True):
+    """Within it, every product is a decode step's (``decode`` in ``linear_group``):
+    the engine runs a step without prompt rows in it, so that models and steps the
+    fused decode step does not serve take the same products as it does."""
+    global _decode_step
+    previous, _decode_step = _decode_step, active
+    try:
+        yield
+    finally:
+        _decode_step = previous
 
 
 @functools.cache
@@ -184,7 +203,7 @@ def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear], keep_bf16: bool,
         return kernels.qgemv(x.float(), weights, types) if rows <= GEMV_MAX_ROWS else None
     if rows <= INT8_MAX_ROWS:
         return kernels.qgemv_int8(x.float(), weights, types)
-    if decode and integer and rows <= int8_batch_max_rows():
+    if (decode or _decode_step) and integer and rows <= int8_batch_max_rows():
         if out is None:
             return kernels.qgemv_int8(x.float(), weights, types)
         kernels.qgemv_int8_out(x.float(), weights, types, out)
