@@ -1,8 +1,8 @@
 """The ``bfloat16`` path: our kernels on real tensors and the whole model on them.
 
 Each real tensor type and shape of both models goes through each kernel path
-(the int8 GEMV of steps of a few rows, AMX bf16 tiles, bf16 dequantization
-+ oneDNN) and is
+(the int8 GEMV of steps of a few rows, the batched int8 product of decode
+steps, AMX bf16 tiles, bf16 dequantization + oneDNN) and is
 checked against ``F.linear`` on gguf's fp32 dequantization. The kernels
 themselves are checked bit-for-bit-ish in tests/test_kernels.py; what is left
 here is bfloat16 (or int8) rounding of the activations and weights.
@@ -54,8 +54,9 @@ PROMPTS = [
     "The history of the printing press begins",
     "Name three uses of copper and explain one.",
 ]
-# Step sizes at each path's edges: the GEMVs (fp32 and int8), AMX tiles, dequantize + oneDNN.
-ROWS = [1, 2, INT8_MAX_ROWS, INT8_MAX_ROWS + 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, AMX_MAX_ROWS, AMX_MAX_ROWS + 1]
+# Step sizes at each path's edges: the GEMVs (fp32 and int8), the batched int8 product
+# (tiles of 16 rows: 33 ends one early) or AMX tiles, dequantize + oneDNN.
+ROWS = [1, 2, INT8_MAX_ROWS, INT8_MAX_ROWS + 1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 33, AMX_MAX_ROWS, AMX_MAX_ROWS + 1]
 
 
 def _tensors_by_type(path):
@@ -87,10 +88,14 @@ def test_every_path_matches_the_dequantized_matmul(real_tensors, rows):
         x = torch.randn(rows, tensor.shape[1], generator=generator)
         reference = F.linear(x.double(), dequantize(tensor.data, tensor.qtype).reshape(tensor.shape).double())
         for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, BF16_RTOL)):
-            out = _linear(tensor, dtype)(x)
-            assert out.dtype == torch.float32 and out.shape == reference.shape
-            error = (out - reference).abs().max().item() / reference.abs().max().item()
-            assert error < rtol, f"{tensor.name} ({tensor.qtype.name}, {rows} rows, {dtype}): relative error {error:.2e}"
+            layer = _linear(tensor, dtype)
+            # bf16 decode steps (7-64 rows: the batched int8 product where the type has one)
+            for decode in (False, True) if dtype == torch.bfloat16 else (False,):
+                out = linear_group((layer,), x, decode=decode)[0]
+                assert out.dtype == torch.float32 and out.shape == reference.shape
+                error = (out - reference).abs().max().item() / reference.abs().max().item()
+                assert error < rtol, (f"{tensor.name} ({tensor.qtype.name}, {rows} rows, {dtype}, decode {decode}): "
+                                      f"relative error {error:.2e}")
 
 
 def test_grouped_projections_equal_separate_ones(real_tensors):
@@ -109,15 +114,15 @@ def test_grouped_projections_equal_separate_ones(real_tensors):
 
 def test_reused_output_is_the_same_product_in_one_kept_buffer(real_tensors):
     """forward(..., reuse_output=True), as the engine computes its logits: steps
-    the AMX tiles serve write into one buffer the layer keeps; others are fresh."""
+    the batched kernels serve (int8 or AMX tiles) write into one buffer the layer keeps; others are fresh."""
     tensor = real_tensors[0]
     layer = _linear(tensor, torch.bfloat16)
     generator = torch.Generator().manual_seed(5)
     pointers = set()
     for rows in (20, INT8_MAX_ROWS + 1, AMX_MAX_ROWS):
         x = torch.randn(rows, tensor.shape[1], generator=generator)
-        out = layer(x, reuse_output=True)
-        torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+        out = layer(x, reuse_output=True)  # a decode step's logits
+        torch.testing.assert_close(out, linear_group((layer,), x, decode=True)[0], rtol=0, atol=0)
         pointers.add(out.data_ptr())
     assert pointers == {layer.reused_output.data_ptr()}
     for rows in (1, AMX_MAX_ROWS + 1):  # the GEMV's and oneDNN's steps: a fresh tensor

@@ -109,6 +109,32 @@ def test_fused_decode_matches_layer_by_layer(name, dtype, prompt_lens, tmp_path)
         torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
 
 
+@torch.inference_mode()
+def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(smollm2_path):
+    """SmolLM2's Q4_1 layers at 12 sequences: the fused step multiplies on the batched int8
+    product (where the CPU has no AMX), as linear_group does for a decode step's rows."""
+    from cholla.layers import linear
+
+    loaded = load_model(smollm2_path, "bfloat16")
+    model, config = loaded.model, loaded.config
+    plan = plan_decode(model)
+    cache = PagedKVCache(config, num_blocks=12 * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+    generator = torch.Generator().manual_seed(2)
+    lengths = [3 + seq % 4 for seq in range(12)]
+    for seq, n in enumerate(lengths):
+        _prefill(model, cache, seq, torch.randint(0, config.vocab_size, (n,), generator=generator).tolist())
+    python_cache = [(k.clone(), v.clone()) for k, v in cache.layers]
+    positions, meta = _decode_meta(lengths)
+    x = torch.randn(len(lengths), config.hidden_size, generator=generator)
+    fused = fused_layers(plan, x, positions, cache.layers, meta)
+    with linear.decode_step():  # as the engine runs the Python layers in a decode-only step
+        expected = _layer_by_layer(model, x, positions, python_cache, meta)
+    torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
+    # Outside one, 7-64 rows take the bf16 tiles: a different product.
+    bf16 = _layer_by_layer(model, x, positions, [(k.clone(), v.clone()) for k, v in cache.layers], meta)
+    assert (fused - bf16).abs().max() > 1e-3 or linear.int8_batch_max_rows() == 0
+
+
 def test_layers_with_bias_stay_in_python(tmp_path):
     loaded = _tiny_model("qwen2", tmp_path, "float32")
     assert plan_decode(loaded.model) is None

@@ -141,6 +141,41 @@ def test_qgemv_int8_q4_k_matches_its_int8_reference(k, rows):
     assert (got - exact).norm() / exact.norm() < 0.02
 
 
+@pytest.mark.parametrize("qtype", INT8_TYPES + [T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [7, 16, 33, 64])  # the batched product's edges: one tile, a partial third, four
+def test_batched_qgemv_int8_matches_its_int8_reference(qtype, rows):
+    """More than six rows of x take the batched product (x's rows in the VNNI lanes): the same int8 sums."""
+    blocks, w = random_weight(qtype, 37, 768, seed=rows)  # 37 weight rows: a job of 16 ends 5 rows in
+    x = torch.randn(rows, 768, generator=torch.Generator().manual_seed(rows))
+    x[:, 32:64] = 0.0  # an all-zero block quantizes with dx = 0
+    expected, scale = int8_reference(x, blocks, qtype, w)
+    got = kernels.qgemv_int8(x, [blocks], [int(qtype)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=scale * 1e-6)
+    exact = (x.double() @ w.double().T).float()
+    assert (got - exact).norm() / exact.norm() < 0.02
+
+
+def test_batched_qgemv_int8_side_by_side_and_into_out():
+    """Weights of several types in one batched call equal separate calls; _out writes the same."""
+    qtypes = [T.Q5_0, T.Q8_0, T.Q4_K, T.Q4_1]
+    parts = [random_weight(qtype, 20 + 8 * i, 512, seed=i) for i, qtype in enumerate(qtypes)]
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(1))
+    got = kernels.qgemv_int8(x, [b for b, _ in parts], [int(t) for t in qtypes])
+    alone = torch.cat([kernels.qgemv_int8(x, [b], [int(t)]) for (b, _), t in zip(parts, qtypes)], dim=1)
+    torch.testing.assert_close(got, alone, rtol=0, atol=0)
+    out = torch.full_like(got, float("nan"))
+    kernels.qgemv_int8_out(x, [b for b, _ in parts], [int(t) for t in qtypes], out)
+    torch.testing.assert_close(out, got, rtol=0, atol=0)
+
+
+def test_int8_kernel_types_agree_with_the_routing():
+    """linear.py routes batched steps by INT8_TYPES; the kernel has its own list."""
+    from cholla.layers.linear import INT8_TYPES as ROUTED
+
+    for qtype in KERNEL_TYPES:
+        assert kernels.int8_kernel_types([int(qtype)]) == (qtype in ROUTED), qtype.name
+
+
 def test_qgemv_int8_takes_the_exact_path_for_other_types():
     parts = [random_weight(qtype, 48, 512, seed=i) for i, qtype in enumerate([T.Q5_K, T.Q8_0, T.Q6_K, T.F16])]
     types = [int(t) for t in (T.Q5_K, T.Q8_0, T.Q6_K, T.F16)]
@@ -186,8 +221,13 @@ def test_bad_input_is_an_error_not_a_crash():
         kernels.qmatmul(torch.randn(2, 256).bfloat16(), [blocks], [int(T.Q4_0)])
     with pytest.raises(RuntimeError, match="at most 8 rows"):
         kernels.qgemv(torch.randn(9, 256), [blocks], [int(T.Q4_0)])
-    with pytest.raises(RuntimeError, match="at most 8 rows"):
-        kernels.qgemv_int8(torch.randn(9, 256), [blocks], [int(T.Q4_0)])
+    with pytest.raises(RuntimeError, match="at most 64 rows"):
+        kernels.qgemv_int8(torch.randn(65, 256), [blocks], [int(T.Q4_0)])
+    q6_k, _ = random_weight(T.Q6_K, 32, 256)
+    with pytest.raises(RuntimeError, match="need every weight in a type with an int8 kernel"):
+        kernels.qgemv_int8(torch.randn(9, 256), [blocks, q6_k], [int(T.Q4_0), int(T.Q6_K)])
+    with pytest.raises(RuntimeError, match="out must be contiguous fp32"):
+        kernels.qgemv_int8_out(torch.randn(9, 256), [blocks], [int(T.Q4_0)], torch.empty(9, 33))
     with pytest.raises(RuntimeError, match="does not hold rows"):
         kernels.qgemv_int8(torch.randn(1, 512), [blocks], [int(T.Q4_0)])
 

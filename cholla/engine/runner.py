@@ -20,6 +20,7 @@ from cholla.engine.scheduler import ScheduledBatch
 from cholla.kv.paged_cache import PagedKVCache
 from cholla.kv.state_cache import StateCache, layer_caches
 from cholla.layers.attention import MAX_QUERY_SPAN, AttentionMetadata
+from cholla.layers.linear import decode_step
 from cholla.sampling.sampler import SamplingBatch, sample, skip_draws
 from cholla.sampling.structured import StructuredOutputs, allowed_tokens
 from cholla.speculative.verify import accept_greedy
@@ -124,7 +125,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
         input_ids, positions, meta, logits_rows, needs_token, prompt_rows = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.caches, meta)
+        with decode_step(batch.num_prefills == 0):  # decode rows may take the batched int8 products
+            hidden = self.model(input_ids, positions, self.caches, meta)
         sampled: list[int | None] = [None] * len(batch.requests)
         logprobs: list = [None] * len(batch.requests)
         scored = self._score_prompts(hidden, prompt_rows, len(batch.requests)) if prompt_rows else None

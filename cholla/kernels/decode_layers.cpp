@@ -62,7 +62,8 @@ namespace cholla {
 //   k_caches[l], v_caches[l]; cos[rope_of_layer[l]], sin[...]; windows[l] (0: none).
 // positions, slot_mapping, block_tables, context_lens: as in the single ops.
 // Products of up to gemv_max_rows rows run on the GEMV (int8 with `integer`),
-// larger ones on the AMX tiles.
+// with `integer` those of up to int8_batch_max_rows rows whose weights all have
+// an int8 kernel too (int8_kernel_types), larger ones on the AMX tiles.
 at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at::TensorList weights,
                          at::IntArrayRef types, at::TensorList norms, at::TensorList k_caches,
                          at::TensorList v_caches, at::TensorList cos, at::TensorList sin,
@@ -71,7 +72,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
                          const std::optional<at::Tensor>& query_starts, int64_t num_heads,
                          int64_t num_kv_heads, int64_t head_dim, double scale, double softcap, double eps,
                          bool interleaved, int64_t activation, bool post_norms, bool qk_norm, bool integer,
-                         int64_t gemv_max_rows) {
+                         int64_t gemv_max_rows, int64_t int8_batch_max_rows) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   const int64_t norms_per_layer = 2 + (post_norms ? 2 : 0) + (qk_norm ? 2 : 0);
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decode_layers: x must be fp32 [rows, hidden]");
@@ -135,7 +136,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
     barrier = std::make_unique<Barrier>(threads);  // (the end of `single` waits for it)
     c10::ParallelGuard in_team(true);  // ops called in here run on the calling member alone
     auto project = [&](const at::Tensor& in, at::TensorList w, at::IntArrayRef t, at::Tensor& out) {
-      if (rows <= gemv_max_rows)  // the product cholla/layers/linear.py picks for this many rows
+      // the product cholla/layers/linear.py picks for this many rows
+      if (rows <= gemv_max_rows || (integer && rows <= int8_batch_max_rows && int8_kernel_types(t)))
         gemv_part(in, w, t, integer, out, thread, threads);
       else
         qmatmul_part(in, w, t, out, thread, threads);
@@ -232,7 +234,7 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
         "Tensor[] k_caches, Tensor[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope_of_layer, int[] windows, "
         "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor? query_starts, int num_heads, "
         "int num_kv_heads, int head_dim, float scale, float softcap, float eps, bool interleaved, int activation, "
-        "bool post_norms, bool qk_norm, bool integer, int gemv_max_rows) -> Tensor");
+        "bool post_norms, bool qk_norm, bool integer, int gemv_max_rows, int int8_batch_max_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) { m.impl("decode_layers", &cholla::decode_layers); }

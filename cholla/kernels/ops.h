@@ -22,7 +22,9 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int64_t thread, int64_t thre
 // writes its own part of the preallocated output.
 
 // qgemv.cpp: x fp32 [m <= 8, k] times each weight's GGUF rows, side by side;
-// `integer`: the int8 path for the types that have it.
+// `integer`: the int8 path for the types that have it, which takes up to 64
+// rows where every weight's type has one (int8_kernel_types).
+bool int8_kernel_types(at::IntArrayRef types);
 void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer, at::Tensor& y,
                int64_t thread, int64_t threads);
 

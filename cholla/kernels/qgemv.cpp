@@ -71,6 +71,13 @@ constexpr GemvRows GEMV_BY_ROWS[GEMV_MAX_ROWS] = {gemv_rows<1>, gemv_rows<2>, ge
 
 constexpr int64_t GROUP_BLOCKS = 16;  // blocks reduced together
 
+// The int8 product's row limits: the GEMV serves up to INT8_GEMV_MAX_ROWS rows,
+// the batched product below up to INT8_BATCH_MAX_ROWS where every weight has
+// an integer kernel (on Zen 5, one thread, its cost stays flat up to 16 rows and
+// it beat the GEMV from 7: benchmarks/batched_products.py).
+constexpr int64_t INT8_GEMV_MAX_ROWS = 6;
+constexpr int64_t INT8_BATCH_MAX_ROWS = 64;
+
 // How far ahead of its group the walk asks for weights. In bytes, not rows:
 // eight of SmolLM2's short rows (2.9 KB) left its 576-wide GEMVs waiting on
 // memory; 4-16 KB all did better (its decode layers 3.0 -> 2.8 ms).
@@ -397,7 +404,7 @@ inline __m512 sum_lanes(const __m512 v[16]) {
   return fold(fold(quads[0], quads[1]), fold(quads[2], quads[3]));
 }
 
-// The integer kernel for `rows` rows of x, or nullptr for types without one.
+// The integer kernel for `rows` (1 to GEMV_MAX_ROWS) rows of x, or nullptr for types without one.
 IntDot int_dot_for(int64_t type, int64_t rows) {
   switch (type) {
     case Q4_0: return INT_DOT_BY_ROWS<Q4_0>[rows - 1];
@@ -410,8 +417,208 @@ IntDot int_dot_for(int64_t type, int64_t rows) {
   }
 }
 
+// ---- Batched steps (a few dozen sequences): x's rows in the lanes ----
+//
+// The GEMV above reduces each block's products across lanes, which costs about
+// as much as the products themselves and grows with x's rows. For more rows the
+// roles turn: a tile of 16 rows of x, quantized per block of 32 as above, lies
+// in VPDPBUSD's layout ([8 quads][16 rows][4 bytes] per block), and each weight
+// row meets it four of its bytes at a time, broadcast, so that one instruction
+// makes four products for each of 16 rows and no lane is ever reduced. A job's 16
+// weight rows are first unpacked from their blocks into unsigned bytes (16 rows
+// x k: L1/L2 resident) with their scales d and shifted mins m' (the sum above,
+// per block: d (dx Σ q xq + bias dx Σ xq) + m' Σ x), then meet every tile.
+// The weights are read from memory once per call, as their own integers.
+
+constexpr int64_t LANES = 16;     // rows of x per tile
+constexpr int64_t ROW_GROUP = 8;  // weight rows sharing each load of x
+
+// x's rows in tiles of LANES (rows past m are zero): per tile and block, 512
+// bytes of int8 in VPDPBUSD's layout, then dx, bias-free qsum = dx Σ xq, and Σ x
+// for each lane (3 x 16 floats).
+struct XTiles {
+  int64_t tiles, blocks;
+  const int8_t* q;
+  const float* numbers;
+  const int8_t* quads(int64_t t, int64_t b) const { return q + (t * blocks + b) * 512; }
+  const float* dx(int64_t t, int64_t b) const { return numbers + (t * blocks + b) * 3 * LANES; }
+  const float* qsum(int64_t t, int64_t b) const { return dx(t, b) + LANES; }
+  const float* sum(int64_t t, int64_t b) const { return dx(t, b) + 2 * LANES; }
+};
+
+XTiles quantize_tiles(const float* x, int64_t m, int64_t k, std::vector<int8_t>& bytes, std::vector<float>& numbers) {
+  const int64_t blocks = k / 32, tiles = (m + LANES - 1) / LANES;
+  bytes.assign(tiles * blocks * 512, 0);
+  numbers.assign(tiles * blocks * 3 * LANES, 0.0f);
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t t = r / LANES, lane = r % LANES;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m512 lo = _mm512_loadu_ps(x + r * k + 32 * b), hi = _mm512_loadu_ps(x + r * k + 32 * b + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));  // round to nearest
+      const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
+      alignas(16) int32_t quad[8];  // four int8 each: weights 4j .. 4j+3 of the block
+      _mm_store_si128(reinterpret_cast<__m128i*>(quad), _mm512_cvtepi32_epi8(qlo));
+      _mm_store_si128(reinterpret_cast<__m128i*>(quad + 4), _mm512_cvtepi32_epi8(qhi));
+      int32_t* dst = reinterpret_cast<int32_t*>(bytes.data() + (t * blocks + b) * 512);
+      for (int j = 0; j < 8; ++j) dst[j * LANES + lane] = quad[j];
+      float* n = numbers.data() + (t * blocks + b) * 3 * LANES;
+      n[lane] = d;
+      n[LANES + lane] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+      n[2 * LANES + lane] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+    }
+  }
+  return {tiles, blocks, bytes.data(), numbers.data()};
+}
+
+// One weight row's blocks -> k unsigned bytes q (w = d (q + bias) + m' per block),
+// d and m' per block of 32.
+template <int64_t TYPE>
+void unpack_row(const uint8_t* row, int64_t blocks, uint8_t* q, float* d, float* m_shifted) {
+  constexpr IntFormat f = int_format(TYPE);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  if constexpr (TYPE == Q4_K) {
+    for (int64_t s = 0; s < blocks / 8; ++s, row += f.bytes) {
+      const float d_super = f16(row), dmin = f16(row + 2);
+      for (int j = 0; j < 4; ++j) {  // 32 bytes: sub-block 2j in the low nibbles, 2j+1 in the high
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + f.qs + 32 * j));
+        const __m256i low = _mm256_set1_epi8(0x0F);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 256 * s + 64 * j), _mm256_and_si256(v, low));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 256 * s + 64 * j + 32),
+                            _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+      }
+      for (int j = 0; j < 8; ++j) {
+        int sc, mn;
+        scale_min_k4(j, row + 4, sc, mn);
+        d[8 * s + j] = d_super * static_cast<float>(sc);
+        m_shifted[8 * s + j] = -dmin * static_cast<float>(mn) - f.bias * d[8 * s + j];
+      }
+    }
+  } else {
+    for (int64_t b = 0; b < blocks; ++b, row += f.bytes) {
+      d[b] = f16(row);
+      m_shifted[b] = f.has_min ? f16(row + 2) - f.bias * d[b] : 0.0f;
+      if constexpr (TYPE == Q8_0) {  // signed bytes, offset to unsigned (bias -128)
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + f.qs));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * b), _mm256_xor_si256(v, _mm256_set1_epi8(-128)));
+      } else {  // weights 0-15 in the low nibbles, 16-31 in the high; Q5: the 5th bit j of qh
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + f.qs));
+        __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+        if constexpr (f.qh >= 0) {
+          uint32_t qh;
+          std::memcpy(&qh, row + f.qh, 4);
+          const __m128i sixteen = _mm_set1_epi8(16);
+          lo = _mm_mask_add_epi8(lo, static_cast<__mmask16>(qh & 0xFFFF), lo, sixteen);
+          hi = _mm_mask_add_epi8(hi, static_cast<__mmask16>(qh >> 16), hi, sixteen);
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), lo);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), hi);
+      }
+    }
+  }
+}
+
+using UnpackRow = void (*)(const uint8_t*, int64_t, uint8_t*, float*, float*);
+
+UnpackRow unpack_row_for(int64_t type) {
+  switch (type) {
+    case Q4_0: return unpack_row<Q4_0>;
+    case Q4_1: return unpack_row<Q4_1>;
+    case Q5_0: return unpack_row<Q5_0>;
+    case Q5_1: return unpack_row<Q5_1>;
+    case Q8_0: return unpack_row<Q8_0>;
+    case Q4_K: return unpack_row<Q4_K>;
+    default: return nullptr;
+  }
+}
+
+// ROW_GROUP unpacked weight rows (q: k bytes each, back to back; d, m': per
+// block) against tile t of x: c[i][lane] = Σ w_i x_lane.
+template <bool HAS_MIN>
+void tile_rows(const uint8_t* q, const float* d, const float* m_shifted, int64_t k, float bias, const XTiles& x,
+               int64_t t, float* c) {
+  const int64_t blocks = k / 32;
+  __m512 acc[ROW_GROUP];
+  for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512 bias_v = _mm512_set1_ps(bias);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* xq = x.quads(t, b);
+    __m512i s[ROW_GROUP];
+    for (int i = 0; i < ROW_GROUP; ++i) s[i] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
+      for (int i = 0; i < ROW_GROUP; ++i) {
+        int32_t w;
+        std::memcpy(&w, q + i * k + 32 * b + 4 * j, 4);
+        s[i] = _mm512_dpbusd_epi32(s[i], _mm512_set1_epi32(w), xv);
+      }
+    }
+    const __m512 dx = _mm512_loadu_ps(x.dx(t, b));
+    const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t, b)), bias_v);
+    const __m512 sum = HAS_MIN ? _mm512_loadu_ps(x.sum(t, b)) : _mm512_setzero_ps();
+    for (int i = 0; i < ROW_GROUP; ++i) {
+      const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), dx, bq);
+      acc[i] = _mm512_fmadd_ps(block, _mm512_set1_ps(d[i * blocks + b]), acc[i]);
+      if (HAS_MIN) acc[i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(m_shifted[i * blocks + b]), acc[i]);
+    }
+  }
+  for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
+}
+
+// Jobs [begin, end) of a batched int8 product (m > INT8_GEMV_MAX_ROWS rows of x;
+// every segment's type has an integer kernel).
+void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
+                      const float* xs, int64_t m, int64_t k, float* out, int64_t n_total) {
+  static_assert(GEMV_JOB_ROWS % ROW_GROUP == 0, "a job's rows are whole row groups");
+  thread_local std::vector<int8_t> x_bytes;
+  thread_local std::vector<float> x_numbers;
+  thread_local std::vector<uint8_t> strip;
+  thread_local std::vector<float> scales;
+  if (begin >= end) return;
+  const int64_t blocks = k / 32;
+  const XTiles x = quantize_tiles(xs, m, k, x_bytes, x_numbers);
+  strip.resize(GEMV_JOB_ROWS * k);
+  scales.resize(2 * GEMV_JOB_ROWS * blocks);
+  float* d = scales.data();
+  float* m_shifted = d + GEMV_JOB_ROWS * blocks;
+  alignas(64) float c[GEMV_JOB_ROWS * LANES];
+  for (int64_t j = begin; j < end; ++j) {
+    const Segment& seg = segments[jobs[j].segment];
+    const int64_t first = jobs[j].first_row, rows = std::min(seg.rows - first, GEMV_JOB_ROWS);
+    const UnpackRow unpack = unpack_row_for(seg.type);
+    const IntFormat f = int_format(seg.type);
+    for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) {
+      const uint8_t* row = seg.data + (first + i) * seg.row_bytes;
+      prefetch(row + GEMV_JOB_ROWS * seg.row_bytes, seg.row_bytes);  // the next job's row
+      if (i < rows) {
+        unpack(row, blocks, strip.data() + i * k, d + i * blocks, m_shifted + i * blocks);
+      } else {  // past the weight's end: zeros (their products are not written)
+        std::memset(strip.data() + i * k, 0, k);
+        std::fill(d + i * blocks, d + (i + 1) * blocks, 0.0f);
+        std::fill(m_shifted + i * blocks, m_shifted + (i + 1) * blocks, 0.0f);
+      }
+    }
+    for (int64_t t = 0; t < x.tiles; ++t) {
+      for (int64_t i = 0; i < GEMV_JOB_ROWS; i += ROW_GROUP) {
+        const uint8_t* q = strip.data() + i * k;
+        if (f.has_min)
+          tile_rows<true>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, c + i * LANES);
+        else
+          tile_rows<false>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, c + i * LANES);
+      }
+      // c: [16 weight rows][16 lanes] -> out[lane][n]
+      for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) {
+        float* y = out + (t * LANES + lane) * n_total + seg.out_offset + first;
+        for (int64_t i = 0; i < rows; ++i) y[i] = c[i * LANES + lane];
+      }
+    }
+  }
+}
+
 // Jobs [begin, end) of a GEMV: the exact fp32 products, or with `integer` the
-// int8 ones for the types that have them.
+// int8 ones for the types that have them (the batched product's where every
+// weight has one and x has more than INT8_GEMV_MAX_ROWS rows).
 void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
                    const float* xs, int64_t m, int64_t k, bool integer, float* out, int64_t n_total) {
   // The walk asks for weights PREFETCH_AHEAD bytes ahead within a weight; the
@@ -421,6 +628,10 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
     const Segment& seg = segments[jobs[j].segment];
     prefetch(seg.data + jobs[j].first_row * seg.row_bytes, PREFETCH_AHEAD);
   };
+  const bool all_integer = std::all_of(segments.begin(), segments.end(),
+                                       [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; });
+  if (integer && m > INT8_GEMV_MAX_ROWS && all_integer)
+    return run_batched_jobs(segments, jobs, begin, end, xs, m, k, out, n_total);
   if (begin < end) prefetch_job(begin);
   // Each thread quantizes x itself (reading a copy another core had just written
   // cost ~1 us a call), into scratch it keeps from call to call (allocating and
@@ -463,8 +674,15 @@ int64_t plan_gemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef t
   check_activations(x);
   TORCH_CHECK(x.is_contiguous(), "qgemv: x must be contiguous");
   const int64_t n_total = plan_segments(x.size(1), weights, types, segments);
-  TORCH_CHECK(x.size(0) <= GEMV_MAX_ROWS, integer ? "qgemv_int8" : "qgemv", ": at most ", GEMV_MAX_ROWS,
-              " rows, got ", x.size(0));
+  if (integer && x.size(0) > GEMV_MAX_ROWS) {
+    TORCH_CHECK(x.size(0) <= INT8_BATCH_MAX_ROWS, "qgemv_int8: at most ", INT8_BATCH_MAX_ROWS, " rows, got ",
+                x.size(0));
+    TORCH_CHECK(cholla::int8_kernel_types(types), "qgemv_int8: more than ", GEMV_MAX_ROWS,
+                " rows need every weight in a type with an int8 kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K)");
+  } else {
+    TORCH_CHECK(x.size(0) <= GEMV_MAX_ROWS, integer ? "qgemv_int8" : "qgemv", ": at most ", GEMV_MAX_ROWS,
+                " rows, got ", x.size(0));
+  }
   jobs = split_jobs(segments, GEMV_JOB_ROWS);
   return n_total;
 }
@@ -473,16 +691,23 @@ int64_t plan_gemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef t
 
 namespace cholla {
 
+bool int8_kernel_types(at::IntArrayRef types) {
+  return std::all_of(types.begin(), types.end(), [](int64_t type) { return int_dot_for(type, 1) != nullptr; });
+}
+
 // Both GEMVs' body (x: fp32 [m <= 8, k]; the contract of qmatmul): the exact
 // fp32 GEMV for every weight, or, with `integer`, the int8 one for the types
 // that have it.
-at::Tensor gemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types, bool integer) {
+// `out`: fp32 [m, n_total] to write into, or undefined for a fresh one.
+at::Tensor gemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types, bool integer,
+                at::Tensor out = {}) {
   const at::Tensor x = x_in.contiguous();
   std::vector<Segment> segments;
   std::vector<Job> jobs;
   const int64_t n_total = plan_gemv(x, weights, types, integer, segments, jobs);
   const int64_t m = x.size(0);
-  at::Tensor y = at::empty({m, n_total}, x.options());
+  at::Tensor y = out.defined() ? out : at::empty({m, n_total}, x.options());
+  if (out.defined()) check_output("qgemv_int8_out", y, m, n_total);
   if (m == 0) return y;
   at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
     run_gemv_jobs(segments, jobs, begin, end, x.data_ptr<float>(), m, x.size(1), integer, y.data_ptr<float>(), n_total);
@@ -509,8 +734,14 @@ at::Tensor qgemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef ty
 
 // Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q4_K weights take the integer path (x rounded
 // to int8 per block: not exact, as in llama.cpp); other types the exact one.
+// x: up to 8 rows, or up to 64 where every weight has an integer kernel.
 at::Tensor qgemv_int8(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types) {
   return gemv(x, weights, types, true);
+}
+
+// The same into `out` (fp32 [m, sum n_i], contiguous), as qmatmul_out: the engine's logits.
+void qgemv_int8_out(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor out) {
+  gemv(x, weights, types, true, out);
 }
 
 }  // namespace cholla
@@ -518,9 +749,12 @@ at::Tensor qgemv_int8(const at::Tensor& x, at::TensorList weights, at::IntArrayR
 TORCH_LIBRARY_FRAGMENT(cholla, m) {
   m.def("qgemv(Tensor x, Tensor[] weights, int[] types) -> Tensor");
   m.def("qgemv_int8(Tensor x, Tensor[] weights, int[] types) -> Tensor");
+  m.def("qgemv_int8_out(Tensor x, Tensor[] weights, int[] types, Tensor(a!) out) -> ()");
+  m.def("int8_kernel_types(int[] types) -> bool", &cholla::int8_kernel_types);
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) {
   m.impl("qgemv", &cholla::qgemv);
   m.impl("qgemv_int8", &cholla::qgemv_int8);
+  m.impl("qgemv_int8_out", &cholla::qgemv_int8_out);
 }

@@ -10,11 +10,17 @@ ever holds a dequantized copy of its weight. Where our kernels
 - with ``compute_dtype`` bfloat16, steps of up to ``INT8_MAX_ROWS`` rows (a
   few sequences decoding) use ``qgemv_int8``: x is rounded to int8 per block
   of 32 and meets the weights' integers in VNNI dot products, as in llama.cpp
-  (Q4_0 to Q8_0 and Q4_K; other types take the exact path); steps of up to
-  ``AMX_MAX_ROWS`` rows use
+  (``INT8_TYPES``: Q4_0 to Q8_0 and Q4_K; other types take the exact path);
+  decode steps (``decode``, or within ``decode_step()``, which the engine
+  enters for each step without prompt rows) of up to
+  ``INT8_BATCH_MAX_ROWS`` rows whose weights are all ``INT8_TYPES`` take the
+  same kernel's batched product (x's rows in the VNNI lanes, the weights read
+  once as their own integers), except on CPUs with AMX tiles, where it was
+  never measured against them; a prompt's rows keep bf16 activations;
+  other steps of up to ``AMX_MAX_ROWS`` rows use
   ``qmatmul`` (AMX tiles: weights and activations rounded to bf16, fp32
-  sums), and larger steps (prefill) dequantize the weight to bf16 for one
-  dense oneDNN matmul, which is faster per row there than ours.
+  sums; AVX512-BF16 without AMX), and larger steps (prefill) dequantize the
+  weight to bf16 for one dense oneDNN matmul, which is faster per row there than ours.
 
 So in bfloat16 a sequence's logits move slightly with the number of sequences
 sharing its step (as in vLLM and llama.cpp); float32 stays batch-invariant up
@@ -28,6 +34,8 @@ Projections that read the same input (q, k, v; gate, up) go through
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -37,7 +45,7 @@ from torch import nn
 
 from cholla.formats.gguf import GGUFTensor
 from cholla.heap import mapped_zeros
-from cholla.kernels import cpu_kernels
+from cholla.kernels import amx_tiles, cpu_kernels
 from cholla.quant import dequantize
 
 Weight = torch.Tensor | GGUFTensor
@@ -52,6 +60,11 @@ DEQUANT_CHUNK_ELEMENTS = 8 * 1024 * 1024
 GEMV_MAX_ROWS = 8
 INT8_MAX_ROWS = 6
 AMX_MAX_ROWS = 64
+# The batched int8 product beat qmatmul's AVX512-BF16 strips 1.4-2.3x at 7-64 rows
+# on Zen 5 (benchmarks/batched_products.py, docs/benchmarks.md), for every type
+# it reads; AMX tiles are faster than AVX512-BF16 and were not measured against it.
+INT8_BATCH_MAX_ROWS = 64
+INT8_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"))
 
 # GGUF types (and plain tensor dtypes) the kernels read directly.
 KERNEL_TYPES = frozenset(
@@ -82,6 +95,29 @@ def dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(weight, torch.Tensor):
         return weight.to(dtype)
     return dequantize(weight.data, weight.qtype, dtype).reshape(weight.shape)
+
+
+# Whether the products running now are a decode-only step's (see decode_step).
+_decode_step = False
+
+
+@contextlib.contextmanager
+def decode_step(active: bool = True):
+    """Within it, every product is a decode step's (``decode`` in ``linear_group``):
+    the engine runs a step without prompt rows in it, so that models and steps the
+    fused decode step does not serve take the same products as it does."""
+    global _decode_step
+    previous, _decode_step = _decode_step, active
+    try:
+        yield
+    finally:
+        _decode_step = previous
+
+
+@functools.cache
+def int8_batch_max_rows() -> int:
+    """Rows up to which all-``INT8_TYPES`` products take the batched int8 kernel: 0 with AMX tiles."""
+    return 0 if amx_tiles() else INT8_BATCH_MAX_ROWS
 
 
 def kernel_view(weight: Weight) -> tuple[torch.Tensor, int] | None:
@@ -121,17 +157,19 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor, reuse_output: bool = False) -> torch.Tensor:
         """x: [..., in] -> [..., out], fp32.
 
-        ``reuse_output``: where the AMX kernel runs, write into a buffer this
-        layer keeps, which its next such call overwrites (the engine's logits,
-        used up within each step). Fresh memory that large costs page faults and
-        zeroing each time: ~5 ms a step for Gemma 3's 32 x 262k logits.
+        ``reuse_output``: x is a decode step's rows (the engine's logits of a
+        step without prompt rows: ``decode`` in ``linear_group``), and where a
+        batched kernel runs (int8 or AMX), the product goes into a buffer this
+        layer keeps, which its next such call overwrites (used up within each
+        step). Fresh memory that large costs page faults and zeroing each time:
+        ~5 ms a step for Gemma 3's 32 x 262k logits.
         """
         out = None
         if reuse_output and x.dim() == 2 and x.shape[0] <= AMX_MAX_ROWS:
             if self.reused_output is None:  # rows are resident only once written
                 self.reused_output = mapped_zeros((AMX_MAX_ROWS, self.out_features), torch.float32)
             out = self.reused_output[: x.shape[0]]
-        return linear_group((self,), x, out=out)[0]
+        return linear_group((self,), x, out=out, decode=reuse_output)[0]
 
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reference path: the weight dequantized to x's dtype a slab at a time; no bias."""
@@ -149,21 +187,27 @@ class Linear(nn.Module):
 
 
 def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear], keep_bf16: bool,
-                   out: torch.Tensor | None = None) -> torch.Tensor | None:
+                   out: torch.Tensor | None = None, decode: bool = False) -> torch.Tensor | None:
     """x: [rows, in] times every layer's weight, side by side; None where no kernel serves.
     fp32 out, or with ``keep_bf16`` the dense path's bf16 product as it came. The
-    AMX kernel writes into ``out`` where one is given."""
-    weights, types = [], []
+    batched kernels (int8 or AMX) write into ``out`` where one is given."""
+    weights, types, integer = [], [], True
     for layer in layers:  # a plain loop: this runs ~120 times per decoded token
         if layer.kernel_weight is None:
             return None
         weights.append(layer.kernel_weight[0])
         types.append(layer.kernel_weight[1])
+        integer = integer and layer.kernel_weight[1] in INT8_TYPES
     kernels, rows = cpu_kernels(), x.shape[0]
     if layers[0].compute_dtype != torch.bfloat16:
         return kernels.qgemv(x.float(), weights, types) if rows <= GEMV_MAX_ROWS else None
     if rows <= INT8_MAX_ROWS:
         return kernels.qgemv_int8(x.float(), weights, types)
+    if (decode or _decode_step) and integer and rows <= int8_batch_max_rows():
+        if out is None:
+            return kernels.qgemv_int8(x.float(), weights, types)
+        kernels.qgemv_int8_out(x.float(), weights, types, out)
+        return out
     if rows <= AMX_MAX_ROWS:
         if out is None:
             return kernels.qmatmul(x.float(), weights, types)
@@ -174,16 +218,18 @@ def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear], keep_bf16: bool,
 
 
 def linear_group(layers: Sequence[Linear], x: torch.Tensor, keep_bf16: bool = False,
-                 out: torch.Tensor | None = None) -> list[torch.Tensor]:
+                 out: torch.Tensor | None = None, decode: bool = False) -> list[torch.Tensor]:
     """Every layer applied to the same x ([..., in] -> [..., out_i]), in one kernel call where possible.
 
     Outputs are fp32; with ``keep_bf16`` a product made in bf16 (a prefill's
     dense matmul) stays bf16, for a consumer that reads it as is (the MLP's
     activation: no fp32 copy of a 2048-token chunk's gate and up). ``out``
-    (fp32 [rows, sum out_i]): where the AMX kernel runs, the product is written there.
+    (fp32 [rows, sum out_i]): where a batched kernel runs, the product is written there.
+    ``decode``: x's rows are a decode step's (one per sequence), which the
+    batched int8 product may serve (int8 activations, as in one-row steps).
     """
     rows = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
-    fused = _kernel_matmul(rows, layers, keep_bf16, out)
+    fused = _kernel_matmul(rows, layers, keep_bf16, out, decode)
     if fused is not None:
         outs = fused.split([layer.out_features for layer in layers], dim=1) if len(layers) > 1 else [fused]
     else:

@@ -20,7 +20,13 @@ from torch import nn
 
 from cholla.kernels import cpu_kernels
 from cholla.layers.attention import Attention, AttentionMetadata, kernel_reads
-from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear
+from cholla.layers.linear import (
+    AMX_MAX_ROWS,
+    GEMV_MAX_ROWS,
+    INT8_MAX_ROWS,
+    Linear,
+    int8_batch_max_rows,
+)
 from cholla.layers.mlp import ACTIVATION_IDS, GatedMLP
 from cholla.layers.rotary import RotaryEmbedding
 
@@ -133,6 +139,7 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
         meta.block_tables, context_lens, spans, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,
         plan.softcap, plan.eps, plan.interleaved, plan.activation, plan.post_norms, plan.qk_norm, integer,
         INT8_MAX_ROWS if integer else GEMV_MAX_ROWS,
+        int8_batch_max_rows() if integer and spans is None else 0,  # as linear_group: decode-only steps
     )
 
 

@@ -1,0 +1,127 @@
+"""The bf16 path's batched products, per row count and weight type: int8 (``qgemv_int8``,
+VNNI on the weights' own integers) against bf16 strips (``qmatmul``: AMX tiles, or
+AVX512-BF16 where the CPU has no AMX).
+
+For each model it takes one decode layer's product groups as the fused step makes
+them (q+k+v, o, gate+up, down) and the output head, and times both kernels at each
+row count; the last column is the int8 kernel's speed-up. ``INT8_BATCH_MAX_ROWS``
+in cholla/layers/linear.py is picked from this table (docs/benchmarks.md).
+
+``--generate N``: instead, N sequences x (32 prompt + 32 generated tokens) through
+the engine, alternately with decode steps routed to the batched int8 product and
+to the bf16 strips (``int8_batch_max_rows`` forced to 0), three runs each, in one
+process: total tokens/s.
+
+    OMP_NUM_THREADS=1 python benchmarks/batched_products.py --models smollm2 gemma3 --rows 1 6 7 8 16 32 64
+    OMP_NUM_THREADS=1 python benchmarks/batched_products.py --models smollm2 gemma3 --generate 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cholla.download import resolve_model
+from cholla.formats.gguf import read_gguf
+from cholla.kernels import amx_tiles, cpu_kernels
+
+
+def groups(path) -> dict[str, list]:
+    """name -> the GGUF tensors one product call reads (layer 0's, and the head)."""
+    tensors = read_gguf(path).tensors
+    head = tensors.get("output.weight", tensors["token_embd.weight"])
+    found = {
+        "qkv": [tensors[f"blk.0.attn_{n}.weight"] for n in "qkv"],
+        "o": [tensors["blk.0.attn_output.weight"]],
+        "gate+up": [tensors["blk.0.ffn_gate.weight"], tensors["blk.0.ffn_up.weight"]],
+        "down": [tensors["blk.0.ffn_down.weight"]],
+        "head": [head],
+    }
+    for layer in range(1, 64):  # a down projection of another type (Gemma 3 mixes Q4_K and Q6_K)
+        down = tensors.get(f"blk.{layer}.ffn_down.weight")
+        if down is not None and down.qtype != found["down"][0].qtype:
+            found[f"down (layer {layer})"] = [down]
+            break
+    return found
+
+
+def best_ms(fn, min_seconds: float) -> float:
+    fn()
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < min_seconds or len(times) < 3:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times) * 1e3
+
+
+def generate_ab(names: list[str], sequences: int, length: int = 32, runs: int = 3) -> None:
+    from cholla import LLM, SamplingParams
+    from cholla.layers import linear
+    from cholla.models import fused_decode
+
+    routed = linear.int8_batch_max_rows
+
+    def route(int8: bool) -> None:
+        linear.int8_batch_max_rows = fused_decode.int8_batch_max_rows = routed if int8 else (lambda: 0)
+
+    print(f"| model | decode steps of {sequences} rows on | best t/s | runs |\n|---|---|---:|---|")
+    for name in names:
+        llm = LLM(name, max_model_len=4 * length, kv_cache_memory=256 * 2**20)
+        prompts = [{"prompt_token_ids": [1 + (i * 7 + j) % 500 for j in range(length)]} for i in range(sequences)]
+        params = SamplingParams(temperature=0.0, max_tokens=length, ignore_eos=True)
+        llm.generate(prompts, params, use_tqdm=False)  # warm-up
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(runs):
+            for int8 in (False, True):
+                route(int8)
+                start = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                rates[int8].append(sequences * 2 * length / (time.perf_counter() - start))
+        route(True)
+        for int8, label in ((False, "bf16 strips"), (True, "batched int8")):
+            runs_text = " / ".join(f"{r:.0f}" for r in rates[int8])
+            print(f"| {name} | {label} | {max(rates[int8]):.0f} | {runs_text} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 6, 7, 8, 12, 16, 24, 32, 48, 64])
+    parser.add_argument("--seconds", type=float, default=0.3, help="time per measurement (best of its runs)")
+    parser.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="N sequences through the engine, int8 batched decode on and off (see above)")
+    args = parser.parse_args()
+    kernels = cpu_kernels()
+    if kernels is None:
+        raise SystemExit("the C++ kernels do not run on this machine")
+    if args.generate:
+        return generate_ab(args.models, args.generate)
+    print(f"threads {torch.get_num_threads()}, batched products on {'AMX tiles' if amx_tiles() else 'AVX512-BF16'}")
+    print("| model | product | types | rows | int8 ms | bf16 strips ms | int8 speed-up |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for name in args.models:
+        for product, tensors in groups(resolve_model(name)).items():
+            weights, types = [t.data for t in tensors], [int(t.qtype) for t in tensors]
+            type_names = "+".join(sorted({t.qtype.name for t in tensors}))
+            if not kernels.int8_kernel_types(types):
+                print(f"| {name} | {product} | {type_names} | - | no int8 kernel | | |")
+                continue
+            for rows in args.rows:
+                x = torch.randn(rows, tensors[0].shape[1])
+                out = torch.zeros(rows, sum(t.shape[0] for t in tensors))  # kept, as the engine keeps its logits
+                calls = (kernels.qgemv_int8_out, kernels.qmatmul_out)
+                int8, bf16 = (best_ms(functools.partial(call, x, weights, types, out), args.seconds) for call in calls)
+                print(f"| {name} | {product} | {type_names} | {rows} | {int8:.3f} | {bf16:.3f} | {bf16 / int8:.2f}x |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
