@@ -248,6 +248,27 @@ def test_fp8_rounds_to_the_nearest_code_and_saturates(type_name):
         assert back[1, 1, 5] == limit
 
 
+def test_fp8_e4m3_scaled_is_the_nearest_code_of_each_head_scaled_to_448():
+    """Reference: per (token, head) scale = fp16(max |x| / 448); stored, the nearest e4m3 code of
+    x / scale (of the 256 decoded); read back, code * scale. Small heads keep 3 mantissa bits."""
+    x = _rows(24) * torch.logspace(-4, 1, 24)[:, None, None]  # heads from 1e-4 to 10 in size
+    cache, back = _written("fp8_e4m3_scaled", x)
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 448).half().float()
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = codes[torch.isfinite(codes)]
+    target = (x / torch.where(scale == 0, 1, scale)).clamp(-448, 448).reshape(-1, 1)
+    distance = (target - finite[None, :]).abs()
+    candidates = distance == distance.min(dim=1, keepdim=True).values
+    stored = (back / torch.where(scale == 0, 1, scale)).reshape(-1, 1)
+    assert (candidates & (finite[None, :] == stored)).any(dim=1).all()
+    assert cache.scales.dtype == torch.float16 and cache.scales.shape[-1] == 1
+    nonzero = x.abs() > 1e-3 * x.abs().amax(dim=-1, keepdim=True)  # well inside e4m3's normal range
+    assert ((back - x).abs()[nonzero] <= x.abs()[nonzero] / 16 + 1e-12).all()
+    _, plain = _written("fp8_e4m3", x)
+    small = x[:8]  # heads below about 0.01: the unscaled type keeps them in few mantissa bits or none
+    assert (back[:8] - small).norm() < 0.3 * (plain[:8] - small).norm()
+
+
 @pytest.mark.parametrize("type_name", ["f32", "bf16", "f16"])
 def test_float_types_are_plain_casts(type_name):
     x = _rows(20)
@@ -303,7 +324,7 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time, in a land far away, there lived a " + "very " * 40 + "old dragon who",
 ]
-ENGINE_TYPES = ["fp8_e4m3", "int8", "int8_rot", "q8_0", "q4_0_rot", "q4_0_cal", "q4_kivi"]  # bf16 and f32: tests/test_engine.py and the rest
+ENGINE_TYPES = ["fp8_e4m3", "fp8_e4m3_scaled", "int8", "int8_rot", "q8_0", "q4_0_rot", "q4_0_cal", "q4_kivi"]  # bf16 and f32: tests/test_engine.py and the rest
 
 
 def _engine(loaded_and_tokenizer, monkeypatch, **config):

@@ -7,6 +7,10 @@ in a float type: ``paged_cache.check_kv_types``):
 - float types (``f32``, ``bf16``, ``f16``) and fp8 (``fp8_e4m3``, ``fp8_e5m2``, torch's
   float8 dtypes, no scale, as vLLM's default ``--kv-cache-dtype fp8``) are a plain tensor of
   that dtype; fp8 values are clamped to the type's finite range first (a cast would give NaN);
+- ``fp8_e4m3_scaled`` is a ``ScaledKV`` of fp8 e4m3 values and one fp16 scale per (token, head)
+  that maps the head's largest magnitude to e4m3's 448: an unscaled fp8 cache stores the many
+  small values of a head (below e4m3's smallest normal, 2^-6) with fewer than 3 mantissa bits;
+  scaled, every value but zeros gets all 3 (the bytes of ``int8``);
 - ``int8``, ``q8_0`` and ``q4_0`` are a ``ScaledKV``: integer values plus an fp16 scale per
   group of values along ``head_dim``: one group per (token, head) for ``int8``, 32 values for
   ``q8_0`` (llama.cpp's Q8_0 block: ``d = max|x| / 127``, ``q = round(x / d)`` half away from
@@ -111,6 +115,7 @@ KV_CACHE_TYPES = {
         KVCacheType("q4_0_rot", torch.uint8, group=32, bits=4, rotated=True),
         KVCacheType("q4_0_cal", torch.uint8, group=32, bits=4, rotated=True, calibrated=True),
         KVCacheType("q4_kivi", torch.uint8, group=0, bits=4, rotated=True, channel_keys=True),
+        KVCacheType("fp8_e4m3_scaled", torch.float8_e4m3fn, group=0),
     )
 }
 ALIASES = {"fp8": "fp8_e4m3", "float32": "f32", "fp32": "f32", "bfloat16": "bf16", "float16": "f16", "fp16": "f16"}
@@ -373,7 +378,23 @@ def _gather_channel(cache: ScaledKV, blocks: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: fp32 [..., dim] -> (float8_e4m3 [..., dim], fp16 scales [..., 1]): each row scaled so its
+    largest magnitude is e4m3's 448 (saturating where the fp16 scale rounded down)."""
+    limit = torch.finfo(torch.float8_e4m3fn).max
+    scale = (x.abs().amax(dim=-1, keepdim=True) / limit).to(torch.float16)
+    inverse = torch.where(scale == 0, 0, 1 / scale.float())
+    return (x * inverse).clamp_(-limit, limit).to(torch.float8_e4m3fn), scale
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors are copied and indexed as bytes (torch has no fp8 index_copy_ on CPU)."""
+    return t.view(torch.uint8) if t.dtype.is_floating_point and t.dtype.itemsize == 1 else t
+
+
 def _quantize(x: torch.Tensor, cache: ScaledKV) -> tuple[torch.Tensor, torch.Tensor]:
+    if cache.values.dtype == torch.float8_e4m3fn:
+        return quantize_fp8(x)
     if cache.shift is not None:
         x = (x - cache.shift) / cache.spread
     if cache.rotated:
@@ -384,6 +405,8 @@ def _quantize(x: torch.Tensor, cache: ScaledKV) -> tuple[torch.Tensor, torch.Ten
 
 
 def _dequantize(values: torch.Tensor, scales: torch.Tensor, cache: ScaledKV) -> torch.Tensor:
+    if values.dtype == torch.float8_e4m3fn:
+        return values.float() * scales.float()
     x = dequantize_q4_0(values, scales) if values.dtype == torch.uint8 else dequantize_int8(values, scales)
     if cache.rotated:
         x = x @ hadamard(x.shape[-1])
@@ -405,7 +428,7 @@ def store(cache: CacheSide, x: torch.Tensor, slot_mapping: torch.Tensor) -> None
         return
     if isinstance(cache, ScaledKV):
         values, scales = _quantize(x, cache)
-        cache.values.view(-1, *cache.values.shape[2:]).index_copy_(0, slot_mapping, values)
+        _as_bytes(cache.values).view(-1, *cache.values.shape[2:]).index_copy_(0, slot_mapping, _as_bytes(values))
         cache.scales.view(-1, *cache.scales.shape[2:]).index_copy_(0, slot_mapping, scales)
         return
     rows = _encode_float(_BY_TORCH_DTYPE[cache.dtype], x)
@@ -419,7 +442,8 @@ def gather(cache: CacheSide, blocks: torch.Tensor, dtype: torch.dtype = torch.fl
     if isinstance(cache, ScaledKV) and cache.open_blocks is not None:
         return _gather_channel(cache, blocks).to(dtype)
     if isinstance(cache, ScaledKV):
-        return _dequantize(cache.values[blocks], cache.scales[blocks], cache).to(dtype)
+        values = _as_bytes(cache.values)[blocks].view(cache.values.dtype)
+        return _dequantize(values, cache.scales[blocks], cache).to(dtype)
     if cache.dtype.itemsize == 1:  # fp8
         return cache.view(torch.uint8)[blocks].view(cache.dtype).to(dtype)
     return cache[blocks].to(dtype)
