@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize as gguf_quantize
 
 from cholla.kv.kv_types import KV_CACHE_TYPES, ScaledKV, allocate, gather, kv_cache_type, store
+from cholla.kv.paged_cache import open_block_bytes
 from cholla.layers.attention import AttentionMetadata, paged_attention
 from cholla.errors import InvalidRequestError
 from tests.conftest import engine_on
@@ -127,6 +128,98 @@ def test_calibrated_type_stores_channels_shifted_and_scaled_by_their_statistics(
     assert (back - keys).norm() < 0.3 * (_written("q4_0_rot", keys)[1] - keys).norm()
 
 
+def _kivi_keys_reference(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q4_kivi's key layout from its description (kv_types' docstring), in numpy: one full block's
+    fp32 rows [block_size, heads, dim] -> (codes q [block_size, heads, dim], code bytes [heads, dim],
+    fp16 (base, step, unit) [heads, 3])."""
+    f16, f32 = np.float16, np.float32
+    low, high = rows.min(axis=0), rows.max(axis=0)
+    base = low.min(axis=-1, keepdims=True).astype(f16).astype(f32)
+    step = ((low.max(axis=-1, keepdims=True) - base) / f32(15)).astype(f16).astype(f32)
+    l_code = np.clip(np.floor((low - base) / np.where(step == 0, f32(1), step)), 0, 15)
+    floor = base + l_code * step
+    spans = (high - floor) / f32(15)
+    unit = (spans.max(axis=-1, keepdims=True) / f32(16)).astype(f16).astype(f32)
+    s_code = np.clip(np.ceil(spans / np.where(unit == 0, f32(1), unit)), 1, 16)
+    scale = s_code * unit
+    q = np.clip(np.round((rows - floor) / np.where(scale == 0, f32(1), scale)), 0, 15)
+    codes = l_code.astype(np.uint8) | ((s_code - 1).astype(np.uint8) << 4)
+    return q, codes, np.concatenate([base, step, unit], axis=-1).astype(f16)
+
+
+def _kivi_keys() -> ScaledKV:
+    zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype)  # noqa: E731
+    return allocate(kv_cache_type("q4_kivi"), 6, 16, KV_HEADS, HEAD_DIM, zeros, key=True, open_slots=2)
+
+
+def test_kivi_keys_are_quantized_per_channel_once_their_block_fills():
+    """q4_kivi keys written as the engine writes them (a 20-token prompt, then decode steps): the
+    partial block reads back its bf16 rows; a full block's bytes are the numpy reference's of its
+    bf16 rows, the same as when one write fills it whole; values come back within half a step."""
+    g = torch.Generator().manual_seed(5)
+    offset = torch.randn(KV_HEADS, HEAD_DIM, generator=g) * 20  # per-channel offsets, as keys carry
+    keys = offset + torch.randn(40, KV_HEADS, HEAD_DIM, generator=g) * (torch.rand(HEAD_DIM, generator=g) * 3 + 0.1)
+    slots = torch.cat([torch.arange(16) + 4 * 16, torch.arange(24) + 1 * 16])  # blocks 4, 1 and half of 2
+    slots[32:] = torch.arange(8) + 2 * 16
+    cache = _kivi_keys()
+    store(cache, keys[:20], slots[:20])  # block 4 whole, block 1 open with 4 rows
+    for t in range(20, 40):  # decode: block 1 fills at token 31, block 2 opens
+        store(cache, keys[t : t + 1], slots[t : t + 1])
+    back = gather(cache, torch.tensor([4, 1, 2])).flatten(0, 1)[:40]
+    bf16_rows = keys.to(torch.bfloat16).float()
+    torch.testing.assert_close(back[32:], bf16_rows[32:], rtol=0, atol=0)  # the open block: exact bf16
+    assert cache.scales[2, 0, HEAD_DIM + 6] == 1 and cache.scales[1, 0, HEAD_DIM + 6] == 0
+    for block, rows in ((4, bf16_rows[:16]), (1, bf16_rows[16:32])):
+        q, codes, stats = _kivi_keys_reference(rows.numpy())
+        packed = (q[..., : HEAD_DIM // 2] + 16 * q[..., HEAD_DIM // 2 :]).astype(np.uint8)
+        np.testing.assert_array_equal(cache.values[block].numpy(), packed)
+        np.testing.assert_array_equal(cache.scales[block, :, :HEAD_DIM].numpy(), codes)
+        np.testing.assert_array_equal(cache.scales[block, :, HEAD_DIM : HEAD_DIM + 6].contiguous().view(torch.float16).numpy(), stats)
+        base, step, unit = stats.astype(np.float32).T[..., None]
+        expected = q * (((codes >> 4) + 1) * unit) + base + (codes & 0x0F) * step
+        got = gather(cache, torch.tensor([block]))[0].numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-5)
+        assert np.abs(got - rows.numpy()).max() <= 0.5 * (((codes >> 4) + 1) * unit).max() + 1e-4
+    whole = _kivi_keys()
+    store(whole, keys[16:32], slots[16:32])  # block 1 in one write
+    assert torch.equal(whole.values[1], cache.values[1]) and torch.equal(whole.scales[1], cache.scales[1])
+
+
+def test_kivi_keys_rewritten_after_their_block_filled_or_evicted():
+    """A rejected speculative token rewritten into a block that filled starts again from the exact
+    rows; with more open blocks than slots, the least recently written is quantized as it stands
+    and, written again, continues from those values."""
+    g = torch.Generator().manual_seed(6)
+    keys = torch.randn(48, KV_HEADS, HEAD_DIM, generator=g)
+    cache = _kivi_keys()
+    store(cache, keys[:16], torch.arange(16))  # block 0, written whole: no open slot
+    store(cache, keys[16:30], torch.arange(16, 30))  # block 1 open
+    store(cache, keys[30:32], torch.arange(30, 32))  # ... fills (a draft at 31)
+    filled = cache.values[1].clone(), cache.scales[1].clone()
+    store(cache, keys[40:41], torch.tensor([31]))  # the draft rejected: slot 31 rewritten
+    store(cache, keys[31:32], torch.tensor([31]))  # and written back as it was
+    assert torch.equal(cache.values[1], filled[0]) and torch.equal(cache.scales[1], filled[1])
+    store(cache, keys[32:36], torch.arange(32, 36))  # block 2 open
+    store(cache, keys[36:40], torch.arange(48, 52))  # block 3 open: takes block 1's slot
+    store(cache, keys[40:44], torch.arange(64, 68))  # block 4 open: block 2 (least recent) quantized
+    assert cache.scales[2, 0, HEAD_DIM + 6] == 0 and cache.open_blocks.slot_of[2] < 0
+    early = gather(cache, torch.tensor([2]))[0, :4]
+    assert (early - keys[32:36]).abs().max() < 0.5 and not torch.equal(early, keys[32:36].to(torch.bfloat16).float())
+    store(cache, keys[44:45], torch.tensor([36]))  # block 2 written again: reopened from its values
+    back = gather(cache, torch.tensor([2, 3, 4]))
+    torch.testing.assert_close(back[0, :4], early.to(torch.bfloat16).float(), rtol=0, atol=0)
+    torch.testing.assert_close(back[0, 4], keys[44].to(torch.bfloat16).float(), rtol=0, atol=0)
+    torch.testing.assert_close(back[2, :4], keys[40:44].to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+def test_kivi_bytes_fit_within_q4_0s():
+    q4_0, kivi = kv_cache_type("q4_0"), kv_cache_type("q4_kivi")
+    for dim in (64, 128, 256):
+        pair = kivi.bytes_per_head(dim, key=True) + kivi.bytes_per_head(dim)
+        assert pair == dim // 2 + (dim + 16) // 16 + dim // 2 + 2 <= 2 * q4_0.bytes_per_head(dim)
+    assert kivi.bytes_per_head(64, key=True, block_size=32) == 32 + 80 / 32
+
+
 def test_int8_has_one_scale_per_token_and_head():
     x = _rows(40)
     cache, back = _written("int8", x)
@@ -153,6 +246,27 @@ def test_fp8_rounds_to_the_nearest_code_and_saturates(type_name):
     assert ok.all() and torch.isfinite(back).all()
     if limit < 1000:  # e4m3 (448): saturated
         assert back[1, 1, 5] == limit
+
+
+def test_fp8_e4m3_scaled_is_the_nearest_code_of_each_head_scaled_to_448():
+    """Reference: per (token, head) scale = fp16(max |x| / 448); stored, the nearest e4m3 code of
+    x / scale (of the 256 decoded); read back, code * scale. Small heads keep 3 mantissa bits."""
+    x = _rows(24) * torch.logspace(-4, 1, 24)[:, None, None]  # heads from 1e-4 to 10 in size
+    cache, back = _written("fp8_e4m3_scaled", x)
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 448).half().float()
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = codes[torch.isfinite(codes)]
+    target = (x / torch.where(scale == 0, 1, scale)).clamp(-448, 448).reshape(-1, 1)
+    distance = (target - finite[None, :]).abs()
+    candidates = distance == distance.min(dim=1, keepdim=True).values
+    stored = (back / torch.where(scale == 0, 1, scale)).reshape(-1, 1)
+    assert (candidates & (finite[None, :] == stored)).any(dim=1).all()
+    assert cache.scales.dtype == torch.float16 and cache.scales.shape[-1] == 1
+    nonzero = x.abs() > 1e-3 * x.abs().amax(dim=-1, keepdim=True)  # well inside e4m3's normal range
+    assert ((back - x).abs()[nonzero] <= x.abs()[nonzero] / 16 + 1e-12).all()
+    _, plain = _written("fp8_e4m3", x)
+    small = x[:8]  # heads below about 0.01: the unscaled type keeps them in few mantissa bits or none
+    assert (back[:8] - small).norm() < 0.3 * (plain[:8] - small).norm()
 
 
 @pytest.mark.parametrize("type_name", ["f32", "bf16", "f16"])
@@ -183,7 +297,7 @@ def test_attention_reads_each_type_as_its_values(type_name):
     k, v = torch.randn(ctx, KV_HEADS, HEAD_DIM, generator=g), torch.randn(ctx, KV_HEADS, HEAD_DIM, generator=g)
     kv_type = kv_cache_type(type_name)
     zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype)  # noqa: E731
-    caches = [allocate(kv_type, 8, block_size, KV_HEADS, HEAD_DIM, zeros) for _ in range(2)]
+    caches = [allocate(kv_type, 8, block_size, KV_HEADS, HEAD_DIM, zeros, key=side == 0) for side in range(2)]
     slots = torch.arange(ctx) + 3 * block_size  # blocks 3, 4, 5
     store(caches[0], k, slots)
     store(caches[1], v, slots)
@@ -192,14 +306,14 @@ def test_attention_reads_each_type_as_its_values(type_name):
         ref.copy_(gather(cache, torch.arange(8)))
     q = torch.randn(ctx, heads, HEAD_DIM, generator=g)
     tables = torch.tensor([[3, 4, 5]])
-    # A decode step for the last token (its K/V written again, a no-op), then a 10-token chunk.
+    # A decode step for the last token, then a 10-token chunk (written already: the read path alone).
     for q_len in (1, 10):
         meta = AttentionMetadata(slot_mapping=slots[-q_len:], query_start_loc=[0, q_len], context_lens=[ctx],
                                  block_tables=tables, num_prefills=0 if q_len == 1 else 1,
                                  decode_context_lens=torch.tensor([ctx]) if q_len == 1 else None)
         new_k, new_v = gather(caches[0], tables[0]).flatten(0, 1)[ctx - q_len: ctx], gather(caches[1], tables[0]).flatten(0, 1)[ctx - q_len: ctx]
-        ours = paged_attention(q[-q_len:], new_k, new_v, caches[0], caches[1], meta, 0.125, window=24)
-        ref = paged_attention(q[-q_len:], new_k, new_v, reference[0], reference[1], meta, 0.125, window=24)
+        ours = paged_attention(q[-q_len:], new_k, new_v, caches[0], caches[1], meta, 0.125, window=24, write=False)
+        ref = paged_attention(q[-q_len:], new_k, new_v, reference[0], reference[1], meta, 0.125, window=24, write=False)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -210,7 +324,7 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time, in a land far away, there lived a " + "very " * 40 + "old dragon who",
 ]
-ENGINE_TYPES = ["fp8_e4m3", "int8", "int8_rot", "q8_0", "q4_0_rot", "q4_0_cal"]  # bf16 and f32: tests/test_engine.py and the rest
+ENGINE_TYPES = ["fp8_e4m3", "fp8_e4m3_scaled", "int8", "int8_rot", "q8_0", "q4_0_rot", "q4_0_cal", "q4_kivi"]  # bf16 and f32: tests/test_engine.py and the rest
 
 
 def _engine(loaded_and_tokenizer, monkeypatch, **config):
@@ -243,7 +357,8 @@ def test_batched_prefix_cached_and_preempted_equal_alone(smollm2_loaded, monkeyp
     assert cached.block_manager.prefix_hits > 0
     # Five blocks: the long prompt takes four, so the three cannot all finish together: preemption.
     block_bytes = engine.kv_layout.block_bytes
-    tight = _engine(smollm2_loaded, monkeypatch, kv_cache_dtype=type_name, kv_cache_memory=5 * block_bytes,
+    open_bytes = open_block_bytes(engine.model_config, 16, kv_cache_type(type_name), 2 * 64)  # q4_kivi's open blocks
+    tight = _engine(smollm2_loaded, monkeypatch, kv_cache_dtype=type_name, kv_cache_memory=5 * block_bytes + open_bytes,
                     max_model_len=80, enable_prefix_caching=False)
     assert _generate(tight, PROMPTS) == alone
     assert tight.metrics.preemptions > 0

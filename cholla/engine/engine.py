@@ -180,7 +180,8 @@ class LLMEngine:
                 f"fewer than max_model_len={max_len}; raise the KV cache memory or lower max_model_len"
             )
         self.max_model_len, self.kv_layout = max_len, layout
-        self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, k_type, v_dtype=v_type)
+        self.kv_cache = PagedKVCache(self.model_config, num_blocks, config.block_size, k_type, v_dtype=v_type,
+                                     max_num_seqs=config.max_num_seqs)
         calibrate_kv_cache(self.loaded.model, self.tokenizer, self.kv_cache)
         log.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB, K %s, V %s, %d bytes per token, %.0f tokens per GiB), "

@@ -7,6 +7,10 @@ in a float type: ``paged_cache.check_kv_types``):
 - float types (``f32``, ``bf16``, ``f16``) and fp8 (``fp8_e4m3``, ``fp8_e5m2``, torch's
   float8 dtypes, no scale, as vLLM's default ``--kv-cache-dtype fp8``) are a plain tensor of
   that dtype; fp8 values are clamped to the type's finite range first (a cast would give NaN);
+- ``fp8_e4m3_scaled`` is a ``ScaledKV`` of fp8 e4m3 values and one fp16 scale per (token, head)
+  that maps the head's largest magnitude to e4m3's 448: an unscaled fp8 cache stores the many
+  small values of a head (below e4m3's smallest normal, 2^-6) with fewer than 3 mantissa bits;
+  scaled, every value but zeros gets all 3 (the bytes of ``int8``);
 - ``int8``, ``q8_0`` and ``q4_0`` are a ``ScaledKV``: integer values plus an fp16 scale per
   group of values along ``head_dim``: one group per (token, head) for ``int8``, 32 values for
   ``q8_0`` (llama.cpp's Q8_0 block: ``d = max|x| / 127``, ``q = round(x / d)`` half away from
@@ -28,6 +32,24 @@ in a float type: ``paged_cache.check_kv_types``):
   keys are KVQuant's and KIVI's observation (Hooper et al., "KVQuant", NeurIPS 2024; Liu et al.,
   "KIVI", ICML 2024), here calibrated offline so a token's row is still written once.
   The same bytes as ``q4_0`` per token; the statistics are a few KiB per layer.
+- ``q4_kivi`` is KIVI's asymmetric 4-bit scheme (Liu et al., "KIVI: A Tuning-Free Asymmetric
+  2bit Quantization for KV Cache", ICML 2024): keys per channel, over the tokens of one cache
+  block, values per token. The key side (a ``ScaledKV`` with ``open_blocks``) keeps, per block,
+  4-bit codes ``q`` per token and channel (two channels to a byte: the head's first half in the
+  low nibbles) and, per (block, head), a uint8 plane ``[head_dim + 16]``: one byte per channel
+  (low nibble ``l``, high nibble ``s``), then fp16 ``base``, ``step`` and ``unit``, then the
+  block's open flag; the value is ``q (s + 1) unit + base + l step`` (each channel's minimum
+  over the block rounded down to ``base + l step``, its range / 15 rounded up to a multiple of
+  ``unit``). A channel's minimum and range follow the per-channel offsets of keys (outlier
+  channels, rotary phases) that per-token groups cannot. A block is quantized once, when its
+  last slot is written, from its rows as kept in bf16 until then (``OpenBlocks``: KIVI's
+  full-precision residual; reading an open block reads those rows), so a block's bytes do not
+  depend on how it was filled (one prefill, chunks or decode steps). The value side is 4-bit,
+  Hadamard-rotated, one fp16 scale per (token, head) (Q4_0's arithmetic over the whole head).
+  Per token and head: ``head_dim / 2 + (head_dim + 16) / block_size`` bytes of keys and
+  ``head_dim / 2 + 2`` of values, at most ``q4_0``'s ``2 * 0.5625 * head_dim`` for
+  ``head_dim >= 64`` at blocks of 16; the open blocks' bf16 rows (two per sequence at most
+  ``max_num_seqs``) are a fixed few MiB (``open_block_bytes``).
 
 Attention reads every type back as fp32 (``gather``). cholla's C++ decode kernels read only
 ``f32`` and ``bf16``; for the others the layers use the PyTorch path.
@@ -53,6 +75,7 @@ class KVCacheType:
     bits: int = 8  # per value; 4: two to a byte (q4_0)
     rotated: bool = False  # each head Hadamard-rotated before quantizing (int8_rot, q4_0_rot)
     calibrated: bool = False  # channels shifted and scaled by calibrated statistics first (q4_0_cal)
+    channel_keys: bool = False  # keys quantized per channel over each block's tokens (q4_kivi)
 
     def groups(self, head_dim: int) -> int:
         """Scales per (token, head)."""
@@ -60,8 +83,12 @@ class KVCacheType:
             return 0
         return 1 if self.group == 0 else head_dim // self.group
 
-    def bytes_per_head(self, head_dim: int) -> int:
-        """Bytes one token's one head takes: values plus scales."""
+    def bytes_per_head(self, head_dim: int, key: bool = False, block_size: int = 16) -> int | float:
+        """Bytes one token's one head takes: values plus scales (``key``: on the key side, whose
+        per-block statistics of ``q4_kivi`` are spread over ``block_size`` tokens)."""
+        if key and self.channel_keys:
+            per_block = block_size * head_dim // 2 + channel_params(head_dim)
+            return per_block // block_size if per_block % block_size == 0 else per_block / block_size
         return head_dim * self.bits // 8 * self.storage.itemsize + self.groups(head_dim) * 2
 
     def check(self, head_dim: int) -> None:
@@ -87,6 +114,8 @@ KV_CACHE_TYPES = {
         KVCacheType("int8_rot", torch.int8, group=0, rotated=True),
         KVCacheType("q4_0_rot", torch.uint8, group=32, bits=4, rotated=True),
         KVCacheType("q4_0_cal", torch.uint8, group=32, bits=4, rotated=True, calibrated=True),
+        KVCacheType("q4_kivi", torch.uint8, group=0, bits=4, rotated=True, channel_keys=True),
+        KVCacheType("fp8_e4m3_scaled", torch.float8_e4m3fn, group=0),
     )
 }
 ALIASES = {"fp8": "fp8_e4m3", "float32": "f32", "fp32": "f32", "bfloat16": "bf16", "float16": "f16", "fp16": "f16"}
@@ -121,6 +150,10 @@ class ScaledKV(NamedTuple):
     # values are (x - shift) / spread; filled by kv/calibration.py before the first write.
     shift: torch.Tensor | None = None
     spread: torch.Tensor | None = None
+    # Keys quantized per channel over each block (q4_kivi): values [blocks, block_size, kv_heads,
+    # head_dim / 2] packed codes, scales uint8 [blocks, kv_heads, head_dim + 16] (``channel_params``),
+    # and the bf16 rows of blocks still filling.
+    open_blocks: OpenBlocks | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -132,16 +165,72 @@ class ScaledKV(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return self.values.nbytes + self.scales.nbytes
+        return self.values.nbytes + self.scales.nbytes + (self.open_blocks.nbytes if self.open_blocks else 0)
 
 
 CacheSide = Union[torch.Tensor, ScaledKV]
 
+# The per-(block, head) plane of q4_kivi's keys: one code byte per channel, then fp16 base, step
+# and unit (bytes head_dim .. head_dim + 5), the open flag (byte head_dim + 6), padding to 16.
+_PARAMS_TAIL = 16
+_OPEN = 1  # flag byte of a block whose rows are in OpenBlocks; 0 (as zeroed) = quantized
+
+
+def channel_params(head_dim: int) -> int:
+    """Bytes of q4_kivi's key statistics per (block, head)."""
+    return head_dim + _PARAMS_TAIL
+
+
+class OpenBlocks:
+    """The bf16 rows of q4_kivi key blocks not yet full: KIVI's full-precision residual.
+
+    A fixed pool of ``num_slots`` block-sized slots; ``slot_of[block]`` is a block's slot or -1.
+    A block gets a slot when it is first written part-way and keeps it after it is quantized,
+    so a rewrite of its last slots (speculative tokens rejected) starts again from the exact
+    rows. When the pool is full, the least recently written slot is taken: its block, if still
+    open, is quantized as it stands (an abandoned block's rows, or, with more open blocks than
+    slots, an early quantization that a later write reopens from the quantized rows)."""
+
+    def __init__(self, num_slots: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, zeros):
+        self.rows = zeros((num_slots, block_size, num_kv_heads, head_dim), torch.bfloat16)
+        self.slot_of = torch.full((num_blocks,), -1, dtype=torch.long)
+        self.block_in: list[int] = [-1] * num_slots
+        self.written: list[int] = [0] * num_slots  # clock of each slot's last write
+        self.clock = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    def slot(self, cache: ScaledKV, block: int, fresh: bool) -> int:
+        """The slot holding ``block``'s rows, taking one if it has none (``fresh``: the block starts
+        filling from its first slot; else its quantized rows are read back into the slot)."""
+        self.clock += 1
+        slot = int(self.slot_of[block])
+        if slot < 0:
+            slot = min(range(len(self.written)), key=self.written.__getitem__)
+            old = self.block_in[slot]
+            if old >= 0:
+                if _is_open(cache, old):
+                    _close(cache, [old], self.rows[slot][None])
+                self.slot_of[old] = -1
+            self.block_in[slot], self.slot_of[block] = block, slot
+            if not fresh:
+                self.rows[slot] = _dequantize_channel(cache.values[block], cache.scales[block]).to(torch.bfloat16)
+        self.written[slot] = self.clock
+        return slot
+
 
 def allocate(kv_type: KVCacheType, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-             zeros) -> CacheSide:
-    """One side of one layer's cache, zeroed (``zeros(shape, dtype)`` makes the memory)."""
+             zeros, key: bool = False, open_slots: int = 128) -> CacheSide:
+    """One side of one layer's cache, zeroed (``zeros(shape, dtype)`` makes the memory). ``key``:
+    the key side (q4_kivi's differs), whose open blocks get ``open_slots`` bf16 slots."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    if key and kv_type.channel_keys:
+        values = zeros((*shape[:3], head_dim // 2), torch.uint8)
+        scales = zeros((num_blocks, num_kv_heads, channel_params(head_dim)), torch.uint8)
+        slots = OpenBlocks(min(open_slots, num_blocks), num_blocks, block_size, num_kv_heads, head_dim, zeros)
+        return ScaledKV(values, scales, open_blocks=slots)
     if kv_type.group is None:
         return zeros(shape, kv_type.storage)
     values = zeros((*shape[:3], head_dim * kv_type.bits // 8), kv_type.storage)
@@ -180,35 +269,144 @@ def dequantize_int8(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (values.float().unflatten(-1, (groups, -1)) * scales.float().unsqueeze(-1)).flatten(-2)
 
 
-def quantize_q4_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: fp32 [..., dim] -> (uint8 packed [..., dim / 2], fp16 scales [..., dim / 32]); Q4_0's arithmetic."""
-    blocks = x.float().unflatten(-1, (-1, 32))
+def quantize_q4_0(x: torch.Tensor, groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: fp32 [..., dim] -> (uint8 packed [..., dim / 2], fp16 scales [..., groups]); Q4_0's
+    arithmetic over ``groups`` groups (default: Q4_0's 32 values each; q4_kivi's values: 1)."""
+    blocks = x.float().unflatten(-1, (groups or x.shape[-1] // 32, -1))
     extreme = blocks.gather(-1, blocks.abs().argmax(dim=-1, keepdim=True))
     scale = extreme / -8
     inverse = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
     q = torch.trunc(blocks * inverse + 8.5).clamp_(0, 15).to(torch.uint8)
-    packed = q[..., :16] | (q[..., 16:] << 4)
+    half = blocks.shape[-1] // 2
+    packed = q[..., :half] | (q[..., half:] << 4)
     return packed.flatten(-2), scale.squeeze(-1).to(torch.float16)
 
 
 def dequantize_q4_0(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The inverse: fp32 [..., dim]."""
-    nibbles = packed.unflatten(-1, (-1, 16))
+    nibbles = packed.unflatten(-1, (scales.shape[-1], -1))
     q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1).float() - 8
     return (q * scales.float().unsqueeze(-1)).flatten(-2)
 
 
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., dim / 2] -> fp32 [..., dim]: low nibbles are the first half, high the second."""
+    return torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+
+
+def quantize_channel(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full key blocks rows: fp32 [n, block_size, kv_heads, dim] -> (uint8 codes [n, block_size,
+    kv_heads, dim / 2], uint8 statistics [n, kv_heads, dim + 16]); q4_kivi's layout (module doc)."""
+    low, high = rows.amin(dim=1), rows.amax(dim=1)  # [n, heads, dim]
+    base = low.amin(dim=-1, keepdim=True).half().float()
+    step = ((low.amax(dim=-1, keepdim=True) - base) / 15).half().float()
+    low_code = torch.floor((low - base) / torch.where(step == 0, 1, step)).clamp_(0, 15)
+    floor = base + low_code * step
+    spans = (high - floor) / 15
+    unit = (spans.amax(dim=-1, keepdim=True) / 16).half().float()
+    span_code = torch.ceil(spans / torch.where(unit == 0, 1, unit)).clamp_(1, 16)
+    scale = (span_code * unit).unsqueeze(1)  # [n, 1, heads, dim]
+    q = torch.round((rows - floor.unsqueeze(1)) / torch.where(scale == 0, 1, scale)).clamp_(0, 15).to(torch.uint8)
+    half = rows.shape[-1] // 2
+    codes = low_code.to(torch.uint8) | ((span_code - 1).to(torch.uint8) << 4)
+    tail = torch.zeros(*codes.shape[:-1], _PARAMS_TAIL, dtype=torch.uint8)
+    tail[..., :6] = torch.cat([base, step, unit], dim=-1).half().view(torch.uint8)
+    return q[..., :half] | (q[..., half:] << 4), torch.cat([codes, tail], dim=-1)
+
+
+def _dequantize_channel(values: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """values [..., block_size, kv_heads, dim / 2], params [..., kv_heads, dim + 16] -> fp32
+    [..., block_size, kv_heads, dim]."""
+    dim = values.shape[-1] * 2
+    codes = params[..., :dim]
+    base, step, unit = params[..., dim : dim + 6].contiguous().view(torch.float16).float().split(1, dim=-1)
+    floor = base + (codes & 0x0F).float() * step
+    scale = ((codes >> 4).float() + 1) * unit
+    return _unpack_nibbles(values) * scale.unsqueeze(-3) + floor.unsqueeze(-3)
+
+
+def _is_open(cache: ScaledKV, block: int) -> bool:
+    return int(cache.scales[block, 0, -_PARAMS_TAIL + 6]) == _OPEN
+
+
+def _close(cache: ScaledKV, blocks: list[int], rows: torch.Tensor) -> None:
+    """Quantize full blocks ``blocks`` from their bf16 rows [n, block_size, kv_heads, dim]."""
+    values, params = quantize_channel(rows.float())
+    index = torch.tensor(blocks)
+    cache.values.index_copy_(0, index, values)
+    cache.scales.index_copy_(0, index, params)
+
+
+def _store_channel(cache: ScaledKV, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """q4_kivi keys: rows of blocks this write fills whole are quantized at once; the others go to
+    their open slot, and a block whose last slot is written is quantized from it."""
+    block_size = cache.values.shape[1]
+    open_blocks = cache.open_blocks
+    rows = x.to(torch.bfloat16)
+    by_block: dict[int, list[int]] = {}
+    for i, slot in enumerate(slot_mapping.tolist()):
+        by_block.setdefault(slot // block_size, []).append(i)
+    offsets = (slot_mapping % block_size).tolist()
+    whole, whole_rows, filled, filled_slots = [], [], [], []
+    for block, index in by_block.items():
+        at = [offsets[i] for i in index]
+        if sorted(at) == list(range(block_size)):
+            whole.append(block)
+            whole_rows.append(rows[[i for _, i in sorted(zip(at, index))]])
+            continue
+        slot = open_blocks.slot(cache, block, fresh=0 in at)
+        open_blocks.rows[slot, at] = rows[index]
+        if block_size - 1 in at:
+            filled.append(block)
+            filled_slots.append(slot)
+        else:
+            cache.scales[block, :, -_PARAMS_TAIL + 6] = _OPEN
+    if whole:
+        _close(cache, whole, torch.stack(whole_rows))
+    if filled:
+        _close(cache, filled, open_blocks.rows[filled_slots])
+
+
+def _gather_channel(cache: ScaledKV, blocks: torch.Tensor) -> torch.Tensor:
+    """q4_kivi keys of ``blocks`` (any index shape) as fp32; open blocks from their bf16 rows."""
+    params = cache.scales[blocks]
+    out = _dequantize_channel(cache.values[blocks], params)
+    is_open = params[..., 0, -_PARAMS_TAIL + 6] == _OPEN
+    if bool(is_open.any()):
+        slots = cache.open_blocks.slot_of[blocks[is_open]]
+        out[is_open] = cache.open_blocks.rows[slots].float()
+    return out
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: fp32 [..., dim] -> (float8_e4m3 [..., dim], fp16 scales [..., 1]): each row scaled so its
+    largest magnitude is e4m3's 448 (saturating where the fp16 scale rounded down)."""
+    limit = torch.finfo(torch.float8_e4m3fn).max
+    scale = (x.abs().amax(dim=-1, keepdim=True) / limit).to(torch.float16)
+    inverse = torch.where(scale == 0, 0, 1 / scale.float())
+    return (x * inverse).clamp_(-limit, limit).to(torch.float8_e4m3fn), scale
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors are copied and indexed as bytes (torch has no fp8 index_copy_ on CPU)."""
+    return t.view(torch.uint8) if t.dtype.is_floating_point and t.dtype.itemsize == 1 else t
+
+
 def _quantize(x: torch.Tensor, cache: ScaledKV) -> tuple[torch.Tensor, torch.Tensor]:
+    if cache.values.dtype == torch.float8_e4m3fn:
+        return quantize_fp8(x)
     if cache.shift is not None:
         x = (x - cache.shift) / cache.spread
     if cache.rotated:
         x = x @ hadamard(x.shape[-1])
     if cache.values.dtype == torch.uint8:
-        return quantize_q4_0(x)
+        return quantize_q4_0(x, cache.scales.shape[-1])
     return quantize_int8(x, cache.scales.shape[-1])
 
 
 def _dequantize(values: torch.Tensor, scales: torch.Tensor, cache: ScaledKV) -> torch.Tensor:
+    if values.dtype == torch.float8_e4m3fn:
+        return values.float() * scales.float()
     x = dequantize_q4_0(values, scales) if values.dtype == torch.uint8 else dequantize_int8(values, scales)
     if cache.rotated:
         x = x @ hadamard(x.shape[-1])
@@ -225,9 +423,12 @@ def _encode_float(kv_type: KVCacheType, x: torch.Tensor) -> torch.Tensor:
 
 def store(cache: CacheSide, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """x: fp32 [tokens, kv_heads, head_dim] into the flat cache slots ``slot_mapping``."""
+    if isinstance(cache, ScaledKV) and cache.open_blocks is not None:
+        _store_channel(cache, x, slot_mapping)
+        return
     if isinstance(cache, ScaledKV):
         values, scales = _quantize(x, cache)
-        cache.values.view(-1, *cache.values.shape[2:]).index_copy_(0, slot_mapping, values)
+        _as_bytes(cache.values).view(-1, *cache.values.shape[2:]).index_copy_(0, slot_mapping, _as_bytes(values))
         cache.scales.view(-1, *cache.scales.shape[2:]).index_copy_(0, slot_mapping, scales)
         return
     rows = _encode_float(_BY_TORCH_DTYPE[cache.dtype], x)
@@ -238,8 +439,11 @@ def store(cache: CacheSide, x: torch.Tensor, slot_mapping: torch.Tensor) -> None
 
 def gather(cache: CacheSide, blocks: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The blocks ``blocks`` (any index shape) read back: ``[*blocks.shape, block_size, kv_heads, head_dim]``."""
+    if isinstance(cache, ScaledKV) and cache.open_blocks is not None:
+        return _gather_channel(cache, blocks).to(dtype)
     if isinstance(cache, ScaledKV):
-        return _dequantize(cache.values[blocks], cache.scales[blocks], cache).to(dtype)
+        values = _as_bytes(cache.values)[blocks].view(cache.values.dtype)
+        return _dequantize(values, cache.scales[blocks], cache).to(dtype)
     if cache.dtype.itemsize == 1:  # fp8
         return cache.view(torch.uint8)[blocks].view(cache.dtype).to(dtype)
     return cache[blocks].to(dtype)

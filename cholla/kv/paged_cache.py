@@ -65,22 +65,39 @@ def check_kv_types(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType
 
 
 def layer_bytes_per_token(config: ModelConfig, k_type: KVCacheType | torch.dtype,
-                          v_type: KVCacheType | torch.dtype | None = None) -> list[int]:
-    """Per layer, the bytes one token's cache entries take (scales included): a latent layer counts its latent."""
+                          v_type: KVCacheType | torch.dtype | None = None,
+                          block_size: int = DEFAULT_BLOCK_SIZE) -> list[int | float]:
+    """Per layer, the bytes one token's cache entries take (scales included): a latent layer counts its latent.
+    ``q4_kivi``'s per-block key statistics are shared by ``block_size`` tokens (a fraction where it does not divide)."""
     types = _types(k_type, v_type)
-    return [sum(heads * kv_type.bytes_per_head(dim) for (heads, dim), kv_type in zip(layer, types))
+    return [sum(heads * kv_type.bytes_per_head(dim, side == 0, block_size)
+                for side, ((heads, dim), kv_type) in enumerate(zip(layer, types)))
             for layer in layer_token_shapes(config)]
 
 
 def bytes_per_token(config: ModelConfig, k_type: KVCacheType | torch.dtype,
-                    v_type: KVCacheType | torch.dtype | None = None) -> int:
+                    v_type: KVCacheType | torch.dtype | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> int | float:
     """Bytes one token's keys and values take in every layer (scales included)."""
-    return sum(layer_bytes_per_token(config, k_type, v_type))
+    return sum(layer_bytes_per_token(config, k_type, v_type, block_size))
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, k_type: KVCacheType | torch.dtype,
                     v_type: KVCacheType | torch.dtype | None = None) -> int:
-    return bytes_per_token(config, k_type, v_type) * block_size
+    return round(bytes_per_token(config, k_type, v_type, block_size) * block_size)
+
+
+def open_slots_for(max_num_seqs: int, num_blocks: int) -> int:
+    """q4_kivi's open key blocks kept in bf16 (``kv_types.OpenBlocks``): two per running sequence
+    (its last block, and the next when a step's tokens cross into it), at most every block."""
+    return min(2 * max_num_seqs, num_blocks)
+
+
+def open_block_bytes(config: ModelConfig, block_size: int, k_type: KVCacheType | torch.dtype,
+                     num_slots: int) -> int:
+    """What ``num_slots`` open slots of q4_kivi keys take in every layer (0 for other key types)."""
+    if not kv_cache_type(k_type).channel_keys:
+        return 0
+    return sum(num_slots * block_size * layer[0][0] * layer[0][1] * 2 for layer in layer_token_shapes(config) if layer)
 
 
 @dataclass
@@ -134,6 +151,7 @@ def plan_layout(config: ModelConfig, memory_bytes: int, block_size: int, k_type:
     (``state_snapshots_for``), the KV blocks get what they leave."""
     check_kv_types(config, k_type, v_type)
     block_bytes = bytes_per_block(config, block_size, k_type, v_type)
+    memory_bytes -= open_block_bytes(config, block_size, k_type, 2 * max_num_seqs)
     num_slots = state_slots_for(config, memory_bytes, max_num_seqs)
     slot_bytes = state_bytes_per_sequence(config)
     num_snapshots = state_snapshots_for(config, memory_bytes, num_slots, max_num_seqs) if prefix_caching else 0
@@ -159,15 +177,18 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.devic
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE,
                  dtype: KVCacheType | torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 v_dtype: KVCacheType | torch.dtype | None = None):
+                 v_dtype: KVCacheType | torch.dtype | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.k_type, self.v_type = _types(dtype, v_dtype)
         check_kv_types(config, self.k_type, self.v_type)
+        open_slots = open_slots_for(max_num_seqs, num_blocks)
 
-        def side(kv_type: KVCacheType, heads: int, dim: int) -> CacheSide:
-            return allocate(kv_type, num_blocks, block_size, heads, dim, lambda shape, dtype: _zeros(shape, dtype, device))
+        def side(kv_type: KVCacheType, key: bool, heads: int, dim: int) -> CacheSide:
+            return allocate(kv_type, num_blocks, block_size, heads, dim, lambda shape, dtype: _zeros(shape, dtype, device),
+                            key, open_slots)
 
-        self.layers = [tuple(side(kv_type, *shape) for shape, kv_type in zip(layer, (self.k_type, self.v_type)))
+        self.layers = [tuple(side(kv_type, i == 0, *shape)
+                             for i, (shape, kv_type) in enumerate(zip(layer, (self.k_type, self.v_type))))
                        for layer in layer_token_shapes(config)]
 
     @classmethod
