@@ -29,8 +29,10 @@ in a float type: ``paged_cache.check_kv_types``):
   "KIVI", ICML 2024), here calibrated offline so a token's row is still written once.
   The same bytes as ``q4_0`` per token; the statistics are a few KiB per layer.
 
-Attention reads every type back as fp32 (``gather``). cholla's C++ decode kernels read only
-``f32`` and ``bf16``; for the others the layers use the PyTorch path.
+The PyTorch path reads every type back as fp32 (``gather``). cholla's C++ kernels
+(``kernels/paged_attention.cpp``) write and read every type in place, a row at a time
+(``kernel_parts`` hands them a side): rotated and calibrated types are read without undoing
+the rotation per key, by rotating the query once and each head's output once instead.
 """
 
 from __future__ import annotations
@@ -158,6 +160,30 @@ def hadamard(n: int) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)])
     return h / math.sqrt(n)
+
+
+# The largest head_dim of a rotated type the C++ kernels take (their writer's stack buffer).
+KERNEL_MAX_ROTATED_DIM = 1024
+
+
+def head_dim(cache: CacheSide) -> int:
+    """The values per (token, head) a side holds (q4_0 packs two to a byte)."""
+    width = cache.values.shape[-1] if isinstance(cache, ScaledKV) else cache.shape[-1]
+    return width * 2 if cache.dtype == torch.uint8 else width
+
+
+def kernel_parts(cache: CacheSide) -> tuple[torch.Tensor, list[torch.Tensor], bool] | None:
+    """One side as the C++ kernels take it (``paged_attention.cpp``'s ``kv_side``): its values,
+    ``[]`` / ``[scales]`` / ``[scales, shift, spread]``, and whether heads are rotated; None where
+    they cannot (f16's and fp8's torch dtypes included, any non-contiguous view: a latent cache's V)."""
+    if isinstance(cache, ScaledKV):
+        tensors = [cache.values, cache.scales] + ([] if cache.shift is None else [cache.shift, cache.spread])
+        if not all(t.is_contiguous() for t in tensors) or (cache.rotated and head_dim(cache) > KERNEL_MAX_ROTATED_DIM):
+            return None
+        return cache.values, tensors[1:], cache.rotated
+    if not cache.is_contiguous() or cache.dtype not in _BY_TORCH_DTYPE:
+        return None
+    return cache, [], False
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cholla.kernels import cpu_kernels
-from cholla.kv.kv_types import gather, store
+from cholla.kv.kv_types import gather, head_dim, kernel_parts, store
 from cholla.layers.linear import DenseTensor, Linear, linear_group
 from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
@@ -139,11 +139,18 @@ def paged_attention(
 
 
 def kernel_reads(k_cache, v_cache) -> bool:
-    """Whether our C++ kernels read (and write) these caches: plain contiguous fp32 or bf16, both
-    sides alike in type and width (a latent cache's V, a narrower view of its K, is not)."""
-    return (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
-            and k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16)
-            and k_cache.shape[-1] == v_cache.shape[-1] and k_cache.is_contiguous() and v_cache.is_contiguous())
+    """Whether our C++ kernels read (and write) these caches: any ``kv_types`` type, contiguous,
+    K and V (their types may differ) alike in blocks, heads and head_dim (a latent cache's V, a
+    narrower view of its K, is not)."""
+    return (kernel_parts(k_cache) is not None and kernel_parts(v_cache) is not None
+            and k_cache.shape[:-1] == v_cache.shape[:-1] and head_dim(k_cache) == head_dim(v_cache))
+
+
+def _kernel_caches(k_cache, v_cache) -> tuple:
+    """(k values, v values) and, as keywords, the sides' quantization for the kernels."""
+    k_values, k_quant, k_rotated = kernel_parts(k_cache)
+    v_values, v_quant, v_rotated = kernel_parts(v_cache)
+    return (k_values, v_values), dict(k_quant=k_quant, v_quant=v_quant, k_rotated=k_rotated, v_rotated=v_rotated)
 
 
 def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None,
@@ -151,8 +158,9 @@ def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, windo
     """One new token per sequence (q: [decodes, heads, dim]), by our kernel where it runs (it has no sinks)."""
     kernels = cpu_kernels()
     if kernels is not None and sinks is None and q.dtype == torch.float32 and kernel_reads(k_cache, v_cache):
-        return kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0,
-                                              softcap or 0.0)
+        (k_values, v_values), quant = _kernel_caches(k_cache, v_cache)
+        return kernels.paged_attention_decode(q, k_values, v_values, block_tables, context_lens, scale, window or 0,
+                                              softcap or 0.0, **quant)
     return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, sinks)
 
 
@@ -160,7 +168,8 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     """This step's keys and values (fp32 [tokens, kv_heads, dim]) into their cache slots, in the cache's type."""
     kernels = cpu_kernels()
     if kernels is not None and k.dtype == v.dtype == torch.float32 and kernel_reads(k_cache, v_cache):
-        kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        (k_values, v_values), quant = _kernel_caches(k_cache, v_cache)
+        kernels.write_kv(k, v, k_values, v_values, slot_mapping, **quant)
         return
     store(k_cache, k.float(), slot_mapping)
     store(v_cache, v.float(), slot_mapping)

@@ -6,8 +6,9 @@ Llama family and Gemma 3 (``models/llama.py``, ``models/gemma3.py``),
 ``run_layers`` hands every layer's weights, norms and caches to one C++ call
 that chains the kernels the Python layers call, in the same order. Whatever
 it does not cover (prefill chunks, steps larger than our matmul kernels take,
-biases, other MLPs, mixtures of experts, latent attention, attention sinks, KV
-cache types other than fp32 and bf16, no kernels) runs layer by layer in Python.
+biases, other MLPs, mixtures of experts, latent attention, attention sinks, no
+kernels) runs layer by layer in Python. Every KV cache type runs fused
+(``kv_types.kernel_parts``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from cholla.kernels import cpu_kernels
+from cholla.kv.kv_types import kernel_parts
 from cholla.layers.attention import Attention, AttentionMetadata, kernel_reads
 from cholla.layers.linear import AMX_MAX_ROWS, GEMV_MAX_ROWS, INT8_MAX_ROWS, Linear
 from cholla.layers.mlp import ACTIVATION_IDS, GatedMLP
@@ -122,14 +124,16 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
     if meta.num_prefills or x.shape[0] > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS):
         return None
     if x.dtype != torch.float32 or x.device.type != "cpu" or not kernel_reads(*kv_caches[0]):
-        return None  # the kernel reads fp32 and bf16 caches; other KV types decode layer by layer
+        return None
+    sides = [(kernel_parts(k), kernel_parts(v)) for k, v in kv_caches]  # every layer has the first's types
     tables = [rope.tables(positions) for rope in plan.ropes]
     return cpu_kernels().decode_layers(
-        x, positions, plan.weights, plan.types, plan.norms, [kv[0] for kv in kv_caches], [kv[1] for kv in kv_caches],
+        x, positions, plan.weights, plan.types, plan.norms, [k[0] for k, _ in sides], [v[0] for _, v in sides],
         [cos for cos, _ in tables], [sin for _, sin in tables], plan.rope_of_layer, plan.windows, meta.slot_mapping,
         meta.block_tables, meta.decode_context_lens, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,
         plan.softcap, plan.eps, plan.interleaved, plan.activation, plan.post_norms, plan.qk_norm, integer,
-        INT8_MAX_ROWS if integer else GEMV_MAX_ROWS,
+        INT8_MAX_ROWS if integer else GEMV_MAX_ROWS, [t for k, _ in sides for t in k[1]], [t for _, v in sides for t in v[1]],
+        sides[0][0][2], sides[0][1][2],
     )
 
 
