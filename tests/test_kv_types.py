@@ -192,14 +192,15 @@ def test_attention_reads_each_type_as_its_values(type_name):
         ref.copy_(gather(cache, torch.arange(8)))
     q = torch.randn(ctx, heads, HEAD_DIM, generator=g)
     tables = torch.tensor([[3, 4, 5]])
-    # A decode step for the last token (its K/V written again, a no-op), then a 10-token chunk.
-    for q_len in (1, 10):
+    # A decode step for the last token (its K/V written again, a no-op), then a 10-token chunk;
+    # with a softcap the chunk reads rotated keys rotated back (no constant may leave the scores).
+    for q_len, softcap in ((1, None), (10, None), (10, 30.0)):
         meta = AttentionMetadata(slot_mapping=slots[-q_len:], query_start_loc=[0, q_len], context_lens=[ctx],
                                  block_tables=tables, num_prefills=0 if q_len == 1 else 1,
                                  decode_context_lens=torch.tensor([ctx]) if q_len == 1 else None)
         new_k, new_v = gather(caches[0], tables[0]).flatten(0, 1)[ctx - q_len: ctx], gather(caches[1], tables[0]).flatten(0, 1)[ctx - q_len: ctx]
-        ours = paged_attention(q[-q_len:], new_k, new_v, caches[0], caches[1], meta, 0.125, window=24)
-        ref = paged_attention(q[-q_len:], new_k, new_v, reference[0], reference[1], meta, 0.125, window=24)
+        ours = paged_attention(q[-q_len:], new_k, new_v, caches[0], caches[1], meta, 0.125, 24, softcap)
+        ref = paged_attention(q[-q_len:], new_k, new_v, reference[0], reference[1], meta, 0.125, 24, softcap)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -235,10 +235,14 @@ def _quantize(x: torch.Tensor, cache: ScaledKV) -> tuple[torch.Tensor, torch.Ten
 
 
 def _dequantize(values: torch.Tensor, scales: torch.Tensor, cache: ScaledKV) -> torch.Tensor:
-    x = dequantize_q4_0(values, scales) if values.dtype == torch.uint8 else dequantize_int8(values, scales)
+    x = _dequantize_stored(values, scales)
     if cache.rotated:
         x = x @ hadamard(x.shape[-1])
     return x * cache.spread + cache.shift if cache.shift is not None else x
+
+
+def _dequantize_stored(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return dequantize_q4_0(values, scales) if values.dtype == torch.uint8 else dequantize_int8(values, scales)
 
 
 def _encode_float(kv_type: KVCacheType, x: torch.Tensor) -> torch.Tensor:
@@ -269,3 +273,11 @@ def gather(cache: CacheSide, blocks: torch.Tensor, dtype: torch.dtype = torch.fl
     if cache.dtype.itemsize == 1:  # fp8
         return cache.view(torch.uint8)[blocks].view(cache.dtype).to(dtype)
     return cache[blocks].to(dtype)
+
+
+def gather_stored(cache: CacheSide, blocks: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """As ``gather``, but a rotated side's heads come back as stored: still rotated and (calibrated)
+    normalized, for attention that folds the rotation and statistics into its queries and outputs."""
+    if isinstance(cache, ScaledKV):
+        return _dequantize_stored(cache.values[blocks], cache.scales[blocks]).to(dtype)
+    return gather(cache, blocks, dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cholla.kernels import cpu_kernels
-from cholla.kv.kv_types import gather, head_dim, kernel_parts, store
+from cholla.kv.kv_types import ScaledKV, gather, gather_stored, hadamard, head_dim, kernel_parts, store
 from cholla.layers.linear import DenseTensor, Linear, linear_group
 from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
@@ -118,16 +118,26 @@ def paged_attention(
         q_len = stop - start
         if q_len == ctx:  # a whole prompt in one chunk: its keys are the new ones, no cache reads
             keys, values = k[start:stop].transpose(0, 1), v[start:stop].transpose(0, 1)
-        else:
+        queries = q[start:stop].transpose(0, 1)[None]
+        fold_k = fold_v = False
+        if q_len != ctx:
             blocks = meta.block_tables[i, : (ctx + block_size - 1) // block_size]
-            keys = gather(k_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
-            values = gather(v_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
+            # Rotated sides are read as stored and their rotation folded into the queries and
+            # outputs (_fold_queries), once per chunk token instead of once per cached token;
+            # folding keys drops a constant per query from its scores: only where that is exact.
+            fold_k = _rotated(k_cache) and softcap is None and sinks is None
+            fold_v = _rotated(v_cache)
+            keys = (gather_stored if fold_k else gather)(k_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
+            values = (gather_stored if fold_v else gather)(v_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
+            if fold_k:
+                queries = _fold_queries(queries, k_cache)
         if q_len == ctx and (window is None or window >= ctx):
             mask = None  # causal over the whole prompt
         else:
             mask = _allowed(torch.arange(ctx - q_len, ctx)[:, None], torch.arange(ctx)[None, :], window)
-        queries = q[start:stop].transpose(0, 1)[None]
         attended = _attend(queries, keys[None], values[None], mask, scale, softcap, prefill_dtype, sinks)
+        if fold_v:
+            attended = _unfold_outputs(attended, v_cache)
         out[start:stop] = attended[0].transpose(0, 1)
 
     if len(meta.context_lens) > meta.num_prefills:
@@ -136,6 +146,33 @@ def paged_attention(
         out[first:] = attend_decodes(q[first:], k_cache, v_cache, tables, meta.decode_context_lens, scale, window, softcap,
                                      sinks)
     return out
+
+
+def _rotated(cache) -> bool:
+    return isinstance(cache, ScaledKV) and cache.rotated
+
+
+def _per_head(stat: torch.Tensor, heads: int) -> torch.Tensor:
+    """[kv_heads, dim] statistics -> [1, heads, 1, dim], each KV head's for its query heads."""
+    return stat.repeat_interleave(heads // stat.shape[0], dim=0)[None, :, None]
+
+
+def _fold_queries(queries: torch.Tensor, k_cache: ScaledKV) -> torch.Tensor:
+    """queries [1, heads, q_len, dim] against stored keys k' (k = spread * (H k') + shift):
+    q . k = (H (spread * q)) . k' + q . shift, the last term the same for every key (dropped)."""
+    if k_cache.spread is not None:
+        queries = queries * _per_head(k_cache.spread, queries.shape[1])
+    return queries @ hadamard(queries.shape[-1])
+
+
+def _unfold_outputs(attended: torch.Tensor, v_cache: ScaledKV) -> torch.Tensor:
+    """Weighted sums of stored values v' back to values' space: the weights sum to 1, so
+    sum p (spread * (H v') + shift) = spread * (H sum p v') + shift."""
+    attended = attended @ hadamard(attended.shape[-1])
+    if v_cache.spread is not None:
+        heads = attended.shape[1]
+        attended = attended * _per_head(v_cache.spread, heads) + _per_head(v_cache.shift, heads)
+    return attended
 
 
 def kernel_reads(k_cache, v_cache) -> bool:
