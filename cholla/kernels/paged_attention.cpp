@@ -6,6 +6,11 @@
 // heads against each key, a softmax over them, and the weighted sum of values,
 // in fp32. PyTorch would instead gather every sequence's whole context into a
 // contiguous copy and build a mask per layer, a dozen ops per layer per step.
+//
+// Every KV cache type (cholla/kv/kv_types.py) is read and written in place: a
+// row loader per type widens 16 values at a time into registers as they are
+// consumed (never a dequantized copy), and K and V may differ in type. Rotated
+// types are read without rotating each key back (attend_pair).
 
 #include <torch/library.h>
 #include <ATen/ATen.h>

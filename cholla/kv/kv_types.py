@@ -175,13 +175,14 @@ def head_dim(cache: CacheSide) -> int:
 def kernel_parts(cache: CacheSide) -> tuple[torch.Tensor, list[torch.Tensor], bool] | None:
     """One side as the C++ kernels take it (``paged_attention.cpp``'s ``kv_side``): its values,
     ``[]`` / ``[scales]`` / ``[scales, shift, spread]``, and whether heads are rotated; None where
-    they cannot (f16's and fp8's torch dtypes included, any non-contiguous view: a latent cache's V)."""
+    they cannot: a non-contiguous view (a latent cache's V) or a GPU cache."""
     if isinstance(cache, ScaledKV):
         tensors = [cache.values, cache.scales] + ([] if cache.shift is None else [cache.shift, cache.spread])
-        if not all(t.is_contiguous() for t in tensors) or (cache.rotated and head_dim(cache) > KERNEL_MAX_ROTATED_DIM):
+        if (not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+                or (cache.rotated and head_dim(cache) > KERNEL_MAX_ROTATED_DIM)):
             return None
         return cache.values, tensors[1:], cache.rotated
-    if not cache.is_contiguous() or cache.dtype not in _BY_TORCH_DTYPE:
+    if not cache.is_contiguous() or cache.device.type != "cpu" or cache.dtype not in _BY_TORCH_DTYPE:
         return None
     return cache, [], False
 
