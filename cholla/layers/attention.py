@@ -116,17 +116,18 @@ def paged_attention(
     for i in range(meta.num_prefills):
         start, stop, ctx = starts[i], starts[i + 1], meta.context_lens[i]
         q_len = stop - start
+        queries = q[start:stop].transpose(0, 1)[None]
+        fold_v = False
         if q_len == ctx:  # a whole prompt in one chunk: its keys are the new ones, no cache reads
             keys, values = k[start:stop].transpose(0, 1), v[start:stop].transpose(0, 1)
-        queries = q[start:stop].transpose(0, 1)[None]
-        fold_k = fold_v = False
-        if q_len != ctx:
+        else:
             blocks = meta.block_tables[i, : (ctx + block_size - 1) // block_size]
             # Rotated sides are read as stored and their rotation folded into the queries and
-            # outputs (_fold_queries), once per chunk token instead of once per cached token;
-            # folding keys drops a constant per query from its scores: only where that is exact.
+            # outputs (_fold_queries, _unfold_outputs): once per chunk token, not per cached one;
+            # folding keys drops a constant per query from its scores, values assume weights that
+            # sum to 1: only where that is exact (sinks take some of the weight).
             fold_k = _rotated(k_cache) and softcap is None and sinks is None
-            fold_v = _rotated(v_cache)
+            fold_v = _rotated(v_cache) and sinks is None
             keys = (gather_stored if fold_k else gather)(k_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
             values = (gather_stored if fold_v else gather)(v_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
             if fold_k:
