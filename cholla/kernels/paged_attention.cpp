@@ -36,13 +36,12 @@ using Kind = cholla::KVKind;
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
-// 16 values of row `row` (slot * kv_heads + head) from position d, as fp32: the
+// 16 values of a row (p: its values, scales: its scales) from position d, as fp32: the
 // floats widened, the integer types times their group's scale (q8_0, q4_0). A
 // scale per row (int8, and fp8 e4m3's 2^8, see below) is left to row_scale, so
 // it multiplies a score or a weight once instead of every value.
 template <Kind K>
-inline __m512 load16(const cholla::KVSide& s, int64_t row, int64_t d, __mmask16 live) {
-  const uint8_t* p = s.values + row * s.row_bytes;
+inline __m512 load16(const uint8_t* p, const uint16_t* scales, int64_t d, __mmask16 live) {
   if constexpr (K == Kind::F32) {
     return _mm512_maskz_loadu_ps(live, reinterpret_cast<const float*>(p) + d);
   } else if constexpr (K == Kind::BF16) {
@@ -65,20 +64,20 @@ inline __m512 load16(const cholla::KVSide& s, int64_t row, int64_t d, __mmask16 
   } else if constexpr (K == Kind::Q8_0) {
     if (live == 0) return _mm512_setzero_ps();  // past the row: no scale to read
     const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(live, p + d)));
-    return _mm512_mul_ps(q, _mm512_set1_ps(half_to_float(s.scales[row * s.groups + (d >> 5)])));
+    return _mm512_mul_ps(q, _mm512_set1_ps(half_to_float(scales[d >> 5])));
   } else {  // Q4_0: a block's 16 bytes hold its values 0-15 in the low nibbles, 16-31 in the high ones
     if (live == 0) return _mm512_setzero_ps();
     __m128i bytes = _mm_maskz_loadu_epi8(live, p + (d >> 5) * 16);
     if (d & 16) bytes = _mm_srli_epi16(bytes, 4);
     const __m512i q = _mm512_cvtepu8_epi32(_mm_and_si128(bytes, _mm_set1_epi8(0x0F)));
     const __m512 centred = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8)));
-    return _mm512_mul_ps(centred, _mm512_set1_ps(half_to_float(s.scales[row * s.groups + (d >> 5)])));
+    return _mm512_mul_ps(centred, _mm512_set1_ps(half_to_float(scales[d >> 5])));
   }
 }
 
 template <Kind K>
-inline float row_scale(const cholla::KVSide& s, int64_t row) {
-  if constexpr (K == Kind::INT8) return half_to_float(s.scales[row]);
+inline float row_scale(const uint16_t* scales) {
+  if constexpr (K == Kind::INT8) return half_to_float(scales[0]);
   if constexpr (K == Kind::E4M3) return 256.0f;
   return 1.0f;
 }
@@ -166,6 +165,8 @@ void scores_of(const float* q, const cholla::KVSide& ks, const cholla::KVSide& v
   SlotCursor key_at(table, ks.block_size, first), ahead_at(table, ks.block_size, first + AHEAD);
   for (int64_t t = 0; t < n; ++t, key_at.next(), ahead_at.next()) {
     const int64_t row = key_at.slot() * ks.heads + kvh;
+    const uint8_t* key = ks.values + row * ks.row_bytes;
+    const uint16_t* key_scales = ks.scales + row * ks.groups;
     if (t + AHEAD < n) {
       const int64_t ahead = ahead_at.slot() * ks.heads + kvh;
       prefetch_row(ks, ahead, 0);
@@ -175,11 +176,11 @@ void scores_of(const float* q, const cholla::KVSide& ks, const cholla::KVSide& v
     for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
     for (int64_t d = 0; d < dim; d += 16) {
       const __mmask16 live = lanes(dim - d);
-      const __m512 k = load16<K>(ks, row, d, live);
+      const __m512 k = load16<K>(key, key_scales, d, live);
       for (int64_t g = 0; g < group; ++g)
         acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, q + g * dim + d), k, acc[g]);
     }
-    const float key_scale = row_scale<K>(ks, row);
+    const float key_scale = row_scale<K>(key_scales);
     for (int64_t g = 0; g < group; ++g) {
       float score = _mm512_reduce_add_ps(acc[g]) * key_scale;
       if (bias != nullptr) score += bias[g];
@@ -198,6 +199,9 @@ void weigh_values(const cholla::KVSide& vs, const int64_t* table, int64_t first,
                   int64_t kvh, const float* scores, float* o) {
   const int64_t group = GROUP > 0 ? GROUP : run_time_group, dim = vs.dim;
   constexpr int64_t SLOTS = GROUP > 0 ? GROUP : MAX_GROUP;
+  const uint8_t* values = vs.values;
+  const uint16_t* scales = vs.scales;
+  const int64_t row_bytes = vs.row_bytes, groups = vs.groups;
   for (int64_t d0 = 0; d0 < dim; d0 += 64) {
     __m512 out[SLOTS][4];
     for (int64_t g = 0; g < group; ++g)
@@ -205,9 +209,11 @@ void weigh_values(const cholla::KVSide& vs, const int64_t* table, int64_t first,
     SlotCursor value_at(table, vs.block_size, first);
     for (int64_t t = 0; t < n; ++t, value_at.next()) {
       const int64_t row = value_at.slot() * vs.heads + kvh;
+      const uint8_t* value = values + row * row_bytes;
+      const uint16_t* value_scales = scales + row * groups;
       __m512 v[4];
-      for (int j = 0; j < 4; ++j) v[j] = load16<K>(vs, row, d0 + 16 * j, lanes(dim - d0 - 16 * j));
-      const float value_scale = row_scale<K>(vs, row);
+      for (int j = 0; j < 4; ++j) v[j] = load16<K>(value, value_scales, d0 + 16 * j, lanes(dim - d0 - 16 * j));
+      const float value_scale = row_scale<K>(value_scales);
       for (int64_t g = 0; g < group; ++g) {
         const __m512 w = _mm512_set1_ps(scores[g * n + t] * value_scale);
         for (int j = 0; j < 4; ++j) out[g][j] = _mm512_fmadd_ps(w, v[j], out[g][j]);
