@@ -20,12 +20,12 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-import cholla.layers.attention as attention
-import cholla.models.fused_decode as fused_decode
 from cholla.download import resolve_model
 from cholla.kv.kv_types import head_dim, kv_cache_type
 from cholla.kv.paged_cache import PagedKVCache
+from cholla.layers import attention
 from cholla.layers.attention import AttentionMetadata
+from cholla.models import fused_decode
 from cholla.models.loader import load_model
 
 TYPES = ["bf16", "fp8_e4m3", "int8", "q8_0", "q4_0", "int8_rot", "q4_0_cal", "q8_0/q4_0_cal"]
@@ -82,7 +82,7 @@ def run(model_name: str, types: list[str], context: int, seqs: int, steps: int, 
         cache = filled_cache(config, name, seqs, blocks_per_seq)
         times = {"kernel": [], "pytorch": []}
         for _ in range(rounds):
-            for path in times:
+            for path, samples in times.items():
                 with torch_attention() if path == "pytorch" else nullcontext():
                     positions, meta = step_meta(context, seqs, blocks_per_seq, 0)
                     model(ids, positions, cache.layers, meta)  # a warm-up step, untimed
@@ -90,7 +90,7 @@ def run(model_name: str, types: list[str], context: int, seqs: int, steps: int, 
                         positions, meta = step_meta(context, seqs, blocks_per_seq, step)
                         start = time.perf_counter()
                         model.compute_logits(model(ids, positions, cache.layers, meta))
-                        times[path].append(time.perf_counter() - start)
+                        samples.append(time.perf_counter() - start)
         for path, samples in times.items():
             ms = 1000 * statistics.median(samples)
             results.append({"model": model_name, "type": name, "path": path, "ms": ms, "tokens_per_s": seqs * 1000 / ms})

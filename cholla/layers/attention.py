@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cholla.kernels import cpu_kernels
-from cholla.kv.kv_types import ScaledKV, gather, gather_stored, hadamard, head_dim, kernel_parts, store
+from cholla.kv.kv_types import (
+    ScaledKV,
+    gather,
+    gather_stored,
+    hadamard,
+    head_dim,
+    kernel_parts,
+    store,
+)
 from cholla.layers.linear import DenseTensor, Linear, linear_group
 from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
@@ -188,7 +196,7 @@ def _kernel_caches(k_cache, v_cache) -> tuple:
     """(k values, v values) and, as keywords, the sides' quantization for the kernels."""
     k_values, k_quant, k_rotated = kernel_parts(k_cache)
     v_values, v_quant, v_rotated = kernel_parts(v_cache)
-    return (k_values, v_values), dict(k_quant=k_quant, v_quant=v_quant, k_rotated=k_rotated, v_rotated=v_rotated)
+    return (k_values, v_values), {"k_quant": k_quant, "v_quant": v_quant, "k_rotated": k_rotated, "v_rotated": v_rotated}
 
 
 def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None,
