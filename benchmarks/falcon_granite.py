@@ -87,7 +87,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             reference.save_pretrained(folder)
             tiny_tokenizer().save_pretrained(folder)
-            llm = LLM(folder, dtype="float32", max_model_len=args.prompt + args.new_tokens + 8, threads=args.threads)
+            # no prefix caching: every run repeats the prompt, which the cache (and its state snapshots) would serve
+            llm = LLM(folder, dtype="float32", max_model_len=args.prompt + args.new_tokens + 8, threads=args.threads,
+                      enable_prefix_caching=False)
 
             def ours(ids: list[int], count: int) -> None:
                 params = SamplingParams(temperature=0.0, max_tokens=count, ignore_eos=True)

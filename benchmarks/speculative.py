@@ -4,7 +4,8 @@ For each model, method, batch size and workload it decodes the same greedy chat
 request (``--batch`` copies of it at once) with and without speculation (the
 engines share one loaded model) and reports decode tokens/s (all sequences'
 tokens from the first token to the last, so prefill is left out; mean ± sd over
-``-r`` runs), the speed-up, and for speculation the acceptance rate (accepted /
+``-r`` runs), the speed-up, the speed-up by the process's CPU time (steadier than the
+wall clock on a machine shared with other work), and for speculation the acceptance rate (accepted /
 proposed drafts) and the mean accepted length (tokens each verification step
 yields, its own token included). It also checks that both produced the same tokens:
 greedy requests, and sampled ones (``--temperatures``) too, since a seeded request's
@@ -23,6 +24,11 @@ which accepts every draft: it measures the machinery's cost, not a gain).
     python benchmarks/speculative.py --models smollm2 -k 8 -n 96 -r 1
     python benchmarks/speculative.py --models smollm2 --methods draft --batch 1 32 -r 1
     python benchmarks/speculative.py --models smollm2 -n 64 -r 2 --temperatures 0 0.7 --cache
+    python benchmarks/speculative.py --models smollm2 --step-cost   # the table speculator.STEP_COST holds
+
+``--step-cost`` measures what decides how many drafts a step verifies: a plain decode
+step's time by rows (``rows`` sequences decoding at once), relative to a one-row step,
+as wall time and as the process's CPU time (the steadier of the two on a shared machine).
 """
 
 from __future__ import annotations
@@ -64,20 +70,52 @@ WORKLOADS = {
 }
 
 
-def decode(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, batch: int) -> tuple[list[int], float]:
+def decode(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams,
+           batch: int) -> tuple[list[int], float, float]:
     """Generate ``batch`` copies of one request; returns the first one's tokens and decode tokens/s
-    over all of them (first token to last)."""
+    over all of them (first token to last), by the wall clock and by the process's CPU time."""
     for i in range(batch):
         engine.add_request(f"bench-{i}", {"prompt_token_ids": prompt_ids}, params)
     first = last = None
     tokens: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
-            now = time.perf_counter()
+            now = time.perf_counter(), time.process_time()
             if out.outputs[0].token_ids and first is None:
                 first = now
             last, tokens[out.request_id] = now, out.outputs[0].token_ids
-    return tokens["bench-0"], (sum(map(len, tokens.values())) - batch) / (last - first)
+    generated = sum(map(len, tokens.values())) - batch
+    return tokens["bench-0"], generated / (last[0] - first[0]), generated / (last[1] - first[1])
+
+
+STEP_ROWS = {"bfloat16": [1, 2, 3, 5, 6, 7, 9, 13, 17, 24, 32, 48, 64], "float32": [1, 2, 3, 4, 5, 6, 7, 8]}
+
+
+def step_cost(loaded, dtype: str, steps: int = 12) -> None:
+    """Median wall and CPU time of a decode step by rows, each relative to one row's."""
+    engine = LLMEngine(loaded, EngineConfig(max_model_len=512, kv_cache_memory=128 * 2**20, max_num_seqs=64, dtype=dtype))
+    print(f"\n{loaded.dtype} step cost by rows ({steps} steps each, median)\n")
+    print("| rows | wall ms | CPU ms | wall cost | CPU cost |")
+    print("|---|---|---|---|---|")
+    first = None
+    for rows in STEP_ROWS[loaded.dtype]:
+        params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+        for i in range(rows):
+            engine.add_request(f"rows{rows}-{i}", f"Count to {i}:", params)
+        for _ in range(4):  # the prompts and the first decode steps
+            engine.step()
+        wall, cpu = [], []
+        for _ in range(steps):
+            w, c = time.perf_counter(), time.process_time()
+            engine.step()
+            wall.append(time.perf_counter() - w)
+            cpu.append(time.process_time() - c)
+        while engine.has_unfinished_requests():
+            engine.step()
+        times = statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+        first = first or times
+        print(f"| {rows} | {times[0]:.2f} | {times[1]:.2f} | {times[0] / first[0]:.2f} | {times[1] / first[1]:.2f} |",
+              flush=True)
 
 
 def main() -> None:
@@ -94,7 +132,12 @@ def main() -> None:
     parser.add_argument("--temperatures", nargs="+", type=float, default=[0.0],
                         help="sampled rows (> 0) use top_p=0.95 and seed 0")
     parser.add_argument("--cache", action="store_true", help="with ngram: also measure the shared n-gram cache on a repeat")
+    parser.add_argument("--step-cost", action="store_true", help="measure a decode step's cost by rows instead")
     args = parser.parse_args()
+    if args.step_cost:
+        for name in args.models:
+            step_cost(load_model(resolve_model(name), args.dtype), args.dtype)
+        return
 
     rows = []
     for name in args.models:
@@ -121,17 +164,20 @@ def main() -> None:
                         decode(plain, prompt_ids, params, 1)  # warm-up (and the prefix cache) for both
                         decode(spec, prompt_ids, params, 1)
                         speeds: dict[str, list[float]] = {"plain": [], "spec": []}
+                        cpu: dict[str, list[float]] = {"plain": [], "spec": []}
                         outputs = {}
                         before = spec.stats()
                         for _ in range(args.repetitions):
                             for run, engine in (("plain", plain), ("spec", spec)):
-                                outputs[run], rate = decode(engine, prompt_ids, params, batch)
+                                outputs[run], rate, cpu_rate = decode(engine, prompt_ids, params, batch)
                                 speeds[run].append(rate)
+                                cpu[run].append(cpu_rate)
                         after = spec.stats()
                         drafts = after.spec_draft_tokens - before.spec_draft_tokens
                         accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
                         steps = after.spec_verifications - before.spec_verifications
                         rows.append((name, label, temperature, batch, workload, speeds["plain"], speeds["spec"],
+                                     statistics.mean(cpu["spec"]) / statistics.mean(cpu["plain"]),
                                      accepted / drafts if drafts else None, 1 + accepted / steps if steps else None,
                                      outputs["plain"] == outputs["spec"]))
                         print(f"[speculative] {name} {label} t={temperature:g} batch {batch} {workload}: done", flush=True)
@@ -143,13 +189,15 @@ def main() -> None:
     print(f"\n{args.max_tokens} tokens, K={args.num_speculative_tokens}, dtype={args.dtype}, "
           f"{args.repetitions} runs, t > 0: top_p 0.95 and seed 0, "
           f"draft model: {args.draft_model or 'the model itself'}\n")
-    print("| model | method | temperature | batch | workload | plain t/s | speculative t/s | speed-up | acceptance | "
-          "mean accepted length | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, method, temperature, batch, workload, plain_speeds, spec_speeds, acceptance, length, same in rows:
+    print("| model | method | temperature | batch | workload | plain t/s | speculative t/s | speed-up | "
+          "speed-up (CPU time) | acceptance | mean accepted length | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, method, temperature, batch, workload, plain_speeds, spec_speeds, cpu_speedup, acceptance, length, same \
+            in rows:
         speedup = statistics.mean(spec_speeds) / statistics.mean(plain_speeds)
         acceptance, length = ("-", "-") if length is None else (f"{acceptance:.0%}", f"{length:.2f}")  # never speculated
-        print(f"| {name} | {method} | {temperature:g} | {batch} | {workload} | {fmt(plain_speeds)} | {fmt(spec_speeds)} | {speedup:.2f}x | "
+        print(f"| {name} | {method} | {temperature:g} | {batch} | {workload} | {fmt(plain_speeds)} | {fmt(spec_speeds)} | "
+              f"{speedup:.2f}x | {cpu_speedup:.2f}x | "
               f"{acceptance} | {length} | {'yes' if same else 'NO'} |")
 
 

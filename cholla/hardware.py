@@ -4,7 +4,7 @@ A roofline needs two roofs: memory bandwidth (bytes/s, what a decode step's
 weight and KV reads are bound by) and matmul FLOP/s (what a prefill is bound
 by). GPU presets carry their makers' published figures (dense, no 2:4
 sparsity). A CPU preset is measured (``measure()``, ``benchmarks/hardware.py``)
-and adds a third roof: where cholla's C++ kernels do not run (no AMX-BF16),
+and adds a third roof: where cholla's C++ kernels do not run (no AVX512-BF16),
 its reference path dequantizes every weight to fp32 at every step
 (``cholla/layers/linear.py``), and that, not memory, bounds decoding. Its rate
 per GGUF type (weights dequantized and multiplied per second) is measured with

@@ -8,6 +8,8 @@ only difference left is the kernel's fp32 accumulation order.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType
@@ -221,6 +223,43 @@ def test_paged_attention_decode_matches_the_torch_path(heads, kv_heads, dim, win
     got = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0, softcap or 0.0,
                                          [], [])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 1, 256)])
+@pytest.mark.parametrize("window, softcap", [(None, None), (20, 50.0)])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_paged_attention_query_spans_match_the_torch_paths(heads, kv_heads, dim, window, softcap, cache_dtype):
+    """Sequences with 1 or several query rows (speculative verification): causal within each span,
+    against span_attention and against the prefill path's own masked attention (SDPA)."""
+    from cholla.layers.attention import AttentionMetadata, paged_attention, span_attention
+
+    generator = torch.Generator().manual_seed(heads + dim)
+    num_blocks, block_size = 40, 16
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator).to(cache_dtype)
+    context_lens = torch.tensor([5, 1, 17, 100, 40])
+    q_lens = [5, 1, 3, 17, 1]
+    starts = torch.tensor([0, *itertools.accumulate(q_lens)])
+    block_tables = torch.randperm(num_blocks, generator=generator)[: 5 * 7].reshape(5, 7)
+    q = torch.randn(int(starts[-1]), heads, dim, generator=generator)
+    scale = dim**-0.5
+    got = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0,
+                                         softcap or 0.0, [], [], query_starts=starts)
+    torch.testing.assert_close(got, span_attention(q, k_cache, v_cache, block_tables, context_lens, starts, scale,
+                                                   window, softcap), rtol=1e-5, atol=1e-5)
+    # The prefill path (one masked SDPA call per sequence) on the same rows, the caches left as they are
+    # (a whole prompt's span reads its new keys and values, the rows' own in the cache).
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), starts.tolist(), context_lens.tolist(), block_tables,
+                             num_prefills=5, decode_context_lens=torch.zeros(0, dtype=torch.long))
+    positions = [int(ctx) - n + i for ctx, n in zip(context_lens, q_lens) for i in range(n)]
+    rows = [(int(block_tables[s, p // block_size]), p % block_size)
+            for s, p in zip(itertools.chain(*([s] * n for s, n in enumerate(q_lens))), positions)]
+    keys, values = (torch.stack([cache[b, o] for b, o in rows]).float() for cache in (k_cache, v_cache))
+    expected = paged_attention(q, keys, values, k_cache, v_cache, meta, scale, window, softcap, write=False)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="1 to context_len query rows"):
+        kernels.paged_attention_decode(q[:6], k_cache, v_cache, block_tables[:2], context_lens[:2], scale, 0, 0.0,
+                                       [], [], query_starts=torch.tensor([0, 0, 6]))
 
 
 def test_paged_attention_rejects_bad_tables():

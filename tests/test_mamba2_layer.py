@@ -1,6 +1,8 @@
 """The Mamba-2 mixer (``cholla/layers/mamba2.py``) against transformers' ``Mamba2Mixer``
 on the whole sequence: two sequences in their own state slots, prefilled in chunks
-that cross the SSD's chunk boundaries, then decoded one token a step together."""
+that cross the SSD's chunk boundaries, then decoded one token a step together (with
+the C++ decode step and with PyTorch's); and the C++ step (``kernels/ssd.cpp``)
+against PyTorch's ``ssd_step`` in float64, and the C++ gated RMSNorm against PyTorch's."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from cholla.kernels import cpu_kernels  # noqa: E402
+from cholla.layers import mamba2  # noqa: E402
 from cholla.layers.attention import AttentionMetadata  # noqa: E402
-from cholla.layers.mamba2 import Mamba2Mixer, Mamba2Shape, sanitize_mixer_weights  # noqa: E402
+from cholla.layers.mamba2 import Mamba2Mixer, Mamba2Shape, sanitize_mixer_weights, ssd_step  # noqa: E402
 from cholla.models.loading import load_named_weights  # noqa: E402
 
 
@@ -41,8 +45,14 @@ def _pair(n_groups: int, chunk_size: int):
     return ref, ours, shape
 
 
+needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="needs a CPU with AVX512-BF16 and a C++ compiler")
+
+
+@pytest.mark.parametrize("kernels", [pytest.param(True, marks=needs_kernels), False], ids=["cpp", "pytorch"])
 @pytest.mark.parametrize("n_groups, chunk_size", [(1, 8), (2, 5)])
-def test_chunked_prefill_and_batched_decode_match_transformers(n_groups, chunk_size):
+def test_chunked_prefill_and_batched_decode_match_transformers(n_groups, chunk_size, kernels, monkeypatch):
+    if not kernels:
+        monkeypatch.setattr(mamba2, "cpu_kernels", lambda: None)
     ref, ours, shape = _pair(n_groups, chunk_size)
     torch.manual_seed(1)
     seqs = [torch.randn(30, 32), torch.randn(21, 32)]
@@ -78,3 +88,60 @@ def test_gguf_layouts_of_the_small_tensors():
     torch.testing.assert_close(out["l.mixer.A_log"], A_log)
     torch.testing.assert_close(out["l.mixer.D"], D)
     torch.testing.assert_close(out["l.mixer.norm.weight"], norm)
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads, head_dim, state_size, groups, dt_limit", [
+    (8, 8, 24, 2, (0.0, float("inf"))),  # a state row of 16 + a masked 8
+    (6, 64, 128, 3, (0.05, 0.4)),  # Mamba-2's row length, Falcon-H1-style clamp
+])
+def test_cpp_ssd_step_matches_pytorch_on_its_slots(heads, head_dim, state_size, groups, dt_limit):
+    """Three sequences in slots 4, 1, 2 of 6 (not consecutive, not in order): their states advance
+    as PyTorch's ``ssd_step`` takes them (in float64), y includes the D skip, and no other slot changes."""
+    torch.manual_seed(0)
+    batch, slots = 3, torch.tensor([4, 1, 2])
+    state = torch.randn(6, heads, head_dim, state_size)
+    # x, dt, B, C as the mixer hands them over: column slices of one wider row (row stride != width).
+    packed = torch.randn(batch, heads * head_dim + heads + 2 * groups * state_size + 5)
+    x, dt, B, C, _ = packed.split([heads * head_dim, heads, groups * state_size, groups * state_size, 5], dim=-1)
+    dt_bias, A_log, D = torch.randn(heads), torch.randn(heads), torch.randn(heads)
+    dt_bias[0] = 30.0  # softplus's linear branch
+
+    expected_state = state.double().clone()
+    step = torch.nn.functional.softplus(dt.double() + dt_bias.double()).clamp(*dt_limit)
+    x3 = x.double().reshape(batch, heads, head_dim)
+    gathered = expected_state[slots]  # a copy, which ssd_step updates in place
+    B3, C3 = (t.double().reshape(batch, groups, -1) for t in (B, C))
+    y_ref = ssd_step(x3, step, -A_log.double().exp(), B3, C3, gathered)
+    expected_state[slots] = gathered
+    y_ref = (y_ref + x3 * D.double()[:, None]).reshape(batch, -1)
+
+    y = cpu_kernels().ssd_step(state, slots, x, dt, dt_bias, A_log, B, C, D, *dt_limit)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.double(), expected_state, rtol=1e-5, atol=1e-5)  # slots 0, 3, 5 included
+
+
+@needs_kernels
+def test_cpp_ssd_step_refuses_a_slot_twice_or_outside_the_cache():
+    state, x, dt = torch.zeros(4, 2, 4, 16), torch.zeros(2, 8), torch.zeros(2, 2)
+    B = C = torch.zeros(2, 16)
+    small = torch.zeros(2)
+    for slots in ([1, 1], [0, 4]):
+        with pytest.raises(RuntimeError, match="out of range .* or given twice"):
+            cpu_kernels().ssd_step(state, torch.tensor(slots), x, dt, small, small, B, C, small, 0.0, float("inf"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+def test_cpp_gated_rms_norm_matches_pytorch(groups, norm_before_gate, monkeypatch):
+    """Groups of 40 channels (16 + 16 + a masked 8), z a view into a wider row as in the mixer."""
+    shape = Mamba2Shape(hidden_size=32, num_heads=15, head_dim=8, state_size=4, n_groups=groups,
+                        norm_before_gate=norm_before_gate)
+    mixer = Mamba2Mixer(shape)
+    torch.manual_seed(0)
+    mixer.norm.weight = torch.randn(120)
+    y, z = torch.randn(5, 120) * 3, torch.randn(5, 130)[:, 10:]
+    got = mixer._gate(y, z)
+    monkeypatch.setattr(mamba2, "cpu_kernels", lambda: None)
+    torch.testing.assert_close(got, mixer._gate(y, z), rtol=1e-5, atol=1e-5)

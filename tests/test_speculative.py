@@ -4,6 +4,7 @@ and stops inside an accepted run must land where one-token decoding puts them.""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -83,6 +84,32 @@ def test_settings_are_checked():
         assert "\n" not in str(error.value)
 
 
+def test_drafts_are_kept_where_they_pay_for_their_rows():
+    """allot against a brute-force search over every way to cut the drafts, on a made-up cost curve
+    shaped like the measured ones (steep GEMV rows, then flat tiles, then a per-row slope)."""
+    from cholla.speculative.speculator import allot, step_cost
+
+    table = ((1, 1.0), (3, 2.0), (4, 3.0), (12, 3.5), (40, 10.0))
+    assert step_cost(table, 1) == 1.0 and step_cost(table, 8) == 3.25 and step_cost(table, 41) == float("inf")
+
+    def state(accepted: float, tried: float) -> SpeculationState:
+        return SpeculationState(tried=tried, accepted=accepted)
+
+    rng = random.Random(0)
+    for _ in range(40):
+        n = rng.randint(1, 4)
+        drafts = [[7] * rng.randint(0, 4) for _ in range(n)]
+        states = [state(a, a + rng.choice([0.5, 2.0, 6.0])) for a in (rng.uniform(0, 9) for _ in range(n))]
+        rate = lambda cut: (n + sum(s.acceptance ** (j + 1) for c, s in zip(cut, states) for j in range(c))) \
+            / step_cost(table, n + sum(cut))
+        best = max(itertools.product(*(range(len(d) + 1) for d in drafts)), key=rate)
+        got = [len(d) for d in allot(drafts, states, n, table)]
+        assert rate(got) == pytest.approx(rate(best)), (drafts, got, best)
+    # Many decoding sequences: no draft pays for its row; one stream that keeps being right drafts fully.
+    assert allot([[7] * 4] * 30, [state(9, 10)] * 30, 30, table) == [[]] * 30
+    assert allot([[7] * 4], [state(49, 50)], 1, table) == [[7] * 4]
+
+
 def test_the_opt_out_field():
     from cholla.serve.openai_api import CompletionRequest
 
@@ -97,19 +124,19 @@ def test_back_off_after_repeated_misses():
     speculator, state = NgramSpeculator(4), SpeculationState()
     tokens, greedy = [1, 2, 3, 1, 2], SamplingParams(temperature=0)
     for i in range(MISSES_BEFORE_PAUSE):
-        assert speculator.propose(tokens, greedy, False, 10, state, 8) == [3, 1, 2]
-        speculator.record(state, 0, 10)
-    assert speculator.propose(tokens, greedy, False, 10 + FIRST_PAUSE - 1, state, 8) == []
-    assert speculator.propose(tokens, greedy, False, 10 + FIRST_PAUSE, state, 8) == [3, 1, 2]
+        assert speculator.propose(tokens, greedy, 10, state, 8) == [3, 1, 2]
+        speculator.record(state, 3, 0, 10)
+    assert speculator.propose(tokens, greedy, 10 + FIRST_PAUSE - 1, state, 8) == []
+    assert speculator.propose(tokens, greedy, 10 + FIRST_PAUSE, state, 8) == [3, 1, 2]
     assert state.pause == 2 * FIRST_PAUSE  # a second pause would be longer...
-    speculator.record(state, 2, 20)
+    speculator.record(state, 3, 2, 20)
     assert state.pause == FIRST_PAUSE and state.misses == 0  # ...unless a draft is accepted
-    # Sampled and penalised requests speculate; logprobs, a grammar or an opt-out do not.
-    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, repetition_penalty=1.2)):
-        assert speculator.propose(tokens, params, False, 100, SpeculationState(), 8) == [3, 1, 2]
-    for params in (SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0.7, speculative_decoding=False)):
-        assert speculator.propose(tokens, params, False, 100, SpeculationState(), 8) == []
-    assert speculator.propose(tokens, greedy, True, 100, SpeculationState(), 8) == []  # a grammar
+    # Sampled, penalised and logprobs requests speculate; an opt-out does not.
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, repetition_penalty=1.2),
+                   SamplingParams(temperature=0, logprobs=2)):
+        assert speculator.propose(tokens, params, 100, SpeculationState(), 8) == [3, 1, 2]
+    assert speculator.propose(tokens, SamplingParams(temperature=0.7, speculative_decoding=False), 100,
+                              SpeculationState(), 8) == []
 
 
 # -- the engine, on both real models ----------------------------------------------------------
@@ -147,16 +174,26 @@ def _ids(outs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-def test_greedy_identical_and_copying_is_accepted(engines):
+def test_greedy_identical_and_copying_is_accepted(engines, monkeypatch):
+    from cholla.models import fused_decode
+
     plain, spec = engines
     prompts = _prompts(spec)
     assert len(spec.tokenizer.encode(LONG)) > 600
     expected = _ids(plain.generate(prompts, GREEDY, use_tqdm=False))
     stats = spec.engine.metrics
     before = stats.spec_accepted_tokens
+    fused, verified = fused_decode.fused_layers, []
+
+    def counting(plan, x, positions, kv_caches, meta):
+        out = fused(plan, x, positions, kv_caches, meta)
+        verified.append(meta.span_starts is not None and out is not None)
+        return out
+
+    monkeypatch.setattr(fused_decode, "fused_layers", counting)
     for prompt, want in zip(prompts, expected):  # one at a time: every one speculates
         assert _ids(spec.generate(prompt, GREEDY, use_tqdm=False)) == [want]
-    assert stats.spec_accepted_tokens > before
+    assert stats.spec_accepted_tokens > before and any(verified)  # verification rows in the fused decode step
     assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens  # both accepted and rejected drafts
     assert spec.engine.stats().spec_mean_accepted_length > 1.5
     _assert_all_blocks_free(spec)
@@ -170,7 +207,7 @@ def test_batched_with_sampled_and_penalised_requests(engines):
     expected = _ids(plain.generate(prompts, params, use_tqdm=False))
     before = spec.engine.metrics.spec_verifications
     assert _ids(spec.generate(prompts, params, use_tqdm=False)) == expected
-    # Three decoding at once is past the engine-wide limit: speculation starts once one finishes.
+    # Three decoding at once leave room for a few drafts within the engine-wide row limit.
     assert spec.engine.metrics.spec_verifications > before
     _assert_all_blocks_free(spec)
 
@@ -277,3 +314,30 @@ def test_metrics_reach_prometheus(engines):
                         ("accepted_tokens", stats.spec_accepted_tokens)):
         assert f'cholla:spec_decode_num_{name}_total{{model_name="m"}} {float(value)}' in text
     assert f'cholla:spec_decode_mean_accepted_length{{model_name="m"}} {stats.spec_mean_accepted_length}' in text
+
+
+def test_grammar_and_logprobs_requests_speculate(engines):
+    """Grammar requests verify drafts under the mask after each draft (forced tokens and the
+    grammar's end where one-token decoding puts them); logprobs requests get their verification
+    rows' logprobs: tokens and logprobs as plain decoding gives them, batched with an opt-out."""
+    from cholla.sampling.params import StructuredOutputsParams
+
+    plain, spec = engines
+    record = '{"name": "Ada Lovelace", "age": 36}'
+    person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    prompts = [f"Copy this record exactly.\nRecord: {record}\nCopy: ", COPY, COPY]
+    params = [SamplingParams(temperature=0, max_tokens=24, structured_outputs=StructuredOutputsParams(json=person)),
+              SamplingParams(temperature=0, max_tokens=12, logprobs=2, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=8, speculative_decoding=False, ignore_eos=True)]
+    want = plain.generate(prompts, params, use_tqdm=False)
+    before = spec.engine.metrics.spec_accepted_tokens
+    got = spec.generate(prompts, params, use_tqdm=False)
+    for p, g, w in zip(params, got, want):
+        g, w = g.outputs[0], w.outputs[0]
+        assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason), p
+        if p.logprobs is not None:
+            assert [chosen for chosen, _ in g.logprobs] == pytest.approx([chosen for chosen, _ in w.logprobs], abs=1e-4)
+            assert [[t for t, _ in top] for _, top in g.logprobs] == [[t for t, _ in top] for _, top in w.logprobs]
+    assert got[0].outputs[0].finish_reason == "stop" and spec.engine.metrics.spec_accepted_tokens > before
+    _assert_all_blocks_free(spec)

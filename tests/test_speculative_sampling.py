@@ -113,9 +113,9 @@ def tiny_engines(tiny_path):
 
 
 @pytest.fixture
-def speculate_in_large_batches(monkeypatch):
-    """The engine-wide cap is a speed policy; these tests want every sequence of a big batch to speculate."""
-    monkeypatch.setattr("cholla.engine.scheduler.MAX_DECODING_SEQS", 1 << 30)
+def speculate_in_large_batches(monkeypatch, tiny_engines):
+    """The engine-wide row limit is a speed policy; these tests want every sequence of a big batch to speculate."""
+    monkeypatch.setattr(tiny_engines[1].scheduler.config, "step_cost", ((1, 1.0), (1 << 30, 1.0)))
 
 
 def _run(engine: LLMEngine, params: list[SamplingParams]) -> list[tuple[int, ...]]:

@@ -29,7 +29,7 @@ from cholla.sampling.stop import find_stop, safe_prefix_len
 from cholla.sampling.structured import DEAD_END, StructuredOutputs
 from cholla.speculative.config import DEFAULT_NGRAM_CACHE_SIZE, DEFAULT_SPECULATIVE_TOKENS, check_speculative
 from cholla.speculative.draft_model import DraftModelSpeculator
-from cholla.speculative.speculator import NgramSpeculator, Speculator
+from cholla.speculative.speculator import STEP_COST, NgramSpeculator, Speculator
 from cholla.speculative.verify import accept_greedy
 from cholla.heap import keep_buffers_mapped, release_free_memory
 from cholla.threads import set_threads
@@ -217,7 +217,8 @@ class LLMEngine:
                 config.draft_model, self.loaded.dtype, self.loaded, self.tokenizer, config.num_speculative_tokens,
                 layout.nbytes, max_len, config.block_size, k_type, v_type)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len), self.block_manager,
+            SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len,
+                            STEP_COST[self.loaded.dtype]), self.block_manager,
             self.speculator, SlotAllocator(layout.num_slots) if self.state_cache is not None else None,
             self.snapshots,
         )
@@ -329,7 +330,7 @@ class LLMEngine:
         self.metrics.batch_sizes.append(len(batch.requests))
         self.metrics.preemptions += len(batch.preempted)
         return self._postprocess(batch, result.token_ids, result.logprobs, result.dead_ends, result.prompt_logprobs,
-                                 result.targets)
+                                 result.targets, result.target_logprobs)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -355,13 +356,14 @@ class LLMEngine:
 
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list,
                      dead_ends: set[int], prompt_logprobs: list | None = None,
-                     targets: dict[int, list[int]] | None = None) -> list[RequestOutput]:
+                     targets: dict[int, list[int | None]] | None = None,
+                     target_logprobs: dict[int, list] | None = None) -> list[RequestOutput]:
         now = time.monotonic()
         outputs = []
         for i, (request, n, token, lp) in enumerate(zip(batch.requests, batch.num_tokens, tokens, logprobs)):
             state = self.states[request.request_id]
             if targets and i in targets:
-                self._accept_drafts(state, targets[i], now)  # counts its computed tokens itself
+                self._accept_drafts(state, targets[i], (target_logprobs or {}).get(i), now)  # counts its computed tokens
             else:
                 request.num_computed_tokens += n
                 self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids,
@@ -396,24 +398,33 @@ class LLMEngine:
         if hashes and len(hashes) * self.block_manager.block_size == request.num_computed_tokens:
             self.snapshots.save(hashes[-1], request.state_slot)
 
-    def _accept_drafts(self, state: _RequestState, targets: list[int], now: float) -> None:
+    def _accept_drafts(self, state: _RequestState, targets: list[int | None], logprobs: list | None,
+                       now: float) -> None:
         """Keep the verified run of a speculating request and roll back the rest.
 
-        The run is appended token by token, so a stop token, stop string, EOS or
-        max_tokens inside it ends the request exactly where one-token decoding would.
-        Only the kept tokens count as computed (the rejected drafts' K/V is overwritten
-        later), only they can enter the prefix cache, and blocks taken for the rest go back.
+        The run is appended token by token, with its rows' logprobs, so a stop token,
+        stop string, EOS, max_tokens or a grammar's end inside it ends the request exactly
+        where one-token decoding would; where the grammar forces tokens after one, they are
+        appended as one-token decoding does and the rest of the run (verified without them)
+        is dropped. Only the kept tokens count as computed (the rejected drafts' K/V is
+        overwritten later), only they can enter the prefix cache, and blocks taken for the
+        rest go back.
         """
         request = state.request
         drafts, request.draft_token_ids = request.draft_token_ids, []
         run = accept_greedy(drafts, targets)
-        self.speculator.record(request.speculation, len(run) - 1, len(request.output_token_ids) + len(run))
+        self.speculator.record(request.speculation, len(drafts), len(run) - 1, len(request.output_token_ids) + len(run))
         self.metrics.on_verification(len(drafts), len(run) - 1)
-        for token in run:
-            self._append_token(state, token, None, now)
-            if request.finish_reason is not None:
+        computed, kept = request.num_tokens - 1, 0
+        for token, lp in zip(run, logprobs or [None] * len(run)):
+            if token is None:  # the grammar allows nothing after the accepted drafts
+                self._end_grammar(state, request.grammar.error or DEAD_END)
                 break
-        request.num_computed_tokens = request.num_tokens - 1  # the last kept token is computed next step
+            self._append_token(state, token, lp, now)
+            kept += 1
+            if request.finish_reason is not None or (request.grammar is not None and self._advance_grammar(state, now)):
+                break
+        request.num_computed_tokens = computed + kept  # the last kept token (and forced ones) are computed next step
         self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids, request.num_computed_tokens)
         self.block_manager.trim(request.blocks, request.num_tokens)
 
@@ -430,21 +441,25 @@ class LLMEngine:
             return
         self._check_stop(state, token)
 
-    def _advance_grammar(self, state: _RequestState, now: float) -> None:
+    def _advance_grammar(self, state: _RequestState, now: float) -> bool:
         """After a sampled token: end a complete grammar with "stop", or append the tokens it forces.
+        Returns whether it did either (a speculating request's later tokens then no longer follow).
 
         Forced (fast-forward) tokens skip sampling: the next step computes them as a
         chunk, with the token after them. Requests that want logprobs sample every token.
         """
-        request = state.request
+        request, forced = state.request, []
         if not request.grammar.is_finished and request.params.logprobs is None:
-            for token in request.grammar.fast_forward_tokens():
+            forced = request.grammar.fast_forward_tokens()
+            for token in forced:
                 self._append_token(state, token, None, now)
                 if request.finish_reason is not None:
-                    return
+                    return True
         if request.grammar.is_finished:
             request.finish_reason, request.stop_reason = "stop", None
             state.text += state.detokenizer.flush()
+            return True
+        return bool(forced)
 
     def _end_grammar(self, state: _RequestState, why: str) -> None:
         """No token can continue the grammar: finish with "error" and the reason, never hang."""

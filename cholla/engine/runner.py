@@ -19,7 +19,7 @@ from cholla.engine.request import Request
 from cholla.engine.scheduler import ScheduledBatch
 from cholla.kv.paged_cache import PagedKVCache
 from cholla.kv.state_cache import StateCache, layer_caches
-from cholla.layers.attention import AttentionMetadata
+from cholla.layers.attention import MAX_QUERY_SPAN, AttentionMetadata
 from cholla.sampling.sampler import SamplingBatch, sample, skip_draws
 from cholla.sampling.structured import StructuredOutputs, allowed_tokens
 from cholla.speculative.verify import accept_greedy
@@ -37,8 +37,10 @@ class StepResult:
     # Per scheduled request: the prompt tokens this step scored (prompt logprobs), else None.
     prompt_logprobs: list[list[PromptLogprob] | None] | None = None
     # Speculating requests (by place in the batch): the model's token after the last token and
-    # after each draft, 1 + K of them; token_ids holds the first.
-    targets: dict[int, list[int]] = field(default_factory=dict)
+    # after each draft, 1 + K of them (None where the grammar allows no token); token_ids holds the first.
+    targets: dict[int, list[int | None]] = field(default_factory=dict)
+    # Speculating requests that asked for logprobs: each target's (chosen logprob, top alternatives).
+    target_logprobs: dict[int, list] = field(default_factory=dict)
 
 
 # Prompt logprobs take the logits of this many bytes of rows at a time (a 2048-token
@@ -108,6 +110,9 @@ class ModelRunner:
             num_prefills=batch.num_prefills,
             decode_context_lens=torch.tensor(context_lens[batch.num_prefills :], dtype=torch.long),
         )
+        if batch.num_prefills and max(batch.num_tokens) <= MAX_QUERY_SPAN:  # speculating decodes, tiny chunks
+            meta.span_starts = torch.tensor(starts, dtype=torch.long)
+            meta.span_context_lens = torch.tensor(context_lens, dtype=torch.long)
         if self.state_cache is not None:
             slots = [r.state_slot for r in batch.requests]
             # A prefill from the first token starts from a zero state; later chunks carry theirs on.
@@ -146,21 +151,25 @@ class ModelRunner:
                   if r.draft_token_ids and r.generator is not None and not r.params.greedy}
         out = sample(logits, sampling)
         tokens = out.token_ids.tolist()
-        targets: dict[int, list[int]] = {}
+        targets: dict[int, list[int | None]] = {}
+        target_logprobs: dict[int, list] = {}
+        dead_ends: set[int] = set()
+        dead_rows = set(dead_rows)
         for row, i in enumerate(needs_token):
+            dead = row in dead_rows
+            token = None if dead else tokens[row]
+            lp = out.logprobs[row] if out.logprobs is not None and requests[row].params.logprobs is not None else None
             if batch.requests[i].draft_token_ids:
-                targets.setdefault(i, []).append(tokens[row])
-            if sampled[i] is not None:
+                targets.setdefault(i, []).append(token)
+                target_logprobs.setdefault(i, []).append(lp)
+            if row and needs_token[row - 1] == i:
                 continue  # a speculating request's later rows
-            sampled[i] = tokens[row]
-            if out.logprobs is not None and requests[row].params.logprobs is not None:
-                logprobs[i] = out.logprobs[row]
+            sampled[i], logprobs[i] = token, None if dead else lp
+            if dead:
+                dead_ends.add(i)
         for i, state in seeded.items():
             _rewind(batch.requests[i], targets[i], state, logits.shape[-1])
-        dead_ends = {needs_token[row] for row in dead_rows}
-        for i in dead_ends:
-            sampled[i] = logprobs[i] = None
-        return StepResult(sampled, logprobs, dead_ends, scored, targets)
+        return StepResult(sampled, logprobs, dead_ends, scored, targets, target_logprobs)
 
     def _score_prompts(self, hidden: torch.Tensor, prompt_rows: list[PromptRows], num_requests: int) -> list:
         """Each requested prompt row's next-token logprob, rank and top alternatives (fp32 log_softmax).
@@ -196,19 +205,31 @@ class ModelRunner:
     def _grammar_masks(self, requests: list[Request], vocab_size: int) -> tuple[tuple[list[int], torch.Tensor] | None, list[int]]:
         """The constrained rows with their allowed tokens ``[rows, vocab]`` bool, and the rows where none is.
 
-        One bitmask ``[rows, ceil(vocab/32)]`` for the step, filled by the grammar engine in parallel.
+        One bitmask ``[rows, ceil(vocab/32)]`` for the step: each request's first row filled by
+        the grammar engine in parallel; a speculating request's later rows, the masks after each
+        of its drafts, one by one, its matcher walked through the drafts and rolled back.
         A dead-end row (a matcher in error allows only end-of-generation, which would end the
         request as if complete) is let free here, so sampling stays defined, and dropped by ``execute``.
         """
         rows = [row for row, r in enumerate(requests) if r.grammar is not None]
         if not rows:
             return None, []
-        matchers = [requests[row].grammar for row in rows]
+        firsts = [k for k, row in enumerate(rows) if row == 0 or requests[row - 1] is not requests[row]]
         bitmask = torch.zeros(len(rows), self.structured.mask_words, dtype=torch.int32)
-        self.structured.fill_bitmask(matchers, bitmask)
+        first_masks = torch.zeros(len(firsts), self.structured.mask_words, dtype=torch.int32)
+        self.structured.fill_bitmask([requests[rows[k]].grammar for k in firsts], first_masks)
+        bitmask[firsts] = first_masks
+        errors = {k for k in firsts if requests[rows[k]].grammar.error is not None}
+        for k in firsts:
+            request = requests[rows[k]]
+            for j, draft in enumerate(request.draft_token_ids):  # the scheduler kept only drafts the grammar takes
+                request.grammar.consume([draft])
+                self.structured.fill_bitmask([request.grammar], bitmask[k + 1 + j : k + 2 + j])
+            if request.draft_token_ids:
+                request.grammar.rollback(len(request.draft_token_ids))
         allowed = allowed_tokens(bitmask, vocab_size)
         empty = (~allowed.any(dim=1)).tolist()
-        dead = [i for i, m in enumerate(matchers) if empty[i] or m.error is not None]
+        dead = [i for i in range(len(rows)) if empty[i] or i in errors]
         if dead:
             allowed = allowed.clone()
             allowed[dead] = True

@@ -20,7 +20,8 @@ prompt's last full block, where a repeat of the prompt would resume).
 With a speculator, a decoding request may also carry drafted tokens: it then
 runs 1 + K tokens (its last token and the drafts), like a small prefill chunk,
 when the budget and free blocks allow, and decodes plainly otherwise. Drafts
-never preempt anyone.
+never preempt anyone, and a step keeps only the drafts worth their rows' cost
+(``speculator.allot`` over ``step_cost``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from cholla.engine.request import Request, RequestStatus
 from cholla.kv.block_manager import BlockManager
 from cholla.kv.state_cache import SlotAllocator, StateSnapshots
-from cholla.speculative.speculator import MAX_DECODING_SEQS, Speculator
+from cholla.speculative.speculator import STEP_COST, Speculator, allot
 
 
 @dataclass
@@ -39,6 +40,8 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # the token budget of one step
     max_model_len: int = 8192
+    # A step's cost by rows (speculator.STEP_COST): what decides how many drafts a step verifies.
+    step_cost: tuple[tuple[int, float], ...] = STEP_COST["bfloat16"]
 
 
 @dataclass
@@ -113,8 +116,9 @@ class Scheduler:
         scheduled: dict[str, tuple[Request, int]] = {}  # request id -> (request, new tokens), in order
 
         # 1. Running requests, oldest first: the rest of their prompt, or one decode token (and drafts).
-        speculate = self.speculator is not None and sum(map(_is_decoding, self.running)) <= MAX_DECODING_SEQS
-        proposals = self._propose() if speculate else {}
+        # Drafted rows this step may add: up to the cost table's last row (the fused step's limit).
+        room = self.config.step_cost[-1][0] - sum(map(_is_decoding, self.running))
+        proposals = self._propose(room) if self.speculator is not None and room > 0 else {}
         for request in list(self.running):
             request.draft_token_ids = []
             if budget == 0:
@@ -190,18 +194,28 @@ class Scheduler:
             return end - end % block_size - start
         return num_new
 
-    def _propose(self) -> dict[str, list[int]]:
-        """Drafts for every decoding request at once (a draft model runs them as one batch), each
-        short of the context's end and of ``max_tokens``; the step's budget cuts them later."""
+    def _propose(self, room: int) -> dict[str, list[int]]:
+        """Drafts for the decoding requests at once (a draft model runs them as one batch), each
+        short of the context's end, of ``max_tokens`` and of the step's ``room`` for drafts, then
+        cut to those worth their cost (``allot``); the step's token budget cuts them later.
+        Only requests whose full drafts could pay are asked (at batch 32 none is: no lookup runs)."""
         decoding = [r for r in self.running if _is_decoding(r)]
         limits = []
         for request in decoding:
-            limit = self.config.max_model_len - request.num_tokens - 1
+            limit = min(room, self.speculator.k, self.config.max_model_len - request.num_tokens - 1)
             if request.params.max_tokens is not None:
                 limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
-            limits.append(limit)
-        drafts = self.speculator.propose_batch(decoding, limits)
-        return {r.request_id: d for r, d in zip(decoding, drafts) if d}
+            limits.append(max(limit, 0))
+        table = self.config.step_cost
+        at_best = allot([[0] * limit for limit in limits], [r.speculation for r in decoding], len(decoding), table)
+        asked = [(r, len(d)) for r, d in zip(decoding, at_best) if d]
+        if not asked:
+            return {}
+        drafts = self.speculator.propose_batch([r for r, _ in asked], [limit for _, limit in asked])
+        # A grammar's request drafts only what its grammar would take: a refused token can't be verified.
+        drafts = [d[: r.grammar.valid_prefix(d)] if d and r.grammar is not None else d for (r, _), d in zip(asked, drafts)]
+        drafts = allot(drafts, [r.speculation for r, _ in asked], len(decoding), table)
+        return {r.request_id: d for (r, _), d in zip(asked, drafts) if d}
 
     def _draft(self, request: Request, drafts: list[int]) -> int:
         """Give a decoding request ``drafts`` (``request.draft_token_ids``) if they fit; returns how many.

@@ -52,8 +52,10 @@ constexpr int64_t WEIGHTS_PER_LAYER = 7;  // q, k, v, o, gate, up, down
 
 namespace cholla {
 
-// x: fp32 [rows, hidden], one row per decoding sequence; returns the residual
-// stream after the last layer. Per layer l:
+// x: fp32 [rows, hidden], one row per decoding sequence, or with query_starts
+// (int64 [seqs + 1]) a short span of rows per sequence: its last few positions,
+// as a speculating sequence verifies its drafts (paged_attention_decode); returns
+// the residual stream after the last layer. Per layer l:
 //   weights[7l .. 7l+6] (GGUF rows, `types`): q, k, v, o, gate, up, down;
 //   norms[norms_per_layer * l ..]: attention input, MLP input, then with
 //     post_norms the attention and MLP outputs, then with qk_norm q and k;
@@ -67,7 +69,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
                          at::IntArrayRef types, at::TensorList norms, at::TensorList k_caches,
                          at::TensorList v_caches, at::TensorList cos, at::TensorList sin,
                          at::IntArrayRef rope_of_layer, at::IntArrayRef windows, const at::Tensor& slot_mapping,
-                         const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t num_heads,
+                         const at::Tensor& block_tables, const at::Tensor& context_lens,
+                         const std::optional<at::Tensor>& query_starts, int64_t num_heads,
                          int64_t num_kv_heads, int64_t head_dim, double scale, double softcap, double eps,
                          bool interleaved, int64_t activation, bool post_norms, bool qk_norm, bool integer,
                          int64_t gemv_max_rows, at::TensorList k_quant, at::TensorList v_quant, bool k_rotated,
@@ -197,8 +200,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
             }
           }
           if (!barrier->wait()) break;
-          paged_attention_part(q, k_sides[l], v_sides[l], block_tables, context_lens, scale, windows[l], softcap,
-                               attended, thread, threads);
+          paged_attention_part(q, k_sides[l], v_sides[l], block_tables, context_lens, query_starts, scale, windows[l],
+                               softcap, attended, thread, threads);
           if (!barrier->wait()) break;
         }
         {
@@ -236,10 +239,10 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
 TORCH_LIBRARY_FRAGMENT(cholla, m) {
   m.def("decode_layers(Tensor x, Tensor positions, Tensor[] weights, int[] types, Tensor[] norms, "
         "Tensor[] k_caches, Tensor[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope_of_layer, int[] windows, "
-        "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, int num_heads, int num_kv_heads, "
-        "int head_dim, float scale, float softcap, float eps, bool interleaved, int activation, bool post_norms, "
-        "bool qk_norm, bool integer, int gemv_max_rows, Tensor[] k_quant, Tensor[] v_quant, bool k_rotated=False, "
-        "bool v_rotated=False) -> Tensor");
+        "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor? query_starts, int num_heads, "
+        "int num_kv_heads, int head_dim, float scale, float softcap, float eps, bool interleaved, int activation, "
+        "bool post_norms, bool qk_norm, bool integer, int gemv_max_rows, Tensor[] k_quant, Tensor[] v_quant, "
+        "bool k_rotated=False, bool v_rotated=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) { m.impl("decode_layers", &cholla::decode_layers); }

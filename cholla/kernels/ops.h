@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <optional>
 #include <utility>
 
 namespace cholla {
@@ -58,8 +59,9 @@ KVSide kv_side(const char* op, const at::Tensor& values, at::TensorList quant, b
 // K and V of one geometry (their types may differ).
 void check_sides(const char* op, const KVSide& k, const KVSide& v);
 void paged_attention_part(const at::Tensor& q, const KVSide& k_cache, const KVSide& v_cache,
-                          const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t window,
-                          double softcap, at::Tensor& out, int64_t thread, int64_t threads);
+                          const at::Tensor& block_tables, const at::Tensor& context_lens,
+                          const std::optional<at::Tensor>& query_starts, double scale, int64_t window, double softcap,
+                          at::Tensor& out, int64_t thread, int64_t threads);
 
 // The ops' bodies for one row, for a caller that checks a step's arguments
 // once, up front: no checks, no allocation, no threads.

@@ -4,8 +4,13 @@
 // lie in fixed-size cache blocks listed by its block table. For every (sequence,
 // KV head) pair this kernel walks the blocks once: scores of the pair's query
 // heads against each key, a softmax over them, and the weighted sum of values,
-// in fp32. PyTorch would instead gather every sequence's whole context into a
-// contiguous copy and build a mask per layer, a dozen ops per layer per step.
+// in fp32. A sequence verifying drafted tokens (speculative decoding) brings a
+// short span of query rows instead, its last q_len positions, causal within the
+// span: its row i sees the first context_len - q_len + i + 1 keys. Each row is
+// then attended as a decode of its own (the span's keys are read once per row,
+// from cache: spans are a few rows). PyTorch would instead gather every
+// sequence's whole context into a contiguous copy and build a mask per layer, a
+// dozen ops per layer per step.
 //
 // Every KV cache type (cholla/kv/kv_types.py) is read and written in place: a
 // row loader per type widens 16 values at a time into registers as they are
@@ -300,26 +305,38 @@ void attend_pair(const float* q, const cholla::KVSide& ks, const cholla::KVSide&
     }
 }
 
-// A step's work is cut into jobs of (sequence, KV head, part of its query
+// A step's work is cut into jobs of (query row, KV head, part of its query
 // heads). With fewer pairs than two per thread each pair's heads are split in
 // two, so that one sequence keeps both cores busy (Gemma 3 has one KV head:
 // unsplit, its attention ran on one core); its keys are then read twice, from cache.
-int64_t attention_parts(int64_t seqs, int64_t kv_heads, int64_t group, int64_t threads) {
-  return seqs * kv_heads < 2 * threads && group > 1 ? 2 : 1;
+int64_t attention_parts(int64_t rows, int64_t kv_heads, int64_t group, int64_t threads) {
+  return rows * kv_heads < 2 * threads && group > 1 ? 2 : 1;
 }
+
+// Query rows of a step: row r belongs to sequence seq[r], and sees the first
+// visible(r) keys of it. Without query starts each sequence has one row.
+struct QueryRows {
+  std::vector<int64_t> seq, ends;  // empty: row r is sequence r
+  int64_t sequence(int64_t r) const { return seq.empty() ? r : seq[r]; }
+  // The span's last row sees the whole context; each row before it one key fewer.
+  int64_t visible(int64_t r, const int64_t* lens) const {
+    return seq.empty() ? lens[r] : lens[seq[r]] - (ends[seq[r]] - 1 - r);
+  }
+};
 
 // Jobs [begin, end) of a decode step (parts per pair: attention_parts).
 void attend_decode(const float* qs, const cholla::KVSide& ks, const cholla::KVSide& vs, float* os,
-                   const int64_t* tables, const int64_t* lens, int64_t begin, int64_t end, int64_t parts,
-                   int64_t heads, int64_t max_blocks, float scale, int64_t window, float cap) {
+                   const int64_t* tables, const int64_t* lens, const QueryRows& rows, int64_t begin, int64_t end,
+                   int64_t parts, int64_t heads, int64_t max_blocks, float scale, int64_t window, float cap) {
   const int64_t kv_heads = ks.heads, dim = ks.dim, group = heads / kv_heads, per_part = (group + parts - 1) / parts;
   std::vector<float> scores, rotated_q;
   for (int64_t job = begin; job < end; ++job) {
-    const int64_t pair = job / parts, s = pair / kv_heads, kvh = pair % kv_heads, ctx = lens[s];
+    const int64_t pair = job / parts, r = pair / kv_heads, kvh = pair % kv_heads;
+    const int64_t s = rows.sequence(r), ctx = rows.visible(r, lens);
     const int64_t head = kvh * group + job % parts * per_part, count = std::min(per_part, (kvh + 1) * group - head);
     if (count <= 0) continue;
     const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-    attend_pair(qs + (s * heads + head) * dim, ks, vs, os + (s * heads + head) * dim, tables + s * max_blocks, first,
+    attend_pair(qs + (r * heads + head) * dim, ks, vs, os + (r * heads + head) * dim, tables + s * max_blocks, first,
                 ctx - first, count, kvh, scale, cap, scores, rotated_q);
   }
 }
@@ -421,28 +438,53 @@ void check_new_rows(const at::Tensor& x, int64_t tokens, int64_t kv_heads, int64
               "write_kv: k and v must be fp32 [tokens, kv_heads, dim] with contiguous heads");
 }
 
+// The step's query rows (query_starts: int64 [seqs + 1], each sequence's first row, then the row count).
+QueryRows query_rows(const std::optional<at::Tensor>& query_starts, int64_t rows, const int64_t* lens, int64_t seqs) {
+  QueryRows out;
+  if (!query_starts) {
+    TORCH_CHECK(rows == seqs, "paged_attention_decode: one block table and context length per sequence");
+    return out;
+  }
+  const at::Tensor starts_tensor = query_starts->to(at::kLong).contiguous();
+  TORCH_CHECK(starts_tensor.numel() == seqs + 1, "paged_attention_decode: query_starts needs one entry per sequence and one more");
+  const int64_t* starts = starts_tensor.data_ptr<int64_t>();
+  TORCH_CHECK(starts[0] == 0 && starts[seqs] == rows, "paged_attention_decode: query_starts must run from 0 to the row count");
+  out.seq.resize(rows);
+  out.ends.assign(starts + 1, starts + seqs + 1);
+  for (int64_t s = 0; s < seqs; ++s) {
+    TORCH_CHECK(starts[s] < starts[s + 1] && starts[s + 1] - starts[s] <= lens[s],
+                "paged_attention_decode: each sequence needs 1 to context_len query rows");
+    std::fill(out.seq.begin() + starts[s], out.seq.begin() + starts[s + 1], s);
+  }
+  return out;
+}
+
 // Jobs [begin, end) (see attention_parts), after checking the tables and lengths
 // they read (plan_attention has checked q and the caches).
 void attend_jobs(const at::Tensor& q, const cholla::KVSide& ks, const cholla::KVSide& vs,
-                 const at::Tensor& block_tables_in, const at::Tensor& context_lens_in, double scale, int64_t window,
-                 double softcap, at::Tensor& out, int64_t begin, int64_t end, int64_t parts) {
+                 const at::Tensor& block_tables_in, const at::Tensor& context_lens_in,
+                 const std::optional<at::Tensor>& query_starts, double scale, int64_t window, double softcap,
+                 at::Tensor& out, int64_t begin, int64_t end, int64_t parts) {
   const at::Tensor block_tables = block_tables_in.to(at::kLong).contiguous();
   const at::Tensor context_lens = context_lens_in.to(at::kLong).contiguous();
-  const int64_t seqs = q.size(0), heads = q.size(1);
+  const int64_t seqs = context_lens.numel(), heads = q.size(1);
   const int64_t num_blocks = ks.blocks, block_size = ks.block_size, kv_heads = ks.heads;
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seqs && context_lens.numel() == seqs,
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seqs,
               "paged_attention_decode: one block table and context length per sequence");
   const int64_t max_blocks = block_tables.size(1);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-  for (int64_t s = begin / parts / kv_heads; begin < end && s <= (end - 1) / parts / kv_heads; ++s) {  // those it reads
+  for (int64_t s = 0; s < seqs; ++s)  // (query_rows compares the spans with them)
     TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size, "paged_attention_decode: bad context length");
-    for (int64_t b = 0; b < (lens[s] + block_size - 1) / block_size; ++b)
+  const QueryRows rows = query_rows(query_starts, q.size(0), lens, seqs);
+  for (int64_t r = begin / parts / kv_heads; begin < end && r <= (end - 1) / parts / kv_heads; ++r) {  // those it reads
+    const int64_t s = rows.sequence(r);
+    for (int64_t b = 0; b < (rows.visible(r, lens) + block_size - 1) / block_size; ++b)
       TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
                   "paged_attention_decode: block id out of range");
   }
-  attend_decode(q.data_ptr<float>(), ks, vs, out.data_ptr<float>(), tables, lens, begin, end, parts, heads, max_blocks,
-                static_cast<float>(scale), window, static_cast<float>(softcap));
+  attend_decode(q.data_ptr<float>(), ks, vs, out.data_ptr<float>(), tables, lens, rows, begin, end, parts, heads,
+                max_blocks, static_cast<float>(scale), window, static_cast<float>(softcap));
 }
 
 // q and the caches checked; returns how many parts each (sequence, KV head) pair is cut into for `threads`.
@@ -523,16 +565,17 @@ void check_sides(const char* op, const KVSide& k, const KVSide& v) {
               ": the K and V caches must have the same blocks, heads and head_dim");
 }
 
-// q: fp32 [seqs, heads, dim]; k_cache, v_cache: [blocks, block_size, kv_heads, dim] in any
+// q: fp32 [rows, heads, dim]; k_cache, v_cache: [blocks, block_size, kv_heads, dim] in any
 // kv_types type (k_quant, v_quant, *_rotated: see kv_side); block_tables: int64 [seqs, max_blocks];
-// context_lens: int64 [seqs], the new token included (its key and value already written).
-// window > 0: a key is visible only if fewer than `window` positions back; softcap > 0:
-// scores -> softcap * tanh(s / softcap).
+// context_lens: int64 [seqs], the new tokens included (their keys and values already written).
+// query_starts: int64 [seqs + 1], where each sequence's query rows start (its last q_len
+// positions, causal among themselves), or None: one row per sequence. window > 0: a key is
+// visible only if fewer than `window` positions back; softcap > 0: scores -> softcap * tanh(s / softcap).
 at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                   int64_t window, double softcap, at::TensorList k_quant, at::TensorList v_quant,
-                                  bool k_rotated, bool v_rotated) {
-  TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "paged_attention_decode: q must be fp32 [seqs, heads, dim]");
+                                  bool k_rotated, bool v_rotated, const std::optional<at::Tensor>& query_starts) {
+  TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "paged_attention_decode: q must be fp32 [rows, heads, dim]");
   const at::Tensor q = q_in.contiguous();
   const KVSide ks = kv_side("paged_attention_decode", k_cache, k_quant, k_rotated);
   const KVSide vs = kv_side("paged_attention_decode", v_cache, v_quant, v_rotated);
@@ -540,21 +583,21 @@ at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_ca
   const int64_t parts = plan_attention(q, ks, vs, at::get_num_threads());
   at::Tensor out = at::zeros_like(q);
   at::parallel_for(0, q.size(0) * ks.heads * parts, 1, [&](int64_t begin, int64_t end) {
-    attend_jobs(q, ks, vs, block_tables, context_lens, scale, window, softcap, out, begin, end, parts);
+    attend_jobs(q, ks, vs, block_tables, context_lens, query_starts, scale, window, softcap, out, begin, end, parts);
   });
   return out;
 }
 
 // One thread's share of the jobs, into out (fp32, q's shape).
 void paged_attention_part(const at::Tensor& q, const KVSide& ks, const KVSide& vs, const at::Tensor& block_tables,
-                          const at::Tensor& context_lens, double scale, int64_t window, double softcap, at::Tensor& out,
-                          int64_t thread, int64_t threads) {
+                          const at::Tensor& context_lens, const std::optional<at::Tensor>& query_starts, double scale,
+                          int64_t window, double softcap, at::Tensor& out, int64_t thread, int64_t threads) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && out.sizes() == q.sizes() &&
                   out.scalar_type() == at::kFloat && out.is_contiguous(),
-              "paged_attention_part: q and out must be contiguous fp32 [seqs, heads, dim]");
+              "paged_attention_part: q and out must be contiguous fp32 [rows, heads, dim]");
   const int64_t parts = plan_attention(q, ks, vs, threads);
   const auto [begin, end] = share(q.size(0) * ks.heads * parts, thread, threads);
-  attend_jobs(q, ks, vs, block_tables, context_lens, scale, window, softcap, out, begin, end, parts);
+  attend_jobs(q, ks, vs, block_tables, context_lens, query_starts, scale, window, softcap, out, begin, end, parts);
 }
 
 void write_kv_row(const float* k, const float* v, const KVSide& k_cache, const KVSide& v_cache, int64_t slot) {
@@ -594,7 +637,7 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
         "Tensor[] k_quant, Tensor[] v_quant, bool k_rotated=False, bool v_rotated=False) -> ()");
   m.def("paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int window, float softcap, Tensor[] k_quant, Tensor[] v_quant, "
-        "bool k_rotated=False, bool v_rotated=False) -> Tensor");
+        "bool k_rotated=False, bool v_rotated=False, Tensor? query_starts=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) {

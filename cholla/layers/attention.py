@@ -4,7 +4,10 @@ Every step, the new tokens' keys and values are written into their cache
 slots (``slot_mapping``), then each query attends to its sequence's keys read
 back through the sequence's ``block_table``. Sequences that decode one token
 share one batched call; prefill chunks (which may follow a cached prefix) run
-one call each, with a causal mask offset by the tokens already cached.
+one call each, with a causal mask offset by the tokens already cached. A step
+whose sequences all bring short spans (``MAX_QUERY_SPAN`` tokens at most: decodes,
+speculating decodes verifying their drafts, tiny chunks) runs every row through
+the decode kernel instead, each row seeing the keys up to its own position.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
 
 
+# Rows of one sequence a decode-kernel step takes: a speculating sequence's last token
+# and up to 16 drafts (cholla/speculative/config.py's MAX_SPECULATIVE_TOKENS).
+MAX_QUERY_SPAN = 17
+
+
 @dataclass
 class AttentionMetadata:
     """Where this step's tokens sit in the batch and in the cache.
@@ -46,6 +54,10 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None  # [decodes] as a tensor, for masking
     # Models with recurrent layers: [seqs] the state-cache slot of each sequence (kv/state_cache.py).
     state_slots: torch.Tensor | None = None
+    # Steps with prefill chunks where every sequence has at most MAX_QUERY_SPAN tokens: int64
+    # [seqs + 1] query_start_loc and [seqs] context_lens as tensors, for the decode kernels.
+    span_starts: torch.Tensor | None = None
+    span_context_lens: torch.Tensor | None = None
 
 
 def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -118,6 +130,11 @@ def paged_attention(
     if meta.num_prefills == 0:  # a decode-only step: no output to assemble
         return attend_decodes(q, k_cache, v_cache, meta.block_tables, meta.decode_context_lens, scale, window, softcap,
                               sinks)
+    if meta.span_starts is not None and _kernel_attends(q, k_cache, v_cache, sinks):  # short spans only
+        (k_values, v_values), quant = _kernel_caches(k_cache, v_cache)
+        return cpu_kernels().paged_attention_decode(q, k_values, v_values, meta.block_tables, meta.span_context_lens,
+                                                    scale, window or 0, softcap or 0.0, **quant,
+                                                    query_starts=meta.span_starts)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     starts = meta.query_start_loc
 
@@ -199,15 +216,30 @@ def _kernel_caches(k_cache, v_cache) -> tuple:
     return (k_values, v_values), {"k_quant": k_quant, "v_quant": v_quant, "k_rotated": k_rotated, "v_rotated": v_rotated}
 
 
+def _kernel_attends(q, k_cache, v_cache, sinks) -> bool:
+    return cpu_kernels() is not None and sinks is None and q.dtype == torch.float32 and kernel_reads(k_cache, v_cache)
+
+
 def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, window=None, softcap=None,
                    sinks=None) -> torch.Tensor:
     """One new token per sequence (q: [decodes, heads, dim]), by our kernel where it runs (it has no sinks)."""
-    kernels = cpu_kernels()
-    if kernels is not None and sinks is None and q.dtype == torch.float32 and kernel_reads(k_cache, v_cache):
+    if _kernel_attends(q, k_cache, v_cache, sinks):
         (k_values, v_values), quant = _kernel_caches(k_cache, v_cache)
-        return kernels.paged_attention_decode(q, k_values, v_values, block_tables, context_lens, scale, window or 0,
-                                              softcap or 0.0, **quant)
+        return cpu_kernels().paged_attention_decode(q, k_values, v_values, block_tables, context_lens, scale, window or 0,
+                                                    softcap or 0.0, **quant)
     return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, sinks)
+
+
+def span_attention(q, k_cache, v_cache, block_tables, context_lens, query_starts, scale, window=None, softcap=None,
+                   sinks=None) -> torch.Tensor:
+    """Each sequence's last ``q_len`` positions (q: [rows, heads, dim], ``query_starts`` [seqs + 1]),
+    causal among themselves, in PyTorch ops: row i of a span is a decode with the first
+    ``context_len - q_len + i + 1`` keys. The reference for the kernel's ``query_starts``."""
+    q_lens = query_starts[1:] - query_starts[:-1]
+    seq = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens)
+    rank = torch.arange(q.shape[0]) - query_starts[:-1][seq]
+    visible = context_lens[seq] - q_lens[seq] + rank + 1
+    return decode_attention(q, k_cache, v_cache, block_tables[seq], visible, scale, window, softcap, sinks)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:

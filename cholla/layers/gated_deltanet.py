@@ -13,7 +13,9 @@ the output is RMS-normalised per head and gated by ``silu(z)`` before
 ``out_proj``. One sequence's state is the convolution's last ``kernel - 1``
 inputs and ``S`` for every value head, float32, in its state-cache slot.
 
-Decodes run the recurrence above for the whole batch at once. A prefill chunk
+Decodes run the recurrence above for the whole batch at once, in one call of
+our kernel (``kernels/state_update.cpp``) where it runs: each sequence's slot
+stepped in place, q and k normalised and g and beta formed inside it. A prefill chunk
 uses the chunked form: within a chunk of ``CHUNK`` tokens the delta-rule updates
 are solved together as one triangular system (the "UT transform"), so the
 sequential part is one small matrix product per chunk instead of per token.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cholla.kernels import cpu_kernels
 from cholla.layers.attention import AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
 from cholla.layers.linear import DenseTensor, Linear, linear_group
@@ -130,25 +133,44 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         conv_state, recurrent = state
         qkv, z, b, a = linear_group((self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a), x)
-        qkv = F.silu(causal_conv1d(qkv, self.conv1d.weight.value, None, conv_state, meta))
-        q, k, v = self._heads(qkv)
-        beta = torch.sigmoid(b.float())
-        g = self.A.value * F.softplus(a.float() + self.dt_bias.value)
-        out = torch.empty_like(v)
-        starts, slots = meta.query_start_loc, meta.state_slots
-        for s in range(meta.num_prefills):
-            start, end, slot = starts[s], starts[s + 1], int(slots[s])
-            span = slice(start, end)
-            out[span], recurrent[slot] = delta_rule_chunked(q[span], k[span], v[span], g[span], beta[span], recurrent[slot])
-        first = starts[meta.num_prefills]
-        if first < x.shape[0]:
-            index = slots[meta.num_prefills:]
-            low = int(index[0])
-            run = bool((index == torch.arange(low, low + len(index))).all())  # consecutive slots (one decode always)
-            batch_state = recurrent[low:low + len(index)] if run else recurrent[index]  # a view, or a gathered copy
-            out[first:] = delta_rule_step(q[first:], k[first:], v[first:], g[first:], beta[first:], batch_state)
-            if not run:
-                recurrent[index] = batch_state
+        qkv = causal_conv1d(qkv, self.conv1d.weight.value, None, conv_state, meta, silu=True)
+        c, starts, slots = self.config, meta.query_start_loc, meta.state_slots
+        if meta.num_prefills == 0:
+            out = self._decode(qkv, a, b, recurrent, slots)
+        else:
+            first = starts[meta.num_prefills]
+            out = torch.empty(x.shape[0], c.num_v_heads, c.v_head_dim)
+            q, k, v = self._heads(qkv[:first])
+            beta, g = self._beta_g(a[:first], b[:first])
+            for s in range(meta.num_prefills):
+                span, slot = slice(starts[s], starts[s + 1]), int(slots[s])
+                out[span], recurrent[slot] = delta_rule_chunked(q[span], k[span], v[span], g[span], beta[span], recurrent[slot])
+            if first < x.shape[0]:
+                out[first:] = self._decode(qkv[first:], a[first:], b[first:], recurrent, slots[meta.num_prefills:])
         # Qwen's gated norm: normalise each head's output, then gate it
         out = rms_norm(out, self.norm.weight, self.norm.eps) * F.silu(z.float().view_as(out))
         return self.out_proj(out.flatten(1))
+
+    def _beta_g(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """beta = sigmoid(b) and the log decay g = A softplus(a + dt_bias), [tokens, v_heads]."""
+        return torch.sigmoid(b.float()), self.A.value * F.softplus(a.float() + self.dt_bias.value)
+
+    def _decode(self, qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, recurrent: torch.Tensor,
+                slots: torch.Tensor) -> torch.Tensor:
+        """One token per sequence (qkv: [batch, channels], convolved), each stepping its slot of
+        ``recurrent`` in place: in one kernel call where ours run. -> [batch, v_heads, v_head_dim]."""
+        kernels = cpu_kernels()
+        if kernels is not None and qkv.device.type == "cpu" and recurrent.is_contiguous() and self.config.k_head_dim <= 1024:
+            c = self.config
+            return kernels.gated_delta_rule_step(qkv, a.float(), b.float(), self.A.value.contiguous(),
+                                                 self.dt_bias.value.contiguous(), recurrent,
+                                                 slots.to(torch.long), c.num_k_heads, c.v_heads_tiled)
+        q, k, v = self._heads(qkv)
+        beta, g = self._beta_g(a, b)
+        low = int(slots[0])
+        run = bool((slots == torch.arange(low, low + len(slots))).all())  # consecutive slots (one decode always)
+        batch_state = recurrent[low:low + len(slots)] if run else recurrent[slots]  # a view, or a gathered copy
+        out = delta_rule_step(q, k, v, g, beta, batch_state)
+        if not run:
+            recurrent[slots] = batch_state
+        return out

@@ -9,14 +9,17 @@ per head), each head's state ``h`` (``head_dim x state_size``) evolves as
 
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T        y_t = h_t C_t + D x_t
 
-and ``y`` goes through a gated RMSNorm per group and ``out_proj``.
+and ``y`` goes through a gated RMSNorm per group (one C++ pass where the kernels
+run) and ``out_proj``.
 
-Decodes take that recurrence one step, batched over sequences (states gathered by
-slot and scattered back). A prefill chunk uses the chunked "state space duality"
-form: within a chunk of ``chunk_size`` tokens the output is a masked,
-decay-weighted attention-like product (``C_l . B_s`` times the decay from ``s``
-to ``l``), and the state is carried between chunks by the recurrence above at
-chunk granularity; the chunk starts from, and writes back, the sequence's slot.
+Decodes take that recurrence one step, batched over sequences: in C++ on the
+state slots in place (``kernels/ssd.cpp``) where the kernels run, else in PyTorch
+(``ssd_step``, the kernel's reference: states gathered by slot and scattered
+back). A prefill chunk uses the chunked "state space duality" form: within a
+chunk of ``chunk_size`` tokens the output is a masked, decay-weighted
+attention-like product (``C_l . B_s`` times the decay from ``s`` to ``l``), and
+the state is carried between chunks by the recurrence above at chunk
+granularity; the chunk starts from, and writes back, the sequence's slot.
 All state math is float32.
 """
 
@@ -26,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cholla.kernels import cpu_kernels
 from cholla.layers.attention import AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
 from cholla.layers.linear import DenseTensor, Linear
+from cholla.layers.mlp import gated_activation
 from cholla.layers.norm import RMSNorm
 from cholla.models.config import Mamba2Shape
 
@@ -98,7 +103,7 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return torch.bmm(flat, C.transpose(1, 2)).view(batch, heads, head_dim)
 
 
-# Decode steps gather their sequences' SSM states into this buffer, reused by every layer and step:
+# PyTorch's decode step gathers its sequences' SSM states into this buffer, reused by every layer and step:
 # a fresh tensor of that size costs more in page faults than the step's arithmetic.
 _gathered: dict[tuple, torch.Tensor] = {}
 
@@ -136,34 +141,59 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(x).float().split([s.inner_size, s.conv_channels, heads], dim=-1)
         conv_state, ssm_state = states
         conv = self.conv1d
-        xBC = F.silu(causal_conv1d(xBC, conv.weight.value, conv.bias.value if conv.bias is not None else None, conv_state, meta))
-        hs, B, C = xBC.split([s.inner_size, groups * s.state_size, groups * s.state_size], dim=-1)
-        hs = hs.reshape(tokens, heads, s.head_dim)
-        B, C = B.reshape(tokens, groups, s.state_size), C.reshape(tokens, groups, s.state_size)
-        dt = F.softplus(dt + self.dt_bias.value)
-        if s.dt_limit != (0.0, float("inf")):
-            dt = dt.clamp(*s.dt_limit)
-        A = -torch.exp(self.A_log.value)
+        xBC = causal_conv1d(xBC, conv.weight.value, conv.bias.value if conv.bias is not None else None, conv_state, meta, silu=True)
+        hs, B, C = xBC.split([s.inner_size, groups * s.state_size, groups * s.state_size], dim=-1)  # [tokens, ...]
 
-        y = torch.empty_like(hs)
+        y = hs.new_empty(tokens, s.inner_size)
         starts, slots = meta.query_start_loc, meta.state_slots
         for i in range(meta.num_prefills):
             a, b, slot = starts[i], starts[i + 1], int(slots[i])
-            y[a:b], ssm_state[slot] = ssd_chunked(hs[a:b], dt[a:b], A, B[a:b], C[a:b], ssm_state[slot], s.chunk_size)
+            x_i = hs[a:b].reshape(b - a, heads, s.head_dim)
+            B_i, C_i = (t[a:b].reshape(b - a, groups, s.state_size) for t in (B, C))
+            y_i, ssm_state[slot] = ssd_chunked(x_i, self._dt(dt[a:b]), self._A(), B_i, C_i, ssm_state[slot],
+                                               s.chunk_size)
+            y[a:b] = (y_i + x_i * self.D.value[:, None]).reshape(b - a, s.inner_size)
         first = starts[meta.num_prefills]
         if first < tokens:
-            index = slots[meta.num_prefills:].to(ssm_state.device)
-            gathered = torch.index_select(ssm_state, 0, index, out=_gather_buffer(ssm_state, len(index)))
-            y[first:] = ssd_step(hs[first:], dt[first:], A, B[first:], C[first:], gathered)
-            ssm_state.index_copy_(0, index, gathered)
-        y = (y + hs * self.D.value[:, None]).reshape(tokens, s.inner_size)
+            y[first:] = self._decode(hs[first:], dt[first:], B[first:], C[first:], ssm_state, slots[meta.num_prefills:])
         return self.out_proj(self._gate(y, z))
 
+    def _A(self) -> torch.Tensor:
+        """The per-head decay rate ``-exp(A_log)`` [H], negative."""
+        return -torch.exp(self.A_log.value)
+
+    def _dt(self, dt: torch.Tensor) -> torch.Tensor:
+        """The time steps in use: ``softplus(dt + dt_bias)``, clamped to ``dt_limit``."""
+        dt = F.softplus(dt + self.dt_bias.value)
+        return dt.clamp(*self.shape.dt_limit) if self.shape.dt_limit != (0.0, float("inf")) else dt
+
+    def _decode(self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ssm_state: torch.Tensor,
+                slots: torch.Tensor) -> torch.Tensor:
+        """One step of ``len(slots)`` sequences, their states updated in place. x: [b, inner]; dt: [b, H]
+        before softplus; B, C: [b, G * N]. -> y [b, inner], the D skip included.
+
+        The C++ kernel works on the slots where they lie; PyTorch gathers them by slot and scatters them back."""
+        s, batch = self.shape, x.shape[0]
+        kernels = cpu_kernels()
+        if kernels is not None and ssm_state.device.type == "cpu":
+            return kernels.ssd_step(ssm_state, slots, x, dt, self.dt_bias.value, self.A_log.value, B, C, self.D.value,
+                                    *s.dt_limit)
+        x = x.reshape(batch, s.num_heads, s.head_dim)
+        B, C = (t.reshape(batch, s.n_groups, s.state_size) for t in (B, C))
+        index = slots.to(ssm_state.device)
+        gathered = torch.index_select(ssm_state, 0, index, out=_gather_buffer(ssm_state, batch))
+        y = ssd_step(x, self._dt(dt), self._A(), B, C, gathered)
+        ssm_state.index_copy_(0, index, gathered)
+        return (y + x * self.D.value[:, None]).reshape(batch, s.inner_size)
+
     def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The output gate ``silu(z)`` and the RMSNorm taken over each group's ``inner / n_groups`` channels."""
-        s = self.shape
+        """The output gate ``silu(z)`` and the RMSNorm taken over each group's ``inner / n_groups`` channels.
+        y: [tokens, inner] contiguous; z: [tokens, inner] (a view)."""
+        s, kernels = self.shape, cpu_kernels()
         if self.norm is None:
-            return y * F.silu(z)
+            return gated_activation(z, y, "silu")
+        if kernels is not None and y.device.type == "cpu":
+            return kernels.gated_rms_norm(y, z, self.norm.weight, s.n_groups, s.norm_eps, s.norm_before_gate)
         if not s.norm_before_gate:
             y = y * F.silu(z)
         grouped = y.reshape(y.shape[0], s.n_groups, -1)

@@ -5,7 +5,7 @@ kernels than in them (docs/benchmarks.md). For the pre-norm layers of the
 Llama family and Gemma 3 (``models/llama.py``, ``models/gemma3.py``),
 ``run_layers`` hands every layer's weights, norms and caches to one C++ call
 that chains the kernels the Python layers call, in the same order. Whatever
-it does not cover (prefill chunks, steps larger than our matmul kernels take,
+it does not cover (prefill chunks longer than a speculated span, steps larger than our matmul kernels take,
 biases, other MLPs, mixtures of experts, latent attention, attention sinks, no
 kernels) runs layer by layer in Python. Every KV cache type runs fused.
 """
@@ -117,19 +117,22 @@ def plan_decode(model: nn.Module) -> DecodePlan | None:
 
 
 def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor | None:
-    """Every layer in one call, or None where this step is not a decode-only one that
-    our kernels multiply (the rows ``linear_group`` gives to the GEMVs or the AMX tiles)."""
+    """Every layer in one call, or None where this step is not one of decodes and short spans
+    (speculating sequences' verification rows: ``AttentionMetadata.span_starts``) that our
+    kernels multiply (the rows ``linear_group`` gives to the GEMVs or the AMX tiles)."""
     integer = plan.first_linear.compute_dtype == torch.bfloat16
-    if meta.num_prefills or x.shape[0] > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS):
+    spans = meta.span_starts if meta.num_prefills else None
+    if (meta.num_prefills and spans is None) or x.shape[0] > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS):
         return None
     if x.dtype != torch.float32 or x.device.type != "cpu" or not kernel_reads(*kv_caches[0]):
         return None
     k_values, v_values, k_quant, v_quant, k_rotated, v_rotated = _cache_args(kv_caches)
     tables = [rope.tables(positions) for rope in plan.ropes]
+    context_lens = meta.span_context_lens if spans is not None else meta.decode_context_lens
     return cpu_kernels().decode_layers(
         x, positions, plan.weights, plan.types, plan.norms, k_values, v_values,
         [cos for cos, _ in tables], [sin for _, sin in tables], plan.rope_of_layer, plan.windows, meta.slot_mapping,
-        meta.block_tables, meta.decode_context_lens, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,
+        meta.block_tables, context_lens, spans, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,
         plan.softcap, plan.eps, plan.interleaved, plan.activation, plan.post_norms, plan.qk_norm, integer,
         INT8_MAX_ROWS if integer else GEMV_MAX_ROWS, k_quant, v_quant, k_rotated, v_rotated,
     )

@@ -109,6 +109,14 @@ class GrammarMatcher:
         """Advance over tokens the model produced; False (and ``error`` set) when the grammar refuses one."""
         return self._matcher.consume_tokens(token_ids)
 
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many of ``token_ids``, in order, the grammar would take from here (the matcher stays put)."""
+        return self._matcher.validate_tokens(token_ids)
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last ``num_tokens`` consumed (a speculating sequence's drafts, once their masks are read)."""
+        self._matcher.rollback(num_tokens)
+
     def fast_forward_tokens(self) -> list[int]:
         """Tokens the grammar forces next (the only continuation), to append without sampling them."""
         return self._matcher.compute_ff_tokens()

@@ -12,8 +12,8 @@ sequence's tokens, and at the next proposal keeps only those the target accepted
 common prefix with the sequence as it is now), handing back the blocks past them. A
 sequence that decoded plainly for a while (the batch was large, or it was backing off)
 simply has more to catch up on. Its draft blocks go back when it finishes, is aborted or
-is preempted. As only ``MAX_DECODING_SEQS`` sequences ever speculate at once, only as many
-hold draft blocks; the cache is sized for them at full length, within ``DRAFT_CACHE_SHARE``
+is preempted. As at most ``MAX_SPECULATING_SEQS`` sequences speculate at once, only as
+many hold draft blocks; the cache is sized for them at full length, within ``DRAFT_CACHE_SHARE``
 of the target's KV memory (a sequence longer than the draft cache holds decodes plainly).
 """
 
@@ -34,7 +34,7 @@ from cholla.kv.paged_cache import PagedKVCache, bytes_per_block
 from cholla.models.loader import LoadedModel, load_model
 from cholla.sampling.params import SamplingParams
 from cholla.speculative.speculator import (
-    MAX_DECODING_SEQS,
+    MAX_SPECULATING_SEQS,
     NgramSpeculator,
     can_speculate,
 )
@@ -117,7 +117,7 @@ class DraftModelSpeculator:
         tokenizer = load_tokenizer(loaded)
         check_vocabularies(target_tokenizer, tokenizer)
         block_bytes = bytes_per_block(loaded.config, block_size, k_type, v_type)
-        wanted = MAX_DECODING_SEQS * -(-(max_model_len + k) // block_size)
+        wanted = MAX_SPECULATING_SEQS * -(-(max_model_len + k) // block_size)
         num_blocks = max(1, min(wanted, int(target_kv_bytes * DRAFT_CACHE_SHARE) // block_bytes))
         log.info("draft model %s: KV cache of %d blocks (%.0f MiB), K=%d", Path(loaded.path).name, num_blocks,
                  num_blocks * block_bytes / 2**20, k)
@@ -133,7 +133,7 @@ class DraftModelSpeculator:
         for i, (request, limit) in enumerate(zip(requests, limits)):
             limit = min(self.k, limit)
             if (limit <= 0 or len(request.output_token_ids) < request.speculation.resume_at
-                    or not can_speculate(request.params, request.grammar is not None)):
+                    or not can_speculate(request.params)):
                 continue
             view = self._catch_up(request, limit)
             if view is not None:

@@ -1,24 +1,30 @@
 """Who speculates this step, how far, and when to stop trying.
 
-Greedy and sampled requests speculate, penalties included: each drafted row is
-sampled as plain decoding would sample it (``verify.py``: for point-mass drafts
-that is speculative sampling). Requests with a grammar (its mask would be needed
-at every drafted position), with logprobs, or that opted out
-(``SamplingParams.speculative_decoding=False``) decode one token per step.
+Greedy and sampled requests speculate, penalties, grammars and logprobs included:
+each drafted row is sampled as plain decoding would sample it (``verify.py``: for
+point-mass drafts that is speculative sampling), under the grammar's mask after
+the drafts before it (the scheduler cuts a draft at the first token the grammar
+refuses), and the logprobs of the kept tokens are their verification rows'.
+Requests that opted out (``SamplingParams.speculative_decoding=False``) decode one
+token per step.
 
 Back-off, per sequence: after ``MISSES_BEFORE_PAUSE`` verifications in a row that
 accepted nothing, the sequence stops proposing for ``pause`` generated tokens;
 the pause doubles each time it recurs (up to ``MAX_PAUSE``) and resets once a
-draft is accepted. A step that speculates runs the general (Python, per layer)
-path instead of the fused C++ decode step, so a draft that is never accepted
-costs real time.
+draft is accepted.
 
-Engine-wide: no sequence speculates when more than ``MAX_DECODING_SEQS`` are
-decoding. With a few sequences a CPU decode step is bound by reading the
-weights, and verifying K more rows per sequence is nearly free; with many, the
-step's matmuls already have rows enough to be compute-bound, every drafted row
-costs as much as a real one, and a speculating row takes the whole step off the
-fused decode path (llama.cpp's lookup measured 0.86x at 4 slots, 0.77x at 8).
+Engine-wide: a verification step runs in the fused C++ decode step like any
+decode (its rows are query spans, causal within each sequence's), so a drafted
+row costs what a decoding row costs, and how much that is depends on the rows
+already there: ``STEP_COST`` is a step's measured cost by rows. Each step
+``allot`` keeps the drafts that maximise expected tokens per unit of cost: a
+sequence's j-th draft is accepted with probability ``acceptance ** j`` (its
+decayed acceptance rate, ``SpeculationState.acceptance``). With the table
+measured here, a single stream copying text verifies about one draft a step (a
+second row costs 0.17 of the first, a third 0.9), 8 sequences three each (the
+tiles cost the same from 17 to 32 rows), 32 sequences none, and a sequence whose
+drafts keep failing none; the scheduler asks for drafts only where full ones
+could pay, so a large batch runs no lookup at all.
 """
 
 from __future__ import annotations
@@ -36,7 +42,23 @@ if TYPE_CHECKING:
 MISSES_BEFORE_PAUSE = 3
 FIRST_PAUSE = 8
 MAX_PAUSE = 128
-MAX_DECODING_SEQS = 2
+# A decode step's cost by rows, relative to a one-row step: (rows, cost) points, linear in
+# between; a step past the last point leaves the fused step. SmolLM2's fused step on a 2-core
+# Zen 5 (no AMX) with one thread, the mean of wall and CPU time from `benchmarks/speculative.py
+# --step-cost` (docs/benchmarks.md): in bf16 the int8 GEMV's rows (up to 6) cost ~50% of the
+# first each, the bf16 dot-product tiles past it are flat from 7 to 13 rows and from 17 to 32,
+# then each row adds ~25% of a one-row step; in float32 the second row costs ~1.9 rows (the
+# one-row GEMV is a path of its own), later ones ~0.6.
+STEP_COST = {
+    "bfloat16": ((1, 1.0), (2, 1.17), (3, 2.06), (5, 2.94), (6, 3.2), (7, 4.6), (9, 4.6), (13, 4.86), (17, 7.2),
+                 (24, 7.33), (32, 7.69), (48, 11.4), (64, 15.8)),
+    "float32": ((1, 1.0), (2, 2.87), (3, 3.41), (4, 4.03), (5, 4.89), (6, 5.36), (7, 6.06), (8, 6.69)),
+}
+# Sequences a draft model's cache is sized for (more than cost allows to speculate at once here;
+# past them a sequence finds no draft blocks and decodes plainly).
+MAX_SPECULATING_SEQS = 8
+# Each verification's weight in a sequence's acceptance rate decays by this much per verification.
+ACCEPTANCE_DECAY = 0.7
 
 
 @dataclass
@@ -46,19 +68,61 @@ class SpeculationState:
     misses: int = 0
     pause: int = FIRST_PAUSE
     resume_at: int = 0  # number of output tokens from which proposing resumes
+    # Drafts that met the verifier (each accepted one and the first rejected) and those accepted,
+    # each verification weighing ACCEPTANCE_DECAY less than the next.
+    tried: float = 0.0
+    accepted: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """The chance a draft is accepted once those before it were (drafts after a rejection never
+        meet the verifier), with one accepted and one rejected draft as prior."""
+        return (self.accepted + 1) / (self.tried + 2)
 
 
-def can_speculate(params: SamplingParams, has_grammar: bool) -> bool:
-    return params.speculative_decoding and not has_grammar and params.logprobs is None
+def can_speculate(params: SamplingParams) -> bool:
+    return params.speculative_decoding
+
+
+def step_cost(table: tuple[tuple[int, float], ...], rows: int) -> float:
+    """A step of ``rows`` rows, relative to a one-row step (``STEP_COST``); inf past the table."""
+    for (r0, c0), (r1, c1) in zip(table, table[1:]):
+        if rows <= r1:
+            return c0 + (c1 - c0) * (max(rows, r0) - r0) / (r1 - r0)
+    return float("inf")
+
+
+def allot(drafts: list[list[int]], states: list[SpeculationState], num_rows: int,
+          table: tuple[tuple[int, float], ...]) -> list[list[int]]:
+    """Each sequence's drafts cut to those a step of ``num_rows`` rows (without drafts) should verify:
+    the most expected tokens per unit of ``step_cost``, the j-th draft of a sequence counting
+    ``acceptance ** j`` tokens. Returns the kept prefixes, [] for a sequence that drafts nothing."""
+    gains = sorted(((state.acceptance ** (j + 1), j, i) for i, (d, state) in enumerate(zip(drafts, states))
+                    for j in range(len(d))), key=lambda g: (-g[0], g[1]))
+    best_rate, best, tokens = num_rows / step_cost(table, num_rows), 0, float(num_rows)
+    for m, (gain, _, _) in enumerate(gains, 1):
+        tokens += gain
+        rate = tokens / step_cost(table, num_rows + m)
+        if rate > best_rate:
+            best_rate, best = rate, m
+    keep = [0] * len(drafts)
+    for _, j, i in gains[:best]:
+        keep[i] = max(keep[i], j + 1)
+    for d, k, state in zip(drafts, keep, states):
+        if d and not k:  # unverified, its rate drifts back to the prior: it gets to try again some day
+            state.tried, state.accepted = ACCEPTANCE_DECAY * state.tried, ACCEPTANCE_DECAY * state.accepted
+    return [d[:k] for d, k in zip(drafts, keep)]
 
 
 class Speculator(Protocol):
     """What the scheduler and engine ask of a speculative method (``NgramSpeculator``,
     ``draft_model.DraftModelSpeculator``)."""
 
+    k: int  # the most tokens it drafts per sequence and step
+
     def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int]]: ...
 
-    def record(self, state: SpeculationState, num_accepted: int, num_output: int) -> None: ...
+    def record(self, state: SpeculationState, num_drafted: int, num_accepted: int, num_output: int) -> None: ...
 
     def release(self, request: Request) -> None: ...
 
@@ -74,11 +138,11 @@ class NgramSpeculator:
         self.k = k
         self.cache = NgramCache(cache_size, k) if cache_size else None
 
-    def propose(self, token_ids: list[int], params: SamplingParams, has_grammar: bool, num_output: int,
-                state: SpeculationState, limit: int) -> list[int]:
+    def propose(self, token_ids: list[int], params: SamplingParams, num_output: int, state: SpeculationState,
+                limit: int) -> list[int]:
         """Drafts for one decoding sequence: at most ``min(k, limit)``; [] when it should not speculate."""
         limit = min(self.k, limit)
-        if limit <= 0 or num_output < state.resume_at or not can_speculate(params, has_grammar):
+        if limit <= 0 or num_output < state.resume_at or not can_speculate(params):
             return []
         drafts, n = ngram.match(token_ids, limit)
         if self.cache is not None and n < ngram.MAX_NGRAM:
@@ -93,15 +157,17 @@ class NgramSpeculator:
 
     def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int]]:
         """Drafts for each decoding request (at most its limit), as the scheduler asks for them."""
-        return [self.propose(r.all_token_ids, r.params, r.grammar is not None, len(r.output_token_ids), r.speculation,
-                             limit) for r, limit in zip(requests, limits)]
+        return [self.propose(r.all_token_ids, r.params, len(r.output_token_ids), r.speculation, limit)
+                for r, limit in zip(requests, limits)]
 
     def release(self, request: Request) -> None:
         """A request finished or was preempted: prompt lookup keeps nothing per sequence to free."""
 
     @staticmethod
-    def record(state: SpeculationState, num_accepted: int, num_output: int) -> None:
-        """After a verification: back off after repeated misses, reset on any acceptance."""
+    def record(state: SpeculationState, num_drafted: int, num_accepted: int, num_output: int) -> None:
+        """After a verification: update the acceptance rate; back off after repeated misses, reset on any acceptance."""
+        state.tried = ACCEPTANCE_DECAY * state.tried + num_accepted + (num_accepted < num_drafted)
+        state.accepted = ACCEPTANCE_DECAY * state.accepted + num_accepted
         if num_accepted:
             state.misses, state.pause = 0, FIRST_PAUSE
             return
