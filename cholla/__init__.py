@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 # OpenMP's idle threads (torch's, MKL's, our kernels') spin this many pauses
 # (~30-60 us) waiting for the next parallel region before they sleep; libgomp's
@@ -18,11 +17,7 @@ import sys
 # imports torch, unless the user chose a policy (OMP_WAIT_POLICY or
 # GOMP_SPINCOUNT; README.md, speed options).
 GOMP_SPINCOUNT = "1000"
-# True when torch (so libgomp) was imported first and kept its default spin:
-# cholla.threads says so in the log, once.
-OPENMP_SPIN_SET_TOO_LATE = False
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    OPENMP_SPIN_SET_TOO_LATE = "torch" in sys.modules
     os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
 
 __version__ = "0.1.0"

@@ -11,14 +11,12 @@ the default leaves out the cores that were busy when the engine started
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
 
 import torch
 
-import cholla
 from cholla.errors import InvalidRequestError
 
 log = logging.getLogger("cholla")
@@ -106,19 +104,10 @@ def default_threads() -> int:
     return threads
 
 
-@functools.cache
-def warn_openmp_spin_too_late() -> None:
-    """Once: torch was imported before cholla, so its OpenMP threads spin ~10 ms when idle (cholla/__init__.py)."""
-    log.warning("torch was imported before cholla, so its idle OpenMP threads spin for ~10 ms, which slows a busy "
-                "machine: import cholla first, or set GOMP_SPINCOUNT=%s in the environment", cholla.GOMP_SPINCOUNT)
-
-
 def set_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads to ``threads``, default ``default_threads()``; returns it."""
     if threads is not None and threads < 1:
         raise InvalidRequestError(f"threads must be at least 1, got {threads}")
-    if cholla.OPENMP_SPIN_SET_TOO_LATE:
-        warn_openmp_spin_too_late()
     count = threads or default_threads()
     torch.set_num_threads(count)
     return count

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import cholla  # noqa: F401  (first, before any test module imports torch: OpenMP's short spin)
-
 
 def _model_path(name: str) -> Path:
     from cholla.download import resolve_model

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from cholla.kernels import cpu_kernels
+from cholla.kv.kv_types import kv_cache_type
 from cholla.kv.paged_cache import PagedKVCache
 from cholla.layers.attention import AttentionMetadata
 from cholla.models.fused_decode import fused_layers, plan_decode
@@ -133,6 +134,44 @@ def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(smollm2_p
     # Outside one, 7-64 rows take the bf16 tiles: a different product.
     bf16 = _layer_by_layer(model, x, positions, [(k.clone(), v.clone()) for k, v in cache.layers], meta)
     assert (fused - bf16).abs().max() > 1e-3 or linear.int8_batch_max_rows() == 0
+
+def _copy_side(side):
+    return type(side)(*(t.clone() if isinstance(t, torch.Tensor) else t for t in side)) if isinstance(side, tuple) \
+        else side.clone()
+
+
+@pytest.mark.parametrize("name, k_type, v_type", [("gemma3", "q8_0", "q8_0"), ("qwen3", "q4_0_cal", "q4_0"),
+                                                  ("llama", "fp8_e4m3", "int8_rot")])
+@torch.inference_mode()
+def test_fused_decode_reads_and_writes_quantized_kv_caches(name, k_type, v_type, tmp_path):
+    """Every KV cache type runs fused (written and read in place by the kernels), as layer by layer."""
+    loaded = _tiny_model(name, tmp_path, "float32")
+    model, config = loaded.model, loaded.config
+    plan = plan_decode(model)
+    fused_cache = PagedKVCache(config, num_blocks=len(PROMPT_LENS) * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE,
+                               dtype=kv_cache_type(k_type), v_dtype=kv_cache_type(v_type))
+    generator = torch.Generator().manual_seed(1)
+    for side in (side for layer in fused_cache.layers for side in layer):
+        if getattr(side, "shift", None) is not None:  # calibrated: statistics of its own
+            side.shift.copy_(torch.randn(side.shift.shape, generator=generator))
+            side.spread.copy_(torch.rand(side.spread.shape, generator=generator) + 0.5)
+    for seq, n in enumerate(PROMPT_LENS):
+        _prefill(model, fused_cache, seq, torch.randint(0, config.vocab_size, (n,), generator=generator).tolist())
+    python_cache = [(_copy_side(k), _copy_side(v)) for k, v in fused_cache.layers]
+    lengths = list(PROMPT_LENS)
+    for _ in range(2):
+        positions, meta = _decode_meta(lengths)
+        x = torch.randn(len(lengths), config.hidden_size, generator=generator)
+        fused = fused_layers(plan, x, positions, fused_cache.layers, meta)
+        assert fused is not None
+        torch.testing.assert_close(fused, _layer_by_layer(model, x, positions, python_cache, meta), atol=1e-5, rtol=1e-5)
+        lengths = [n + 1 for n in lengths]
+    for layer, reference in zip(fused_cache.layers, python_cache):
+        for side, side_ref in zip(layer, reference):
+            for t, t_ref in zip(*(s if isinstance(s, tuple) else (s,) for s in (side, side_ref))):
+                if isinstance(t, torch.Tensor):
+                    assert torch.equal(t.view(torch.uint8) if t.dtype.itemsize == 1 else t,
+                                       t_ref.view(torch.uint8) if t_ref.dtype.itemsize == 1 else t_ref)
 
 
 def test_layers_with_bias_stay_in_python(tmp_path):

@@ -260,7 +260,8 @@ def test_paged_attention_decode_matches_the_torch_path(heads, kv_heads, dim, win
     q = torch.randn(seqs, heads, dim, generator=generator)
     scale = dim**-0.5
     expected = decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
-    got = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0, softcap or 0.0)
+    got = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0, softcap or 0.0,
+                                         [], [])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -283,7 +284,7 @@ def test_paged_attention_query_spans_match_the_torch_paths(heads, kv_heads, dim,
     q = torch.randn(int(starts[-1]), heads, dim, generator=generator)
     scale = dim**-0.5
     got = kernels.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0,
-                                         softcap or 0.0, starts)
+                                         softcap or 0.0, [], [], query_starts=starts)
     torch.testing.assert_close(got, span_attention(q, k_cache, v_cache, block_tables, context_lens, starts, scale,
                                                    window, softcap), rtol=1e-5, atol=1e-5)
     # The prefill path (one masked SDPA call per sequence) on the same rows, the caches left as they are
@@ -298,16 +299,16 @@ def test_paged_attention_query_spans_match_the_torch_paths(heads, kv_heads, dim,
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError, match="1 to context_len query rows"):
         kernels.paged_attention_decode(q[:6], k_cache, v_cache, block_tables[:2], context_lens[:2], scale, 0, 0.0,
-                                       torch.tensor([0, 0, 6]))
+                                       [], [], query_starts=torch.tensor([0, 0, 6]))
 
 
 def test_paged_attention_rejects_bad_tables():
     k_cache = torch.zeros(4, 16, 1, 64)
     q = torch.zeros(1, 2, 64)
     with pytest.raises(RuntimeError, match="block id out of range"):
-        kernels.paged_attention_decode(q, k_cache, k_cache, torch.tensor([[7]]), torch.tensor([3]), 1.0, 0, 0.0)
+        kernels.paged_attention_decode(q, k_cache, k_cache, torch.tensor([[7]]), torch.tensor([3]), 1.0, 0, 0.0, [], [])
     with pytest.raises(RuntimeError, match="bad context length"):
-        kernels.paged_attention_decode(q, k_cache, k_cache, torch.tensor([[0]]), torch.tensor([17]), 1.0, 0, 0.0)
+        kernels.paged_attention_decode(q, k_cache, k_cache, torch.tensor([[0]]), torch.tensor([17]), 1.0, 0, 0.0, [], [])
 
 
 @pytest.mark.parametrize("dim", [64, 576, 650])  # 650: a partial vector at the end of each row
@@ -360,11 +361,11 @@ def test_write_kv_matches_index_copy(cache_dtype):
     expected_k.view(-1, 2, 64).index_copy_(0, slots, k.to(cache_dtype))
     expected_v.view(-1, 2, 64).index_copy_(0, slots, v.to(cache_dtype))
     k_cache, v_cache = torch.zeros_like(expected_k), torch.zeros_like(expected_v)
-    kernels.write_kv(k, v, k_cache, v_cache, slots)
+    kernels.write_kv(k, v, k_cache, v_cache, slots, [], [])
     torch.testing.assert_close(k_cache, expected_k, rtol=0, atol=0, equal_nan=True)  # NaN stays NaN
     torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="slot out of range"):
-        kernels.write_kv(k, v, k_cache, v_cache, slots + 10**4)
+        kernels.write_kv(k, v, k_cache, v_cache, slots + 10**4, [], [])
 
 
 @pytest.mark.parametrize("cols", [1, 17, 65536, 200_000])  # a partial vector; one chunk exactly; several chunks
@@ -412,3 +413,85 @@ def test_gated_activation_in_bf16_is_the_fp32_result_rounded(activation):
     assert got.dtype == torch.bfloat16
     expected = kernels.gated_activation(gate.float(), up.float(), ACTIVATION_IDS[activation]).to(torch.bfloat16)
     assert torch.equal(got, expected)
+
+
+# -- every KV cache type (cholla/kv/kv_types.py), read and written in place -----------------
+
+def _kv_side(type_name: str, num_blocks: int, block_size: int, kv_heads: int, dim: int, generator):
+    """A side of the type, every slot written by kv_types' own (PyTorch) writer from random rows;
+    a calibrated one gets random statistics first."""
+    from cholla.kv.kv_types import allocate, kv_cache_type, store
+
+    side = allocate(kv_cache_type(type_name), num_blocks, block_size, kv_heads, dim,
+                    lambda shape, dtype: torch.zeros(shape, dtype=dtype))
+    if getattr(side, "shift", None) is not None:
+        side.shift.copy_(torch.randn(kv_heads, dim, generator=generator))
+        side.spread.copy_(torch.rand(kv_heads, dim, generator=generator) * 2 + 0.1)
+    rows = torch.randn(num_blocks * block_size, kv_heads, dim, generator=generator) * 2
+    rows[:, :, 3] += 4  # an outlier channel shared by every token, as keys have
+    store(side, rows, torch.arange(num_blocks * block_size))
+    return side
+
+
+KV_TYPE_PAIRS = [(name, name) for name in ("f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0",
+                                           "int8_rot", "q4_0_rot", "q4_0_cal")]
+KV_TYPE_PAIRS += [("q8_0", "q4_0"), ("q4_0_cal", "bf16"), ("fp8_e4m3", "int8_rot")]  # K and V may differ
+
+
+@pytest.mark.parametrize("k_type, v_type", KV_TYPE_PAIRS, ids=lambda name: name)
+@pytest.mark.parametrize("heads, kv_heads, dim, window, softcap", [(6, 2, 64, None, None), (4, 1, 256, 20, 30.0)])
+def test_paged_attention_reads_every_kv_type_as_the_torch_path(k_type, v_type, heads, kv_heads, dim, window, softcap):
+    """The kernel reading each type in place equals the PyTorch path's gather (dequantize) and attend:
+    per-group scales, nibbles, fp8 codes, and the rotation and statistics folded into q and the output."""
+    from cholla.layers.attention import attend_decodes, decode_attention, kernel_reads
+
+    generator = torch.Generator().manual_seed(dim)
+    num_blocks, block_size = 12, 16
+    k_cache = _kv_side(k_type, num_blocks, block_size, kv_heads, dim, generator)
+    v_cache = _kv_side(v_type, num_blocks, block_size, kv_heads, dim, generator)
+    context_lens = torch.tensor([1, 17, 100, 40])
+    block_tables = torch.stack([torch.randperm(num_blocks, generator=generator)[:7] for _ in range(4)])
+    q = torch.randn(4, heads, dim, generator=generator)
+    scale = dim**-0.5
+    assert kernel_reads(k_cache, v_cache)
+    expected = decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
+    got = attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("type_name", ["f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0",
+                                       "int8_rot", "q4_0_rot", "q4_0_cal"])
+def test_write_kv_writes_every_kv_type_as_kv_types_store(type_name):
+    """The kernel's writer against kv_types.store on strided rows with zero groups, huge values
+    (fp8 saturates) and ties: the same bytes; the rotated types rotate by a fast transform instead
+    of a matrix product, so a code may move by one step where a value lies on a rounding edge."""
+    from cholla.kv.kv_types import ScaledKV, store
+    from cholla.layers.attention import kernel_reads, write_kv
+
+    generator = torch.Generator().manual_seed(1)
+    kv_heads, dim, tokens = 2, 64, 60
+    fused = torch.randn(tokens, 3 * kv_heads * dim, generator=generator) * 3
+    fused[0, :] = 0  # all-zero groups: scale 0
+    fused[1, 5] = 1e6  # beyond fp8's range: saturates
+    fused[2, :32] = torch.tensor([1.0, -1.0] * 16)  # |max| ties of both signs: the first wins (q4_0)
+    k = fused[:, kv_heads * dim: 2 * kv_heads * dim].view(tokens, kv_heads, dim)
+    v = fused[:, 2 * kv_heads * dim:].view(tokens, kv_heads, dim)
+    slots = torch.randperm(8 * 16, generator=generator)[:tokens]
+    ours = [_kv_side(type_name, 8, 16, kv_heads, dim, torch.Generator().manual_seed(2)) for _ in range(2)]
+    theirs = [_kv_side(type_name, 8, 16, kv_heads, dim, torch.Generator().manual_seed(2)) for _ in range(2)]
+    assert kernel_reads(*ours)
+    write_kv(k, v, ours[0], ours[1], slots)
+    store(theirs[0], k.contiguous(), slots)
+    store(theirs[1], v.contiguous(), slots)
+    for mine, reference in zip(ours, theirs):
+        mine_parts = mine if isinstance(mine, ScaledKV) else (mine,)
+        reference_parts = reference if isinstance(reference, ScaledKV) else (reference,)
+        for a, b in zip(mine_parts[:2], reference_parts[:2]):
+            if a.dtype.itemsize == 1 and a.dtype.is_floating_point:
+                a, b = a.view(torch.uint8), b.view(torch.uint8)
+            if not type_name.endswith(("_rot", "_cal")):
+                assert torch.equal(a, b)
+            elif a.dtype == torch.float16:  # scales: set by the largest rotated value, rounded alike
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=0)
+            else:
+                assert (a != b).float().mean() < 0.01  # codes on a rounding edge

@@ -298,6 +298,10 @@ def test_attention_reads_each_type_as_its_values(type_name):
     kv_type = kv_cache_type(type_name)
     zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype)  # noqa: E731
     caches = [allocate(kv_type, 8, block_size, KV_HEADS, HEAD_DIM, zeros, key=side == 0) for side in range(2)]
+    for cache in caches:
+        if getattr(cache, "shift", None) is not None:  # statistics of its own, so that they matter
+            cache.shift.copy_(torch.randn(KV_HEADS, HEAD_DIM, generator=g))
+            cache.spread.copy_(torch.rand(KV_HEADS, HEAD_DIM, generator=g) + 0.5)
     slots = torch.arange(ctx) + 3 * block_size  # blocks 3, 4, 5
     store(caches[0], k, slots)
     store(caches[1], v, slots)
@@ -306,14 +310,18 @@ def test_attention_reads_each_type_as_its_values(type_name):
         ref.copy_(gather(cache, torch.arange(8)))
     q = torch.randn(ctx, heads, HEAD_DIM, generator=g)
     tables = torch.tensor([[3, 4, 5]])
-    # A decode step for the last token, then a 10-token chunk (written already: the read path alone).
-    for q_len in (1, 10):
+    # A decode step for the last token, then a 10-token chunk (written already: the read path alone);
+    # with a softcap or sinks the chunk reads rotated sides rotated back (nothing to fold exactly).
+    sinks = torch.randn(heads, generator=g)
+    for q_len, softcap, sink in ((1, None, None), (10, None, None), (10, 30.0, None), (10, None, sinks)):
         meta = AttentionMetadata(slot_mapping=slots[-q_len:], query_start_loc=[0, q_len], context_lens=[ctx],
                                  block_tables=tables, num_prefills=0 if q_len == 1 else 1,
                                  decode_context_lens=torch.tensor([ctx]) if q_len == 1 else None)
         new_k, new_v = gather(caches[0], tables[0]).flatten(0, 1)[ctx - q_len: ctx], gather(caches[1], tables[0]).flatten(0, 1)[ctx - q_len: ctx]
-        ours = paged_attention(q[-q_len:], new_k, new_v, caches[0], caches[1], meta, 0.125, window=24, write=False)
-        ref = paged_attention(q[-q_len:], new_k, new_v, reference[0], reference[1], meta, 0.125, window=24, write=False)
+        ours = paged_attention(q[-q_len:], new_k, new_v, caches[0], caches[1], meta, 0.125, 24, softcap, sinks=sink,
+                               write=False)
+        ref = paged_attention(q[-q_len:], new_k, new_v, reference[0], reference[1], meta, 0.125, 24, softcap,
+                              sinks=sink, write=False)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 

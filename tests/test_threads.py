@@ -138,23 +138,3 @@ def test_openmp_threads_sleep_soon(monkeypatch):
     assert ours < 0.1 * 0.2  # of 40 x 5 ms idle
     # The user's own policy stands: libgomp's default spin, measured alike.
     assert idle_cpu_seconds({"GOMP_SPINCOUNT": "300000"}) > 3 * max(ours, 0.005)
-
-
-TORCH_FIRST = """
-import logging
-import torch
-import cholla
-from cholla.threads import set_threads
-logging.basicConfig(format="%(message)s")
-set_threads(1)
-set_threads(1)
-"""
-
-
-def test_torch_imported_first_is_said_once(monkeypatch):
-    """libgomp read its spin when torch loaded, before cholla could set it: the log says so, once."""
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    done = subprocess.run([sys.executable, "-c", TORCH_FIRST], check=True, capture_output=True, text=True, timeout=120)
-    assert done.stderr.count("torch was imported before cholla") == 1, done.stderr
-    assert "GOMP_SPINCOUNT=1000" in done.stderr

@@ -111,7 +111,10 @@ class ModelRunner:
             num_prefills=batch.num_prefills,
             decode_context_lens=torch.tensor(context_lens[batch.num_prefills :], dtype=torch.long),
         )
-        if batch.num_prefills and max(batch.num_tokens) <= MAX_QUERY_SPAN:  # speculating decodes, tiny chunks
+        # Speculating decodes only: their drafts attend to the cache as decode steps do (written,
+        # then read back in the cache's type); a prompt chunk's rows attend to each other as computed.
+        if (batch.num_prefills and max(batch.num_tokens) <= MAX_QUERY_SPAN
+                and all(r.draft_token_ids for r in batch.requests[: batch.num_prefills])):
             meta.span_starts = torch.tensor(starts, dtype=torch.long)
             meta.span_context_lens = torch.tensor(context_lens, dtype=torch.long)
         if self.state_cache is not None:

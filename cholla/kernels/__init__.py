@@ -49,9 +49,9 @@ def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> set[str]:
 
 
 def build_name() -> str:
-    """The extension's name, keyed by its folder, sources, headers and flags: torch builds each name
-    in its own folder, so two checkouts (or versions) of cholla never rebuild over each other's library."""
-    digest = hashlib.blake2b(" ".join([str(Path(__file__).parent), *COMPILER_FLAGS]).encode(), digest_size=6)
+    """The extension's name, keyed by its sources, headers and flags: torch builds each name in its
+    own folder, so two checkouts (or versions) of cholla never overwrite each other's library."""
+    digest = hashlib.blake2b(" ".join(COMPILER_FLAGS).encode(), digest_size=6)
     for path in sorted(Path(__file__).parent.glob("*.[ch]*")):
         digest.update(path.name.encode() + path.read_bytes())
     return f"cholla_kernels_{digest.hexdigest()}"

@@ -59,7 +59,9 @@ namespace cholla {
 //   weights[7l .. 7l+6] (GGUF rows, `types`): q, k, v, o, gate, up, down;
 //   norms[norms_per_layer * l ..]: attention input, MLP input, then with
 //     post_norms the attention and MLP outputs, then with qk_norm q and k;
-//   k_caches[l], v_caches[l]; cos[rope_of_layer[l]], sin[...]; windows[l] (0: none).
+//   k_caches[l], v_caches[l]; cos[rope_of_layer[l]], sin[...]; windows[l] (0: none);
+//   k_quant, v_quant: each layer's scales (and shift, spread) of a quantized cache side,
+//     the same count per layer (paged_attention.cpp's kv_side), empty for float caches.
 // positions, slot_mapping, block_tables, context_lens: as in the single ops.
 // Products of up to gemv_max_rows rows run on the GEMV (int8 with `integer`),
 // with `integer` those of up to int8_batch_max_rows rows whose weights all have
@@ -72,7 +74,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
                          const std::optional<at::Tensor>& query_starts, int64_t num_heads,
                          int64_t num_kv_heads, int64_t head_dim, double scale, double softcap, double eps,
                          bool interleaved, int64_t activation, bool post_norms, bool qk_norm, bool integer,
-                         int64_t gemv_max_rows, int64_t int8_batch_max_rows) {
+                         int64_t gemv_max_rows, int64_t int8_batch_max_rows, at::TensorList k_quant,
+                         at::TensorList v_quant, bool k_rotated, bool v_rotated) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   const int64_t norms_per_layer = 2 + (post_norms ? 2 : 0) + (qk_norm ? 2 : 0);
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decode_layers: x must be fp32 [rows, hidden]");
@@ -104,12 +107,18 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
     for (int64_t i = 0; i < rows; ++i)
       TORCH_CHECK(pos[i] >= 0 && pos[i] < cos[r].size(0), "rope: position out of the table");
   }
+  TORCH_CHECK(k_quant.size() % layers == 0 && v_quant.size() % layers == 0,
+              "decode_layers: the same number of quantization tensors for every layer");
+  const int64_t k_parts = k_quant.size() / layers, v_parts = v_quant.size() / layers;
+  std::vector<KVSide> k_sides, v_sides;
   for (int64_t l = 0; l < layers; ++l) {
-    check_caches("write_kv", k_caches[l], v_caches[l]);
-    TORCH_CHECK(k_caches[l].size(2) == num_kv_heads && k_caches[l].size(3) == head_dim,
+    k_sides.push_back(kv_side("decode_layers", k_caches[l], k_quant.slice(k_parts * l, k_parts), k_rotated));
+    v_sides.push_back(kv_side("decode_layers", v_caches[l], v_quant.slice(v_parts * l, v_parts), v_rotated));
+    check_sides("decode_layers", k_sides[l], v_sides[l]);
+    TORCH_CHECK(k_sides[l].heads == num_kv_heads && k_sides[l].dim == head_dim,
                 "decode_layers: cache heads disagree with the model");
     for (int64_t i = 0; i < rows; ++i)
-      TORCH_CHECK(slot[i] >= 0 && slot[i] < k_caches[l].size(0) * k_caches[l].size(1), "write_kv: slot out of range");
+      TORCH_CHECK(slot[i] >= 0 && slot[i] < k_sides[l].blocks * k_sides[l].block_size, "write_kv: slot out of range");
   }
   for (int64_t i = 0; i < static_cast<int64_t>(norms.size()); ++i) {
     const bool per_head = qk_norm && i % norms_per_layer >= norms_per_layer - 2;
@@ -189,11 +198,11 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
               }
               rope_row(qr, num_heads, kr, num_kv_heads, cos_table + pos[r] * head_dim, sin_table + pos[r] * head_dim,
                        head_dim, interleaved);
-              write_kv_row(kr, kr + kv_size, k_caches[l], v_caches[l], slot[r]);
+              write_kv_row(kr, kr + kv_size, k_sides[l], v_sides[l], slot[r]);
             }
           }
           if (!barrier->wait()) break;
-          paged_attention_part(q, k_caches[l], v_caches[l], block_tables, context_lens, query_starts, scale, windows[l],
+          paged_attention_part(q, k_sides[l], v_sides[l], block_tables, context_lens, query_starts, scale, windows[l],
                                softcap, attended, thread, threads);
           if (!barrier->wait()) break;
         }
@@ -234,7 +243,8 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
         "Tensor[] k_caches, Tensor[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope_of_layer, int[] windows, "
         "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor? query_starts, int num_heads, "
         "int num_kv_heads, int head_dim, float scale, float softcap, float eps, bool interleaved, int activation, "
-        "bool post_norms, bool qk_norm, bool integer, int gemv_max_rows, int int8_batch_max_rows) -> Tensor");
+        "bool post_norms, bool qk_norm, bool integer, int gemv_max_rows, int int8_batch_max_rows, Tensor[] k_quant, "
+        "Tensor[] v_quant, bool k_rotated=False, bool v_rotated=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) { m.impl("decode_layers", &cholla::decode_layers); }

@@ -36,9 +36,31 @@ void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef t
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
 
 // paged_attention.cpp
-// Both kernels' caches: contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim], k and v alike.
-void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache);
-void paged_attention_part(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+// A KV cache's element types (cholla/kv/kv_types.py): floats, fp8, int8 with a
+// scale per head, llama.cpp's Q8_0 and Q4_0 blocks (values and scales in two planes).
+enum class KVKind { F32, BF16, F16, E4M3, E5M2, INT8, Q8_0, Q4_0 };
+
+// One side (K or V) of a layer's cache as the kernels read and write it. Row r
+// (slot * heads + head) holds `row_bytes` of values and `groups` fp16 scales;
+// rotated: each head stored Hadamard-rotated, calibrated (shift, spread: fp32
+// [heads, dim]) after x -> (x - shift) / spread.
+struct KVSide {
+  KVKind kind;
+  const uint8_t* values;
+  int64_t row_bytes;
+  uint16_t* scales;
+  int64_t groups;
+  const float* shift;
+  const float* spread;
+  bool rotated;
+  int64_t blocks, block_size, heads, dim;
+};
+
+// values: the side's (contiguous) values; quant: [], [scales] or [scales, shift, spread].
+KVSide kv_side(const char* op, const at::Tensor& values, at::TensorList quant, bool rotated);
+// K and V of one geometry (their types may differ).
+void check_sides(const char* op, const KVSide& k, const KVSide& v);
+void paged_attention_part(const at::Tensor& q, const KVSide& k_cache, const KVSide& v_cache,
                           const at::Tensor& block_tables, const at::Tensor& context_lens,
                           const std::optional<at::Tensor>& query_starts, double scale, int64_t window, double softcap,
                           at::Tensor& out, int64_t thread, int64_t threads);
@@ -50,6 +72,6 @@ void rms_norm_row(const float* x, const float* weight, float* y, int64_t dim, fl
 void rope_row(float* q, int64_t q_heads, float* k, int64_t k_heads, const float* cos, const float* sin, int64_t dim,
               bool interleaved);
 // One token's keys and values (kv_heads * dim floats each) into cache slot `slot`.
-void write_kv_row(const float* k, const float* v, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t slot);
+void write_kv_row(const float* k, const float* v, const KVSide& k_cache, const KVSide& v_cache, int64_t slot);
 
 }  // namespace cholla

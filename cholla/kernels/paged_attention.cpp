@@ -11,6 +11,11 @@
 // from cache: spans are a few rows). PyTorch would instead gather every
 // sequence's whole context into a contiguous copy and build a mask per layer, a
 // dozen ops per layer per step.
+//
+// Every KV cache type (cholla/kv/kv_types.py) is read and written in place: a
+// row loader per type widens 16 values at a time into registers as they are
+// consumed (never a dequantized copy), and K and V may differ in type. Rotated
+// types are read without rotating each key back (attend_pair).
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -22,15 +27,86 @@
 #include <cstring>
 #include <vector>
 
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+#include <c10/util/Half.h>
+
 #include "simd.h"
 #include "ops.h"
 
 namespace {
 
-// The cache holds fp32 or bfloat16 (raw uint16); both load as 16 fp32 lanes.
-inline __m512 load16(const float* p, __mmask16 live) { return _mm512_maskz_loadu_ps(live, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 live) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
+using Kind = cholla::KVKind;
+#define CHOLLA_KV_KINDS(X) X(F32) X(BF16) X(F16) X(E4M3) X(E5M2) X(INT8) X(Q8_0) X(Q4_0)
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// 16 values of a row (p: its values, scales: its scales) from position d, as fp32: the
+// floats widened, the integer types times their group's scale (q8_0, q4_0). A
+// scale per row (int8, and fp8 e4m3's 2^8, see below) is left to row_scale, so
+// it multiplies a score or a weight once instead of every value.
+template <Kind K>
+inline __m512 load16(const uint8_t* p, const uint16_t* scales, int64_t d, __mmask16 live) {
+  if constexpr (K == Kind::F32) {
+    return _mm512_maskz_loadu_ps(live, reinterpret_cast<const float*>(p) + d);
+  } else if constexpr (K == Kind::BF16) {
+    const __m256i raw = _mm256_maskz_loadu_epi16(live, reinterpret_cast<const uint16_t*>(p) + d);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  } else if constexpr (K == Kind::F16) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, reinterpret_cast<const uint16_t*>(p) + d));
+  } else if constexpr (K == Kind::E5M2) {  // the top byte of an fp16
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(live, p + d));
+    return _mm512_cvtph_ps(_mm256_slli_epi16(bytes, 8));
+  } else if constexpr (K == Kind::E4M3) {
+    // Sign to fp16's sign bit, exponent and mantissa 3 bits down into fp16's: the fp16
+    // 2^-8 times the fp8 value (bias 15 against 7), subnormals included; row_scale has the 2^8.
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(live, p + d));
+    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x80)), 8);
+    const __m256i magnitude = _mm256_slli_epi16(_mm256_and_si256(bytes, _mm256_set1_epi16(0x7F)), 7);
+    return _mm512_cvtph_ps(_mm256_or_si256(sign, magnitude));
+  } else if constexpr (K == Kind::INT8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(live, p + d)));
+  } else if constexpr (K == Kind::Q8_0) {
+    if (live == 0) return _mm512_setzero_ps();  // past the row: no scale to read
+    const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(live, p + d)));
+    return _mm512_mul_ps(q, _mm512_set1_ps(half_to_float(scales[d >> 5])));
+  } else {  // Q4_0: a block's 16 bytes hold its values 0-15 in the low nibbles, 16-31 in the high ones
+    if (live == 0) return _mm512_setzero_ps();
+    __m128i bytes = _mm_maskz_loadu_epi8(live, p + (d >> 5) * 16);
+    if (d & 16) bytes = _mm_srli_epi16(bytes, 4);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_and_si128(bytes, _mm_set1_epi8(0x0F)));
+    const __m512 centred = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8)));
+    return _mm512_mul_ps(centred, _mm512_set1_ps(half_to_float(scales[d >> 5])));
+  }
+}
+
+template <Kind K>
+inline float row_scale(const uint16_t* scales) {
+  if constexpr (K == Kind::INT8) return half_to_float(scales[0]);
+  if constexpr (K == Kind::E4M3) return 256.0f;
+  return 1.0f;
+}
+
+// Asks for row `row`'s values (and scales) ahead of their use: the rows are scattered over blocks.
+inline void prefetch_row(const cholla::KVSide& s, int64_t row, int hint) {
+  const char* p = reinterpret_cast<const char*>(s.values + row * s.row_bytes);
+  for (int64_t b = 0; b < s.row_bytes; b += 64)
+    hint == 0 ? _mm_prefetch(p + b, _MM_HINT_T0) : _mm_prefetch(p + b, _MM_HINT_T1);
+  if (s.scales != nullptr) _mm_prefetch(reinterpret_cast<const char*>(s.scales + row * s.groups), _MM_HINT_T1);
+}
+
+// x[0..n) <- H x, H the normalized Sylvester Hadamard matrix (n a power of two;
+// kv_types.hadamard): the fast Walsh-Hadamard transform, n log n additions.
+inline void hadamard_(float* x, int64_t n) {
+  for (int64_t h = 1; h < n; h *= 2)
+    for (int64_t i = 0; i < n; i += 2 * h)
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+  const float norm = 1.0f / std::sqrt(static_cast<float>(n));
+  for (int64_t i = 0; i < n; ++i) x[i] *= norm;
 }
 
 // Query heads per KV head this kernel handles (grouped-query attention); more is refused.
@@ -78,59 +154,73 @@ inline void softmax(float* row, int64_t n) {
   }
 }
 
-// One (sequence, KV head) pair: the scores of its `group` query heads against
-// each key, a softmax over them, and the weighted sum of values. GROUP > 0 fixes
-// the group size at compile time, so the per-head accumulators stay in
-// registers (with a run-time count they spilled to the stack: 5x slower);
-// GROUP == 0 serves any size up to MAX_GROUP.
-template <typename T, int GROUP>
-void attend_pair(const float* q, const T* ks, const T* vs, float* o, const int64_t* table, int64_t first, int64_t n,
-                 int64_t run_time_group, int64_t kv_heads, int64_t kvh, int64_t dim, int64_t block_size, float scale,
-                 float cap, std::vector<float>& scores) {
-  const int64_t group = GROUP > 0 ? GROUP : run_time_group;
+// One (sequence, KV head) pair's scores: its `group` query heads against each
+// key, scaled and soft-capped, into scores[g * n + t]. GROUP > 0 fixes the group
+// size at compile time, so the per-head accumulators stay in registers (with a
+// run-time count they spilled to the stack: 5x slower); GROUP == 0 serves any
+// size up to MAX_GROUP. `bias` (calibrated keys): a per-head term added to each
+// raw score. Each key is loaded (and widened) once, 16 lanes at a time, for all
+// the query heads that share it.
+template <Kind K, int GROUP>
+void scores_of(const float* q, const cholla::KVSide& ks, const cholla::KVSide& vs, const int64_t* table,
+               int64_t first, int64_t n, int64_t run_time_group, int64_t kvh, float scale, float cap,
+               const float* bias, float* scores) {
+  const int64_t group = GROUP > 0 ? GROUP : run_time_group, dim = ks.dim;
   constexpr int64_t SLOTS = GROUP > 0 ? GROUP : MAX_GROUP;
-  scores.resize(group * n);
-  auto row = [&](const SlotCursor& cursor) { return (cursor.slot() * kv_heads + kvh) * dim; };
-  // Scores: each key is loaded (and widened from bf16) once, 16 lanes at a time,
-  // for all the query heads that share it.
-  SlotCursor key_at(table, block_size, first), ahead_at(table, block_size, first + AHEAD);
+  SlotCursor key_at(table, ks.block_size, first), ahead_at(table, ks.block_size, first + AHEAD);
   for (int64_t t = 0; t < n; ++t, key_at.next(), ahead_at.next()) {
-    const T* key = ks + row(key_at);
-    if (t + AHEAD < n) {  // the cache rows are scattered over blocks: ask for them early
-      const int64_t ahead = row(ahead_at);
-      for (int64_t b = 0; b < dim * static_cast<int64_t>(sizeof(T)); b += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(ks + ahead) + b, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(vs + ahead) + b, _MM_HINT_T1);
-      }
+    const int64_t row = key_at.slot() * ks.heads + kvh;
+    const uint8_t* key = ks.values + row * ks.row_bytes;
+    const uint16_t* key_scales = ks.scales + row * ks.groups;
+    if (t + AHEAD < n) {
+      const int64_t ahead = ahead_at.slot() * ks.heads + kvh;
+      prefetch_row(ks, ahead, 0);
+      prefetch_row(vs, ahead, 1);
     }
     __m512 acc[SLOTS];
     for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
     for (int64_t d = 0; d < dim; d += 16) {
       const __mmask16 live = lanes(dim - d);
-      const __m512 k = load16(key + d, live);
+      const __m512 k = load16<K>(key, key_scales, d, live);
       for (int64_t g = 0; g < group; ++g)
         acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, q + g * dim + d), k, acc[g]);
     }
+    const float key_scale = row_scale<K>(key_scales);
     for (int64_t g = 0; g < group; ++g) {
-      float score = _mm512_reduce_add_ps(acc[g]) * scale;
+      float score = _mm512_reduce_add_ps(acc[g]) * key_scale;
+      if (bias != nullptr) score += bias[g];
+      score *= scale;
       if (cap > 0) score = cap * std::tanh(score / cap);
       scores[g * n + t] = score;
     }
   }
-  for (int64_t g = 0; g < group; ++g) softmax(scores.data() + g * n, n);
-  // Weighted values: a 64-wide slice of every head's output stays in registers
-  // while the positions stream by, each value slice loaded once for all heads.
+}
+
+// The same pair's weighted sum of values (weights: the softmaxed scores) into o[g * dim ..].
+// A 64-wide slice of every head's output stays in registers while the positions
+// stream by, each value slice loaded once for all heads.
+template <Kind K, int GROUP>
+void weigh_values(const cholla::KVSide& vs, const int64_t* table, int64_t first, int64_t n, int64_t run_time_group,
+                  int64_t kvh, const float* scores, float* o) {
+  const int64_t group = GROUP > 0 ? GROUP : run_time_group, dim = vs.dim;
+  constexpr int64_t SLOTS = GROUP > 0 ? GROUP : MAX_GROUP;
+  const uint8_t* values = vs.values;
+  const uint16_t* scales = vs.scales;
+  const int64_t row_bytes = vs.row_bytes, groups = vs.groups;
   for (int64_t d0 = 0; d0 < dim; d0 += 64) {
     __m512 out[SLOTS][4];
     for (int64_t g = 0; g < group; ++g)
       for (int j = 0; j < 4; ++j) out[g][j] = _mm512_setzero_ps();
-    SlotCursor value_at(table, block_size, first);
+    SlotCursor value_at(table, vs.block_size, first);
     for (int64_t t = 0; t < n; ++t, value_at.next()) {
-      const T* value = vs + row(value_at) + d0;
+      const int64_t row = value_at.slot() * vs.heads + kvh;
+      const uint8_t* value = values + row * row_bytes;
+      const uint16_t* value_scales = scales + row * groups;
       __m512 v[4];
-      for (int j = 0; j < 4; ++j) v[j] = load16(value + 16 * j, lanes(dim - d0 - 16 * j));
+      for (int j = 0; j < 4; ++j) v[j] = load16<K>(value, value_scales, d0 + 16 * j, lanes(dim - d0 - 16 * j));
+      const float value_scale = row_scale<K>(value_scales);
       for (int64_t g = 0; g < group; ++g) {
-        const __m512 w = _mm512_set1_ps(scores[g * n + t]);
+        const __m512 w = _mm512_set1_ps(scores[g * n + t] * value_scale);
         for (int j = 0; j < 4; ++j) out[g][j] = _mm512_fmadd_ps(w, v[j], out[g][j]);
       }
     }
@@ -138,6 +228,81 @@ void attend_pair(const float* q, const T* ks, const T* vs, float* o, const int64
       for (int j = 0; j < 4 && d0 + 16 * j < dim; ++j)
         _mm512_mask_storeu_ps(o + g * dim + d0 + 16 * j, lanes(dim - d0 - 16 * j), out[g][j]);
   }
+}
+
+using ScoresFn = decltype(&scores_of<Kind::F32, 1>);
+using ValuesFn = decltype(&weigh_values<Kind::F32, 1>);
+
+template <int GROUP>
+std::pair<ScoresFn, ValuesFn> pair_fns(Kind k, Kind v) {
+  ScoresFn scores = nullptr;
+  ValuesFn values = nullptr;
+  switch (k) {
+#define CHOLLA_CASE(name) case Kind::name: scores = scores_of<Kind::name, GROUP>; break;
+    CHOLLA_KV_KINDS(CHOLLA_CASE)
+#undef CHOLLA_CASE
+  }
+  switch (v) {
+#define CHOLLA_CASE(name) case Kind::name: values = weigh_values<Kind::name, GROUP>; break;
+    CHOLLA_KV_KINDS(CHOLLA_CASE)
+#undef CHOLLA_CASE
+  }
+  return {scores, values};
+}
+
+// The loops for `count` query heads per job over these cache types: group sizes of real
+// models (Gemma 3 270M: 4; SmolLM2: 3; Llama 3: 4; Qwen 3: 2, 4...) get their own copy.
+std::pair<ScoresFn, ValuesFn> pair_fns(Kind k, Kind v, int64_t count) {
+  return count == 1 ? pair_fns<1>(k, v) : count == 2 ? pair_fns<2>(k, v) : count == 3 ? pair_fns<3>(k, v)
+       : count == 4 ? pair_fns<4>(k, v) : pair_fns<0>(k, v);
+}
+
+// One (sequence, KV head) pair's `count` query heads: q [count, dim] -> o [count, dim].
+// Rotated keys (H k stored, H symmetric and orthogonal): q . (H k) = (H q) . k, so q is
+// rotated once instead of every key; calibrated ones (k = s * (H k') + m, per channel):
+// q . k = (H (s * q)) . k' + q . m. Values the same way on the output, once per head:
+// sum_t p_t (s * (H v'_t) + m) = s * (H sum_t p_t v'_t) + m, the weights summing to 1.
+// The same sums as rotating each key back, in another order (fp32 rounding differs).
+void attend_pair(const float* q, const cholla::KVSide& ks, const cholla::KVSide& vs, float* o, const int64_t* table,
+                 int64_t first, int64_t n, int64_t count, int64_t kvh, float scale, float cap,
+                 std::vector<float>& scores, std::vector<float>& rotated_q) {
+  const int64_t dim = ks.dim;
+  const auto [scores_fn, values_fn] = pair_fns(ks.kind, vs.kind, count);
+  float bias[MAX_GROUP];
+  const float* queries = q;
+  if (ks.rotated) {
+    rotated_q.resize(count * dim);
+    for (int64_t g = 0; g < count; ++g) {
+      float* r = rotated_q.data() + g * dim;
+      const float* qg = q + g * dim;
+      if (ks.spread != nullptr) {
+        const float* spread = ks.spread + kvh * dim;
+        const float* shift = ks.shift + kvh * dim;
+        float dot = 0.0f;
+        for (int64_t i = 0; i < dim; ++i) {
+          r[i] = qg[i] * spread[i];
+          dot += qg[i] * shift[i];
+        }
+        bias[g] = dot;
+      } else {
+        std::memcpy(r, qg, dim * sizeof(float));
+      }
+      hadamard_(r, dim);
+    }
+    queries = rotated_q.data();
+  }
+  scores.resize(count * n);
+  scores_fn(queries, ks, vs, table, first, n, count, kvh, scale, cap, ks.spread != nullptr ? bias : nullptr,
+            scores.data());
+  for (int64_t g = 0; g < count; ++g) softmax(scores.data() + g * n, n);
+  values_fn(vs, table, first, n, count, kvh, scores.data(), o);
+  if (vs.rotated)
+    for (int64_t g = 0; g < count; ++g) {
+      float* og = o + g * dim;
+      hadamard_(og, dim);
+      if (vs.spread != nullptr)
+        for (int64_t i = 0; i < dim; ++i) og[i] = og[i] * vs.spread[kvh * dim + i] + vs.shift[kvh * dim + i];
+    }
 }
 
 // A step's work is cut into jobs of (query row, KV head, part of its query
@@ -160,23 +325,19 @@ struct QueryRows {
 };
 
 // Jobs [begin, end) of a decode step (parts per pair: attention_parts).
-template <typename T>
-void attend_decode(const float* qs, const T* ks, const T* vs, float* os, const int64_t* tables, const int64_t* lens,
-                   const QueryRows& rows, int64_t begin, int64_t end, int64_t parts, int64_t heads, int64_t kv_heads,
-                   int64_t dim, int64_t block_size, int64_t max_blocks, float scale, int64_t window, float cap) {
-  const int64_t group = heads / kv_heads, per_part = (group + parts - 1) / parts;
-  std::vector<float> scores;
+void attend_decode(const float* qs, const cholla::KVSide& ks, const cholla::KVSide& vs, float* os,
+                   const int64_t* tables, const int64_t* lens, const QueryRows& rows, int64_t begin, int64_t end,
+                   int64_t parts, int64_t heads, int64_t max_blocks, float scale, int64_t window, float cap) {
+  const int64_t kv_heads = ks.heads, dim = ks.dim, group = heads / kv_heads, per_part = (group + parts - 1) / parts;
+  std::vector<float> scores, rotated_q;
   for (int64_t job = begin; job < end; ++job) {
     const int64_t pair = job / parts, r = pair / kv_heads, kvh = pair % kv_heads;
     const int64_t s = rows.sequence(r), ctx = rows.visible(r, lens);
     const int64_t head = kvh * group + job % parts * per_part, count = std::min(per_part, (kvh + 1) * group - head);
     if (count <= 0) continue;
-    // Group sizes of real models (Gemma 3 270M: 4; SmolLM2: 3; Llama 3: 4; Qwen 3: 2, 4...) get their own copy.
-    const auto attend = count == 1 ? attend_pair<T, 1> : count == 2 ? attend_pair<T, 2> : count == 3 ? attend_pair<T, 3>
-                      : count == 4 ? attend_pair<T, 4> : attend_pair<T, 0>;
     const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-    attend(qs + (r * heads + head) * dim, ks, vs, os + (r * heads + head) * dim, tables + s * max_blocks, first,
-           ctx - first, count, kv_heads, kvh, dim, block_size, scale, cap, scores);
+    attend_pair(qs + (r * heads + head) * dim, ks, vs, os + (r * heads + head) * dim, tables + s * max_blocks, first,
+                ctx - first, count, kvh, scale, cap, scores, rotated_q);
   }
 }
 
@@ -188,15 +349,87 @@ inline void store_row(uint16_t* dst, const float* src, int64_t n) {
     _mm256_mask_storeu_epi16(dst + i, live, (__m256i)packed);
   }
 }
-inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 
-template <typename T>
-void scatter_rows(const at::Tensor& src, T* cache, const int64_t* slots, int64_t tokens, int64_t row) {
-  const float* data = src.data_ptr<float>();
-  const int64_t stride = src.stride(0);
-  at::parallel_for(0, tokens, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(row, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) store_row(cache + slots[t] * row, data + t * stride, row);
-  });
+// Keeps the compiler from fusing a product with the addition after it (an FMA
+// rounds once, PyTorch's separate ops twice): the writers must give its bytes.
+inline float rounded(float x) {
+  asm volatile("" : "+x"(x));
+  return x;
+}
+
+// kv_types.quantize_int8 for one group of n values: Q8_0's arithmetic.
+inline void quantize_int8_group(const float* x, int64_t n, int8_t* q, uint16_t* scale_out) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax / 127.0f, inverse = scale == 0.0f ? 0.0f : 1.0f / scale;
+  for (int64_t i = 0; i < n; ++i) {
+    const float y = rounded(x[i] * inverse);
+    const float r = std::floor(std::fabs(y) + 0.5f);  // halves away from zero
+    q[i] = static_cast<int8_t>(std::clamp(y < 0 ? -r : r, -127.0f, 127.0f));
+  }
+  *scale_out = c10::Half(scale).x;
+}
+
+// kv_types.quantize_q4_0 for one block of 32 values: Q4_0's arithmetic and nibble order.
+inline void quantize_q4_0_block(const float* x, uint8_t* packed, uint16_t* scale_out) {
+  int64_t extreme = 0;  // the first value of largest magnitude, as torch's argmax picks it
+  for (int64_t i = 1; i < 32; ++i)
+    if (std::fabs(x[i]) > std::fabs(x[extreme])) extreme = i;
+  const float scale = x[extreme] / -8.0f, inverse = scale == 0.0f ? 0.0f : 1.0f / scale;
+  uint8_t q[32];
+  for (int64_t i = 0; i < 32; ++i)
+    q[i] = static_cast<uint8_t>(std::clamp(std::trunc(rounded(x[i] * inverse) + 8.5f), 0.0f, 15.0f));
+  for (int64_t i = 0; i < 16; ++i) packed[i] = q[i] | (q[i + 16] << 4);
+  *scale_out = c10::Half(scale).x;
+}
+
+// Largest head_dim of a rotated type (the writer's stack buffer).
+constexpr int64_t MAX_ROTATED_DIM = 1024;
+
+// One head's `dim` values x into row `row` (slot * heads + head) of a cache side, in its type
+// (kv_types.store's arithmetic: fp8 saturated, never NaN from a finite value).
+void write_head(const cholla::KVSide& s, const float* x, int64_t row, int64_t head) {
+  const int64_t dim = s.dim;
+  uint8_t* dst = const_cast<uint8_t*>(s.values) + row * s.row_bytes;
+  float buffer[MAX_ROTATED_DIM];
+  if (s.rotated) {  // (x - shift) / spread, then H: the values quantized are those of the rotated head
+    for (int64_t i = 0; i < dim; ++i)
+      buffer[i] = s.spread != nullptr ? (x[i] - s.shift[head * dim + i]) / s.spread[head * dim + i] : x[i];
+    hadamard_(buffer, dim);
+    x = buffer;
+  }
+  switch (s.kind) {
+    case Kind::F32: std::memcpy(dst, x, dim * sizeof(float)); break;
+    case Kind::BF16: store_row(reinterpret_cast<uint16_t*>(dst), x, dim); break;
+    case Kind::F16:
+      for (int64_t i = 0; i < dim; ++i) reinterpret_cast<uint16_t*>(dst)[i] = c10::Half(x[i]).x;
+      break;
+    case Kind::E4M3: {
+      const float limit = 448.0f;
+      for (int64_t i = 0; i < dim; ++i) dst[i] = c10::Float8_e4m3fn(std::isnan(x[i]) ? x[i] : std::clamp(x[i], -limit, limit)).x;
+      break;
+    }
+    case Kind::E5M2: {
+      const float limit = 57344.0f;
+      for (int64_t i = 0; i < dim; ++i) dst[i] = c10::Float8_e5m2(std::isnan(x[i]) ? x[i] : std::clamp(x[i], -limit, limit)).x;
+      break;
+    }
+    case Kind::INT8:
+    case Kind::Q8_0: {
+      const int64_t size = dim / s.groups;
+      for (int64_t g = 0; g < s.groups; ++g)
+        quantize_int8_group(x + g * size, size, reinterpret_cast<int8_t*>(dst) + g * size, s.scales + row * s.groups + g);
+      break;
+    }
+    case Kind::Q4_0:
+      for (int64_t g = 0; g < s.groups; ++g) quantize_q4_0_block(x + 32 * g, dst + 16 * g, s.scales + row * s.groups + g);
+      break;
+  }
+}
+
+// One token's kv_heads * dim values into cache slot `slot` of a side.
+inline void write_row(const cholla::KVSide& s, const float* x, int64_t slot) {
+  for (int64_t h = 0; h < s.heads; ++h) write_head(s, x + h * s.dim, slot * s.heads + h, h);
 }
 
 void check_new_rows(const at::Tensor& x, int64_t tokens, int64_t kv_heads, int64_t dim) {
@@ -228,14 +461,14 @@ QueryRows query_rows(const std::optional<at::Tensor>& query_starts, int64_t rows
 
 // Jobs [begin, end) (see attention_parts), after checking the tables and lengths
 // they read (plan_attention has checked q and the caches).
-void attend_jobs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+void attend_jobs(const at::Tensor& q, const cholla::KVSide& ks, const cholla::KVSide& vs,
                  const at::Tensor& block_tables_in, const at::Tensor& context_lens_in,
                  const std::optional<at::Tensor>& query_starts, double scale, int64_t window, double softcap,
                  at::Tensor& out, int64_t begin, int64_t end, int64_t parts) {
   const at::Tensor block_tables = block_tables_in.to(at::kLong).contiguous();
   const at::Tensor context_lens = context_lens_in.to(at::kLong).contiguous();
-  const int64_t seqs = context_lens.numel(), heads = q.size(1), dim = q.size(2);
-  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  const int64_t seqs = context_lens.numel(), heads = q.size(1);
+  const int64_t num_blocks = ks.blocks, block_size = ks.block_size, kv_heads = ks.heads;
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seqs,
               "paged_attention_decode: one block table and context length per sequence");
   const int64_t max_blocks = block_tables.size(1);
@@ -250,114 +483,161 @@ void attend_jobs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
       TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
                   "paged_attention_decode: block id out of range");
   }
-  const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  if (k_cache.scalar_type() == at::kFloat)
-    attend_decode(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>(),
-                  tables, lens, rows, begin, end, parts, heads, kv_heads, dim, block_size, max_blocks, fscale, window,
-                  cap);
-  else
-    attend_decode(q.data_ptr<float>(), static_cast<const uint16_t*>(k_cache.data_ptr()),
-                  static_cast<const uint16_t*>(v_cache.data_ptr()), out.data_ptr<float>(), tables, lens, rows, begin,
-                  end, parts, heads, kv_heads, dim, block_size, max_blocks, fscale, window, cap);
+  attend_decode(q.data_ptr<float>(), ks, vs, out.data_ptr<float>(), tables, lens, rows, begin, end, parts, heads,
+                max_blocks, static_cast<float>(scale), window, static_cast<float>(softcap));
 }
 
 // q and the caches checked; returns how many parts each (sequence, KV head) pair is cut into for `threads`.
-int64_t plan_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t threads) {
-  cholla::check_caches("paged_attention_decode", k_cache, v_cache);
-  const int64_t heads = q.size(1), kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == q.size(2) && heads % kv_heads == 0, "paged_attention_decode: head shapes disagree");
+int64_t plan_attention(const at::Tensor& q, const cholla::KVSide& ks, const cholla::KVSide& vs, int64_t threads) {
+  const int64_t heads = q.size(1), kv_heads = ks.heads;
+  TORCH_CHECK(ks.dim == q.size(2) && heads % kv_heads == 0, "paged_attention_decode: head shapes disagree");
   TORCH_CHECK(heads / kv_heads <= MAX_GROUP, "paged_attention_decode: more than ", MAX_GROUP, " query heads per KV head");
   return attention_parts(q.size(0), kv_heads, heads / kv_heads, threads);
+}
+
+// The kind of a cache side from its values' dtype and, for the integer types, its scales' shape.
+Kind side_kind(const char* op, const at::Tensor& values, const at::Tensor* scales, int64_t& dim) {
+  const auto type = values.scalar_type();
+  dim = values.size(3);
+  if (scales == nullptr) {
+    TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf || type == at::kFloat8_e4m3fn ||
+                    type == at::kFloat8_e5m2,
+                op, ": a cache without scales must be fp32, bf16, fp16 or fp8");
+    return type == at::kFloat ? Kind::F32 : type == at::kBFloat16 ? Kind::BF16 : type == at::kHalf ? Kind::F16
+         : type == at::kFloat8_e4m3fn ? Kind::E4M3 : Kind::E5M2;
+  }
+  const int64_t groups = scales->size(3);
+  if (type == at::kByte) {
+    dim *= 2;
+    TORCH_CHECK(groups * 32 == dim, op, ": a q4_0 cache has one scale per 32 values");
+    return Kind::Q4_0;
+  }
+  TORCH_CHECK(type == at::kChar && (groups == 1 || groups * 32 == dim),
+              op, ": an int8 cache has one scale per head (int8) or per 32 values (q8_0)");
+  return groups == 1 ? Kind::INT8 : Kind::Q8_0;
 }
 
 }  // namespace
 
 namespace cholla {
 
-// Both kernels' caches: contiguous fp32 or bfloat16 [blocks, block_size, kv_heads, dim], k and v alike.
-void check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache) {
-  const auto cache_type = k_cache.scalar_type();
-  TORCH_CHECK(k_cache.dim() == 4 && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
-                  k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-                  v_cache.scalar_type() == cache_type && v_cache.is_contiguous(),
-              op, ": caches must be contiguous fp32 or bf16 [blocks, block_size, kv_heads, dim]");
+// values: contiguous [blocks, block_size, kv_heads, width] in the side's type; quant: [] (float
+// types), [scales] or [scales, shift, spread] (kv_types.ScaledKV: fp16 scales
+// [blocks, block_size, kv_heads, groups], fp32 shift and spread [kv_heads, dim]).
+KVSide kv_side(const char* op, const at::Tensor& values, at::TensorList quant, bool rotated) {
+  TORCH_CHECK(values.dim() == 4 && values.is_contiguous(), op,
+              ": caches must be contiguous [blocks, block_size, kv_heads, dim]");
+  TORCH_CHECK(quant.size() == 0 || quant.size() == 1 || quant.size() == 3, op,
+              ": a cache side's quantization is [], [scales] or [scales, shift, spread]");
+  const at::Tensor* scales = quant.empty() ? nullptr : &quant[0];
+  KVSide side{};
+  int64_t dim = 0;
+  side.kind = side_kind(op, values, scales, dim);
+  side.values = static_cast<const uint8_t*>(values.data_ptr());
+  side.row_bytes = values.size(3) * values.element_size();
+  side.blocks = values.size(0), side.block_size = values.size(1), side.heads = values.size(2), side.dim = dim;
+  if (scales != nullptr) {
+    TORCH_CHECK(scales->scalar_type() == at::kHalf && scales->is_contiguous() && scales->dim() == 4 &&
+                    scales->sizes().slice(0, 3) == values.sizes().slice(0, 3),
+                op, ": scales must be contiguous fp16 [blocks, block_size, kv_heads, groups]");
+    side.scales = static_cast<uint16_t*>(scales->data_ptr());
+    side.groups = scales->size(3);
+  }
+  side.rotated = rotated;
+  if (rotated)
+    TORCH_CHECK(dim > 0 && (dim & (dim - 1)) == 0 && dim <= MAX_ROTATED_DIM, op,
+                ": a rotated cache needs a power-of-two head_dim up to ", MAX_ROTATED_DIM);
+  if (quant.size() == 3) {
+    TORCH_CHECK(rotated, op, ": a calibrated cache is a rotated one");
+    for (int i = 1; i < 3; ++i)
+      TORCH_CHECK(quant[i].scalar_type() == at::kFloat && quant[i].is_contiguous() &&
+                      quant[i].sizes() == at::IntArrayRef({side.heads, dim}),
+                  op, ": shift and spread must be contiguous fp32 [kv_heads, dim]");
+    side.shift = quant[1].data_ptr<float>();
+    side.spread = quant[2].data_ptr<float>();
+  }
+  return side;
 }
 
-// q: fp32 [rows, heads, dim]; k_cache, v_cache: fp32 or bfloat16 [blocks, block_size, kv_heads, dim];
-// block_tables: int64 [seqs, max_blocks]; context_lens: int64 [seqs], the new tokens
-// included (their keys and values already written). query_starts: int64 [seqs + 1],
-// where each sequence's query rows start (its last q_len positions, causal among
-// themselves), or None: one row per sequence. window > 0: a key is visible only
-// if fewer than `window` positions back; softcap > 0: scores -> softcap * tanh(s / softcap).
+// Both kernels' caches: K and V of one geometry (their types may differ).
+void check_sides(const char* op, const KVSide& k, const KVSide& v) {
+  TORCH_CHECK(k.blocks == v.blocks && k.block_size == v.block_size && k.heads == v.heads && k.dim == v.dim, op,
+              ": the K and V caches must have the same blocks, heads and head_dim");
+}
+
+// q: fp32 [rows, heads, dim]; k_cache, v_cache: [blocks, block_size, kv_heads, dim] in any
+// kv_types type (k_quant, v_quant, *_rotated: see kv_side); block_tables: int64 [seqs, max_blocks];
+// context_lens: int64 [seqs], the new tokens included (their keys and values already written).
+// query_starts: int64 [seqs + 1], where each sequence's query rows start (its last q_len
+// positions, causal among themselves), or None: one row per sequence. window > 0: a key is
+// visible only if fewer than `window` positions back; softcap > 0: scores -> softcap * tanh(s / softcap).
 at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                  int64_t window, double softcap, const std::optional<at::Tensor>& query_starts) {
+                                  int64_t window, double softcap, at::TensorList k_quant, at::TensorList v_quant,
+                                  bool k_rotated, bool v_rotated, const std::optional<at::Tensor>& query_starts) {
   TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "paged_attention_decode: q must be fp32 [rows, heads, dim]");
   const at::Tensor q = q_in.contiguous();
-  const int64_t parts = plan_attention(q, k_cache, v_cache, at::get_num_threads());
+  const KVSide ks = kv_side("paged_attention_decode", k_cache, k_quant, k_rotated);
+  const KVSide vs = kv_side("paged_attention_decode", v_cache, v_quant, v_rotated);
+  check_sides("paged_attention_decode", ks, vs);
+  const int64_t parts = plan_attention(q, ks, vs, at::get_num_threads());
   at::Tensor out = at::zeros_like(q);
-  at::parallel_for(0, q.size(0) * k_cache.size(2) * parts, 1, [&](int64_t begin, int64_t end) {
-    attend_jobs(q, k_cache, v_cache, block_tables, context_lens, query_starts, scale, window, softcap, out, begin, end,
-                parts);
+  at::parallel_for(0, q.size(0) * ks.heads * parts, 1, [&](int64_t begin, int64_t end) {
+    attend_jobs(q, ks, vs, block_tables, context_lens, query_starts, scale, window, softcap, out, begin, end, parts);
   });
   return out;
 }
 
 // One thread's share of the jobs, into out (fp32, q's shape).
-void paged_attention_part(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& block_tables, const at::Tensor& context_lens,
-                          const std::optional<at::Tensor>& query_starts, double scale, int64_t window, double softcap,
-                          at::Tensor& out, int64_t thread, int64_t threads) {
+void paged_attention_part(const at::Tensor& q, const KVSide& ks, const KVSide& vs, const at::Tensor& block_tables,
+                          const at::Tensor& context_lens, const std::optional<at::Tensor>& query_starts, double scale,
+                          int64_t window, double softcap, at::Tensor& out, int64_t thread, int64_t threads) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && out.sizes() == q.sizes() &&
                   out.scalar_type() == at::kFloat && out.is_contiguous(),
               "paged_attention_part: q and out must be contiguous fp32 [rows, heads, dim]");
-  const int64_t parts = plan_attention(q, k_cache, v_cache, threads);
-  const auto [begin, end] = share(q.size(0) * k_cache.size(2) * parts, thread, threads);
-  attend_jobs(q, k_cache, v_cache, block_tables, context_lens, query_starts, scale, window, softcap, out, begin, end,
-              parts);
+  const int64_t parts = plan_attention(q, ks, vs, threads);
+  const auto [begin, end] = share(q.size(0) * ks.heads * parts, thread, threads);
+  attend_jobs(q, ks, vs, block_tables, context_lens, query_starts, scale, window, softcap, out, begin, end, parts);
 }
 
-void write_kv_row(const float* k, const float* v, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t slot) {
-  const int64_t row = k_cache.size(2) * k_cache.size(3);
-  if (k_cache.scalar_type() == at::kFloat) {
-    store_row(k_cache.data_ptr<float>() + slot * row, k, row);
-    store_row(v_cache.data_ptr<float>() + slot * row, v, row);
-  } else {
-    store_row(static_cast<uint16_t*>(k_cache.data_ptr()) + slot * row, k, row);
-    store_row(static_cast<uint16_t*>(v_cache.data_ptr()) + slot * row, v, row);
-  }
+void write_kv_row(const float* k, const float* v, const KVSide& k_cache, const KVSide& v_cache, int64_t slot) {
+  write_row(k_cache, k, slot);
+  write_row(v_cache, v, slot);
 }
 
 // Writes this step's keys and values (fp32 [tokens, kv_heads, dim], token stride
-// free: views into the fused q/k/v projection) into their cache slots, rounding
-// to the cache's dtype on the way: one pass instead of a conversion and an
-// index_copy_ per tensor.
+// free: views into the fused q/k/v projection) into their cache slots, in the
+// cache's type on the way (kv_types.store's arithmetic): one pass instead of a
+// conversion (or quantization) and an index_copy_ per tensor.
 void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::Tensor v_cache,
-              const at::Tensor& slot_mapping_in) {
-  check_caches("write_kv", k_cache, v_cache);
-  const auto cache_type = k_cache.scalar_type();
+              const at::Tensor& slot_mapping_in, at::TensorList k_quant, at::TensorList v_quant, bool k_rotated,
+              bool v_rotated) {
+  const KVSide ks = kv_side("write_kv", k_cache, k_quant, k_rotated);
+  const KVSide vs = kv_side("write_kv", v_cache, v_quant, v_rotated);
+  check_sides("write_kv", ks, vs);
   const at::Tensor slot_mapping = slot_mapping_in.to(at::kLong).contiguous();
-  const int64_t tokens = slot_mapping.numel(), kv_heads = k_cache.size(2), dim = k_cache.size(3);
-  const int64_t slot_count = k_cache.size(0) * k_cache.size(1), row = kv_heads * dim;
-  check_new_rows(k, tokens, kv_heads, dim);
-  check_new_rows(v, tokens, kv_heads, dim);
+  const int64_t tokens = slot_mapping.numel(), slot_count = ks.blocks * ks.block_size;
+  check_new_rows(k, tokens, ks.heads, ks.dim);
+  check_new_rows(v, tokens, vs.heads, vs.dim);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(slots[t] >= 0 && slots[t] < slot_count, "write_kv: slot out of range");
-  if (cache_type == at::kFloat) {
-    scatter_rows(k, k_cache.data_ptr<float>(), slots, tokens, row);
-    scatter_rows(v, v_cache.data_ptr<float>(), slots, tokens, row);
-  } else {
-    scatter_rows(k, static_cast<uint16_t*>(k_cache.data_ptr()), slots, tokens, row);
-    scatter_rows(v, static_cast<uint16_t*>(v_cache.data_ptr()), slots, tokens, row);
-  }
+  const float* ks_data = k.data_ptr<float>();
+  const float* vs_data = v.data_ptr<float>();
+  const int64_t row = ks.heads * ks.dim;
+  at::parallel_for(0, tokens, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(row, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      write_kv_row(ks_data + t * k.stride(0), vs_data + t * v.stride(0), ks, vs, slots[t]);
+  });
 }
 
 }  // namespace cholla
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) {
-  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+        "Tensor[] k_quant, Tensor[] v_quant, bool k_rotated=False, bool v_rotated=False) -> ()");
   m.def("paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale, int window, float softcap, Tensor? query_starts=None) -> Tensor");
+        "Tensor context_lens, float scale, int window, float softcap, Tensor[] k_quant, Tensor[] v_quant, "
+        "bool k_rotated=False, bool v_rotated=False, Tensor? query_starts=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) {

@@ -51,8 +51,10 @@ in a float type: ``paged_cache.check_kv_types``):
   ``head_dim >= 64`` at blocks of 16; the open blocks' bf16 rows (two per sequence at most
   ``max_num_seqs``) are a fixed few MiB (``open_block_bytes``).
 
-Attention reads every type back as fp32 (``gather``). cholla's C++ decode kernels read only
-``f32`` and ``bf16``; for the others the layers use the PyTorch path.
+The PyTorch path reads every type back as fp32 (``gather``). cholla's C++ kernels
+(``kernels/paged_attention.cpp``) write and read every type in place, a row at a time
+(``kernel_parts`` hands them a side): rotated and calibrated types are read without undoing
+the rotation per key, by rotating the query once and each head's output once instead.
 """
 
 from __future__ import annotations
@@ -249,6 +251,34 @@ def hadamard(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
+# The largest head_dim of a rotated type the C++ kernels take (their writer's stack buffer).
+KERNEL_MAX_ROTATED_DIM = 1024
+
+
+def head_dim(cache: CacheSide) -> int:
+    """The values per (token, head) a side holds (q4_0 packs two to a byte)."""
+    width = cache.values.shape[-1] if isinstance(cache, ScaledKV) else cache.shape[-1]
+    return width * 2 if cache.dtype == torch.uint8 else width
+
+
+def kernel_parts(cache: CacheSide) -> tuple[torch.Tensor, list[torch.Tensor], bool] | None:
+    """One side as the C++ kernels take it (``paged_attention.cpp``'s ``kv_side``): its values,
+    ``[]`` / ``[scales]`` / ``[scales, shift, spread]``, and whether heads are rotated; None where
+    they cannot: a non-contiguous view (a latent cache's V) or a GPU cache."""
+    if isinstance(cache, ScaledKV):
+        if (cache.open_blocks is not None or cache.values.dtype.is_floating_point
+                or (cache.values.dtype == torch.uint8 and cache.scales.shape[-1] * 32 != head_dim(cache))):
+            return None  # q4_kivi (either side) and fp8_e4m3_scaled: only the PyTorch path reads them
+        tensors = [cache.values, cache.scales] + ([] if cache.shift is None else [cache.shift, cache.spread])
+        if (not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+                or (cache.rotated and head_dim(cache) > KERNEL_MAX_ROTATED_DIM)):
+            return None
+        return cache.values, tensors[1:], cache.rotated
+    if not cache.is_contiguous() or cache.device.type != "cpu" or cache.dtype not in _BY_TORCH_DTYPE:
+        return None
+    return cache, [], False
+
+
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     """llama.cpp's (and gguf's) rounding: halves away from zero, not to even as torch.round."""
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
@@ -407,10 +437,14 @@ def _quantize(x: torch.Tensor, cache: ScaledKV) -> tuple[torch.Tensor, torch.Ten
 def _dequantize(values: torch.Tensor, scales: torch.Tensor, cache: ScaledKV) -> torch.Tensor:
     if values.dtype == torch.float8_e4m3fn:
         return values.float() * scales.float()
-    x = dequantize_q4_0(values, scales) if values.dtype == torch.uint8 else dequantize_int8(values, scales)
+    x = _dequantize_stored(values, scales)
     if cache.rotated:
         x = x @ hadamard(x.shape[-1])
     return x * cache.spread + cache.shift if cache.shift is not None else x
+
+
+def _dequantize_stored(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return dequantize_q4_0(values, scales) if values.dtype == torch.uint8 else dequantize_int8(values, scales)
 
 
 def _encode_float(kv_type: KVCacheType, x: torch.Tensor) -> torch.Tensor:
@@ -447,3 +481,11 @@ def gather(cache: CacheSide, blocks: torch.Tensor, dtype: torch.dtype = torch.fl
     if cache.dtype.itemsize == 1:  # fp8
         return cache.view(torch.uint8)[blocks].view(cache.dtype).to(dtype)
     return cache[blocks].to(dtype)
+
+
+def gather_stored(cache: CacheSide, blocks: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """As ``gather``, but a rotated side's heads come back as stored: still rotated and (calibrated)
+    normalized, for attention that folds the rotation and statistics into its queries and outputs."""
+    if isinstance(cache, ScaledKV):
+        return _dequantize_stored(cache.values[blocks], cache.scales[blocks]).to(dtype)
+    return gather(cache, blocks, dtype)

@@ -5,9 +5,11 @@ slots (``slot_mapping``), then each query attends to its sequence's keys read
 back through the sequence's ``block_table``. Sequences that decode one token
 share one batched call; prefill chunks (which may follow a cached prefix) run
 one call each, with a causal mask offset by the tokens already cached. A step
-whose sequences all bring short spans (``MAX_QUERY_SPAN`` tokens at most: decodes,
-speculating decodes verifying their drafts, tiny chunks) runs every row through
-the decode kernel instead, each row seeing the keys up to its own position.
+whose sequences are decodes and speculating decodes verifying their drafts
+(``MAX_QUERY_SPAN`` tokens at most) runs every row through the decode kernel
+instead, each row seeing the keys up to its own position as written in the cache
+(a prompt chunk's rows keep attending to each other as computed: the runner sets
+spans only for drafts).
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cholla.kernels import cpu_kernels
-from cholla.kv.kv_types import gather, store
+from cholla.kv.kv_types import (
+    ScaledKV,
+    gather,
+    gather_stored,
+    hadamard,
+    head_dim,
+    kernel_parts,
+    store,
+)
 from cholla.layers.linear import DenseTensor, Linear, linear_group
 from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
@@ -123,26 +133,39 @@ def paged_attention(
         return attend_decodes(q, k_cache, v_cache, meta.block_tables, meta.decode_context_lens, scale, window, softcap,
                               sinks)
     if meta.span_starts is not None and _kernel_attends(q, k_cache, v_cache, sinks):  # short spans only
-        return cpu_kernels().paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.span_context_lens,
-                                                    scale, window or 0, softcap or 0.0, meta.span_starts)
+        (k_values, v_values), quant = _kernel_caches(k_cache, v_cache)
+        return cpu_kernels().paged_attention_decode(q, k_values, v_values, meta.block_tables, meta.span_context_lens,
+                                                    scale, window or 0, softcap or 0.0, **quant,
+                                                    query_starts=meta.span_starts)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     starts = meta.query_start_loc
 
     for i in range(meta.num_prefills):
         start, stop, ctx = starts[i], starts[i + 1], meta.context_lens[i]
         q_len = stop - start
+        queries = q[start:stop].transpose(0, 1)[None]
+        fold_v = False
         if q_len == ctx:  # a whole prompt in one chunk: its keys are the new ones, no cache reads
             keys, values = k[start:stop].transpose(0, 1), v[start:stop].transpose(0, 1)
         else:
             blocks = meta.block_tables[i, : (ctx + block_size - 1) // block_size]
-            keys = gather(k_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
-            values = gather(v_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
+            # Rotated sides are read as stored and their rotation folded into the queries and
+            # outputs (_fold_queries, _unfold_outputs): once per chunk token, not per cached one;
+            # folding keys drops a constant per query from its scores, values assume weights that
+            # sum to 1: only where that is exact (sinks take some of the weight).
+            fold_k = _rotated(k_cache) and softcap is None and sinks is None
+            fold_v = _rotated(v_cache) and sinks is None
+            keys = (gather_stored if fold_k else gather)(k_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
+            values = (gather_stored if fold_v else gather)(v_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
+            if fold_k:
+                queries = _fold_queries(queries, k_cache)
         if q_len == ctx and (window is None or window >= ctx):
             mask = None  # causal over the whole prompt
         else:
             mask = _allowed(torch.arange(ctx - q_len, ctx)[:, None], torch.arange(ctx)[None, :], window)
-        queries = q[start:stop].transpose(0, 1)[None]
         attended = _attend(queries, keys[None], values[None], mask, scale, softcap, prefill_dtype, sinks)
+        if fold_v:
+            attended = _unfold_outputs(attended, v_cache)
         out[start:stop] = attended[0].transpose(0, 1)
 
     if len(meta.context_lens) > meta.num_prefills:
@@ -153,12 +176,46 @@ def paged_attention(
     return out
 
 
+def _rotated(cache) -> bool:
+    return isinstance(cache, ScaledKV) and cache.rotated
+
+
+def _per_head(stat: torch.Tensor, heads: int) -> torch.Tensor:
+    """[kv_heads, dim] statistics -> [1, heads, 1, dim], each KV head's for its query heads."""
+    return stat.repeat_interleave(heads // stat.shape[0], dim=0)[None, :, None]
+
+
+def _fold_queries(queries: torch.Tensor, k_cache: ScaledKV) -> torch.Tensor:
+    """queries [1, heads, q_len, dim] against stored keys k' (k = spread * (H k') + shift):
+    q . k = (H (spread * q)) . k' + q . shift, the last term the same for every key (dropped)."""
+    if k_cache.spread is not None:
+        queries = queries * _per_head(k_cache.spread, queries.shape[1])
+    return queries @ hadamard(queries.shape[-1])
+
+
+def _unfold_outputs(attended: torch.Tensor, v_cache: ScaledKV) -> torch.Tensor:
+    """Weighted sums of stored values v' back to values' space: the weights sum to 1, so
+    sum p (spread * (H v') + shift) = spread * (H sum p v') + shift."""
+    attended = attended @ hadamard(attended.shape[-1])
+    if v_cache.spread is not None:
+        heads = attended.shape[1]
+        attended = attended * _per_head(v_cache.spread, heads) + _per_head(v_cache.shift, heads)
+    return attended
+
+
 def kernel_reads(k_cache, v_cache) -> bool:
-    """Whether our C++ kernels read (and write) these caches: plain contiguous fp32 or bf16, both
-    sides alike in type and width (a latent cache's V, a narrower view of its K, is not)."""
-    return (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
-            and k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16)
-            and k_cache.shape[-1] == v_cache.shape[-1] and k_cache.is_contiguous() and v_cache.is_contiguous())
+    """Whether our C++ kernels read (and write) these caches: any ``kv_types`` type, contiguous,
+    K and V (their types may differ) alike in blocks, heads and head_dim (a latent cache's V, a
+    narrower view of its K, is not)."""
+    return (kernel_parts(k_cache) is not None and kernel_parts(v_cache) is not None
+            and k_cache.shape[:-1] == v_cache.shape[:-1] and head_dim(k_cache) == head_dim(v_cache))
+
+
+def _kernel_caches(k_cache, v_cache) -> tuple:
+    """(k values, v values) and, as keywords, the sides' quantization for the kernels."""
+    k_values, k_quant, k_rotated = kernel_parts(k_cache)
+    v_values, v_quant, v_rotated = kernel_parts(v_cache)
+    return (k_values, v_values), {"k_quant": k_quant, "v_quant": v_quant, "k_rotated": k_rotated, "v_rotated": v_rotated}
 
 
 def _kernel_attends(q, k_cache, v_cache, sinks) -> bool:
@@ -169,8 +226,9 @@ def attend_decodes(q, k_cache, v_cache, block_tables, context_lens, scale, windo
                    sinks=None) -> torch.Tensor:
     """One new token per sequence (q: [decodes, heads, dim]), by our kernel where it runs (it has no sinks)."""
     if _kernel_attends(q, k_cache, v_cache, sinks):
-        return cpu_kernels().paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window or 0,
-                                                    softcap or 0.0)
+        (k_values, v_values), quant = _kernel_caches(k_cache, v_cache)
+        return cpu_kernels().paged_attention_decode(q, k_values, v_values, block_tables, context_lens, scale, window or 0,
+                                                    softcap or 0.0, **quant)
     return decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, sinks)
 
 
@@ -190,7 +248,8 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     """This step's keys and values (fp32 [tokens, kv_heads, dim]) into their cache slots, in the cache's type."""
     kernels = cpu_kernels()
     if kernels is not None and k.dtype == v.dtype == torch.float32 and kernel_reads(k_cache, v_cache):
-        kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        (k_values, v_values), quant = _kernel_caches(k_cache, v_cache)
+        kernels.write_kv(k, v, k_values, v_values, slot_mapping, **quant)
         return
     store(k_cache, k.float(), slot_mapping)
     store(v_cache, v.float(), slot_mapping)

@@ -6,8 +6,8 @@ Llama family and Gemma 3 (``models/llama.py``, ``models/gemma3.py``),
 ``run_layers`` hands every layer's weights, norms and caches to one C++ call
 that chains the kernels the Python layers call, in the same order. Whatever
 it does not cover (prefill chunks longer than a speculated span, steps larger than our matmul kernels take,
-biases, other MLPs, mixtures of experts, latent attention, attention sinks, KV
-cache types other than fp32 and bf16, no kernels) runs layer by layer in Python.
+biases, other MLPs, mixtures of experts, latent attention, attention sinks, no
+kernels) runs layer by layer in Python. Every KV cache type runs fused.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cholla.kernels import cpu_kernels
+from cholla.kv.kv_types import ScaledKV
 from cholla.layers.attention import Attention, AttentionMetadata, kernel_reads
 from cholla.layers.linear import (
     AMX_MAX_ROWS,
@@ -130,17 +131,38 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
     if (meta.num_prefills and spans is None) or x.shape[0] > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS):
         return None
     if x.dtype != torch.float32 or x.device.type != "cpu" or not kernel_reads(*kv_caches[0]):
-        return None  # the kernel reads fp32 and bf16 caches; other KV types decode layer by layer
+        return None
+    k_values, v_values, k_quant, v_quant, k_rotated, v_rotated = _cache_args(kv_caches)
     tables = [rope.tables(positions) for rope in plan.ropes]
     context_lens = meta.span_context_lens if spans is not None else meta.decode_context_lens
     return cpu_kernels().decode_layers(
-        x, positions, plan.weights, plan.types, plan.norms, [kv[0] for kv in kv_caches], [kv[1] for kv in kv_caches],
+        x, positions, plan.weights, plan.types, plan.norms, k_values, v_values,
         [cos for cos, _ in tables], [sin for _, sin in tables], plan.rope_of_layer, plan.windows, meta.slot_mapping,
         meta.block_tables, context_lens, spans, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,
         plan.softcap, plan.eps, plan.interleaved, plan.activation, plan.post_norms, plan.qk_norm, integer,
         INT8_MAX_ROWS if integer else GEMV_MAX_ROWS,
         int8_batch_max_rows() if integer and spans is None else 0,  # as linear_group: decode-only steps
+        k_quant, v_quant, k_rotated, v_rotated,
     )
+
+
+def _cache_args(kv_caches) -> tuple:
+    """The caches as the kernel takes them (``kv_types.kernel_parts``, without its checks: every
+    layer is allocated as the first, which ``kernel_reads`` checked): K and V values per layer,
+    each side's scales (and statistics) flattened layer after layer, whether each side is rotated."""
+    k_values, v_values, k_quant, v_quant = [], [], [], []
+    for k, v in kv_caches:
+        for side, values, quant in ((k, k_values, k_quant), (v, v_values, v_quant)):
+            if isinstance(side, ScaledKV):
+                values.append(side.values)
+                quant.append(side.scales)
+                if side.shift is not None:
+                    quant += (side.shift, side.spread)
+            else:
+                values.append(side)
+    first_k, first_v = kv_caches[0]
+    return (k_values, v_values, k_quant, v_quant, isinstance(first_k, ScaledKV) and first_k.rotated,
+            isinstance(first_v, ScaledKV) and first_v.rotated)
 
 
 def run_layers(model: nn.Module, x, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
