@@ -32,6 +32,7 @@ from cholla.engine.request import Request, RequestStatus
 from cholla.kv.block_manager import BlockManager
 from cholla.kv.state_cache import SlotAllocator, StateSnapshots
 from cholla.speculative.speculator import MAX_DECODING_SEQS, Speculator
+from cholla.speculative.tree import DraftTree
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Scheduler:
         self._release(request)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
-        request.draft_token_ids = []
+        request.draft_token_ids, request.draft_parents = [], None
         request.num_preemptions += 1
         self.waiting.appendleft(request)
         batch.preempted.append(request)
@@ -116,14 +117,14 @@ class Scheduler:
         speculate = self.speculator is not None and sum(map(_is_decoding, self.running)) <= MAX_DECODING_SEQS
         proposals = self._propose() if speculate else {}
         for request in list(self.running):
-            request.draft_token_ids = []
+            request.draft_token_ids, request.draft_parents = [], None
             if budget == 0:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted below to make room for an older request
             num_new = self._chunk(request, min(request.num_tokens - request.num_computed_tokens, budget))
             if request.request_id in proposals:
-                num_new += self._draft(request, proposals[request.request_id][: budget - 1])
+                num_new += self._draft(request, proposals[request.request_id], budget - 1)
             while not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
                 victim = self.running[-1]  # the newest request gives way
                 self._preempt(victim, batch)
@@ -190,7 +191,7 @@ class Scheduler:
             return end - end % block_size - start
         return num_new
 
-    def _propose(self) -> dict[str, list[int]]:
+    def _propose(self) -> dict[str, list[int] | DraftTree]:
         """Drafts for every decoding request at once (a draft model runs them as one batch), each
         short of the context's end and of ``max_tokens``; the step's budget cuts them later."""
         decoding = [r for r in self.running if _is_decoding(r)]
@@ -203,11 +204,14 @@ class Scheduler:
         drafts = self.speculator.propose_batch(decoding, limits)
         return {r.request_id: d for r, d in zip(decoding, drafts) if d}
 
-    def _draft(self, request: Request, drafts: list[int]) -> int:
-        """Give a decoding request ``drafts`` (``request.draft_token_ids``) if they fit; returns how many.
+    def _draft(self, request: Request, proposal: list[int] | DraftTree, limit: int) -> int:
+        """Give a decoding request up to ``limit`` of its drafts (``request.draft_token_ids``, and a
+        tree's ``draft_parents``) if they fit; returns how many.
 
         Only with blocks to spare: a draft's block must never be the one another running request needs.
         """
+        tree = proposal.cut(limit) if isinstance(proposal, DraftTree) else None
+        drafts = tree.tokens if tree is not None else proposal[:limit]
         if not drafts:
             return 0
         total = request.num_tokens + len(drafts)
@@ -215,6 +219,7 @@ class Scheduler:
         if spare < len(self.running) or not self.block_manager.allocate(request.blocks, total):
             return 0
         request.draft_token_ids = drafts
+        request.draft_parents = tree.parents if tree is not None else None
         return len(drafts)
 
 

@@ -4,7 +4,9 @@ Every step, the new tokens' keys and values are written into their cache
 slots (``slot_mapping``), then each query attends to its sequence's keys read
 back through the sequence's ``block_table``. Sequences that decode one token
 share one batched call; prefill chunks (which may follow a cached prefix) run
-one call each, with a causal mask offset by the tokens already cached.
+one call each, with a causal mask offset by the tokens already cached, or, for a
+speculative token tree (``speculative/tree.py``), a mask that lets each drafted
+node see the context and its own ancestors only.
 """
 
 from __future__ import annotations
@@ -38,6 +40,26 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None  # [decodes] as a tensor, for masking
     # Models with recurrent layers: [seqs] the state-cache slot of each sequence (kv/state_cache.py).
     state_slots: torch.Tensor | None = None
+    # Prefill-style sequences verifying a token tree, by place in the batch.
+    trees: dict[int, TreeRows] | None = None
+
+
+@dataclass
+class TreeRows:
+    """A sequence's rows that verify a token tree: its last token and the drafted nodes, written
+    to consecutive cache slots after the context but placed at ``positions`` (the root's plus
+    the node's depth), each seeing the context and the rows ``ancestors`` allows."""
+
+    positions: torch.Tensor  # [rows]
+    ancestors: torch.Tensor  # [rows, rows] bool: row i may see row j
+
+    def mask(self, context_len: int, window: int | None) -> torch.Tensor:
+        """``[rows, context_len]`` bool over the sequence's cache slots (the rows' own are last)."""
+        rows = self.positions.shape[0]
+        key_positions = torch.cat((torch.arange(context_len - rows), self.positions))
+        mask = _allowed(self.positions[:, None], key_positions[None, :], window)
+        mask[:, context_len - rows :] &= self.ancestors
+        return mask
 
 
 def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -122,7 +144,9 @@ def paged_attention(
             blocks = meta.block_tables[i, : (ctx + block_size - 1) // block_size]
             keys = gather(k_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
             values = gather(v_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
-        if q_len == ctx and (window is None or window >= ctx):
+        if meta.trees and i in meta.trees:
+            mask = meta.trees[i].mask(ctx, window)
+        elif q_len == ctx and (window is None or window >= ctx):
             mask = None  # causal over the whole prompt
         else:
             mask = _allowed(torch.arange(ctx - q_len, ctx)[:, None], torch.arange(ctx)[None, :], window)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from cholla.sampling.params import SamplingParams
-from cholla.speculative import ngram
+from cholla.speculative import ngram, tree
 from cholla.speculative.ngram_cache import NgramCache
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class Speculator(Protocol):
     """What the scheduler and engine ask of a speculative method (``NgramSpeculator``,
     ``draft_model.DraftModelSpeculator``)."""
 
-    def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int]]: ...
+    def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int] | tree.DraftTree]: ...
 
     def record(self, state: SpeculationState, num_accepted: int, num_output: int) -> None: ...
 
@@ -109,3 +109,47 @@ class NgramSpeculator:
         if state.misses >= MISSES_BEFORE_PAUSE:
             state.resume_at = num_output + state.pause
             state.misses, state.pause = 0, min(2 * state.pause, MAX_PAUSE)
+
+
+# Continuations gathered per sequence for a tree: each earlier occurrence of its suffix gives one.
+TREE_CANDIDATES = 16
+# Continuations the shared cache keeps per n-gram for trees.
+TREE_CACHE_ALTERNATIVES = 4
+
+
+class NgramTreeSpeculator(NgramSpeculator):
+    """Prompt lookup with every earlier occurrence: the continuations of the sequence's suffix
+    (and, where the shared cache knows a longer match, the cache's alternatives) as one token
+    tree of at most ``budget`` nodes and depth ``k`` (``tree.py``), verified in one pass.
+
+    The first chain is ``NgramSpeculator``'s draft, so a tree accepts at least what a linear
+    draft would. Only greedy requests get a tree: a sampled request's rows must draw from its
+    generator in its tokens' order, which only a chain keeps; it gets the first chain.
+    """
+
+    def __init__(self, k: int, budget: int, cache_size: int = 0):
+        self.k, self.budget = k, budget
+        self.cache = NgramCache(cache_size, k, alternatives=TREE_CACHE_ALTERNATIVES) if cache_size else None
+
+    def propose_tree(self, token_ids: list[int], params: SamplingParams, has_grammar: bool, num_output: int,
+                     state: SpeculationState, limit: int) -> list[int] | tree.DraftTree:
+        """A tree for one decoding greedy sequence, the first chain for a sampled one, [] for none."""
+        limit = min(self.k, limit)
+        if limit <= 0 or num_output < state.resume_at or not can_speculate(params, has_grammar):
+            return []
+        own, n = ngram.continuations(token_ids, limit, TREE_CANDIDATES)
+        cached: list[list[int]] = []
+        if self.cache is not None:
+            cached, cached_n = self.cache.lookup_alternatives(token_ids, limit)
+            if cached_n <= n:  # the sequence's own match is as long: it leads, as in NgramSpeculator
+                own, cached = own + cached, []
+        candidates = cached + own
+        if not candidates:
+            return []
+        if not params.greedy:
+            return candidates[0]
+        return tree.build(candidates, self.budget, limit)
+
+    def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int] | tree.DraftTree]:
+        return [self.propose_tree(r.all_token_ids, r.params, r.grammar is not None, len(r.output_token_ids),
+                                  r.speculation, limit) for r, limit in zip(requests, limits)]
