@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -123,11 +122,11 @@ def run_llama_tool(binary: Path, model: Path, draft: Path, prompt: str, n: int, 
         f.write(prompt)
         f.flush()
         command = [str(binary), "-m", str(model), "-f", f.name, "-n", str(n), "-t", str(threads), "-tb", str(threads),
-                   "--temp", "0", "--spec-draft-n-max", str(k), "-c", "2048", "--ignore-eos", "--no-warmup"]
+                   "--temp", "0", "--spec-draft-n-max", str(k), "-c", "2048", "--ignore-eos"]
         if binary.name == "llama-speculative":
             command += ["-md", str(draft), "-td", str(threads), "-tbd", str(threads)]
         for _ in range(repetitions):
-            done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
             log = done.stdout + done.stderr
             decoded = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
             if done.returncode or decoded is None:

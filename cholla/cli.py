@@ -36,7 +36,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_speculative_options(p: argparse.ArgumentParser, ngram_cache_size: int | None = None) -> None:
-    from cholla.speculative.config import DEFAULT_NGRAM_CACHE_SIZE, DEFAULT_TREE_BUDGET, MAX_TREE_BUDGET
+    from cholla.speculative.config import (
+        DEFAULT_NGRAM_CACHE_SIZE,
+        DEFAULT_TREE_BUDGET,
+        MAX_TREE_BUDGET,
+    )
 
     ngram_cache_size = DEFAULT_NGRAM_CACHE_SIZE if ngram_cache_size is None else ngram_cache_size
 
@@ -413,7 +417,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from cholla.download import resolve_model
-    from cholla.plan import PlanRequest, format_plan, make_plan, read_model_facts, resolve_hardware, resolve_kv_types
+    from cholla.plan import (
+        PlanRequest,
+        format_plan,
+        make_plan,
+        read_model_facts,
+        resolve_hardware,
+        resolve_kv_types,
+    )
 
     for name in ("context", "concurrency", "block_size", "prompt_tokens", "output_tokens", "max_num_seqs"):
         value = getattr(args, name)

@@ -156,7 +156,7 @@ def test_cli_bad_budget_is_one_line(capsys):
 
 @pytest.fixture(scope="module")
 def engines(smollm2_loaded):
-    config = dict(max_model_len=1024, kv_cache_memory=64 * 2**20, dtype="float32")
+    config = {"max_model_len": 1024, "kv_cache_memory": 64 * 2**20, "dtype": "float32"}
     with pytest.MonkeyPatch.context() as monkeypatch:
         plain = engine_on(smollm2_loaded, monkeypatch, **config)
         spec = engine_on(smollm2_loaded, monkeypatch, speculative_method="tree", num_speculative_tokens=5,

@@ -3,10 +3,10 @@
 All sequences of a step go through the model as one packed batch of tokens
 (no padding); logits are computed only where a sequence needs its next token,
 on every drafted position of a speculating sequence (its last token and each
-draft: what the model would choose after each; a token tree's nodes sit at their
-depth's position and see only their ancestors, ``speculative/tree.py``), and on the prompt rows of
-requests that asked for prompt logprobs (scored here, in the prefill that
-computes them, a slice of rows at a time).
+draft: what the model would choose after each; a token tree's nodes sit at
+their depth's position and see only their ancestors, ``speculative/tree.py``),
+and on the prompt rows of requests that asked for prompt logprobs (scored here,
+in the prefill that computes them, a slice of rows at a time).
 """
 
 from __future__ import annotations
