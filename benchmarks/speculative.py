@@ -46,7 +46,6 @@ import os
 import re
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -118,27 +117,25 @@ def run_llama_tool(binary: Path, model: Path, draft: Path, prompt: str, n: int, 
     """One llama.cpp speculative tool ``repetitions`` times: (decode t/s per run, acceptance,
     mean accepted length (tokens per target pass), prompt tokens it counted)."""
     speeds, acceptance, length, n_input = [], None, None, 0
-    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
-        f.write(prompt)
-        f.flush()
-        command = [str(binary), "-m", str(model), "-f", f.name, "-n", str(n), "-t", str(threads), "-tb", str(threads),
-                   "--temp", "0", "--spec-draft-n-max", str(k), "-c", "2048", "--ignore-eos"]
-        if binary.name == "llama-speculative":
-            command += ["-md", str(draft), "-td", str(threads), "-tbd", str(threads)]
-        for _ in range(repetitions):
-            done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
-            log = done.stdout + done.stderr
-            decoded = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
-            if done.returncode or decoded is None:
-                raise RuntimeError(f"{binary.name} failed ({done.returncode}):\n{log[-2000:]}")
-            speeds.append(int(decoded[1]) / float(decoded[2]))
-            counts = {key: int(value) for key, value in re.findall(r"(n_drafted|n_accept|n_predict)\s*=\s*(\d+)", log)}
-            n_input = int(re.search(r"encoded\s+(\d+) tokens", log)[1])
-            if counts.get("n_drafted"):
-                acceptance = counts["n_accept"] / counts["n_drafted"]
-                # Each target pass keeps its accepted drafts and one token of its own.
-                passes = counts["n_predict"] - counts["n_accept"]
-                length = counts["n_predict"] / passes if passes else None
+    # -p, not -f: a prompt file loses its final newline (common/arg.cpp), the chat template's last character.
+    command = [str(binary), "-m", str(model), "-p", prompt, "-n", str(n), "-t", str(threads), "-tb", str(threads),
+               "--temp", "0", "--spec-draft-n-max", str(k), "-c", "2048", "--ignore-eos"]
+    if binary.name == "llama-speculative":
+        command += ["-md", str(draft), "-td", str(threads), "-tbd", str(threads)]
+    for _ in range(repetitions):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+        log = done.stdout + done.stderr
+        decoded = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
+        if done.returncode or decoded is None:
+            raise RuntimeError(f"{binary.name} failed ({done.returncode}):\n{log[-2000:]}")
+        speeds.append(int(decoded[1]) / float(decoded[2]))
+        counts = {key: int(value) for key, value in re.findall(r"(n_drafted|n_accept|n_predict)\s*=\s*(\d+)", log)}
+        n_input = int(re.search(r"encoded\s+(\d+) tokens", log)[1])
+        if counts.get("n_drafted"):
+            acceptance = counts["n_accept"] / counts["n_drafted"]
+            # Each target pass keeps its accepted drafts and one token of its own.
+            passes = counts["n_predict"] - counts["n_accept"]
+            length = counts["n_predict"] / passes if passes else None
     return speeds, acceptance, length, n_input
 
 
