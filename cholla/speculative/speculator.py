@@ -124,11 +124,13 @@ class NgramTreeSpeculator(NgramSpeculator):
 
     The first chain is ``NgramSpeculator``'s draft, so a tree accepts at least what a linear
     draft would. Only greedy requests get a tree: a sampled request's rows must draw from its
-    generator in its tokens' order, which only a chain keeps; it gets the first chain.
+    generator in its tokens' order, which only a chain keeps; it gets the first chain (as would
+    one with logprobs or a grammar, where those speculate: their rows are read in chain order).
     """
 
     def __init__(self, k: int, budget: int, cache_size: int = 0):
-        self.k, self.budget = k, budget
+        super().__init__(k)
+        self.budget = budget
         self.cache = NgramCache(cache_size, k, alternatives=TREE_CACHE_ALTERNATIVES) if cache_size else None
 
     def propose_tree(self, token_ids: list[int], params: SamplingParams, has_grammar: bool, num_output: int,
@@ -146,8 +148,8 @@ class NgramTreeSpeculator(NgramSpeculator):
         candidates = cached + own
         if not candidates:
             return []
-        if not params.greedy:
-            return candidates[0]
+        if not params.greedy or params.logprobs is not None or has_grammar:
+            return candidates[0]  # rows drawn, scored or masked in the chain's order: only a chain keeps it
         return tree.build(candidates, self.budget, limit)
 
     def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int] | tree.DraftTree]:
