@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-bench and llama-batched-bench natively, from the
-# llama.cpp sources vendored in the llama-cpp-python sdist, so that
-# benchmarks/compare.py can run cholla and llama.cpp on the same GGUF files.
+# Build llama.cpp's llama-bench, llama-batched-bench, llama-lookup and
+# llama-speculative natively, from the llama.cpp sources vendored in the
+# llama-cpp-python sdist, so that benchmarks/compare.py and
+# benchmarks/speculative.py can run cholla and llama.cpp on the same GGUF files.
 #
 #   benchmarks/build_llama_cpp.sh DIR
 #
 # DIR gets the extracted sources, a cmake build folder, and DIR/bin with the
-# two binaries (statically linked to ggml/llama, so they can be moved).
+# binaries (statically linked to ggml/llama, so they can be moved).
 #
 # Environment:
 #   LLAMA_CPP_PYTHON_VERSION  sdist version (default 0.3.36)
@@ -79,16 +80,20 @@ cmake -S "$SRC" -B "$BUILD" -G "$(command -v ninja >/dev/null && echo Ninja || e
     -DLLAMA_OPENSSL=OFF \
     -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_EXAMPLES=ON \
     -DLLAMA_BUILD_SERVER=OFF \
     -DLLAMA_BUILD_TOOLS=ON
 
-echo "== build llama-bench llama-batched-bench (-j$JOBS, nice $NICE)"
-nice -n "$NICE" cmake --build "$BUILD" --config Release -j"$JOBS" \
-    --target llama-bench llama-batched-bench
+# llama-lookup and llama-speculative are examples (hence LLAMA_BUILD_EXAMPLES=ON);
+# only the targets named here are built.
+TARGETS="llama-bench llama-batched-bench llama-lookup llama-speculative"
+echo "== build $TARGETS (-j$JOBS, nice $NICE)"
+# shellcheck disable=SC2086
+nice -n "$NICE" cmake --build "$BUILD" --config Release -j"$JOBS" --target $TARGETS
 
 mkdir -p "$DIR/bin"
-cp "$BUILD/bin/llama-bench" "$BUILD/bin/llama-batched-bench" "$DIR/bin/"
 echo "== done"
-echo "$DIR/bin/llama-bench"
-echo "$DIR/bin/llama-batched-bench"
+for target in $TARGETS; do
+    cp "$BUILD/bin/$target" "$DIR/bin/"
+    echo "$DIR/bin/$target"
+done

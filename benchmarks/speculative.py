@@ -1,4 +1,5 @@
-"""Speculative decoding (n-gram prompt lookup, a draft model) against cholla's plain decode.
+"""Speculative decoding (n-gram prompt lookup, token trees, a draft model) against cholla's plain
+decode and llama.cpp's own speculative tools.
 
 For each model, method, batch size and workload it decodes the same greedy chat
 request (``--batch`` copies of it at once) with and without speculation (the
@@ -11,7 +12,19 @@ yields, its own token included). It also checks that both produced the same toke
 greedy requests, and sampled ones (``--temperatures``) too, since a seeded request's
 speculative sampling gives plain decoding's very tokens.
 
-The shared n-gram cache is off in the ``ngram`` rows: every repetition asks the same
+``tree`` (``--spec-tree-budget``, default 8 nodes) verifies prompt lookup's alternatives as one
+token tree; its acceptance is accepted / drafted nodes, so it reads lower than a chain's by
+construction: compare the mean accepted length and the speed.
+
+``--llama-cpp DIR`` (default ``/work/llamacpp/bin`` when it holds the binaries; ``--no-llama-cpp``:
+none) adds llama.cpp's ``llama-lookup`` (prompt lookup, ``--spec-draft-n-max K``) and
+``llama-speculative`` (a draft model: ``--draft-model``, default the model itself) at batch 1 on
+the same prompt text (the chat template rendered; the token count is checked against cholla's),
+``-n`` tokens, greedy, ``--ignore-eos``, one thread per physical core as cholla uses; their t/s is
+what the tool prints for its decode ("decoded N tokens in ..."), beside cholla's plain and
+speculative rows of the same model and workload.
+
+The shared n-gram cache is off in the ``ngram`` and ``tree`` rows: every repetition asks the same
 question, and the cache would draft each run from the one before. ``--cache`` adds an
 ``ngram+cache`` row, measured on such a repeat (the first run's answer asked again).
 
@@ -25,6 +38,7 @@ which accepts every draft: it measures the machinery's cost, not a gain).
     python benchmarks/speculative.py --models smollm2 --methods draft --batch 1 32 -r 1
     python benchmarks/speculative.py --models smollm2 -n 64 -r 2 --temperatures 0 0.7 --cache
     python benchmarks/speculative.py --models smollm2 --step-cost   # the table speculator.STEP_COST holds
+    python benchmarks/speculative.py --methods ngram tree --workloads copy open -n 96 -r 2
 
 ``--step-cost`` measures what decides how many drafts a step verifies: a plain decode
 step's time by rows (``rows`` sequences decoding at once), relative to a one-row step,
@@ -34,15 +48,23 @@ as wall time and as the process's CPU time (the steadier of the two on a shared 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 from cholla.download import resolve_model
 from cholla.engine.engine import EngineConfig, LLMEngine
 from cholla.models.loader import load_model
 from cholla.sampling.params import SamplingParams
-from cholla.speculative.config import DEFAULT_NGRAM_CACHE_SIZE
+from cholla.speculative.config import DEFAULT_NGRAM_CACHE_SIZE, DEFAULT_TREE_BUDGET
+from cholla.threads import set_threads
 from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
+
+LLAMA_CPP_BIN = Path("/work/llamacpp/bin")
+LLAMA_TOOLS = ("llama-lookup", "llama-speculative")
 
 PARAGRAPH = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, polished the "
@@ -118,10 +140,48 @@ def step_cost(loaded, dtype: str, steps: int = 12) -> None:
               flush=True)
 
 
+def llama_prompt_text(tokenizer, template: ChatTemplate, content: str) -> str:
+    """The rendered chat prompt as llama.cpp's tools take it: they tokenize with the model's own
+    BOS added, so a BOS the template wrote is left out (else they would see two)."""
+    text = template.render([{"role": "user", "content": content}], True)
+    bos = tokenizer.bos_token
+    if tokenizer.add_bos and bos and text.startswith(bos):
+        text = text[len(bos):]
+    return text
+
+
+def run_llama_tool(binary: Path, model: Path, draft: Path, prompt: str, n: int, k: int, threads: int,
+                   repetitions: int) -> tuple[list[float], float | None, float | None, int]:
+    """One llama.cpp speculative tool ``repetitions`` times: (decode t/s per run, acceptance,
+    mean accepted length (tokens per target pass), prompt tokens it counted)."""
+    speeds, acceptance, length, n_input = [], None, None, 0
+    # -p, not -f: a prompt file loses its final newline (common/arg.cpp), the chat template's last character.
+    command = [str(binary), "-m", str(model), "-p", prompt, "-n", str(n), "-t", str(threads), "-tb", str(threads),
+               "--temp", "0", "--spec-draft-n-max", str(k), "-c", "2048", "--ignore-eos"]
+    if binary.name == "llama-speculative":
+        command += ["-md", str(draft), "-td", str(threads), "-tbd", str(threads)]
+    for _ in range(repetitions):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+        log = done.stdout + done.stderr
+        decoded = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
+        if done.returncode or decoded is None:
+            raise RuntimeError(f"{binary.name} failed ({done.returncode}):\n{log[-2000:]}")
+        speeds.append(int(decoded[1]) / float(decoded[2]))
+        counts = {key: int(value) for key, value in re.findall(r"(n_drafted|n_accept|n_predict)\s*=\s*(\d+)", log)}
+        n_input = int(re.search(r"encoded\s+(\d+) tokens", log)[1])
+        if counts.get("n_drafted"):
+            acceptance = counts["n_accept"] / counts["n_drafted"]
+            # Each target pass keeps its accepted drafts and one token of its own.
+            passes = counts["n_predict"] - counts["n_accept"]
+            length = counts["n_predict"] / passes if passes else None
+    return speeds, acceptance, length, n_input
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
-    parser.add_argument("--methods", nargs="+", choices=["ngram", "draft"], default=["ngram"])
+    parser.add_argument("--methods", nargs="+", choices=["ngram", "draft", "tree"], default=["ngram"])
+    parser.add_argument("--spec-tree-budget", type=int, default=DEFAULT_TREE_BUDGET, help="with --methods tree")
     parser.add_argument("--draft-model", default=None, help="with --methods draft (default: the model itself)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1], help="concurrent copies of each request")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
@@ -132,14 +192,19 @@ def main() -> None:
     parser.add_argument("--temperatures", nargs="+", type=float, default=[0.0],
                         help="sampled rows (> 0) use top_p=0.95 and seed 0")
     parser.add_argument("--cache", action="store_true", help="with ngram: also measure the shared n-gram cache on a repeat")
+    parser.add_argument("--llama-cpp", type=Path, default=LLAMA_CPP_BIN if LLAMA_CPP_BIN.is_dir() else None,
+                        help="folder with llama-lookup and llama-speculative (benchmarks/build_llama_cpp.sh)")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp's tools out")
     parser.add_argument("--step-cost", action="store_true", help="measure a decode step's cost by rows instead")
     args = parser.parse_args()
     if args.step_cost:
         for name in args.models:
             step_cost(load_model(resolve_model(name), args.dtype), args.dtype)
         return
+    llama_bin = None if args.no_llama_cpp else args.llama_cpp
 
     rows = []
+    llama_rows: dict[tuple[str, str], list] = {}  # (model, workload) -> [(tool, t/s per run, acceptance, length)]
     for name in args.models:
         loaded = load_model(resolve_model(name), args.dtype)
         base = {"max_model_len": 2048, "kv_cache_memory": 256 * 2**20, "max_num_seqs": max(args.batch), "dtype": args.dtype}
@@ -147,6 +212,24 @@ def main() -> None:
         template = ChatTemplate.for_tokenizer(plain.tokenizer)
         labels = [m for method in args.methods for m in ([method, "ngram+cache"] if method == "ngram" and args.cache
                                                           else [method])]
+        if llama_bin is not None and 1 in args.batch and 0.0 in args.temperatures:
+            tokenizer, template = plain.tokenizer, ChatTemplate.for_tokenizer(plain.tokenizer)
+            threads = set_threads(None)
+            draft_path = resolve_model(args.draft_model) if args.draft_model else loaded.path
+            for tool in LLAMA_TOOLS:
+                binary = llama_bin / tool
+                if not (binary.is_file() and os.access(binary, os.X_OK)):
+                    print(f"[speculative] no {binary}: run benchmarks/build_llama_cpp.sh", flush=True)
+                    continue
+                for workload in args.workloads:
+                    prompt_ids = encode_chat(tokenizer, template, [{"role": "user", "content": WORKLOADS[workload]}])
+                    speeds, acceptance, length, n_input = run_llama_tool(
+                        binary, Path(loaded.path), Path(draft_path), llama_prompt_text(tokenizer, template, WORKLOADS[workload]),
+                        args.max_tokens, args.num_speculative_tokens, threads, args.repetitions)
+                    if n_input != len(prompt_ids):
+                        print(f"[speculative] {tool} {workload}: {n_input} prompt tokens, cholla {len(prompt_ids)}", flush=True)
+                    llama_rows[(name, workload)] = llama_rows.get((name, workload), []) + [(tool, speeds, acceptance, length)]
+                    print(f"[speculative] {name} {tool} {workload}: done", flush=True)
         for label in labels:
             method = label.split("+")[0]
             draft = (args.draft_model or loaded) if method == "draft" else None
@@ -159,7 +242,8 @@ def main() -> None:
                         # A fresh engine per row: the shared cache holds only this row's first (warm-up) answer.
                         spec = LLMEngine(loaded, EngineConfig(**base, speculative_method=method, draft_model=draft,
                                                               num_speculative_tokens=args.num_speculative_tokens,
-                                                              speculative_ngram_cache_size=cache_size))
+                                                              speculative_ngram_cache_size=cache_size,
+                                                              spec_tree_budget=args.spec_tree_budget))
                         prompt_ids = encode_chat(plain.tokenizer, template, [{"role": "user", "content": WORKLOADS[workload]}])
                         decode(plain, prompt_ids, params, 1)  # warm-up (and the prefix cache) for both
                         decode(spec, prompt_ids, params, 1)
@@ -199,6 +283,14 @@ def main() -> None:
         print(f"| {name} | {method} | {temperature:g} | {batch} | {workload} | {fmt(plain_speeds)} | {fmt(spec_speeds)} | "
               f"{speedup:.2f}x | {cpu_speedup:.2f}x | "
               f"{acceptance} | {length} | {'yes' if same else 'NO'} |")
+    # llama.cpp's tools, against cholla's plain decode of the same model and prompt (greedy, batch 1).
+    for (name, workload), tools in llama_rows.items():
+        plain_speeds = [v for r in rows if (r[0], r[2], r[3], r[4]) == (name, 0.0, 1, workload) for v in r[5]]
+        for tool, speeds, acceptance, length in tools:
+            speedup = f"{statistics.mean(speeds) / statistics.mean(plain_speeds):.2f}x" if plain_speeds else "-"
+            acceptance, length = ("-", "-") if length is None else (f"{acceptance:.0%}", f"{length:.2f}")
+            print(f"| {name} | {tool} (llama.cpp) | 0 | 1 | {workload} | {fmt(plain_speeds) if plain_speeds else '-'} | "
+                  f"{fmt(speeds)} | {speedup} | {acceptance} | {length} | - |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 from cholla.engine.engine import EngineConfig, LLMEngine
 from cholla.errors import InvalidRequestError
 from cholla.sampling.params import SamplingParams
+from cholla.speculative.config import DEFAULT_TREE_BUDGET
 
 # Enough KV cache for a few thousand tokens of either real model; pages are only
 # resident once written, so a larger budget would not show in the peak RSS anyway.
@@ -98,6 +99,11 @@ def time_decode(engine: LLMEngine, first_token: int, num_tokens: int) -> float:
     return num_tokens / (time.perf_counter() - start)
 
 
+def _rows_drafted(method: str | None, num_speculative_tokens: int, tree_budget: int) -> int:
+    """The most drafted rows one speculating step adds."""
+    return {None: 0, "tree": tree_budget}.get(method, num_speculative_tokens)
+
+
 def run_bench(
     model_path: str | Path,
     n_prompt: int = 512,
@@ -112,6 +118,7 @@ def run_bench(
     num_speculative_tokens: int = 4,
     speculative_ngram_cache_size: int = 0,
     draft_model: str | Path | None = None,
+    spec_tree_budget: int = DEFAULT_TREE_BUDGET,
 ) -> BenchReport:
     """Load the model once and run pp{n_prompt} then tg{n_gen}; a count of 0 skips that test.
 
@@ -127,7 +134,7 @@ def run_bench(
     path = Path(model_path)
     config = EngineConfig(
         max_model_len=max(n_prompt, n_gen + 1) + 1,
-        max_num_batched_tokens=max(n_prompt, 1 + (num_speculative_tokens if speculative_method else 0)),
+        max_num_batched_tokens=max(n_prompt, 1 + _rows_drafted(speculative_method, num_speculative_tokens, spec_tree_budget)),
         kv_cache_memory=BENCH_KV_CACHE_MEMORY,
         enable_prefix_caching=False,
         dtype=dtype,
@@ -137,6 +144,7 @@ def run_bench(
         num_speculative_tokens=num_speculative_tokens,
         speculative_ngram_cache_size=speculative_ngram_cache_size,
         draft_model=draft_model,
+        spec_tree_budget=spec_tree_budget,
     )
     engine = LLMEngine(path, config)
     vocab_size = engine.model_config.vocab_size

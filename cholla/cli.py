@@ -36,13 +36,18 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_speculative_options(p: argparse.ArgumentParser, ngram_cache_size: int | None = None) -> None:
-    from cholla.speculative.config import DEFAULT_NGRAM_CACHE_SIZE
+    from cholla.speculative.config import (
+        DEFAULT_NGRAM_CACHE_SIZE,
+        DEFAULT_TREE_BUDGET,
+        MAX_TREE_BUDGET,
+    )
 
     ngram_cache_size = DEFAULT_NGRAM_CACHE_SIZE if ngram_cache_size is None else ngram_cache_size
 
-    p.add_argument("--speculative-method", choices=["ngram", "draft"], default=None,
+    p.add_argument("--speculative-method", choices=["ngram", "draft", "tree"], default=None,
                    help="ngram: draft tokens from the prompt and output (prompt lookup) and verify them in one step; "
                         "draft: a smaller model with the same vocabulary drafts them (--draft-model); "
+                        "tree: prompt lookup's alternative continuations as one token tree (--spec-tree-budget); "
                         "the output keeps its distribution, sampled or greedy (default: off)")
     p.add_argument("--draft-model", default=None, metavar="MODEL",
                    help="with --speculative-method draft: the drafting model (a path or a known name) sharing the "
@@ -52,6 +57,9 @@ def _add_speculative_options(p: argparse.ArgumentParser, ngram_cache_size: int |
     p.add_argument("--speculative-ngram-cache-size", type=int, default=ngram_cache_size, metavar="N",
                    help="n-grams of earlier requests kept for drafting (LRU, ~350 bytes each; 0: only the "
                         f"request's own tokens; default {ngram_cache_size})")
+    p.add_argument("--spec-tree-budget", type=int, default=DEFAULT_TREE_BUDGET, metavar="N",
+                   help=f"with --speculative-method tree: drafted nodes verified per step and sequence, 1-{MAX_TREE_BUDGET}, "
+                        f"depth at most K (default {DEFAULT_TREE_BUDGET})")
 
 
 def _add_kv_type_options(p: argparse.ArgumentParser) -> None:
@@ -277,7 +285,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
               "kv_cache_dtype": args.kv_cache_dtype, "cache_type_k": args.cache_type_k, "cache_type_v": args.cache_type_v,
               "speculative_method": args.speculative_method, "num_speculative_tokens": args.num_speculative_tokens,
               "draft_model": args.draft_model, "speculative_ngram_cache_size": args.speculative_ngram_cache_size,
-              "kv_offload_dir": args.kv_offload_dir, "kv_offload_gib": args.kv_offload_gib}
+              "spec_tree_budget": args.spec_tree_budget, "kv_offload_dir": args.kv_offload_dir, "kv_offload_gib": args.kv_offload_gib}
     if args.kv_cache_memory:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
     return kwargs
@@ -399,7 +407,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(resolve_model(args.model), args.n_prompt, args.n_gen, args.repetitions, args.dtype, args.threads,
                        profile=args.profile, kv_cache_dtype=args.kv_cache_dtype,
                        speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
-                       speculative_ngram_cache_size=args.speculative_ngram_cache_size, draft_model=args.draft_model)
+                       speculative_ngram_cache_size=args.speculative_ngram_cache_size, draft_model=args.draft_model,
+                       spec_tree_budget=args.spec_tree_budget)
     print(json.dumps(report_dict(report)) if args.json else format_table(report))
     return 0
 
@@ -408,7 +417,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from cholla.download import resolve_model
-    from cholla.plan import PlanRequest, format_plan, make_plan, read_model_facts, resolve_hardware, resolve_kv_types
+    from cholla.plan import (
+        PlanRequest,
+        format_plan,
+        make_plan,
+        read_model_facts,
+        resolve_hardware,
+        resolve_kv_types,
+    )
 
     for name in ("context", "concurrency", "block_size", "prompt_tokens", "output_tokens", "max_num_seqs"):
         value = getattr(args, name)

@@ -30,9 +30,10 @@ class LLM:
     ``"int8"``, ``"q8_0"``, ``"fp8_e4m3"``, ...: ``cholla/kv/kv_types.py``),
     ``cache_type_k`` / ``cache_type_v`` (one side each), ``speculative_method``
     (``"ngram"``: prompt lookup; ``"draft"``: a smaller model given as ``draft_model``,
-    a path, known name or ``LoadedModel``, with the same vocabulary; default None, off),
+    a path, known name or ``LoadedModel``, with the same vocabulary; ``"tree"``: prompt
+    lookup's alternatives as a token tree of ``spec_tree_budget`` nodes; default None, off),
     ``num_speculative_tokens``, ``speculative_ngram_cache_size`` (n-grams shared
-    across requests for ``"ngram"``; 0: off), and
+    across requests for ``"ngram"`` and ``"tree"``; 0: off), and
     ``kv_offload_dir`` / ``kv_offload_gib`` (the KV cache's disk tier: evicted
     prefix blocks kept in files, read back by later requests and after restarts;
     ``close()`` finishes its writes).

@@ -27,9 +27,15 @@ from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
 from cholla.sampling.structured import DEAD_END, StructuredOutputs
-from cholla.speculative.config import DEFAULT_NGRAM_CACHE_SIZE, DEFAULT_SPECULATIVE_TOKENS, check_speculative
+from cholla.speculative import tree
+from cholla.speculative.config import (
+    DEFAULT_NGRAM_CACHE_SIZE,
+    DEFAULT_SPECULATIVE_TOKENS,
+    DEFAULT_TREE_BUDGET,
+    check_speculative,
+)
 from cholla.speculative.draft_model import DraftModelSpeculator
-from cholla.speculative.speculator import STEP_COST, NgramSpeculator, Speculator
+from cholla.speculative.speculator import STEP_COST, NgramSpeculator, NgramTreeSpeculator, Speculator
 from cholla.speculative.verify import accept_greedy
 from cholla.heap import keep_buffers_mapped, release_free_memory
 from cholla.threads import set_threads
@@ -67,10 +73,11 @@ class EngineConfig:
     # under this folder, up to kv_offload_gib GiB, and read back by later requests and restarts.
     kv_offload_dir: str | None = None
     kv_offload_gib: float = DEFAULT_OFFLOAD_GIB
-    speculative_method: str | None = None  # "ngram" (prompt lookup); None: no speculation
+    speculative_method: str | None = None  # "ngram" (prompt lookup), "draft", "tree"; None: no speculation
     num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS  # K: drafts verified per step and sequence
     draft_model: str | Path | LoadedModel | None = None  # with "draft": a model sharing the target's vocabulary
-    speculative_ngram_cache_size: int = DEFAULT_NGRAM_CACHE_SIZE  # "ngram": n-grams shared across requests; 0: off
+    speculative_ngram_cache_size: int = DEFAULT_NGRAM_CACHE_SIZE  # "ngram", "tree": n-grams shared across requests; 0: off
+    spec_tree_budget: int = DEFAULT_TREE_BUDGET  # "tree": drafted nodes (rows) per step and sequence, depth <= K
 
 
 def _available_memory() -> int:
@@ -144,7 +151,7 @@ class LLMEngine:
     def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         check_speculative(config.speculative_method, config.num_speculative_tokens, config.draft_model,
-                          config.speculative_ngram_cache_size)
+                          config.speculative_ngram_cache_size, config.spec_tree_budget)
         kv_cache_types(config, "float32")  # a misspelt KV type fails before the model loads
         keep_buffers_mapped()
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
@@ -213,6 +220,9 @@ class LLMEngine:
         self.speculator: Speculator | None = None
         if config.speculative_method == "ngram":
             self.speculator = NgramSpeculator(config.num_speculative_tokens, config.speculative_ngram_cache_size)
+        elif config.speculative_method == "tree":
+            self.speculator = NgramTreeSpeculator(config.num_speculative_tokens, config.spec_tree_budget,
+                                                  config.speculative_ngram_cache_size)
         elif config.speculative_method == "draft":
             self.speculator = DraftModelSpeculator.load(
                 config.draft_model, self.loaded.dtype, self.loaded, self.tokenizer, config.num_speculative_tokens,
@@ -409,11 +419,17 @@ class LLMEngine:
         appended as one-token decoding does and the rest of the run (verified without them)
         is dropped. Only the kept tokens count as computed (the rejected drafts' K/V is
         overwritten later), only they can enter the prefix cache, and blocks taken for the
-        rest go back.
+        rest go back. A token tree's accepted path (greedy requests only) first moves its
+        K/V to the slots its tokens now own.
         """
         request = state.request
         drafts, request.draft_token_ids = request.draft_token_ids, []
-        run = accept_greedy(drafts, targets)
+        parents, request.draft_parents = request.draft_parents, None
+        if parents is None:
+            run = accept_greedy(drafts, targets)
+        else:
+            run, rows = tree.accept(tree.DraftTree(drafts, parents), targets)
+            self._move_kv(request, tree.relocations(rows))
         self.speculator.record(request.speculation, len(drafts), len(run) - 1, len(request.output_token_ids) + len(run))
         self.metrics.on_verification(len(drafts), len(run) - 1)
         computed, kept = request.num_tokens - 1, 0
@@ -428,6 +444,15 @@ class LLMEngine:
         request.num_computed_tokens = computed + kept  # the last kept token (and forced ones) are computed next step
         self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids, request.num_computed_tokens)
         self.block_manager.trim(request.blocks, request.num_tokens)
+
+    def _move_kv(self, request: Request, moves: list[tuple[int, int]]) -> None:
+        """Copy K/V between the request's slots, ``moves`` as (from, to) offsets after its last
+        computed token (the tree's root)."""
+        if not moves:
+            return
+        table, block_size, root = request.blocks.block_table, self.block_manager.block_size, request.num_computed_tokens
+        slot = [table[p // block_size] * block_size + p % block_size for p in (root + m for move in moves for m in move)]
+        self.kv_cache.copy_slots(slot[0::2], slot[1::2])
 
     def _append_token(self, state: _RequestState, token: int, logprobs, now: float) -> None:
         request = state.request

@@ -47,6 +47,8 @@ class Request:
     # Speculative decoding: this step's drafted tokens (computed after the last token, not yet
     # accepted) and the sequence's back-off record.
     draft_token_ids: list[int] = field(default_factory=list)
+    # A token tree's drafts (speculative/tree.py): each draft's parent (-1: the last token); None: a chain.
+    draft_parents: list[int] | None = None
     speculation: SpeculationState = field(default_factory=SpeculationState)
 
     def __post_init__(self):

@@ -3,9 +3,10 @@
 All sequences of a step go through the model as one packed batch of tokens
 (no padding); logits are computed only where a sequence needs its next token,
 on every drafted position of a speculating sequence (its last token and each
-draft: what the model would choose after each), and on the prompt rows of
-requests that asked for prompt logprobs (scored here, in the prefill that
-computes them, a slice of rows at a time).
+draft: what the model would choose after each; a token tree's nodes sit at
+their depth's position and see only their ancestors, ``speculative/tree.py``),
+and on the prompt rows of requests that asked for prompt logprobs (scored here,
+in the prefill that computes them, a slice of rows at a time).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from cholla.engine.request import Request
 from cholla.engine.scheduler import ScheduledBatch
 from cholla.kv.paged_cache import PagedKVCache
 from cholla.kv.state_cache import StateCache, layer_caches
-from cholla.layers.attention import MAX_QUERY_SPAN, AttentionMetadata
+from cholla.layers.attention import MAX_QUERY_SPAN, AttentionMetadata, TreeRows
 from cholla.layers.linear import decode_step
 from cholla.sampling.sampler import SamplingBatch, sample, skip_draws
 from cholla.sampling.structured import StructuredOutputs, allowed_tokens
+from cholla.speculative import tree
 from cholla.speculative.verify import accept_greedy
 
 
@@ -82,6 +84,7 @@ class ModelRunner:
         block_size = self.kv_cache.block_size
         input_ids, positions, slots, starts, context_lens, logits_rows, needs_token = [], [], [], [0], [], [], []
         prompt_rows: list[PromptRows] = []
+        trees: dict[int, TreeRows] = {}
         for i, (request, n) in enumerate(zip(batch.requests, batch.num_tokens)):
             start, table = request.num_computed_tokens, request.blocks.block_table
             if i < batch.num_prefills and request.needs_prompt_logprobs:
@@ -92,7 +95,12 @@ class ModelRunner:
                                                   request.prompt_token_ids[first + 1 : end + 1], request.params.prompt_logprobs))
             drafts = request.draft_token_ids
             input_ids += (request.all_token_ids + drafts if drafts else request.all_token_ids)[start : start + n]
-            positions += range(start, start + n)
+            if request.draft_parents is not None and drafts:  # a tree: the root, then each node at its depth
+                rows = [start] + [start + depth for depth in tree.depths(request.draft_parents)]
+                trees[i] = TreeRows(torch.tensor(rows), tree.ancestor_mask(request.draft_parents))
+                positions += rows
+            else:
+                positions += range(start, start + n)
             slots += [table[p // block_size] * block_size + p % block_size for p in range(start, start + n)]
             starts.append(starts[-1] + n)
             context_lens.append(start + n)
@@ -110,10 +118,12 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.long),
             num_prefills=batch.num_prefills,
             decode_context_lens=torch.tensor(context_lens[batch.num_prefills :], dtype=torch.long),
+            trees=trees or None,
         )
-        # Speculating decodes only: their drafts attend to the cache as decode steps do (written,
-        # then read back in the cache's type); a prompt chunk's rows attend to each other as computed.
-        if (batch.num_prefills and max(batch.num_tokens) <= MAX_QUERY_SPAN
+        # Speculating decodes with chains only: their drafts attend to the cache as decode steps do
+        # (written, then read back in the cache's type); a prompt chunk's rows attend to each other
+        # as computed, and a tree's by its ancestor mask, on the prefill path.
+        if (batch.num_prefills and max(batch.num_tokens) <= MAX_QUERY_SPAN and not trees
                 and all(r.draft_token_ids for r in batch.requests[: batch.num_prefills])):
             meta.span_starts = torch.tensor(starts, dtype=torch.long)
             meta.span_context_lens = torch.tensor(context_lens, dtype=torch.long)
@@ -252,12 +262,19 @@ def _rewind(request: Request, targets: list[int], state: torch.Tensor, vocab_siz
 
 def _outputs_so_far(requests: list[Request]) -> list[list[int]]:
     """Per logits row, the output its token would follow: a speculating request's rows
-    (consecutive) see one more of its drafts each, so min_tokens and logit bias apply as in
-    one-token decoding."""
+    (consecutive) see one more of its drafts each (a tree's: the drafts on the way to its
+    node), so min_tokens, penalties and logit bias apply as in one-token decoding."""
     outputs, seen = [], 0
     for row, request in enumerate(requests):
         seen = seen + 1 if row and request is requests[row - 1] else 0
-        outputs.append(request.output_token_ids + request.draft_token_ids[:seen] if seen else request.output_token_ids)
+        if not seen:
+            outputs.append(request.output_token_ids)
+        elif request.draft_parents is not None:
+            if seen == 1:
+                paths = tree.paths(request.draft_token_ids, request.draft_parents)
+            outputs.append(request.output_token_ids + paths[seen])
+        else:
+            outputs.append(request.output_token_ids + request.draft_token_ids[:seen])
     return outputs
 
 

@@ -33,6 +33,7 @@ from cholla.engine.request import Request, RequestStatus
 from cholla.kv.block_manager import BlockManager
 from cholla.kv.state_cache import SlotAllocator, StateSnapshots
 from cholla.speculative.speculator import STEP_COST, Speculator, allot
+from cholla.speculative.tree import DraftTree
 
 
 @dataclass
@@ -105,7 +106,7 @@ class Scheduler:
         self._release(request)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
-        request.draft_token_ids = []
+        request.draft_token_ids, request.draft_parents = [], None
         request.num_preemptions += 1
         self.waiting.appendleft(request)
         batch.preempted.append(request)
@@ -120,14 +121,14 @@ class Scheduler:
         room = self.config.step_cost[-1][0] - sum(map(_is_decoding, self.running))
         proposals = self._propose(room) if self.speculator is not None and room > 0 else {}
         for request in list(self.running):
-            request.draft_token_ids = []
+            request.draft_token_ids, request.draft_parents = [], None
             if budget == 0:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted below to make room for an older request
             num_new = self._chunk(request, min(request.num_tokens - request.num_computed_tokens, budget))
             if request.request_id in proposals:
-                num_new += self._draft(request, proposals[request.request_id][: budget - 1])
+                num_new += self._draft(request, proposals[request.request_id], budget - 1)
             while not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
                 victim = self.running[-1]  # the newest request gives way
                 self._preempt(victim, batch)
@@ -194,7 +195,7 @@ class Scheduler:
             return end - end % block_size - start
         return num_new
 
-    def _propose(self, room: int) -> dict[str, list[int]]:
+    def _propose(self, room: int) -> dict[str, list[int] | DraftTree]:
         """Drafts for the decoding requests at once (a draft model runs them as one batch), each
         short of the context's end, of ``max_tokens`` and of the step's ``room`` for drafts, then
         cut to those worth their cost (``allot``); the step's token budget cuts them later.
@@ -217,11 +218,14 @@ class Scheduler:
         drafts = allot(drafts, [r.speculation for r, _ in asked], len(decoding), table)
         return {r.request_id: d for (r, _), d in zip(asked, drafts) if d}
 
-    def _draft(self, request: Request, drafts: list[int]) -> int:
-        """Give a decoding request ``drafts`` (``request.draft_token_ids``) if they fit; returns how many.
+    def _draft(self, request: Request, proposal: list[int] | DraftTree, limit: int) -> int:
+        """Give a decoding request up to ``limit`` of its drafts (``request.draft_token_ids``, and a
+        tree's ``draft_parents``) if they fit; returns how many.
 
         Only with blocks to spare: a draft's block must never be the one another running request needs.
         """
+        tree = proposal.cut(limit) if isinstance(proposal, DraftTree) else None
+        drafts = tree.tokens if tree is not None else proposal[:limit]
         if not drafts:
             return 0
         total = request.num_tokens + len(drafts)
@@ -229,6 +233,7 @@ class Scheduler:
         if spare < len(self.running) or not self.block_manager.allocate(request.blocks, total):
             return 0
         request.draft_token_ids = drafts
+        request.draft_parents = tree.parents if tree is not None else None
         return len(drafts)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from cholla.errors import InvalidRequestError
 from cholla.heap import mapped_zeros
-from cholla.kv.kv_types import CacheSide, KVCacheType, allocate, kv_cache_type
+from cholla.kv.kv_types import CacheSide, KVCacheType, ScaledKV, allocate, kv_cache_type
 from cholla.kv.state_cache import state_bytes_per_sequence, state_slots_for, state_snapshots_for
 from cholla.models.config import ATTENTION_TYPES, ModelConfig
 
@@ -205,3 +205,13 @@ class PagedKVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for layer in self.layers for t in layer)
+
+    def copy_slots(self, sources: list[int], destinations: list[int]) -> None:
+        """Copy every layer's K and V (values and scales alike) from slot ``sources[i]`` to slot
+        ``destinations[i]``, all read before any is written (a speculative tree's accepted path)."""
+        src, dst = torch.tensor(sources), torch.tensor(destinations)
+        for layer in self.layers:
+            for side in layer:
+                for t in (side.values, side.scales) if isinstance(side, ScaledKV) else (side,):
+                    flat = t.view(self.num_tokens, -1)
+                    flat[dst] = flat[src]

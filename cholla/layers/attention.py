@@ -9,7 +9,9 @@ whose sequences are decodes and speculating decodes verifying their drafts
 (``MAX_QUERY_SPAN`` tokens at most) runs every row through the decode kernel
 instead, each row seeing the keys up to its own position as written in the cache
 (a prompt chunk's rows keep attending to each other as computed: the runner sets
-spans only for drafts).
+spans only for drafts); a speculative token tree (``speculative/tree.py``) takes
+the prefill path, with a mask that lets each drafted node see the context and its own
+ancestors only.
 """
 
 from __future__ import annotations
@@ -60,6 +62,26 @@ class AttentionMetadata:
     # [seqs + 1] query_start_loc and [seqs] context_lens as tensors, for the decode kernels.
     span_starts: torch.Tensor | None = None
     span_context_lens: torch.Tensor | None = None
+    # Prefill-style sequences verifying a token tree, by place in the batch.
+    trees: dict[int, TreeRows] | None = None
+
+
+@dataclass
+class TreeRows:
+    """A sequence's rows that verify a token tree: its last token and the drafted nodes, written
+    to consecutive cache slots after the context but placed at ``positions`` (the root's plus
+    the node's depth), each seeing the context and the rows ``ancestors`` allows."""
+
+    positions: torch.Tensor  # [rows]
+    ancestors: torch.Tensor  # [rows, rows] bool: row i may see row j
+
+    def mask(self, context_len: int, window: int | None) -> torch.Tensor:
+        """``[rows, context_len]`` bool over the sequence's cache slots (the rows' own are last)."""
+        rows = self.positions.shape[0]
+        key_positions = torch.cat((torch.arange(context_len - rows), self.positions))
+        mask = _allowed(self.positions[:, None], key_positions[None, :], window)
+        mask[:, context_len - rows :] &= self.ancestors
+        return mask
 
 
 def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -159,7 +181,9 @@ def paged_attention(
             values = (gather_stored if fold_v else gather)(v_cache, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
             if fold_k:
                 queries = _fold_queries(queries, k_cache)
-        if q_len == ctx and (window is None or window >= ctx):
+        if meta.trees and i in meta.trees:
+            mask = meta.trees[i].mask(ctx, window)
+        elif q_len == ctx and (window is None or window >= ctx):
             mask = None  # causal over the whole prompt
         else:
             mask = _allowed(torch.arange(ctx - q_len, ctx)[:, None], torch.arange(ctx)[None, :], window)

@@ -3,10 +3,12 @@
 As llama.cpp's lookup cache and vLLM's suffix decoding: agent loops, code edits
 and repeated questions produce text that an earlier request already produced.
 Each n-gram (n = ``min_n``..``max_n``) of a request's tokens maps to the (up to
-``span``) tokens that followed its latest occurrence. The table holds at most
+``span``) tokens that followed its latest occurrence, and, with ``alternatives``
+above 1, to as many distinct continuations of its latest occurrences, newest
+first (the branches of a token tree, ``tree.py``). The table holds at most
 ``capacity`` n-grams and forgets the least recently used (set or looked up)
-first; an entry costs about 350 bytes (its key, a continuation of ``span``
-tokens, the dict slot). Unigrams are left out: one shared token says too little
+first; an entry costs about 400 bytes (its key, a continuation of ``span``
+tokens, the dict slot), and ~100 more per further alternative. Unigrams are left out: one shared token says too little
 about what follows in another request's text.
 """
 
@@ -20,9 +22,12 @@ MIN_NGRAM = 2
 
 
 class NgramCache:
-    def __init__(self, capacity: int, span: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM):
+    def __init__(self, capacity: int, span: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM,
+                 alternatives: int = 1):
         self.capacity, self.span, self.max_n, self.min_n = capacity, span, max_n, min_n
-        self.table: OrderedDict[tuple[int, ...], tuple[int, ...]] = OrderedDict()
+        self.alternatives = alternatives
+        # n-gram -> distinct continuations, the latest first
+        self.table: OrderedDict[tuple[int, ...], tuple[tuple[int, ...], ...]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.table)
@@ -34,7 +39,8 @@ class NgramCache:
             following = tokens[end : end + self.span]
             for n in range(self.min_n, min(self.max_n, end) + 1):
                 key = tokens[end - n : end]
-                table[key] = following
+                earlier = table.get(key, ()) if self.alternatives > 1 else ()
+                table[key] = (following, *(c for c in earlier if c != following))[: self.alternatives]
                 table.move_to_end(key)
         while len(table) > self.capacity:
             table.popitem(last=False)
@@ -42,10 +48,15 @@ class NgramCache:
     def lookup(self, token_ids: list[int], k: int, min_n: int = MIN_NGRAM) -> tuple[list[int], int]:
         """Up to ``k`` tokens that followed the longest recorded suffix of ``token_ids`` (at least
         ``min_n`` long), and that suffix's length; ([], 0) when none is recorded."""
+        found, n = self.lookup_alternatives(token_ids, k, min_n)
+        return (found[0], n) if found else ([], 0)
+
+    def lookup_alternatives(self, token_ids: list[int], k: int, min_n: int = MIN_NGRAM) -> tuple[list[list[int]], int]:
+        """``lookup`` with every recorded continuation of that suffix (up to ``alternatives``), the latest first."""
         for n in range(min(self.max_n, len(token_ids)), max(min_n, self.min_n) - 1, -1):
             key = tuple(token_ids[-n:])
-            following = self.table.get(key)
-            if following:
+            found = self.table.get(key)
+            if found and found[0]:
                 self.table.move_to_end(key)
-                return list(following[:k]), n
+                return [list(following[:k]) for following in found], n
         return [], 0

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from cholla.sampling.params import SamplingParams
-from cholla.speculative import ngram
+from cholla.speculative import ngram, tree
 from cholla.speculative.ngram_cache import NgramCache
 
 if TYPE_CHECKING:
@@ -92,8 +92,8 @@ def step_cost(table: tuple[tuple[int, float], ...], rows: int) -> float:
     return float("inf")
 
 
-def allot(drafts: list[list[int]], states: list[SpeculationState], num_rows: int,
-          table: tuple[tuple[int, float], ...]) -> list[list[int]]:
+def allot(drafts: list[list[int] | tree.DraftTree], states: list[SpeculationState], num_rows: int,
+          table: tuple[tuple[int, float], ...]) -> list[list[int] | tree.DraftTree]:
     """Each sequence's drafts cut to those a step of ``num_rows`` rows (without drafts) should verify:
     the most expected tokens per unit of ``step_cost``, the j-th draft of a sequence counting
     ``acceptance ** j`` tokens. Returns the kept prefixes, [] for a sequence that drafts nothing."""
@@ -111,16 +111,16 @@ def allot(drafts: list[list[int]], states: list[SpeculationState], num_rows: int
     for d, k, state in zip(drafts, keep, states):
         if d and not k:  # unverified, its rate drifts back to the prior: it gets to try again some day
             state.tried, state.accepted = ACCEPTANCE_DECAY * state.tried, ACCEPTANCE_DECAY * state.accepted
-    return [d[:k] for d, k in zip(drafts, keep)]
+    return [d.cut(k) if isinstance(d, tree.DraftTree) else d[:k] for d, k in zip(drafts, keep)]
 
 
 class Speculator(Protocol):
     """What the scheduler and engine ask of a speculative method (``NgramSpeculator``,
     ``draft_model.DraftModelSpeculator``)."""
 
-    k: int  # the most tokens it drafts per sequence and step
+    k: int  # the most tokens it drafts per sequence and step (a tree's depth)
 
-    def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int]]: ...
+    def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int] | tree.DraftTree]: ...
 
     def record(self, state: SpeculationState, num_drafted: int, num_accepted: int, num_output: int) -> None: ...
 
@@ -175,3 +175,49 @@ class NgramSpeculator:
         if state.misses >= MISSES_BEFORE_PAUSE:
             state.resume_at = num_output + state.pause
             state.misses, state.pause = 0, min(2 * state.pause, MAX_PAUSE)
+
+
+# Continuations gathered per sequence for a tree: each earlier occurrence of its suffix gives one.
+TREE_CANDIDATES = 16
+# Continuations the shared cache keeps per n-gram for trees.
+TREE_CACHE_ALTERNATIVES = 4
+
+
+class NgramTreeSpeculator(NgramSpeculator):
+    """Prompt lookup with every earlier occurrence: the continuations of the sequence's suffix
+    (and, where the shared cache knows a longer match, the cache's alternatives) as one token
+    tree of at most ``budget`` nodes and depth ``k`` (``tree.py``), verified in one pass.
+
+    The first chain is ``NgramSpeculator``'s draft, so a tree accepts at least what a linear
+    draft would. Only greedy requests get a tree: a sampled request's rows must draw from its
+    generator in its tokens' order, which only a chain keeps; it gets the first chain (as would
+    one with logprobs or a grammar, where those speculate: their rows are read in chain order).
+    """
+
+    def __init__(self, k: int, budget: int, cache_size: int = 0):
+        super().__init__(k)
+        self.budget = budget
+        self.cache = NgramCache(cache_size, k, alternatives=TREE_CACHE_ALTERNATIVES) if cache_size else None
+
+    def propose_tree(self, token_ids: list[int], params: SamplingParams, has_grammar: bool, num_output: int,
+                     state: SpeculationState, limit: int) -> list[int] | tree.DraftTree:
+        """A tree for one decoding greedy sequence, the first chain for a sampled one, [] for none."""
+        limit = min(self.k, limit)
+        if limit <= 0 or num_output < state.resume_at or not can_speculate(params):
+            return []
+        own, n = ngram.continuations(token_ids, limit, TREE_CANDIDATES)
+        cached: list[list[int]] = []
+        if self.cache is not None:
+            cached, cached_n = self.cache.lookup_alternatives(token_ids, limit)
+            if cached_n <= n:  # the sequence's own match is as long: it leads, as in NgramSpeculator
+                own, cached = own + cached, []
+        candidates = cached + own
+        if not candidates:
+            return []
+        if not params.greedy or params.logprobs is not None or has_grammar:
+            return candidates[0]  # rows drawn, scored or masked in the chain's order: only a chain keeps it
+        return tree.build(candidates, self.budget, limit)
+
+    def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int] | tree.DraftTree]:
+        return [self.propose_tree(r.all_token_ids, r.params, r.grammar is not None, len(r.output_token_ids),
+                                  r.speculation, limit) for r, limit in zip(requests, limits)]
