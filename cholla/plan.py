@@ -33,8 +33,8 @@ from cholla.hardware import GB, TFLOP, Hardware, hardware_preset, kernels_run_he
 from cholla.errors import InvalidRequestError
 from cholla.kv.kv_types import KVCacheType, kv_cache_type
 from cholla.kv.state_cache import state_bytes_per_sequence
-from cholla.kv.paged_cache import (DEFAULT_MAX_NUM_SEQS, KVCacheLayout, check_kv_types, layer_bytes_per_token,
-                                   plan_layout)
+from cholla.kv.paged_cache import (DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, KVCacheLayout, check_kv_types,
+                                   layer_bytes_per_token, open_block_bytes, plan_layout)
 from cholla.models.config import ATTENTION_TYPES, SLIDING_ATTENTION, ModelConfig, config_from_gguf, config_from_hf
 
 # Names of the token embedding and the output head, GGUF and Hugging Face.
@@ -124,11 +124,12 @@ def layer_windows(config: ModelConfig) -> list[int | None]:
             if kind in ATTENTION_TYPES]
 
 
-def attention_layer_bytes(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType) -> list[tuple[int, int]]:
+def attention_layer_bytes(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType,
+                          block_size: int = DEFAULT_BLOCK_SIZE) -> list[tuple[int, int]]:
     """Per attention layer (as ``layer_windows`` lists them), the bytes per token it stores and the
     bytes per token it reads: the same, except for Gemma 4's KV-shared layers, which store none and
     read their producer's."""
-    stored = layer_bytes_per_token(config, k_type, v_type)
+    stored = layer_bytes_per_token(config, k_type, v_type, block_size)
     return [(stored[i], stored[config.kv_producer(i)]) for i, kind in enumerate(config.layer_types)
             if kind in ATTENTION_TYPES]
 
@@ -141,11 +142,12 @@ class LayerKind:
     bytes_per_token: int  # all layers of this kind, as the engine allocates
 
 
-def layer_kinds(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType) -> list[LayerKind]:
+def layer_kinds(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType,
+                block_size: int = DEFAULT_BLOCK_SIZE) -> list[LayerKind]:
     """Layers by kind; a recurrent or MLP-only kind has no KV (its state is counted per sequence)."""
     kinds: Counter[tuple[str, int | None]] = Counter()
     per_token: Counter[tuple[str, int | None]] = Counter()  # layers of one kind may differ (Gemma 4's KV sharing)
-    for kind, nbytes in zip(config.layer_types, layer_bytes_per_token(config, k_type, v_type)):
+    for kind, nbytes in zip(config.layer_types, layer_bytes_per_token(config, k_type, v_type, block_size)):
         key = (kind, config.sliding_window if kind == SLIDING_ATTENTION else None)
         kinds[key] += 1
         per_token[key] += nbytes
@@ -162,7 +164,8 @@ def window_aware_bytes(config: ModelConfig, k_type: KVCacheType, v_type: KVCache
     their window can reach (at most ``ceil(window / block_size) + 1``, the window rarely aligned)."""
     full = blocks_for(context, block_size)
     return sum(stored * block_size * (full if w is None else min(full, blocks_for(w, block_size) + 1))
-               for w, (stored, _) in zip(layer_windows(config), attention_layer_bytes(config, k_type, v_type)))
+               for w, (stored, _) in zip(layer_windows(config),
+                                         attention_layer_bytes(config, k_type, v_type, block_size)))
 
 
 # -- the roofline ---------------------------------------------------------------
@@ -349,6 +352,8 @@ def make_plan(facts: ModelFacts, request: PlanRequest, k_type: KVCacheType, v_ty
     window_seq = window_aware_bytes(config, k_type, v_type, context, request.block_size)
     per_token = layout.block_bytes // request.block_size
     state = layout.slot_bytes
+    # q4_kivi's keys of blocks still filling, kept in bf16: two open blocks per request, as the engine keeps
+    open_blocks = open_block_bytes(config, request.block_size, k_type, 2 * request.concurrency)
     whole = layout.num_blocks // per_seq_blocks if per_seq_blocks else 0
     if state:
         whole = min(whole, layout.num_slots)
@@ -361,7 +366,7 @@ def make_plan(facts: ModelFacts, request: PlanRequest, k_type: KVCacheType, v_ty
                  "matmul_params": weights.matmul_params},
         kv={"k_type": k_type.name, "v_type": v_type.name, "bytes_per_token": per_token,
             "tokens_per_gib": layout.tokens_per_gib if layout.block_bytes else None,  # None: no attention
-            "layer_kinds": [asdict(kind) for kind in layer_kinds(config, k_type, v_type)],
+            "layer_kinds": [asdict(kind) for kind in layer_kinds(config, k_type, v_type, request.block_size)],
             "bytes_per_sequence": per_seq, "window_aware_bytes_per_sequence": window_seq,
             "state_bytes_per_sequence": layout.slot_bytes},
         layout={"budget_bytes": budget, "budget_source": budget_source, "block_size": layout.block_size,
@@ -371,9 +376,9 @@ def make_plan(facts: ModelFacts, request: PlanRequest, k_type: KVCacheType, v_ty
                 "context": context, "max_concurrency": layout.max_concurrency,
                 "max_whole_requests": whole,
                 "fits": layout.num_blocks > 0 and layout.num_tokens >= context and (layout.num_slots > 0 or not state)},
-        target={"concurrency": request.concurrency, "kv_bytes": request.concurrency * per_seq,
+        target={"concurrency": request.concurrency, "kv_bytes": request.concurrency * per_seq + open_blocks,
                 "state_bytes": request.concurrency * state,
-                "total_bytes": request.concurrency * (per_seq + state) + weights.total_bytes,
+                "total_bytes": request.concurrency * (per_seq + state) + open_blocks + weights.total_bytes,
                 "window_aware_kv_bytes": request.concurrency * window_seq},
     )
     if hw is not None:

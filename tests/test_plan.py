@@ -139,6 +139,21 @@ def test_default_context_is_capped_by_the_cache_as_in_the_engine(smollm2_path):
     assert math.isclose(large.kv["tokens_per_gib"], 2**30 / large.kv["bytes_per_token"])
 
 
+def test_q4_kivi_at_another_block_size_counts_its_block_statistics_and_open_blocks(smollm2_path):
+    """q4_kivi's key statistics are shared by a block's tokens, and a request keeps two key blocks
+    open in bf16: both follow ``--block-size``, worked out here apart from the code."""
+    facts = read_model_facts(smollm2_path)
+    config, kivi, block = facts.config, kv_cache_type("q4_kivi"), 32
+    plan = make_plan(facts, PlanRequest(context=512, kv_cache_memory=2**26, block_size=block, concurrency=3),
+                     kivi, kivi, None)
+    heads, dim = config.num_kv_heads, config.head_dim
+    per_token = config.num_layers * heads * ((dim / 2 + (dim + 16) / block) + (dim / 2 + 2))
+    assert plan.kv["bytes_per_token"] == int(per_token)
+    assert sum(kind["bytes_per_token"] for kind in plan.kv["layer_kinds"]) == per_token
+    open_blocks = 2 * 3 * block * config.num_layers * heads * dim * 2
+    assert plan.target["kv_bytes"] == 3 * plan.kv["bytes_per_sequence"] + open_blocks
+
+
 def test_hugging_face_folder_weights(tmp_path):
     """A SafeTensors folder's sizes from its headers equal the model's own tensors."""
     import torch
