@@ -219,10 +219,6 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny):
     def engine(**kwargs) -> LLM:
         return LLM(folder, dtype="float32", max_model_len=128, max_num_batched_tokens=32, block_size=8, **kwargs)
 
-    def all_free(llm: LLM) -> bool:
-        manager, slots = llm.engine.block_manager, llm.engine.scheduler.state_slots
-        return manager.num_free_blocks == manager.num_blocks and slots.num_free == slots.num_slots
-
     single = engine()
     alone = [single.generate(p, greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     config = single.engine.model_config
@@ -233,14 +229,7 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny):
     assert small.engine.state_cache.num_slots == 2
     outs = small.generate(prompts, greedy, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == alone
-    assert small.engine.metrics.preemptions > 0 and all_free(small)
+    assert small.engine.metrics.preemptions > 0 and tiny_models.all_free(small)
 
-    core = single.engine
-    core.add_request("long", prompts[2], SamplingParams(temperature=0.0, max_tokens=20))
-    core.add_request("short", prompts[0], SamplingParams(temperature=0.0, max_tokens=20))
-    core.step()
-    core.abort("long")  # still in prefill
-    for _ in range(3):
-        core.step()
-    core.abort("short")  # decoding
-    assert not core.has_unfinished_requests() and all_free(single)
+    tiny_models.abort_in_prefill_and_decode(single.engine, prompts[2], prompts[0])
+    assert not single.engine.has_unfinished_requests() and tiny_models.all_free(single)

@@ -86,13 +86,6 @@ def _prompts() -> list[dict]:
     return [{"prompt_token_ids": [(i * 7 + n * 13) % tiny_models.VOCAB for i in range(n)]} for n in lengths]
 
 
-def _all_free(llm: LLM) -> bool:
-    engine = llm.engine
-    manager, slots = engine.block_manager, engine.scheduler.state_slots
-    blocks_free = manager.num_free_blocks == manager.num_blocks and not any(manager.allocator.ref_counts)
-    return blocks_free and slots.num_free == slots.num_slots
-
-
 @pytest.mark.parametrize("name", ENGINE_NAMES)
 def test_engine_batched_chunked_preempted_equal_alone(tiny, name, caplog):
     folder = tiny(name)["folder"]
@@ -109,7 +102,7 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny, name, caplog):
     outs = llm.generate(prompts + prompts, greedy, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == alone + alone
     snapshots = llm.engine.snapshots
-    assert llm.engine.block_manager.prefix_hits > 0 and snapshots.restored > 0 and _all_free(llm)
+    assert llm.engine.block_manager.prefix_hits > 0 and snapshots.restored > 0 and tiny_models.all_free(llm)
     assert sum(o.metrics.num_cached_prompt_tokens for o in outs[len(prompts):]) > 0
     assert len(snapshots.by_hash) <= snapshots.cache.num_slots == llm.engine.kv_layout.num_snapshots
 
@@ -123,7 +116,7 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny, name, caplog):
     assert small.engine.state_cache.num_slots == 8 and small.engine.snapshots is not None
     outs = small.generate(prompts + prompts, greedy, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == alone + alone
-    assert small.engine.metrics.preemptions > 0 and small.engine.snapshots.restored > 0 and _all_free(small)
+    assert small.engine.metrics.preemptions > 0 and small.engine.snapshots.restored > 0 and tiny_models.all_free(small)
 
     # A budget with no room for one snapshot beside the slots: prefix caching off, said so.
     budget = 2 * bytes_per_block(config, 8, torch.float32) + 4 * state_bytes_per_sequence(config)
@@ -137,7 +130,7 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny, name, caplog):
     three = _engine(folder, max_num_seqs=3)
     assert three.engine.state_cache.num_slots == 3 and three.engine.stats().state_slots_total == 3
     outs = three.generate(prompts, greedy, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == alone and _all_free(three)
+    assert [o.outputs[0].token_ids for o in outs] == alone and tiny_models.all_free(three)
 
     # Aborts, in prefill and while decoding, leave every block and every slot free.
     engine = llm.engine
@@ -151,7 +144,7 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny, name, caplog):
         engine.step()
     engine.abort("short")  # decoding
     engine.abort("queued")
-    assert not engine.has_unfinished_requests() and _all_free(llm)
+    assert not engine.has_unfinished_requests() and tiny_models.all_free(llm)
 
 
 @pytest.mark.parametrize("name", ENGINE_NAMES)
@@ -255,4 +248,4 @@ def test_a_model_without_attention_runs_on_token_counting_blocks(tmp_path):
             with torch.no_grad():
                 ids.append(int(reference(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
         assert list(out.outputs[0].token_ids) == ids[len(prompt):]
-    assert _all_free(llm)
+    assert tiny_models.all_free(llm)

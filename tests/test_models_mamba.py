@@ -102,13 +102,6 @@ def test_config_contradictions_name_the_key(tiny, tmp_path, change, needle):
     assert "\n" not in str(error.value)
 
 
-def _all_free(llm) -> bool:
-    engine = llm.engine
-    manager, slots = engine.block_manager, engine.scheduler.state_slots
-    return (manager.num_free_blocks == manager.num_blocks and not any(manager.allocator.ref_counts)
-            and slots.num_free == slots.num_slots)
-
-
 @pytest.mark.parametrize("name", GGUF_NAMES)
 def test_engine_batched_chunked_preempted_equal_alone(tiny, name):
     """Through the engine (16-token prefill chunks): each prompt alone gives transformers' tokens;
@@ -133,23 +126,17 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny, name):
 
     batch = [{"prompt_token_ids": p} for p in prompts]
     outs = single.generate(batch, greedy, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == alone and _all_free(single)
+    assert [o.outputs[0].token_ids for o in outs] == alone and tiny_models.all_free(single)
     config = single.engine.model_config
     # Four slots (the state takes at most half the budget) and the KV blocks of 96 tokens between them.
     budget = 8 * state_bytes_per_sequence(config)
     small = engine(block_size=8, kv_cache_memory=budget, max_num_seqs=4)
     assert small.engine.state_cache.num_slots == 4
     outs = small.generate(batch, greedy, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == alone and _all_free(small)
+    assert [o.outputs[0].token_ids for o in outs] == alone and tiny_models.all_free(small)
     if name != "mamba2":  # a model without attention counts tokens in free blocks: nothing to run short of
         assert small.engine.metrics.preemptions > 0
 
-    core = single.engine
-    core.add_request("long", {"prompt_token_ids": prompts[3]}, SamplingParams(temperature=0.0, max_tokens=20))
-    core.add_request("short", {"prompt_token_ids": prompts[0]}, SamplingParams(temperature=0.0, max_tokens=20))
-    core.step()
-    core.abort("long")  # still in prefill
-    for _ in range(3):
-        core.step()
-    core.abort("short")  # decoding
-    assert not core.has_unfinished_requests() and _all_free(single)
+    tiny_models.abort_in_prefill_and_decode(single.engine, {"prompt_token_ids": prompts[3]},
+                                            {"prompt_token_ids": prompts[0]})
+    assert not single.engine.has_unfinished_requests() and tiny_models.all_free(single)

@@ -79,11 +79,6 @@ def _prompts() -> list[dict]:
     return [{"prompt_token_ids": [(i * 7 + n * 13) % tiny_models.VOCAB for i in range(n)]} for n in lengths]
 
 
-def _all_free(llm: LLM) -> bool:
-    manager = llm.engine.block_manager
-    return manager.num_free_blocks == manager.num_blocks and not any(manager.allocator.ref_counts)
-
-
 @pytest.mark.parametrize("name", [*NAMES, "gemma4", "gemma4_moe"])  # gemma4: KV-shared layers read others' blocks
 def test_engine_batched_chunked_preempted_equal_alone(tiny, name):
     folder = tiny(name)["folder"]
@@ -95,7 +90,7 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny, name):
     llm = _engine(folder, block_size=8)
     outs = llm.generate(prompts + prompts, greedy, use_tqdm=False)  # repeats hit the prefix cache
     assert [o.outputs[0].token_ids for o in outs] == alone + alone
-    assert llm.engine.block_manager.prefix_hits > 0 and _all_free(llm)
+    assert llm.engine.block_manager.prefix_hits > 0 and tiny_models.all_free(llm)
 
     from cholla.kv.paged_cache import bytes_per_block
 
@@ -103,17 +98,10 @@ def test_engine_batched_chunked_preempted_equal_alone(tiny, name):
     small = _engine(folder, block_size=8, kv_cache_memory=9 * block, max_model_len=64, enable_prefix_caching=False)
     outs = small.generate(prompts, greedy, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == alone
-    assert small.engine.metrics.preemptions > 0 and _all_free(small)
+    assert small.engine.metrics.preemptions > 0 and tiny_models.all_free(small)
 
-    engine = llm.engine
-    engine.add_request("long", prompts[3], SamplingParams(temperature=0.0, max_tokens=20))
-    engine.add_request("short", prompts[0], SamplingParams(temperature=0.0, max_tokens=20))
-    engine.step()
-    engine.abort("long")  # still in prefill
-    for _ in range(3):
-        engine.step()
-    engine.abort("short")  # decoding
-    assert not engine.has_unfinished_requests() and _all_free(llm)
+    tiny_models.abort_in_prefill_and_decode(llm.engine, prompts[3], prompts[0])
+    assert not llm.engine.has_unfinished_requests() and tiny_models.all_free(llm)
 
 
 @pytest.mark.parametrize("kv_type, atol", [("f32", 1e-5), ("bf16", 3e-3), ("f16", 3e-4), ("fp8", 0.03)])

@@ -385,3 +385,24 @@ def with_config(folder: Path, dst: Path, change: dict) -> Path:
     config = json.loads((dst / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps({**config, **change}))
     return dst
+
+
+def all_free(llm) -> bool:
+    """Every KV block free and unreferenced, and (models with recurrent layers) every state slot free."""
+    manager, slots = llm.engine.block_manager, llm.engine.scheduler.state_slots
+    blocks_free = manager.num_free_blocks == manager.num_blocks and not any(manager.allocator.ref_counts)
+    return blocks_free and (slots is None or slots.num_free == slots.num_slots)
+
+
+def abort_in_prefill_and_decode(engine, long_prompt, short_prompt) -> None:
+    """Two greedy requests: the long one aborted while still in prefill, the short one while decoding."""
+    from cholla.sampling.params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    engine.add_request("long", long_prompt, params)
+    engine.add_request("short", short_prompt, params)
+    engine.step()
+    engine.abort("long")
+    for _ in range(3):
+        engine.step()
+    engine.abort("short")
