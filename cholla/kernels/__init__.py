@@ -91,6 +91,7 @@ def has_amx_flags() -> bool:
     return all(flag in cpu_flags() for flag in AMX_FLAGS)
 
 
+@functools.cache
 def amx_tiles() -> bool:
     """Whether the kernels' batched products run on AMX tiles (else on AVX512-BF16)."""
     return cpu_kernels() is not None and has_amx_flags() and bool(torch.ops.cholla.request_amx())
