@@ -9,6 +9,7 @@ with its own copy of the cache.
 
 from __future__ import annotations
 
+import copy
 import faulthandler
 import os
 import subprocess
@@ -136,12 +137,15 @@ def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(smollm2_p
     assert (fused - bf16).abs().max() > 1e-3 or linear.int8_batch_max_rows() == 0
 
 def _copy_side(side):
-    return type(side)(*(t.clone() if isinstance(t, torch.Tensor) else t for t in side)) if isinstance(side, tuple) \
-        else side.clone()
+    """A side's tensors copied (q4_kivi's open blocks too)."""
+    if not isinstance(side, tuple):
+        return side.clone()
+    return type(side)(*(t.clone() if isinstance(t, torch.Tensor) else copy.deepcopy(t) for t in side))
 
 
 @pytest.mark.parametrize("name, k_type, v_type", [("gemma3", "q8_0", "q8_0"), ("qwen3", "q4_0_cal", "q4_0"),
-                                                  ("llama", "fp8_e4m3", "int8_rot")])
+                                                  ("llama", "fp8_e4m3", "int8_rot"), ("gemma3", "q4_kivi", "q4_kivi"),
+                                                  ("llama", "fp8_e4m3_centered", "fp8_e4m3_scaled")])
 @torch.inference_mode()
 def test_fused_decode_reads_and_writes_quantized_kv_caches(name, k_type, v_type, tmp_path):
     """Every KV cache type runs fused (written and read in place by the kernels), as layer by layer."""
@@ -168,6 +172,9 @@ def test_fused_decode_reads_and_writes_quantized_kv_caches(name, k_type, v_type,
         lengths = [n + 1 for n in lengths]
     for layer, reference in zip(fused_cache.layers, python_cache):
         for side, side_ref in zip(layer, reference):
+            if getattr(side, "open_blocks", None) is not None:  # q4_kivi keys: the same blocks open, rows alike
+                assert torch.equal(side.open_blocks.slot_of, side_ref.open_blocks.slot_of)
+                assert torch.equal(side.open_blocks.rows, side_ref.open_blocks.rows)
             for t, t_ref in zip(*(s if isinstance(s, tuple) else (s,) for s in (side, side_ref))):
                 if isinstance(t, torch.Tensor):
                     assert torch.equal(t.view(torch.uint8) if t.dtype.itemsize == 1 else t,
