@@ -50,11 +50,26 @@ in a float type: ``paged_cache.check_kv_types``):
   ``head_dim / 2 + 2`` of values, at most ``q4_0``'s ``2 * 0.5625 * head_dim`` for
   ``head_dim >= 64`` at blocks of 16; the open blocks' bf16 rows (two per sequence at most
   ``max_num_seqs``) are a fixed few MiB (``open_block_bytes``).
+- ``fp8_e4m3_centered`` keeps keys as fp8 e4m3 after taking out each channel's mean over the
+  tokens of their cache block, SageAttention's smoothing of K (Zhang et al., "SageAttention:
+  Accurate 8-Bit Attention for Plug-and-play Inference Acceleration", ICLR 2025) per block, as
+  a paged cache fills one block at a time: keys share a large per-channel offset (outlier
+  channels, QK-norm weights), and e4m3's 3 mantissa bits are relative to the whole value, so
+  the offset's rounding error swamps the part that differs between tokens. Per (block, head) a
+  uint8 plane ``[2 head_dim + 2 block_size + 16]``: fp16 means per channel, fp16 scales per
+  token (each row of the rest scaled so its largest magnitude is 448, as
+  ``fp8_e4m3_scaled``), then q4_kivi's tail (the open flag at its byte 6); a block is
+  quantized when it fills, from bf16 rows kept until then (``OpenBlocks``, as q4_kivi). Values
+  are ``fp8_e4m3_scaled``'s. Per token and head: ``head_dim + 2 + (2 head_dim + 16) / block_size``
+  bytes of keys, ``head_dim + 2`` of values.
 
 The PyTorch path reads every type back as fp32 (``gather``). cholla's C++ kernels
 (``kernels/paged_attention.cpp``) write and read every type in place, a row at a time
 (``kernel_parts`` hands them a side): rotated and calibrated types are read without undoing
-the rotation per key, by rotating the query once and each head's output once instead.
+the rotation per key, by rotating the query once and each head's output once instead; keys
+with statistics per block (q4_kivi, fp8_e4m3_centered) a block at a time, an open block from
+its bf16 rows (``open_for_write`` gives a write's blocks their slots, the kernels fill them
+and quantize the blocks a write fills).
 """
 
 from __future__ import annotations
@@ -77,7 +92,7 @@ class KVCacheType:
     bits: int = 8  # per value; 4: two to a byte (q4_0)
     rotated: bool = False  # each head Hadamard-rotated before quantizing (int8_rot, q4_0_rot)
     calibrated: bool = False  # channels shifted and scaled by calibrated statistics first (q4_0_cal)
-    channel_keys: bool = False  # keys quantized per channel over each block's tokens (q4_kivi)
+    channel_keys: bool = False  # keys with statistics over each block's tokens (q4_kivi, fp8_e4m3_centered)
 
     def groups(self, head_dim: int) -> int:
         """Scales per (token, head)."""
