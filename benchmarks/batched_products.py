@@ -4,7 +4,8 @@ AVX512-BF16 where the CPU has no AMX).
 
 For each model it takes one decode layer's product groups as the fused step makes
 them (q+k+v, o, gate+up, down) and the output head, and times both kernels at each
-row count; the last column is the int8 kernel's speed-up. ``INT8_BATCH_MAX_ROWS``
+row count; the last column is the int8 kernel's speed-up. Up to 8 rows the exact fp32
+GEMV (``qgemv``: what a type without an int8 kernel gets there) is timed too. ``INT8_BATCH_MAX_ROWS``
 in cholla/layers/linear.py is picked from this table (docs/benchmarks.md).
 
 ``--generate N``: instead, N sequences x (32 prompt + 32 generated tokens) through
@@ -116,8 +117,8 @@ def main() -> None:
     clock = time.thread_time if args.cpu_time else time.perf_counter
     print(f"threads {torch.get_num_threads()}, batched products on {'AMX tiles' if amx_tiles() else 'AVX512-BF16'}, "
           f"{'CPU' if args.cpu_time else 'wall'} time")
-    print("| model | product | types | rows | int8 ms | bf16 strips ms | int8 speed-up |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| model | product | types | rows | int8 ms | bf16 strips ms | int8 speed-up | fp32 GEMV ms |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for name in args.models:
         for product, tensors in groups(resolve_model(name)).items():
             weights, types = [t.data for t in tensors], [int(t.qtype) for t in tensors]
@@ -131,8 +132,10 @@ def main() -> None:
                 calls = (kernels.qgemv_int8_out, kernels.qmatmul_out)
                 int8, bf16 = (best_ms(functools.partial(call, x, weights, types, out), args.seconds, clock)
                               for call in calls)
-                print(f"| {name} | {product} | {type_names} | {rows} | {int8:.3f} | {bf16:.3f} | {bf16 / int8:.2f}x |",
-                      flush=True)
+                exact = (f"{best_ms(functools.partial(kernels.qgemv, x, weights, types), args.seconds, clock):.3f}"
+                         if rows <= 8 else "-")
+                print(f"| {name} | {product} | {type_names} | {rows} | {int8:.3f} | {bf16:.3f} | {bf16 / int8:.2f}x "
+                      f"| {exact} |", flush=True)
 
 
 if __name__ == "__main__":
