@@ -111,15 +111,18 @@ def test_fused_decode_matches_layer_by_layer(name, dtype, prompt_lens, tmp_path)
         torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["smollm2_path", "gemma3_path"])
 @torch.inference_mode()
-def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(smollm2_path):
-    """SmolLM2's Q4_1 layers at 12 sequences: the fused step multiplies on the batched int8
-    product (where the CPU has no AMX), as linear_group does for a decode step's rows."""
+def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(path, request):
+    """SmolLM2's Q4_1 layers and Gemma 3's (Q5_0, Q8_0, Q4_K, Q6_K) at 12 sequences: the fused
+    step multiplies on the batched int8 product (where the CPU has no AMX), as linear_group
+    does for a decode step's rows."""
     from cholla.layers import linear
 
-    loaded = load_model(smollm2_path, "bfloat16")
+    loaded = load_model(request.getfixturevalue(path), "bfloat16")
     model, config = loaded.model, loaded.config
     plan = plan_decode(model)
+    assert set(plan.types) <= {int(t) for t in linear.INT8_TYPES}  # every layer's products, all of them
     cache = PagedKVCache(config, num_blocks=12 * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
     generator = torch.Generator().manual_seed(2)
     lengths = [3 + seq % 4 for seq in range(12)]

@@ -78,16 +78,17 @@ def test_qgemv_is_exact_fp32(qtype, rows):
 
 
 INT8_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
-INT8_CENTRE = {T.Q4_1: 8.0, T.Q5_1: 16.0, T.Q4_K: 8.0}  # the kernel's m' = m + centre d (see qgemv.cpp)
+INT8_CENTRE = {T.Q4_1: 8.0, T.Q5_1: 16.0, T.Q4_K: 8.0, T.Q5_K: 16.0}  # the kernel's m' = m + centre d (see qgemv.cpp)
+K_QUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]  # super-blocks of 256; Q6_K: no min, a scale per 16 weights
 
 
 def _scales_and_mins(blocks: torch.Tensor, qtype: GGMLQuantizationType, k: int):
     """Per block of 32 weights, float64 [n, k / 32]: w = d q + m."""
     n = blocks.shape[0]
-    if qtype != T.Q4_K:
+    if qtype not in (T.Q4_K, T.Q5_K):
         header = blocks.reshape(n, k // 32, -1)[..., :4].contiguous().view(torch.float16).double()
         return header[..., 0], header[..., 1]
-    supers = blocks.reshape(n, k // 256, 144)
+    supers = blocks.reshape(n, k // 256, bytes_per_block(qtype))  # d, dmin and 12 bytes of scales lead both
     d_super, dmin = supers[..., :4].contiguous().view(torch.float16).double().unbind(-1)
     q = supers[..., 4:16].long()  # ggml's get_scale_min_k4, for sub-blocks 0-3 and 4-7
     scales = torch.cat([q[..., 0:4] & 63, (q[..., 8:12] & 0xF) | ((q[..., 0:4] >> 6) << 4)], dim=-1)
@@ -129,19 +130,22 @@ def test_qgemv_int8_matches_its_int8_reference(qtype, k, rows):
     assert (got - exact).norm() / exact.norm() < 0.02
 
 
+@pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda t: t.name)
 @pytest.mark.parametrize("k", [256, 512, 768])  # 1, 2 and 3 super-blocks: a group of 16 sub-blocks, half of one
-@pytest.mark.parametrize("rows", [1, 3])
-def test_qgemv_int8_q4_k_matches_its_int8_reference(k, rows):
-    blocks, w = random_weight(T.Q4_K, 37, k, seed=k + rows)
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_qgemv_int8_k_quants_match_their_int8_reference(qtype, k, rows):
+    blocks, w = random_weight(qtype, 37, k, seed=k + rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
-    expected, scale = int8_reference(x, blocks, T.Q4_K, w)
-    got = kernels.qgemv_int8(x, [blocks], [int(T.Q4_K)])
+    x[:, 32:48] = 0.0  # a zero half block (Q6_K: one scale's 16 weights), quantized with its other half
+    x[:, 64:96] = 0.0  # an all-zero block quantizes with dx = 0
+    expected, scale = int8_reference(x, blocks, qtype, w)
+    got = kernels.qgemv_int8(x, [blocks], [int(qtype)])
     torch.testing.assert_close(got, expected, rtol=0, atol=scale * 1e-6)
     exact = (x.double() @ w.double().T).float()
     assert (got - exact).norm() / exact.norm() < 0.02
 
 
-@pytest.mark.parametrize("qtype", INT8_TYPES + [T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", INT8_TYPES + K_QUANTS, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [7, 16, 33, 64])  # the batched product's edges: one tile, a partial third, four
 def test_batched_qgemv_int8_matches_its_int8_reference(qtype, rows):
     """More than six rows of x take the batched product (x's rows in the VNNI lanes): the same int8 sums."""
@@ -157,7 +161,7 @@ def test_batched_qgemv_int8_matches_its_int8_reference(qtype, rows):
 
 def test_batched_qgemv_int8_side_by_side_and_into_out():
     """Weights of several types in one batched call equal separate calls; _out writes the same."""
-    qtypes = [T.Q5_0, T.Q8_0, T.Q4_K, T.Q4_1]
+    qtypes = [T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K, T.Q4_1, T.Q5_K]
     parts = [random_weight(qtype, 20 + 8 * i, 512, seed=i) for i, qtype in enumerate(qtypes)]
     x = torch.randn(40, 512, generator=torch.Generator().manual_seed(1))
     got = kernels.qgemv_int8(x, [b for b, _ in parts], [int(t) for t in qtypes])
@@ -177,8 +181,8 @@ def test_int8_kernel_types_agree_with_the_routing():
 
 
 def test_qgemv_int8_takes_the_exact_path_for_other_types():
-    parts = [random_weight(qtype, 48, 512, seed=i) for i, qtype in enumerate([T.Q5_K, T.Q8_0, T.Q6_K, T.F16])]
-    types = [int(t) for t in (T.Q5_K, T.Q8_0, T.Q6_K, T.F16)]
+    parts = [random_weight(qtype, 48, 512, seed=i) for i, qtype in enumerate([T.BF16, T.Q8_0, T.F32, T.F16])]
+    types = [int(t) for t in (T.BF16, T.Q8_0, T.F32, T.F16)]
     x = torch.randn(1, 512)
     got = kernels.qgemv_int8(x, [b for b, _ in parts], types)
     exact = kernels.qgemv(x, [b for b, _ in parts], types)
@@ -223,9 +227,9 @@ def test_bad_input_is_an_error_not_a_crash():
         kernels.qgemv(torch.randn(9, 256), [blocks], [int(T.Q4_0)])
     with pytest.raises(RuntimeError, match="at most 64 rows"):
         kernels.qgemv_int8(torch.randn(65, 256), [blocks], [int(T.Q4_0)])
-    q6_k, _ = random_weight(T.Q6_K, 32, 256)
+    f16, _ = random_weight(T.F16, 32, 256)
     with pytest.raises(RuntimeError, match="need every weight in a type with an int8 kernel"):
-        kernels.qgemv_int8(torch.randn(9, 256), [blocks, q6_k], [int(T.Q4_0), int(T.Q6_K)])
+        kernels.qgemv_int8(torch.randn(9, 256), [blocks, f16], [int(T.Q4_0), int(T.F16)])
     with pytest.raises(RuntimeError, match="out must be contiguous fp32"):
         kernels.qgemv_int8_out(torch.randn(9, 256), [blocks], [int(T.Q4_0)], torch.empty(9, 33))
     with pytest.raises(RuntimeError, match="does not hold rows"):

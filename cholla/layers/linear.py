@@ -10,7 +10,7 @@ ever holds a dequantized copy of its weight. Where our kernels
 - with ``compute_dtype`` bfloat16, steps of up to ``INT8_MAX_ROWS`` rows (a
   few sequences decoding) use ``qgemv_int8``: x is rounded to int8 per block
   of 32 and meets the weights' integers in VNNI dot products, as in llama.cpp
-  (``INT8_TYPES``: Q4_0 to Q8_0 and Q4_K; other types take the exact path);
+  (``INT8_TYPES``: Q4_0 to Q8_0 and Q4_K to Q6_K; other types take the exact path);
   decode steps (``decode``, or within ``decode_step()``, which the engine
   enters for each step without prompt rows) of up to
   ``INT8_BATCH_MAX_ROWS`` rows whose weights are all ``INT8_TYPES`` take the
@@ -64,7 +64,9 @@ AMX_MAX_ROWS = 64
 # on Zen 5 (benchmarks/batched_products.py, docs/benchmarks.md), for every type
 # it reads; AMX tiles are faster than AVX512-BF16 and were not measured against it.
 INT8_BATCH_MAX_ROWS = 64
-INT8_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"))
+INT8_TYPES = frozenset(
+    GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+)
 
 # GGUF types (and plain tensor dtypes) the kernels read directly.
 KERNEL_TYPES = frozenset(
