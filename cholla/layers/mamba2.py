@@ -19,8 +19,10 @@ back). A prefill chunk uses the chunked "state space duality" form: within a
 chunk of ``chunk_size`` tokens the output is a masked, decay-weighted
 attention-like product (``C_l . B_s`` times the decay from ``s`` to ``l``), and
 the state is carried between chunks by the recurrence above at chunk
-granularity; the chunk starts from, and writes back, the sequence's slot.
-All state math is float32.
+granularity; the chunk starts from, and writes back, the sequence's slot. It
+runs in C++ where the kernels run (``kernels/chunked_scan.cpp``: every prompt
+chunk of the step in one call, 64-token chunks, one job per sequence and head);
+``ssd_chunked`` below is its PyTorch form and reference. All state math is float32.
 """
 
 from __future__ import annotations
@@ -144,8 +146,17 @@ class Mamba2Mixer(nn.Module):
         xBC = causal_conv1d(xBC, conv.weight.value, conv.bias.value if conv.bias is not None else None, conv_state, meta, silu=True)
         hs, B, C = xBC.split([s.inner_size, groups * s.state_size, groups * s.state_size], dim=-1)  # [tokens, ...]
 
+        starts, slots, kernels = meta.query_start_loc, meta.state_slots, cpu_kernels()
+        first = starts[meta.num_prefills]
+        if meta.num_prefills and kernels is not None and ssm_state.device.type == "cpu" and ssm_state.is_contiguous():
+            y = kernels.ssd_chunked(ssm_state, torch.tensor(starts[: meta.num_prefills + 1]),
+                                    slots[: meta.num_prefills].to(torch.long), hs[:first], dt[:first], self.dt_bias.value,
+                                    self.A_log.value, B[:first], C[:first], self.D.value, *s.dt_limit)
+            if first < tokens:
+                decodes = self._decode(hs[first:], dt[first:], B[first:], C[first:], ssm_state, slots[meta.num_prefills:])
+                y = torch.cat((y, decodes))
+            return self.out_proj(self._gate(y, z))
         y = hs.new_empty(tokens, s.inner_size)
-        starts, slots = meta.query_start_loc, meta.state_slots
         for i in range(meta.num_prefills):
             a, b, slot = starts[i], starts[i + 1], int(slots[i])
             x_i = hs[a:b].reshape(b - a, heads, s.head_dim)
@@ -153,7 +164,6 @@ class Mamba2Mixer(nn.Module):
             y_i, ssm_state[slot] = ssd_chunked(x_i, self._dt(dt[a:b]), self._A(), B_i, C_i, ssm_state[slot],
                                                s.chunk_size)
             y[a:b] = (y_i + x_i * self.D.value[:, None]).reshape(b - a, s.inner_size)
-        first = starts[meta.num_prefills]
         if first < tokens:
             y[first:] = self._decode(hs[first:], dt[first:], B[first:], C[first:], ssm_state, slots[meta.num_prefills:])
         return self.out_proj(self._gate(y, z))
