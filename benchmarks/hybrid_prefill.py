@@ -13,10 +13,13 @@ over ``-r`` runs, tokens/s:
   ``S_PP t/s`` for B=32).
 
 ``--cholla-root`` runs another checkout's cholla (say, a worktree of the commit before a change)
-with this script, for before/after rows in one command each.
+with this script, for before/after rows in one command each. ``--profile`` prints instead where
+one ``-p``-token prefill's time goes, by part of the model (thread CPU time, each part's own:
+the projections inside a layer are counted as projections, not as the layer).
 
     python benchmarks/hybrid_prefill.py --threads 1 -r 3
     python benchmarks/hybrid_prefill.py --threads 1 -r 3 --models mamba2 --quants Q8_0 --peers ''
+    python benchmarks/hybrid_prefill.py --threads 1 -r 3 --quants Q8_0 --profile
 """
 
 from __future__ import annotations
@@ -75,6 +78,77 @@ def cholla_prefill(path: Path, args) -> dict:
             "batch": stats([batch_prefill() for _ in reps])}
 
 
+# The parts of a prefill step: (name, module, attribute); functions are timed wherever a cholla
+# module imported them, methods on their class.
+PARTS = [
+    ("projections (dequantize + matmul)", "cholla.layers.linear", "linear_group"),
+    ("delta rule, chunked", "cholla.layers.gated_deltanet", "GatedDeltaNet._prefill"),
+    ("SSD scan, chunked", "cholla.layers.mamba2", "Mamba2Mixer._prefill"),
+    ("causal conv", "cholla.layers.causal_conv", "causal_conv1d"),
+    ("gated norm", "cholla.layers.gated_deltanet", "GatedDeltaNet._gated_norm"),
+    ("gated norm", "cholla.layers.mamba2", "Mamba2Mixer._gate"),
+    ("RMSNorm", "cholla.layers.norm", "RMSNorm.forward"),
+    ("attention (SDPA, KV write)", "cholla.layers.attention", "paged_attention"),
+    ("attention glue (qk-norm, rope, gate)", "cholla.layers.attention", "Attention.forward"),
+    ("MLP activation", "cholla.layers.mlp", "gated_activation"),
+    ("DeltaNet glue (splits, beta/g casts)", "cholla.layers.gated_deltanet", "GatedDeltaNet.forward"),
+    ("Mamba-2 glue (splits)", "cholla.layers.mamba2", "Mamba2Mixer.forward"),
+]
+
+
+def profile_prefill(path: Path, args) -> list[tuple[str, float]]:
+    """(part, ms of thread CPU time) of one -p-token prefill step, best of -r, with the step's total."""
+    import importlib
+    import time as clock
+
+    import torch
+
+    from cholla.bench import time_prefill
+    from cholla.engine.engine import EngineConfig, LLMEngine
+
+    totals: dict[str, float] = {}
+    stack: list[list] = []  # [part, start, time of timed calls inside]
+
+    def timed(part, fn):
+        def wrapper(*a, **k):
+            stack.append([part, clock.thread_time(), 0.0])
+            try:
+                return fn(*a, **k)
+            finally:
+                _, start, inner = stack.pop()
+                spent = clock.thread_time() - start
+                totals[part] = totals.get(part, 0.0) + spent - inner
+                if stack:
+                    stack[-1][2] += spent
+        return wrapper
+
+    for part, module, attribute in PARTS:
+        owner = importlib.import_module(module)
+        if "." in attribute:
+            cls, name = attribute.split(".")
+            setattr(getattr(owner, cls), name, timed(part, getattr(getattr(owner, cls), name)))
+            continue
+        original = getattr(owner, attribute)
+        for mod in [m for n, m in list(sys.modules.items()) if n.startswith("cholla") and m is not None]:
+            if getattr(mod, attribute, None) is original:
+                setattr(mod, attribute, timed(part, original))
+    engine = LLMEngine(path, EngineConfig(max_model_len=args.n_prompt + 2, max_num_batched_tokens=args.n_prompt,
+                                          kv_cache_memory=256 * 2**20, enable_prefix_caching=False, threads=args.threads))
+    gen = torch.Generator().manual_seed(0)
+    best = None
+    for _ in range(args.repetitions + 1):  # the first is a warm-up
+        totals.clear()
+        start = clock.thread_time()
+        time_prefill(engine, torch.randint(0, engine.model_config.vocab_size, (args.n_prompt,), generator=gen).tolist())
+        total = clock.thread_time() - start
+        if best is None or total < best[0]:
+            best = (total, dict(totals))
+    total, parts = best
+    rows = sorted(((part, 1e3 * t) for part, t in parts.items()), key=lambda r: -r[1])
+    return rows + [("engine, sampling and Python between", 1e3 * (total - sum(parts.values()))),
+                   ("total", 1e3 * total)]
+
+
 def llama_prefill(path: Path, args) -> dict:
     import json
 
@@ -114,11 +188,22 @@ def main() -> None:
     parser.add_argument("-r", "--repetitions", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "cholla")
+    parser.add_argument("--profile", action="store_true", help="where one prefill's time goes, instead of the table")
     args = parser.parse_args()
     sys.path[:0] = [str(args.cholla_root.resolve()), str(ROOT)]  # its cholla first; these benchmarks' helpers
 
     import cholla
     from benchmarks.compare import fmt, machine
+
+    if args.profile:
+        for name in args.models:
+            for q in args.quants:
+                rows = profile_prefill(model_path(name, q, args.cache), args)
+                total = rows[-1][1]
+                print(f"\n{name} {q}, pp{args.n_prompt}, thread CPU ms (best of {args.repetitions}):\n"
+                      "| part | ms | share |\n|---|---|---|")
+                print("\n".join(f"| {part} | {ms:.1f} | {100 * ms / total:.0f}% |" for part, ms in rows))
+        return
 
     lines = [f"Machine: {machine()}; threads {args.threads}; cholla from {Path(cholla.__file__).parent.parent}.", "",
              f"| model | file | engine | pp{args.n_prompt} t/s | 32 x pp{args.batch_prompt} total t/s |", "|---" * 5 + "|"]

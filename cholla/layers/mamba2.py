@@ -146,27 +146,33 @@ class Mamba2Mixer(nn.Module):
         xBC = causal_conv1d(xBC, conv.weight.value, conv.bias.value if conv.bias is not None else None, conv_state, meta, silu=True)
         hs, B, C = xBC.split([s.inner_size, groups * s.state_size, groups * s.state_size], dim=-1)  # [tokens, ...]
 
-        starts, slots, kernels = meta.query_start_loc, meta.state_slots, cpu_kernels()
+        starts, slots = meta.query_start_loc, meta.state_slots
         first = starts[meta.num_prefills]
-        if meta.num_prefills and kernels is not None and ssm_state.device.type == "cpu" and ssm_state.is_contiguous():
-            y = kernels.ssd_chunked(ssm_state, torch.tensor(starts[: meta.num_prefills + 1]),
-                                    slots[: meta.num_prefills].to(torch.long), hs[:first], dt[:first], self.dt_bias.value,
-                                    self.A_log.value, B[:first], C[:first], self.D.value, *s.dt_limit)
-            if first < tokens:
-                decodes = self._decode(hs[first:], dt[first:], B[first:], C[first:], ssm_state, slots[meta.num_prefills:])
-                y = torch.cat((y, decodes))
-            return self.out_proj(self._gate(y, z))
-        y = hs.new_empty(tokens, s.inner_size)
+        y = self._prefill(hs[:first], dt[:first], B[:first], C[:first], ssm_state, meta) if meta.num_prefills else None
+        if first < tokens:
+            decodes = self._decode(hs[first:], dt[first:], B[first:], C[first:], ssm_state, slots[meta.num_prefills:])
+            y = decodes if y is None else torch.cat((y, decodes))
+        return self.out_proj(self._gate(y, z))
+
+    def _prefill(self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ssm_state: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """The step's prompt chunks, each continuing from its slot of ``ssm_state`` and leaving its final
+        state there: in one kernel call where ours run, else ``ssd_chunked`` per sequence. x: [tokens,
+        inner]; dt: [tokens, H] before softplus; B, C: [tokens, G * N]. -> y [tokens, inner], the D skip included."""
+        s, starts, slots, kernels = self.shape, meta.query_start_loc, meta.state_slots, cpu_kernels()
+        if kernels is not None and ssm_state.device.type == "cpu" and ssm_state.is_contiguous():
+            return kernels.ssd_chunked(ssm_state, torch.tensor(starts[: meta.num_prefills + 1]),
+                                       slots[: meta.num_prefills].to(torch.long), x, dt, self.dt_bias.value,
+                                       self.A_log.value, B, C, self.D.value, *s.dt_limit)
+        y = x.new_empty(x.shape[0], s.inner_size)
         for i in range(meta.num_prefills):
             a, b, slot = starts[i], starts[i + 1], int(slots[i])
-            x_i = hs[a:b].reshape(b - a, heads, s.head_dim)
-            B_i, C_i = (t[a:b].reshape(b - a, groups, s.state_size) for t in (B, C))
+            x_i = x[a:b].reshape(b - a, s.num_heads, s.head_dim)
+            B_i, C_i = (t[a:b].reshape(b - a, s.n_groups, s.state_size) for t in (B, C))
             y_i, ssm_state[slot] = ssd_chunked(x_i, self._dt(dt[a:b]), self._A(), B_i, C_i, ssm_state[slot],
                                                s.chunk_size)
             y[a:b] = (y_i + x_i * self.D.value[:, None]).reshape(b - a, s.inner_size)
-        if first < tokens:
-            y[first:] = self._decode(hs[first:], dt[first:], B[first:], C[first:], ssm_state, slots[meta.num_prefills:])
-        return self.out_proj(self._gate(y, z))
+        return y
 
     def _A(self) -> torch.Tensor:
         """The per-head decay rate ``-exp(A_log)`` [H], negative."""
