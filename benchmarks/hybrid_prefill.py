@@ -9,12 +9,12 @@ over ``-r`` runs, tokens/s:
 - ``pp``: one ``-p``-token prompt (cholla: one prefill step, as ``cholla bench``; llama.cpp:
   ``llama-bench -p``);
 - ``32 x pp``: 32 prompts of ``--batch-prompt`` tokens prefilled together, total prompt
-  tokens/s (cholla: one engine step for all of them; llama.cpp: ``llama-batched-bench``'s
-  ``S_PP t/s`` for B=32).
+  tokens/s (cholla: the engine's default 2048 tokens per step, so 16 prompts of 128 a step;
+  llama.cpp: ``llama-batched-bench``'s ``S_PP t/s`` for B=32, its default batch of 2048).
 
 ``--cholla-root`` runs another checkout's cholla (say, a worktree of the commit before a change)
 with this script, for before/after rows in one command each. ``--profile`` prints instead where
-one ``-p``-token prefill's time goes, by part of the model (thread CPU time, each part's own:
+one ``-p``-token prefill's time goes (and the 32 prompts'), by part of the model (thread CPU time, each part's own:
 the projections inside a layer are counted as projections, not as the layer).
 
     python benchmarks/hybrid_prefill.py --threads 1 -r 3
@@ -55,7 +55,7 @@ def cholla_prefill(path: Path, args) -> dict:
 
     batch_tokens = 32 * args.batch_prompt
     engine = LLMEngine(path, EngineConfig(max_model_len=max(args.n_prompt, args.batch_prompt) + 2,
-                                          max_num_batched_tokens=max(args.n_prompt, batch_tokens),
+                                          max_num_batched_tokens=max(args.n_prompt, 2048),
                                           kv_cache_memory=1024 * 2**20, enable_prefix_caching=False,
                                           threads=args.threads, max_num_seqs=32))
     gen = torch.Generator().manual_seed(0)
@@ -63,7 +63,7 @@ def cholla_prefill(path: Path, args) -> dict:
     def prompt(n: int) -> list[int]:
         return torch.randint(0, engine.model_config.vocab_size, (n,), generator=gen).tolist()
 
-    def batch_prefill() -> float:  # 32 prompts in one step, each sampling its first token
+    def batch_prefill() -> float:  # 32 prompts, each sampling its first token
         for _ in range(32):
             engine.add_request(None, {"prompt_token_ids": prompt(args.batch_prompt)},
                                SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
@@ -96,16 +96,16 @@ PARTS = [
 ]
 
 
-def profile_prefill(path: Path, args) -> list[tuple[str, float]]:
-    """(part, ms of thread CPU time) of one -p-token prefill step, best of -r, with the step's total."""
+_TOTALS: list[dict[str, float]] = []  # install_timers' dict, once installed
+
+
+def install_timers() -> dict[str, float]:
+    """Wraps each of PARTS in a timer, once per process. -> the dict of each part's own thread CPU seconds."""
     import importlib
     import time as clock
 
-    import torch
-
-    from cholla.bench import time_prefill
-    from cholla.engine.engine import EngineConfig, LLMEngine
-
+    if _TOTALS:
+        return _TOTALS[0]
     totals: dict[str, float] = {}
     stack: list[list] = []  # [part, start, time of timed calls inside]
 
@@ -132,14 +132,36 @@ def profile_prefill(path: Path, args) -> list[tuple[str, float]]:
         for mod in [m for n, m in list(sys.modules.items()) if n.startswith("cholla") and m is not None]:
             if getattr(mod, attribute, None) is original:
                 setattr(mod, attribute, timed(part, original))
-    engine = LLMEngine(path, EngineConfig(max_model_len=args.n_prompt + 2, max_num_batched_tokens=args.n_prompt,
-                                          kv_cache_memory=256 * 2**20, enable_prefix_caching=False, threads=args.threads))
+    _TOTALS.append(totals)
+    return totals
+
+
+def profile_prefill(path: Path, args, batch: bool) -> list[tuple[str, float]]:
+    """(part, ms of thread CPU time) of one -p-token prefill (``batch``: of 32 --batch-prompt-token
+    prompts, prefilled together), best of -r, with the total."""
+    import time as clock
+
+    import torch
+
+    from cholla.engine.engine import EngineConfig, LLMEngine
+    from cholla.sampling.params import SamplingParams
+
+    totals = install_timers()
+    engine = LLMEngine(path, EngineConfig(max_model_len=max(args.n_prompt, args.batch_prompt) + 2,
+                                          max_num_batched_tokens=max(args.n_prompt, 2048),
+                                          kv_cache_memory=1024 * 2**20, enable_prefix_caching=False,
+                                          threads=args.threads, max_num_seqs=32))
     gen = torch.Generator().manual_seed(0)
     best = None
     for _ in range(args.repetitions + 1):  # the first is a warm-up
         totals.clear()
         start = clock.thread_time()
-        time_prefill(engine, torch.randint(0, engine.model_config.vocab_size, (args.n_prompt,), generator=gen).tolist())
+        for _ in range(32 if batch else 1):
+            prompt = torch.randint(0, engine.model_config.vocab_size, (args.batch_prompt if batch else args.n_prompt,),
+                                   generator=gen).tolist()
+            engine.add_request(None, {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=1))
+        while engine.has_unfinished_requests():
+            engine.step()
         total = clock.thread_time() - start
         if best is None or total < best[0]:
             best = (total, dict(totals))
@@ -198,11 +220,13 @@ def main() -> None:
     if args.profile:
         for name in args.models:
             for q in args.quants:
-                rows = profile_prefill(model_path(name, q, args.cache), args)
-                total = rows[-1][1]
-                print(f"\n{name} {q}, pp{args.n_prompt}, thread CPU ms (best of {args.repetitions}):\n"
-                      "| part | ms | share |\n|---|---|---|")
-                print("\n".join(f"| {part} | {ms:.1f} | {100 * ms / total:.0f}% |" for part, ms in rows))
+                for batch in (False, True):
+                    rows = profile_prefill(model_path(name, q, args.cache), args, batch)
+                    total = rows[-1][1]
+                    test = f"32 x pp{args.batch_prompt}" if batch else f"pp{args.n_prompt}"
+                    print(f"\n{name} {q}, {test}, thread CPU ms (best of {args.repetitions}):\n"
+                          "| part | ms | share |\n|---|---|---|")
+                    print("\n".join(f"| {part} | {ms:.1f} | {100 * ms / total:.0f}% |" for part, ms in rows))
         return
 
     lines = [f"Machine: {machine()}; threads {args.threads}; cholla from {Path(cholla.__file__).parent.parent}.", "",

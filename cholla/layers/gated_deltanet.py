@@ -136,7 +136,8 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         conv_state, recurrent = state
-        qkv, z, b, a = linear_group((self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a), x)
+        # a prefill's product stays bf16 (the conv reads it as is): no fp32 copy of the widest activation
+        qkv, z, b, a = linear_group((self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a), x, keep_bf16=True)
         qkv = causal_conv1d(qkv, self.conv1d.weight.value, None, conv_state, meta, silu=True)
         c, starts, slots = self.config, meta.query_start_loc, meta.state_slots
         if meta.num_prefills == 0:
@@ -154,7 +155,8 @@ class GatedDeltaNet(nn.Module):
         """Qwen's gated norm: each head's output normalised, then gated by ``silu(z)``; one C++ pass
         where the kernels run. out: [tokens, v_heads, v_head_dim]; z: [tokens, value_dim] -> [tokens, value_dim]."""
         kernels, c = cpu_kernels(), self.config
-        if kernels is not None and out.device.type == "cpu" and z.dtype == torch.float32 and z.stride(-1) == 1:
+        if kernels is not None and out.device.type == "cpu":
+            z = z if z.dtype == torch.float32 and z.stride(-1) == 1 else z.float().contiguous()
             if self._norm_weights is None or self._norm_weights[0] is not self.norm.weight:  # per head, side by side
                 self._norm_weights = (self.norm.weight, self.norm.weight.float().repeat(c.num_v_heads).contiguous())
             return kernels.gated_rms_norm(out.reshape(out.shape[0], -1).contiguous(), z, self._norm_weights[1],

@@ -34,7 +34,7 @@ from torch import nn
 from cholla.kernels import cpu_kernels
 from cholla.layers.attention import AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
-from cholla.layers.linear import DenseTensor, Linear
+from cholla.layers.linear import DenseTensor, Linear, linear_group
 from cholla.layers.mlp import gated_activation
 from cholla.layers.norm import RMSNorm
 from cholla.models.config import Mamba2Shape
@@ -140,7 +140,9 @@ class Mamba2Mixer(nn.Module):
         ssm [slots, H, P, N]), updated in place for this step's sequences. -> [tokens, hidden]."""
         s = self.shape
         tokens, heads, groups = x.shape[0], s.num_heads, s.n_groups
-        z, xBC, dt = self.in_proj(x).float().split([s.inner_size, s.conv_channels, heads], dim=-1)
+        # a prefill's product stays bf16 (the conv reads it as is): no fp32 copy of it
+        z, xBC, dt = linear_group((self.in_proj,), x, keep_bf16=True)[0].split([s.inner_size, s.conv_channels, heads], dim=-1)
+        dt = dt.float()
         conv_state, ssm_state = states
         conv = self.conv1d
         xBC = causal_conv1d(xBC, conv.weight.value, conv.bias.value if conv.bias is not None else None, conv_state, meta, silu=True)
@@ -204,8 +206,8 @@ class Mamba2Mixer(nn.Module):
 
     def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The output gate ``silu(z)`` and the RMSNorm taken over each group's ``inner / n_groups`` channels.
-        y: [tokens, inner] contiguous; z: [tokens, inner] (a view)."""
-        s, kernels = self.shape, cpu_kernels()
+        y: [tokens, inner] contiguous; z: [tokens, inner] (a view, bf16 from a prefill's product)."""
+        s, kernels, z = self.shape, cpu_kernels(), z.float()
         if self.norm is None:
             return gated_activation(z, y, "silu")
         if kernels is not None and y.device.type == "cpu":
