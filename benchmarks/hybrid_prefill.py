@@ -79,11 +79,13 @@ def cholla_prefill(path: Path, args) -> dict:
 
 
 # The parts of a prefill step: (name, module, attribute); functions are timed wherever a cholla
-# module imported them, methods on their class.
+# module imported them, methods on their class; those a checkout lacks (an older one) are skipped.
 PARTS = [
     ("projections (dequantize + matmul)", "cholla.layers.linear", "linear_group"),
     ("delta rule, chunked", "cholla.layers.gated_deltanet", "GatedDeltaNet._prefill"),
+    ("delta rule, chunked", "cholla.layers.gated_deltanet", "delta_rule_chunked"),  # the PyTorch form
     ("SSD scan, chunked", "cholla.layers.mamba2", "Mamba2Mixer._prefill"),
+    ("SSD scan, chunked", "cholla.layers.mamba2", "ssd_chunked"),  # the PyTorch form
     ("causal conv", "cholla.layers.causal_conv", "causal_conv1d"),
     ("gated norm", "cholla.layers.gated_deltanet", "GatedDeltaNet._gated_norm"),
     ("gated norm", "cholla.layers.mamba2", "Mamba2Mixer._gate"),
@@ -126,7 +128,8 @@ def install_timers() -> dict[str, float]:
         owner = importlib.import_module(module)
         if "." in attribute:
             cls, name = attribute.split(".")
-            setattr(getattr(owner, cls), name, timed(part, getattr(getattr(owner, cls), name)))
+            if hasattr(getattr(owner, cls), name):
+                setattr(getattr(owner, cls), name, timed(part, getattr(getattr(owner, cls), name)))
             continue
         original = getattr(owner, attribute)
         for mod in [m for n, m in list(sys.modules.items()) if n.startswith("cholla") and m is not None]:

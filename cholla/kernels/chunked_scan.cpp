@@ -75,11 +75,18 @@ void gemm_rows(int64_t N, int64_t K, const float* A, int64_t lda, const float* B
 // K == M), so rows i..i+R-1 only need B's first i + R rows.
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
           int64_t ldc, bool accumulate, bool lower = false) {
-  constexpr int R = 6;
   int64_t i = 0;
-  for (; i + R <= M; i += R)
-    gemm_rows<R>(N, lower ? std::min(K, i + R) : K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
-  for (; i < M; ++i) gemm_rows<1>(N, lower ? std::min(K, i + 1) : K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  for (; i + 6 <= M; i += 6)
+    gemm_rows<6>(N, lower ? std::min(K, i + 6) : K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  if (i + 4 <= M) {  // the rest in blocks of 4, 2, 1: a row alone is bound by its loads, not its FMAs
+    gemm_rows<4>(N, lower ? std::min(K, i + 4) : K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+    i += 4;
+  }
+  if (i + 2 <= M) {
+    gemm_rows<2>(N, lower ? std::min(K, i + 2) : K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+    i += 2;
+  }
+  if (i < M) gemm_rows<1>(N, lower ? std::min(K, i + 1) : K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
 }
 
 // dst [cols, rows] = src [rows, cols]^T (src row stride `lds`, dst row stride `ldd`).
@@ -412,23 +419,23 @@ at::Tensor ssd_chunked(at::Tensor state, const at::Tensor& starts, const at::Ten
               *Cs = C.data_ptr<float>(), *bias = dt_bias.data_ptr<float>(), *A_logs = A_log.data_ptr<float>(),
               *Ds = D.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldb = B.stride(0), ldcc = C.stride(0);
-  // C_l . B_s of every chunk and group: [chunks, groups, CHUNK, CHUNK], shared by the group's heads.
-  std::vector<float> scores(chunks * groups * CHUNK * CHUNK);
+  // Per chunk and group, shared by the group's heads: B^T [N, CHUNK] and the scores C_l . B_s [CHUNK, CHUNK].
+  std::vector<float> BTs(chunks * groups * N * CHUNK), scores(chunks * groups * CHUNK * CHUNK);
   at::parallel_for(0, chunks * groups, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> BT(N * CHUNK);
     for (int64_t job = first; job < last; ++job) {
       const int64_t chunk = job / groups, g = job % groups;
       const int64_t q = std::upper_bound(chunk_base.begin(), chunk_base.end(), chunk) - chunk_base.begin() - 1;
       const int64_t t0 = s[q] + (chunk - chunk_base[q]) * CHUNK, n = std::min(CHUNK, s[q + 1] - t0);
-      transpose(Bs + t0 * ldb + g * N, ldb, BT.data(), CHUNK, n, N);
-      gemm(n, n, N, Cs + t0 * ldcc + g * N, ldcc, BT.data(), CHUNK, scores.data() + job * CHUNK * CHUNK, CHUNK, false);
+      float* BT = BTs.data() + job * N * CHUNK;
+      transpose(Bs + t0 * ldb + g * N, ldb, BT, CHUNK, n, N);
+      gemm(n, n, N, Cs + t0 * ldcc + g * N, ldcc, BT, CHUNK, scores.data() + job * CHUNK * CHUNK, CHUNK, false);
     }
   });
   at::Tensor y = at::empty({tokens, heads * head_dim}, x.options().memory_format(at::MemoryFormat::Contiguous));
   float* ys = y.data_ptr<float>();
   const float lo = static_cast<float>(dt_min), hi = static_cast<float>(dt_max);
   at::parallel_for(0, seqs * heads, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> ST(N * P), BT(N * CHUNK), xdt(CHUNK * P), W(CHUNK * CHUNK), G(CHUNK), step(CHUNK);
+    std::vector<float> ST(N * P), xdt(CHUNK * P), W(CHUNK * CHUNK), G(CHUNK), step(CHUNK);
     for (int64_t job = first; job < last; ++job) {
       const int64_t q = job / heads, h = job % heads, g = h / per_group;
       const float A = -std::exp(A_logs[h]);
@@ -467,9 +474,8 @@ at::Tensor ssd_chunked(at::Tensor state, const at::Tensor& starts, const at::Ten
         // S = exp(G_n) S + B^T (dt x exp(G_n - G_s))
         const float end = G[n - 1];
         for (int64_t i = 0; i < n; ++i) scale_row(xdt.data() + i * P, P, std::exp(end - G[i]));
-        transpose(Bs + t0 * ldb + g * N, ldb, BT.data(), CHUNK, n, N);
         scale_row(ST.data(), N * P, std::exp(end));
-        gemm(N, P, n, BT.data(), CHUNK, xdt.data(), P, ST.data(), P, true);
+        gemm(N, P, n, BTs.data() + (chunk * groups + g) * N * CHUNK, CHUNK, xdt.data(), P, ST.data(), P, true);
       }
       transpose(ST.data(), P, slot_state, N, N, P);
     }
