@@ -139,16 +139,14 @@ class GatedDeltaNet(nn.Module):
         # a prefill's product stays bf16 (the conv reads it as is): no fp32 copy of the widest activation
         qkv, z, b, a = linear_group((self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a), x, keep_bf16=True)
         qkv = causal_conv1d(qkv, self.conv1d.weight.value, None, conv_state, meta, silu=True)
-        c, starts, slots = self.config, meta.query_start_loc, meta.state_slots
+        starts, slots = meta.query_start_loc, meta.state_slots
         if meta.num_prefills == 0:
             out = self._decode(qkv, a, b, recurrent, slots)
         else:
             first = starts[meta.num_prefills]
-            prefill = self._prefill(qkv[:first], a[:first], b[:first], recurrent, meta)
+            out = self._prefill(qkv[:first], a[:first], b[:first], recurrent, meta)
             if first < x.shape[0]:
-                decodes = self._decode(qkv[first:], a[first:], b[first:], recurrent, slots[meta.num_prefills:])
-                prefill = torch.cat((prefill, decodes))
-            out = prefill
+                out = torch.cat((out, self._decode(qkv[first:], a[first:], b[first:], recurrent, slots[meta.num_prefills:])))
         return self.out_proj(self._gated_norm(out, z))
 
     def _gated_norm(self, out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
