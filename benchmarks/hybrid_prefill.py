@@ -12,6 +12,11 @@ over ``-r`` runs, tokens/s:
   tokens/s (cholla: the engine's default 2048 tokens per step, so 16 prompts of 128 a step;
   llama.cpp: ``llama-batched-bench``'s ``S_PP t/s`` for B=32, its default batch of 2048).
 
+``--cpu-time`` reports tokens per CPU-second instead, for a machine shared with other work:
+cholla's thread CPU time over the same steps; llama.cpp's process CPU time, the difference
+between two runs that differ only in the work measured (``-r R+1`` against ``-r 1``; 32 prompts
+against one), so loading and warm-up cancel.
+
 ``--cholla-root`` runs another checkout's cholla (say, a worktree of the commit before a change)
 with this script, for before/after rows in one command each. ``--profile`` prints instead where
 one ``-p``-token prefill's time goes (and the 32 prompts'), by part of the model (thread CPU time, each part's own:
@@ -19,6 +24,7 @@ the projections inside a layer are counted as projections, not as the layer).
 
     python benchmarks/hybrid_prefill.py --threads 1 -r 3
     python benchmarks/hybrid_prefill.py --threads 1 -r 3 --models mamba2 --quants Q8_0 --peers ''
+    python benchmarks/hybrid_prefill.py --threads 1 -r 3 --cpu-time
     python benchmarks/hybrid_prefill.py --threads 1 -r 3 --quants Q8_0 --profile
 """
 
@@ -46,36 +52,63 @@ def model_path(name: str, quant: str, cache: Path) -> Path:
 
 
 def cholla_prefill(path: Path, args) -> dict:
+    """{"pp", "batch"}: tokens/s over -r runs; in wall time, or with --cpu-time in the thread's CPU time."""
     import torch
 
     from benchmarks.compare import stats
-    from cholla.bench import time_prefill
     from cholla.engine.engine import EngineConfig, LLMEngine
     from cholla.sampling.params import SamplingParams
 
-    batch_tokens = 32 * args.batch_prompt
     engine = LLMEngine(path, EngineConfig(max_model_len=max(args.n_prompt, args.batch_prompt) + 2,
                                           max_num_batched_tokens=max(args.n_prompt, 2048),
                                           kv_cache_memory=1024 * 2**20, enable_prefix_caching=False,
                                           threads=args.threads, max_num_seqs=32))
     gen = torch.Generator().manual_seed(0)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
 
-    def prompt(n: int) -> list[int]:
-        return torch.randint(0, engine.model_config.vocab_size, (n,), generator=gen).tolist()
-
-    def batch_prefill() -> float:  # 32 prompts, each sampling its first token
-        for _ in range(32):
-            engine.add_request(None, {"prompt_token_ids": prompt(args.batch_prompt)},
+    def prefill(prompts: int, length: int) -> float:  # prompts of `length` tokens together, each sampling one token
+        for _ in range(prompts):
+            prompt = torch.randint(0, engine.model_config.vocab_size, (length,), generator=gen).tolist()
+            engine.add_request(None, {"prompt_token_ids": prompt},
                                SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-        start = time.perf_counter()
+        start = clock()
         while engine.has_unfinished_requests():
             engine.step()
-        return batch_tokens / (time.perf_counter() - start)
+        return prompts * length / (clock() - start)
 
-    time_prefill(engine, prompt(64))  # warm-up
+    prefill(1, 64)  # warm-up
     reps = range(args.repetitions)
-    return {"pp": stats([time_prefill(engine, prompt(args.n_prompt)) for _ in reps]),
-            "batch": stats([batch_prefill() for _ in reps])}
+    return {"pp": stats([prefill(1, args.n_prompt) for _ in reps]),
+            "batch": stats([prefill(32, args.batch_prompt) for _ in reps])}
+
+
+def cpu_seconds(cmd: list[str]) -> float:
+    """User + system CPU seconds of running ``cmd`` (its output discarded)."""
+    import os
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        sys.exit(f"{cmd[0]} failed (status {status})")
+    return usage.ru_utime + usage.ru_stime
+
+
+def llama_cpu_rates(path: Path, args) -> dict:
+    """llama.cpp's tokens per CPU-second: the difference between two runs that differ only in the
+    work measured (-r R+1 against -r 1 pp runs; 32 prompts against 1), so loading and warm-up cancel."""
+    from benchmarks.compare import stats
+
+    bench = [str(args.llama_bin_dir / "llama-bench"), "-m", str(path), "-p", str(args.n_prompt), "-n", "0",
+             "-t", str(args.threads), "-r"]
+    batched = [str(args.llama_bin_dir / "llama-batched-bench"), "-m", str(path), "-c", str(32 * (args.batch_prompt + 2)),
+               "-npp", str(args.batch_prompt), "-ntg", "1", "-t", str(args.threads), "-npl"]
+    pp, batch = [], []
+    for _ in range(args.repetitions):
+        pp.append(args.n_prompt * args.repetitions
+                  / (cpu_seconds(bench + [str(args.repetitions + 1)]) - cpu_seconds(bench + ["1"])))
+        batch.append(31 * args.batch_prompt / (cpu_seconds(batched + ["32"]) - cpu_seconds(batched + ["1"])))
+    return {"pp": stats(pp), "batch": stats(batch)}
 
 
 # The parts of a prefill step: (name, module, attribute); functions are timed wherever a cholla
@@ -214,6 +247,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "cholla")
     parser.add_argument("--profile", action="store_true", help="where one prefill's time goes, instead of the table")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="tokens per CPU-second instead of per second (a shared machine's load barely moves it); with --threads 1")
     args = parser.parse_args()
     sys.path[:0] = [str(args.cholla_root.resolve()), str(ROOT)]  # its cholla first; these benchmarks' helpers
 
@@ -233,13 +268,14 @@ def main() -> None:
         return
 
     lines = [f"Machine: {machine()}; threads {args.threads}; cholla from {Path(cholla.__file__).parent.parent}.", "",
-             f"| model | file | engine | pp{args.n_prompt} t/s | 32 x pp{args.batch_prompt} total t/s |", "|---" * 5 + "|"]
+             f"Rates in tokens per {'CPU-' if args.cpu_time else ''}second.", "",
+             f"| model | file | engine | pp{args.n_prompt} | 32 x pp{args.batch_prompt} total |", "|---" * 5 + "|"]
     for name in args.models:
         for q in args.quants:
             path = model_path(name, q, args.cache)
             results = {args.label: cholla_prefill(path, args)}
             if "llama.cpp" in args.peers:
-                results["llama.cpp"] = llama_prefill(path, args)
+                results["llama.cpp"] = (llama_cpu_rates if args.cpu_time else llama_prefill)(path, args)
             for engine, res in results.items():
                 lines.append(f"| {name} | {q} | {engine} | {fmt(res['pp'])} | {fmt(res['batch'])} |")
     print("\n".join(lines))
