@@ -19,8 +19,8 @@ against one), so loading and warm-up cancel.
 
 ``--cholla-root`` runs another checkout's cholla (say, a worktree of the commit before a change)
 with this script, for before/after rows in one command each. ``--profile`` prints instead where
-one ``-p``-token prefill's time goes (and the 32 prompts'), by part of the model (thread CPU time, each part's own:
-the projections inside a layer are counted as projections, not as the layer).
+one ``-p``-token prefill's time goes (and the 32 prompts'), by part of the model (thread CPU
+time, each part's own: the projections inside a layer count as projections, not as the layer).
 
     python benchmarks/hybrid_prefill.py --threads 1 -r 3
     python benchmarks/hybrid_prefill.py --threads 1 -r 3 --models mamba2 --quants Q8_0 --peers ''
