@@ -18,7 +18,10 @@ our kernel (``kernels/state_update.cpp``) where it runs: each sequence's slot
 stepped in place, q and k normalised and g and beta formed inside it. A prefill chunk
 uses the chunked form: within a chunk of ``CHUNK`` tokens the delta-rule updates
 are solved together as one triangular system (the "UT transform"), so the
-sequential part is one small matrix product per chunk instead of per token.
+sequential part is one small matrix product per chunk instead of per token. It
+runs in C++ (``kernels/chunked_scan.cpp``: one job per sequence and value head,
+the chunk's products in L1/L2) where the kernels run; ``delta_rule_chunked`` is
+its PyTorch form and reference.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = DenseTensor(config.num_v_heads)
         self.norm = RMSNorm(config.v_head_dim, eps)  # plain weight (not 1 + w), shared by all heads
         self.out_proj = Linear(value_dim, hidden_size)
+        self._norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (norm.weight, it repeated per head)
 
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The convolved [tokens, channels] as q, k (normalised, repeated to the value heads) and v."""
@@ -132,24 +136,49 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         conv_state, recurrent = state
-        qkv, z, b, a = linear_group((self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a), x)
+        # a prefill's product stays bf16 (the conv reads it as is): no fp32 copy of the widest activation
+        qkv, z, b, a = linear_group((self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a), x, keep_bf16=True)
         qkv = causal_conv1d(qkv, self.conv1d.weight.value, None, conv_state, meta, silu=True)
-        c, starts, slots = self.config, meta.query_start_loc, meta.state_slots
+        starts, slots = meta.query_start_loc, meta.state_slots
         if meta.num_prefills == 0:
             out = self._decode(qkv, a, b, recurrent, slots)
         else:
             first = starts[meta.num_prefills]
-            out = torch.empty(x.shape[0], c.num_v_heads, c.v_head_dim)
-            q, k, v = self._heads(qkv[:first])
-            beta, g = self._beta_g(a[:first], b[:first])
-            for s in range(meta.num_prefills):
-                span, slot = slice(starts[s], starts[s + 1]), int(slots[s])
-                out[span], recurrent[slot] = delta_rule_chunked(q[span], k[span], v[span], g[span], beta[span], recurrent[slot])
+            out = self._prefill(qkv[:first], a[:first], b[:first], recurrent, meta)
             if first < x.shape[0]:
-                out[first:] = self._decode(qkv[first:], a[first:], b[first:], recurrent, slots[meta.num_prefills:])
-        # Qwen's gated norm: normalise each head's output, then gate it
-        out = rms_norm(out, self.norm.weight, self.norm.eps) * F.silu(z.float().view_as(out))
-        return self.out_proj(out.flatten(1))
+                out = torch.cat((out, self._decode(qkv[first:], a[first:], b[first:], recurrent, slots[meta.num_prefills:])))
+        return self.out_proj(self._gated_norm(out, z))
+
+    def _gated_norm(self, out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Qwen's gated norm: each head's output normalised, then gated by ``silu(z)``; one C++ pass
+        where the kernels run. out: [tokens, v_heads, v_head_dim]; z: [tokens, value_dim] -> [tokens, value_dim]."""
+        kernels, c = cpu_kernels(), self.config
+        if kernels is not None and out.device.type == "cpu":
+            z = z if z.dtype == torch.float32 and z.stride(-1) == 1 else z.float().contiguous()
+            if self._norm_weights is None or self._norm_weights[0] is not self.norm.weight:  # per head, side by side
+                self._norm_weights = (self.norm.weight, self.norm.weight.float().repeat(c.num_v_heads).contiguous())
+            return kernels.gated_rms_norm(out.reshape(out.shape[0], -1).contiguous(), z, self._norm_weights[1],
+                                          c.num_v_heads, self.norm.eps, True)
+        return (rms_norm(out, self.norm.weight, self.norm.eps) * F.silu(z.float().view_as(out))).flatten(1)
+
+    def _prefill(self, qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, recurrent: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """The step's prompt chunks (qkv: [tokens, channels], convolved), each continuing from its slot of
+        ``recurrent`` and leaving its final state there: in one kernel call where ours run, else
+        ``delta_rule_chunked`` per sequence. -> [tokens, v_heads, v_head_dim]."""
+        c, starts, slots, kernels = self.config, meta.query_start_loc, meta.state_slots, cpu_kernels()
+        if kernels is not None and qkv.device.type == "cpu" and recurrent.is_contiguous() and max(c.k_head_dim, c.v_head_dim) <= 512:
+            return kernels.gated_delta_rule_chunked(qkv, a.float(), b.float(), self.A.value.contiguous(),
+                                                    self.dt_bias.value.contiguous(), recurrent,
+                                                    torch.tensor(starts[: meta.num_prefills + 1]),
+                                                    slots[: meta.num_prefills].to(torch.long), c.num_k_heads, c.v_heads_tiled)
+        out = torch.empty(qkv.shape[0], c.num_v_heads, c.v_head_dim)
+        q, k, v = self._heads(qkv)
+        beta, g = self._beta_g(a, b)
+        for s in range(meta.num_prefills):
+            span, slot = slice(starts[s], starts[s + 1]), int(slots[s])
+            out[span], recurrent[slot] = delta_rule_chunked(q[span], k[span], v[span], g[span], beta[span], recurrent[slot])
+        return out
 
     def _beta_g(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """beta = sigmoid(b) and the log decay g = A softplus(a + dt_bias), [tokens, v_heads]."""

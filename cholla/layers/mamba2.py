@@ -19,8 +19,10 @@ back). A prefill chunk uses the chunked "state space duality" form: within a
 chunk of ``chunk_size`` tokens the output is a masked, decay-weighted
 attention-like product (``C_l . B_s`` times the decay from ``s`` to ``l``), and
 the state is carried between chunks by the recurrence above at chunk
-granularity; the chunk starts from, and writes back, the sequence's slot.
-All state math is float32.
+granularity; the chunk starts from, and writes back, the sequence's slot. It
+runs in C++ where the kernels run (``kernels/chunked_scan.cpp``: every prompt
+chunk of the step in one call, 64-token chunks, one job per sequence and head);
+``ssd_chunked`` below is its PyTorch form and reference. All state math is float32.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import nn
 from cholla.kernels import cpu_kernels
 from cholla.layers.attention import AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
-from cholla.layers.linear import DenseTensor, Linear
+from cholla.layers.linear import DenseTensor, Linear, linear_group
 from cholla.layers.mlp import gated_activation
 from cholla.layers.norm import RMSNorm
 from cholla.models.config import Mamba2Shape
@@ -138,25 +140,41 @@ class Mamba2Mixer(nn.Module):
         ssm [slots, H, P, N]), updated in place for this step's sequences. -> [tokens, hidden]."""
         s = self.shape
         tokens, heads, groups = x.shape[0], s.num_heads, s.n_groups
-        z, xBC, dt = self.in_proj(x).float().split([s.inner_size, s.conv_channels, heads], dim=-1)
+        # a prefill's product stays bf16 (the conv reads it as is): no fp32 copy of it
+        z, xBC, dt = linear_group((self.in_proj,), x, keep_bf16=True)[0].split([s.inner_size, s.conv_channels, heads], dim=-1)
+        dt = dt.float()
         conv_state, ssm_state = states
         conv = self.conv1d
         xBC = causal_conv1d(xBC, conv.weight.value, conv.bias.value if conv.bias is not None else None, conv_state, meta, silu=True)
         hs, B, C = xBC.split([s.inner_size, groups * s.state_size, groups * s.state_size], dim=-1)  # [tokens, ...]
 
-        y = hs.new_empty(tokens, s.inner_size)
         starts, slots = meta.query_start_loc, meta.state_slots
+        first = starts[meta.num_prefills]
+        y = self._prefill(hs[:first], dt[:first], B[:first], C[:first], ssm_state, meta) if meta.num_prefills else None
+        if first < tokens:
+            decodes = self._decode(hs[first:], dt[first:], B[first:], C[first:], ssm_state, slots[meta.num_prefills:])
+            y = decodes if y is None else torch.cat((y, decodes))
+        return self.out_proj(self._gate(y, z))
+
+    def _prefill(self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ssm_state: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """The step's prompt chunks, each continuing from its slot of ``ssm_state`` and leaving its final
+        state there: in one kernel call where ours run, else ``ssd_chunked`` per sequence. x: [tokens,
+        inner]; dt: [tokens, H] before softplus; B, C: [tokens, G * N]. -> y [tokens, inner], the D skip included."""
+        s, starts, slots, kernels = self.shape, meta.query_start_loc, meta.state_slots, cpu_kernels()
+        if kernels is not None and ssm_state.device.type == "cpu" and ssm_state.is_contiguous():
+            return kernels.ssd_chunked(ssm_state, torch.tensor(starts[: meta.num_prefills + 1]),
+                                       slots[: meta.num_prefills].to(torch.long), x, dt, self.dt_bias.value,
+                                       self.A_log.value, B, C, self.D.value, *s.dt_limit)
+        y = x.new_empty(x.shape[0], s.inner_size)
         for i in range(meta.num_prefills):
             a, b, slot = starts[i], starts[i + 1], int(slots[i])
-            x_i = hs[a:b].reshape(b - a, heads, s.head_dim)
-            B_i, C_i = (t[a:b].reshape(b - a, groups, s.state_size) for t in (B, C))
+            x_i = x[a:b].reshape(b - a, s.num_heads, s.head_dim)
+            B_i, C_i = (t[a:b].reshape(b - a, s.n_groups, s.state_size) for t in (B, C))
             y_i, ssm_state[slot] = ssd_chunked(x_i, self._dt(dt[a:b]), self._A(), B_i, C_i, ssm_state[slot],
                                                s.chunk_size)
             y[a:b] = (y_i + x_i * self.D.value[:, None]).reshape(b - a, s.inner_size)
-        first = starts[meta.num_prefills]
-        if first < tokens:
-            y[first:] = self._decode(hs[first:], dt[first:], B[first:], C[first:], ssm_state, slots[meta.num_prefills:])
-        return self.out_proj(self._gate(y, z))
+        return y
 
     def _A(self) -> torch.Tensor:
         """The per-head decay rate ``-exp(A_log)`` [H], negative."""
@@ -188,8 +206,8 @@ class Mamba2Mixer(nn.Module):
 
     def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The output gate ``silu(z)`` and the RMSNorm taken over each group's ``inner / n_groups`` channels.
-        y: [tokens, inner] contiguous; z: [tokens, inner] (a view)."""
-        s, kernels = self.shape, cpu_kernels()
+        y: [tokens, inner] contiguous; z: [tokens, inner] (a view, bf16 from a prefill's product)."""
+        s, kernels, z = self.shape, cpu_kernels(), z.float()
         if self.norm is None:
             return gated_activation(z, y, "silu")
         if kernels is not None and y.device.type == "cpu":
