@@ -74,4 +74,15 @@ void rope_row(float* q, int64_t q_heads, float* k, int64_t k_heads, const float*
 // One token's keys and values (kv_heads * dim floats each) into cache slot `slot`.
 void write_kv_row(const float* k, const float* v, const KVSide& k_cache, const KVSide& v_cache, int64_t slot);
 
+// ssd.cpp: one Mamba-2 head's decode step on its state [head_dim, state_size] in place (y: head_dim
+// floats, the D skip included), and the gated RMSNorm of one row's group of `width` channels.
+void ssd_head_row(float* state, const float* x, const float* B, const float* C, float* y, int64_t head_dim,
+                  int64_t state_size, float dt_raw, float dt_bias, float A_log, float D, float dt_min, float dt_max);
+void gated_norm_row(const float* y, const float* z, const float* weight, float* out, int64_t width, float eps,
+                    bool norm_before_gate);
+// state_update.cpp: the short causal convolution's step for one row's channels [begin, end)
+// (state: that sequence's [channels, kernel - 1]), through SiLU when `silu`.
+void conv_step_row(const float* x, const float* weight, const float* bias, float* state, float* out, int64_t begin,
+                   int64_t end, int64_t kernel, bool silu);
+
 }  // namespace cholla

@@ -250,6 +250,12 @@ at::Tensor gated_delta_rule_step(const at::Tensor& qkv, const at::Tensor& a, con
   return out;
 }
 
+// conv_channels for a fused caller (ops.h): one fp32 row's channels [begin, end).
+void conv_step_row(const float* x, const float* weight, const float* bias, float* state, float* out, int64_t begin,
+                   int64_t end, int64_t kernel, bool silu) {
+  conv_channels(x, weight, bias, state, out, begin, end, kernel, silu);
+}
+
 }  // namespace cholla
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) {

@@ -120,6 +120,19 @@ def int8_batch_max_rows() -> int:
     return 0 if amx_tiles() else INT8_BATCH_MAX_ROWS
 
 
+def kernel_products(linear: Linear, rows: int, decode: bool = False) -> tuple[bool, int, int] | None:
+    """How a fused C++ layer multiplies ``rows`` rows so that it takes the product ``linear_group``
+    would (``integer``, ``gemv_max_rows``, ``int8_batch_max_rows``, as ``decode_layers.cpp`` and
+    ``hybrid_decode.cpp`` take them), or None where that product is not one of our kernels'
+    (float32 steps over ``GEMV_MAX_ROWS`` rows, steps over ``AMX_MAX_ROWS``). ``linear``: one of the
+    layer's products, whose ``compute_dtype`` they all share; ``decode``: as in ``linear_group``."""
+    integer = linear.compute_dtype == torch.bfloat16
+    if rows > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS):
+        return None
+    batched = int8_batch_max_rows() if integer and (decode or _decode_step) else 0
+    return integer, INT8_MAX_ROWS if integer else GEMV_MAX_ROWS, batched
+
+
 def kernel_view(weight: Weight) -> tuple[torch.Tensor, int] | None:
     """The weight as (uint8 rows, GGML type id) for the kernels, or None where they cannot read it."""
     if cpu_kernels() is None or len(weight.shape) != 2 or weight.shape[1] % 32:

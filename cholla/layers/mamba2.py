@@ -32,7 +32,7 @@ from torch import nn
 from cholla.kernels import cpu_kernels
 from cholla.layers.attention import AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
-from cholla.layers.linear import DenseTensor, Linear
+from cholla.layers.linear import DenseTensor, Linear, kernel_products
 from cholla.layers.mlp import gated_activation
 from cholla.layers.norm import RMSNorm
 from cholla.models.config import Mamba2Shape
@@ -157,6 +157,29 @@ class Mamba2Mixer(nn.Module):
         if first < tokens:
             y[first:] = self._decode(hs[first:], dt[first:], B[first:], C[first:], ssm_state, slots[meta.num_prefills:])
         return self.out_proj(self._gate(y, z))
+
+    def decode_layer(self, x: torch.Tensor, norm: RMSNorm, states: tuple[torch.Tensor, torch.Tensor],
+                     meta: AttentionMetadata) -> torch.Tensor | None:
+        """``x + self(norm(x), states, meta)`` for a decode-only step in one ``mamba2_decode`` call
+        (``kernels/hybrid_decode.cpp``: the same products and state steps as ``forward``, on one
+        thread team), or None where it does not serve (prompt rows, kernels off, biases, weights
+        or a step size our kernels do not multiply)."""
+        s, kernels = self.shape, cpu_kernels()
+        conv_state, ssm_state = states
+        if (kernels is None or meta.num_prefills or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu"
+                or self.in_proj.kernel_weight is None or self.out_proj.kernel_weight is None
+                or self.in_proj.bias is not None or self.out_proj.bias is not None or s.conv_kernel > 16
+                or not conv_state.is_contiguous() or not ssm_state.is_contiguous()):
+            return None
+        products = kernel_products(self.in_proj, x.shape[0])
+        if products is None:
+            return None
+        conv = self.conv1d
+        return kernels.mamba2_decode(
+            x, norm.weight, norm.eps, *self.in_proj.kernel_weight, conv.weight.value.contiguous(),
+            conv.bias.value if conv.bias is not None else None, self.dt_bias.value, self.A_log.value, self.D.value,
+            self.norm.weight if self.norm is not None else None, s.n_groups, s.norm_eps, s.norm_before_gate,
+            *self.out_proj.kernel_weight, conv_state, ssm_state, meta.state_slots.to(torch.long), *s.dt_limit, *products)
 
     def _A(self) -> torch.Tensor:
         """The per-head decay rate ``-exp(A_log)`` [H], negative."""
