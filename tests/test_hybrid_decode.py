@@ -138,3 +138,20 @@ def test_mamba2_decode_refuses_a_slot_given_twice():
             torch.zeros(shape.conv_channels, 4), None, torch.zeros(4), torch.zeros(4), torch.zeros(4), None, 1, 1e-5,
             False, torch.zeros(32, 64).view(torch.uint8), 0, torch.zeros(3, *shape.state_shapes[0]),
             torch.zeros(3, *shape.state_shapes[1]), torch.tensor([1, 1]), 0.0, float("inf"), False, 8, 0)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_embedding_rows_equal_gguf_dequantizer(qtype):
+    """The decode step's embedding lookup (``kernels/embedding.cpp``) gives gguf's own values."""
+    import gguf
+
+    from cholla.layers.linear import Embedding
+
+    table = torch.randn(50, 96)
+    embedding = Embedding(50, 96)
+    embedding.load(_blocks(table, qtype))
+    ids = torch.tensor([7, 0, 49, 7])
+    expected = torch.from_numpy(gguf.quants.dequantize(embedding.weight.data.numpy(), gguf.GGMLQuantizationType[qtype]))
+    torch.testing.assert_close(embedding(ids), expected[ids], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="outside the table"):
+        embedding(torch.tensor([50]))

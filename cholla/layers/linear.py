@@ -66,6 +66,9 @@ AMX_MAX_ROWS = 64
 INT8_BATCH_MAX_ROWS = 64
 INT8_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"))
 
+# Embedding rows our kernel looks up (its values bit-exact with gguf's dequantizer).
+EMBEDDING_KERNEL_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q8_0"))
+
 # GGUF types (and plain tensor dtypes) the kernels read directly.
 KERNEL_TYPES = frozenset(
     GGMLQuantizationType[name]
@@ -266,7 +269,14 @@ class Embedding(nn.Module):
         self.weight = weight
 
     def forward(self, token_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_rows(self.weight, token_ids, dtype)
+        """token_ids: int64 [n] -> [n, hidden]. Q4_0 and Q8_0 rows in one kernel call where it
+        runs (the same values as gguf's dequantizer; a decode step's lookup was a dozen small ops)."""
+        weight, kernels = self.weight, cpu_kernels()
+        if (kernels is not None and dtype == torch.float32 and isinstance(weight, GGUFTensor)
+                and weight.qtype in EMBEDDING_KERNEL_TYPES and token_ids.device.type == "cpu"
+                and token_ids.dim() == 1 and self.hidden_size % 32 == 0):
+            return kernels.embedding_rows(weight.data, int(weight.qtype), token_ids.long(), self.hidden_size)
+        return dequantize_rows(weight, token_ids, dtype)
 
     def as_linear(self) -> Linear:
         """The same weight used as an output head (tied embeddings)."""
