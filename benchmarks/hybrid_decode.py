@@ -9,7 +9,13 @@ inside them), attention, the other torch ops, and what is left of the profiled s
 time: Python between ops. ``--compare`` also runs each case with the one-call hybrid layers
 switched off (the per-op PyTorch-driven layers), alternating the two ``-r`` times, best of each.
 
+``--vs-llama`` instead times cholla and llama.cpp on each file in turns, ``-r`` rounds of one
+run each (``benchmarks/qwen35.py``'s harness: ``tg`` at depth 0 and each ``--depth``, 32
+sequences decoding together; llama.cpp: ``llama-bench``, ``llama-batched-bench``), so a
+machine whose load moves between runs moves both engines alike; best and mean of the rounds.
+
     python benchmarks/hybrid_decode.py ~/.cache/cholla/bench-mamba2/*Q4_0.gguf --batch 1 32 --compare
+    python benchmarks/hybrid_decode.py FILE.gguf --vs-llama -n 128 -r 3 --depth 4096
 """
 
 from __future__ import annotations
@@ -106,7 +112,13 @@ def main() -> None:
     parser.add_argument("-r", "--repetitions", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--compare", action="store_true", help="also time the per-op layers, interleaved")
+    parser.add_argument("--vs-llama", action="store_true", help="cholla against llama.cpp, in turns (see above)")
+    parser.add_argument("--depth", type=int, nargs="+", default=[4096], help="with --vs-llama: tg after this context")
+    parser.add_argument("-p", "--n-prompt", type=int, default=512, help="with --vs-llama: prompt and prefill chunk")
+    parser.add_argument("--llama-bin-dir", type=Path, default=Path("/work/llamacpp/bin"))
     args = parser.parse_args()
+    if args.vs_llama:
+        return versus_llama(args)
 
     print(f"Machine: {machine()}; threads {args.threads}.\n")
     labels = [label for label, _ in KINDS] + ["Python between ops"]
@@ -131,6 +143,33 @@ def main() -> None:
                 cells = [f"{kinds[label]:.2f}" for label in labels]
                 print(f"| {path.name} | {batch} | {name} | {best[name]:.2f} | {batch * 1e3 / best[name]:.1f} | "
                       f"{kinds['profiled step']:.2f} | " + " | ".join(cells) + " |", flush=True)
+
+
+def versus_llama(args) -> None:
+    """tg, tg at each depth and 32-sequence decode of both engines, alternating run by run."""
+    from types import SimpleNamespace
+
+    from benchmarks.compare import stats
+    from benchmarks.qwen35 import cholla_all, llama_all
+
+    one = SimpleNamespace(**{**vars(args), "repetitions": 1, "n_gen": args.steps})
+    keys = ["tg", *(f"tg@{depth}" for depth in args.depth), "batch"]
+    print(f"Machine: {machine()}; threads {args.threads}; {args.repetitions} rounds, cholla then llama.cpp in each.\n")
+    print(f"| file | engine | tg{args.steps} t/s best (mean) | "
+          + "".join(f"tg{args.steps} @ d{depth} best (mean) | " for depth in args.depth)
+          + f"32 x tg{args.steps} total t/s best (mean) |")
+    print("|---" * (2 + len(keys)) + "|")
+    for path in args.files:
+        runs = {"cholla": [], "llama.cpp": []}
+        for _ in range(args.repetitions):
+            runs["cholla"].append(cholla_all(path, one))
+            runs["llama.cpp"].append(llama_all(path, one))
+        for engine, results in runs.items():
+            cells = []
+            for key in keys:
+                values = [v for r in results if r.get(key) for v in r[key]["values"]]
+                cells.append(f"{max(values):.1f} ({stats(values)['mean']:.1f})" if values else "-")
+            print(f"| {path.name} | {engine} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
