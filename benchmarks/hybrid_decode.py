@@ -35,7 +35,8 @@ KINDS = [  # (label, op name prefixes), first match wins
     ("products", ("cholla::qgemv", "cholla::qmatmul")),
     ("state steps", ("cholla::ssd_step", "cholla::causal_conv_step", "cholla::gated_delta_rule_step",
                      "cholla::gated_rms_norm")),
-    ("fused layers", ("cholla::mamba2_decode", "cholla::moe_decode", "cholla::decode_layers")),
+    ("fused layers", ("cholla::mamba2_decode", "cholla::deltanet_decode", "cholla::moe_decode",
+                      "cholla::decode_layers")),
     ("attention", ("cholla::paged_attention", "cholla::write_kv")),
     ("norms, activations", ("cholla::rms_norm", "cholla::gated_activation")),
     ("other torch ops", ("",)),
@@ -44,16 +45,16 @@ KINDS = [  # (label, op name prefixes), first match wins
 
 @contextlib.contextmanager
 def per_op_layers():
-    """The hybrid layers as before their one-call kernels: Mamba-2 mixers and MoE layers op by op."""
-    from cholla.layers import mamba2, moe
+    """The hybrid layers as before their one-call kernels: Mamba-2, Gated DeltaNet and MoE layers op by op."""
+    from cholla.layers import gated_deltanet, mamba2, moe
 
-    saved = mamba2.Mamba2Mixer.decode_layer, moe.SparseMoE._kernel_forward
-    mamba2.Mamba2Mixer.decode_layer = lambda self, *args: None
+    saved = mamba2.Mamba2Mixer.decode_layer, gated_deltanet.GatedDeltaNet.decode_layer, moe.SparseMoE._kernel_forward
+    mamba2.Mamba2Mixer.decode_layer = gated_deltanet.GatedDeltaNet.decode_layer = lambda self, *args: None
     moe.SparseMoE._kernel_forward = lambda self, x: None
     try:
         yield
     finally:
-        mamba2.Mamba2Mixer.decode_layer, moe.SparseMoE._kernel_forward = saved
+        mamba2.Mamba2Mixer.decode_layer, gated_deltanet.GatedDeltaNet.decode_layer, moe.SparseMoE._kernel_forward = saved
 
 
 def engine_for(path: Path, threads: int):

@@ -155,3 +155,38 @@ def test_embedding_rows_equal_gguf_dequantizer(qtype):
     torch.testing.assert_close(embedding(ids), expected[ids], rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="outside the table"):
         embedding(torch.tensor([50]))
+
+
+@pytest.mark.parametrize("dtype, rows, qtype, tiled", [(torch.bfloat16, 1, "Q4_0", False), (torch.bfloat16, 9, "Q8_0", True),
+                                                       (torch.float32, 2, None, False)])
+def test_deltanet_decode_matches_the_layer(dtype, rows, qtype, tiled):
+    from cholla.layers.gated_deltanet import GatedDeltaNet
+    from cholla.layers.norm import RMSNorm
+    from cholla.models.config import DeltaNetConfig
+
+    torch.manual_seed(0)
+    config = DeltaNetConfig(num_k_heads=2, num_v_heads=4, k_head_dim=32, v_head_dim=32, conv_kernel=4, v_heads_tiled=tiled)
+    layer = GatedDeltaNet(64, config, 1e-6)
+    for linear in (layer.in_proj_qkv, layer.in_proj_z, layer.in_proj_b, layer.in_proj_a, layer.out_proj):
+        w = torch.randn(linear.out_features, linear.in_features) * 0.2
+        linear.load(_blocks(w, qtype) if qtype else w)
+        linear.compute_dtype = dtype
+    layer.conv1d.weight.load(torch.randn(config.conv_channels, 4) * 0.5)
+    layer.A.load(-torch.rand(4) - 0.1)
+    layer.dt_bias.load(torch.randn(4))
+    layer.norm.load(torch.rand(32) + 0.5)
+    norm = RMSNorm(64, 1e-6)
+    norm.load(torch.rand(64) + 0.5)
+    slots = torch.randperm(rows + 2)[:rows]
+    meta = AttentionMetadata(slot_mapping=torch.zeros(0), query_start_loc=list(range(rows + 1)), context_lens=[],
+                             block_tables=torch.zeros(0), num_prefills=0, state_slots=slots)
+    conv = torch.randn(rows + 2, *config.state_shapes()[0])
+    recurrent = torch.randn(rows + 2, *config.state_shapes()[1]) * 0.1
+    conv_ref, recurrent_ref = conv.clone(), recurrent.clone()
+    x = torch.randn(rows, 64)
+    with decode_step():
+        got = layer.decode_layer(x, norm, (conv, recurrent), meta)
+        expected = x + layer(norm(x), (conv_ref, recurrent_ref), meta)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv, conv_ref, rtol=0, atol=0)
+    torch.testing.assert_close(recurrent, recurrent_ref, rtol=1e-6, atol=1e-6)

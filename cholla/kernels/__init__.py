@@ -9,7 +9,8 @@ paged KV cache; ``decode_layers.cpp`` chains them through every layer of a
 decode step (``ops.h``); ``argmax.cpp`` serves greedy sampling;
 ``state_update.cpp`` steps the recurrent layers' states (the short convolution,
 the gated delta rule) in their state-cache slots; ``hybrid_decode.cpp`` runs a
-Mamba-2 layer's or a mixture of experts' whole decode step in one call;
+Mamba-2 layer's, a Gated DeltaNet layer's or a mixture of experts' whole
+decode step in one call;
 ``embedding.cpp`` looks up Q4_0 / Q8_0 embedding rows. They need a
 C++ compiler at first use and a CPU with AVX512-BF16 and VNNI (Intel since
 Cooper Lake, AMD since Zen 4); ``cpu_kernels()`` returns ``None`` elsewhere,

@@ -12,6 +12,8 @@
 //
 // - mamba2_decode: x + out_proj(gate(ssd(conv(in_proj(norm(x)))))) for one
 //   decode row per sequence, the conv and SSD states updated in their slots;
+// - deltanet_decode: the same for a Gated DeltaNet layer (Qwen 3.5, Qwen3-Next): the four
+//   input products as one, the conv step, the delta rule, the per-head gated norm, out_proj;
 // - moe_decode: a mixture of experts on [rows, hidden]: router logits, the
 //   routing (softmax then top-k, top-k then softmax, or sigmoid scores with a
 //   correction bias and grouped top-k: cholla/layers/moe.py's flavours), then
@@ -309,6 +311,99 @@ at::Tensor mamba2_decode(const at::Tensor& x_in, const at::Tensor& norm, double 
   return result;
 }
 
+// x: fp32 [batch, hidden], one decode row per sequence (a Gated DeltaNet layer's input); returns
+// x + mixer(norm(x)) (cholla/models/qwen3_next.py HybridLayer's first half, cholla/layers/
+// gated_deltanet.py's mixer). in_proj: qkv [2 key_dim + value_dim], z [value_dim], b, a [v_heads]
+// GGUF rows, one product; conv_weight fp32 [2 key_dim + value_dim, kernel]; A, dt_bias fp32
+// [v_heads]; head_norm fp32 [dv], every head's; out_proj GGUF rows [hidden, value_dim];
+// conv_state fp32 [slots, channels, kernel - 1], recurrent fp32 [slots, v_heads, dk, dv], the
+// rows of `slots` updated in place. Value head h reads key head h % k_heads (`tiled`) or h / ratio.
+at::Tensor deltanet_decode(const at::Tensor& x_in, const at::Tensor& norm, double norm_eps, at::TensorList in_proj,
+                           at::IntArrayRef in_types, const at::Tensor& conv_weight, const at::Tensor& A,
+                           const at::Tensor& dt_bias, const at::Tensor& head_norm, double head_eps,
+                           const at::Tensor& out_proj, int64_t out_type, at::Tensor conv_state, at::Tensor recurrent,
+                           const at::Tensor& slots, int64_t k_heads, bool tiled, bool integer, int64_t gemv_max_rows,
+                           int64_t int8_batch_max_rows) {
+  const char* op = "deltanet_decode";
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, op, ": x must be fp32 [rows, hidden]");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  TORCH_CHECK(recurrent.scalar_type() == at::kFloat && recurrent.dim() == 4 && recurrent.is_contiguous(), op,
+              ": recurrent must be contiguous fp32 [slots, v_heads, dk, dv]");
+  const int64_t v_heads = recurrent.size(1), dk = recurrent.size(2), dv = recurrent.size(3);
+  TORCH_CHECK(k_heads > 0 && v_heads % k_heads == 0 && dk <= 1024, op, ": ", v_heads, " value heads over ", k_heads,
+              " key heads of ", dk, " (at most 1024)");
+  const int64_t key_dim = k_heads * dk, value_dim = v_heads * dv, channels = 2 * key_dim + value_dim;
+  TORCH_CHECK(in_proj.size() == 4 && in_types.size() == 4 && in_proj[0].size(0) == channels &&
+                  in_proj[1].size(0) == value_dim && in_proj[2].size(0) == v_heads && in_proj[3].size(0) == v_heads,
+              op, ": in_proj must be qkv [", channels, "], z [", value_dim, "], b and a [", v_heads, "]");
+  TORCH_CHECK(conv_weight.scalar_type() == at::kFloat && conv_weight.dim() == 2 && conv_weight.is_contiguous() &&
+                  conv_weight.size(0) == channels && conv_weight.size(1) >= 2 && conv_weight.size(1) <= 16,
+              op, ": conv_weight must be contiguous fp32 [", channels, ", kernel <= 16]");
+  const int64_t kernel = conv_weight.size(1);
+  TORCH_CHECK(conv_state.scalar_type() == at::kFloat && conv_state.dim() == 3 && conv_state.is_contiguous() &&
+                  conv_state.size(0) == recurrent.size(0) && conv_state.size(1) == channels &&
+                  conv_state.size(2) == kernel - 1,
+              op, ": conv_state must be contiguous fp32 [slots, ", channels, ", ", kernel - 1, "]");
+  check_fp32_vector(op, norm, hidden, "norm");
+  check_fp32_vector(op, A, v_heads, "A");
+  check_fp32_vector(op, dt_bias, v_heads, "dt_bias");
+  check_fp32_vector(op, head_norm, dv, "head_norm");
+  const int64_t* slot = checked_slots(op, slots, rows, recurrent.size(0));
+  if (rows == 0) return x.clone();
+
+  const int64_t projected = channels + value_dim + 2 * v_heads;  // qkv, z, b, a
+  const auto options = x.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor proj = at::empty({rows, projected}, options), conv = at::empty({rows, channels}, options);
+  at::Tensor heads_out = at::empty({rows, value_dim}, options), gated = at::empty({rows, value_dim}, options);
+  at::Tensor o = at::empty({rows, hidden}, options), result = at::empty({rows, hidden}, options);
+  const Products products{integer, gemv_max_rows, int8_batch_max_rows};
+  const std::vector<at::Tensor> out_w{out_proj};
+  const std::vector<int64_t> out_t{out_type};
+  const float* ps = proj.data_ptr<float>();
+  float *cs = conv.data_ptr<float>(), *hs = heads_out.data_ptr<float>(), *gs = gated.data_ptr<float>();
+  float* states = recurrent.data_ptr<float>();
+  const int64_t conv_blocks = (channels + 255) / 256;
+
+  run_team([&](int64_t thread, int64_t threads, Barrier& barrier) {
+    at::Tensor h = at::empty({rows, hidden}, options);  // each member's own norm(x)
+    for (int64_t r = 0; r < rows; ++r)
+      rms_norm_row(x.data_ptr<float>() + r * hidden, norm.data_ptr<float>(), h.data_ptr<float>() + r * hidden, hidden,
+                   static_cast<float>(norm_eps));
+    products.run(h, in_proj, in_types, proj, thread, threads);
+    sync(barrier);
+    auto [begin, end] = share(rows * conv_blocks, thread, threads);  // (row, 256 channels)
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t r = job / conv_blocks, first = job % conv_blocks * 256;
+      conv_step_row(ps + r * projected, conv_weight.data_ptr<float>(), nullptr,
+                    conv_state.data_ptr<float>() + slot[r] * channels * (kernel - 1), cs + r * channels, first,
+                    std::min(channels, first + 256), kernel, true);
+    }
+    sync(barrier);
+    std::tie(begin, end) = share(rows * v_heads, thread, threads);  // (row, value head)
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t r = job / v_heads, hd = job % v_heads;
+      const float* ab = ps + r * projected + channels + value_dim;  // b, then a
+      const float* next = job + 1 < end
+          ? states + (slot[(job + 1) / v_heads] * v_heads + (job + 1) % v_heads) * dk * dv : nullptr;
+      delta_rule_head_row(cs + r * channels, ab[v_heads + hd], ab[hd], A.data_ptr<float>()[hd],
+                          dt_bias.data_ptr<float>()[hd], states + (slot[r] * v_heads + hd) * dk * dv,
+                          hs + r * value_dim + hd * dv, k_heads, v_heads, dk, dv, hd, tiled, next);
+      // Qwen's gated norm: the head's output normalised, then gated by silu(z)
+      gated_norm_row(hs + r * value_dim + hd * dv, ps + r * projected + channels + hd * dv, head_norm.data_ptr<float>(),
+                     gs + r * value_dim + hd * dv, dv, static_cast<float>(head_eps), true);
+    }
+    sync(barrier);
+    products.run(gated, out_w, out_t, o, thread, threads);
+    sync(barrier);
+    std::tie(begin, end) = share(rows, thread, threads);
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t i = 0; i < hidden; ++i)
+        result.data_ptr<float>()[r * hidden + i] = x.data_ptr<float>()[r * hidden + i] + o.data_ptr<float>()[r * hidden + i];
+  });
+  return result;
+}
+
 // h: fp32 [rows, hidden], the experts' (normed) input; returns the layer's output fp32 [rows,
 // hidden] (cholla/layers/moe.py SparseMoE.forward). router: GGUF rows [experts, hidden];
 // routing as moe.py's flavours (router_kind: 0 softmax_topk, 1 topk_softmax, 2
@@ -445,6 +540,10 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
         "Tensor? conv_bias, Tensor dt_bias, Tensor A_log, Tensor D, Tensor? gate_norm, int groups, float gate_eps, "
         "bool norm_before_gate, Tensor out_proj, int out_type, Tensor(a!) conv_state, Tensor(b!) ssm_state, "
         "Tensor slots, float dt_min, float dt_max, bool integer, int gemv_max_rows, int int8_batch_max_rows) -> Tensor");
+  m.def("deltanet_decode(Tensor x, Tensor norm, float norm_eps, Tensor[] in_proj, int[] in_types, Tensor conv_weight, "
+        "Tensor A, Tensor dt_bias, Tensor head_norm, float head_eps, Tensor out_proj, int out_type, "
+        "Tensor(a!) conv_state, Tensor(b!) recurrent, Tensor slots, int k_heads, bool tiled, bool integer, "
+        "int gemv_max_rows, int int8_batch_max_rows) -> Tensor");
   m.def("moe_decode(Tensor h, Tensor router, int router_type, int router_kind, int top_k, bool normalize, "
         "int num_groups, int groups_used, float scale, Tensor? correction_bias, Tensor? gate_exps, Tensor up_exps, "
         "Tensor down_exps, int[] expert_types, int activation, Tensor[] shared, int[] shared_types, bool integer, "
@@ -453,5 +552,6 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) {
   m.impl("mamba2_decode", &cholla::mamba2_decode);
+  m.impl("deltanet_decode", &cholla::deltanet_decode);
   m.impl("moe_decode", &cholla::moe_decode);
 }

@@ -84,5 +84,11 @@ void gated_norm_row(const float* y, const float* z, const float* weight, float* 
 // (state: that sequence's [channels, kernel - 1]), through SiLU when `silu`.
 void conv_step_row(const float* x, const float* weight, const float* bias, float* state, float* out, int64_t begin,
                    int64_t end, int64_t kernel, bool silu);
+// ... and Gated DeltaNet's step for one (sequence, value head h): row: its convolved q, k, v; a, b:
+// its raw decay and beta projections; state: that head's [dk, dv], in place; out: dv floats;
+// next: the state the caller steps next (fetched into L2 meanwhile) or null. dk <= 1024.
+void delta_rule_head_row(const float* row, float a, float b, float A, float dt_bias, float* state, float* out,
+                         int64_t k_heads, int64_t v_heads, int64_t dk, int64_t dv, int64_t h, bool tiled,
+                         const float* next);
 
 }  // namespace cholla
