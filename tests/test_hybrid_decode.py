@@ -17,10 +17,9 @@ from cholla.formats.gguf import GGUFTensor
 from cholla.kernels import cpu_kernels
 from cholla.layers import moe as moe_module
 from cholla.layers.attention import AttentionMetadata
-from cholla.layers.linear import decode_step
+from cholla.layers.linear import DenseTensor, decode_step
 from cholla.layers.mamba2 import Mamba2Mixer
 from cholla.layers.moe import SparseMoE, sigmoid_group_topk, softmax_topk, split_experts, topk_softmax
-from cholla.layers.linear import DenseTensor
 from cholla.models.config import Mamba2Shape
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="needs a CPU with AVX512-BF16 and a C++ compiler")
@@ -94,7 +93,6 @@ def test_moe_decode_declines_what_it_does_not_cover():
 @pytest.mark.parametrize("dtype, rows, qtype, groups", [(torch.bfloat16, 1, "Q4_0", 1), (torch.bfloat16, 12, "Q8_0", 2),
                                                         (torch.float32, 3, None, 2)])
 def test_mamba2_decode_matches_the_layer(dtype, rows, qtype, groups):
-    from cholla.models.config import ModelConfig  # noqa: F401  (MixerLayer's config is only read for its norm)
     from cholla.layers.norm import RMSNorm
 
     torch.manual_seed(0)

@@ -206,7 +206,6 @@ class SparseMoE(nn.Module):
             out += shared if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x)) * shared
         return out
 
-
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The whole layer in one ``moe_decode`` call where it serves (a step our kernels
         multiply: decodes, or a few rows), else None. Same routing and products as ``forward``."""
