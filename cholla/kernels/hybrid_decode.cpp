@@ -456,12 +456,16 @@ at::Tensor moe_decode(const at::Tensor& h_in, const at::Tensor& router, int64_t 
                         correction_bias ? correction_bias->data_ptr<float>() : nullptr};
   const int64_t pairs = rows * top_k, width = gated ? 2 * inner : inner;
   at::Tensor logits = at::empty({rows, experts}, options), gathered = at::empty({pairs, hidden}, options);
-  at::Tensor projected = at::empty({pairs, width}, options), down = at::empty({pairs, hidden}, options);
-  at::Tensor out = at::zeros({rows, hidden}, options);
   const int64_t shared_inner = shared.empty() ? 0 : shared[shared.size() - 2].size(0);
+  const int64_t shared_width = (gated ? 2 : 1) * shared_inner;
+  // The routed experts' (gate and) up products, then the shared expert's, back to back: for one
+  // row all of them take x itself, and are one product (one pass of quantizing x, one job list).
+  at::Tensor up_out = at::empty({pairs * width + rows * shared_width}, options);
+  at::Tensor projected = at::from_blob(up_out.data_ptr<float>(), {pairs, width}, options);
+  at::Tensor down = at::empty({pairs, hidden}, options), out = at::zeros({rows, hidden}, options);
   at::Tensor shared_projected, shared_down;
   if (!shared.empty()) {
-    shared_projected = at::empty({rows, (gated ? 2 : 1) * shared_inner}, options);
+    shared_projected = at::from_blob(up_out.data_ptr<float>() + pairs * width, {rows, shared_width}, options);
     shared_down = at::empty({rows, hidden}, options);
   }
   std::vector<int64_t> ids(pairs), token_of(pairs);
@@ -499,13 +503,27 @@ at::Tensor moe_decode(const at::Tensor& h_in, const at::Tensor& router, int64_t 
       return at::from_blob(t.data_ptr<float>() + first_pair[e] * t.size(1), {first_pair[e + 1] - first_pair[e], t.size(1)},
                            t.options());
     };
-    for (int64_t e : active) {  // each routed expert's gate and up on its rows
-      std::vector<at::Tensor> w{expert(up_exps, e)};
-      if (gated) w.insert(w.begin(), expert(*gate_exps, e));
-      at::Tensor dst = pairs_of(projected, e);
-      products.run(pairs_of(gathered, e), w, up_types, dst, thread, threads);
+    if (rows == 1) {  // one product: each routed expert's (gate,) up in expert order, then the shared one's
+      std::vector<at::Tensor> w;
+      std::vector<int64_t> t;
+      for (int64_t e : active) {
+        if (gated) w.push_back(expert(*gate_exps, e));
+        w.push_back(expert(up_exps, e));
+        t.insert(t.end(), up_types.begin(), up_types.end());
+      }
+      w.insert(w.end(), shared_up.begin(), shared_up.end());
+      t.insert(t.end(), shared_up_types.begin(), shared_up_types.end());
+      at::Tensor dst = at::from_blob(up_out.data_ptr<float>(), {1, up_out.numel()}, options);
+      products.run(h, w, t, dst, thread, threads);
+    } else {
+      for (int64_t e : active) {  // each routed expert's gate and up on its rows
+        std::vector<at::Tensor> w{expert(up_exps, e)};
+        if (gated) w.insert(w.begin(), expert(*gate_exps, e));
+        at::Tensor dst = pairs_of(projected, e);
+        products.run(pairs_of(gathered, e), w, up_types, dst, thread, threads);
+      }
+      if (!shared.empty()) products.run(h, shared_up, shared_up_types, shared_projected, thread, threads);
     }
-    if (!shared.empty()) products.run(h, shared_up, shared_up_types, shared_projected, thread, threads);
     sync(barrier);
     if (thread == 0) {
       for (int64_t e : active) activated.push_back(activate(pairs_of(projected, e), inner, gated, activation));
