@@ -89,4 +89,21 @@ void write_kv_row(const float* k, const float* v, const KVSide& k_cache, const K
 // slots[t] its slot. Nothing to do for other kinds.
 void finish_kv_rows(const KVSide& k_cache, const float* k, int64_t k_stride, const int64_t* slots, int64_t tokens);
 
+// ssd.cpp: one Mamba-2 head's decode step on its state [head_dim, state_size] in place (y: head_dim
+// floats, the D skip included), and the gated RMSNorm of one row's group of `width` channels.
+void ssd_head_row(float* state, const float* x, const float* B, const float* C, float* y, int64_t head_dim,
+                  int64_t state_size, float dt_raw, float dt_bias, float A_log, float D, float dt_min, float dt_max);
+void gated_norm_row(const float* y, const float* z, const float* weight, float* out, int64_t width, float eps,
+                    bool norm_before_gate);
+// state_update.cpp: the short causal convolution's step for one row's channels [begin, end)
+// (state: that sequence's [channels, kernel - 1]), through SiLU when `silu`.
+void conv_step_row(const float* x, const float* weight, const float* bias, float* state, float* out, int64_t begin,
+                   int64_t end, int64_t kernel, bool silu);
+// ... and Gated DeltaNet's step for one (sequence, value head h): row: its convolved q, k, v; a, b:
+// its raw decay and beta projections; state: that head's [dk, dv], in place; out: dv floats;
+// next: the state the caller steps next (fetched into L2 meanwhile) or null. dk <= 1024.
+void delta_rule_head_row(const float* row, float a, float b, float A, float dt_bias, float* state, float* out,
+                         int64_t k_heads, int64_t v_heads, int64_t dk, int64_t dv, int64_t h, bool tiled,
+                         const float* next);
+
 }  // namespace cholla

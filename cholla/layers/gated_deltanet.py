@@ -26,6 +26,8 @@ its PyTorch form and reference.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,7 +35,7 @@ from torch import nn
 from cholla.kernels import cpu_kernels
 from cholla.layers.attention import AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
-from cholla.layers.linear import DenseTensor, Linear, linear_group
+from cholla.layers.linear import DenseTensor, Linear, kernel_products, linear_group
 from cholla.layers.norm import RMSNorm, rms_norm
 from cholla.models.config import DeltaNetConfig
 
@@ -100,6 +102,10 @@ class _Conv(nn.Module):
     def __init__(self, channels: int, kernel: int):
         super().__init__()
         self.weight = DenseTensor(channels, kernel)
+
+
+# Each layer's (and its input norm's) deltanet_decode arguments, made at its first decode step (after loading).
+_decode_plans: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 class GatedDeltaNet(nn.Module):
@@ -179,6 +185,36 @@ class GatedDeltaNet(nn.Module):
             span, slot = slice(starts[s], starts[s + 1]), int(slots[s])
             out[span], recurrent[slot] = delta_rule_chunked(q[span], k[span], v[span], g[span], beta[span], recurrent[slot])
         return out
+
+    def decode_layer(self, x: torch.Tensor, norm: RMSNorm, state: tuple[torch.Tensor, torch.Tensor],
+                     meta: AttentionMetadata) -> torch.Tensor | None:
+        """``x + self(norm(x), state, meta)`` for a decode-only step in one ``deltanet_decode`` call
+        (``kernels/hybrid_decode.cpp``: the same products and state steps as ``forward``, on one
+        thread team), or None where it does not serve (prompt rows, kernels off, biases, weights
+        or a step size our kernels do not multiply)."""
+        if meta.num_prefills or x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        plan = _decode_plans.get(self)
+        if plan is None:
+            plan = _decode_plans[self] = self._plan_decode(norm) or ()
+        products = kernel_products(self.in_proj_qkv, x.shape[0]) if plan else None
+        conv_state, recurrent = state
+        if products is None or not conv_state.is_contiguous() or not recurrent.is_contiguous():
+            return None
+        c = self.config
+        return cpu_kernels().deltanet_decode(x, *plan, conv_state, recurrent, meta.state_slots.to(torch.long),
+                                             c.num_k_heads, c.v_heads_tiled, *products)
+
+    def _plan_decode(self, norm: RMSNorm) -> tuple | None:
+        """``deltanet_decode``'s weight arguments (between x and the states), or None where it cannot run."""
+        projections = (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a, self.out_proj)
+        if (cpu_kernels() is None or self.config.conv_kernel > 16 or self.config.k_head_dim > 1024
+                or any(p.kernel_weight is None or p.bias is not None for p in projections)):
+            return None
+        return (norm.weight, norm.eps, [p.kernel_weight[0] for p in projections[:4]],
+                [p.kernel_weight[1] for p in projections[:4]], self.conv1d.weight.value.contiguous(),
+                self.A.value.contiguous(), self.dt_bias.value.contiguous(), self.norm.weight, self.norm.eps,
+                *self.out_proj.kernel_weight)
 
     def _beta_g(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """beta = sigmoid(b) and the log decay g = A softplus(a + dt_bias), [tokens, v_heads]."""
