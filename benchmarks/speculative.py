@@ -52,8 +52,11 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's cholla, not an installed one
 
 from cholla.download import resolve_model
 from cholla.engine.engine import EngineConfig, LLMEngine

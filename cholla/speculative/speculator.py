@@ -50,15 +50,15 @@ MAX_PAUSE = 128
 # then each row adds ~25% of a one-row step; in float32 the second row costs ~1.9 rows (the
 # one-row GEMV is a path of its own), later ones ~0.6.
 STEP_COST = {
-    "bfloat16": ((1, 1.0), (2, 1.17), (3, 2.06), (5, 2.94), (6, 3.2), (7, 4.6), (9, 4.6), (13, 4.86), (17, 7.2),
-                 (24, 7.33), (32, 7.69), (48, 11.4), (64, 15.8)),
+    "bfloat16": ((1, 1.0), (2, 1.14), (3, 1.77), (5, 2.58), (6, 2.83), (7, 2.83), (9, 2.83), (13, 3.04), (17, 4.38),
+                 (24, 4.72), (32, 5.27), (48, 7.51), (64, 9.26)),
     "float32": ((1, 1.0), (2, 2.87), (3, 3.41), (4, 4.03), (5, 4.89), (6, 5.36), (7, 6.06), (8, 6.69)),
 }
 # Sequences a draft model's cache is sized for (more than cost allows to speculate at once here;
 # past them a sequence finds no draft blocks and decodes plainly).
 MAX_SPECULATING_SEQS = 8
 # Each verification's weight in a sequence's acceptance rate decays by this much per verification.
-ACCEPTANCE_DECAY = 0.7
+ACCEPTANCE_DECAY = 0.9
 
 
 @dataclass
