@@ -57,7 +57,9 @@ STEP_COST = {
 # Sequences a draft model's cache is sized for (more than cost allows to speculate at once here;
 # past them a sequence finds no draft blocks and decodes plainly).
 MAX_SPECULATING_SEQS = 8
-# Each verification's weight in a sequence's acceptance rate decays by this much per verification.
+# Each draft's weight in a sequence's acceptance rate decays by this much per later draft that met
+# the verifier (a memory of ~10 drafts: a copy that ends is noticed within a step or two; one draft a
+# step accepted every time reaches 0.92, which pays for longer drafts).
 ACCEPTANCE_DECAY = 0.9
 
 
@@ -69,7 +71,7 @@ class SpeculationState:
     pause: int = FIRST_PAUSE
     resume_at: int = 0  # number of output tokens from which proposing resumes
     # Drafts that met the verifier (each accepted one and the first rejected) and those accepted,
-    # each verification weighing ACCEPTANCE_DECAY less than the next.
+    # each draft weighing ACCEPTANCE_DECAY less per later draft that met the verifier.
     tried: float = 0.0
     accepted: float = 0.0
 
@@ -166,8 +168,10 @@ class NgramSpeculator:
     @staticmethod
     def record(state: SpeculationState, num_drafted: int, num_accepted: int, num_output: int) -> None:
         """After a verification: update the acceptance rate; back off after repeated misses, reset on any acceptance."""
-        state.tried = ACCEPTANCE_DECAY * state.tried + num_accepted + (num_accepted < num_drafted)
-        state.accepted = ACCEPTANCE_DECAY * state.accepted + num_accepted
+        met = num_accepted + (num_accepted < num_drafted)  # drafts that met the verifier
+        decay = ACCEPTANCE_DECAY ** met  # per draft: a long accepted run is not ten verifications' worth of trust
+        state.tried = decay * state.tried + met
+        state.accepted = decay * state.accepted + num_accepted
         if num_accepted:
             state.misses, state.pause = 0, FIRST_PAUSE
             return
