@@ -177,7 +177,8 @@ def profile_steps(loaded, workload: str, k: int, max_tokens: int) -> None:
     print("| run | steps | tokens/step | rows per step | step | scheduler | input packing | layers (fused step) | "
           "output head | sampler | postprocess | other |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, extra in (("plain", {}), ("ngram", {"speculative_method": "ngram", "num_speculative_tokens": k})):
+    for label, extra in (("plain", {}), ("ngram", {"speculative_method": "ngram", "num_speculative_tokens": k,
+                                                   "speculative_ngram_cache_size": 0})):
         engine = LLMEngine(loaded, EngineConfig(max_model_len=2048, kv_cache_memory=256 * 2**20, max_num_seqs=1,
                                                 dtype=loaded.dtype, **extra))
         prompt_ids = encode_chat(engine.tokenizer, ChatTemplate.for_tokenizer(engine.tokenizer),
@@ -192,6 +193,7 @@ def profile_steps(loaded, workload: str, k: int, max_tokens: int) -> None:
         engine.add_request("profile", {"prompt_token_ids": prompt_ids}, params)
         engine.step()  # the prompt
         spent.clear()
+        rows.clear()
         steps, total = 0, 0.0
         while engine.has_unfinished_requests():
             start = time.process_time()
@@ -201,7 +203,7 @@ def profile_steps(loaded, workload: str, k: int, max_tokens: int) -> None:
         keys = ["scheduler", "input packing", "layers (fused step)", "output head", "sampler", "postprocess"]
         cells = [f"{1e3 * spent.get(key, 0.0) / steps:.2f}" for key in keys]
         other = total - sum(spent.get(key, 0.0) for key in keys)
-        shape = ", ".join(f"{n}: {c}" for n, c in sorted(rows.items()) if n != len(prompt_ids))
+        shape = ", ".join(f"{n}: {c}" for n, c in sorted(rows.items()))
         print(f"| {label} | {steps} | {(max_tokens - 1) / steps:.2f} | {shape} | {1e3 * total / steps:.2f} | "
               + " | ".join(cells) + f" | {1e3 * other / steps:.2f} |", flush=True)
     for owner, attribute, function in reversed(wrapped):
