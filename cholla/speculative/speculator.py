@@ -20,9 +20,10 @@ already there: ``STEP_COST`` is a step's measured cost by rows. Each step
 ``allot`` keeps the drafts that maximise expected tokens per unit of cost: a
 sequence's j-th draft is accepted with probability ``acceptance ** j`` (its
 decayed acceptance rate, ``SpeculationState.acceptance``). With the table
-measured here, a single stream copying text verifies about one draft a step (a
-second row costs 0.17 of the first, a third 0.9), 8 sequences three each (the
-tiles cost the same from 17 to 32 rows), 32 sequences none, and a sequence whose
+measured here, a single stream verifies one draft a step while its acceptance is
+middling (a second row costs 0.14 of the first, a third 0.6) and up to 12 once it
+copies well (7-13 rows, one tile of the batched int8 product, cost about what 6 do),
+32 sequences none, and a sequence whose
 drafts keep failing none; the scheduler asks for drafts only where full ones
 could pay, so a large batch runs no lookup at all.
 """
@@ -44,10 +45,10 @@ FIRST_PAUSE = 8
 MAX_PAUSE = 128
 # A decode step's cost by rows, relative to a one-row step: (rows, cost) points, linear in
 # between; a step past the last point leaves the fused step. SmolLM2's fused step on a 2-core
-# Zen 5 (no AMX) with one thread, the mean of wall and CPU time from `benchmarks/speculative.py
-# --step-cost` (docs/benchmarks.md): in bf16 the int8 GEMV's rows (up to 6) cost ~50% of the
-# first each, the bf16 dot-product tiles past it are flat from 7 to 13 rows and from 17 to 32,
-# then each row adds ~25% of a one-row step; in float32 the second row costs ~1.9 rows (the
+# Zen 5 (no AMX) with one thread, from `benchmarks/speculative.py --step-cost` (docs/benchmarks.md;
+# bf16: the mean of two runs' CPU time): the int8 GEMV's rows (up to 6) cost ~50% of the first
+# each, the batched int8 product's tiles of 16 rows past it are flat from 7 to 13 rows and from 17
+# to 32, then each row adds ~15% of a one-row step; in float32 the second row costs ~1.9 rows (the
 # one-row GEMV is a path of its own), later ones ~0.6.
 STEP_COST = {
     "bfloat16": ((1, 1.0), (2, 1.14), (3, 1.77), (5, 2.58), (6, 2.83), (7, 2.83), (9, 2.83), (13, 3.04), (17, 4.38),
