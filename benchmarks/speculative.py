@@ -38,6 +38,7 @@ which accepts every draft: it measures the machinery's cost, not a gain).
     python benchmarks/speculative.py --models smollm2 --methods draft --batch 1 32 -r 1
     python benchmarks/speculative.py --models smollm2 -n 64 -r 2 --temperatures 0 0.7 --cache
     python benchmarks/speculative.py --models smollm2 --step-cost   # the table speculator.STEP_COST holds
+    python benchmarks/speculative.py --models smollm2 --profile --workloads copy -k 12   # where a step's time goes
     python benchmarks/speculative.py --methods ngram tree --workloads copy open -n 96 -r 2
 
 ``--step-cost`` measures what decides how many drafts a step verifies: a plain decode
@@ -52,8 +53,11 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's cholla, not an installed one
 
 from cholla.download import resolve_model
 from cholla.engine.engine import EngineConfig, LLMEngine
@@ -140,6 +144,72 @@ def step_cost(loaded, dtype: str, steps: int = 12) -> None:
               flush=True)
 
 
+def profile_steps(loaded, workload: str, k: int, max_tokens: int) -> None:
+    """Where a greedy single stream's decode step spends its time, plain and with n-gram
+    speculation (no shared cache): per step, the process's CPU time in the scheduler, the
+    runner's input packing, the decoder layers (the fused C++ step), the output head, the
+    sampler and the engine's postprocessing (the rest of the step is the engine's own glue)."""
+    from collections import Counter
+
+    from cholla.engine import runner as runner_module
+    from cholla.models import fused_decode
+
+    spent: dict[str, float] = {}
+    wrapped: list[tuple[object, str, object]] = []  # put back at the end: a later call wraps afresh
+
+    def timed(owner, attribute: str, key: str) -> None:
+        function = getattr(owner, attribute)
+        wrapped.append((owner, attribute, function))
+
+        def wrapper(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[key] = spent.get(key, 0.0) + time.process_time() - start
+        setattr(owner, attribute, wrapper)
+
+    timed(fused_decode, "fused_layers", "layers (fused step)")
+    timed(loaded.model, "compute_logits", "output head")
+    timed(runner_module, "sample", "sampler")
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    print(f"\n{loaded.dtype}, {workload}, {max_tokens} tokens, K={k}: CPU ms per decode step\n")
+    print("| run | steps | tokens/step | rows per step | step | scheduler | input packing | layers (fused step) | "
+          "output head | sampler | postprocess | other |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, extra in (("plain", {}), ("ngram", {"speculative_method": "ngram", "num_speculative_tokens": k,
+                                                   "speculative_ngram_cache_size": 0})):
+        engine = LLMEngine(loaded, EngineConfig(max_model_len=2048, kv_cache_memory=256 * 2**20, max_num_seqs=1,
+                                                dtype=loaded.dtype, **extra))
+        prompt_ids = encode_chat(engine.tokenizer, ChatTemplate.for_tokenizer(engine.tokenizer),
+                                 [{"role": "user", "content": WORKLOADS[workload]}])
+        decode(engine, prompt_ids, params, 1)  # warm-up
+        timed(engine.scheduler, "schedule", "scheduler")
+        timed(engine.runner, "_prepare", "input packing")
+        timed(engine, "_postprocess", "postprocess")
+        rows = Counter()
+        execute = engine.runner.execute
+        engine.runner.execute = lambda batch: (rows.update([sum(batch.num_tokens)]), execute(batch))[1]
+        engine.add_request("profile", {"prompt_token_ids": prompt_ids}, params)
+        engine.step()  # the prompt
+        spent.clear()
+        rows.clear()
+        steps, total = 0, 0.0
+        while engine.has_unfinished_requests():
+            start = time.process_time()
+            engine.step()
+            total += time.process_time() - start
+            steps += 1
+        keys = ["scheduler", "input packing", "layers (fused step)", "output head", "sampler", "postprocess"]
+        cells = [f"{1e3 * spent.get(key, 0.0) / steps:.2f}" for key in keys]
+        other = total - sum(spent.get(key, 0.0) for key in keys)
+        shape = ", ".join(f"{n}: {c}" for n, c in sorted(rows.items()))
+        print(f"| {label} | {steps} | {(max_tokens - 1) / steps:.2f} | {shape} | {1e3 * total / steps:.2f} | "
+              + " | ".join(cells) + f" | {1e3 * other / steps:.2f} |", flush=True)
+    for owner, attribute, function in reversed(wrapped):
+        setattr(owner, attribute, function)
+
+
 def llama_prompt_text(tokenizer, template: ChatTemplate, content: str) -> str:
     """The rendered chat prompt as llama.cpp's tools take it: they tokenize with the model's own
     BOS added, so a BOS the template wrote is left out (else they would see two)."""
@@ -196,7 +266,15 @@ def main() -> None:
                         help="folder with llama-lookup and llama-speculative (benchmarks/build_llama_cpp.sh)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp's tools out")
     parser.add_argument("--step-cost", action="store_true", help="measure a decode step's cost by rows instead")
+    parser.add_argument("--profile", action="store_true",
+                        help="split a single stream's decode step by where its CPU time goes, plain and ngram, instead")
     args = parser.parse_args()
+    if args.profile:
+        for name in args.models:
+            loaded = load_model(resolve_model(name), args.dtype)
+            for workload in args.workloads:
+                profile_steps(loaded, workload, args.num_speculative_tokens, args.max_tokens)
+        return
     if args.step_cost:
         for name in args.models:
             step_cost(load_model(resolve_model(name), args.dtype), args.dtype)

@@ -139,6 +139,63 @@ def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(path, req
     bf16 = _layer_by_layer(model, x, positions, [(k.clone(), v.clone()) for k, v in cache.layers], meta)
     assert (fused - bf16).abs().max() > 1e-3 or linear.int8_batch_max_rows() == 0
 
+@torch.inference_mode()
+def test_verification_rows_take_the_decode_rows_int8_products(smollm2_path):
+    """A speculating sequence's span of 1 + K rows (one step: its token and K drafts) against the
+    same tokens decoded one per step, SmolLM2 in bf16, through the model and its head as the
+    runner calls them (``decode_step()``, the head's kept output). Every row's activations are
+    rounded to int8 as in a one-row step: up to ``INT8_MAX_ROWS`` rows the int8 GEMV gives each
+    row bit for bit its one-row logits; past it the batched int8 product sums in another order
+    (close; only near ties may pick another token)."""
+    from cholla.layers import linear
+
+    loaded = load_model(smollm2_path, "bfloat16")
+    model, config = loaded.model, loaded.config
+    generator = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, config.vocab_size, (11,), generator=generator).tolist()
+    tokens = torch.randint(0, config.vocab_size, (17,), generator=generator).tolist()
+    base = PagedKVCache(config, num_blocks=BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+    _prefill(model, base, 0, prompt)
+
+    def run(cache, ids, start, meta):
+        with linear.decode_step():
+            hidden = model(torch.tensor(ids), torch.arange(start, start + len(ids)), cache.layers, meta)
+            return model.compute_logits(hidden, reuse_output=True).clone()
+
+    cache = PagedKVCache(config, num_blocks=BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+    for (k, v), (k0, v0) in zip(cache.layers, base.layers):
+        k.copy_(k0), v.copy_(v0)
+    one_row = []
+    for i, token in enumerate(tokens):  # plain decoding: one row per step
+        positions, meta = _decode_meta([len(prompt) + i])
+        one_row.append(run(cache, [token], len(prompt) + i, meta))
+    one_row = torch.cat(one_row)
+    for rows in (2, linear.INT8_MAX_ROWS, linear.INT8_MAX_ROWS + 1, 17):
+        cache = PagedKVCache(config, num_blocks=BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+        for (k, v), (k0, v0) in zip(cache.layers, base.layers):
+            k.copy_(k0), v.copy_(v0)
+        at = torch.arange(len(prompt), len(prompt) + rows)
+        context = len(prompt) + rows
+        meta = AttentionMetadata(
+            slot_mapping=_table(0)[at // BLOCK_SIZE] * BLOCK_SIZE + at % BLOCK_SIZE, query_start_loc=[0, rows],
+            context_lens=[context], block_tables=_table(0)[None], num_prefills=1,
+            decode_context_lens=torch.tensor([], dtype=torch.long), span_starts=torch.tensor([0, rows]),
+            span_context_lens=torch.tensor([context]))
+        span = run(cache, tokens[:rows], len(prompt), meta)
+        if rows <= linear.INT8_MAX_ROWS:
+            assert torch.equal(span, one_row[:rows]), rows
+        else:
+            # Each layer rounds its activations to int8 again, so summation-order noise moves a
+            # few roundings by a step, through 30 layers (and the span's later rows read keys so
+            # made): logits of 10-25 differ by ~0.1 (~0.6%) on average, at most ~1.3, and a near
+            # tie can flip: one of these 17 random tokens' rows picks its runner-up.
+            torch.testing.assert_close(span, one_row[:rows], atol=2.0, rtol=0.1)
+            assert (span - one_row[:rows]).abs().mean() < 0.25
+            top = one_row[:rows].argmax(-1)
+            assert (span.argmax(-1) == top).float().mean() > 0.9
+            assert (span.max(-1).values - span.gather(1, top[:, None])[:, 0]).max() < 0.5  # only near ties flip
+
+
 def _copy_side(side):
     """A side's tensors copied (q4_kivi's open blocks too)."""
     if not isinstance(side, tuple):

@@ -138,7 +138,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
         input_ids, positions, meta, logits_rows, needs_token, prompt_rows = self._prepare(batch)
-        with decode_step(batch.num_prefills == 0):  # decode rows may take the batched int8 products
+        # No prompt rows: plain decodes and speculating sequences' verification rows, which
+        # take the products a decode step of as many rows takes (the batched int8 ones).
+        decoding = all(r.draft_token_ids for r in batch.requests[: batch.num_prefills])
+        with decode_step(decoding):
             hidden = self.model(input_ids, positions, self.caches, meta)
         sampled: list[int | None] = [None] * len(batch.requests)
         logprobs: list = [None] * len(batch.requests)
@@ -148,7 +151,7 @@ class ModelRunner:
         rows = hidden if len(logits_rows) == hidden.shape[0] else hidden[logits_rows]  # decoding: every row, in order
         # Decoding steps write the logits into the head's kept buffer (used up within
         # the step; see Linear.forward); a prefill step's own freed activations serve better.
-        logits = self.model.compute_logits(rows, reuse_output=batch.num_prefills == 0).float()
+        logits = self.model.compute_logits(rows, reuse_output=decoding).float()
         requests: list[Request] = [batch.requests[i] for i in needs_token]
         allowed, dead_rows = self._grammar_masks(requests, logits.shape[-1])
         sampling = SamplingBatch.build(

@@ -143,7 +143,9 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
         meta.block_tables, context_lens, spans, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,
         plan.softcap, plan.eps, plan.interleaved, plan.activation, plan.post_norms, plan.qk_norm, integer,
         INT8_MAX_ROWS if integer else GEMV_MAX_ROWS,
-        int8_batch_max_rows() if integer and spans is None else 0,  # as linear_group: decode-only steps
+        # as linear_group in decode_step(): spans are verification rows (the runner sets them only
+        # where every sequence with more than one row is speculating), never prompt rows
+        int8_batch_max_rows() if integer else 0,
         k_quant, v_quant, k_rotated, v_rotated,
     )
 

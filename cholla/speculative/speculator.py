@@ -20,9 +20,10 @@ already there: ``STEP_COST`` is a step's measured cost by rows. Each step
 ``allot`` keeps the drafts that maximise expected tokens per unit of cost: a
 sequence's j-th draft is accepted with probability ``acceptance ** j`` (its
 decayed acceptance rate, ``SpeculationState.acceptance``). With the table
-measured here, a single stream copying text verifies about one draft a step (a
-second row costs 0.17 of the first, a third 0.9), 8 sequences three each (the
-tiles cost the same from 17 to 32 rows), 32 sequences none, and a sequence whose
+measured here, a single stream verifies one draft a step while its acceptance is
+middling (a second row costs 0.14 of the first, a third 0.6) and up to 12 once it
+copies well (7-13 rows, one tile of the batched int8 product, cost about what 6 do),
+32 sequences none, and a sequence whose
 drafts keep failing none; the scheduler asks for drafts only where full ones
 could pay, so a large batch runs no lookup at all.
 """
@@ -44,21 +45,23 @@ FIRST_PAUSE = 8
 MAX_PAUSE = 128
 # A decode step's cost by rows, relative to a one-row step: (rows, cost) points, linear in
 # between; a step past the last point leaves the fused step. SmolLM2's fused step on a 2-core
-# Zen 5 (no AMX) with one thread, the mean of wall and CPU time from `benchmarks/speculative.py
-# --step-cost` (docs/benchmarks.md): in bf16 the int8 GEMV's rows (up to 6) cost ~50% of the
-# first each, the bf16 dot-product tiles past it are flat from 7 to 13 rows and from 17 to 32,
-# then each row adds ~25% of a one-row step; in float32 the second row costs ~1.9 rows (the
+# Zen 5 (no AMX) with one thread, from `benchmarks/speculative.py --step-cost` (docs/benchmarks.md;
+# bf16: the mean of two runs' CPU time): the int8 GEMV's rows (up to 6) cost ~50% of the first
+# each, the batched int8 product's tiles of 16 rows past it are flat from 7 to 13 rows and from 17
+# to 32, then each row adds ~15% of a one-row step; in float32 the second row costs ~1.9 rows (the
 # one-row GEMV is a path of its own), later ones ~0.6.
 STEP_COST = {
-    "bfloat16": ((1, 1.0), (2, 1.17), (3, 2.06), (5, 2.94), (6, 3.2), (7, 4.6), (9, 4.6), (13, 4.86), (17, 7.2),
-                 (24, 7.33), (32, 7.69), (48, 11.4), (64, 15.8)),
+    "bfloat16": ((1, 1.0), (2, 1.14), (3, 1.77), (5, 2.58), (6, 2.83), (7, 2.83), (9, 2.83), (13, 3.04), (17, 4.38),
+                 (24, 4.72), (32, 5.27), (48, 7.51), (64, 9.26)),
     "float32": ((1, 1.0), (2, 2.87), (3, 3.41), (4, 4.03), (5, 4.89), (6, 5.36), (7, 6.06), (8, 6.69)),
 }
 # Sequences a draft model's cache is sized for (more than cost allows to speculate at once here;
 # past them a sequence finds no draft blocks and decodes plainly).
 MAX_SPECULATING_SEQS = 8
-# Each verification's weight in a sequence's acceptance rate decays by this much per verification.
-ACCEPTANCE_DECAY = 0.7
+# Each draft's weight in a sequence's acceptance rate decays by this much per later draft that met
+# the verifier (a memory of ~10 drafts: a copy that ends is noticed within a step or two; one draft a
+# step accepted every time reaches 0.92, which pays for longer drafts).
+ACCEPTANCE_DECAY = 0.9
 
 
 @dataclass
@@ -69,7 +72,7 @@ class SpeculationState:
     pause: int = FIRST_PAUSE
     resume_at: int = 0  # number of output tokens from which proposing resumes
     # Drafts that met the verifier (each accepted one and the first rejected) and those accepted,
-    # each verification weighing ACCEPTANCE_DECAY less than the next.
+    # each draft weighing ACCEPTANCE_DECAY less per later draft that met the verifier.
     tried: float = 0.0
     accepted: float = 0.0
 
@@ -166,8 +169,10 @@ class NgramSpeculator:
     @staticmethod
     def record(state: SpeculationState, num_drafted: int, num_accepted: int, num_output: int) -> None:
         """After a verification: update the acceptance rate; back off after repeated misses, reset on any acceptance."""
-        state.tried = ACCEPTANCE_DECAY * state.tried + num_accepted + (num_accepted < num_drafted)
-        state.accepted = ACCEPTANCE_DECAY * state.accepted + num_accepted
+        met = num_accepted + (num_accepted < num_drafted)  # drafts that met the verifier
+        decay = ACCEPTANCE_DECAY ** met  # per draft: a long accepted run is not ten verifications' worth of trust
+        state.tried = decay * state.tried + met
+        state.accepted = decay * state.accepted + num_accepted
         if num_accepted:
             state.misses, state.pause = 0, FIRST_PAUSE
             return
