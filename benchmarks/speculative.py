@@ -1,4 +1,4 @@
-"""Speculative decoding (n-gram prompt lookup, token trees, a draft model) against cholla's plain
+"""Speculative decoding (n-gram prompt lookup, token trees, a draft model, layer skipping) against cholla's plain
 decode and llama.cpp's own speculative tools.
 
 For each model, method, batch size and workload it decodes the same greedy chat
@@ -28,6 +28,13 @@ The shared n-gram cache is off in the ``ngram`` and ``tree`` rows: every repetit
 question, and the cache would draft each run from the one before. ``--cache`` adds an
 ``ngram+cache`` row, measured on such a repeat (the first run's answer asked again).
 
+``layer_skip`` drafts with the model itself, some of its layers left out (``--spec-skip-layers``,
+default: the engine's search at start). Its row is what a user gets: drafting is charged its cost
+(``Speculator.draft_cost``), so where it cannot pay the engine decodes plainly and the row shows
+no acceptance. ``--forced`` adds a ``layer_skip+forced`` row that drafts and verifies K tokens
+every step whatever they cost (rows free, drafting free in the policy, not in time): its
+acceptance and speed are what layer skipping itself achieves.
+
 Workloads: ``copy`` (repeat a given paragraph), ``code`` (rewrite given code
 with a small change), both copy-heavy; ``open`` (a story: nothing to copy).
 ``--methods draft`` drafts with ``--draft-model`` (default: the model itself,
@@ -40,6 +47,7 @@ which accepts every draft: it measures the machinery's cost, not a gain).
     python benchmarks/speculative.py --models smollm2 --step-cost   # the table speculator.STEP_COST holds
     python benchmarks/speculative.py --models smollm2 --profile --workloads copy -k 12   # where a step's time goes
     python benchmarks/speculative.py --methods ngram tree --workloads copy open -n 96 -r 2
+    python benchmarks/speculative.py --methods layer_skip --forced --workloads copy open -n 64 -r 2 --no-llama-cpp
 
 ``--step-cost`` measures what decides how many drafts a step verifies: a plain decode
 step's time by rows (``rows`` sequences decoding at once), relative to a one-row step,
@@ -250,7 +258,10 @@ def run_llama_tool(binary: Path, model: Path, draft: Path, prompt: str, n: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
-    parser.add_argument("--methods", nargs="+", choices=["ngram", "draft", "tree"], default=["ngram"])
+    parser.add_argument("--methods", nargs="+", choices=["ngram", "draft", "tree", "layer_skip"], default=["ngram"])
+    parser.add_argument("--spec-skip-layers", default=None, help="with --methods layer_skip (default: searched at start)")
+    parser.add_argument("--forced", action="store_true",
+                        help="with layer_skip: also a row that drafts K tokens every step, whatever they cost")
     parser.add_argument("--spec-tree-budget", type=int, default=DEFAULT_TREE_BUDGET, help="with --methods tree")
     parser.add_argument("--draft-model", default=None, help="with --methods draft (default: the model itself)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1], help="concurrent copies of each request")
@@ -289,7 +300,8 @@ def main() -> None:
         plain = LLMEngine(loaded, EngineConfig(**base))
         template = ChatTemplate.for_tokenizer(plain.tokenizer)
         labels = [m for method in args.methods for m in ([method, "ngram+cache"] if method == "ngram" and args.cache
-                                                          else [method])]
+                                                          else [method, "layer_skip+forced"]
+                                                          if method == "layer_skip" and args.forced else [method])]
         if llama_bin is not None and 1 in args.batch and 0.0 in args.temperatures:
             tokenizer, template = plain.tokenizer, ChatTemplate.for_tokenizer(plain.tokenizer)
             threads = set_threads(None)
@@ -321,7 +333,12 @@ def main() -> None:
                         spec = LLMEngine(loaded, EngineConfig(**base, speculative_method=method, draft_model=draft,
                                                               num_speculative_tokens=args.num_speculative_tokens,
                                                               speculative_ngram_cache_size=cache_size,
-                                                              spec_tree_budget=args.spec_tree_budget))
+                                                              spec_tree_budget=args.spec_tree_budget,
+                                                              spec_skip_layers=args.spec_skip_layers
+                                                              if method == "layer_skip" else None))
+                        if label == "layer_skip+forced":  # every step drafts and verifies K tokens
+                            spec.speculator.draft_cost = 0.0
+                            spec.scheduler.config.step_cost = ((1, 1.0), (spec.scheduler.config.step_cost[-1][0], 1.0))
                         prompt_ids = encode_chat(plain.tokenizer, template, [{"role": "user", "content": WORKLOADS[workload]}])
                         decode(plain, prompt_ids, params, 1)  # warm-up (and the prefix cache) for both
                         decode(spec, prompt_ids, params, 1)

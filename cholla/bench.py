@@ -119,6 +119,7 @@ def run_bench(
     speculative_ngram_cache_size: int = 0,
     draft_model: str | Path | None = None,
     spec_tree_budget: int = DEFAULT_TREE_BUDGET,
+    spec_skip_layers: str | None = None,
 ) -> BenchReport:
     """Load the model once and run pp{n_prompt} then tg{n_gen}; a count of 0 skips that test.
 
@@ -145,6 +146,7 @@ def run_bench(
         speculative_ngram_cache_size=speculative_ngram_cache_size,
         draft_model=draft_model,
         spec_tree_budget=spec_tree_budget,
+        spec_skip_layers=spec_skip_layers,
     )
     engine = LLMEngine(path, config)
     vocab_size = engine.model_config.vocab_size

@@ -44,10 +44,12 @@ def _add_speculative_options(p: argparse.ArgumentParser, ngram_cache_size: int |
 
     ngram_cache_size = DEFAULT_NGRAM_CACHE_SIZE if ngram_cache_size is None else ngram_cache_size
 
-    p.add_argument("--speculative-method", choices=["ngram", "draft", "tree"], default=None,
+    p.add_argument("--speculative-method", choices=["ngram", "draft", "tree", "layer_skip"], default=None,
                    help="ngram: draft tokens from the prompt and output (prompt lookup) and verify them in one step; "
                         "draft: a smaller model with the same vocabulary drafts them (--draft-model); "
                         "tree: prompt lookup's alternative continuations as one token tree (--spec-tree-budget); "
+                        "layer_skip: the model drafts without some of its layers (--spec-skip-layers; on the small "
+                        "models measured so far it never pays, and the engine then decodes plainly); "
                         "the output keeps its distribution, sampled or greedy (default: off)")
     p.add_argument("--draft-model", default=None, metavar="MODEL",
                    help="with --speculative-method draft: the drafting model (a path or a known name) sharing the "
@@ -60,6 +62,9 @@ def _add_speculative_options(p: argparse.ArgumentParser, ngram_cache_size: int |
     p.add_argument("--spec-tree-budget", type=int, default=DEFAULT_TREE_BUDGET, metavar="N",
                    help=f"with --speculative-method tree: drafted nodes verified per step and sequence, 1-{MAX_TREE_BUDGET}, "
                         f"depth at most K (default {DEFAULT_TREE_BUDGET})")
+    p.add_argument("--spec-skip-layers", default=None, metavar="LAYERS",
+                   help="with --speculative-method layer_skip: the layers the draft leaves out, e.g. '8-15', '4,6,8' "
+                        "or '4-20:2' (every 2nd); default: the best of a few sets tried at start")
 
 
 def _add_kv_type_options(p: argparse.ArgumentParser) -> None:
@@ -285,7 +290,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
               "kv_cache_dtype": args.kv_cache_dtype, "cache_type_k": args.cache_type_k, "cache_type_v": args.cache_type_v,
               "speculative_method": args.speculative_method, "num_speculative_tokens": args.num_speculative_tokens,
               "draft_model": args.draft_model, "speculative_ngram_cache_size": args.speculative_ngram_cache_size,
-              "spec_tree_budget": args.spec_tree_budget, "kv_offload_dir": args.kv_offload_dir, "kv_offload_gib": args.kv_offload_gib}
+              "spec_tree_budget": args.spec_tree_budget, "spec_skip_layers": args.spec_skip_layers,
+              "kv_offload_dir": args.kv_offload_dir, "kv_offload_gib": args.kv_offload_gib}
     if args.kv_cache_memory:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
     return kwargs
@@ -408,7 +414,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        profile=args.profile, kv_cache_dtype=args.kv_cache_dtype,
                        speculative_method=args.speculative_method, num_speculative_tokens=args.num_speculative_tokens,
                        speculative_ngram_cache_size=args.speculative_ngram_cache_size, draft_model=args.draft_model,
-                       spec_tree_budget=args.spec_tree_budget)
+                       spec_tree_budget=args.spec_tree_budget, spec_skip_layers=args.spec_skip_layers)
     print(json.dumps(report_dict(report)) if args.json else format_table(report))
     return 0
 

@@ -31,7 +31,8 @@ class LLM:
     ``cache_type_k`` / ``cache_type_v`` (one side each), ``speculative_method``
     (``"ngram"``: prompt lookup; ``"draft"``: a smaller model given as ``draft_model``,
     a path, known name or ``LoadedModel``, with the same vocabulary; ``"tree"``: prompt
-    lookup's alternatives as a token tree of ``spec_tree_budget`` nodes; default None, off),
+    lookup's alternatives as a token tree of ``spec_tree_budget`` nodes; ``"layer_skip"``: the
+    model without layers ``spec_skip_layers`` drafts for itself; default None, off),
     ``num_speculative_tokens``, ``speculative_ngram_cache_size`` (n-grams shared
     across requests for ``"ngram"`` and ``"tree"``; 0: off), and
     ``kv_offload_dir`` / ``kv_offload_gib`` (the KV cache's disk tier: evicted

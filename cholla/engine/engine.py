@@ -27,7 +27,7 @@ from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
 from cholla.sampling.stop import find_stop, safe_prefix_len
 from cholla.sampling.structured import DEAD_END, StructuredOutputs
-from cholla.speculative import tree
+from cholla.speculative import layer_skip, tree
 from cholla.speculative.config import (
     DEFAULT_NGRAM_CACHE_SIZE,
     DEFAULT_SPECULATIVE_TOKENS,
@@ -78,6 +78,8 @@ class EngineConfig:
     draft_model: str | Path | LoadedModel | None = None  # with "draft": a model sharing the target's vocabulary
     speculative_ngram_cache_size: int = DEFAULT_NGRAM_CACHE_SIZE  # "ngram", "tree": n-grams shared across requests; 0: off
     spec_tree_budget: int = DEFAULT_TREE_BUDGET  # "tree": drafted nodes (rows) per step and sequence, depth <= K
+    # "layer_skip": the layers its draft leaves out ("8-15", "4,6,8", "4-20:2" or indices); None: searched at start
+    spec_skip_layers: str | list[int] | None = None
 
 
 def _available_memory() -> int:
@@ -151,7 +153,7 @@ class LLMEngine:
     def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         check_speculative(config.speculative_method, config.num_speculative_tokens, config.draft_model,
-                          config.speculative_ngram_cache_size, config.spec_tree_budget)
+                          config.speculative_ngram_cache_size, config.spec_tree_budget, config.spec_skip_layers)
         key_type, _ = kv_cache_types(config, "float32")  # a misspelt KV type fails before the model loads
         if config.speculative_method == "tree" and key_type.channel_keys:
             # A tree's accepted path moves K/V slot by slot; these keys' statistics span a block.
@@ -231,6 +233,8 @@ class LLMEngine:
             self.speculator = DraftModelSpeculator.load(
                 config.draft_model, self.loaded.dtype, self.loaded, self.tokenizer, config.num_speculative_tokens,
                 layout.nbytes, max_len, config.block_size, k_type, v_type)
+        elif config.speculative_method == "layer_skip":
+            self.speculator = self._layer_skip_speculator()
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, 1), max_len,
                             STEP_COST[self.loaded.dtype]), self.block_manager,
@@ -244,6 +248,19 @@ class LLMEngine:
         self.metrics = EngineMetrics()
         self._prefill_tokens_held = 0  # prefilled since the heap was last released
         self._ids = itertools.count()
+
+    def _layer_skip_speculator(self) -> layer_skip.LayerSkipSpeculator:
+        """The target drafting for itself without some layers: those given, or the best of a few
+        tried on the calibration text (``speculative/layer_skip.py``)."""
+        model, k = self.loaded.model, self.config.num_speculative_tokens
+        layer_skip.check_model(model, self.model_config.architecture)
+        if self.config.spec_skip_layers is not None:
+            skipped = layer_skip.parse_skip_layers(self.config.spec_skip_layers, len(model.layers))
+        else:
+            ids = self.tokenizer.encode(CALIBRATION_TEXT)[: layer_skip.SEARCH_TOKENS]
+            skipped = layer_skip.search(model, ids, k, STEP_COST[self.loaded.dtype])
+        return layer_skip.LayerSkipSpeculator(model, self.kv_cache, self.block_manager, k, skipped, self.eos_token_ids,
+                                              STEP_COST[self.loaded.dtype])
 
     def _disk_tier(self, k_type: KVCacheType, v_type: KVCacheType) -> DiskTier | None:
         """The disk tier, when asked for and the prefix cache is on (not for models with recurrent state:

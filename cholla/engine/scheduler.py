@@ -208,7 +208,9 @@ class Scheduler:
                 limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
             limits.append(max(limit, 0))
         table = self.config.step_cost
-        at_best = allot([[0] * limit for limit in limits], [r.speculation for r in decoding], len(decoding), table)
+        # Drafting's own cost counts here, where it is still to be paid; once drafted, only the rows do.
+        at_best = allot([[0] * limit for limit in limits], [r.speculation for r in decoding], len(decoding), table,
+                        self.speculator.draft_cost)
         asked = [(r, len(d)) for r, d in zip(decoding, at_best) if d]
         if not asked:
             return {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cholla.errors import InvalidRequestError
 
-METHODS = ("ngram", "draft", "tree")
+METHODS = ("ngram", "draft", "tree", "layer_skip")
 # Each drafted token is a row of the verification step; past ~16 the rows cost more
 # than the few drafts that survive that far ever save.
 MAX_SPECULATIVE_TOKENS = 16
@@ -17,12 +17,18 @@ MAX_TREE_BUDGET = 64
 
 
 def check_speculative(method: str | None, num_speculative_tokens: int, draft_model: object = None,
-                      ngram_cache_size: int = 0, tree_budget: int = DEFAULT_TREE_BUDGET) -> None:
+                      ngram_cache_size: int = 0, tree_budget: int = DEFAULT_TREE_BUDGET,
+                      skip_layers: object = None) -> None:
     """Raise a one-line ``InvalidRequestError`` for an unknown method, a K out of range, a
     draft model missing for ``"draft"`` (or given to another method, where it would be ignored),
-    a bad n-gram cache size, or a tree budget out of range for ``"tree"``."""
+    skipped layers given to a method other than ``"layer_skip"`` (checked against the model at
+    start, ``layer_skip.parse_skip_layers``), a bad n-gram cache size, or a tree budget out of
+    range for ``"tree"``."""
     if method != "draft" and draft_model is not None:
         raise InvalidRequestError("a draft model is only used with speculative_method='draft' (--speculative-method draft)")
+    if method != "layer_skip" and skip_layers is not None:
+        raise InvalidRequestError(
+            "skipped layers are only used with speculative_method='layer_skip' (--speculative-method layer_skip)")
     if method is None:
         return
     if method not in METHODS:

@@ -84,10 +84,26 @@ class DraftSequence:
         return min(self.base + accepted, len(token_ids) - 1)  # the last token is always fed again: it gives the logits
 
 
+def draft_greedily(runner: ModelRunner, views: list[tuple[Request, int]]) -> None:
+    """Run each view (a sequence as the drafting model sees it: its tokens, with its cache
+    holding the first ``num_computed_tokens``) forward until it has ``limit`` greedy drafts in
+    its ``output_token_ids``; every view that still drafts shares one forward per position."""
+    # Sequences with more than their last token to catch up on go first, as prefill chunks.
+    views = sorted(views, key=lambda item: item[0].num_tokens - item[0].num_computed_tokens == 1)
+    for position in range(max((limit for _, limit in views), default=0)):
+        step = [view for view, limit in views if limit > position]
+        num_tokens = [view.num_tokens - view.num_computed_tokens for view in step]
+        batch = ScheduledBatch(step, num_tokens, num_prefills=sum(n > 1 for n in num_tokens))
+        for view, n, token in zip(step, num_tokens, runner.execute(batch).token_ids):
+            view.num_computed_tokens += n
+            view.output_token_ids.append(token)
+
+
 class DraftModelSpeculator:
     """Greedy drafts of up to ``k`` tokens from a draft model, for every decoding sequence that can use them."""
 
     record = staticmethod(NgramSpeculator.record)  # the same per-sequence back-off as prompt lookup
+    draft_cost = 0.0  # not charged: which draft model pays is the user's choice (docs/benchmarks.md)
 
     def __init__(self, loaded: LoadedModel, k: int, num_blocks: int, block_size: int,
                  k_type: KVCacheType, v_type: KVCacheType, target_vocab_size: int, eos_token_ids: set[int]):
@@ -138,19 +154,9 @@ class DraftModelSpeculator:
             view = self._catch_up(request, limit)
             if view is not None:
                 active.append((i, view, limit))
-        # Sequences with more than their last token to catch up on go first, as prefill chunks.
-        active.sort(key=lambda item: item[1].num_tokens - item[1].num_computed_tokens == 1)
-        for position in range(max((limit for _, _, limit in active), default=0)):
-            step = [(i, view) for i, view, limit in active if limit > position]
-            views = [view for _, view in step]
-            num_tokens = [view.num_tokens - view.num_computed_tokens for view in views]
-            batch = ScheduledBatch(views, num_tokens, num_prefills=sum(n > 1 for n in num_tokens))
-            tokens = self.runner.execute(batch).token_ids
-            for (i, view), n, token in zip(step, num_tokens, tokens):
-                view.num_computed_tokens += n
-                view.output_token_ids.append(token)
-                drafts[i].append(token)
+        draft_greedily(self.runner, [(view, limit) for _, view, limit in active])
         for i, view, limit in active:
+            drafts[i] = list(view.output_token_ids)
             sequence = self.sequences[requests[i].request_id]
             sequence.base, sequence.fed = len(view.prompt_token_ids), view.output_token_ids[: limit - 1]
             # The draft's logits may be wider than the target's (padded embeddings): the target can't take such ids.

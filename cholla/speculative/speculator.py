@@ -96,16 +96,18 @@ def step_cost(table: tuple[tuple[int, float], ...], rows: int) -> float:
 
 
 def allot(drafts: list[list[int] | tree.DraftTree], states: list[SpeculationState], num_rows: int,
-          table: tuple[tuple[int, float], ...]) -> list[list[int] | tree.DraftTree]:
+          table: tuple[tuple[int, float], ...], draft_cost: float = 0.0) -> list[list[int] | tree.DraftTree]:
     """Each sequence's drafts cut to those a step of ``num_rows`` rows (without drafts) should verify:
     the most expected tokens per unit of ``step_cost``, the j-th draft of a sequence counting
-    ``acceptance ** j`` tokens. Returns the kept prefixes, [] for a sequence that drafts nothing."""
+    ``acceptance ** j`` tokens, and each draft costing ``draft_cost`` more (a method that runs the
+    model to draft, ``Speculator.draft_cost``; 0 once the drafts exist). Returns the kept prefixes,
+    [] for a sequence that drafts nothing."""
     gains = sorted(((state.acceptance ** (j + 1), j, i) for i, (d, state) in enumerate(zip(drafts, states))
                     for j in range(len(d))), key=lambda g: (-g[0], g[1]))
     best_rate, best, tokens = num_rows / step_cost(table, num_rows), 0, float(num_rows)
     for m, (gain, _, _) in enumerate(gains, 1):
         tokens += gain
-        rate = tokens / step_cost(table, num_rows + m)
+        rate = tokens / (step_cost(table, num_rows + m) + draft_cost * m)
         if rate > best_rate:
             best_rate, best = rate, m
     keep = [0] * len(drafts)
@@ -122,6 +124,7 @@ class Speculator(Protocol):
     ``draft_model.DraftModelSpeculator``)."""
 
     k: int  # the most tokens it drafts per sequence and step (a tree's depth)
+    draft_cost: float  # what drafting one token costs, relative to a one-row decode step (0: a lookup)
 
     def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int] | tree.DraftTree]: ...
 
@@ -136,6 +139,8 @@ class NgramSpeculator:
     """Drafts of up to ``k`` tokens for sequences that can use them: from the sequence's own
     tokens (prompt lookup), or, where an engine-wide cache of ``cache_size`` n-grams (0: none)
     knows a longer match, from what other requests wrote after the same words."""
+
+    draft_cost = 0.0  # a lookup: next to nothing beside a decode step
 
     def __init__(self, k: int, cache_size: int = 0):
         self.k = k
