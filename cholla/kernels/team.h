@@ -168,10 +168,10 @@ class Member {
   int64_t members() const { return team_.members_; }
 
   // The next jobs [begin, end) of the open stage's n for this member: its own
-  // chunks first, in order, then the others'. Asking again reports the last
-  // ones done. False: none left, or the team failed.
+  // chunks first, in order, then the others'. Asking again means the last ones
+  // are done. False: none left, or the team failed.
   bool next(int64_t n, int64_t& begin, int64_t& end) {
-    report();
+    if (holding_) holding_ = false, ++unreported_;
     if (team_.failed()) return false;
     for (int64_t i = 0; i < team_.members_; ++i) {
       const int64_t owner = (index_ + i) % team_.members_;
@@ -188,6 +188,7 @@ class Member {
         }
       }
     }
+    report();
     return false;
   }
 
@@ -200,6 +201,7 @@ class Member {
   // failed, stop.
   template <typename Last>
   bool finish(Last&& last) {
+    if (holding_) holding_ = false, ++unreported_;
     report();
     if (closing_) {
       closing_ = false;
@@ -218,17 +220,20 @@ class Member {
   }
 
  private:
-  // The chunk held is done; the one that makes the stage's count closes it.
+  // The chunks done are counted once the member has no more (one atomic
+  // addition on the line every member shares, not one a chunk); the member
+  // whose count completes the stage's closes it.
   void report() {
-    if (!holding_) return;
-    holding_ = false;
-    if (team_.done_.fetch_add(1, std::memory_order_acq_rel) + 1 == total_) closing_ = true;
+    if (unreported_ == 0) return;
+    if (team_.done_.fetch_add(unreported_, std::memory_order_acq_rel) + unreported_ == total_) closing_ = true;
+    unreported_ = 0;
   }
 
   Team& team_;
   const int64_t index_;
   uint32_t stage_ = 0;  // the stage this member is in
   int64_t total_ = 0;   // its chunks, all members'
+  int64_t unreported_ = 0;  // chunks done but not yet counted
   bool holding_ = false, closing_ = false;
 };
 
