@@ -4,7 +4,8 @@ AVX512-BF16 where the CPU has no AMX).
 
 For each model it takes one decode layer's product groups as the fused step makes
 them (q+k+v, o, gate+up, down) and the output head, and times both kernels at each
-row count; the last column is the int8 kernel's speed-up. ``INT8_BATCH_MAX_ROWS``
+row count; the last column is the int8 kernel's speed-up. Up to 8 rows the exact fp32
+GEMV (``qgemv``: what a type without an int8 kernel gets there) is timed too. ``INT8_BATCH_MAX_ROWS``
 in cholla/layers/linear.py is picked from this table (docs/benchmarks.md).
 
 ``--generate N``: instead, N sequences x (32 prompt + 32 generated tokens) through
@@ -13,6 +14,11 @@ to the bf16 strips (``int8_batch_max_rows`` forced to 0), three runs each, in on
 process: total tokens/s.
 
     OMP_NUM_THREADS=1 python benchmarks/batched_products.py --models smollm2 gemma3 --rows 1 6 7 8 16 32 64
+
+``--cpu-time`` times each call in this thread's CPU time instead of wall time: on
+a shared machine, a product longer than a time slice (the heads) is preempted
+in every run, so its best wall time says more about the load than about the
+kernel. (One thread only: other threads' work is not counted.)
     OMP_NUM_THREADS=1 python benchmarks/batched_products.py --models smollm2 gemma3 --generate 32
 """
 
@@ -52,13 +58,13 @@ def groups(path) -> dict[str, list]:
     return found
 
 
-def best_ms(fn, min_seconds: float) -> float:
+def best_ms(fn, min_seconds: float, clock=time.perf_counter) -> float:
     fn()
     times, start = [], time.perf_counter()
     while time.perf_counter() - start < min_seconds or len(times) < 3:
-        t = time.perf_counter()
+        t = clock()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return min(times) * 1e3
 
 
@@ -96,6 +102,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 4, 6, 7, 8, 12, 16, 24, 32, 48, 64])
     parser.add_argument("--seconds", type=float, default=0.3, help="time per measurement (best of its runs)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time in this thread's CPU time, not wall time (a shared machine; one thread)")
     parser.add_argument("--generate", type=int, default=0, metavar="N",
                         help="N sequences through the engine, int8 batched decode on and off (see above)")
     args = parser.parse_args()
@@ -104,9 +112,13 @@ def main() -> None:
         raise SystemExit("the C++ kernels do not run on this machine")
     if args.generate:
         return generate_ab(args.models, args.generate)
-    print(f"threads {torch.get_num_threads()}, batched products on {'AMX tiles' if amx_tiles() else 'AVX512-BF16'}")
-    print("| model | product | types | rows | int8 ms | bf16 strips ms | int8 speed-up |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    if args.cpu_time and torch.get_num_threads() != 1:
+        raise SystemExit("--cpu-time counts this thread alone: run with OMP_NUM_THREADS=1")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    print(f"threads {torch.get_num_threads()}, batched products on {'AMX tiles' if amx_tiles() else 'AVX512-BF16'}, "
+          f"{'CPU' if args.cpu_time else 'wall'} time")
+    print("| model | product | types | rows | int8 ms | bf16 strips ms | int8 speed-up | fp32 GEMV ms |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for name in args.models:
         for product, tensors in groups(resolve_model(name)).items():
             weights, types = [t.data for t in tensors], [int(t.qtype) for t in tensors]
@@ -118,9 +130,12 @@ def main() -> None:
                 x = torch.randn(rows, tensors[0].shape[1])
                 out = torch.zeros(rows, sum(t.shape[0] for t in tensors))  # kept, as the engine keeps its logits
                 calls = (kernels.qgemv_int8_out, kernels.qmatmul_out)
-                int8, bf16 = (best_ms(functools.partial(call, x, weights, types, out), args.seconds) for call in calls)
-                print(f"| {name} | {product} | {type_names} | {rows} | {int8:.3f} | {bf16:.3f} | {bf16 / int8:.2f}x |",
-                      flush=True)
+                int8, bf16 = (best_ms(functools.partial(call, x, weights, types, out), args.seconds, clock)
+                              for call in calls)
+                exact = (f"{best_ms(functools.partial(kernels.qgemv, x, weights, types), args.seconds, clock):.3f}"
+                         if rows <= 8 else "-")
+                print(f"| {name} | {product} | {type_names} | {rows} | {int8:.3f} | {bf16:.3f} | {bf16 / int8:.2f}x "
+                      f"| {exact} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--hf-dtype", choices=["bfloat16", "float32"], default="float32")
     parser.add_argument("-p", "--n-prompt", type=int, default=512)
     parser.add_argument("-n", "--n-gen", type=int, default=128)
-    parser.add_argument("--depth", type=int, default=4096)
+    parser.add_argument("--depth", type=int, nargs="+", default=[4096])
     parser.add_argument("-r", "--repetitions", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "cholla" / "bench-mamba2")
@@ -80,18 +80,20 @@ def main() -> None:
     lines = [f"Machine: {machine()}; threads {args.threads}.",
              f"Model: random {args.arch}, hidden {args.hidden}, {args.layers} layers, state {args.state}, "
              f"vocabulary {args.vocab}.", "",
-             f"| file | engine | pp{args.n_prompt} t/s | tg{args.n_gen} t/s | tg{args.n_gen} @ d{args.depth} t/s "
-             f"| 32 x tg{args.n_gen} total t/s |", "|---|---|---|---|---|---|"]
+             f"| file | engine | pp{args.n_prompt} t/s | tg{args.n_gen} t/s | "
+             + "".join(f"tg{args.n_gen} @ d{depth} t/s | " for depth in args.depth) + f"32 x tg{args.n_gen} total t/s |",
+             "|---" * (5 + len(args.depth)) + "|"]
     for q, path in files.items():
         results = {"cholla": cholla_all(path, args)}
         if "llama.cpp" in peers:
             results["llama.cpp"] = llama_all(path, args)
         for engine, res in results.items():
-            lines.append(f"| {q} | {engine} | {fmt(res.get('pp'))} | {fmt(res.get('tg'))} | {fmt(res.get('tg_deep'))} "
-                         f"| {fmt(res.get('batch'))} |")
+            cells = [res.get("pp"), res.get("tg"), *(res.get(f"tg@{depth}") for depth in args.depth), res.get("batch")]
+            lines.append(f"| {q} | {engine} | " + " | ".join(fmt(cell) for cell in cells) + " |")
     if "transformers" in peers:
         hf = transformers_bench(folder, args)
-        lines.append(f"| SafeTensors ({args.hf_dtype}) | transformers | {fmt(hf['pp'])} | {fmt(hf['tg'])} | | |")
+        lines.append(f"| SafeTensors ({args.hf_dtype}) | transformers | {fmt(hf['pp'])} | {fmt(hf['tg'])} |"
+                     + " |" * (len(args.depth) + 1))
     print("\n".join(lines))
 
 

@@ -9,6 +9,7 @@ with its own copy of the cache.
 
 from __future__ import annotations
 
+import copy
 import faulthandler
 import os
 import subprocess
@@ -110,15 +111,18 @@ def test_fused_decode_matches_layer_by_layer(name, dtype, prompt_lens, tmp_path)
         torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["smollm2_path", "gemma3_path"])
 @torch.inference_mode()
-def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(smollm2_path):
-    """SmolLM2's Q4_1 layers at 12 sequences: the fused step multiplies on the batched int8
-    product (where the CPU has no AMX), as linear_group does for a decode step's rows."""
+def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(path, request):
+    """SmolLM2's Q4_1 layers and Gemma 3's (Q5_0, Q8_0, Q4_K, Q6_K) at 12 sequences: the fused
+    step multiplies on the batched int8 product (where the CPU has no AMX), as linear_group
+    does for a decode step's rows."""
     from cholla.layers import linear
 
-    loaded = load_model(smollm2_path, "bfloat16")
+    loaded = load_model(request.getfixturevalue(path), "bfloat16")
     model, config = loaded.model, loaded.config
     plan = plan_decode(model)
+    assert set(plan.types) <= {int(t) for t in linear.INT8_TYPES}  # every layer's products, all of them
     cache = PagedKVCache(config, num_blocks=12 * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
     generator = torch.Generator().manual_seed(2)
     lengths = [3 + seq % 4 for seq in range(12)]
@@ -136,12 +140,15 @@ def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(smollm2_p
     assert (fused - bf16).abs().max() > 1e-3 or linear.int8_batch_max_rows() == 0
 
 def _copy_side(side):
-    return type(side)(*(t.clone() if isinstance(t, torch.Tensor) else t for t in side)) if isinstance(side, tuple) \
-        else side.clone()
+    """A side's tensors copied (q4_kivi's open blocks too)."""
+    if not isinstance(side, tuple):
+        return side.clone()
+    return type(side)(*(t.clone() if isinstance(t, torch.Tensor) else copy.deepcopy(t) for t in side))
 
 
 @pytest.mark.parametrize("name, k_type, v_type", [("gemma3", "q8_0", "q8_0"), ("qwen3", "q4_0_cal", "q4_0"),
-                                                  ("llama", "fp8_e4m3", "int8_rot")])
+                                                  ("llama", "fp8_e4m3", "int8_rot"), ("gemma3", "q4_kivi", "q4_kivi"),
+                                                  ("llama", "fp8_e4m3_centered", "fp8_e4m3_scaled")])
 @torch.inference_mode()
 def test_fused_decode_reads_and_writes_quantized_kv_caches(name, k_type, v_type, tmp_path):
     """Every KV cache type runs fused (written and read in place by the kernels), as layer by layer."""
@@ -168,6 +175,9 @@ def test_fused_decode_reads_and_writes_quantized_kv_caches(name, k_type, v_type,
         lengths = [n + 1 for n in lengths]
     for layer, reference in zip(fused_cache.layers, python_cache):
         for side, side_ref in zip(layer, reference):
+            if getattr(side, "open_blocks", None) is not None:  # q4_kivi keys: the same blocks open, rows alike
+                assert torch.equal(side.open_blocks.slot_of, side_ref.open_blocks.slot_of)
+                assert torch.equal(side.open_blocks.rows, side_ref.open_blocks.rows)
             for t, t_ref in zip(*(s if isinstance(s, tuple) else (s,) for s in (side, side_ref))):
                 if isinstance(t, torch.Tensor):
                     assert torch.equal(t.view(torch.uint8) if t.dtype.itemsize == 1 else t,

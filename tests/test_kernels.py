@@ -78,16 +78,17 @@ def test_qgemv_is_exact_fp32(qtype, rows):
 
 
 INT8_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
-INT8_CENTRE = {T.Q4_1: 8.0, T.Q5_1: 16.0, T.Q4_K: 8.0}  # the kernel's m' = m + centre d (see qgemv.cpp)
+INT8_CENTRE = {T.Q4_1: 8.0, T.Q5_1: 16.0, T.Q4_K: 8.0, T.Q5_K: 16.0}  # the kernel's m' = m + centre d (see qgemv.cpp)
+K_QUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]  # super-blocks of 256; Q6_K: no min, a scale per 16 weights
 
 
 def _scales_and_mins(blocks: torch.Tensor, qtype: GGMLQuantizationType, k: int):
     """Per block of 32 weights, float64 [n, k / 32]: w = d q + m."""
     n = blocks.shape[0]
-    if qtype != T.Q4_K:
+    if qtype not in (T.Q4_K, T.Q5_K):
         header = blocks.reshape(n, k // 32, -1)[..., :4].contiguous().view(torch.float16).double()
         return header[..., 0], header[..., 1]
-    supers = blocks.reshape(n, k // 256, 144)
+    supers = blocks.reshape(n, k // 256, bytes_per_block(qtype))  # d, dmin and 12 bytes of scales lead both
     d_super, dmin = supers[..., :4].contiguous().view(torch.float16).double().unbind(-1)
     q = supers[..., 4:16].long()  # ggml's get_scale_min_k4, for sub-blocks 0-3 and 4-7
     scales = torch.cat([q[..., 0:4] & 63, (q[..., 8:12] & 0xF) | ((q[..., 0:4] >> 6) << 4)], dim=-1)
@@ -129,19 +130,22 @@ def test_qgemv_int8_matches_its_int8_reference(qtype, k, rows):
     assert (got - exact).norm() / exact.norm() < 0.02
 
 
+@pytest.mark.parametrize("qtype", K_QUANTS, ids=lambda t: t.name)
 @pytest.mark.parametrize("k", [256, 512, 768])  # 1, 2 and 3 super-blocks: a group of 16 sub-blocks, half of one
-@pytest.mark.parametrize("rows", [1, 3])
-def test_qgemv_int8_q4_k_matches_its_int8_reference(k, rows):
-    blocks, w = random_weight(T.Q4_K, 37, k, seed=k + rows)
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_qgemv_int8_k_quants_match_their_int8_reference(qtype, k, rows):
+    blocks, w = random_weight(qtype, 37, k, seed=k + rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
-    expected, scale = int8_reference(x, blocks, T.Q4_K, w)
-    got = kernels.qgemv_int8(x, [blocks], [int(T.Q4_K)])
+    x[:, 32:48] = 0.0  # a zero half block (Q6_K: one scale's 16 weights), quantized with its other half
+    x[:, 64:96] = 0.0  # an all-zero block quantizes with dx = 0
+    expected, scale = int8_reference(x, blocks, qtype, w)
+    got = kernels.qgemv_int8(x, [blocks], [int(qtype)])
     torch.testing.assert_close(got, expected, rtol=0, atol=scale * 1e-6)
     exact = (x.double() @ w.double().T).float()
     assert (got - exact).norm() / exact.norm() < 0.02
 
 
-@pytest.mark.parametrize("qtype", INT8_TYPES + [T.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", INT8_TYPES + K_QUANTS, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [7, 16, 33, 64])  # the batched product's edges: one tile, a partial third, four
 def test_batched_qgemv_int8_matches_its_int8_reference(qtype, rows):
     """More than six rows of x take the batched product (x's rows in the VNNI lanes): the same int8 sums."""
@@ -157,7 +161,7 @@ def test_batched_qgemv_int8_matches_its_int8_reference(qtype, rows):
 
 def test_batched_qgemv_int8_side_by_side_and_into_out():
     """Weights of several types in one batched call equal separate calls; _out writes the same."""
-    qtypes = [T.Q5_0, T.Q8_0, T.Q4_K, T.Q4_1]
+    qtypes = [T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K, T.Q4_1, T.Q5_K]
     parts = [random_weight(qtype, 20 + 8 * i, 512, seed=i) for i, qtype in enumerate(qtypes)]
     x = torch.randn(40, 512, generator=torch.Generator().manual_seed(1))
     got = kernels.qgemv_int8(x, [b for b, _ in parts], [int(t) for t in qtypes])
@@ -177,8 +181,8 @@ def test_int8_kernel_types_agree_with_the_routing():
 
 
 def test_qgemv_int8_takes_the_exact_path_for_other_types():
-    parts = [random_weight(qtype, 48, 512, seed=i) for i, qtype in enumerate([T.Q5_K, T.Q8_0, T.Q6_K, T.F16])]
-    types = [int(t) for t in (T.Q5_K, T.Q8_0, T.Q6_K, T.F16)]
+    parts = [random_weight(qtype, 48, 512, seed=i) for i, qtype in enumerate([T.BF16, T.Q8_0, T.F32, T.F16])]
+    types = [int(t) for t in (T.BF16, T.Q8_0, T.F32, T.F16)]
     x = torch.randn(1, 512)
     got = kernels.qgemv_int8(x, [b for b, _ in parts], types)
     exact = kernels.qgemv(x, [b for b, _ in parts], types)
@@ -223,9 +227,9 @@ def test_bad_input_is_an_error_not_a_crash():
         kernels.qgemv(torch.randn(9, 256), [blocks], [int(T.Q4_0)])
     with pytest.raises(RuntimeError, match="at most 64 rows"):
         kernels.qgemv_int8(torch.randn(65, 256), [blocks], [int(T.Q4_0)])
-    q6_k, _ = random_weight(T.Q6_K, 32, 256)
+    f16, _ = random_weight(T.F16, 32, 256)
     with pytest.raises(RuntimeError, match="need every weight in a type with an int8 kernel"):
-        kernels.qgemv_int8(torch.randn(9, 256), [blocks, q6_k], [int(T.Q4_0), int(T.Q6_K)])
+        kernels.qgemv_int8(torch.randn(9, 256), [blocks, f16], [int(T.Q4_0), int(T.F16)])
     with pytest.raises(RuntimeError, match="out must be contiguous fp32"):
         kernels.qgemv_int8_out(torch.randn(9, 256), [blocks], [int(T.Q4_0)], torch.empty(9, 33))
     with pytest.raises(RuntimeError, match="does not hold rows"):
@@ -417,25 +421,33 @@ def test_gated_activation_in_bf16_is_the_fp32_result_rounded(activation):
 
 # -- every KV cache type (cholla/kv/kv_types.py), read and written in place -----------------
 
-def _kv_side(type_name: str, num_blocks: int, block_size: int, kv_heads: int, dim: int, generator):
+def _kv_side(type_name: str, num_blocks: int, block_size: int, kv_heads: int, dim: int, generator, key: bool = False):
     """A side of the type, every slot written by kv_types' own (PyTorch) writer from random rows;
-    a calibrated one gets random statistics first."""
+    a calibrated one gets random statistics first. q4_kivi's keys: blocks 1 and 2 are left open
+    (still filling, read from their bf16 rows), the last slots of block 2 never written."""
     from cholla.kv.kv_types import allocate, kv_cache_type, store
 
     side = allocate(kv_cache_type(type_name), num_blocks, block_size, kv_heads, dim,
-                    lambda shape, dtype: torch.zeros(shape, dtype=dtype))
+                    lambda shape, dtype: torch.zeros(shape, dtype=dtype), key=key, open_slots=num_blocks)
     if getattr(side, "shift", None) is not None:
         side.shift.copy_(torch.randn(kv_heads, dim, generator=generator))
         side.spread.copy_(torch.rand(kv_heads, dim, generator=generator) * 2 + 0.1)
     rows = torch.randn(num_blocks * block_size, kv_heads, dim, generator=generator) * 2
     rows[:, :, 3] += 4  # an outlier channel shared by every token, as keys have
-    store(side, rows, torch.arange(num_blocks * block_size))
+    slots = torch.arange(num_blocks * block_size)
+    if getattr(side, "open_blocks", None) is not None:
+        slots = slots[(slots < block_size) | (slots >= block_size + block_size // 2)]  # block 1 written in two parts
+        slots = slots[(slots < 3 * block_size - 5) | (slots >= 3 * block_size)]  # block 2 part-way
+        store(side, rows[block_size: block_size + block_size // 2], torch.arange(block_size, block_size + block_size // 2))
+    store(side, rows[slots], slots)
     return side
 
 
 KV_TYPE_PAIRS = [(name, name) for name in ("f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0",
-                                           "int8_rot", "q4_0_rot", "q4_0_cal")]
-KV_TYPE_PAIRS += [("q8_0", "q4_0"), ("q4_0_cal", "bf16"), ("fp8_e4m3", "int8_rot")]  # K and V may differ
+                                           "int8_rot", "q4_0_rot", "q4_0_cal", "q4_kivi", "fp8_e4m3_scaled",
+                                           "fp8_e4m3_centered")]
+KV_TYPE_PAIRS += [("q8_0", "q4_0"), ("q4_0_cal", "bf16"), ("fp8_e4m3", "int8_rot"),  # K and V may differ
+                  ("q4_kivi", "fp8_e4m3_scaled"), ("fp8_e4m3_centered", "q4_kivi")]
 
 
 @pytest.mark.parametrize("k_type, v_type", KV_TYPE_PAIRS, ids=lambda name: name)
@@ -447,10 +459,11 @@ def test_paged_attention_reads_every_kv_type_as_the_torch_path(k_type, v_type, h
 
     generator = torch.Generator().manual_seed(dim)
     num_blocks, block_size = 12, 16
-    k_cache = _kv_side(k_type, num_blocks, block_size, kv_heads, dim, generator)
+    k_cache = _kv_side(k_type, num_blocks, block_size, kv_heads, dim, generator, key=True)
     v_cache = _kv_side(v_type, num_blocks, block_size, kv_heads, dim, generator)
     context_lens = torch.tensor([1, 17, 100, 40])
     block_tables = torch.stack([torch.randperm(num_blocks, generator=generator)[:7] for _ in range(4)])
+    block_tables[:, 1:3] = torch.tensor([1, 2])  # q4_kivi keys: open blocks among the quantized ones
     q = torch.randn(4, heads, dim, generator=generator)
     scale = dim**-0.5
     assert kernel_reads(k_cache, v_cache)
@@ -460,11 +473,14 @@ def test_paged_attention_reads_every_kv_type_as_the_torch_path(k_type, v_type, h
 
 
 @pytest.mark.parametrize("type_name", ["f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0",
-                                       "int8_rot", "q4_0_rot", "q4_0_cal"])
+                                       "int8_rot", "q4_0_rot", "q4_0_cal", "q4_kivi", "fp8_e4m3_scaled",
+                                       "fp8_e4m3_centered"])
 def test_write_kv_writes_every_kv_type_as_kv_types_store(type_name):
     """The kernel's writer against kv_types.store on strided rows with zero groups, huge values
     (fp8 saturates) and ties: the same bytes; the rotated types rotate by a fast transform instead
-    of a matrix product, so a code may move by one step where a value lies on a rounding edge."""
+    of a matrix product, so a code may move by one step where a value lies on a rounding edge.
+    q4_kivi's keys: blocks written part-way (into open slots, quantized where their last slot is
+    written), one block written whole, and the open rows and slots alike."""
     from cholla.kv.kv_types import ScaledKV, store
     from cholla.layers.attention import kernel_reads, write_kv
 
@@ -476,9 +492,10 @@ def test_write_kv_writes_every_kv_type_as_kv_types_store(type_name):
     fused[2, :32] = torch.tensor([1.0, -1.0] * 16)  # |max| ties of both signs: the first wins (q4_0)
     k = fused[:, kv_heads * dim: 2 * kv_heads * dim].view(tokens, kv_heads, dim)
     v = fused[:, 2 * kv_heads * dim:].view(tokens, kv_heads, dim)
-    slots = torch.randperm(8 * 16, generator=generator)[:tokens]
-    ours = [_kv_side(type_name, 8, 16, kv_heads, dim, torch.Generator().manual_seed(2)) for _ in range(2)]
-    theirs = [_kv_side(type_name, 8, 16, kv_heads, dim, torch.Generator().manual_seed(2)) for _ in range(2)]
+    slots = torch.cat([torch.randperm(7 * 16, generator=generator)[: tokens - 16], torch.arange(7 * 16, 8 * 16)])
+    slots = slots[torch.randperm(tokens, generator=generator)]  # block 7 written whole, in shuffled order
+    ours = [_kv_side(type_name, 8, 16, kv_heads, dim, torch.Generator().manual_seed(2), key=i == 0) for i in range(2)]
+    theirs = [_kv_side(type_name, 8, 16, kv_heads, dim, torch.Generator().manual_seed(2), key=i == 0) for i in range(2)]
     assert kernel_reads(*ours)
     write_kv(k, v, ours[0], ours[1], slots)
     store(theirs[0], k.contiguous(), slots)
@@ -486,10 +503,13 @@ def test_write_kv_writes_every_kv_type_as_kv_types_store(type_name):
     for mine, reference in zip(ours, theirs):
         mine_parts = mine if isinstance(mine, ScaledKV) else (mine,)
         reference_parts = reference if isinstance(reference, ScaledKV) else (reference,)
+        if getattr(mine, "open_blocks", None) is not None:
+            assert torch.equal(mine.open_blocks.rows, reference.open_blocks.rows)
+            assert torch.equal(mine.open_blocks.slot_of, reference.open_blocks.slot_of)
         for a, b in zip(mine_parts[:2], reference_parts[:2]):
             if a.dtype.itemsize == 1 and a.dtype.is_floating_point:
                 a, b = a.view(torch.uint8), b.view(torch.uint8)
-            if not type_name.endswith(("_rot", "_cal")):
+            if not (isinstance(mine, ScaledKV) and mine.rotated):
                 assert torch.equal(a, b)
             elif a.dtype == torch.float16:  # scales: set by the largest rotated value, rounded alike
                 torch.testing.assert_close(a, b, rtol=1e-3, atol=0)

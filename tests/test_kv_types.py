@@ -212,6 +212,52 @@ def test_kivi_keys_rewritten_after_their_block_filled_or_evicted():
     torch.testing.assert_close(back[2, :4], keys[40:44].to(torch.bfloat16).float(), rtol=0, atol=0)
 
 
+def test_fp8_centered_keys_take_out_each_channels_block_mean():
+    """fp8_e4m3_centered keys, written as the engine writes them (a prompt, then decode steps):
+    the open block reads back its bf16 rows; a full block holds, from its bf16 rows, each channel's
+    fp16 mean over the block and each (token, head) of the rest scaled to 448 (fp16 scale) as the
+    nearest e4m3 code (of the 256 decoded), read back as code * scale + mean; the same bytes when
+    one write fills it. Keys with per-channel offsets come back closer than fp8_e4m3_scaled's."""
+    g = torch.Generator().manual_seed(7)
+    keys = torch.randn(KV_HEADS, HEAD_DIM, generator=g) * 20 + torch.randn(40, KV_HEADS, HEAD_DIM, generator=g)
+    zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype)  # noqa: E731
+    kv_type = kv_cache_type("fp8_e4m3_centered")
+    cache = allocate(kv_type, 4, 16, KV_HEADS, HEAD_DIM, zeros, key=True, open_slots=2)
+    store(cache, keys[:20], torch.arange(20))
+    for t in range(20, 40):
+        store(cache, keys[t : t + 1], torch.tensor([t]))
+    back = gather(cache, torch.arange(3)).flatten(0, 1)[:40]
+    rows = keys.to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(back[32:].numpy(), rows[32:])  # block 2: open
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    finite = codes[np.isfinite(codes)]
+    for block in (0, 1):
+        block_rows = rows[16 * block : 16 * block + 16]  # [16, heads, dim]
+        mean = (block_rows.sum(axis=0) / np.float32(16)).astype(np.float16)
+        centered = block_rows - mean.astype(np.float32)
+        scale = (np.abs(centered).max(axis=-1, keepdims=True) / np.float32(448)).astype(np.float16).astype(np.float32)
+        target = (centered / scale).reshape(-1, 1)
+        distance = np.abs(target - finite[None, :])
+        candidates = distance == distance.min(axis=1, keepdims=True)
+        stored = cache.values[block].float().numpy().reshape(-1, 1)
+        assert (candidates & (finite[None, :] == stored)).any(axis=1).all()
+        params = cache.scales[block]  # [heads, 2 dim + 2 * 16 + 16]
+        np.testing.assert_array_equal(params[:, : 2 * HEAD_DIM].contiguous().view(torch.float16).numpy(), mean)
+        np.testing.assert_array_equal(params[:, 2 * HEAD_DIM : 2 * HEAD_DIM + 32].contiguous().view(torch.float16)
+                                      .float().numpy().T[..., None], scale)
+        expected = cache.values[block].float().numpy() * scale + mean.astype(np.float32)
+        np.testing.assert_allclose(back[16 * block : 16 * block + 16].numpy(), expected, rtol=1e-6, atol=1e-6)
+    whole = allocate(kv_type, 4, 16, KV_HEADS, HEAD_DIM, zeros, key=True, open_slots=2)
+    store(whole, keys[16:32], torch.arange(16, 32))
+    assert torch.equal(whole.values[1].view(torch.uint8), cache.values[1].view(torch.uint8))
+    assert torch.equal(whole.scales[1], cache.scales[1])
+    _, scaled = _written("fp8_e4m3_scaled", keys[:32])
+    full = gather(cache, torch.arange(2)).flatten(0, 1)
+    assert (full - keys[:32]).norm() < 0.3 * (scaled - keys[:32]).norm()
+    assert kv_type.bytes_per_head(HEAD_DIM, key=True) == HEAD_DIM + (2 * HEAD_DIM + 2 * 16 + 16) // 16
+    assert kv_type.bytes_per_head(HEAD_DIM) == HEAD_DIM + 2  # values: fp8_e4m3_scaled's
+
+
 def test_kivi_bytes_fit_within_q4_0s():
     q4_0, kivi = kv_cache_type("q4_0"), kv_cache_type("q4_kivi")
     for dim in (64, 128, 256):
@@ -332,7 +378,8 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time, in a land far away, there lived a " + "very " * 40 + "old dragon who",
 ]
-ENGINE_TYPES = ["fp8_e4m3", "fp8_e4m3_scaled", "int8", "int8_rot", "q8_0", "q4_0_rot", "q4_0_cal", "q4_kivi"]  # bf16 and f32: tests/test_engine.py and the rest
+ENGINE_TYPES = ["fp8_e4m3", "fp8_e4m3_scaled", "fp8_e4m3_centered", "int8", "int8_rot", "q8_0", "q4_0_rot",
+                "q4_0_cal", "q4_kivi"]  # bf16 and f32: tests/test_engine.py and the rest
 
 
 def _engine(loaded_and_tokenizer, monkeypatch, **config):

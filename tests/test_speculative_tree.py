@@ -144,6 +144,15 @@ def test_sampled_requests_get_a_chain_and_bad_budgets_are_refused():
     check_speculative("ngram", 4, tree_budget=0)  # only "tree" reads it
 
 
+@pytest.mark.parametrize("key_type", ["q4_kivi", "fp8_e4m3_centered"])
+def test_trees_refuse_keys_with_block_statistics(key_type):
+    """A tree moves K/V slot by slot; these keys' statistics span a block. Refused before loading."""
+    from cholla.engine.engine import EngineConfig, LLMEngine
+
+    with pytest.raises(InvalidRequestError, match=f"tree cannot move {key_type}"):
+        LLMEngine("/no/such/model.gguf", EngineConfig(speculative_method="tree", cache_type_k=key_type))
+
+
 def test_cli_bad_budget_is_one_line(capsys):
     from cholla.cli import main
 

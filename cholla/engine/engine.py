@@ -152,7 +152,11 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         check_speculative(config.speculative_method, config.num_speculative_tokens, config.draft_model,
                           config.speculative_ngram_cache_size, config.spec_tree_budget)
-        kv_cache_types(config, "float32")  # a misspelt KV type fails before the model loads
+        key_type, _ = kv_cache_types(config, "float32")  # a misspelt KV type fails before the model loads
+        if config.speculative_method == "tree" and key_type.channel_keys:
+            # A tree's accepted path moves K/V slot by slot; these keys' statistics span a block.
+            raise InvalidRequestError(f"--speculative-method tree cannot move {key_type.name} keys (their statistics "
+                                      "span a block): use --speculative-method ngram, or another --cache-type-k")
         keep_buffers_mapped()
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
         set_threads(config.threads)  # after loading: a corrupt file's error stays the only line printed

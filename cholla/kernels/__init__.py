@@ -8,7 +8,12 @@ RMSNorm and the rotary embedding, ``activation.cpp`` the MLP's act(gate) * up;
 paged KV cache; ``decode_layers.cpp`` chains them through every layer of a
 decode step (``ops.h``); ``argmax.cpp`` serves greedy sampling;
 ``state_update.cpp`` steps the recurrent layers' states (the short convolution,
-the gated delta rule) in their state-cache slots. They need a
+the gated delta rule) in their state-cache slots, and ``chunked_scan.cpp``
+runs the same layers' prefill (the convolution over a prompt chunk, the
+chunked delta rule and SSD); ``hybrid_decode.cpp`` runs a
+Mamba-2 layer's, a Gated DeltaNet layer's or a mixture of experts' whole
+decode step in one call;
+``embedding.cpp`` looks up Q4_0 / Q8_0 embedding rows. They need a
 C++ compiler at first use and a CPU with AVX512-BF16 and VNNI (Intel since
 Cooper Lake, AMD since Zen 4); ``cpu_kernels()`` returns ``None`` elsewhere,
 and the layers fall back to PyTorch ops. AMX tiles, where the CPU has them and
@@ -29,7 +34,8 @@ import torch
 log = logging.getLogger("cholla")
 
 SOURCE_NAMES = ("qmatmul.cpp", "qgemv.cpp", "norm_rope.cpp", "paged_attention.cpp", "decode_layers.cpp", "argmax.cpp",
-                "activation.cpp", "ssd.cpp", "state_update.cpp")
+                "activation.cpp", "ssd.cpp", "state_update.cpp", "chunked_scan.cpp", "hybrid_decode.cpp",
+                "embedding.cpp")
 SOURCES = [str(Path(__file__).with_name(name)) for name in SOURCE_NAMES]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "f16c", "fma")
 AMX_FLAGS = ("amx_tile", "amx_bf16")

@@ -177,6 +177,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
                head_dim, interleaved);
       write_kv_row(kr, kr + kv_size, k_sides[l], v_sides[l], slot[r]);
     }
+    finish_kv_rows(k_sides[l], qkv.data_ptr<float>() + q_size, qkv_size, slot, rows);
   };
   normalize(norms[0]);
 

@@ -47,13 +47,19 @@ void gated_activation_out(const at::Tensor& gate, const at::Tensor& up, int64_t 
 
 // paged_attention.cpp
 // A KV cache's element types (cholla/kv/kv_types.py): floats, fp8, int8 with a
-// scale per head, llama.cpp's Q8_0 and Q4_0 blocks (values and scales in two planes).
-enum class KVKind { F32, BF16, F16, E4M3, E5M2, INT8, Q8_0, Q4_0 };
+// scale per head, llama.cpp's Q8_0 and Q4_0 blocks (values and scales in two planes),
+// fp8 e4m3 and 4-bit with one scale per head (fp8_e4m3_scaled; q4_kivi's values), and
+// two key layouts with statistics per block (open blocks in bf16 until full): q4_kivi's
+// (4-bit per channel) and fp8_e4m3_centered's (each channel's block mean taken out).
+enum class KVKind { F32, BF16, F16, E4M3, E5M2, INT8, Q8_0, Q4_0, E4M3_SCALED, Q4_HEAD, Q4_CHANNEL, E4M3_CENTERED };
 
 // One side (K or V) of a layer's cache as the kernels read and write it. Row r
 // (slot * heads + head) holds `row_bytes` of values and `groups` fp16 scales;
 // rotated: each head stored Hadamard-rotated, calibrated (shift, spread: fp32
-// [heads, dim]) after x -> (x - shift) / spread.
+// [heads, dim]) after x -> (x - shift) / spread. Q4_CHANNEL and E4M3_CENTERED (keys
+// with statistics per block) have no scales but `params` (uint8 [blocks, heads,
+// params_width]: kv_types.channel_params) and their open blocks' bf16 rows (`open_rows`
+// [open_slots, block_size, heads, dim], `open_slot_of` [blocks]: a block's slot or -1).
 struct KVSide {
   KVKind kind;
   const uint8_t* values;
@@ -64,6 +70,11 @@ struct KVSide {
   const float* spread;
   bool rotated;
   int64_t blocks, block_size, heads, dim;
+  uint8_t* params;
+  int64_t params_width;
+  uint16_t* open_rows;
+  const int64_t* open_slot_of;
+  int64_t open_slots;
 };
 
 // values: the side's (contiguous) values; quant: [], [scales] or [scales, shift, spread].
@@ -83,5 +94,26 @@ void rope_row(float* q, int64_t q_heads, float* k, int64_t k_heads, const float*
               bool interleaved);
 // One token's keys and values (kv_heads * dim floats each) into cache slot `slot`.
 void write_kv_row(const float* k, const float* v, const KVSide& k_cache, const KVSide& v_cache, int64_t slot);
+// After a step's rows are written (write_kv_row): keys with statistics per block of each block the
+// step filled are quantized, the others marked open; k: the step's keys, row t at k + t * k_stride,
+// slots[t] its slot. Nothing to do for other kinds.
+void finish_kv_rows(const KVSide& k_cache, const float* k, int64_t k_stride, const int64_t* slots, int64_t tokens);
+
+// ssd.cpp: one Mamba-2 head's decode step on its state [head_dim, state_size] in place (y: head_dim
+// floats, the D skip included), and the gated RMSNorm of one row's group of `width` channels.
+void ssd_head_row(float* state, const float* x, const float* B, const float* C, float* y, int64_t head_dim,
+                  int64_t state_size, float dt_raw, float dt_bias, float A_log, float D, float dt_min, float dt_max);
+void gated_norm_row(const float* y, const float* z, const float* weight, float* out, int64_t width, float eps,
+                    bool norm_before_gate);
+// state_update.cpp: the short causal convolution's step for one row's channels [begin, end)
+// (state: that sequence's [channels, kernel - 1]), through SiLU when `silu`.
+void conv_step_row(const float* x, const float* weight, const float* bias, float* state, float* out, int64_t begin,
+                   int64_t end, int64_t kernel, bool silu);
+// ... and Gated DeltaNet's step for one (sequence, value head h): row: its convolved q, k, v; a, b:
+// its raw decay and beta projections; state: that head's [dk, dv], in place; out: dv floats;
+// next: the state the caller steps next (fetched into L2 meanwhile) or null. dk <= 1024.
+void delta_rule_head_row(const float* row, float a, float b, float A, float dt_bias, float* state, float* out,
+                         int64_t k_heads, int64_t v_heads, int64_t dk, int64_t dv, int64_t h, bool tiled,
+                         const float* next);
 
 }  // namespace cholla

@@ -15,7 +15,10 @@
 // Every KV cache type (cholla/kv/kv_types.py) is read and written in place: a
 // row loader per type widens 16 values at a time into registers as they are
 // consumed (never a dequantized copy), and K and V may differ in type. Rotated
-// types are read without rotating each key back (attend_pair).
+// types are read without rotating each key back (attend_pair). q4_kivi's keys
+// (Q4_CHANNEL) and fp8_e4m3_centered's (E4M3_CENTERED) are read block by block: a
+// quantized block through its statistics, a block still filling from its bf16 rows
+// (kv_types.OpenBlocks).
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -37,16 +40,29 @@
 namespace {
 
 using Kind = cholla::KVKind;
-#define CHOLLA_KV_KINDS(X) X(F32) X(BF16) X(F16) X(E4M3) X(E5M2) X(INT8) X(Q8_0) X(Q4_0)
+// The kinds either side may hold; Q4_CHANNEL and E4M3_CENTERED are a key side's only (check_sides).
+#define CHOLLA_KV_KINDS(X) X(F32) X(BF16) X(F16) X(E4M3) X(E5M2) X(INT8) X(Q8_0) X(Q4_0) X(E4M3_SCALED) X(Q4_HEAD)
+
+// The per-(block, head) statistics of keys with statistics per block (kv_types.channel_params):
+// q4_kivi's a code byte per channel, then fp16 base, step and unit; fp8_e4m3_centered's fp16
+// means per channel, then fp16 scales per token; both then a tail of PARAMS_TAIL bytes, the
+// open flag its byte OPEN_FLAG_AT.
+constexpr int64_t PARAMS_TAIL = 16;
+constexpr int64_t OPEN_FLAG_AT = 6;
+constexpr uint8_t OPEN = 1;
+
+inline bool block_keys(Kind kind) { return kind == Kind::Q4_CHANNEL || kind == Kind::E4M3_CENTERED; }
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 // 16 values of a row (p: its values, scales: its scales) from position d, as fp32: the
 // floats widened, the integer types times their group's scale (q8_0, q4_0). A
-// scale per row (int8, and fp8 e4m3's 2^8, see below) is left to row_scale, so
-// it multiplies a score or a weight once instead of every value.
+// scale per row (int8, fp8 e4m3's 2^8 and a scaled fp8's or 4-bit head's scale) is left
+// to row_scale, so it multiplies a score or a weight once instead of every value.
+// Q4_HEAD and Q4_CHANNEL pack value i with value half + i (half: dim / 2, a multiple of
+// 16), and Q4_CHANNEL's `scales` are its block's statistics for the head (uint8 bytes).
 template <Kind K>
-inline __m512 load16(const uint8_t* p, const uint16_t* scales, int64_t d, __mmask16 live) {
+inline __m512 load16(const uint8_t* p, const uint16_t* scales, int64_t d, __mmask16 live, int64_t half) {
   if constexpr (K == Kind::F32) {
     return _mm512_maskz_loadu_ps(live, reinterpret_cast<const float*>(p) + d);
   } else if constexpr (K == Kind::BF16) {
@@ -57,7 +73,7 @@ inline __m512 load16(const uint8_t* p, const uint16_t* scales, int64_t d, __mmas
   } else if constexpr (K == Kind::E5M2) {  // the top byte of an fp16
     const __m256i bytes = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(live, p + d));
     return _mm512_cvtph_ps(_mm256_slli_epi16(bytes, 8));
-  } else if constexpr (K == Kind::E4M3) {
+  } else if constexpr (K == Kind::E4M3 || K == Kind::E4M3_SCALED) {
     // Sign to fp16's sign bit, exponent and mantissa 3 bits down into fp16's: the fp16
     // 2^-8 times the fp8 value (bias 15 against 7), subnormals included; row_scale has the 2^8.
     const __m256i bytes = _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(live, p + d));
@@ -70,6 +86,24 @@ inline __m512 load16(const uint8_t* p, const uint16_t* scales, int64_t d, __mmas
     if (live == 0) return _mm512_setzero_ps();  // past the row: no scale to read
     const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(live, p + d)));
     return _mm512_mul_ps(q, _mm512_set1_ps(half_to_float(scales[d >> 5])));
+  } else if constexpr (K == Kind::Q4_HEAD) {
+    const __m128i bytes = _mm_maskz_loadu_epi8(live, p + (d < half ? d : d - half));
+    const __m128i q = _mm_and_si128(d < half ? bytes : _mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(q), _mm512_set1_epi32(8)));
+  } else if constexpr (K == Kind::Q4_CHANNEL) {
+    // q (s + 1) unit + base + l step, code byte l | s << 4 per channel (kv_types._dequantize_channel)
+    const uint8_t* params = reinterpret_cast<const uint8_t*>(scales);
+    const __m128i bytes = _mm_maskz_loadu_epi8(live, p + (d < half ? d : d - half));
+    const __m128i q = _mm_and_si128(d < half ? bytes : _mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+    const __m512i codes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, params + d));
+    const uint16_t* stats = reinterpret_cast<const uint16_t*>(params + 2 * half);
+    const __m512 base = _mm512_set1_ps(half_to_float(stats[0])), step = _mm512_set1_ps(half_to_float(stats[1]));
+    const __m512 unit = _mm512_set1_ps(half_to_float(stats[2]));
+    const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(codes, _mm512_set1_epi32(0x0F)));
+    const __m512 spans = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_srli_epi32(codes, 4), _mm512_set1_epi32(1)));
+    const __m512 floor = _mm512_add_ps(base, _mm512_mul_ps(low, step));
+    const __m512 scale = _mm512_mul_ps(spans, unit);
+    return _mm512_maskz_mov_ps(live, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), scale, floor));
   } else {  // Q4_0: a block's 16 bytes hold its values 0-15 in the low nibbles, 16-31 in the high ones
     if (live == 0) return _mm512_setzero_ps();
     __m128i bytes = _mm_maskz_loadu_epi8(live, p + (d >> 5) * 16);
@@ -84,6 +118,8 @@ template <Kind K>
 inline float row_scale(const uint16_t* scales) {
   if constexpr (K == Kind::INT8) return half_to_float(scales[0]);
   if constexpr (K == Kind::E4M3) return 256.0f;
+  if constexpr (K == Kind::E4M3_SCALED) return 256.0f * half_to_float(scales[0]);
+  if constexpr (K == Kind::Q4_HEAD) return half_to_float(scales[0]);
   return 1.0f;
 }
 
@@ -154,6 +190,19 @@ inline void softmax(float* row, int64_t n) {
   }
 }
 
+// acc[g] += the lanes of q's head g times one key's values (K), 16 at a time: each key
+// value is loaded (and widened) once for all the query heads that share it.
+template <Kind K, int GROUP>
+__attribute__((always_inline)) inline void dot_key(const float* q, const uint8_t* key, const uint16_t* scales,
+                                                   int64_t dim, int64_t group, __m512* acc) {
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 live = lanes(dim - d);
+    const __m512 k = load16<K>(key, scales, d, live, dim / 2);
+    for (int64_t g = 0; g < (GROUP > 0 ? GROUP : group); ++g)
+      acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, q + g * dim + d), k, acc[g]);
+  }
+}
+
 // One (sequence, KV head) pair's scores: its `group` query heads against each
 // key, scaled and soft-capped, into scores[g * n + t]. GROUP > 0 fixes the group
 // size at compile time, so the per-head accumulators stay in registers (with a
@@ -168,10 +217,12 @@ void scores_of(const float* q, const cholla::KVSide& ks, const cholla::KVSide& v
   const int64_t group = GROUP > 0 ? GROUP : run_time_group, dim = ks.dim;
   constexpr int64_t SLOTS = GROUP > 0 ? GROUP : MAX_GROUP;
   SlotCursor key_at(table, ks.block_size, first), ahead_at(table, ks.block_size, first + AHEAD);
+  int64_t mean_block = -1;  // E4M3_CENTERED: the block whose mean terms q . m are in mean_terms
+  float mean_terms[SLOTS];
   for (int64_t t = 0; t < n; ++t, key_at.next(), ahead_at.next()) {
     const int64_t row = key_at.slot() * ks.heads + kvh;
     const uint8_t* key = ks.values + row * ks.row_bytes;
-    const uint16_t* key_scales = ks.scales + row * ks.groups;
+    const uint16_t* key_scales = ks.scales == nullptr ? nullptr : ks.scales + row * ks.groups;
     if (t + AHEAD < n) {
       const int64_t ahead = ahead_at.slot() * ks.heads + kvh;
       prefetch_row(ks, ahead, 0);
@@ -179,16 +230,43 @@ void scores_of(const float* q, const cholla::KVSide& ks, const cholla::KVSide& v
     }
     __m512 acc[SLOTS];
     for (int64_t g = 0; g < group; ++g) acc[g] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < dim; d += 16) {
-      const __mmask16 live = lanes(dim - d);
-      const __m512 k = load16<K>(key, key_scales, d, live);
-      for (int64_t g = 0; g < group; ++g)
-        acc[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, q + g * dim + d), k, acc[g]);
+    float key_scale = row_scale<K>(key_scales);
+    const float* key_bias = bias;
+    if constexpr (K == Kind::Q4_CHANNEL || K == Kind::E4M3_CENTERED) {  // its block's statistics, or its bf16 row
+      const int64_t block = key_at.table[key_at.block];
+      const uint8_t* params = ks.params + (block * ks.heads + kvh) * ks.params_width;
+      if (params[ks.params_width - PARAMS_TAIL + OPEN_FLAG_AT] == OPEN) {
+        const int64_t open_slot = ks.open_slot_of[block];
+        TORCH_CHECK(open_slot >= 0 && open_slot < ks.open_slots, "paged_attention_decode: an open key block without its rows");
+        const uint16_t* open_key = ks.open_rows + ((open_slot * ks.block_size + key_at.offset) * ks.heads + kvh) * dim;
+        dot_key<Kind::BF16, GROUP>(q, reinterpret_cast<const uint8_t*>(open_key), nullptr, dim, group, acc);
+        key_scale = 1.0f;
+      } else if constexpr (K == Kind::Q4_CHANNEL) {
+        dot_key<K, GROUP>(q, key, reinterpret_cast<const uint16_t*>(params), dim, group, acc);
+      } else {  // q . (s c + m) = s (q . c) + q . m: the mean's term once per block and query head
+        const uint16_t* stats = reinterpret_cast<const uint16_t*>(params);
+        dot_key<Kind::E4M3, GROUP>(q, key, nullptr, dim, group, acc);
+        key_scale = 256.0f * half_to_float(stats[dim + key_at.offset]);
+        if (block != mean_block) {
+          for (int64_t g = 0; g < group; ++g) {
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t d = 0; d < dim; d += 16) {
+              const __mmask16 live = lanes(dim - d);
+              sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, q + g * dim + d),
+                                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, stats + d)), sum);
+            }
+            mean_terms[g] = _mm512_reduce_add_ps(sum);
+          }
+          mean_block = block;
+        }
+        key_bias = mean_terms;
+      }
+    } else {
+      dot_key<K, GROUP>(q, key, key_scales, dim, group, acc);
     }
-    const float key_scale = row_scale<K>(key_scales);
     for (int64_t g = 0; g < group; ++g) {
       float score = _mm512_reduce_add_ps(acc[g]) * key_scale;
-      if (bias != nullptr) score += bias[g];
+      if (key_bias != nullptr) score += key_bias[g];
       score *= scale;
       if (cap > 0) score = cap * std::tanh(score / cap);
       scores[g * n + t] = score;
@@ -215,9 +293,9 @@ void weigh_values(const cholla::KVSide& vs, const int64_t* table, int64_t first,
     for (int64_t t = 0; t < n; ++t, value_at.next()) {
       const int64_t row = value_at.slot() * vs.heads + kvh;
       const uint8_t* value = values + row * row_bytes;
-      const uint16_t* value_scales = scales + row * groups;
+      const uint16_t* value_scales = scales == nullptr ? nullptr : scales + row * groups;
       __m512 v[4];
-      for (int j = 0; j < 4; ++j) v[j] = load16<K>(value, value_scales, d0 + 16 * j, lanes(dim - d0 - 16 * j));
+      for (int j = 0; j < 4; ++j) v[j] = load16<K>(value, value_scales, d0 + 16 * j, lanes(dim - d0 - 16 * j), dim / 2);
       const float value_scale = row_scale<K>(value_scales);
       for (int64_t g = 0; g < group; ++g) {
         const __m512 w = _mm512_set1_ps(scores[g * n + t] * value_scale);
@@ -240,12 +318,16 @@ std::pair<ScoresFn, ValuesFn> pair_fns(Kind k, Kind v) {
   switch (k) {
 #define CHOLLA_CASE(name) case Kind::name: scores = scores_of<Kind::name, GROUP>; break;
     CHOLLA_KV_KINDS(CHOLLA_CASE)
+    CHOLLA_CASE(Q4_CHANNEL)
+    CHOLLA_CASE(E4M3_CENTERED)
 #undef CHOLLA_CASE
   }
   switch (v) {
 #define CHOLLA_CASE(name) case Kind::name: values = weigh_values<Kind::name, GROUP>; break;
     CHOLLA_KV_KINDS(CHOLLA_CASE)
 #undef CHOLLA_CASE
+    case Kind::Q4_CHANNEL:
+    case Kind::E4M3_CENTERED: break;  // keys only (check_sides)
   }
   return {scores, values};
 }
@@ -370,27 +452,119 @@ inline void quantize_int8_group(const float* x, int64_t n, int8_t* q, uint16_t* 
   *scale_out = c10::Half(scale).x;
 }
 
-// kv_types.quantize_q4_0 for one block of 32 values: Q4_0's arithmetic and nibble order.
-inline void quantize_q4_0_block(const float* x, uint8_t* packed, uint16_t* scale_out) {
+// Largest head_dim of a rotated type, a 4-bit head or q4_kivi's keys (the writers' stack buffers).
+constexpr int64_t MAX_ROTATED_DIM = 1024;
+
+// kv_types.quantize_q4_0 for one group of n values (Q4_0: blocks of 32; q4_kivi's values:
+// the head): Q4_0's arithmetic, values i and n / 2 + i in the low and high nibbles of byte i.
+inline void quantize_q4_0_group(const float* x, int64_t n, uint8_t* packed, uint16_t* scale_out) {
   int64_t extreme = 0;  // the first value of largest magnitude, as torch's argmax picks it
-  for (int64_t i = 1; i < 32; ++i)
+  for (int64_t i = 1; i < n; ++i)
     if (std::fabs(x[i]) > std::fabs(x[extreme])) extreme = i;
   const float scale = x[extreme] / -8.0f, inverse = scale == 0.0f ? 0.0f : 1.0f / scale;
-  uint8_t q[32];
-  for (int64_t i = 0; i < 32; ++i)
+  uint8_t q[MAX_ROTATED_DIM];
+  for (int64_t i = 0; i < n; ++i)
     q[i] = static_cast<uint8_t>(std::clamp(std::trunc(rounded(x[i] * inverse) + 8.5f), 0.0f, 15.0f));
-  for (int64_t i = 0; i < 16; ++i) packed[i] = q[i] | (q[i + 16] << 4);
+  for (int64_t i = 0; i < n / 2; ++i) packed[i] = q[i] | (q[i + n / 2] << 4);
   *scale_out = c10::Half(scale).x;
 }
 
-// Largest head_dim of a rotated type (the writer's stack buffer).
-constexpr int64_t MAX_ROTATED_DIM = 1024;
+// kv_types.quantize_fp8 for one head: scaled so its largest magnitude is e4m3's 448
+// (the fp16 scale's rounding saturated), the nearest e4m3 code of each value.
+inline void quantize_fp8_head(const float* x, int64_t n, uint8_t* codes, uint16_t* scale_out) {
+  const float limit = 448.0f;
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const c10::Half scale(amax / limit);
+  const float inverse = static_cast<float>(scale) == 0.0f ? 0.0f : 1.0f / static_cast<float>(scale);
+  for (int64_t i = 0; i < n; ++i) {
+    const float y = rounded(x[i] * inverse);
+    codes[i] = c10::Float8_e4m3fn(std::isnan(y) ? y : std::clamp(y, -limit, limit)).x;
+  }
+  *scale_out = scale.x;
+}
+
+// kv_types.quantize_channel (or quantize_centered: E4M3_CENTERED) for one full block of keys, rows fp32 [block_size, heads, dim]
+// (bf16 values): per (head, channel) a minimum and range over the block's tokens, coded against
+// the head's base, step and unit (kv_types' docstring), then 4-bit codes per token and channel.
+// Clears the block's open flag (the tail is rewritten whole).
+void quantize_channel_block(const cholla::KVSide& s, int64_t block, const float* rows) {
+  const int64_t block_size = s.block_size, heads = s.heads, dim = s.dim, half = dim / 2;
+  float floor_of[MAX_ROTATED_DIM], scale_of[MAX_ROTATED_DIM], low[MAX_ROTATED_DIM], high[MAX_ROTATED_DIM];
+  if (s.kind == Kind::E4M3_CENTERED) {  // kv_types.quantize_centered
+    for (int64_t h = 0; h < heads; ++h) {
+      uint8_t* params = s.params + (block * heads + h) * s.params_width;
+      uint16_t* means = reinterpret_cast<uint16_t*>(params);
+      for (int64_t c = 0; c < dim; ++c) {
+        float sum = 0.0f;
+        for (int64_t t = 0; t < block_size; ++t) sum += rows[(t * heads + h) * dim + c];
+        means[c] = c10::Half(sum / static_cast<float>(block_size)).x;
+        floor_of[c] = c10::Half(means[c], c10::Half::from_bits());
+      }
+      std::memset(params + s.params_width - PARAMS_TAIL, 0, PARAMS_TAIL);
+      for (int64_t t = 0; t < block_size; ++t) {
+        for (int64_t c = 0; c < dim; ++c) scale_of[c] = rows[(t * heads + h) * dim + c] - floor_of[c];
+        uint8_t* codes = const_cast<uint8_t*>(s.values) + ((block * block_size + t) * heads + h) * s.row_bytes;
+        quantize_fp8_head(scale_of, dim, codes, means + dim + t);
+      }
+    }
+    return;
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t c = 0; c < dim; ++c) {
+      low[c] = INFINITY, high[c] = -INFINITY;
+      for (int64_t t = 0; t < block_size; ++t) {
+        const float v = rows[(t * heads + h) * dim + c];
+        low[c] = std::min(low[c], v), high[c] = std::max(high[c], v);
+      }
+    }
+    const float low_min = *std::min_element(low, low + dim), low_max = *std::max_element(low, low + dim);
+    const c10::Half base_h(low_min);
+    const float base = base_h;
+    const c10::Half step_h((low_max - base) / 15.0f);
+    const float step = step_h;
+    uint8_t* params = s.params + (block * heads + h) * s.params_width;
+    float span_max = -INFINITY;
+    for (int64_t c = 0; c < dim; ++c) {
+      const float low_code = std::clamp(std::floor((low[c] - base) / (step == 0.0f ? 1.0f : step)), 0.0f, 15.0f);
+      params[c] = static_cast<uint8_t>(low_code);
+      floor_of[c] = base + rounded(low_code * step);
+      scale_of[c] = (high[c] - floor_of[c]) / 15.0f;  // the span, until unit is known
+      span_max = std::max(span_max, scale_of[c]);
+    }
+    const c10::Half unit_h(span_max / 16.0f);
+    const float unit = unit_h;
+    for (int64_t c = 0; c < dim; ++c) {
+      const float span_code = std::clamp(std::ceil(scale_of[c] / (unit == 0.0f ? 1.0f : unit)), 1.0f, 16.0f);
+      params[c] |= static_cast<uint8_t>(span_code - 1) << 4;
+      scale_of[c] = span_code * unit;
+    }
+    std::memset(params + dim, 0, PARAMS_TAIL);
+    const uint16_t stats[3] = {base_h.x, step_h.x, unit_h.x};
+    std::memcpy(params + dim, stats, sizeof(stats));
+    for (int64_t t = 0; t < block_size; ++t) {
+      const float* x = rows + (t * heads + h) * dim;
+      uint8_t* codes = const_cast<uint8_t*>(s.values) + ((block * block_size + t) * heads + h) * s.row_bytes;
+      auto code = [&](int64_t c) {  // torch.round: halves to even, as nearbyint in the default mode
+        const float scale = scale_of[c] == 0.0f ? 1.0f : scale_of[c];
+        return static_cast<uint8_t>(std::clamp(std::nearbyint((x[c] - floor_of[c]) / scale), 0.0f, 15.0f));
+      };
+      for (int64_t c = 0; c < half; ++c) codes[c] = code(c) | (code(c + half) << 4);
+    }
+  }
+}
 
 // One head's `dim` values x into row `row` (slot * heads + head) of a cache side, in its type
 // (kv_types.store's arithmetic: fp8 saturated, never NaN from a finite value).
 void write_head(const cholla::KVSide& s, const float* x, int64_t row, int64_t head) {
   const int64_t dim = s.dim;
   uint8_t* dst = const_cast<uint8_t*>(s.values) + row * s.row_bytes;
+  if (block_keys(s.kind)) {  // into its block's open slot; finish_kv_rows quantizes full blocks
+    const int64_t slot = row / s.heads, open_slot = s.open_slot_of[slot / s.block_size];
+    if (open_slot >= 0)  // (none: the step writes the block whole, from its rows)
+      store_row(s.open_rows + ((open_slot * s.block_size + slot % s.block_size) * s.heads + head) * dim, x, dim);
+    return;
+  }
   float buffer[MAX_ROTATED_DIM];
   if (s.rotated) {  // (x - shift) / spread, then H: the values quantized are those of the rotated head
     for (int64_t i = 0; i < dim; ++i)
@@ -422,8 +596,12 @@ void write_head(const cholla::KVSide& s, const float* x, int64_t row, int64_t he
       break;
     }
     case Kind::Q4_0:
-      for (int64_t g = 0; g < s.groups; ++g) quantize_q4_0_block(x + 32 * g, dst + 16 * g, s.scales + row * s.groups + g);
+      for (int64_t g = 0; g < s.groups; ++g) quantize_q4_0_group(x + 32 * g, 32, dst + 16 * g, s.scales + row * s.groups + g);
       break;
+    case Kind::E4M3_SCALED: quantize_fp8_head(x, dim, dst, s.scales + row); break;
+    case Kind::Q4_HEAD: quantize_q4_0_group(x, dim, dst, s.scales + row); break;
+    case Kind::Q4_CHANNEL:
+    case Kind::E4M3_CENTERED: break;  // (above)
   }
 }
 
@@ -513,12 +691,50 @@ Kind side_kind(const char* op, const at::Tensor& values, const at::Tensor* scale
   const int64_t groups = scales->size(3);
   if (type == at::kByte) {
     dim *= 2;
-    TORCH_CHECK(groups * 32 == dim, op, ": a q4_0 cache has one scale per 32 values");
-    return Kind::Q4_0;
+    TORCH_CHECK(groups * 32 == dim || (groups == 1 && dim % 32 == 0 && dim <= MAX_ROTATED_DIM), op,
+                ": a 4-bit cache has one scale per 32 values (q4_0) or per head of a multiple of 32 values, "
+                "at most ", MAX_ROTATED_DIM);
+    return groups * 32 == dim ? Kind::Q4_0 : Kind::Q4_HEAD;
+  }
+  if (type == at::kFloat8_e4m3fn) {
+    TORCH_CHECK(groups == 1, op, ": a scaled fp8 cache has one scale per head");
+    return Kind::E4M3_SCALED;
   }
   TORCH_CHECK(type == at::kChar && (groups == 1 || groups * 32 == dim),
               op, ": an int8 cache has one scale per head (int8) or per 32 values (q8_0)");
   return groups == 1 ? Kind::INT8 : Kind::Q8_0;
+}
+
+// q4_kivi's key side (kv_types.ScaledKV with open_blocks): codes uint8 [blocks, block_size,
+// heads, dim / 2], quant [params uint8 [blocks, heads, dim + 16], the open blocks' rows bf16
+// [open_slots, block_size, heads, dim], their slots int64 [blocks]].
+cholla::KVSide channel_side(const char* op, const at::Tensor& values, at::TensorList quant, bool rotated) {
+  const at::Tensor &params = quant[0], &rows = quant[1], &slot_of = quant[2];
+  cholla::KVSide side{};
+  const bool centered = values.scalar_type() == at::kFloat8_e4m3fn;
+  side.kind = centered ? Kind::E4M3_CENTERED : Kind::Q4_CHANNEL;
+  side.blocks = values.size(0), side.block_size = values.size(1), side.heads = values.size(2);
+  side.dim = centered ? values.size(3) : 2 * values.size(3);
+  side.params_width = centered ? 2 * side.dim + 2 * side.block_size + PARAMS_TAIL : side.dim + PARAMS_TAIL;
+  TORCH_CHECK((centered || (values.scalar_type() == at::kByte && side.dim % 32 == 0)) && !rotated &&
+                  side.dim <= MAX_ROTATED_DIM, op,
+              ": keys with statistics per block are unrotated e4m3 (fp8_e4m3_centered) or uint8 codes of a "
+              "head_dim that is a multiple of 32 (q4_kivi), at most ", MAX_ROTATED_DIM, " values");
+  TORCH_CHECK(params.scalar_type() == at::kByte && params.is_contiguous() &&
+                  params.sizes() == at::IntArrayRef({side.blocks, side.heads, side.params_width}),
+              op, ": key statistics per block must be contiguous uint8 [blocks, kv_heads, ", side.params_width, "]");
+  TORCH_CHECK(rows.scalar_type() == at::kBFloat16 && rows.is_contiguous() && rows.dim() == 4 &&
+                  rows.sizes().slice(1) == at::IntArrayRef({side.block_size, side.heads, side.dim}),
+              op, ": q4_kivi open rows must be contiguous bf16 [slots, block_size, kv_heads, dim]");
+  TORCH_CHECK(slot_of.scalar_type() == at::kLong && slot_of.is_contiguous() && slot_of.numel() == side.blocks,
+              op, ": q4_kivi's open slot of each block must be contiguous int64 [blocks]");
+  side.values = static_cast<const uint8_t*>(values.data_ptr());
+  side.row_bytes = values.size(3);
+  side.params = params.data_ptr<uint8_t>();
+  side.open_rows = static_cast<uint16_t*>(rows.data_ptr());
+  side.open_slot_of = slot_of.data_ptr<int64_t>();
+  side.open_slots = rows.size(0);
+  return side;
 }
 
 }  // namespace
@@ -527,12 +743,14 @@ namespace cholla {
 
 // values: contiguous [blocks, block_size, kv_heads, width] in the side's type; quant: [] (float
 // types), [scales] or [scales, shift, spread] (kv_types.ScaledKV: fp16 scales
-// [blocks, block_size, kv_heads, groups], fp32 shift and spread [kv_heads, dim]).
+// [blocks, block_size, kv_heads, groups], fp32 shift and spread [kv_heads, dim]), or
+// q4_kivi's keys' [params, open rows, open slots] (channel_side).
 KVSide kv_side(const char* op, const at::Tensor& values, at::TensorList quant, bool rotated) {
   TORCH_CHECK(values.dim() == 4 && values.is_contiguous(), op,
               ": caches must be contiguous [blocks, block_size, kv_heads, dim]");
   TORCH_CHECK(quant.size() == 0 || quant.size() == 1 || quant.size() == 3, op,
-              ": a cache side's quantization is [], [scales] or [scales, shift, spread]");
+              ": a cache side's quantization is [], [scales], [scales, shift, spread] or [params, open rows, open slots]");
+  if (quant.size() == 3 && quant[0].scalar_type() == at::kByte) return channel_side(op, values, quant, rotated);
   const at::Tensor* scales = quant.empty() ? nullptr : &quant[0];
   KVSide side{};
   int64_t dim = 0;
@@ -567,6 +785,7 @@ KVSide kv_side(const char* op, const at::Tensor& values, at::TensorList quant, b
 void check_sides(const char* op, const KVSide& k, const KVSide& v) {
   TORCH_CHECK(k.blocks == v.blocks && k.block_size == v.block_size && k.heads == v.heads && k.dim == v.dim, op,
               ": the K and V caches must have the same blocks, heads and head_dim");
+  TORCH_CHECK(!block_keys(v.kind), op, ": statistics per block (q4_kivi, fp8_e4m3_centered) are a key side's");
 }
 
 // q: fp32 [rows, heads, dim]; k_cache, v_cache: [blocks, block_size, kv_heads, dim] in any
@@ -608,6 +827,46 @@ void write_kv_row(const float* k, const float* v, const KVSide& k_cache, const K
   write_row(v_cache, v, slot);
 }
 
+// kv_types._store_channel's arithmetic, once kv_types.open_for_write has given every block the
+// step writes part-way an open slot (and none to a block it writes whole): a block whose last
+// slot is written is quantized from its open rows, a block written whole from the step's rows
+// (rounded to bf16, as kept in a slot), the others are marked open.
+void finish_kv_rows(const KVSide& s, const float* k, int64_t k_stride, const int64_t* slots, int64_t tokens) {
+  if (!block_keys(s.kind)) return;
+  const int64_t block_size = s.block_size, heads = s.heads, dim = s.dim, width = heads * dim;
+  std::vector<std::pair<int64_t, int64_t>> by_block(tokens);  // (block, token)
+  for (int64_t t = 0; t < tokens; ++t) by_block[t] = {slots[t] / block_size, t};
+  std::sort(by_block.begin(), by_block.end());
+  std::vector<float> rows(block_size * width);
+  for (size_t i = 0, j; i < by_block.size(); i = j) {
+    const int64_t block = by_block[i].first, open_slot = s.open_slot_of[block];
+    bool last = false;
+    for (j = i; j < by_block.size() && by_block[j].first == block; ++j)
+      last = last || slots[by_block[j].second] % block_size == block_size - 1;
+    if (open_slot < 0) {  // written whole by this step
+      std::vector<bool> seen(block_size, false);
+      for (size_t r = i; r < j; ++r) {
+        const int64_t t = by_block[r].second, offset = slots[t] % block_size;
+        TORCH_CHECK(j - i == static_cast<size_t>(block_size) && !seen[offset],
+                    "write_kv: a q4_kivi key block written part-way needs an open slot (kv_types.open_for_write)");
+        seen[offset] = true;
+        for (int64_t e = 0; e < width; ++e) rows[offset * width + e] = static_cast<float>(c10::BFloat16(k[t * k_stride + e]));
+      }
+      quantize_channel_block(s, block, rows.data());
+    } else if (last) {
+      const uint16_t* open = s.open_rows + open_slot * block_size * width;
+      for (int64_t e = 0; e < block_size * width; ++e) {
+        const uint32_t bits = static_cast<uint32_t>(open[e]) << 16;
+        std::memcpy(&rows[e], &bits, sizeof(float));
+      }
+      quantize_channel_block(s, block, rows.data());
+    } else {
+      for (int64_t h = 0; h < heads; ++h)
+        s.params[(block * heads + h) * s.params_width + s.params_width - PARAMS_TAIL + OPEN_FLAG_AT] = OPEN;
+    }
+  }
+}
+
 // Writes this step's keys and values (fp32 [tokens, kv_heads, dim], token stride
 // free: views into the fused q/k/v projection) into their cache slots, in the
 // cache's type on the way (kv_types.store's arithmetic): one pass instead of a
@@ -631,6 +890,7 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache, at::
     for (int64_t t = begin; t < end; ++t)
       write_kv_row(ks_data + t * k.stride(0), vs_data + t * v.stride(0), ks, vs, slots[t]);
   });
+  finish_kv_rows(ks, ks_data, k.stride(0), slots, tokens);
 }
 
 }  // namespace cholla

@@ -66,8 +66,14 @@ constexpr GemvRows GEMV_BY_ROWS[GEMV_MAX_ROWS] = {gemv_rows<1>, gemv_rows<2>, ge
 // factors; formats with a min m take m' = m - bias d, whose term uses x's exact
 // sum. (Leaving Q4_1 uncentred, as q8_1 dot products do, made its error 4x
 // larger.) Q8_0's signed weights are offset by 128 to fit VPDPBUSD's unsigned
-// operand (bias -128). Q4_K's sub-blocks of 32 are blocks here, each with its
-// own d = d_super * scale and m = -dmin * min.
+// operand (bias -128). Q4_K's and Q5_K's sub-blocks of 32 are blocks here, each
+// with its own d = d_super * scale and m = -dmin * min.
+//
+// Q6_K (w = d_super * scale * (q - 32), an int8 scale per 16 weights) has no
+// min, but its scale changes within a block: each 16 weights' integer sums are
+// multiplied by their scale before the block is reduced, and start from
+// -32 Σ xq of their x (precomputed per 4 bytes of x), so that they are sums of
+// (q - 32) xq. Its blocks' d is d_super and its bias 0.
 
 constexpr int64_t GROUP_BLOCKS = 16;  // blocks reduced together
 
@@ -96,28 +102,40 @@ constexpr int group_block(int p) { return 4 * (p % 4) + p / 4; }
 // block in the low nibbles of 16 bytes and 16-31 in the high ones: first the
 // four blocks' first halves, then their second) and `k_quant` (Q4_K's 32 bytes
 // hold block 2j in their low nibbles and 2j+1 in the high ones: blocks 0 and 2,
-// then 1 and 3). Per block, in group_block order within each group: dx, qsum =
-// dx Σ xq and the exact sum Σ x.
+// then 1 and 3; Q5_K alike). Q6_K reads `natural` and beside it `q6_k_start`:
+// for each 4 bytes of `natural`, -32 times their sum (int32), where its
+// VPDPBUSD sums start. Per block, in group_block order within each group: dx,
+// qsum = dx Σ xq and the exact sum Σ x.
 struct QuantizedRow {
   int64_t period;
-  const int8_t* bytes;    // natural, nibbles, k_quant: period * 32 each
+  const int8_t* bytes;    // natural, nibbles, k_quant, q6_k_start: period * 32 each
   const float* numbers;   // dx, qsum, sum: period each
 
   const int8_t* natural() const { return bytes; }
   const int8_t* nibbles() const { return bytes + period * 32; }
   const int8_t* k_quant() const { return bytes + 2 * period * 32; }
+  const int8_t* q6_k_start() const { return bytes + 3 * period * 32; }
   const float* dx() const { return numbers; }
   const float* qsum() const { return numbers + period; }
   const float* sum() const { return numbers + 2 * period; }
 };
 
-// The layouts the int8 path reads for a type (a bit each): natural (Q8_0), nibbles (Q4_0 to Q5_1), k_quant (Q4_K).
-enum Layout : unsigned { NATURAL = 1, NIBBLES = 2, K_QUANT = 4 };
+// The layouts the int8 path reads for a type (a bit each): natural (Q8_0, Q6_K),
+// nibbles (Q4_0 to Q5_1), k_quant (Q4_K, Q5_K), q6_k_start (Q6_K).
+enum Layout : unsigned { NATURAL = 1, NIBBLES = 2, K_QUANT = 4, Q6_K_START = 8 };
 
-inline unsigned layout_of(int64_t type) { return type == Q8_0 ? NATURAL : type == Q4_K ? K_QUANT : NIBBLES; }
+inline unsigned layout_of(int64_t type) {
+  switch (type) {
+    case Q8_0: return NATURAL;
+    case Q4_K:
+    case Q5_K: return K_QUANT;
+    case Q6_K: return NATURAL | Q6_K_START;
+    default: return NIBBLES;
+  }
+}
 
 // x's row in the `layouts` asked for (the others are left as they were), into
-// `bytes` (3 * period * 32) and `numbers` (3 * period + 3 * k / 32, the tail scratch).
+// `bytes` (4 * period * 32) and `numbers` (3 * period + 3 * k / 32, the tail scratch).
 QuantizedRow quantize_row(const float* x, int64_t k, unsigned layouts, int8_t* bytes, float* numbers) {
   const int64_t blocks = k / 32, period = std::lcm(blocks, GROUP_BLOCKS);
   int8_t* natural = bytes;
@@ -150,14 +168,22 @@ QuantizedRow quantize_row(const float* x, int64_t k, unsigned layouts, int8_t* b
     const int64_t at = f / GROUP_BLOCKS * GROUP_BLOCKS + group_block(f % GROUP_BLOCKS);
     for (int i = 0; i < 3; ++i) numbers[i * period + at] = first[i * blocks + f % blocks];
   }
+  if (layouts & Q6_K_START) {  // period is a multiple of 16 blocks: whole vectors of 64 bytes
+    const __m512i minus_32 = _mm512_set1_epi32(-32), ones = _mm512_set1_epi8(1);
+    for (int64_t at = 0; at < period * 32; at += 64) {
+      const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(natural + at));
+      _mm512_storeu_si512(bytes + 3 * period * 32 + at, _mm512_mullo_epi32(sums, minus_32));
+    }
+  }
   return {period, bytes, numbers};
 }
 
 struct IntFormat {
-  int64_t bytes, qs, qh;  // block size, offsets of the quants and of the 5th bits (-1: none)
+  int64_t bytes, qs, qh;  // block size, offsets of the quants and of the high bits (-1: none)
   bool has_min;           // the block has a min m
   float bias;             // q + bias is the weight over d, less the min
-  int64_t blocks = 1;     // blocks of 32 per unit of `bytes` (Q4_K: 8 sub-blocks in a super-block)
+  int64_t blocks = 1;     // blocks of 32 per unit of `bytes` (K-quants: 8 sub-blocks in a super-block)
+  int64_t scales = 1;     // scales d per block of 32 (Q6_K: one per 16 weights)
 };
 
 constexpr IntFormat int_format(int64_t type) {
@@ -168,6 +194,8 @@ constexpr IntFormat int_format(int64_t type) {
     case Q5_1: return {24, 8, 4, true, -16.0f};
     case Q8_0: return {34, 2, -1, false, -128.0f};
     case Q4_K: return {144, 16, -1, true, -8.0f, 8};
+    case Q5_K: return {176, 48, 16, true, -16.0f, 8};
+    case Q6_K: return {210, 0, 128, false, 0.0f, 8, 2};  // bias 0: the sums start at -32 Σ xq
     default: return {0, 0, -1, false, 0.0f};
   }
 }
@@ -180,21 +208,58 @@ inline __m128i load16(const uint8_t* p, bool present) {
 }
 
 // The weights of four blocks (`count` of them real; TAIL: the rest read as
-// zeros) as VPDPBUSD's unsigned operands: two vectors, each meeting 64 bytes of x.
+// zeros) as VPDPBUSD's unsigned operands: two vectors, each meeting 64 bytes of
+// x; for Q6_K also each vector's four scales, one per 128-bit lane (int32).
 struct FourBlocks {
   __m512i first, second;
+  __m512i first_scales = _mm512_setzero_si512(), second_scales = _mm512_setzero_si512();  // Q6_K only
 };
 
+// Shift counts per 16-bit word: 0 in the low 256 bits, 2 in the high ones.
+inline __m512i shift_0_2() { return _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1); }
+
+// Blocks 4i .. 4i+3 of a group (K-quants: of 2 super-blocks, half i % 2 of super-block i / 2).
 template <int64_t TYPE, bool TAIL>
-inline FourBlocks load_four_blocks(const uint8_t* blocks, int count) {
+inline FourBlocks load_four_blocks(const uint8_t* group, int i, int count) {
   constexpr IntFormat f = int_format(TYPE);
-  if constexpr (TYPE == Q4_K) {  // `blocks`: 64 bytes of quants, sub-blocks 0 and 2 low, 1 and 3 high
-    const __m512i v = _mm512_loadu_si512(blocks), low4 = _mm512_set1_epi8(0x0F);
-    return {_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)};
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  if constexpr (TYPE == Q4_K || TYPE == Q5_K) {  // 64 bytes of quants, sub-blocks 0 and 2 low, 1 and 3 high
+    const uint8_t* super = group + (i / 2) * f.bytes;
+    const int half = i % 2;
+    const __m512i v = _mm512_loadu_si512(super + f.qs + 64 * half);
+    __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    if constexpr (TYPE == Q5_K) {  // the 5th bit of sub-block j's weight l is bit j of qh[l]
+      const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(super + f.qh)));
+      // bit 0 of each byte: sub-block 4 half (low 32 bytes) or 4 half + 2 (high); bit 1: the next ones
+      const __m512i bits = _mm512_srlv_epi16(qh, _mm512_add_epi16(shift_0_2(), _mm512_set1_epi16(4 * half)));
+      const __m512i fifth = _mm512_set1_epi8(0x10);
+      lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(bits, 4), fifth));
+      hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_slli_epi16(bits, 3), fifth));
+    }
+    return {lo, hi};
+  } else if constexpr (TYPE == Q6_K) {
+    // Half h of a super-block: 64 bytes ql, 32 bytes qh, 8 scales. Weight l of
+    // block 0 (1) is ql[l] (ql[32 + l]) & 15 with bits 0-1 (2-3) of qh[l] on
+    // top; blocks 2 and 3 take the high nibbles and bits 4-5, 6-7.
+    const uint8_t* super = group + (i / 2) * f.bytes;
+    const int half = i % 2;
+    const __m512i ql = _mm512_loadu_si512(super + f.qs + 64 * half);
+    const __m512i qh = _mm512_broadcast_i64x4(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(super + f.qh + 32 * half)));
+    const __m512i bits = _mm512_srlv_epi16(qh, shift_0_2()), high2 = _mm512_set1_epi8(0x30);
+    const __m512i first = _mm512_or_si512(_mm512_and_si512(ql, low4),
+                                          _mm512_and_si512(_mm512_slli_epi16(bits, 4), high2));
+    const __m512i second = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
+                                           _mm512_and_si512(bits, high2));
+    // the half's 8 int8 scales, one per 16 weights
+    const __m512i scales = _mm512_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(super + 192 + 8 * half)));
+    const __m512i first_at = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    return {first, second, _mm512_permutexvar_epi32(first_at, scales),
+            _mm512_permutexvar_epi32(_mm512_add_epi32(first_at, _mm512_set1_epi32(4)), scales)};
   } else if constexpr (TYPE == Q8_0) {  // two blocks of 32 signed bytes per vector, offset to unsigned
     __m512i w[2];
     for (int h = 0; h < 2; ++h) {
-      const uint8_t* p = blocks + 2 * h * f.bytes + f.qs;
+      const uint8_t* p = group + (4 * i + 2 * h) * f.bytes + f.qs;
       __m256i a, b;
       if (TAIL) {
         a = _mm256_maskz_loadu_epi8(2 * h < count ? ~0u : 0u, p);
@@ -207,21 +272,21 @@ inline FourBlocks load_four_blocks(const uint8_t* blocks, int count) {
     }
     return {w[0], w[1]};
   } else {  // 16 bytes of nibbles per block: the low nibbles of all four, then the high ones
+    const uint8_t* blocks = group + 4 * i * f.bytes;
     const uint8_t* p = blocks + f.qs;
     __m512i v = _mm512_castsi128_si512(load16<TAIL>(p, true));
     v = _mm512_inserti32x4(v, load16<TAIL>(p + f.bytes, 1 < count), 1);
     v = _mm512_inserti32x4(v, load16<TAIL>(p + 2 * f.bytes, 2 < count), 2);
     v = _mm512_inserti32x4(v, load16<TAIL>(p + 3 * f.bytes, 3 < count), 3);
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
     if constexpr (f.qh >= 0) {  // the 5th bit of weight j is bit j of the block's qh
       uint64_t lo_bits = 0, hi_bits = 0;
-      for (int i = 0; i < 4; ++i) {
-        if (TAIL && i >= count) break;
+      for (int b = 0; b < 4; ++b) {
+        if (TAIL && b >= count) break;
         uint32_t qh;
-        std::memcpy(&qh, blocks + i * f.bytes + f.qh, 4);
-        lo_bits |= static_cast<uint64_t>(qh & 0xFFFF) << (16 * i);
-        hi_bits |= static_cast<uint64_t>(qh >> 16) << (16 * i);
+        std::memcpy(&qh, blocks + b * f.bytes + f.qh, 4);
+        lo_bits |= static_cast<uint64_t>(qh & 0xFFFF) << (16 * b);
+        hi_bits |= static_cast<uint64_t>(qh >> 16) << (16 * b);
       }
       const __m512i sixteen = _mm512_set1_epi8(16);
       lo = _mm512_mask_add_epi8(lo, lo_bits, lo, sixteen);
@@ -232,13 +297,22 @@ inline FourBlocks load_four_blocks(const uint8_t* blocks, int count) {
 }
 
 // Four blocks of weights against 128 bytes of one row of x (in the layout the
-// type reads): lane L (128 bits) of the result holds four partial sums of block L.
+// type reads; Q6_K: `start`, its sums' start, at the same offset in
+// q6_k_start): lane L (128 bits) of the result holds four partial sums of block L.
 template <int64_t TYPE>
-inline __m512i four_block_sums(const FourBlocks& w, const int8_t* x) {
+inline __m512i four_block_sums(const FourBlocks& w, const int8_t* x, const int8_t* start) {
+  if constexpr (TYPE == Q6_K) {  // sums of (q - 32) xq, each 16 weights' times their scale
+    const __m512i s0 = _mm512_mullo_epi32(
+        _mm512_dpbusd_epi32(_mm512_loadu_si512(start), w.first, _mm512_loadu_si512(x)), w.first_scales);
+    const __m512i s1 = _mm512_mullo_epi32(
+        _mm512_dpbusd_epi32(_mm512_loadu_si512(start + 64), w.second, _mm512_loadu_si512(x + 64)), w.second_scales);
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(s0, s1, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(s0, s1, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
   const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.first, _mm512_loadu_si512(x));
-  if constexpr (TYPE == Q8_0 || TYPE == Q4_K) {
+  if constexpr (TYPE == Q8_0 || TYPE == Q4_K || TYPE == Q5_K) {
     const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.second, _mm512_loadu_si512(x + 64));
-    // s0: lanes 0-1 block 0, 2-3 block 1; s1 likewise for blocks 2, 3 (Q4_K: blocks 0, 2, 1, 3).
+    // s0: lanes 0-1 block 0, 2-3 block 1; s1 likewise for blocks 2, 3 (Q4_K, Q5_K: blocks 0, 2, 1, 3).
     return _mm512_add_epi32(_mm512_shuffle_i32x4(s0, s1, _MM_SHUFFLE(2, 0, 2, 0)),
                             _mm512_shuffle_i32x4(s0, s1, _MM_SHUFFLE(3, 1, 3, 1)));
   } else {
@@ -252,14 +326,6 @@ inline __m512i sum_blocks(const __m512i s[4]) {
   const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]), _mm512_unpackhi_epi32(s[0], s[1]));
   const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]), _mm512_unpackhi_epi32(s[2], s[3]));
   return _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-}
-
-// Where four_blocks i (of a group) start: Q4_K's are half super-blocks of quants.
-template <int64_t TYPE>
-inline const uint8_t* four_blocks_at(const uint8_t* group, int i) {
-  constexpr IntFormat f = int_format(TYPE);
-  if constexpr (TYPE == Q4_K) return group + (i / 2) * f.bytes + f.qs + 64 * (i % 2);
-  return group + 4 * i * f.bytes;
 }
 
 // Per count: the positions p of a group that hold its first `count` blocks (group_block(p) < count).
@@ -278,7 +344,11 @@ constexpr PresentBlocks PRESENT_BLOCKS{};
 template <int64_t TYPE>
 inline void block_scales(const uint8_t* group, int64_t count, __m512i index, __m512 bias, __m512& d, __m512& m_shifted) {
   constexpr IntFormat f = int_format(TYPE);
-  if constexpr (TYPE == Q4_K) {  // per sub-block j: d * scale_j and -dmin * min_j, 6-bit packed
+  if constexpr (TYPE == Q6_K) {  // d_super per block (the int8 scales are applied to the sums)
+    alignas(64) float scale[16] = {};
+    for (int64_t p = 0; p < count; ++p) scale[group_block(static_cast<int>(p))] = f16(group + p / 8 * f.bytes + 208);
+    d = _mm512_load_ps(scale);
+  } else if constexpr (TYPE == Q4_K || TYPE == Q5_K) {  // per sub-block j: d * scale_j and -dmin * min_j, 6-bit packed
     alignas(64) float scale[16] = {}, min[16] = {};
     for (int64_t unit = 0; unit < count / 8; ++unit) {
       const uint8_t* super = group + unit * f.bytes;
@@ -338,17 +408,19 @@ void int_dot(const uint8_t* data, int64_t row_blocks, int64_t rows, int64_t ahea
     for (int i = 0; i < 4; ++i) {
       FourBlocks w;
       if (count == GROUP_BLOCKS) {
-        w = load_four_blocks<TYPE, false>(four_blocks_at<TYPE>(base, i), 4);
+        w = load_four_blocks<TYPE, false>(base, i, 4);
       } else if (4 * i < count) {
-        w = load_four_blocks<TYPE, true>(four_blocks_at<TYPE>(base, i), static_cast<int>(count - 4 * i));
+        w = load_four_blocks<TYPE, true>(base, i, static_cast<int>(count - 4 * i));
       } else {
         for (int r = 0; r < M; ++r) s[r][i] = _mm512_setzero_si512();
         continue;
       }
       for (int r = 0; r < M; ++r) {
-        const int8_t* xs = (TYPE == Q8_0 ? x[r].natural() : TYPE == Q4_K ? x[r].k_quant() : x[r].nibbles()) +
-                           32 * (at + 4 * i);
-        s[r][i] = four_block_sums<TYPE>(w, xs);
+        const int64_t offset = 32 * (at + 4 * i);
+        const int8_t* xs = (TYPE == Q8_0 || TYPE == Q6_K   ? x[r].natural()
+                            : TYPE == Q4_K || TYPE == Q5_K ? x[r].k_quant()
+                                                           : x[r].nibbles()) + offset;
+        s[r][i] = four_block_sums<TYPE>(w, xs, x[r].q6_k_start() + offset);
       }
     }
     __m512 d, m_shifted = _mm512_setzero_ps();  // m' = m - bias d
@@ -356,7 +428,7 @@ void int_dot(const uint8_t* data, int64_t row_blocks, int64_t rows, int64_t ahea
     __m512 group[M];  // each block's Σ w x, in group_block order (zero past the end)
     for (int r = 0; r < M; ++r) {
       __m512i totals = sum_blocks(s[r]);
-      if constexpr (TYPE == Q4_K)  // blocks 4i + (0, 2, 1, 3) came out in lanes 0-3: swap the middle lanes
+      if constexpr (TYPE == Q4_K || TYPE == Q5_K)  // blocks 4i + (0, 2, 1, 3) came out in lanes 0-3: swap the middle lanes
         totals = _mm512_shuffle_i32x4(totals, totals, _MM_SHUFFLE(3, 1, 2, 0));
       const __m512 dots = _mm512_cvtepi32_ps(totals);
       const __m512 dx = _mm512_loadu_ps(x[r].dx() + at), qsum = _mm512_loadu_ps(x[r].qsum() + at);
@@ -413,6 +485,8 @@ IntDot int_dot_for(int64_t type, int64_t rows) {
     case Q5_1: return INT_DOT_BY_ROWS<Q5_1>[rows - 1];
     case Q8_0: return INT_DOT_BY_ROWS<Q8_0>[rows - 1];
     case Q4_K: return INT_DOT_BY_ROWS<Q4_K>[rows - 1];
+    case Q5_K: return INT_DOT_BY_ROWS<Q5_K>[rows - 1];
+    case Q6_K: return INT_DOT_BY_ROWS<Q6_K>[rows - 1];
     default: return nullptr;
   }
 }
@@ -435,12 +509,15 @@ constexpr int64_t ROW_GROUP = 8;  // weight rows sharing each load of x
 
 // x's rows in tiles of LANES (rows past m are zero): per tile and block, 512
 // bytes of int8 in VPDPBUSD's layout, then dx, bias-free qsum = dx Σ xq, and Σ x
-// for each lane (3 x 16 floats).
+// for each lane (3 x 16 floats). After all tiles' bytes, per tile and block
+// Q6_K's starts: -32 Σ xq over the block's first and second 16 weights, for each
+// lane (2 x 16 int32).
 struct XTiles {
   int64_t tiles, blocks;
   const int8_t* q;
   const float* numbers;
   const int8_t* quads(int64_t t, int64_t b) const { return q + (t * blocks + b) * 512; }
+  const int8_t* q6_k_starts(int64_t t, int64_t b) const { return q + (tiles * blocks) * 512 + (t * blocks + b) * 128; }
   const float* dx(int64_t t, int64_t b) const { return numbers + (t * blocks + b) * 3 * LANES; }
   const float* qsum(int64_t t, int64_t b) const { return dx(t, b) + LANES; }
   const float* sum(int64_t t, int64_t b) const { return dx(t, b) + 2 * LANES; }
@@ -448,7 +525,7 @@ struct XTiles {
 
 XTiles quantize_tiles(const float* x, int64_t m, int64_t k, std::vector<int8_t>& bytes, std::vector<float>& numbers) {
   const int64_t blocks = k / 32, tiles = (m + LANES - 1) / LANES;
-  bytes.assign(tiles * blocks * 512, 0);
+  bytes.assign(tiles * blocks * (512 + 128), 0);
   numbers.assign(tiles * blocks * 3 * LANES, 0.0f);
   for (int64_t r = 0; r < m; ++r) {
     const int64_t t = r / LANES, lane = r % LANES;
@@ -467,26 +544,57 @@ XTiles quantize_tiles(const float* x, int64_t m, int64_t k, std::vector<int8_t>&
       n[lane] = d;
       n[LANES + lane] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
       n[2 * LANES + lane] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+      int32_t* starts = reinterpret_cast<int32_t*>(bytes.data() + tiles * blocks * 512 + (t * blocks + b) * 128);
+      starts[lane] = -32 * _mm512_reduce_add_epi32(qlo);
+      starts[LANES + lane] = -32 * _mm512_reduce_add_epi32(qhi);
     }
   }
   return {tiles, blocks, bytes.data(), numbers.data()};
 }
 
 // One weight row's blocks -> k unsigned bytes q (w = d (q + bias) + m' per block),
-// d and m' per block of 32.
+// d (f.scales per block of 32) and m' per block of 32. Q6_K: w = d (q - 32) per
+// 16 weights (tile_rows_q6_k), no m'.
 template <int64_t TYPE>
 void unpack_row(const uint8_t* row, int64_t blocks, uint8_t* q, float* d, float* m_shifted) {
   constexpr IntFormat f = int_format(TYPE);
   const __m128i low4 = _mm_set1_epi8(0x0F);
-  if constexpr (TYPE == Q4_K) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  if constexpr (TYPE == Q6_K) {
+    const __m256i high2 = _mm256_set1_epi8(0x30);
+    for (int64_t s = 0; s < blocks / 8; ++s, row += f.bytes) {
+      for (int half = 0; half < 2; ++half) {  // as load_four_blocks<Q6_K>
+        const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + f.qs + 64 * half));
+        const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + f.qs + 64 * half + 32));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + f.qh + 32 * half));
+        __m256i* out = reinterpret_cast<__m256i*>(q + 256 * s + 128 * half);
+        _mm256_storeu_si256(out, _mm256_or_si256(_mm256_and_si256(ql0, low),
+                                                 _mm256_and_si256(_mm256_slli_epi16(qh, 4), high2)));
+        _mm256_storeu_si256(out + 1, _mm256_or_si256(_mm256_and_si256(ql1, low),
+                                                     _mm256_and_si256(_mm256_slli_epi16(qh, 2), high2)));
+        _mm256_storeu_si256(out + 2, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                                                     _mm256_and_si256(qh, high2)));
+        _mm256_storeu_si256(out + 3, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                                                     _mm256_and_si256(_mm256_srli_epi16(qh, 2), high2)));
+      }
+      const float d_super = f16(row + 208);
+      const int8_t* scales = reinterpret_cast<const int8_t*>(row + 192);
+      for (int j = 0; j < 16; ++j) d[16 * s + j] = d_super * static_cast<float>(scales[j]);
+    }
+  } else if constexpr (TYPE == Q4_K || TYPE == Q5_K) {
     for (int64_t s = 0; s < blocks / 8; ++s, row += f.bytes) {
       const float d_super = f16(row), dmin = f16(row + 2);
       for (int j = 0; j < 4; ++j) {  // 32 bytes: sub-block 2j in the low nibbles, 2j+1 in the high
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + f.qs + 32 * j));
-        const __m256i low = _mm256_set1_epi8(0x0F);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 256 * s + 64 * j), _mm256_and_si256(v, low));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 256 * s + 64 * j + 32),
-                            _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+        __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        if constexpr (TYPE == Q5_K) {  // bit 2j (2j+1) of qh[l]: the 5th bit of weight l of sub-block 2j (2j+1)
+          const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + f.qh));
+          const __m256i bits = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j)), fifth = _mm256_set1_epi8(0x10);
+          lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(bits, 4), fifth));
+          hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(bits, 3), fifth));
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 256 * s + 64 * j), lo);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 256 * s + 64 * j + 32), hi);
       }
       for (int j = 0; j < 8; ++j) {
         int sc, mn;
@@ -529,6 +637,8 @@ UnpackRow unpack_row_for(int64_t type) {
     case Q5_1: return unpack_row<Q5_1>;
     case Q8_0: return unpack_row<Q8_0>;
     case Q4_K: return unpack_row<Q4_K>;
+    case Q5_K: return unpack_row<Q5_K>;
+    case Q6_K: return unpack_row<Q6_K>;
     default: return nullptr;
   }
 }
@@ -566,6 +676,39 @@ void tile_rows(const uint8_t* q, const float* d, const float* m_shifted, int64_t
   for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
 }
 
+// tile_rows for Q6_K (d: a scale per 16 weights, w = d (q - 32)): each half
+// block's sums start from -32 Σ xq of their x, so that they are sums of
+// (q - 32) xq, and meet their own scale.
+void tile_rows_q6_k(const uint8_t* q, const float* d, int64_t k, const XTiles& x, int64_t t, float* c) {
+  const int64_t blocks = k / 32;
+  __m512 acc[ROW_GROUP];
+  for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* xq = x.quads(t, b);
+    const int8_t* starts = x.q6_k_starts(t, b);
+    __m512 halves[ROW_GROUP];
+    for (int i = 0; i < ROW_GROUP; ++i) halves[i] = _mm512_setzero_ps();
+    for (int half = 0; half < 2; ++half) {
+      __m512i s[ROW_GROUP];
+      const __m512i start = _mm512_loadu_si512(starts + 64 * half);
+      for (int i = 0; i < ROW_GROUP; ++i) s[i] = start;
+      for (int j = 4 * half; j < 4 * half + 4; ++j) {
+        const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
+        for (int i = 0; i < ROW_GROUP; ++i) {
+          int32_t w;
+          std::memcpy(&w, q + i * k + 32 * b + 4 * j, 4);
+          s[i] = _mm512_dpbusd_epi32(s[i], _mm512_set1_epi32(w), xv);
+        }
+      }
+      for (int i = 0; i < ROW_GROUP; ++i)
+        halves[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), _mm512_set1_ps(d[2 * (i * blocks + b) + half]), halves[i]);
+    }
+    const __m512 dx = _mm512_loadu_ps(x.dx(t, b));
+    for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_fmadd_ps(halves[i], dx, acc[i]);
+  }
+  for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
+}
+
 // A member's jobs of a batched int8 product (m > INT8_GEMV_MAX_ROWS rows of x;
 // every segment's type has an integer kernel): [begin, end), its first chunk,
 // already claimed, then the next ones (team.h).
@@ -579,9 +722,9 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
   const int64_t n_jobs = static_cast<int64_t>(jobs.size()), blocks = k / 32;
   const XTiles x = quantize_tiles(xs, m, k, x_bytes, x_numbers);
   strip.resize(GEMV_JOB_ROWS * k);
-  scales.resize(2 * GEMV_JOB_ROWS * blocks);
-  float* d = scales.data();
-  float* m_shifted = d + GEMV_JOB_ROWS * blocks;
+  scales.resize(3 * GEMV_JOB_ROWS * blocks);
+  float* d = scales.data();  // up to 2 per block (f.scales)
+  float* m_shifted = d + 2 * GEMV_JOB_ROWS * blocks;
   alignas(64) float c[GEMV_JOB_ROWS * LANES];
   do {
     for (int64_t j = begin; j < end; ++j) {
@@ -589,21 +732,24 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
       const int64_t first = jobs[j].first_row, rows = std::min(seg.rows - first, GEMV_JOB_ROWS);
       const UnpackRow unpack = unpack_row_for(seg.type);
       const IntFormat f = int_format(seg.type);
+      const int64_t row_scales = f.scales * blocks;  // d per weight row
       for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) {
         const uint8_t* row = seg.data + (first + i) * seg.row_bytes;
         prefetch(row + GEMV_JOB_ROWS * seg.row_bytes, seg.row_bytes);  // the next job's row
         if (i < rows) {
-          unpack(row, blocks, strip.data() + i * k, d + i * blocks, m_shifted + i * blocks);
+          unpack(row, blocks, strip.data() + i * k, d + i * row_scales, m_shifted + i * blocks);
         } else {  // past the weight's end: zeros (their products are not written)
           std::memset(strip.data() + i * k, 0, k);
-          std::fill(d + i * blocks, d + (i + 1) * blocks, 0.0f);
+          std::fill(d + i * row_scales, d + (i + 1) * row_scales, 0.0f);
           std::fill(m_shifted + i * blocks, m_shifted + (i + 1) * blocks, 0.0f);
         }
       }
       for (int64_t t = 0; t < x.tiles; ++t) {
         for (int64_t i = 0; i < GEMV_JOB_ROWS; i += ROW_GROUP) {
           const uint8_t* q = strip.data() + i * k;
-          if (f.has_min)
+          if (seg.type == Q6_K)
+            tile_rows_q6_k(q, d + i * row_scales, k, x, t, c + i * LANES);
+          else if (f.has_min)
             tile_rows<true>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, c + i * LANES);
           else
             tile_rows<false>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, c + i * LANES);
@@ -651,7 +797,7 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
   if (integer) {
     unsigned layouts = 0;
     for (const Segment& seg : segments) layouts |= layout_of(seg.type);
-    const int64_t period = std::lcm(k / 32, GROUP_BLOCKS), row_bytes = 3 * period * 32, row_numbers = 3 * period + 3 * k / 32;
+    const int64_t period = std::lcm(k / 32, GROUP_BLOCKS), row_bytes = 4 * period * 32, row_numbers = 3 * period + 3 * k / 32;
     if (static_cast<int64_t>(byte_scratch.size()) < m * row_bytes) byte_scratch.resize(m * row_bytes);
     if (static_cast<int64_t>(number_scratch.size()) < m * row_numbers) number_scratch.resize(m * row_numbers);
     for (int64_t r = 0; r < m; ++r)
@@ -692,7 +838,7 @@ int64_t plan_gemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef t
     TORCH_CHECK(x.size(0) <= INT8_BATCH_MAX_ROWS, "qgemv_int8: at most ", INT8_BATCH_MAX_ROWS, " rows, got ",
                 x.size(0));
     TORCH_CHECK(cholla::int8_kernel_types(types), "qgemv_int8: more than ", GEMV_MAX_ROWS,
-                " rows need every weight in a type with an int8 kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K)");
+                 " rows need every weight in a type with an int8 kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
   } else {
     TORCH_CHECK(x.size(0) <= GEMV_MAX_ROWS, integer ? "qgemv_int8" : "qgemv", ": at most ", GEMV_MAX_ROWS,
                 " rows, got ", x.size(0));
@@ -744,7 +890,7 @@ at::Tensor qgemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef ty
   return gemv(x, weights, types, false);
 }
 
-// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q4_K weights take the integer path (x rounded
+// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K weights take the integer path (x rounded
 // to int8 per block: not exact, as in llama.cpp); other types the exact one.
 // x: up to 8 rows, or up to 64 where every weight has an integer kernel.
 at::Tensor qgemv_int8(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types) {

@@ -179,6 +179,19 @@ at::Tensor gated_rms_norm(const at::Tensor& y, const at::Tensor& z, const at::Te
   return out;
 }
 
+// The bodies above for one (sequence, head) and one (row, group), for the fused decode
+// layers (ops.h): dt_raw before softplus, clamped to [dt_min, dt_max] as ssd_step does.
+void ssd_head_row(float* state, const float* x, const float* B, const float* C, float* y, int64_t head_dim,
+                  int64_t state_size, float dt_raw, float dt_bias, float A_log, float D, float dt_min, float dt_max) {
+  const float step = std::min(std::max(softplus(dt_raw + dt_bias), dt_min), dt_max);
+  head_step(state, x, B, C, y, head_dim, state_size, step, std::exp(-step * std::exp(A_log)), D);
+}
+
+void gated_norm_row(const float* y, const float* z, const float* weight, float* out, int64_t width, float eps,
+                    bool norm_before_gate) {
+  gated_norm_group(y, z, weight, out, width, eps, norm_before_gate);
+}
+
 }  // namespace cholla
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) {

@@ -250,6 +250,25 @@ at::Tensor gated_delta_rule_step(const at::Tensor& qkv, const at::Tensor& a, con
   return out;
 }
 
+// gated_delta_rule_step's body for one (sequence, value head), for a fused caller (ops.h): `row`
+// the sequence's convolved q, k, v; a, b its raw decay and beta projections for head h.
+void delta_rule_head_row(const float* row, float a, float b, float A, float dt_bias, float* state, float* out,
+                         int64_t k_heads, int64_t v_heads, int64_t dk, int64_t dv, int64_t h, bool tiled,
+                         const float* next) {
+  alignas(64) float q[MAX_KEY_DIM], k[MAX_KEY_DIM];
+  const int64_t key_dim = k_heads * dk, key_head = tiled ? h % k_heads : h / (v_heads / k_heads);
+  l2_normalize_row(row + key_head * dk, q, dk, 1.0f / std::sqrt((float)dk));
+  l2_normalize_row(row + key_dim + key_head * dk, k, dk, 1.0f);
+  const float g = A * softplus(a + dt_bias), beta = 1.0f / (1.0f + std::exp(-b));
+  delta_rule_head(q, k, row + 2 * key_dim + h * dv, g, beta, state, out, dk, dv, next);
+}
+
+// conv_channels for a fused caller (ops.h): one fp32 row's channels [begin, end).
+void conv_step_row(const float* x, const float* weight, const float* bias, float* state, float* out, int64_t begin,
+                   int64_t end, int64_t kernel, bool silu) {
+  conv_channels(x, weight, bias, state, out, begin, end, kernel, silu);
+}
+
 }  // namespace cholla
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) {

@@ -50,11 +50,26 @@ in a float type: ``paged_cache.check_kv_types``):
   ``head_dim / 2 + 2`` of values, at most ``q4_0``'s ``2 * 0.5625 * head_dim`` for
   ``head_dim >= 64`` at blocks of 16; the open blocks' bf16 rows (two per sequence at most
   ``max_num_seqs``) are a fixed few MiB (``open_block_bytes``).
+- ``fp8_e4m3_centered`` keeps keys as fp8 e4m3 after taking out each channel's mean over the
+  tokens of their cache block, SageAttention's smoothing of K (Zhang et al., "SageAttention:
+  Accurate 8-Bit Attention for Plug-and-play Inference Acceleration", ICLR 2025) per block, as
+  a paged cache fills one block at a time: keys share a large per-channel offset (outlier
+  channels, QK-norm weights), and e4m3's 3 mantissa bits are relative to the whole value, so
+  the offset's rounding error swamps the part that differs between tokens. Per (block, head) a
+  uint8 plane ``[2 head_dim + 2 block_size + 16]``: fp16 means per channel, fp16 scales per
+  token (each row of the rest scaled so its largest magnitude is 448, as
+  ``fp8_e4m3_scaled``), then q4_kivi's tail (the open flag at its byte 6); a block is
+  quantized when it fills, from bf16 rows kept until then (``OpenBlocks``, as q4_kivi). Values
+  are ``fp8_e4m3_scaled``'s. Per token and head: ``head_dim + 2 + (2 head_dim + 16) / block_size``
+  bytes of keys, ``head_dim + 2`` of values.
 
 The PyTorch path reads every type back as fp32 (``gather``). cholla's C++ kernels
 (``kernels/paged_attention.cpp``) write and read every type in place, a row at a time
 (``kernel_parts`` hands them a side): rotated and calibrated types are read without undoing
-the rotation per key, by rotating the query once and each head's output once instead.
+the rotation per key, by rotating the query once and each head's output once instead; keys
+with statistics per block (q4_kivi, fp8_e4m3_centered) a block at a time, an open block from
+its bf16 rows (``open_for_write`` gives a write's blocks their slots, the kernels fill them
+and quantize the blocks a write fills).
 """
 
 from __future__ import annotations
@@ -66,7 +81,7 @@ from typing import NamedTuple, Union
 
 import torch
 
-from cholla.errors import InvalidRequestError
+from cholla.errors import ChollaError, InvalidRequestError
 
 
 @dataclass(frozen=True)
@@ -77,7 +92,7 @@ class KVCacheType:
     bits: int = 8  # per value; 4: two to a byte (q4_0)
     rotated: bool = False  # each head Hadamard-rotated before quantizing (int8_rot, q4_0_rot)
     calibrated: bool = False  # channels shifted and scaled by calibrated statistics first (q4_0_cal)
-    channel_keys: bool = False  # keys quantized per channel over each block's tokens (q4_kivi)
+    channel_keys: bool = False  # keys with statistics over each block's tokens (q4_kivi, fp8_e4m3_centered)
 
     def groups(self, head_dim: int) -> int:
         """Scales per (token, head)."""
@@ -89,7 +104,7 @@ class KVCacheType:
         """Bytes one token's one head takes: values plus scales (``key``: on the key side, whose
         per-block statistics of ``q4_kivi`` are spread over ``block_size`` tokens)."""
         if key and self.channel_keys:
-            per_block = block_size * head_dim // 2 + channel_params(head_dim)
+            per_block = block_size * head_dim * self.bits // 8 + channel_params(head_dim, self.storage, block_size)
             return per_block // block_size if per_block % block_size == 0 else per_block / block_size
         return head_dim * self.bits // 8 * self.storage.itemsize + self.groups(head_dim) * 2
 
@@ -118,6 +133,7 @@ KV_CACHE_TYPES = {
         KVCacheType("q4_0_cal", torch.uint8, group=32, bits=4, rotated=True, calibrated=True),
         KVCacheType("q4_kivi", torch.uint8, group=0, bits=4, rotated=True, channel_keys=True),
         KVCacheType("fp8_e4m3_scaled", torch.float8_e4m3fn, group=0),
+        KVCacheType("fp8_e4m3_centered", torch.float8_e4m3fn, group=0, channel_keys=True),
     )
 }
 ALIASES = {"fp8": "fp8_e4m3", "float32": "f32", "fp32": "f32", "bfloat16": "bf16", "float16": "f16", "fp16": "f16"}
@@ -173,13 +189,17 @@ class ScaledKV(NamedTuple):
 CacheSide = Union[torch.Tensor, ScaledKV]
 
 # The per-(block, head) plane of q4_kivi's keys: one code byte per channel, then fp16 base, step
-# and unit (bytes head_dim .. head_dim + 5), the open flag (byte head_dim + 6), padding to 16.
+# and unit (bytes head_dim .. head_dim + 5), the open flag (byte head_dim + 6), padding to 16;
+# of fp8_e4m3_centered's: fp16 means [head_dim], fp16 scales [block_size], then the same tail
+# of 16 bytes (the open flag its byte 6).
 _PARAMS_TAIL = 16
 _OPEN = 1  # flag byte of a block whose rows are in OpenBlocks; 0 (as zeroed) = quantized
 
 
-def channel_params(head_dim: int) -> int:
-    """Bytes of q4_kivi's key statistics per (block, head)."""
+def channel_params(head_dim: int, storage: torch.dtype = torch.uint8, block_size: int = 16) -> int:
+    """Bytes of the key statistics per (block, head): q4_kivi's (uint8 codes), fp8_e4m3_centered's."""
+    if storage == torch.float8_e4m3fn:
+        return 2 * head_dim + 2 * block_size + _PARAMS_TAIL
     return head_dim + _PARAMS_TAIL
 
 
@@ -218,9 +238,17 @@ class OpenBlocks:
                 self.slot_of[old] = -1
             self.block_in[slot], self.slot_of[block] = block, slot
             if not fresh:
-                self.rows[slot] = _dequantize_channel(cache.values[block], cache.scales[block]).to(torch.bfloat16)
+                self.rows[slot] = _dequantize_block(cache.values[block], cache.scales[block]).to(torch.bfloat16)
         self.written[slot] = self.clock
         return slot
+
+    def release(self, block: int) -> None:
+        """``block`` keeps no slot (it is written whole: stale rows must not be reopened later)."""
+        slot = int(self.slot_of[block])
+        if slot >= 0:
+            self.slot_of[block] = -1
+            self.block_in[slot] = -1
+            self.written[slot] = 0
 
 
 def allocate(kv_type: KVCacheType, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -229,8 +257,8 @@ def allocate(kv_type: KVCacheType, num_blocks: int, block_size: int, num_kv_head
     the key side (q4_kivi's differs), whose open blocks get ``open_slots`` bf16 slots."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     if key and kv_type.channel_keys:
-        values = zeros((*shape[:3], head_dim // 2), torch.uint8)
-        scales = zeros((num_blocks, num_kv_heads, channel_params(head_dim)), torch.uint8)
+        values = zeros((*shape[:3], head_dim * kv_type.bits // 8), kv_type.storage)
+        scales = zeros((num_blocks, num_kv_heads, channel_params(head_dim, kv_type.storage, block_size)), torch.uint8)
         slots = OpenBlocks(min(open_slots, num_blocks), num_blocks, block_size, num_kv_heads, head_dim, zeros)
         return ScaledKV(values, scales, open_blocks=slots)
     if kv_type.group is None:
@@ -263,15 +291,22 @@ def head_dim(cache: CacheSide) -> int:
 
 def kernel_parts(cache: CacheSide) -> tuple[torch.Tensor, list[torch.Tensor], bool] | None:
     """One side as the C++ kernels take it (``paged_attention.cpp``'s ``kv_side``): its values,
-    ``[]`` / ``[scales]`` / ``[scales, shift, spread]``, and whether heads are rotated; None where
-    they cannot: a non-contiguous view (a latent cache's V) or a GPU cache."""
+    ``[]`` / ``[scales]`` / ``[scales, shift, spread]`` / q4_kivi keys' ``[params, open rows,
+    open slots]``, and whether heads are rotated; None where they cannot: a non-contiguous view
+    (a latent cache's V), a GPU cache, or a head the kernels' buffers do not hold."""
     if isinstance(cache, ScaledKV):
-        if (cache.open_blocks is not None or cache.values.dtype.is_floating_point
-                or (cache.values.dtype == torch.uint8 and cache.scales.shape[-1] * 32 != head_dim(cache))):
-            return None  # q4_kivi (either side) and fp8_e4m3_scaled: only the PyTorch path reads them
-        tensors = [cache.values, cache.scales] + ([] if cache.shift is None else [cache.shift, cache.spread])
+        tensors = [cache.values, cache.scales]
+        if cache.shift is not None:
+            tensors += [cache.shift, cache.spread]
+        if cache.open_blocks is not None:
+            tensors += [cache.open_blocks.rows, cache.open_blocks.slot_of]
+        # q4_kivi's 4-bit heads and per-block keys, fp8_e4m3_centered's keys: dim / 2 a multiple of 16
+        # for the nibble loaders, the writers' buffers for every head they transform first
+        per_head_4bit = cache.values.dtype == torch.uint8 and (
+            cache.open_blocks is not None or cache.scales.shape[-1] * 32 != head_dim(cache))
+        buffered = cache.rotated or per_head_4bit or cache.open_blocks is not None
         if (not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
-                or (cache.rotated and head_dim(cache) > KERNEL_MAX_ROTATED_DIM)):
+                or (buffered and head_dim(cache) > KERNEL_MAX_ROTATED_DIM) or (per_head_4bit and head_dim(cache) % 32)):
             return None
         return cache.values, tensors[1:], cache.rotated
     if not cache.is_contiguous() or cache.device.type != "cpu" or cache.dtype not in _BY_TORCH_DTYPE:
@@ -355,16 +390,71 @@ def _dequantize_channel(values: torch.Tensor, params: torch.Tensor) -> torch.Ten
     return _unpack_nibbles(values) * scale.unsqueeze(-3) + floor.unsqueeze(-3)
 
 
+def quantize_centered(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full key blocks rows: fp32 [n, block_size, kv_heads, dim] -> (float8_e4m3 [n, block_size,
+    kv_heads, dim], uint8 statistics [n, kv_heads, 2 dim + 2 block_size + 16]): each channel's
+    mean over the block (fp16) taken out, then each (token, head) as ``quantize_fp8``."""
+    n, block_size, heads, dim = rows.shape
+    mean = rows.mean(dim=1).half()  # [n, heads, dim]
+    codes, scales = quantize_fp8(rows - mean.float().unsqueeze(1))  # scales [n, block_size, heads, 1]
+    tail = torch.zeros(n, heads, _PARAMS_TAIL, dtype=torch.uint8)
+    scales = scales.squeeze(-1).transpose(1, 2).contiguous()  # [n, heads, block_size]
+    return codes, torch.cat([mean.view(torch.uint8), scales.view(torch.uint8), tail], dim=-1)
+
+
+def _dequantize_centered(values: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """values [..., block_size, kv_heads, dim] e4m3, params [..., kv_heads, 2 dim + 2 block_size + 16]
+    -> fp32 [..., block_size, kv_heads, dim]."""
+    dim, block_size = values.shape[-1], values.shape[-3]
+    mean = params[..., : 2 * dim].contiguous().view(torch.float16).float()  # [..., heads, dim]
+    scales = params[..., 2 * dim : 2 * dim + 2 * block_size].contiguous().view(torch.float16).float()
+    return values.float() * scales.transpose(-1, -2).unsqueeze(-1) + mean.unsqueeze(-3)
+
+
+def _dequantize_block(values: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """A quantized key block (or blocks) of either per-block layout, as fp32."""
+    if values.dtype == torch.float8_e4m3fn:
+        return _dequantize_centered(values, params)
+    return _dequantize_channel(values, params)
+
+
 def _is_open(cache: ScaledKV, block: int) -> bool:
     return int(cache.scales[block, 0, -_PARAMS_TAIL + 6]) == _OPEN
 
 
 def _close(cache: ScaledKV, blocks: list[int], rows: torch.Tensor) -> None:
     """Quantize full blocks ``blocks`` from their bf16 rows [n, block_size, kv_heads, dim]."""
-    values, params = quantize_channel(rows.float())
+    centered = cache.values.dtype == torch.float8_e4m3fn
+    values, params = (quantize_centered if centered else quantize_channel)(rows.float())
     index = torch.tensor(blocks)
-    cache.values.index_copy_(0, index, values)
+    _as_bytes(cache.values).index_copy_(0, index, _as_bytes(values))
     cache.scales.index_copy_(0, index, params)
+
+
+def open_for_write(cache: CacheSide, slot_mapping: torch.Tensor) -> dict[int, tuple[list[int], list[int]]]:
+    """Before q4_kivi keys are written to ``slot_mapping`` (by ``store`` or the C++ kernels): each
+    block the write fills part-way gets its open slot (``OpenBlocks.slot``), each block it fills
+    whole drops any slot it kept (its rows there are another write's). Returns per block the
+    write's rows and their offsets; nothing to do (``{}``) for other sides."""
+    if not (isinstance(cache, ScaledKV) and cache.open_blocks is not None):
+        return {}
+    block_size = cache.values.shape[1]
+    open_blocks = cache.open_blocks
+    by_block: dict[int, tuple[list[int], list[int]]] = {}
+    for i, slot in enumerate(slot_mapping.tolist()):
+        index, at = by_block.setdefault(slot // block_size, ([], []))
+        index.append(i)
+        at.append(slot % block_size)
+    whole = {block for block, (_, at) in by_block.items() if sorted(at) == list(range(block_size))}
+    if len(by_block) - len(whole) > len(open_blocks.written):
+        raise ChollaError(f"a write fills {len(by_block) - len(whole)} q4_kivi key blocks part-way, more than its "
+                          f"{len(open_blocks.written)} open slots (two per running sequence): raise max_num_seqs")
+    for block, (_, at) in by_block.items():
+        if block in whole:
+            open_blocks.release(block)
+        else:
+            open_blocks.slot(cache, block, fresh=0 in at)
+    return by_block
 
 
 def _store_channel(cache: ScaledKV, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -373,18 +463,13 @@ def _store_channel(cache: ScaledKV, x: torch.Tensor, slot_mapping: torch.Tensor)
     block_size = cache.values.shape[1]
     open_blocks = cache.open_blocks
     rows = x.to(torch.bfloat16)
-    by_block: dict[int, list[int]] = {}
-    for i, slot in enumerate(slot_mapping.tolist()):
-        by_block.setdefault(slot // block_size, []).append(i)
-    offsets = (slot_mapping % block_size).tolist()
     whole, whole_rows, filled, filled_slots = [], [], [], []
-    for block, index in by_block.items():
-        at = [offsets[i] for i in index]
-        if sorted(at) == list(range(block_size)):
+    for block, (index, at) in open_for_write(cache, slot_mapping).items():
+        slot = int(open_blocks.slot_of[block])
+        if slot < 0:
             whole.append(block)
             whole_rows.append(rows[[i for _, i in sorted(zip(at, index))]])
             continue
-        slot = open_blocks.slot(cache, block, fresh=0 in at)
         open_blocks.rows[slot, at] = rows[index]
         if block_size - 1 in at:
             filled.append(block)
@@ -398,9 +483,10 @@ def _store_channel(cache: ScaledKV, x: torch.Tensor, slot_mapping: torch.Tensor)
 
 
 def _gather_channel(cache: ScaledKV, blocks: torch.Tensor) -> torch.Tensor:
-    """q4_kivi keys of ``blocks`` (any index shape) as fp32; open blocks from their bf16 rows."""
+    """q4_kivi's or fp8_e4m3_centered's keys of ``blocks`` (any index shape) as fp32; open blocks
+    from their bf16 rows."""
     params = cache.scales[blocks]
-    out = _dequantize_channel(cache.values[blocks], params)
+    out = _dequantize_block(_as_bytes(cache.values)[blocks].view(cache.values.dtype), params)
     is_open = params[..., 0, -_PARAMS_TAIL + 6] == _OPEN
     if bool(is_open.any()):
         slots = cache.open_blocks.slot_of[blocks[is_open]]
@@ -423,20 +509,18 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize(x: torch.Tensor, cache: ScaledKV) -> tuple[torch.Tensor, torch.Tensor]:
-    if cache.values.dtype == torch.float8_e4m3fn:
-        return quantize_fp8(x)
     if cache.shift is not None:
         x = (x - cache.shift) / cache.spread
     if cache.rotated:
         x = x @ hadamard(x.shape[-1])
+    if cache.values.dtype == torch.float8_e4m3fn:
+        return quantize_fp8(x)
     if cache.values.dtype == torch.uint8:
         return quantize_q4_0(x, cache.scales.shape[-1])
     return quantize_int8(x, cache.scales.shape[-1])
 
 
 def _dequantize(values: torch.Tensor, scales: torch.Tensor, cache: ScaledKV) -> torch.Tensor:
-    if values.dtype == torch.float8_e4m3fn:
-        return values.float() * scales.float()
     x = _dequantize_stored(values, scales)
     if cache.rotated:
         x = x @ hadamard(x.shape[-1])
@@ -444,6 +528,8 @@ def _dequantize(values: torch.Tensor, scales: torch.Tensor, cache: ScaledKV) -> 
 
 
 def _dequantize_stored(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if values.dtype == torch.float8_e4m3fn:
+        return values.float() * scales.float()
     return dequantize_q4_0(values, scales) if values.dtype == torch.uint8 else dequantize_int8(values, scales)
 
 
@@ -487,5 +573,6 @@ def gather_stored(cache: CacheSide, blocks: torch.Tensor, dtype: torch.dtype = t
     """As ``gather``, but a rotated side's heads come back as stored: still rotated and (calibrated)
     normalized, for attention that folds the rotation and statistics into its queries and outputs."""
     if isinstance(cache, ScaledKV):
-        return _dequantize_stored(cache.values[blocks], cache.scales[blocks]).to(dtype)
+        values = _as_bytes(cache.values)[blocks].view(cache.values.dtype)
+        return _dequantize_stored(values, cache.scales[blocks]).to(dtype)
     return gather(cache, blocks, dtype)

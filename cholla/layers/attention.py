@@ -30,6 +30,7 @@ from cholla.kv.kv_types import (
     hadamard,
     head_dim,
     kernel_parts,
+    open_for_write,
     store,
 )
 from cholla.layers.linear import DenseTensor, Linear, linear_group
@@ -273,6 +274,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     kernels = cpu_kernels()
     if kernels is not None and k.dtype == v.dtype == torch.float32 and kernel_reads(k_cache, v_cache):
         (k_values, v_values), quant = _kernel_caches(k_cache, v_cache)
+        open_for_write(k_cache, slot_mapping)  # q4_kivi keys: the blocks' open slots, as store takes them
         kernels.write_kv(k, v, k_values, v_values, slot_mapping, **quant)
         return
     store(k_cache, k.float(), slot_mapping)

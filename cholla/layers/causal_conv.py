@@ -5,7 +5,8 @@ and previous ``kernel - 1`` inputs. Across steps the only thing to remember is
 those last ``kernel - 1`` inputs: the conv state, ``[channels, kernel - 1]`` per
 sequence in the state cache (oldest first). A prefill chunk convolves the state
 followed by its tokens; a batch of decodes does one multiply-add per channel,
-in our kernel (``kernels/state_update.cpp``) where it runs, on each sequence's
+in our kernels (``kernels/chunked_scan.cpp`` for prompt chunks,
+``kernels/state_update.cpp`` for decodes) where they run, on each sequence's
 slot in place.
 """
 
@@ -30,6 +31,17 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if meta.num_prefills == 0:
         return conv_step(x, weight, bias, conv_state, slots, silu)
     first, width = starts[meta.num_prefills], weight.shape[1] - 1
+    kernels = cpu_kernels()
+    if kernels is not None and x.device.type == "cpu" and conv_state.is_contiguous() and weight.shape[1] <= 16:
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.stride(-1) != 1:
+            x = x.float().contiguous()
+        out = kernels.causal_conv_prefill(x[:first], weight.contiguous(), bias.contiguous() if bias is not None else None,
+                                          conv_state, torch.tensor(starts[: meta.num_prefills + 1]),
+                                          slots[: meta.num_prefills].to(torch.long), silu)
+        if first == x.shape[0]:
+            return out
+        decodes = conv_step(x[first:], weight, bias, conv_state, slots[meta.num_prefills :], silu)
+        return torch.cat((out, decodes))
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for s in range(meta.num_prefills):
         start, end, slot = starts[s], starts[s + 1], int(slots[s])

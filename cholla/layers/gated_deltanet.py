@@ -18,10 +18,15 @@ our kernel (``kernels/state_update.cpp``) where it runs: each sequence's slot
 stepped in place, q and k normalised and g and beta formed inside it. A prefill chunk
 uses the chunked form: within a chunk of ``CHUNK`` tokens the delta-rule updates
 are solved together as one triangular system (the "UT transform"), so the
-sequential part is one small matrix product per chunk instead of per token.
+sequential part is one small matrix product per chunk instead of per token. It
+runs in C++ (``kernels/chunked_scan.cpp``: one job per sequence and value head,
+the chunk's products in L1/L2) where the kernels run; ``delta_rule_chunked`` is
+its PyTorch form and reference.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +35,7 @@ from torch import nn
 from cholla.kernels import cpu_kernels
 from cholla.layers.attention import AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
-from cholla.layers.linear import DenseTensor, Linear, linear_group
+from cholla.layers.linear import DenseTensor, Linear, kernel_products, linear_group
 from cholla.layers.norm import RMSNorm, rms_norm
 from cholla.models.config import DeltaNetConfig
 
@@ -99,6 +104,10 @@ class _Conv(nn.Module):
         self.weight = DenseTensor(channels, kernel)
 
 
+# Each layer's (and its input norm's) deltanet_decode arguments, made at its first decode step (after loading).
+_decode_plans: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
 class GatedDeltaNet(nn.Module):
     """x: [tokens, hidden] -> [tokens, hidden], reading and writing each sequence's slot in
     ``state = (conv_state [slots, channels, kernel - 1], recurrent [slots, v_heads, dk, dv])``.
@@ -117,6 +126,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = DenseTensor(config.num_v_heads)
         self.norm = RMSNorm(config.v_head_dim, eps)  # plain weight (not 1 + w), shared by all heads
         self.out_proj = Linear(value_dim, hidden_size)
+        self._norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (norm.weight, it repeated per head)
 
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The convolved [tokens, channels] as q, k (normalised, repeated to the value heads) and v."""
@@ -132,24 +142,79 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         conv_state, recurrent = state
-        qkv, z, b, a = linear_group((self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a), x)
+        # a prefill's product stays bf16 (the conv reads it as is): no fp32 copy of the widest activation
+        qkv, z, b, a = linear_group((self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a), x, keep_bf16=True)
         qkv = causal_conv1d(qkv, self.conv1d.weight.value, None, conv_state, meta, silu=True)
-        c, starts, slots = self.config, meta.query_start_loc, meta.state_slots
+        starts, slots = meta.query_start_loc, meta.state_slots
         if meta.num_prefills == 0:
             out = self._decode(qkv, a, b, recurrent, slots)
         else:
             first = starts[meta.num_prefills]
-            out = torch.empty(x.shape[0], c.num_v_heads, c.v_head_dim)
-            q, k, v = self._heads(qkv[:first])
-            beta, g = self._beta_g(a[:first], b[:first])
-            for s in range(meta.num_prefills):
-                span, slot = slice(starts[s], starts[s + 1]), int(slots[s])
-                out[span], recurrent[slot] = delta_rule_chunked(q[span], k[span], v[span], g[span], beta[span], recurrent[slot])
+            out = self._prefill(qkv[:first], a[:first], b[:first], recurrent, meta)
             if first < x.shape[0]:
-                out[first:] = self._decode(qkv[first:], a[first:], b[first:], recurrent, slots[meta.num_prefills:])
-        # Qwen's gated norm: normalise each head's output, then gate it
-        out = rms_norm(out, self.norm.weight, self.norm.eps) * F.silu(z.float().view_as(out))
-        return self.out_proj(out.flatten(1))
+                out = torch.cat((out, self._decode(qkv[first:], a[first:], b[first:], recurrent, slots[meta.num_prefills:])))
+        return self.out_proj(self._gated_norm(out, z))
+
+    def _gated_norm(self, out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Qwen's gated norm: each head's output normalised, then gated by ``silu(z)``; one C++ pass
+        where the kernels run. out: [tokens, v_heads, v_head_dim]; z: [tokens, value_dim] -> [tokens, value_dim]."""
+        kernels, c = cpu_kernels(), self.config
+        if kernels is not None and out.device.type == "cpu":
+            z = z if z.dtype == torch.float32 and z.stride(-1) == 1 else z.float().contiguous()
+            if self._norm_weights is None or self._norm_weights[0] is not self.norm.weight:  # per head, side by side
+                self._norm_weights = (self.norm.weight, self.norm.weight.float().repeat(c.num_v_heads).contiguous())
+            return kernels.gated_rms_norm(out.reshape(out.shape[0], -1).contiguous(), z, self._norm_weights[1],
+                                          c.num_v_heads, self.norm.eps, True)
+        return (rms_norm(out, self.norm.weight, self.norm.eps) * F.silu(z.float().view_as(out))).flatten(1)
+
+    def _prefill(self, qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, recurrent: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """The step's prompt chunks (qkv: [tokens, channels], convolved), each continuing from its slot of
+        ``recurrent`` and leaving its final state there: in one kernel call where ours run, else
+        ``delta_rule_chunked`` per sequence. -> [tokens, v_heads, v_head_dim]."""
+        c, starts, slots, kernels = self.config, meta.query_start_loc, meta.state_slots, cpu_kernels()
+        if kernels is not None and qkv.device.type == "cpu" and recurrent.is_contiguous() and max(c.k_head_dim, c.v_head_dim) <= 512:
+            return kernels.gated_delta_rule_chunked(qkv, a.float(), b.float(), self.A.value.contiguous(),
+                                                    self.dt_bias.value.contiguous(), recurrent,
+                                                    torch.tensor(starts[: meta.num_prefills + 1]),
+                                                    slots[: meta.num_prefills].to(torch.long), c.num_k_heads, c.v_heads_tiled)
+        out = torch.empty(qkv.shape[0], c.num_v_heads, c.v_head_dim)
+        q, k, v = self._heads(qkv)
+        beta, g = self._beta_g(a, b)
+        for s in range(meta.num_prefills):
+            span, slot = slice(starts[s], starts[s + 1]), int(slots[s])
+            out[span], recurrent[slot] = delta_rule_chunked(q[span], k[span], v[span], g[span], beta[span], recurrent[slot])
+        return out
+
+    def decode_layer(self, x: torch.Tensor, norm: RMSNorm, state: tuple[torch.Tensor, torch.Tensor],
+                     meta: AttentionMetadata) -> torch.Tensor | None:
+        """``x + self(norm(x), state, meta)`` for a decode-only step in one ``deltanet_decode`` call
+        (``kernels/hybrid_decode.cpp``: the same products and state steps as ``forward``, on one
+        thread team), or None where it does not serve (prompt rows, kernels off, biases, weights
+        or a step size our kernels do not multiply)."""
+        if meta.num_prefills or x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        plan = _decode_plans.get(self)
+        if plan is None:
+            plan = _decode_plans[self] = self._plan_decode(norm) or ()
+        products = kernel_products(self.in_proj_qkv, x.shape[0]) if plan else None
+        conv_state, recurrent = state
+        if products is None or not conv_state.is_contiguous() or not recurrent.is_contiguous():
+            return None
+        c = self.config
+        return cpu_kernels().deltanet_decode(x, *plan, conv_state, recurrent, meta.state_slots.to(torch.long),
+                                             c.num_k_heads, c.v_heads_tiled, *products)
+
+    def _plan_decode(self, norm: RMSNorm) -> tuple | None:
+        """``deltanet_decode``'s weight arguments (between x and the states), or None where it cannot run."""
+        projections = (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a, self.out_proj)
+        if (cpu_kernels() is None or self.config.conv_kernel > 16 or self.config.k_head_dim > 1024
+                or any(p.kernel_weight is None or p.bias is not None for p in projections)):
+            return None
+        return (norm.weight, norm.eps, [p.kernel_weight[0] for p in projections[:4]],
+                [p.kernel_weight[1] for p in projections[:4]], self.conv1d.weight.value.contiguous(),
+                self.A.value.contiguous(), self.dt_bias.value.contiguous(), self.norm.weight, self.norm.eps,
+                *self.out_proj.kernel_weight)
 
     def _beta_g(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """beta = sigmoid(b) and the log decay g = A softplus(a + dt_bias), [tokens, v_heads]."""

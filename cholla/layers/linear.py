@@ -10,7 +10,7 @@ ever holds a dequantized copy of its weight. Where our kernels
 - with ``compute_dtype`` bfloat16, steps of up to ``INT8_MAX_ROWS`` rows (a
   few sequences decoding) use ``qgemv_int8``: x is rounded to int8 per block
   of 32 and meets the weights' integers in VNNI dot products, as in llama.cpp
-  (``INT8_TYPES``: Q4_0 to Q8_0 and Q4_K; other types take the exact path);
+  (``INT8_TYPES``: Q4_0 to Q8_0 and Q4_K to Q6_K; other types take the exact path);
   decode steps (``decode``, or within ``decode_step()``, which the engine
   enters for each step without prompt rows) of up to
   ``INT8_BATCH_MAX_ROWS`` rows whose weights are all ``INT8_TYPES`` take the
@@ -64,7 +64,12 @@ AMX_MAX_ROWS = 64
 # on Zen 5 (benchmarks/batched_products.py, docs/benchmarks.md), for every type
 # it reads; AMX tiles are faster than AVX512-BF16 and were not measured against it.
 INT8_BATCH_MAX_ROWS = 64
-INT8_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"))
+INT8_TYPES = frozenset(
+    GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+)
+
+# Embedding rows our kernel looks up (its values bit-exact with gguf's dequantizer).
+EMBEDDING_KERNEL_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q8_0"))
 
 # GGUF types (and plain tensor dtypes) the kernels read directly.
 KERNEL_TYPES = frozenset(
@@ -118,6 +123,19 @@ def decode_step(active: bool = True):
 def int8_batch_max_rows() -> int:
     """Rows up to which all-``INT8_TYPES`` products take the batched int8 kernel: 0 with AMX tiles."""
     return 0 if amx_tiles() else INT8_BATCH_MAX_ROWS
+
+
+def kernel_products(linear: Linear, rows: int, decode: bool = False) -> tuple[bool, int, int] | None:
+    """How a fused C++ layer multiplies ``rows`` rows so that it takes the product ``linear_group``
+    would (``integer``, ``gemv_max_rows``, ``int8_batch_max_rows``, as ``decode_layers.cpp`` and
+    ``hybrid_decode.cpp`` take them), or None where that product is not one of our kernels'
+    (float32 steps over ``GEMV_MAX_ROWS`` rows, steps over ``AMX_MAX_ROWS``). ``linear``: one of the
+    layer's products, whose ``compute_dtype`` they all share; ``decode``: as in ``linear_group``."""
+    integer = linear.compute_dtype == torch.bfloat16
+    if rows > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS):
+        return None
+    batched = int8_batch_max_rows() if integer and (decode or _decode_step) else 0
+    return integer, INT8_MAX_ROWS if integer else GEMV_MAX_ROWS, batched
 
 
 def kernel_view(weight: Weight) -> tuple[torch.Tensor, int] | None:
@@ -253,7 +271,14 @@ class Embedding(nn.Module):
         self.weight = weight
 
     def forward(self, token_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_rows(self.weight, token_ids, dtype)
+        """token_ids: int64 [n] -> [n, hidden]. Q4_0 and Q8_0 rows in one kernel call where it
+        runs (the same values as gguf's dequantizer; a decode step's lookup was a dozen small ops)."""
+        weight, kernels = self.weight, cpu_kernels()
+        if (kernels is not None and dtype == torch.float32 and isinstance(weight, GGUFTensor)
+                and weight.qtype in EMBEDDING_KERNEL_TYPES and token_ids.device.type == "cpu"
+                and token_ids.dim() == 1 and self.hidden_size % 32 == 0):
+            return kernels.embedding_rows(weight.data, int(weight.qtype), token_ids.long(), self.hidden_size)
+        return dequantize_rows(weight, token_ids, dtype)
 
     def as_linear(self) -> Linear:
         """The same weight used as an output head (tied embeddings)."""

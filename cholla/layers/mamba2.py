@@ -19,11 +19,15 @@ back). A prefill chunk uses the chunked "state space duality" form: within a
 chunk of ``chunk_size`` tokens the output is a masked, decay-weighted
 attention-like product (``C_l . B_s`` times the decay from ``s`` to ``l``), and
 the state is carried between chunks by the recurrence above at chunk
-granularity; the chunk starts from, and writes back, the sequence's slot.
-All state math is float32.
+granularity; the chunk starts from, and writes back, the sequence's slot. It
+runs in C++ where the kernels run (``kernels/chunked_scan.cpp``: every prompt
+chunk of the step in one call, 64-token chunks, one job per sequence and head);
+``ssd_chunked`` below is its PyTorch form and reference. All state math is float32.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +36,7 @@ from torch import nn
 from cholla.kernels import cpu_kernels
 from cholla.layers.attention import AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
-from cholla.layers.linear import DenseTensor, Linear
+from cholla.layers.linear import DenseTensor, Linear, kernel_products, linear_group
 from cholla.layers.mlp import gated_activation
 from cholla.layers.norm import RMSNorm
 from cholla.models.config import Mamba2Shape
@@ -117,6 +121,10 @@ def _gather_buffer(ssm_state: torch.Tensor, batch: int) -> torch.Tensor:
     return buffer[:batch]
 
 
+# Each mixer's (and its layer norm's) mamba2_decode arguments, made at its first decode step (after loading).
+_decode_plans: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
 class Mamba2Mixer(nn.Module):
     """HF's ``Mamba2Mixer`` / ``NemotronHMamba2Mixer`` (same names): in_proj, conv1d, dt_bias,
     A_log, D, norm, out_proj."""
@@ -138,25 +146,72 @@ class Mamba2Mixer(nn.Module):
         ssm [slots, H, P, N]), updated in place for this step's sequences. -> [tokens, hidden]."""
         s = self.shape
         tokens, heads, groups = x.shape[0], s.num_heads, s.n_groups
-        z, xBC, dt = self.in_proj(x).float().split([s.inner_size, s.conv_channels, heads], dim=-1)
+        # a prefill's product stays bf16 (the conv reads it as is): no fp32 copy of it
+        z, xBC, dt = linear_group((self.in_proj,), x, keep_bf16=True)[0].split([s.inner_size, s.conv_channels, heads], dim=-1)
+        dt = dt.float()
         conv_state, ssm_state = states
         conv = self.conv1d
         xBC = causal_conv1d(xBC, conv.weight.value, conv.bias.value if conv.bias is not None else None, conv_state, meta, silu=True)
         hs, B, C = xBC.split([s.inner_size, groups * s.state_size, groups * s.state_size], dim=-1)  # [tokens, ...]
 
-        y = hs.new_empty(tokens, s.inner_size)
         starts, slots = meta.query_start_loc, meta.state_slots
+        first = starts[meta.num_prefills]
+        y = self._prefill(hs[:first], dt[:first], B[:first], C[:first], ssm_state, meta) if meta.num_prefills else None
+        if first < tokens:
+            decodes = self._decode(hs[first:], dt[first:], B[first:], C[first:], ssm_state, slots[meta.num_prefills:])
+            y = decodes if y is None else torch.cat((y, decodes))
+        return self.out_proj(self._gate(y, z))
+
+    def _prefill(self, x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, ssm_state: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """The step's prompt chunks, each continuing from its slot of ``ssm_state`` and leaving its final
+        state there: in one kernel call where ours run, else ``ssd_chunked`` per sequence. x: [tokens,
+        inner]; dt: [tokens, H] before softplus; B, C: [tokens, G * N]. -> y [tokens, inner], the D skip included."""
+        s, starts, slots, kernels = self.shape, meta.query_start_loc, meta.state_slots, cpu_kernels()
+        if kernels is not None and ssm_state.device.type == "cpu" and ssm_state.is_contiguous():
+            return kernels.ssd_chunked(ssm_state, torch.tensor(starts[: meta.num_prefills + 1]),
+                                       slots[: meta.num_prefills].to(torch.long), x, dt, self.dt_bias.value,
+                                       self.A_log.value, B, C, self.D.value, *s.dt_limit)
+        y = x.new_empty(x.shape[0], s.inner_size)
         for i in range(meta.num_prefills):
             a, b, slot = starts[i], starts[i + 1], int(slots[i])
-            x_i = hs[a:b].reshape(b - a, heads, s.head_dim)
-            B_i, C_i = (t[a:b].reshape(b - a, groups, s.state_size) for t in (B, C))
+            x_i = x[a:b].reshape(b - a, s.num_heads, s.head_dim)
+            B_i, C_i = (t[a:b].reshape(b - a, s.n_groups, s.state_size) for t in (B, C))
             y_i, ssm_state[slot] = ssd_chunked(x_i, self._dt(dt[a:b]), self._A(), B_i, C_i, ssm_state[slot],
                                                s.chunk_size)
             y[a:b] = (y_i + x_i * self.D.value[:, None]).reshape(b - a, s.inner_size)
-        first = starts[meta.num_prefills]
-        if first < tokens:
-            y[first:] = self._decode(hs[first:], dt[first:], B[first:], C[first:], ssm_state, slots[meta.num_prefills:])
-        return self.out_proj(self._gate(y, z))
+        return y
+
+    def decode_layer(self, x: torch.Tensor, norm: RMSNorm, states: tuple[torch.Tensor, torch.Tensor],
+                     meta: AttentionMetadata) -> torch.Tensor | None:
+        """``x + self(norm(x), states, meta)`` for a decode-only step in one ``mamba2_decode`` call
+        (``kernels/hybrid_decode.cpp``: the same products and state steps as ``forward``, on one
+        thread team), or None where it does not serve (prompt rows, kernels off, biases, weights
+        or a step size our kernels do not multiply)."""
+        if meta.num_prefills or x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        plan = _decode_plans.get(self)
+        if plan is None:
+            plan = _decode_plans[self] = self._plan_decode(norm) or ()
+        products = kernel_products(self.in_proj, x.shape[0]) if plan else None
+        conv_state, ssm_state = states
+        if products is None or not conv_state.is_contiguous() or not ssm_state.is_contiguous():
+            return None
+        return cpu_kernels().mamba2_decode(x, *plan[0], conv_state, ssm_state, meta.state_slots.to(torch.long),
+                                           *plan[1], *products)
+
+    def _plan_decode(self, norm: RMSNorm) -> tuple[tuple, tuple] | None:
+        """``mamba2_decode``'s weight arguments (before the states, after the slots), or None where it cannot run."""
+        s = self.shape
+        if (cpu_kernels() is None or self.in_proj.kernel_weight is None or self.out_proj.kernel_weight is None
+                or self.in_proj.bias is not None or self.out_proj.bias is not None or s.conv_kernel > 16):
+            return None
+        conv = self.conv1d
+        weights = (norm.weight, norm.eps, *self.in_proj.kernel_weight, conv.weight.value.contiguous(),
+                   conv.bias.value if conv.bias is not None else None, self.dt_bias.value, self.A_log.value,
+                   self.D.value, self.norm.weight if self.norm is not None else None, s.n_groups, s.norm_eps,
+                   s.norm_before_gate, *self.out_proj.kernel_weight)
+        return weights, tuple(s.dt_limit)
 
     def _A(self) -> torch.Tensor:
         """The per-head decay rate ``-exp(A_log)`` [H], negative."""
@@ -188,8 +243,8 @@ class Mamba2Mixer(nn.Module):
 
     def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The output gate ``silu(z)`` and the RMSNorm taken over each group's ``inner / n_groups`` channels.
-        y: [tokens, inner] contiguous; z: [tokens, inner] (a view)."""
-        s, kernels = self.shape, cpu_kernels()
+        y: [tokens, inner] contiguous; z: [tokens, inner] (a view, bf16 from a prefill's product)."""
+        s, kernels, z = self.shape, cpu_kernels(), z.float()
         if self.norm is None:
             return gated_activation(z, y, "silu")
         if kernels is not None and y.device.type == "cpu":

@@ -18,20 +18,41 @@ routed experts' bytes.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from cholla.errors import ModelFormatError
 from cholla.formats.gguf import GGUFTensor
-from cholla.layers.linear import DenseTensor, Linear, Weight, linear_group
-from cholla.layers.mlp import ACTIVATIONS, MLP, UNGATED_ACTIVATIONS, GatedMLP, gated_activation
+from cholla.kernels import cpu_kernels
+from cholla.layers.linear import DenseTensor, Linear, Weight, kernel_products, linear_group
+from cholla.layers.mlp import ACTIVATION_IDS, ACTIVATIONS, MLP, UNGATED_ACTIVATIONS, GatedMLP, gated_activation
 
 # Router logits [tokens, experts] (fp32) -> (weights [tokens, k] fp32, expert ids [tokens, k]).
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # (gate, up) [rows, intermediate] -> activation [rows, intermediate]
 GLU = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """A router flavour as ``kernels/hybrid_decode.cpp``'s ``moe_decode`` takes it (``kind``: 0
+    ``softmax_topk``, 1 ``topk_softmax``, 2 ``sigmoid_group_topk``), set on the route function as
+    ``route.spec``; a flavour without one runs in Python."""
+
+    kind: int
+    top_k: int
+    normalize: bool = False
+    num_groups: int = 1
+    groups_used: int = 1
+    scale: float = 1.0
+
+
+# Squared ReLU's id in moe_decode, beside mlp.py's ACTIVATION_IDS of the gated activations.
+RELU2_ID = 3
 
 
 def softmax_topk(top_k: int, normalize: bool) -> Router:
@@ -44,6 +65,7 @@ def softmax_topk(top_k: int, normalize: bool) -> Router:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids
 
+    route.spec = RouterSpec(0, top_k, normalize)
     return route
 
 
@@ -54,6 +76,7 @@ def topk_softmax(top_k: int) -> Router:
         values, ids = torch.topk(logits.float(), top_k, dim=-1)
         return torch.softmax(values, dim=-1), ids
 
+    route.spec = RouterSpec(1, top_k)
     return route
 
 
@@ -92,6 +115,7 @@ def sigmoid_group_topk(top_k: int, correction_bias: DenseTensor, num_groups: int
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * scale, ids
 
+    route.spec = RouterSpec(2, top_k, normalize, num_groups, groups_used, scale)
     return route
 
 
@@ -141,6 +165,7 @@ class SparseMoE(nn.Module):
         if glu is None and activation not in known:
             raise ValueError(f"activation {activation!r} is not supported ({', '.join(known)} are)")
         self.num_experts, self.route = num_experts, route
+        self.activation, self.gated, self.custom_glu = activation, gated, glu is not None
         if gated:
             self.glu = glu or (lambda gate, up: gated_activation(gate, up, activation))
         else:
@@ -157,6 +182,10 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None) -> torch.Tensor:
         """x: [tokens, hidden] -> [tokens, hidden]. ``router_input``: what the router reads when it
         is not the experts' input (Gemma 4 routes from the residual stream, normalised its own way)."""
+        if router_input is None:
+            out = self._kernel_forward(x)
+            if out is not None:
+                return out
         weights, ids = self.route(self.gate(x if router_input is None else router_input))
         top_k = ids.shape[1]
         flat = ids.flatten()
@@ -176,6 +205,76 @@ class SparseMoE(nn.Module):
             shared = self.shared_expert(x)
             out += shared if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x)) * shared
         return out
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer in one ``moe_decode`` call where it serves (a step our kernels
+        multiply: decodes, or a few rows), else None. Same routing and products as ``forward``."""
+        plan = _kernel_plans.get(self)
+        if plan is None:
+            plan = _kernel_plans[self] = _plan_kernel(self) or ()
+        if not plan or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        products = kernel_products(self.gate, x.shape[0])
+        if products is None:
+            return None
+        return cpu_kernels().moe_decode(x, *plan, *products)
+
+
+# Each MoE layer's moe_decode arguments after x (weights, types, routing), or () where it cannot serve.
+_kernel_plans: weakref.WeakKeyDictionary[SparseMoE, tuple] = weakref.WeakKeyDictionary()
+
+
+def _stacked(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """Equal-shaped uint8 views evenly spaced in one storage (a GGUF ``*_exps`` tensor's experts,
+    ``split_experts``' views) as one [n, rows, row bytes] view; None when they are not."""
+    first = weights[0]
+    if not all(w.shape == first.shape and w.is_contiguous() and w.dtype == torch.uint8 for w in weights):
+        return None
+    if any(w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for w in weights):
+        return None
+    step = weights[1].storage_offset() - first.storage_offset() if len(weights) > 1 else first.numel()
+    if step < first.numel() or any(w.storage_offset() != first.storage_offset() + i * step for i, w in enumerate(weights)):
+        return None
+    return first.as_strided((len(weights), *first.shape), (step, first.shape[1], 1), first.storage_offset())
+
+
+def _plan_kernel(moe: SparseMoE) -> tuple | None:
+    """``moe_decode``'s arguments for this layer, or None where the kernel does not cover it:
+    kernels off, a router flavour or activation it does not have, biases, a gated shared expert,
+    weights it cannot read or experts not stacked in one tensor."""
+    spec = getattr(moe.route, "spec", None)
+    ids = ACTIVATION_IDS if moe.gated else {"relu2": RELU2_ID}
+    if (cpu_kernels() is None or spec is None or moe.custom_glu or moe.activation not in ids
+            or moe.shared_expert_gate is not None or moe.gate.kernel_weight is None or moe.gate.bias is not None):
+        return None
+    stacks, types = [], []
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        linears = [getattr(expert, name) for expert in moe.experts]
+        if linears[0] is None:
+            stacks.append(None)
+            types.append(0)
+            continue
+        if any(linear.kernel_weight is None or linear.bias is not None for linear in linears):
+            return None
+        if len({linear.kernel_weight[1] for linear in linears}) != 1:
+            return None
+        stack = _stacked([linear.kernel_weight[0] for linear in linears])
+        if stack is None:
+            return None
+        stacks.append(stack)
+        types.append(linears[0].kernel_weight[1])
+    shared_weights, shared_types = [], []
+    if moe.shared_expert is not None:
+        shared = moe.shared_expert
+        linears = [shared.gate_proj, shared.up_proj, shared.down_proj] if moe.gated else [shared.up_proj, shared.down_proj]
+        if any(linear.kernel_weight is None or linear.bias is not None for linear in linears):
+            return None
+        shared_weights = [linear.kernel_weight[0] for linear in linears]
+        shared_types = [linear.kernel_weight[1] for linear in linears]
+    bias = moe.e_score_correction_bias.value if moe.e_score_correction_bias is not None else None
+    router, router_type = moe.gate.kernel_weight
+    return (router, router_type, spec.kind, spec.top_k, spec.normalize, spec.num_groups, spec.groups_used, spec.scale,
+            bias, stacks[0], stacks[1], stacks[2], types, ids[moe.activation], shared_weights, shared_types)
 
 
 _STACKED = re.compile(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cholla.kernels import cpu_kernels
-from cholla.kv.kv_types import ScaledKV
+from cholla.kv.kv_types import ScaledKV, open_for_write
 from cholla.layers.attention import Attention, AttentionMetadata, kernel_reads
 from cholla.layers.linear import (
     AMX_MAX_ROWS,
@@ -133,6 +133,8 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
     if x.dtype != torch.float32 or x.device.type != "cpu" or not kernel_reads(*kv_caches[0]):
         return None
     k_values, v_values, k_quant, v_quant, k_rotated, v_rotated = _cache_args(kv_caches)
+    for k, _ in kv_caches:  # q4_kivi keys: the blocks' open slots (the kernel writes and closes them)
+        open_for_write(k, meta.slot_mapping)
     tables = [rope.tables(positions) for rope in plan.ropes]
     context_lens = meta.span_context_lens if spans is not None else meta.decode_context_lens
     return cpu_kernels().decode_layers(
@@ -158,6 +160,8 @@ def _cache_args(kv_caches) -> tuple:
                 quant.append(side.scales)
                 if side.shift is not None:
                     quant += (side.shift, side.spread)
+                if side.open_blocks is not None:
+                    quant += (side.open_blocks.rows, side.open_blocks.slot_of)
             else:
                 values.append(side)
     first_k, first_v = kv_caches[0]

@@ -31,9 +31,10 @@ class MixerLayer(nn.Module):
 
     def forward(self, x, positions, cache, meta: AttentionMetadata) -> torch.Tensor:
         """cache: this layer's ``kv/state_cache.LayerCache``."""
-        h = self.norm(x)
         if self.kind == MAMBA:
-            return x + self.mixer(h, cache.state, meta)
+            fused = self.mixer.decode_layer(x, self.norm, cache.state, meta)
+            return fused if fused is not None else x + self.mixer(self.norm(x), cache.state, meta)
+        h = self.norm(x)
         if self.kind in ATTENTION_TYPES:
             return x + self.mixer(h, positions, cache.kv, meta)
         return x + self.mixer(h)

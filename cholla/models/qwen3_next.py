@@ -42,11 +42,11 @@ class HybridLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, positions, cache: LayerCache, meta: AttentionMetadata):
-        h = self.input_layernorm(x)
         if self.recurrent:
-            x = x + self.linear_attn(h, cache.state, meta)
+            fused = self.linear_attn.decode_layer(x, self.input_layernorm, cache.state, meta)
+            x = fused if fused is not None else x + self.linear_attn(self.input_layernorm(x), cache.state, meta)
         else:
-            x = x + self.self_attn(h, positions, cache.kv, meta)
+            x = x + self.self_attn(self.input_layernorm(x), positions, cache.kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
