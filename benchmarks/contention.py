@@ -7,11 +7,15 @@ each number of them it runs, each in its own process and bounded in time:
 - ``cholla bench`` with ``--threads T`` (T: ``--threads``, default one per physical core),
 - ``cholla bench`` with its default thread count (which leaves out the cores it
   finds busy at start; the log line says how many it took),
-- ``llama-bench -t T`` on the same GGUF file,
+- ``llama-bench -t T`` on the same GGUF file (with ``--llama-bin-dir``),
+- with ``--baseline DIR``, ``cholla bench --threads T`` of another checkout
+  (say, main's), right after this one's: an A/B under the same load,
 
 and prints ppN / tgN (mean over ``-r`` repetitions) with each program's decode
-speed as a share of its own speed without competition. A run that does not
-finish within ``--timeout`` seconds counts as 0 (a collapse).
+speed as a share of its own speed without competition. ``--rounds N`` repeats
+the whole sequence N times, interleaved, and reports each figure's median: on
+a machine others share, one run says little. A run that does not finish within
+``--timeout`` seconds counts as 0 (a collapse).
 
 Goals (issue 18): with one busy process per core, cholla keeps at least 40% of
 its quiet decode speed and is at least as fast as llama.cpp under the same
@@ -19,6 +23,7 @@ load; never below 25%.
 
     python benchmarks/contention.py --llama-bin-dir /work/llamacpp/bin
     python benchmarks/contention.py --llama-bin-dir /work/llamacpp/bin --models smollm2 --busy 0 2 -n 16 -r 1
+    python benchmarks/contention.py --baseline ../main --models smollm2 --busy 0 1 2 --rounds 3 -p 16 -n 64
 
 Every program runs with the environment this script was given: cholla's own
 OpenMP setting (GOMP_SPINCOUNT, which importing cholla sets) is not passed on
@@ -32,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -62,12 +68,12 @@ def stop_busy(busy: list[subprocess.Popen]) -> None:
         process.wait()
 
 
-def timed(cmd: list[str], timeout: float) -> tuple[str, str] | None:
-    """(stdout, stderr) of ``cmd``, or None when it ran past ``timeout`` seconds or failed."""
-    print(f"[contention] {' '.join(cmd)}", file=sys.stderr, flush=True)
+def timed(cmd: list[str], timeout: float, cwd: Path = ROOT) -> tuple[str, str] | None:
+    """(stdout, stderr) of ``cmd`` run in ``cwd``, or None when it ran past ``timeout`` seconds or failed."""
+    print(f"[contention] {cwd}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=ENV)
     except subprocess.TimeoutExpired:
         print(f"[contention]   timed out after {timeout:.0f} s", file=sys.stderr, flush=True)
         return None
@@ -78,14 +84,15 @@ def timed(cmd: list[str], timeout: float) -> tuple[str, str] | None:
     return done.stdout, done.stderr
 
 
-def cholla(model: str, threads: int | None, args) -> dict:
+def cholla(model: str, threads: int | None, args, checkout: Path = ROOT) -> dict:
+    """``python -m cholla bench`` run in ``checkout``, so that it imports that checkout's cholla."""
     cmd = [sys.executable, "-m", "cholla", "bench", model, "-p", str(args.n_prompt), "-n", str(args.n_gen),
            "-r", str(args.repetitions), "--json"]
     if threads:
         cmd += ["--threads", str(threads)]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
-    out = timed(cmd, args.timeout)
+    out = timed(cmd, args.timeout, checkout)
     if out is None:
         return {"pp": 0.0, "tg": 0.0, "threads": threads, "note": "timed out or failed"}
     report = json.loads(out[0].strip().splitlines()[-1])
@@ -115,7 +122,10 @@ def resolve(model: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llama-bin-dir", type=Path, required=True, help="folder with llama-bench")
+    parser.add_argument("--llama-bin-dir", type=Path, default=None, help="folder with llama-bench (none: no llama.cpp)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another cholla checkout to run at the fixed threads after this one (an A/B)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repeats; each figure is their median")
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
     parser.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2], help="competing busy loops per run")
     parser.add_argument("-p", "--n-prompt", type=int, default=64)
@@ -130,24 +140,41 @@ def main() -> None:
     if 0 not in args.busy:
         parser.error("--busy needs 0: the quiet run each share is taken of")
 
+    programs = ["cholla"] + (["baseline"] if args.baseline else []) + ["cholla default"]
+    programs += ["llama.cpp"] if args.llama_bin_dir else []
+    runs: dict[tuple[str, int, str], list[dict]] = {}
+    loads: dict[tuple[str, int], list[float]] = {}
+    for round_index in range(args.rounds):
+        # the A/B pair in turn: B first every other round, so that neither always runs on the other's heels
+        order = programs if round_index % 2 == 0 else [{"cholla": "baseline", "baseline": "cholla"}.get(name, name)
+                                                       for name in programs]
+        for model in args.models:
+            model_path = resolve(model)
+            for busy_count in sorted(args.busy):
+                busy = start_busy(busy_count)
+                try:
+                    loads.setdefault((model, busy_count), []).append(os.getloadavg()[0])
+                    for name in order:
+                        if name == "llama.cpp":
+                            run = llama_cpp(model_path, threads, args)
+                        else:
+                            checkout = args.baseline.resolve() if name == "baseline" else ROOT
+                            run = cholla(str(model_path), None if name == "cholla default" else threads, args, checkout)
+                        runs.setdefault((model, busy_count, name), []).append(run)
+                finally:
+                    stop_busy(busy)
     rows = []
-    for model in args.models:
-        model_path = resolve(model)
-        for busy_count in sorted(args.busy):
-            busy = start_busy(busy_count)
-            try:
-                loads = os.getloadavg()[0]
-                runs = {"cholla": cholla(str(model_path), threads, args),
-                        "cholla default": cholla(str(model_path), None, args),
-                        "llama.cpp": llama_cpp(model_path, threads, args)}
-            finally:
-                stop_busy(busy)
-            rows.append({"model": model, "busy": busy_count, "loadavg": loads, **runs})
+    for (model, busy_count), load in loads.items():
+        row = {"model": model, "busy": busy_count, "loadavg": statistics.median(load)}
+        for name in programs:
+            done = runs[(model, busy_count, name)]
+            row[name] = {**done[0], "pp": statistics.median(r["pp"] for r in done),
+                         "tg": statistics.median(r["tg"] for r in done), "tg_runs": [r["tg"] for r in done]}
+        rows.append(row)
 
-    programs = ("cholla", "cholla default", "llama.cpp")
     print(f"\n{platform.node()}, {os.cpu_count()} CPUs, {threads} threads for the fixed runs, "
-          f"pp{args.n_prompt} / tg{args.n_gen}, {args.repetitions} repetitions, "
-          f"{datetime.datetime.now():%Y-%m-%d %H:%M}\n")
+          f"pp{args.n_prompt} / tg{args.n_gen}, {args.repetitions} repetitions, {args.rounds} round(s) (medians), "
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}; baseline: {args.baseline}\n")
     print("| model | busy loops | load (1 min) | program | threads | pp t/s | tg t/s | tg share of quiet |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     quiet = {(row["model"], name): row[name]["tg"] for row in rows if row["busy"] == 0 for name in programs}
@@ -163,11 +190,19 @@ def main() -> None:
         if row["busy"] == threads:
             base = quiet[(row["model"], "cholla")]
             share = row["cholla"]["tg"] / base if base else 0.0
-            faster = row["cholla"]["tg"] >= row["llama.cpp"]["tg"]
-            print(f"{row['model']}, one busy loop per core: cholla keeps {100 * share:.0f}% of its quiet decode "
-                  f"(goal >= 40%, never < 25%): {'met' if share >= 0.4 else 'MISSED'}; "
-                  f"{'at least as fast as' if faster else 'SLOWER than'} llama.cpp "
-                  f"({row['cholla']['tg']:.1f} vs {row['llama.cpp']['tg']:.1f} t/s)")
+            line = (f"{row['model']}, one busy loop per core: cholla keeps {100 * share:.0f}% of its quiet decode "
+                    f"(goal >= 40%, never < 25%): {'met' if share >= 0.4 else 'MISSED'}")
+            if "llama.cpp" in row:
+                faster = row["cholla"]["tg"] >= row["llama.cpp"]["tg"]
+                line += (f"; {'at least as fast as' if faster else 'SLOWER than'} llama.cpp "
+                         f"({row['cholla']['tg']:.1f} vs {row['llama.cpp']['tg']:.1f} t/s)")
+            print(line)
+    if args.baseline:
+        for row in rows:
+            base = row["baseline"]["tg"]
+            ratio = f"{row['cholla']['tg'] / base:.2f}x" if base else "-"
+            print(f"{row['model']}, {row['busy']} busy loop(s): tg this checkout / baseline = {ratio} "
+                  f"(runs {row['cholla']['tg_runs']} vs {row['baseline']['tg_runs']})")
     notes = {row["cholla default"]["note"] for row in rows if row["cholla default"]["note"]}
     for note in sorted(notes):
         print(f"cholla default: {note}")

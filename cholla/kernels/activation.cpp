@@ -72,16 +72,25 @@ namespace cholla {
 // projection's bf16 matmul would give, without the two fp32 copies: 48 MiB
 // less for Gemma 3's 2048-token chunks.
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation) {
+  at::Tensor out = at::empty({gate.size(0), gate.size(1)}, gate.options().memory_format(at::MemoryFormat::Contiguous));
+  gated_activation_out(gate, up, activation, out);
+  return out;
+}
+
+void gated_activation_out(const at::Tensor& gate, const at::Tensor& up, int64_t activation, at::Tensor& out) {
   check_half(gate, gate);
   check_half(up, gate);
-  if (activation == GELU) return at::gelu(gate.to(at::kFloat)).mul_(up).to(gate.scalar_type());
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == gate.sizes() && out.scalar_type() == gate.scalar_type(),
+              "gated_activation: out must be contiguous, of gate's shape and dtype");
+  if (activation == GELU) {
+    out.copy_(at::gelu(gate.to(at::kFloat)).mul_(up));
+    return;
+  }
   TORCH_CHECK(activation == SILU || activation == GELU_TANH, "gated_activation: unknown activation ", activation);
-  at::Tensor out = at::empty({gate.size(0), gate.size(1)}, gate.options().memory_format(at::MemoryFormat::Contiguous));
   if (gate.scalar_type() == at::kFloat)
     activate<float>(gate, up, out, activation == GELU_TANH);
   else
     activate<uint16_t>(gate, up, out, activation == GELU_TANH);
-  return out;
 }
 
 }  // namespace cholla

@@ -10,13 +10,15 @@
 // compute.
 //
 // The threads stay together for the whole step: one OpenMP team runs every
-// layer, splitting each product and the attention among its members and
-// meeting at a barrier in between (~0.3 us; barrier.h: it spins briefly, then
-// sleeps, so a busy machine does not stall the team), where a fork and join
-// per kernel cost 1-2 us, five times a layer. Small steps (norms, rope, cache
-// writes, residual adds) run row by row on one member, or on each for itself,
-// with no tensor ops: the step's arguments are checked once, up front. SmolLM2's
-// layers: 2.9 -> 2.4 ms a step.
+// layer, five stages a layer (team.h): each product and the attention are
+// cut into chunks that the members claim, each its own first, then the
+// others' (so a member the OS has descheduled holds up at most the chunk in
+// its hands), and the small steps between them (rope and cache writes, the
+// residual adds and norms, the activation) run row by row, with no tensor ops,
+// on whichever member finishes a stage's last chunk. A stage's end costs
+// ~0.3 us, where a fork and join per kernel cost 1-2 us, five times a layer;
+// the step's arguments are checked once, up front. SmolLM2's layers: 2.9 ->
+// 2.4 ms a step.
 //
 // Under torch.profiler (cholla bench --profile) each layer's four stages
 // appear as ranges named "cholla::decode_layers: ...".
@@ -41,8 +43,8 @@
 #include <memory>
 #include <vector>
 
-#include "barrier.h"
 #include "ops.h"
+#include "team.h"
 
 namespace {
 
@@ -128,113 +130,122 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
   }
 
   const auto options = x_in.options().memory_format(at::MemoryFormat::Contiguous);
-  // What the members write for each other, one part each.
+  // The residual stream and what the stages write for each other. The stage
+  // ends (team.h's serial steps, run by whichever member finishes a stage's
+  // last chunk) write x, h, q, the caches and `activated`; the products and
+  // the attention write their chunks' parts of the others.
+  at::Tensor x = x_in.contiguous().clone(), h = at::empty({rows, hidden}, options);
   at::Tensor qkv = at::empty({rows, qkv_size}, options), q = at::empty({rows, num_heads, head_dim}, options);
   at::Tensor attended = at::empty({rows, num_heads, head_dim}, options);
   at::Tensor o = at::empty({rows, hidden}, options), gate_up = at::empty({rows, 2 * inner}, options);
-  at::Tensor down = at::empty({rows, hidden}, options);
-  at::Tensor result;
-  std::unique_ptr<Barrier> barrier;
+  at::Tensor activated = at::empty({rows, inner}, options), down = at::empty({rows, hidden}, options);
+  float* xs = x.data_ptr<float>();
+  float* hs = h.data_ptr<float>();
+  // x += (post_norm ? norm(y) : y), row by row (y: fp32 [rows, hidden])
+  auto add = [&](const at::Tensor& y, const at::Tensor* post_norm) {
+    const float* ys = y.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* add_row = ys + r * hidden;
+      if (post_norm != nullptr) {
+        rms_norm_row(add_row, post_norm->data_ptr<float>(), hs + r * hidden, hidden, feps);
+        add_row = hs + r * hidden;
+      }
+      for (int64_t i = 0; i < hidden; ++i) xs[r * hidden + i] += add_row[i];
+    }
+  };
+  auto normalize = [&](const at::Tensor& weight) {  // h = norm(x)
+    for (int64_t r = 0; r < rows; ++r) rms_norm_row(xs + r * hidden, weight.data_ptr<float>(), hs + r * hidden, hidden, feps);
+  };
+  // q (normed, rotated) for the attention; k and v into the cache
+  auto rope_and_cache = [&](int64_t l, const at::TensorList n) {
+    const float* cos_table = cos[rope_of_layer[l]].data_ptr<float>();
+    const float* sin_table = sin[rope_of_layer[l]].data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      float* qr = q.data_ptr<float>() + r * q_size;
+      float* kr = qkv.data_ptr<float>() + r * qkv_size + q_size;
+      const float* qkv_q = qkv.data_ptr<float>() + r * qkv_size;
+      if (qk_norm) {
+        const at::Tensor* qk_norms = &n[post_norms ? 4 : 2];
+        for (int64_t hd = 0; hd < num_heads; ++hd)
+          rms_norm_row(qkv_q + hd * head_dim, qk_norms[0].data_ptr<float>(), qr + hd * head_dim, head_dim, feps);
+        for (int64_t hd = 0; hd < num_kv_heads; ++hd)
+          rms_norm_row(kr + hd * head_dim, qk_norms[1].data_ptr<float>(), kr + hd * head_dim, head_dim, feps);
+      } else {
+        std::memcpy(qr, qkv_q, q_size * sizeof(float));
+      }
+      rope_row(qr, num_heads, kr, num_kv_heads, cos_table + pos[r] * head_dim, sin_table + pos[r] * head_dim,
+               head_dim, interleaved);
+      write_kv_row(kr, kr + kv_size, k_sides[l], v_sides[l], slot[r]);
+    }
+    finish_kv_rows(k_sides[l], qkv.data_ptr<float>() + q_size, qkv_size, slot, rows);
+  };
+  normalize(norms[0]);
+
+  // The team is sized before it starts (a member OpenMP does not provide has its chunks taken by the others).
+  Team team(omp_get_max_threads());
   std::exception_ptr error;
   std::atomic_flag error_set = ATOMIC_FLAG_INIT;
-
-#pragma omp parallel
+#pragma omp parallel num_threads(team.members())
   {
-    const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
-#pragma omp single
-    barrier = std::make_unique<Barrier>(threads);  // (the end of `single` waits for it)
+    Member member(team, omp_get_thread_num());
     c10::ParallelGuard in_team(true);  // ops called in here run on the calling member alone
     auto project = [&](const at::Tensor& in, at::TensorList w, at::IntArrayRef t, at::Tensor& out) {
+      if (member.behind()) return;  // the stage closed while this member was away
       // the product cholla/layers/linear.py picks for this many rows
       if (rows <= gemv_max_rows || (integer && rows <= int8_batch_max_rows && int8_kernel_types(t)))
-        gemv_part(in, w, t, integer, out, thread, threads);
+        gemv_part(in, w, t, integer, out, member);
       else
-        qmatmul_part(in, w, t, out, thread, threads);
+        qmatmul_part(in, w, t, out, member);
     };
     try {
-      // Each member keeps the residual stream itself, and its norms.
-      at::Tensor x = x_in.contiguous().clone(), h = at::empty({rows, hidden}, options);
-      float* xs = x.data_ptr<float>();
-      float* hs = h.data_ptr<float>();
-      // x += (post_norm ? norm(y) : y), row by row (y: fp32 [rows, hidden])
-      auto add = [&](const at::Tensor& y, const at::Tensor* post_norm) {
-        const float* ys = y.data_ptr<float>();
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* add_row = ys + r * hidden;
-          if (post_norm != nullptr) {
-            rms_norm_row(add_row, post_norm->data_ptr<float>(), hs + r * hidden, hidden, feps);
-            add_row = hs + r * hidden;
-          }
-          for (int64_t i = 0; i < hidden; ++i) xs[r * hidden + i] += add_row[i];
-        }
-      };
-      auto normalize = [&](const at::Tensor& weight) {  // h = norm(x)
-        for (int64_t r = 0; r < rows; ++r) rms_norm_row(xs + r * hidden, weight.data_ptr<float>(), hs + r * hidden, hidden, feps);
-        return h;
-      };
       for (int64_t l = 0; l < layers; ++l) {
         const at::TensorList w = weights.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
         const at::IntArrayRef t = types.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
         const at::TensorList n = norms.slice(norms_per_layer * l, norms_per_layer);
         {
           RECORD_FUNCTION("cholla::decode_layers: attention", std::vector<c10::IValue>());
-          project(normalize(n[0]), w.slice(0, 3), t.slice(0, 3), qkv);
-          if (!barrier->wait()) break;
-          if (thread == 0) {  // q (normed, rotated) for the attention; k and v into the cache
-            const float* cos_table = cos[rope_of_layer[l]].data_ptr<float>();
-            const float* sin_table = sin[rope_of_layer[l]].data_ptr<float>();
-            for (int64_t r = 0; r < rows; ++r) {
-              float* qr = q.data_ptr<float>() + r * q_size;
-              float* kr = qkv.data_ptr<float>() + r * qkv_size + q_size;
-              const float* qkv_q = qkv.data_ptr<float>() + r * qkv_size;
-              if (qk_norm) {
-                const at::Tensor* qk_norms = &n[post_norms ? 4 : 2];
-                for (int64_t hd = 0; hd < num_heads; ++hd)
-                  rms_norm_row(qkv_q + hd * head_dim, qk_norms[0].data_ptr<float>(), qr + hd * head_dim, head_dim, feps);
-                for (int64_t hd = 0; hd < num_kv_heads; ++hd)
-                  rms_norm_row(kr + hd * head_dim, qk_norms[1].data_ptr<float>(), kr + hd * head_dim, head_dim, feps);
-              } else {
-                std::memcpy(qr, qkv_q, q_size * sizeof(float));
-              }
-              rope_row(qr, num_heads, kr, num_kv_heads, cos_table + pos[r] * head_dim, sin_table + pos[r] * head_dim,
-                       head_dim, interleaved);
-              write_kv_row(kr, kr + kv_size, k_sides[l], v_sides[l], slot[r]);
-            }
-            finish_kv_rows(k_sides[l], qkv.data_ptr<float>() + q_size, qkv_size, slot, rows);
-          }
-          if (!barrier->wait()) break;
-          paged_attention_part(q, k_sides[l], v_sides[l], block_tables, context_lens, query_starts, scale, windows[l],
-                               softcap, attended, thread, threads);
-          if (!barrier->wait()) break;
+          project(h, w.slice(0, 3), t.slice(0, 3), qkv);
+          if (!member.finish([&] { rope_and_cache(l, n); })) break;
+          if (!member.behind())
+            paged_attention_part(q, k_sides[l], v_sides[l], block_tables, context_lens, query_starts, scale,
+                                 windows[l], softcap, attended, member);
+          if (!member.finish()) break;
         }
         {
           RECORD_FUNCTION("cholla::decode_layers: o projection", std::vector<c10::IValue>());
           project(attended.view({rows, q_size}), w.slice(3, 1), t.slice(3, 1), o);
-          if (!barrier->wait()) break;
-          add(o, post_norms ? &n[2] : nullptr);
+          if (!member.finish([&] {
+                add(o, post_norms ? &n[2] : nullptr);
+                normalize(n[1]);
+              }))
+            break;
         }
-        at::Tensor a;
         {
           RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
-          project(normalize(n[1]), w.slice(4, 2), t.slice(4, 2), gate_up);
-          if (!barrier->wait()) break;
-          a = gated_activation(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation);
+          project(h, w.slice(4, 2), t.slice(4, 2), gate_up);
+          if (!member.finish([&] {
+                gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation,
+                                     activated);
+              }))
+            break;
         }
         {
           RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());
-          project(a, w.slice(6, 1), t.slice(6, 1), down);
-          if (!barrier->wait()) break;
-          add(down, post_norms ? &n[3] : nullptr);
+          project(activated, w.slice(6, 1), t.slice(6, 1), down);
+          if (!member.finish([&] {
+                add(down, post_norms ? &n[3] : nullptr);
+                if (l + 1 < layers) normalize(norms[norms_per_layer * (l + 1)]);
+              }))
+            break;
         }
       }
-      if (thread == 0) result = x;
     } catch (...) {
       if (!error_set.test_and_set()) error = std::current_exception();
-      barrier->fail();
+      team.fail();
     }
   }
   if (error) std::rethrow_exception(error);
-  return result;
+  return x;
 }
 
 }  // namespace cholla

@@ -7,8 +7,9 @@
 // index_add per routed expert): at batch 1 more time went between the kernels
 // than into them (docs/benchmarks.md, "Hybrid and MoE decode"). Here each layer
 // is one call that runs the same kernels' bodies (ops.h) in the same order on
-// one OpenMP team, its members splitting every product and meeting at a
-// barrier between stages, as decode_layers.cpp does for attention layers:
+// one OpenMP team, in stages whose jobs its members claim in chunks, each
+// stage's serial step run by the member that ends it (team.h), as
+// decode_layers.cpp does for attention layers:
 //
 // - mamba2_decode: x + out_proj(gate(ssd(conv(in_proj(norm(x)))))) for one
 //   decode row per sequence, the conv and SSD states updated in their slots;
@@ -33,44 +34,63 @@
 #include <atomic>
 #include <cmath>
 #include <exception>
-#include <memory>
 #include <optional>
-#include <tuple>
+#include <utility>
 #include <vector>
 
-#include "barrier.h"
 #include "ops.h"
 #include "simd.h"
+#include "team.h"
 
 namespace {
 
-using cholla::Barrier;
+using cholla::Member;
+using cholla::Team;
 
-// A member found the team failed at a barrier: stop (another member's error is rethrown).
+// A member found the team failed at a stage's end: stop (another member's error is rethrown).
 struct TeamStopped {};
 
-inline void sync(Barrier& barrier) {
-  if (!barrier.wait()) throw TeamStopped{};
+// Ends the member's part in the stage; the member that ends the stage runs `last` first (team.h).
+template <typename Last>
+inline void sync(Member& member, Last&& last) {
+  if (!member.finish(std::forward<Last>(last))) throw TeamStopped{};
+}
+inline void sync(Member& member) {
+  sync(member, [] {});
 }
 
-// `body(thread, threads, barrier)` on one OpenMP team; the first member's error is rethrown.
+// `chunk(begin, end)` for each chunk of the open stage's n jobs this member claims (team.h).
+template <typename Chunk>
+void each_chunk(Member& member, int64_t n, Chunk&& chunk) {
+  int64_t begin = 0, end = 0;
+  while (member.next(n, begin, end)) chunk(begin, end);
+}
+
+// `job(j, end)` for each job j of those chunks (`end`: its chunk's).
+template <typename Job>
+void each_job(Member& member, int64_t n, Job&& job) {
+  each_chunk(member, n, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) job(j, end);
+  });
+}
+
+// `body(member)` on one OpenMP team; the first member's error is rethrown.
 template <typename Body>
 void run_team(Body&& body) {
-  std::unique_ptr<Barrier> barrier;
+  // The team is sized before it starts (a member OpenMP does not provide has its chunks taken by the others).
+  Team team(omp_get_max_threads());
   std::exception_ptr error;
   std::atomic_flag error_set = ATOMIC_FLAG_INIT;
-#pragma omp parallel
+#pragma omp parallel num_threads(team.members())
   {
-    const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
-#pragma omp single
-    barrier = std::make_unique<Barrier>(threads);  // (the end of `single` waits for it)
+    Member member(team, omp_get_thread_num());
     c10::ParallelGuard in_team(true);  // ops called in here run on the calling member alone
     try {
-      body(thread, threads, *barrier);
+      body(member);
     } catch (const TeamStopped&) {
     } catch (...) {
       if (!error_set.test_and_set()) error = std::current_exception();
-      barrier->fail();
+      team.fail();
     }
   }
   if (error) std::rethrow_exception(error);
@@ -78,18 +98,22 @@ void run_team(Body&& body) {
 
 // Which kernel multiplies `rows` rows: the rule of cholla/layers/linear.py's _kernel_matmul for
 // steps our kernels serve (the Python side declines the others: fp32 steps over gemv_max_rows).
+// A product is a stage of its own (its jobs are the stage's); the caller ends it.
 struct Products {
   bool integer;
   int64_t gemv_max_rows, int8_batch_max_rows;
 
-  void run(const at::Tensor& x, at::TensorList w, at::IntArrayRef t, at::Tensor& out, int64_t thread,
-           int64_t threads) const {
+  void run(const at::Tensor& x, at::TensorList w, at::IntArrayRef t, at::Tensor& out, Member& member) const {
+    if (member.behind()) return;  // the stage closed while this member was away
     const int64_t rows = x.size(0);
-    if (rows == 0) return;
+    if (rows == 0) {  // no jobs: the stage's one empty chunk, so that it closes
+      each_job(member, 0, [](int64_t, int64_t) {});
+      return;
+    }
     if (rows <= gemv_max_rows || (integer && rows <= int8_batch_max_rows && cholla::int8_kernel_types(t)))
-      cholla::gemv_part(x, w, t, integer, out, thread, threads);
+      cholla::gemv_part(x, w, t, integer, out, member);
     else
-      cholla::qmatmul_part(x, w, t, out, thread, threads);
+      cholla::qmatmul_part(x, w, t, out, member);
   }
 };
 
@@ -267,32 +291,29 @@ at::Tensor mamba2_decode(const at::Tensor& x_in, const at::Tensor& norm, double 
   const int64_t conv_blocks = (conv_channels + 255) / 256, per_group = heads / groups, width = inner / groups;
   const float lo = static_cast<float>(dt_min), hi = static_cast<float>(dt_max);
 
-  run_team([&](int64_t thread, int64_t threads, Barrier& barrier) {
+  run_team([&](Member& member) {
     at::Tensor h = at::empty({rows, hidden}, options);  // each member's own norm(x): it quantizes its copy anyway
     for (int64_t r = 0; r < rows; ++r)
       rms_norm_row(x.data_ptr<float>() + r * hidden, norm.data_ptr<float>(), h.data_ptr<float>() + r * hidden, hidden,
                    static_cast<float>(norm_eps));
-    products.run(h, in_w, in_t, zxbcdt, thread, threads);
-    sync(barrier);
-    auto [begin, end] = share(rows * conv_blocks, thread, threads);  // (row, 256 channels)
-    for (int64_t job = begin; job < end; ++job) {
+    products.run(h, in_w, in_t, zxbcdt, member);
+    sync(member);
+    each_job(member, rows * conv_blocks, [&](int64_t job, int64_t) {  // (row, 256 channels)
       const int64_t r = job / conv_blocks, first = job % conv_blocks * 256;
       conv_step_row(zs + r * projected + inner, cw, cb, conv_state.data_ptr<float>() + slot[r] * conv_channels * (kernel - 1),
                     xbcs + r * conv_channels, first, std::min(conv_channels, first + 256), kernel, true);
-    }
-    sync(barrier);
-    std::tie(begin, end) = share(rows * heads, thread, threads);  // (row, head)
-    for (int64_t job = begin; job < end; ++job) {
+    });
+    sync(member);
+    each_job(member, rows * heads, [&](int64_t job, int64_t) {  // (row, head)
       const int64_t r = job / heads, hd = job % heads, g = hd / per_group;
       const float* row = xbcs + r * conv_channels;
       ssd_head_row(ssm_state.data_ptr<float>() + (slot[r] * heads + hd) * head_dim * state_size, row + hd * head_dim,
                    row + inner + g * state_size, row + inner + (groups + g) * state_size, ys + r * inner + hd * head_dim,
                    head_dim, state_size, zs[r * projected + inner + conv_channels + hd], dt_bias.data_ptr<float>()[hd],
                    A_log.data_ptr<float>()[hd], D.data_ptr<float>()[hd], lo, hi);
-    }
-    sync(barrier);
-    std::tie(begin, end) = share(rows * groups, thread, threads);  // (row, group): the gate and its norm
-    for (int64_t job = begin; job < end; ++job) {
+    });
+    sync(member);
+    each_job(member, rows * groups, [&](int64_t job, int64_t) {  // (row, group): the gate and its norm
       const int64_t r = job / groups, at = job % groups * width;
       const float *yr = ys + r * inner + at, *zr = zs + r * projected + at;
       float* out = gs + r * inner + at;
@@ -306,14 +327,14 @@ at::Tensor mamba2_decode(const at::Tensor& x_in, const at::Tensor& norm, double 
                                                              silu16(_mm512_maskz_loadu_ps(live, zr + i))));
         }
       }
-    }
-    sync(barrier);
-    products.run(gated, out_w, out_t, o, thread, threads);
-    sync(barrier);
-    std::tie(begin, end) = share(rows, thread, threads);
-    for (int64_t r = begin; r < end; ++r)
+    });
+    sync(member);
+    products.run(gated, out_w, out_t, o, member);
+    sync(member);
+    each_job(member, rows, [&](int64_t r, int64_t) {
       for (int64_t i = 0; i < hidden; ++i)
         result.data_ptr<float>()[r * hidden + i] = x.data_ptr<float>()[r * hidden + i] + o.data_ptr<float>()[r * hidden + i];
+    });  // (the team's join waits for the last chunks)
   });
   return result;
 }
@@ -372,23 +393,21 @@ at::Tensor deltanet_decode(const at::Tensor& x_in, const at::Tensor& norm, doubl
   float* states = recurrent.data_ptr<float>();
   const int64_t conv_blocks = (channels + 255) / 256;
 
-  run_team([&](int64_t thread, int64_t threads, Barrier& barrier) {
+  run_team([&](Member& member) {
     at::Tensor h = at::empty({rows, hidden}, options);  // each member's own norm(x)
     for (int64_t r = 0; r < rows; ++r)
       rms_norm_row(x.data_ptr<float>() + r * hidden, norm.data_ptr<float>(), h.data_ptr<float>() + r * hidden, hidden,
                    static_cast<float>(norm_eps));
-    products.run(h, in_proj, in_types, proj, thread, threads);
-    sync(barrier);
-    auto [begin, end] = share(rows * conv_blocks, thread, threads);  // (row, 256 channels)
-    for (int64_t job = begin; job < end; ++job) {
+    products.run(h, in_proj, in_types, proj, member);
+    sync(member);
+    each_job(member, rows * conv_blocks, [&](int64_t job, int64_t) {  // (row, 256 channels)
       const int64_t r = job / conv_blocks, first = job % conv_blocks * 256;
       conv_step_row(ps + r * projected, conv_weight.data_ptr<float>(), nullptr,
                     conv_state.data_ptr<float>() + slot[r] * channels * (kernel - 1), cs + r * channels, first,
                     std::min(channels, first + 256), kernel, true);
-    }
-    sync(barrier);
-    std::tie(begin, end) = share(rows * v_heads, thread, threads);  // (row, value head)
-    for (int64_t job = begin; job < end; ++job) {
+    });
+    sync(member);
+    each_job(member, rows * v_heads, [&](int64_t job, int64_t end) {  // (row, value head)
       const int64_t r = job / v_heads, hd = job % v_heads;
       const float* ab = ps + r * projected + channels + value_dim;  // b, then a
       const float* next = job + 1 < end
@@ -399,14 +418,14 @@ at::Tensor deltanet_decode(const at::Tensor& x_in, const at::Tensor& norm, doubl
       // Qwen's gated norm: the head's output normalised, then gated by silu(z)
       gated_norm_row(hs + r * value_dim + hd * dv, ps + r * projected + channels + hd * dv, head_norm.data_ptr<float>(),
                      gs + r * value_dim + hd * dv, dv, static_cast<float>(head_eps), true);
-    }
-    sync(barrier);
-    products.run(gated, out_w, out_t, o, thread, threads);
-    sync(barrier);
-    std::tie(begin, end) = share(rows, thread, threads);
-    for (int64_t r = begin; r < end; ++r)
+    });
+    sync(member);
+    products.run(gated, out_w, out_t, o, member);
+    sync(member);
+    each_job(member, rows, [&](int64_t r, int64_t) {
       for (int64_t i = 0; i < hidden; ++i)
         result.data_ptr<float>()[r * hidden + i] = x.data_ptr<float>()[r * hidden + i] + o.data_ptr<float>()[r * hidden + i];
+    });  // (the team's join waits for the last chunks)
   });
   return result;
 }
@@ -479,10 +498,9 @@ at::Tensor moe_decode(const at::Tensor& h_in, const at::Tensor& router, int64_t 
   const std::vector<at::Tensor> shared_up(shared.begin(), shared.end() - (shared.empty() ? 0 : 1));
   const std::vector<int64_t> shared_up_types(shared_types.begin(), shared_types.end() - (shared.empty() ? 0 : 1));
 
-  run_team([&](int64_t thread, int64_t threads, Barrier& barrier) {
-    products.run(h, router_w, router_t, logits, thread, threads);
-    sync(barrier);
-    if (thread == 0) {  // route, then group the token-expert pairs by expert (tokens in order), as moe.py
+  run_team([&](Member& member) {
+    products.run(h, router_w, router_t, logits, member);
+    sync(member, [&] {  // route, then group the token-expert pairs by expert (tokens in order), as moe.py
       for (int64_t r = 0; r < rows; ++r)
         route(logits.data_ptr<float>() + r * experts, experts, routing, ids.data() + r * top_k, weights.data() + r * top_k);
       for (int64_t p = 0; p < pairs; ++p) ++first_pair[ids[p] + 1];
@@ -497,12 +515,16 @@ at::Tensor moe_decode(const at::Tensor& h_in, const at::Tensor& router, int64_t 
         weight_of[at] = weights[p];
         std::copy_n(h.data_ptr<float>() + token_of[at] * hidden, hidden, gathered.data_ptr<float>() + at * hidden);
       }
-    }
-    sync(barrier);
+    });
     auto pairs_of = [&](const at::Tensor& t, int64_t e) {  // expert e's rows of t (contiguous fp32 [pairs, width])
       return at::from_blob(t.data_ptr<float>() + first_pair[e] * t.size(1), {first_pair[e + 1] - first_pair[e], t.size(1)},
                            t.options());
     };
+    auto activate_all = [&] {
+      for (int64_t e : active) activated.push_back(activate(pairs_of(projected, e), inner, gated, activation));
+      if (!shared.empty()) activated.push_back(activate(shared_projected, shared_inner, gated, activation));
+    };
+    // Each product is a stage; the last (gate and) up product's ends with the activations.
     if (rows == 1) {  // one product: each routed expert's (gate,) up in expert order, then the shared one's
       std::vector<at::Tensor> w;
       std::vector<int64_t> t;
@@ -514,47 +536,54 @@ at::Tensor moe_decode(const at::Tensor& h_in, const at::Tensor& router, int64_t 
       w.insert(w.end(), shared_up.begin(), shared_up.end());
       t.insert(t.end(), shared_up_types.begin(), shared_up_types.end());
       at::Tensor dst = at::from_blob(up_out.data_ptr<float>(), {1, up_out.numel()}, options);
-      products.run(h, w, t, dst, thread, threads);
+      products.run(h, w, t, dst, member);
+      sync(member, activate_all);
     } else {
-      for (int64_t e : active) {  // each routed expert's gate and up on its rows
+      for (size_t i = 0; i < active.size(); ++i) {  // each routed expert's gate and up on its rows
+        const int64_t e = active[i];
         std::vector<at::Tensor> w{expert(up_exps, e)};
         if (gated) w.insert(w.begin(), expert(*gate_exps, e));
         at::Tensor dst = pairs_of(projected, e);
-        products.run(pairs_of(gathered, e), w, up_types, dst, thread, threads);
+        products.run(pairs_of(gathered, e), w, up_types, dst, member);
+        if (i + 1 < active.size() || !shared.empty())
+          sync(member);
+        else
+          sync(member, activate_all);
       }
-      if (!shared.empty()) products.run(h, shared_up, shared_up_types, shared_projected, thread, threads);
+      if (!shared.empty()) {
+        products.run(h, shared_up, shared_up_types, shared_projected, member);
+        sync(member, activate_all);
+      }
     }
-    sync(barrier);
-    if (thread == 0) {
-      for (int64_t e : active) activated.push_back(activate(pairs_of(projected, e), inner, gated, activation));
-      if (!shared.empty()) activated.push_back(activate(shared_projected, shared_inner, gated, activation));
-    }
-    sync(barrier);
     for (size_t i = 0; i < active.size(); ++i) {
       at::Tensor dst = pairs_of(down, active[i]);
-      products.run(activated[i], {expert(down_exps, active[i])}, down_types, dst, thread, threads);
-    }
-    if (!shared.empty())
-      products.run(activated.back(), {shared.back()}, {shared_types.back()}, shared_down, thread, threads);
-    sync(barrier);
-    // out = sum over experts (ascending) of weight * down, then + shared; each member its columns
-    const auto [begin, end] = share(hidden / 16 + (hidden % 16 != 0), thread, threads);
-    float* o = out.data_ptr<float>();
-    const float* d = down.data_ptr<float>();
-    for (int64_t p = 0; p < pairs; ++p) {
-      const __m512 w = _mm512_set1_ps(weight_of[p]);
-      float* dst = o + token_of[p] * hidden;
-      for (int64_t c = begin * 16; c < std::min(hidden, end * 16); c += 16) {
-        const __mmask16 live = lanes(hidden - c);
-        const __m512 product = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, d + p * hidden + c), w);
-        _mm512_mask_storeu_ps(dst + c, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, dst + c), product));
-      }
+      products.run(activated[i], {expert(down_exps, active[i])}, down_types, dst, member);
+      sync(member);
     }
     if (!shared.empty()) {
-      const float* s = shared_down.data_ptr<float>();
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = begin * 16; c < std::min(hidden, end * 16); ++c) o[r * hidden + c] += s[r * hidden + c];
+      products.run(activated.back(), {shared.back()}, {shared_types.back()}, shared_down, member);
+      sync(member);
     }
+    // out = sum over experts (ascending) of weight * down, then + shared, in chunks of columns
+    // (the team's join waits for the last chunks)
+    float* o = out.data_ptr<float>();
+    const float* d = down.data_ptr<float>();
+    each_chunk(member, hidden / 16 + (hidden % 16 != 0), [&](int64_t begin, int64_t end) {
+      for (int64_t p = 0; p < pairs; ++p) {
+        const __m512 w = _mm512_set1_ps(weight_of[p]);
+        float* dst = o + token_of[p] * hidden;
+        for (int64_t c = begin * 16; c < std::min(hidden, end * 16); c += 16) {
+          const __mmask16 live = lanes(hidden - c);
+          const __m512 product = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, d + p * hidden + c), w);
+          _mm512_mask_storeu_ps(dst + c, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, dst + c), product));
+        }
+      }
+      if (!shared.empty()) {
+        const float* s = shared_down.data_ptr<float>();
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = begin * 16; c < std::min(hidden, end * 16); ++c) o[r * hidden + c] += s[r * hidden + c];
+      }
+    });
   });
   return out;
 }

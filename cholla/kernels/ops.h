@@ -4,36 +4,46 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <optional>
-#include <utility>
+
+#include "team.h"
 
 namespace cholla {
 
-// Thread `thread` of a team of `threads`: its share [begin, end) of n jobs (as at::parallel_for cuts them).
-inline std::pair<int64_t, int64_t> share(int64_t n, int64_t thread, int64_t threads) {
-  const int64_t chunk = (n + threads - 1) / threads;
-  return {std::min(n, thread * chunk), std::min(n, (thread + 1) * chunk)};
-}
+// The *_part functions do a team member's part of an op for a team of threads
+// already running (team.h): every member calls them with the same arguments,
+// takes chunks of the op's jobs from `member` until none is left, and writes
+// their part of the preallocated output. Each leaves the stage open: the
+// caller ends it with member.finish().
 
-// The *_part functions do one thread's share of an op for a team of threads
-// already running: every member calls them with the same arguments, and each
-// writes its own part of the preallocated output.
+// An op run on its own (not inside decode_layers' team): a team of torch's
+// threads for this one stage, `part(member)` on each. (Inside another
+// parallel region at::parallel_for runs inline: member 0 takes every chunk.)
+template <typename Part>
+void run_as_team(Part&& part) {
+  Team team(at::get_num_threads());
+  at::parallel_for(0, team.members(), 1, [&](int64_t begin, int64_t) {
+    Member member(team, begin);
+    part(member);
+  });
+}
 
 // qgemv.cpp: x fp32 [m <= 8, k] times each weight's GGUF rows, side by side;
 // `integer`: the int8 path for the types that have it, which takes up to 64
 // rows where every weight's type has one (int8_kernel_types).
 bool int8_kernel_types(at::IntArrayRef types);
 void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer, at::Tensor& y,
-               int64_t thread, int64_t threads);
+               Member& member);
 
 // qmatmul.cpp: the same products on the AMX tiles (weights and x rounded to bf16).
-void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor& y, int64_t thread,
-                  int64_t threads);
+void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor& y, Member& member);
 
 // activation.cpp: act(gate) * up; activation ids as in cholla/layers/mlp.py.
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
+// The same into `out` (contiguous, gate's shape and dtype).
+void gated_activation_out(const at::Tensor& gate, const at::Tensor& up, int64_t activation, at::Tensor& out);
 
 // paged_attention.cpp
 // A KV cache's element types (cholla/kv/kv_types.py): floats, fp8, int8 with a
@@ -74,7 +84,7 @@ void check_sides(const char* op, const KVSide& k, const KVSide& v);
 void paged_attention_part(const at::Tensor& q, const KVSide& k_cache, const KVSide& v_cache,
                           const at::Tensor& block_tables, const at::Tensor& context_lens,
                           const std::optional<at::Tensor>& query_starts, double scale, int64_t window, double softcap,
-                          at::Tensor& out, int64_t thread, int64_t threads);
+                          at::Tensor& out, Member& member);
 
 // The ops' bodies for one row, for a caller that checks a step's arguments
 // once, up front: no checks, no allocation, no threads.

@@ -637,16 +637,18 @@ QueryRows query_rows(const std::optional<at::Tensor>& query_starts, int64_t rows
   return out;
 }
 
-// Jobs [begin, end) (see attention_parts), after checking the tables and lengths
-// they read (plan_attention has checked q and the caches).
+// A member's jobs (see attention_parts; team.h), each chunk after checking
+// the tables and lengths it reads (plan_attention has checked q and the caches).
 void attend_jobs(const at::Tensor& q, const cholla::KVSide& ks, const cholla::KVSide& vs,
                  const at::Tensor& block_tables_in, const at::Tensor& context_lens_in,
                  const std::optional<at::Tensor>& query_starts, double scale, int64_t window, double softcap,
-                 at::Tensor& out, int64_t begin, int64_t end, int64_t parts) {
+                 at::Tensor& out, cholla::Member& member, int64_t parts) {
+  const int64_t heads = q.size(1), kv_heads = ks.heads, n_jobs = q.size(0) * kv_heads * parts;
+  int64_t begin = 0, end = 0;
+  if (!member.next(n_jobs, begin, end)) return;
   const at::Tensor block_tables = block_tables_in.to(at::kLong).contiguous();
   const at::Tensor context_lens = context_lens_in.to(at::kLong).contiguous();
-  const int64_t seqs = context_lens.numel(), heads = q.size(1);
-  const int64_t num_blocks = ks.blocks, block_size = ks.block_size, kv_heads = ks.heads;
+  const int64_t seqs = context_lens.numel(), num_blocks = ks.blocks, block_size = ks.block_size;
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seqs,
               "paged_attention_decode: one block table and context length per sequence");
   const int64_t max_blocks = block_tables.size(1);
@@ -655,14 +657,16 @@ void attend_jobs(const at::Tensor& q, const cholla::KVSide& ks, const cholla::KV
   for (int64_t s = 0; s < seqs; ++s)  // (query_rows compares the spans with them)
     TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size, "paged_attention_decode: bad context length");
   const QueryRows rows = query_rows(query_starts, q.size(0), lens, seqs);
-  for (int64_t r = begin / parts / kv_heads; begin < end && r <= (end - 1) / parts / kv_heads; ++r) {  // those it reads
-    const int64_t s = rows.sequence(r);
-    for (int64_t b = 0; b < (rows.visible(r, lens) + block_size - 1) / block_size; ++b)
-      TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
-                  "paged_attention_decode: block id out of range");
-  }
-  attend_decode(q.data_ptr<float>(), ks, vs, out.data_ptr<float>(), tables, lens, rows, begin, end, parts, heads,
-                max_blocks, static_cast<float>(scale), window, static_cast<float>(softcap));
+  do {
+    for (int64_t r = begin / parts / kv_heads; begin < end && r <= (end - 1) / parts / kv_heads; ++r) {  // those it reads
+      const int64_t s = rows.sequence(r);
+      for (int64_t b = 0; b < (rows.visible(r, lens) + block_size - 1) / block_size; ++b)
+        TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
+                    "paged_attention_decode: block id out of range");
+    }
+    attend_decode(q.data_ptr<float>(), ks, vs, out.data_ptr<float>(), tables, lens, rows, begin, end, parts, heads,
+                  max_blocks, static_cast<float>(scale), window, static_cast<float>(softcap));
+  } while (member.next(n_jobs, begin, end));
 }
 
 // q and the caches checked; returns how many parts each (sequence, KV head) pair is cut into for `threads`.
@@ -801,22 +805,21 @@ at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_ca
   check_sides("paged_attention_decode", ks, vs);
   const int64_t parts = plan_attention(q, ks, vs, at::get_num_threads());
   at::Tensor out = at::zeros_like(q);
-  at::parallel_for(0, q.size(0) * ks.heads * parts, 1, [&](int64_t begin, int64_t end) {
-    attend_jobs(q, ks, vs, block_tables, context_lens, query_starts, scale, window, softcap, out, begin, end, parts);
+  run_as_team([&](Member& member) {
+    attend_jobs(q, ks, vs, block_tables, context_lens, query_starts, scale, window, softcap, out, member, parts);
   });
   return out;
 }
 
-// One thread's share of the jobs, into out (fp32, q's shape).
+// A member's part of the jobs, into out (fp32, q's shape).
 void paged_attention_part(const at::Tensor& q, const KVSide& ks, const KVSide& vs, const at::Tensor& block_tables,
                           const at::Tensor& context_lens, const std::optional<at::Tensor>& query_starts, double scale,
-                          int64_t window, double softcap, at::Tensor& out, int64_t thread, int64_t threads) {
+                          int64_t window, double softcap, at::Tensor& out, Member& member) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && out.sizes() == q.sizes() &&
                   out.scalar_type() == at::kFloat && out.is_contiguous(),
               "paged_attention_part: q and out must be contiguous fp32 [rows, heads, dim]");
-  const int64_t parts = plan_attention(q, ks, vs, threads);
-  const auto [begin, end] = share(q.size(0) * ks.heads * parts, thread, threads);
-  attend_jobs(q, ks, vs, block_tables, context_lens, query_starts, scale, window, softcap, out, begin, end, parts);
+  const int64_t parts = plan_attention(q, ks, vs, member.members());
+  attend_jobs(q, ks, vs, block_tables, context_lens, query_starts, scale, window, softcap, out, member, parts);
 }
 
 void write_kv_row(const float* k, const float* v, const KVSide& k_cache, const KVSide& v_cache, int64_t slot) {

@@ -709,67 +709,74 @@ void tile_rows_q6_k(const uint8_t* q, const float* d, int64_t k, const XTiles& x
   for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
 }
 
-// Jobs [begin, end) of a batched int8 product (m > INT8_GEMV_MAX_ROWS rows of x;
-// every segment's type has an integer kernel).
+// A member's jobs of a batched int8 product (m > INT8_GEMV_MAX_ROWS rows of x;
+// every segment's type has an integer kernel): [begin, end), its first chunk,
+// already claimed, then the next ones (team.h).
 void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
-                      const float* xs, int64_t m, int64_t k, float* out, int64_t n_total) {
+                      cholla::Member& member, const float* xs, int64_t m, int64_t k, float* out, int64_t n_total) {
   static_assert(GEMV_JOB_ROWS % ROW_GROUP == 0, "a job's rows are whole row groups");
   thread_local std::vector<int8_t> x_bytes;
   thread_local std::vector<float> x_numbers;
   thread_local std::vector<uint8_t> strip;
   thread_local std::vector<float> scales;
-  if (begin >= end) return;
-  const int64_t blocks = k / 32;
+  const int64_t n_jobs = static_cast<int64_t>(jobs.size()), blocks = k / 32;
   const XTiles x = quantize_tiles(xs, m, k, x_bytes, x_numbers);
   strip.resize(GEMV_JOB_ROWS * k);
   scales.resize(3 * GEMV_JOB_ROWS * blocks);
   float* d = scales.data();  // up to 2 per block (f.scales)
   float* m_shifted = d + 2 * GEMV_JOB_ROWS * blocks;
   alignas(64) float c[GEMV_JOB_ROWS * LANES];
-  for (int64_t j = begin; j < end; ++j) {
-    const Segment& seg = segments[jobs[j].segment];
-    const int64_t first = jobs[j].first_row, rows = std::min(seg.rows - first, GEMV_JOB_ROWS);
-    const UnpackRow unpack = unpack_row_for(seg.type);
-    const IntFormat f = int_format(seg.type);
-    const int64_t row_scales = f.scales * blocks;  // d per weight row
-    for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) {
-      const uint8_t* row = seg.data + (first + i) * seg.row_bytes;
-      prefetch(row + GEMV_JOB_ROWS * seg.row_bytes, seg.row_bytes);  // the next job's row
-      if (i < rows) {
-        unpack(row, blocks, strip.data() + i * k, d + i * row_scales, m_shifted + i * blocks);
-      } else {  // past the weight's end: zeros (their products are not written)
-        std::memset(strip.data() + i * k, 0, k);
-        std::fill(d + i * row_scales, d + (i + 1) * row_scales, 0.0f);
-        std::fill(m_shifted + i * blocks, m_shifted + (i + 1) * blocks, 0.0f);
+  do {
+    for (int64_t j = begin; j < end; ++j) {
+      const Segment& seg = segments[jobs[j].segment];
+      const int64_t first = jobs[j].first_row, rows = std::min(seg.rows - first, GEMV_JOB_ROWS);
+      const UnpackRow unpack = unpack_row_for(seg.type);
+      const IntFormat f = int_format(seg.type);
+      const int64_t row_scales = f.scales * blocks;  // d per weight row
+      for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) {
+        const uint8_t* row = seg.data + (first + i) * seg.row_bytes;
+        prefetch(row + GEMV_JOB_ROWS * seg.row_bytes, seg.row_bytes);  // the next job's row
+        if (i < rows) {
+          unpack(row, blocks, strip.data() + i * k, d + i * row_scales, m_shifted + i * blocks);
+        } else {  // past the weight's end: zeros (their products are not written)
+          std::memset(strip.data() + i * k, 0, k);
+          std::fill(d + i * row_scales, d + (i + 1) * row_scales, 0.0f);
+          std::fill(m_shifted + i * blocks, m_shifted + (i + 1) * blocks, 0.0f);
+        }
+      }
+      for (int64_t t = 0; t < x.tiles; ++t) {
+        for (int64_t i = 0; i < GEMV_JOB_ROWS; i += ROW_GROUP) {
+          const uint8_t* q = strip.data() + i * k;
+          if (seg.type == Q6_K)
+            tile_rows_q6_k(q, d + i * row_scales, k, x, t, c + i * LANES);
+          else if (f.has_min)
+            tile_rows<true>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, c + i * LANES);
+          else
+            tile_rows<false>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, c + i * LANES);
+        }
+        // c: [16 weight rows][16 lanes] -> out[lane][n]
+        for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) {
+          float* y = out + (t * LANES + lane) * n_total + seg.out_offset + first;
+          for (int64_t i = 0; i < rows; ++i) y[i] = c[i * LANES + lane];
+        }
       }
     }
-    for (int64_t t = 0; t < x.tiles; ++t) {
-      for (int64_t i = 0; i < GEMV_JOB_ROWS; i += ROW_GROUP) {
-        const uint8_t* q = strip.data() + i * k;
-        if (seg.type == Q6_K)
-          tile_rows_q6_k(q, d + i * row_scales, k, x, t, c + i * LANES);
-        else if (f.has_min)
-          tile_rows<true>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, c + i * LANES);
-        else
-          tile_rows<false>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, c + i * LANES);
-      }
-      // c: [16 weight rows][16 lanes] -> out[lane][n]
-      for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) {
-        float* y = out + (t * LANES + lane) * n_total + seg.out_offset + first;
-        for (int64_t i = 0; i < rows; ++i) y[i] = c[i * LANES + lane];
-      }
-    }
-  }
+  } while (member.next(n_jobs, begin, end));
 }
 
-// Jobs [begin, end) of a GEMV: the exact fp32 products, or with `integer` the
-// int8 ones for the types that have them (the batched product's where every
-// weight has one and x has more than INT8_GEMV_MAX_ROWS rows).
-void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
+// A member's jobs of a GEMV (team.h): the exact fp32 products, or with
+// `integer` the int8 ones for the types that have them (the batched product's
+// where every weight has one and x has more than INT8_GEMV_MAX_ROWS rows).
+void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, cholla::Member& member,
                    const float* xs, int64_t m, int64_t k, bool integer, float* out, int64_t n_total) {
-  // The walk asks for weights PREFETCH_AHEAD bytes ahead within a weight; the
-  // first ones of the thread's share, and of each weight it moves on to, are
-  // asked for here: now (they arrive while x is quantized), and one job early.
+  const int64_t n_jobs = static_cast<int64_t>(jobs.size());
+  int64_t begin = 0, end = 0;
+  if (m == 0 || !member.next(n_jobs, begin, end)) return;
+  // The walk asks for weights PREFETCH_AHEAD bytes ahead within a weight (past
+  // a chunk's end, into the next, which is usually the member's own next one);
+  // the first ones of the member's first chunk, of a chunk that does not follow
+  // the last, and of each weight it moves on to, are asked for here: now (they
+  // arrive while x is quantized), and one job early.
   auto prefetch_job = [&](int64_t j) {
     const Segment& seg = segments[jobs[j].segment];
     prefetch(seg.data + jobs[j].first_row * seg.row_bytes, PREFETCH_AHEAD);
@@ -777,17 +784,19 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
   const bool all_integer = std::all_of(segments.begin(), segments.end(),
                                        [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; });
   if (integer && m > INT8_GEMV_MAX_ROWS && all_integer)
-    return run_batched_jobs(segments, jobs, begin, end, xs, m, k, out, n_total);
-  if (begin < end) prefetch_job(begin);
+    return run_batched_jobs(segments, jobs, begin, end, member, xs, m, k, out, n_total);
+  prefetch_job(begin);
   // Each thread quantizes x itself (reading a copy another core had just written
   // cost ~1 us a call), into scratch it keeps from call to call (allocating and
-  // zeroing it each time cost about as much).
+  // zeroing it each time cost about as much), in the layouts of every weight
+  // (which chunks it will run is not known yet; a layout's copy does not
+  // depend on which others are made).
   thread_local std::vector<int8_t> byte_scratch;
   thread_local std::vector<float> number_scratch;
   QuantizedRow rows[GEMV_MAX_ROWS];
   if (integer) {
     unsigned layouts = 0;
-    for (int64_t j = begin; j < end; ++j) layouts |= layout_of(segments[jobs[j].segment].type);
+    for (const Segment& seg : segments) layouts |= layout_of(seg.type);
     const int64_t period = std::lcm(k / 32, GROUP_BLOCKS), row_bytes = 4 * period * 32, row_numbers = 3 * period + 3 * k / 32;
     if (static_cast<int64_t>(byte_scratch.size()) < m * row_bytes) byte_scratch.resize(m * row_bytes);
     if (static_cast<int64_t>(number_scratch.size()) < m * row_numbers) number_scratch.resize(m * row_numbers);
@@ -795,23 +804,28 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
       rows[r] = quantize_row(xs + r * k, k, layouts, byte_scratch.data() + r * row_bytes,
                              number_scratch.data() + r * row_numbers);
   }
-  for (int64_t j = begin; j < end; ++j) {
-    if (j + 1 < end && jobs[j + 1].segment != jobs[j].segment) prefetch_job(j + 1);
-    const Segment& seg = segments[jobs[j].segment];
-    const int64_t first = jobs[j].first_row, last = std::min(seg.rows, first + GEMV_JOB_ROWS);
-    const IntDot dot = integer ? int_dot_for(seg.type, m) : nullptr;
-    if (dot == nullptr) {
-      GEMV_BY_ROWS[m - 1](seg, first, last, xs, k, out, n_total);
-      continue;
+  int64_t last_end = begin;
+  do {
+    if (begin != last_end) prefetch_job(begin);
+    for (int64_t j = begin; j < end; ++j) {
+      if (j + 1 < n_jobs && jobs[j + 1].segment != jobs[j].segment) prefetch_job(j + 1);
+      const Segment& seg = segments[jobs[j].segment];
+      const int64_t first = jobs[j].first_row, last = std::min(seg.rows, first + GEMV_JOB_ROWS);
+      const IntDot dot = integer ? int_dot_for(seg.type, m) : nullptr;
+      if (dot == nullptr) {
+        GEMV_BY_ROWS[m - 1](seg, first, last, xs, k, out, n_total);
+        continue;
+      }
+      __m512 sums[GEMV_JOB_ROWS][GEMV_MAX_ROWS];
+      dot(seg.data + first * seg.row_bytes, k / 32, last - first, PREFETCH_AHEAD, rows, sums);
+      for (int64_t r = 0; r < m; ++r) {
+        __m512 v[GEMV_JOB_ROWS];
+        for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) v[i] = i < last - first ? sums[i][r] : _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(out + r * n_total + seg.out_offset + first, lanes(last - first), sum_lanes(v));
+      }
     }
-    __m512 sums[GEMV_JOB_ROWS][GEMV_MAX_ROWS];
-    dot(seg.data + first * seg.row_bytes, k / 32, last - first, PREFETCH_AHEAD, rows, sums);
-    for (int64_t r = 0; r < m; ++r) {
-      __m512 v[GEMV_JOB_ROWS];
-      for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) v[i] = i < last - first ? sums[i][r] : _mm512_setzero_ps();
-      _mm512_mask_storeu_ps(out + r * n_total + seg.out_offset + first, lanes(last - first), sum_lanes(v));
-    }
-  }
+    last_end = end;
+  } while (member.next(n_jobs, begin, end));
 }
 
 // x's checks and the jobs, as both entry points need them; returns the output width.
@@ -855,22 +869,20 @@ at::Tensor gemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef 
   at::Tensor y = out.defined() ? out : at::empty({m, n_total}, x.options());
   if (out.defined()) check_output("qgemv_int8_out", y, m, n_total);
   if (m == 0) return y;
-  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
-    run_gemv_jobs(segments, jobs, begin, end, x.data_ptr<float>(), m, x.size(1), integer, y.data_ptr<float>(), n_total);
+  run_as_team([&](Member& member) {
+    run_gemv_jobs(segments, jobs, member, x.data_ptr<float>(), m, x.size(1), integer, y.data_ptr<float>(), n_total);
   });
   return y;
 }
 
 void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer, at::Tensor& y,
-               int64_t thread, int64_t threads) {
+               Member& member) {
   std::vector<Segment> segments;
   std::vector<Job> jobs;
   const int64_t n_total = plan_gemv(x, weights, types, integer, segments, jobs);
   check_output("gemv_part", y, x.size(0), n_total);
-  const auto [begin, end] = share(static_cast<int64_t>(jobs.size()), thread, threads);
-  if (x.size(0) > 0 && begin < end)
-    run_gemv_jobs(segments, jobs, begin, end, x.data_ptr<float>(), x.size(0), x.size(1), integer, y.data_ptr<float>(),
-                  n_total);
+  run_gemv_jobs(segments, jobs, member, x.data_ptr<float>(), x.size(0), x.size(1), integer, y.data_ptr<float>(),
+                n_total);
 }
 
 // fp32 products, exact: each block dequantized as gguf does, then fp32 FMAs.

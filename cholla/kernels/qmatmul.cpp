@@ -223,14 +223,22 @@ bool request_amx() {
   return amx_granted;
 }
 
-// Jobs [begin, end) on this thread's tiles.
-void run_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
-              const at::Tensor& packed, int64_t m, int64_t k, float* out, int64_t n_total) {
+// A member's jobs (team.h) on this thread's tiles; x packed by `pack` (shared,
+// or each member packs it itself: a few rows, sparing the team a wait).
+template <typename Pack>
+void run_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, cholla::Member& member,
+              Pack&& pack, int64_t m, int64_t k, float* out, int64_t n_total) {
+  const int64_t n_jobs = static_cast<int64_t>(jobs.size());
+  int64_t begin = 0, end = 0;
+  if (m == 0 || !member.next(n_jobs, begin, end)) return;
+  const at::Tensor packed = pack();
   if (amx_granted) configure_tiles();
   std::unique_ptr<uint16_t[]> strip(new uint16_t[BLOCK_ROWS * k]);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-  for (int64_t j = begin; j < end; ++j)
-    run_job(segments[jobs[j].segment], jobs[j].first_row, xp, m, k, out, n_total, strip.get());
+  do {
+    for (int64_t j = begin; j < end; ++j)
+      run_job(segments[jobs[j].segment], jobs[j].first_row, xp, m, k, out, n_total, strip.get());
+  } while (member.next(n_jobs, begin, end));
   if (amx_granted) _tile_release();
 }
 
@@ -249,8 +257,8 @@ void run_qmatmul(const at::Tensor& x, const std::vector<Segment>& segments, cons
                  at::Tensor& out, int64_t n_total) {
   if (x.size(0) == 0) return;
   const at::Tensor packed = pack_activations(x);
-  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t begin, int64_t end) {
-    run_jobs(segments, jobs, begin, end, packed, x.size(0), x.size(1), out.data_ptr<float>(), n_total);
+  cholla::run_as_team([&](cholla::Member& member) {
+    run_jobs(segments, jobs, member, [&] { return packed; }, x.size(0), x.size(1), out.data_ptr<float>(), n_total);
   });
 }
 
@@ -284,16 +292,14 @@ void qmatmul_out(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef
   run_qmatmul(x, segments, jobs, out, n_total);
 }
 
-// One thread's share; each packs x itself (a few rows), sparing the team a wait.
-void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor& y, int64_t thread,
-                  int64_t threads) {
+// A member's part; each packs x itself (a few rows), sparing the team a wait.
+void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor& y, Member& member) {
   std::vector<Segment> segments;
   std::vector<Job> jobs;
   const int64_t n_total = plan_qmatmul(x, weights, types, segments, jobs);
   check_output("qmatmul_part", y, x.size(0), n_total);
-  const auto [begin, end] = share(static_cast<int64_t>(jobs.size()), thread, threads);
-  if (x.size(0) > 0 && begin < end)
-    run_jobs(segments, jobs, begin, end, pack_activations(x), x.size(0), x.size(1), y.data_ptr<float>(), n_total);
+  run_jobs(segments, jobs, member, [&] { return pack_activations(x); }, x.size(0), x.size(1), y.data_ptr<float>(),
+           n_total);
 }
 
 }  // namespace cholla
