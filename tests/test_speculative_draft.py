@@ -22,21 +22,10 @@ from cholla.kv.paged_cache import bytes_per_block
 from cholla.models.loader import load_model
 from cholla.speculative.config import check_speculative
 from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
+from tests import tiny_models
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
 BASE = {"max_model_len": 512, "kv_cache_memory": 64 * 2**20, "dtype": "float32"}
-
-
-def _generate(engine: LLMEngine, prompts: list, params) -> list[list[int]]:
-    params = params if isinstance(params, list) else [params] * len(prompts)
-    for i, (prompt, p) in enumerate(zip(prompts, params)):
-        engine.add_request(str(i), prompt, p)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[str(i)] for i in range(len(prompts))]
 
 
 def _assert_all_blocks_free(engine: LLMEngine) -> None:
@@ -70,7 +59,7 @@ def test_real_model_drafting_for_itself_is_exact_and_always_accepted(smollm2):
                        [{"role": "user", "content": f"Copy this text word for word: {TEXT}"}])
     params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
     prompt = {"prompt_token_ids": chat}
-    assert _generate(spec, [prompt], params) == _generate(plain, [prompt], params)
+    assert tiny_models.generate(spec, [prompt], params) == tiny_models.generate(plain, [prompt], params)
     assert spec.metrics.spec_draft_tokens > 0 and spec.metrics.spec_accepted_tokens == spec.metrics.spec_draft_tokens
     _assert_all_blocks_free(spec)
 
@@ -87,8 +76,6 @@ def test_a_draft_with_another_vocabulary_is_refused(smollm2, gemma3_path):
 def _truncated_pair(root, config, keep: int):
     """(target folder, draft folder) of a tiny random model and a copy of its first ``keep``
     layers; the later layers' outputs are damped so the two often, not always, agree."""
-    from tests import tiny_models
-
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -137,9 +124,9 @@ def test_truncated_draft_is_partly_accepted_and_exact(tiny, tiny_target):
     draft_batches = []  # sequences in each draft forward
     execute = spec.speculator.runner.execute
     spec.speculator.runner.execute = lambda batch: draft_batches.append(len(batch.requests)) or execute(batch)
-    assert _generate(spec, prompts[:2], params) == _generate(plain, prompts[:2], params)  # two speculate together
+    assert tiny_models.generate(spec, prompts[:2], params) == tiny_models.generate(plain, prompts[:2], params)  # two speculate together
     assert 2 in draft_batches  # one forward per drafted position for both, not one per sequence
-    assert [_generate(spec, [p], params)[0] for p in prompts] == [_generate(plain, [p], params)[0] for p in prompts]
+    assert [tiny_models.generate(spec, [p], params)[0] for p in prompts] == [tiny_models.generate(plain, [p], params)[0] for p in prompts]
     assert 0 < spec.metrics.spec_accepted_tokens < spec.metrics.spec_draft_tokens
     _assert_all_blocks_free(spec)
 
@@ -155,7 +142,7 @@ def test_batched_with_plain_requests(tiny_target):
               SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True),
               SamplingParams(temperature=0.8, seed=3, max_tokens=40, ignore_eos=True, speculative_decoding=False)]
     prompts = _tiny_prompts(9, 21, 14)
-    assert _generate(spec, prompts, params) == _generate(plain, prompts, params)
+    assert tiny_models.generate(spec, prompts, params) == tiny_models.generate(plain, prompts, params)
     metrics = spec.metrics
     assert metrics.spec_verifications > 0 and metrics.spec_accepted_tokens == metrics.spec_draft_tokens
     assert metrics.spec_draft_tokens <= 3 * metrics.spec_verifications
@@ -171,7 +158,7 @@ def test_sampled_requests_keep_plain_decodings_tokens(tiny_target):
     params = [SamplingParams(temperature=0.8, top_k=20, seed=5, max_tokens=30, ignore_eos=True),
               SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.2, seed=6, max_tokens=30, ignore_eos=True)]
     prompts = _tiny_prompts(9, 21)
-    assert _generate(spec, prompts, params) == _generate(plain, prompts, params)
+    assert tiny_models.generate(spec, prompts, params) == tiny_models.generate(plain, prompts, params)
     assert 0 < spec.metrics.spec_accepted_tokens < spec.metrics.spec_draft_tokens
     _assert_all_blocks_free(spec)
 
@@ -184,7 +171,7 @@ def test_preemption_and_abort_free_both_caches(tiny, tiny_target):
                                           draft_model=tiny[1], num_speculative_tokens=4))
     prompts = _tiny_prompts(30, 41)
     params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
-    assert _generate(spec, prompts, params) == _generate(plain, prompts, params)
+    assert tiny_models.generate(spec, prompts, params) == tiny_models.generate(plain, prompts, params)
     assert spec.metrics.preemptions > 0 and spec.metrics.spec_accepted_tokens > 0
     _assert_all_blocks_free(spec)
 
@@ -212,7 +199,7 @@ def test_sliding_window_past_its_length(tmp_path):
                                           num_speculative_tokens=4))
     prompts = _tiny_prompts(5, 30)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    assert _generate(spec, prompts, params) == _generate(plain, prompts, params)
+    assert tiny_models.generate(spec, prompts, params) == tiny_models.generate(plain, prompts, params)
     assert 0 < spec.metrics.spec_accepted_tokens < spec.metrics.spec_draft_tokens
     _assert_all_blocks_free(spec)
 

@@ -99,22 +99,6 @@ def _spec(name, loaded, **kwargs) -> LLMEngine:
     return engine
 
 
-def _generate(engine: LLMEngine, prompts: list, params: list) -> list[list[int]]:
-    for i, (prompt, p) in enumerate(zip(prompts, params)):
-        engine.add_request(str(i), prompt, p)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[str(i)] for i in range(len(prompts))]
-
-
-def _all_free(engine: LLMEngine) -> bool:
-    manager = engine.block_manager
-    return manager.num_free_blocks == manager.num_blocks and not any(manager.allocator.ref_counts)
-
-
 def test_greedy_identical_batched_and_the_prefix_cache_clean(model):
     name, loaded = model
     plain, spec = _engine(loaded), _spec(name, loaded)
@@ -123,12 +107,12 @@ def test_greedy_identical_batched_and_the_prefix_cache_clean(model):
     prompts = [COPY, {"prompt_token_ids": chat}, OPEN, COPY]
     params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)] * 3 + [
         SamplingParams(temperature=0.8, seed=3, max_tokens=16, speculative_decoding=False)]
-    expected = _generate(plain, prompts, params)
-    assert _generate(spec, prompts[:2], params[:2]) == expected[:2]  # raw and chat, alone
-    assert _generate(spec, prompts[1:], params[1:]) == expected[1:]  # together, beside an opt-out
+    expected = tiny_models.generate(plain, prompts, params)
+    assert tiny_models.generate(spec, prompts[:2], params[:2]) == expected[:2]  # raw and chat, alone
+    assert tiny_models.generate(spec, prompts[1:], params[1:]) == expected[1:]  # together, beside an opt-out
     metrics = spec.metrics
     assert 0 < metrics.spec_accepted_tokens < metrics.spec_draft_tokens
-    assert _all_free(spec)
+    assert tiny_models.all_free(spec)
     block_size = spec.block_manager.block_size
     chunks = set()
     for prompt, out in zip(prompts, expected):
@@ -146,11 +130,11 @@ def test_preemption_and_abort_leave_no_block(model):
     small = {"kv_cache_memory": 7 * block_bytes, "max_model_len": 96, "enable_prefix_caching": False}
     plain, spec = _engine(loaded, **small), _spec(name, loaded, **small)
     prompts, params = [COPY, OPEN], [SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)] * 2
-    assert _generate(spec, prompts, params) == _generate(plain, prompts, params)
+    assert tiny_models.generate(spec, prompts, params) == tiny_models.generate(plain, prompts, params)
     assert spec.metrics.preemptions > 0 and spec.metrics.spec_accepted_tokens > 0
-    assert _all_free(spec)
+    assert tiny_models.all_free(spec)
     tiny_models.abort_in_prefill_and_decode(spec, OPEN * 2, COPY)
-    assert _all_free(spec)
+    assert tiny_models.all_free(spec)
 
 
 def test_a_draft_that_cannot_pay_does_not_run(smollm2_path):

@@ -388,10 +388,25 @@ def with_config(folder: Path, dst: Path, change: dict) -> Path:
 
 
 def all_free(llm) -> bool:
-    """Every KV block free and unreferenced, and (models with recurrent layers) every state slot free."""
-    manager, slots = llm.engine.block_manager, llm.engine.scheduler.state_slots
+    """Every KV block free and unreferenced, and (models with recurrent layers) every state slot free;
+    ``llm`` an ``LLM`` or an ``LLMEngine``."""
+    engine = getattr(llm, "engine", llm)
+    manager, slots = engine.block_manager, engine.scheduler.state_slots
     blocks_free = manager.num_free_blocks == manager.num_blocks and not any(manager.allocator.ref_counts)
     return blocks_free and (slots is None or slots.num_free == slots.num_slots)
+
+
+def generate(engine, prompts: list, params) -> list[list[int]]:
+    """Each prompt's output tokens, all run together on ``engine`` (``params``: one for all, or one each)."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), prompt, p)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return [done[str(i)] for i in range(len(prompts))]
 
 
 def abort_in_prefill_and_decode(engine, long_prompt, short_prompt) -> None:
