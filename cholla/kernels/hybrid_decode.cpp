@@ -117,6 +117,19 @@ struct Products {
   }
 };
 
+// A recurrent layer's last stages: out_proj of `gated` into `o`, then result = x + o row by row.
+void out_proj_residual(const Products& products, const at::Tensor& gated, at::TensorList w, at::IntArrayRef t,
+                       at::Tensor& o, const at::Tensor& x, at::Tensor& result, Member& member) {
+  sync(member);
+  products.run(gated, w, t, o, member);
+  sync(member);
+  const int64_t hidden = x.size(1);
+  each_job(member, x.size(0), [&](int64_t r, int64_t) {
+    for (int64_t i = 0; i < hidden; ++i)
+      result.data_ptr<float>()[r * hidden + i] = x.data_ptr<float>()[r * hidden + i] + o.data_ptr<float>()[r * hidden + i];
+  });  // (the team's join waits for the last chunks)
+}
+
 inline __m512 silu16(__m512 x) {
   return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
@@ -328,13 +341,7 @@ at::Tensor mamba2_decode(const at::Tensor& x_in, const at::Tensor& norm, double 
         }
       }
     });
-    sync(member);
-    products.run(gated, out_w, out_t, o, member);
-    sync(member);
-    each_job(member, rows, [&](int64_t r, int64_t) {
-      for (int64_t i = 0; i < hidden; ++i)
-        result.data_ptr<float>()[r * hidden + i] = x.data_ptr<float>()[r * hidden + i] + o.data_ptr<float>()[r * hidden + i];
-    });  // (the team's join waits for the last chunks)
+    out_proj_residual(products, gated, out_w, out_t, o, x, result, member);
   });
   return result;
 }
@@ -419,13 +426,7 @@ at::Tensor deltanet_decode(const at::Tensor& x_in, const at::Tensor& norm, doubl
       gated_norm_row(hs + r * value_dim + hd * dv, ps + r * projected + channels + hd * dv, head_norm.data_ptr<float>(),
                      gs + r * value_dim + hd * dv, dv, static_cast<float>(head_eps), true);
     });
-    sync(member);
-    products.run(gated, out_w, out_t, o, member);
-    sync(member);
-    each_job(member, rows, [&](int64_t r, int64_t) {
-      for (int64_t i = 0; i < hidden; ++i)
-        result.data_ptr<float>()[r * hidden + i] = x.data_ptr<float>()[r * hidden + i] + o.data_ptr<float>()[r * hidden + i];
-    });  // (the team's join waits for the last chunks)
+    out_proj_residual(products, gated, out_w, out_t, o, x, result, member);
   });
   return result;
 }

@@ -26,8 +26,6 @@ its PyTorch form and reference.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +33,8 @@ from torch import nn
 from cholla.kernels import cpu_kernels
 from cholla.layers.attention import AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
-from cholla.layers.linear import DenseTensor, Linear, kernel_products, linear_group
+from cholla.layers.layer_decode import one_call_inputs
+from cholla.layers.linear import DenseTensor, Linear, linear_group
 from cholla.layers.norm import RMSNorm, rms_norm
 from cholla.models.config import DeltaNetConfig
 
@@ -102,10 +101,6 @@ class _Conv(nn.Module):
     def __init__(self, channels: int, kernel: int):
         super().__init__()
         self.weight = DenseTensor(channels, kernel)
-
-
-# Each layer's (and its input norm's) deltanet_decode arguments, made at its first decode step (after loading).
-_decode_plans: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 class GatedDeltaNet(nn.Module):
@@ -192,17 +187,12 @@ class GatedDeltaNet(nn.Module):
         (``kernels/hybrid_decode.cpp``: the same products and state steps as ``forward``, on one
         thread team), or None where it does not serve (prompt rows, kernels off, biases, weights
         or a step size our kernels do not multiply)."""
-        if meta.num_prefills or x.dtype != torch.float32 or x.device.type != "cpu":
+        inputs = one_call_inputs(self, lambda: self._plan_decode(norm), self.in_proj_qkv, x, state, meta)
+        if inputs is None:
             return None
-        plan = _decode_plans.get(self)
-        if plan is None:
-            plan = _decode_plans[self] = self._plan_decode(norm) or ()
-        products = kernel_products(self.in_proj_qkv, x.shape[0]) if plan else None
-        conv_state, recurrent = state
-        if products is None or not conv_state.is_contiguous() or not recurrent.is_contiguous():
-            return None
+        weights, products = inputs
         c = self.config
-        return cpu_kernels().deltanet_decode(x, *plan, conv_state, recurrent, meta.state_slots.to(torch.long),
+        return cpu_kernels().deltanet_decode(x, *weights, *state, meta.state_slots.to(torch.long),
                                              c.num_k_heads, c.v_heads_tiled, *products)
 
     def _plan_decode(self, norm: RMSNorm) -> tuple | None:

@@ -27,8 +27,6 @@ chunk of the step in one call, 64-token chunks, one job per sequence and head);
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,7 +34,8 @@ from torch import nn
 from cholla.kernels import cpu_kernels
 from cholla.layers.attention import AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
-from cholla.layers.linear import DenseTensor, Linear, kernel_products, linear_group
+from cholla.layers.layer_decode import one_call_inputs
+from cholla.layers.linear import DenseTensor, Linear, linear_group
 from cholla.layers.mlp import gated_activation
 from cholla.layers.norm import RMSNorm
 from cholla.models.config import Mamba2Shape
@@ -121,10 +120,6 @@ def _gather_buffer(ssm_state: torch.Tensor, batch: int) -> torch.Tensor:
     return buffer[:batch]
 
 
-# Each mixer's (and its layer norm's) mamba2_decode arguments, made at its first decode step (after loading).
-_decode_plans: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
-
-
 class Mamba2Mixer(nn.Module):
     """HF's ``Mamba2Mixer`` / ``NemotronHMamba2Mixer`` (same names): in_proj, conv1d, dt_bias,
     A_log, D, norm, out_proj."""
@@ -188,17 +183,11 @@ class Mamba2Mixer(nn.Module):
         (``kernels/hybrid_decode.cpp``: the same products and state steps as ``forward``, on one
         thread team), or None where it does not serve (prompt rows, kernels off, biases, weights
         or a step size our kernels do not multiply)."""
-        if meta.num_prefills or x.dtype != torch.float32 or x.device.type != "cpu":
+        inputs = one_call_inputs(self, lambda: self._plan_decode(norm), self.in_proj, x, states, meta)
+        if inputs is None:
             return None
-        plan = _decode_plans.get(self)
-        if plan is None:
-            plan = _decode_plans[self] = self._plan_decode(norm) or ()
-        products = kernel_products(self.in_proj, x.shape[0]) if plan else None
-        conv_state, ssm_state = states
-        if products is None or not conv_state.is_contiguous() or not ssm_state.is_contiguous():
-            return None
-        return cpu_kernels().mamba2_decode(x, *plan[0], conv_state, ssm_state, meta.state_slots.to(torch.long),
-                                           *plan[1], *products)
+        (weights, limits), products = inputs
+        return cpu_kernels().mamba2_decode(x, *weights, *states, meta.state_slots.to(torch.long), *limits, *products)
 
     def _plan_decode(self, norm: RMSNorm) -> tuple[tuple, tuple] | None:
         """``mamba2_decode``'s weight arguments (before the states, after the slots), or None where it cannot run."""
