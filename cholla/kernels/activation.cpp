@@ -28,11 +28,7 @@ void check_half(const at::Tensor& t, const at::Tensor& gate) {
               "gated_activation: gate and up must be fp32 or bf16 [rows, inner], alike, with contiguous rows");
 }
 
-// 16 values as fp32 lanes (bf16: its bits are the fp32's top half), and back.
-inline __m512 load16(const float* p, __mmask16 live) { return _mm512_maskz_loadu_ps(live, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 live) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
-}
+// 16 fp32 lanes back to a row (simd.h's load16 reads one).
 inline void store16(float* p, __mmask16 live, __m512 v) { _mm512_mask_storeu_ps(p, live, v); }
 inline void store16(uint16_t* p, __mmask16 live, __m512 v) {  // round to nearest even, as PyTorch's .to(bfloat16)
   _mm256_mask_storeu_epi16(p, live, (__m256i)_mm512_cvtneps_pbh(v));

@@ -34,15 +34,6 @@ constexpr int64_t CHUNK = 64;          // tokens per chunk: the delta rule's and
 constexpr int64_t MAX_DIM = 512;       // the largest head / key / value / state dimension held in a job's buffers
 constexpr int64_t MAX_CONV_KERNEL = 16;
 
-inline __m512 load16(const float* p, __mmask16 live) { return _mm512_maskz_loadu_ps(live, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 live) {  // bf16: the fp32's top half
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
-}
-
-inline __m512 silu16(__m512 x) {
-  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
-
 // softplus as torch computes it (beta 1, threshold 20).
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
 
@@ -93,20 +84,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
 void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
-}
-
-// x * scale / sqrt(|x|^2 + 1e-6) into dst: l2_normalize in gated_deltanet.py.
-void l2_normalize_row(const float* x, float* dst, int64_t dim, float scale) {
-  __m512 squares = _mm512_setzero_ps();
-  for (int64_t i = 0; i < dim; i += 16) {
-    const __m512 v = load16(x + i, lanes(dim - i));
-    squares = _mm512_fmadd_ps(v, v, squares);
-  }
-  const __m512 factor = _mm512_set1_ps(scale / std::sqrt(_mm512_reduce_add_ps(squares) + 1e-6f));
-  for (int64_t i = 0; i < dim; i += 16) {
-    const __mmask16 live = lanes(dim - i);
-    _mm512_mask_storeu_ps(dst + i, live, _mm512_mul_ps(load16(x + i, live), factor));
-  }
 }
 
 // row[j] = exp(G_i - G[j]) * row[j] for j <= last, 0 beyond (up to `width`): the causal decay mask.

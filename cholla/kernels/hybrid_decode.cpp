@@ -130,10 +130,6 @@ void out_proj_residual(const Products& products, const at::Tensor& gated, at::Te
   });  // (the team's join waits for the last chunks)
 }
 
-inline __m512 silu16(__m512 x) {
-  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
-
 void check_fp32_vector(const char* op, const at::Tensor& t, int64_t size, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == size && t.is_contiguous(), op, ": ", name,
               " must be contiguous fp32 [", size, "]");

@@ -41,11 +41,6 @@ bool fp32_vector(const at::Tensor& t, int64_t size) {
   return t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == size && t.is_contiguous();
 }
 
-// silu(z) = z sigmoid(z), as activation.cpp and PyTorch take it.
-inline __m512 silu16(__m512 z) {
-  return _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
-}
-
 // One group of one row: out = norm(y * silu(z)) * w, or norm(y) * w * silu(z) with norm_before_gate.
 void gated_norm_group(const float* y, const float* z, const float* w, float* out, int64_t width, float eps,
                       bool norm_before_gate) {

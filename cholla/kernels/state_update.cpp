@@ -29,16 +29,6 @@ namespace {
 constexpr int64_t MAX_KERNEL = 16;
 constexpr int64_t MAX_KEY_DIM = 1024;
 
-// 16 values of a row as fp32 lanes (bf16: its bits are the fp32's top half).
-inline __m512 load16(const float* p, __mmask16 live) { return _mm512_maskz_loadu_ps(live, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 live) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
-}
-
-inline __m512 silu16(__m512 x) {
-  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
-
 inline float sum16(__m512 x) { return _mm512_reduce_add_ps(x); }
 
 // The slots as int64 [batch], each within the cache's `num_slots`.
@@ -77,20 +67,6 @@ void conv_channels(const T* x, const float* weight, const float* bias, float* st
     for (int64_t t = 0; t < width; ++t) _mm512_store_ps(shifted[t], window[t + 1]);
     for (int64_t lane_index = 0; lane_index < std::min<int64_t>(16, end - c); ++lane_index)
       for (int64_t t = 0; t < width; ++t) s[lane_index * width + t] = shifted[t][lane_index];
-  }
-}
-
-// x * rsqrt(|x|^2 + eps) * scale into `dst` (dim floats): l2_normalize in gated_deltanet.py.
-void l2_normalize_row(const float* x, float* dst, int64_t dim, float scale) {
-  __m512 squares = _mm512_setzero_ps();
-  for (int64_t i = 0; i < dim; i += 16) {
-    const __m512 v = load16(x + i, lanes(dim - i));
-    squares = _mm512_fmadd_ps(v, v, squares);
-  }
-  const __m512 factor = _mm512_set1_ps(scale / std::sqrt(sum16(squares) + 1e-6f));
-  for (int64_t i = 0; i < dim; i += 16) {
-    const __mmask16 live = lanes(dim - i);
-    _mm512_mask_storeu_ps(dst + i, live, _mm512_mul_ps(load16(x + i, live), factor));
   }
 }
 
