@@ -34,12 +34,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
-#include <c10/util/ParallelGuard.h>
-#include <omp.h>
 
-#include <atomic>
 #include <cstring>
-#include <exception>
 #include <memory>
 #include <vector>
 
@@ -181,70 +177,50 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
   };
   normalize(norms[0]);
 
-  // The team is sized before it starts (a member OpenMP does not provide has its chunks taken by the others).
-  Team team(omp_get_max_threads());
-  std::exception_ptr error;
-  std::atomic_flag error_set = ATOMIC_FLAG_INIT;
-#pragma omp parallel num_threads(team.members())
-  {
-    Member member(team, omp_get_thread_num());
-    c10::ParallelGuard in_team(true);  // ops called in here run on the calling member alone
-    auto project = [&](const at::Tensor& in, at::TensorList w, at::IntArrayRef t, at::Tensor& out) {
-      if (member.behind()) return;  // the stage closed while this member was away
-      // the product cholla/layers/linear.py picks for this many rows
-      if (rows <= gemv_max_rows || (integer && rows <= int8_batch_max_rows && int8_kernel_types(t)))
-        gemv_part(in, w, t, integer, out, member);
-      else
-        qmatmul_part(in, w, t, out, member);
-    };
-    try {
-      for (int64_t l = 0; l < layers; ++l) {
-        const at::TensorList w = weights.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
-        const at::IntArrayRef t = types.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
-        const at::TensorList n = norms.slice(norms_per_layer * l, norms_per_layer);
-        {
-          RECORD_FUNCTION("cholla::decode_layers: attention", std::vector<c10::IValue>());
-          project(h, w.slice(0, 3), t.slice(0, 3), qkv);
-          if (!member.finish([&] { rope_and_cache(l, n); })) break;
-          if (!member.behind())
-            paged_attention_part(q, k_sides[l], v_sides[l], block_tables, context_lens, query_starts, scale,
-                                 windows[l], softcap, attended, member);
-          if (!member.finish()) break;
-        }
-        {
-          RECORD_FUNCTION("cholla::decode_layers: o projection", std::vector<c10::IValue>());
-          project(attended.view({rows, q_size}), w.slice(3, 1), t.slice(3, 1), o);
-          if (!member.finish([&] {
-                add(o, post_norms ? &n[2] : nullptr);
-                normalize(n[1]);
-              }))
-            break;
-        }
-        {
-          RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
-          project(h, w.slice(4, 2), t.slice(4, 2), gate_up);
-          if (!member.finish([&] {
-                gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation,
-                                     activated);
-              }))
-            break;
-        }
-        {
-          RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());
-          project(activated, w.slice(6, 1), t.slice(6, 1), down);
-          if (!member.finish([&] {
-                add(down, post_norms ? &n[3] : nullptr);
-                if (l + 1 < layers) normalize(norms[norms_per_layer * (l + 1)]);
-              }))
-            break;
-        }
+  const Products products{integer, gemv_max_rows, int8_batch_max_rows};
+  run_team([&](Member& member) {
+    for (int64_t l = 0; l < layers; ++l) {
+      const at::TensorList w = weights.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
+      const at::IntArrayRef t = types.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
+      const at::TensorList n = norms.slice(norms_per_layer * l, norms_per_layer);
+      {
+        RECORD_FUNCTION("cholla::decode_layers: attention", std::vector<c10::IValue>());
+        products.run(h, w.slice(0, 3), t.slice(0, 3), qkv, member);
+        if (!member.finish([&] { rope_and_cache(l, n); })) break;
+        if (!member.behind())
+          paged_attention_part(q, k_sides[l], v_sides[l], block_tables, context_lens, query_starts, scale,
+                               windows[l], softcap, attended, member);
+        if (!member.finish()) break;
       }
-    } catch (...) {
-      if (!error_set.test_and_set()) error = std::current_exception();
-      team.fail();
+      {
+        RECORD_FUNCTION("cholla::decode_layers: o projection", std::vector<c10::IValue>());
+        products.run(attended.view({rows, q_size}), w.slice(3, 1), t.slice(3, 1), o, member);
+        if (!member.finish([&] {
+              add(o, post_norms ? &n[2] : nullptr);
+              normalize(n[1]);
+            }))
+          break;
+      }
+      {
+        RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
+        products.run(h, w.slice(4, 2), t.slice(4, 2), gate_up, member);
+        if (!member.finish([&] {
+              gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation,
+                                   activated);
+            }))
+          break;
+      }
+      {
+        RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());
+        products.run(activated, w.slice(6, 1), t.slice(6, 1), down, member);
+        if (!member.finish([&] {
+              add(down, post_norms ? &n[3] : nullptr);
+              if (l + 1 < layers) normalize(norms[norms_per_layer * (l + 1)]);
+            }))
+          break;
+      }
     }
-  }
-  if (error) std::rethrow_exception(error);
+  });
   return x;
 }
 

@@ -26,14 +26,10 @@
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
-#include <c10/util/ParallelGuard.h>
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <exception>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -45,10 +41,9 @@
 namespace {
 
 using cholla::Member;
-using cholla::Team;
-
-// A member found the team failed at a stage's end: stop (another member's error is rethrown).
-struct TeamStopped {};
+using cholla::Products;
+using cholla::run_team;
+using cholla::TeamStopped;
 
 // Ends the member's part in the stage; the member that ends the stage runs `last` first (team.h).
 template <typename Last>
@@ -74,48 +69,6 @@ void each_job(Member& member, int64_t n, Job&& job) {
   });
 }
 
-// `body(member)` on one OpenMP team; the first member's error is rethrown.
-template <typename Body>
-void run_team(Body&& body) {
-  // The team is sized before it starts (a member OpenMP does not provide has its chunks taken by the others).
-  Team team(omp_get_max_threads());
-  std::exception_ptr error;
-  std::atomic_flag error_set = ATOMIC_FLAG_INIT;
-#pragma omp parallel num_threads(team.members())
-  {
-    Member member(team, omp_get_thread_num());
-    c10::ParallelGuard in_team(true);  // ops called in here run on the calling member alone
-    try {
-      body(member);
-    } catch (const TeamStopped&) {
-    } catch (...) {
-      if (!error_set.test_and_set()) error = std::current_exception();
-      team.fail();
-    }
-  }
-  if (error) std::rethrow_exception(error);
-}
-
-// Which kernel multiplies `rows` rows: the rule of cholla/layers/linear.py's _kernel_matmul for
-// steps our kernels serve (the Python side declines the others: fp32 steps over gemv_max_rows).
-// A product is a stage of its own (its jobs are the stage's); the caller ends it.
-struct Products {
-  bool integer;
-  int64_t gemv_max_rows, int8_batch_max_rows;
-
-  void run(const at::Tensor& x, at::TensorList w, at::IntArrayRef t, at::Tensor& out, Member& member) const {
-    if (member.behind()) return;  // the stage closed while this member was away
-    const int64_t rows = x.size(0);
-    if (rows == 0) {  // no jobs: the stage's one empty chunk, so that it closes
-      each_job(member, 0, [](int64_t, int64_t) {});
-      return;
-    }
-    if (rows <= gemv_max_rows || (integer && rows <= int8_batch_max_rows && cholla::int8_kernel_types(t)))
-      cholla::gemv_part(x, w, t, integer, out, member);
-    else
-      cholla::qmatmul_part(x, w, t, out, member);
-  }
-};
 
 // A recurrent layer's last stages: out_proj of `gated` into `o`, then result = x + o row by row.
 void out_proj_residual(const Products& products, const at::Tensor& gated, at::TensorList w, at::IntArrayRef t,

@@ -5,7 +5,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
+#include <omp.h>
 
+#include <atomic>
+#include <exception>
 #include <optional>
 
 #include "team.h"
@@ -39,6 +43,53 @@ void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef type
 
 // qmatmul.cpp: the same products on the AMX tiles (weights and x rounded to bf16).
 void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor& y, Member& member);
+
+// Which kernel multiplies `rows` rows: the rule of cholla/layers/linear.py's _kernel_matmul for
+// steps our kernels serve (the Python side declines the others: fp32 steps over gemv_max_rows).
+// A product is a stage of its own (its jobs are the stage's); the caller ends it.
+struct Products {
+  bool integer;
+  int64_t gemv_max_rows, int8_batch_max_rows;
+
+  void run(const at::Tensor& x, at::TensorList w, at::IntArrayRef t, at::Tensor& out, Member& member) const {
+    if (member.behind()) return;  // the stage closed while this member was away
+    const int64_t rows = x.size(0);
+    if (rows == 0) {  // no jobs: the stage's one empty chunk, so that it closes
+      for (int64_t begin, end; member.next(0, begin, end);) {
+      }
+      return;
+    }
+    if (rows <= gemv_max_rows || (integer && rows <= int8_batch_max_rows && int8_kernel_types(t)))
+      gemv_part(x, w, t, integer, out, member);
+    else
+      qmatmul_part(x, w, t, out, member);
+  }
+};
+
+// A member found the team failed at a stage's end: stop (another member's error is rethrown).
+struct TeamStopped {};
+
+// `body(member)` on one OpenMP team; the first member's error is rethrown.
+template <typename Body>
+void run_team(Body&& body) {
+  // The team is sized before it starts (a member OpenMP does not provide has its chunks taken by the others).
+  Team team(omp_get_max_threads());
+  std::exception_ptr error;
+  std::atomic_flag error_set = ATOMIC_FLAG_INIT;
+#pragma omp parallel num_threads(team.members())
+  {
+    Member member(team, omp_get_thread_num());
+    c10::ParallelGuard in_team(true);  // ops called in here run on the calling member alone
+    try {
+      body(member);
+    } catch (const TeamStopped&) {
+    } catch (...) {
+      if (!error_set.test_and_set()) error = std::current_exception();
+      team.fail();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
 
 // activation.cpp: act(gate) * up; activation ids as in cholla/layers/mlp.py.
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
