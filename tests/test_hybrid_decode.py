@@ -20,6 +20,7 @@ from cholla.layers.attention import AttentionMetadata
 from cholla.layers.linear import DenseTensor, decode_step
 from cholla.layers.mamba2 import Mamba2Mixer
 from cholla.layers.moe import SparseMoE, sigmoid_group_topk, softmax_topk, split_experts, topk_softmax
+from cholla.layers.norm import RMSNorm
 from cholla.models.config import Mamba2Shape
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="needs a CPU with AVX512-BF16 and a C++ compiler")
@@ -65,6 +66,20 @@ def _moe(router: str, gated: bool, shared: bool, qtype: str | None, dtype: torch
     return layer
 
 
+def _assert_one_call_matches_forward(layer, norm: RMSNorm, x: torch.Tensor, states: tuple[torch.Tensor, torch.Tensor],
+                                     meta: AttentionMetadata) -> None:
+    """A recurrent layer's one-call decode against ``x + layer(norm(x))`` run op by op on copies of
+    the states: the output, the conv state exactly and the recurrent state as stepped."""
+    conv, recurrent = states
+    conv_ref, recurrent_ref = conv.clone(), recurrent.clone()
+    with decode_step():
+        got = layer.decode_layer(x, norm, states, meta)
+        expected = x + layer(norm(x), (conv_ref, recurrent_ref), meta)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv, conv_ref, rtol=0, atol=0)
+    torch.testing.assert_close(recurrent, recurrent_ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("router", ["softmax_topk", "topk_softmax", "sigmoid_group_topk"])
 @pytest.mark.parametrize("gated, shared, qtype", [(True, False, "Q8_0"), (False, True, "Q4_0"), (True, True, None)])
 @pytest.mark.parametrize("dtype, rows", [(torch.bfloat16, 1), (torch.bfloat16, 32), (torch.float32, 5)])
@@ -93,7 +108,6 @@ def test_moe_decode_declines_what_it_does_not_cover():
 @pytest.mark.parametrize("dtype, rows, qtype, groups", [(torch.bfloat16, 1, "Q4_0", 1), (torch.bfloat16, 12, "Q8_0", 2),
                                                         (torch.float32, 3, None, 2)])
 def test_mamba2_decode_matches_the_layer(dtype, rows, qtype, groups):
-    from cholla.layers.norm import RMSNorm
 
     torch.manual_seed(0)
     shape = Mamba2Shape(hidden_size=64, num_heads=8, head_dim=16, state_size=16, n_groups=groups, conv_kernel=4,
@@ -119,13 +133,7 @@ def test_mamba2_decode_matches_the_layer(dtype, rows, qtype, groups):
     conv = torch.randn(rows + 3, *shape.state_shapes[0])
     ssm = torch.randn(rows + 3, *shape.state_shapes[1])
     x = torch.randn(rows, 64)
-    conv_ref, ssm_ref = conv.clone(), ssm.clone()
-    with decode_step():
-        got = mixer.decode_layer(x, norm, (conv, ssm), meta)
-        expected = x + mixer(norm(x), (conv_ref, ssm_ref), meta)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(conv, conv_ref, rtol=0, atol=0)
-    torch.testing.assert_close(ssm, ssm_ref, rtol=1e-6, atol=1e-6)
+    _assert_one_call_matches_forward(mixer, norm, x, (conv, ssm), meta)
 
 
 def test_mamba2_decode_refuses_a_slot_given_twice():
@@ -159,7 +167,6 @@ def test_embedding_rows_equal_gguf_dequantizer(qtype):
                                                        (torch.float32, 2, None, False)])
 def test_deltanet_decode_matches_the_layer(dtype, rows, qtype, tiled):
     from cholla.layers.gated_deltanet import GatedDeltaNet
-    from cholla.layers.norm import RMSNorm
     from cholla.models.config import DeltaNetConfig
 
     torch.manual_seed(0)
@@ -180,11 +187,5 @@ def test_deltanet_decode_matches_the_layer(dtype, rows, qtype, tiled):
                              block_tables=torch.zeros(0), num_prefills=0, state_slots=slots)
     conv = torch.randn(rows + 2, *config.state_shapes()[0])
     recurrent = torch.randn(rows + 2, *config.state_shapes()[1]) * 0.1
-    conv_ref, recurrent_ref = conv.clone(), recurrent.clone()
     x = torch.randn(rows, 64)
-    with decode_step():
-        got = layer.decode_layer(x, norm, (conv, recurrent), meta)
-        expected = x + layer(norm(x), (conv_ref, recurrent_ref), meta)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(conv, conv_ref, rtol=0, atol=0)
-    torch.testing.assert_close(recurrent, recurrent_ref, rtol=1e-6, atol=1e-6)
+    _assert_one_call_matches_forward(layer, norm, x, (conv, recurrent), meta)
