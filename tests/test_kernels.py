@@ -444,9 +444,9 @@ def _kv_side(type_name: str, num_blocks: int, block_size: int, kv_heads: int, di
 
 
 KV_TYPE_PAIRS = [(name, name) for name in ("f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0",
-                                           "int8_rot", "q4_0_rot", "q4_0_cal", "q4_kivi", "fp8_e4m3_scaled",
+                                           "q4_0_rot", "q4_0_cal", "q4_kivi", "fp8_e4m3_scaled",
                                            "fp8_e4m3_centered")]
-KV_TYPE_PAIRS += [("q8_0", "q4_0"), ("q4_0_cal", "bf16"), ("fp8_e4m3", "int8_rot"),  # K and V may differ
+KV_TYPE_PAIRS += [("q8_0", "q4_0"), ("q4_0_cal", "bf16"), ("fp8_e4m3", "int8"),  # K and V may differ
                   ("q4_kivi", "fp8_e4m3_scaled"), ("fp8_e4m3_centered", "q4_kivi")]
 
 
@@ -472,8 +472,33 @@ def test_paged_attention_reads_every_kv_type_as_the_torch_path(k_type, v_type, h
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_int8_of_a_head_dim_without_a_hadamard_matrix_is_read_and_written_unrotated():
+    """int8 of a 48-value head (not a power of two: kept unrotated) in the kernels: written as
+    kv_types.store writes it, read as the PyTorch path reads it."""
+    from cholla.layers.attention import attend_decodes, decode_attention, kernel_reads, write_kv
+    from cholla.kv.kv_types import store
+
+    generator = torch.Generator().manual_seed(48)
+    k_cache, v_cache = (_kv_side("int8", 6, 16, 2, 48, generator) for _ in range(2))
+    assert not k_cache.rotated and kernel_reads(k_cache, v_cache)
+    theirs = [_kv_side("int8", 6, 16, 2, 48, torch.Generator()) for _ in range(2)]
+    k, v = torch.randn(2, 20, 2, 48, generator=generator) * 3
+    slots = torch.randperm(96, generator=generator)[:20]
+    write_kv(k, v, k_cache, v_cache, slots)
+    store(theirs[0], k, slots)
+    store(theirs[1], v, slots)
+    for mine, reference in zip((k_cache, v_cache), theirs):
+        assert torch.equal(mine.values.flatten(0, 1)[slots], reference.values.flatten(0, 1)[slots])
+        assert torch.equal(mine.scales.flatten(0, 1)[slots], reference.scales.flatten(0, 1)[slots])
+    q = torch.randn(3, 4, 48, generator=generator)
+    tables, lens = torch.tensor([[0, 1, 2], [3, 4, 5], [5, 0, 1]]), torch.tensor([40, 7, 48])
+    expected = decode_attention(q, k_cache, v_cache, tables, lens, 48**-0.5, None, None)
+    torch.testing.assert_close(attend_decodes(q, k_cache, v_cache, tables, lens, 48**-0.5, None, None), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("type_name", ["f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0",
-                                       "int8_rot", "q4_0_rot", "q4_0_cal", "q4_kivi", "fp8_e4m3_scaled",
+                                       "q4_0_rot", "q4_0_cal", "q4_kivi", "fp8_e4m3_scaled",
                                        "fp8_e4m3_centered"])
 def test_write_kv_writes_every_kv_type_as_kv_types_store(type_name):
     """The kernel's writer against kv_types.store on strided rows with zero groups, huge values
