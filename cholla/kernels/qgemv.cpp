@@ -505,7 +505,6 @@ IntDot int_dot_for(int64_t type, int64_t rows) {
 // The weights are read from memory once per call, as their own integers.
 
 constexpr int64_t LANES = 16;     // rows of x per tile
-constexpr int64_t ROW_GROUP = 8;  // weight rows sharing each load of x
 
 // x's rows in tiles of LANES (rows past m are zero): per tile and block, 512
 // bytes of int8 in VPDPBUSD's layout, then dx, bias-free qsum = dx Σ xq, and Σ x
@@ -643,89 +642,170 @@ UnpackRow unpack_row_for(int64_t type) {
   }
 }
 
-// ROW_GROUP unpacked weight rows (q: k bytes each, back to back; d, m': per
-// block) against tile t of x: c[i][lane] = Σ w_i x_lane.
-template <bool HAS_MIN>
-void tile_rows(const uint8_t* q, const float* d, const float* m_shifted, int64_t k, float bias, const XTiles& x,
-               int64_t t, float* c) {
-  const int64_t blocks = k / 32;
-  __m512 acc[ROW_GROUP];
-  for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_setzero_ps();
-  const __m512 bias_v = _mm512_set1_ps(bias);
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int8_t* xq = x.quads(t, b);
-    __m512i s[ROW_GROUP];
-    for (int i = 0; i < ROW_GROUP; ++i) s[i] = _mm512_setzero_si512();
-    for (int j = 0; j < 8; ++j) {
-      const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
-      for (int i = 0; i < ROW_GROUP; ++i) {
-        int32_t w;
-        std::memcpy(&w, q + i * k + 32 * b + 4 * j, 4);
-        s[i] = _mm512_dpbusd_epi32(s[i], _mm512_set1_epi32(w), xv);
-      }
-    }
-    const __m512 dx = _mm512_loadu_ps(x.dx(t, b));
-    const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t, b)), bias_v);
-    const __m512 sum = HAS_MIN ? _mm512_loadu_ps(x.sum(t, b)) : _mm512_setzero_ps();
-    for (int i = 0; i < ROW_GROUP; ++i) {
-      const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), dx, bq);
-      acc[i] = _mm512_fmadd_ps(block, _mm512_set1_ps(d[i * blocks + b]), acc[i]);
-      if (HAS_MIN) acc[i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(m_shifted[i * blocks + b]), acc[i]);
-    }
+// A later job's weights, asked for a few cache lines at every block of the
+// current job's products, so that memory works while the products run. (All
+// of a job's lines asked for at once, before its products, stalled the core on
+// the full miss queue: a third of the head's time.)
+struct Ahead {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t per_step = 0;
+
+  // `bytes` at p, spread over `steps` calls of step().
+  void start(const uint8_t* p, int64_t bytes, int64_t steps) {
+    next = reinterpret_cast<const char*>(p);
+    end = next + bytes;
+    per_step = (bytes / 64 + steps) / std::max<int64_t>(steps, 1);
   }
-  for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
+  void step() {
+    for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T2);
+  }
+};
+
+// c: [16 weight rows][16 lanes] -> col[lane]: the lane's 16 weight rows (a 16 x 16 transpose).
+inline void transpose16(const float* c, __m512 col[16]) {
+  __m512 u[16];
+  for (int g = 0; g < 4; ++g) {  // rows 4g .. 4g+3
+    const __m512 r0 = _mm512_loadu_ps(c + (4 * g) * 16), r1 = _mm512_loadu_ps(c + (4 * g + 1) * 16);
+    const __m512 r2 = _mm512_loadu_ps(c + (4 * g + 2) * 16), r3 = _mm512_loadu_ps(c + (4 * g + 3) * 16);
+    const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(r0, r1)), t1 = _mm512_castps_pd(_mm512_unpackhi_ps(r0, r1));
+    const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(r2, r3)), t3 = _mm512_castps_pd(_mm512_unpackhi_ps(r2, r3));
+    // u[4g + j], per 128-bit lane l: lane 4l + j of rows 4g .. 4g+3
+    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int j = 0; j < 4; ++j) {  // (0x88 takes 128-bit lanes 0 and 2 of each source, 0xDD lanes 1 and 3)
+    const __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), v1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88), v3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+    col[j] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    col[j + 8] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    col[j + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    col[j + 12] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
 }
 
-// tile_rows for Q6_K (d: a scale per 16 weights, w = d (q - 32)): each half
-// block's sums start from -32 Σ xq of their x, so that they are sums of
-// (q - 32) xq, and meet their own scale.
-void tile_rows_q6_k(const uint8_t* q, const float* d, int64_t k, const XTiles& x, int64_t t, float* c) {
+// Products of T tiles of x with R unpacked weight rows (q: k bytes each, back
+// to back; d, m': per block), added into c[t][i][lane] (tile t at c + t * 256):
+// c += Σ w_i x_lane. T * R = 16: each VPDPBUSD waits ~4 cycles for its sum and
+// two issue per cycle, so 8 chains (one tile of 8 rows) left the VNNI units
+// half idle; with two tiles each weight broadcast serves both. The sums of
+// a block, 16 registers, leave no room for 16 more accumulators, so these
+// live in c (L1), a load and a store per row, tile and block.
+// KIND: PLAIN (w = d (q + bias)), MIN (+ m'), Q6 (w = d (q - 32) per 16 weights,
+// d: two per block; each half's sums start from -32 Σ xq of its x).
+enum TileKind { PLAIN, MIN, Q6 };
+
+// s += VPDPBUSD(u, v), in place. (GCC 12 copies the accumulator of the
+// intrinsic before each one when many are live: two instructions per product.)
+inline __m512i dpbusd(__m512i s, __m512i u, __m512i v) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(s) : "v"(u), "v"(v));
+  return s;
+}
+
+template <TileKind KIND, int T, int R>
+void tile_rows(const uint8_t* q, const float* d, const float* m_shifted, int64_t k, float bias, const XTiles& x,
+               int64_t t0, float* c, Ahead& ahead) {
+  static_assert(T * R == 16, "16 chains of VPDPBUSD");
   const int64_t blocks = k / 32;
-  __m512 acc[ROW_GROUP];
-  for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512 bias_v = _mm512_set1_ps(bias);
+  constexpr int HALVES = KIND == Q6 ? 2 : 1, QUADS = 8 / HALVES;  // sums per block (Q6: per half), quads each
   for (int64_t b = 0; b < blocks; ++b) {
-    const int8_t* xq = x.quads(t, b);
-    const int8_t* starts = x.q6_k_starts(t, b);
-    __m512 halves[ROW_GROUP];
-    for (int i = 0; i < ROW_GROUP; ++i) halves[i] = _mm512_setzero_ps();
-    for (int half = 0; half < 2; ++half) {
-      __m512i s[ROW_GROUP];
-      const __m512i start = _mm512_loadu_si512(starts + 64 * half);
-      for (int i = 0; i < ROW_GROUP; ++i) s[i] = start;
-      for (int j = 4 * half; j < 4 * half + 4; ++j) {
-        const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
-        for (int i = 0; i < ROW_GROUP; ++i) {
+    ahead.step();
+    const uint8_t* qb = q + 32 * b;
+#pragma GCC unroll 2
+    for (int half = 0; half < HALVES; ++half) {
+      __m512i s[T][R];
+#pragma GCC unroll 2
+      for (int t = 0; t < T; ++t) {
+        const __m512i start = KIND == Q6 ? _mm512_loadu_si512(x.q6_k_starts(t0 + t, b) + 64 * half)
+                                         : _mm512_setzero_si512();
+#pragma GCC unroll 16
+        for (int i = 0; i < R; ++i) s[t][i] = start;
+      }
+#pragma GCC unroll 8
+      for (int jj = 0; jj < QUADS; ++jj) {
+        const int j = QUADS * half + jj;
+        __m512i xv[T];
+#pragma GCC unroll 2
+        for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(x.quads(t0 + t, b) + 64 * j);
+#pragma GCC unroll 16
+        for (int i = 0; i < R; ++i) {
           int32_t w;
-          std::memcpy(&w, q + i * k + 32 * b + 4 * j, 4);
-          s[i] = _mm512_dpbusd_epi32(s[i], _mm512_set1_epi32(w), xv);
+          std::memcpy(&w, qb + i * k + 4 * j, 4);
+          const __m512i wv = _mm512_set1_epi32(w);
+#pragma GCC unroll 2
+          for (int t = 0; t < T; ++t) s[t][i] = dpbusd(s[t][i], wv, xv[t]);
         }
       }
-      for (int i = 0; i < ROW_GROUP; ++i)
-        halves[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), _mm512_set1_ps(d[2 * (i * blocks + b) + half]), halves[i]);
+#pragma GCC unroll 2
+      for (int t = 0; t < T; ++t) {
+        float* ct = c + t * 256;
+        const __m512 dx = _mm512_loadu_ps(x.dx(t0 + t, b));
+        if constexpr (KIND == Q6) {
+#pragma GCC unroll 16
+          for (int i = 0; i < R; ++i) {
+            const __m512 dxd = _mm512_mul_ps(dx, _mm512_set1_ps(d[2 * (i * blocks + b) + half]));
+            _mm512_storeu_ps(ct + i * LANES,
+                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t][i]), dxd, _mm512_loadu_ps(ct + i * LANES)));
+          }
+        } else {
+          const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t0 + t, b)), bias_v);
+          const __m512 sum = KIND == MIN ? _mm512_loadu_ps(x.sum(t0 + t, b)) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+          for (int i = 0; i < R; ++i) {
+            const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t][i]), dx, bq);
+            __m512 acc = _mm512_fmadd_ps(block, _mm512_set1_ps(d[i * blocks + b]), _mm512_loadu_ps(ct + i * LANES));
+            if (KIND == MIN) acc = _mm512_fmadd_ps(sum, _mm512_set1_ps(m_shifted[i * blocks + b]), acc);
+            _mm512_storeu_ps(ct + i * LANES, acc);
+          }
+        }
+      }
     }
-    const __m512 dx = _mm512_loadu_ps(x.dx(t, b));
-    for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_fmadd_ps(halves[i], dx, acc[i]);
   }
-  for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
 }
+
+template <TileKind KIND>
+void job_tiles(const uint8_t* q, const float* d, const float* m_shifted, int64_t k, float bias, const XTiles& x,
+               float* c, Ahead& ahead) {
+  const int64_t blocks = k / 32, row_scales = (KIND == Q6 ? 2 : 1) * blocks;
+  int64_t t = 0;
+  for (; t + 2 <= x.tiles; t += 2)  // two tiles, 8 weight rows at a time
+    for (int64_t i = 0; i < GEMV_JOB_ROWS; i += 8)
+      tile_rows<KIND, 2, 8>(q + i * k, d + i * row_scales, m_shifted + i * blocks, k, bias, x, t, c + t * 256 + i * LANES,
+                            ahead);
+  if (t < x.tiles)  // one tile, all 16 weight rows
+    tile_rows<KIND, 1, 16>(q, d, m_shifted, k, bias, x, t, c + t * 256, ahead);
+}
+
+constexpr int64_t STREAM_OUTPUT_BYTES = 4 << 20;
 
 // A member's jobs of a batched int8 product (m > INT8_GEMV_MAX_ROWS rows of x;
 // every segment's type has an integer kernel): [begin, end), its first chunk,
 // already claimed, then the next ones (team.h).
 void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
                       cholla::Member& member, const float* xs, int64_t m, int64_t k, float* out, int64_t n_total) {
-  static_assert(GEMV_JOB_ROWS % ROW_GROUP == 0, "a job's rows are whole row groups");
+  static_assert(GEMV_JOB_ROWS == LANES, "transpose16: a job of 16 weight rows meets tiles of 16 lanes");
   thread_local std::vector<int8_t> x_bytes;
   thread_local std::vector<float> x_numbers;
   thread_local std::vector<uint8_t> strip;
   thread_local std::vector<float> scales;
+  thread_local std::vector<float> sums;
   const int64_t n_jobs = static_cast<int64_t>(jobs.size()), blocks = k / 32;
   const XTiles x = quantize_tiles(xs, m, k, x_bytes, x_numbers);
   strip.resize(GEMV_JOB_ROWS * k);
   scales.resize(3 * GEMV_JOB_ROWS * blocks);
+  sums.resize(x.tiles * GEMV_JOB_ROWS * LANES);
   float* d = scales.data();  // up to 2 per block (f.scales)
   float* m_shifted = d + 2 * GEMV_JOB_ROWS * blocks;
-  alignas(64) float c[GEMV_JOB_ROWS * LANES];
+  float* c = sums.data();  // [tile][16 weight rows][16 lanes]
+  // A large output (the head's logits) goes straight to memory: its rows lie
+  // n_total apart (1 MiB for Gemma's), so each job's lines for m rows of x
+  // crowd the same cache sets, and writing them through the caches cost as
+  // much as reading the weights.
+  const bool stream = m * n_total * 4 >= STREAM_OUTPUT_BYTES;
+  Ahead ahead;
   do {
     for (int64_t j = begin; j < end; ++j) {
       const Segment& seg = segments[jobs[j].segment];
@@ -733,35 +813,47 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
       const UnpackRow unpack = unpack_row_for(seg.type);
       const IntFormat f = int_format(seg.type);
       const int64_t row_scales = f.scales * blocks;  // d per weight row
+      if (j + 1 < n_jobs) {  // the next job, over this one's products (two ahead, or into L1, did no better)
+        const Segment& later = segments[jobs[j + 1].segment];
+        const int64_t later_rows = std::min(later.rows - jobs[j + 1].first_row, GEMV_JOB_ROWS);
+        ahead.start(later.data + jobs[j + 1].first_row * later.row_bytes, later_rows * later.row_bytes,
+                    (x.tiles / 2 * 2 + x.tiles % 2) * blocks);  // job_tiles' calls of tile_rows, a step per block
+      } else {
+        ahead.start(nullptr, 0, 1);
+      }
       for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) {
-        const uint8_t* row = seg.data + (first + i) * seg.row_bytes;
-        prefetch(row + GEMV_JOB_ROWS * seg.row_bytes, seg.row_bytes);  // the next job's row
         if (i < rows) {
-          unpack(row, blocks, strip.data() + i * k, d + i * row_scales, m_shifted + i * blocks);
+          unpack(seg.data + (first + i) * seg.row_bytes, blocks, strip.data() + i * k, d + i * row_scales,
+                 m_shifted + i * blocks);
         } else {  // past the weight's end: zeros (their products are not written)
           std::memset(strip.data() + i * k, 0, k);
           std::fill(d + i * row_scales, d + (i + 1) * row_scales, 0.0f);
           std::fill(m_shifted + i * blocks, m_shifted + (i + 1) * blocks, 0.0f);
         }
       }
-      for (int64_t t = 0; t < x.tiles; ++t) {
-        for (int64_t i = 0; i < GEMV_JOB_ROWS; i += ROW_GROUP) {
-          const uint8_t* q = strip.data() + i * k;
-          if (seg.type == Q6_K)
-            tile_rows_q6_k(q, d + i * row_scales, k, x, t, c + i * LANES);
-          else if (f.has_min)
-            tile_rows<true>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, c + i * LANES);
-          else
-            tile_rows<false>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, c + i * LANES);
-        }
-        // c: [16 weight rows][16 lanes] -> out[lane][n]
+      std::fill(sums.begin(), sums.end(), 0.0f);
+      if (seg.type == Q6_K)
+        job_tiles<Q6>(strip.data(), d, m_shifted, k, f.bias, x, c, ahead);
+      else if (f.has_min)
+        job_tiles<MIN>(strip.data(), d, m_shifted, k, f.bias, x, c, ahead);
+      else
+        job_tiles<PLAIN>(strip.data(), d, m_shifted, k, f.bias, x, c, ahead);
+      for (int64_t t = 0; t < x.tiles; ++t) {  // c: [16 weight rows][16 lanes] -> out[lane][first ..]
+        __m512 col[LANES];
+        transpose16(c + t * 256, col);
         for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) {
           float* y = out + (t * LANES + lane) * n_total + seg.out_offset + first;
-          for (int64_t i = 0; i < rows; ++i) y[i] = c[i * LANES + lane];
+          if (stream && rows == GEMV_JOB_ROWS && (reinterpret_cast<uintptr_t>(y) & 63) == 0)
+            _mm512_stream_ps(y, col[lane]);
+          else if (rows == GEMV_JOB_ROWS)
+            _mm512_storeu_ps(y, col[lane]);
+          else
+            _mm512_mask_storeu_ps(y, lanes(rows), col[lane]);
         }
       }
     }
   } while (member.next(n_jobs, begin, end));
+  if (stream) _mm_sfence();  // the streamed lines are out before the team's barrier says so
 }
 
 // A member's jobs of a GEMV (team.h): the exact fp32 products, or with
