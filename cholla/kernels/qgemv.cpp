@@ -645,7 +645,8 @@ UnpackRow unpack_row_for(int64_t type) {
 // A later job's weights, asked for a few cache lines at every block of the
 // current job's products, so that memory works while the products run. (All
 // of a job's lines asked for at once, before its products, stalled the core on
-// the full miss queue: a third of the head's time.)
+// the full miss queue: a third of the head's time. Non-temporal: the lines
+// are read once, and into L2 (T2) they did 10-15% worse on Gemma's head.)
 struct Ahead {
   const char* next = nullptr;
   const char* end = nullptr;
@@ -658,7 +659,7 @@ struct Ahead {
     per_step = (bytes / 64 + steps) / std::max<int64_t>(steps, 1);
   }
   void step() {
-    for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T2);
+    for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_NTA);
   }
 };
 
@@ -686,97 +687,74 @@ inline void transpose16(const float* c, __m512 col[16]) {
   }
 }
 
-// Products of T tiles of x with R unpacked weight rows (q: k bytes each, back
-// to back; d, m': per block), added into c[t][i][lane] (tile t at c + t * 256):
-// c += Σ w_i x_lane. T * R = 16: each VPDPBUSD waits ~4 cycles for its sum and
-// two issue per cycle, so 8 chains (one tile of 8 rows) left the VNNI units
-// half idle; with two tiles each weight broadcast serves both. The sums of
-// a block, 16 registers, leave no room for 16 more accumulators, so these
-// live in c (L1), a load and a store per row, tile and block.
-// KIND: PLAIN (w = d (q + bias)), MIN (+ m'), Q6 (w = d (q - 32) per 16 weights,
-// d: two per block; each half's sums start from -32 Σ xq of its x).
-enum TileKind { PLAIN, MIN, Q6 };
+constexpr int64_t ROW_GROUP = 8;  // weight rows sharing each load of x: 8 chains of VPDPBUSD, accumulators in registers
 
-// s += VPDPBUSD(u, v), in place. (GCC 12 copies the accumulator of the
-// intrinsic before each one when many are live: two instructions per product.)
-inline __m512i dpbusd(__m512i s, __m512i u, __m512i v) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(s) : "v"(u), "v"(v));
-  return s;
-}
-
-template <TileKind KIND, int T, int R>
+// ROW_GROUP unpacked weight rows (q: k bytes each, back to back; d, m': per
+// block) against tile t of x: c[i][lane] = Σ w_i x_lane.
+template <bool HAS_MIN>
 void tile_rows(const uint8_t* q, const float* d, const float* m_shifted, int64_t k, float bias, const XTiles& x,
-               int64_t t0, float* c, Ahead& ahead) {
-  static_assert(T * R == 16, "16 chains of VPDPBUSD");
+               int64_t t, float* c, Ahead& ahead) {
   const int64_t blocks = k / 32;
+  __m512 acc[ROW_GROUP];
+  for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_setzero_ps();
   const __m512 bias_v = _mm512_set1_ps(bias);
-  constexpr int HALVES = KIND == Q6 ? 2 : 1, QUADS = 8 / HALVES;  // sums per block (Q6: per half), quads each
   for (int64_t b = 0; b < blocks; ++b) {
     ahead.step();
-    const uint8_t* qb = q + 32 * b;
-#pragma GCC unroll 2
-    for (int half = 0; half < HALVES; ++half) {
-      __m512i s[T][R];
-#pragma GCC unroll 2
-      for (int t = 0; t < T; ++t) {
-        const __m512i start = KIND == Q6 ? _mm512_loadu_si512(x.q6_k_starts(t0 + t, b) + 64 * half)
-                                         : _mm512_setzero_si512();
-#pragma GCC unroll 16
-        for (int i = 0; i < R; ++i) s[t][i] = start;
-      }
-#pragma GCC unroll 8
-      for (int jj = 0; jj < QUADS; ++jj) {
-        const int j = QUADS * half + jj;
-        __m512i xv[T];
-#pragma GCC unroll 2
-        for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(x.quads(t0 + t, b) + 64 * j);
-#pragma GCC unroll 16
-        for (int i = 0; i < R; ++i) {
-          int32_t w;
-          std::memcpy(&w, qb + i * k + 4 * j, 4);
-          const __m512i wv = _mm512_set1_epi32(w);
-#pragma GCC unroll 2
-          for (int t = 0; t < T; ++t) s[t][i] = dpbusd(s[t][i], wv, xv[t]);
-        }
-      }
-#pragma GCC unroll 2
-      for (int t = 0; t < T; ++t) {
-        float* ct = c + t * 256;
-        const __m512 dx = _mm512_loadu_ps(x.dx(t0 + t, b));
-        if constexpr (KIND == Q6) {
-#pragma GCC unroll 16
-          for (int i = 0; i < R; ++i) {
-            const __m512 dxd = _mm512_mul_ps(dx, _mm512_set1_ps(d[2 * (i * blocks + b) + half]));
-            _mm512_storeu_ps(ct + i * LANES,
-                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t][i]), dxd, _mm512_loadu_ps(ct + i * LANES)));
-          }
-        } else {
-          const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t0 + t, b)), bias_v);
-          const __m512 sum = KIND == MIN ? _mm512_loadu_ps(x.sum(t0 + t, b)) : _mm512_setzero_ps();
-#pragma GCC unroll 16
-          for (int i = 0; i < R; ++i) {
-            const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t][i]), dx, bq);
-            __m512 acc = _mm512_fmadd_ps(block, _mm512_set1_ps(d[i * blocks + b]), _mm512_loadu_ps(ct + i * LANES));
-            if (KIND == MIN) acc = _mm512_fmadd_ps(sum, _mm512_set1_ps(m_shifted[i * blocks + b]), acc);
-            _mm512_storeu_ps(ct + i * LANES, acc);
-          }
-        }
+    const int8_t* xq = x.quads(t, b);
+    __m512i s[ROW_GROUP];
+    for (int i = 0; i < ROW_GROUP; ++i) s[i] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
+      for (int i = 0; i < ROW_GROUP; ++i) {
+        int32_t w;
+        std::memcpy(&w, q + i * k + 32 * b + 4 * j, 4);
+        s[i] = _mm512_dpbusd_epi32(s[i], _mm512_set1_epi32(w), xv);
       }
     }
+    const __m512 dx = _mm512_loadu_ps(x.dx(t, b));
+    const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t, b)), bias_v);
+    const __m512 sum = HAS_MIN ? _mm512_loadu_ps(x.sum(t, b)) : _mm512_setzero_ps();
+    for (int i = 0; i < ROW_GROUP; ++i) {
+      const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), dx, bq);
+      acc[i] = _mm512_fmadd_ps(block, _mm512_set1_ps(d[i * blocks + b]), acc[i]);
+      if (HAS_MIN) acc[i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(m_shifted[i * blocks + b]), acc[i]);
+    }
   }
+  for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
 }
 
-template <TileKind KIND>
-void job_tiles(const uint8_t* q, const float* d, const float* m_shifted, int64_t k, float bias, const XTiles& x,
-               float* c, Ahead& ahead) {
-  const int64_t blocks = k / 32, row_scales = (KIND == Q6 ? 2 : 1) * blocks;
-  int64_t t = 0;
-  for (; t + 2 <= x.tiles; t += 2)  // two tiles, 8 weight rows at a time
-    for (int64_t i = 0; i < GEMV_JOB_ROWS; i += 8)
-      tile_rows<KIND, 2, 8>(q + i * k, d + i * row_scales, m_shifted + i * blocks, k, bias, x, t, c + t * 256 + i * LANES,
-                            ahead);
-  if (t < x.tiles)  // one tile, all 16 weight rows
-    tile_rows<KIND, 1, 16>(q, d, m_shifted, k, bias, x, t, c + t * 256, ahead);
+// tile_rows for Q6_K (d: a scale per 16 weights, w = d (q - 32)): each half
+// block's sums start from -32 Σ xq of their x, so that they are sums of
+// (q - 32) xq, and meet their own scale.
+void tile_rows_q6_k(const uint8_t* q, const float* d, int64_t k, const XTiles& x, int64_t t, float* c, Ahead& ahead) {
+  const int64_t blocks = k / 32;
+  __m512 acc[ROW_GROUP];
+  for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    ahead.step();
+    const int8_t* xq = x.quads(t, b);
+    const int8_t* starts = x.q6_k_starts(t, b);
+    __m512 halves[ROW_GROUP];
+    for (int i = 0; i < ROW_GROUP; ++i) halves[i] = _mm512_setzero_ps();
+    for (int half = 0; half < 2; ++half) {
+      __m512i s[ROW_GROUP];
+      const __m512i start = _mm512_loadu_si512(starts + 64 * half);
+      for (int i = 0; i < ROW_GROUP; ++i) s[i] = start;
+      for (int j = 4 * half; j < 4 * half + 4; ++j) {
+        const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
+        for (int i = 0; i < ROW_GROUP; ++i) {
+          int32_t w;
+          std::memcpy(&w, q + i * k + 32 * b + 4 * j, 4);
+          s[i] = _mm512_dpbusd_epi32(s[i], _mm512_set1_epi32(w), xv);
+        }
+      }
+      for (int i = 0; i < ROW_GROUP; ++i)
+        halves[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), _mm512_set1_ps(d[2 * (i * blocks + b) + half]), halves[i]);
+    }
+    const __m512 dx = _mm512_loadu_ps(x.dx(t, b));
+    for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_fmadd_ps(halves[i], dx, acc[i]);
+  }
+  for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
 }
 
 constexpr int64_t STREAM_OUTPUT_BYTES = 4 << 20;
@@ -799,7 +777,7 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
   sums.resize(x.tiles * GEMV_JOB_ROWS * LANES);
   float* d = scales.data();  // up to 2 per block (f.scales)
   float* m_shifted = d + 2 * GEMV_JOB_ROWS * blocks;
-  float* c = sums.data();  // [tile][16 weight rows][16 lanes]
+  float* c = sums.data();  // the products, [tile][16 weight rows][16 lanes]
   // A large output (the head's logits) goes straight to memory: its rows lie
   // n_total apart (1 MiB for Gemma's), so each job's lines for m rows of x
   // crowd the same cache sets, and writing them through the caches cost as
@@ -817,7 +795,7 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
         const Segment& later = segments[jobs[j + 1].segment];
         const int64_t later_rows = std::min(later.rows - jobs[j + 1].first_row, GEMV_JOB_ROWS);
         ahead.start(later.data + jobs[j + 1].first_row * later.row_bytes, later_rows * later.row_bytes,
-                    (x.tiles / 2 * 2 + x.tiles % 2) * blocks);  // job_tiles' calls of tile_rows, a step per block
+                    x.tiles * (GEMV_JOB_ROWS / ROW_GROUP) * blocks);  // a step per block of each tile_rows
       } else {
         ahead.start(nullptr, 0, 1);
       }
@@ -831,16 +809,21 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
           std::fill(m_shifted + i * blocks, m_shifted + (i + 1) * blocks, 0.0f);
         }
       }
-      std::fill(sums.begin(), sums.end(), 0.0f);
-      if (seg.type == Q6_K)
-        job_tiles<Q6>(strip.data(), d, m_shifted, k, f.bias, x, c, ahead);
-      else if (f.has_min)
-        job_tiles<MIN>(strip.data(), d, m_shifted, k, f.bias, x, c, ahead);
-      else
-        job_tiles<PLAIN>(strip.data(), d, m_shifted, k, f.bias, x, c, ahead);
+      for (int64_t t = 0; t < x.tiles; ++t) {
+        for (int64_t i = 0; i < GEMV_JOB_ROWS; i += ROW_GROUP) {
+          const uint8_t* q = strip.data() + i * k;
+          float* ct = c + t * GEMV_JOB_ROWS * LANES + i * LANES;
+          if (seg.type == Q6_K)
+            tile_rows_q6_k(q, d + i * row_scales, k, x, t, ct, ahead);
+          else if (f.has_min)
+            tile_rows<true>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, ct, ahead);
+          else
+            tile_rows<false>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, ct, ahead);
+        }
+      }
       for (int64_t t = 0; t < x.tiles; ++t) {  // c: [16 weight rows][16 lanes] -> out[lane][first ..]
         __m512 col[LANES];
-        transpose16(c + t * 256, col);
+        transpose16(c + t * GEMV_JOB_ROWS * LANES, col);
         for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) {
           float* y = out + (t * LANES + lane) * n_total + seg.out_offset + first;
           if (stream && rows == GEMV_JOB_ROWS && (reinterpret_cast<uintptr_t>(y) & 63) == 0)
