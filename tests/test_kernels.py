@@ -146,7 +146,9 @@ def test_qgemv_int8_k_quants_match_their_int8_reference(qtype, k, rows):
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES + K_QUANTS, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [7, 16, 33, 64])  # the batched product's edges: one tile, a partial third, four
+# The batched product's edges: one partial tile (taken with all 16 weight rows of a job), a full one, a pair of
+# tiles and a partial third (taken alone), two pairs; 37 weight rows: a job of 16 ends 5 rows in.
+@pytest.mark.parametrize("rows", [7, 13, 16, 17, 32, 33, 64])
 def test_batched_qgemv_int8_matches_its_int8_reference(qtype, rows):
     """More than six rows of x take the batched product (x's rows in the VNNI lanes): the same int8 sums."""
     blocks, w = random_weight(qtype, 37, 768, seed=rows)  # 37 weight rows: a job of 16 ends 5 rows in
@@ -170,6 +172,27 @@ def test_batched_qgemv_int8_side_by_side_and_into_out():
     out = torch.full_like(got, float("nan"))
     kernels.qgemv_int8_out(x, [b for b, _ in parts], [int(t) for t in qtypes], out)
     torch.testing.assert_close(out, got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [13, 32])
+def test_batched_qgemv_int8_streams_a_large_output(rows):
+    """An output of 4 MiB or more (the head's logits) is written past the caches, in whole aligned lines where
+    it can: x's rows 1 and 9 start aligned in the second weight (after 38 rows of the first), the others not, and
+    both weights end in a partial job; with one thread and two."""
+    small, w_small = random_weight(T.Q4_0, 38, 32, seed=2)
+    large, w_large = random_weight(T.Q8_0, 2**17 + 5, 32, seed=3)
+    x = torch.randn(rows, 32, generator=torch.Generator().manual_seed(rows))
+    expected = torch.cat([int8_reference(x, small, T.Q4_0, w_small)[0], int8_reference(x, large, T.Q8_0, w_large)[0]], 1)
+    scale = float((x.abs() @ torch.cat([w_small, w_large]).abs().T).max())
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = torch.full(expected.shape, float("nan"))
+            kernels.qgemv_int8_out(x, [small, large], [int(T.Q4_0), int(T.Q8_0)], out)
+            torch.testing.assert_close(out, expected, rtol=0, atol=scale * 1e-6)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_int8_kernel_types_agree_with_the_routing():
