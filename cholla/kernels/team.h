@@ -43,7 +43,6 @@
 #include <cstdint>
 #include <memory>
 #include <utility>
-#include <vector>
 
 namespace cholla {
 
@@ -80,6 +79,13 @@ struct OwnChunks {
   }
   std::pair<int64_t, int64_t> chunk(int64_t i) const { return {begin + size * i / count, begin + size * (i + 1) / count}; }
 };
+
+// All members' chunks of a stage of n jobs.
+inline int64_t stage_chunks(int64_t n, int64_t members) {
+  int64_t total = 0;
+  for (int64_t m = 0; m < members; ++m) total += OwnChunks(n, m, members).count;
+  return total;
+}
 
 // What the members share; each thread works through a Member of it.
 class Team {
@@ -172,10 +178,9 @@ class Member {
   bool next(int64_t n, int64_t& begin, int64_t& end) {
     if (holding_) holding_ = false, ++unreported_;
     if (team_.failed()) return false;
-    if (plan_n_ != n) plan(n);
     for (int64_t i = 0; i < team_.members_; ++i) {
       const int64_t owner = (index_ + i) % team_.members_;
-      const OwnChunks& own = own_[owner];
+      const OwnChunks own(n, owner, team_.members_);
       std::atomic<uint64_t>& word = team_.claims_[owner].word;
       uint64_t seen = word.load(std::memory_order_acquire);
       // (a word of another stage: this member is behind, and the stage it asks about has closed)
@@ -183,6 +188,7 @@ class Member {
         if (word.compare_exchange_weak(seen, seen + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
           std::tie(begin, end) = own.chunk(static_cast<int64_t>(seen & 0xffffffffu));
           holding_ = true;
+          total_ = stage_chunks(n, team_.members_);
           return true;
         }
       }
@@ -219,16 +225,6 @@ class Member {
   }
 
  private:
-  // Every member's chunks of a stage of n jobs, worked out when n changes
-  // (not at every claim: that took ~3 divisions per member and claim, on
-  // chunks of a few microseconds' work).
-  void plan(int64_t n) {
-    own_.clear();
-    total_ = 0;
-    for (int64_t m = 0; m < team_.members_; ++m) total_ += own_.emplace_back(n, m, team_.members_).count;
-    plan_n_ = n;
-  }
-
   // The chunks done are counted once the member has no more (one atomic
   // addition on the line every member shares, not one a chunk); the member
   // whose count completes the stage's closes it.
@@ -241,9 +237,7 @@ class Member {
   Team& team_;
   const int64_t index_;
   uint32_t stage_ = 0;  // the stage this member is in
-  int64_t plan_n_ = -1;  // the jobs of the stage planned
-  std::vector<OwnChunks> own_;  // ... each member's chunks of them
-  int64_t total_ = 0;   // ... all members' chunks
+  int64_t total_ = 0;   // its chunks, all members'
   int64_t unreported_ = 0;  // chunks done but not yet counted
   bool holding_ = false, closing_ = false;
 };
