@@ -186,7 +186,7 @@ class StepThreads:
         self.last = now
         busy, self.busy = self.busy, settle_busy(self.busy, measured, self.cores)
         if self.busy != busy:
-            log.info("prompt steps now take %d of %d threads: %.1f of %d cores busy (decode steps keep %d)",
+            log.warning("prompt steps now take %d of %d threads: %.1f of %d cores busy (decode steps keep %d)",
                      self.prompt_threads, self.cores, measured, self.cores, self.cores)
         return self.busy != busy
 
