@@ -49,6 +49,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ)  # as given, before anything here imports cholla
+# The baseline builds its kernels in a folder of its own: torch keys a build by the extension's
+# name, and two checkouts of the same sources at two paths would rebuild one folder in turn.
+BASELINE_ENV = {**ENV, "TORCH_EXTENSIONS_DIR": os.path.join(
+    ENV.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions")), "baseline")}
 BUSY_LOOP = [sys.executable, "-c", "while True: pass"]
 
 
@@ -72,12 +76,12 @@ def stop_busy(busy: list[subprocess.Popen]) -> None:
         process.wait()
 
 
-def timed(cmd: list[str], timeout: float, cwd: Path = ROOT) -> tuple[str, str] | None:
+def timed(cmd: list[str], timeout: float, cwd: Path = ROOT, env: dict[str, str] = ENV) -> tuple[str, str] | None:
     """(stdout, stderr) of ``cmd`` run in ``cwd``, or None when it ran past ``timeout`` seconds or failed."""
     print(f"[contention] {cwd}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=ENV)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
     except subprocess.TimeoutExpired:
         print(f"[contention]   timed out after {timeout:.0f} s", file=sys.stderr, flush=True)
         return None
@@ -96,7 +100,7 @@ def cholla(model: str, threads: int | None, args, checkout: Path = ROOT) -> dict
         cmd += ["--threads", str(threads)]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
-    out = timed(cmd, args.timeout, checkout)
+    out = timed(cmd, args.timeout, checkout, ENV if checkout == ROOT else BASELINE_ENV)
     if out is None:
         return {"pp": 0.0, "tg": 0.0, "threads": threads, "note": "timed out or failed"}
     report = json.loads(out[0].strip().splitlines()[-1])
@@ -149,6 +153,11 @@ def main() -> None:
 
     baseline = "baseline default" if args.baseline_default else "baseline"
     programs = ["cholla"] + ([baseline] if args.baseline else []) + ["cholla default"]
+    # Build each checkout's kernels first, untimed: a run killed at --timeout while it builds
+    # leaves torch's build lock behind, and every later run waits on it.
+    for checkout, env in [(ROOT, ENV)] + ([(args.baseline.resolve(), BASELINE_ENV)] if args.baseline else []):
+        subprocess.run([sys.executable, "-c", "from cholla.kernels import cpu_kernels; cpu_kernels()"],
+                       cwd=checkout, env=env, check=True)
     programs += ["llama.cpp"] if args.llama_bin_dir else []
     pair = ("cholla default", baseline) if args.baseline_default else ("cholla", baseline)  # the A/B
     runs: dict[tuple[str, int, str], list[dict]] = {}
