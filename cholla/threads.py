@@ -187,7 +187,7 @@ class StepThreads:
         busy, self.busy = self.busy, settle_busy(self.busy, measured, self.cores)
         if self.busy != busy:
             log.warning("prompt steps now take %d of %d threads: %.1f of %d cores busy (decode steps keep %d)",
-                     self.prompt_threads, self.cores, measured, self.cores, self.cores)
+                        self.prompt_threads, self.cores, measured, self.cores, self.cores)
         return self.busy != busy
 
     def for_step(self, decoding: bool) -> int:
