@@ -9,7 +9,8 @@ each number of them it runs, each in its own process and bounded in time:
   finds busy at start; the log line says how many it took),
 - ``llama-bench -t T`` on the same GGUF file (with ``--llama-bin-dir``),
 - with ``--baseline DIR``, ``cholla bench --threads T`` of another checkout
-  (say, main's), right after this one's: an A/B under the same load,
+  (say, main's), right after this one's: an A/B under the same load
+  (``--baseline-default``: the other checkout's default thread count instead),
 
 and prints ppN / tgN (mean over ``-r`` repetitions) with each program's decode
 speed as a share of its own speed without competition. ``--rounds N`` repeats
@@ -24,6 +25,9 @@ load; never below 25%.
     python benchmarks/contention.py --llama-bin-dir /work/llamacpp/bin
     python benchmarks/contention.py --llama-bin-dir /work/llamacpp/bin --models smollm2 --busy 0 2 -n 16 -r 1
     python benchmarks/contention.py --baseline ../main --models smollm2 --busy 0 1 2 --rounds 3 -p 16 -n 64
+    env -u OMP_NUM_THREADS python benchmarks/contention.py --baseline ../main --baseline-default --rounds 2 -p 128 -n 64
+
+(cholla's default honours ``$OMP_NUM_THREADS``: unset it to measure the default.)
 
 Every program runs with the environment this script was given: cholla's own
 OpenMP setting (GOMP_SPINCOUNT, which importing cholla sets) is not passed on
@@ -45,6 +49,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ)  # as given, before anything here imports cholla
+# The baseline builds its kernels in a folder of its own: torch keys a build by the extension's
+# name, and two checkouts of the same sources at two paths would rebuild one folder in turn.
+BASELINE_ENV = {**ENV, "TORCH_EXTENSIONS_DIR": os.path.join(
+    ENV.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions")), "baseline")}
 BUSY_LOOP = [sys.executable, "-c", "while True: pass"]
 
 
@@ -68,12 +76,12 @@ def stop_busy(busy: list[subprocess.Popen]) -> None:
         process.wait()
 
 
-def timed(cmd: list[str], timeout: float, cwd: Path = ROOT) -> tuple[str, str] | None:
+def timed(cmd: list[str], timeout: float, cwd: Path = ROOT, env: dict[str, str] = ENV) -> tuple[str, str] | None:
     """(stdout, stderr) of ``cmd`` run in ``cwd``, or None when it ran past ``timeout`` seconds or failed."""
     print(f"[contention] {cwd}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=ENV)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
     except subprocess.TimeoutExpired:
         print(f"[contention]   timed out after {timeout:.0f} s", file=sys.stderr, flush=True)
         return None
@@ -92,12 +100,13 @@ def cholla(model: str, threads: int | None, args, checkout: Path = ROOT) -> dict
         cmd += ["--threads", str(threads)]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
-    out = timed(cmd, args.timeout, checkout)
+    out = timed(cmd, args.timeout, checkout, ENV if checkout == ROOT else BASELINE_ENV)
     if out is None:
         return {"pp": 0.0, "tg": 0.0, "threads": threads, "note": "timed out or failed"}
     report = json.loads(out[0].strip().splitlines()[-1])
     tests = {t["name"][:2]: t["mean"] for t in report["tests"]}
-    note = next((line.split("cholla: ", 1)[-1] for line in out[1].splitlines() if "cores busy" in line), "")
+    # the default's thread choices: at start, and each change of the prompt steps' count
+    note = " / ".join(line.split("cholla: ", 1)[-1] for line in out[1].splitlines() if "cores busy" in line)
     return {"pp": tests.get("pp", 0.0), "tg": tests.get("tg", 0.0), "threads": report["threads"], "note": note}
 
 
@@ -125,6 +134,8 @@ def main() -> None:
     parser.add_argument("--llama-bin-dir", type=Path, default=None, help="folder with llama-bench (none: no llama.cpp)")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="another cholla checkout to run at the fixed threads after this one (an A/B)")
+    parser.add_argument("--baseline-default", action="store_true",
+                        help="run the baseline with its default thread count, not --threads")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repeats; each figure is their median")
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
     parser.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2], help="competing busy loops per run")
@@ -140,14 +151,20 @@ def main() -> None:
     if 0 not in args.busy:
         parser.error("--busy needs 0: the quiet run each share is taken of")
 
-    programs = ["cholla"] + (["baseline"] if args.baseline else []) + ["cholla default"]
+    baseline = "baseline default" if args.baseline_default else "baseline"
+    programs = ["cholla"] + ([baseline] if args.baseline else []) + ["cholla default"]
+    # Build each checkout's kernels first, untimed: a run killed at --timeout while it builds
+    # leaves torch's build lock behind, and every later run waits on it.
+    for checkout, env in [(ROOT, ENV)] + ([(args.baseline.resolve(), BASELINE_ENV)] if args.baseline else []):
+        subprocess.run([sys.executable, "-c", "from cholla.kernels import cpu_kernels; cpu_kernels()"],
+                       cwd=checkout, env=env, check=True)
     programs += ["llama.cpp"] if args.llama_bin_dir else []
+    pair = ("cholla default", baseline) if args.baseline_default else ("cholla", baseline)  # the A/B
     runs: dict[tuple[str, int, str], list[dict]] = {}
     loads: dict[tuple[str, int], list[float]] = {}
     for round_index in range(args.rounds):
         # the A/B pair in turn: B first every other round, so that neither always runs on the other's heels
-        order = programs if round_index % 2 == 0 else [{"cholla": "baseline", "baseline": "cholla"}.get(name, name)
-                                                       for name in programs]
+        order = programs if round_index % 2 == 0 else [dict([pair, pair[::-1]]).get(name, name) for name in programs]
         for model in args.models:
             model_path = resolve(model)
             for busy_count in sorted(args.busy):
@@ -158,8 +175,8 @@ def main() -> None:
                         if name == "llama.cpp":
                             run = llama_cpp(model_path, threads, args)
                         else:
-                            checkout = args.baseline.resolve() if name == "baseline" else ROOT
-                            run = cholla(str(model_path), None if name == "cholla default" else threads, args, checkout)
+                            checkout = args.baseline.resolve() if name == baseline else ROOT
+                            run = cholla(str(model_path), None if name.endswith("default") else threads, args, checkout)
                         runs.setdefault((model, busy_count, name), []).append(run)
                 finally:
                     stop_busy(busy)
@@ -198,14 +215,16 @@ def main() -> None:
                          f"({row['cholla']['tg']:.1f} vs {row['llama.cpp']['tg']:.1f} t/s)")
             print(line)
     if args.baseline:
+        ours = pair[0]
         for row in rows:
-            base = row["baseline"]["tg"]
-            ratio = f"{row['cholla']['tg'] / base:.2f}x" if base else "-"
-            print(f"{row['model']}, {row['busy']} busy loop(s): tg this checkout / baseline = {ratio} "
-                  f"(runs {row['cholla']['tg_runs']} vs {row['baseline']['tg_runs']})")
-    notes = {row["cholla default"]["note"] for row in rows if row["cholla default"]["note"]}
-    for note in sorted(notes):
-        print(f"cholla default: {note}")
+            ratios = [f"{test} {row[ours][test] / row[baseline][test]:.2f}x" if row[baseline][test] else f"{test} -"
+                      for test in ("pp", "tg")]
+            print(f"{row['model']}, {row['busy']} busy loop(s): {ours} / {baseline}: {', '.join(ratios)} "
+                  f"(tg runs {row[ours]['tg_runs']} vs {row[baseline]['tg_runs']})")
+    for name in programs:
+        if name.endswith("default"):
+            for note in sorted({row[name]["note"] for row in rows if row[name]["note"]}):
+                print(f"{name}: {note}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -81,7 +81,9 @@ def _add_compute_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto (default): bfloat16 where cholla's C++ kernels run, else float32; "
                         "float32: fp32 matmuls, the reference; bfloat16: batches multiply in bf16, faster")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: one per physical core)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads for every step (default: one per physical core for decode steps, "
+                        "one per core other programs leave free for prompt steps)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
-"""Thread count: one per free physical core, from /proc/cpuinfo and /proc/stat,
-honouring the CPU affinity; and OpenMP's wait policy that cholla sets on import."""
+"""Thread count: one per physical core, from /proc/cpuinfo, honouring the CPU affinity; prompt
+steps leave out the cores /proc/stat shows busy (fake readings here, no timing); and OpenMP's
+wait policy that cholla sets on import."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import torch
 
 from cholla import threads
 from cholla.errors import InvalidRequestError
-from cholla.threads import busy_cores, default_threads, physical_cores, set_threads, threads_for_load
+from cholla.sampling.params import SamplingParams
+from cholla.threads import (CpuReading, StepThreads, busy_cores, others_busy, physical_cores, set_threads, settle_busy,
+                            step_threads, threads_for_load)
+from tests.conftest import engine_on
 
 # Two cores with two hyper-threads each: logical CPUs 0/2 share core 0, 1/3 core 1.
 SMT_CPUINFO = "\n\n".join(
@@ -38,19 +42,25 @@ def test_without_core_ids_falls_back_to_usable_cpus(tmp_path, monkeypatch):
     assert physical_cores(str(path)) == 2
 
 
-def test_set_threads(monkeypatch):
-    monkeypatch.setattr(threads, "busy_cores", lambda cores: 0)
+@pytest.fixture
+def torch_threads():
+    """Restores torch's thread count and the process's adaptive default after a test."""
     before = torch.get_num_threads()
-    try:
-        assert set_threads(1) == 1 and torch.get_num_threads() == 1
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        assert set_threads() == physical_cores()
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert set_threads() == 1 and torch.get_num_threads() == 1
-        with pytest.raises(InvalidRequestError):
-            set_threads(0)
-    finally:
-        torch.set_num_threads(before)
+    yield
+    torch.set_num_threads(before)
+    threads._step_threads = None
+
+
+def test_set_threads(monkeypatch, torch_threads):
+    monkeypatch.setattr(threads, "busy_cores", lambda cores: 0)
+    assert set_threads(1) == 1 and torch.get_num_threads() == 1
+    assert threads._step_threads is None  # fixed: every step takes it
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert set_threads() == physical_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert set_threads() == 1 and torch.get_num_threads() == 1 and threads._step_threads is None
+    with pytest.raises(InvalidRequestError):
+        set_threads(0)
 
 
 def _stat(cpu_ticks: dict[int, list[int]]) -> str:
@@ -86,21 +96,96 @@ def test_threads_for_load():
     assert threads_for_load(8, 3) == 5
 
 
-def test_default_threads_leave_out_busy_cores(monkeypatch, caplog):
+def test_default_keeps_the_team_for_decode_and_leaves_busy_cores_to_prompts(monkeypatch, caplog, torch_threads):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "physical_cores", lambda: 4)
     monkeypatch.setattr(threads, "busy_cores", lambda cores: 3)
+    monkeypatch.setattr(threads, "read_cpu", lambda: None)  # no later readings: the start's count stays
     with caplog.at_level(logging.INFO, logger="cholla"):
-        assert default_threads() == 1
-    assert "using 1 thread: 3 of 4 cores busy" in caplog.text
+        assert set_threads() == 4 and torch.get_num_threads() == 4
+    assert "prompt steps take 1 of 4 threads: 3 of 4 cores busy; decode steps keep 4" in caplog.text
+    assert step_threads(decoding=False) == 1 and torch.get_num_threads() == 1
+    assert step_threads(decoding=True) == 4 and torch.get_num_threads() == 4
     caplog.clear()
     monkeypatch.setattr(threads, "busy_cores", lambda cores: 0)
     with caplog.at_level(logging.INFO, logger="cholla"):
-        assert default_threads() == 4
+        assert set_threads() == 4
     assert "busy" not in caplog.text
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands, busy or not
+    assert step_threads(decoding=False) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands, busy or not, for every step
     monkeypatch.setattr(threads, "busy_cores", lambda cores: 3)
-    assert default_threads() == 3
+    assert set_threads() == 3
+    assert step_threads(decoding=False) == 3 and step_threads(decoding=True) == 3
+
+
+def _reading(busy: int, total: int, own: float, at: float) -> CpuReading:
+    return CpuReading(busy_ticks=busy, total_ticks=total, own_seconds=own, at=at)
+
+
+def test_others_busy_leaves_out_our_own_time():
+    # 2 cores at 100 ticks a second, over one second: 200 ticks, 150 of them busy.
+    before = _reading(1000, 5000, 10.0, 0.0)
+    assert others_busy(before, _reading(1150, 5200, 11.0, 1.0), 2, 100) == pytest.approx(0.5)  # we took 1 core
+    assert others_busy(before, _reading(1150, 5200, 10.0, 1.0), 2, 100) == pytest.approx(1.5)  # we slept
+    # Our time counted at a finer grain than the ticks: never below 0 or above every core.
+    assert others_busy(before, _reading(1100, 5200, 12.0, 1.0), 2, 100) == 0.0
+    assert others_busy(before, _reading(1000, 5000, 10.0, 1.0), 2, 100) == 0.0  # no ticks: nothing known
+
+
+def test_settle_busy_moves_only_past_the_margin():
+    assert settle_busy(0, 0.4, 2) == 0  # noise
+    assert settle_busy(0, 0.67, 2) == 1  # a busy loop beside our two threads on two cores
+    assert settle_busy(1, 0.67, 2) == 1 and settle_busy(1, 1.5, 2) == 1
+    assert settle_busy(1, 0.5, 2) == 1 and settle_busy(1, 0.3, 2) == 0
+    assert settle_busy(2, 1.5, 2) == 2 and settle_busy(0, 1.8, 2) == 2
+    assert settle_busy(0, 11.0, 8) == 8
+
+
+def test_step_threads_follow_the_load_at_most_once_an_interval(monkeypatch, caplog):
+    clock = {"now": 100.0}
+    readings: list[CpuReading] = []
+
+    def read_cpu() -> CpuReading:
+        readings.append(_reading(0, 0, 0.0, clock["now"]))  # only the count of reads matters here
+        return readings[-1]
+
+    monkeypatch.setattr(threads, "read_cpu", read_cpu)
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock["now"])
+    measured = iter([1.0, 0.9, 0.1])
+    monkeypatch.setattr(threads, "others_busy", lambda before, after, cores, ticks: next(measured))
+    policy = StepThreads(cores=2, busy=0, last=_reading(0, 0, 0.0, 100.0))
+    assert policy.for_step(decoding=False) == 2 and not readings  # within the interval: no reading
+    clock["now"] += threads.LOAD_INTERVAL_SECONDS
+    with caplog.at_level(logging.INFO, logger="cholla"):
+        assert policy.for_step(decoding=True) == 2 and not readings  # decode steps never look
+        assert policy.for_step(decoding=False) == 1 and len(readings) == 1  # a busy loop came
+        assert policy.for_step(decoding=False) == 1 and len(readings) == 1
+    assert "prompt steps now take 1 of 2 threads: 1.0 of 2 cores busy (decode steps keep 2)" in caplog.text
+    caplog.clear()
+    clock["now"] += 5 * threads.LOAD_INTERVAL_SECONDS
+    with caplog.at_level(logging.INFO, logger="cholla"):
+        assert policy.for_step(decoding=False) == 1  # 0.9: still busy
+    assert not caplog.text
+    clock["now"] += threads.LOAD_INTERVAL_SECONDS
+    assert policy.for_step(decoding=False) == 2 and len(readings) == 3  # it went away
+
+
+def test_engine_steps_take_their_threads(smollm2_loaded, monkeypatch, torch_threads):
+    """The runner gives prompt steps the prompt count and decode steps the team, on the thread that runs them."""
+    engine = engine_on(smollm2_loaded, monkeypatch, dtype="float32")
+    monkeypatch.setattr(threads, "_step_threads", StepThreads(cores=2, busy=1, last=None))
+    seen: list[int] = []
+    forward = engine.runner.model.forward
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner.model, "forward", recording)
+    engine.add_request("a", [1, 504, 3458, 282], SamplingParams(temperature=0, max_tokens=3))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert seen == [1, 2, 2]  # the prompt, then two decode steps
 
 
 # Two threads run one parallel region, then idle 5 ms, 40 times: how much CPU the

@@ -63,7 +63,7 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     enable_prefix_caching: bool = True
     dtype: str = "auto"  # "float32", "bfloat16" or "auto" (cholla.models.loader.DTYPES)
-    threads: int | None = None  # torch threads; default one per physical core
+    threads: int | None = None  # torch threads, fixed; default adapts per step (cholla/threads.py)
     # What the KV cache holds (cholla/kv/kv_types.py): "auto" is the matmuls' dtype (bf16 or f32);
     # cache_type_k / cache_type_v, where given, override it for one side (llama.cpp's flags).
     kv_cache_dtype: str = "auto"

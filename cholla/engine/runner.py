@@ -26,6 +26,7 @@ from cholla.sampling.sampler import SamplingBatch, sample, skip_draws
 from cholla.sampling.structured import StructuredOutputs, allowed_tokens
 from cholla.speculative import tree
 from cholla.speculative.verify import accept_greedy
+from cholla.threads import step_threads
 
 
 @dataclass
@@ -141,6 +142,7 @@ class ModelRunner:
         # No prompt rows: plain decodes and speculating sequences' verification rows, which
         # take the products a decode step of as many rows takes (the batched int8 ones).
         decoding = all(r.draft_token_ids for r in batch.requests[: batch.num_prefills])
+        step_threads(decoding)  # the full team for decode steps; a prompt's, fewer while the machine is busy
         with decode_step(decoding):
             hidden = self.model(input_ids, positions, self.caches, meta)
         sampled: list[int | None] = [None] * len(batch.requests)
