@@ -15,6 +15,13 @@ process: total tokens/s.
 
     OMP_NUM_THREADS=1 python benchmarks/batched_products.py --models smollm2 gemma3 --rows 1 6 7 8 16 32 64
 
+``--baseline CHECKOUT``: instead, the int8 product alone, this checkout's against
+another's (say, main's), each in its own process (``python -c`` in that checkout, so
+it imports that checkout's kernels), taking turns for every measurement, ``--turns``
+times each; best of each side, then this side's speed-up:
+
+    OMP_NUM_THREADS=1 python benchmarks/batched_products.py --baseline /work/main --cpu-time --rows 7 13 32
+
 ``--cpu-time`` times each call in this thread's CPU time instead of wall time: on
 a shared machine, a product longer than a time slice (the heads) is preempted
 in every run, so its best wall time says more about the load than about the
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,6 +90,72 @@ def best_ms(fn, min_seconds: float, clock=time.perf_counter) -> float:
     return min(times) * 1e3
 
 
+# One side of --baseline: time the int8 product of (model, product, rows) for each line read.
+WORKER = """
+import functools, sys, time, torch
+sys.path.insert(0, "benchmarks")
+from batched_products import best_ms, groups
+from cholla.download import resolve_model
+from cholla.kernels import cpu_kernels
+kernels, seconds, clock = cpu_kernels(), float(sys.argv[1]), time.thread_time if sys.argv[2] == "cpu" else time.perf_counter
+found = {}
+print("ready", flush=True)
+for line in sys.stdin:
+    model, product, rows = line.rstrip("\\n").split("\\t")
+    if model not in found:
+        found[model] = groups(resolve_model(model))
+    tensors = found[model][product]
+    weights, types = [t.data for t in tensors], [int(t.qtype) for t in tensors]
+    x = torch.randn(int(rows), tensors[0].shape[1])
+    out = torch.zeros(int(rows), sum(t.shape[0] for t in tensors))
+    print(best_ms(functools.partial(kernels.qgemv_int8_out, x, weights, types, out), seconds, clock), flush=True)
+"""
+
+
+class Side:
+    """A checkout's worker process (WORKER)."""
+
+    def __init__(self, checkout: Path, seconds: float, cpu_time: bool):
+        self.process = subprocess.Popen([sys.executable, "-c", WORKER, str(seconds), "cpu" if cpu_time else "wall"],
+                                        cwd=checkout, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the worker in {checkout} did not start (see its error above)")
+
+    def time(self, model: str, product: str, rows: int) -> float:
+        self.process.stdin.write(f"{model}\t{product}\t{rows}\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def baseline_ab(names: list[str], rows_list: list[int], baseline: Path, seconds: float, cpu_time: bool,
+                turns: int) -> None:
+    sides = {"this": Side(Path(__file__).resolve().parent.parent, seconds, cpu_time),
+             "baseline": Side(baseline.resolve(), seconds, cpu_time)}
+    print(f"int8 product (qgemv_int8_out), best of {turns} turns each, {'CPU' if cpu_time else 'wall'} time; "
+          f"baseline {baseline}")
+    print("| model | product | types | rows | baseline ms | this ms | speed-up |\n|---|---|---|---:|---:|---:|---:|")
+    try:
+        for name in names:
+            for product, tensors in groups(resolve_model(name)).items():
+                if not cpu_kernels().int8_kernel_types([int(t.qtype) for t in tensors]):
+                    continue
+                type_names = "+".join(sorted({t.qtype.name for t in tensors}))
+                for rows in rows_list:
+                    best = {"this": float("inf"), "baseline": float("inf")}
+                    for turn in range(turns):
+                        for side in (("this", "baseline") if turn % 2 else ("baseline", "this")):
+                            best[side] = min(best[side], sides[side].time(name, product, rows))
+                    print(f"| {name} | {product} | {type_names} | {rows} | {best['baseline']:.3f} | {best['this']:.3f} "
+                          f"| {best['baseline'] / best['this']:.2f}x |", flush=True)
+    finally:
+        for side in sides.values():
+            side.close()
+
+
 def generate_ab(names: list[str], sequences: int, length: int = 32, runs: int = 3) -> None:
     from cholla import LLM, SamplingParams
     from cholla.layers import linear
@@ -118,6 +192,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.3, help="time per measurement (best of its runs)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time in this thread's CPU time, not wall time (a shared machine; one thread)")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="the int8 product only, this checkout's against CHECKOUT's, taking turns (see above)")
+    parser.add_argument("--turns", type=int, default=4, help="--baseline: measurements per side")
     parser.add_argument("--generate", type=int, default=0, metavar="N",
                         help="N sequences through the engine, int8 batched decode on and off (see above)")
     args = parser.parse_args()
@@ -126,6 +203,10 @@ def main() -> None:
         raise SystemExit("the C++ kernels do not run on this machine")
     if args.generate:
         return generate_ab(args.models, args.generate)
+    if args.baseline:
+        if args.cpu_time and torch.get_num_threads() != 1:
+            raise SystemExit("--cpu-time counts this thread alone: run with OMP_NUM_THREADS=1")
+        return baseline_ab(args.models, args.rows, args.baseline, args.seconds, args.cpu_time, args.turns)
     if args.cpu_time and torch.get_num_threads() != 1:
         raise SystemExit("--cpu-time counts this thread alone: run with OMP_NUM_THREADS=1")
     clock = time.thread_time if args.cpu_time else time.perf_counter

@@ -16,9 +16,8 @@ from cholla.kernels import cpu_kernels
 from cholla.layers import causal_conv, gated_deltanet
 from cholla.layers.attention import AttentionMetadata
 from cholla.layers.causal_conv import causal_conv1d
-from cholla.layers.gated_deltanet import GatedDeltaNet
 from cholla.layers.mamba2 import ssd_chunked
-from cholla.models.config import DeltaNetConfig
+from tests import tiny_models
 
 kernels = cpu_kernels()
 pytestmark = pytest.mark.skipif(kernels is None, reason="needs a CPU with AVX512-BF16 and a C++ compiler")
@@ -59,24 +58,10 @@ def test_conv_prefill_matches_pytorch_chunks(monkeypatch, channels, kernel, bias
     assert torch.equal(state, expected_state)  # each slot's last inputs, exactly; the others untouched
 
 
-def _deltanet(k_heads: int, v_heads: int, dk: int, dv: int, tiled: bool) -> GatedDeltaNet:
-    config = DeltaNetConfig(num_k_heads=k_heads, num_v_heads=v_heads, k_head_dim=dk, v_head_dim=dv, conv_kernel=4,
-                            v_heads_tiled=tiled)
-    layer = GatedDeltaNet(32, config, 1e-6)
-    layer.A.value = -torch.rand(v_heads) * 2
-    layer.dt_bias.value = torch.randn(v_heads)
-    layer.norm.weight = torch.rand(dv) + 0.5
-    return layer
-
-
-@pytest.mark.parametrize("k_heads, v_heads, dk, dv, tiled", [
-    (2, 2, 128, 128, False),  # Qwen 3.5's head shape
-    (2, 4, 20, 24, False),  # value heads grouped over key heads; dims that end mid-vector
-    (2, 6, 32, 80, True),  # tiled (llama.cpp's qwen35 order)
-])
+@pytest.mark.parametrize("k_heads, v_heads, dk, dv, tiled", tiny_models.DELTANET_SHAPES)
 def test_chunked_delta_rule_matches_pytorch_form(monkeypatch, k_heads, v_heads, dk, dv, tiled):
     torch.manual_seed(0)
-    layer = _deltanet(k_heads, v_heads, dk, dv, tiled)
+    layer = tiny_models.random_deltanet(k_heads, v_heads, dk, dv, tiled)
     tokens = sum(LENGTHS)
     qkv = F.silu(torch.randn(tokens, 2 * k_heads * dk + v_heads * dv))
     ab = torch.randn(tokens, 2 * v_heads) * 3  # a and b as the projections' split gives them (strided rows)

@@ -146,7 +146,9 @@ def test_qgemv_int8_k_quants_match_their_int8_reference(qtype, k, rows):
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES + K_QUANTS, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [7, 16, 33, 64])  # the batched product's edges: one tile, a partial third, four
+# The batched product's edges: one partial tile (taken with all 16 weight rows of a job), a full one, a pair of
+# tiles and a partial third (taken alone), two pairs; 37 weight rows: a job of 16 ends 5 rows in.
+@pytest.mark.parametrize("rows", [7, 13, 16, 17, 32, 33, 64])
 def test_batched_qgemv_int8_matches_its_int8_reference(qtype, rows):
     """More than six rows of x take the batched product (x's rows in the VNNI lanes): the same int8 sums."""
     blocks, w = random_weight(qtype, 37, 768, seed=rows)  # 37 weight rows: a job of 16 ends 5 rows in
@@ -193,6 +195,27 @@ def test_prompt_qmatmul_int8_refuses_types_without_an_int8_kernel():
     blocks, _ = random_weight(T.F16, 16, 64, seed=0)
     with pytest.raises(RuntimeError, match="int8 kernel"):
         kernels.qmatmul_int8(torch.randn(70, 64), [blocks], [int(T.F16)])
+
+
+@pytest.mark.parametrize("rows", [13, 32])
+def test_batched_qgemv_int8_streams_a_large_output(rows):
+    """An output of 4 MiB or more (the head's logits) is written past the caches, in whole aligned lines where
+    it can: x's rows 1 and 9 start aligned in the second weight (after 38 rows of the first), the others not, and
+    both weights end in a partial job; with one thread and two."""
+    small, w_small = random_weight(T.Q4_0, 38, 32, seed=2)
+    large, w_large = random_weight(T.Q8_0, 2**17 + 5, 32, seed=3)
+    x = torch.randn(rows, 32, generator=torch.Generator().manual_seed(rows))
+    expected = torch.cat([int8_reference(x, small, T.Q4_0, w_small)[0], int8_reference(x, large, T.Q8_0, w_large)[0]], 1)
+    scale = float((x.abs() @ torch.cat([w_small, w_large]).abs().T).max())
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = torch.full(expected.shape, float("nan"))
+            kernels.qgemv_int8_out(x, [small, large], [int(T.Q4_0), int(T.Q8_0)], out)
+            torch.testing.assert_close(out, expected, rtol=0, atol=scale * 1e-6)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_int8_kernel_types_agree_with_the_routing():
@@ -467,9 +490,9 @@ def _kv_side(type_name: str, num_blocks: int, block_size: int, kv_heads: int, di
 
 
 KV_TYPE_PAIRS = [(name, name) for name in ("f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0",
-                                           "int8_rot", "q4_0_rot", "q4_0_cal", "q4_kivi", "fp8_e4m3_scaled",
+                                           "q4_0_rot", "q4_0_cal", "q4_kivi", "fp8_e4m3_scaled",
                                            "fp8_e4m3_centered")]
-KV_TYPE_PAIRS += [("q8_0", "q4_0"), ("q4_0_cal", "bf16"), ("fp8_e4m3", "int8_rot"),  # K and V may differ
+KV_TYPE_PAIRS += [("q8_0", "q4_0"), ("q4_0_cal", "bf16"), ("fp8_e4m3", "int8"),  # K and V may differ
                   ("q4_kivi", "fp8_e4m3_scaled"), ("fp8_e4m3_centered", "q4_kivi")]
 
 
@@ -495,8 +518,33 @@ def test_paged_attention_reads_every_kv_type_as_the_torch_path(k_type, v_type, h
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_int8_of_a_head_dim_without_a_hadamard_matrix_is_read_and_written_unrotated():
+    """int8 of a 48-value head (not a power of two: kept unrotated) in the kernels: written as
+    kv_types.store writes it, read as the PyTorch path reads it."""
+    from cholla.layers.attention import attend_decodes, decode_attention, kernel_reads, write_kv
+    from cholla.kv.kv_types import store
+
+    generator = torch.Generator().manual_seed(48)
+    k_cache, v_cache = (_kv_side("int8", 6, 16, 2, 48, generator) for _ in range(2))
+    assert not k_cache.rotated and kernel_reads(k_cache, v_cache)
+    theirs = [_kv_side("int8", 6, 16, 2, 48, torch.Generator()) for _ in range(2)]
+    k, v = torch.randn(2, 20, 2, 48, generator=generator) * 3
+    slots = torch.randperm(96, generator=generator)[:20]
+    write_kv(k, v, k_cache, v_cache, slots)
+    store(theirs[0], k, slots)
+    store(theirs[1], v, slots)
+    for mine, reference in zip((k_cache, v_cache), theirs):
+        assert torch.equal(mine.values.flatten(0, 1)[slots], reference.values.flatten(0, 1)[slots])
+        assert torch.equal(mine.scales.flatten(0, 1)[slots], reference.scales.flatten(0, 1)[slots])
+    q = torch.randn(3, 4, 48, generator=generator)
+    tables, lens = torch.tensor([[0, 1, 2], [3, 4, 5], [5, 0, 1]]), torch.tensor([40, 7, 48])
+    expected = decode_attention(q, k_cache, v_cache, tables, lens, 48**-0.5, None, None)
+    torch.testing.assert_close(attend_decodes(q, k_cache, v_cache, tables, lens, 48**-0.5, None, None), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("type_name", ["f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0",
-                                       "int8_rot", "q4_0_rot", "q4_0_cal", "q4_kivi", "fp8_e4m3_scaled",
+                                       "q4_0_rot", "q4_0_cal", "q4_kivi", "fp8_e4m3_scaled",
                                        "fp8_e4m3_centered"])
 def test_write_kv_writes_every_kv_type_as_kv_types_store(type_name):
     """The kernel's writer against kv_types.store on strided rows with zero groups, huge values

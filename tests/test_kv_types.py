@@ -84,11 +84,10 @@ def _q4_0_reference(flat: np.ndarray) -> np.ndarray:
     return gguf_dequantize(blocks, GGMLQuantizationType.Q4_0).reshape(flat.shape)
 
 
-@pytest.mark.parametrize("type_name, plain_name, reference", [("q4_0_rot", "q4_0", _q4_0_reference),
-                                                              ("int8_rot", "int8", _int8_reference)])
-def test_rotated_types_quantize_hadamard_rotated_heads(type_name, plain_name, reference):
-    """Reference: a Hadamard matrix as Kronecker powers of [[1, 1], [1, -1]], the plain type's
-    reference quantizer on the rotated rows, rotated back."""
+@pytest.mark.parametrize("type_name, reference", [("q4_0_rot", _q4_0_reference), ("int8", _int8_reference)])
+def test_rotated_types_quantize_hadamard_rotated_heads(type_name, reference):
+    """Reference: a Hadamard matrix as Kronecker powers of [[1, 1], [1, -1]], the unrotated
+    layout's reference quantizer (q4_0's, per-head int8's) on the rotated rows, rotated back."""
     from functools import reduce
 
     x = _rows(32)
@@ -99,7 +98,8 @@ def test_rotated_types_quantize_hadamard_rotated_heads(type_name, plain_name, re
     # The point of rotating: keys with outlier channels (as real models' keys have) come back closer.
     keys = torch.randn(48, KV_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(3))
     keys[..., 7] *= 12
-    rotated_back, plain_back = _written(type_name, keys)[1], _written(plain_name, keys)[1]
+    rotated_back = _written(type_name, keys)[1]
+    plain_back = torch.from_numpy(reference(keys.reshape(-1, HEAD_DIM).numpy())).reshape(keys.shape)
     assert (rotated_back - keys).norm() < 0.7 * (plain_back - keys).norm()
 
 
@@ -266,13 +266,21 @@ def test_kivi_bytes_fit_within_q4_0s():
     assert kivi.bytes_per_head(64, key=True, block_size=32) == 32 + 80 / 32
 
 
-def test_int8_has_one_scale_per_token_and_head():
-    x = _rows(40)
-    cache, back = _written("int8", x)
-    assert cache.scales.shape == (4, 16, KV_HEADS, 1)
-    expected = _int8_reference(x.numpy().reshape(-1, HEAD_DIM))
+def test_int8_has_one_scale_per_token_and_head_and_rotates_only_power_of_two_heads():
+    """int8 of a head_dim that is not a power of two (no Hadamard matrix of that size): the same
+    per-(token, head) layout, unrotated, where q4_0_rot refuses it."""
+    dim = 48
+    x = torch.randn(40, KV_HEADS, dim, generator=torch.Generator().manual_seed(5)) * 3
+    kv_type = kv_cache_type("int8")
+    kv_type.check(dim)
+    cache = allocate(kv_type, 4, 16, KV_HEADS, dim, lambda shape, dtype: torch.zeros(shape, dtype=dtype))
+    assert cache.scales.shape == (4, 16, KV_HEADS, 1) and not cache.rotated
+    store(cache, x, torch.arange(40))
+    back = gather(cache, torch.arange(4)).flatten(0, 1)[:40]
+    expected = _int8_reference(x.numpy().reshape(-1, dim))
     torch.testing.assert_close(back, torch.from_numpy(expected.reshape(x.shape)), rtol=0, atol=0)
     assert (back - x).abs().max() <= x.abs().amax(-1, keepdim=True).max() / 127  # within a step
+    assert _written("int8", _rows(4))[0].rotated and kv_type.bytes_per_head(dim) == dim + 2
 
 
 @pytest.mark.parametrize("type_name", ["fp8_e4m3", "fp8_e5m2"])
@@ -324,6 +332,7 @@ def test_float_types_are_plain_casts(type_name):
 
 def test_names_aliases_and_errors():
     assert kv_cache_type("fp8").name == "fp8_e4m3" and kv_cache_type("bfloat16").name == "bf16"
+    assert kv_cache_type("int8_rot").name == "int8"
     assert kv_cache_type("auto", "bfloat16").name == "bf16" and kv_cache_type("auto", "float32").name == "f32"
     with pytest.raises(InvalidRequestError, match="unknown KV cache type"):
         kv_cache_type("q3_k")
@@ -378,7 +387,7 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time, in a land far away, there lived a " + "very " * 40 + "old dragon who",
 ]
-ENGINE_TYPES = ["fp8_e4m3", "fp8_e4m3_scaled", "fp8_e4m3_centered", "int8", "int8_rot", "q8_0", "q4_0_rot",
+ENGINE_TYPES = ["fp8_e4m3", "fp8_e4m3_scaled", "fp8_e4m3_centered", "int8", "q8_0", "q4_0_rot",
                 "q4_0_cal", "q4_kivi"]  # bf16 and f32: tests/test_engine.py and the rest
 
 

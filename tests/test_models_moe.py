@@ -136,7 +136,7 @@ def test_plan_counts_the_latent(tiny):
         make_plan(facts, PlanRequest(context=128), kv_cache_type("q4_0"), kv_cache_type("q4_0"), None)
 
 
-@pytest.mark.parametrize("spec", [{"kv_cache_dtype": "q8_0"}, {"kv_cache_dtype": "int8_rot"},
+@pytest.mark.parametrize("spec", [{"kv_cache_dtype": "q8_0"}, {"kv_cache_dtype": "int8"},
                                   {"cache_type_k": "bf16", "cache_type_v": "f32"}])
 def test_latent_cache_refuses_other_types(tiny, spec):
     from cholla.errors import InvalidRequestError

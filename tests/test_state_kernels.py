@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from cholla.kernels import cpu_kernels
 from cholla.layers import gated_deltanet
 from cholla.layers.causal_conv import conv_step_ops
-from cholla.layers.gated_deltanet import GatedDeltaNet
-from cholla.models.config import DeltaNetConfig
 from cholla.models.loader import load_model
 from tests import tiny_models
 from tests.test_models_deltanet import _Sequences
@@ -43,23 +41,10 @@ def test_conv_step_matches_ops_in_place(channels, kernel, bias, silu, dtype):
     assert torch.equal(state, expected_state)  # the shifted inputs exactly, every other slot untouched
 
 
-def _layer(k_heads: int, v_heads: int, dk: int, dv: int, tiled: bool) -> GatedDeltaNet:
-    config = DeltaNetConfig(num_k_heads=k_heads, num_v_heads=v_heads, k_head_dim=dk, v_head_dim=dv, conv_kernel=4,
-                            v_heads_tiled=tiled)
-    layer = GatedDeltaNet(32, config, 1e-6)
-    layer.A.value = -torch.rand(v_heads) * 2
-    layer.dt_bias.value = torch.randn(v_heads)
-    return layer
-
-
-@pytest.mark.parametrize("k_heads, v_heads, dk, dv, tiled", [
-    (2, 2, 128, 128, False),  # Qwen 3.5's head shape
-    (2, 4, 20, 24, False),  # value heads grouped over key heads; dims that end mid-vector
-    (2, 6, 32, 80, True),  # tiled (llama.cpp's qwen35 order); a column strip with a tail
-])
+@pytest.mark.parametrize("k_heads, v_heads, dk, dv, tiled", tiny_models.DELTANET_SHAPES)
 def test_delta_rule_step_matches_layer_ops_in_place(monkeypatch, k_heads, v_heads, dk, dv, tiled):
     torch.manual_seed(0)
-    layer = _layer(k_heads, v_heads, dk, dv, tiled)
+    layer = tiny_models.random_deltanet(k_heads, v_heads, dk, dv, tiled)
     qkv = F.silu(torch.randn(len(SLOTS), 2 * k_heads * dk + v_heads * dv))
     ab = torch.randn(len(SLOTS), 2 * v_heads) * 3  # a and b as the projections' split gives them
     a, b = ab[:, :v_heads], ab[:, v_heads:]
@@ -77,7 +62,7 @@ def test_delta_rule_step_matches_layer_ops_in_place(monkeypatch, k_heads, v_head
 def test_steps_chain_over_many_tokens(monkeypatch):
     """64 decode steps in a row stay with the PyTorch path (errors do not grow with the state's age)."""
     torch.manual_seed(1)
-    layer = _layer(2, 4, 64, 64, False)
+    layer = tiny_models.random_deltanet(2, 4, 64, 64, False)
     state = torch.zeros(4, 4, 64, 64)
     reference = state.clone()
     slots = torch.tensor([2, 0])

@@ -421,3 +421,24 @@ def abort_in_prefill_and_decode(engine, long_prompt, short_prompt) -> None:
     for _ in range(3):
         engine.step()
     engine.abort("short")
+
+
+# The Gated DeltaNet head shapes the kernel tests cover: (k_heads, v_heads, dk, dv, tiled).
+DELTANET_SHAPES = [
+    (2, 2, 128, 128, False),  # Qwen 3.5's head shape
+    (2, 4, 20, 24, False),  # value heads grouped over key heads; dims that end mid-vector
+    (2, 6, 32, 80, True),  # tiled (llama.cpp's qwen35 order); a column strip with a tail
+]
+
+
+def random_deltanet(k_heads: int, v_heads: int, dk: int, dv: int, tiled: bool):
+    """A 32-wide Gated DeltaNet layer with random decay, dt bias and norm weight (seed first)."""
+    from cholla.layers.gated_deltanet import GatedDeltaNet
+    from cholla.models.config import DeltaNetConfig
+    config = DeltaNetConfig(num_k_heads=k_heads, num_v_heads=v_heads, k_head_dim=dk, v_head_dim=dv, conv_kernel=4,
+                            v_heads_tiled=tiled)
+    layer = GatedDeltaNet(32, config, 1e-6)
+    layer.A.value = -torch.rand(v_heads) * 2
+    layer.dt_bias.value = torch.randn(v_heads)
+    layer.norm.weight = torch.rand(dv) + 0.5
+    return layer

@@ -505,7 +505,6 @@ IntDot int_dot_for(int64_t type, int64_t rows) {
 // The weights are read from memory once per call, as their own integers.
 
 constexpr int64_t LANES = 16;     // rows of x per tile
-constexpr int64_t ROW_GROUP = 8;  // weight rows sharing each load of x
 
 // x's rows in tiles of LANES (rows past m are zero): per tile and block, 512
 // bytes of int8 in VPDPBUSD's layout, then dx, bias-free qsum = dx Σ xq, and Σ x
@@ -643,16 +642,64 @@ UnpackRow unpack_row_for(int64_t type) {
   }
 }
 
+// A later job's weights, asked for a few cache lines at every block of the
+// current job's products, so that memory works while the products run. (All
+// of a job's lines asked for at once, before its products, stalled the core on
+// the full miss queue: a third of the head's time. Non-temporal: the lines
+// are read once, and into L2 (T2) they did 10-15% worse on Gemma's head.)
+struct Ahead {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t per_step = 0;
+
+  // `bytes` at p, spread over `steps` calls of step().
+  void start(const uint8_t* p, int64_t bytes, int64_t steps) {
+    next = reinterpret_cast<const char*>(p);
+    end = next + bytes;
+    per_step = (bytes / 64 + steps) / std::max<int64_t>(steps, 1);
+  }
+  void step() {
+    for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_NTA);
+  }
+};
+
+// c: [16 weight rows][16 lanes] -> col[lane]: the lane's 16 weight rows (a 16 x 16 transpose).
+inline void transpose16(const float* c, __m512 col[16]) {
+  __m512 u[16];
+  for (int g = 0; g < 4; ++g) {  // rows 4g .. 4g+3
+    const __m512 r0 = _mm512_loadu_ps(c + (4 * g) * 16), r1 = _mm512_loadu_ps(c + (4 * g + 1) * 16);
+    const __m512 r2 = _mm512_loadu_ps(c + (4 * g + 2) * 16), r3 = _mm512_loadu_ps(c + (4 * g + 3) * 16);
+    const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(r0, r1)), t1 = _mm512_castps_pd(_mm512_unpackhi_ps(r0, r1));
+    const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(r2, r3)), t3 = _mm512_castps_pd(_mm512_unpackhi_ps(r2, r3));
+    // u[4g + j], per 128-bit lane l: lane 4l + j of rows 4g .. 4g+3
+    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int j = 0; j < 4; ++j) {  // (0x88 takes 128-bit lanes 0 and 2 of each source, 0xDD lanes 1 and 3)
+    const __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), v1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88), v3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+    col[j] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    col[j + 8] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    col[j + 4] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    col[j + 12] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+constexpr int64_t ROW_GROUP = 8;  // weight rows sharing each load of x: 8 chains of VPDPBUSD, accumulators in registers
+
 // ROW_GROUP unpacked weight rows (q: k bytes each, back to back; d, m': per
 // block) against tile t of x: c[i][lane] = Σ w_i x_lane.
 template <bool HAS_MIN>
 void tile_rows(const uint8_t* q, const float* d, const float* m_shifted, int64_t k, float bias, const XTiles& x,
-               int64_t t, float* c) {
+               int64_t t, float* c, Ahead& ahead) {
   const int64_t blocks = k / 32;
   __m512 acc[ROW_GROUP];
   for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_setzero_ps();
   const __m512 bias_v = _mm512_set1_ps(bias);
   for (int64_t b = 0; b < blocks; ++b) {
+    ahead.step();
     const int8_t* xq = x.quads(t, b);
     __m512i s[ROW_GROUP];
     for (int i = 0; i < ROW_GROUP; ++i) s[i] = _mm512_setzero_si512();
@@ -679,11 +726,12 @@ void tile_rows(const uint8_t* q, const float* d, const float* m_shifted, int64_t
 // tile_rows for Q6_K (d: a scale per 16 weights, w = d (q - 32)): each half
 // block's sums start from -32 Σ xq of their x, so that they are sums of
 // (q - 32) xq, and meet their own scale.
-void tile_rows_q6_k(const uint8_t* q, const float* d, int64_t k, const XTiles& x, int64_t t, float* c) {
+void tile_rows_q6_k(const uint8_t* q, const float* d, int64_t k, const XTiles& x, int64_t t, float* c, Ahead& ahead) {
   const int64_t blocks = k / 32;
   __m512 acc[ROW_GROUP];
   for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
+    ahead.step();
     const int8_t* xq = x.quads(t, b);
     const int8_t* starts = x.q6_k_starts(t, b);
     __m512 halves[ROW_GROUP];
@@ -709,23 +757,33 @@ void tile_rows_q6_k(const uint8_t* q, const float* d, int64_t k, const XTiles& x
   for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
 }
 
+constexpr int64_t STREAM_OUTPUT_BYTES = 4 << 20;
+
 // A member's jobs of a batched int8 product (m > INT8_GEMV_MAX_ROWS rows of x;
 // every segment's type has an integer kernel): [begin, end), its first chunk,
 // already claimed, then the next ones (team.h).
 void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
                       cholla::Member& member, const float* xs, int64_t m, int64_t k, float* out, int64_t n_total) {
-  static_assert(GEMV_JOB_ROWS % ROW_GROUP == 0, "a job's rows are whole row groups");
+  static_assert(GEMV_JOB_ROWS == LANES, "transpose16: a job of 16 weight rows meets tiles of 16 lanes");
   thread_local std::vector<int8_t> x_bytes;
   thread_local std::vector<float> x_numbers;
   thread_local std::vector<uint8_t> strip;
   thread_local std::vector<float> scales;
+  thread_local std::vector<float> sums;
   const int64_t n_jobs = static_cast<int64_t>(jobs.size()), blocks = k / 32;
   const XTiles x = quantize_tiles(xs, m, k, x_bytes, x_numbers);
   strip.resize(GEMV_JOB_ROWS * k);
   scales.resize(3 * GEMV_JOB_ROWS * blocks);
+  sums.resize(x.tiles * GEMV_JOB_ROWS * LANES);
   float* d = scales.data();  // up to 2 per block (f.scales)
   float* m_shifted = d + 2 * GEMV_JOB_ROWS * blocks;
-  alignas(64) float c[GEMV_JOB_ROWS * LANES];
+  float* c = sums.data();  // the products, [tile][16 weight rows][16 lanes]
+  // A large output (the head's logits) goes straight to memory: its rows lie
+  // n_total apart (1 MiB for Gemma's), so each job's lines for m rows of x
+  // crowd the same cache sets, and writing them through the caches cost as
+  // much as reading the weights.
+  const bool stream = m * n_total * 4 >= STREAM_OUTPUT_BYTES;
+  Ahead ahead;
   do {
     for (int64_t j = begin; j < end; ++j) {
       const Segment& seg = segments[jobs[j].segment];
@@ -733,11 +791,18 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
       const UnpackRow unpack = unpack_row_for(seg.type);
       const IntFormat f = int_format(seg.type);
       const int64_t row_scales = f.scales * blocks;  // d per weight row
+      if (j + 1 < n_jobs) {  // the next job, over this one's products (two ahead, or into L1, did no better)
+        const Segment& later = segments[jobs[j + 1].segment];
+        const int64_t later_rows = std::min(later.rows - jobs[j + 1].first_row, GEMV_JOB_ROWS);
+        ahead.start(later.data + jobs[j + 1].first_row * later.row_bytes, later_rows * later.row_bytes,
+                    x.tiles * (GEMV_JOB_ROWS / ROW_GROUP) * blocks);  // a step per block of each tile_rows
+      } else {
+        ahead.start(nullptr, 0, 1);
+      }
       for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) {
-        const uint8_t* row = seg.data + (first + i) * seg.row_bytes;
-        prefetch(row + GEMV_JOB_ROWS * seg.row_bytes, seg.row_bytes);  // the next job's row
         if (i < rows) {
-          unpack(row, blocks, strip.data() + i * k, d + i * row_scales, m_shifted + i * blocks);
+          unpack(seg.data + (first + i) * seg.row_bytes, blocks, strip.data() + i * k, d + i * row_scales,
+                 m_shifted + i * blocks);
         } else {  // past the weight's end: zeros (their products are not written)
           std::memset(strip.data() + i * k, 0, k);
           std::fill(d + i * row_scales, d + (i + 1) * row_scales, 0.0f);
@@ -747,21 +812,31 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
       for (int64_t t = 0; t < x.tiles; ++t) {
         for (int64_t i = 0; i < GEMV_JOB_ROWS; i += ROW_GROUP) {
           const uint8_t* q = strip.data() + i * k;
+          float* ct = c + t * GEMV_JOB_ROWS * LANES + i * LANES;
           if (seg.type == Q6_K)
-            tile_rows_q6_k(q, d + i * row_scales, k, x, t, c + i * LANES);
+            tile_rows_q6_k(q, d + i * row_scales, k, x, t, ct, ahead);
           else if (f.has_min)
-            tile_rows<true>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, c + i * LANES);
+            tile_rows<true>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, ct, ahead);
           else
-            tile_rows<false>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, c + i * LANES);
+            tile_rows<false>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, ct, ahead);
         }
-        // c: [16 weight rows][16 lanes] -> out[lane][n]
+      }
+      for (int64_t t = 0; t < x.tiles; ++t) {  // c: [16 weight rows][16 lanes] -> out[lane][first ..]
+        __m512 col[LANES];
+        transpose16(c + t * GEMV_JOB_ROWS * LANES, col);
         for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) {
           float* y = out + (t * LANES + lane) * n_total + seg.out_offset + first;
-          for (int64_t i = 0; i < rows; ++i) y[i] = c[i * LANES + lane];
+          if (stream && rows == GEMV_JOB_ROWS && (reinterpret_cast<uintptr_t>(y) & 63) == 0)
+            _mm512_stream_ps(y, col[lane]);
+          else if (rows == GEMV_JOB_ROWS)
+            _mm512_storeu_ps(y, col[lane]);
+          else
+            _mm512_mask_storeu_ps(y, lanes(rows), col[lane]);
         }
       }
     }
   } while (member.next(n_jobs, begin, end));
+  if (stream) _mm_sfence();  // the streamed lines are out before the team's barrier says so
 }
 
 // A member's jobs of a GEMV (team.h): the exact fp32 products, or with

@@ -119,6 +119,7 @@ def fingerprint(model_path: Path, layers: list[tuple], block_size: int, kv_types
     digest = hashlib.blake2b(model_identity(model_path), digest_size=16)
     digest.update(f"v{FORMAT_VERSION}|cholla {__version__}|{compute_dtype}|{kv_types}|block {block_size}|{layout}".encode())
     for side in (side for layer in layers for side in layer if isinstance(side, ScaledKV)):
+        digest.update(b"rotated" if side.rotated else b"plain")  # int8 of a power-of-two head_dim or not
         for statistic in (side.shift, side.spread):
             if statistic is not None:
                 digest.update(statistic.float().contiguous().numpy().tobytes())

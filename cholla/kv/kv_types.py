@@ -12,17 +12,20 @@ in a float type: ``paged_cache.check_kv_types``):
   small values of a head (below e4m3's smallest normal, 2^-6) with fewer than 3 mantissa bits;
   scaled, every value but zeros gets all 3 (the bytes of ``int8``);
 - ``int8``, ``q8_0`` and ``q4_0`` are a ``ScaledKV``: integer values plus an fp16 scale per
-  group of values along ``head_dim``: one group per (token, head) for ``int8``, 32 values for
+  group of values along ``head_dim``: one group per (token, head) for ``int8`` (of the
+  Hadamard-rotated head where ``head_dim`` is a power of two, below), 32 values for
   ``q8_0`` (llama.cpp's Q8_0 block: ``d = max|x| / 127``, ``q = round(x / d)`` half away from
   zero, ``d`` stored as fp16) and ``q4_0`` (llama.cpp's Q4_0: ``d = m / -8`` for the value
   ``m`` of largest magnitude, ``q = trunc(x / d + 8.5)`` clipped to 0..15, value ``(q - 8) d``,
   two per byte: values 0-15 of a block in the low nibbles, 16-31 in the high ones), kept as
   two planes (values, scales) instead of interleaved blocks;
-- ``int8_rot`` and ``q4_0_rot`` are ``int8`` and ``q4_0`` of each head rotated by a
-  normalized Hadamard matrix ``H`` (``H = H^T = H^-1``), and rotated back on reading. The
-  rotation spreads a few outlier channels over all of them, so each scale is set by typical
-  values, not the outliers: QuaRot's treatment of the KV cache (Ashkboos et al., "QuaRot:
-  Outlier-Free 4-Bit Inference in Rotated LLMs", NeurIPS 2024). Same sizes as unrotated.
+- ``int8`` and ``q4_0_rot`` store each head rotated by a normalized Hadamard matrix ``H``
+  (``H = H^T = H^-1``), rotated back on reading (``int8_rot`` is another name for ``int8``).
+  The rotation spreads a few outlier channels over all of them, so each scale is set by
+  typical values, not the outliers: QuaRot's treatment of the KV cache (Ashkboos et al.,
+  "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs", NeurIPS 2024). Same sizes as
+  unrotated; ``int8`` keeps a head whose ``head_dim`` is not a power of two unrotated (no
+  Hadamard matrix of that size), ``q4_0_rot`` refuses it.
 - ``q4_0_cal`` is ``q4_0_rot`` of each channel first shifted by its mean and divided by its
   spread, both measured once per layer, head and channel on a fixed calibration text when the
   cache is made (``kv/calibration.py``), and undone on reading. Keys carry a large per-channel
@@ -90,7 +93,8 @@ class KVCacheType:
     storage: torch.dtype  # element dtype of the values
     group: int | None = None  # values per fp16 scale along head_dim; 0 = the whole head; None = no scale
     bits: int = 8  # per value; 4: two to a byte (q4_0)
-    rotated: bool = False  # each head Hadamard-rotated before quantizing (int8_rot, q4_0_rot)
+    rotated: bool = False  # each head Hadamard-rotated before quantizing (int8, q4_0_rot)
+    rotation_optional: bool = False  # heads whose head_dim is not a power of two stored unrotated (int8)
     calibrated: bool = False  # channels shifted and scaled by calibrated statistics first (q4_0_cal)
     channel_keys: bool = False  # keys with statistics over each block's tokens (q4_kivi, fp8_e4m3_centered)
 
@@ -108,8 +112,12 @@ class KVCacheType:
             return per_block // block_size if per_block % block_size == 0 else per_block / block_size
         return head_dim * self.bits // 8 * self.storage.itemsize + self.groups(head_dim) * 2
 
+    def rotates(self, head_dim: int) -> bool:
+        """Whether heads of ``head_dim`` values are stored Hadamard-rotated."""
+        return self.rotated and not head_dim & (head_dim - 1)
+
     def check(self, head_dim: int) -> None:
-        if self.rotated and head_dim & (head_dim - 1):
+        if self.rotated and not self.rotation_optional and not self.rotates(head_dim):
             raise InvalidRequestError(f"KV cache type {self.name} needs a power-of-two head_dim, the model's is "
                                       f"{head_dim}; choose a type without _rot")
         if self.group and head_dim % self.group:
@@ -125,10 +133,9 @@ KV_CACHE_TYPES = {
         KVCacheType("f16", torch.float16),
         KVCacheType("fp8_e4m3", torch.float8_e4m3fn),
         KVCacheType("fp8_e5m2", torch.float8_e5m2),
-        KVCacheType("int8", torch.int8, group=0),
+        KVCacheType("int8", torch.int8, group=0, rotated=True, rotation_optional=True),
         KVCacheType("q8_0", torch.int8, group=32),
         KVCacheType("q4_0", torch.uint8, group=32, bits=4),
-        KVCacheType("int8_rot", torch.int8, group=0, rotated=True),
         KVCacheType("q4_0_rot", torch.uint8, group=32, bits=4, rotated=True),
         KVCacheType("q4_0_cal", torch.uint8, group=32, bits=4, rotated=True, calibrated=True),
         KVCacheType("q4_kivi", torch.uint8, group=0, bits=4, rotated=True, channel_keys=True),
@@ -136,7 +143,7 @@ KV_CACHE_TYPES = {
         KVCacheType("fp8_e4m3_centered", torch.float8_e4m3fn, group=0, channel_keys=True),
     )
 }
-ALIASES = {"fp8": "fp8_e4m3", "float32": "f32", "fp32": "f32", "bfloat16": "bf16", "float16": "f16", "fp16": "f16"}
+ALIASES = {"fp8": "fp8_e4m3", "int8_rot": "int8", "float32": "f32", "fp32": "f32", "bfloat16": "bf16", "float16": "f16", "fp16": "f16"}
 _BY_TORCH_DTYPE = {t.storage: t for t in KV_CACHE_TYPES.values() if t.group is None}
 KV_CACHE_TYPE_NAMES = ["auto", *KV_CACHE_TYPES, *ALIASES]
 
@@ -163,7 +170,7 @@ class ScaledKV(NamedTuple):
 
     values: torch.Tensor
     scales: torch.Tensor
-    rotated: bool = False  # heads stored Hadamard-rotated (int8_rot, q4_0_rot)
+    rotated: bool = False  # heads stored Hadamard-rotated (int8, q4_0_rot)
     # Calibrated types (q4_0_cal): fp32 [kv_heads, head_dim] per-channel mean and spread, stored
     # values are (x - shift) / spread; filled by kv/calibration.py before the first write.
     shift: torch.Tensor | None = None
@@ -266,7 +273,7 @@ def allocate(kv_type: KVCacheType, num_blocks: int, block_size: int, num_kv_head
     values = zeros((*shape[:3], head_dim * kv_type.bits // 8), kv_type.storage)
     scales = zeros((*shape[:3], kv_type.groups(head_dim)), torch.float16)
     if not kv_type.calibrated:
-        return ScaledKV(values, scales, kv_type.rotated)
+        return ScaledKV(values, scales, kv_type.rotates(head_dim))
     return ScaledKV(values, scales, True, torch.zeros(num_kv_heads, head_dim), torch.ones(num_kv_heads, head_dim))
 
 
