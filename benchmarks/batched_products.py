@@ -27,6 +27,19 @@ a shared machine, a product longer than a time slice (the heads) is preempted
 in every run, so its best wall time says more about the load than about the
 kernel. (One thread only: other threads' work is not counted.)
     OMP_NUM_THREADS=1 python benchmarks/batched_products.py --models smollm2 gemma3 --generate 32
+
+Past 64 rows (a prompt's products) the int8 column is ``qmatmul_int8`` and the
+dense bf16 column is what such steps took before (the weight dequantized to bf16,
+one oneDNN matmul); the speed-up is over the faster bf16 one. ``--models`` also
+takes GGUF paths, such as the hybrid benchmarks' (``benchmarks/hybrid_prefill.py``):
+
+    OMP_NUM_THREADS=1 python benchmarks/batched_products.py --cpu-time --rows 128 512 \
+        --models ~/.cache/cholla/bench-qwen35/qwen35-h1024-l8-v32000.Q4_0.gguf
+
+``--prefill N``: instead, one N-token prompt through each model's layers, in thread
+CPU time, with prompts' products on the batched int8 kernel and on bf16 taking turns:
+
+    OMP_NUM_THREADS=1 python benchmarks/batched_products.py --models smollm2 gemma3 --prefill 512
 """
 
 from __future__ import annotations
@@ -185,6 +198,35 @@ def generate_ab(names: list[str], sequences: int, length: int = 32, runs: int = 
             print(f"| {name} | {label} | {max(rates[int8]):.0f} | {runs_text} |", flush=True)
 
 
+def prefill_ab(names: list[str], tokens: int, runs: int = 4) -> None:
+    """One ``tokens``-token prompt through each model's layers (``prefill_once``: no logits), in this
+    thread's CPU time, with prompts' products on the batched int8 kernel and on bf16
+    (``linear.INT8_PROMPT_TYPES`` emptied), taking turns: best of ``runs`` each."""
+    from cholla import LLM
+    from cholla.engine.runner import prefill_once
+    from cholla.kv.paged_cache import PagedKVCache
+    from cholla.layers import linear
+
+    routed = linear.INT8_PROMPT_TYPES
+    print(f"| model | {tokens}-token prefill, prompts' products on | best CPU ms | runs |\n|---|---|---:|---|")
+    for name in names:
+        model = LLM(name, max_model_len=2 * tokens, kv_cache_memory=256 * 2**20).engine.loaded.model
+        ids = [1 + (7 * j) % 500 for j in range(tokens)]
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for turn in range(runs + 1):  # the first turn warms up
+            for int8 in (False, True) if turn % 2 else (True, False):
+                linear.INT8_PROMPT_TYPES = routed if int8 else frozenset()
+                cache = PagedKVCache(model.config, num_blocks=-(-tokens // 16), block_size=16)
+                start = time.thread_time()
+                prefill_once(model, ids, cache)
+                if turn:
+                    times[int8].append((time.thread_time() - start) * 1e3)
+        linear.INT8_PROMPT_TYPES = routed
+        for int8, label in ((False, "bf16 (dense oneDNN)"), (True, "batched int8")):
+            runs_text = " / ".join(f"{t:.0f}" for t in times[int8])
+            print(f"| {name} | {label} | {min(times[int8]):.1f} | {runs_text} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
@@ -197,12 +239,18 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4, help="--baseline: measurements per side")
     parser.add_argument("--generate", type=int, default=0, metavar="N",
                         help="N sequences through the engine, int8 batched decode on and off (see above)")
+    parser.add_argument("--prefill", type=int, default=0, metavar="N",
+                        help="an N-token prompt through each model, int8 prompt products on and off (see above)")
     args = parser.parse_args()
     kernels = cpu_kernels()
     if kernels is None:
         raise SystemExit("the C++ kernels do not run on this machine")
     if args.generate:
         return generate_ab(args.models, args.generate)
+    if args.prefill:
+        if torch.get_num_threads() != 1:
+            raise SystemExit("--prefill counts this thread's CPU time: run with OMP_NUM_THREADS=1")
+        return prefill_ab(args.models, args.prefill)
     if args.baseline:
         if args.cpu_time and torch.get_num_threads() != 1:
             raise SystemExit("--cpu-time counts this thread alone: run with OMP_NUM_THREADS=1")

@@ -271,7 +271,8 @@ def linear_group(layers: Sequence[Linear], x: torch.Tensor, keep_bf16: bool = Fa
     activation: no fp32 copy of a 2048-token chunk's gate and up). ``out``
     (fp32 [rows, sum out_i]): where a batched kernel runs, the product is written there.
     ``decode``: x's rows are a decode step's (one per sequence), which the
-    batched int8 product may serve (int8 activations, as in one-row steps).
+    batched int8 product serves for every ``INT8_TYPES`` weight (a prompt's
+    rows: ``INT8_PROMPT_TYPES``; see ``int8_batch_types``).
     """
     rows = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
     fused = _kernel_matmul(rows, layers, keep_bf16, out, decode)
