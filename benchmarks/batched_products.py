@@ -27,6 +27,19 @@ a shared machine, a product longer than a time slice (the heads) is preempted
 in every run, so its best wall time says more about the load than about the
 kernel. (One thread only: other threads' work is not counted.)
     OMP_NUM_THREADS=1 python benchmarks/batched_products.py --models smollm2 gemma3 --generate 32
+
+Past 64 rows (a prompt's products) the int8 column is ``qmatmul_int8`` and the
+dense bf16 column is what such steps took before (the weight dequantized to bf16,
+one oneDNN matmul); the speed-up is over the faster bf16 one. ``--models`` also
+takes GGUF paths, such as the hybrid benchmarks' (``benchmarks/hybrid_prefill.py``):
+
+    OMP_NUM_THREADS=1 python benchmarks/batched_products.py --cpu-time --rows 128 512 \
+        --models ~/.cache/cholla/bench-qwen35/qwen35-h1024-l8-v32000.Q4_0.gguf
+
+``--prefill N``: instead, one N-token prompt through each model's layers, in thread
+CPU time, with prompts' products on the batched int8 kernel and on bf16 taking turns:
+
+    OMP_NUM_THREADS=1 python benchmarks/batched_products.py --models smollm2 gemma3 --prefill 512
 """
 
 from __future__ import annotations
@@ -47,18 +60,32 @@ from cholla.formats.gguf import read_gguf
 from cholla.kernels import amx_tiles, cpu_kernels
 
 
+# A layer's product groups as the models make them (one call each), by GGUF tensor names;
+# the first layer that has every tensor of a group gives it.
+PRODUCTS = {
+    "qkv": ["attn_q", "attn_k", "attn_v"],
+    "o": ["attn_output"],
+    "deltanet in": ["attn_qkv", "attn_gate", "ssm_beta", "ssm_alpha"],  # Qwen 3.5's Gated DeltaNet
+    "ssm out": ["ssm_out"],  # Gated DeltaNet's and Mamba-2's output projection
+    "mamba in": ["ssm_in"],
+    "gate+up": ["ffn_gate", "ffn_up"],
+    "down": ["ffn_down"],
+}
+
+
 def groups(path) -> dict[str, list]:
-    """name -> the GGUF tensors one product call reads (layer 0's, and the head)."""
+    """name -> the GGUF tensors one product call reads (the first layer's that has them, and the head)."""
     tensors = read_gguf(path).tensors
-    head = tensors.get("output.weight", tensors["token_embd.weight"])
-    found = {
-        "qkv": [tensors[f"blk.0.attn_{n}.weight"] for n in "qkv"],
-        "o": [tensors["blk.0.attn_output.weight"]],
-        "gate+up": [tensors["blk.0.ffn_gate.weight"], tensors["blk.0.ffn_up.weight"]],
-        "down": [tensors["blk.0.ffn_down.weight"]],
-        "head": [head],
-    }
-    for layer in range(1, 64):  # a down projection of another type (Gemma 3 mixes Q4_K and Q6_K)
+    layers = sorted({int(n.split(".")[1]) for n in tensors if n.startswith("blk.")})
+    found = {}
+    for product, names in PRODUCTS.items():
+        for layer in layers:
+            group = [tensors.get(f"blk.{layer}.{n}.weight") for n in names]
+            if all(t is not None for t in group):
+                found[product] = group
+                break
+    found["head"] = [tensors.get("output.weight", tensors["token_embd.weight"])]
+    for layer in layers:  # a down projection of another type (Gemma 3 mixes Q4_K and Q6_K)
         down = tensors.get(f"blk.{layer}.ffn_down.weight")
         if down is not None and down.qtype != found["down"][0].qtype:
             found[f"down (layer {layer})"] = [down]
@@ -171,6 +198,35 @@ def generate_ab(names: list[str], sequences: int, length: int = 32, runs: int = 
             print(f"| {name} | {label} | {max(rates[int8]):.0f} | {runs_text} |", flush=True)
 
 
+def prefill_ab(names: list[str], tokens: int, runs: int = 4) -> None:
+    """One ``tokens``-token prompt through each model's layers (``prefill_once``: no logits), in this
+    thread's CPU time, with prompts' products on the batched int8 kernel and on bf16
+    (``linear.INT8_PROMPT_TYPES`` emptied), taking turns: best of ``runs`` each."""
+    from cholla import LLM
+    from cholla.engine.runner import prefill_once
+    from cholla.kv.paged_cache import PagedKVCache
+    from cholla.layers import linear
+
+    routed = linear.INT8_PROMPT_TYPES
+    print(f"| model | {tokens}-token prefill, prompts' products on | best CPU ms | runs |\n|---|---|---:|---|")
+    for name in names:
+        model = LLM(name, max_model_len=2 * tokens, kv_cache_memory=256 * 2**20).engine.loaded.model
+        ids = [1 + (7 * j) % 500 for j in range(tokens)]
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for turn in range(runs + 1):  # the first turn warms up
+            for int8 in (False, True) if turn % 2 else (True, False):
+                linear.INT8_PROMPT_TYPES = routed if int8 else frozenset()
+                cache = PagedKVCache(model.config, num_blocks=-(-tokens // 16), block_size=16)
+                start = time.thread_time()
+                prefill_once(model, ids, cache)
+                if turn:
+                    times[int8].append((time.thread_time() - start) * 1e3)
+        linear.INT8_PROMPT_TYPES = routed
+        for int8, label in ((False, "bf16 (dense oneDNN)"), (True, "batched int8")):
+            runs_text = " / ".join(f"{t:.0f}" for t in times[int8])
+            print(f"| {name} | {label} | {min(times[int8]):.1f} | {runs_text} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
@@ -183,12 +239,18 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4, help="--baseline: measurements per side")
     parser.add_argument("--generate", type=int, default=0, metavar="N",
                         help="N sequences through the engine, int8 batched decode on and off (see above)")
+    parser.add_argument("--prefill", type=int, default=0, metavar="N",
+                        help="an N-token prompt through each model, int8 prompt products on and off (see above)")
     args = parser.parse_args()
     kernels = cpu_kernels()
     if kernels is None:
         raise SystemExit("the C++ kernels do not run on this machine")
     if args.generate:
         return generate_ab(args.models, args.generate)
+    if args.prefill:
+        if torch.get_num_threads() != 1:
+            raise SystemExit("--prefill counts this thread's CPU time: run with OMP_NUM_THREADS=1")
+        return prefill_ab(args.models, args.prefill)
     if args.baseline:
         if args.cpu_time and torch.get_num_threads() != 1:
             raise SystemExit("--cpu-time counts this thread alone: run with OMP_NUM_THREADS=1")
@@ -198,26 +260,35 @@ def main() -> None:
     clock = time.thread_time if args.cpu_time else time.perf_counter
     print(f"threads {torch.get_num_threads()}, batched products on {'AMX tiles' if amx_tiles() else 'AVX512-BF16'}, "
           f"{'CPU' if args.cpu_time else 'wall'} time")
-    print("| model | product | types | rows | int8 ms | bf16 strips ms | int8 speed-up | fp32 GEMV ms |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| model | product | types | rows | int8 ms | bf16 strips ms | dense bf16 ms | int8 speed-up | fp32 GEMV ms |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
         for product, tensors in groups(resolve_model(name)).items():
             weights, types = [t.data for t in tensors], [int(t.qtype) for t in tensors]
             type_names = "+".join(sorted({t.qtype.name for t in tensors}))
             if not kernels.int8_kernel_types(types):
-                print(f"| {name} | {product} | {type_names} | - | no int8 kernel | | |")
+                print(f"| {name} | {product} | {type_names} | - | no int8 kernel | | | |")
                 continue
+            k = tensors[0].shape[1]
             for rows in args.rows:
-                x = torch.randn(rows, tensors[0].shape[1])
+                x = torch.randn(rows, k)
                 out = torch.zeros(rows, sum(t.shape[0] for t in tensors))  # kept, as the engine keeps its logits
-                calls = (kernels.qgemv_int8_out, kernels.qmatmul_out)
+                # Up to 64 rows the decode steps' entry (qgemv_int8), beyond it the prompts' (qmatmul_int8).
+                int8_call = kernels.qgemv_int8_out if rows <= 64 else kernels.qmatmul_int8_out
                 int8, bf16 = (best_ms(functools.partial(call, x, weights, types, out), args.seconds, clock)
-                              for call in calls)
+                              for call in (int8_call, kernels.qmatmul_out))
+                times = [bf16]
+                dense = "-"
+                if rows > 64:  # a prompt's product before int8: the weight dequantized to bf16, one oneDNN matmul
+                    xb = x.to(torch.bfloat16)
+                    dense_ms = best_ms(lambda: torch.nn.functional.linear(xb, kernels.dequantize_bf16(weights, types, k)),
+                                       args.seconds, clock)
+                    times.append(dense_ms)
+                    dense = f"{dense_ms:.3f}"
                 exact = (f"{best_ms(functools.partial(kernels.qgemv, x, weights, types), args.seconds, clock):.3f}"
                          if rows <= 8 else "-")
-                print(f"| {name} | {product} | {type_names} | {rows} | {int8:.3f} | {bf16:.3f} | {bf16 / int8:.2f}x "
-                      f"| {exact} |", flush=True)
-
+                print(f"| {name} | {product} | {type_names} | {rows} | {int8:.3f} | {bf16:.3f} | {dense} "
+                      f"| {min(times) / int8:.2f}x | {exact} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -69,3 +69,28 @@ def mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     pages = mmap.mmap(-1, max(nbytes, 1))  # the tensor keeps the map alive
     return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
+
+
+MADV_HUGEPAGE = 14
+HUGE_PAGE = 2 * 1024 * 1024
+
+
+def fresh_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty``, for a buffer a step writes whole. One over glibc's mmap threshold is a fresh
+    map each time, and its 4 KiB pages' faults cost ~40% of a 2048-row prompt product writing
+    58 MB (fp32 gate+up); asked for transparent huge pages (``madvise``, where the kernel's
+    setting is "madvise" or "always"), they cost ~5%."""
+    out = torch.empty(shape, dtype=dtype)
+    nbytes = out.numel() * dtype.itemsize
+    madvise = _madvise()
+    if nbytes > MMAP_THRESHOLD_MAX and madvise is not None:
+        start = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+        end = (out.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
+        if end > start:
+            madvise(start, end - start, MADV_HUGEPAGE)  # advice only: a refusal changes nothing
+    return out
+
+
+@functools.cache
+def _madvise():
+    return _glibc("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int)

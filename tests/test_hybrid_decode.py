@@ -143,7 +143,7 @@ def test_mamba2_decode_refuses_a_slot_given_twice():
             torch.randn(2, 32), torch.ones(32), 1e-5, torch.zeros(64 + 96 + 4, 32).view(torch.uint8), 0,
             torch.zeros(shape.conv_channels, 4), None, torch.zeros(4), torch.zeros(4), torch.zeros(4), None, 1, 1e-5,
             False, torch.zeros(32, 64).view(torch.uint8), 0, torch.zeros(3, *shape.state_shapes[0]),
-            torch.zeros(3, *shape.state_shapes[1]), torch.tensor([1, 1]), 0.0, float("inf"), False, 8, 0)
+            torch.zeros(3, *shape.state_shapes[1]), torch.tensor([1, 1]), 0.0, float("inf"), False, 8, 0, 0)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])

@@ -174,6 +174,29 @@ def test_batched_qgemv_int8_side_by_side_and_into_out():
     torch.testing.assert_close(out, got, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_prompt_qmatmul_int8_matches_its_int8_reference(qtype):
+    """A prompt's product (qmatmul_int8: any number of rows, here 150, a partial tenth tile) has
+    the int8 sums of the batched product, and each row's result is the one it gets in a step of
+    other rows (the decode steps' qgemv_int8), bit for bit."""
+    blocks, w = random_weight(qtype, 37, 512, seed=3)
+    x = torch.randn(150, 512, generator=torch.Generator().manual_seed(2))
+    x[:, 32:64] = 0.0
+    expected, scale = int8_reference(x, blocks, qtype, w)
+    got = kernels.qmatmul_int8(x, [blocks], [int(qtype)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=scale * 1e-6)
+    assert torch.equal(got[100:133], kernels.qgemv_int8(x[100:133].clone(), [blocks], [int(qtype)]))
+    out = torch.full_like(got, float("nan"))
+    kernels.qmatmul_int8_out(x, [blocks], [int(qtype)], out)
+    assert torch.equal(out, got)
+
+
+def test_prompt_qmatmul_int8_refuses_types_without_an_int8_kernel():
+    blocks, _ = random_weight(T.F16, 16, 64, seed=0)
+    with pytest.raises(RuntimeError, match="int8 kernel"):
+        kernels.qmatmul_int8(torch.randn(70, 64), [blocks], [int(T.F16)])
+
+
 @pytest.mark.parametrize("rows", [13, 32])
 def test_batched_qgemv_int8_streams_a_large_output(rows):
     """An output of 4 MiB or more (the head's logits) is written past the caches, in whole aligned lines where

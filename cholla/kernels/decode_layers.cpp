@@ -62,8 +62,9 @@ namespace cholla {
 //     the same count per layer (paged_attention.cpp's kv_side), empty for float caches.
 // positions, slot_mapping, block_tables, context_lens: as in the single ops.
 // Products of up to gemv_max_rows rows run on the GEMV (int8 with `integer`),
-// with `integer` those of up to int8_batch_max_rows rows whose weights all have
-// an int8 kernel too (int8_kernel_types), larger ones on the AMX tiles.
+// with `integer` those of up to int8_batch_max_rows rows whose weights are all of
+// int8_batch_types (a bit per GGML type id) on the batched int8 product, larger ones
+// on the AMX tiles (ops.h's Products).
 at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at::TensorList weights,
                          at::IntArrayRef types, at::TensorList norms, at::TensorList k_caches,
                          at::TensorList v_caches, at::TensorList cos, at::TensorList sin,
@@ -72,7 +73,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
                          const std::optional<at::Tensor>& query_starts, int64_t num_heads,
                          int64_t num_kv_heads, int64_t head_dim, double scale, double softcap, double eps,
                          bool interleaved, int64_t activation, bool post_norms, bool qk_norm, bool integer,
-                         int64_t gemv_max_rows, int64_t int8_batch_max_rows, at::TensorList k_quant,
+                         int64_t gemv_max_rows, int64_t int8_batch_max_rows, int64_t int8_batch_types,
+                         at::TensorList k_quant,
                          at::TensorList v_quant, bool k_rotated, bool v_rotated) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   const int64_t norms_per_layer = 2 + (post_norms ? 2 : 0) + (qk_norm ? 2 : 0);
@@ -177,7 +179,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
   };
   normalize(norms[0]);
 
-  const Products products{integer, gemv_max_rows, int8_batch_max_rows};
+  const Products products{integer, gemv_max_rows, int8_batch_max_rows, int8_batch_types};
   run_team([&](Member& member) {
     for (int64_t l = 0; l < layers; ++l) {
       const at::TensorList w = weights.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
@@ -231,7 +233,8 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
         "Tensor[] k_caches, Tensor[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope_of_layer, int[] windows, "
         "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor? query_starts, int num_heads, "
         "int num_kv_heads, int head_dim, float scale, float softcap, float eps, bool interleaved, int activation, "
-        "bool post_norms, bool qk_norm, bool integer, int gemv_max_rows, int int8_batch_max_rows, Tensor[] k_quant, "
+        "bool post_norms, bool qk_norm, bool integer, int gemv_max_rows, int int8_batch_max_rows, "
+        "int int8_batch_types, Tensor[] k_quant, "
         "Tensor[] v_quant, bool k_rotated=False, bool v_rotated=False) -> Tensor");
 }
 

@@ -214,7 +214,7 @@ at::Tensor mamba2_decode(const at::Tensor& x_in, const at::Tensor& norm, double 
                          const std::optional<at::Tensor>& gate_norm, int64_t groups, double gate_eps,
                          bool norm_before_gate, const at::Tensor& out_proj, int64_t out_type, at::Tensor conv_state,
                          at::Tensor ssm_state, const at::Tensor& slots, double dt_min, double dt_max, bool integer,
-                         int64_t gemv_max_rows, int64_t int8_batch_max_rows) {
+                         int64_t gemv_max_rows, int64_t int8_batch_max_rows, int64_t int8_batch_types) {
   const char* op = "mamba2_decode";
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, op, ": x must be fp32 [rows, hidden]");
   const at::Tensor x = x_in.contiguous();
@@ -244,7 +244,7 @@ at::Tensor mamba2_decode(const at::Tensor& x_in, const at::Tensor& norm, double 
   at::Tensor zxbcdt = at::empty({rows, projected}, options), xbc = at::empty({rows, conv_channels}, options);
   at::Tensor y = at::empty({rows, inner}, options), gated = at::empty({rows, inner}, options);
   at::Tensor o = at::empty({rows, hidden}, options), result = at::empty({rows, hidden}, options);
-  const Products products{integer, gemv_max_rows, int8_batch_max_rows};
+  const Products products{integer, gemv_max_rows, int8_batch_max_rows, int8_batch_types};
   const std::vector<at::Tensor> in_w{in_proj}, out_w{out_proj};
   const std::vector<int64_t> in_t{in_type}, out_t{out_type};
   const float *zs = zxbcdt.data_ptr<float>(), *cw = conv_weight.data_ptr<float>(),
@@ -307,7 +307,7 @@ at::Tensor deltanet_decode(const at::Tensor& x_in, const at::Tensor& norm, doubl
                            const at::Tensor& dt_bias, const at::Tensor& head_norm, double head_eps,
                            const at::Tensor& out_proj, int64_t out_type, at::Tensor conv_state, at::Tensor recurrent,
                            const at::Tensor& slots, int64_t k_heads, bool tiled, bool integer, int64_t gemv_max_rows,
-                           int64_t int8_batch_max_rows) {
+                           int64_t int8_batch_max_rows, int64_t int8_batch_types) {
   const char* op = "deltanet_decode";
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, op, ": x must be fp32 [rows, hidden]");
   const at::Tensor x = x_in.contiguous();
@@ -341,7 +341,7 @@ at::Tensor deltanet_decode(const at::Tensor& x_in, const at::Tensor& norm, doubl
   at::Tensor proj = at::empty({rows, projected}, options), conv = at::empty({rows, channels}, options);
   at::Tensor heads_out = at::empty({rows, value_dim}, options), gated = at::empty({rows, value_dim}, options);
   at::Tensor o = at::empty({rows, hidden}, options), result = at::empty({rows, hidden}, options);
-  const Products products{integer, gemv_max_rows, int8_batch_max_rows};
+  const Products products{integer, gemv_max_rows, int8_batch_max_rows, int8_batch_types};
   const std::vector<at::Tensor> out_w{out_proj};
   const std::vector<int64_t> out_t{out_type};
   const float* ps = proj.data_ptr<float>();
@@ -392,7 +392,7 @@ at::Tensor moe_decode(const at::Tensor& h_in, const at::Tensor& router, int64_t 
                       const std::optional<at::Tensor>& correction_bias, const std::optional<at::Tensor>& gate_exps,
                       const at::Tensor& up_exps, const at::Tensor& down_exps, at::IntArrayRef expert_types,
                       int64_t activation, at::TensorList shared, at::IntArrayRef shared_types, bool integer,
-                      int64_t gemv_max_rows, int64_t int8_batch_max_rows) {
+                      int64_t gemv_max_rows, int64_t int8_batch_max_rows, int64_t int8_batch_types) {
   const char* op = "moe_decode";
   TORCH_CHECK(h_in.dim() == 2 && h_in.scalar_type() == at::kFloat, op, ": h must be fp32 [rows, hidden]");
   const at::Tensor h = h_in.contiguous();
@@ -420,7 +420,7 @@ at::Tensor moe_decode(const at::Tensor& h_in, const at::Tensor& router, int64_t 
   if (rows == 0) return at::zeros({0, hidden}, h.options());
 
   const auto options = h.options().memory_format(at::MemoryFormat::Contiguous);
-  const Products products{integer, gemv_max_rows, int8_batch_max_rows};
+  const Products products{integer, gemv_max_rows, int8_batch_max_rows, int8_batch_types};
   const Routing routing{router_kind, top_k, num_groups, groups_used, normalize, static_cast<float>(scale),
                         correction_bias ? correction_bias->data_ptr<float>() : nullptr};
   const int64_t pairs = rows * top_k, width = gated ? 2 * inner : inner;
@@ -544,15 +544,15 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
   m.def("mamba2_decode(Tensor x, Tensor norm, float norm_eps, Tensor in_proj, int in_type, Tensor conv_weight, "
         "Tensor? conv_bias, Tensor dt_bias, Tensor A_log, Tensor D, Tensor? gate_norm, int groups, float gate_eps, "
         "bool norm_before_gate, Tensor out_proj, int out_type, Tensor(a!) conv_state, Tensor(b!) ssm_state, "
-        "Tensor slots, float dt_min, float dt_max, bool integer, int gemv_max_rows, int int8_batch_max_rows) -> Tensor");
+        "Tensor slots, float dt_min, float dt_max, bool integer, int gemv_max_rows, int int8_batch_max_rows, int int8_batch_types) -> Tensor");
   m.def("deltanet_decode(Tensor x, Tensor norm, float norm_eps, Tensor[] in_proj, int[] in_types, Tensor conv_weight, "
         "Tensor A, Tensor dt_bias, Tensor head_norm, float head_eps, Tensor out_proj, int out_type, "
         "Tensor(a!) conv_state, Tensor(b!) recurrent, Tensor slots, int k_heads, bool tiled, bool integer, "
-        "int gemv_max_rows, int int8_batch_max_rows) -> Tensor");
+        "int gemv_max_rows, int int8_batch_max_rows, int int8_batch_types) -> Tensor");
   m.def("moe_decode(Tensor h, Tensor router, int router_type, int router_kind, int top_k, bool normalize, "
         "int num_groups, int groups_used, float scale, Tensor? correction_bias, Tensor? gate_exps, Tensor up_exps, "
         "Tensor down_exps, int[] expert_types, int activation, Tensor[] shared, int[] shared_types, bool integer, "
-        "int gemv_max_rows, int int8_batch_max_rows) -> Tensor");
+        "int gemv_max_rows, int int8_batch_max_rows, int int8_batch_types) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) {

@@ -46,10 +46,18 @@ void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef t
 
 // Which kernel multiplies `rows` rows: the rule of cholla/layers/linear.py's _kernel_matmul for
 // steps our kernels serve (the Python side declines the others: fp32 steps over gemv_max_rows).
+// int8_batch_types: the GGML type ids (bit t for type t) whose products take the batched int8
+// product (linear.py's int8_batch_types: a decode step's or a prompt's).
 // A product is a stage of its own (its jobs are the stage's); the caller ends it.
 struct Products {
   bool integer;
-  int64_t gemv_max_rows, int8_batch_max_rows;
+  int64_t gemv_max_rows, int8_batch_max_rows, int8_batch_types;
+
+  bool batched_int8(at::IntArrayRef t) const {
+    for (int64_t type : t)
+      if (type < 0 || type >= 63 || !((int8_batch_types >> type) & 1)) return false;
+    return int8_kernel_types(t);
+  }
 
   void run(const at::Tensor& x, at::TensorList w, at::IntArrayRef t, at::Tensor& out, Member& member) const {
     if (member.behind()) return;  // the stage closed while this member was away
@@ -59,7 +67,7 @@ struct Products {
       }
       return;
     }
-    if (rows <= gemv_max_rows || (integer && rows <= int8_batch_max_rows && int8_kernel_types(t)))
+    if (rows <= gemv_max_rows || (integer && rows <= int8_batch_max_rows && batched_int8(t)))
       gemv_part(x, w, t, integer, out, member);
     else
       qmatmul_part(x, w, t, out, member);

@@ -11,12 +11,14 @@ ever holds a dequantized copy of its weight. Where our kernels
   few sequences decoding) use ``qgemv_int8``: x is rounded to int8 per block
   of 32 and meets the weights' integers in VNNI dot products, as in llama.cpp
   (``INT8_TYPES``: Q4_0 to Q8_0 and Q4_K to Q6_K; other types take the exact path);
-  decode steps (``decode``, or within ``decode_step()``, which the engine
-  enters for each step without prompt rows) of up to
-  ``INT8_BATCH_MAX_ROWS`` rows whose weights are all ``INT8_TYPES`` take the
+  larger steps whose weights are all of ``int8_batch_types``, that is
+  ``INT8_TYPES`` in decode steps (``decode``, or within ``decode_step()``,
+  which the engine enters for each step without prompt rows) and
+  ``INT8_PROMPT_TYPES`` (Q4_0, Q8_0) in steps with a prompt's rows, take the
   same kernel's batched product (x's rows in the VNNI lanes, the weights read
-  once as their own integers), except on CPUs with AMX tiles, where it was
-  never measured against them; a prompt's rows keep bf16 activations;
+  once as their own integers; ``qgemv_int8`` up to ``INT8_BATCH_MAX_ROWS``
+  rows, ``qmatmul_int8`` beyond: the same sums), except on CPUs with AMX
+  tiles, where it was never measured against them;
   other steps of up to ``AMX_MAX_ROWS`` rows use
   ``qmatmul`` (AMX tiles: weights and activations rounded to bf16, fp32
   sums; AVX512-BF16 without AMX), and larger steps (prefill) dequantize the
@@ -24,7 +26,8 @@ ever holds a dequantized copy of its weight. Where our kernels
 
 So in bfloat16 a sequence's logits move slightly with the number of sequences
 sharing its step (as in vLLM and llama.cpp); float32 stays batch-invariant up
-to fp32 summation order.
+to fp32 summation order. Within the batched int8 product each row's result
+depends on that row alone (a prompt's rows as much as a decode step's).
 
 Elsewhere, and for the float32 path's larger steps, the weight is dequantized
 to the activations' dtype a slab of rows at a time (the reference path).
@@ -44,7 +47,7 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from cholla.formats.gguf import GGUFTensor
-from cholla.heap import mapped_zeros
+from cholla.heap import fresh_empty, mapped_zeros
 from cholla.kernels import amx_tiles, cpu_kernels
 from cholla.quant import dequantize
 
@@ -67,6 +70,13 @@ INT8_BATCH_MAX_ROWS = 64
 INT8_TYPES = frozenset(
     GGMLQuantizationType[name] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 )
+# Prompt-sized products (128-512 rows) of these types take the same batched int8 product
+# (``qmatmul_int8``: no row limit), as llama.cpp multiplies prompts: on Zen 5 it beat the bf16
+# weights' oneDNN matmul 1.2-1.6x for Q4_0 and Q8_0 (benchmarks/batched_products.py,
+# docs/benchmarks.md). Other types gained less (Q4_1, Q5_0 1.05-1.3x, Q4_K 0.99-1.2x, Q6_K 0.74x),
+# too little for int8 activations' 3-5x larger distance of prompt logits from fp32 (SmolLM2
+# 0.2 -> 1.07): their prompts keep bf16 activations.
+INT8_PROMPT_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q8_0"))
 
 # Embedding rows our kernel looks up (its values bit-exact with gguf's dequantizer).
 EMBEDDING_KERNEL_TYPES = frozenset(GGMLQuantizationType[name] for name in ("Q4_0", "Q8_0"))
@@ -125,17 +135,33 @@ def int8_batch_max_rows() -> int:
     return 0 if amx_tiles() else INT8_BATCH_MAX_ROWS
 
 
-def kernel_products(linear: Linear, rows: int, decode: bool = False) -> tuple[bool, int, int] | None:
+def int8_batch_types(decode: bool) -> frozenset:
+    """The types whose products of more than ``INT8_MAX_ROWS`` rows take the batched int8 kernel
+    in bfloat16 (a product's weights must all be of them): a decode step's (``decode``) or a
+    prompt's; none with AMX tiles, where it was never measured against them."""
+    if int8_batch_max_rows() == 0:
+        return frozenset()
+    return INT8_TYPES if decode else INT8_PROMPT_TYPES
+
+
+def kernel_products(linear: Linear, rows: int, decode: bool = False) -> tuple[bool, int, int, int] | None:
     """How a fused C++ layer multiplies ``rows`` rows so that it takes the product ``linear_group``
-    would (``integer``, ``gemv_max_rows``, ``int8_batch_max_rows``, as ``decode_layers.cpp`` and
-    ``hybrid_decode.cpp`` take them), or None where that product is not one of our kernels'
-    (float32 steps over ``GEMV_MAX_ROWS`` rows, steps over ``AMX_MAX_ROWS``). ``linear``: one of the
-    layer's products, whose ``compute_dtype`` they all share; ``decode``: as in ``linear_group``."""
+    would (``integer``, ``gemv_max_rows``, ``int8_batch_max_rows``, ``int8_batch_types`` as a bit
+    mask of GGML type ids, as ``decode_layers.cpp`` and ``hybrid_decode.cpp`` take them), or None
+    where that product is not one of our kernels' (float32 steps over ``GEMV_MAX_ROWS`` rows, steps
+    over ``AMX_MAX_ROWS``). ``linear``: one of the layer's products, whose ``compute_dtype`` they all
+    share; ``decode``: as in ``linear_group``."""
     integer = linear.compute_dtype == torch.bfloat16
     if rows > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS):
         return None
-    batched = int8_batch_max_rows() if integer and (decode or _decode_step) else 0
-    return integer, INT8_MAX_ROWS if integer else GEMV_MAX_ROWS, batched
+    types = int8_batch_types(decode or _decode_step) if integer else frozenset()
+    batched = int8_batch_max_rows() if types else 0
+    return integer, INT8_MAX_ROWS if integer else GEMV_MAX_ROWS, batched, type_mask(types)
+
+
+def type_mask(types: frozenset) -> int:
+    """GGML type ids as the bits of one int (the kernels' argument)."""
+    return sum(1 << int(t) for t in types)
 
 
 def kernel_view(weight: Weight) -> tuple[torch.Tensor, int] | None:
@@ -209,22 +235,25 @@ def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear], keep_bf16: bool,
     """x: [rows, in] times every layer's weight, side by side; None where no kernel serves.
     fp32 out, or with ``keep_bf16`` the dense path's bf16 product as it came. The
     batched kernels (int8 or AMX) write into ``out`` where one is given."""
-    weights, types, integer = [], [], True
+    weights, types = [], []
     for layer in layers:  # a plain loop: this runs ~120 times per decoded token
         if layer.kernel_weight is None:
             return None
         weights.append(layer.kernel_weight[0])
         types.append(layer.kernel_weight[1])
-        integer = integer and layer.kernel_weight[1] in INT8_TYPES
     kernels, rows = cpu_kernels(), x.shape[0]
     if layers[0].compute_dtype != torch.bfloat16:
         return kernels.qgemv(x.float(), weights, types) if rows <= GEMV_MAX_ROWS else None
     if rows <= INT8_MAX_ROWS:
         return kernels.qgemv_int8(x.float(), weights, types)
-    if (decode or _decode_step) and integer and rows <= int8_batch_max_rows():
+    batch_types = int8_batch_types(decode or _decode_step)
+    if all(t in batch_types for t in types):  # a group of mixed types takes the bf16 product (as Products)
+        # Up to INT8_BATCH_MAX_ROWS rows the decode steps' entry (the one Products runs),
+        # beyond it the prompts' (the same product, any number of rows).
+        product = kernels.qgemv_int8_out if rows <= INT8_BATCH_MAX_ROWS else kernels.qmatmul_int8_out
         if out is None:
-            return kernels.qgemv_int8(x.float(), weights, types)
-        kernels.qgemv_int8_out(x.float(), weights, types, out)
+            out = fresh_empty((rows, sum(layer.out_features for layer in layers)), torch.float32)
+        product(x.float(), weights, types, out)
         return out
     if rows <= AMX_MAX_ROWS:
         if out is None:
@@ -244,7 +273,8 @@ def linear_group(layers: Sequence[Linear], x: torch.Tensor, keep_bf16: bool = Fa
     activation: no fp32 copy of a 2048-token chunk's gate and up). ``out``
     (fp32 [rows, sum out_i]): where a batched kernel runs, the product is written there.
     ``decode``: x's rows are a decode step's (one per sequence), which the
-    batched int8 product may serve (int8 activations, as in one-row steps).
+    batched int8 product serves for every ``INT8_TYPES`` weight (a prompt's
+    rows: ``INT8_PROMPT_TYPES``; see ``int8_batch_types``).
     """
     rows = x if x.dim() == 2 else x.reshape(-1, layers[0].in_features)
     fused = _kernel_matmul(rows, layers, keep_bf16, out, decode)

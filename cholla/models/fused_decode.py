@@ -27,6 +27,8 @@ from cholla.layers.linear import (
     INT8_MAX_ROWS,
     Linear,
     int8_batch_max_rows,
+    int8_batch_types,
+    type_mask,
 )
 from cholla.layers.mlp import ACTIVATION_IDS, GatedMLP
 from cholla.layers.rotary import RotaryEmbedding
@@ -146,6 +148,7 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
         # as linear_group in decode_step(): spans are verification rows (the runner sets them only
         # where every sequence with more than one row is speculating), never prompt rows
         int8_batch_max_rows() if integer else 0,
+        type_mask(int8_batch_types(True)) if integer else 0,
         k_quant, v_quant, k_rotated, v_rotated,
     )
 
