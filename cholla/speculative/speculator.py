@@ -19,7 +19,8 @@ row costs what a decoding row costs, and how much that is depends on the rows
 already there: ``STEP_COST`` is a step's measured cost by rows. Each step
 ``allot`` keeps the drafts that maximise expected tokens per unit of cost: a
 sequence's j-th draft is accepted with probability ``acceptance ** j`` (its
-decayed acceptance rate, ``SpeculationState.acceptance``). With the table
+decayed acceptance rate, ``SpeculationState.acceptance``, or for a lookup what its match
+length promises where that is more: a copy's first steps, before its record can say so). With the table
 measured here, a single stream verifies one draft a step while its acceptance is
 middling (a second row costs 0.14 of the first, a third 0.6) and up to 12 once it
 copies well (7-13 rows, one tile of the batched int8 product, cost about what 6 do),
