@@ -36,7 +36,11 @@ every step whatever they cost (rows free, drafting free in the policy, not in ti
 acceptance and speed are what layer skipping itself achieves.
 
 Workloads: ``copy`` (repeat a given paragraph), ``code`` (rewrite given code
-with a small change), both copy-heavy; ``open`` (a story: nothing to copy).
+with a small change), both copy-heavy; ``open`` (a story: nothing to copy). Every request
+decodes ``-n`` tokens, past the model's end of answer (``--ignore-eos`` for llama.cpp's tools);
+``--stop-at-eos`` ends each where the model ends its answer (at most ``-n``), in cholla and in
+llama.cpp's tools alike: SmolLM2's copy answer is 56 tokens, and what it writes after it is
+text of its own, not a copy.
 ``--methods draft`` drafts with ``--draft-model`` (default: the model itself,
 which accepts every draft: it measures the machinery's cost, not a gain).
 
@@ -152,7 +156,7 @@ def step_cost(loaded, dtype: str, steps: int = 12) -> None:
               flush=True)
 
 
-def profile_steps(loaded, workload: str, k: int, max_tokens: int) -> None:
+def profile_steps(loaded, workload: str, k: int, max_tokens: int, ignore_eos: bool = True) -> None:
     """Where a greedy single stream's decode step spends its time, plain and with n-gram
     speculation (no shared cache): per step, the process's CPU time in the scheduler, the
     runner's input packing, the decoder layers (the fused C++ step), the output head, the
@@ -180,8 +184,9 @@ def profile_steps(loaded, workload: str, k: int, max_tokens: int) -> None:
     timed(fused_decode, "fused_layers", "layers (fused step)")
     timed(loaded.model, "compute_logits", "output head")
     timed(runner_module, "sample", "sampler")
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    print(f"\n{loaded.dtype}, {workload}, {max_tokens} tokens, K={k}: CPU ms per decode step\n")
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    print(f"\n{loaded.dtype}, {workload}, {max_tokens} tokens{'' if ignore_eos else ' at most'}, K={k}: "
+          "CPU ms per decode step\n")
     print("| run | steps | tokens/step | rows per step | step | scheduler | input packing | layers (fused step) | "
           "output head | sampler | postprocess | other |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -202,17 +207,18 @@ def profile_steps(loaded, workload: str, k: int, max_tokens: int) -> None:
         engine.step()  # the prompt
         spent.clear()
         rows.clear()
-        steps, total = 0, 0.0
+        steps, total, generated = 0, 0.0, 0
         while engine.has_unfinished_requests():
             start = time.process_time()
-            engine.step()
+            outputs = engine.step()
             total += time.process_time() - start
             steps += 1
+            generated = len(outputs[0].outputs[0].token_ids) if outputs else generated
         keys = ["scheduler", "input packing", "layers (fused step)", "output head", "sampler", "postprocess"]
         cells = [f"{1e3 * spent.get(key, 0.0) / steps:.2f}" for key in keys]
         other = total - sum(spent.get(key, 0.0) for key in keys)
         shape = ", ".join(f"{n}: {c}" for n, c in sorted(rows.items()))
-        print(f"| {label} | {steps} | {(max_tokens - 1) / steps:.2f} | {shape} | {1e3 * total / steps:.2f} | "
+        print(f"| {label} | {steps} | {(generated - 1) / steps:.2f} | {shape} | {1e3 * total / steps:.2f} | "
               + " | ".join(cells) + f" | {1e3 * other / steps:.2f} |", flush=True)
     for owner, attribute, function in reversed(wrapped):
         setattr(owner, attribute, function)
@@ -229,13 +235,13 @@ def llama_prompt_text(tokenizer, template: ChatTemplate, content: str) -> str:
 
 
 def run_llama_tool(binary: Path, model: Path, draft: Path, prompt: str, n: int, k: int, threads: int,
-                   repetitions: int) -> tuple[list[float], float | None, float | None, int]:
+                   repetitions: int, ignore_eos: bool = True) -> tuple[list[float], float | None, float | None, int]:
     """One llama.cpp speculative tool ``repetitions`` times: (decode t/s per run, acceptance,
     mean accepted length (tokens per target pass), prompt tokens it counted)."""
     speeds, acceptance, length, n_input = [], None, None, 0
     # -p, not -f: a prompt file loses its final newline (common/arg.cpp), the chat template's last character.
     command = [str(binary), "-m", str(model), "-p", prompt, "-n", str(n), "-t", str(threads), "-tb", str(threads),
-               "--temp", "0", "--spec-draft-n-max", str(k), "-c", "2048", "--ignore-eos"]
+               "--temp", "0", "--spec-draft-n-max", str(k), "-c", "2048"] + (["--ignore-eos"] if ignore_eos else [])
     if binary.name == "llama-speculative":
         command += ["-md", str(draft), "-td", str(threads), "-tbd", str(threads)]
     for _ in range(repetitions):
@@ -269,6 +275,8 @@ def main() -> None:
     parser.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     parser.add_argument("-n", "--max-tokens", type=int, default=128)
     parser.add_argument("-r", "--repetitions", type=int, default=3)
+    parser.add_argument("--stop-at-eos", action="store_true",
+                        help="end each request at the model's end of answer (at most -n tokens), not -n tokens past it")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--temperatures", nargs="+", type=float, default=[0.0],
                         help="sampled rows (> 0) use top_p=0.95 and seed 0")
@@ -284,7 +292,7 @@ def main() -> None:
         for name in args.models:
             loaded = load_model(resolve_model(name), args.dtype)
             for workload in args.workloads:
-                profile_steps(loaded, workload, args.num_speculative_tokens, args.max_tokens)
+                profile_steps(loaded, workload, args.num_speculative_tokens, args.max_tokens, not args.stop_at_eos)
         return
     if args.step_cost:
         for name in args.models:
@@ -293,6 +301,7 @@ def main() -> None:
     llama_bin = None if args.no_llama_cpp else args.llama_cpp
 
     rows = []
+    answers: dict[tuple[str, str], int] = {}  # (model, workload) -> tokens in the (first) request's answer
     llama_rows: dict[tuple[str, str], list] = {}  # (model, workload) -> [(tool, t/s per run, acceptance, length)]
     for name in args.models:
         loaded = load_model(resolve_model(name), args.dtype)
@@ -315,7 +324,7 @@ def main() -> None:
                     prompt_ids = encode_chat(tokenizer, template, [{"role": "user", "content": WORKLOADS[workload]}])
                     speeds, acceptance, length, n_input = run_llama_tool(
                         binary, Path(loaded.path), Path(draft_path), llama_prompt_text(tokenizer, template, WORKLOADS[workload]),
-                        args.max_tokens, args.num_speculative_tokens, threads, args.repetitions)
+                        args.max_tokens, args.num_speculative_tokens, threads, args.repetitions, not args.stop_at_eos)
                     if n_input != len(prompt_ids):
                         print(f"[speculative] {tool} {workload}: {n_input} prompt tokens, cholla {len(prompt_ids)}", flush=True)
                     llama_rows[(name, workload)] = llama_rows.get((name, workload), []) + [(tool, speeds, acceptance, length)]
@@ -326,7 +335,7 @@ def main() -> None:
             cache_size = DEFAULT_NGRAM_CACHE_SIZE if label == "ngram+cache" else 0
             for temperature in args.temperatures:
                 params = SamplingParams(temperature=temperature, top_p=0.95 if temperature else 1.0, seed=0,
-                                        max_tokens=args.max_tokens, ignore_eos=True)
+                                        max_tokens=args.max_tokens, ignore_eos=not args.stop_at_eos)
                 for batch in args.batch:
                     for workload in args.workloads:
                         # A fresh engine per row: the shared cache holds only this row's first (warm-up) answer.
@@ -355,6 +364,7 @@ def main() -> None:
                         drafts = after.spec_draft_tokens - before.spec_draft_tokens
                         accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
                         steps = after.spec_verifications - before.spec_verifications
+                        answers[(name, workload)] = len(outputs["plain"])
                         rows.append((name, label, temperature, batch, workload, speeds["plain"], speeds["spec"],
                                      statistics.mean(cpu["spec"]) / statistics.mean(cpu["plain"]),
                                      accepted / drafts if drafts else None, 1 + accepted / steps if steps else None,
@@ -365,7 +375,8 @@ def main() -> None:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):7.1f} ± {sd:5.1f}"
 
-    print(f"\n{args.max_tokens} tokens, K={args.num_speculative_tokens}, dtype={args.dtype}, "
+    print(f"\n{args.max_tokens} tokens{' at most (to the end of answer)' if args.stop_at_eos else ''}, "
+          f"K={args.num_speculative_tokens}, dtype={args.dtype}, "
           f"{args.repetitions} runs, t > 0: top_p 0.95 and seed 0, "
           f"draft model: {args.draft_model or 'the model itself'}\n")
     print("| model | method | temperature | batch | workload | plain t/s | speculative t/s | speed-up | "
@@ -386,6 +397,9 @@ def main() -> None:
             acceptance, length = ("-", "-") if length is None else (f"{acceptance:.0%}", f"{length:.2f}")
             print(f"| {name} | {tool} (llama.cpp) | 0 | 1 | {workload} | {fmt(plain_speeds) if plain_speeds else '-'} | "
                   f"{fmt(speeds)} | {speedup} | {acceptance} | {length} | - |")
+    if args.stop_at_eos:
+        print("\nTokens in each answer (the first request's, greedy's last row): "
+              + ", ".join(f"{name} {workload} {count}" for (name, workload), count in answers.items()))
 
 
 if __name__ == "__main__":

@@ -38,16 +38,35 @@ def _propose_reference(tokens: list[int], k: int, max_n: int = 3, min_n: int = 1
     return []
 
 
+def _match_reference(tokens: list[int], k: int, max_n: int) -> tuple[list[int], int]:
+    """Every earlier end, how far back it agrees with the sequence (up to max_n); the longest, then the latest."""
+    best, at = 0, None
+    for end in range(1, len(tokens)):
+        agree = 0
+        while agree < min(max_n, end) and tokens[end - 1 - agree] == tokens[len(tokens) - 1 - agree]:
+            agree += 1
+        if agree and agree >= best:
+            best, at = agree, end
+    return ([], 0) if at is None else (tokens[at : at + k], best)
+
+
 def test_ngram_matches_a_plain_search():
     rng = random.Random(0)
     for _ in range(500):
-        tokens = [rng.randrange(6) for _ in range(rng.randrange(1, 40))]
+        tokens = [rng.randrange(rng.choice([2, 6])) for _ in range(rng.randrange(1, 50))]
         k = rng.randrange(1, 6)
-        assert ngram.propose(tokens, k) == _propose_reference(tokens, k), tokens
+        assert ngram.propose(tokens, k, max_n=3) == _propose_reference(tokens, k), tokens
+        for max_n in (1, 5, ngram.MAX_MATCH):
+            assert ngram.match(tokens, k, max_n) == _match_reference(tokens, k, max_n), (tokens, max_n)
     # The longest suffix wins over a later shorter match, and the latest occurrence of it.
     assert ngram.propose([1, 2, 3, 9, 7, 5, 2, 3, 8, 1, 2, 3], 2) == [9, 7]
     assert ngram.propose([5, 1, 2, 7, 1, 2, 8, 1, 2], 3) == [8, 1, 2]
     assert ngram.propose([1, 2, 3, 4], 3) == []
+    # Past three tokens: the passage being copied, not the latest place its last words recur.
+    copied = [4, 5, 6, 1, 2, 3, 7, 8]
+    tokens = [*copied, 9, 5, 1, 2, 3, 0, 6, *copied[:6]]
+    assert ngram.propose(tokens, 2, max_n=3) == [0, 6] and ngram.match(tokens, 2) == ([7, 8], 6)
+    assert ngram.match([*copied * 2, 9] * 2 + copied[:1], 3, max_n=4) == ([5, 6, 1], 4)  # counted up to max_n
 
 
 def test_ngram_cache_keeps_the_latest_continuation_and_forgets_the_oldest():
@@ -137,6 +156,29 @@ def test_back_off_after_repeated_misses():
         assert speculator.propose(tokens, params, 100, SpeculationState(), 8) == [3, 1, 2]
     assert speculator.propose(tokens, SamplingParams(temperature=0.7, speculative_decoding=False), 100,
                               SpeculationState(), 8) == []
+
+
+def test_a_long_match_drafts_fully_before_the_record_says_so():
+    """The first steps of a copy: the record is still its prior (one draft pays), but a lookup whose
+    suffix agrees with its source 8 tokens back is asked for, and keeps, all 12; a short match on a
+    failing record keeps what the record alone would (allot against its brute-force test above)."""
+    from cholla.speculative.speculator import allot, match_acceptance
+
+    # bf16's measured shape (the session's conftest flattens STEP_COST itself for the engine tests)
+    table, greedy = ((1, 1.0), (2, 1.14), (3, 1.77), (6, 2.83), (13, 3.04), (64, 9.26)), SamplingParams(temperature=0)
+    assert [match_acceptance(n) for n in (0, 1, 3)] == [0.0, 0.5, 0.75]
+    source = list(range(100, 140))
+    tokens = [1, 2, *source, 3, *source[:8]]
+    speculator, state = NgramSpeculator(12), SpeculationState()
+    assert allot([[7] * 12], [state], 1, table) == [[7]]  # the record alone
+    drafts = speculator.propose(tokens, greedy, 8, state, 12)
+    assert drafts == source[8:20] and state.match_length == 8 and state.acceptance == match_acceptance(8)
+    assert allot([drafts], [state], 1, table) == [drafts]
+    failing = SpeculationState(tried=10, accepted=2)
+    assert speculator.propose([*tokens, 5, 120], greedy, 10, failing, 12) == source[21:33]  # 120 recurs: a 1-match
+    assert failing.match_length == 1 and allot([source[21:33]], [failing], 1, table) == [source[21:22]]
+    paused = SpeculationState(resume_at=4, match_length=9)
+    assert speculator.propose(tokens, greedy, 0, paused, 12) == [] and paused.match_length == 0  # nor its last match
 
 
 # -- the engine, on both real models ----------------------------------------------------------

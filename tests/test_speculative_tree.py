@@ -21,6 +21,7 @@ from cholla.speculative.ngram_cache import NgramCache
 from cholla.speculative.speculator import NgramTreeSpeculator, SpeculationState
 from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
 from tests.conftest import engine_on
+from tests.test_speculative import _match_reference
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
         "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow.")
@@ -116,7 +117,8 @@ def test_continuations_and_cache_alternatives():
     for _ in range(300):
         seq = [rng.randrange(4) for _ in range(rng.randrange(2, 30))]
         count = rng.randrange(1, 8)
-        want: list[list[int]] = []  # longest suffix first, latest occurrence first, distinct
+        first = _match_reference(seq, 3, ngram.MAX_MATCH)[0]  # the longest match, then n-grams by length
+        want: list[list[int]] = [first] if first else []  # and latest occurrence first, distinct
         for n in range(3, 0, -1):
             for end in range(len(seq) - 1, n - 1, -1):
                 if seq[end - n : end] == seq[len(seq) - n :] and seq[end : end + 3] not in want:

@@ -211,7 +211,10 @@ class Scheduler:
         # Drafting's own cost counts here, where it is still to be paid; once drafted, only the rows do.
         at_best = allot([[0] * limit for limit in limits], [r.speculation for r in decoding], len(decoding), table,
                         self.speculator.draft_cost)
-        asked = [(r, len(d)) for r, d in zip(decoding, at_best) if d]
+        # A lookup is asked for its full limit: its match may promise more than the sequence's record
+        # (allot, after it); a model that drafts is asked for what its record pays for.
+        full = self.speculator.asks_full_limit
+        asked = [(r, limit if full else len(d)) for r, limit, d in zip(decoding, limits, at_best) if d]
         if not asked:
             return {}
         drafts = self.speculator.propose_batch([r for r, _ in asked], [limit for _, limit in asked])

@@ -104,6 +104,7 @@ class DraftModelSpeculator:
 
     record = staticmethod(NgramSpeculator.record)  # the same per-sequence back-off as prompt lookup
     draft_cost = 0.0  # not charged: which draft model pays is the user's choice (docs/benchmarks.md)
+    asks_full_limit = False  # each drafted token is a run of the draft model
 
     def __init__(self, loaded: LoadedModel, k: int, num_blocks: int, block_size: int,
                  k_type: KVCacheType, v_type: KVCacheType, target_vocab_size: int, eos_token_ids: set[int]):

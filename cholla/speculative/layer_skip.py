@@ -182,6 +182,7 @@ class LayerSkipSpeculator:
     into the target's own cache (module doc)."""
 
     record = staticmethod(NgramSpeculator.record)  # the same per-sequence back-off as prompt lookup
+    asks_full_limit = False  # each drafted token is a pass of the target's kept layers
 
     def __init__(self, model: nn.Module, kv_cache: PagedKVCache, block_manager: BlockManager, k: int,
                  skipped: list[int], eos_token_ids: set[int], table: tuple[tuple[int, float], ...]):

@@ -1,63 +1,82 @@
-"""Prompt lookup: draft the tokens that followed the latest earlier occurrence of the sequence's suffix.
+"""Prompt lookup: draft the tokens that followed the earlier occurrence of the sequence's suffix
+that matches it longest.
 
-As llama.cpp's ``lookup`` and vLLM's n-gram proposer: take the last ``n`` tokens of
-prompt + output (``n`` from ``max_n`` down to ``min_n``, the longest match wins),
-find where they occurred before, and propose the (up to ``k``) tokens that came
-next. Text that copies from its input (rewrites, code edits, quotes) drafts well;
-the latest occurrence is taken, as the most likely to be the one being copied.
+As llama.cpp's ``lookup`` and vLLM's n-gram proposer, with the match length of
+suffix decoding (Arctic): of every earlier place where the last token of prompt +
+output occurred, take the one whose preceding tokens agree with the sequence's
+longest (counted up to ``max_n``; the latest among equals), and propose the (up
+to ``k``) tokens that came next. Text that copies from its input (rewrites, code
+edits, quotes) drafts well, and the longer the match the likelier its drafts hold
+(``speculator.match_acceptance``): a phrase that recurs ("the", "\n    ") is told
+apart from the passage being copied by how far back it agrees.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-MAX_NGRAM = 3
+MAX_NGRAM = 3  # the token trees' and the shared cache's n-grams
 MIN_NGRAM = 1
+# How far back a match is counted: past this a match is as good as a longer one.
+MAX_MATCH = 32
 
 
-def propose(token_ids: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM) -> list[int]:
+def propose(token_ids: list[int], k: int, max_n: int = MAX_MATCH, min_n: int = MIN_NGRAM) -> list[int]:
     """Up to ``k`` draft tokens for ``token_ids`` (prompt + output), or [] when no suffix recurs."""
     return match(token_ids, k, max_n, min_n)[0]
 
 
-def match(token_ids: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM) -> tuple[list[int], int]:
-    """``propose``'s drafts and the length of the suffix that matched (0: none)."""
+def match(token_ids: list[int], k: int, max_n: int = MAX_MATCH, min_n: int = MIN_NGRAM) -> tuple[list[int], int]:
+    """``propose``'s drafts and the length of the suffix that matched (0: none; at most ``max_n``)."""
     if k <= 0 or len(token_ids) < 2:
         return [], 0
     tokens = np.asarray(token_ids, dtype=np.int64)
     length = len(tokens)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        # ends[j]: an earlier window tokens[end - n : end] (end < length) that equals the suffix.
-        ends = np.flatnonzero(tokens[n - 1 : length - 1] == tokens[-1]) + n
-        for back in range(1, n):
-            ends = ends[tokens[ends - 1 - back] == tokens[length - 1 - back]]
-        if ends.size:
-            end = int(ends[-1])
-            return tokens[end : end + k].tolist(), n
-    return [], 0
+    max_n = min(max_n, length - 1)
+    # ends: the ends of the earlier windows tokens[end - n : end] (end < length) equal to the suffix of length n.
+    ends, n = np.flatnonzero(tokens[: length - 1] == tokens[-1]) + 1, 1
+    if not ends.size:
+        return [], 0
+    while ends.size > 1 and n < max_n:
+        longer = ends[ends > n]  # windows that can reach back one more token
+        longer = longer[tokens[longer - 1 - n] == tokens[length - 1 - n]]
+        if not longer.size:
+            break
+        ends, n = longer, n + 1
+    end = int(ends[-1])  # the latest of the longest
+    if ends.size == 1 and n < max_n:  # one candidate left: count how far back it agrees at once
+        reach = min(max_n, end) - n
+        earlier = tokens[end - n - reach : end - n][::-1]
+        later = tokens[length - n - reach : length - n][::-1]
+        differ = np.flatnonzero(earlier != later)
+        n += int(differ[0]) if differ.size else reach
+    if n < min_n:
+        return [], 0
+    return tokens[end : end + k].tolist(), n
 
 
 def continuations(token_ids: list[int], k: int, max_count: int, max_n: int = MAX_NGRAM,
                   min_n: int = MIN_NGRAM) -> tuple[list[list[int]], int]:
     """Up to ``max_count`` distinct continuations (up to ``k`` tokens each) of earlier occurrences
-    of the sequence's suffix, best first: longer suffixes first, and for each the latest
-    occurrence first; and the first one's suffix length (0: none). The first is ``match``'s
-    draft; the others are a token tree's branches."""
+    of the sequence's suffix, best first: ``match``'s draft (the longest match), then those of the
+    suffix's last ``max_n`` down to ``min_n`` tokens, for each n the latest occurrence first; and
+    the first one's match length (0: none). The others are a token tree's branches."""
     if k <= 0 or max_count <= 0 or len(token_ids) < 2:
         return [], 0
+    first, longest = match(token_ids, k, min_n=min_n)
+    if not first:
+        return [], 0
+    found = [first]
     tokens = np.asarray(token_ids, dtype=np.int64)
     length = len(tokens)
-    found: list[list[int]] = []
-    longest = 0
     for n in range(min(max_n, length - 1), min_n - 1, -1):
         ends = np.flatnonzero(tokens[n - 1 : length - 1] == tokens[-1]) + n
         for back in range(1, n):
             ends = ends[tokens[ends - 1 - back] == tokens[length - 1 - back]]
         for end in ends[::-1][: 8 * max_count].tolist():  # a common token may recur thousands of times
+            if len(found) == max_count:
+                return found, longest
             following = tokens[end : end + k].tolist()
             if following not in found:
                 found.append(following)
-                longest = longest or n
-                if len(found) == max_count:
-                    return found, longest
-    return found, longest
+    return found[:max_count], longest

@@ -19,7 +19,8 @@ row costs what a decoding row costs, and how much that is depends on the rows
 already there: ``STEP_COST`` is a step's measured cost by rows. Each step
 ``allot`` keeps the drafts that maximise expected tokens per unit of cost: a
 sequence's j-th draft is accepted with probability ``acceptance ** j`` (its
-decayed acceptance rate, ``SpeculationState.acceptance``). With the table
+decayed acceptance rate, ``SpeculationState.acceptance``, or for a lookup what its match
+length promises where that is more: a copy's first steps, before its record can say so). With the table
 measured here, a single stream verifies one draft a step while its acceptance is
 middling (a second row costs 0.14 of the first, a third 0.6) and up to 12 once it
 copies well (7-13 rows, one tile of the batched int8 product, cost about what 6 do),
@@ -75,12 +76,24 @@ class SpeculationState:
     # each draft weighing ACCEPTANCE_DECAY less per later draft that met the verifier.
     tried: float = 0.0
     accepted: float = 0.0
+    # How far back the suffix behind the latest lookup's drafts agreed with the text they came from (0: none).
+    match_length: int = 0
 
     @property
     def acceptance(self) -> float:
         """The chance a draft is accepted once those before it were (drafts after a rejection never
-        meet the verifier), with one accepted and one rejected draft as prior."""
-        return (self.accepted + 1) / (self.tried + 2)
+        meet the verifier): the sequence's record, with one accepted and one rejected draft as prior,
+        or what its current match promises (``match_acceptance``) where that is more."""
+        return max((self.accepted + 1) / (self.tried + 2), match_acceptance(self.match_length))
+
+
+def match_acceptance(match_length: int) -> float:
+    """The chance a draft from a suffix match of ``match_length`` tokens is accepted, drafts before it
+    accepted: L / (L + 1), from below the rates measured over copy, rewrite, code and open-ended chat
+    on SmolLM2 and Gemma 3 (``docs/benchmarks.md``: ~0.5 at 1 token, 0.8-1.0 at 2-3, 0.92-0.99 past 10).
+    A copy in progress is told by its long match from its first steps, before its record can say so,
+    and again after each edit breaks it."""
+    return match_length / (match_length + 1)
 
 
 def can_speculate(params: SamplingParams) -> bool:
@@ -125,6 +138,9 @@ class Speculator(Protocol):
 
     k: int  # the most tokens it drafts per sequence and step (a tree's depth)
     draft_cost: float  # what drafting one token costs, relative to a one-row decode step (0: a lookup)
+    # Asked for every draft it may give, not only those its record pays for: drafting costs nothing and
+    # each lookup's match says how far its drafts should hold (``SpeculationState.match_length``).
+    asks_full_limit: bool
 
     def propose_batch(self, requests: list[Request], limits: list[int]) -> list[list[int] | tree.DraftTree]: ...
 
@@ -141,6 +157,7 @@ class NgramSpeculator:
     knows a longer match, from what other requests wrote after the same words."""
 
     draft_cost = 0.0  # a lookup: next to nothing beside a decode step
+    asks_full_limit = True
 
     def __init__(self, k: int, cache_size: int = 0):
         self.k = k
@@ -150,12 +167,14 @@ class NgramSpeculator:
                 limit: int) -> list[int]:
         """Drafts for one decoding sequence: at most ``min(k, limit)``; [] when it should not speculate."""
         limit = min(self.k, limit)
+        state.match_length = 0
         if limit <= 0 or num_output < state.resume_at or not can_speculate(params):
             return []
         drafts, n = ngram.match(token_ids, limit)
         if self.cache is not None and n < ngram.MAX_NGRAM:
-            cached, _ = self.cache.lookup(token_ids, limit, min_n=n + 1)
-            drafts = cached or drafts
+            cached, cached_n = self.cache.lookup(token_ids, limit, min_n=n + 1)
+            drafts, n = (cached, cached_n) if cached else (drafts, n)
+        state.match_length = n
         return drafts
 
     def observe(self, token_ids: list[int]) -> None:
@@ -203,6 +222,8 @@ class NgramTreeSpeculator(NgramSpeculator):
     generator in its tokens' order, which only a chain keeps; it gets the first chain (as would
     one with logprobs or a grammar, where those speculate: their rows are read in chain order).
     """
+
+    asks_full_limit = False  # a tree's rows are cut by its node budget; its match is not recorded
 
     def __init__(self, k: int, budget: int, cache_size: int = 0):
         super().__init__(k)
