@@ -164,7 +164,8 @@ def main() -> None:
     loads: dict[tuple[str, int], list[float]] = {}
     for round_index in range(args.rounds):
         # the A/B pair in turn: B first every other round, so that neither always runs on the other's heels
-        order = programs if round_index % 2 == 0 else [dict([pair, pair[::-1]]).get(name, name) for name in programs]
+        swap = dict([pair, pair[::-1]]) if args.baseline else {}
+        order = programs if round_index % 2 == 0 else [swap.get(name, name) for name in programs]
         for model in args.models:
             model_path = resolve(model)
             for busy_count in sorted(args.busy):
