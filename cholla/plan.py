@@ -34,7 +34,7 @@ from cholla.errors import InvalidRequestError
 from cholla.kv.kv_types import KVCacheType, kv_cache_type
 from cholla.kv.state_cache import state_bytes_per_sequence
 from cholla.kv.paged_cache import (DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, KVCacheLayout, check_kv_types,
-                                   layer_bytes_per_token, open_block_bytes, plan_layout)
+                                   fit_kv_types, layer_bytes_per_token, open_block_bytes, plan_layout)
 from cholla.models.config import ATTENTION_TYPES, SLIDING_ATTENTION, ModelConfig, config_from_gguf, config_from_hf
 
 # Names of the token embedding and the output head, GGUF and Hugging Face.
@@ -342,6 +342,7 @@ def kv_budget(facts: ModelFacts, request: PlanRequest, hw: Hardware | None) -> t
 def make_plan(facts: ModelFacts, request: PlanRequest, k_type: KVCacheType, v_type: KVCacheType,
               hw: Hardware | None) -> Plan:
     config, weights = facts.config, facts.weights
+    k_type, v_type = fit_kv_types(config, k_type, v_type)
     check_kv_types(config, k_type, v_type)
     budget, budget_source = kv_budget(facts, request, hw)
     layout: KVCacheLayout = plan_layout(config, budget, request.block_size, k_type, v_type, request.context,

@@ -23,7 +23,7 @@ CONTEXT = 640
 
 def _hand_bytes_per_token(config, type_name: str) -> int:
     """Both sides, every layer, worked out apart from the code: values plus fp16 scales."""
-    value_bytes = {"f32": 4, "bf16": 2, "f16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1, "q8_0": 1, "q4_0": 0.5}[type_name]
+    value_bytes = {"f32": 4, "bf16": 2, "f16": 2, "fp8_e4m3_plain": 1, "fp8_e5m2": 1, "int8": 1, "q8_0": 1, "q4_0": 0.5}[type_name]
     scales = {"int8": 1, "q8_0": config.head_dim // 32, "q4_0": config.head_dim // 32}.get(type_name, 0)
     return int(2 * config.num_layers * config.num_kv_heads * (config.head_dim * value_bytes + 2 * scales))
 
