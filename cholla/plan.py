@@ -15,8 +15,11 @@ headers) gives the tensors' types and sizes and the attention shape. From them:
   concurrency at a context length, and the memory a target concurrency needs;
 - a roofline for a machine (``cholla/hardware.py``): a decode step takes the
   longer of reading its weights and KV blocks at the memory bandwidth and its
-  FLOPs at the matmul rate, and where cholla's reference path runs (a CPU
-  without its kernels), the time to dequantize every weight;
+  FLOPs at the matmul rate. For this machine measured (``--hardware local``),
+  the path that runs instead: where cholla's kernels run, the model's weights
+  at their one-row int8 GEMV's measured pace per type plus each attention
+  layer's measured work besides them (a prompt: its products' measured rate);
+  where they do not, the time the reference path takes to dequantize every weight;
 - Little's law: with ``B`` requests in flight, each of ``P`` prompt and ``N``
   output tokens, a saturated engine finishes ``λ = 1 / (t_prefill(P) + N t_step(B) / B)``
   requests/s, and each spends ``W = B / λ`` in the system.
