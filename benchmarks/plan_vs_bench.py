@@ -32,8 +32,8 @@ def main() -> None:
     parser.add_argument("-r", "--repetitions", type=int, default=5, help="measure-then-bench pairs")
     parser.add_argument("--hardware", default="local", help="a cholla plan preset, or local (default)")
     args = parser.parse_args()
-    print(f"estimate: {resolve_hardware(args.hardware, None, None, resolve_model(args.models[0]), args.n_prompt).estimate}"
-          if args.hardware != "local" else "estimate: this machine measured before each bench run")
+    if args.hardware != "local":
+        print("estimate:", resolve_hardware(args.hardware, None, None, resolve_model(args.models[0])).estimate)
     print("| model | rep | load | measured (GB/s; G weights/s by type) | plan pp | bench pp | ratio | plan tg | bench tg | ratio |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     summary = []

@@ -15,8 +15,9 @@ one-row int8 GEMV (``qgemv_int8``, what the fused decode step runs) reaches a
 different share of the streaming bandwidth for each weight type and tensor
 shape. So ``measure()`` then times that kernel over the model's own weights,
 per GGUF type and with the decode steps' thread count, and the products a
-prompt takes (``linear_group``, as the engine calls it) over a sample of them;
-``cholla plan`` estimates from those rates instead of the roofs.
+prompt takes (``linear_group``, as the engine calls it) over a sample of them,
+and an attention layer's other work (norms, activation, attention over the
+context); ``cholla plan`` estimates from those instead of the roofs.
 """
 
 from __future__ import annotations
@@ -247,8 +248,8 @@ def measure_layer_seconds(shape: LayerShape, contexts: tuple[int, int] = (16, 10
     x, norm = torch.randn(1, shape.hidden), torch.ones(shape.hidden)
     gate, up = torch.randn(1, shape.intermediate), torch.randn(1, shape.intermediate)
     q = torch.randn(1, shape.heads, shape.head_dim)
-    times = []
-    for context in contexts:
+
+    def layer_at(context: int):
         blocks = -(-context // 16)
         k_cache = torch.randn(blocks, 16, shape.kv_heads, shape.head_dim).to(torch.bfloat16)
         v_cache = torch.randn(blocks, 16, shape.kv_heads, shape.head_dim).to(torch.bfloat16)
@@ -260,7 +261,9 @@ def measure_layer_seconds(shape: LayerShape, contexts: tuple[int, int] = (16, 10
             kernels.rms_norm(x, norm, 1e-6)
             kernels.gated_activation(gate, up, 0)
 
-        times.append(_sustained_seconds(layer, seconds))
+        return layer
+
+    times = [_sustained_seconds(layer_at(context), seconds) for context in contexts]
     per_key = max(0.0, (times[1] - times[0]) / (contexts[1] - contexts[0]))
     return max(0.0, times[0] - per_key * contexts[0]), per_key
 

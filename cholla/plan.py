@@ -533,8 +533,8 @@ def format_plan(plan: Plan) -> str:
                 + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in hw["gemv_rates"].items()),
                 f"             {hw['prompt_rows']}-row prompt products (G weight-rows/s): "
                 + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in hw["prompt_rates"].items()),
-                f"             an attention layer besides its products: {hw['layer_seconds'] * 1e6:.1f} us "
-                f"+ {hw['key_seconds'] * 1e9:.1f} ns per key",
+                (f"             an attention layer besides its products: {hw['layer_seconds'] * 1e6:.1f} us "
+                 f"+ {hw['key_seconds'] * 1e9:.1f} ns per key"),
             ]
         if hw["dequant_rates"]:
             lines.append("             dequantized and multiplied (G weights/s): "
