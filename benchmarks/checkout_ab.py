@@ -112,8 +112,11 @@ def main() -> None:
                         process.kill()
                         process.wait()
                 rows.append((model, busy_count, statistics.median(loads), {k: statistics.median(v) for k, v in rates.items()}))
+                # each turn's two bursts ran seconds apart: their ratio, turn by turn, cancels the load's drift
+                paired = statistics.median(a / b for a, b in zip(rates["this"], rates["baseline"]))
                 print(f"[checkout_ab] {model}, {busy_count} busy: this {sorted(round(r) for r in rates['this'])}, "
-                      f"baseline {sorted(round(r) for r in rates['baseline'])}", file=sys.stderr, flush=True)
+                      f"baseline {sorted(round(r) for r in rates['baseline'])}, this / baseline turn by turn: "
+                      f"median {paired:.2f}", file=sys.stderr, flush=True)
         finally:
             for side in sides.values():
                 side.close()

@@ -72,9 +72,17 @@ def physical_cores() -> int:
     return count()
 
 
-def start_busy(count: int, warm: float) -> list[subprocess.Popen]:
-    """``count`` busy loops, ``warm`` seconds old: the first program timed under them meets loops already running."""
-    busy = [subprocess.Popen(BUSY_LOOP, env=ENV) for _ in range(count)]
+def start_busy(count: int, warm: float, own_sessions: bool = False) -> list[subprocess.Popen]:
+    """``count`` busy loops, ``warm`` seconds old: the first program timed under them meets loops already running.
+
+    ``own_sessions``: each loop in a session of its own. Where the kernel groups
+    tasks by session (``/proc/sys/kernel/sched_autogroup_enabled``), loops in
+    this script's session compete with cholla's threads one for one (a team of
+    2 against 2 loops gets half the CPUs); loops in sessions of their own, as
+    other programs usually are, get a session's share each, however many
+    threads cholla runs.
+    """
+    busy = [subprocess.Popen(BUSY_LOOP, env=ENV, start_new_session=own_sessions) for _ in range(count)]
     time.sleep(warm if count else 0.0)
     return busy
 
@@ -161,6 +169,8 @@ def main() -> None:
                         help="repeats, each in the reverse order of the one before; each figure is their median")
     parser.add_argument("--warm", type=float, default=5.0,
                         help="seconds the busy loops run before the first timed program")
+    parser.add_argument("--own-sessions", action="store_true",
+                        help="start each busy loop in a session of its own (see start_busy)")
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
     parser.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2], help="competing busy loops per run")
     parser.add_argument("-p", "--n-prompt", type=int, default=64)
@@ -191,7 +201,7 @@ def main() -> None:
         for model in args.models:
             model_path = resolve(model)
             for busy_count in sorted(args.busy):
-                busy = start_busy(busy_count, args.warm)
+                busy = start_busy(busy_count, args.warm, args.own_sessions)
                 try:
                     loads.setdefault((model, busy_count), []).append(os.getloadavg()[0])
                     for name in order:
@@ -216,7 +226,8 @@ def main() -> None:
     orders = " / ".join(", ".join(round_order(programs, i)) for i in range(min(args.rounds, 2)))
     print(f"\n{platform.node()}, {os.cpu_count()} CPUs, {threads} threads for the fixed runs, "
           f"pp{args.n_prompt} / tg{args.n_gen}, {args.repetitions} repetitions, {args.rounds} round(s) "
-          f"(median, range over rounds), busy loops warmed {args.warm:.0f} s, "
+          f"(median, range over rounds), busy loops warmed {args.warm:.0f} s"
+          f"{', each in its own session' if args.own_sessions else ''}, "
           f"{datetime.datetime.now():%Y-%m-%d %H:%M}; baseline: {args.baseline}")
     print(f"order in odd / even rounds: {orders}" if args.rounds > 1 else f"order: {orders}")
     if omp_num_threads := ENV.get("OMP_NUM_THREADS"):
@@ -240,7 +251,7 @@ def main() -> None:
             base = quiet[(row["model"], name)]
             share = row[name]["tg"] / base if base else 0.0
             verdict = "met" if share >= 0.4 else "MISSED" if share >= 0.25 else "COLLAPSED"
-            line = (f"{row['model']}, one busy loop per core: {name} keeps {100 * share:.0f}% of its quiet decode "
+            line = (f"{row['model']}, one busy loop per core: {name} keeps {100 * share:.1f}% of its quiet decode "
                     f"(goal >= 40%, never < 25%): {verdict}")
             if "llama.cpp" in row:
                 faster = row[name]["tg"] >= row["llama.cpp"]["tg"]
