@@ -5,18 +5,26 @@ started before the measured program and killed after it. For each model and
 each number of them it runs, each in its own process and bounded in time:
 
 - ``cholla bench`` with ``--threads T`` (T: ``--threads``, default one per physical core),
-- ``cholla bench`` with its default thread count (which leaves out the cores it
-  finds busy at start; the log line says how many it took),
+- ``cholla bench`` with its default thread count (the full team for decode steps,
+  one thread per core others leave free for prompt steps; the log lines say so),
 - ``llama-bench -t T`` on the same GGUF file (with ``--llama-bin-dir``),
 - with ``--baseline DIR``, ``cholla bench --threads T`` of another checkout
-  (say, main's), right after this one's: an A/B under the same load
+  (say, main's), under the same busy loops as this one's: an A/B
   (``--baseline-default``: the other checkout's default thread count instead),
 
 and prints ppN / tgN (mean over ``-r`` repetitions) with each program's decode
-speed as a share of its own speed without competition. ``--rounds N`` repeats
-the whole sequence N times, interleaved, and reports each figure's median: on
-a machine others share, one run says little. A run that does not finish within
-``--timeout`` seconds counts as 0 (a collapse).
+speed as a share of its own speed without competition.
+
+Taking turns fairly. On a machine others share, one run says little, and
+which program goes first under a set of busy loops matters: the last quiet
+sitting had the forced team ahead of the default by 1.5x when it always ran
+first, and behind when it went second by hand. So ``--rounds N`` repeats the
+whole sequence N times, each round in the reverse order of the one before
+(A B C, C B A, A B C, ...: every program's mean place is the same over an
+even number of rounds), the busy loops run ``--warm`` seconds before the
+first timed program, and each cell is the median over the rounds with the
+spread (min-max) beside it. The table's header says the orders. A run that
+does not finish within ``--timeout`` seconds counts as 0 (a collapse).
 
 Goals (issue 18): with one busy process per core, cholla keeps at least 40% of
 its quiet decode speed and is at least as fast as llama.cpp under the same
@@ -24,10 +32,11 @@ load; never below 25%.
 
     python benchmarks/contention.py --llama-bin-dir /work/llamacpp/bin
     python benchmarks/contention.py --llama-bin-dir /work/llamacpp/bin --models smollm2 --busy 0 2 -n 16 -r 1
-    python benchmarks/contention.py --baseline ../main --models smollm2 --busy 0 1 2 --rounds 3 -p 16 -n 64
+    env -u OMP_NUM_THREADS python benchmarks/contention.py --models smollm2 gemma3 --busy 0 2 --rounds 4 -p 128 -n 64
     env -u OMP_NUM_THREADS python benchmarks/contention.py --baseline ../main --baseline-default --rounds 2 -p 128 -n 64
 
-(cholla's default honours ``$OMP_NUM_THREADS``: unset it to measure the default.)
+(cholla's default honours ``$OMP_NUM_THREADS``: unset it to measure the default;
+the table's header says when it was set.)
 
 Every program runs with the environment this script was given: cholla's own
 OpenMP setting (GOMP_SPINCOUNT, which importing cholla sets) is not passed on
@@ -63,10 +72,30 @@ def physical_cores() -> int:
     return count()
 
 
-def start_busy(count: int) -> list[subprocess.Popen]:
-    busy = [subprocess.Popen(BUSY_LOOP, env=ENV) for _ in range(count)]
-    time.sleep(0.5)  # let them get going (cholla's default samples the load at start)
+def start_busy(count: int, warm: float, own_sessions: bool = False) -> list[subprocess.Popen]:
+    """``count`` busy loops, ``warm`` seconds old: the first program timed under them meets loops already running.
+
+    ``own_sessions``: each loop in a session of its own. Where the kernel groups
+    tasks by session (``/proc/sys/kernel/sched_autogroup_enabled``), loops in
+    this script's session compete with cholla's threads one for one (a team of
+    2 against 2 loops gets half the CPUs); loops in sessions of their own, as
+    other programs usually are, get a session's share each, however many
+    threads cholla runs.
+    """
+    busy = [subprocess.Popen(BUSY_LOOP, env=ENV, start_new_session=own_sessions) for _ in range(count)]
+    time.sleep(warm if count else 0.0)
     return busy
+
+
+def round_order(programs: list[str], round_index: int) -> list[str]:
+    """The programs' order in round ``round_index``: as listed in even rounds, reversed in odd ones (A B, B A, ...)."""
+    return list(programs) if round_index % 2 == 0 else list(reversed(programs))
+
+
+def spread(values: list[float], digits: int = 1, range_digits: int = 0) -> str:
+    """The median of ``values`` and, over several, their range: ``"213.4 (205-241)"``."""
+    middle = f"{statistics.median(values):.{digits}f}"
+    return middle if len(values) == 1 else f"{middle} ({min(values):.{range_digits}f}-{max(values):.{range_digits}f})"
 
 
 def stop_busy(busy: list[subprocess.Popen]) -> None:
@@ -133,10 +162,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-bin-dir", type=Path, default=None, help="folder with llama-bench (none: no llama.cpp)")
     parser.add_argument("--baseline", type=Path, default=None,
-                        help="another cholla checkout to run at the fixed threads after this one (an A/B)")
+                        help="another cholla checkout to run at the fixed threads beside this one (an A/B)")
     parser.add_argument("--baseline-default", action="store_true",
                         help="run the baseline with its default thread count, not --threads")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved repeats; each figure is their median")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeats, each in the reverse order of the one before; each figure is their median")
+    parser.add_argument("--warm", type=float, default=5.0,
+                        help="seconds the busy loops run before the first timed program")
+    parser.add_argument("--own-sessions", action="store_true",
+                        help="start each busy loop in a session of its own (see start_busy)")
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
     parser.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2], help="competing busy loops per run")
     parser.add_argument("-p", "--n-prompt", type=int, default=64)
@@ -163,13 +197,11 @@ def main() -> None:
     runs: dict[tuple[str, int, str], list[dict]] = {}
     loads: dict[tuple[str, int], list[float]] = {}
     for round_index in range(args.rounds):
-        # the A/B pair in turn: B first every other round, so that neither always runs on the other's heels
-        swap = dict([pair, pair[::-1]]) if args.baseline else {}
-        order = programs if round_index % 2 == 0 else [swap.get(name, name) for name in programs]
+        order = round_order(programs, round_index)
         for model in args.models:
             model_path = resolve(model)
             for busy_count in sorted(args.busy):
-                busy = start_busy(busy_count)
+                busy = start_busy(busy_count, args.warm, args.own_sessions)
                 try:
                     loads.setdefault((model, busy_count), []).append(os.getloadavg()[0])
                     for name in order:
@@ -187,12 +219,20 @@ def main() -> None:
         for name in programs:
             done = runs[(model, busy_count, name)]
             row[name] = {**done[0], "pp": statistics.median(r["pp"] for r in done),
-                         "tg": statistics.median(r["tg"] for r in done), "tg_runs": [r["tg"] for r in done]}
+                         "tg": statistics.median(r["tg"] for r in done),
+                         "pp_runs": [r["pp"] for r in done], "tg_runs": [r["tg"] for r in done]}
         rows.append(row)
 
+    orders = " / ".join(", ".join(round_order(programs, i)) for i in range(min(args.rounds, 2)))
     print(f"\n{platform.node()}, {os.cpu_count()} CPUs, {threads} threads for the fixed runs, "
-          f"pp{args.n_prompt} / tg{args.n_gen}, {args.repetitions} repetitions, {args.rounds} round(s) (medians), "
-          f"{datetime.datetime.now():%Y-%m-%d %H:%M}; baseline: {args.baseline}\n")
+          f"pp{args.n_prompt} / tg{args.n_gen}, {args.repetitions} repetitions, {args.rounds} round(s) "
+          f"(median, range over rounds), busy loops warmed {args.warm:.0f} s"
+          f"{', each in its own session' if args.own_sessions else ''}, "
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}; baseline: {args.baseline}")
+    print(f"order in odd / even rounds: {orders}" if args.rounds > 1 else f"order: {orders}")
+    if omp_num_threads := ENV.get("OMP_NUM_THREADS"):
+        print(f"OMP_NUM_THREADS={omp_num_threads} was set: 'cholla default' took that count, not its own default")
+    print()
     print("| model | busy loops | load (1 min) | program | threads | pp t/s | tg t/s | tg share of quiet |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     quiet = {(row["model"], name): row[name]["tg"] for row in rows if row["busy"] == 0 for name in programs}
@@ -202,26 +242,34 @@ def main() -> None:
             base = quiet[(row["model"], name)]
             share = f"{100 * run['tg'] / base:.0f}%" if base else "-"
             print(f"| {row['model']} | {row['busy']} | {row['loadavg']:.1f} | {name} | {run['threads']} "
-                  f"| {run['pp']:.1f} | {run['tg']:.1f} | {share} |")
+                  f"| {spread(run['pp_runs'])} | {spread(run['tg_runs'])} | {share} |")
     print()
     for row in rows:
-        if row["busy"] == threads:
-            base = quiet[(row["model"], "cholla")]
-            share = row["cholla"]["tg"] / base if base else 0.0
-            line = (f"{row['model']}, one busy loop per core: cholla keeps {100 * share:.0f}% of its quiet decode "
-                    f"(goal >= 40%, never < 25%): {'met' if share >= 0.4 else 'MISSED'}")
+        if row["busy"] != threads:
+            continue
+        for name in ("cholla", "cholla default"):
+            base = quiet[(row["model"], name)]
+            share = row[name]["tg"] / base if base else 0.0
+            verdict = "met" if share >= 0.4 else "MISSED" if share >= 0.25 else "COLLAPSED"
+            line = (f"{row['model']}, one busy loop per core: {name} keeps {100 * share:.1f}% of its quiet decode "
+                    f"(goal >= 40%, never < 25%): {verdict}")
             if "llama.cpp" in row:
-                faster = row["cholla"]["tg"] >= row["llama.cpp"]["tg"]
+                faster = row[name]["tg"] >= row["llama.cpp"]["tg"]
                 line += (f"; {'at least as fast as' if faster else 'SLOWER than'} llama.cpp "
-                         f"({row['cholla']['tg']:.1f} vs {row['llama.cpp']['tg']:.1f} t/s)")
+                         f"({row[name]['tg']:.1f} vs {row['llama.cpp']['tg']:.1f} t/s)")
             print(line)
-    if args.baseline:
-        ours = pair[0]
+    # Each round's pair ran under the same busy loops, one right after the other: their ratio per round
+    # says more than the ratio of the medians when the load moves between rounds.
+    pairs = [("cholla default", "cholla")] + ([pair] if args.baseline else [])
+    for first, second in pairs:
         for row in rows:
-            ratios = [f"{test} {row[ours][test] / row[baseline][test]:.2f}x" if row[baseline][test] else f"{test} -"
-                      for test in ("pp", "tg")]
-            print(f"{row['model']}, {row['busy']} busy loop(s): {ours} / {baseline}: {', '.join(ratios)} "
-                  f"(tg runs {row[ours]['tg_runs']} vs {row[baseline]['tg_runs']})")
+            ratios = {test: [a / b for a, b in zip(row[first][f"{test}_runs"], row[second][f"{test}_runs"]) if b]
+                      for test in ("pp", "tg")}
+            said = [f"{test} {spread(ratios[test], 2, 2)}x" if ratios[test] else f"{test} -"
+                    for test in ("pp", "tg")]
+            tg_runs = [[round(r) for r in row[name]["tg_runs"]] for name in (first, second)]
+            print(f"{row['model']}, {row['busy']} busy loop(s): {first} / {second}, per round: {', '.join(said)} "
+                  f"(tg runs {tg_runs[0]} vs {tg_runs[1]})")
     for name in programs:
         if name.endswith("default"):
             for note in sorted({row[name]["note"] for row in rows if row[name]["note"]}):
