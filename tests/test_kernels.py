@@ -161,6 +161,17 @@ def test_batched_qgemv_int8_matches_its_int8_reference(qtype, rows):
     assert (got - exact).norm() / exact.norm() < 0.02
 
 
+@pytest.mark.parametrize("qtype", INT8_TYPES + K_QUANTS, ids=lambda t: t.name)
+def test_batched_qgemv_int8_rows_equal_bit_for_bit_alone_or_paired(qtype):
+    """Two tiles of x's rows are taken together (each weight meeting both), one alone; a row's
+    result must not depend on which: 16 rows alone, the same rows as the first tile of 40."""
+    blocks, _ = random_weight(qtype, 37, 512, seed=5)
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(5))
+    together = kernels.qgemv_int8(x, [blocks], [int(qtype)])
+    assert torch.equal(together[:16], kernels.qgemv_int8(x[:16].clone(), [blocks], [int(qtype)]))
+    assert torch.equal(together[16:32], kernels.qgemv_int8(x[16:32].clone(), [blocks], [int(qtype)]))
+
+
 def test_batched_qgemv_int8_side_by_side_and_into_out():
     """Weights of several types in one batched call equal separate calls; _out writes the same."""
     qtypes = [T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K, T.Q4_1, T.Q5_K]

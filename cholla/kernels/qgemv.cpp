@@ -743,6 +743,52 @@ void tile_rows(const uint8_t* q, const float* d, const float* m_shifted, int64_t
   for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
 }
 
+// tile_rows for two tiles at once: 4 weight rows x 2 tiles, each weight
+// broadcast meeting both tiles (half the broadcasts per product; still 8
+// chains, and the 8 accumulators in registers). Gemma's 32-row head: 4-11%
+// faster than tile_rows twice. (16 chains, 8 rows x 2 tiles with the sums in
+// L1, were 7% slower.) Each block and row takes tile_rows' operations in the
+// same order: the results are bitwise equal. c: tile t's rows at c, tile t + 1's
+// at c + tile_stride.
+template <bool HAS_MIN>
+void tile_rows_pair(const uint8_t* q, const float* d, const float* m_shifted, int64_t k, float bias, const XTiles& x,
+                    int64_t t, float* c, int64_t tile_stride, Ahead& ahead) {
+  constexpr int ROWS = 4;
+  const int64_t blocks = k / 32;
+  __m512 acc[2][ROWS];
+  for (int tt = 0; tt < 2; ++tt)
+    for (int i = 0; i < ROWS; ++i) acc[tt][i] = _mm512_setzero_ps();
+  const __m512 bias_v = _mm512_set1_ps(bias);
+  for (int64_t b = 0; b < blocks; ++b) {
+    ahead.step();
+    __m512i s[2][ROWS];
+    for (int tt = 0; tt < 2; ++tt)
+      for (int i = 0; i < ROWS; ++i) s[tt][i] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      const __m512i x0 = _mm512_loadu_si512(x.quads(t, b) + 64 * j), x1 = _mm512_loadu_si512(x.quads(t + 1, b) + 64 * j);
+      for (int i = 0; i < ROWS; ++i) {
+        int32_t w;
+        std::memcpy(&w, q + i * k + 32 * b + 4 * j, 4);
+        const __m512i wv = _mm512_set1_epi32(w);
+        s[0][i] = _mm512_dpbusd_epi32(s[0][i], wv, x0);
+        s[1][i] = _mm512_dpbusd_epi32(s[1][i], wv, x1);
+      }
+    }
+    for (int tt = 0; tt < 2; ++tt) {
+      const __m512 dx = _mm512_loadu_ps(x.dx(t + tt, b));
+      const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t + tt, b)), bias_v);
+      const __m512 sum = HAS_MIN ? _mm512_loadu_ps(x.sum(t + tt, b)) : _mm512_setzero_ps();
+      for (int i = 0; i < ROWS; ++i) {
+        const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[tt][i]), dx, bq);
+        acc[tt][i] = _mm512_fmadd_ps(block, _mm512_set1_ps(d[i * blocks + b]), acc[tt][i]);
+        if (HAS_MIN) acc[tt][i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(m_shifted[i * blocks + b]), acc[tt][i]);
+      }
+    }
+  }
+  for (int tt = 0; tt < 2; ++tt)
+    for (int i = 0; i < ROWS; ++i) _mm512_storeu_ps(c + tt * tile_stride + i * LANES, acc[tt][i]);
+}
+
 // tile_rows for Q6_K (d: a scale per 16 weights, w = d (q - 32)): each half
 // block's sums start from -32 Σ xq of their x, so that they are sums of
 // (q - 32) xq, and meet their own scale.
@@ -829,7 +875,21 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
           std::fill(m_shifted + i * blocks, m_shifted + (i + 1) * blocks, 0.0f);
         }
       }
-      for (int64_t t = 0; t < x.tiles; ++t) {
+      // Two tiles at a time where there are two (tile_rows_pair), then any last one alone.
+      const bool pair = seg.type != Q6_K;
+      for (int64_t t = 0; pair && t + 1 < x.tiles; t += 2) {
+        for (int64_t i = 0; i < GEMV_JOB_ROWS; i += 4) {
+          const uint8_t* q = strip.data() + i * k;
+          float* ct = c + t * GEMV_JOB_ROWS * LANES + i * LANES;
+          if (f.has_min)
+            tile_rows_pair<true>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, ct, GEMV_JOB_ROWS * LANES,
+                                 ahead);
+          else
+            tile_rows_pair<false>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, ct, GEMV_JOB_ROWS * LANES,
+                                  ahead);
+        }
+      }
+      for (int64_t t = pair ? x.tiles / 2 * 2 : 0; t < x.tiles; ++t) {
         for (int64_t i = 0; i < GEMV_JOB_ROWS; i += ROW_GROUP) {
           const uint8_t* q = strip.data() + i * k;
           float* ct = c + t * GEMV_JOB_ROWS * LANES + i * LANES;
