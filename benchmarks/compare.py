@@ -10,7 +10,14 @@ For each model it measures, each run in its own process:
   total tokens/s = 32 * 256 / seconds: cholla's scheduler (the functions of
   benchmarks/throughput.py), ``llama-batched-bench`` (its PP=128, TG=128, B=32
   row, column ``S t/s``) and transformers' batched ``generate``;
-- the peak RSS of every process (from wait4), cholla's included.
+- the peak RSS of every process (from wait4), cholla's included;
+- the decode roof of this minute: the streaming read bandwidth (``cholla.hardware.
+  measure_bandwidth``, as ``benchmarks/hardware.py``, with the engines' threads) measured
+  just before and just after cholla's pp/tg run, and the bytes a tg token reads (the
+  weights a decode step multiplies, from the GGUF's headers, plus the KV cache at the run's
+  mean context); tg is then also given as a share of bandwidth / bytes. The machine's
+  bandwidth moves between sittings (and with other work), so the share is the figure that
+  compares across them.
 
 transformers loads the GGUF dequantized into bfloat16 (``--hf-dtype``).
 cholla runs with its default dtype unless ``--dtype`` is given.
@@ -19,6 +26,7 @@ cholla runs with its default dtype unless ``--dtype`` is given.
     python benchmarks/compare.py --llama-bin-dir /work/llama-build/bin
     python benchmarks/compare.py --llama-bin-dir /work/llama-build/bin --models smollm2 -r 1 \\
         --peers llama.cpp --dtype bfloat16
+    python benchmarks/compare.py --models smollm2 gemma3 --peers '' --no-throughput -p 0   # tg and its roof only
 
 Model names are cholla's known models (``smollm2``, ``gemma3``; fetched into
 the cache the first time) or paths to GGUF files.
@@ -142,6 +150,48 @@ def worker_cholla_throughput(args) -> dict:
         rates.append(tokens / seconds)
     return {"tokens_per_s": rates, "dtype": llm.engine.loaded.dtype,  # as resolved (--dtype auto)
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+# ---------------------------------------------------------------- the decode roof
+
+ROOF_MEGABYTES = 512  # the streaming read's buffer: far past the caches (32 MiB L3 on the Zen 5 of docs/benchmarks.md)
+
+
+def measure_bandwidth(args) -> float:
+    """Bytes/s of a streaming read with the engines' threads, in its own process (as the engines run)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "bandwidth", "--threads", str(args.threads)]
+    stdout, _, _ = run(cmd, "streaming bandwidth")
+    return last_json(stdout)["bytes_per_s"]
+
+
+def worker_bandwidth(args) -> dict:
+    import torch
+
+    from cholla.hardware import measure_bandwidth as measure
+
+    torch.set_num_threads(args.threads)
+    return {"bytes_per_s": measure(megabytes=ROOF_MEGABYTES, repeats=5), "threads": torch.get_num_threads()}
+
+
+def decode_read_bytes(model: Path, n_gen: int, dtype: str) -> dict:
+    """What one token of a tg{n_gen} run reads: the weights a decode step multiplies (the
+    embedding only where it is the tied head) and the KV cache at the run's mean context
+    (its steps attend to 2 .. n_gen + 1 tokens after the one-token prompt; KV types as the
+    engine resolves them for ``dtype``)."""
+    from cholla.plan import attention_layer_bytes, layer_windows, read_model_facts, resolve_kv_types
+
+    facts = read_model_facts(model)
+    k_type, v_type = resolve_kv_types("auto", None, None, dtype)
+    layers = list(zip(layer_windows(facts.config), attention_layer_bytes(facts.config, k_type, v_type)))
+    contexts = range(2, n_gen + 2)
+    kv = sum(sum((c if w is None else min(c, w)) * nbytes for w, (_, nbytes) in layers) for c in contexts) / len(contexts)
+    return {"weights": facts.weights.decode_bytes, "kv": kv, "total": facts.weights.decode_bytes + kv}
+
+
+def decode_roof(model: Path, args, dtype: str, bandwidths: list[float]) -> dict:
+    """The tg bound of this minute: the higher of the bandwidths measured around the run, over the bytes a token reads."""
+    read = decode_read_bytes(model, args.n_gen, dtype)
+    return {**read, "bandwidths": bandwidths, "tokens_per_s": max(bandwidths) / read["total"]}
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -297,10 +347,8 @@ def _cholla_dtype(c: dict) -> str:
 def table(name: str, model: Path, res: dict, args) -> str:
     c, l, t = res.get("cholla", {}), res.get("llama.cpp"), res.get("transformers")
     tp = f"{args.num_seqs} x ({args.seq_prompt}+{args.seq_gen}) total t/s"
-    rows = [
-        (f"pp{args.n_prompt} t/s", c.get("pp"), (l or {}).get("pp"), (t or {}).get("pp")),
-        (f"tg{args.n_gen} t/s", c.get("tg"), (l or {}).get("tg"), (t or {}).get("tg")),
-    ]
+    rows = [(f"{test}{n} t/s", c.get(test), (l or {}).get(test), (t or {}).get(test))
+            for test, n in (("pp", args.n_prompt), ("tg", args.n_gen)) if n]
     if not args.no_throughput:
         rows.append((tp, c.get("tp"), (l or {}).get("tp"), (t or {}).get("tp")))
     mib = 2**20
@@ -308,6 +356,14 @@ def table(name: str, model: Path, res: dict, args) -> str:
     def rss(value):
         return {"mean": value, "sd": 0.0, "values": [value]} if value else None
 
+    roof = res.get("roof")
+    if roof:
+        def share(m):
+            return {"mean": 100 * m["mean"] / roof["tokens_per_s"], "sd": 100 * m["sd"] / roof["tokens_per_s"],
+                    "values": m.get("values")} if m else None
+
+        rows.insert(1 + bool(args.n_prompt), (f"tg{args.n_gen} % of the memory bound", share(c.get("tg")),
+                                              share((l or {}).get("tg")), share((t or {}).get("tg"))))
     rows.append(("peak RSS MiB, pp/tg run (lower is better)", rss(c.get("rss")), rss((l or {}).get("rss")),
                  rss((t or {}).get("rss"))))
     if not args.no_throughput:
@@ -325,6 +381,12 @@ def table(name: str, model: Path, res: dict, args) -> str:
         lines.append(f"| {label} | {fmt(cv, unit, digits)} | {fmt(lv, unit, digits) if l else '—'} | "
                      f"{ratio(cv, lv) if l else '—'} | {fmt(tv, unit, digits) if t else '—'} | "
                      f"{ratio(cv, tv) if t else '—'} |")
+    if roof:
+        lines += ["", f"memory bound of tg{args.n_gen}: {roof['tokens_per_s']:.0f} t/s = streaming read "
+                  f"{max(roof['bandwidths']) / 1e9:.1f} GB/s (the higher of "
+                  f"{' and '.join(f'{b / 1e9:.1f}' for b in roof['bandwidths'])} GB/s measured just before and after "
+                  f"cholla's run, {args.threads} threads) / {roof['total'] / 1e6:.2f} MB a token "
+                  f"(weights {roof['weights'] / 1e6:.2f} MB, KV cache {roof['kv'] / 1e6:.2f} MB at the mean context)"]
     if t:
         lines.append("")
         lines.append(f"transformers {t['version']}: loading the GGUF took {t['load_s']:.1f} s; its peak RSS is "
@@ -354,13 +416,14 @@ def main() -> None:
     parser.add_argument("--throughput-reps", type=int, default=1, help="runs of the batched test (default 1)")
     parser.add_argument("--no-throughput", action="store_true", help="skip the batched test")
     parser.add_argument("--output", type=Path, default=None, help="also write the report (markdown) here")
-    parser.add_argument("--worker", choices=["cholla-throughput", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["cholla-throughput", "transformers", "bandwidth"], help=argparse.SUPPRESS)
     parser.add_argument("--model-path", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))  # this checkout's cholla, also in the workers
 
     if args.worker:
-        fn = worker_cholla_throughput if args.worker == "cholla-throughput" else worker_transformers
+        fn = {"cholla-throughput": worker_cholla_throughput, "transformers": worker_transformers,
+              "bandwidth": worker_bandwidth}[args.worker]
         print(json.dumps(fn(args)))
         return
 
@@ -388,7 +451,10 @@ def main() -> None:
     sections = []
     for name in args.models:
         model = resolve_model(name)
+        before = measure_bandwidth(args) if args.n_gen else None
         res: dict = {"cholla": cholla_bench(model, args)}
+        if args.n_gen:
+            res["roof"] = decode_roof(model, args, res["cholla"]["dtype"], [before, measure_bandwidth(args)])
         if not args.no_throughput:
             tp = cholla_throughput(model, args)
             res["cholla"].update(tp=tp["tp"], tp_rss=tp["rss"], loaded_dtype=tp["dtype"])

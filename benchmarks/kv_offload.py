@@ -37,7 +37,7 @@ import torch
 from cholla import SamplingParams
 from cholla.download import resolve_model
 from cholla.engine.engine import EngineConfig, LLMEngine, kv_cache_types
-from cholla.kv.paged_cache import bytes_per_block
+from cholla.kv.paged_cache import bytes_per_block, fit_kv_types
 from cholla.models.loader import load_model
 
 GREEDY_ONE = SamplingParams(temperature=0.0, max_tokens=1)
@@ -62,7 +62,7 @@ def build(args: argparse.Namespace, directory: str) -> LLMEngine:
     loaded = load_model(resolve_model(args.model))
     config = EngineConfig(max_model_len=args.prefix_len + args.suffix_len + 16, max_num_batched_tokens=2048,
                           kv_cache_dtype=args.kv_cache_dtype, kv_offload_dir=directory, kv_offload_gib=args.offload_gib)
-    k_type, v_type = kv_cache_types(config, loaded.dtype)
+    k_type, v_type = fit_kv_types(loaded.config, *kv_cache_types(config, loaded.dtype))
     blocks = -(-(config.max_model_len + 48) // config.block_size)
     config.kv_cache_memory = blocks * bytes_per_block(loaded.config, config.block_size, k_type, v_type)
     return LLMEngine(loaded, config)

@@ -27,8 +27,8 @@ from cholla.layers.attention import AttentionMetadata
 from cholla.models.loader import load_model
 
 TEXT = Path("/usr/share/common-licenses/Apache-2.0")
-TYPES = ["f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0", "q4_0_rot", "q4_0_cal",
-         "q4_0_cal/q4_0_rot", "q4_kivi", "fp8_e4m3_scaled", "fp8_e4m3_centered"]
+TYPES = ["f32", "bf16", "f16", "fp8_e4m3_plain", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0", "q4_0_rot", "q4_0_cal",
+         "q4_0_cal/q4_0_rot", "q4_kivi", "fp8_e4m3_scaled"]
 BASELINE = "bf16"
 
 

@@ -28,8 +28,8 @@ from cholla.layers.attention import AttentionMetadata
 from cholla.models import fused_decode
 from cholla.models.loader import load_model
 
-TYPES = ["bf16", "fp8_e4m3", "int8", "q8_0", "q4_0", "q4_0_cal", "q8_0/q4_0_cal", "q4_kivi",
-         "fp8_e4m3_scaled", "fp8_e4m3_centered"]
+TYPES = ["bf16", "fp8_e4m3_plain", "fp8_e4m3", "int8", "q8_0", "q4_0", "q4_0_cal", "q8_0/q4_0_cal", "q4_kivi",
+         "fp8_e4m3_scaled"]
 BLOCK_SIZE = 16
 
 

@@ -4,15 +4,18 @@
 
 On a machine shared with other work the pace drifts by tens of percent from one minute to
 the next, so each repetition pairs a measurement with a bench run taken right after it:
-this machine measured as ``cholla plan --hardware local`` measures it, then one
+this machine measured as ``cholla plan --hardware local`` measures it (where cholla's
+kernels run: their one-row int8 GEMV over the model's weights by type, and a ``-p``-row
+prompt's products; elsewhere the reference path's dequantization), then one
 ``cholla bench -p P -n N -r 1``, and the plan's prefill (``-p`` tokens) and single-sequence
 decode estimates (over the contexts ``tg{n}`` walks through) divided by the bench's figures.
-Prints each pair's ratios and their median.
+Prints each pair's ratios and their median, and the load average before each model's pairs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 from cholla.bench import run_bench
@@ -29,15 +32,18 @@ def main() -> None:
     parser.add_argument("-r", "--repetitions", type=int, default=5, help="measure-then-bench pairs")
     parser.add_argument("--hardware", default="local", help="a cholla plan preset, or local (default)")
     args = parser.parse_args()
-    print("| model | rep | measured (GB/s; G weights/s by type) | plan pp | bench pp | ratio | plan tg | bench tg | ratio |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    if args.hardware != "local":
+        print("estimate:", resolve_hardware(args.hardware, None, None, resolve_model(args.models[0])).estimate)
+    print("| model | rep | load | measured (GB/s; G weights/s by type) | plan pp | bench pp | ratio | plan tg | bench tg | ratio |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     summary = []
     for name in args.models:
         path = resolve_model(name)
         facts = read_model_facts(path)
         pp_ratios, tg_ratios = [], []
         for rep in range(args.repetitions):
-            hw = resolve_hardware(args.hardware, None, None, path)
+            load = os.getloadavg()[0]
+            hw = resolve_hardware(args.hardware, None, None, path, args.n_prompt)
             report = run_bench(path, args.n_prompt, args.n_gen, 1, "auto", seed=rep)
             kv = kv_cache_type("auto", report.dtype)
             plan_pp = args.n_prompt / prefill(facts, hw, args.n_prompt).seconds
@@ -46,8 +52,8 @@ def main() -> None:
             pp, tg = bench[f"pp{args.n_prompt}"], bench[f"tg{args.n_gen}"]
             pp_ratios.append(plan_pp / pp)
             tg_ratios.append(plan_tg / tg)
-            rates = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in hw.dequant_rates.items())
-            print(f"| {name} | {rep + 1} | {hw.bandwidth / 1e9:.1f}; {rates} | {plan_pp:.1f} | {pp:.1f} | "
+            rates = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in (hw.gemv_rates or hw.dequant_rates).items())
+            print(f"| {name} | {rep + 1} | {load:.1f} | {hw.bandwidth / 1e9:.1f}; {rates} | {plan_pp:.1f} | {pp:.1f} | "
                   f"{pp_ratios[-1]:.2f} | {plan_tg:.2f} | {tg:.2f} | {tg_ratios[-1]:.2f} |", flush=True)
         summary.append((name, statistics.median(pp_ratios), statistics.median(tg_ratios), min(tg_ratios), max(tg_ratios)))
     for name, pp, tg, low, high in summary:

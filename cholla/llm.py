@@ -27,7 +27,7 @@ class LLM:
     ``block_size``, ``enable_prefix_caching``, ``dtype`` (``"auto"``, the
     default: ``"bfloat16"`` where cholla's C++ kernels run, else ``"float32"``,
     the reference), ``threads``, ``kv_cache_dtype`` (``"auto"``, ``"bf16"``,
-    ``"int8"``, ``"q8_0"``, ``"fp8_e4m3"``, ...: ``cholla/kv/kv_types.py``),
+    ``"int8"``, ``"q8_0"``, ``"fp8"``, ...: ``cholla/kv/kv_types.py``),
     ``cache_type_k`` / ``cache_type_v`` (one side each), ``speculative_method``
     (``"ngram"``: prompt lookup; ``"draft"``: a smaller model given as ``draft_model``,
     a path, known name or ``LoadedModel``, with the same vocabulary; ``"tree"``: prompt

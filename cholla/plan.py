@@ -15,8 +15,11 @@ headers) gives the tensors' types and sizes and the attention shape. From them:
   concurrency at a context length, and the memory a target concurrency needs;
 - a roofline for a machine (``cholla/hardware.py``): a decode step takes the
   longer of reading its weights and KV blocks at the memory bandwidth and its
-  FLOPs at the matmul rate, and where cholla's reference path runs (a CPU
-  without its kernels), the time to dequantize every weight;
+  FLOPs at the matmul rate. For this machine measured (``--hardware local``),
+  the path that runs instead: where cholla's kernels run, the model's weights
+  at their one-row int8 GEMV's measured pace per type plus each attention
+  layer's measured work besides them (a prompt: its products' measured rate);
+  where they do not, the time the reference path takes to dequantize every weight;
 - Little's law: with ``B`` requests in flight, each of ``P`` prompt and ``N``
   output tokens, a saturated engine finishes ``λ = 1 / (t_prefill(P) + N t_step(B) / B)``
   requests/s, and each spends ``W = B / λ`` in the system.
@@ -29,12 +32,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cholla.hardware import GB, TFLOP, Hardware, hardware_preset, kernels_run_here, measure
+from cholla.hardware import GB, TFLOP, Hardware, LayerShape, hardware_preset, kernels_run_here, measure
 from cholla.errors import InvalidRequestError
 from cholla.kv.kv_types import KVCacheType, kv_cache_type
 from cholla.kv.state_cache import state_bytes_per_sequence
 from cholla.kv.paged_cache import (DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, KVCacheLayout, check_kv_types,
-                                   layer_bytes_per_token, open_block_bytes, plan_layout)
+                                   fit_kv_types, layer_bytes_per_token, open_block_bytes, plan_layout)
 from cholla.models.config import ATTENTION_TYPES, SLIDING_ATTENTION, ModelConfig, config_from_gguf, config_from_hf
 
 # Names of the token embedding and the output head, GGUF and Hugging Face.
@@ -51,6 +54,7 @@ class WeightFacts:
     tensors_by_type: dict[str, int]
     matmul_params_by_type: dict[str, int]  # 2-D weights a decode step multiplies, head included
     decode_bytes: int  # what one decode step reads: all but the embedding, which counts once if tied
+    head_params_by_type: dict[str, int] = field(default_factory=dict)  # the output head's (a prompt's last row only)
 
     @property
     def total_bytes(self) -> int:
@@ -75,6 +79,7 @@ def _weight_facts(tensors: list[tuple[str, str, tuple[int, ...], int]]) -> Weigh
     bytes_by_type: Counter[str] = Counter()
     count: Counter[str] = Counter()
     matmul: Counter[str] = Counter()
+    head: Counter[str] = Counter()
     decode_bytes = 0
     for name, kind, shape, nbytes in tensors:
         bytes_by_type[kind] += nbytes
@@ -85,8 +90,10 @@ def _weight_facts(tensors: list[tuple[str, str, tuple[int, ...], int]]) -> Weigh
         decode_bytes += nbytes
         if len(shape) == 2:
             matmul[kind] += shape[0] * shape[1]
+            if name in HEAD_NAMES or is_embedding:
+                head[kind] += shape[0] * shape[1]
     return WeightFacts(dict(sorted(bytes_by_type.items())), dict(sorted(count.items())), dict(sorted(matmul.items())),
-                       decode_bytes)
+                       decode_bytes, dict(head))
 
 
 def read_model_facts(path: Path) -> ModelFacts:
@@ -197,6 +204,12 @@ def decode_step(facts: ModelFacts, hw: Hardware, k_type: KVCacheType, v_type: KV
         compute = flops / hw.fp32_flops if batch > 1 else 0.0  # one row: counted in the measured rate
         memory = kv_bytes / hw.bandwidth
         return StepEstimate(dequant + compute + memory, "dequantize")
+    if hw.kernel_path:  # the first row at the GEMV's measured pace, each further one at the batched products';
+        # each sequence's attention layers their measured work besides the products (over their keys)
+        extra = (batch - 1) * _prompt_seconds(facts.weights.matmul_params_by_type, hw, 1)
+        layers = batch * (len(layer_windows(config)) * hw.layer_seconds + keys * hw.key_seconds)
+        state = batch * 2 * state_bytes_per_sequence(config) / hw.bandwidth
+        return StepEstimate(_gemv_seconds(facts.weights.matmul_params_by_type, hw) + extra + layers + state, "GEMV")
     memory = (facts.weights.decode_bytes + kv_bytes) / hw.bandwidth
     compute = flops / hw.flops
     return StepEstimate(max(memory, compute), "memory" if memory >= compute else "compute")
@@ -209,6 +222,11 @@ def prefill(facts: ModelFacts, hw: Hardware, prompt: int) -> StepEstimate:
     flops = 2 * facts.weights.matmul_params * prompt + 4 * config.num_heads * config.head_dim * attention_pairs
     if hw.reference_path:  # each weight dequantized once, then an fp32 matmul
         return StepEstimate(_dequant_seconds(facts.weights, hw) + flops / hw.fp32_flops, "compute")
+    if hw.kernel_path:  # the prompt's rows through the measured products; the head multiplies the last row only
+        head = facts.weights.head_params_by_type
+        body = {kind: params - head.get(kind, 0) for kind, params in facts.weights.matmul_params_by_type.items()}
+        attention = 4 * config.num_heads * config.head_dim * attention_pairs / hw.flops
+        return StepEstimate(_prompt_seconds(body, hw, prompt) + _gemv_seconds(head, hw) + attention, "compute")
     memory = facts.weights.decode_bytes / hw.bandwidth
     compute = flops / hw.flops
     return StepEstimate(max(memory, compute), "memory" if memory >= compute else "compute")
@@ -225,6 +243,33 @@ def _dequant_seconds(weights: WeightFacts, hw: Hardware) -> float:
     """The reference path's dequantization of every matmul weight; a type not measured takes the slowest rate."""
     slowest = min(hw.dequant_rates.values())
     return sum(params / hw.dequant_rates.get(kind, slowest) for kind, params in weights.matmul_params_by_type.items())
+
+
+def _gemv_seconds(params_by_type: dict[str, int], hw: Hardware) -> float:
+    """One row through these weights at the kernel path's measured rates: the int8 GEMV's, or for a
+    type the kernels cannot read, its dequantization's (as the engine multiplies it)."""
+    return sum(params / _rate(hw.gemv_rates, hw.dequant_rates, kind) for kind, params in params_by_type.items())
+
+
+def _prompt_seconds(params_by_type: dict[str, int], hw: Hardware, rows: int) -> float:
+    """``rows`` rows through these weights at the measured prompt products' rates (weight-rows/s);
+    a type the kernels cannot read is dequantized once, then multiplied at the bf16 matmul rate."""
+    seconds = 0.0
+    for kind, params in params_by_type.items():
+        if kind in hw.prompt_rates or kind not in hw.dequant_rates:
+            seconds += rows * params / _rate(hw.prompt_rates, {}, kind)
+        else:
+            seconds += params / hw.dequant_rates[kind] + 2 * rows * params / hw.flops
+    return seconds
+
+
+def _rate(rates: dict[str, float], fallback: dict[str, float], kind: str) -> float:
+    """A type's measured rate; one not measured (a model other than the one measured) takes the slowest."""
+    if kind in rates:
+        return rates[kind]
+    if kind in fallback:
+        return fallback[kind]
+    return min(rates.values())
 
 
 @dataclass
@@ -272,34 +317,47 @@ def resolve_kv_types(kv_cache_dtype: str, cache_type_k: str | None, cache_type_v
 
 
 def resolve_hardware(name: str | None, bandwidth_gbs: float | None, tflops: float | None,
-                     path: Path) -> Hardware:
-    """A preset, figures given outright (GB/s, TFLOP/s), or ``local``: this machine measured now
-    (where cholla's reference path runs, with the model's own weights of each type)."""
+                     path: Path, prompt_tokens: int = 512) -> Hardware:
+    """A preset, figures given outright (GB/s, TFLOP/s), or ``local``: this machine measured now,
+    running the path the engine takes here (cholla's kernels, or where they do not run its
+    reference path) over the model's own weights of each type; ``prompt_tokens``: the rows its
+    prompt products are measured with (a prompt step takes at most the engine's default
+    ``max_num_batched_tokens``)."""
     if bandwidth_gbs is not None or tflops is not None:
         if not (bandwidth_gbs and tflops and bandwidth_gbs > 0 and tflops > 0):
             raise InvalidRequestError("give both --bandwidth GB/s and --flops TFLOP/s, positive")
         return Hardware("given", bandwidth_gbs * GB, tflops * TFLOP, None, "--bandwidth and --flops")
     if name not in (None, "local"):
         return hardware_preset(name)
-    return measure(_weights_by_type(path) if not kernels_run_here() else None)
+    from cholla.engine.engine import EngineConfig
+
+    weights, head = _weights_by_type(path)
+    config = read_model_facts(path).config
+    shape = LayerShape(config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
+                       config.head_dim)
+    return measure(weights, min(prompt_tokens, EngineConfig().max_num_batched_tokens), head, shape)
 
 
-def _weights_by_type(path: Path) -> dict[str, list]:
-    """The model's 2-D weights by type, for measuring the reference path (memory-mapped, only read)."""
+def _weights_by_type(path: Path) -> tuple[dict[str, list], object]:
+    """The model's 2-D weights a decode step multiplies, by type (memory-mapped, only read): the
+    tied embedding as the head, an untied one not (it is looked up row by row); and the head."""
     import torch
 
     if path.is_dir():  # plain tensors: converting them is what the reference path does per step
         facts = read_model_facts(path)
         shape = (facts.config.intermediate_size, facts.config.hidden_size)
         dtypes = {"BF16": torch.bfloat16, "F16": torch.float16}
-        return {kind: [torch.randn(shape).to(dtypes.get(kind, torch.float32))] for kind in facts.weights.matmul_params_by_type}
+        return {kind: [torch.randn(shape).to(dtypes.get(kind, torch.float32))] for kind in facts.weights.matmul_params_by_type}, None
     from cholla.formats.gguf import read_gguf
 
+    tensors = read_gguf(path).tensors
+    tied = not any(name in tensors for name in HEAD_NAMES)
     found: dict[str, list] = {}
-    for tensor in read_gguf(path).tensors.values():
-        if len(tensor.shape) == 2:
+    for name, tensor in tensors.items():
+        if len(tensor.shape) == 2 and (tied or name not in EMBEDDING_NAMES):
             found.setdefault(tensor.qtype.name, []).append(tensor)
-    return found
+    head = next((tensors[name] for name in (*HEAD_NAMES, *EMBEDDING_NAMES) if name in tensors), None)
+    return found, head
 
 
 @dataclass
@@ -342,6 +400,7 @@ def kv_budget(facts: ModelFacts, request: PlanRequest, hw: Hardware | None) -> t
 def make_plan(facts: ModelFacts, request: PlanRequest, k_type: KVCacheType, v_type: KVCacheType,
               hw: Hardware | None) -> Plan:
     config, weights = facts.config, facts.weights
+    k_type, v_type = fit_kv_types(config, k_type, v_type)
     check_kv_types(config, k_type, v_type)
     budget, budget_source = kv_budget(facts, request, hw)
     layout: KVCacheLayout = plan_layout(config, budget, request.block_size, k_type, v_type, request.context,
@@ -394,7 +453,7 @@ def _speed(facts, request: PlanRequest, k_type, v_type, hw: Hardware, context: i
     target = decode_step(facts, hw, k_type, v_type, request.concurrency, average_context)
     pf = prefill(facts, hw, prompt)
     speed = {
-        "hardware": asdict(hw),
+        "hardware": asdict(hw), "estimate": hw.estimate,
         "prompt_tokens": prompt, "output_tokens": output, "decode_context": average_context,
         "prefill_tokens_per_s": prompt / pf.seconds, "prefill_bound": pf.bound,
         "decode_tokens_per_s": 1 / one.seconds, "decode_bound": one.bound,
@@ -464,8 +523,23 @@ def format_plan(plan: Plan) -> str:
         hw = s["hardware"]
         lines += [
             f"hardware     {hw['name']}: {hw['bandwidth'] / GB:.1f} GB/s, bf16 {hw['flops'] / TFLOP:.3g} TFLOP/s"
-            + (f", fp32 {hw['fp32_flops'] / TFLOP:.3g} TFLOP/s, reference path (cholla's kernels do not run)"
-               if hw["reference_path"] else ""),
+            + (f", fp32 {hw['fp32_flops'] / TFLOP:.3g} TFLOP/s" if hw["reference_path"] else "")
+            + (f", {hw['threads']} threads" if hw["threads"] else ""),
+            f"estimate     {s['estimate']}",
+        ]
+        if hw["kernel_path"]:
+            lines += [
+                "             one-row int8 GEMV (G weights/s): "
+                + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in hw["gemv_rates"].items()),
+                f"             {hw['prompt_rows']}-row prompt products (G weight-rows/s): "
+                + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in hw["prompt_rates"].items()),
+                (f"             an attention layer besides its products: {hw['layer_seconds'] * 1e6:.1f} us "
+                 f"+ {hw['key_seconds'] * 1e9:.1f} ns per key"),
+            ]
+        if hw["dequant_rates"]:
+            lines.append("             dequantized and multiplied (G weights/s): "
+                         + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in hw["dequant_rates"].items()))
+        lines += [
             f"prefill      {s['prompt_tokens']} tokens: {s['prefill_tokens_per_s']:.1f} tokens/s ({s['prefill_bound']}-bound)",
             f"decode       1 sequence at {s['decode_context']} tokens: {s['decode_tokens_per_s']:.1f} tokens/s "
             f"({s['decode_bound']}-bound)",

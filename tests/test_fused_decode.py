@@ -208,7 +208,7 @@ def _copy_side(side):
 
 
 @pytest.mark.parametrize("name, k_type, v_type", [("gemma3", "q8_0", "q8_0"), ("qwen3", "q4_0_cal", "q4_0"),
-                                                  ("llama", "fp8_e4m3", "int8"), ("gemma3", "q4_kivi", "q4_kivi"),
+                                                  ("llama", "fp8_e4m3_plain", "int8"), ("gemma3", "q4_kivi", "q4_kivi"),
                                                   ("llama", "fp8_e4m3_centered", "fp8_e4m3_scaled")])
 @torch.inference_mode()
 def test_fused_decode_reads_and_writes_quantized_kv_caches(name, k_type, v_type, tmp_path):

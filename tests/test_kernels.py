@@ -505,10 +505,10 @@ def _kv_side(type_name: str, num_blocks: int, block_size: int, kv_heads: int, di
     return side
 
 
-KV_TYPE_PAIRS = [(name, name) for name in ("f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0",
+KV_TYPE_PAIRS = [(name, name) for name in ("f32", "bf16", "f16", "fp8_e4m3_plain", "fp8_e5m2", "int8", "q8_0", "q4_0",
                                            "q4_0_rot", "q4_0_cal", "q4_kivi", "fp8_e4m3_scaled",
                                            "fp8_e4m3_centered")]
-KV_TYPE_PAIRS += [("q8_0", "q4_0"), ("q4_0_cal", "bf16"), ("fp8_e4m3", "int8"),  # K and V may differ
+KV_TYPE_PAIRS += [("q8_0", "q4_0"), ("q4_0_cal", "bf16"), ("fp8_e4m3_plain", "int8"),  # K and V may differ
                   ("q4_kivi", "fp8_e4m3_scaled"), ("fp8_e4m3_centered", "q4_kivi")]
 
 
@@ -559,7 +559,7 @@ def test_int8_of_a_head_dim_without_a_hadamard_matrix_is_read_and_written_unrota
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("type_name", ["f32", "bf16", "f16", "fp8_e4m3", "fp8_e5m2", "int8", "q8_0", "q4_0",
+@pytest.mark.parametrize("type_name", ["f32", "bf16", "f16", "fp8_e4m3_plain", "fp8_e5m2", "int8", "q8_0", "q4_0",
                                        "q4_0_rot", "q4_0_cal", "q4_kivi", "fp8_e4m3_scaled",
                                        "fp8_e4m3_centered"])
 def test_write_kv_writes_every_kv_type_as_kv_types_store(type_name):

@@ -283,7 +283,7 @@ def test_int8_has_one_scale_per_token_and_head_and_rotates_only_power_of_two_hea
     assert _written("int8", _rows(4))[0].rotated and kv_type.bytes_per_head(dim) == dim + 2
 
 
-@pytest.mark.parametrize("type_name", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("type_name", ["fp8_e4m3_plain", "fp8_e5m2"])
 def test_fp8_rounds_to_the_nearest_code_and_saturates(type_name):
     """Reference: every one of the 256 codes decoded, the nearest one picked (ties to the even code)."""
     x = _rows(24)
@@ -318,7 +318,7 @@ def test_fp8_e4m3_scaled_is_the_nearest_code_of_each_head_scaled_to_448():
     assert cache.scales.dtype == torch.float16 and cache.scales.shape[-1] == 1
     nonzero = x.abs() > 1e-3 * x.abs().amax(dim=-1, keepdim=True)  # well inside e4m3's normal range
     assert ((back - x).abs()[nonzero] <= x.abs()[nonzero] / 16 + 1e-12).all()
-    _, plain = _written("fp8_e4m3", x)
+    _, plain = _written("fp8_e4m3_plain", x)
     small = x[:8]  # heads below about 0.01: the unscaled type keeps them in few mantissa bits or none
     assert (back[:8] - small).norm() < 0.3 * (plain[:8] - small).norm()
 
@@ -331,7 +331,8 @@ def test_float_types_are_plain_casts(type_name):
 
 
 def test_names_aliases_and_errors():
-    assert kv_cache_type("fp8").name == "fp8_e4m3" and kv_cache_type("bfloat16").name == "bf16"
+    assert kv_cache_type("fp8").name == kv_cache_type("fp8_e4m3").name == "fp8_e4m3_centered"  # within +0.5%
+    assert kv_cache_type("fp8_e4m3_plain").storage == torch.float8_e4m3fn and kv_cache_type("bfloat16").name == "bf16"
     assert kv_cache_type("int8_rot").name == "int8"
     assert kv_cache_type("auto", "bfloat16").name == "bf16" and kv_cache_type("auto", "float32").name == "f32"
     with pytest.raises(InvalidRequestError, match="unknown KV cache type"):

@@ -119,6 +119,7 @@ def test_latent_cache_float_types(tiny, kv_type, atol):
     engine = llm.engine
     assert engine.kv_cache.nbytes == engine.kv_layout.nbytes  # what cholla plan shows is what is allocated
     assert engine.kv_layout.block_bytes == engine.kv_layout.block_size * 3 * (32 + 8) * engine.kv_cache.k_type.bytes_per_head(1)
+    assert kv_type != "fp8" or engine.kv_cache.k_type.name == "fp8_e4m3_plain"  # no per-head keys to center
 
 
 def test_plan_counts_the_latent(tiny):
@@ -132,6 +133,8 @@ def test_plan_counts_the_latent(tiny):
     plan = make_plan(facts, PlanRequest(context=128, kv_cache_memory=2**20), bf16, bf16, None)
     assert plan.kv["bytes_per_token"] == 3 * (32 + 8) * 2
     assert plan.layout["num_blocks"] == 2**20 // (16 * 3 * (32 + 8) * 2)
+    fp8 = kv_cache_type("fp8")  # fp8_e4m3_centered elsewhere: one plain byte a number in a latent cache
+    assert make_plan(facts, PlanRequest(context=128, kv_cache_memory=2**20), fp8, fp8, None).kv["bytes_per_token"] == 3 * (32 + 8)
     with pytest.raises(InvalidRequestError, match="kv cache type q4_0 is not supported for multi-head latent"):
         make_plan(facts, PlanRequest(context=128), kv_cache_type("q4_0"), kv_cache_type("q4_0"), None)
 

@@ -11,11 +11,11 @@ import pytest
 
 from cholla.cli import main
 from cholla.engine.engine import EngineConfig, LLMEngine
-from cholla.hardware import GB, TFLOP, Hardware
+from cholla.hardware import GB, TFLOP, Hardware, kernels_run_here
 from cholla.kv.kv_types import kv_cache_type
 from cholla.models.loader import load_model
 from cholla.plan import (PlanRequest, _causal_pairs, best_for_latency, decode_step, littles_law, make_plan, prefill,
-                         read_model_facts, window_aware_bytes)
+                         read_model_facts, resolve_hardware, window_aware_bytes)
 
 BUDGET = 48 * 2**20
 CONTEXT = 640
@@ -23,7 +23,7 @@ CONTEXT = 640
 
 def _hand_bytes_per_token(config, type_name: str) -> int:
     """Both sides, every layer, worked out apart from the code: values plus fp16 scales."""
-    value_bytes = {"f32": 4, "bf16": 2, "f16": 2, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1, "q8_0": 1, "q4_0": 0.5}[type_name]
+    value_bytes = {"f32": 4, "bf16": 2, "f16": 2, "fp8_e4m3_plain": 1, "fp8_e5m2": 1, "int8": 1, "q8_0": 1, "q4_0": 0.5}[type_name]
     scales = {"int8": 1, "q8_0": config.head_dim // 32, "q4_0": config.head_dim // 32}.get(type_name, 0)
     return int(2 * config.num_layers * config.num_kv_heads * (config.head_dim * value_bytes + 2 * scales))
 
@@ -111,10 +111,66 @@ def test_roofline_and_littles_law_arithmetic(smollm2_path):
     assert decode_step(facts, reference, bf16, bf16, 1, 1).seconds == pytest.approx(expected, rel=1e-3)
 
 
+def test_kernel_path_estimate_arithmetic(gemma3_path):
+    """Where the kernels run, a decode step is its weights at the GEMV's measured rate per type plus
+    each attention layer's measured work besides them (a fixed part and a part per key attended,
+    windows capping the keys); a prompt multiplies all but the head by its rows at the prompt
+    products' rate, the head by its last row only. Gemma's head (the tied embedding) is Q8_0, as
+    are a few other weights."""
+    facts = read_model_facts(gemma3_path)
+    bf16 = kv_cache_type("bf16")
+    types = facts.weights.matmul_params_by_type
+    head = facts.weights.head_params_by_type
+    assert head == {"Q8_0": facts.config.vocab_size * facts.config.hidden_size} and types["Q8_0"] > head["Q8_0"]
+    gemv = {kind: (i + 1) * 1e9 for i, kind in enumerate(types)}
+    prompt = {kind: (i + 1) * 1e11 for i, kind in enumerate(types)}
+    hw = Hardware("test", 10 * GB, 1 * TFLOP, None, "test", kernel_path=True, gemv_rates=gemv, prompt_rates=prompt,
+                  prompt_rows=64, layer_seconds=2e-5, key_seconds=3e-8)
+    assert hw.estimate.startswith("measured: cholla's kernels")
+    layers = 18 * 2e-5 + (3 * 1000 + 15 * 512) * 3e-8  # 3 global layers see 1000 keys, 15 sliding ones 512
+    expected = sum(params / gemv[kind] for kind, params in types.items()) + layers
+    assert decode_step(facts, hw, bf16, bf16, 1, 1000).seconds == pytest.approx(expected)
+    two = sum(params / prompt[kind] for kind, params in types.items())  # the second row, at the batched rate
+    assert decode_step(facts, hw, bf16, bf16, 2, 1000).seconds == pytest.approx(expected + layers + two)
+    attention = 4 * facts.config.num_heads * facts.config.head_dim * facts.config.num_layers * _causal_pairs(64, 64) / hw.flops
+    body = sum(64 * (params - head.get(kind, 0)) / prompt[kind] for kind, params in types.items())
+    assert prefill(facts, hw, 64).seconds == pytest.approx(body + head["Q8_0"] / gemv["Q8_0"] + attention)
+    # A type the kernels cannot read is dequantized at its measured rate, as the engine multiplies it.
+    unread = Hardware("test", 10 * GB, 1 * TFLOP, None, "test", kernel_path=True,
+                      gemv_rates={k: v for k, v in gemv.items() if k != "Q6_K"}, prompt_rates=prompt,
+                      dequant_rates={"Q6_K": 1e8})
+    assert decode_step(facts, unread, bf16, bf16, 1, 1000).seconds == pytest.approx(
+        expected - layers - types["Q6_K"] / gemv["Q6_K"] + types["Q6_K"] / 1e8)
+    assert Hardware("given", GB, TFLOP, None, "test").estimate == "roofline"
+
+
+@pytest.mark.skipif(not kernels_run_here(), reason="cholla's C++ kernels need AVX-512 BF16 and VNNI")
+def test_local_hardware_measures_the_kernels_over_the_models_weights(smollm2_path, monkeypatch, capsys):
+    """``--hardware local`` where the kernels run measures their GEMV for each of the model's weight
+    types (the head's Q8_0 included), the prompt products for the types outside the head (SmolLM2's
+    head is its only Q8_0 weight), at the prompt's rows and the decode steps' thread count."""
+    import torch
+
+    facts = read_model_facts(smollm2_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    hw = resolve_hardware("local", None, None, smollm2_path, prompt_tokens=24)
+    assert torch.get_num_threads() == threads  # put back as found
+    assert hw.kernel_path and not hw.reference_path and hw.threads == 1 and hw.prompt_rows == 24
+    assert set(hw.gemv_rates) == set(facts.weights.matmul_params_by_type) == {"Q4_1", "Q8_0"}
+    assert set(hw.prompt_rates) == {"Q4_1"} and not hw.dequant_rates and hw.layer_seconds > 0
+    assert all(rate > 0 for rate in (*hw.gemv_rates.values(), *hw.prompt_rates.values()))
+    assert main(["plan", str(smollm2_path), "--hardware", "local", "--prompt-tokens", "24", "--context", "256"]) == 0
+    text = capsys.readouterr().out
+    assert "estimate     measured: cholla's kernels" in text and "24-row prompt products" in text
+    assert "(GEMV-bound)" in text
+
+
 def test_cli_plan_json_and_errors(smollm2_path, capsys):
     assert main(["plan", str(smollm2_path), "--hardware", "h200", "--context", "4096", "--concurrency", "8",
                  "--kv-cache-dtype", "int8", "--latency", "2", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
+    assert plan["speed"]["estimate"] == "roofline"
     assert plan["kv"]["k_type"] == plan["kv"]["v_type"] == "int8"
     assert plan["layout"]["context"] == 4096 and plan["target"]["concurrency"] == 8
     assert plan["speed"]["decode_bound"] == "memory" and plan["speed"]["within_latency"]["best"]["concurrency"] >= 8

@@ -21,7 +21,7 @@ from cholla.kv.block_manager import BlockManager
 from cholla.kv.calibration import CALIBRATION_TEXT, fill_statistics, needs_calibration
 from cholla.kv.disk_tier import DEFAULT_OFFLOAD_GIB, DiskTier, cache_parts, fingerprint
 from cholla.kv.kv_types import KVCacheType, kv_cache_type
-from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, PagedKVCache, plan_layout
+from cholla.kv.paged_cache import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, PagedKVCache, fit_kv_types, plan_layout
 from cholla.kv.state_cache import SlotAllocator, StateCache, StateSnapshots
 from cholla.models.loader import LoadedModel, load_model, resolve_dtype
 from cholla.sampling.params import SamplingParams
@@ -178,7 +178,7 @@ class LLMEngine:
 
         memory = _kv_cache_budget(config)
         # "auto" holds K and V in the matmuls' dtype: bf16 halves the bytes each decode step reads.
-        k_type, v_type = kv_cache_types(config, self.loaded.dtype)
+        k_type, v_type = fit_kv_types(self.model_config, *kv_cache_types(config, self.loaded.dtype))
         layout = plan_layout(self.model_config, memory, config.block_size, k_type, v_type, config.max_model_len,
                              config.max_num_seqs, config.enable_prefix_caching)
         num_blocks, max_len = layout.num_blocks, layout.max_model_len

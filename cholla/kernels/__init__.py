@@ -55,9 +55,11 @@ def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> set[str]:
 
 
 def build_name() -> str:
-    """The extension's name, keyed by its sources, headers and flags: torch builds each name in its
-    own folder, so two checkouts (or versions) of cholla never overwrite each other's library."""
+    """The extension's name, keyed by its folder, sources, headers and flags: torch builds each name in
+    its own folder, so two checkouts (or versions) of cholla never overwrite each other's library,
+    and never rebuild it in turn (``build.ninja`` names the sources by their absolute paths)."""
     digest = hashlib.blake2b(" ".join(COMPILER_FLAGS).encode(), digest_size=6)
+    digest.update(str(Path(__file__).parent.resolve()).encode())
     for path in sorted(Path(__file__).parent.glob("*.[ch]*")):
         digest.update(path.name.encode() + path.read_bytes())
     return f"cholla_kernels_{digest.hexdigest()}"

@@ -134,8 +134,16 @@ inline unsigned layout_of(int64_t type) {
   }
 }
 
-// x's row in the `layouts` asked for (the others are left as they were), into
-// `bytes` (4 * period * 32) and `numbers` (3 * period + 3 * k / 32, the tail scratch).
+// x's row in the `layouts` asked for (natural always: the others are cut from
+// its copies; the rest are left as they were), into `bytes` (4 * period * 32)
+// and `numbers` (3 * period + 3 * k / 32, the tail scratch).
+//
+// Every member quantizes x for every product of a decode step (a copy another
+// core had just written cost ~1 us to read), so the copies are made in
+// vectors: the row's natural copies whole, each four blocks' other layouts by
+// two 128-bit-lane shuffles of their natural 128 bytes, and each group's
+// numbers by gathers. (Block by block, a 576-wide row's 144 copies took most
+// of the call.)
 QuantizedRow quantize_row(const float* x, int64_t k, unsigned layouts, int8_t* bytes, float* numbers) {
   const int64_t blocks = k / 32, period = std::lcm(blocks, GROUP_BLOCKS);
   int8_t* natural = bytes;
@@ -152,24 +160,33 @@ QuantizedRow quantize_row(const float* x, int64_t k, unsigned layouts, int8_t* b
     first[blocks + b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
     first[2 * blocks + b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
   }
-  // (The copies walk the row's block b = f mod blocks by counting, not dividing:
-  // a 576-wide row is copied to 144 blocks, by every member for every product of
-  // a decode step, and a division per block cost 1-4% of a small product's time.)
-  if (layouts & NATURAL)
-    for (int64_t f = blocks; f < period; ++f) std::memcpy(natural + 32 * f, natural + 32 * (f - blocks), 32);
-  for (int64_t f = 0, b = 0; f < period; ++f, b = b + 1 == blocks ? 0 : b + 1) {
-    const int8_t* block = natural + 32 * b;
-    if (layouts & NIBBLES) {
-      int8_t* four = bytes + period * 32 + 128 * (f / 4);
-      std::memcpy(four + 16 * (f % 4), block, 16);
-      std::memcpy(four + 64 + 16 * (f % 4), block + 16, 16);
+  for (int64_t copy = blocks; copy < period; copy += blocks) std::memcpy(natural + 32 * copy, natural, 32 * blocks);
+  // Four blocks' natural 128 bytes are 128-bit lanes (lo, hi halves) b0 b0 b1 b1 | b2 b2 b3 b3.
+  for (int64_t f = 0; f < period; f += 4) {
+    const __m512i v0 = _mm512_loadu_si512(natural + 32 * f), v1 = _mm512_loadu_si512(natural + 32 * f + 64);
+    if (layouts & NIBBLES) {  // the four first halves, then the four second ones
+      int8_t* four = bytes + period * 32 + 32 * f;
+      _mm512_storeu_si512(four, _mm512_shuffle_i64x2(v0, v1, _MM_SHUFFLE(2, 0, 2, 0)));
+      _mm512_storeu_si512(four + 64, _mm512_shuffle_i64x2(v0, v1, _MM_SHUFFLE(3, 1, 3, 1)));
     }
-    if (layouts & K_QUANT) {
-      static constexpr int64_t k_quant_at[4] = {0, 64, 32, 96};
-      std::memcpy(bytes + 2 * period * 32 + 128 * (f / 4) + k_quant_at[f % 4], block, 32);
+    if (layouts & K_QUANT) {  // blocks 0 and 2, then 1 and 3
+      int8_t* four = bytes + 2 * period * 32 + 32 * f;
+      _mm512_storeu_si512(four, _mm512_shuffle_i64x2(v0, v1, _MM_SHUFFLE(1, 0, 1, 0)));
+      _mm512_storeu_si512(four + 64, _mm512_shuffle_i64x2(v0, v1, _MM_SHUFFLE(3, 2, 3, 2)));
     }
-    const int64_t at = f / GROUP_BLOCKS * GROUP_BLOCKS + group_block(f % GROUP_BLOCKS);
-    for (int i = 0; i < 3; ++i) numbers[i * period + at] = first[i * blocks + b];
+  }
+  // Position p of group g holds block 16 g + group_block(p), i.e. the row's block of that number mod `blocks`.
+  const __m512i in_group = _mm512_set_epi32(group_block(15), group_block(14), group_block(13), group_block(12),
+                                            group_block(11), group_block(10), group_block(9), group_block(8),
+                                            group_block(7), group_block(6), group_block(5), group_block(4),
+                                            group_block(3), group_block(2), group_block(1), group_block(0));
+  const __m512i row_blocks = _mm512_set1_epi32(static_cast<int32_t>(blocks));
+  for (int64_t g = 0; g < period; g += GROUP_BLOCKS) {
+    __m512i index = _mm512_add_epi32(in_group, _mm512_set1_epi32(static_cast<int32_t>(g % blocks)));
+    for (__mmask16 over; (over = _mm512_cmpge_epi32_mask(index, row_blocks)) != 0;)
+      index = _mm512_mask_sub_epi32(index, over, index, row_blocks);
+    for (int i = 0; i < 3; ++i)
+      _mm512_storeu_ps(numbers + i * period + g, _mm512_i32gather_ps(index, first + i * blocks, 4));
   }
   if (layouts & Q6_K_START) {  // period is a multiple of 16 blocks: whole vectors of 64 bytes
     const __m512i minus_32 = _mm512_set1_epi32(-32), ones = _mm512_set1_epi8(1);
@@ -1078,7 +1095,9 @@ int64_t plan_gemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef t
   } else {
     TORCH_CHECK(x.size(0) <= GEMV_MAX_ROWS, op, ": at most ", GEMV_MAX_ROWS, " rows, got ", x.size(0));
   }
-  jobs = split_jobs(segments, GEMV_JOB_ROWS);
+  jobs.clear();  // (in place: gemv_part's lists keep their room from product to product)
+  for (size_t i = 0; i < segments.size(); ++i)
+    for (int64_t row = 0; row < segments[i].rows; row += GEMV_JOB_ROWS) jobs.push_back({static_cast<int>(i), row});
   return n_total;
 }
 
@@ -1112,8 +1131,11 @@ at::Tensor gemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef 
 
 void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer, at::Tensor& y,
                Member& member) {
-  std::vector<Segment> segments;
-  std::vector<Job> jobs;
+  // Each member plans every product of a decode step (120 a SmolLM2 token) before its first
+  // chunk: lists that keep their room, rather than a fresh allocation and a dozen regrowths each.
+  thread_local std::vector<Segment> segments;
+  thread_local std::vector<Job> jobs;
+  segments.clear();
   const int64_t n_total = plan_gemv(x, weights, types, integer, INT8_BATCH_MAX_ROWS, segments, jobs);
   check_output("gemv_part", y, x.size(0), n_total);
   run_gemv_jobs(segments, jobs, member, x.data_ptr<float>(), x.size(0), x.size(1), integer, y.data_ptr<float>(),

@@ -23,7 +23,7 @@ import torch
 
 from cholla.errors import InvalidRequestError
 from cholla.heap import mapped_zeros
-from cholla.kv.kv_types import CacheSide, KVCacheType, ScaledKV, allocate, kv_cache_type
+from cholla.kv.kv_types import KV_CACHE_TYPES, CacheSide, KVCacheType, ScaledKV, allocate, kv_cache_type
 from cholla.kv.state_cache import state_bytes_per_sequence, state_slots_for, state_snapshots_for
 from cholla.models.config import ATTENTION_TYPES, ModelConfig
 
@@ -47,6 +47,15 @@ def _types(k_type: KVCacheType | torch.dtype, v_type: KVCacheType | torch.dtype 
     return k_type, kv_cache_type(v_type) if v_type is not None else k_type
 
 
+def fit_kv_types(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType) -> tuple[KVCacheType, KVCacheType]:
+    """The types this model's cache stores for the ones asked for: a latent cache has no per-head
+    keys to center, so ``fp8`` (``fp8_e4m3_centered``) is stored there as plain e4m3, as vLLM does."""
+    if config.mla is None:
+        return k_type, v_type
+    plain = KV_CACHE_TYPES["fp8_e4m3_plain"]
+    return tuple(plain if t.name == "fp8_e4m3_centered" else t for t in (k_type, v_type))
+
+
 def check_kv_types(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType) -> None:
     """Refuse, before anything is allocated, K and V types this model's cache cannot hold.
 
@@ -58,7 +67,7 @@ def check_kv_types(config: ModelConfig, k_type: KVCacheType, v_type: KVCacheType
                                       f"give one KV cache type for both, not K {k_type.name} and V {v_type.name}")
         if k_type.group is not None:
             raise InvalidRequestError(f"kv cache type {k_type.name} is not supported for multi-head latent attention "
-                                      "yet; choose f32, bf16, f16 or fp8")
+                                      "yet; choose f32, bf16, f16 or fp8 (stored as plain e4m3 there)")
     for heads_dims in set(layer_token_shapes(config)):
         for (_, dim), kv_type in zip(heads_dims, (k_type, v_type)):
             kv_type.check(dim)
