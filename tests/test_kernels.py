@@ -202,6 +202,22 @@ def test_prompt_qmatmul_int8_matches_its_int8_reference(qtype):
     assert torch.equal(out, got)
 
 
+def test_prompt_qmatmul_int8_reads_bf16_rows_and_writes_bf16():
+    """A prompt's product reads bf16 x as its fp32 values and, into a bf16 out, rounds its fp32
+    sums once; over slabs of tiles (4000 rows of 1024: several) and weights of two types."""
+    parts = [random_weight(qtype, 40, 1024, seed=i) for i, qtype in enumerate((T.Q4_0, T.Q8_0))]
+    weights, types = [b for b, _ in parts], [int(T.Q4_0), int(T.Q8_0)]
+    x = torch.randn(4000, 1024, generator=torch.Generator().manual_seed(4)).bfloat16()
+    exact = kernels.qmatmul_int8(x.float(), weights, types)
+    assert torch.equal(exact[3900:3950], kernels.qgemv_int8(x[3900:3950].float(), weights, types))  # row by row
+    out = torch.empty(4000, 80)
+    kernels.qmatmul_int8_out(x, weights, types, out)
+    assert torch.equal(out, exact)
+    out_bf16 = torch.empty(4000, 80, dtype=torch.bfloat16)
+    kernels.qmatmul_int8_out(x, weights, types, out_bf16)
+    assert torch.equal(out_bf16, exact.bfloat16())
+
+
 def test_prompt_qmatmul_int8_refuses_types_without_an_int8_kernel():
     blocks, _ = random_weight(T.F16, 16, 64, seed=0)
     with pytest.raises(RuntimeError, match="int8 kernel"):

@@ -983,20 +983,177 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
   } while (member.next(n_jobs, begin, end));
 }
 
-// x's checks and the jobs, as both entry points need them; returns the output width.
+// ---- Prompts: the batched int8 product over any number of rows ----
+//
+// run_batched_jobs serves decode steps (up to 64 rows), where every member
+// quantizes x itself. A prompt's x (2048 rows of 3584: 29 MB fp32) is
+// quantized once, the tiles shared out among the team, and the rows are taken
+// a slab at a time: each job (16 weight rows) meets the slab's tiles, which
+// stay in L2, then the next job; the weights are unpacked again for each slab
+// (~1-2% of the products at 16+ tiles) and read from memory once a slab.
+
+// Where x's quantized slabs should stay: about half of Zen 5's 1-2 MiB L2 (with
+// the unpacked weights and the output lines beside them).
+constexpr int64_t PROMPT_SLAB_BYTES = 1 << 20;
+// Fewer tiles a slab and re-unpacking the weights costs more than L2 saves.
+constexpr int64_t PROMPT_SLAB_MIN_TILES = 16;
+
+// 32 values of x as fp32 (bf16: its bits are the fp32's top half).
+inline void load32(const float* p, __m512& lo, __m512& hi) {
+  lo = _mm512_loadu_ps(p);
+  hi = _mm512_loadu_ps(p + 16);
+}
+inline void load32(const uint16_t* p, __m512& lo, __m512& hi) {
+  const __m512i v = _mm512_loadu_si512(p);
+  lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+  hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+}
+
+// Tile t of x (rows past m as zeros) into `x`'s buffers, as quantize_tiles
+// writes it (the same values, bit for bit: a row's products do not depend on
+// which entry quantized it). `sums`: Σ x per block (types with a min), else 0;
+// `starts`: Q6_K's starts (where the buffer has them).
+template <typename T>
+void quantize_tile(const T* x, int64_t m, int64_t k, int64_t t, bool sums, bool starts, const XTiles& tiles) {
+  const int64_t blocks = k / 32;
+  for (int64_t lane = 0; lane < LANES; ++lane) {
+    const int64_t r = t * LANES + lane;
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+      if (r < m) load32(x + r * k + 32 * b, lo, hi);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));  // round to nearest
+      const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
+      alignas(16) int32_t quad[8];  // four int8 each: weights 4j .. 4j+3 of the block
+      _mm_store_si128(reinterpret_cast<__m128i*>(quad), _mm512_cvtepi32_epi8(qlo));
+      _mm_store_si128(reinterpret_cast<__m128i*>(quad + 4), _mm512_cvtepi32_epi8(qhi));
+      int32_t* dst = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.quads(t, b)));
+      for (int j = 0; j < 8; ++j) dst[j * LANES + lane] = quad[j];
+      float* n = const_cast<float*>(tiles.dx(t, b));
+      const int32_t sum_lo = _mm512_reduce_add_epi32(qlo), sum_hi = _mm512_reduce_add_epi32(qhi);
+      n[lane] = d;
+      n[LANES + lane] = d * static_cast<float>(sum_lo + sum_hi);
+      n[2 * LANES + lane] = sums ? _mm512_reduce_add_ps(_mm512_add_ps(lo, hi)) : 0.0f;
+      if (starts) {
+        int32_t* s = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.q6_k_starts(t, b)));
+        s[lane] = -32 * sum_lo;
+        s[LANES + lane] = -32 * sum_hi;
+      }
+    }
+  }
+}
+
+// c: one job's sums for a tile ([16 weight rows][16 lanes]) -> out's rows of the tile's lanes (fp32 or bf16).
+inline void store_tile(const float* c, int64_t t, int64_t m, int64_t rows, float* out, int64_t n_total, bool stream) {
+  __m512 col[LANES];
+  transpose16(c, col);
+  for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) {
+    float* y = out + (t * LANES + lane) * n_total;
+    if (stream && rows == GEMV_JOB_ROWS && (reinterpret_cast<uintptr_t>(y) & 63) == 0)
+      _mm512_stream_ps(y, col[lane]);
+    else if (rows == GEMV_JOB_ROWS)  // (masked stores are slower on Zen)
+      _mm512_storeu_ps(y, col[lane]);
+    else
+      _mm512_mask_storeu_ps(y, lanes(rows), col[lane]);
+  }
+}
+inline void store_tile(const float* c, int64_t t, int64_t m, int64_t rows, uint16_t* out, int64_t n_total, bool) {
+  __m512 col[LANES];
+  transpose16(c, col);
+  for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) {
+    const __m256i y = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(col[lane]));
+    if (rows == GEMV_JOB_ROWS)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (t * LANES + lane) * n_total), y);
+    else
+      _mm256_mask_storeu_epi16(out + (t * LANES + lane) * n_total, lanes(rows), y);
+  }
+}
+
+// A member's part of a prompt's product: jobs (slab, job) in slab order, x quantized.
+// (x by value: a local the products' loop need not reload after every store. Flattened:
+// tile_rows inlined here as in run_batched_jobs; called out of line, from a second caller,
+// it ran ~12% slower, and run_batched_jobs lost its inlined copy too.)
+template <typename Out>
+[[gnu::flatten]] void run_prompt_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, const XTiles x,
+                     int64_t slab_tiles, int64_t m, int64_t k, Out* out, int64_t n_total, cholla::Member& member) {
+  thread_local std::vector<uint8_t> strip;
+  thread_local std::vector<float> scales;
+  thread_local std::vector<float> sums;
+  const int64_t n_jobs = static_cast<int64_t>(jobs.size()), blocks = k / 32;
+  const int64_t slabs = (x.tiles + slab_tiles - 1) / slab_tiles, n = slabs * n_jobs;
+  strip.resize(GEMV_JOB_ROWS * k);
+  scales.resize(3 * GEMV_JOB_ROWS * blocks);
+  sums.resize(slab_tiles * GEMV_JOB_ROWS * LANES);
+  float* d = scales.data();  // up to 2 per block (f.scales)
+  float* m_shifted = d + 2 * GEMV_JOB_ROWS * blocks;
+  // fp32 outputs of 4 MiB and more go straight to memory (as run_batched_jobs': a prompt's are read by the next op)
+  const bool stream = m * n_total * static_cast<int64_t>(sizeof(Out)) >= STREAM_OUTPUT_BYTES;
+  Ahead ahead;
+  for (int64_t begin, end; member.next(n, begin, end);) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t slab = i / n_jobs, j = i % n_jobs;
+      const int64_t t0 = slab * slab_tiles, t1 = std::min(x.tiles, t0 + slab_tiles);
+      const Segment& seg = segments[jobs[j].segment];
+      const int64_t first = jobs[j].first_row, rows = std::min(seg.rows - first, GEMV_JOB_ROWS);
+      const IntFormat f = int_format(seg.type);
+      const int64_t row_scales = f.scales * blocks;
+      if (i + 1 < n) {  // the next job's weights, over this one's products
+        const Job& later = jobs[(i + 1) % n_jobs];
+        const Segment& lseg = segments[later.segment];
+        const int64_t later_rows = std::min(lseg.rows - later.first_row, GEMV_JOB_ROWS);
+        ahead.start(lseg.data + later.first_row * lseg.row_bytes, later_rows * lseg.row_bytes,
+                    (t1 - t0) * (GEMV_JOB_ROWS / ROW_GROUP) * blocks);
+      } else {
+        ahead.start(nullptr, 0, 1);
+      }
+      const UnpackRow unpack = unpack_row_for(seg.type);
+      for (int64_t r = 0; r < GEMV_JOB_ROWS; ++r) {
+        if (r < rows) {
+          unpack(seg.data + (first + r) * seg.row_bytes, blocks, strip.data() + r * k, d + r * row_scales,
+                 m_shifted + r * blocks);
+        } else {  // past the weight's end: zeros (their products are not written)
+          std::memset(strip.data() + r * k, 0, k);
+          std::fill(d + r * row_scales, d + (r + 1) * row_scales, 0.0f);
+          std::fill(m_shifted + r * blocks, m_shifted + (r + 1) * blocks, 0.0f);
+        }
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t r = 0; r < GEMV_JOB_ROWS; r += ROW_GROUP) {
+          const uint8_t* q = strip.data() + r * k;
+          float* ct = sums.data() + (t - t0) * GEMV_JOB_ROWS * LANES + r * LANES;
+          if (seg.type == Q6_K)
+            tile_rows_q6_k(q, d + r * row_scales, k, x, t, ct, ahead);
+          else if (f.has_min)
+            tile_rows<true>(q, d + r * blocks, m_shifted + r * blocks, k, f.bias, x, t, ct, ahead);
+          else
+            tile_rows<false>(q, d + r * blocks, m_shifted + r * blocks, k, f.bias, x, t, ct, ahead);
+        }
+        store_tile(sums.data() + (t - t0) * GEMV_JOB_ROWS * LANES, t, m, rows, out + seg.out_offset + first,
+                   n_total, stream);
+      }
+    }
+  }
+  if (stream) _mm_sfence();  // the streamed lines are out before the team's end says so
+}
+
+// x's checks and the jobs, as every entry point needs them; returns the output width.
+// `max_rows`: the most rows the batched int8 product takes here (INT8_BATCH_MAX_ROWS for
+// the GEMVs; a prompt's product takes any number, from bf16 rows too, and only int8 types).
 int64_t plan_gemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer,
-                  std::vector<Segment>& segments, std::vector<Job>& jobs) {
-  check_activations(x);
-  TORCH_CHECK(x.is_contiguous(), "qgemv: x must be contiguous");
+                  int64_t max_rows, std::vector<Segment>& segments, std::vector<Job>& jobs) {
+  const bool prompt = max_rows > INT8_BATCH_MAX_ROWS;
+  const char* op = prompt ? "qmatmul_int8" : integer ? "qgemv_int8" : "qgemv";
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || (prompt && x.scalar_type() == at::kBFloat16)), op,
+              ": x must be ", prompt ? "fp32 or bf16" : "fp32", " [m, k]");
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   const int64_t n_total = plan_segments(x.size(1), weights, types, segments);
-  if (integer && x.size(0) > GEMV_MAX_ROWS) {
-    TORCH_CHECK(x.size(0) <= INT8_BATCH_MAX_ROWS, "qgemv_int8: at most ", INT8_BATCH_MAX_ROWS, " rows, got ",
-                x.size(0));
-    TORCH_CHECK(cholla::int8_kernel_types(types), "qgemv_int8: more than ", GEMV_MAX_ROWS,
-                 " rows need every weight in a type with an int8 kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
+  if (integer && (prompt || x.size(0) > GEMV_MAX_ROWS)) {
+    TORCH_CHECK(x.size(0) <= max_rows, op, ": at most ", max_rows, " rows, got ", x.size(0));
+    TORCH_CHECK(cholla::int8_kernel_types(types), op, prompt ? ": every weight must be of" : ": more than 8 rows need every weight in",
+                " a type with an int8 kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
   } else {
-    TORCH_CHECK(x.size(0) <= GEMV_MAX_ROWS, integer ? "qgemv_int8" : "qgemv", ": at most ", GEMV_MAX_ROWS,
-                " rows, got ", x.size(0));
+    TORCH_CHECK(x.size(0) <= GEMV_MAX_ROWS, op, ": at most ", GEMV_MAX_ROWS, " rows, got ", x.size(0));
   }
   jobs.clear();  // (in place: gemv_part's lists keep their room from product to product)
   for (size_t i = 0; i < segments.size(); ++i)
@@ -1021,7 +1178,7 @@ at::Tensor gemv(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef 
   const at::Tensor x = x_in.contiguous();
   std::vector<Segment> segments;
   std::vector<Job> jobs;
-  const int64_t n_total = plan_gemv(x, weights, types, integer, segments, jobs);
+  const int64_t n_total = plan_gemv(x, weights, types, integer, INT8_BATCH_MAX_ROWS, segments, jobs);
   const int64_t m = x.size(0);
   at::Tensor y = out.defined() ? out : at::empty({m, n_total}, x.options());
   if (out.defined()) check_output("qgemv_int8_out", y, m, n_total);
@@ -1039,7 +1196,7 @@ void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef type
   thread_local std::vector<Segment> segments;
   thread_local std::vector<Job> jobs;
   segments.clear();
-  const int64_t n_total = plan_gemv(x, weights, types, integer, segments, jobs);
+  const int64_t n_total = plan_gemv(x, weights, types, integer, INT8_BATCH_MAX_ROWS, segments, jobs);
   check_output("gemv_part", y, x.size(0), n_total);
   run_gemv_jobs(segments, jobs, member, x.data_ptr<float>(), x.size(0), x.size(1), integer, y.data_ptr<float>(),
                 n_total);
@@ -1063,25 +1220,45 @@ void qgemv_int8_out(const at::Tensor& x, at::TensorList weights, at::IntArrayRef
 }
 
 // A prompt's product (any number of rows; every weight of a type with an int8
-// kernel): the batched int8 product, x's rows in tiles of 16, into `out`
-// (fp32 [m, sum n_i], contiguous). Each row's result depends on that row alone.
+// kernel): the batched int8 product, x (fp32 or bf16) quantized once in tiles of
+// 16 rows, taken a slab at a time (run_prompt_jobs), into `out` (fp32 or bf16
+// [m, sum n_i], contiguous: a bf16 consumer's product is rounded once, not
+// written in fp32 and converted). Each row's result depends on that row alone.
 void qmatmul_int8_out(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types, at::Tensor out) {
   const at::Tensor x = x_in.contiguous();
-  check_activations(x);
   std::vector<Segment> segments;
-  const int64_t n_total = plan_segments(x.size(1), weights, types, segments);
-  TORCH_CHECK(int8_kernel_types(types), "qmatmul_int8: every weight must be of a type with an int8 kernel "
-              "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
-  check_output("qmatmul_int8_out", out, x.size(0), n_total);
-  const std::vector<Job> jobs = split_jobs(segments, GEMV_JOB_ROWS);
-  const int64_t m = x.size(0), n_jobs = static_cast<int64_t>(jobs.size());
+  std::vector<Job> jobs;
+  const int64_t n_total = plan_gemv(x, weights, types, true, INT64_MAX, segments, jobs);
+  const int64_t m = x.size(0), k = x.size(1), blocks = k / 32;
+  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.is_contiguous() &&
+                  out.dim() == 2 && out.size(0) == m && out.size(1) == n_total,
+              "qmatmul_int8_out: out must be contiguous fp32 or bf16 [", m, ", ", n_total, "]");
   if (m == 0) return;
-  // x is not cut into slabs that stay in L2: at 2048 rows of 1024 or 3584 it made no difference.
+  bool sums = false, starts = false;  // what of x's quantized blocks the weights' types read
+  for (const Segment& seg : segments) sums |= int_format(seg.type).has_min, starts |= seg.type == Q6_K;
+  const int64_t tiles = (m + LANES - 1) / LANES;
+  thread_local std::vector<int8_t> bytes;  // the caller's: every member reads it
+  thread_local std::vector<float> numbers;
+  bytes.resize(tiles * blocks * (512 + (starts ? 128 : 0)));
+  numbers.resize(tiles * blocks * 3 * LANES);
+  const XTiles xt{tiles, blocks, bytes.data(), numbers.data()};
+  const int64_t tile_bytes = blocks * (512 + 3 * LANES * 4 + (starts ? 128 : 0));
+  const int64_t slab_tiles = std::max(PROMPT_SLAB_MIN_TILES, PROMPT_SLAB_BYTES / tile_bytes);
   run_as_team([&](Member& member) {
-    int64_t begin = 0, end = 0;
-    if (member.next(n_jobs, begin, end))
-      run_batched_jobs(segments, jobs, begin, end, member, x.data_ptr<float>(), m, x.size(1), out.data_ptr<float>(),
-                       n_total);
+    for (int64_t begin, end; member.next(tiles, begin, end);) {
+      for (int64_t t = begin; t < end; ++t) {
+        if (x.scalar_type() == at::kFloat)
+          quantize_tile(x.data_ptr<float>(), m, k, t, sums, starts, xt);
+        else
+          quantize_tile(reinterpret_cast<const uint16_t*>(x.data_ptr()), m, k, t, sums, starts, xt);
+      }
+    }
+    if (!member.finish()) return;
+    if (out.scalar_type() == at::kFloat)
+      run_prompt_jobs(segments, jobs, xt, slab_tiles, m, k, out.data_ptr<float>(), n_total, member);
+    else
+      run_prompt_jobs(segments, jobs, xt, slab_tiles, m, k, reinterpret_cast<uint16_t*>(out.data_ptr()), n_total,
+                      member);
   });
 }
 

@@ -233,8 +233,9 @@ class Linear(nn.Module):
 def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear], keep_bf16: bool,
                    out: torch.Tensor | None = None, decode: bool = False) -> torch.Tensor | None:
     """x: [rows, in] times every layer's weight, side by side; None where no kernel serves.
-    fp32 out, or with ``keep_bf16`` the dense path's bf16 product as it came. The
-    batched kernels (int8 or AMX) write into ``out`` where one is given."""
+    fp32 out, or with ``keep_bf16`` a prompt's product in bf16 (the dense path's as it came,
+    the int8 one's rounded once). The batched kernels (int8 or AMX) write into ``out`` where
+    one is given."""
     weights, types = [], []
     for layer in layers:  # a plain loop: this runs ~120 times per decoded token
         if layer.kernel_weight is None:
@@ -248,12 +249,17 @@ def _kernel_matmul(x: torch.Tensor, layers: Sequence[Linear], keep_bf16: bool,
         return kernels.qgemv_int8(x.float(), weights, types)
     batch_types = int8_batch_types(decode or _decode_step)
     if all(t in batch_types for t in types):  # a group of mixed types takes the bf16 product (as Products)
-        # Up to INT8_BATCH_MAX_ROWS rows the decode steps' entry (the one Products runs),
-        # beyond it the prompts' (the same product, any number of rows).
-        product = kernels.qgemv_int8_out if rows <= INT8_BATCH_MAX_ROWS else kernels.qmatmul_int8_out
+        width = sum(layer.out_features for layer in layers)
+        if rows <= INT8_BATCH_MAX_ROWS:  # the decode steps' entry (the one Products runs)
+            if out is None:
+                out = fresh_empty((rows, width), torch.float32)
+            kernels.qgemv_int8_out(x.float(), weights, types, out)
+            return out
+        # A prompt's: the same product, any number of rows, reading bf16 rows as they are, and
+        # rounding its sums to bf16 once for a bf16 consumer (no fp32 copy of a 2048-row step's gate+up).
         if out is None:
-            out = fresh_empty((rows, sum(layer.out_features for layer in layers)), torch.float32)
-        product(x.float(), weights, types, out)
+            out = fresh_empty((rows, width), torch.bfloat16 if keep_bf16 else torch.float32)
+        kernels.qmatmul_int8_out(x if x.dtype == torch.bfloat16 else x.float(), weights, types, out)
         return out
     if rows <= AMX_MAX_ROWS:
         if out is None:
@@ -268,8 +274,8 @@ def linear_group(layers: Sequence[Linear], x: torch.Tensor, keep_bf16: bool = Fa
                  out: torch.Tensor | None = None, decode: bool = False) -> list[torch.Tensor]:
     """Every layer applied to the same x ([..., in] -> [..., out_i]), in one kernel call where possible.
 
-    Outputs are fp32; with ``keep_bf16`` a product made in bf16 (a prefill's
-    dense matmul) stays bf16, for a consumer that reads it as is (the MLP's
+    Outputs are fp32; with ``keep_bf16`` a prompt's product (a prefill's dense
+    matmul, or its int8 product) comes in bf16, for a consumer that reads it as is (the MLP's
     activation: no fp32 copy of a 2048-token chunk's gate and up). ``out``
     (fp32 [rows, sum out_i]): where a batched kernel runs, the product is written there.
     ``decode``: x's rows are a decode step's (one per sequence), which the
