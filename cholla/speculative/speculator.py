@@ -32,6 +32,7 @@ could pay, so a large batch runs no lookup at all.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -101,6 +102,7 @@ def can_speculate(params: SamplingParams) -> bool:
     return params.speculative_decoding
 
 
+@functools.lru_cache(maxsize=4096)  # asked for the same few (table, rows) pairs every step
 def step_cost(table: tuple[tuple[int, float], ...], rows: int) -> float:
     """A step of ``rows`` rows, relative to a one-row step (``STEP_COST``); inf past the table."""
     for (r0, c0), (r1, c1) in zip(table, table[1:]):
