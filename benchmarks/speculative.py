@@ -35,12 +35,14 @@ no acceptance. ``--forced`` adds a ``layer_skip+forced`` row that drafts and ver
 every step whatever they cost (rows free, drafting free in the policy, not in time): its
 acceptance and speed are what layer skipping itself achieves.
 
-Workloads: ``copy`` (repeat a given paragraph), ``code`` (rewrite given code
-with a small change), both copy-heavy; ``open`` (a story: nothing to copy). Every request
-decodes ``-n`` tokens, past the model's end of answer (``--ignore-eos`` for llama.cpp's tools);
-``--stop-at-eos`` ends each where the model ends its answer (at most ``-n``), in cholla and in
-llama.cpp's tools alike: SmolLM2's copy answer is 56 tokens, and what it writes after it is
-text of its own, not a copy.
+Workloads: ``copy`` (repeat a given passage of ~150 tokens), ``code`` (rename a function in
+given code and reply with the full code), both copy-heavy; ``open`` (a story: nothing to copy).
+Every request decodes ``-n`` tokens, past the model's end of answer if it ends sooner
+(``--ignore-eos`` for llama.cpp's tools); ``--stop-at-eos`` ends each where the model ends its
+answer (at most ``-n``), in cholla and in llama.cpp's tools alike. SmolLM2-135M-Instruct's
+answers to ``copy`` and ``code`` are longer than 96 tokens and copy the given text (with the
+rename) from their first token, so at ``-n 96`` both measure the same answer; ``--answers``
+prints each workload's answer (the plain decode's) to check what was measured.
 ``--methods draft`` drafts with ``--draft-model`` (default: the model itself,
 which accepts every draft: it measures the machinery's cost, not a gain).
 
@@ -82,28 +84,41 @@ from cholla.tokenizer.chat_template import ChatTemplate, encode_chat
 LLAMA_CPP_BIN = Path("/work/llamacpp/bin")
 LLAMA_TOOLS = ("llama-lookup", "llama-speculative")
 
+# A passage longer than the measured window: SmolLM2-135M-Instruct's answer to `copy` is the
+# passage (~150 tokens, of which the first 96 are a copy word for word), so 96 tokens and
+# `--stop-at-eos` measure the same answer. (The earlier three-sentence paragraph ended at 56 tokens,
+# and the rest of a 96-token run was a chat turn the model invented.)
 PARAGRAPH = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, polished the "
     "great lens, and wound the clockwork that turned the light. Ships passing the reef at night counted the "
-    "flashes, three short and one long, and knew exactly where they were."
+    "flashes, three short and one long, and knew exactly where they were. In winter the storms came in from the "
+    "west, and the spray reached the gallery windows a hundred feet above the rocks. On those nights he did not "
+    "sleep at all: he sat by the lamp with a pot of tea, listening to the wind, and wrote in the logbook every hour. "
+    "When spring returned, the supply boat brought flour, oil, letters from his sister, and a new book to read."
 )
-CODE = '''def mean(values):
-    total = 0
-    for value in values:
-        total += value
-    return total / len(values)
+# Code SmolLM2 answers by copying it with the edit made (`thank` renamed; then a sentence of its own
+# from ~96 tokens on). Asked to rename a variable in, add docstrings to or fix arithmetic code
+# (mean/variance), it rewrote the functions instead (`sum(values) / len(values)`): docs/benchmarks.md.
+CODE = '''def greet(name):
+    message = "Hello, " + name + "!"
+    print(message)
+    return message
 
 
-def variance(values):
-    m = mean(values)
-    total = 0
-    for value in values:
-        total += (value - m) ** 2
-    return total / len(values)
+def farewell(name):
+    message = "Goodbye, " + name + "."
+    print(message)
+    return message
+
+
+def thank(name):
+    message = "Thank you, " + name + "."
+    print(message)
+    return message
 '''
 WORKLOADS = {
     "copy": f"Repeat the following paragraph exactly, word for word.\n\n{PARAGRAPH}",
-    "code": f"Here is some Python code:\n\n{CODE}\nRewrite this code exactly, renaming the variable `total` to `acc`.",
+    "code": f"Rename the function `thank` to `thank_you` in this Python code. Reply with the full code.\n\n```python\n{CODE}```",
     "open": "Write a short story about a dragon who learns to bake bread.",
 }
 
@@ -275,6 +290,7 @@ def main() -> None:
     parser.add_argument("-k", "--num-speculative-tokens", type=int, default=4)
     parser.add_argument("-n", "--max-tokens", type=int, default=128)
     parser.add_argument("-r", "--repetitions", type=int, default=3)
+    parser.add_argument("--answers", action="store_true", help="print each model's answer to each workload (plain decode)")
     parser.add_argument("--stop-at-eos", action="store_true",
                         help="end each request at the model's end of answer (at most -n tokens), not -n tokens past it")
     parser.add_argument("--dtype", default="auto")
@@ -301,12 +317,14 @@ def main() -> None:
     llama_bin = None if args.no_llama_cpp else args.llama_cpp
 
     rows = []
-    answers: dict[tuple[str, str], int] = {}  # (model, workload) -> tokens in the (first) request's answer
+    answers: dict[tuple[str, str], list[int]] = {}  # (model, workload) -> the (first) request's answer
+    tokenizers = {}
     llama_rows: dict[tuple[str, str], list] = {}  # (model, workload) -> [(tool, t/s per run, acceptance, length)]
     for name in args.models:
         loaded = load_model(resolve_model(name), args.dtype)
         base = {"max_model_len": 2048, "kv_cache_memory": 256 * 2**20, "max_num_seqs": max(args.batch), "dtype": args.dtype}
         plain = LLMEngine(loaded, EngineConfig(**base))
+        tokenizers[name] = plain.tokenizer
         template = ChatTemplate.for_tokenizer(plain.tokenizer)
         labels = [m for method in args.methods for m in ([method, "ngram+cache"] if method == "ngram" and args.cache
                                                           else [method, "layer_skip+forced"]
@@ -364,7 +382,7 @@ def main() -> None:
                         drafts = after.spec_draft_tokens - before.spec_draft_tokens
                         accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
                         steps = after.spec_verifications - before.spec_verifications
-                        answers[(name, workload)] = len(outputs["plain"])
+                        answers[(name, workload)] = outputs["plain"]
                         rows.append((name, label, temperature, batch, workload, speeds["plain"], speeds["spec"],
                                      statistics.mean(cpu["spec"]) / statistics.mean(cpu["plain"]),
                                      accepted / drafts if drafts else None, 1 + accepted / steps if steps else None,
@@ -399,7 +417,10 @@ def main() -> None:
                   f"{fmt(speeds)} | {speedup} | {acceptance} | {length} | - |")
     if args.stop_at_eos:
         print("\nTokens in each answer (the first request's, greedy's last row): "
-              + ", ".join(f"{name} {workload} {count}" for (name, workload), count in answers.items()))
+              + ", ".join(f"{name} {workload} {len(answer)}" for (name, workload), answer in answers.items()))
+    if args.answers:
+        for (name, workload), answer in answers.items():
+            print(f"\n{name}, {workload} ({len(answer)} tokens):\n{tokenizers[name].decode(answer)}")
 
 
 if __name__ == "__main__":
