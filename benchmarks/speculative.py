@@ -373,8 +373,9 @@ def main() -> None:
                         cpu: dict[str, list[float]] = {"plain": [], "spec": []}
                         outputs = {}
                         before = spec.stats()
-                        for _ in range(args.repetitions):
-                            for run, engine in (("plain", plain), ("spec", spec)):
+                        for rep in range(args.repetitions):  # turns: plain first, then speculative first, ...
+                            order = (("plain", plain), ("spec", spec))
+                            for run, engine in order if rep % 2 == 0 else order[::-1]:
                                 outputs[run], rate, cpu_rate = decode(engine, prompt_ids, params, batch)
                                 speeds[run].append(rate)
                                 cpu[run].append(cpu_rate)
