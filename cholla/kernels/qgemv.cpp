@@ -542,14 +542,39 @@ struct XTiles {
   const float* sum(int64_t t, int64_t b) const { return dx(t, b) + 2 * LANES; }
 };
 
-XTiles quantize_tiles(const float* x, int64_t m, int64_t k, std::vector<int8_t>& bytes, std::vector<float>& numbers) {
-  const int64_t blocks = k / 32, tiles = (m + LANES - 1) / LANES;
-  bytes.assign(tiles * blocks * (512 + 128), 0);
-  numbers.assign(tiles * blocks * 3 * LANES, 0.0f);
-  for (int64_t r = 0; r < m; ++r) {
-    const int64_t t = r / LANES, lane = r % LANES;
+// 32 values of x as fp32 (bf16: its bits are the fp32's top half).
+inline void load32(const float* p, __m512& lo, __m512& hi) {
+  lo = _mm512_loadu_ps(p);
+  hi = _mm512_loadu_ps(p + 16);
+}
+inline void load32(const uint16_t* p, __m512& lo, __m512& hi) {
+  const __m512i v = _mm512_loadu_si512(p);
+  lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+  hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+}
+
+// Tile t of x (rows past m as zeros) into `tiles`' buffers (a row's products do
+// not depend on which entry or tile quantized it). `sums`: Σ x per block (types with a min), else 0;
+// `starts`: Q6_K's starts (where the buffer has them).
+template <typename T>
+void quantize_tile(const T* x, int64_t m, int64_t k, int64_t t, bool sums, bool starts, const XTiles& tiles) {
+  const int64_t blocks = k / 32;
+  for (int64_t lane = 0; lane < LANES; ++lane) {
+    const int64_t r = t * LANES + lane;
     for (int64_t b = 0; b < blocks; ++b) {
-      const __m512 lo = _mm512_loadu_ps(x + r * k + 32 * b), hi = _mm512_loadu_ps(x + r * k + 32 * b + 16);
+      if (r >= m) {  // past x's rows: zeros (what the arithmetic below gives them, without it)
+        int32_t* dst = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.quads(t, b)));
+        for (int j = 0; j < 8; ++j) dst[j * LANES + lane] = 0;
+        float* n = const_cast<float*>(tiles.dx(t, b));
+        n[lane] = n[LANES + lane] = n[2 * LANES + lane] = 0.0f;
+        if (starts) {
+          int32_t* s = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.q6_k_starts(t, b)));
+          s[lane] = s[LANES + lane] = 0;
+        }
+        continue;
+      }
+      __m512 lo, hi;
+      load32(x + r * k + 32 * b, lo, hi);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
       const float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
       const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));  // round to nearest
@@ -557,18 +582,30 @@ XTiles quantize_tiles(const float* x, int64_t m, int64_t k, std::vector<int8_t>&
       alignas(16) int32_t quad[8];  // four int8 each: weights 4j .. 4j+3 of the block
       _mm_store_si128(reinterpret_cast<__m128i*>(quad), _mm512_cvtepi32_epi8(qlo));
       _mm_store_si128(reinterpret_cast<__m128i*>(quad + 4), _mm512_cvtepi32_epi8(qhi));
-      int32_t* dst = reinterpret_cast<int32_t*>(bytes.data() + (t * blocks + b) * 512);
+      int32_t* dst = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.quads(t, b)));
       for (int j = 0; j < 8; ++j) dst[j * LANES + lane] = quad[j];
-      float* n = numbers.data() + (t * blocks + b) * 3 * LANES;
+      float* n = const_cast<float*>(tiles.dx(t, b));
+      const int32_t sum_lo = _mm512_reduce_add_epi32(qlo), sum_hi = _mm512_reduce_add_epi32(qhi);
       n[lane] = d;
-      n[LANES + lane] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
-      n[2 * LANES + lane] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
-      int32_t* starts = reinterpret_cast<int32_t*>(bytes.data() + tiles * blocks * 512 + (t * blocks + b) * 128);
-      starts[lane] = -32 * _mm512_reduce_add_epi32(qlo);
-      starts[LANES + lane] = -32 * _mm512_reduce_add_epi32(qhi);
+      n[LANES + lane] = d * static_cast<float>(sum_lo + sum_hi);
+      n[2 * LANES + lane] = sums ? _mm512_reduce_add_ps(_mm512_add_ps(lo, hi)) : 0.0f;
+      if (starts) {
+        int32_t* s = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.q6_k_starts(t, b)));
+        s[lane] = -32 * sum_lo;
+        s[LANES + lane] = -32 * sum_hi;
+      }
     }
   }
-  return {tiles, blocks, bytes.data(), numbers.data()};
+}
+
+// Every tile of x, with Σ x and Q6_K's starts (a decode step's products take every type).
+XTiles quantize_tiles(const float* x, int64_t m, int64_t k, std::vector<int8_t>& bytes, std::vector<float>& numbers) {
+  const int64_t blocks = k / 32, tiles = (m + LANES - 1) / LANES;
+  bytes.resize(tiles * blocks * (512 + 128));
+  numbers.resize(tiles * blocks * 3 * LANES);
+  const XTiles xt{tiles, blocks, bytes.data(), numbers.data()};
+  for (int64_t t = 0; t < tiles; ++t) quantize_tile(x, m, k, t, true, true, xt);
+  return xt;
 }
 
 // One weight row's blocks -> k unsigned bytes q (w = d (q + bias) + m' per block),
@@ -1026,52 +1063,6 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
 constexpr int64_t PROMPT_SLAB_BYTES = 1 << 20;
 // Fewer tiles a slab and re-unpacking the weights costs more than L2 saves.
 constexpr int64_t PROMPT_SLAB_MIN_TILES = 16;
-
-// 32 values of x as fp32 (bf16: its bits are the fp32's top half).
-inline void load32(const float* p, __m512& lo, __m512& hi) {
-  lo = _mm512_loadu_ps(p);
-  hi = _mm512_loadu_ps(p + 16);
-}
-inline void load32(const uint16_t* p, __m512& lo, __m512& hi) {
-  const __m512i v = _mm512_loadu_si512(p);
-  lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
-  hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
-}
-
-// Tile t of x (rows past m as zeros) into `x`'s buffers, as quantize_tiles
-// writes it (the same values, bit for bit: a row's products do not depend on
-// which entry quantized it). `sums`: Σ x per block (types with a min), else 0;
-// `starts`: Q6_K's starts (where the buffer has them).
-template <typename T>
-void quantize_tile(const T* x, int64_t m, int64_t k, int64_t t, bool sums, bool starts, const XTiles& tiles) {
-  const int64_t blocks = k / 32;
-  for (int64_t lane = 0; lane < LANES; ++lane) {
-    const int64_t r = t * LANES + lane;
-    for (int64_t b = 0; b < blocks; ++b) {
-      __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
-      if (r < m) load32(x + r * k + 32 * b, lo, hi);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-      const float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));  // round to nearest
-      const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
-      alignas(16) int32_t quad[8];  // four int8 each: weights 4j .. 4j+3 of the block
-      _mm_store_si128(reinterpret_cast<__m128i*>(quad), _mm512_cvtepi32_epi8(qlo));
-      _mm_store_si128(reinterpret_cast<__m128i*>(quad + 4), _mm512_cvtepi32_epi8(qhi));
-      int32_t* dst = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.quads(t, b)));
-      for (int j = 0; j < 8; ++j) dst[j * LANES + lane] = quad[j];
-      float* n = const_cast<float*>(tiles.dx(t, b));
-      const int32_t sum_lo = _mm512_reduce_add_epi32(qlo), sum_hi = _mm512_reduce_add_epi32(qhi);
-      n[lane] = d;
-      n[LANES + lane] = d * static_cast<float>(sum_lo + sum_hi);
-      n[2 * LANES + lane] = sums ? _mm512_reduce_add_ps(_mm512_add_ps(lo, hi)) : 0.0f;
-      if (starts) {
-        int32_t* s = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.q6_k_starts(t, b)));
-        s[lane] = -32 * sum_lo;
-        s[LANES + lane] = -32 * sum_hi;
-      }
-    }
-  }
-}
 
 // A member's part of a prompt's product: jobs (slab, job) in slab order, x quantized.
 // (x by value: a local the products' loop need not reload after every store. Flattened:
