@@ -252,11 +252,12 @@ inline void check_output(const char* op, const at::Tensor& out, int64_t m, int64
                   out.size(1) == n_total, op, ": out must be contiguous fp32 [", m, ", ", n_total, "]");
 }
 
-// Checks the weights hold rows of k weights, fills one Segment per weight; returns
-// the total output width.
+// Checks the weights hold rows of k weights, fills `segments` with one Segment per
+// weight (in place: a caller's list keeps its room); returns the total output width.
 inline int64_t plan_segments(int64_t k, at::TensorList weights, at::IntArrayRef types, std::vector<Segment>& segments) {
   TORCH_CHECK(weights.size() == types.size() && !weights.empty(), "qmatmul: one type per weight");
   TORCH_CHECK(k % 32 == 0, "qmatmul: k must be a multiple of 32");
+  segments.clear();
   int64_t n_total = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor& w = weights[i];
@@ -272,12 +273,12 @@ inline int64_t plan_segments(int64_t k, at::TensorList weights, at::IntArrayRef 
   return n_total;
 }
 
-// Every segment cut into jobs of rows_per_job output rows, the unit threads share.
-inline std::vector<Job> split_jobs(const std::vector<Segment>& segments, int64_t rows_per_job) {
-  std::vector<Job> jobs;
+// Every segment cut into jobs of rows_per_job output rows, the unit threads share
+// (into `jobs`, in place: a caller's list keeps its room).
+inline void split_jobs(const std::vector<Segment>& segments, int64_t rows_per_job, std::vector<Job>& jobs) {
+  jobs.clear();
   for (size_t i = 0; i < segments.size(); ++i)
     for (int64_t row = 0; row < segments[i].rows; row += rows_per_job) jobs.push_back({static_cast<int>(i), row});
-  return jobs;
 }
 
 }  // namespace

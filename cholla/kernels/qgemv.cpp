@@ -715,6 +715,13 @@ struct Ahead {
     end = next + bytes;
     per_step = (bytes / 64 + steps) / std::max<int64_t>(steps, 1);
   }
+  // A job's weight rows (none: nullptr), spread over `steps` calls of step().
+  void start_job(const std::vector<Segment>& segments, const Job* job, int64_t steps) {
+    if (job == nullptr) return start(nullptr, 0, 1);
+    const Segment& seg = segments[job->segment];
+    start(seg.data + job->first_row * seg.row_bytes, std::min(seg.rows - job->first_row, GEMV_JOB_ROWS) * seg.row_bytes,
+          steps);
+  }
   void step() {
     for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_NTA);
   }
@@ -968,14 +975,10 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
     for (int64_t j = begin; j < end; ++j) {
       const Segment& seg = segments[jobs[j].segment];
       const int64_t first = jobs[j].first_row, rows = std::min(seg.rows - first, GEMV_JOB_ROWS);
-      if (j + 1 < n_jobs) {  // the next job, over this one's products (two ahead, or into L1, did no better)
-        const Segment& later = segments[jobs[j + 1].segment];
-        const int64_t later_rows = std::min(later.rows - jobs[j + 1].first_row, GEMV_JOB_ROWS);
-        ahead.start(later.data + jobs[j + 1].first_row * later.row_bytes, later_rows * later.row_bytes,
-                    x.tiles * (GEMV_JOB_ROWS / ROW_GROUP) * blocks);  // a step per block of each tile_rows
-      } else {
-        ahead.start(nullptr, 0, 1);
-      }
+      // The next job, over this one's products (two ahead, or into L1, did no better): a step per
+      // block of each tile_rows.
+      ahead.start_job(segments, j + 1 < n_jobs ? &jobs[j + 1] : nullptr,
+                      x.tiles * (GEMV_JOB_ROWS / ROW_GROUP) * blocks);
       unpack_job(seg, first, rows, k, strip.data(), d, m_shifted);
       job_products(seg, strip.data(), d, m_shifted, k, x, 0, x.tiles, c, ahead);
       for (int64_t t = 0; t < x.tiles; ++t)
@@ -1090,15 +1093,9 @@ template <typename Out>
       const int64_t t0 = slab * slab_tiles, t1 = std::min(x.tiles, t0 + slab_tiles);
       const Segment& seg = segments[jobs[j].segment];
       const int64_t first = jobs[j].first_row, rows = std::min(seg.rows - first, GEMV_JOB_ROWS);
-      if (i + 1 < n) {  // the next job's weights, over this one's products
-        const Job& later = jobs[(i + 1) % n_jobs];
-        const Segment& lseg = segments[later.segment];
-        const int64_t later_rows = std::min(lseg.rows - later.first_row, GEMV_JOB_ROWS);
-        ahead.start(lseg.data + later.first_row * lseg.row_bytes, later_rows * lseg.row_bytes,
-                    (t1 - t0) * (GEMV_JOB_ROWS / ROW_GROUP) * blocks);
-      } else {
-        ahead.start(nullptr, 0, 1);
-      }
+      // the next job's weights, over this one's products
+      ahead.start_job(segments, i + 1 < n ? &jobs[(i + 1) % n_jobs] : nullptr,
+                      (t1 - t0) * (GEMV_JOB_ROWS / ROW_GROUP) * blocks);
       unpack_job(seg, first, rows, k, strip.data(), d, m_shifted);
       job_products(seg, strip.data(), d, m_shifted, k, x, t0, t1, sums.data(), ahead);
       for (int64_t t = t0; t < t1; ++t)
@@ -1127,9 +1124,7 @@ int64_t plan_gemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef t
   } else {
     TORCH_CHECK(x.size(0) <= GEMV_MAX_ROWS, op, ": at most ", GEMV_MAX_ROWS, " rows, got ", x.size(0));
   }
-  jobs.clear();  // (in place: gemv_part's lists keep their room from product to product)
-  for (size_t i = 0; i < segments.size(); ++i)
-    for (int64_t row = 0; row < segments[i].rows; row += GEMV_JOB_ROWS) jobs.push_back({static_cast<int>(i), row});
+  split_jobs(segments, GEMV_JOB_ROWS, jobs);  // (in place: gemv_part's lists keep their room)
   return n_total;
 }
 
@@ -1167,7 +1162,6 @@ void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef type
   // chunk: lists that keep their room, rather than a fresh allocation and a dozen regrowths each.
   thread_local std::vector<Segment> segments;
   thread_local std::vector<Job> jobs;
-  segments.clear();
   const int64_t n_total = plan_gemv(x, weights, types, integer, INT8_BATCH_MAX_ROWS, segments, jobs);
   check_output("gemv_part", y, x.size(0), n_total);
   run_gemv_jobs(segments, jobs, member, x.data_ptr<float>(), x.size(0), x.size(1), integer, y.data_ptr<float>(),

@@ -248,7 +248,7 @@ int64_t plan_qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRe
   check_activations(x);
   TORCH_CHECK(x.is_contiguous(), "qmatmul: x must be contiguous");
   const int64_t n_total = plan_segments(x.size(1), weights, types, segments);
-  jobs = split_jobs(segments, BLOCK_ROWS);
+  split_jobs(segments, BLOCK_ROWS, jobs);
   return n_total;
 }
 
