@@ -20,6 +20,7 @@ import statistics
 
 from cholla.bench import run_bench
 from cholla.download import resolve_model
+from cholla.hardware import hardware_preset
 from cholla.kv.kv_types import kv_cache_type
 from cholla.plan import decode_step, prefill, read_model_facts, resolve_hardware
 
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--hardware", default="local", help="a cholla plan preset, or local (default)")
     args = parser.parse_args()
     if args.hardware != "local":
-        print("estimate:", resolve_hardware(args.hardware, None, None, resolve_model(args.models[0])).estimate)
+        print("estimate:", hardware_preset(args.hardware).estimate)
     print("| model | rep | load | measured (GB/s; G weights/s by type) | plan pp | bench pp | ratio | plan tg | bench tg | ratio |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     summary = []
@@ -43,7 +44,7 @@ def main() -> None:
         pp_ratios, tg_ratios = [], []
         for rep in range(args.repetitions):
             load = os.getloadavg()[0]
-            hw = resolve_hardware(args.hardware, None, None, path, args.n_prompt)
+            hw = resolve_hardware(args.hardware, None, None, path, facts, args.n_prompt)
             report = run_bench(path, args.n_prompt, args.n_gen, 1, "auto", seed=rep)
             kv = kv_cache_type("auto", report.dtype)
             plan_pp = args.n_prompt / prefill(facts, hw, args.n_prompt).seconds

@@ -445,7 +445,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     facts = read_model_facts(path)
     k_type, v_type = resolve_kv_types(args.kv_cache_dtype, args.cache_type_k, args.cache_type_v, args.dtype)
-    hardware = resolve_hardware(args.hardware, args.bandwidth, args.flops, path, args.prompt_tokens)
+    hardware = resolve_hardware(args.hardware, args.bandwidth, args.flops, path, facts, args.prompt_tokens)
     request = PlanRequest(args.context, args.concurrency,
                           int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None,
                           int(args.memory * 2**30) if args.memory else None, args.block_size,

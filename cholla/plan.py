@@ -317,10 +317,11 @@ def resolve_kv_types(kv_cache_dtype: str, cache_type_k: str | None, cache_type_v
 
 
 def resolve_hardware(name: str | None, bandwidth_gbs: float | None, tflops: float | None,
-                     path: Path, prompt_tokens: int = 512) -> Hardware:
+                     path: Path, facts: ModelFacts, prompt_tokens: int = 512) -> Hardware:
     """A preset, figures given outright (GB/s, TFLOP/s), or ``local``: this machine measured now,
     running the path the engine takes here (cholla's kernels, or where they do not run its
-    reference path) over the model's own weights of each type; ``prompt_tokens``: the rows its
+    reference path) over the model's own weights of each type (``path``, whose ``facts`` the
+    caller has read); ``prompt_tokens``: the rows its
     prompt products are measured with (a prompt step takes at most the engine's default
     ``max_num_batched_tokens``)."""
     if bandwidth_gbs is not None or tflops is not None:
@@ -331,20 +332,19 @@ def resolve_hardware(name: str | None, bandwidth_gbs: float | None, tflops: floa
         return hardware_preset(name)
     from cholla.engine.engine import EngineConfig
 
-    weights, head = _weights_by_type(path)
-    config = read_model_facts(path).config
+    weights, head = _weights_by_type(path, facts)
+    config = facts.config
     shape = LayerShape(config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads,
                        config.head_dim)
     return measure(weights, min(prompt_tokens, EngineConfig().max_num_batched_tokens), head, shape)
 
 
-def _weights_by_type(path: Path) -> tuple[dict[str, list], object]:
+def _weights_by_type(path: Path, facts: ModelFacts) -> tuple[dict[str, list], object]:
     """The model's 2-D weights a decode step multiplies, by type (memory-mapped, only read): the
     tied embedding as the head, an untied one not (it is looked up row by row); and the head."""
     import torch
 
     if path.is_dir():  # plain tensors: converting them is what the reference path does per step
-        facts = read_model_facts(path)
         shape = (facts.config.intermediate_size, facts.config.hidden_size)
         dtypes = {"BF16": torch.bfloat16, "F16": torch.float16}
         return {kind: [torch.randn(shape).to(dtypes.get(kind, torch.float32))] for kind in facts.weights.matmul_params_by_type}, None

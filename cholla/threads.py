@@ -99,19 +99,15 @@ def _cpu_times(stat_path: str, cpus: set[int]) -> tuple[int, int]:
 def busy_cores(cores: int, stat_path: str = "/proc/stat", seconds: float = LOAD_SAMPLE_SECONDS) -> int:
     """How many of our ``cores`` other programs keep busy: the CPUs' busy share over ``seconds``, in cores.
 
-    Our own process sleeps meanwhile, so what is busy is someone else. 0 where
-    ``/proc/stat`` cannot be read (non-Linux).
+    Our own process sleeps meanwhile (what it takes is left out: ``others_busy``),
+    so what is busy is someone else. 0 where ``/proc/stat`` cannot be read (non-Linux).
     """
-    cpus = _our_cpus()
-    try:
-        busy_before, total_before = _cpu_times(stat_path, cpus)
-        time.sleep(seconds)
-        busy_after, total_after = _cpu_times(stat_path, cpus)
-    except (OSError, ValueError):
+    before = read_cpu(stat_path)
+    if before is None:
         return 0
-    if total_after <= total_before:
-        return 0
-    return round(cores * (busy_after - busy_before) / (total_after - total_before))
+    time.sleep(seconds)
+    after = read_cpu(stat_path)
+    return round(others_busy(before, after, cores, ticks_per_second())) if after is not None else 0
 
 
 def threads_for_load(cores: int, busy: int) -> int:
@@ -136,6 +132,11 @@ def read_cpu(stat_path: str = "/proc/stat") -> CpuReading | None:
     except (OSError, ValueError):
         return None
     return CpuReading(busy, total, time.process_time(), time.monotonic())
+
+
+def ticks_per_second() -> float:
+    """``/proc/stat``'s ticks per second of one CPU."""
+    return float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
 
 def others_busy(before: CpuReading, after: CpuReading, cores: int, ticks_per_second: float) -> float:
@@ -172,7 +173,7 @@ class StepThreads:
     cores: int
     busy: int
     last: CpuReading | None
-    ticks_per_second: float = field(default_factory=lambda: float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0)
+    ticks_per_second: float = field(default_factory=ticks_per_second)
 
     @property
     def prompt_threads(self) -> int:

@@ -154,7 +154,7 @@ def test_local_hardware_measures_the_kernels_over_the_models_weights(smollm2_pat
     facts = read_model_facts(smollm2_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
-    hw = resolve_hardware("local", None, None, smollm2_path, prompt_tokens=24)
+    hw = resolve_hardware("local", None, None, smollm2_path, facts, prompt_tokens=24)
     assert torch.get_num_threads() == threads  # put back as found
     assert hw.kernel_path and not hw.reference_path and hw.threads == 1 and hw.prompt_rows == 24
     assert set(hw.gemv_rates) == set(facts.weights.matmul_params_by_type) == {"Q4_1", "Q8_0"}
