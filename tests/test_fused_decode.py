@@ -263,10 +263,10 @@ def test_prefill_and_wide_steps_are_not_fused(tmp_path):
 
 @torch.inference_mode()
 def test_an_error_in_one_thread_of_the_team_is_raised_not_hung(tmp_path):
-    """Each member checks the block tables of the sequences it attends to: a bad
-    block id in the last sequence fails the member that takes its chunk alone,
-    while the other waits for the stage to close. The error must come back, and
-    the team must work afterwards."""
+    """A weight the last layer's down projection cannot read fails the members
+    inside the team, at that stage: the error must come back, and the team must
+    work afterwards. (A bad block id is refused before the team starts: the
+    step's tables are checked once, for every layer.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     loaded = _tiny_model("llama", tmp_path, "bfloat16")
@@ -280,6 +280,11 @@ def test_an_error_in_one_thread_of_the_team_is_raised_not_hung(tmp_path):
         meta.block_tables[2, 0] = 10**6
         with pytest.raises(RuntimeError, match="block id out of range"):
             fused_layers(plan, x, positions, cache.layers, meta)
+        broken = copy.copy(plan)
+        broken.weights = plan.weights[:-1] + [plan.weights[-1][:, :-1].contiguous()]  # rows a byte short
+        positions, meta = _decode_meta([1, 2, 3])
+        with pytest.raises(RuntimeError, match="does not hold rows of"):
+            fused_layers(broken, x, positions, cache.layers, meta)
         with pytest.raises(RuntimeError, match="position out of the table"):  # checked before the team starts
             fused_layers(plan, x, torch.tensor([1, 2, -1]), cache.layers, _decode_meta([1, 2, 3])[1])
         positions, meta = _decode_meta([1, 2, 3])

@@ -119,7 +119,10 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
                 "decode_layers: cache heads disagree with the model");
     for (int64_t i = 0; i < rows; ++i)
       TORCH_CHECK(slot[i] >= 0 && slot[i] < k_sides[l].blocks * k_sides[l].block_size, "write_kv: slot out of range");
+    TORCH_CHECK(k_sides[l].blocks == k_sides[0].blocks && k_sides[l].block_size == k_sides[0].block_size,
+                "decode_layers: every layer's cache must have the same blocks");
   }
+  const AttentionTables tables = attention_tables(block_tables, context_lens, query_starts, rows, k_sides[0]);
   for (int64_t i = 0; i < static_cast<int64_t>(norms.size()); ++i) {
     const bool per_head = qk_norm && i % norms_per_layer >= norms_per_layer - 2;
     TORCH_CHECK(norms[i].scalar_type() == at::kFloat && norms[i].is_contiguous() && norms[i].dim() == 1 &&
@@ -190,8 +193,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
         products.run(h, w.slice(0, 3), t.slice(0, 3), qkv, member);
         if (!member.finish([&] { rope_and_cache(l, n); })) break;
         if (!member.behind())
-          paged_attention_part(q, k_sides[l], v_sides[l], block_tables, context_lens, query_starts, scale,
-                               windows[l], softcap, attended, member);
+          paged_attention_part(q, k_sides[l], v_sides[l], tables, scale, windows[l], softcap, attended, member);
         if (!member.finish()) break;
       }
       {
@@ -205,12 +207,18 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
       }
       {
         RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
-        products.run(h, w.slice(4, 2), t.slice(4, 2), gate_up, member);
-        if (!member.finish([&] {
-              gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation,
-                                   activated);
-            }))
-          break;
+        if (gated_gemv_serves(rows, t.slice(4, 2), integer && rows <= gemv_max_rows, activation)) {
+          // (activated by the members as they go: no serial step)
+          if (!member.behind()) gated_gemv_part(h, w.slice(4, 2), t.slice(4, 2), activation, activated, member);
+          if (!member.finish()) break;
+        } else {
+          products.run(h, w.slice(4, 2), t.slice(4, 2), gate_up, member);
+          if (!member.finish([&] {
+                gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation,
+                                     activated);
+              }))
+            break;
+        }
       }
       {
         RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());

@@ -11,6 +11,7 @@
 #include <atomic>
 #include <exception>
 #include <optional>
+#include <vector>
 
 #include "team.h"
 
@@ -99,6 +100,17 @@ void run_team(Body&& body) {
   if (error) std::rethrow_exception(error);
 }
 
+// qgemv.cpp: act(x Wgate) * (x Wup) into out (contiguous fp32 [m, gate's rows]), weights [gate, up]:
+// the gate/up product with the activation (activation.cpp's arithmetic) applied by whichever
+// member computes each 16 rows of both, where gated_gemv_serves says it serves (the int8 GEMV's
+// rows, SiLU or tanh-GELU); the same bits as the product, then gated_activation_out.
+bool gated_gemv_serves(int64_t rows, at::IntArrayRef types, bool integer, int64_t activation);
+void gated_gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, int64_t activation,
+                     at::Tensor& out, Member& member);
+
+// Activation ids, as cholla/layers/mlp.py numbers them.
+enum Activation : int64_t { SILU = 0, GELU_TANH = 1, GELU = 2 };
+
 // activation.cpp: act(gate) * up; activation ids as in cholla/layers/mlp.py.
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
 // The same into `out` (contiguous, gate's shape and dtype).
@@ -140,9 +152,31 @@ struct KVSide {
 KVSide kv_side(const char* op, const at::Tensor& values, at::TensorList quant, bool rotated);
 // K and V of one geometry (their types may differ).
 void check_sides(const char* op, const KVSide& k, const KVSide& v);
+// Query rows of a step: row r belongs to sequence seq[r], and sees the first
+// visible(r) keys of it. Without query starts each sequence has one row.
+struct QueryRows {
+  int64_t count = 0;               // rows
+  std::vector<int64_t> seq, ends;  // empty: row r is sequence r
+  int64_t sequence(int64_t r) const { return seq.empty() ? r : seq[r]; }
+  // The span's last row sees the whole context; each row before it one key fewer.
+  int64_t visible(int64_t r, const int64_t* lens) const {
+    return seq.empty() ? lens[r] : lens[seq[r]] - (ends[seq[r]] - 1 - r);
+  }
+};
+// A step's block tables (int64 [seqs, max_blocks]), context lengths (int64 [seqs]) and query rows,
+// converted and checked once: a fused decode step's layers all read the same ones.
+struct AttentionTables {
+  at::Tensor block_tables, context_lens;  // (what the pointers read)
+  const int64_t* tables;
+  const int64_t* lens;
+  int64_t max_blocks;
+  QueryRows rows;
+};
+// `rows` query rows (query_starts as in paged_attention_decode) over caches of side's blocks.
+AttentionTables attention_tables(const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                 const std::optional<at::Tensor>& query_starts, int64_t rows, const KVSide& side);
 void paged_attention_part(const at::Tensor& q, const KVSide& k_cache, const KVSide& v_cache,
-                          const at::Tensor& block_tables, const at::Tensor& context_lens,
-                          const std::optional<at::Tensor>& query_starts, double scale, int64_t window, double softcap,
+                          const AttentionTables& tables, double scale, int64_t window, double softcap,
                           at::Tensor& out, Member& member);
 
 // The ops' bodies for one row, for a caller that checks a step's arguments

@@ -395,23 +395,14 @@ int64_t attention_parts(int64_t rows, int64_t kv_heads, int64_t group, int64_t t
   return rows * kv_heads < 2 * threads && group > 1 ? 2 : 1;
 }
 
-// Query rows of a step: row r belongs to sequence seq[r], and sees the first
-// visible(r) keys of it. Without query starts each sequence has one row.
-struct QueryRows {
-  std::vector<int64_t> seq, ends;  // empty: row r is sequence r
-  int64_t sequence(int64_t r) const { return seq.empty() ? r : seq[r]; }
-  // The span's last row sees the whole context; each row before it one key fewer.
-  int64_t visible(int64_t r, const int64_t* lens) const {
-    return seq.empty() ? lens[r] : lens[seq[r]] - (ends[seq[r]] - 1 - r);
-  }
-};
+using cholla::QueryRows;
 
 // Jobs [begin, end) of a decode step (parts per pair: attention_parts).
 void attend_decode(const float* qs, const cholla::KVSide& ks, const cholla::KVSide& vs, float* os,
                    const int64_t* tables, const int64_t* lens, const QueryRows& rows, int64_t begin, int64_t end,
                    int64_t parts, int64_t heads, int64_t max_blocks, float scale, int64_t window, float cap) {
   const int64_t kv_heads = ks.heads, dim = ks.dim, group = heads / kv_heads, per_part = (group + parts - 1) / parts;
-  std::vector<float> scores, rotated_q;
+  thread_local std::vector<float> scores, rotated_q;  // (kept from call to call: a decode step calls this per chunk)
   for (int64_t job = begin; job < end; ++job) {
     const int64_t pair = job / parts, r = pair / kv_heads, kvh = pair % kv_heads;
     const int64_t s = rows.sequence(r), ctx = rows.visible(r, lens);
@@ -619,6 +610,7 @@ void check_new_rows(const at::Tensor& x, int64_t tokens, int64_t kv_heads, int64
 // The step's query rows (query_starts: int64 [seqs + 1], each sequence's first row, then the row count).
 QueryRows query_rows(const std::optional<at::Tensor>& query_starts, int64_t rows, const int64_t* lens, int64_t seqs) {
   QueryRows out;
+  out.count = rows;
   if (!query_starts) {
     TORCH_CHECK(rows == seqs, "paged_attention_decode: one block table and context length per sequence");
     return out;
@@ -637,36 +629,14 @@ QueryRows query_rows(const std::optional<at::Tensor>& query_starts, int64_t rows
   return out;
 }
 
-// A member's jobs (see attention_parts; team.h), each chunk after checking
-// the tables and lengths it reads (plan_attention has checked q and the caches).
+// A member's jobs (see attention_parts; team.h) over a step's checked tables.
 void attend_jobs(const at::Tensor& q, const cholla::KVSide& ks, const cholla::KVSide& vs,
-                 const at::Tensor& block_tables_in, const at::Tensor& context_lens_in,
-                 const std::optional<at::Tensor>& query_starts, double scale, int64_t window, double softcap,
-                 at::Tensor& out, cholla::Member& member, int64_t parts) {
-  const int64_t heads = q.size(1), kv_heads = ks.heads, n_jobs = q.size(0) * kv_heads * parts;
-  int64_t begin = 0, end = 0;
-  if (!member.next(n_jobs, begin, end)) return;
-  const at::Tensor block_tables = block_tables_in.to(at::kLong).contiguous();
-  const at::Tensor context_lens = context_lens_in.to(at::kLong).contiguous();
-  const int64_t seqs = context_lens.numel(), num_blocks = ks.blocks, block_size = ks.block_size;
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seqs,
-              "paged_attention_decode: one block table and context length per sequence");
-  const int64_t max_blocks = block_tables.size(1);
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  for (int64_t s = 0; s < seqs; ++s)  // (query_rows compares the spans with them)
-    TORCH_CHECK(lens[s] >= 1 && lens[s] <= max_blocks * block_size, "paged_attention_decode: bad context length");
-  const QueryRows rows = query_rows(query_starts, q.size(0), lens, seqs);
-  do {
-    for (int64_t r = begin / parts / kv_heads; begin < end && r <= (end - 1) / parts / kv_heads; ++r) {  // those it reads
-      const int64_t s = rows.sequence(r);
-      for (int64_t b = 0; b < (rows.visible(r, lens) + block_size - 1) / block_size; ++b)
-        TORCH_CHECK(tables[s * max_blocks + b] >= 0 && tables[s * max_blocks + b] < num_blocks,
-                    "paged_attention_decode: block id out of range");
-    }
-    attend_decode(q.data_ptr<float>(), ks, vs, out.data_ptr<float>(), tables, lens, rows, begin, end, parts, heads,
-                  max_blocks, static_cast<float>(scale), window, static_cast<float>(softcap));
-  } while (member.next(n_jobs, begin, end));
+                 const cholla::AttentionTables& t, double scale, int64_t window, double softcap, at::Tensor& out,
+                 cholla::Member& member, int64_t parts) {
+  const int64_t heads = q.size(1), n_jobs = q.size(0) * ks.heads * parts;
+  for (int64_t begin, end; member.next(n_jobs, begin, end);)
+    attend_decode(q.data_ptr<float>(), ks, vs, out.data_ptr<float>(), t.tables, t.lens, t.rows, begin, end, parts,
+                  heads, t.max_blocks, static_cast<float>(scale), window, static_cast<float>(softcap));
 }
 
 // q and the caches checked; returns how many parts each (sequence, KV head) pair is cut into for `threads`.
@@ -804,22 +774,43 @@ at::Tensor paged_attention_decode(const at::Tensor& q_in, const at::Tensor& k_ca
   const KVSide vs = kv_side("paged_attention_decode", v_cache, v_quant, v_rotated);
   check_sides("paged_attention_decode", ks, vs);
   const int64_t parts = plan_attention(q, ks, vs, at::get_num_threads());
+  const AttentionTables tables = attention_tables(block_tables, context_lens, query_starts, q.size(0), ks);
   at::Tensor out = at::zeros_like(q);
-  run_as_team([&](Member& member) {
-    attend_jobs(q, ks, vs, block_tables, context_lens, query_starts, scale, window, softcap, out, member, parts);
-  });
+  run_as_team([&](Member& member) { attend_jobs(q, ks, vs, tables, scale, window, softcap, out, member, parts); });
   return out;
 }
 
+AttentionTables attention_tables(const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                 const std::optional<at::Tensor>& query_starts, int64_t rows, const KVSide& side) {
+  AttentionTables t;
+  t.block_tables = block_tables.to(at::kLong).contiguous();
+  t.context_lens = context_lens.to(at::kLong).contiguous();
+  const int64_t seqs = t.context_lens.numel(), block_size = side.block_size;
+  TORCH_CHECK(t.block_tables.dim() == 2 && t.block_tables.size(0) == seqs,
+              "paged_attention_decode: one block table and context length per sequence");
+  t.max_blocks = t.block_tables.size(1);
+  t.tables = t.block_tables.data_ptr<int64_t>();
+  t.lens = t.context_lens.data_ptr<int64_t>();
+  for (int64_t s = 0; s < seqs; ++s)  // (query_rows compares the spans with them)
+    TORCH_CHECK(t.lens[s] >= 1 && t.lens[s] <= t.max_blocks * block_size, "paged_attention_decode: bad context length");
+  t.rows = query_rows(query_starts, rows, t.lens, seqs);
+  for (int64_t r = 0; r < rows; ++r) {  // the blocks each row reads
+    const int64_t s = t.rows.sequence(r);
+    for (int64_t b = 0; b < (t.rows.visible(r, t.lens) + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(t.tables[s * t.max_blocks + b] >= 0 && t.tables[s * t.max_blocks + b] < side.blocks,
+                  "paged_attention_decode: block id out of range");
+  }
+  return t;
+}
+
 // A member's part of the jobs, into out (fp32, q's shape).
-void paged_attention_part(const at::Tensor& q, const KVSide& ks, const KVSide& vs, const at::Tensor& block_tables,
-                          const at::Tensor& context_lens, const std::optional<at::Tensor>& query_starts, double scale,
-                          int64_t window, double softcap, at::Tensor& out, Member& member) {
+void paged_attention_part(const at::Tensor& q, const KVSide& ks, const KVSide& vs, const AttentionTables& tables,
+                          double scale, int64_t window, double softcap, at::Tensor& out, Member& member) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && out.sizes() == q.sizes() &&
-                  out.scalar_type() == at::kFloat && out.is_contiguous(),
-              "paged_attention_part: q and out must be contiguous fp32 [rows, heads, dim]");
+                  out.scalar_type() == at::kFloat && out.is_contiguous() && q.size(0) == tables.rows.count,
+              "paged_attention_part: q and out must be contiguous fp32 [rows, heads, dim], a row per table row");
   const int64_t parts = plan_attention(q, ks, vs, member.members());
-  attend_jobs(q, ks, vs, block_tables, context_lens, query_starts, scale, window, softcap, out, member, parts);
+  attend_jobs(q, ks, vs, tables, scale, window, softcap, out, member, parts);
 }
 
 void write_kv_row(const float* k, const float* v, const KVSide& k_cache, const KVSide& v_cache, int64_t slot) {
