@@ -10,6 +10,7 @@ with its own copy of the cache.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import faulthandler
 import os
 import subprocess
@@ -280,8 +281,8 @@ def test_an_error_in_one_thread_of_the_team_is_raised_not_hung(tmp_path):
         meta.block_tables[2, 0] = 10**6
         with pytest.raises(RuntimeError, match="block id out of range"):
             fused_layers(plan, x, positions, cache.layers, meta)
-        broken = copy.copy(plan)
-        broken.weights = plan.weights[:-1] + [plan.weights[-1][:, :-1].contiguous()]  # rows a byte short
+        short = plan.weights[-1][:, :-1].contiguous()  # rows a byte short
+        broken = dataclasses.replace(plan, weights=plan.weights[:-1] + [short], bound=None)
         positions, meta = _decode_meta([1, 2, 3])
         with pytest.raises(RuntimeError, match="does not hold rows of"):
             fused_layers(broken, x, positions, cache.layers, meta)

@@ -31,6 +31,7 @@
 // with the bracketed steps switched on by `qk_norm` and `post_norms`. Layers
 // with biases, or any other shape, stay on the Python path.
 
+#include <torch/custom_class.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
@@ -50,10 +51,22 @@ constexpr int64_t WEIGHTS_PER_LAYER = 7;  // q, k, v, o, gate, up, down
 
 namespace cholla {
 
+// A model's layers as decode_layers reads them (flattened layer after layer, as
+// fused_decode.DecodePlan lists them), handed over once: through the dispatcher
+// every tensor of an op's lists is converted on every call, and SmolLM2's 210
+// weights and 60 norms took ~40-70 us a step so.
+struct DecodeLayers : torch::CustomClassHolder {
+  std::vector<at::Tensor> weights;
+  std::vector<int64_t> types;
+  std::vector<at::Tensor> norms;
+  DecodeLayers(std::vector<at::Tensor> weights, std::vector<int64_t> types, std::vector<at::Tensor> norms)
+      : weights(std::move(weights)), types(std::move(types)), norms(std::move(norms)) {}
+};
+
 // x: fp32 [rows, hidden], one row per decoding sequence, or with query_starts
 // (int64 [seqs + 1]) a short span of rows per sequence: its last few positions,
 // as a speculating sequence verifies its drafts (paged_attention_decode); returns
-// the residual stream after the last layer. Per layer l:
+// the residual stream after the last layer. Per layer l, of `model`'s lists:
 //   weights[7l .. 7l+6] (GGUF rows, `types`): q, k, v, o, gate, up, down;
 //   norms[norms_per_layer * l ..]: attention input, MLP input, then with
 //     post_norms the attention and MLP outputs, then with qk_norm q and k;
@@ -65,8 +78,8 @@ namespace cholla {
 // with `integer` those of up to int8_batch_max_rows rows whose weights are all of
 // int8_batch_types (a bit per GGML type id) on the batched int8 product, larger ones
 // on the AMX tiles (ops.h's Products).
-at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at::TensorList weights,
-                         at::IntArrayRef types, at::TensorList norms, at::TensorList k_caches,
+at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
+                         const c10::intrusive_ptr<DecodeLayers>& model, at::TensorList k_caches,
                          at::TensorList v_caches, at::TensorList cos, at::TensorList sin,
                          at::IntArrayRef rope_of_layer, at::IntArrayRef windows, const at::Tensor& slot_mapping,
                          const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -76,6 +89,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
                          int64_t gemv_max_rows, int64_t int8_batch_max_rows, int64_t int8_batch_types,
                          at::TensorList k_quant,
                          at::TensorList v_quant, bool k_rotated, bool v_rotated) {
+  const at::TensorList weights = model->weights, norms = model->norms;
+  const at::IntArrayRef types = model->types;
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   const int64_t norms_per_layer = 2 + (post_norms ? 2 : 0) + (qk_norm ? 2 : 0);
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decode_layers: x must be fp32 [rows, hidden]");
@@ -237,7 +252,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions, at
 }  // namespace cholla
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) {
-  m.def("decode_layers(Tensor x, Tensor positions, Tensor[] weights, int[] types, Tensor[] norms, "
+  m.class_<cholla::DecodeLayers>("DecodeLayers")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>>());
+  m.def("decode_layers(Tensor x, Tensor positions, __torch__.torch.classes.cholla.DecodeLayers layers, "
         "Tensor[] k_caches, Tensor[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope_of_layer, int[] windows, "
         "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor? query_starts, int num_heads, "
         "int num_kv_heads, int head_dim, float scale, float softcap, float eps, bool interleaved, int activation, "

@@ -55,6 +55,13 @@ class DecodePlan:
     post_norms: bool
     qk_norm: bool
     first_linear: Linear  # its compute_dtype picks the GEMV (the loader may set it after planning)
+    # weights, types and norms handed to the kernel once (decode_layers.cpp's DecodeLayers): as
+    # lists, the dispatcher converted each of their tensors on every step (~40-70 us for SmolLM2)
+    bound: object = None
+
+    def __post_init__(self):
+        if self.bound is None:
+            self.bound = torch.classes.cholla.DecodeLayers(self.weights, self.types, self.norms)
 
 
 _plans: weakref.WeakKeyDictionary[nn.Module, DecodePlan | None] = weakref.WeakKeyDictionary()
@@ -139,8 +146,10 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
         open_for_write(k, meta.slot_mapping)
     tables = [rope.tables(positions) for rope in plan.ropes]
     context_lens = meta.span_context_lens if spans is not None else meta.decode_context_lens
-    return cpu_kernels().decode_layers(
-        x, positions, plan.weights, plan.types, plan.norms, k_values, v_values,
+    # (.op: the C++ call itself; the op's Python packet would first walk every argument for
+    # tracing's fake objects, since one argument is a class: ~25 us a step)
+    return cpu_kernels().decode_layers.op(
+        x, positions, plan.bound, k_values, v_values,
         [cos for cos, _ in tables], [sin for _, sin in tables], plan.rope_of_layer, plan.windows, meta.slot_mapping,
         meta.block_tables, context_lens, spans, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,
         plan.softcap, plan.eps, plan.interleaved, plan.activation, plan.post_norms, plan.qk_norm, integer,
