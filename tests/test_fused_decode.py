@@ -264,8 +264,8 @@ def test_prefill_and_wide_steps_are_not_fused(tmp_path):
 
 @torch.inference_mode()
 def test_an_error_in_one_thread_of_the_team_is_raised_not_hung(tmp_path):
-    """A weight the last layer's down projection cannot read fails the members
-    inside the team, at that stage: the error must come back, and the team must
+    """A weight of the wrong width in the last layer's down projection fails
+    the members inside the team, at that stage: the error must come back, and the team must
     work afterwards. (A bad block id is refused before the team starts: the
     step's tables are checked once, for every layer.)"""
     threads = torch.get_num_threads()
@@ -281,8 +281,9 @@ def test_an_error_in_one_thread_of_the_team_is_raised_not_hung(tmp_path):
         meta.block_tables[2, 0] = 10**6
         with pytest.raises(RuntimeError, match="block id out of range"):
             fused_layers(plan, x, positions, cache.layers, meta)
-        short = plan.weights[-1][:, :-1].contiguous()  # rows a byte short
-        broken = dataclasses.replace(plan, weights=plan.weights[:-1] + [short], bound=None)
+        # the last layer's down projection swapped for its gate: rows of the hidden size, not the MLP's
+        broken = dataclasses.replace(plan, weights=plan.weights[:-1] + plan.weights[-3:-2],
+                                     types=plan.types[:-1] + plan.types[-3:-2], bound=None)
         positions, meta = _decode_meta([1, 2, 3])
         with pytest.raises(RuntimeError, match="does not hold rows of"):
             fused_layers(broken, x, positions, cache.layers, meta)

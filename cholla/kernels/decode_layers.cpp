@@ -55,12 +55,17 @@ namespace cholla {
 // fused_decode.DecodePlan lists them), handed over once: through the dispatcher
 // every tensor of an op's lists is converted on every call, and SmolLM2's 210
 // weights and 60 norms took ~40-70 us a step so.
+// The weights' rows are checked here, once, for the GEMVs (ops.h's WeightRows).
 struct DecodeLayers : torch::CustomClassHolder {
   std::vector<at::Tensor> weights;
   std::vector<int64_t> types;
   std::vector<at::Tensor> norms;
+  std::vector<WeightRows> rows;  // weights[i]'s
   DecodeLayers(std::vector<at::Tensor> weights, std::vector<int64_t> types, std::vector<at::Tensor> norms)
-      : weights(std::move(weights)), types(std::move(types)), norms(std::move(norms)) {}
+      : weights(std::move(weights)), types(std::move(types)), norms(std::move(norms)) {
+    TORCH_CHECK(this->types.size() == this->weights.size(), "DecodeLayers: one type per weight");
+    for (size_t i = 0; i < this->weights.size(); ++i) rows.push_back(weight_rows(this->weights[i], this->types[i]));
+  }
 };
 
 // x: fp32 [rows, hidden], one row per decoding sequence, or with query_starts
@@ -153,6 +158,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
   at::Tensor x = x_in.contiguous().clone(), h = at::empty({rows, hidden}, options);
   at::Tensor qkv = at::empty({rows, qkv_size}, options), q = at::empty({rows, num_heads, head_dim}, options);
   at::Tensor attended = at::empty({rows, num_heads, head_dim}, options);
+  const at::Tensor attended_rows = attended.view({rows, q_size});  // (the o projection's x)
   at::Tensor o = at::empty({rows, hidden}, options), gate_up = at::empty({rows, 2 * inner}, options);
   at::Tensor activated = at::empty({rows, inner}, options), down = at::empty({rows, hidden}, options);
   float* xs = x.data_ptr<float>();
@@ -202,10 +208,11 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
     for (int64_t l = 0; l < layers; ++l) {
       const at::TensorList w = weights.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
       const at::IntArrayRef t = types.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
+      const WeightRows* r = model->rows.data() + WEIGHTS_PER_LAYER * l;
       const at::TensorList n = norms.slice(norms_per_layer * l, norms_per_layer);
       {
         RECORD_FUNCTION("cholla::decode_layers: attention", std::vector<c10::IValue>());
-        products.run(h, w.slice(0, 3), t.slice(0, 3), qkv, member);
+        products.run(h, w.slice(0, 3), t.slice(0, 3), r, qkv, member);
         if (!member.finish([&] { rope_and_cache(l, n); })) break;
         if (!member.behind())
           paged_attention_part(q, k_sides[l], v_sides[l], tables, scale, windows[l], softcap, attended, member);
@@ -213,7 +220,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
       }
       {
         RECORD_FUNCTION("cholla::decode_layers: o projection", std::vector<c10::IValue>());
-        products.run(attended.view({rows, q_size}), w.slice(3, 1), t.slice(3, 1), o, member);
+        products.run(attended_rows, w.slice(3, 1), t.slice(3, 1), r + 3, o, member);
         if (!member.finish([&] {
               add(o, post_norms ? &n[2] : nullptr);
               normalize(n[1]);
@@ -224,10 +231,10 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
         RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
         if (gated_gemv_serves(rows, t.slice(4, 2), integer && rows <= gemv_max_rows, activation)) {
           // (activated by the members as they go: no serial step)
-          if (!member.behind()) gated_gemv_part(h, w.slice(4, 2), t.slice(4, 2), activation, activated, member);
+          if (!member.behind()) gated_gemv_part(h, r + 4, activation, activated, member);
           if (!member.finish()) break;
         } else {
-          products.run(h, w.slice(4, 2), t.slice(4, 2), gate_up, member);
+          products.run(h, w.slice(4, 2), t.slice(4, 2), r + 4, gate_up, member);
           if (!member.finish([&] {
                 gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation,
                                      activated);
@@ -237,7 +244,7 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
       }
       {
         RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());
-        products.run(activated, w.slice(6, 1), t.slice(6, 1), down, member);
+        products.run(activated, w.slice(6, 1), t.slice(6, 1), r + 6, down, member);
         if (!member.finish([&] {
               add(down, post_norms ? &n[3] : nullptr);
               if (l + 1 < layers) normalize(norms[norms_per_layer * (l + 1)]);

@@ -42,6 +42,18 @@ bool int8_kernel_types(at::IntArrayRef types);
 void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, bool integer, at::Tensor& y,
                Member& member);
 
+// qgemv.cpp: a weight's GGUF rows as the GEMVs read them (data, GGML type, rows, bytes and
+// weights a row), checked once: a caller that keeps them (decode_layers' DecodeLayers) spares
+// every product of every step the tensors' metadata.
+struct WeightRows {
+  const uint8_t* data;
+  int64_t type, rows, row_bytes, k;
+};
+WeightRows weight_rows(const at::Tensor& w, int64_t type);
+// gemv_part over `count` such weights, side by side.
+void gemv_rows_part(const at::Tensor& x, const WeightRows* weights, int64_t count, bool integer, at::Tensor& y,
+                    Member& member);
+
 // qmatmul.cpp: the same products on the AMX tiles (weights and x rounded to bf16).
 void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor& y, Member& member);
 
@@ -72,6 +84,16 @@ struct Products {
       gemv_part(x, w, t, integer, out, member);
     else
       qmatmul_part(x, w, t, out, member);
+  }
+  // The same, where the GEMVs take the weights' checked rows (w_rows: one per weight).
+  void run(const at::Tensor& x, at::TensorList w, at::IntArrayRef t, const WeightRows* w_rows, at::Tensor& out,
+           Member& member) const {
+    const int64_t rows = x.size(0);
+    if (rows > 0 && !member.behind() &&
+        (rows <= gemv_max_rows || (integer && rows <= int8_batch_max_rows && batched_int8(t))))
+      gemv_rows_part(x, w_rows, static_cast<int64_t>(w.size()), integer, out, member);
+    else
+      run(x, w, t, out, member);
   }
 };
 
@@ -105,8 +127,8 @@ void run_team(Body&& body) {
 // member computes each 16 rows of both, where gated_gemv_serves says it serves (the int8 GEMV's
 // rows, SiLU or tanh-GELU); the same bits as the product, then gated_activation_out.
 bool gated_gemv_serves(int64_t rows, at::IntArrayRef types, bool integer, int64_t activation);
-void gated_gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, int64_t activation,
-                     at::Tensor& out, Member& member);
+void gated_gemv_part(const at::Tensor& x, const WeightRows* weights, int64_t activation, at::Tensor& out,
+                     Member& member);
 
 // Activation ids, as cholla/layers/mlp.py numbers them.
 enum Activation : int64_t { SILU = 0, GELU_TANH = 1, GELU = 2 };

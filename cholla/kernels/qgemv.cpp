@@ -1208,19 +1208,68 @@ void gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef type
                 n_total);
 }
 
+WeightRows weight_rows(const at::Tensor& w, int64_t type) {
+  const BlockFormat format = block_format(type);
+  TORCH_CHECK(format.elements > 0, "qmatmul: unsupported GGML type ", type);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) * w.element_size() % format.bytes == 0,
+              "qmatmul: a weight of type ", type, " must be contiguous [rows, whole blocks]");
+  const int64_t row_bytes = w.size(1) * w.element_size();
+  return {static_cast<const uint8_t*>(w.data_ptr()), type, w.size(0), row_bytes,
+          row_bytes / format.bytes * format.elements};
+}
+
+// plan_gemv's checks and lists from checked rows: no tensor's metadata is read (by the
+// time a decode step comes back to a weight, its tensor is cold in cache: ~0.2-0.4 us a
+// product on every member went to planning).
+int64_t plan_rows(const at::Tensor& x, const WeightRows* weights, int64_t count, bool integer,
+                  std::vector<Segment>& segments, std::vector<Job>& jobs) {
+  const char* op = integer ? "qgemv_int8" : "qgemv";
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), op, ": x must be contiguous fp32 [m, k]");
+  const int64_t k = x.size(1), m = x.size(0);
+  TORCH_CHECK(count > 0 && k % 32 == 0, "qmatmul: k must be a multiple of 32");
+  segments.clear();
+  int64_t n_total = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const WeightRows& w = weights[i];
+    TORCH_CHECK(w.k == k, "qmatmul: weight ", i, " does not hold rows of ", k, " weights of type ", w.type);
+    segments.push_back({w.data, w.type, w.rows, w.row_bytes, n_total});
+    n_total += w.rows;
+  }
+  if (integer && m > GEMV_MAX_ROWS) {
+    TORCH_CHECK(m <= INT8_BATCH_MAX_ROWS, op, ": at most ", INT8_BATCH_MAX_ROWS, " rows, got ", m);
+    TORCH_CHECK(std::all_of(segments.begin(), segments.end(), [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; }),
+                op, ": more than 8 rows need every weight in a type with an int8 kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
+  } else {
+    TORCH_CHECK(m <= GEMV_MAX_ROWS, op, ": at most ", GEMV_MAX_ROWS, " rows, got ", m);
+  }
+  split_jobs(segments, GEMV_JOB_ROWS, jobs);
+  return n_total;
+}
+
+void gemv_rows_part(const at::Tensor& x, const WeightRows* weights, int64_t count, bool integer, at::Tensor& y,
+                    Member& member) {
+  thread_local std::vector<Segment> segments;  // (as gemv_part's)
+  thread_local std::vector<Job> jobs;
+  const int64_t n_total = plan_rows(x, weights, count, integer, segments, jobs);
+  check_output("gemv_part", y, x.size(0), n_total);
+  run_gemv_jobs(segments, jobs, member, x.data_ptr<float>(), x.size(0), x.size(1), integer, y.data_ptr<float>(),
+                n_total);
+}
+
 bool gated_gemv_serves(int64_t rows, at::IntArrayRef types, bool integer, int64_t activation) {
   return integer && rows >= 1 && rows <= INT8_GEMV_MAX_ROWS && types.size() == 2 && int8_kernel_types(types) &&
          (activation == SILU || activation == GELU_TANH);
 }
 
-void gated_gemv_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, int64_t activation,
-                     at::Tensor& out, Member& member) {
+void gated_gemv_part(const at::Tensor& x, const WeightRows* weights, int64_t activation, at::Tensor& out,
+                     Member& member) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
-                  gated_gemv_serves(x.size(0), types, true, activation),
+                  gated_gemv_serves(x.size(0), {weights[0].type, weights[1].type}, true, activation),
               "gated_gemv_part: x must be contiguous fp32 [1 to ", INT8_GEMV_MAX_ROWS,
               ", k], the weights a gate and an up projection in types with an int8 kernel, the activation SiLU or tanh-GELU");
   thread_local std::vector<Segment> segments;  // (keeps its room, as gemv_part's)
-  const int64_t n_total = plan_segments(x.size(1), weights, types, segments);
+  thread_local std::vector<Job> jobs;  // (unused: a job here is 16 rows of both)
+  const int64_t n_total = plan_rows(x, weights, 2, true, segments, jobs);
   TORCH_CHECK(segments[0].rows == segments[1].rows, "gated_gemv_part: the gate and up projections differ in rows");
   check_output("gated_gemv_part", out, x.size(0), n_total / 2);
   run_gated_jobs(segments, member, x.data_ptr<float>(), x.size(0), x.size(1), activation == GELU_TANH,
