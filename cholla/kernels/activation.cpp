@@ -18,9 +18,8 @@
 
 namespace {
 
-using cholla::GELU;
-using cholla::GELU_TANH;
-using cholla::SILU;
+// Activation ids, as cholla/layers/mlp.py numbers them.
+enum Activation : int64_t { SILU = 0, GELU_TANH = 1, GELU = 2 };
 
 void check_half(const at::Tensor& t, const at::Tensor& gate) {
   TORCH_CHECK((t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16) &&
@@ -43,12 +42,17 @@ void activate(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out, boo
   T* dst = static_cast<T*>(out.data_ptr());
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(inner, 1));  // rows per thread, at least
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    const __m512 one = _mm512_set1_ps(1.0f), c1 = _mm512_set1_ps(2.0f * 0.7978845608028654f),
+                 c3 = _mm512_set1_ps(2.0f * 0.7978845608028654f * 0.044715f);
     for (int64_t r = begin; r < end; ++r) {
       const T* g_row = gs + r * gate.stride(0);
       const T* u_row = us + r * up.stride(0);
       for (int64_t i = 0; i < inner; i += 16) {
         const __mmask16 live = lanes(inner - i);
-        store16(dst + r * inner + i, live, gated16(load16(g_row + i, live), load16(u_row + i, live), tanh_gelu));
+        const __m512 g = load16(g_row + i, live);
+        const __m512 s = tanh_gelu ? _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), c3, c1)) : g;
+        const __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), s))));
+        store16(dst + r * inner + i, live, _mm512_mul_ps(act, load16(u_row + i, live)));
       }
     }
   });

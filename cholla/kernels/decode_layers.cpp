@@ -17,7 +17,8 @@
 // residual adds and norms, the activation) run row by row, with no tensor ops,
 // on whichever member finishes a stage's last chunk. A stage's end costs
 // ~0.3 us, where a fork and join per kernel cost 1-2 us, five times a layer;
-// the step's arguments are checked once, up front. SmolLM2's layers: 2.9 ->
+// the step's arguments are checked once, up front (the weights once per model:
+// DecodeLayers; the attention's tables once per step). SmolLM2's layers: 2.9 ->
 // 2.4 ms a step.
 //
 // Under torch.profiler (cholla bench --profile) each layer's four stages
@@ -229,18 +230,12 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
       }
       {
         RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
-        if (gated_gemv_serves(rows, t.slice(4, 2), integer && rows <= gemv_max_rows, activation)) {
-          // (activated by the members as they go: no serial step)
-          if (!member.behind()) gated_gemv_part(h, r + 4, activation, activated, member);
-          if (!member.finish()) break;
-        } else {
-          products.run(h, w.slice(4, 2), t.slice(4, 2), r + 4, gate_up, member);
-          if (!member.finish([&] {
-                gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation,
-                                     activated);
-              }))
-            break;
-        }
+        products.run(h, w.slice(4, 2), t.slice(4, 2), r + 4, gate_up, member);
+        if (!member.finish([&] {
+              gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation,
+                                   activated);
+            }))
+          break;
       }
       {
         RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());

@@ -122,17 +122,6 @@ void run_team(Body&& body) {
   if (error) std::rethrow_exception(error);
 }
 
-// qgemv.cpp: act(x Wgate) * (x Wup) into out (contiguous fp32 [m, gate's rows]), weights [gate, up]:
-// the gate/up product with the activation (activation.cpp's arithmetic) applied by whichever
-// member computes each 16 rows of both, where gated_gemv_serves says it serves (the int8 GEMV's
-// rows, SiLU or tanh-GELU); the same bits as the product, then gated_activation_out.
-bool gated_gemv_serves(int64_t rows, at::IntArrayRef types, bool integer, int64_t activation);
-void gated_gemv_part(const at::Tensor& x, const WeightRows* weights, int64_t activation, at::Tensor& out,
-                     Member& member);
-
-// Activation ids, as cholla/layers/mlp.py numbers them.
-enum Activation : int64_t { SILU = 0, GELU_TANH = 1, GELU = 2 };
-
 // activation.cpp: act(gate) * up; activation ids as in cholla/layers/mlp.py.
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
 // The same into `out` (contiguous, gate's shape and dtype).

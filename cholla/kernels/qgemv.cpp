@@ -988,24 +988,6 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
   if (stream) _mm_sfence();  // the streamed lines are out before the team's barrier says so
 }
 
-// x's m rows quantized for the int8 GEMV, in the layouts of every weight (which
-// chunks a member will run is not known yet; a layout's copy does not depend on
-// which others are made). Each thread quantizes x itself (reading a copy another
-// core had just written cost ~1 us a call), into scratch it keeps from call to
-// call (allocating and zeroing it each time cost about as much).
-void quantize_rows(const std::vector<Segment>& segments, const float* xs, int64_t m, int64_t k, QuantizedRow* rows) {
-  thread_local std::vector<int8_t> byte_scratch;
-  thread_local std::vector<float> number_scratch;
-  unsigned layouts = 0;
-  for (const Segment& seg : segments) layouts |= layout_of(seg.type);
-  const int64_t period = std::lcm(k / 32, GROUP_BLOCKS), row_bytes = 4 * period * 32, row_numbers = 3 * period + 3 * k / 32;
-  if (static_cast<int64_t>(byte_scratch.size()) < m * row_bytes) byte_scratch.resize(m * row_bytes);
-  if (static_cast<int64_t>(number_scratch.size()) < m * row_numbers) number_scratch.resize(m * row_numbers);
-  for (int64_t r = 0; r < m; ++r)
-    rows[r] = quantize_row(xs + r * k, k, layouts, byte_scratch.data() + r * row_bytes,
-                           number_scratch.data() + r * row_numbers);
-}
-
 // A member's jobs of a GEMV (team.h): the exact fp32 products, or with
 // `integer` the int8 ones for the types that have them (the batched product's
 // where every weight has one and x has more than INT8_GEMV_MAX_ROWS rows).
@@ -1028,8 +1010,24 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
   if (integer && m > INT8_GEMV_MAX_ROWS && all_integer)
     return run_batched_jobs(segments, jobs, begin, end, member, xs, m, k, out, n_total);
   prefetch_job(begin);
+  // Each thread quantizes x itself (reading a copy another core had just written
+  // cost ~1 us a call), into scratch it keeps from call to call (allocating and
+  // zeroing it each time cost about as much), in the layouts of every weight
+  // (which chunks it will run is not known yet; a layout's copy does not
+  // depend on which others are made).
+  thread_local std::vector<int8_t> byte_scratch;
+  thread_local std::vector<float> number_scratch;
   QuantizedRow rows[GEMV_MAX_ROWS];
-  if (integer) quantize_rows(segments, xs, m, k, rows);
+  if (integer) {
+    unsigned layouts = 0;
+    for (const Segment& seg : segments) layouts |= layout_of(seg.type);
+    const int64_t period = std::lcm(k / 32, GROUP_BLOCKS), row_bytes = 4 * period * 32, row_numbers = 3 * period + 3 * k / 32;
+    if (static_cast<int64_t>(byte_scratch.size()) < m * row_bytes) byte_scratch.resize(m * row_bytes);
+    if (static_cast<int64_t>(number_scratch.size()) < m * row_numbers) number_scratch.resize(m * row_numbers);
+    for (int64_t r = 0; r < m; ++r)
+      rows[r] = quantize_row(xs + r * k, k, layouts, byte_scratch.data() + r * row_bytes,
+                             number_scratch.data() + r * row_numbers);
+  }
   int64_t last_end = begin;
   do {
     if (begin != last_end) prefetch_job(begin);
@@ -1048,44 +1046,6 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
         __m512 v[GEMV_JOB_ROWS];
         for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) v[i] = i < last - first ? sums[i][r] : _mm512_setzero_ps();
         _mm512_mask_storeu_ps(out + r * n_total + seg.out_offset + first, lanes(last - first), sum_lanes(v));
-      }
-    }
-    last_end = end;
-  } while (member.next(n_jobs, begin, end));
-}
-
-// A member's jobs of the gate/up product with the MLP's activation folded in
-// (gated_gemv_part): job j is rows [16 j, 16 j + 16) of both weights, whose
-// int8 sums, as run_gemv_jobs makes them, the member activates as it goes, so
-// the step needs no serial pass over the activations. m <= INT8_GEMV_MAX_ROWS.
-void run_gated_jobs(const std::vector<Segment>& segments, cholla::Member& member, const float* xs, int64_t m,
-                    int64_t k, bool tanh_gelu, float* out) {
-  const Segment &gate = segments[0], &up = segments[1];
-  const int64_t inner = gate.rows, n_jobs = (inner + GEMV_JOB_ROWS - 1) / GEMV_JOB_ROWS;
-  int64_t begin = 0, end = 0;
-  if (!member.next(n_jobs, begin, end)) return;
-  auto prefetch_job = [&](int64_t j) {  // (within a chunk, int_dot asks for the next rows of each weight)
-    for (const Segment* seg : {&gate, &up}) prefetch(seg->data + j * GEMV_JOB_ROWS * seg->row_bytes, PREFETCH_AHEAD);
-  };
-  prefetch_job(begin);
-  QuantizedRow rows[GEMV_MAX_ROWS];
-  quantize_rows(segments, xs, m, k, rows);
-  const IntDot gate_dot = int_dot_for(gate.type, m), up_dot = int_dot_for(up.type, m);
-  int64_t last_end = begin;
-  do {
-    if (begin != last_end) prefetch_job(begin);
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t first = j * GEMV_JOB_ROWS, count = std::min(inner - first, GEMV_JOB_ROWS);
-      __m512 gate_sums[GEMV_JOB_ROWS][GEMV_MAX_ROWS], up_sums[GEMV_JOB_ROWS][GEMV_MAX_ROWS];
-      gate_dot(gate.data + first * gate.row_bytes, k / 32, count, PREFETCH_AHEAD, rows, gate_sums);
-      up_dot(up.data + first * up.row_bytes, k / 32, count, PREFETCH_AHEAD, rows, up_sums);
-      for (int64_t r = 0; r < m; ++r) {
-        __m512 g[GEMV_JOB_ROWS], u[GEMV_JOB_ROWS];
-        for (int64_t i = 0; i < GEMV_JOB_ROWS; ++i) {
-          g[i] = i < count ? gate_sums[i][r] : _mm512_setzero_ps();
-          u[i] = i < count ? up_sums[i][r] : _mm512_setzero_ps();
-        }
-        _mm512_mask_storeu_ps(out + r * inner + first, lanes(count), gated16(sum_lanes(g), sum_lanes(u), tanh_gelu));
       }
     }
     last_end = end;
@@ -1254,26 +1214,6 @@ void gemv_rows_part(const at::Tensor& x, const WeightRows* weights, int64_t coun
   check_output("gemv_part", y, x.size(0), n_total);
   run_gemv_jobs(segments, jobs, member, x.data_ptr<float>(), x.size(0), x.size(1), integer, y.data_ptr<float>(),
                 n_total);
-}
-
-bool gated_gemv_serves(int64_t rows, at::IntArrayRef types, bool integer, int64_t activation) {
-  return integer && rows >= 1 && rows <= INT8_GEMV_MAX_ROWS && types.size() == 2 && int8_kernel_types(types) &&
-         (activation == SILU || activation == GELU_TANH);
-}
-
-void gated_gemv_part(const at::Tensor& x, const WeightRows* weights, int64_t activation, at::Tensor& out,
-                     Member& member) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
-                  gated_gemv_serves(x.size(0), {weights[0].type, weights[1].type}, true, activation),
-              "gated_gemv_part: x must be contiguous fp32 [1 to ", INT8_GEMV_MAX_ROWS,
-              ", k], the weights a gate and an up projection in types with an int8 kernel, the activation SiLU or tanh-GELU");
-  thread_local std::vector<Segment> segments;  // (keeps its room, as gemv_part's)
-  thread_local std::vector<Job> jobs;  // (unused: a job here is 16 rows of both)
-  const int64_t n_total = plan_rows(x, weights, 2, true, segments, jobs);
-  TORCH_CHECK(segments[0].rows == segments[1].rows, "gated_gemv_part: the gate and up projections differ in rows");
-  check_output("gated_gemv_part", out, x.size(0), n_total / 2);
-  run_gated_jobs(segments, member, x.data_ptr<float>(), x.size(0), x.size(1), activation == GELU_TANH,
-                 out.data_ptr<float>());
 }
 
 // fp32 products, exact: each block dequantized as gguf does, then fp32 FMAs.

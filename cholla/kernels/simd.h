@@ -43,18 +43,6 @@ inline __m512 silu16(__m512 x) {
   return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
 
-// act(g) * u, the gated MLP's activation (activation.cpp): SiLU, g sigmoid(g), or
-// tanh-GELU, 0.5 g (1 + tanh z) with z = sqrt(2 / pi) (g + 0.044715 g^3), which is
-// g sigmoid(2 z). One definition, so that every kernel that activates computes the same bits.
-inline __m512 gated16(__m512 g, __m512 u, bool tanh_gelu) {
-  const __m512 s = tanh_gelu ? _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g),
-                                                                _mm512_set1_ps(2.0f * 0.7978845608028654f * 0.044715f),
-                                                                _mm512_set1_ps(2.0f * 0.7978845608028654f)))
-                             : g;
-  const __m512 act = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), s))));
-  return _mm512_mul_ps(act, u);
-}
-
 // x * scale / sqrt(|x|^2 + 1e-6) into `dst` (dim floats): l2_normalize in gated_deltanet.py.
 inline void l2_normalize_row(const float* x, float* dst, int64_t dim, float scale) {
   __m512 squares = _mm512_setzero_ps();
