@@ -245,6 +245,56 @@ def test_batched_qgemv_int8_streams_a_large_output(rows):
         torch.set_num_threads(threads)
 
 
+def _head_weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 "head" of n rows with one strong row repeated at rows 17, n // 2 and n - 3 (bit-equal
+    products: ties across jobs and the team's members), and a small Q4_0 weight beside it."""
+    from gguf.quants import quantize
+
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=generator)
+    w[[17, n // 2, n - 3]] = 8 * torch.randn(k, generator=generator)
+    head = torch.from_numpy(quantize(w.numpy(), T.Q8_0))
+    small, _ = random_weight(T.Q4_0, 21, k, seed=seed)
+    return head, small
+
+
+@pytest.mark.parametrize("rows", [7, 16, 32, 33, 64])  # the batched product's: one tile, two, a partial third, four
+def test_batched_qgemv_int8_argmax_is_the_argmax_of_its_logits(rows):
+    """Greedy sampling fused into the head: the same token as argmax_rows over qgemv_int8's logits,
+    ties to the first column (a repeated weight row, spread over jobs and members), one thread and two."""
+    k = 64
+    head, small = _head_weights(3000, k, seed=rows)
+    strong = gguf_dequantize(head[17].numpy(), T.Q8_0).reshape(-1)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    x[1] = torch.from_numpy(strong)  # its best columns: 17, 1500, 2997 (tied) in the head
+    x[2] = 0.0  # every product 0: the first column
+    x[3] = -x[1]
+    weights, types = [small, head], [int(T.Q4_0), int(T.Q8_0)]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            logits = kernels.qgemv_int8(x, weights, types)
+            tokens = kernels.qgemv_int8_argmax(x, weights, types)
+            assert torch.equal(tokens, kernels.argmax_rows(logits)), n
+            assert torch.equal(tokens, logits.max(dim=-1).indices), n
+            assert tokens[1] == 21 + 17 and tokens[2] == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_batched_qgemv_int8_argmax_takes_the_first_nan():
+    """A NaN product counts above every number, the first one winning (torch.max's rule)."""
+    head, small = _head_weights(300, 64, seed=1)
+    for row in (250, 40):  # a NaN scale (fp16 0x7E00) in the row's first block
+        head[row, :2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(0))
+    tokens = kernels.qgemv_int8_argmax(x, [small, head], [int(T.Q4_0), int(T.Q8_0)])
+    assert torch.equal(tokens, torch.full((9,), 21 + 40))
+    with pytest.raises(RuntimeError, match="more than 6 rows"):
+        kernels.qgemv_int8_argmax(x[:6].clone(), [head], [int(T.Q8_0)])
+
+
 def test_int8_kernel_types_agree_with_the_routing():
     """linear.py routes batched steps by INT8_TYPES; the kernel has its own list."""
     from cholla.layers.linear import INT8_TYPES as ROUTED
