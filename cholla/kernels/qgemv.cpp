@@ -883,6 +883,40 @@ void tile_rows_pair_q8_0(const uint8_t* rows, int64_t row_bytes, int64_t k, cons
     for (int i = 0; i < ROWS; ++i) _mm512_storeu_ps(c + tt * tile_stride + i * LANES, acc[tt][i]);
 }
 
+// tile_rows<false> likewise for 8 rows of Q8_0 where they lie (a lone tile: steps of
+// 7-16 rows, a last odd tile).
+void tile_rows_q8_0(const uint8_t* rows, int64_t row_bytes, int64_t k, const XTiles& x, int64_t t, float* c,
+                    Ahead& ahead) {
+  constexpr IntFormat f = int_format(Q8_0);
+  const int64_t blocks = k / 32;
+  __m512 acc[ROW_GROUP];
+  for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512 bias_v = _mm512_set1_ps(f.bias);
+  const __m512i offset = _mm512_set1_epi8(-128);
+  for (int64_t b = 0; b < blocks; ++b) {
+    ahead.step();
+    const uint8_t* block = rows + b * f.bytes;
+    const int8_t* xq = x.quads(t, b);
+    __m512i s[ROW_GROUP];
+    for (int i = 0; i < ROW_GROUP; ++i) s[i] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
+      for (int i = 0; i < ROW_GROUP; ++i) {
+        int32_t w;
+        std::memcpy(&w, block + i * row_bytes + f.qs + 4 * j, 4);
+        s[i] = _mm512_dpbusd_epi32(s[i], _mm512_xor_si512(_mm512_set1_epi32(w), offset), xv);
+      }
+    }
+    const __m512 dx = _mm512_loadu_ps(x.dx(t, b));
+    const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t, b)), bias_v);
+    for (int i = 0; i < ROW_GROUP; ++i) {
+      const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), dx, bq);
+      acc[i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(f16(block + i * row_bytes)), acc[i]);
+    }
+  }
+  for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
+}
+
 // tile_rows for Q6_K (d: a scale per 16 weights, w = d (q - 32)): each half
 // block's sums start from -32 Σ xq of their x, so that they are sums of
 // (q - 32) xq, and meet their own scale.
@@ -1099,11 +1133,17 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
       // block of each tile_rows.
       ahead.start_job(segments, j + 1 < n_jobs ? &jobs[j + 1] : nullptr,
                       x.tiles * (GEMV_JOB_ROWS / ROW_GROUP) * blocks);
-      if (seg.type == Q8_0 && rows == GEMV_JOB_ROWS && x.tiles % 2 == 0) {  // (the heads': read in place)
-        for (int64_t t = 0; t < x.tiles; t += 2)
+      if (seg.type == Q8_0 && rows == GEMV_JOB_ROWS) {  // (the heads': read in place, as job_products' tiles)
+        const int64_t tile = GEMV_JOB_ROWS * LANES;
+        int64_t t = 0;
+        for (; t + 1 < x.tiles; t += 2)
           for (int64_t i = 0; i < GEMV_JOB_ROWS; i += 4)
-            tile_rows_pair_q8_0(seg.data + (first + i) * seg.row_bytes, seg.row_bytes, k, x, t,
-                                c + t * GEMV_JOB_ROWS * LANES + i * LANES, GEMV_JOB_ROWS * LANES, ahead);
+            tile_rows_pair_q8_0(seg.data + (first + i) * seg.row_bytes, seg.row_bytes, k, x, t, c + t * tile + i * LANES,
+                                tile, ahead);
+        if (t < x.tiles)
+          for (int64_t i = 0; i < GEMV_JOB_ROWS; i += ROW_GROUP)
+            tile_rows_q8_0(seg.data + (first + i) * seg.row_bytes, seg.row_bytes, k, x, t, c + t * tile + i * LANES,
+                           ahead);
       } else {
         unpack_job(seg, first, rows, k, strip.data(), d, m_shifted);
         job_products(seg, strip.data(), d, m_shifted, k, x, 0, x.tiles, c, ahead);
