@@ -1094,8 +1094,12 @@ inline void fold_best(const float* c, int64_t rows, int32_t col, __m512& value, 
 // every segment's type has an integer kernel): [begin, end), its first chunk,
 // already claimed, then the next ones (team.h). With `best` (the member's [m]),
 // nothing is written to out: each row's best column over the member's jobs goes
-// there instead (the products are the same, bit for bit).
-void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
+// there instead (the products are the same, bit for bit). ARGMAX: whether `best` is
+// given (an instance each: the one writing out keeps to its own code). Flattened, as
+// run_prompt_jobs: with the tile kernels' callers grown, GCC called them out of line
+// (48 rows of Gemma's head 5-13% slower).
+template <bool ARGMAX>
+[[gnu::flatten]] void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
                       cholla::Member& member, const float* xs, int64_t m, int64_t k, float* out, int64_t n_total,
                       RowBest* best = nullptr) {
   static_assert(GEMV_JOB_ROWS == LANES, "transpose16: a job of 16 weight rows meets tiles of 16 lanes");
@@ -1116,7 +1120,7 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
   // n_total apart (1 MiB for Gemma's), so each job's lines for m rows of x
   // crowd the same cache sets, and writing them through the caches cost as
   // much as reading the weights.
-  const bool stream = best == nullptr && m * n_total * 4 >= STREAM_OUTPUT_BYTES;
+  const bool stream = !ARGMAX && m * n_total * 4 >= STREAM_OUTPUT_BYTES;
   constexpr int64_t MAX_TILES = INT8_BATCH_MAX_ROWS / LANES;
   __m512 best_value[MAX_TILES];
   __m512i best_index[MAX_TILES];
@@ -1150,7 +1154,7 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
         job_products(seg, strip.data(), d, m_shifted, k, x, 0, x.tiles, c, ahead);
       }
       for (int64_t t = 0; t < x.tiles; ++t) {
-        if (best != nullptr)
+        if constexpr (ARGMAX)
           fold_best(c + t * GEMV_JOB_ROWS * LANES, rows, static_cast<int32_t>(seg.out_offset + first), best_value[t],
                     best_index[t]);
         else
@@ -1159,13 +1163,14 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
     }
   } while (member.next(n_jobs, begin, end));
   if (stream) _mm_sfence();  // the streamed lines are out before the team's barrier says so
-  if (best == nullptr) return;
-  for (int64_t t = 0; t < x.tiles; ++t) {
-    alignas(64) float value[LANES];
-    alignas(64) int32_t index[LANES];
-    _mm512_store_ps(value, best_value[t]);
-    _mm512_store_si512(index, best_index[t]);
-    for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) best[t * LANES + lane] = {value[lane], index[lane]};
+  if constexpr (ARGMAX) {
+    for (int64_t t = 0; t < x.tiles; ++t) {
+      alignas(64) float value[LANES];
+      alignas(64) int32_t index[LANES];
+      _mm512_store_ps(value, best_value[t]);
+      _mm512_store_si512(index, best_index[t]);
+      for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) best[t * LANES + lane] = {value[lane], index[lane]};
+    }
   }
 }
 
@@ -1189,7 +1194,7 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
   const bool all_integer = std::all_of(segments.begin(), segments.end(),
                                        [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; });
   if (integer && m > INT8_GEMV_MAX_ROWS && all_integer)
-    return run_batched_jobs(segments, jobs, begin, end, member, xs, m, k, out, n_total);
+    return run_batched_jobs<false>(segments, jobs, begin, end, member, xs, m, k, out, n_total);
   prefetch_job(begin);
   // Each thread quantizes x itself (reading a copy another core had just written
   // cost ~1 us a call), into scratch it keeps from call to call (allocating and
@@ -1432,7 +1437,7 @@ at::Tensor qgemv_int8_argmax(const at::Tensor& x_in, at::TensorList weights, at:
   run_as_team([&](Member& member) {
     int64_t begin = 0, end = 0;
     if (member.next(n_jobs, begin, end))
-      run_batched_jobs(segments, jobs, begin, end, member, x.data_ptr<float>(), m, x.size(1), nullptr, n_total,
+      run_batched_jobs<true>(segments, jobs, begin, end, member, x.data_ptr<float>(), m, x.size(1), nullptr, n_total,
                        best.data() + member.index() * m);
   });
   at::Tensor tokens = at::empty({m}, x.options().dtype(at::kLong));
