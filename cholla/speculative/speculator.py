@@ -63,8 +63,10 @@ STEP_COST = {
 # past them a sequence finds no draft blocks and decodes plainly).
 MAX_SPECULATING_SEQS = 8
 # A lookup's match this long or shorter drafts only where the sequence's drafts have been accepted before
-# (``SpeculationState.acceptance``): on open-ended text SmolLM2's one-token matches failed 66 times in 66.
-SHORT_MATCH = 1
+# (``SpeculationState.acceptance``): on open-ended text SmolLM2's one-token matches failed 66 times in 66,
+# its two-token ones 15 in 15, while copy and code, whose records vouch for their short matches, verified
+# as few steps as before or fewer (docs/benchmarks.md).
+SHORT_MATCH = 2
 # Each draft's weight in a sequence's acceptance rate decays by this much per later draft that met
 # the verifier (a memory of ~10 drafts: a copy that ends is noticed within a step or two; one draft a
 # step accepted every time reaches 0.92, which pays for longer drafts).
@@ -93,8 +95,8 @@ class SpeculationState:
         meet the verifier): the sequence's record, with one accepted and one rejected draft as prior,
         or what its current match promises (``match_acceptance``) where that is more. A lookup's
         match of at most ``SHORT_MATCH`` tokens promises nothing, and its drafts count on the
-        record's own evidence alone, without the prior: a token that merely recurs ("the", ",")
-        is what open-ended text matches, and its drafts fail there (docs/benchmarks.md)."""
+        record's own evidence alone, without the prior: words that merely recur ("the", ", and")
+        are what open-ended text matches, and its drafts fail there (docs/benchmarks.md)."""
         if 0 < self.match_length <= SHORT_MATCH:
             return self.accepted / (self.tried + 1)
         return max((self.accepted + 1) / (self.tried + 2), match_acceptance(self.match_length))
