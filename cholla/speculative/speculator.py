@@ -129,10 +129,10 @@ def step_cost(table: tuple[tuple[int, float], ...], rows: int) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _cost_curve(table: tuple[tuple[int, float], ...]) -> tuple[float, ...]:
-    """``step_cost`` at 0 to the table's last row (at 0: a one-row step's), read by index: ``allot``
-    runs every step, and hashing the table once per row asked cost more than its sums."""
-    return tuple(step_cost(table, max(rows, 1)) for rows in range(table[-1][0] + 1))
+def _cost_curve(table: tuple[tuple[int, float], ...]) -> list[float]:
+    """``step_cost`` by rows, read by index and filled as ``allot`` asks (a table may reach far):
+    ``allot`` runs every step, and hashing the table once per row asked cost more than its sums."""
+    return [step_cost(table, 1)]  # rows 0: never asked
 
 
 def allot(drafts: list[list[int] | tree.DraftTree], states: list[SpeculationState], num_rows: int,
@@ -155,8 +155,10 @@ def allot(drafts: list[list[int] | tree.DraftTree], states: list[SpeculationStat
     costs = _cost_curve(table)
     best_rate, best, tokens = num_rows / step_cost(table, num_rows), 0, float(num_rows)
     for m, (gain, _, _) in enumerate(gains, 1):
-        if num_rows + m >= len(costs):
-            break  # past the table: inf
+        while len(costs) <= num_rows + m:
+            costs.append(step_cost(table, len(costs)))
+        if costs[num_rows + m] == float("inf"):
+            break  # past the table
         tokens += gain
         rate = tokens / (costs[num_rows + m] + draft_cost * m)
         if rate > best_rate:
