@@ -30,7 +30,7 @@ def naive(q, k, v, scale, softcap=None, window=None):
     return out
 
 
-def step(lengths, q, k, v, dtype, softcap=None, window=None, split=False):
+def step(lengths, q, k, v, dtype, softcap=None, window=None, split=False, keep_bf16=False):
     """One prefill step over whole prompts of these lengths (split: one call per prompt)."""
     blocks = -(-max(lengths) // BLOCK)
     caches = [torch.zeros(len(lengths) * blocks, BLOCK, *x.shape[1:]) for x in (k, v)]
@@ -45,7 +45,7 @@ def step(lengths, q, k, v, dtype, softcap=None, window=None, split=False):
                           for n, a, b in zip(lengths, starts, starts[1:])])
     meta = AttentionMetadata(slot_mapping=slots, query_start_loc=starts, context_lens=list(lengths),
                              block_tables=tables, num_prefills=len(lengths))
-    return paged_attention(q, k, v, *caches, meta, 0.2, window, softcap, prefill_dtype=dtype)
+    return paged_attention(q, k, v, *caches, meta, 0.2, window, softcap, prefill_dtype=dtype, keep_bf16=keep_bf16)
 
 
 def test_prompt_runs_match_one_call_each_and_a_naive_softmax():
@@ -75,6 +75,10 @@ def test_short_prompts_match_one_call_each_sdpa_and_a_naive_softmax(monkeypatch)
     assert not attention._short_prompts(q, k, 300, None, torch.bfloat16, None)
     ours = step(lengths, q, k, v, torch.bfloat16)
     assert torch.equal(ours, step(lengths, q, k, v, torch.bfloat16, split=True))
+    # bf16 out where every prompt is short (the values the fp32 out holds), fp32 where one is not
+    short = step(lengths[:-1], q[:-300], k[:-300], v[:-300], torch.bfloat16, keep_bf16=True)
+    assert short.dtype == torch.bfloat16 and torch.equal(short.float(), ours[:-300])
+    assert step(lengths, q, k, v, torch.bfloat16, keep_bf16=True).dtype == torch.float32
     monkeypatch.setattr(attention, "SHORT_PROMPT_SCORE_BYTES", 1)  # one sequence's scores per pass
     assert torch.equal(ours, step(lengths, q, k, v, torch.bfloat16))
     monkeypatch.setattr(attention, "SHORT_PROMPT_MIN_HEAD_DIM", 1 << 20)  # every prompt through SDPA

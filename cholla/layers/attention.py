@@ -142,13 +142,17 @@ def paged_attention(
     prefill_dtype: torch.dtype = torch.float32,
     sinks: torch.Tensor | None = None,
     write: bool = True,
+    keep_bf16: bool = False,
 ) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]; caches: [blocks, block_size, kv_heads, dim]
     (any ``cholla/kv/kv_types.py`` type: read back as fp32).
 
     Returns [tokens, heads, v's dim]. Prefill chunks attend in ``prefill_dtype``.
     ``write=False``: the caller has written k and v into the caches already
-    (latent attention, whose V cache is a view into its K cache).
+    (latent attention, whose V cache is a view into its K cache). ``keep_bf16``: where every
+    sequence is a whole prompt that ``_attend_short_prompts`` serves, the result stays in bf16
+    as that path computes it, for a consumer that would round it to bf16 anyway (the output
+    projection's bf16 product).
     """
     block_size = k_cache.shape[1]
     if write:
@@ -161,7 +165,10 @@ def paged_attention(
         return cpu_kernels().paged_attention_decode(q, k_values, v_values, meta.block_tables, meta.span_context_lens,
                                                     scale, window or 0, softcap or 0.0, **quant,
                                                     query_starts=meta.span_starts)
-    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    bf16 = keep_bf16 and len(meta.context_lens) == meta.num_prefills and all(
+        _short_prompts(q, k, _whole_prompt(meta, i, window), softcap, prefill_dtype, sinks)
+        for i in range(meta.num_prefills))
+    out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.bfloat16 if bf16 else q.dtype)
     starts = meta.query_start_loc
     done = _attend_prompt_runs(q, k, v, out, meta, scale, window, softcap, prefill_dtype, sinks)
 
@@ -252,9 +259,9 @@ GGML_BF16 = int(GGMLQuantizationType.BF16)  # the kernels' type id of bf16 rows
 
 
 def _short_prompts(q, k, length: int, softcap: float | None, dtype: torch.dtype, sinks) -> bool:
-    """Whether whole prompts of ``length`` tokens take ``_attend_short_prompts``."""
+    """Whether whole prompts of ``length`` tokens (0: not a whole prompt) take ``_attend_short_prompts``."""
     dim = q.shape[-1]
-    return (dtype == torch.bfloat16 and softcap is None and sinks is None and q.dtype == torch.float32
+    return (length > 0 and dtype == torch.bfloat16 and softcap is None and sinks is None and q.dtype == torch.float32
             and k.shape[-1] == dim and dim % 32 == 0 and dim >= SHORT_PROMPT_MIN_HEAD_DIM
             and length <= SHORT_PROMPT_HEAD_DIMS * dim and cpu_kernels() is not None)
 
@@ -275,8 +282,8 @@ def _attend_short_prompts(q, k, v, length: int, scale: float) -> torch.Tensor:
     queries = q.reshape(n, length, kv_heads, group, dim).transpose(1, 2).reshape(n, kv_heads, length * group, dim)
     keys = k.reshape(n, length, kv_heads, dim).transpose(1, 2).to(torch.bfloat16).contiguous()
     values = v.reshape(n, length, kv_heads, v_dim).transpose(1, 2).to(torch.bfloat16).contiguous()
-    positions = torch.arange(length)
-    hidden = (positions[None, :] > positions[:, None]).repeat_interleave(group, 0)  # [L x group, L]
+    # -inf above the diagonal, [L x group, L], added to the scores (masked_fill_ took twice as long)
+    above = torch.full((length, length), float("-inf")).triu_(1).repeat_interleave(group, 0)
     out = torch.empty(n, kv_heads, length * group, v_dim, dtype=torch.bfloat16)
     step = max(1, SHORT_PROMPT_SCORE_BYTES // (kv_heads * length * group * length * 4))
     for first in range(0, n, step):
@@ -285,7 +292,7 @@ def _attend_short_prompts(q, k, v, length: int, scale: float) -> torch.Tensor:
         for i in range(first, last):
             for h in range(kv_heads):
                 kernels.qmatmul_out(queries[i, h], [keys[i, h].view(torch.uint8)], [GGML_BF16], scores[i - first, h])
-        probs = torch.softmax(scores.mul_(scale).masked_fill_(hidden, float("-inf")), dim=-1).to(torch.bfloat16)
+        probs = torch.softmax(scores.mul_(scale).add_(above), dim=-1).to(torch.bfloat16)
         torch.bmm(probs.flatten(0, 1), values[first:last].flatten(0, 1), out=out[first:last].flatten(0, 1))
     return out.view(n, kv_heads, length, group, v_dim).transpose(1, 2).reshape(n * length, heads, v_dim)
 
@@ -447,7 +454,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window, self.softcap,
-                              self.compute_dtype, None if self.sinks is None else self.sinks.value)
+                              self.compute_dtype, None if self.sinks is None else self.sinks.value, keep_bf16=True)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
