@@ -67,6 +67,7 @@ def test_prompt_runs_match_one_call_each_and_a_naive_softmax():
 
 @pytest.mark.skipif(cpu_kernels() is None, reason="the short prompts' scores are our kernels' product")
 def test_short_prompts_match_one_call_each_sdpa_and_a_naive_softmax(monkeypatch):
+    monkeypatch.setattr(attention, "amx_tiles", lambda: False)  # the path runs there too, though not chosen
     g = torch.Generator().manual_seed(1)
     dim, lengths = 128, [24, 24, 9, 40, 40, 40, 300]  # 300 > 2 x dim: SDPA's flash kernel
     total = sum(lengths)
@@ -96,8 +97,9 @@ def test_short_prompts_match_one_call_each_sdpa_and_a_naive_softmax(monkeypatch)
 
 
 @pytest.mark.skipif(cpu_kernels() is None, reason="the short prompts' scores are our kernels' product")
-def test_short_prompts_take_values_narrower_than_keys():
+def test_short_prompts_take_values_narrower_than_keys(monkeypatch):
     """Latent attention (layers/mla.py): one KV head whose values are a slice of its keys."""
+    monkeypatch.setattr(attention, "amx_tiles", lambda: False)
     g = torch.Generator().manual_seed(2)
     lengths, dim, v_dim, heads = [20, 20], 160, 128, 8
     q = torch.randn(sum(lengths), heads, dim, generator=g)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from cholla.kernels import cpu_kernels
+from cholla.kernels import amx_tiles, cpu_kernels
 from cholla.kv.kv_types import (
     ScaledKV,
     gather,
@@ -251,6 +251,7 @@ def _attend_prompt_runs(q, k, v, out, meta: AttentionMetadata, scale: float, win
 # without AMX, SDPA's bf16 flash kernel took 2.6-2.8x as long for Gemma 3's heads (dim 256,
 # 4 per KV head) at 128-512 tokens, 1.7x for dim 128 at 128 tokens; at dim 64, or past these
 # lengths (all scores computed, none skipped above the diagonal), it was as fast or faster.
+# With AMX tiles (SDPA's flash kernel runs on them) it was never measured: SDPA stays there.
 SHORT_PROMPT_MIN_HEAD_DIM = 128
 SHORT_PROMPT_HEAD_DIMS = 2
 # Sequences whose scores one pass holds (fp32, [heads x L, L] each): at most ~8 MiB of them.
@@ -263,7 +264,7 @@ def _short_prompts(q, k, length: int, softcap: float | None, dtype: torch.dtype,
     dim = q.shape[-1]
     return (length > 0 and dtype == torch.bfloat16 and softcap is None and sinks is None and q.dtype == torch.float32
             and k.shape[-1] == dim and dim % 32 == 0 and dim >= SHORT_PROMPT_MIN_HEAD_DIM
-            and length <= SHORT_PROMPT_HEAD_DIMS * dim and cpu_kernels() is not None)
+            and length <= SHORT_PROMPT_HEAD_DIMS * dim and cpu_kernels() is not None and not amx_tiles())
 
 
 def _attend_short_prompts(q, k, v, length: int, scale: float) -> torch.Tensor:
