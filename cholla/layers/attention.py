@@ -4,7 +4,9 @@ Every step, the new tokens' keys and values are written into their cache
 slots (``slot_mapping``), then each query attends to its sequence's keys read
 back through the sequence's ``block_table``. Sequences that decode one token
 share one batched call; prefill chunks (which may follow a cached prefix) run
-one call each, with a causal mask offset by the tokens already cached. A step
+one call each, with a causal mask offset by the tokens already cached (whole
+prompts of one length side by side in one call; short ones with wide heads
+through explicit scores, ``_attend_short_prompts``). A step
 whose sequences are decodes and speculating decodes verifying their drafts
 (``MAX_QUERY_SPAN`` tokens at most) runs every row through the decode kernel
 instead, each row seeing the keys up to its own position as written in the cache
