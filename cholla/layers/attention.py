@@ -272,7 +272,7 @@ def _short_prompts(q, k, length: int, softcap: float | None, dtype: torch.dtype,
 
 def _attend_short_prompts(q, k, v, length: int, scale: float) -> torch.Tensor:
     """Causal attention within each of n whole prompts of ``length`` tokens: q [n L, heads, dim],
-    k, v [n L, kv_heads, dim] (fp32) -> [n L, heads, v's dim] (fp32).
+    k, v [n L, kv_heads, dim] (fp32) -> [n L, heads, v's dim] in bf16, as SDPA gives it in bf16.
 
     As SDPA computes in bf16: scores of bf16 q and k summed in fp32 (``qmatmul`` with the keys as
     its bf16 weight rows, all of a KV head's queries at once), an fp32 softmax, then the
