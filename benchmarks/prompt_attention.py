@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's cholla
-from cholla.kernels import cpu_kernels  # noqa: E402
-from cholla.layers import attention  # noqa: E402
+from cholla.kernels import cpu_kernels
+from cholla.layers import attention
 
 # (prompts, tokens each, heads, KV heads, head dim)
 SHAPES = [(16, 128, 4, 1, 256), (1, 512, 4, 1, 256), (2, 1024, 4, 1, 256), (4, 512, 8, 4, 256),
@@ -51,26 +51,34 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}, CPU time, best of {args.repeats}")
     print("| prompts x tokens | heads / KV heads, dim | chosen | explicit ms | SDPA ms | SDPA / explicit "
           "| max, mean error explicit | SDPA |\n|---|---|---|---:|---:|---:|---|---|")
-    for n, length, heads, kv_heads, dim in SHAPES:
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(n * length, h, dim, generator=g) for h in (heads, kv_heads, kv_heads))
-        scale = 3 * dim**-0.5
-        rows = lambda x: x.unflatten(0, (n, length)).transpose(1, 2)  # [n, heads, L, dim], as the runs take them
+    for shape in SHAPES:
+        print(row(shape, args.repeats))
 
-        def sdpa():
-            out = attention._attend(rows(q), rows(k), rows(v), None, scale, None, torch.bfloat16)
-            return out.transpose(1, 2).flatten(0, 1)
 
-        def explicit():
-            return attention._attend_short_prompts(q, k, v, length, scale)
+def row(shape: tuple[int, int, int, int, int], repeats: int) -> str:
+    """One table row: both paths on the same random q, k, v of this shape."""
+    n, length, heads, kv_heads, dim = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n * length, h, dim, generator=g) for h in (heads, kv_heads, kv_heads))
+    scale = 3 * dim**-0.5
 
-        exact = F.scaled_dot_product_attention(rows(q).double(), rows(k).double(), rows(v).double(), is_causal=True,
-                                               scale=scale, enable_gqa=True).transpose(1, 2).flatten(0, 1)
-        errors = [(fn() - exact).abs() for fn in (explicit, sdpa)]
-        ours, theirs = best_ms(explicit, args.repeats), best_ms(sdpa, args.repeats)
-        chosen = "explicit" if attention._short_prompts(q, k, length, None, torch.bfloat16, None) else "SDPA"
-        print(f"| {n} x {length} | {heads} / {kv_heads}, {dim} | {chosen} | {ours:.2f} | {theirs:.2f} | "
-              f"{theirs / ours:.2f}x | " + " | ".join(f"{e.max():.4f}, {e.mean():.5f}" for e in errors) + " |")
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [n, heads, L, dim], as the runs take them
+        return x.unflatten(0, (n, length)).transpose(1, 2)
+
+    def sdpa() -> torch.Tensor:
+        out = attention._attend(rows(q), rows(k), rows(v), None, scale, None, torch.bfloat16)
+        return out.transpose(1, 2).flatten(0, 1)
+
+    def explicit() -> torch.Tensor:
+        return attention._attend_short_prompts(q, k, v, length, scale).float()
+
+    exact = F.scaled_dot_product_attention(rows(q).double(), rows(k).double(), rows(v).double(), is_causal=True,
+                                           scale=scale, enable_gqa=True).transpose(1, 2).flatten(0, 1)
+    errors = [(fn() - exact).abs() for fn in (explicit, sdpa)]
+    ours, theirs = best_ms(explicit, repeats), best_ms(sdpa, repeats)
+    chosen = "explicit" if attention._short_prompts(q, k, length, None, torch.bfloat16, None) else "SDPA"
+    return (f"| {n} x {length} | {heads} / {kv_heads}, {dim} | {chosen} | {ours:.2f} | {theirs:.2f} | "
+            f"{theirs / ours:.2f}x | " + " | ".join(f"{e.max():.4f}, {e.mean():.5f}" for e in errors) + " |")
 
 
 if __name__ == "__main__":

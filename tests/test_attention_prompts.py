@@ -107,7 +107,7 @@ def test_short_prompts_take_values_narrower_than_keys(monkeypatch):
     ours = step(lengths, q, entry, entry[..., :v_dim], torch.bfloat16)
     assert ours.shape == (sum(lengths), heads, v_dim)
     for s in (slice(0, 20), slice(20, 40)):
-        rows = lambda x: x[s].transpose(0, 1)[None]
-        expected = torch.nn.functional.scaled_dot_product_attention(
-            rows(q), rows(entry), rows(entry[..., :v_dim]), is_causal=True, scale=0.2, enable_gqa=True)
+        q_s, k_s, v_s = (x[s].transpose(0, 1)[None] for x in (q, entry, entry[..., :v_dim]))
+        expected = torch.nn.functional.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=True, scale=0.2,
+                                                                    enable_gqa=True)
         torch.testing.assert_close(ours[s], expected[0].transpose(0, 1), rtol=2e-2, atol=2e-2)
