@@ -250,8 +250,8 @@ def _attend_prompt_runs(q, k, v, out, meta: AttentionMetadata, scale: float, win
 
 # Whole prompts of at most SHORT_PROMPT_HEAD_DIMS x head_dim tokens, with heads of at least
 # SHORT_PROMPT_MIN_HEAD_DIM, attend through explicit scores (_attend_short_prompts): on Zen 5
-# without AMX, one thread, SDPA's bf16 flash kernel took 2.9-3.0x as long for Gemma 3's heads
-# (dim 256, 4 per KV head) at 128-512 tokens, 2.0-2.4x for dim 128 at 128-256 tokens, 1.6x for
+# without AMX, one thread, SDPA's bf16 flash kernel took 2.7-3.0x as long for Gemma 3's heads
+# (dim 256, 4 per KV head) at 128-512 tokens, 1.7-2.4x for dim 128 at 128-256 tokens, 1.5-1.7x for
 # SmolLM2's (dim 64, 3 per KV head) at 128 (benchmarks/prompt_attention.py); past these lengths
 # (all scores computed, none skipped above the diagonal) it was sometimes as fast or faster.
 # With AMX tiles (SDPA's flash kernel runs on them) it was never measured: SDPA stays there.
