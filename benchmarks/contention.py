@@ -19,9 +19,10 @@ Taking turns fairly. On a machine others share, one run says little, and
 which program goes first under a set of busy loops matters: the last quiet
 sitting had the forced team ahead of the default by 1.5x when it always ran
 first, and behind when it went second by hand. So ``--rounds N`` repeats the
-whole sequence N times, each round in the reverse order of the one before
-(A B C, C B A, A B C, ...: every program's mean place is the same over an
-even number of rounds), the busy loops run ``--warm`` seconds before the
+whole sequence N times, each round in the reverse order of the one before, and
+the forced team and the default trade places every two rounds (C D L, L D C,
+D C L, L C D: over four rounds every program's mean place is the same, and
+neither of the two is always in the middle; see ``round_order``), the busy loops run ``--warm`` seconds before the
 first timed program, and each cell is the median over the rounds with the
 spread (min-max) beside it. The table's header says the orders. A run that
 does not finish within ``--timeout`` seconds counts as 0 (a collapse).
@@ -88,8 +89,18 @@ def start_busy(count: int, warm: float, own_sessions: bool = False) -> list[subp
 
 
 def round_order(programs: list[str], round_index: int) -> list[str]:
-    """The programs' order in round ``round_index``: as listed in even rounds, reversed in odd ones (A B, B A, ...)."""
-    return list(programs) if round_index % 2 == 0 else list(reversed(programs))
+    """The programs' order in round ``round_index``: as listed in even rounds, reversed in odd ones,
+    with cholla's forced team and its default trading places in rounds 2-3 of every 4.
+
+    Reversing alone (C D L, L D C) keeps the middle program in the middle: over four rounds
+    (C D L, L D C, D C L, L C D) every program's mean place is the same, the default and the
+    forced team each go first of the two twice, and each of them also takes both ends of a
+    round once."""
+    order = list(programs)
+    if round_index // 2 % 2 and {"cholla", "cholla default"} <= set(order):
+        i, j = order.index("cholla"), order.index("cholla default")
+        order[i], order[j] = order[j], order[i]
+    return order if round_index % 2 == 0 else order[::-1]
 
 
 def spread(values: list[float], digits: int = 1, range_digits: int = 0) -> str:
@@ -166,7 +177,7 @@ def main() -> None:
     parser.add_argument("--baseline-default", action="store_true",
                         help="run the baseline with its default thread count, not --threads")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="repeats, each in the reverse order of the one before; each figure is their median")
+                        help="repeats, in turned orders (see round_order; 4 for fair places); each figure is their median")
     parser.add_argument("--warm", type=float, default=5.0,
                         help="seconds the busy loops run before the first timed program")
     parser.add_argument("--own-sessions", action="store_true",
@@ -223,13 +234,13 @@ def main() -> None:
                          "pp_runs": [r["pp"] for r in done], "tg_runs": [r["tg"] for r in done]}
         rows.append(row)
 
-    orders = " / ".join(", ".join(round_order(programs, i)) for i in range(min(args.rounds, 2)))
+    orders = " / ".join(", ".join(round_order(programs, i)) for i in range(min(args.rounds, 4)))
     print(f"\n{platform.node()}, {os.cpu_count()} CPUs, {threads} threads for the fixed runs, "
           f"pp{args.n_prompt} / tg{args.n_gen}, {args.repetitions} repetitions, {args.rounds} round(s) "
           f"(median, range over rounds), busy loops warmed {args.warm:.0f} s"
           f"{', each in its own session' if args.own_sessions else ''}, "
           f"{datetime.datetime.now():%Y-%m-%d %H:%M}; baseline: {args.baseline}")
-    print(f"order in odd / even rounds: {orders}" if args.rounds > 1 else f"order: {orders}")
+    print(f"orders of rounds 1-{min(args.rounds, 4)} (then again): {orders}" if args.rounds > 1 else f"order: {orders}")
     if omp_num_threads := ENV.get("OMP_NUM_THREADS"):
         print(f"OMP_NUM_THREADS={omp_num_threads} was set: 'cholla default' took that count, not its own default")
     print()

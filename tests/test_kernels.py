@@ -172,6 +172,17 @@ def test_batched_qgemv_int8_rows_equal_bit_for_bit_alone_or_paired(qtype):
     assert torch.equal(together[16:32], kernels.qgemv_int8(x[16:32].clone(), [blocks], [int(qtype)]))
 
 
+@pytest.mark.parametrize("rows", [7, 16, 32, 40])  # one tile, two; three: all unpacked
+def test_batched_qgemv_int8_q8_0_read_in_place_equals_unpacked(rows):
+    """Q8_0's whole jobs of 16 weight rows are read where they lie (the heads', at one or two tiles of
+    x), a last partial job unpacked first: the same rows in both give the same sums, bit for bit."""
+    blocks, _ = random_weight(T.Q8_0, 37, 640, seed=7)
+    blocks[32:37] = blocks[3:8]  # the partial third job repeats rows of the first
+    x = torch.randn(rows, 640, generator=torch.Generator().manual_seed(7))
+    got = kernels.qgemv_int8(x, [blocks], [int(T.Q8_0)])
+    assert torch.equal(got[:, 32:37], got[:, 3:8])
+
+
 def test_batched_qgemv_int8_side_by_side_and_into_out():
     """Weights of several types in one batched call equal separate calls; _out writes the same."""
     qtypes = [T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K, T.Q4_1, T.Q5_K]
@@ -243,6 +254,56 @@ def test_batched_qgemv_int8_streams_a_large_output(rows):
             torch.testing.assert_close(out, expected, rtol=0, atol=scale * 1e-6)
     finally:
         torch.set_num_threads(threads)
+
+
+def _head_weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 "head" of n rows with one strong row repeated at rows 17, n // 2 and n - 3 (bit-equal
+    products: ties across jobs and the team's members), and a small Q4_0 weight beside it."""
+    from gguf.quants import quantize
+
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=generator)
+    w[[17, n // 2, n - 3]] = 8 * torch.randn(k, generator=generator)
+    head = torch.from_numpy(quantize(w.numpy(), T.Q8_0))
+    small, _ = random_weight(T.Q4_0, 21, k, seed=seed)
+    return head, small
+
+
+@pytest.mark.parametrize("rows", [7, 16, 32, 33, 64])  # the batched product's: one tile, two, a partial third, four
+def test_batched_qgemv_int8_argmax_is_the_argmax_of_its_logits(rows):
+    """Greedy sampling fused into the head: the same token as argmax_rows over qgemv_int8's logits,
+    ties to the first column (a repeated weight row, spread over jobs and members), one thread and two."""
+    k = 64
+    head, small = _head_weights(3000, k, seed=rows)
+    strong = gguf_dequantize(head[17].numpy(), T.Q8_0).reshape(-1)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    x[1] = torch.from_numpy(strong)  # its best columns: 17, 1500, 2997 (tied) in the head
+    x[2] = 0.0  # every product 0: the first column
+    x[3] = -x[1]
+    weights, types = [small, head], [int(T.Q4_0), int(T.Q8_0)]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            logits = kernels.qgemv_int8(x, weights, types)
+            tokens = kernels.qgemv_int8_argmax(x, weights, types)
+            assert torch.equal(tokens, kernels.argmax_rows(logits)), n
+            assert torch.equal(tokens, logits.max(dim=-1).indices), n
+            assert tokens[1] == 21 + 17 and tokens[2] == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_batched_qgemv_int8_argmax_takes_the_first_nan():
+    """A NaN product counts above every number, the first one winning (torch.max's rule)."""
+    head, small = _head_weights(300, 64, seed=1)
+    for row in (250, 40):  # a NaN scale (fp16 0x7E00) in the row's first block
+        head[row, :2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(0))
+    tokens = kernels.qgemv_int8_argmax(x, [small, head], [int(T.Q4_0), int(T.Q8_0)])
+    assert torch.equal(tokens, torch.full((9,), 21 + 40))
+    with pytest.raises(RuntimeError, match="more than 6 rows"):
+        kernels.qgemv_int8_argmax(x[:6].clone(), [head], [int(T.Q8_0)])
 
 
 def test_int8_kernel_types_agree_with_the_routing():

@@ -370,3 +370,18 @@ def test_argmax_takes_the_first_of_tied_maxima():
     assert argmax(logits).tolist() == [7, 262143, 0]
     random_logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
     assert torch.equal(argmax(random_logits), random_logits.argmax(dim=-1))
+
+
+def test_argmax_only_where_nothing_reads_the_logits():
+    """The head may give tokens without logits only where every row is greedy and no stage or logprobs reads them."""
+    def batch(**changes):
+        params = [SamplingParams(temperature=0.0), SamplingParams(**{"temperature": 0.0, **changes})]
+        return SamplingBatch.build(params, [[1, 2], [3]], [[4], [5]], [None, None], 10, "cpu", eos_token_ids={9})
+
+    assert batch().argmax_only
+    for changes in ({"temperature": 0.7}, {"logprobs": 0}, {"logit_bias": {3: 1.0}}, {"min_tokens": 5},
+                    {"repetition_penalty": 1.1}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}):
+        assert not batch(**changes).argmax_only, changes
+    constrained = SamplingBatch.build([SamplingParams(temperature=0.0)] * 2, [[1], [2]], [[], []], [None, None], 10,
+                                      "cpu", allowed=([1], torch.ones(1, 10, dtype=torch.bool)))
+    assert not constrained.argmax_only  # a grammar masks them

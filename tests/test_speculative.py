@@ -69,6 +69,51 @@ def test_ngram_matches_a_plain_search():
     assert ngram.match([*copied * 2, 9] * 2 + copied[:1], 3, max_n=4) == ([5, 6, 1], 4)  # counted up to max_n
 
 
+def test_the_kept_index_matches_as_the_search_does():
+    """``TokenIndex.match`` (a sequence's index kept from step to step) answers as ``ngram.match``
+    does at every step of random growing sequences, and starts afresh for a sequence that changed."""
+    rng = random.Random(2)
+    for _ in range(300):
+        index, tokens = ngram.TokenIndex(), []
+        for _ in range(rng.randrange(1, 60)):
+            tokens += [rng.randrange(rng.choice([2, 3, 6, 50])) for _ in range(rng.choice([1, 1, 1, 4]))]
+            k = rng.randrange(1, 6)
+            for max_n, min_n in ((1, 1), (5, 1), (ngram.MAX_MATCH, 1), (ngram.MAX_MATCH, 2)):
+                assert index.match(tokens, k, max_n, min_n) == ngram.match(tokens, k, max_n, min_n), (tokens, max_n)
+    index = ngram.TokenIndex()
+    assert index.match([1, 2, 3, 1], 2) == ([2, 3], 1)
+    assert index.match([4, 2, 3, 4], 2) == ([2, 3], 1) and index.positions == {4: [0, 3], 2: [1], 3: [2]}
+    assert index.match([4, 2], 2) == ([], 0) and index.size == 2  # shorter: indexed afresh
+
+
+def test_a_short_match_drafts_on_the_record_alone():
+    """A lookup whose suffix agrees with its source for just ``SHORT_MATCH`` tokens (a recurring
+    "the" on open-ended text) promises nothing: a sequence with no accepted draft yet keeps none of
+    its drafts, however cheap the rows; one whose drafts were accepted keeps them on that record."""
+    from cholla.speculative.speculator import SHORT_MATCH, allot, match_acceptance
+
+    flat = ((1, 1.0), (64, 1.0))  # rows free: only an acceptance of 0 keeps nothing
+    bf16 = ((1, 1.0), (2, 1.14), (3, 1.77), (6, 2.83), (13, 3.04), (64, 9.26))
+    for n in range(1, SHORT_MATCH + 1):
+        fresh = SpeculationState(match_length=n)
+        assert fresh.acceptance == 0.0
+        assert allot([[7] * 12], [fresh], 1, flat) == [[]] and allot([[7] * 12], [fresh], 1, bf16) == [[]]
+        proven = SpeculationState(tried=20, accepted=19, match_length=n)
+        assert proven.acceptance == pytest.approx(19 / 21)
+        assert allot([[7] * 12], [proven], 1, bf16) == [[7] * 12]
+    longer = SpeculationState(match_length=SHORT_MATCH + 1)  # a longer match keeps its promise
+    assert longer.acceptance == match_acceptance(SHORT_MATCH + 1) and allot([[7] * 4], [longer], 1, flat) == [[7] * 4]
+    # Through the lookup: open-ended text whose last token recurred, and the passage being copied.
+    speculator, greedy = NgramSpeculator(12), SamplingParams(temperature=0)
+    story = [11, 12, 13, 14, 15, 16, 12, 17, 18, 19, 12]
+    state = SpeculationState()
+    drafts = speculator.propose(story, greedy, 5, state, 12)
+    assert drafts == [17, 18, 19, 12] and state.match_length == 1 and allot([drafts], [state], 1, bf16) == [[]]
+    copy = [*range(100, 120), 5, *range(100, 110)]
+    drafts = speculator.propose(copy, greedy, 10, state, 12)
+    assert state.match_length == 10 and allot([drafts], [state], 1, bf16) == [[*range(110, 120), 5, 100]]
+
+
 def test_ngram_cache_keeps_the_latest_continuation_and_forgets_the_oldest():
     cache = NgramCache(capacity=100, span=3)
     cache.add([1, 2, 3, 4, 5, 6])

@@ -114,8 +114,12 @@ def tiny_engines(tiny_path):
 
 @pytest.fixture
 def speculate_in_large_batches(monkeypatch, tiny_engines):
-    """The engine-wide row limit is a speed policy; these tests want every sequence of a big batch to speculate."""
+    """The engine-wide row limit and the short matches' wait for a record are speed policies; these
+    tests want every sequence of a big batch to speculate, from its first match on."""
+    from cholla.speculative import speculator
+
     monkeypatch.setattr(tiny_engines[1].scheduler.config, "step_cost", ((1, 1.0), (1 << 30, 1.0)))
+    monkeypatch.setattr(speculator, "SHORT_MATCH", 0)
 
 
 def _run(engine: LLMEngine, params: list[SamplingParams]) -> list[tuple[int, ...]]:

@@ -199,25 +199,32 @@ class Scheduler:
         """Drafts for the decoding requests at once (a draft model runs them as one batch), each
         short of the context's end, of ``max_tokens`` and of the step's ``room`` for drafts, then
         cut to those worth their cost (``allot``); the step's token budget cuts them later.
-        Only requests whose full drafts could pay are asked (at batch 32 none is: no lookup runs)."""
+        Only requests whose full drafts could pay are asked (at batch 32 none is: no lookup runs);
+        a single stream's lookup is asked at once (it costs less than asking whether it could pay)."""
         decoding = [r for r in self.running if _is_decoding(r)]
         limits = []
         for request in decoding:
+            request.speculation.match_length = 0  # the last step's match: this step's lookup finds its own
             limit = min(room, self.speculator.k, self.config.max_model_len - request.num_tokens - 1)
             if request.params.max_tokens is not None:
                 limit = min(limit, request.params.max_tokens - len(request.output_token_ids) - 1)
             limits.append(max(limit, 0))
         table = self.config.step_cost
-        # Drafting's own cost counts here, where it is still to be paid; once drafted, only the rows do.
-        at_best = allot([[0] * limit for limit in limits], [r.speculation for r in decoding], len(decoding), table,
-                        self.speculator.draft_cost)
         # A lookup is asked for its full limit: its match may promise more than the sequence's record
         # (allot, after it); a model that drafts is asked for what its record pays for.
         full = self.speculator.asks_full_limit
-        asked = [(r, limit if full else len(d)) for r, limit, d in zip(decoding, limits, at_best) if d]
+        if full and len(decoding) == 1:
+            asked = [(decoding[0], limits[0])] if limits[0] else []
+        else:
+            # Drafting's own cost counts here, where it is still to be paid; once drafted, only the rows do.
+            at_best = allot([[0] * limit for limit in limits], [r.speculation for r in decoding], len(decoding),
+                            table, self.speculator.draft_cost)
+            asked = [(r, limit if full else len(d)) for r, limit, d in zip(decoding, limits, at_best) if d]
         if not asked:
             return {}
         drafts = self.speculator.propose_batch([r for r, _ in asked], [limit for _, limit in asked])
+        if not any(drafts):
+            return {}
         # A grammar's request drafts only what its grammar would take: a refused token can't be verified.
         drafts = [d[: r.grammar.valid_prefix(d)] if d and r.grammar is not None else d for (r, _), d in zip(asked, drafts)]
         drafts = allot(drafts, [r.speculation for r, _ in asked], len(decoding), table)

@@ -10,7 +10,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -833,6 +835,88 @@ void tile_rows_pair(const uint8_t* q, const float* d, const float* m_shifted, in
     for (int i = 0; i < ROWS; ++i) _mm512_storeu_ps(c + tt * tile_stride + i * LANES, acc[tt][i]);
 }
 
+// tile_rows_pair<false> for 4 rows of Q8_0 read where they lie (`row_bytes` apart),
+// not unpacked into a strip: each 4 weights offset to unsigned (xor 0x80 per byte)
+// as they are broadcast, each block's d converted from its fp16 as it is used.
+// The same operations on the same numbers as unpack_row<Q8_0> then
+// tile_rows_pair<false> (bias -128): bitwise equal. The unpack (a load, xor and
+// store per 32 weights, a conversion and two stores per block) cost ~4.5 ms of
+// Gemma's 32-row head of ~19 (one thread), more than the products saved by it.
+void tile_rows_pair_q8_0(const uint8_t* rows, int64_t row_bytes, int64_t k, const XTiles& x, int64_t t, float* c,
+                         int64_t tile_stride, Ahead& ahead) {
+  constexpr int ROWS = 4;
+  constexpr IntFormat f = int_format(Q8_0);
+  const int64_t blocks = k / 32;
+  __m512 acc[2][ROWS];
+  for (int tt = 0; tt < 2; ++tt)
+    for (int i = 0; i < ROWS; ++i) acc[tt][i] = _mm512_setzero_ps();
+  const __m512 bias_v = _mm512_set1_ps(f.bias);
+  const __m512i offset = _mm512_set1_epi8(-128);
+  for (int64_t b = 0; b < blocks; ++b) {
+    ahead.step();
+    const uint8_t* block = rows + b * f.bytes;
+    __m512i s[2][ROWS];
+    for (int tt = 0; tt < 2; ++tt)
+      for (int i = 0; i < ROWS; ++i) s[tt][i] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      const __m512i x0 = _mm512_loadu_si512(x.quads(t, b) + 64 * j), x1 = _mm512_loadu_si512(x.quads(t + 1, b) + 64 * j);
+      for (int i = 0; i < ROWS; ++i) {
+        int32_t w;
+        std::memcpy(&w, block + i * row_bytes + f.qs + 4 * j, 4);
+        const __m512i wv = _mm512_xor_si512(_mm512_set1_epi32(w), offset);
+        s[0][i] = _mm512_dpbusd_epi32(s[0][i], wv, x0);
+        s[1][i] = _mm512_dpbusd_epi32(s[1][i], wv, x1);
+      }
+    }
+    __m512 d[ROWS];
+    for (int i = 0; i < ROWS; ++i) d[i] = _mm512_set1_ps(f16(block + i * row_bytes));
+    for (int tt = 0; tt < 2; ++tt) {
+      const __m512 dx = _mm512_loadu_ps(x.dx(t + tt, b));
+      const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t + tt, b)), bias_v);
+      for (int i = 0; i < ROWS; ++i) {
+        const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[tt][i]), dx, bq);
+        acc[tt][i] = _mm512_fmadd_ps(sum, d[i], acc[tt][i]);
+      }
+    }
+  }
+  for (int tt = 0; tt < 2; ++tt)
+    for (int i = 0; i < ROWS; ++i) _mm512_storeu_ps(c + tt * tile_stride + i * LANES, acc[tt][i]);
+}
+
+// tile_rows<false> likewise for 8 rows of Q8_0 where they lie (a lone tile: steps of
+// 7-16 rows).
+void tile_rows_q8_0(const uint8_t* rows, int64_t row_bytes, int64_t k, const XTiles& x, int64_t t, float* c,
+                    Ahead& ahead) {
+  constexpr IntFormat f = int_format(Q8_0);
+  const int64_t blocks = k / 32;
+  __m512 acc[ROW_GROUP];
+  for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_setzero_ps();
+  const __m512 bias_v = _mm512_set1_ps(f.bias);
+  const __m512i offset = _mm512_set1_epi8(-128);
+  for (int64_t b = 0; b < blocks; ++b) {
+    ahead.step();
+    const uint8_t* block = rows + b * f.bytes;
+    const int8_t* xq = x.quads(t, b);
+    __m512i s[ROW_GROUP];
+    for (int i = 0; i < ROW_GROUP; ++i) s[i] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
+      for (int i = 0; i < ROW_GROUP; ++i) {
+        int32_t w;
+        std::memcpy(&w, block + i * row_bytes + f.qs + 4 * j, 4);
+        s[i] = _mm512_dpbusd_epi32(s[i], _mm512_xor_si512(_mm512_set1_epi32(w), offset), xv);
+      }
+    }
+    const __m512 dx = _mm512_loadu_ps(x.dx(t, b));
+    const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t, b)), bias_v);
+    for (int i = 0; i < ROW_GROUP; ++i) {
+      const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), dx, bq);
+      acc[i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(f16(block + i * row_bytes)), acc[i]);
+    }
+  }
+  for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
+}
+
 // tile_rows for Q6_K (d: a scale per 16 weights, w = d (q - 32)): each half
 // block's sums start from -32 Σ xq of their x, so that they are sums of
 // (q - 32) xq, and meet their own scale.
@@ -946,11 +1030,78 @@ inline void store_tile(const float* c, int64_t t, int64_t m, int64_t rows, uint1
   }
 }
 
+// Greedy sampling's argmax, fused into the head's product: each row of x's
+// best (value, column) so far, the first column on ties, a NaN above every
+// number (as argmax_rows and torch.max). Columns fit int32 (a vocabulary).
+struct RowBest {
+  float value;
+  int32_t index;
+};
+
+// The order RowBest keeps: is (v, i) better than (best, at)?
+inline bool better(float v, int32_t i, float best, int32_t at) {
+  if (std::isnan(best)) return std::isnan(v) && i < at;
+  return std::isnan(v) || v > best || (v == best && i < at);
+}
+
+// One job's sums for a tile (c: [16 weight rows][16 lanes], the first `rows` real, row i
+// being column col + i) folded into each lane's best (value, index): better() lane-wise.
+// A whole job without NaN takes its lanes' maxima by a tree, the first row holding each
+// by compares against it, and meets the best once (row by row, better()'s chain of
+// compares and masks cost 1.4 ms of Gemma's 32-row head; the logits' stores cost less).
+inline void fold_best(const float* c, int64_t rows, int32_t col, __m512& value, __m512i& index) {
+  if (rows == GEMV_JOB_ROWS) {
+    __m512 v[GEMV_JOB_ROWS], top[GEMV_JOB_ROWS / 2], sum[GEMV_JOB_ROWS / 2];
+    for (int i = 0; i < GEMV_JOB_ROWS; ++i) v[i] = _mm512_loadu_ps(c + i * LANES);
+    for (int i = 0; i < GEMV_JOB_ROWS / 2; ++i) {
+      top[i] = _mm512_max_ps(v[2 * i], v[2 * i + 1]);
+      sum[i] = _mm512_add_ps(v[2 * i], v[2 * i + 1]);
+    }
+    for (int width = GEMV_JOB_ROWS / 4; width > 0; width /= 2)
+      for (int i = 0; i < width; ++i) {
+        top[i] = _mm512_max_ps(top[2 * i], top[2 * i + 1]);
+        sum[i] = _mm512_add_ps(sum[2 * i], sum[2 * i + 1]);
+      }
+    // A NaN among the sixteen makes their sum NaN (as does inf - inf: those take the exact way too).
+    if (_mm512_cmp_ps_mask(sum[0], sum[0], _CMP_UNORD_Q) == 0) {
+      __m512i at = _mm512_set1_epi32(GEMV_JOB_ROWS - 1);
+      for (int i = GEMV_JOB_ROWS - 2; i >= 0; --i)
+        at = _mm512_mask_mov_epi32(at, _mm512_cmp_ps_mask(v[i], top[0], _CMP_EQ_OQ), _mm512_set1_epi32(i));
+      at = _mm512_add_epi32(at, _mm512_set1_epi32(col));
+      // top holds no NaN: above a NaN best it is never (better()'s order)
+      const __mmask16 take = _mm512_cmp_ps_mask(top[0], value, _CMP_GT_OQ) |
+                             (_mm512_cmp_ps_mask(top[0], value, _CMP_EQ_OQ) & _mm512_cmplt_epi32_mask(at, index));
+      value = _mm512_mask_mov_ps(value, take, top[0]);
+      index = _mm512_mask_mov_epi32(index, take, at);
+      return;
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 v = _mm512_loadu_ps(c + i * LANES);
+    const __m512i at = _mm512_set1_epi32(col + static_cast<int32_t>(i));
+    const __mmask16 v_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __mmask16 best_nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+    const __mmask16 earlier = _mm512_cmplt_epi32_mask(at, index);
+    const __mmask16 above = _mm512_cmp_ps_mask(v, value, _CMP_GT_OQ) | (v_nan & ~best_nan);
+    const __mmask16 level = _mm512_cmp_ps_mask(v, value, _CMP_EQ_OQ) | (v_nan & best_nan);
+    const __mmask16 take = above | (level & earlier);
+    value = _mm512_mask_mov_ps(value, take, v);
+    index = _mm512_mask_mov_epi32(index, take, at);
+  }
+}
+
 // A member's jobs of a batched int8 product (m > INT8_GEMV_MAX_ROWS rows of x;
 // every segment's type has an integer kernel): [begin, end), its first chunk,
-// already claimed, then the next ones (team.h).
-void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
-                      cholla::Member& member, const float* xs, int64_t m, int64_t k, float* out, int64_t n_total) {
+// already claimed, then the next ones (team.h). With `best` (the member's [m]),
+// nothing is written to out: each row's best column over the member's jobs goes
+// there instead (the products are the same, bit for bit). ARGMAX: whether `best` is
+// given (an instance each: the one writing out keeps to its own code). Flattened, as
+// run_prompt_jobs: with the tile kernels' callers grown, GCC called them out of line
+// (48 rows of Gemma's head 5-13% slower).
+template <bool ARGMAX>
+[[gnu::flatten]] void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
+                      cholla::Member& member, const float* xs, int64_t m, int64_t k, float* out, int64_t n_total,
+                      RowBest* best = nullptr) {
   static_assert(GEMV_JOB_ROWS == LANES, "transpose16: a job of 16 weight rows meets tiles of 16 lanes");
   thread_local std::vector<int8_t> x_bytes;
   thread_local std::vector<float> x_numbers;
@@ -969,7 +1120,14 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
   // n_total apart (1 MiB for Gemma's), so each job's lines for m rows of x
   // crowd the same cache sets, and writing them through the caches cost as
   // much as reading the weights.
-  const bool stream = m * n_total * 4 >= STREAM_OUTPUT_BYTES;
+  const bool stream = !ARGMAX && m * n_total * 4 >= STREAM_OUTPUT_BYTES;
+  constexpr int64_t MAX_TILES = INT8_BATCH_MAX_ROWS / LANES;
+  __m512 best_value[MAX_TILES];
+  __m512i best_index[MAX_TILES];
+  for (int64_t t = 0; t < MAX_TILES; ++t) {
+    best_value[t] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    best_index[t] = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
+  }
   Ahead ahead;
   do {
     for (int64_t j = begin; j < end; ++j) {
@@ -979,13 +1137,41 @@ void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Jo
       // block of each tile_rows.
       ahead.start_job(segments, j + 1 < n_jobs ? &jobs[j + 1] : nullptr,
                       x.tiles * (GEMV_JOB_ROWS / ROW_GROUP) * blocks);
-      unpack_job(seg, first, rows, k, strip.data(), d, m_shifted);
-      job_products(seg, strip.data(), d, m_shifted, k, x, 0, x.tiles, c, ahead);
-      for (int64_t t = 0; t < x.tiles; ++t)
-        store_tile(c + t * GEMV_JOB_ROWS * LANES, t, m, rows, out + seg.out_offset + first, n_total, stream);
+      // The heads' (Q8_0) whole jobs read in place where x has one or two tiles: one pass over
+      // the weights. (Over three tiles, two passes, the second pass missed the lines the NTA
+      // prefetch had brought for the first: 48 rows 4% slower than unpacked.)
+      if (seg.type == Q8_0 && rows == GEMV_JOB_ROWS && x.tiles <= 2) {
+        const int64_t tile = GEMV_JOB_ROWS * LANES;
+        if (x.tiles == 2)
+          for (int64_t i = 0; i < GEMV_JOB_ROWS; i += 4)
+            tile_rows_pair_q8_0(seg.data + (first + i) * seg.row_bytes, seg.row_bytes, k, x, 0, c + i * LANES, tile,
+                                ahead);
+        else
+          for (int64_t i = 0; i < GEMV_JOB_ROWS; i += ROW_GROUP)
+            tile_rows_q8_0(seg.data + (first + i) * seg.row_bytes, seg.row_bytes, k, x, 0, c + i * LANES, ahead);
+      } else {
+        unpack_job(seg, first, rows, k, strip.data(), d, m_shifted);
+        job_products(seg, strip.data(), d, m_shifted, k, x, 0, x.tiles, c, ahead);
+      }
+      for (int64_t t = 0; t < x.tiles; ++t) {
+        if constexpr (ARGMAX)
+          fold_best(c + t * GEMV_JOB_ROWS * LANES, rows, static_cast<int32_t>(seg.out_offset + first), best_value[t],
+                    best_index[t]);
+        else
+          store_tile(c + t * GEMV_JOB_ROWS * LANES, t, m, rows, out + seg.out_offset + first, n_total, stream);
+      }
     }
   } while (member.next(n_jobs, begin, end));
   if (stream) _mm_sfence();  // the streamed lines are out before the team's barrier says so
+  if constexpr (ARGMAX) {
+    for (int64_t t = 0; t < x.tiles; ++t) {
+      alignas(64) float value[LANES];
+      alignas(64) int32_t index[LANES];
+      _mm512_store_ps(value, best_value[t]);
+      _mm512_store_si512(index, best_index[t]);
+      for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) best[t * LANES + lane] = {value[lane], index[lane]};
+    }
+  }
 }
 
 // A member's jobs of a GEMV (team.h): the exact fp32 products, or with
@@ -1008,7 +1194,7 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
   const bool all_integer = std::all_of(segments.begin(), segments.end(),
                                        [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; });
   if (integer && m > INT8_GEMV_MAX_ROWS && all_integer)
-    return run_batched_jobs(segments, jobs, begin, end, member, xs, m, k, out, n_total);
+    return run_batched_jobs<false>(segments, jobs, begin, end, member, xs, m, k, out, n_total);
   prefetch_job(begin);
   // Each thread quantizes x itself (reading a copy another core had just written
   // cost ~1 us a call), into scratch it keeps from call to call (allocating and
@@ -1276,6 +1462,45 @@ void qmatmul_int8_out(const at::Tensor& x_in, at::TensorList weights, at::IntArr
   });
 }
 
+// Greedy decoding's tokens straight from the head: each row of x's argmax over
+// its product with the weights side by side (the first column on ties, a NaN
+// above every number: as argmax_rows over qgemv_int8_out's logits, which are
+// the same sums), without writing the logits (Gemma 3's 32 x 262k: 33.5 MB a
+// step, then read again by the argmax). x: fp32 [m, k], INT8_GEMV_MAX_ROWS < m
+// <= INT8_BATCH_MAX_ROWS, the rows the batched int8 product takes; int64 [m] out.
+at::Tensor qgemv_int8_argmax(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {
+  const at::Tensor x = x_in.contiguous();
+  std::vector<Segment> segments;
+  std::vector<Job> jobs;
+  const int64_t n_total = plan_gemv(x, weights, types, true, INT8_BATCH_MAX_ROWS, segments, jobs);
+  const int64_t m = x.size(0), n_jobs = static_cast<int64_t>(jobs.size());
+  TORCH_CHECK(m > INT8_GEMV_MAX_ROWS, "qgemv_int8_argmax: more than ", INT8_GEMV_MAX_ROWS,
+              " rows (fewer take qgemv_int8 and an argmax), got ", m);
+  TORCH_CHECK(n_total > 0 && n_total <= std::numeric_limits<int32_t>::max(),
+              "qgemv_int8_argmax: the weights must have 1 to 2^31 - 1 rows in all, got ", n_total);
+  const int64_t members = at::get_num_threads();
+  // Each member's rows' best over its jobs; a member with no jobs leaves its (-inf, max) as no candidate.
+  std::vector<RowBest> best(members * m, RowBest{-std::numeric_limits<float>::infinity(),
+                                                 std::numeric_limits<int32_t>::max()});
+  run_as_team([&](Member& member) {
+    int64_t begin = 0, end = 0;
+    if (member.next(n_jobs, begin, end))
+      run_batched_jobs<true>(segments, jobs, begin, end, member, x.data_ptr<float>(), m, x.size(1), nullptr, n_total,
+                       best.data() + member.index() * m);
+  });
+  at::Tensor tokens = at::empty({m}, x.options().dtype(at::kLong));
+  int64_t* out = tokens.data_ptr<int64_t>();
+  for (int64_t r = 0; r < m; ++r) {
+    RowBest top = best[r];
+    for (int64_t i = 1; i < members; ++i) {
+      const RowBest& b = best[i * m + r];
+      if (better(b.value, b.index, top.value, top.index)) top = b;
+    }
+    out[r] = top.index;
+  }
+  return tokens;
+}
+
 at::Tensor qmatmul_int8(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types) {
   int64_t n_total = 0;
   for (const at::Tensor& w : weights) n_total += w.size(0);
@@ -1291,6 +1516,7 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
   m.def("qgemv_int8(Tensor x, Tensor[] weights, int[] types) -> Tensor");
   m.def("qgemv_int8_out(Tensor x, Tensor[] weights, int[] types, Tensor(a!) out) -> ()");
   m.def("qmatmul_int8(Tensor x, Tensor[] weights, int[] types) -> Tensor");
+  m.def("qgemv_int8_argmax(Tensor x, Tensor[] weights, int[] types) -> Tensor");
   m.def("qmatmul_int8_out(Tensor x, Tensor[] weights, int[] types, Tensor(a!) out) -> ()");
   m.def("int8_kernel_types(int[] types) -> bool", &cholla::int8_kernel_types);
 }
@@ -1300,5 +1526,6 @@ TORCH_LIBRARY_IMPL(cholla, CPU, m) {
   m.impl("qgemv_int8", &cholla::qgemv_int8);
   m.impl("qgemv_int8_out", &cholla::qgemv_int8_out);
   m.impl("qmatmul_int8", &cholla::qmatmul_int8);
+  m.impl("qgemv_int8_argmax", &cholla::qgemv_int8_argmax);
   m.impl("qmatmul_int8_out", &cholla::qmatmul_int8_out);
 }

@@ -4,7 +4,9 @@ Every step, the new tokens' keys and values are written into their cache
 slots (``slot_mapping``), then each query attends to its sequence's keys read
 back through the sequence's ``block_table``. Sequences that decode one token
 share one batched call; prefill chunks (which may follow a cached prefix) run
-one call each, with a causal mask offset by the tokens already cached. A step
+one call each, with a causal mask offset by the tokens already cached (whole
+prompts of one length side by side in one call; short ones with wide heads
+through explicit scores, ``_attend_short_prompts``). A step
 whose sequences are decodes and speculating decodes verifying their drafts
 (``MAX_QUERY_SPAN`` tokens at most) runs every row through the decode kernel
 instead, each row seeing the keys up to its own position as written in the cache
@@ -20,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
 
-from cholla.kernels import cpu_kernels
+from cholla.kernels import amx_tiles, cpu_kernels
 from cholla.kv.kv_types import (
     ScaledKV,
     gather,
@@ -141,13 +144,17 @@ def paged_attention(
     prefill_dtype: torch.dtype = torch.float32,
     sinks: torch.Tensor | None = None,
     write: bool = True,
+    keep_bf16: bool = False,
 ) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]; caches: [blocks, block_size, kv_heads, dim]
     (any ``cholla/kv/kv_types.py`` type: read back as fp32).
 
     Returns [tokens, heads, v's dim]. Prefill chunks attend in ``prefill_dtype``.
     ``write=False``: the caller has written k and v into the caches already
-    (latent attention, whose V cache is a view into its K cache).
+    (latent attention, whose V cache is a view into its K cache). ``keep_bf16``: where every
+    sequence is a whole prompt that ``_attend_short_prompts`` serves, the result stays in bf16
+    as that path computes it, for a consumer that would round it to bf16 anyway (the output
+    projection's bf16 product).
     """
     block_size = k_cache.shape[1]
     if write:
@@ -160,7 +167,10 @@ def paged_attention(
         return cpu_kernels().paged_attention_decode(q, k_values, v_values, meta.block_tables, meta.span_context_lens,
                                                     scale, window or 0, softcap or 0.0, **quant,
                                                     query_starts=meta.span_starts)
-    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    bf16 = keep_bf16 and len(meta.context_lens) == meta.num_prefills and all(
+        _short_prompts(q, k, _whole_prompt(meta, i, window), softcap, prefill_dtype, sinks)
+        for i in range(meta.num_prefills))
+    out = q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.bfloat16 if bf16 else q.dtype)
     starts = meta.query_start_loc
     done = _attend_prompt_runs(q, k, v, out, meta, scale, window, softcap, prefill_dtype, sinks)
 
@@ -216,20 +226,79 @@ def _attend_prompt_runs(q, k, v, out, meta: AttentionMetadata, scale: float, win
     """Attend runs of adjacent whole prompts of one length in one call (a batch of [n, heads, L, dim]
     views of q, k, v), writing ``out``; returns the prefills done. The same sums per sequence as one
     call each (bitwise, SDPA's batch entries are independent), without a call per sequence:
-    32 prompts of 128 tokens on Gemma 3 attend ~15% faster."""
+    32 prompts of 128 tokens on Gemma 3 attend ~15% faster. Short prompts with wide heads
+    (``_short_prompts``) take explicit scores instead, a run of one prompt too, so that a
+    prompt's result does not depend on its neighbours."""
     starts, done, i = meta.query_start_loc, set(), 0
     while i < meta.num_prefills:
         length, j = _whole_prompt(meta, i, window), i + 1
         while length and j < meta.num_prefills and _whole_prompt(meta, j, window) == length:
             j += 1
-        if j - i > 1:
+        short = length and _short_prompts(q, k, length, softcap, dtype, sinks)
+        if j - i > 1 or short:
             start, stop = int(starts[i]), int(starts[j])
-            rows = lambda x: x[start:stop].unflatten(0, (j - i, length)).transpose(1, 2)  # [n, heads, L, dim]
-            attended = _attend(rows(q), rows(k), rows(v), None, scale, softcap, dtype, sinks)
-            out[start:stop] = attended.transpose(1, 2).flatten(0, 1)
+            if short:
+                out[start:stop] = _attend_short_prompts(q[start:stop], k[start:stop], v[start:stop], length, scale)
+            else:
+                rows = lambda x: x[start:stop].unflatten(0, (j - i, length)).transpose(1, 2)  # [n, heads, L, dim]
+                attended = _attend(rows(q), rows(k), rows(v), None, scale, softcap, dtype, sinks)
+                out[start:stop] = attended.transpose(1, 2).flatten(0, 1)
             done.update(range(i, j))
         i = j
     return done
+
+
+# Whole prompts of at most SHORT_PROMPT_HEAD_DIMS x head_dim tokens, with heads of at least
+# SHORT_PROMPT_MIN_HEAD_DIM, attend through explicit scores (_attend_short_prompts): on Zen 5
+# without AMX, one thread, SDPA's bf16 flash kernel took 2.7-3.0x as long for Gemma 3's heads
+# (dim 256, 4 per KV head) at 128-512 tokens, 1.7-2.4x for dim 128 at 128-256 tokens, 1.5-1.7x for
+# SmolLM2's (dim 64, 3 per KV head) at 128 (benchmarks/prompt_attention.py); past these lengths
+# (all scores computed, none skipped above the diagonal) it was sometimes as fast or faster.
+# With AMX tiles (SDPA's flash kernel runs on them) it was never measured: SDPA stays there.
+SHORT_PROMPT_MIN_HEAD_DIM = 64
+SHORT_PROMPT_HEAD_DIMS = 2
+# Sequences whose scores one pass holds (fp32, [heads x L, L] each): at most ~8 MiB of them.
+SHORT_PROMPT_SCORE_BYTES = 8 << 20
+GGML_BF16 = int(GGMLQuantizationType.BF16)  # the kernels' type id of bf16 rows
+
+
+def _short_prompts(q, k, length: int, softcap: float | None, dtype: torch.dtype, sinks) -> bool:
+    """Whether whole prompts of ``length`` tokens (0: not a whole prompt) take ``_attend_short_prompts``."""
+    dim = q.shape[-1]
+    return (length > 0 and dtype == torch.bfloat16 and softcap is None and sinks is None and q.dtype == torch.float32
+            and k.shape[-1] == dim and dim % 32 == 0 and dim >= SHORT_PROMPT_MIN_HEAD_DIM
+            and length <= SHORT_PROMPT_HEAD_DIMS * dim and cpu_kernels() is not None and not amx_tiles())
+
+
+def _attend_short_prompts(q, k, v, length: int, scale: float) -> torch.Tensor:
+    """Causal attention within each of n whole prompts of ``length`` tokens: q [n L, heads, dim],
+    k, v [n L, kv_heads, dim] (fp32) -> [n L, heads, v's dim] in bf16, as SDPA gives it in bf16.
+
+    As SDPA computes in bf16: scores of bf16 q and k summed in fp32 (``qmatmul`` with the keys as
+    its bf16 weight rows, all of a KV head's queries at once), an fp32 softmax, then the
+    probabilities and values in bf16 (oneDNN's batched matmul). Every score is computed, the ones
+    above the diagonal too, which is what limits it to short prompts."""
+    kernels = cpu_kernels()
+    n, heads, dim = q.shape[0] // length, q.shape[1], q.shape[2]
+    kv_heads, v_dim = k.shape[1], v.shape[2]
+    group = heads // kv_heads
+    # A KV head's queries as [L x group, dim] rows (views when there is one KV head).
+    queries = q.reshape(n, length, kv_heads, group, dim).transpose(1, 2).reshape(n, kv_heads, length * group, dim)
+    keys = k.reshape(n, length, kv_heads, dim).transpose(1, 2).to(torch.bfloat16).contiguous()
+    values = v.reshape(n, length, kv_heads, v_dim).transpose(1, 2).to(torch.bfloat16).contiguous()
+    # -inf above the diagonal, [L x group, L], added to the scores (masked_fill_ took twice as long)
+    above = torch.full((length, length), float("-inf")).triu_(1).repeat_interleave(group, 0)
+    out = torch.empty(n, kv_heads, length * group, v_dim, dtype=torch.bfloat16)
+    step = max(1, SHORT_PROMPT_SCORE_BYTES // (kv_heads * length * group * length * 4))
+    for first in range(0, n, step):
+        last = min(first + step, n)
+        scores = torch.empty(last - first, kv_heads, length * group, length)
+        for i in range(first, last):
+            for h in range(kv_heads):
+                kernels.qmatmul_out(queries[i, h], [keys[i, h].view(torch.uint8)], [GGML_BF16], scores[i - first, h])
+        probs = torch.softmax(scores.mul_(scale).add_(above), dim=-1).to(torch.bfloat16)
+        torch.bmm(probs.flatten(0, 1), values[first:last].flatten(0, 1), out=out[first:last].flatten(0, 1))
+    return out.view(n, kv_heads, length, group, v_dim).transpose(1, 2).reshape(n * length, heads, v_dim)
 
 
 def _rotated(cache) -> bool:
@@ -389,7 +458,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window, self.softcap,
-                              self.compute_dtype, None if self.sinks is None else self.sinks.value)
+                              self.compute_dtype, None if self.sinks is None else self.sinks.value, keep_bf16=True)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))

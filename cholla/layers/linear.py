@@ -215,6 +215,18 @@ class Linear(nn.Module):
             out = self.reused_output[: x.shape[0]]
         return linear_group((self,), x, out=out, decode=reuse_output)[0]
 
+    def greedy_tokens(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor | None:
+        """Each row's argmax of ``forward(x)`` (int64 [rows]; the first on ties, as the sampler's
+        ``argmax``) without writing the product, or None where no fused kernel serves: the batched
+        int8 product's rows and types only, where ``forward`` takes it, so that the tokens are those
+        of the logits it would give (its sums, bit for bit). ``decode``: as in ``linear_group``."""
+        rows = x.shape[0]
+        if (self.kernel_weight is None or self.bias is not None or self.compute_dtype != torch.bfloat16
+                or x.dim() != 2 or not INT8_MAX_ROWS < rows <= INT8_BATCH_MAX_ROWS
+                or self.kernel_weight[1] not in int8_batch_types(decode or _decode_step)):
+            return None
+        return cpu_kernels().qgemv_int8_argmax(x.float(), [self.kernel_weight[0]], [self.kernel_weight[1]])
+
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reference path: the weight dequantized to x's dtype a slab at a time; no bias."""
         w = self.weight

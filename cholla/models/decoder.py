@@ -76,6 +76,15 @@ class DecoderModel(nn.Module):
         """reuse_output: see Linear.forward (the result lives until the next such call)."""
         return self.lm_head(hidden, reuse_output)
 
+    def greedy_tokens(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor | None:
+        """``argmax(compute_logits(hidden))`` per row without the logits (``Linear.greedy_tokens``),
+        or None where that is not served. A model whose ``compute_logits`` changes the head's
+        product (a scale, a soft cap: ties may differ after rounding) gets None unless it says
+        otherwise."""
+        if type(self).compute_logits is not DecoderModel.compute_logits:
+            return None
+        return self.lm_head.greedy_tokens(hidden, decode)
+
     def load_weights(self, weights: dict[str, Weight]) -> set[str]:
         """HF-named weights in; returns the names no module took."""
         weights = {name.removeprefix("model."): w for name, w in weights.items()}

@@ -74,6 +74,13 @@ class Gemma3ForCausalLM(DecoderModel):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def greedy_tokens(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor | None:
+        """As DecoderModel's, where no soft cap applies (Gemma 3's own checkpoints have none; a
+        cap is monotone but its rounding could tie logits the head kept apart)."""
+        if self.config.final_logit_softcapping:
+            return None
+        return self.lm_head.greedy_tokens(hidden, decode)
+
     @staticmethod
     def sanitize_hf(weights: dict[str, Weight]) -> dict[str, Weight]:
         """HF stores Gemma 3 norms as ``w`` and multiplies by ``1 + w``; GGUF already stores ``1 + w``."""

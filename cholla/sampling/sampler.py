@@ -67,6 +67,14 @@ class SamplingBatch:
     num_logprobs: list[int | None]
     max_num_logprobs: int | None  # None when no row asks for logprobs
 
+    @property
+    def argmax_only(self) -> bool:
+        """Whether ``sample`` is each row's argmax of the raw logits: every row greedy, and no
+        stage (grammar, bias, min_tokens, penalties) or logprobs reads them; the head can then
+        give the tokens without writing logits (``DecoderModel.greedy_tokens``)."""
+        return (self.all_greedy and self.allowed is None and self.logit_bias is None and self.banned is None
+                and self.output_counts is None and self.max_num_logprobs is None)
+
     @classmethod
     def build(
         cls,

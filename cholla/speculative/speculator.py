@@ -12,7 +12,10 @@ Back-off, per sequence: after ``MISSES_BEFORE_PAUSE`` verifications in a row tha
 accepted nothing, the sequence stops proposing for ``pause`` generated tokens;
 until a draft is accepted again, each later miss pauses it again at once, the
 pause doubling each time (up to ``MAX_PAUSE``); an accepted draft resets both.
-(Text with nothing to copy then pays for ~5 failed drafts in 100 tokens, not ~9.)
+Before any of that, a lookup's match of at most ``SHORT_MATCH`` tokens drafts only on the
+sequence's own accepted drafts (``SpeculationState.acceptance``): text with nothing to copy
+matches words that merely recur, and SmolLM2's open-ended story now drafts nothing at all
+(it paid for ~6 failed drafts in 96 tokens before, each a step 1.3x a plain one).
 
 Engine-wide: a verification step runs in the fused C++ decode step like any
 decode (its rows are query spans, causal within each sequence's), so a drafted
@@ -27,12 +30,14 @@ middling (a second row costs 0.14 of the first, a third 0.6) and up to 12 once i
 copies well (7-13 rows, one tile of the batched int8 product, cost about what 6 do),
 32 sequences none, and a sequence whose
 drafts keep failing none; the scheduler asks for drafts only where full ones
-could pay, so a large batch runs no lookup at all.
+could pay, so a large batch runs no lookup at all, and a single stream looks up at
+once (its lookup, ``ngram.TokenIndex``, costs less than that question).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -61,6 +66,11 @@ STEP_COST = {
 # Sequences a draft model's cache is sized for (more than cost allows to speculate at once here;
 # past them a sequence finds no draft blocks and decodes plainly).
 MAX_SPECULATING_SEQS = 8
+# A lookup's match this long or shorter drafts only where the sequence's drafts have been accepted before
+# (``SpeculationState.acceptance``): on open-ended text SmolLM2's one-token matches failed 66 times in 66,
+# its two-token ones 15 in 15, while copy and code, whose records vouch for their short matches, verified
+# as few steps as before or fewer (docs/benchmarks.md).
+SHORT_MATCH = 2
 # Each draft's weight in a sequence's acceptance rate decays by this much per later draft that met
 # the verifier (a memory of ~10 drafts: a copy that ends is noticed within a step or two; one draft a
 # step accepted every time reaches 0.92, which pays for longer drafts).
@@ -80,12 +90,19 @@ class SpeculationState:
     accepted: float = 0.0
     # How far back the suffix behind the latest lookup's drafts agreed with the text they came from (0: none).
     match_length: int = 0
+    # Prompt lookup's index of the sequence's tokens (``NgramSpeculator``), kept between its steps.
+    lookup: ngram.TokenIndex | None = None
 
     @property
     def acceptance(self) -> float:
         """The chance a draft is accepted once those before it were (drafts after a rejection never
         meet the verifier): the sequence's record, with one accepted and one rejected draft as prior,
-        or what its current match promises (``match_acceptance``) where that is more."""
+        or what its current match promises (``match_acceptance``) where that is more. A lookup's
+        match of at most ``SHORT_MATCH`` tokens promises nothing, and its drafts count on the
+        record's own evidence alone, without the prior: words that merely recur ("the", ", and")
+        are what open-ended text matches, and its drafts fail there (docs/benchmarks.md)."""
+        if 0 < self.match_length <= SHORT_MATCH:
+            return self.accepted / (self.tried + 1)
         return max((self.accepted + 1) / (self.tried + 2), match_acceptance(self.match_length))
 
 
@@ -111,6 +128,13 @@ def step_cost(table: tuple[tuple[int, float], ...], rows: int) -> float:
     return float("inf")
 
 
+@functools.lru_cache(maxsize=16)
+def _cost_curve(table: tuple[tuple[int, float], ...]) -> list[float]:
+    """``step_cost`` by rows, read by index and filled as ``allot`` asks (a table may reach far):
+    ``allot`` runs every step, and hashing the table once per row asked cost more than its sums."""
+    return [step_cost(table, 1)]  # rows 0: never asked
+
+
 def allot(drafts: list[list[int] | tree.DraftTree], states: list[SpeculationState], num_rows: int,
           table: tuple[tuple[int, float], ...], draft_cost: float = 0.0) -> list[list[int] | tree.DraftTree]:
     """Each sequence's drafts cut to those a step of ``num_rows`` rows (without drafts) should verify:
@@ -118,17 +142,25 @@ def allot(drafts: list[list[int] | tree.DraftTree], states: list[SpeculationStat
     ``acceptance ** j`` tokens, and each draft costing ``draft_cost`` more (a method that runs the
     model to draft, ``Speculator.draft_cost``; 0 once the drafts exist). Returns the kept prefixes,
     [] for a sequence that drafts nothing."""
+    acceptances = [state.acceptance if d else 0.0 for d, state in zip(drafts, states)]
+    best_acceptance = max(acceptances, default=0.0)
     num_drafts = sum(map(len, drafts))
-    if num_drafts > len(table):  # where the shortcut's tries are fewer than allot's
-        best_acceptance = max((state.acceptance for d, state in zip(drafts, states) if d), default=0.0)
-        if not _could_pay(best_acceptance, num_drafts, num_rows, table, draft_cost):
-            return _keep(drafts, [0] * len(drafts), states)
-    gains = sorted(((state.acceptance ** (j + 1), j, i) for i, (d, state) in enumerate(zip(drafts, states))
-                    for j in range(len(d))), key=lambda g: (-g[0], g[1]))
+    # No draft can be accepted, or (where the shortcut's tries are fewer than the sort's) none can pay.
+    if best_acceptance <= 0.0 or (num_drafts > len(table)
+                                  and not _could_pay(best_acceptance, num_drafts, num_rows, table, draft_cost)):
+        return _keep(drafts, [0] * len(drafts), states)
+    # Each sequence's gains fall with j: one sequence's (a single stream's) are already in order.
+    gains = [[(a ** (j + 1), j, i) for j in range(len(d))] for i, (d, a) in enumerate(zip(drafts, acceptances)) if a > 0.0]
+    gains = gains[0] if len(gains) == 1 else sorted(itertools.chain(*gains), key=lambda g: (-g[0], g[1]))
+    costs = _cost_curve(table)
     best_rate, best, tokens = num_rows / step_cost(table, num_rows), 0, float(num_rows)
     for m, (gain, _, _) in enumerate(gains, 1):
+        while len(costs) <= num_rows + m:
+            costs.append(step_cost(table, len(costs)))
+        if costs[num_rows + m] == float("inf"):
+            break  # past the table
         tokens += gain
-        rate = tokens / (step_cost(table, num_rows + m) + draft_cost * m)
+        rate = tokens / (costs[num_rows + m] + draft_cost * m)
         if rate > best_rate:
             best_rate, best = rate, m
     keep = [0] * len(drafts)
@@ -198,7 +230,9 @@ class NgramSpeculator:
         state.match_length = 0
         if limit <= 0 or num_output < state.resume_at or not can_speculate(params):
             return []
-        drafts, n = ngram.match(token_ids, limit)
+        if state.lookup is None:
+            state.lookup = ngram.TokenIndex()
+        drafts, n = state.lookup.match(token_ids, limit)
         if self.cache is not None and n < ngram.MAX_NGRAM:
             cached, cached_n = self.cache.lookup(token_ids, limit, min_n=n + 1)
             drafts, n = (cached, cached_n) if cached else (drafts, n)
