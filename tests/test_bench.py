@@ -27,9 +27,13 @@ def test_bench_cli_prints_the_table(smollm2_path, capsys, dtype):
     assert re.search(r"peak RSS: \d+ MiB", out)
 
 
-def test_bench_reports_speculation(smollm2_path, capsys):
+def test_bench_reports_speculation(smollm2_path, capsys, monkeypatch):
     import json
 
+    from cholla.speculative import speculator
+
+    # Short matches wait for a record of accepted drafts (a speed policy); this test wants drafts to report.
+    monkeypatch.setattr(speculator, "SHORT_MATCH", 0)
     assert main(["bench", str(smollm2_path), "-p", "0", "-n", "24", "-r", "1", "--threads", "1",
                  "--speculative-method", "ngram", "--num-speculative-tokens", "3", "--json"]) == 0
     spec = json.loads(capsys.readouterr().out)["speculative"]
