@@ -755,35 +755,83 @@ inline void transpose16(const float* c, __m512 col[16]) {
 
 constexpr int64_t ROW_GROUP = 8;  // weight rows sharing each load of x: 8 chains of VPDPBUSD, accumulators in registers
 
-// ROW_GROUP unpacked weight rows (q: k bytes each, back to back; d, m': per
-// block) against tile t of x: c[i][lane] = Σ w_i x_lane.
+// Where a tile product's weight rows come from: `w.block(b)` is block b of every row, whose
+// `quad(i, j)` broadcasts weights 4j .. 4j+3 of row i, `scale(i)` is its d and `min(i)` its m'.
+// Unpacked: unpack_job's strip (q: k bytes a row, back to back; d and m' per block).
 template <bool HAS_MIN>
-void tile_rows(const uint8_t* q, const float* d, const float* m_shifted, int64_t k, float bias, const XTiles& x,
-               int64_t t, float* c, Ahead& ahead) {
+struct UnpackedRows {
+  static constexpr bool has_min = HAS_MIN;
+  const uint8_t* q;
+  const float* d;
+  const float* m_shifted;
+  int64_t k, blocks;
+  float bias;
+  struct Block {
+    const uint8_t* q;
+    const float* d;
+    const float* m_shifted;
+    int64_t k, blocks;
+    __m512i quad(int i, int j) const {
+      int32_t w;
+      std::memcpy(&w, q + i * k + 4 * j, 4);
+      return _mm512_set1_epi32(w);
+    }
+    float scale(int i) const { return d[i * blocks]; }
+    float min(int i) const { return m_shifted[i * blocks]; }
+  };
+  Block block(int64_t b) const { return {q + 32 * b, d + b, m_shifted + b, k, blocks}; }
+};
+
+// Q8_0 rows where they lie (`row_bytes` apart), not unpacked into a strip: each 4 weights
+// offset to unsigned (xor 0x80 per byte) as they are broadcast, each block's d converted
+// from its fp16 as it is used. The same operations on the same numbers as unpack_row<Q8_0>
+// then UnpackedRows<false> (bias -128): bitwise equal. The unpack (a load, xor and store
+// per 32 weights, a conversion and two stores per block) cost ~4.5 ms of Gemma's 32-row
+// head of ~19 (one thread), more than the products saved by it.
+struct Q8_0Rows {
+  static constexpr bool has_min = false;
+  static constexpr IntFormat f = int_format(Q8_0);
+  const uint8_t* rows;
+  int64_t row_bytes;
+  float bias = f.bias;
+  struct Block {
+    const uint8_t* at;
+    int64_t row_bytes;
+    __m512i quad(int i, int j) const {
+      int32_t w;
+      std::memcpy(&w, at + i * row_bytes + f.qs + 4 * j, 4);
+      return _mm512_xor_si512(_mm512_set1_epi32(w), _mm512_set1_epi8(-128));
+    }
+    float scale(int i) const { return f16(at + i * row_bytes); }
+    float min(int) const { return 0.0f; }
+  };
+  Block block(int64_t b) const { return {rows + b * f.bytes, row_bytes}; }
+};
+
+// ROW_GROUP weight rows (from `w`, see UnpackedRows) against tile t of x: c[i][lane] = Σ w_i x_lane.
+template <class Rows>
+void tile_rows(const Rows w, int64_t k, const XTiles& x, int64_t t, float* c, Ahead& ahead) {
   const int64_t blocks = k / 32;
   __m512 acc[ROW_GROUP];
   for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_setzero_ps();
-  const __m512 bias_v = _mm512_set1_ps(bias);
+  const __m512 bias_v = _mm512_set1_ps(w.bias);
   for (int64_t b = 0; b < blocks; ++b) {
     ahead.step();
+    const auto wb = w.block(b);
     const int8_t* xq = x.quads(t, b);
     __m512i s[ROW_GROUP];
     for (int i = 0; i < ROW_GROUP; ++i) s[i] = _mm512_setzero_si512();
     for (int j = 0; j < 8; ++j) {
       const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
-      for (int i = 0; i < ROW_GROUP; ++i) {
-        int32_t w;
-        std::memcpy(&w, q + i * k + 32 * b + 4 * j, 4);
-        s[i] = _mm512_dpbusd_epi32(s[i], _mm512_set1_epi32(w), xv);
-      }
+      for (int i = 0; i < ROW_GROUP; ++i) s[i] = _mm512_dpbusd_epi32(s[i], wb.quad(i, j), xv);
     }
     const __m512 dx = _mm512_loadu_ps(x.dx(t, b));
     const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t, b)), bias_v);
-    const __m512 sum = HAS_MIN ? _mm512_loadu_ps(x.sum(t, b)) : _mm512_setzero_ps();
+    const __m512 sum = Rows::has_min ? _mm512_loadu_ps(x.sum(t, b)) : _mm512_setzero_ps();
     for (int i = 0; i < ROW_GROUP; ++i) {
       const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), dx, bq);
-      acc[i] = _mm512_fmadd_ps(block, _mm512_set1_ps(d[i * blocks + b]), acc[i]);
-      if (HAS_MIN) acc[i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(m_shifted[i * blocks + b]), acc[i]);
+      acc[i] = _mm512_fmadd_ps(block, _mm512_set1_ps(wb.scale(i)), acc[i]);
+      if (Rows::has_min) acc[i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(wb.min(i)), acc[i]);
     }
   }
   for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
@@ -796,125 +844,44 @@ void tile_rows(const uint8_t* q, const float* d, const float* m_shifted, int64_t
 // L1, were 7% slower.) Each block and row takes tile_rows' operations in the
 // same order: the results are bitwise equal. c: tile t's rows at c, tile t + 1's
 // at c + tile_stride.
-template <bool HAS_MIN>
-void tile_rows_pair(const uint8_t* q, const float* d, const float* m_shifted, int64_t k, float bias, const XTiles& x,
-                    int64_t t, float* c, int64_t tile_stride, Ahead& ahead) {
+template <class Rows>
+void tile_rows_pair(const Rows w, int64_t k, const XTiles& x, int64_t t, float* c, int64_t tile_stride,
+                    Ahead& ahead) {
   constexpr int ROWS = 4;
   const int64_t blocks = k / 32;
   __m512 acc[2][ROWS];
   for (int tt = 0; tt < 2; ++tt)
     for (int i = 0; i < ROWS; ++i) acc[tt][i] = _mm512_setzero_ps();
-  const __m512 bias_v = _mm512_set1_ps(bias);
+  const __m512 bias_v = _mm512_set1_ps(w.bias);
   for (int64_t b = 0; b < blocks; ++b) {
     ahead.step();
+    const auto wb = w.block(b);
     __m512i s[2][ROWS];
     for (int tt = 0; tt < 2; ++tt)
       for (int i = 0; i < ROWS; ++i) s[tt][i] = _mm512_setzero_si512();
     for (int j = 0; j < 8; ++j) {
       const __m512i x0 = _mm512_loadu_si512(x.quads(t, b) + 64 * j), x1 = _mm512_loadu_si512(x.quads(t + 1, b) + 64 * j);
       for (int i = 0; i < ROWS; ++i) {
-        int32_t w;
-        std::memcpy(&w, q + i * k + 32 * b + 4 * j, 4);
-        const __m512i wv = _mm512_set1_epi32(w);
-        s[0][i] = _mm512_dpbusd_epi32(s[0][i], wv, x0);
-        s[1][i] = _mm512_dpbusd_epi32(s[1][i], wv, x1);
-      }
-    }
-    for (int tt = 0; tt < 2; ++tt) {
-      const __m512 dx = _mm512_loadu_ps(x.dx(t + tt, b));
-      const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t + tt, b)), bias_v);
-      const __m512 sum = HAS_MIN ? _mm512_loadu_ps(x.sum(t + tt, b)) : _mm512_setzero_ps();
-      for (int i = 0; i < ROWS; ++i) {
-        const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[tt][i]), dx, bq);
-        acc[tt][i] = _mm512_fmadd_ps(block, _mm512_set1_ps(d[i * blocks + b]), acc[tt][i]);
-        if (HAS_MIN) acc[tt][i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(m_shifted[i * blocks + b]), acc[tt][i]);
-      }
-    }
-  }
-  for (int tt = 0; tt < 2; ++tt)
-    for (int i = 0; i < ROWS; ++i) _mm512_storeu_ps(c + tt * tile_stride + i * LANES, acc[tt][i]);
-}
-
-// tile_rows_pair<false> for 4 rows of Q8_0 read where they lie (`row_bytes` apart),
-// not unpacked into a strip: each 4 weights offset to unsigned (xor 0x80 per byte)
-// as they are broadcast, each block's d converted from its fp16 as it is used.
-// The same operations on the same numbers as unpack_row<Q8_0> then
-// tile_rows_pair<false> (bias -128): bitwise equal. The unpack (a load, xor and
-// store per 32 weights, a conversion and two stores per block) cost ~4.5 ms of
-// Gemma's 32-row head of ~19 (one thread), more than the products saved by it.
-void tile_rows_pair_q8_0(const uint8_t* rows, int64_t row_bytes, int64_t k, const XTiles& x, int64_t t, float* c,
-                         int64_t tile_stride, Ahead& ahead) {
-  constexpr int ROWS = 4;
-  constexpr IntFormat f = int_format(Q8_0);
-  const int64_t blocks = k / 32;
-  __m512 acc[2][ROWS];
-  for (int tt = 0; tt < 2; ++tt)
-    for (int i = 0; i < ROWS; ++i) acc[tt][i] = _mm512_setzero_ps();
-  const __m512 bias_v = _mm512_set1_ps(f.bias);
-  const __m512i offset = _mm512_set1_epi8(-128);
-  for (int64_t b = 0; b < blocks; ++b) {
-    ahead.step();
-    const uint8_t* block = rows + b * f.bytes;
-    __m512i s[2][ROWS];
-    for (int tt = 0; tt < 2; ++tt)
-      for (int i = 0; i < ROWS; ++i) s[tt][i] = _mm512_setzero_si512();
-    for (int j = 0; j < 8; ++j) {
-      const __m512i x0 = _mm512_loadu_si512(x.quads(t, b) + 64 * j), x1 = _mm512_loadu_si512(x.quads(t + 1, b) + 64 * j);
-      for (int i = 0; i < ROWS; ++i) {
-        int32_t w;
-        std::memcpy(&w, block + i * row_bytes + f.qs + 4 * j, 4);
-        const __m512i wv = _mm512_xor_si512(_mm512_set1_epi32(w), offset);
+        const __m512i wv = wb.quad(i, j);
         s[0][i] = _mm512_dpbusd_epi32(s[0][i], wv, x0);
         s[1][i] = _mm512_dpbusd_epi32(s[1][i], wv, x1);
       }
     }
     __m512 d[ROWS];
-    for (int i = 0; i < ROWS; ++i) d[i] = _mm512_set1_ps(f16(block + i * row_bytes));
+    for (int i = 0; i < ROWS; ++i) d[i] = _mm512_set1_ps(wb.scale(i));
     for (int tt = 0; tt < 2; ++tt) {
       const __m512 dx = _mm512_loadu_ps(x.dx(t + tt, b));
       const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t + tt, b)), bias_v);
+      const __m512 sum = Rows::has_min ? _mm512_loadu_ps(x.sum(t + tt, b)) : _mm512_setzero_ps();
       for (int i = 0; i < ROWS; ++i) {
-        const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[tt][i]), dx, bq);
-        acc[tt][i] = _mm512_fmadd_ps(sum, d[i], acc[tt][i]);
+        const __m512 block = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[tt][i]), dx, bq);
+        acc[tt][i] = _mm512_fmadd_ps(block, d[i], acc[tt][i]);
+        if (Rows::has_min) acc[tt][i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(wb.min(i)), acc[tt][i]);
       }
     }
   }
   for (int tt = 0; tt < 2; ++tt)
     for (int i = 0; i < ROWS; ++i) _mm512_storeu_ps(c + tt * tile_stride + i * LANES, acc[tt][i]);
-}
-
-// tile_rows<false> likewise for 8 rows of Q8_0 where they lie (a lone tile: steps of
-// 7-16 rows).
-void tile_rows_q8_0(const uint8_t* rows, int64_t row_bytes, int64_t k, const XTiles& x, int64_t t, float* c,
-                    Ahead& ahead) {
-  constexpr IntFormat f = int_format(Q8_0);
-  const int64_t blocks = k / 32;
-  __m512 acc[ROW_GROUP];
-  for (int i = 0; i < ROW_GROUP; ++i) acc[i] = _mm512_setzero_ps();
-  const __m512 bias_v = _mm512_set1_ps(f.bias);
-  const __m512i offset = _mm512_set1_epi8(-128);
-  for (int64_t b = 0; b < blocks; ++b) {
-    ahead.step();
-    const uint8_t* block = rows + b * f.bytes;
-    const int8_t* xq = x.quads(t, b);
-    __m512i s[ROW_GROUP];
-    for (int i = 0; i < ROW_GROUP; ++i) s[i] = _mm512_setzero_si512();
-    for (int j = 0; j < 8; ++j) {
-      const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
-      for (int i = 0; i < ROW_GROUP; ++i) {
-        int32_t w;
-        std::memcpy(&w, block + i * row_bytes + f.qs + 4 * j, 4);
-        s[i] = _mm512_dpbusd_epi32(s[i], _mm512_xor_si512(_mm512_set1_epi32(w), offset), xv);
-      }
-    }
-    const __m512 dx = _mm512_loadu_ps(x.dx(t, b));
-    const __m512 bq = _mm512_mul_ps(_mm512_loadu_ps(x.qsum(t, b)), bias_v);
-    for (int i = 0; i < ROW_GROUP; ++i) {
-      const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), dx, bq);
-      acc[i] = _mm512_fmadd_ps(sum, _mm512_set1_ps(f16(block + i * row_bytes)), acc[i]);
-    }
-  }
-  for (int i = 0; i < ROW_GROUP; ++i) _mm512_storeu_ps(c + i * LANES, acc[i]);
 }
 
 // tile_rows for Q6_K (d: a scale per 16 weights, w = d (q - 32)): each half
@@ -985,9 +952,11 @@ constexpr int64_t STREAM_OUTPUT_BYTES = 4 << 20;
     for (int64_t i = 0; i < GEMV_JOB_ROWS; i += 4) {
       float* ct = c + (t - t0) * tile + i * LANES;
       if (f.has_min)
-        tile_rows_pair<true>(strip + i * k, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, ct, tile, ahead);
+        tile_rows_pair(UnpackedRows<true>{strip + i * k, d + i * blocks, m_shifted + i * blocks, k, blocks, f.bias}, k,
+                       x, t, ct, tile, ahead);
       else
-        tile_rows_pair<false>(strip + i * k, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, ct, tile, ahead);
+        tile_rows_pair(UnpackedRows<false>{strip + i * k, d + i * blocks, m_shifted + i * blocks, k, blocks, f.bias},
+                       k, x, t, ct, tile, ahead);
     }
   }
   for (; t < t1; ++t) {
@@ -997,9 +966,9 @@ constexpr int64_t STREAM_OUTPUT_BYTES = 4 << 20;
       if (seg.type == Q6_K)
         tile_rows_q6_k(q, d + i * row_scales, k, x, t, ct, ahead);
       else if (f.has_min)
-        tile_rows<true>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, ct, ahead);
+        tile_rows(UnpackedRows<true>{q, d + i * blocks, m_shifted + i * blocks, k, blocks, f.bias}, k, x, t, ct, ahead);
       else
-        tile_rows<false>(q, d + i * blocks, m_shifted + i * blocks, k, f.bias, x, t, ct, ahead);
+        tile_rows(UnpackedRows<false>{q, d + i * blocks, m_shifted + i * blocks, k, blocks, f.bias}, k, x, t, ct, ahead);
     }
   }
 }
@@ -1144,11 +1113,11 @@ template <bool ARGMAX>
         const int64_t tile = GEMV_JOB_ROWS * LANES;
         if (x.tiles == 2)
           for (int64_t i = 0; i < GEMV_JOB_ROWS; i += 4)
-            tile_rows_pair_q8_0(seg.data + (first + i) * seg.row_bytes, seg.row_bytes, k, x, 0, c + i * LANES, tile,
-                                ahead);
+            tile_rows_pair(Q8_0Rows{seg.data + (first + i) * seg.row_bytes, seg.row_bytes}, k, x, 0, c + i * LANES,
+                           tile, ahead);
         else
           for (int64_t i = 0; i < GEMV_JOB_ROWS; i += ROW_GROUP)
-            tile_rows_q8_0(seg.data + (first + i) * seg.row_bytes, seg.row_bytes, k, x, 0, c + i * LANES, ahead);
+            tile_rows(Q8_0Rows{seg.data + (first + i) * seg.row_bytes, seg.row_bytes}, k, x, 0, c + i * LANES, ahead);
       } else {
         unpack_job(seg, first, rows, k, strip.data(), d, m_shifted);
         job_products(seg, strip.data(), d, m_shifted, k, x, 0, x.tiles, c, ahead);
