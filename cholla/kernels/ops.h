@@ -71,6 +71,10 @@ struct Products {
       if (type < 0 || type >= 63 || !((int8_batch_types >> type) & 1)) return false;
     return int8_kernel_types(t);
   }
+  // Whether `rows` rows of weights of types t take the GEMVs (gemv_part), not the AMX tiles.
+  bool on_gemv(int64_t rows, at::IntArrayRef t) const {
+    return rows <= gemv_max_rows || (integer && rows <= int8_batch_max_rows && batched_int8(t));
+  }
 
   void run(const at::Tensor& x, at::TensorList w, at::IntArrayRef t, at::Tensor& out, Member& member) const {
     if (member.behind()) return;  // the stage closed while this member was away
@@ -80,7 +84,7 @@ struct Products {
       }
       return;
     }
-    if (rows <= gemv_max_rows || (integer && rows <= int8_batch_max_rows && batched_int8(t)))
+    if (on_gemv(rows, t))
       gemv_part(x, w, t, integer, out, member);
     else
       qmatmul_part(x, w, t, out, member);
@@ -89,8 +93,7 @@ struct Products {
   void run(const at::Tensor& x, at::TensorList w, at::IntArrayRef t, const WeightRows* w_rows, at::Tensor& out,
            Member& member) const {
     const int64_t rows = x.size(0);
-    if (rows > 0 && !member.behind() &&
-        (rows <= gemv_max_rows || (integer && rows <= int8_batch_max_rows && batched_int8(t))))
+    if (rows > 0 && !member.behind() && on_gemv(rows, t))
       gemv_rows_part(x, w_rows, static_cast<int64_t>(w.size()), integer, out, member);
     else
       run(x, w, t, out, member);

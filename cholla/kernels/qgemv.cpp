@@ -1261,6 +1261,22 @@ template <typename Out>
   if (stream) _mm_sfence();  // the streamed lines are out before the team's end says so
 }
 
+// The rows `m` a product of `segments` may take (`op` names it in errors): with `integer`,
+// up to `max_rows` in the batched int8 product (a `prompt`'s, or a GEMV's past GEMV_MAX_ROWS),
+// where every segment's type has an int8 kernel; otherwise the GEMV's GEMV_MAX_ROWS.
+void check_rows(const char* op, int64_t m, bool integer, bool prompt, int64_t max_rows,
+                const std::vector<Segment>& segments) {
+  if (integer && (prompt || m > GEMV_MAX_ROWS)) {
+    TORCH_CHECK(m <= max_rows, op, ": at most ", max_rows, " rows, got ", m);
+    TORCH_CHECK(std::all_of(segments.begin(), segments.end(),
+                            [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; }),
+                op, prompt ? ": every weight must be of" : ": more than 8 rows need every weight in",
+                " a type with an int8 kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
+  } else {
+    TORCH_CHECK(m <= GEMV_MAX_ROWS, op, ": at most ", GEMV_MAX_ROWS, " rows, got ", m);
+  }
+}
+
 // x's checks and the jobs, as every entry point needs them; returns the output width.
 // `max_rows`: the most rows the batched int8 product takes here (INT8_BATCH_MAX_ROWS for
 // the GEMVs; a prompt's product takes any number, from bf16 rows too, and only int8 types).
@@ -1272,13 +1288,7 @@ int64_t plan_gemv(const at::Tensor& x, at::TensorList weights, at::IntArrayRef t
               ": x must be ", prompt ? "fp32 or bf16" : "fp32", " [m, k]");
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   const int64_t n_total = plan_segments(x.size(1), weights, types, segments);
-  if (integer && (prompt || x.size(0) > GEMV_MAX_ROWS)) {
-    TORCH_CHECK(x.size(0) <= max_rows, op, ": at most ", max_rows, " rows, got ", x.size(0));
-    TORCH_CHECK(cholla::int8_kernel_types(types), op, prompt ? ": every weight must be of" : ": more than 8 rows need every weight in",
-                " a type with an int8 kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
-  } else {
-    TORCH_CHECK(x.size(0) <= GEMV_MAX_ROWS, op, ": at most ", GEMV_MAX_ROWS, " rows, got ", x.size(0));
-  }
+  check_rows(op, x.size(0), integer, prompt, max_rows, segments);
   split_jobs(segments, GEMV_JOB_ROWS, jobs);  // (in place: gemv_part's lists keep their room)
   return n_total;
 }
@@ -1350,13 +1360,7 @@ int64_t plan_rows(const at::Tensor& x, const WeightRows* weights, int64_t count,
     segments.push_back({w.data, w.type, w.rows, w.row_bytes, n_total});
     n_total += w.rows;
   }
-  if (integer && m > GEMV_MAX_ROWS) {
-    TORCH_CHECK(m <= INT8_BATCH_MAX_ROWS, op, ": at most ", INT8_BATCH_MAX_ROWS, " rows, got ", m);
-    TORCH_CHECK(std::all_of(segments.begin(), segments.end(), [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; }),
-                op, ": more than 8 rows need every weight in a type with an int8 kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
-  } else {
-    TORCH_CHECK(m <= GEMV_MAX_ROWS, op, ": at most ", GEMV_MAX_ROWS, " rows, got ", m);
-  }
+  check_rows(op, m, integer, false, INT8_BATCH_MAX_ROWS, segments);
   split_jobs(segments, GEMV_JOB_ROWS, jobs);
   return n_total;
 }
