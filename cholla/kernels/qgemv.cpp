@@ -862,6 +862,9 @@ void tile_rows(const Rows w, int64_t k, const XTiles& x, int64_t t, float* c, Ah
     const int8_t* xq = x.quads(t, b);
     __m512i s[ROW_GROUP];
     for (int i = 0; i < ROW_GROUP; ++i) s[i] = _mm512_setzero_si512();
+    // Unrolled: as a loop GCC copied the 8 accumulators twice per pass (16 moves per 8 VPDPBUSD);
+    // the 13-row heads ran ~20% slower.
+#pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
       for (int i = 0; i < ROW_GROUP; ++i) s[i] = _mm512_dpbusd_epi32(s[i], wb.quad(i, j), xv);
