@@ -941,10 +941,13 @@ void tile_rows_q6_k(const uint8_t* q, const float* d, int64_t k, const XTiles& x
     const int8_t* starts = x.q6_k_starts(t, b);
     __m512 halves[ROW_GROUP];
     for (int i = 0; i < ROW_GROUP; ++i) halves[i] = _mm512_setzero_ps();
+    // Unrolled, as tile_rows' passes (Gemma's Q6_K down 1.16-1.22x at 13-48 rows).
+#pragma GCC unroll 2
     for (int half = 0; half < 2; ++half) {
       __m512i s[ROW_GROUP];
       const __m512i start = _mm512_loadu_si512(starts + 64 * half);
       for (int i = 0; i < ROW_GROUP; ++i) s[i] = start;
+#pragma GCC unroll 4
       for (int j = 4 * half; j < 4 * half + 4; ++j) {
         const __m512i xv = _mm512_loadu_si512(xq + 64 * j);
         for (int i = 0; i < ROW_GROUP; ++i) {
