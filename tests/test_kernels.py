@@ -405,6 +405,43 @@ def test_paged_attention_decode_matches_the_torch_path(heads, kv_heads, dim, win
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+# Groups of 1, 2, 3 and 4 query heads per job take 16, 8, 4 and 4 keys per pass of their scores, the rest
+# one at a time; 5 per KV head takes the general copy. Context lengths around those counts and the blocks.
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 1, 256), (9, 3, 64), (4, 2, 48), (2, 2, 32), (10, 2, 64)])
+@pytest.mark.parametrize("window", [None, 21])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_paged_attention_decode_rows_equal_alone_or_batched(heads, kv_heads, dim, window, cache_dtype):
+    """A sequence's row in a batch of 7 (its KV heads' query heads in one job), alone at two threads
+    (its heads split in two: another group size, another number of keys per pass) and alone at one
+    thread: bit for bit the same, and within fp32 rounding of the torch path."""
+    from cholla.layers.attention import decode_attention
+
+    generator = torch.Generator().manual_seed(heads * dim + kv_heads)
+    num_blocks, block_size = 80, 16
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim, generator=generator).to(cache_dtype)
+    context_lens = torch.tensor([3, 4, 17, 33, 64, 131, 150])
+    block_tables = torch.randperm(num_blocks, generator=generator)[: 7 * 10].reshape(7, 10)
+    q = torch.randn(7, heads, dim, generator=generator)
+    scale = dim**-0.5
+
+    def attend(rows, threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return kernels.paged_attention_decode(q[rows], k_cache, v_cache, block_tables[rows], context_lens[rows], scale,
+                                                  window or 0, 0.0, [], [])
+        finally:
+            torch.set_num_threads(previous)
+
+    batched = attend(slice(None), 2)
+    torch.testing.assert_close(batched, decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window),
+                               rtol=1e-5, atol=1e-5)
+    for s in range(7):
+        for threads in (2, 1):
+            torch.testing.assert_close(attend(slice(s, s + 1), threads), batched[s : s + 1], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 1, 256)])
 @pytest.mark.parametrize("window, softcap", [(None, None), (20, 50.0)])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -203,6 +203,95 @@ __attribute__((always_inline)) inline void dot_key(const float* q, const uint8_t
   }
 }
 
+// The sums of 16 vectors' lanes: lane 4 c + k of the result is v[4 k + c]'s sum. Each
+// sum is taken in _mm512_reduce_add_ps's order (lanes i + i+8, then + i+4, i + i+2,
+// i + i+1), so it is bitwise that reduction's, for 45 instructions instead of 16 x 8.
+inline __m512 reduce16(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int m = 0; m < 8; ++m)  // lanes i + i+8: v[2m]'s in lanes 0-7, v[2m+1]'s in 8-15
+    w[m] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], 0b01000100),
+                         _mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], 0b11101110));
+  for (int m = 0; m < 4; ++m)  // + i+4: one vector's four partial sums per 128-bit chunk
+    x[m] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], 0b10001000),
+                         _mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], 0b11011101));
+  for (int m = 0; m < 2; ++m)  // i + i+2: chunk c holds vectors 8m + c's two, then 8m + 4 + c's
+    y[m] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * m], x[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(x[2 * m], x[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),  // i + i+1
+                       _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Keys a multi-key pass of scores_of takes at once: GROUP x KEYS accumulators, at most 16.
+template <int GROUP>
+constexpr int64_t keys_per_pass() { return GROUP == 1 ? 16 : GROUP == 2 ? 8 : GROUP <= 4 ? 4 : 0; }
+
+// scores_of's multi-key passes over the first keys of a pair (a multiple of keys_per_pass); returns
+// how many it took, the cursors moved past them. FULL: dim is a multiple of 16 (every load whole).
+template <Kind K, int GROUP, bool FULL>
+__attribute__((always_inline)) inline int64_t scores_by_keys(const float* q, const cholla::KVSide& ks,
+                                                             const cholla::KVSide& vs, SlotCursor& key_at,
+                                                             SlotCursor& ahead_at, int64_t n, int64_t kvh, float scale,
+                                                             float cap, const float* bias, float* scores) {
+  constexpr int64_t KEYS = keys_per_pass<GROUP>();
+  const int64_t dim = ks.dim;
+  int64_t t = 0;
+  for (; t + KEYS <= n; t += KEYS) {
+    const uint8_t* key[KEYS];
+    const uint16_t* key_scales[KEYS];
+    // The rows AHEAD positions on (past the end: the key's own, in cache already) are asked for a
+    // line of key (into L1) and value (into L2) per step of the sums, as one key at a time paced
+    // them: asked for all at once at the top of a pass (4 keys' 64 lines), most were not there
+    // when read (out of cache, 32 sequences of Gemma 3 took 0.9-1.0 ms a layer instead of 0.5;
+    // so did a call per line, which spilled the sums around it).
+    const char* ahead_k[KEYS];
+    const char* ahead_v[KEYS];
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < KEYS; ++j, key_at.next(), ahead_at.next()) {
+      const int64_t row = key_at.slot() * ks.heads + kvh;
+      key[j] = ks.values + row * ks.row_bytes;
+      key_scales[j] = ks.scales == nullptr ? nullptr : ks.scales + row * ks.groups;
+      const int64_t ahead = t + j + AHEAD < n ? ahead_at.slot() * ks.heads + kvh : row;
+      ahead_k[j] = reinterpret_cast<const char*>(ks.values + ahead * ks.row_bytes);
+      ahead_v[j] = reinterpret_cast<const char*>(vs.values + ahead * vs.row_bytes);
+      if (ks.scales != nullptr) _mm_prefetch(reinterpret_cast<const char*>(ks.scales + ahead * ks.groups), _MM_HINT_T1);
+      if (vs.scales != nullptr) _mm_prefetch(reinterpret_cast<const char*>(vs.scales + ahead * vs.groups), _MM_HINT_T1);
+    }
+    const int64_t k_lines = ks.row_bytes / 64, v_lines = vs.row_bytes / 64;
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0, line = 0; d < dim; d += 16, ++line) {
+      const __mmask16 live = FULL ? 0xFFFF : lanes(dim - d);
+#pragma GCC unroll 16
+      for (int64_t j = 0; j < KEYS; ++j) {
+        if (line < k_lines) _mm_prefetch(ahead_k[j] + 64 * line, _MM_HINT_T0);
+        if (line < v_lines) _mm_prefetch(ahead_v[j] + 64 * line, _MM_HINT_T1);
+      }
+      __m512 k[KEYS];
+#pragma GCC unroll 16
+      for (int64_t j = 0; j < KEYS; ++j) k[j] = load16<K>(key[j], key_scales[j], d, live, dim / 2);
+#pragma GCC unroll 16
+      for (int64_t g = 0; g < GROUP; ++g) {
+        const __m512 qg = _mm512_maskz_loadu_ps(live, q + g * dim + d);
+#pragma GCC unroll 16
+        for (int64_t j = 0; j < KEYS; ++j) acc[g * KEYS + j] = _mm512_fmadd_ps(qg, k[j], acc[g * KEYS + j]);
+      }
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, reduce16(acc));
+    for (int64_t g = 0; g < GROUP; ++g)
+      for (int64_t j = 0; j < KEYS; ++j) {
+        const int64_t i = g * KEYS + j;
+        float score = sums[i % 4 * 4 + i / 4] * row_scale<K>(key_scales[j]);
+        if (bias != nullptr) score += bias[g];
+        score *= scale;
+        if (cap > 0) score = cap * std::tanh(score / cap);
+        scores[g * n + t + j] = score;
+      }
+  }
+  return t;
+}
+
 // One (sequence, KV head) pair's scores: its `group` query heads against each
 // key, scaled and soft-capped, into scores[g * n + t]. GROUP > 0 fixes the group
 // size at compile time, so the per-head accumulators stay in registers (with a
@@ -210,6 +299,12 @@ __attribute__((always_inline)) inline void dot_key(const float* q, const uint8_t
 // size up to MAX_GROUP. `bias` (calibrated keys): a per-head term added to each
 // raw score. Each key is loaded (and widened) once, 16 lanes at a time, for all
 // the query heads that share it.
+//
+// Groups of at most 4 over keys with a row loader take keys_per_pass keys at a time:
+// one key at a time, each score was a chain of dim / 16 dependent FMAs and its own
+// reduction, and a query vector load per FMA; a pass keeps up to 16 independent
+// chains, loads each query vector once for all its keys and reduces all the sums
+// together (reduce16). Each score is the same sums in the same order (bitwise).
 template <Kind K, int GROUP>
 void scores_of(const float* q, const cholla::KVSide& ks, const cholla::KVSide& vs, const int64_t* table,
                int64_t first, int64_t n, int64_t run_time_group, int64_t kvh, float scale, float cap,
@@ -217,9 +312,14 @@ void scores_of(const float* q, const cholla::KVSide& ks, const cholla::KVSide& v
   const int64_t group = GROUP > 0 ? GROUP : run_time_group, dim = ks.dim;
   constexpr int64_t SLOTS = GROUP > 0 ? GROUP : MAX_GROUP;
   SlotCursor key_at(table, ks.block_size, first), ahead_at(table, ks.block_size, first + AHEAD);
+  int64_t t = 0;
+  if constexpr (GROUP > 0 && keys_per_pass<GROUP>() > 0 && K != Kind::Q4_CHANNEL && K != Kind::E4M3_CENTERED) {
+    t = dim % 16 == 0 ? scores_by_keys<K, GROUP, true>(q, ks, vs, key_at, ahead_at, n, kvh, scale, cap, bias, scores)
+                      : scores_by_keys<K, GROUP, false>(q, ks, vs, key_at, ahead_at, n, kvh, scale, cap, bias, scores);
+  }
   int64_t mean_block = -1;  // E4M3_CENTERED: the block whose mean terms q . m are in mean_terms
   float mean_terms[SLOTS];
-  for (int64_t t = 0; t < n; ++t, key_at.next(), ahead_at.next()) {
+  for (; t < n; ++t, key_at.next(), ahead_at.next()) {
     const int64_t row = key_at.slot() * ks.heads + kvh;
     const uint8_t* key = ks.values + row * ks.row_bytes;
     const uint16_t* key_scales = ks.scales == nullptr ? nullptr : ks.scales + row * ks.groups;
@@ -285,6 +385,38 @@ void weigh_values(const cholla::KVSide& vs, const int64_t* table, int64_t first,
   const uint8_t* values = vs.values;
   const uint16_t* scales = vs.scales;
   const int64_t row_bytes = vs.row_bytes, groups = vs.groups;
+  if constexpr (GROUP > 0) {
+    if (dim % 64 == 0) {  // whole slices: every loop unrolled, the 4 x GROUP sums never leave their registers
+      for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+        __m512 out[GROUP][4];
+#pragma GCC unroll 16
+        for (int g = 0; g < GROUP; ++g)
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) out[g][j] = _mm512_setzero_ps();
+        SlotCursor value_at(table, vs.block_size, first);
+        for (int64_t t = 0; t < n; ++t, value_at.next()) {
+          const int64_t row = value_at.slot() * vs.heads + kvh;
+          const uint8_t* value = values + row * row_bytes;
+          const uint16_t* value_scales = scales == nullptr ? nullptr : scales + row * groups;
+          __m512 v[4];
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) v[j] = load16<K>(value, value_scales, d0 + 16 * j, 0xFFFF, dim / 2);
+          const float value_scale = row_scale<K>(value_scales);
+#pragma GCC unroll 16
+          for (int g = 0; g < GROUP; ++g) {
+            const __m512 w = _mm512_set1_ps(scores[g * n + t] * value_scale);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) out[g][j] = _mm512_fmadd_ps(w, v[j], out[g][j]);
+          }
+        }
+#pragma GCC unroll 16
+        for (int g = 0; g < GROUP; ++g)
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) _mm512_storeu_ps(o + g * dim + d0 + 16 * j, out[g][j]);
+      }
+      return;
+    }
+  }
   for (int64_t d0 = 0; d0 < dim; d0 += 64) {
     __m512 out[SLOTS][4];
     for (int64_t g = 0; g < group; ++g)
