@@ -22,7 +22,7 @@ from cholla.kv.paged_cache import PagedKVCache
 from cholla.kv.state_cache import StateCache, layer_caches
 from cholla.layers.attention import MAX_QUERY_SPAN, AttentionMetadata, TreeRows
 from cholla.layers.linear import decode_step
-from cholla.sampling.sampler import SamplerOutput, SamplingBatch, sample, skip_draws
+from cholla.sampling.sampler import SamplerOutput, SamplingBatch, argmax, sample, skip_draws
 from cholla.sampling.structured import StructuredOutputs, allowed_tokens
 from cholla.speculative import tree
 from cholla.speculative.verify import accept_greedy
@@ -143,14 +143,21 @@ class ModelRunner:
         # take the products a decode step of as many rows takes (the batched int8 ones).
         decoding = all(r.draft_token_ids for r in batch.requests[: batch.num_prefills])
         step_threads(decoding)  # the full team for decode steps; a prompt's, fewer while the machine is busy
+        logits = None
         with decode_step(decoding):
-            hidden = self.model(input_ids, positions, self.caches, meta)
+            if not batch.num_prefills and len(logits_rows) == len(batch.requests):  # one token per sequence
+                # the layers, final norm and head in one kernel call, where the model has it
+                decode_logits = getattr(self.model, "decode_logits", None)
+                logits = decode_logits(input_ids, positions, self.caches, meta) if decode_logits else None
+            if logits is None:
+                hidden = self.model(input_ids, positions, self.caches, meta)
         sampled: list[int | None] = [None] * len(batch.requests)
         logprobs: list = [None] * len(batch.requests)
         scored = self._score_prompts(hidden, prompt_rows, len(batch.requests)) if prompt_rows else None
         if not logits_rows:
             return StepResult(sampled, logprobs, prompt_logprobs=scored)
-        rows = hidden if len(logits_rows) == hidden.shape[0] else hidden[logits_rows]  # decoding: every row, in order
+        if logits is None:  # decoding: every row, in order
+            rows = hidden if len(logits_rows) == hidden.shape[0] else hidden[logits_rows]
         requests: list[Request] = [batch.requests[i] for i in needs_token]
         vocab_size = self.model.lm_head.out_features
         allowed, dead_rows = self._grammar_masks(requests, vocab_size)
@@ -160,7 +167,7 @@ class ModelRunner:
             output_token_ids=_outputs_so_far(requests),
             generators=[r.generator for r in requests],
             vocab_size=vocab_size,
-            device=rows.device,
+            device=(rows if logits is None else logits).device,
             eos_token_ids=self.eos_token_ids,
             allowed=allowed,
         )
@@ -169,14 +176,15 @@ class ModelRunner:
                   if r.draft_token_ids and r.generator is not None and not r.params.greedy}
         # Where every row's token is its logits' argmax, the head's product can give it without
         # the logits (Gemma 3's 32 x 262k fp32: 33.5 MB written and read again each step).
-        tokens = self.model.greedy_tokens(rows, decode=decoding) if sampling.argmax_only else None
+        tokens = self.model.greedy_tokens(rows, decode=decoding) if sampling.argmax_only and logits is None else None
         if tokens is not None:
             out = SamplerOutput(tokens)
         else:
-            # Decoding steps write the logits into the head's kept buffer (used up within
-            # the step; see Linear.forward); a prefill step's own freed activations serve better.
-            logits = self.model.compute_logits(rows, reuse_output=decoding).float()
-            out = sample(logits, sampling)
+            if logits is None:
+                # Decoding steps write the logits into the head's kept buffer (used up within
+                # the step; see Linear.forward); a prefill step's own freed activations serve better.
+                logits = self.model.compute_logits(rows, reuse_output=decoding).float()
+            out = SamplerOutput(argmax(logits)) if sampling.argmax_only else sample(logits, sampling)
         tokens = out.token_ids.tolist()
         targets: dict[int, list[int | None]] = {}
         target_logprobs: dict[int, list] = {}

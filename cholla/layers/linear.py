@@ -210,10 +210,15 @@ class Linear(nn.Module):
         """
         out = None
         if reuse_output and x.dim() == 2 and x.shape[0] <= AMX_MAX_ROWS:
-            if self.reused_output is None:  # rows are resident only once written
-                self.reused_output = mapped_zeros((AMX_MAX_ROWS, self.out_features), torch.float32)
-            out = self.reused_output[: x.shape[0]]
+            out = self.kept_output(x.shape[0])
         return linear_group((self,), x, out=out, decode=reuse_output)[0]
+
+    def kept_output(self, rows: int) -> torch.Tensor:
+        """fp32 ``[rows, out]`` (rows <= AMX_MAX_ROWS) of the buffer this layer keeps for a decode
+        step's product (``forward``'s ``reuse_output``; the fused step's logits)."""
+        if self.reused_output is None:  # rows are resident only once written
+            self.reused_output = mapped_zeros((AMX_MAX_ROWS, self.out_features), torch.float32)
+        return self.reused_output[:rows]
 
     def greedy_tokens(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor | None:
         """Each row's argmax of ``forward(x)`` (int64 [rows]; the first on ties, as the sampler's
