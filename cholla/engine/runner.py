@@ -11,6 +11,7 @@ in the prefill that computes them, a slice of rows at a time).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,38 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = eos_token_ids
         self.structured = structured
+        # The last step's sampling batch and the rows (requests) it was built for, while it depends
+        # on their parameters only (see _sampling_batch)
+        self._sampling: tuple[tuple[Request, ...], SamplingBatch] | None = None
+
+    def _prepare_decodes(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int], list[PromptRows]]:
+        """``_prepare`` of a step of one-token decodes only (no prompt rows, no drafts, no state):
+        each request's last token at its last position, every row's logits. The four per-row
+        fields are views of one tensor (one conversion where there were four)."""
+        block_size, requests = self.kv_cache.block_size, batch.requests
+        n = len(requests)
+        ids, positions, slots, lens = [], [], [], []
+        for request in requests:
+            p, table = request.num_computed_tokens, request.blocks.block_table
+            ids.append(request.output_token_ids[-1])  # a decode's token is the last one
+            positions.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+            lens.append(p + 1)
+        width = max(len(r.blocks.block_table) for r in requests)
+        tables = [r.blocks.block_table + [0] * (width - len(r.blocks.block_table)) for r in requests]
+        packed = torch.tensor(ids + positions + slots + lens, dtype=torch.long)
+        meta = AttentionMetadata(
+            slot_mapping=packed[2 * n : 3 * n],
+            query_start_loc=list(range(n + 1)),
+            context_lens=lens,
+            block_tables=torch.tensor(tables, dtype=torch.long),
+            num_prefills=0,
+            decode_context_lens=packed[3 * n :],
+        )
+        rows = list(range(n))
+        return packed[:n], packed[n : 2 * n], meta, rows, rows, []
 
     def _prepare(
         self, batch: ScheduledBatch
@@ -82,6 +115,8 @@ class ModelRunner:
         step has one token per request, and a few small tensor ops per request
         cost more than the list arithmetic (SmolLM2: 29 -> 17 us a step).
         """
+        if not batch.num_prefills and self.state_cache is None:
+            return self._prepare_decodes(batch)
         block_size = self.kv_cache.block_size
         input_ids, positions, slots, starts, context_lens, logits_rows, needs_token = [], [], [], [0], [], [], []
         prompt_rows: list[PromptRows] = []
@@ -161,16 +196,7 @@ class ModelRunner:
         requests: list[Request] = [batch.requests[i] for i in needs_token]
         vocab_size = self.model.lm_head.out_features
         allowed, dead_rows = self._grammar_masks(requests, vocab_size)
-        sampling = SamplingBatch.build(
-            params=[r.params for r in requests],
-            prompt_token_ids=[r.prompt_token_ids for r in requests],
-            output_token_ids=_outputs_so_far(requests),
-            generators=[r.generator for r in requests],
-            vocab_size=vocab_size,
-            device=(rows if logits is None else logits).device,
-            eos_token_ids=self.eos_token_ids,
-            allowed=allowed,
-        )
+        sampling = self._sampling_batch(requests, vocab_size, (rows if logits is None else logits).device, allowed)
         # A seeded speculating request draws once per row; the draws of rows past its accepted run are undone.
         seeded = {i: r.generator.get_state() for i, r in enumerate(batch.requests)
                   if r.draft_token_ids and r.generator is not None and not r.params.greedy}
@@ -205,6 +231,29 @@ class ModelRunner:
         for i, state in seeded.items():
             _rewind(batch.requests[i], targets[i], state, vocab_size)
         return StepResult(sampled, logprobs, dead_ends, scored, targets, target_logprobs)
+
+    def _sampling_batch(self, requests: list[Request], vocab_size: int, device: torch.device,
+                        allowed: tuple[list[int], torch.Tensor] | None) -> SamplingBatch:
+        """The step's ``SamplingBatch``: the last step's where the rows are the same requests and it
+        read nothing that changes between steps (no grammar mask, no penalties or min_tokens ban,
+        which count the output; min_tokens, once met, stays met), else built anew."""
+        if allowed is None and self._sampling is not None:
+            rows, sampling = self._sampling
+            if len(rows) == len(requests) and all(map(operator.is_, rows, requests)):
+                return sampling
+        sampling = SamplingBatch.build(
+            params=[r.params for r in requests],
+            prompt_token_ids=[r.prompt_token_ids for r in requests],
+            output_token_ids=_outputs_so_far(requests),
+            generators=[r.generator for r in requests],
+            vocab_size=vocab_size,
+            device=device,
+            eos_token_ids=self.eos_token_ids,
+            allowed=allowed,
+        )
+        steady = sampling.allowed is None and sampling.output_counts is None and sampling.banned is None
+        self._sampling = (tuple(requests), sampling) if steady else None
+        return sampling
 
     def _score_prompts(self, hidden: torch.Tensor, prompt_rows: list[PromptRows], num_requests: int) -> list:
         """Each requested prompt row's next-token logprob, rank and top alternatives (fp32 log_softmax).

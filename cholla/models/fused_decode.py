@@ -148,12 +148,15 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
     spans = meta.span_starts if meta.num_prefills else None
     if (meta.num_prefills and spans is None) or x.shape[0] > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS):
         return None
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not kernel_reads(*kv_caches[0]):
+    if x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     caches, opened = _bound_caches(plan, kv_caches)
+    if caches is None:
+        return None
     for k in opened:  # q4_kivi keys: the blocks' open slots (the kernel writes and closes them)
         open_for_write(k, meta.slot_mapping)
-    tables = [rope.tables(positions) for rope in plan.ropes]
+    # every position is below its sequence's context length
+    tables = [rope.covering(max(meta.context_lens)) for rope in plan.ropes]
     context_lens = meta.span_context_lens if spans is not None else meta.decode_context_lens
     # (.op: the C++ call itself; the op's Python packet would first walk every argument for
     # tracing's fake objects, since one argument is a class: ~25 us a step)
@@ -172,15 +175,18 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
 
 
 def _bound_caches(plan: DecodePlan, kv_caches) -> tuple[object, list]:
-    """The caches as the kernel takes them, bound once per cache list (the runner's lives as long
-    as its engine; a list of other tensors, or the same list changed, is bound anew), and the key
-    sides that need ``open_for_write`` before each write."""
+    """The caches as the kernel takes them (None where it cannot read them: ``kernel_reads``),
+    bound once per cache list (the runner's lives as long as its engine; a list of other tensors,
+    or the same list changed, is bound anew), and the key sides that need ``open_for_write``
+    before each write."""
     if plan.caches is not None:
         listed, items, bound, opened = plan.caches
         if listed is kv_caches and len(items) == len(kv_caches) and all(map(operator.is_, items, kv_caches)):
             return bound, opened
-    bound = torch.classes.cholla.DecodeCaches(*_cache_args(kv_caches))
-    opened = [k for k, _ in kv_caches if isinstance(k, ScaledKV) and k.open_blocks is not None]
+    bound, opened = None, []
+    if kernel_reads(*kv_caches[0]):
+        bound = torch.classes.cholla.DecodeCaches(*_cache_args(kv_caches))
+        opened = [k for k, _ in kv_caches if isinstance(k, ScaledKV) and k.open_blocks is not None]
     plan.caches = (kv_caches, tuple(kv_caches), bound, opened)
     return bound, opened
 
