@@ -339,8 +339,8 @@ def test_an_oversubscribed_team_on_a_busy_machine_keeps_its_results_and_pace(tmp
 
 
 def _engine_outputs(loaded, kv_cache_memory: int) -> tuple[dict, object]:
-    """Four requests of every sampling kind through one engine whose KV cache holds about two of
-    them: two start, two join after a few steps (one sharing the first's prompt: prefix-cache
+    """Five requests of every sampling kind through one engine whose KV cache holds about two of
+    them: two start, three join after a few steps (one sharing the first's prompt: prefix-cache
     hits), sequences are preempted and recomputed, blocks are taken as they grow, and they leave
     at different lengths. Returns each request's tokens, logprobs, text and finish, and the stats."""
     from cholla.engine.engine import EngineConfig, LLMEngine
@@ -356,6 +356,7 @@ def _engine_outputs(loaded, kv_cache_memory: int) -> tuple[dict, object]:
                                        repetition_penalty=1.3)),
         (list(range(300, 330)), SamplingParams(temperature=0.7, seed=5, max_tokens=30, ignore_eos=True,
                                                frequency_penalty=0.5, min_tokens=8, stop=["the"])),
+        (list(range(400, 410)), SamplingParams(temperature=0.0, max_tokens=70, ignore_eos=True)),  # alone at the end
     ]
     outputs = {}
     for i, (ids, params) in enumerate(requests[:2]):
@@ -376,10 +377,11 @@ def _engine_outputs(loaded, kv_cache_memory: int) -> tuple[dict, object]:
 @pytest.mark.parametrize("dtype, kv_cache_memory", [("bfloat16", 23040 * 150), ("float32", 46080 * 150)])
 def test_engine_steps_with_the_head_in_the_kernel_equal_the_unfused_steps(smollm2_path, dtype, kv_cache_memory,
                                                                          monkeypatch):
-    """The runner's one call for the layers, final norm and head (``DecoderModel.decode_logits``,
-    the KV caches bound once) gives every request the tokens, logprobs and text of the model's
-    forward then ``compute_logits``, bit for bit, through preemption, prefix-cache hits, block
-    growth and sequences joining and leaving. SmolLM2 Q4_1 (KV: 23040 bytes a token in bf16)."""
+    """The runner's one call for the embedding, layers, final norm, head and greedy argmax
+    (``DecoderModel.decode_logits``, the KV caches bound once) gives every request the tokens,
+    logprobs and text of the model's forward, then ``compute_logits`` and the sampler, bit for bit,
+    through preemption, prefix-cache hits, block growth and sequences joining and leaving.
+    SmolLM2 Q4_1 (KV: 23040 bytes a token in bf16)."""
     from cholla.models.decoder import DecoderModel
 
     loaded = load_model(smollm2_path, dtype)
@@ -388,9 +390,10 @@ def test_engine_steps_with_the_head_in_the_kernel_equal_the_unfused_steps(smollm
     monkeypatch.setattr(DecoderModel, "decode_logits",
                         lambda self, *args: served.append(decode_logits(self, *args)) or served[-1])
     fused, stats = _engine_outputs(loaded, kv_cache_memory)
-    assert sum(logits is not None for logits in served) >= 60
+    assert sum(out is not None for out in served) >= 60
+    assert any(out is not None and out[1] is not None for out in served)  # greedy rows' tokens from the kernel
     assert stats.preemptions > 0 and stats.prefix_cache_hits > 0  # the cases the bound caches must follow
     monkeypatch.setattr(DecoderModel, "decode_logits", lambda self, *args: None)
     unfused, _ = _engine_outputs(loaded, kv_cache_memory)
     assert fused == unfused
-    assert sorted(fused) == ["0", "1", "2", "3"] and fused["3"][3] in ("stop", "length")
+    assert sorted(fused) == ["0", "1", "2", "3", "4"] and fused["3"][3] in ("stop", "length")

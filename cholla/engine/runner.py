@@ -182,12 +182,19 @@ class ModelRunner:
         # take the products a decode step of as many rows takes (the batched int8 ones).
         decoding = all(r.draft_token_ids for r in batch.requests[: batch.num_prefills])
         step_threads(decoding)  # the full team for decode steps; a prompt's, fewer while the machine is busy
-        logits = None
+        logits = tokens = sampling = None
+        vocab_size = self.model.lm_head.out_features
+        requests: list[Request] = [batch.requests[i] for i in needs_token]
         with decode_step(decoding):
-            if not batch.num_prefills and len(logits_rows) == len(batch.requests):  # one token per sequence
-                # the layers, final norm and head in one kernel call, where the model has it
-                decode_logits = getattr(self.model, "decode_logits", None)
-                logits = decode_logits(input_ids, positions, self.caches, meta) if decode_logits else None
+            if (not batch.num_prefills and len(logits_rows) == len(batch.requests)  # one token per sequence
+                    and hasattr(self.model, "decode_logits")):
+                # Embedding to logits in one kernel call, and greedy rows' tokens with them: the
+                # sampling batch first (the grammar's masks do not depend on this step's logits).
+                allowed, dead_rows = self._grammar_masks(requests, vocab_size)
+                sampling = self._sampling_batch(requests, vocab_size, input_ids.device, allowed)
+                fused = self.model.decode_logits(input_ids, positions, self.caches, meta, sampling.argmax_only)
+                if fused is not None:
+                    logits, tokens = fused
             if logits is None:
                 hidden = self.model(input_ids, positions, self.caches, meta)
         sampled: list[int | None] = [None] * len(batch.requests)
@@ -197,16 +204,16 @@ class ModelRunner:
             return StepResult(sampled, logprobs, prompt_logprobs=scored)
         if logits is None:  # decoding: every row, in order
             rows = hidden if len(logits_rows) == hidden.shape[0] else hidden[logits_rows]
-        requests: list[Request] = [batch.requests[i] for i in needs_token]
-        vocab_size = self.model.lm_head.out_features
-        allowed, dead_rows = self._grammar_masks(requests, vocab_size)
-        sampling = self._sampling_batch(requests, vocab_size, (rows if logits is None else logits).device, allowed)
+        if sampling is None:
+            allowed, dead_rows = self._grammar_masks(requests, vocab_size)
+            sampling = self._sampling_batch(requests, vocab_size, rows.device, allowed)
         # A seeded speculating request draws once per row; the draws of rows past its accepted run are undone.
         seeded = {i: r.generator.get_state() for i, r in enumerate(batch.requests)
                   if r.draft_token_ids and r.generator is not None and not r.params.greedy}
         # Where every row's token is its logits' argmax, the head's product can give it without
         # the logits (Gemma 3's 32 x 262k fp32: 33.5 MB written and read again each step).
-        tokens = self.model.greedy_tokens(rows, decode=decoding) if sampling.argmax_only and logits is None else None
+        if logits is None and sampling.argmax_only:
+            tokens = self.model.greedy_tokens(rows, decode=decoding)
         if tokens is not None:
             out = SamplerOutput(tokens)
         else:

@@ -72,6 +72,13 @@ struct DecodeLayers : torch::CustomClassHolder {
   at::Tensor final_norm, head;
   int64_t head_type = -1;
   WeightRows head_rows{};
+  // The token embedding, for steps that start from token ids (Q4_0 / Q8_0 rows: embedding.cpp).
+  at::Tensor embedding;
+  int64_t embedding_type = -1;
+  void bind_embedding(at::Tensor weight, int64_t type) {
+    embedding = std::move(weight);
+    embedding_type = type;
+  }
   void bind_head(at::Tensor norm, at::Tensor weight, int64_t type) {
     TORCH_CHECK(norm.scalar_type() == at::kFloat && norm.is_contiguous() && norm.dim() == 1,
                 "DecodeLayers.bind_head: the final norm must be a contiguous fp32 vector");
@@ -111,8 +118,10 @@ struct DecodeCaches : torch::CustomClassHolder {
 // on the AMX tiles (ops.h's Products).
 // With `logits` (fp32 [rows, vocab]), the step goes on through the model's final norm and
 // head (DecodeLayers.bind_head) in the same team, writes the head's product there and
-// returns the final norm's output; without, it returns the residual stream.
-at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
+// returns the final norm's output (and with `tokens`, int64 [rows], each row's argmax);
+// without, it returns the residual stream. x may be int64 token ids [rows] instead,
+// looked up in the bound embedding (DecodeLayers.bind_embedding).
+at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions,
                          const c10::intrusive_ptr<DecodeLayers>& model,
                          const c10::intrusive_ptr<DecodeCaches>& caches, at::TensorList cos, at::TensorList sin,
                          at::IntArrayRef rope_of_layer, at::IntArrayRef windows, const at::Tensor& slot_mapping,
@@ -121,8 +130,13 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
                          int64_t num_kv_heads, int64_t head_dim, double scale, double softcap, double eps,
                          bool interleaved, int64_t activation, bool post_norms, bool qk_norm, bool integer,
                          int64_t gemv_max_rows, int64_t int8_batch_max_rows, int64_t int8_batch_types,
-                         const std::optional<at::Tensor>& logits) {
+                         const std::optional<at::Tensor>& logits, const std::optional<at::Tensor>& tokens) {
   const at::TensorList weights = model->weights, norms = model->norms;
+  TORCH_CHECK(x_or_ids.scalar_type() != at::kLong || (model->embedding.defined() && !norms.empty()),
+              "decode_layers: token ids given, but no embedding is bound (DecodeLayers.bind_embedding)");
+  const at::Tensor x_in = x_or_ids.scalar_type() == at::kLong
+                              ? embedding_rows(model->embedding, model->embedding_type, x_or_ids, norms[0].size(0))
+                              : x_or_ids;
   const at::TensorList k_caches = caches->k_caches, v_caches = caches->v_caches;
   const at::TensorList k_quant = caches->k_quant, v_quant = caches->v_quant;
   const bool k_rotated = caches->k_rotated, v_rotated = caches->v_rotated;
@@ -190,6 +204,9 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
                     head_out.size(0) == rows && head_out.size(1) == model->head.size(0),
                 "decode_layers: logits must be contiguous fp32 [rows, head rows], and the head as wide as x");
   }
+  TORCH_CHECK(!tokens.has_value() || (head_out.defined() && tokens->scalar_type() == at::kLong &&
+                                      tokens->is_contiguous() && tokens->numel() == rows),
+              "decode_layers: tokens must be int64 [rows], with the logits");
 
   const auto options = x_in.options().memory_format(at::MemoryFormat::Contiguous);
   // The residual stream and what the stages write for each other. The stage
@@ -298,7 +315,12 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
       const at::Tensor head_weight[] = {model->head};
       const int64_t head_type[] = {model->head_type};
       products.run(h, head_weight, head_type, &model->head_rows, head_out, member);
-      member.finish();
+      member.finish([&] {  // greedy rows' tokens: each row's argmax, as argmax_rows gives it
+        if (!tokens.has_value()) return;
+        const int64_t vocab = head_out.size(1);
+        for (int64_t r = 0; r < rows; ++r)
+          tokens->data_ptr<int64_t>()[r] = argmax_row(head_out.data_ptr<float>() + r * vocab, vocab);
+      });
     }
   });
   // With the head: the final norm's output (the step's hidden states, as the model's forward
@@ -311,7 +333,8 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
 TORCH_LIBRARY_FRAGMENT(cholla, m) {
   m.class_<cholla::DecodeLayers>("DecodeLayers")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>>())
-      .def("bind_head", &cholla::DecodeLayers::bind_head);
+      .def("bind_head", &cholla::DecodeLayers::bind_head)
+      .def("bind_embedding", &cholla::DecodeLayers::bind_embedding);
   m.class_<cholla::DecodeCaches>("DecodeCaches")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                        std::vector<at::Tensor>, bool, bool>());
@@ -321,7 +344,7 @@ TORCH_LIBRARY_FRAGMENT(cholla, m) {
         "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor? query_starts, int num_heads, "
         "int num_kv_heads, int head_dim, float scale, float softcap, float eps, bool interleaved, int activation, "
         "bool post_norms, bool qk_norm, bool integer, int gemv_max_rows, int int8_batch_max_rows, "
-        "int int8_batch_types, Tensor? logits=None) -> Tensor");
+        "int int8_batch_types, Tensor? logits=None, Tensor? tokens=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) { m.impl("decode_layers", &cholla::decode_layers); }

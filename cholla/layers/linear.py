@@ -326,12 +326,19 @@ class Embedding(nn.Module):
     def forward(self, token_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """token_ids: int64 [n] -> [n, hidden]. Q4_0 and Q8_0 rows in one kernel call where it
         runs (the same values as gguf's dequantizer; a decode step's lookup was a dozen small ops)."""
-        weight, kernels = self.weight, cpu_kernels()
-        if (kernels is not None and dtype == torch.float32 and isinstance(weight, GGUFTensor)
-                and weight.qtype in EMBEDDING_KERNEL_TYPES and token_ids.device.type == "cpu"
-                and token_ids.dim() == 1 and self.hidden_size % 32 == 0):
-            return kernels.embedding_rows(weight.data, int(weight.qtype), token_ids.long(), self.hidden_size)
-        return dequantize_rows(weight, token_ids, dtype)
+        rows = self.kernel_rows()
+        if (rows is not None and dtype == torch.float32 and token_ids.device.type == "cpu"
+                and token_ids.dim() == 1):
+            return cpu_kernels().embedding_rows(*rows, token_ids.long(), self.hidden_size)
+        return dequantize_rows(self.weight, token_ids, dtype)
+
+    def kernel_rows(self) -> tuple[torch.Tensor, int] | None:
+        """The table as ``embedding.cpp`` reads it (uint8 rows, GGML type id), or None where it does not."""
+        weight = self.weight
+        if (cpu_kernels() is None or not isinstance(weight, GGUFTensor) or weight.qtype not in EMBEDDING_KERNEL_TYPES
+                or self.hidden_size % 32):
+            return None
+        return weight.data, int(weight.qtype)
 
     def as_linear(self) -> Linear:
         """The same weight used as an output head (tied embeddings)."""

@@ -72,15 +72,17 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)
         return self.norm(run_layers(self, x, positions, kv_caches, meta))
 
-    def decode_logits(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor | None:
+    def decode_logits(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
+                      greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """``compute_logits(forward(...), reuse_output=True)`` of a decode step, bit for bit, with the
-        layers, the final norm and the head in one kernel call (``fused_decode.fused_logits``), or None
-        where that does not serve (then nothing has run). An architecture that changes the forward or
-        the logits (a scaled embedding, a soft cap) gets None."""
+        embedding, layers, final norm and head in one kernel call (``fused_decode.fused_logits``), and
+        with ``greedy`` each row's argmax (as the sampler's ``argmax``); or None where that does not
+        serve (then nothing has run). An architecture that changes the forward or the logits (a
+        scaled embedding, a soft cap) gets None."""
         cls = type(self)
         if cls.forward is not DecoderModel.forward or cls.compute_logits is not DecoderModel.compute_logits:
             return None
-        return fused_logits(self, self.embed_tokens(input_ids), positions, kv_caches, meta)
+        return fused_logits(self, input_ids, positions, kv_caches, meta, greedy)
 
     def compute_logits(self, hidden: torch.Tensor, reuse_output: bool = False) -> torch.Tensor:
         """reuse_output: see Linear.forward (the result lives until the next such call)."""

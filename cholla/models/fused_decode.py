@@ -61,6 +61,8 @@ class DecodePlan:
     # lists, the dispatcher converted each of their tensors on every step (~40-70 us for SmolLM2)
     bound: object = None
     head: Linear | None = None  # the output head bound to `bound` (bind_head), once a step asked for logits
+    embedding: nn.Module | None = None  # the embedding fused_logits last looked at, and whether it is bound
+    embeds: bool = False
     # The KV caches last handed to the kernel (decode_layers.cpp's DecodeCaches), by the list they came in
     # and its items; and those of their key sides that need open_for_write (q4_kivi keys).
     caches: tuple | None = None
@@ -138,17 +140,19 @@ def plan_decode(model: nn.Module) -> DecodePlan | None:
 
 
 def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetadata,
-                 logits: torch.Tensor | None = None) -> torch.Tensor | None:
+                 logits: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
     """Every layer in one call, or None where this step is not one of decodes and short spans
     (speculating sequences' verification rows: ``AttentionMetadata.span_starts``) that our
     kernels multiply (the rows ``linear_group`` gives to the GEMVs or the AMX tiles).
+    x: fp32 ``[rows, hidden]``, or int64 token ids ``[rows]`` where an embedding is bound.
     ``logits`` (fp32 ``[rows, vocab]``, a head bound by ``bind_head``): the step goes on through
-    the final norm and the head, writes the logits there and returns the final hidden states."""
+    the final norm and the head, writes the logits there (and with ``tokens``, int64 ``[rows]``,
+    each row's argmax) and returns the final hidden states."""
     integer = plan.first_linear.compute_dtype == torch.bfloat16
     spans = meta.span_starts if meta.num_prefills else None
     if (meta.num_prefills and spans is None) or x.shape[0] > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS):
         return None
-    if x.dtype != torch.float32 or x.device.type != "cpu":
+    if x.dtype not in (torch.float32, torch.long) or x.device.type != "cpu":
         return None
     caches, opened = _bound_caches(plan, kv_caches)
     if caches is None:
@@ -170,7 +174,7 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
         # where every sequence with more than one row is speculating), never prompt rows
         int8_batch_max_rows() if integer else 0,
         type_mask(int8_batch_types(True)) if integer else 0,
-        logits,
+        logits, tokens,
     )
 
 
@@ -230,22 +234,34 @@ def run_layers(model: nn.Module, x, positions, kv_caches, meta: AttentionMetadat
     return x
 
 
-def fused_logits(model: nn.Module, x, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor | None:
+def fused_logits(model: nn.Module, input_ids, positions, kv_caches, meta: AttentionMetadata,
+                 greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """A decode step's logits ``[rows, vocab]`` (the head's kept buffer, ``Linear.kept_output``) from
-    x through every layer, ``model.norm`` and ``model.lm_head`` in one kernel call, or None where
-    that does not serve: what ``fused_layers`` takes, one row per sequence on the GEMVs (as
-    ``compute_logits`` then multiplies them: the same products, so the same logits bit for bit),
-    and a head the kernel runs (its weight in GGUF rows, no bias, the layers' dtype, the final
-    norm an RMSNorm with the layers' eps). The caller has checked that the model's forward and
-    logits are the shell's (``DecoderModel.decode_logits``)."""
+    the token ids through the embedding, every layer, ``model.norm`` and ``model.lm_head`` in one
+    kernel call, with ``greedy`` each row's argmax (int64 ``[rows]``) too; or None where that does
+    not serve: what ``fused_layers`` takes, one row per sequence on the GEMVs (as ``compute_logits``
+    then multiplies them: the same products, so the same logits bit for bit), and a head the
+    kernel runs (its weight in GGUF rows, no bias, the layers' dtype, the final norm an RMSNorm
+    with the layers' eps). An embedding the kernel does not read (``Embedding.kernel_rows``) is
+    looked up first, in Python. The caller has checked that the model's forward and logits are
+    the shell's (``DecoderModel.decode_logits``)."""
     plan = model_plan(model)
-    head, norm = model.lm_head, model.norm
-    if (plan is None or meta.num_prefills or x.shape[0] > INT8_MAX_ROWS or head.kernel_weight is None
+    head, norm, embed = model.lm_head, model.norm, model.embed_tokens
+    if (plan is None or meta.num_prefills or input_ids.shape[0] > INT8_MAX_ROWS or head.kernel_weight is None
             or head.bias is not None or head.compute_dtype != plan.first_linear.compute_dtype
             or type(norm) is not RMSNorm or norm.eps != plan.eps):
         return None
     if plan.head is not head:
         plan.bound.bind_head(norm.weight, head.kernel_weight[0], head.kernel_weight[1])
         plan.head = head
-    logits = head.kept_output(x.shape[0])
-    return logits if fused_layers(plan, x, positions, kv_caches, meta, logits) is not None else None
+    if plan.embedding is not embed:
+        rows = embed.kernel_rows()
+        if rows is not None:
+            plan.bound.bind_embedding(*rows)
+        plan.embedding, plan.embeds = embed, rows is not None
+    x = input_ids if plan.embeds else embed(input_ids)
+    logits = head.kept_output(input_ids.shape[0])
+    tokens = torch.empty(input_ids.shape[0], dtype=torch.long) if greedy else None
+    if fused_layers(plan, x, positions, kv_caches, meta, logits, tokens) is None:
+        return None
+    return logits, tokens
