@@ -172,14 +172,16 @@ def test_batched_qgemv_int8_rows_equal_bit_for_bit_alone_or_paired(qtype):
     assert torch.equal(together[16:32], kernels.qgemv_int8(x[16:32].clone(), [blocks], [int(qtype)]))
 
 
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [7, 16, 32, 40])  # one tile, two; three: all unpacked
-def test_batched_qgemv_int8_q8_0_read_in_place_equals_unpacked(rows):
-    """Q8_0's whole jobs of 16 weight rows are read where they lie (the heads', at one or two tiles of
-    x), a last partial job unpacked first: the same rows in both give the same sums, bit for bit."""
-    blocks, _ = random_weight(T.Q8_0, 37, 640, seed=7)
+def test_batched_qgemv_int8_read_in_place_equals_unpacked(qtype, rows):
+    """Whole jobs of 16 weight rows of Q8_0 (the heads') and of the nibble types are read where they
+    lie at one or two tiles of x (Q8_0Rows, BlockRows), a last partial job unpacked into a strip
+    first: the same rows in both give the same sums, bit for bit."""
+    blocks, _ = random_weight(qtype, 37, 640, seed=7)
     blocks[32:37] = blocks[3:8]  # the partial third job repeats rows of the first
     x = torch.randn(rows, 640, generator=torch.Generator().manual_seed(7))
-    got = kernels.qgemv_int8(x, [blocks], [int(T.Q8_0)])
+    got = kernels.qgemv_int8(x, [blocks], [int(qtype)])
     assert torch.equal(got[:, 32:37], got[:, 3:8])
 
 

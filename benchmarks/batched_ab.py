@@ -1,0 +1,89 @@
+"""The 32 x (128+128) batched run of this checkout against another's (say, main's), in CPU time, taking turns.
+
+On a shared machine the wall time of the same code moves by 2-3x within minutes, so
+``compare.py``'s batched column cannot show a few percent. Here each checkout runs in its
+own process (``python -c`` in that checkout: it imports that checkout's cholla and builds
+its kernels) that loads the model once; then, in turns, each runs the same random prompts
+(greedy, ``ignore_eos``) to ``max_tokens=1`` (the prompt phase) and to ``--max-tokens``,
+timing each in the process's CPU time. The decode phase is the difference. Best of
+``--turns`` for each side, then this side's speed-up:
+
+    OMP_NUM_THREADS=1 python benchmarks/batched_ab.py --baseline ../main --model gemma3 --turns 4
+
+One thread (``OMP_NUM_THREADS=1``) is what CPU time measures without counting a team's
+waits; set ``TORCH_EXTENSIONS_DIR`` apart when both checkouts hold the same sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# One side: load the model, say so, then per line read run the prompts to 1 and to n tokens, print both CPU times.
+WORKER = """
+import sys, time
+sys.path.insert(0, "benchmarks")
+from throughput import random_prompts
+from cholla import LLM, SamplingParams
+from cholla.download import resolve_model
+model, num, length, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = LLM(resolve_model(model), max_num_seqs=num, max_model_len=length + n + 16)
+prompts = [{"prompt_token_ids": p} for p in random_prompts(num, length, llm.engine.model_config.vocab_size, 0)]
+llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
+
+def cpu_seconds(max_tokens):
+    llm.engine.block_manager.reset_prefix_cache()
+    start = time.process_time()
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    return time.process_time() - start
+
+print("ready", flush=True)
+for _ in sys.stdin:
+    print(cpu_seconds(1), cpu_seconds(n), flush=True)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", type=Path, required=True, help="the other cholla checkout")
+    parser.add_argument("--model", default="gemma3")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--turns", type=int, default=4, help="runs per side, taking turns")
+    args = parser.parse_args()
+
+    command = [sys.executable, "-c", WORKER, args.model, str(args.num_requests), str(args.prompt_len), str(args.max_tokens)]
+    sides = {name: subprocess.Popen(command, cwd=checkout, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for name, checkout in (("this", ROOT), ("baseline", args.baseline.resolve()))}
+    best = {name: {"prompt": float("inf"), "whole": float("inf"), "decode": float("inf")} for name in sides}
+    try:
+        for name, process in sides.items():
+            if process.stdout.readline().strip() != "ready":
+                raise SystemExit(f"the {name} side did not start (see its error above)")
+        for turn in range(args.turns):
+            for name in ("this", "baseline") if turn % 2 else ("baseline", "this"):
+                sides[name].stdin.write("go\n")
+                sides[name].stdin.flush()
+                prompt, whole = map(float, sides[name].stdout.readline().split())
+                print(f"turn {turn} {name}: prompt {prompt:.2f} s, whole {whole:.2f} s, decode {whole - prompt:.2f} s CPU",
+                      flush=True)
+                for part, value in (("prompt", prompt), ("whole", whole), ("decode", whole - prompt)):
+                    best[name][part] = min(best[name][part], value)
+    finally:
+        for process in sides.values():
+            process.stdin.close()
+            process.wait()
+    print(f"\n{args.model}, {args.num_requests} x ({args.prompt_len}+{args.max_tokens}), CPU s, best of {args.turns}")
+    print("| part | baseline | this | speed-up |\n|---|---:|---:|---:|")
+    for part in ("whole", "prompt", "decode"):
+        b, t = best["baseline"][part], best["this"][part]
+        print(f"| {part} | {b:.2f} | {t:.2f} | {b / t:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
