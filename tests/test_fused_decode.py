@@ -336,3 +336,64 @@ def test_an_oversubscribed_team_on_a_busy_machine_keeps_its_results_and_pace(tmp
     for got, want in zip(crowded, expected):  # each job's outputs computed by the same code, whoever takes it
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert seconds < 10, f"20 decode steps took {seconds:.1f} s"
+
+
+def _engine_outputs(loaded, kv_cache_memory: int) -> tuple[dict, object]:
+    """Five requests of every sampling kind through one engine whose KV cache holds about two of
+    them: two start, three join after a few steps (one sharing the first's prompt: prefix-cache
+    hits), sequences are preempted and recomputed, blocks are taken as they grow, and they leave
+    at different lengths. Returns each request's tokens, logprobs, text and finish, and the stats."""
+    from cholla.engine.engine import EngineConfig, LLMEngine
+    from cholla.sampling.params import SamplingParams
+
+    engine = LLMEngine(loaded, EngineConfig(max_model_len=128, kv_cache_memory=kv_cache_memory, block_size=16,
+                                            max_num_seqs=4))
+    shared = list(range(200, 240))
+    requests = [
+        (shared + [5, 6], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)),
+        ([7, 8, 9] * 9, SamplingParams(temperature=0.9, top_k=40, seed=3, max_tokens=36, logprobs=2, ignore_eos=True)),
+        (shared + [11], SamplingParams(temperature=0.0, max_tokens=44, logprobs=1, ignore_eos=True,
+                                       repetition_penalty=1.3)),
+        (list(range(300, 330)), SamplingParams(temperature=0.7, seed=5, max_tokens=30, ignore_eos=True,
+                                               frequency_penalty=0.5, min_tokens=8, stop=["the"])),
+        (list(range(400, 410)), SamplingParams(temperature=0.0, max_tokens=70, ignore_eos=True)),  # alone at the end
+    ]
+    outputs = {}
+    for i, (ids, params) in enumerate(requests[:2]):
+        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                c = out.outputs[0]
+                outputs[out.request_id] = (c.token_ids, c.logprobs, c.text, c.finish_reason)
+        steps += 1
+        if steps == 4:
+            for i, (ids, params) in enumerate(requests[2:], start=2):
+                engine.add_request(str(i), {"prompt_token_ids": ids}, params)
+    return outputs, engine.stats()
+
+
+@pytest.mark.parametrize("dtype, kv_cache_memory", [("bfloat16", 23040 * 150), ("float32", 46080 * 150)])
+def test_engine_steps_with_the_head_in_the_kernel_equal_the_unfused_steps(smollm2_path, dtype, kv_cache_memory,
+                                                                         monkeypatch):
+    """The runner's one call for the embedding, layers, final norm, head and greedy argmax
+    (``DecoderModel.decode_logits``, the KV caches bound once) gives every request the tokens,
+    logprobs and text of the model's forward, then ``compute_logits`` and the sampler, bit for bit,
+    through preemption, prefix-cache hits, block growth and sequences joining and leaving.
+    SmolLM2 Q4_1 (KV: 23040 bytes a token in bf16)."""
+    from cholla.models.decoder import DecoderModel
+
+    loaded = load_model(smollm2_path, dtype)
+    served = []
+    decode_logits = DecoderModel.decode_logits
+    monkeypatch.setattr(DecoderModel, "decode_logits",
+                        lambda self, *args: served.append(decode_logits(self, *args)) or served[-1])
+    fused, stats = _engine_outputs(loaded, kv_cache_memory)
+    assert sum(out is not None for out in served) >= 60
+    assert any(out is not None and out[1] is not None for out in served)  # greedy rows' tokens from the kernel
+    assert stats.preemptions > 0 and stats.prefix_cache_hits > 0  # the cases the bound caches must follow
+    monkeypatch.setattr(DecoderModel, "decode_logits", lambda self, *args: None)
+    unfused, _ = _engine_outputs(loaded, kv_cache_memory)
+    assert fused == unfused
+    assert sorted(fused) == ["0", "1", "2", "3", "4"] and fused["3"][3] in ("stop", "length")

@@ -300,8 +300,8 @@ def test_greedy_identical_and_copying_is_accepted(engines, monkeypatch):
     before = stats.spec_accepted_tokens
     fused, verified = fused_decode.fused_layers, []
 
-    def counting(plan, x, positions, kv_caches, meta):
-        out = fused(plan, x, positions, kv_caches, meta)
+    def counting(plan, x, positions, kv_caches, meta, *logits):
+        out = fused(plan, x, positions, kv_caches, meta, *logits)
         verified.append(meta.span_starts is not None and out is not None)
         return out
 

@@ -175,13 +175,16 @@ def test_engine_steps_take_their_threads(smollm2_loaded, monkeypatch, torch_thre
     engine = engine_on(smollm2_loaded, monkeypatch, dtype="float32")
     monkeypatch.setattr(threads, "_step_threads", StepThreads(cores=2, busy=1, last=None))
     seen: list[int] = []
-    forward = engine.runner.model.forward
 
-    def recording(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return forward(*args, **kwargs)
+    def recording(run):
+        def recorded(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return run(*args, **kwargs)
+        return recorded
 
-    monkeypatch.setattr(engine.runner.model, "forward", recording)
+    model = engine.runner.model  # decode steps run through decode_logits (the head in the same call)
+    monkeypatch.setattr(model, "forward", recording(model.forward))
+    monkeypatch.setattr(model, "decode_logits", lambda *args: recording(type(model).decode_logits)(model, *args))
     engine.add_request("a", [1, 504, 3458, 282], SamplingParams(temperature=0, max_tokens=3))
     while engine.has_unfinished_requests():
         engine.step()

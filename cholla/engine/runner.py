@@ -11,6 +11,7 @@ in the prefill that computes them, a slice of rows at a time).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ from cholla.kv.paged_cache import PagedKVCache
 from cholla.kv.state_cache import StateCache, layer_caches
 from cholla.layers.attention import MAX_QUERY_SPAN, AttentionMetadata, TreeRows
 from cholla.layers.linear import decode_step
-from cholla.sampling.sampler import SamplerOutput, SamplingBatch, sample, skip_draws
+from cholla.sampling.sampler import SamplerOutput, SamplingBatch, argmax, sample, skip_draws
 from cholla.sampling.structured import StructuredOutputs, allowed_tokens
 from cholla.speculative import tree
 from cholla.speculative.verify import accept_greedy
@@ -72,6 +73,40 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = eos_token_ids
         self.structured = structured
+        # The last step's sampling batch and the rows (requests) it was built for, while it depends
+        # on their parameters only (see _sampling_batch)
+        self._sampling: tuple[tuple[Request, ...], SamplingBatch] | None = None
+
+    def _prepare_decodes(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[int], list[PromptRows]] | None:
+        """``_prepare`` of a step of one-token decodes only (each request's last token at its last
+        position, no drafts; every row's logits), or None for another step. The four per-row
+        fields are views of one tensor (one conversion where there were four)."""
+        block_size, requests = self.kv_cache.block_size, batch.requests
+        n = len(requests)
+        ids, positions, slots, lens = [], [], [], []
+        for request, num_new in zip(requests, batch.num_tokens):
+            p, table, prompt = request.num_computed_tokens, request.blocks.block_table, request.prompt_token_ids
+            if num_new != 1 or p + 1 != request.num_tokens or request.draft_token_ids or request.params.max_tokens == 0:
+                return None
+            ids.append(prompt[p] if p < len(prompt) else request.output_token_ids[p - len(prompt)])
+            positions.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+            lens.append(p + 1)
+        width = max(len(r.blocks.block_table) for r in requests)
+        tables = [r.blocks.block_table + [0] * (width - len(r.blocks.block_table)) for r in requests]
+        packed = torch.tensor(ids + positions + slots + lens, dtype=torch.long)
+        meta = AttentionMetadata(
+            slot_mapping=packed[2 * n : 3 * n],
+            query_start_loc=list(range(n + 1)),
+            context_lens=lens,
+            block_tables=torch.tensor(tables, dtype=torch.long),
+            num_prefills=0,
+            decode_context_lens=packed[3 * n :],
+        )
+        rows = list(range(n))
+        return packed[:n], packed[n : 2 * n], meta, rows, rows, []
 
     def _prepare(
         self, batch: ScheduledBatch
@@ -82,6 +117,10 @@ class ModelRunner:
         step has one token per request, and a few small tensor ops per request
         cost more than the list arithmetic (SmolLM2: 29 -> 17 us a step).
         """
+        if not batch.num_prefills and self.state_cache is None:
+            decodes = self._prepare_decodes(batch)
+            if decodes is not None:
+                return decodes
         block_size = self.kv_cache.block_size
         input_ids, positions, slots, starts, context_lens, logits_rows, needs_token = [], [], [], [0], [], [], []
         prompt_rows: list[PromptRows] = []
@@ -143,40 +182,46 @@ class ModelRunner:
         # take the products a decode step of as many rows takes (the batched int8 ones).
         decoding = all(r.draft_token_ids for r in batch.requests[: batch.num_prefills])
         step_threads(decoding)  # the full team for decode steps; a prompt's, fewer while the machine is busy
+        logits = tokens = sampling = None
+        vocab_size = self.model.lm_head.out_features
+        requests: list[Request] = [batch.requests[i] for i in needs_token]
         with decode_step(decoding):
-            hidden = self.model(input_ids, positions, self.caches, meta)
+            if (not batch.num_prefills and len(logits_rows) == len(batch.requests)  # one token per sequence
+                    and hasattr(self.model, "decode_logits")):
+                # Embedding to logits in one kernel call, and greedy rows' tokens with them: the
+                # sampling batch first (the grammar's masks do not depend on this step's logits).
+                allowed, dead_rows = self._grammar_masks(requests, vocab_size)
+                sampling = self._sampling_batch(requests, vocab_size, input_ids.device, allowed)
+                fused = self.model.decode_logits(input_ids, positions, self.caches, meta, sampling.argmax_only)
+                if fused is not None:
+                    logits, tokens = fused
+            if logits is None:
+                hidden = self.model(input_ids, positions, self.caches, meta)
         sampled: list[int | None] = [None] * len(batch.requests)
         logprobs: list = [None] * len(batch.requests)
         scored = self._score_prompts(hidden, prompt_rows, len(batch.requests)) if prompt_rows else None
         if not logits_rows:
             return StepResult(sampled, logprobs, prompt_logprobs=scored)
-        rows = hidden if len(logits_rows) == hidden.shape[0] else hidden[logits_rows]  # decoding: every row, in order
-        requests: list[Request] = [batch.requests[i] for i in needs_token]
-        vocab_size = self.model.lm_head.out_features
-        allowed, dead_rows = self._grammar_masks(requests, vocab_size)
-        sampling = SamplingBatch.build(
-            params=[r.params for r in requests],
-            prompt_token_ids=[r.prompt_token_ids for r in requests],
-            output_token_ids=_outputs_so_far(requests),
-            generators=[r.generator for r in requests],
-            vocab_size=vocab_size,
-            device=rows.device,
-            eos_token_ids=self.eos_token_ids,
-            allowed=allowed,
-        )
+        if logits is None:  # decoding: every row, in order
+            rows = hidden if len(logits_rows) == hidden.shape[0] else hidden[logits_rows]
+        if sampling is None:
+            allowed, dead_rows = self._grammar_masks(requests, vocab_size)
+            sampling = self._sampling_batch(requests, vocab_size, rows.device, allowed)
         # A seeded speculating request draws once per row; the draws of rows past its accepted run are undone.
         seeded = {i: r.generator.get_state() for i, r in enumerate(batch.requests)
                   if r.draft_token_ids and r.generator is not None and not r.params.greedy}
         # Where every row's token is its logits' argmax, the head's product can give it without
         # the logits (Gemma 3's 32 x 262k fp32: 33.5 MB written and read again each step).
-        tokens = self.model.greedy_tokens(rows, decode=decoding) if sampling.argmax_only else None
+        if logits is None and sampling.argmax_only:
+            tokens = self.model.greedy_tokens(rows, decode=decoding)
         if tokens is not None:
             out = SamplerOutput(tokens)
         else:
-            # Decoding steps write the logits into the head's kept buffer (used up within
-            # the step; see Linear.forward); a prefill step's own freed activations serve better.
-            logits = self.model.compute_logits(rows, reuse_output=decoding).float()
-            out = sample(logits, sampling)
+            if logits is None:
+                # Decoding steps write the logits into the head's kept buffer (used up within
+                # the step; see Linear.forward); a prefill step's own freed activations serve better.
+                logits = self.model.compute_logits(rows, reuse_output=decoding).float()
+            out = SamplerOutput(argmax(logits)) if sampling.argmax_only else sample(logits, sampling)
         tokens = out.token_ids.tolist()
         targets: dict[int, list[int | None]] = {}
         target_logprobs: dict[int, list] = {}
@@ -197,6 +242,29 @@ class ModelRunner:
         for i, state in seeded.items():
             _rewind(batch.requests[i], targets[i], state, vocab_size)
         return StepResult(sampled, logprobs, dead_ends, scored, targets, target_logprobs)
+
+    def _sampling_batch(self, requests: list[Request], vocab_size: int, device: torch.device,
+                        allowed: tuple[list[int], torch.Tensor] | None) -> SamplingBatch:
+        """The step's ``SamplingBatch``: the last step's where the rows are the same requests and it
+        read nothing that changes between steps (no grammar mask, no penalties or min_tokens ban,
+        which count the output; min_tokens, once met, stays met), else built anew."""
+        if allowed is None and self._sampling is not None:
+            rows, sampling = self._sampling
+            if len(rows) == len(requests) and all(map(operator.is_, rows, requests)):
+                return sampling
+        sampling = SamplingBatch.build(
+            params=[r.params for r in requests],
+            prompt_token_ids=[r.prompt_token_ids for r in requests],
+            output_token_ids=_outputs_so_far(requests),
+            generators=[r.generator for r in requests],
+            vocab_size=vocab_size,
+            device=device,
+            eos_token_ids=self.eos_token_ids,
+            allowed=allowed,
+        )
+        steady = sampling.allowed is None and sampling.output_counts is None and sampling.banned is None
+        self._sampling = (tuple(requests), sampling) if steady else None
+        return sampling
 
     def _score_prompts(self, hidden: torch.Tensor, prompt_rows: list[PromptRows], num_requests: int) -> list:
         """Each requested prompt row's next-token logprob, rank and top alternatives (fp32 log_softmax).

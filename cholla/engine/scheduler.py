@@ -154,11 +154,13 @@ class Scheduler:
                     request.num_cached_prompt_tokens = request.num_computed_tokens
             num_new = self._chunk(request, min(request.num_tokens - request.num_computed_tokens, budget))
             if not self.block_manager.allocate(request.blocks, request.num_computed_tokens + num_new):
-                if self.snapshots is not None:  # its snapshot may be gone by the next try: match again then
-                    self.block_manager.free(request.blocks)
-                    request.num_computed_tokens = 0
-                    if not request.output_token_ids:
-                        request.num_cached_prompt_tokens = 0
+                # Its matched blocks go back until the next try (which matches again; a snapshot may be
+                # gone by then): a waiting request that kept them could hold the blocks the one ahead of
+                # it needs, with nothing running to free any, and the engine would wait forever.
+                self.block_manager.free(request.blocks)
+                request.num_computed_tokens = 0
+                if not request.output_token_ids:
+                    request.num_cached_prompt_tokens = 0
                 break
             self.waiting.popleft()
             if self.state_slots is not None:

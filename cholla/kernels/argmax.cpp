@@ -58,6 +58,14 @@ Best argmax_chunk(const float* x, int64_t n) {
   return {best, 0, false};  // unreachable: n > 0
 }
 
+// The row's answer from its chunks' (in order): the first chunk holding the top value wins ties.
+int64_t first_best(const Best* chunks, int64_t count) {
+  Best top = chunks[0];
+  for (int64_t c = 1; c < count && !top.nan; ++c)
+    if (chunks[c].nan || chunks[c].value > top.value) top = chunks[c];
+  return top.index;
+}
+
 at::Tensor argmax_rows(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) > 0,
               "argmax_rows: x must be fp32 [rows, n > 0]");
@@ -74,18 +82,25 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
   });
   at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
   int64_t* idx = out.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    Best top = best[r * chunks];
-    for (int64_t c = 1; c < chunks && !top.nan; ++c) {  // the first chunk holding the top value wins ties
-      const Best& b = best[r * chunks + c];
-      if (b.nan || b.value > top.value) top = b;
-    }
-    idx[r] = top.index;
-  }
+  for (int64_t r = 0; r < rows; ++r) idx[r] = first_best(best.data() + r * chunks, chunks);
   return out;
 }
 
 }  // namespace
+
+namespace cholla {
+
+// argmax_rows of one row, on the calling thread (the fused decode step's last serial step).
+int64_t argmax_row(const float* x, int64_t n) {
+  std::vector<Best> best;
+  for (int64_t first = 0; first < n; first += CHUNK) {
+    best.push_back(argmax_chunk(x + first, std::min(CHUNK, n - first)));
+    best.back().index += first;
+  }
+  return first_best(best.data(), static_cast<int64_t>(best.size()));
+}
+
+}  // namespace cholla
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) { m.def("argmax_rows(Tensor x) -> Tensor"); }
 

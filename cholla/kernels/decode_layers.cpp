@@ -67,6 +67,39 @@ struct DecodeLayers : torch::CustomClassHolder {
     TORCH_CHECK(this->types.size() == this->weights.size(), "DecodeLayers: one type per weight");
     for (size_t i = 0; i < this->weights.size(); ++i) rows.push_back(weight_rows(this->weights[i], this->types[i]));
   }
+  // The model's final norm and output head, for steps that end with the logits (decode_layers'
+  // `logits`): the head's product then runs in the same team, right after the last layer.
+  at::Tensor final_norm, head;
+  int64_t head_type = -1;
+  WeightRows head_rows{};
+  // The token embedding, for steps that start from token ids (Q4_0 / Q8_0 rows: embedding.cpp).
+  at::Tensor embedding;
+  int64_t embedding_type = -1;
+  void bind_embedding(at::Tensor weight, int64_t type) {
+    embedding = std::move(weight);
+    embedding_type = type;
+  }
+  void bind_head(at::Tensor norm, at::Tensor weight, int64_t type) {
+    TORCH_CHECK(norm.scalar_type() == at::kFloat && norm.is_contiguous() && norm.dim() == 1,
+                "DecodeLayers.bind_head: the final norm must be a contiguous fp32 vector");
+    head_rows = weight_rows(weight, type);
+    final_norm = std::move(norm);
+    head = std::move(weight);
+    head_type = type;
+  }
+};
+
+// A model's KV caches as decode_layers reads them (fused_decode._cache_args), bound once per
+// cache: as lists, the dispatcher converted each layer's tensors on every step (60-120 for SmolLM2).
+// k_quant, v_quant: each layer's scales (and shift, spread) of a quantized cache side, the same
+// count per layer (paged_attention.cpp's kv_side), empty for float caches.
+struct DecodeCaches : torch::CustomClassHolder {
+  std::vector<at::Tensor> k_caches, v_caches, k_quant, v_quant;
+  bool k_rotated, v_rotated;
+  DecodeCaches(std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, std::vector<at::Tensor> k_quant,
+               std::vector<at::Tensor> v_quant, bool k_rotated, bool v_rotated)
+      : k_caches(std::move(k_caches)), v_caches(std::move(v_caches)), k_quant(std::move(k_quant)),
+        v_quant(std::move(v_quant)), k_rotated(k_rotated), v_rotated(v_rotated) {}
 };
 
 // x: fp32 [rows, hidden], one row per decoding sequence, or with query_starts
@@ -76,26 +109,37 @@ struct DecodeLayers : torch::CustomClassHolder {
 //   weights[7l .. 7l+6] (GGUF rows, `types`): q, k, v, o, gate, up, down;
 //   norms[norms_per_layer * l ..]: attention input, MLP input, then with
 //     post_norms the attention and MLP outputs, then with qk_norm q and k;
-//   k_caches[l], v_caches[l]; cos[rope_of_layer[l]], sin[...]; windows[l] (0: none);
-//   k_quant, v_quant: each layer's scales (and shift, spread) of a quantized cache side,
-//     the same count per layer (paged_attention.cpp's kv_side), empty for float caches.
+//   caches' k_caches[l], v_caches[l] (and their quantization tensors); cos[rope_of_layer[l]],
+//   sin[...]; windows[l] (0: none).
 // positions, slot_mapping, block_tables, context_lens: as in the single ops.
 // Products of up to gemv_max_rows rows run on the GEMV (int8 with `integer`),
 // with `integer` those of up to int8_batch_max_rows rows whose weights are all of
 // int8_batch_types (a bit per GGML type id) on the batched int8 product, larger ones
 // on the AMX tiles (ops.h's Products).
-at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
-                         const c10::intrusive_ptr<DecodeLayers>& model, at::TensorList k_caches,
-                         at::TensorList v_caches, at::TensorList cos, at::TensorList sin,
+// With `logits` (fp32 [rows, vocab]), the step goes on through the model's final norm and
+// head (DecodeLayers.bind_head) in the same team, writes the head's product there and
+// returns the final norm's output (and with `tokens`, int64 [rows], each row's argmax);
+// without, it returns the residual stream. x may be int64 token ids [rows] instead,
+// looked up in the bound embedding (DecodeLayers.bind_embedding).
+at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions,
+                         const c10::intrusive_ptr<DecodeLayers>& model,
+                         const c10::intrusive_ptr<DecodeCaches>& caches, at::TensorList cos, at::TensorList sin,
                          at::IntArrayRef rope_of_layer, at::IntArrayRef windows, const at::Tensor& slot_mapping,
                          const at::Tensor& block_tables, const at::Tensor& context_lens,
                          const std::optional<at::Tensor>& query_starts, int64_t num_heads,
                          int64_t num_kv_heads, int64_t head_dim, double scale, double softcap, double eps,
                          bool interleaved, int64_t activation, bool post_norms, bool qk_norm, bool integer,
                          int64_t gemv_max_rows, int64_t int8_batch_max_rows, int64_t int8_batch_types,
-                         at::TensorList k_quant,
-                         at::TensorList v_quant, bool k_rotated, bool v_rotated) {
+                         const std::optional<at::Tensor>& logits, const std::optional<at::Tensor>& tokens) {
   const at::TensorList weights = model->weights, norms = model->norms;
+  TORCH_CHECK(x_or_ids.scalar_type() != at::kLong || (model->embedding.defined() && !norms.empty()),
+              "decode_layers: token ids given, but no embedding is bound (DecodeLayers.bind_embedding)");
+  const at::Tensor x_in = x_or_ids.scalar_type() == at::kLong
+                              ? embedding_rows(model->embedding, model->embedding_type, x_or_ids, norms[0].size(0))
+                              : x_or_ids;
+  const at::TensorList k_caches = caches->k_caches, v_caches = caches->v_caches;
+  const at::TensorList k_quant = caches->k_quant, v_quant = caches->v_quant;
+  const bool k_rotated = caches->k_rotated, v_rotated = caches->v_rotated;
   const at::IntArrayRef types = model->types;
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   const int64_t norms_per_layer = 2 + (post_norms ? 2 : 0) + (qk_norm ? 2 : 0);
@@ -150,6 +194,19 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
                     norms[i].size(0) == (per_head ? head_dim : hidden),
                 "decode_layers: norm weight ", i, " has the wrong shape");
   }
+
+  at::Tensor head_out;
+  if (logits.has_value()) {
+    TORCH_CHECK(model->head.defined(), "decode_layers: logits asked for, but no head is bound (DecodeLayers.bind_head)");
+    head_out = *logits;
+    TORCH_CHECK(model->final_norm.size(0) == hidden && model->head.size(0) > 0 &&
+                    head_out.scalar_type() == at::kFloat && head_out.is_contiguous() && head_out.dim() == 2 &&
+                    head_out.size(0) == rows && head_out.size(1) == model->head.size(0),
+                "decode_layers: logits must be contiguous fp32 [rows, head rows], and the head as wide as x");
+  }
+  TORCH_CHECK(!tokens.has_value() || (head_out.defined() && tokens->scalar_type() == at::kLong &&
+                                      tokens->is_contiguous() && tokens->numel() == rows),
+              "decode_layers: tokens must be int64 [rows], with the logits");
 
   const auto options = x_in.options().memory_format(at::MemoryFormat::Contiguous);
   // The residual stream and what the stages write for each other. The stage
@@ -206,63 +263,88 @@ at::Tensor decode_layers(const at::Tensor& x_in, const at::Tensor& positions,
 
   const Products products{integer, gemv_max_rows, int8_batch_max_rows, int8_batch_types};
   run_team([&](Member& member) {
-    for (int64_t l = 0; l < layers; ++l) {
-      const at::TensorList w = weights.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
-      const at::IntArrayRef t = types.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
-      const WeightRows* r = model->rows.data() + WEIGHTS_PER_LAYER * l;
-      const at::TensorList n = norms.slice(norms_per_layer * l, norms_per_layer);
-      {
-        RECORD_FUNCTION("cholla::decode_layers: attention", std::vector<c10::IValue>());
-        products.run(h, w.slice(0, 3), t.slice(0, 3), r, qkv, member);
-        if (!member.finish([&] { rope_and_cache(l, n); })) break;
-        if (!member.behind())
-          paged_attention_part(q, k_sides[l], v_sides[l], tables, scale, windows[l], softcap, attended, member);
-        if (!member.finish()) break;
+    const auto every_layer = [&]() -> bool {  // false: the team stopped
+      for (int64_t l = 0; l < layers; ++l) {
+        const at::TensorList w = weights.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
+        const at::IntArrayRef t = types.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
+        const WeightRows* r = model->rows.data() + WEIGHTS_PER_LAYER * l;
+        const at::TensorList n = norms.slice(norms_per_layer * l, norms_per_layer);
+        {
+          RECORD_FUNCTION("cholla::decode_layers: attention", std::vector<c10::IValue>());
+          products.run(h, w.slice(0, 3), t.slice(0, 3), r, qkv, member);
+          if (!member.finish([&] { rope_and_cache(l, n); })) return false;
+          if (!member.behind())
+            paged_attention_part(q, k_sides[l], v_sides[l], tables, scale, windows[l], softcap, attended, member);
+          if (!member.finish()) return false;
+        }
+        {
+          RECORD_FUNCTION("cholla::decode_layers: o projection", std::vector<c10::IValue>());
+          products.run(attended_rows, w.slice(3, 1), t.slice(3, 1), r + 3, o, member);
+          if (!member.finish([&] {
+                add(o, post_norms ? &n[2] : nullptr);
+                normalize(n[1]);
+              }))
+            return false;
+        }
+        {
+          RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
+          products.run(h, w.slice(4, 2), t.slice(4, 2), r + 4, gate_up, member);
+          if (!member.finish([&] {
+                gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation,
+                                     activated);
+              }))
+            return false;
+        }
+        {
+          RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());
+          products.run(activated, w.slice(6, 1), t.slice(6, 1), r + 6, down, member);
+          if (!member.finish([&] {
+                add(down, post_norms ? &n[3] : nullptr);
+                if (l + 1 < layers)
+                  normalize(norms[norms_per_layer * (l + 1)]);
+                else if (head_out.defined())
+                  normalize(model->final_norm);
+              }))
+            return false;
+        }
       }
-      {
-        RECORD_FUNCTION("cholla::decode_layers: o projection", std::vector<c10::IValue>());
-        products.run(attended_rows, w.slice(3, 1), t.slice(3, 1), r + 3, o, member);
-        if (!member.finish([&] {
-              add(o, post_norms ? &n[2] : nullptr);
-              normalize(n[1]);
-            }))
-          break;
-      }
-      {
-        RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
-        products.run(h, w.slice(4, 2), t.slice(4, 2), r + 4, gate_up, member);
-        if (!member.finish([&] {
-              gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation,
-                                   activated);
-            }))
-          break;
-      }
-      {
-        RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());
-        products.run(activated, w.slice(6, 1), t.slice(6, 1), r + 6, down, member);
-        if (!member.finish([&] {
-              add(down, post_norms ? &n[3] : nullptr);
-              if (l + 1 < layers) normalize(norms[norms_per_layer * (l + 1)]);
-            }))
-          break;
-      }
+      return true;
+    };
+    if (every_layer() && head_out.defined()) {
+      RECORD_FUNCTION("cholla::decode_layers: head", std::vector<c10::IValue>());
+      const at::Tensor head_weight[] = {model->head};
+      const int64_t head_type[] = {model->head_type};
+      products.run(h, head_weight, head_type, &model->head_rows, head_out, member);
+      member.finish([&] {  // greedy rows' tokens: each row's argmax, as argmax_rows gives it
+        if (!tokens.has_value()) return;
+        const int64_t vocab = head_out.size(1);
+        for (int64_t r = 0; r < rows; ++r)
+          tokens->data_ptr<int64_t>()[r] = argmax_row(head_out.data_ptr<float>() + r * vocab, vocab);
+      });
     }
   });
-  return x;
+  // With the head: the final norm's output (the step's hidden states, as the model's forward
+  // returns them); else the residual stream after the last layer.
+  return head_out.defined() ? h : x;
 }
 
 }  // namespace cholla
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) {
   m.class_<cholla::DecodeLayers>("DecodeLayers")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>>());
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>>())
+      .def("bind_head", &cholla::DecodeLayers::bind_head)
+      .def("bind_embedding", &cholla::DecodeLayers::bind_embedding);
+  m.class_<cholla::DecodeCaches>("DecodeCaches")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, bool, bool>());
   m.def("decode_layers(Tensor x, Tensor positions, __torch__.torch.classes.cholla.DecodeLayers layers, "
-        "Tensor[] k_caches, Tensor[] v_caches, Tensor[] cos, Tensor[] sin, int[] rope_of_layer, int[] windows, "
+        "__torch__.torch.classes.cholla.DecodeCaches caches, Tensor[] cos, Tensor[] sin, int[] rope_of_layer, "
+        "int[] windows, "
         "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor? query_starts, int num_heads, "
         "int num_kv_heads, int head_dim, float scale, float softcap, float eps, bool interleaved, int activation, "
         "bool post_norms, bool qk_norm, bool integer, int gemv_max_rows, int int8_batch_max_rows, "
-        "int int8_batch_types, Tensor[] k_quant, "
-        "Tensor[] v_quant, bool k_rotated=False, bool v_rotated=False) -> Tensor");
+        "int int8_batch_types, Tensor? logits=None, Tensor? tokens=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) { m.impl("decode_layers", &cholla::decode_layers); }

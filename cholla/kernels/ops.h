@@ -196,6 +196,10 @@ void paged_attention_part(const at::Tensor& q, const KVSide& k_cache, const KVSi
 // The ops' bodies for one row, for a caller that checks a step's arguments
 // once, up front: no checks, no allocation, no threads.
 void rms_norm_row(const float* x, const float* weight, float* y, int64_t dim, float eps);
+// argmax.cpp: the first index of x[0..n)'s largest value (a NaN counts as largest), as argmax_rows.
+int64_t argmax_row(const float* x, int64_t n);
+// embedding.cpp: Q4_0 / Q8_0 rows of an embedding table, fp32 [ids, cols].
+at::Tensor embedding_rows(const at::Tensor& weight, int64_t type, const at::Tensor& ids, int64_t cols);
 // One token's heads, each `dim` floats, back to back; cos, sin: its position's table rows.
 void rope_row(float* q, int64_t q_heads, float* k, int64_t k_heads, const float* cos, const float* sin, int64_t dim,
               bool interleaved);

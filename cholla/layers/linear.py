@@ -210,10 +210,15 @@ class Linear(nn.Module):
         """
         out = None
         if reuse_output and x.dim() == 2 and x.shape[0] <= AMX_MAX_ROWS:
-            if self.reused_output is None:  # rows are resident only once written
-                self.reused_output = mapped_zeros((AMX_MAX_ROWS, self.out_features), torch.float32)
-            out = self.reused_output[: x.shape[0]]
+            out = self.kept_output(x.shape[0])
         return linear_group((self,), x, out=out, decode=reuse_output)[0]
+
+    def kept_output(self, rows: int) -> torch.Tensor:
+        """fp32 ``[rows, out]`` (rows <= AMX_MAX_ROWS) of the buffer this layer keeps for a decode
+        step's product (``forward``'s ``reuse_output``; the fused step's logits)."""
+        if self.reused_output is None:  # rows are resident only once written
+            self.reused_output = mapped_zeros((AMX_MAX_ROWS, self.out_features), torch.float32)
+        return self.reused_output[:rows]
 
     def greedy_tokens(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor | None:
         """Each row's argmax of ``forward(x)`` (int64 [rows]; the first on ties, as the sampler's
@@ -321,12 +326,19 @@ class Embedding(nn.Module):
     def forward(self, token_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """token_ids: int64 [n] -> [n, hidden]. Q4_0 and Q8_0 rows in one kernel call where it
         runs (the same values as gguf's dequantizer; a decode step's lookup was a dozen small ops)."""
-        weight, kernels = self.weight, cpu_kernels()
-        if (kernels is not None and dtype == torch.float32 and isinstance(weight, GGUFTensor)
-                and weight.qtype in EMBEDDING_KERNEL_TYPES and token_ids.device.type == "cpu"
-                and token_ids.dim() == 1 and self.hidden_size % 32 == 0):
-            return kernels.embedding_rows(weight.data, int(weight.qtype), token_ids.long(), self.hidden_size)
-        return dequantize_rows(weight, token_ids, dtype)
+        rows = self.kernel_rows()
+        if (rows is not None and dtype == torch.float32 and token_ids.device.type == "cpu"
+                and token_ids.dim() == 1):
+            return cpu_kernels().embedding_rows(*rows, token_ids.long(), self.hidden_size)
+        return dequantize_rows(self.weight, token_ids, dtype)
+
+    def kernel_rows(self) -> tuple[torch.Tensor, int] | None:
+        """The table as ``embedding.cpp`` reads it (uint8 rows, GGML type id), or None where it does not."""
+        weight = self.weight
+        if (cpu_kernels() is None or not isinstance(weight, GGUFTensor) or weight.qtype not in EMBEDDING_KERNEL_TYPES
+                or self.hidden_size % 32):
+            return None
+        return weight.data, int(weight.qtype)
 
     def as_linear(self) -> Linear:
         """The same weight used as an output head (tied embeddings)."""

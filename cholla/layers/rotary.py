@@ -114,8 +114,12 @@ class RotaryEmbedding:
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cos and sin tables ``[length, head_dim]``, grown to cover ``positions``."""
-        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
-            self._grow(int(positions.max()) + 1)
+        return self.covering(int(positions.max()) + 1 if positions.numel() else 0)
+
+    def covering(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos and sin tables, grown to at least ``length`` positions (no tensor op where they are)."""
+        if length > self.cos.shape[0]:
+            self._grow(length)
         return self.cos, self.sin
 
     def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

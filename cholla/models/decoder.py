@@ -15,7 +15,7 @@ from cholla.layers.moe import (SparseMoE, clamped_swiglu, sigmoid_group_topk, so
                                topk_softmax)
 from cholla.layers.norm import RMSNorm
 from cholla.models.config import ModelConfig
-from cholla.models.fused_decode import run_layers
+from cholla.models.fused_decode import fused_logits, run_layers
 from cholla.models.loading import load_named_weights
 
 
@@ -71,6 +71,18 @@ class DecoderModel(nn.Module):
         """input_ids, positions: [tokens] -> final hidden states [tokens, hidden]."""
         x = self.embed_tokens(input_ids)
         return self.norm(run_layers(self, x, positions, kv_caches, meta))
+
+    def decode_logits(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
+                      greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``compute_logits(forward(...), reuse_output=True)`` of a decode step, bit for bit, with the
+        embedding, layers, final norm and head in one kernel call (``fused_decode.fused_logits``), and
+        with ``greedy`` each row's argmax (as the sampler's ``argmax``); or None where that does not
+        serve (then nothing has run). An architecture that changes the forward or the logits (a
+        scaled embedding, a soft cap) gets None."""
+        cls = type(self)
+        if cls.forward is not DecoderModel.forward or cls.compute_logits is not DecoderModel.compute_logits:
+            return None
+        return fused_logits(self, input_ids, positions, kv_caches, meta, greedy)
 
     def compute_logits(self, hidden: torch.Tensor, reuse_output: bool = False) -> torch.Tensor:
         """reuse_output: see Linear.forward (the result lives until the next such call)."""

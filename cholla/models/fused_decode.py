@@ -12,6 +12,7 @@ kernels) runs layer by layer in Python. Every KV cache type runs fused.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from cholla.layers.linear import (
     type_mask,
 )
 from cholla.layers.mlp import ACTIVATION_IDS, GatedMLP
+from cholla.layers.norm import RMSNorm
 from cholla.layers.rotary import RotaryEmbedding
 
 
@@ -58,6 +60,12 @@ class DecodePlan:
     # weights, types and norms handed to the kernel once (decode_layers.cpp's DecodeLayers): as
     # lists, the dispatcher converted each of their tensors on every step (~40-70 us for SmolLM2)
     bound: object = None
+    head: Linear | None = None  # the output head bound to `bound` (bind_head), once a step asked for logits
+    embedding: nn.Module | None = None  # the embedding fused_logits last looked at, and whether it is bound
+    embeds: bool = False
+    # The KV caches last handed to the kernel (decode_layers.cpp's DecodeCaches), by the list they came in
+    # and its items; and those of their key sides that need open_for_write (q4_kivi keys).
+    caches: tuple | None = None
 
     def __post_init__(self):
         if self.bound is None:
@@ -131,25 +139,33 @@ def plan_decode(model: nn.Module) -> DecodePlan | None:
     )
 
 
-def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor | None:
+def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetadata,
+                 logits: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor | None:
     """Every layer in one call, or None where this step is not one of decodes and short spans
     (speculating sequences' verification rows: ``AttentionMetadata.span_starts``) that our
-    kernels multiply (the rows ``linear_group`` gives to the GEMVs or the AMX tiles)."""
+    kernels multiply (the rows ``linear_group`` gives to the GEMVs or the AMX tiles).
+    x: fp32 ``[rows, hidden]``, or int64 token ids ``[rows]`` where an embedding is bound.
+    ``logits`` (fp32 ``[rows, vocab]``, a head bound by ``bind_head``): the step goes on through
+    the final norm and the head, writes the logits there (and with ``tokens``, int64 ``[rows]``,
+    each row's argmax) and returns the final hidden states."""
     integer = plan.first_linear.compute_dtype == torch.bfloat16
     spans = meta.span_starts if meta.num_prefills else None
     if (meta.num_prefills and spans is None) or x.shape[0] > (AMX_MAX_ROWS if integer else GEMV_MAX_ROWS):
         return None
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not kernel_reads(*kv_caches[0]):
+    if x.dtype not in (torch.float32, torch.long) or x.device.type != "cpu":
         return None
-    k_values, v_values, k_quant, v_quant, k_rotated, v_rotated = _cache_args(kv_caches)
-    for k, _ in kv_caches:  # q4_kivi keys: the blocks' open slots (the kernel writes and closes them)
+    caches, opened = _bound_caches(plan, kv_caches)
+    if caches is None:
+        return None
+    for k in opened:  # q4_kivi keys: the blocks' open slots (the kernel writes and closes them)
         open_for_write(k, meta.slot_mapping)
-    tables = [rope.tables(positions) for rope in plan.ropes]
+    # every position is below its sequence's context length
+    tables = [rope.covering(max(meta.context_lens)) for rope in plan.ropes]
     context_lens = meta.span_context_lens if spans is not None else meta.decode_context_lens
     # (.op: the C++ call itself; the op's Python packet would first walk every argument for
     # tracing's fake objects, since one argument is a class: ~25 us a step)
     return cpu_kernels().decode_layers.op(
-        x, positions, plan.bound, k_values, v_values,
+        x, positions, plan.bound, caches,
         [cos for cos, _ in tables], [sin for _, sin in tables], plan.rope_of_layer, plan.windows, meta.slot_mapping,
         meta.block_tables, context_lens, spans, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,
         plan.softcap, plan.eps, plan.interleaved, plan.activation, plan.post_norms, plan.qk_norm, integer,
@@ -158,8 +174,25 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
         # where every sequence with more than one row is speculating), never prompt rows
         int8_batch_max_rows() if integer else 0,
         type_mask(int8_batch_types(True)) if integer else 0,
-        k_quant, v_quant, k_rotated, v_rotated,
+        logits, tokens,
     )
+
+
+def _bound_caches(plan: DecodePlan, kv_caches) -> tuple[object, list]:
+    """The caches as the kernel takes them (None where it cannot read them: ``kernel_reads``),
+    bound once per cache list (the runner's lives as long as its engine; a list of other tensors,
+    or the same list changed, is bound anew), and the key sides that need ``open_for_write``
+    before each write."""
+    if plan.caches is not None:
+        listed, items, bound, opened = plan.caches
+        if listed is kv_caches and len(items) == len(kv_caches) and all(map(operator.is_, items, kv_caches)):
+            return bound, opened
+    bound, opened = None, []
+    if kernel_reads(*kv_caches[0]):
+        bound = torch.classes.cholla.DecodeCaches(*_cache_args(kv_caches))
+        opened = [k for k, _ in kv_caches if isinstance(k, ScaledKV) and k.open_blocks is not None]
+    plan.caches = (kv_caches, tuple(kv_caches), bound, opened)
+    return bound, opened
 
 
 def _cache_args(kv_caches) -> tuple:
@@ -183,14 +216,52 @@ def _cache_args(kv_caches) -> tuple:
             isinstance(first_v, ScaledKV) and first_v.rotated)
 
 
-def run_layers(model: nn.Module, x, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
-    """x through every decoder layer: in one kernel call where it serves, else layer by layer."""
+def model_plan(model: nn.Module) -> DecodePlan | None:
+    """The model's plan, made on its first decode step (after loading has set its linears up)."""
     if model not in _plans:
         _plans[model] = plan_decode(model)
-    plan = _plans[model]
+    return _plans[model]
+
+
+def run_layers(model: nn.Module, x, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+    """x through every decoder layer: in one kernel call where it serves, else layer by layer."""
+    plan = model_plan(model)
     fused = fused_layers(plan, x, positions, kv_caches, meta) if plan is not None else None
     if fused is not None:
         return fused
     for layer, kv_cache in zip(model.layers, kv_caches):
         x = layer(x, positions, kv_cache, meta)
     return x
+
+
+def fused_logits(model: nn.Module, input_ids, positions, kv_caches, meta: AttentionMetadata,
+                 greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A decode step's logits ``[rows, vocab]`` (the head's kept buffer, ``Linear.kept_output``) from
+    the token ids through the embedding, every layer, ``model.norm`` and ``model.lm_head`` in one
+    kernel call, with ``greedy`` each row's argmax (int64 ``[rows]``) too; or None where that does
+    not serve: what ``fused_layers`` takes, one row per sequence on the GEMVs (as ``compute_logits``
+    then multiplies them: the same products, so the same logits bit for bit), and a head the
+    kernel runs (its weight in GGUF rows, no bias, the layers' dtype, the final norm an RMSNorm
+    with the layers' eps). An embedding the kernel does not read (``Embedding.kernel_rows``) is
+    looked up first, in Python. The caller has checked that the model's forward and logits are
+    the shell's (``DecoderModel.decode_logits``)."""
+    plan = model_plan(model)
+    head, norm, embed = model.lm_head, model.norm, model.embed_tokens
+    if (plan is None or meta.num_prefills or input_ids.shape[0] > INT8_MAX_ROWS or head.kernel_weight is None
+            or head.bias is not None or head.compute_dtype != plan.first_linear.compute_dtype
+            or type(norm) is not RMSNorm or norm.eps != plan.eps):
+        return None
+    if plan.head is not head:
+        plan.bound.bind_head(norm.weight, head.kernel_weight[0], head.kernel_weight[1])
+        plan.head = head
+    if plan.embedding is not embed:
+        rows = embed.kernel_rows()
+        if rows is not None:
+            plan.bound.bind_embedding(*rows)
+        plan.embedding, plan.embeds = embed, rows is not None
+    x = input_ids if plan.embeds else embed(input_ids)
+    logits = head.kept_output(input_ids.shape[0])
+    tokens = torch.empty(input_ids.shape[0], dtype=torch.long) if greedy else None
+    if fused_layers(plan, x, positions, kv_caches, meta, logits, tokens) is None:
+        return None
+    return logits, tokens
