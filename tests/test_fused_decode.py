@@ -397,3 +397,49 @@ def test_engine_steps_with_the_head_in_the_kernel_equal_the_unfused_steps(smollm
     unfused, _ = _engine_outputs(loaded, kv_cache_memory)
     assert fused == unfused
     assert sorted(fused) == ["0", "1", "2", "3", "4"] and fused["3"][3] in ("stop", "length")
+
+
+def test_kept_decode_batches_follow_growth_preemption_and_requests_joining(smollm2_path, monkeypatch):
+    """The scheduler's batch of steady decodes (``_steady_decodes``) and the runner's kept block
+    tables (``_prepare_decodes``) give every request what the general paths give, through block
+    growth, preemption, prefix-cache hits and requests joining and leaving; and each step's kept
+    tables equal the requests' tables of that step."""
+    from cholla.engine.runner import ModelRunner
+    from cholla.engine.scheduler import Scheduler
+
+    loaded = load_model(smollm2_path, "bfloat16")
+    steady, reused, checked = Scheduler._steady_decodes, [], []
+
+    def counted(self):
+        batch = steady(self)
+        reused.append(batch is not None)
+        return batch
+
+    prepare = ModelRunner._prepare_decodes
+
+    def checked_prepare(self, batch):
+        kept = self._decode_tables
+        out = prepare(self, batch)
+        if out is not None:
+            tables = [r.blocks.block_table for r in batch.requests]
+            width = max(map(len, tables))
+            want = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+            assert torch.equal(out[2].block_tables, want)
+            checked.append(kept is not None and self._decode_tables is kept)
+        return out
+
+    monkeypatch.setattr(Scheduler, "_steady_decodes", counted)
+    monkeypatch.setattr(ModelRunner, "_prepare_decodes", checked_prepare)
+    kept, stats = _engine_outputs(loaded, 23040 * 150)
+    assert stats.preemptions > 0 and stats.prefix_cache_hits > 0
+    assert sum(reused) >= 30 and not all(reused)  # steady steps, and steps the general pass made
+    assert sum(checked) >= 30 and not all(checked)  # tables kept, and rebuilt when a block came
+
+    def fresh_prepare(self, batch):
+        self._decode_tables = None
+        return prepare(self, batch)
+
+    monkeypatch.setattr(Scheduler, "_steady_decodes", lambda self: None)
+    monkeypatch.setattr(ModelRunner, "_prepare_decodes", fresh_prepare)
+    general, _ = _engine_outputs(loaded, 23040 * 150)
+    assert kept == general

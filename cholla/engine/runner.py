@@ -76,6 +76,9 @@ class ModelRunner:
         # The last step's sampling batch and the rows (requests) it was built for, while it depends
         # on their parameters only (see _sampling_batch)
         self._sampling: tuple[tuple[Request, ...], SamplingBatch] | None = None
+        # The last decode step's block tables (a copy), their padded tensor, query_start_loc and
+        # rows, kept while the tables are equal (a new block, another request: built anew)
+        self._decode_tables: tuple[list[list[int]], torch.Tensor, list[int], list[int]] | None = None
 
     def _prepare_decodes(
         self, batch: ScheduledBatch
@@ -94,18 +97,22 @@ class ModelRunner:
             positions.append(p)
             slots.append(table[p // block_size] * block_size + p % block_size)
             lens.append(p + 1)
-        width = max(len(r.blocks.block_table) for r in requests)
-        tables = [r.blocks.block_table + [0] * (width - len(r.blocks.block_table)) for r in requests]
+        tables = [r.blocks.block_table for r in requests]
+        kept = self._decode_tables
+        if kept is None or kept[0] != tables:
+            width = max(map(len, tables))
+            padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+            kept = self._decode_tables = ([list(t) for t in tables], padded, list(range(n + 1)), list(range(n)))
+        _, block_tables, starts, rows = kept
         packed = torch.tensor(ids + positions + slots + lens, dtype=torch.long)
         meta = AttentionMetadata(
             slot_mapping=packed[2 * n : 3 * n],
-            query_start_loc=list(range(n + 1)),
+            query_start_loc=starts,
             context_lens=lens,
-            block_tables=torch.tensor(tables, dtype=torch.long),
+            block_tables=block_tables,
             num_prefills=0,
             decode_context_lens=packed[3 * n :],
         )
-        rows = list(range(n))
         return packed[:n], packed[n : 2 * n], meta, rows, rows, []
 
     def _prepare(
@@ -209,7 +216,7 @@ class ModelRunner:
             sampling = self._sampling_batch(requests, vocab_size, rows.device, allowed)
         # A seeded speculating request draws once per row; the draws of rows past its accepted run are undone.
         seeded = {i: r.generator.get_state() for i, r in enumerate(batch.requests)
-                  if r.draft_token_ids and r.generator is not None and not r.params.greedy}
+                  if r.draft_token_ids and r.generator is not None and not r.params.greedy} if batch.num_prefills else {}
         # Where every row's token is its logits' argmax, the head's product can give it without
         # the logits (Gemma 3's 32 x 262k fp32: 33.5 MB written and read again each step).
         if logits is None and sampling.argmax_only:
@@ -223,6 +230,11 @@ class ModelRunner:
                 logits = self.model.compute_logits(rows, reuse_output=decoding).float()
             out = SamplerOutput(argmax(logits)) if sampling.argmax_only else sample(logits, sampling)
         tokens = out.token_ids.tolist()
+        if not batch.num_prefills and not dead_rows:  # one-token decodes: row i is request i, no drafts
+            if out.logprobs is None:
+                return StepResult(tokens, logprobs)
+            return StepResult(tokens, [lp if r.params.logprobs is not None else None
+                                       for r, lp in zip(requests, out.logprobs)])
         targets: dict[int, list[int | None]] = {}
         target_logprobs: dict[int, list] = {}
         dead_ends: set[int] = set()

@@ -112,6 +112,9 @@ class Scheduler:
         batch.preempted.append(request)
 
     def schedule(self) -> ScheduledBatch:
+        steady = self._steady_decodes()
+        if steady is not None:
+            return steady
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, tuple[Request, int]] = {}  # request id -> (request, new tokens), in order
@@ -182,6 +185,23 @@ class Scheduler:
                     batch.num_tokens.append(n)
         batch.num_prefills = sum(not d for d in is_decode)
         return batch
+
+    def _steady_decodes(self) -> ScheduledBatch | None:
+        """The batch ``schedule`` makes when every running request decodes one token, nothing waits
+        and nothing speculates: the running requests in order, one token each; or None (then
+        ``schedule`` decides). Blocks grown here before one is short stay grown: ``schedule``'s
+        own pass asks each request for the same blocks, in the same order, before it preempts."""
+        running = self.running
+        if self.waiting or self.speculator is not None or not running \
+                or len(running) > self.config.max_num_batched_tokens:
+            return None
+        allocate = self.block_manager.allocate
+        for request in running:
+            num_tokens = request.num_tokens
+            if (request.num_computed_tokens + 1 != num_tokens or not request.output_token_ids
+                    or request.draft_token_ids or not allocate(request.blocks, num_tokens)):
+                return None
+        return ScheduledBatch(list(running), [1] * len(running))
 
     def _chunk(self, request: Request, num_new: int) -> int:
         """A prefill chunk of a model with state snapshots, cut to end on a block boundary (where

@@ -12,6 +12,8 @@ kernels) runs layer by layer in Python. Every KV cache type runs fused.
 
 from __future__ import annotations
 
+import functools
+
 import operator
 import weakref
 from dataclasses import dataclass
@@ -169,13 +171,19 @@ def fused_layers(plan: DecodePlan, x, positions, kv_caches, meta: AttentionMetad
         [cos for cos, _ in tables], [sin for _, sin in tables], plan.rope_of_layer, plan.windows, meta.slot_mapping,
         meta.block_tables, context_lens, spans, plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.scale,
         plan.softcap, plan.eps, plan.interleaved, plan.activation, plan.post_norms, plan.qk_norm, integer,
-        INT8_MAX_ROWS if integer else GEMV_MAX_ROWS,
-        # as linear_group in decode_step(): spans are verification rows (the runner sets them only
-        # where every sequence with more than one row is speculating), never prompt rows
-        int8_batch_max_rows() if integer else 0,
-        type_mask(int8_batch_types(True)) if integer else 0,
-        logits, tokens,
+        *_decode_products(integer), logits, tokens,
     )
+
+
+@functools.cache
+def _decode_products(integer: bool) -> tuple[int, int, int]:
+    """The GEMVs' rows at most, the batched int8 product's rows at most and its types' bit mask, as
+    ``linear_group`` takes them in ``decode_step()`` (fixed once the kernels are built: made once).
+    Spans are verification rows (the runner sets them only where every sequence with more than
+    one row is speculating), never prompt rows."""
+    if not integer:
+        return GEMV_MAX_ROWS, 0, 0
+    return INT8_MAX_ROWS, int8_batch_max_rows(), type_mask(int8_batch_types(True))
 
 
 def _bound_caches(plan: DecodePlan, kv_caches) -> tuple[object, list]:
