@@ -35,9 +35,11 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         self.prefix_offset = max(self.read_offset - PREFIX_WINDOW, 0)
         self._text = ""
+        # Tokenizer.decode's backend call, bound once: called twice per token of every running request
+        self._backend_decode = tokenizer.backend.decode
 
     def _decode(self, start: int, end: int | None = None) -> str:
-        return self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
+        return self._backend_decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
 
     def step(self, token_id: int) -> str:
         """Add one generated token; return only the new, complete text (often "", never a broken character)."""
