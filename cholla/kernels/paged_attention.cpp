@@ -374,70 +374,58 @@ void scores_of(const float* q, const cholla::KVSide& ks, const cholla::KVSide& v
   }
 }
 
+// One 64-wide slice of the group's outputs, o[g][d0:d0+64] = sum over t of scores[g][t] value_t.
+// WHOLE (GROUP fixed, dim a multiple of 64): every loop unrolled and every load and store whole,
+// so the 4 x GROUP sums never leave their registers (as loops, GCC stored all of them every key).
+template <Kind K, int GROUP, bool WHOLE>
+[[gnu::always_inline]] inline void weigh_slice(const cholla::KVSide& vs, const int64_t* table, int64_t first, int64_t n,
+                                               int64_t group, int64_t kvh, const float* scores, float* o, int64_t d0) {
+  constexpr int64_t SLOTS = GROUP > 0 ? GROUP : MAX_GROUP;
+  const int64_t dim = vs.dim, row_bytes = vs.row_bytes, groups = vs.groups;
+  const auto live = [&](int j) -> __mmask16 { return WHOLE ? 0xFFFF : lanes(dim - d0 - 16 * j); };
+  __m512 out[SLOTS][4];
+#pragma GCC unroll 16
+  for (int64_t g = 0; g < group; ++g)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) out[g][j] = _mm512_setzero_ps();
+  SlotCursor value_at(table, vs.block_size, first);
+  for (int64_t t = 0; t < n; ++t, value_at.next()) {
+    const int64_t row = value_at.slot() * vs.heads + kvh;
+    const uint8_t* value = vs.values + row * row_bytes;
+    const uint16_t* value_scales = vs.scales == nullptr ? nullptr : vs.scales + row * groups;
+    __m512 v[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) v[j] = load16<K>(value, value_scales, d0 + 16 * j, live(j), dim / 2);
+    const float value_scale = row_scale<K>(value_scales);
+#pragma GCC unroll 16
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 w = _mm512_set1_ps(scores[g * n + t] * value_scale);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) out[g][j] = _mm512_fmadd_ps(w, v[j], out[g][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int64_t g = 0; g < group; ++g)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4 && (WHOLE || d0 + 16 * j < dim); ++j)
+      _mm512_mask_storeu_ps(o + g * dim + d0 + 16 * j, live(j), out[g][j]);
+}
+
 // The same pair's weighted sum of values (weights: the softmaxed scores) into o[g * dim ..].
 // A 64-wide slice of every head's output stays in registers while the positions
 // stream by, each value slice loaded once for all heads.
 template <Kind K, int GROUP>
 void weigh_values(const cholla::KVSide& vs, const int64_t* table, int64_t first, int64_t n, int64_t run_time_group,
                   int64_t kvh, const float* scores, float* o) {
-  const int64_t group = GROUP > 0 ? GROUP : run_time_group, dim = vs.dim;
-  constexpr int64_t SLOTS = GROUP > 0 ? GROUP : MAX_GROUP;
-  const uint8_t* values = vs.values;
-  const uint16_t* scales = vs.scales;
-  const int64_t row_bytes = vs.row_bytes, groups = vs.groups;
+  const int64_t dim = vs.dim;
   if constexpr (GROUP > 0) {
-    if (dim % 64 == 0) {  // whole slices: every loop unrolled, the 4 x GROUP sums never leave their registers
-      for (int64_t d0 = 0; d0 < dim; d0 += 64) {
-        __m512 out[GROUP][4];
-#pragma GCC unroll 16
-        for (int g = 0; g < GROUP; ++g)
-#pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) out[g][j] = _mm512_setzero_ps();
-        SlotCursor value_at(table, vs.block_size, first);
-        for (int64_t t = 0; t < n; ++t, value_at.next()) {
-          const int64_t row = value_at.slot() * vs.heads + kvh;
-          const uint8_t* value = values + row * row_bytes;
-          const uint16_t* value_scales = scales == nullptr ? nullptr : scales + row * groups;
-          __m512 v[4];
-#pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) v[j] = load16<K>(value, value_scales, d0 + 16 * j, 0xFFFF, dim / 2);
-          const float value_scale = row_scale<K>(value_scales);
-#pragma GCC unroll 16
-          for (int g = 0; g < GROUP; ++g) {
-            const __m512 w = _mm512_set1_ps(scores[g * n + t] * value_scale);
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; ++j) out[g][j] = _mm512_fmadd_ps(w, v[j], out[g][j]);
-          }
-        }
-#pragma GCC unroll 16
-        for (int g = 0; g < GROUP; ++g)
-#pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) _mm512_storeu_ps(o + g * dim + d0 + 16 * j, out[g][j]);
-      }
+    if (dim % 64 == 0) {
+      for (int64_t d0 = 0; d0 < dim; d0 += 64) weigh_slice<K, GROUP, true>(vs, table, first, n, GROUP, kvh, scores, o, d0);
       return;
     }
   }
-  for (int64_t d0 = 0; d0 < dim; d0 += 64) {
-    __m512 out[SLOTS][4];
-    for (int64_t g = 0; g < group; ++g)
-      for (int j = 0; j < 4; ++j) out[g][j] = _mm512_setzero_ps();
-    SlotCursor value_at(table, vs.block_size, first);
-    for (int64_t t = 0; t < n; ++t, value_at.next()) {
-      const int64_t row = value_at.slot() * vs.heads + kvh;
-      const uint8_t* value = values + row * row_bytes;
-      const uint16_t* value_scales = scales == nullptr ? nullptr : scales + row * groups;
-      __m512 v[4];
-      for (int j = 0; j < 4; ++j) v[j] = load16<K>(value, value_scales, d0 + 16 * j, lanes(dim - d0 - 16 * j), dim / 2);
-      const float value_scale = row_scale<K>(value_scales);
-      for (int64_t g = 0; g < group; ++g) {
-        const __m512 w = _mm512_set1_ps(scores[g * n + t] * value_scale);
-        for (int j = 0; j < 4; ++j) out[g][j] = _mm512_fmadd_ps(w, v[j], out[g][j]);
-      }
-    }
-    for (int64_t g = 0; g < group; ++g)
-      for (int j = 0; j < 4 && d0 + 16 * j < dim; ++j)
-        _mm512_mask_storeu_ps(o + g * dim + d0 + 16 * j, lanes(dim - d0 - 16 * j), out[g][j]);
-  }
+  const int64_t group = GROUP > 0 ? GROUP : run_time_group;
+  for (int64_t d0 = 0; d0 < dim; d0 += 64) weigh_slice<K, GROUP, false>(vs, table, first, n, group, kvh, scores, o, d0);
 }
 
 using ScoresFn = decltype(&scores_of<Kind::F32, 1>);
