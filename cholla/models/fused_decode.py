@@ -13,7 +13,6 @@ kernels) runs layer by layer in Python. Every KV cache type runs fused.
 from __future__ import annotations
 
 import functools
-
 import operator
 import weakref
 from dataclasses import dataclass
