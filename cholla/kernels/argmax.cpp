@@ -58,6 +58,13 @@ Best argmax_chunk(const float* x, int64_t n) {
   return {best, 0, false};  // unreachable: n > 0
 }
 
+// Chunk `first / CHUNK` of a row of n, its index counted from the row's start.
+Best chunk_of_row(const float* row, int64_t n, int64_t first) {
+  Best b = argmax_chunk(row + first, std::min(CHUNK, n - first));
+  b.index += first;
+  return b;
+}
+
 // The row's answer from its chunks' (in order): the first chunk holding the top value wins ties.
 int64_t first_best(const Best* chunks, int64_t count) {
   Best top = chunks[0];
@@ -75,9 +82,7 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
   const float* data = x.data_ptr<float>();
   at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t r = job / chunks, first = job % chunks * CHUNK;
-      best[job] = argmax_chunk(data + r * n + first, std::min(CHUNK, n - first));
-      best[job].index += first;
+      best[job] = chunk_of_row(data + job / chunks * n, n, job % chunks * CHUNK);
     }
   });
   at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
@@ -93,10 +98,7 @@ namespace cholla {
 // argmax_rows of one row, on the calling thread (the fused decode step's last serial step).
 int64_t argmax_row(const float* x, int64_t n) {
   std::vector<Best> best;
-  for (int64_t first = 0; first < n; first += CHUNK) {
-    best.push_back(argmax_chunk(x + first, std::min(CHUNK, n - first)));
-    best.back().index += first;
-  }
+  for (int64_t first = 0; first < n; first += CHUNK) best.push_back(chunk_of_row(x, n, first));
   return first_best(best.data(), static_cast<int64_t>(best.size()));
 }
 
