@@ -392,14 +392,13 @@ class LLMEngine:
                      target_logprobs: dict[int, list] | None = None) -> list[RequestOutput]:
         now = time.monotonic()
         outputs = []
-        block_size = self.block_manager.block_size  # a block fills: cache_full_blocks (not the whole token list each step)
         for i, (request, n, token, lp) in enumerate(zip(batch.requests, batch.num_tokens, tokens, logprobs)):
             state = self.states[request.request_id]
             if targets and i in targets:
                 self._accept_drafts(state, targets[i], (target_logprobs or {}).get(i), now)  # counts its computed tokens
             else:
                 request.num_computed_tokens += n
-                if request.num_computed_tokens >= (len(request.blocks.block_hashes) + 1) * block_size:
+                if self.block_manager.fills_block(request.blocks, request.num_computed_tokens):  # all_token_ids is a new list
                     self.block_manager.cache_full_blocks(request.blocks, request.all_token_ids,
                                                          request.num_computed_tokens)
                 if self.snapshots is not None:

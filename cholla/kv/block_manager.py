@@ -195,11 +195,14 @@ class BlockManager:
             self._offload_evicted()
         return True
 
+    def fills_block(self, seq: SequenceBlocks, num_computed: int) -> bool:
+        """Whether ``num_computed`` tokens fill a block ``cache_full_blocks`` has not registered yet
+        (a caller can skip building the token list on the steps where none did)."""
+        return self.enable_prefix_caching and (len(seq.block_hashes) + 1) * self.block_size <= num_computed
+
     def cache_full_blocks(self, seq: SequenceBlocks, token_ids: list[int], num_computed: int) -> None:
         """Register blocks that became full (and computed) so later requests can reuse them."""
-        if not self.enable_prefix_caching:
-            return
-        while (len(seq.block_hashes) + 1) * self.block_size <= num_computed:
+        while self.fills_block(seq, num_computed):
             i = len(seq.block_hashes)
             tokens = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
             h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
