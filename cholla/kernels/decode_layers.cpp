@@ -259,6 +259,17 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
     }
     finish_kv_rows(k_sides[l], qkv.data_ptr<float>() + q_size, qkv_size, slot, rows);
   };
+  // activated = act(gate) * up, row by row (exact GELU through its op)
+  auto activate = [&] {
+    if (activation == EXACT_GELU) {
+      gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation, activated);
+      return;
+    }
+    const float* g = gate_up.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      gated_activation_row(g + r * 2 * inner, g + r * 2 * inner + inner, activated.data_ptr<float>() + r * inner,
+                           inner, activation);
+  };
   normalize(norms[0]);
 
   const Products products{integer, gemv_max_rows, int8_batch_max_rows, int8_batch_types};
@@ -289,10 +300,7 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
         {
           RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
           products.run(h, w.slice(4, 2), t.slice(4, 2), r + 4, gate_up, member);
-          if (!member.finish([&] {
-                gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation,
-                                     activated);
-              }))
+          if (!member.finish(activate))
             return false;
         }
         {

@@ -129,6 +129,10 @@ void run_team(Body&& body) {
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
 // The same into `out` (contiguous, gate's shape and dtype).
 void gated_activation_out(const at::Tensor& gate, const at::Tensor& up, int64_t activation, at::Tensor& out);
+// One fp32 row of it, unchecked, as gated_activation_out computes it; not for exact GELU (its id
+// EXACT_GELU), which goes through PyTorch's.
+constexpr int64_t EXACT_GELU = 2;
+void gated_activation_row(const float* gate, const float* up, float* out, int64_t inner, int64_t activation);
 
 // paged_attention.cpp
 // A KV cache's element types (cholla/kv/kv_types.py): floats, fp8, int8 with a
