@@ -72,6 +72,12 @@ struct DecodeLayers : torch::CustomClassHolder {
   at::Tensor final_norm, head;
   int64_t head_type = -1;
   WeightRows head_rows{};
+  // decode_layers' buffers between its stages, kept from step to step while the row count stays
+  // (seven allocations a step less; a model's steps run one at a time, as its head's kept logits).
+  struct Scratch {
+    at::Tensor qkv = at::empty({0, 0}), q = at::empty({0, 0, 0}), attended, o = at::empty({0, 0}), gate_up,
+               activated = at::empty({0, 0}), down;
+  } scratch;
   // The token embedding, for steps that start from token ids (Q4_0 / Q8_0 rows: embedding.cpp).
   at::Tensor embedding;
   int64_t embedding_type = -1;
@@ -93,13 +99,32 @@ struct DecodeLayers : torch::CustomClassHolder {
 // cache: as lists, the dispatcher converted each layer's tensors on every step (60-120 for SmolLM2).
 // k_quant, v_quant: each layer's scales (and shift, spread) of a quantized cache side, the same
 // count per layer (paged_attention.cpp's kv_side), empty for float caches.
+// Each layer's sides (the pointers and geometry the kernels read) are worked out and checked here,
+// once: per step, the 60 kv_side calls of SmolLM2's 30 layers took ~11 us under load.
 struct DecodeCaches : torch::CustomClassHolder {
   std::vector<at::Tensor> k_caches, v_caches, k_quant, v_quant;
   bool k_rotated, v_rotated;
+  std::vector<KVSide> k_sides, v_sides;  // per layer
   DecodeCaches(std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, std::vector<at::Tensor> k_quant,
                std::vector<at::Tensor> v_quant, bool k_rotated, bool v_rotated)
       : k_caches(std::move(k_caches)), v_caches(std::move(v_caches)), k_quant(std::move(k_quant)),
-        v_quant(std::move(v_quant)), k_rotated(k_rotated), v_rotated(v_rotated) {}
+        v_quant(std::move(v_quant)), k_rotated(k_rotated), v_rotated(v_rotated) {
+    const int64_t layers = static_cast<int64_t>(this->k_caches.size());
+    TORCH_CHECK(static_cast<int64_t>(this->v_caches.size()) == layers && layers > 0,
+                "DecodeCaches: one K and one V cache per layer");
+    TORCH_CHECK(this->k_quant.size() % layers == 0 && this->v_quant.size() % layers == 0,
+                "decode_layers: the same number of quantization tensors for every layer");
+    const at::TensorList k_all = this->k_quant, v_all = this->v_quant;
+    const int64_t k_parts = k_all.size() / layers, v_parts = v_all.size() / layers;
+    for (int64_t l = 0; l < layers; ++l) {
+      k_sides.push_back(kv_side("decode_layers", this->k_caches[l], k_all.slice(k_parts * l, k_parts), k_rotated));
+      v_sides.push_back(kv_side("decode_layers", this->v_caches[l], v_all.slice(v_parts * l, v_parts), v_rotated));
+      check_sides("decode_layers", k_sides[l], v_sides[l]);
+      TORCH_CHECK(k_sides[l].heads == k_sides[0].heads && k_sides[l].dim == k_sides[0].dim &&
+                      k_sides[l].blocks == k_sides[0].blocks && k_sides[l].block_size == k_sides[0].block_size,
+                  "decode_layers: every layer's cache must have the same blocks and heads");
+    }
+  }
 };
 
 // x: fp32 [rows, hidden], one row per decoding sequence, or with query_starts
@@ -138,8 +163,6 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
                               ? embedding_rows(model->embedding, model->embedding_type, x_or_ids, norms[0].size(0))
                               : x_or_ids;
   const at::TensorList k_caches = caches->k_caches, v_caches = caches->v_caches;
-  const at::TensorList k_quant = caches->k_quant, v_quant = caches->v_quant;
-  const bool k_rotated = caches->k_rotated, v_rotated = caches->v_rotated;
   const at::IntArrayRef types = model->types;
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   const int64_t norms_per_layer = 2 + (post_norms ? 2 : 0) + (qk_norm ? 2 : 0);
@@ -172,21 +195,11 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
     for (int64_t i = 0; i < rows; ++i)
       TORCH_CHECK(pos[i] >= 0 && pos[i] < cos[r].size(0), "rope: position out of the table");
   }
-  TORCH_CHECK(k_quant.size() % layers == 0 && v_quant.size() % layers == 0,
-              "decode_layers: the same number of quantization tensors for every layer");
-  const int64_t k_parts = k_quant.size() / layers, v_parts = v_quant.size() / layers;
-  std::vector<KVSide> k_sides, v_sides;
-  for (int64_t l = 0; l < layers; ++l) {
-    k_sides.push_back(kv_side("decode_layers", k_caches[l], k_quant.slice(k_parts * l, k_parts), k_rotated));
-    v_sides.push_back(kv_side("decode_layers", v_caches[l], v_quant.slice(v_parts * l, v_parts), v_rotated));
-    check_sides("decode_layers", k_sides[l], v_sides[l]);
-    TORCH_CHECK(k_sides[l].heads == num_kv_heads && k_sides[l].dim == head_dim,
-                "decode_layers: cache heads disagree with the model");
-    for (int64_t i = 0; i < rows; ++i)
-      TORCH_CHECK(slot[i] >= 0 && slot[i] < k_sides[l].blocks * k_sides[l].block_size, "write_kv: slot out of range");
-    TORCH_CHECK(k_sides[l].blocks == k_sides[0].blocks && k_sides[l].block_size == k_sides[0].block_size,
-                "decode_layers: every layer's cache must have the same blocks");
-  }
+  const std::vector<KVSide>&k_sides = caches->k_sides, &v_sides = caches->v_sides;  // (alike in every layer)
+  TORCH_CHECK(k_sides[0].heads == num_kv_heads && k_sides[0].dim == head_dim,
+              "decode_layers: cache heads disagree with the model");
+  for (int64_t i = 0; i < rows; ++i)
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < k_sides[0].blocks * k_sides[0].block_size, "write_kv: slot out of range");
   const AttentionTables tables = attention_tables(block_tables, context_lens, query_starts, rows, k_sides[0]);
   for (int64_t i = 0; i < static_cast<int64_t>(norms.size()); ++i) {
     const bool per_head = qk_norm && i % norms_per_layer >= norms_per_layer - 2;
@@ -213,12 +226,17 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
   // ends (team.h's serial steps, run by whichever member finishes a stage's
   // last chunk) write x, h, q, the caches and `activated`; the products and
   // the attention write their chunks' parts of the others.
+  // (x and h are new: one of them is returned; the others are the model's, kept for this row count.)
   at::Tensor x = x_in.contiguous().clone(), h = at::empty({rows, hidden}, options);
-  at::Tensor qkv = at::empty({rows, qkv_size}, options), q = at::empty({rows, num_heads, head_dim}, options);
-  at::Tensor attended = at::empty({rows, num_heads, head_dim}, options);
+  DecodeLayers::Scratch& kept = model->scratch;
+  if (kept.qkv.size(0) != rows || kept.qkv.size(1) != qkv_size || kept.q.size(1) != num_heads ||
+      kept.q.size(2) != head_dim || kept.o.size(1) != hidden || kept.activated.size(1) != inner)
+    kept = {at::empty({rows, qkv_size}, options), at::empty({rows, num_heads, head_dim}, options),
+            at::empty({rows, num_heads, head_dim}, options), at::empty({rows, hidden}, options),
+            at::empty({rows, 2 * inner}, options), at::empty({rows, inner}, options), at::empty({rows, hidden}, options)};
+  at::Tensor &qkv = kept.qkv, &q = kept.q, &attended = kept.attended, &o = kept.o, &gate_up = kept.gate_up;
+  at::Tensor &activated = kept.activated, &down = kept.down;
   const at::Tensor attended_rows = attended.view({rows, q_size});  // (the o projection's x)
-  at::Tensor o = at::empty({rows, hidden}, options), gate_up = at::empty({rows, 2 * inner}, options);
-  at::Tensor activated = at::empty({rows, inner}, options), down = at::empty({rows, hidden}, options);
   float* xs = x.data_ptr<float>();
   float* hs = h.data_ptr<float>();
   // x += (post_norm ? norm(y) : y), row by row (y: fp32 [rows, hidden])
