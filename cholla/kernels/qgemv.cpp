@@ -90,6 +90,11 @@ constexpr int64_t INT8_BATCH_MAX_ROWS = 64;
 // eight of SmolLM2's short rows (2.9 KB) left its 576-wide GEMVs waiting on
 // memory; 4-16 KB all did better (its decode layers 3.0 -> 2.8 ms).
 constexpr int64_t PREFETCH_AHEAD = 8192;
+// Q8_0_PREFETCH: Q8_0 weights (the output heads of SmolLM2 and Gemma 3) are asked for
+// non-temporally (NTA), the others into L2 (blocks.h's prefetch). SmolLM2's 30 MB head, read
+// from L3, went 645-656 -> 602-608 us on one thread; single-stream decode at two threads
+// 1.00-1.06x for SmolLM2 and 1.05x for Gemma 3 (its 168 MB head from memory), on a busy machine
+// (docs/benchmarks.md, "SmolLM2's single stream: the Q4_1 scales without a gather").
 
 // Position p of a group's reduced vector holds block group_block(p) (see sum_blocks); an involution.
 constexpr int group_block(int p) { return 4 * (p % 4) + p / 4; }
@@ -458,7 +463,10 @@ void int_dot(const uint8_t* data, int64_t row_blocks, int64_t rows, int64_t ahea
   int64_t row = 0, row_end = row_blocks;  // the flat block where the current row ends
   for (int64_t first = 0; first < total; first += GROUP_BLOCKS) {
     const uint8_t* base = data + first / f.blocks * f.bytes;
-    prefetch(base + ahead, GROUP_BLOCKS / f.blocks * f.bytes);
+    if constexpr (TYPE == Q8_0)  // (the output heads': see Q8_0_PREFETCH)
+      for (int64_t b = 0; b < GROUP_BLOCKS * f.bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(base + ahead) + b, _MM_HINT_NTA);
+    else
+      prefetch(base + ahead, GROUP_BLOCKS / f.blocks * f.bytes);
     const int64_t count = std::min<int64_t>(GROUP_BLOCKS, total - first), at = first % period;
     __m512i s[M][4];
     for (int i = 0; i < 4; ++i) {
