@@ -367,7 +367,7 @@ struct PresentBlocks {
 constexpr PresentBlocks PRESENT_BLOCKS{};
 
 // The first 32 bits (d, m) of a whole group's 16 blocks, in group_block order, for the block
-// formats whose blocks start on 32-bit words (Q4_1's 20 bytes, Q5_1's 24: `words` a block): the
+// formats whose blocks start on 32-bit words (Q4_1's 20 bytes, Q5_1's 24: WORDS words a block): the
 // group's 5 or 6 vectors loaded whole (the lines the quants' loads read), their words picked
 // by three permutes. The same bits as the gather in block_scales, which cost a quarter of a
 // Q4_1 GEMV's time (one thread, from L2: 6.0 -> 4.6 us for SmolLM2's o projection).
