@@ -34,6 +34,21 @@ inline void store16(uint16_t* p, __mmask16 live, __m512 v) {  // round to neares
   _mm256_mask_storeu_epi16(p, live, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+// One row: act(g) * u over `inner` values (the body of every path here, so that a row comes out
+// the same whichever of them computes it).
+template <typename T>
+void activate_row(const T* g_row, const T* u_row, T* dst, int64_t inner, bool tanh_gelu) {
+  const __m512 one = _mm512_set1_ps(1.0f), c1 = _mm512_set1_ps(2.0f * 0.7978845608028654f),
+               c3 = _mm512_set1_ps(2.0f * 0.7978845608028654f * 0.044715f);
+  for (int64_t i = 0; i < inner; i += 16) {
+    const __mmask16 live = lanes(inner - i);
+    const __m512 g = load16(g_row + i, live);
+    const __m512 s = tanh_gelu ? _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), c3, c1)) : g;
+    const __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), s))));
+    store16(dst + i, live, _mm512_mul_ps(act, load16(u_row + i, live)));
+  }
+}
+
 template <typename T>
 void activate(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out, bool tanh_gelu) {
   const int64_t rows = gate.size(0), inner = gate.size(1);
@@ -42,19 +57,8 @@ void activate(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out, boo
   T* dst = static_cast<T*>(out.data_ptr());
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(inner, 1));  // rows per thread, at least
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    const __m512 one = _mm512_set1_ps(1.0f), c1 = _mm512_set1_ps(2.0f * 0.7978845608028654f),
-                 c3 = _mm512_set1_ps(2.0f * 0.7978845608028654f * 0.044715f);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* g_row = gs + r * gate.stride(0);
-      const T* u_row = us + r * up.stride(0);
-      for (int64_t i = 0; i < inner; i += 16) {
-        const __mmask16 live = lanes(inner - i);
-        const __m512 g = load16(g_row + i, live);
-        const __m512 s = tanh_gelu ? _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), c3, c1)) : g;
-        const __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), s))));
-        store16(dst + r * inner + i, live, _mm512_mul_ps(act, load16(u_row + i, live)));
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      activate_row(gs + r * gate.stride(0), us + r * up.stride(0), dst + r * inner, inner, tanh_gelu);
   });
 }
 
@@ -87,6 +91,12 @@ void gated_activation_out(const at::Tensor& gate, const at::Tensor& up, int64_t 
     activate<float>(gate, up, out, activation == GELU_TANH);
   else
     activate<uint16_t>(gate, up, out, activation == GELU_TANH);
+}
+
+bool gated_activation_by_rows(int64_t activation) { return activation == SILU || activation == GELU_TANH; }
+
+void gated_activation_row(const float* gate, const float* up, float* out, int64_t inner, int64_t activation) {
+  activate_row(gate, up, out, inner, activation == GELU_TANH);
 }
 
 }  // namespace cholla

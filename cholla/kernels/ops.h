@@ -129,6 +129,10 @@ void run_team(Body&& body) {
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, int64_t activation);
 // The same into `out` (contiguous, gate's shape and dtype).
 void gated_activation_out(const at::Tensor& gate, const at::Tensor& up, int64_t activation, at::Tensor& out);
+// Whether `activation` has a row body (SiLU, tanh-GELU: the exact GELU is PyTorch's), and that
+// body: one fp32 row of gated_activation_out, as it computes it.
+bool gated_activation_by_rows(int64_t activation);
+void gated_activation_row(const float* gate, const float* up, float* out, int64_t inner, int64_t activation);
 
 // paged_attention.cpp
 // A KV cache's element types (cholla/kv/kv_types.py): floats, fp8, int8 with a
