@@ -375,6 +375,41 @@ def test_the_steps_between_stages_shared_by_the_team_equal_one_thread(name, rows
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("path", ["smollm2_path", "gemma3_path"])
+@torch.inference_mode()
+def test_batched_steps_equal_the_python_layers_bit_for_bit(path, request):
+    """The real models' int8 layers at 7, 13 and 33 rows, at one thread and two: the shared steps
+    between stages and x quantized ahead by them for the batched int8 products (ops.h's
+    QuantizedX) give what the Python layers give, bit for bit (their products quantize x for
+    themselves), hidden states and caches. (33 rows: a last tile of one row.)"""
+    from cholla.layers import linear
+
+    threads = torch.get_num_threads()
+    loaded = load_model(request.getfixturevalue(path), "bfloat16")
+    model, config = loaded.model, loaded.config
+    plan = plan_decode(model)
+    generator = torch.Generator().manual_seed(4)
+    try:
+        for team in (1, 2):
+            torch.set_num_threads(team)
+            for rows in (7, 13, 33):
+                cache = PagedKVCache(config, num_blocks=rows * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+                lengths = [3 + seq % 4 for seq in range(rows)]
+                for seq, n in enumerate(lengths):
+                    _prefill(model, cache, seq, torch.randint(0, config.vocab_size, (n,), generator=generator).tolist())
+                python_cache = [(k.clone(), v.clone()) for k, v in cache.layers]
+                positions, meta = _decode_meta(lengths)
+                x = torch.randn(rows, config.hidden_size, generator=generator)
+                fused = fused_layers(plan, x, positions, cache.layers, meta)
+                with linear.decode_step():
+                    expected = _layer_by_layer(model, x, positions, python_cache, meta)
+                assert fused is not None and torch.equal(fused, expected), (team, rows)
+                for (k, v), (k_ref, v_ref) in zip(cache.layers, python_cache):
+                    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _engine_outputs(loaded, kv_cache_memory: int) -> tuple[dict, object]:
     """Five requests of every sampling kind through one engine whose KV cache holds about two of
     them: two start, three join after a few steps (one sharing the first's prompt: prefix-cache

@@ -262,18 +262,38 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
   auto finish_cache = [&](int64_t l) {  // after every row's write (quantized key blocks)
     finish_kv_rows(k_sides[l], qkv.data_ptr<float>() + q_size, qkv_size, slot, rows);
   };
+  const Products products{integer, gemv_max_rows, int8_batch_max_rows, int8_batch_types};
+  const bool shared_steps = rows >= SHARED_STEP_MIN_ROWS;
+  // With shared steps, where the products that read h (q/k/v, gate/up) or `activated` (down) take
+  // the batched int8 product in every layer, the row that a step computes is quantized there for
+  // them (ops.h's QuantizedX), once, instead of by every member before its first job.
+  bool h_ahead = shared_steps, activated_ahead = shared_steps && gated_activation_by_rows(activation);
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::IntArrayRef t = types.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
+    h_ahead = h_ahead && products.batched(rows, t.slice(0, 3)) && products.batched(rows, t.slice(4, 2));
+    activated_ahead = activated_ahead && products.batched(rows, t.slice(6, 1));
+  }
+  const QuantizedX h_ready = h_ahead ? quantized_x(rows, hidden) : QuantizedX{};
+  const QuantizedX activated_ready = activated_ahead ? quantized_x(rows, inner) : QuantizedX{};
+  const QuantizedX* h_quantized = h_ahead ? &h_ready : nullptr;
+  const QuantizedX* activated_quantized = activated_ahead ? &activated_ready : nullptr;
   auto activate_row = [&](int64_t r) {
     const float* gu = gate_up.data_ptr<float>() + r * 2 * inner;
-    gated_activation_row(gu, gu + inner, activated.data_ptr<float>() + r * inner, inner, activation);
+    float* out = activated.data_ptr<float>() + r * inner;
+    gated_activation_row(gu, gu + inner, out, inner, activation);
+    if (activated_ahead) quantize_x_row(out, r, activated_ready);
   };
-  for (int64_t r = 0; r < rows; ++r) normalize_row(norms[0], r);
+  auto normalize_row_ahead = [&](const at::Tensor& weight, int64_t r) {  // the same, and h's row quantized
+    normalize_row(weight, r);
+    if (h_ahead) quantize_x_row(hs + r * hidden, r, h_ready);
+  };
+  for (int64_t r = 0; r < rows; ++r) normalize_row_ahead(norms[0], r);
 
   // A step between stages: `each_row(r)` on every row, then `last()`, which sees every row.
   // With many rows the rows are a stage of their own, shared as a product's jobs are (run by the
   // member that ended the stage before, they kept the others waiting: ~1.2 ms of Gemma 3's
   // 32-row step at one thread, docs/benchmarks.md); with a few, that member runs them, with no
   // stage end of their own. False: the team stopped.
-  const bool shared_steps = rows >= SHARED_STEP_MIN_ROWS;
   auto between = [&](Member& member, auto&& each_row, auto&& last) -> bool {
     if (!shared_steps)
       return member.finish([&] {
@@ -287,7 +307,6 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
   };
   const auto nothing = [] {};
 
-  const Products products{integer, gemv_max_rows, int8_batch_max_rows, int8_batch_types};
   run_team([&](Member& member) {
     const auto every_layer = [&]() -> bool {  // false: the team stopped
       for (int64_t l = 0; l < layers; ++l) {
@@ -297,7 +316,7 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
         const at::TensorList n = norms.slice(norms_per_layer * l, norms_per_layer);
         {
           RECORD_FUNCTION("cholla::decode_layers: attention", std::vector<c10::IValue>());
-          products.run(h, w.slice(0, 3), t.slice(0, 3), r, qkv, member);
+          products.run(h, w.slice(0, 3), t.slice(0, 3), r, qkv, member, h_quantized);
           if (!between(member, [&](int64_t row) { rope_and_cache_row(l, n, row); }, [&] { finish_cache(l); }))
             return false;
           if (!member.behind())
@@ -310,14 +329,14 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
           if (!between(member,
                        [&](int64_t row) {
                          add_row(o, post_norms ? &n[2] : nullptr, row);
-                         normalize_row(n[1], row);
+                         normalize_row_ahead(n[1], row);
                        },
                        nothing))
             return false;
         }
         {
           RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
-          products.run(h, w.slice(4, 2), t.slice(4, 2), r + 4, gate_up, member);
+          products.run(h, w.slice(4, 2), t.slice(4, 2), r + 4, gate_up, member, h_quantized);
           const bool ok = gated_activation_by_rows(activation)
                               ? between(member, activate_row, nothing)
                               : member.finish([&] {  // (PyTorch's exact GELU)
@@ -328,14 +347,17 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
         }
         {
           RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());
-          products.run(activated, w.slice(6, 1), t.slice(6, 1), r + 6, down, member);
+          products.run(activated, w.slice(6, 1), t.slice(6, 1), r + 6, down, member, activated_quantized);
           const at::Tensor* next_norm = l + 1 < layers ? &norms[norms_per_layer * (l + 1)]
                                         : head_out.defined() ? &model->final_norm
                                                              : nullptr;
           if (!between(member,
                        [&](int64_t row) {
                          add_row(down, post_norms ? &n[3] : nullptr, row);
-                         if (next_norm != nullptr) normalize_row(*next_norm, row);
+                         if (l + 1 < layers)
+                           normalize_row_ahead(*next_norm, row);
+                         else if (next_norm != nullptr)
+                           normalize_row(*next_norm, row);
                        },
                        nothing))
             return false;
