@@ -14,7 +14,8 @@ One thread (``OMP_NUM_THREADS=1``) is what CPU time measures without counting a 
 waits; set ``TORCH_EXTENSIONS_DIR`` apart when both checkouts hold the same sources.
 ``--threads 2`` runs both sides with a team of two (what ``throughput.py`` runs) and compares
 wall times instead, best and median of the turns (a team's waits count there, and so does
-the machine's load: take many turns):
+the machine's load: take many turns). The decode steps are also timed one by one (every
+sequence decoding): on a busy machine a run's p10 step is the least disturbed figure:
 
     OMP_NUM_THREADS=1 python benchmarks/batched_ab.py --baseline ../main --model gemma3 --threads 2 --turns 8
 """
@@ -29,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# One side: load the model, say so, then per line read run the prompts to 1 and to n tokens, print both CPU times.
+# One side: load the model, say so, then per line read run the prompts to 1 and to n tokens, print both times
+# and the median and p10 of the decode steps of the second run (every sequence decoding), each timed alone.
 WORKER = """
 import sys, time
 sys.path.insert(0, "benchmarks")
@@ -41,15 +43,34 @@ llm = LLM(resolve_model(model), max_num_seqs=num, max_model_len=length + n + 16,
 prompts = [{"prompt_token_ids": p} for p in random_prompts(num, length, llm.engine.model_config.vocab_size, 0)]
 llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
 
+engine, clock = llm.engine, time.perf_counter if threads else time.process_time
+steps, step = [], engine.step
+
+def timed_step():  # each step of all `num` sequences decoding, timed alone
+    scheduler = engine.scheduler
+    decoding = not scheduler.waiting and len(scheduler.running) == num and all(
+        r.num_computed_tokens >= len(r.prompt_token_ids) for r in scheduler.running)
+    start = clock()
+    try:
+        return step()
+    finally:
+        if decoding:
+            steps.append(clock() - start)
+
+engine.step = timed_step
+
 def seconds(max_tokens):
-    llm.engine.block_manager.reset_prefix_cache()
-    start, wall = time.process_time(), time.perf_counter()
+    engine.block_manager.reset_prefix_cache()
+    steps.clear()
+    start = clock()
     llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
-    return time.perf_counter() - wall if threads else time.process_time() - start
+    return clock() - start
 
 print("ready", flush=True)
 for _ in sys.stdin:
-    print(seconds(1), seconds(n), flush=True)
+    prompt, whole = seconds(1), seconds(n)
+    steps.sort()
+    print(prompt, whole, steps[len(steps) // 2], steps[len(steps) // 10], flush=True)
 """
 
 
@@ -71,7 +92,8 @@ def main() -> None:
     clock = f"wall s, {args.threads} threads" if args.threads else "CPU s"
     sides = {name: subprocess.Popen(command, cwd=checkout, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for name, checkout in (("this", ROOT), ("baseline", args.baseline.resolve()))}
-    times = {name: {"prompt": [], "whole": [], "decode": []} for name in sides}
+    parts = ("whole", "prompt", "decode", "step median", "step p10")
+    times = {name: {part: [] for part in parts} for name in sides}
     try:
         for name, process in sides.items():
             if process.stdout.readline().strip() != "ready":
@@ -80,10 +102,10 @@ def main() -> None:
             for name in ("this", "baseline") if turn % 2 else ("baseline", "this"):
                 sides[name].stdin.write("go\n")
                 sides[name].stdin.flush()
-                prompt, whole = map(float, sides[name].stdout.readline().split())
-                print(f"turn {turn} {name}: prompt {prompt:.2f} s, whole {whole:.2f} s, decode {whole - prompt:.2f} "
-                      f"({clock})", flush=True)
-                for part, value in (("prompt", prompt), ("whole", whole), ("decode", whole - prompt)):
+                prompt, whole, step, step_p10 = map(float, sides[name].stdout.readline().split())
+                print(f"turn {turn} {name}: prompt {prompt:.2f} s, whole {whole:.2f} s, decode {whole - prompt:.2f}, "
+                      f"a decode step {1000 * step:.2f} ms (p10 {1000 * step_p10:.2f}) ({clock})", flush=True)
+                for part, value in zip(parts, (whole, prompt, whole - prompt, step, step_p10)):
                     times[name][part].append(value)
     finally:
         for process in sides.values():
@@ -92,15 +114,17 @@ def main() -> None:
     print(f"\n{args.model}, {args.num_requests} x ({args.prompt_len}+{args.max_tokens}), {clock}, {args.turns} turns")
     print("| part | baseline best | this best | speed-up | baseline median | this median | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for part in ("whole", "prompt", "decode"):
+    for part in parts:
         b, t = times["baseline"][part], times["this"][part]
         b_med, t_med = statistics.median(b), statistics.median(t)
-        print(f"| {part} | {min(b):.2f} | {min(t):.2f} | {min(b) / min(t):.2f}x | {b_med:.2f} | {t_med:.2f} | "
-              f"{b_med / t_med:.2f}x |")
+        scale = 1000 if part.startswith("step") else 1  # (steps in ms)
+        print(f"| {part} | {scale * min(b):.2f} | {scale * min(t):.2f} | {min(b) / min(t):.2f}x | {scale * b_med:.2f} | "
+              f"{scale * t_med:.2f} | {b_med / t_med:.2f}x |")
     # Turn by turn: each turn's two runs are neighbours in time, so their ratio shares the minute's load.
-    ratios = [b / t for b, t in zip(times["baseline"]["decode"], times["this"]["decode"])]
-    print(f"decode, baseline / this turn by turn: {' '.join(f'{r:.2f}' for r in ratios)} "
-          f"(median {statistics.median(ratios):.2f})")
+    for part in ("decode", "step p10"):
+        ratios = [b / t for b, t in zip(times["baseline"][part], times["this"][part])]
+        print(f"{part}, baseline / this turn by turn: {' '.join(f'{r:.2f}' for r in ratios)} "
+              f"(median {statistics.median(ratios):.2f})")
 
 
 if __name__ == "__main__":
