@@ -338,6 +338,78 @@ def test_an_oversubscribed_team_on_a_busy_machine_keeps_its_results_and_pace(tmp
     assert seconds < 10, f"20 decode steps took {seconds:.1f} s"
 
 
+@pytest.mark.parametrize("rows", [5, 7, 13, 32, 33])
+@pytest.mark.parametrize("name", ["gemma3", "llama"])
+@torch.inference_mode()
+def test_the_steps_between_stages_shared_by_the_team_equal_one_thread(name, rows, tmp_path):
+    """From 7 rows the steps between a layer's stages (q/k norms, rope and the cache writes; the
+    residual adds and norms; the activation) are stages of rows that the team shares
+    (decode_layers.cpp's ``between``); with fewer, one member runs them. Either way every row
+    goes through the same code: 2 and 4 threads give one thread's hidden states and caches bit
+    for bit, over steps that write and read what the last ones wrote. Gemma 3 (q/k norms,
+    post-norms, tanh-GELU) and Llama (SiLU), in bf16."""
+    threads = torch.get_num_threads()
+    loaded = _tiny_model(name, tmp_path, "bfloat16")
+    plan = plan_decode(loaded.model)
+    lengths = [3 + seq % 11 for seq in range(rows)]
+    x = torch.randn(rows, loaded.config.hidden_size, generator=torch.Generator().manual_seed(3))
+
+    def steps(team: int) -> tuple[list[torch.Tensor], PagedKVCache]:
+        torch.set_num_threads(team)
+        cache = PagedKVCache(loaded.config, num_blocks=rows * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+        outs = []
+        for step in range(3):
+            positions, meta = _decode_meta([n + step for n in lengths])
+            outs.append(fused_layers(plan, x, positions, cache.layers, meta))
+        return outs, cache
+
+    try:
+        expected, expected_cache = steps(1)
+        for team in (2, 4):
+            got, cache = steps(team)
+            for a, b in zip(got, expected):
+                assert a is not None and torch.equal(a, b)
+            for (k, v), (k_ref, v_ref) in zip(cache.layers, expected_cache.layers):
+                assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("path", ["smollm2_path", "gemma3_path"])
+@torch.inference_mode()
+def test_batched_steps_equal_the_python_layers_bit_for_bit(path, request):
+    """The real models' int8 layers at 7, 13 and 33 rows, at one thread and two: the shared steps
+    between stages and x quantized ahead by them for the batched int8 products (ops.h's
+    QuantizedX) give what the Python layers give, bit for bit (their products quantize x for
+    themselves), hidden states and caches. (33 rows: a last tile of one row.)"""
+    from cholla.layers import linear
+
+    threads = torch.get_num_threads()
+    loaded = load_model(request.getfixturevalue(path), "bfloat16")
+    model, config = loaded.model, loaded.config
+    plan = plan_decode(model)
+    generator = torch.Generator().manual_seed(4)
+    try:
+        for team in (1, 2):
+            torch.set_num_threads(team)
+            for rows in (7, 13, 33):
+                cache = PagedKVCache(config, num_blocks=rows * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+                lengths = [3 + seq % 4 for seq in range(rows)]
+                for seq, n in enumerate(lengths):
+                    _prefill(model, cache, seq, torch.randint(0, config.vocab_size, (n,), generator=generator).tolist())
+                python_cache = [(k.clone(), v.clone()) for k, v in cache.layers]
+                positions, meta = _decode_meta(lengths)
+                x = torch.randn(rows, config.hidden_size, generator=generator)
+                fused = fused_layers(plan, x, positions, cache.layers, meta)
+                with linear.decode_step():
+                    expected = _layer_by_layer(model, x, positions, python_cache, meta)
+                assert fused is not None and torch.equal(fused, expected), (team, rows)
+                for (k, v), (k_ref, v_ref) in zip(cache.layers, python_cache):
+                    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _engine_outputs(loaded, kv_cache_memory: int) -> tuple[dict, object]:
     """Five requests of every sampling kind through one engine whose KV cache holds about two of
     them: two start, three join after a few steps (one sharing the first's prompt: prefix-cache

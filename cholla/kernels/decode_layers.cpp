@@ -15,7 +15,9 @@
 // others' (so a member the OS has descheduled holds up at most the chunk in
 // its hands), and the small steps between them (rope and cache writes, the
 // residual adds and norms, the activation) run row by row, with no tensor ops,
-// on whichever member finishes a stage's last chunk. A stage's end costs
+// on whichever member finishes a stage's last chunk; from SHARED_STEP_MIN_ROWS
+// rows (the batched steps) those rows are a stage of their own, shared by the
+// team as a product's jobs are, nine stages a layer. A stage's end costs
 // ~0.3 us, where a fork and join per kernel cost 1-2 us, five times a layer;
 // the step's arguments are checked once, up front (the weights once per model:
 // DecodeLayers; the attention's tables once per step). SmolLM2's layers: 2.9 ->
@@ -47,6 +49,9 @@
 namespace {
 
 constexpr int64_t WEIGHTS_PER_LAYER = 7;  // q, k, v, o, gate, up, down
+// From this many rows (the batched products' steps: the fused single-stream step has at most 6)
+// the steps between the stages are shared by the team, a stage of rows each (decode_layers' `between`).
+constexpr int64_t SHARED_STEP_MIN_ROWS = 7;
 
 }  // namespace
 
@@ -222,10 +227,9 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
               "decode_layers: tokens must be int64 [rows], with the logits");
 
   const auto options = x_in.options().memory_format(at::MemoryFormat::Contiguous);
-  // The residual stream and what the stages write for each other. The stage
-  // ends (team.h's serial steps, run by whichever member finishes a stage's
-  // last chunk) write x, h, q, the caches and `activated`; the products and
-  // the attention write their chunks' parts of the others.
+  // The residual stream and what the stages write for each other. The steps
+  // between the stages (`between`) write x, h, q, the caches and `activated`;
+  // the products and the attention write their chunks' parts of the others.
   // (x and h are new: one of them is returned; the others are the model's, kept for this row count.)
   at::Tensor x = x_in.contiguous().clone(), h = at::empty({rows, hidden}, options);
   DecodeLayers::Scratch& kept = model->scratch;
@@ -239,58 +243,88 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
   const at::Tensor attended_rows = attended.view({rows, q_size});  // (the o projection's x)
   float* xs = x.data_ptr<float>();
   float* hs = h.data_ptr<float>();
-  // x += (post_norm ? norm(y) : y), row by row (y: fp32 [rows, hidden])
-  auto add = [&](const at::Tensor& y, const at::Tensor* post_norm) {
-    const float* ys = y.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* add_row = ys + r * hidden;
-      if (post_norm != nullptr) {
-        rms_norm_row(add_row, post_norm->data_ptr<float>(), hs + r * hidden, hidden, feps);
-        add_row = hs + r * hidden;
-      }
-      for (int64_t i = 0; i < hidden; ++i) xs[r * hidden + i] += add_row[i];
+  // The steps between the stages, one row each (every path below runs these bodies, so a row
+  // comes out the same whether one member runs the step for every row or the rows are shared).
+  // x += (post_norm ? norm(y) : y) on row r (y: fp32 [rows, hidden])
+  auto add_row = [&](const at::Tensor& y, const at::Tensor* post_norm, int64_t r) {
+    const float* add_row = y.data_ptr<float>() + r * hidden;
+    if (post_norm != nullptr) {
+      rms_norm_row(add_row, post_norm->data_ptr<float>(), hs + r * hidden, hidden, feps);
+      add_row = hs + r * hidden;
     }
+    for (int64_t i = 0; i < hidden; ++i) xs[r * hidden + i] += add_row[i];
   };
-  auto normalize = [&](const at::Tensor& weight) {  // h = norm(x)
-    for (int64_t r = 0; r < rows; ++r) rms_norm_row(xs + r * hidden, weight.data_ptr<float>(), hs + r * hidden, hidden, feps);
+  auto normalize_row = [&](const at::Tensor& weight, int64_t r) {  // h = norm(x) on row r
+    rms_norm_row(xs + r * hidden, weight.data_ptr<float>(), hs + r * hidden, hidden, feps);
   };
-  // q (normed, rotated) for the attention; k and v into the cache
-  auto rope_and_cache = [&](int64_t l, const at::TensorList n) {
+  // row r's q (normed, rotated) for the attention; its k and v into the cache
+  auto rope_and_cache_row = [&](int64_t l, const at::TensorList n, int64_t r) {
     const float* cos_table = cos[rope_of_layer[l]].data_ptr<float>();
     const float* sin_table = sin[rope_of_layer[l]].data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) {
-      float* qr = q.data_ptr<float>() + r * q_size;
-      float* kr = qkv.data_ptr<float>() + r * qkv_size + q_size;
-      const float* qkv_q = qkv.data_ptr<float>() + r * qkv_size;
-      if (qk_norm) {
-        const at::Tensor* qk_norms = &n[post_norms ? 4 : 2];
-        for (int64_t hd = 0; hd < num_heads; ++hd)
-          rms_norm_row(qkv_q + hd * head_dim, qk_norms[0].data_ptr<float>(), qr + hd * head_dim, head_dim, feps);
-        for (int64_t hd = 0; hd < num_kv_heads; ++hd)
-          rms_norm_row(kr + hd * head_dim, qk_norms[1].data_ptr<float>(), kr + hd * head_dim, head_dim, feps);
-      } else {
-        std::memcpy(qr, qkv_q, q_size * sizeof(float));
-      }
-      rope_row(qr, num_heads, kr, num_kv_heads, cos_table + pos[r] * head_dim, sin_table + pos[r] * head_dim,
-               head_dim, interleaved);
-      write_kv_row(kr, kr + kv_size, k_sides[l], v_sides[l], slot[r]);
+    float* qr = q.data_ptr<float>() + r * q_size;
+    float* kr = qkv.data_ptr<float>() + r * qkv_size + q_size;
+    const float* qkv_q = qkv.data_ptr<float>() + r * qkv_size;
+    if (qk_norm) {
+      const at::Tensor* qk_norms = &n[post_norms ? 4 : 2];
+      for (int64_t hd = 0; hd < num_heads; ++hd)
+        rms_norm_row(qkv_q + hd * head_dim, qk_norms[0].data_ptr<float>(), qr + hd * head_dim, head_dim, feps);
+      for (int64_t hd = 0; hd < num_kv_heads; ++hd)
+        rms_norm_row(kr + hd * head_dim, qk_norms[1].data_ptr<float>(), kr + hd * head_dim, head_dim, feps);
+    } else {
+      std::memcpy(qr, qkv_q, q_size * sizeof(float));
     }
+    rope_row(qr, num_heads, kr, num_kv_heads, cos_table + pos[r] * head_dim, sin_table + pos[r] * head_dim,
+             head_dim, interleaved);
+    write_kv_row(kr, kr + kv_size, k_sides[l], v_sides[l], slot[r]);
+  };
+  auto finish_cache = [&](int64_t l) {  // after every row's write (quantized key blocks)
     finish_kv_rows(k_sides[l], qkv.data_ptr<float>() + q_size, qkv_size, slot, rows);
   };
-  // activated = act(gate) * up, row by row (exact GELU through its op)
-  auto activate = [&] {
-    if (activation == EXACT_GELU) {
-      gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner), activation, activated);
-      return;
-    }
-    const float* g = gate_up.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r)
-      gated_activation_row(g + r * 2 * inner, g + r * 2 * inner + inner, activated.data_ptr<float>() + r * inner,
-                           inner, activation);
-  };
-  normalize(norms[0]);
-
   const Products products{integer, gemv_max_rows, int8_batch_max_rows, int8_batch_types};
+  const bool shared_steps = rows >= SHARED_STEP_MIN_ROWS;
+  // With shared steps, where the products that read h (q/k/v, gate/up) or `activated` (down) take
+  // the batched int8 product in every layer, the row that a step computes is quantized there for
+  // them (ops.h's QuantizedX), once, instead of by every member before its first job.
+  bool h_ahead = shared_steps, activated_ahead = shared_steps && gated_activation_by_rows(activation);
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::IntArrayRef t = types.slice(WEIGHTS_PER_LAYER * l, WEIGHTS_PER_LAYER);
+    h_ahead = h_ahead && products.batched(rows, t.slice(0, 3)) && products.batched(rows, t.slice(4, 2));
+    activated_ahead = activated_ahead && products.batched(rows, t.slice(6, 1));
+  }
+  const QuantizedX h_ready = h_ahead ? quantized_x(rows, hidden) : QuantizedX{};
+  const QuantizedX activated_ready = activated_ahead ? quantized_x(rows, inner) : QuantizedX{};
+  const QuantizedX* h_quantized = h_ahead ? &h_ready : nullptr;
+  const QuantizedX* activated_quantized = activated_ahead ? &activated_ready : nullptr;
+  auto activate_row = [&](int64_t r) {
+    const float* gu = gate_up.data_ptr<float>() + r * 2 * inner;
+    float* out = activated.data_ptr<float>() + r * inner;
+    gated_activation_row(gu, gu + inner, out, inner, activation);
+    if (activated_ahead) quantize_x_row(out, r, activated_ready);
+  };
+  auto normalize_row_ahead = [&](const at::Tensor& weight, int64_t r) {  // the same, and h's row quantized
+    normalize_row(weight, r);
+    if (h_ahead) quantize_x_row(hs + r * hidden, r, h_ready);
+  };
+  for (int64_t r = 0; r < rows; ++r) normalize_row_ahead(norms[0], r);
+
+  // A step between stages: `each_row(r)` on every row, then `last()`, which sees every row.
+  // With many rows the rows are a stage of their own, shared as a product's jobs are (run by the
+  // member that ended the stage before, they kept the others waiting: ~1.2 ms of Gemma 3's
+  // 32-row step at one thread, docs/benchmarks.md); with a few, that member runs them, with no
+  // stage end of their own. False: the team stopped.
+  auto between = [&](Member& member, auto&& each_row, auto&& last) -> bool {
+    if (!shared_steps)
+      return member.finish([&] {
+        for (int64_t r = 0; r < rows; ++r) each_row(r);
+        last();
+      });
+    if (!member.finish()) return false;  // the stage before
+    for (int64_t begin, end; member.next(rows, begin, end);)
+      for (int64_t r = begin; r < end; ++r) each_row(r);
+    return member.finish(last);
+  };
+  const auto nothing = [] {};
+
   run_team([&](Member& member) {
     const auto every_layer = [&]() -> bool {  // false: the team stopped
       for (int64_t l = 0; l < layers; ++l) {
@@ -300,8 +334,9 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
         const at::TensorList n = norms.slice(norms_per_layer * l, norms_per_layer);
         {
           RECORD_FUNCTION("cholla::decode_layers: attention", std::vector<c10::IValue>());
-          products.run(h, w.slice(0, 3), t.slice(0, 3), r, qkv, member);
-          if (!member.finish([&] { rope_and_cache(l, n); })) return false;
+          products.run(h, w.slice(0, 3), t.slice(0, 3), r, qkv, member, h_quantized);
+          if (!between(member, [&](int64_t row) { rope_and_cache_row(l, n, row); }, [&] { finish_cache(l); }))
+            return false;
           if (!member.behind())
             paged_attention_part(q, k_sides[l], v_sides[l], tables, scale, windows[l], softcap, attended, member);
           if (!member.finish()) return false;
@@ -309,28 +344,40 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
         {
           RECORD_FUNCTION("cholla::decode_layers: o projection", std::vector<c10::IValue>());
           products.run(attended_rows, w.slice(3, 1), t.slice(3, 1), r + 3, o, member);
-          if (!member.finish([&] {
-                add(o, post_norms ? &n[2] : nullptr);
-                normalize(n[1]);
-              }))
+          if (!between(member,
+                       [&](int64_t row) {
+                         add_row(o, post_norms ? &n[2] : nullptr, row);
+                         normalize_row_ahead(n[1], row);
+                       },
+                       nothing))
             return false;
         }
         {
           RECORD_FUNCTION("cholla::decode_layers: gate/up projection", std::vector<c10::IValue>());
-          products.run(h, w.slice(4, 2), t.slice(4, 2), r + 4, gate_up, member);
-          if (!member.finish(activate))
-            return false;
+          products.run(h, w.slice(4, 2), t.slice(4, 2), r + 4, gate_up, member, h_quantized);
+          const bool ok = gated_activation_by_rows(activation)
+                              ? between(member, activate_row, nothing)
+                              : member.finish([&] {  // (PyTorch's exact GELU)
+                                  gated_activation_out(gate_up.narrow(1, 0, inner), gate_up.narrow(1, inner, inner),
+                                                       activation, activated);
+                                });
+          if (!ok) return false;
         }
         {
           RECORD_FUNCTION("cholla::decode_layers: down projection", std::vector<c10::IValue>());
-          products.run(activated, w.slice(6, 1), t.slice(6, 1), r + 6, down, member);
-          if (!member.finish([&] {
-                add(down, post_norms ? &n[3] : nullptr);
-                if (l + 1 < layers)
-                  normalize(norms[norms_per_layer * (l + 1)]);
-                else if (head_out.defined())
-                  normalize(model->final_norm);
-              }))
+          products.run(activated, w.slice(6, 1), t.slice(6, 1), r + 6, down, member, activated_quantized);
+          const at::Tensor* next_norm = l + 1 < layers ? &norms[norms_per_layer * (l + 1)]
+                                        : head_out.defined() ? &model->final_norm
+                                                             : nullptr;
+          if (!between(member,
+                       [&](int64_t row) {
+                         add_row(down, post_norms ? &n[3] : nullptr, row);
+                         if (l + 1 < layers)
+                           normalize_row_ahead(*next_norm, row);
+                         else if (next_norm != nullptr)
+                           normalize_row(*next_norm, row);
+                       },
+                       nothing))
             return false;
         }
       }

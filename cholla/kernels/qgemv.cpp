@@ -597,49 +597,53 @@ inline void load32(const uint16_t* p, __m512& lo, __m512& hi) {
   hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
 }
 
-// Tile t of x (rows past m as zeros) into `tiles`' buffers (a row's products do
-// not depend on which entry or tile quantized it). `sums`: Σ x per block (types with a min), else 0;
-// `starts`: Q6_K's starts (where the buffer has them).
+// Row r (lane r % 16 of tile r / 16) of x into `tiles`' buffers: `row` its k values, or null
+// for a row past x's (zeros: what the arithmetic below gives them, without it). `sums`: Σ x per
+// block (types with a min), else 0; `starts`: Q6_K's starts (where the buffer has them).
 template <typename T>
-void quantize_tile(const T* x, int64_t m, int64_t k, int64_t t, bool sums, bool starts, const XTiles& tiles) {
-  const int64_t blocks = k / 32;
-  for (int64_t lane = 0; lane < LANES; ++lane) {
-    const int64_t r = t * LANES + lane;
-    for (int64_t b = 0; b < blocks; ++b) {
-      if (r >= m) {  // past x's rows: zeros (what the arithmetic below gives them, without it)
-        int32_t* dst = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.quads(t, b)));
-        for (int j = 0; j < 8; ++j) dst[j * LANES + lane] = 0;
-        float* n = const_cast<float*>(tiles.dx(t, b));
-        n[lane] = n[LANES + lane] = n[2 * LANES + lane] = 0.0f;
-        if (starts) {
-          int32_t* s = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.q6_k_starts(t, b)));
-          s[lane] = s[LANES + lane] = 0;
-        }
-        continue;
-      }
-      __m512 lo, hi;
-      load32(x + r * k + 32 * b, lo, hi);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-      const float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));  // round to nearest
-      const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
-      alignas(16) int32_t quad[8];  // four int8 each: weights 4j .. 4j+3 of the block
-      _mm_store_si128(reinterpret_cast<__m128i*>(quad), _mm512_cvtepi32_epi8(qlo));
-      _mm_store_si128(reinterpret_cast<__m128i*>(quad + 4), _mm512_cvtepi32_epi8(qhi));
-      int32_t* dst = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.quads(t, b)));
-      for (int j = 0; j < 8; ++j) dst[j * LANES + lane] = quad[j];
-      float* n = const_cast<float*>(tiles.dx(t, b));
-      const int32_t sum_lo = _mm512_reduce_add_epi32(qlo), sum_hi = _mm512_reduce_add_epi32(qhi);
-      n[lane] = d;
-      n[LANES + lane] = d * static_cast<float>(sum_lo + sum_hi);
-      n[2 * LANES + lane] = sums ? _mm512_reduce_add_ps(_mm512_add_ps(lo, hi)) : 0.0f;
-      if (starts) {
-        int32_t* s = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.q6_k_starts(t, b)));
-        s[lane] = -32 * sum_lo;
-        s[LANES + lane] = -32 * sum_hi;
-      }
+void quantize_lane(const T* row, int64_t k, int64_t r, bool sums, bool starts, const XTiles& tiles) {
+  const int64_t blocks = k / 32, t = r / LANES, lane = r % LANES;
+  for (int64_t b = 0; b < blocks; ++b) {
+    int32_t* dst = reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.quads(t, b)));
+    float* n = const_cast<float*>(tiles.dx(t, b));
+    int32_t* s = starts ? reinterpret_cast<int32_t*>(const_cast<int8_t*>(tiles.q6_k_starts(t, b))) : nullptr;
+    if (row == nullptr) {
+      for (int j = 0; j < 8; ++j) dst[j * LANES + lane] = 0;
+      n[lane] = n[LANES + lane] = n[2 * LANES + lane] = 0.0f;
+      if (starts) s[lane] = s[LANES + lane] = 0;
+      continue;
+    }
+    __m512 lo, hi;
+    load32(row + 32 * b, lo, hi);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+    const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));  // round to nearest
+    const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
+    alignas(16) int32_t quad[8];  // four int8 each: weights 4j .. 4j+3 of the block
+    _mm_store_si128(reinterpret_cast<__m128i*>(quad), _mm512_cvtepi32_epi8(qlo));
+    _mm_store_si128(reinterpret_cast<__m128i*>(quad + 4), _mm512_cvtepi32_epi8(qhi));
+    for (int j = 0; j < 8; ++j) dst[j * LANES + lane] = quad[j];
+    const int32_t sum_lo = _mm512_reduce_add_epi32(qlo), sum_hi = _mm512_reduce_add_epi32(qhi);
+    n[lane] = d;
+    n[LANES + lane] = d * static_cast<float>(sum_lo + sum_hi);
+    n[2 * LANES + lane] = sums ? _mm512_reduce_add_ps(_mm512_add_ps(lo, hi)) : 0.0f;
+    if (starts) {
+      s[lane] = -32 * sum_lo;
+      s[LANES + lane] = -32 * sum_hi;
     }
   }
+}
+
+// Tile t of x (rows past m as zeros) into `tiles`' buffers (a row's products do
+// not depend on which entry or tile quantized it).
+template <typename T>
+void quantize_tile(const T* x, int64_t m, int64_t k, int64_t t, bool sums, bool starts, const XTiles& tiles) {
+  for (int64_t r = t * LANES; r < (t + 1) * LANES; ++r) quantize_lane(r < m ? x + r * k : nullptr, k, r, sums, starts, tiles);
+}
+
+// x quantized ahead (cholla::quantized_x), as quantize_tiles gives it.
+XTiles ready_tiles(const cholla::QuantizedX& x) {
+  return {(x.rows + LANES - 1) / LANES, x.k / 32, x.bytes.data_ptr<int8_t>(), x.numbers.data_ptr<float>()};
 }
 
 // Every tile of x, with Σ x and Q6_K's starts (a decode step's products take every type).
@@ -1186,7 +1190,7 @@ inline void fold_best(const float* c, int64_t rows, int32_t col, __m512& value, 
 template <bool ARGMAX>
 [[gnu::flatten]] void run_batched_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, int64_t begin, int64_t end,
                       cholla::Member& member, const float* xs, int64_t m, int64_t k, float* out, int64_t n_total,
-                      RowBest* best = nullptr) {
+                      RowBest* best = nullptr, const cholla::QuantizedX* ready = nullptr) {
   static_assert(GEMV_JOB_ROWS == LANES, "transpose16: a job of 16 weight rows meets tiles of 16 lanes");
   thread_local std::vector<int8_t> x_bytes;
   thread_local std::vector<float> x_numbers;
@@ -1194,7 +1198,7 @@ template <bool ARGMAX>
   thread_local std::vector<float> scales;
   thread_local std::vector<float> sums;
   const int64_t n_jobs = static_cast<int64_t>(jobs.size()), blocks = k / 32;
-  const XTiles x = quantize_tiles(xs, m, k, x_bytes, x_numbers);
+  const XTiles x = ready != nullptr ? ready_tiles(*ready) : quantize_tiles(xs, m, k, x_bytes, x_numbers);
   strip.resize(GEMV_JOB_ROWS * k);
   scales.resize(3 * GEMV_JOB_ROWS * blocks);
   sums.resize(x.tiles * GEMV_JOB_ROWS * LANES);
@@ -1254,7 +1258,8 @@ template <bool ARGMAX>
 // `integer` the int8 ones for the types that have them (the batched product's
 // where every weight has one and x has more than INT8_GEMV_MAX_ROWS rows).
 void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, cholla::Member& member,
-                   const float* xs, int64_t m, int64_t k, bool integer, float* out, int64_t n_total) {
+                   const float* xs, int64_t m, int64_t k, bool integer, float* out, int64_t n_total,
+                   const cholla::QuantizedX* ready = nullptr) {
   const int64_t n_jobs = static_cast<int64_t>(jobs.size());
   int64_t begin = 0, end = 0;
   if (m == 0 || !member.next(n_jobs, begin, end)) return;
@@ -1270,7 +1275,7 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
   const bool all_integer = std::all_of(segments.begin(), segments.end(),
                                        [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; });
   if (integer && m > INT8_GEMV_MAX_ROWS && all_integer)
-    return run_batched_jobs<false>(segments, jobs, begin, end, member, xs, m, k, out, n_total);
+    return run_batched_jobs<false>(segments, jobs, begin, end, member, xs, m, k, out, n_total, nullptr, ready);
   prefetch_job(begin);
   // Each thread quantizes x itself (reading a copy another core had just written
   // cost ~1 us a call), into scratch it keeps from call to call (allocating and
@@ -1473,13 +1478,27 @@ int64_t plan_rows(const at::Tensor& x, const WeightRows* weights, int64_t count,
 }
 
 void gemv_rows_part(const at::Tensor& x, const WeightRows* weights, int64_t count, bool integer, at::Tensor& y,
-                    Member& member) {
+                    Member& member, const QuantizedX* ready) {
   thread_local std::vector<Segment> segments;  // (as gemv_part's)
   thread_local std::vector<Job> jobs;
   const int64_t n_total = plan_rows(x, weights, count, integer, segments, jobs);
   check_output("gemv_part", y, x.size(0), n_total);
+  TORCH_CHECK(ready == nullptr || (ready->rows == x.size(0) && ready->k == x.size(1)),
+              "gemv_part: x quantized ahead has another shape than x");
   run_gemv_jobs(segments, jobs, member, x.data_ptr<float>(), x.size(0), x.size(1), integer, y.data_ptr<float>(),
-                n_total);
+                n_total, ready);
+}
+
+QuantizedX quantized_x(int64_t rows, int64_t k) {
+  TORCH_CHECK(rows > 0 && k > 0 && k % 32 == 0, "quantized_x: rows and a k of whole blocks");
+  const int64_t tiles = (rows + LANES - 1) / LANES, blocks = k / 32;
+  // (zeros: the last tile's rows past `rows`, as quantize_tile leaves them)
+  return {at::zeros({tiles * blocks * (512 + 128)}, at::kChar), at::zeros({tiles * blocks * 3 * LANES}, at::kFloat),
+          rows, k};
+}
+
+void quantize_x_row(const float* row, int64_t r, const QuantizedX& x) {
+  quantize_lane(row, x.k, r, true, true, ready_tiles(x));
 }
 
 // fp32 products, exact: each block dequantized as gguf does, then fp32 FMAs.

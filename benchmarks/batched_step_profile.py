@@ -1,0 +1,122 @@
+"""Where a batched decode step's wall time goes: Gemma 3's 32 rows, part by part, at a given team size.
+
+``--seqs`` random prompts of ``--prompt-len`` tokens are prefilled, then every decode step
+(greedy, ``ignore_eos``, ``--steps`` of them) is timed with ``time.perf_counter_ns`` around the
+engine's parts: the scheduler, the runner's tensors, the embedding, the layers' one C++ call
+(``decode_layers``), the final norm, the head's greedy product (``greedy_tokens``), the outputs.
+The rest of ``runner.execute`` and ``engine.step`` is their Python. Medians and p10 over
+``--reps`` runs; also the process's CPU time a step (at two threads, past the wall time by what
+the team's members spent, waits included):
+
+    OMP_NUM_THREADS=1 python benchmarks/batched_step_profile.py --model gemma3 --threads 2 --reps 3
+
+Run it with ``--threads 1`` and ``--threads 2`` in turns: each part's ratio is its scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's cholla
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from throughput import random_prompts  # noqa: E402
+
+from cholla import LLM, SamplingParams  # noqa: E402
+from cholla.download import resolve_model  # noqa: E402
+from cholla.models import fused_decode  # noqa: E402
+
+PARTS = ("engine.step", "process CPU", "scheduler.schedule", "runner.execute", "runner._prepare", "embedding",
+         "decode_layers (C++)", "final norm", "head (greedy_tokens)", "engine._postprocess")
+
+
+class _TimedKernels:
+    """``cpu_kernels()`` as fused_decode sees it, with its ``decode_layers.op`` timed into ``step``."""
+
+    def __init__(self, kernels, step: dict[str, int]):
+        self._kernels = kernels
+        self.decode_layers = type("op", (), {})()
+        original = kernels.decode_layers.op
+
+        def op(*args):
+            start = time.perf_counter_ns()
+            try:
+                return original(*args)
+            finally:
+                step["decode_layers (C++)"] += time.perf_counter_ns() - start
+
+        self.decode_layers.op = op
+
+    def __getattr__(self, name):
+        return getattr(self._kernels, name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gemma3")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seqs", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    llm = LLM(resolve_model(args.model), max_num_seqs=args.seqs, max_model_len=args.prompt_len + args.steps + 16,
+              threads=args.threads)
+    engine = llm.engine
+    model = engine.loaded.model
+    step: dict[str, int] = defaultdict(int)
+
+    def wrap(owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*a, **k):
+            start = time.perf_counter_ns()
+            try:
+                return original(*a, **k)
+            finally:
+                step[label] += time.perf_counter_ns() - start
+
+        setattr(owner, name, timed)
+
+    wrap(engine.scheduler, "schedule", "scheduler.schedule")
+    wrap(engine.runner, "execute", "runner.execute")
+    wrap(engine.runner, "_prepare", "runner._prepare")
+    wrap(engine, "_postprocess", "engine._postprocess")
+    wrap(model, "greedy_tokens", "head (greedy_tokens)")
+    wrap(model.embed_tokens, "forward", "embedding")
+    wrap(model.norm, "forward", "final norm")
+    timed_kernels = _TimedKernels(fused_decode.cpu_kernels(), step)
+    fused_decode.cpu_kernels = lambda: timed_kernels
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(args.seqs, args.prompt_len, engine.model_config.vocab_size, 0)]
+    steps: list[dict[str, int]] = []
+    for _ in range(args.reps):
+        engine.block_manager.reset_prefix_cache()
+        for prompt in prompts:
+            engine.add_request(None, prompt, SamplingParams(temperature=0.0, max_tokens=args.steps + 1, ignore_eos=True))
+        while engine.scheduler.waiting or any(r.num_computed_tokens < len(r.prompt_token_ids)
+                                              for r in engine.scheduler.running):
+            engine.step()  # the prompts
+        while engine.has_unfinished_requests():
+            step.clear()
+            wall, cpu = time.perf_counter_ns(), time.process_time_ns()
+            engine.step()
+            step["engine.step"] = time.perf_counter_ns() - wall
+            step["process CPU"] = time.process_time_ns() - cpu
+            if step.get("decode_layers (C++)") and len(engine.scheduler.running) == args.seqs:
+                steps.append(dict(step))
+    print(f"{args.model}, {args.seqs} rows, {args.threads} threads, {len(steps)} decode steps, "
+          f"load {os.getloadavg()[0]:.1f}")
+    print("| part | median us | p10 us |\n| --- | ---: | ---: |")
+    for label in PARTS:
+        values = sorted(s.get(label, 0) / 1000 for s in steps)
+        print(f"| {label} | {statistics.median(values):.1f} | {values[len(values) // 10]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
