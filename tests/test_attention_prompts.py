@@ -111,3 +111,68 @@ def test_short_prompts_take_values_narrower_than_keys(monkeypatch):
         expected = torch.nn.functional.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=True, scale=0.2,
                                                                     enable_gqa=True)
         torch.testing.assert_close(ours[s], expected[0].transpose(0, 1), rtol=2e-2, atol=2e-2)
+
+
+def per_pair_reference(q, k, v, length, scale):
+    """_attend_short_prompts as it was: one ``qmatmul_out`` call per (sequence, KV head), the mask built
+    anew, the result in bf16 [n L, heads, v's dim]."""
+    kernels = cpu_kernels()
+    n, heads, dim = q.shape[0] // length, q.shape[1], q.shape[2]
+    kv_heads, v_dim = k.shape[1], v.shape[2]
+    group = heads // kv_heads
+    queries = q.reshape(n, length, kv_heads, group, dim).transpose(1, 2).reshape(n, kv_heads, length * group, dim)
+    keys = k.reshape(n, length, kv_heads, dim).transpose(1, 2).to(torch.bfloat16).contiguous()
+    values = v.reshape(n, length, kv_heads, v_dim).transpose(1, 2).to(torch.bfloat16).contiguous()
+    above = torch.full((length, length), float("-inf")).triu_(1).repeat_interleave(group, 0)
+    scores = torch.empty(n, kv_heads, length * group, length)
+    for i in range(n):
+        for h in range(kv_heads):
+            kernels.qmatmul_out(queries[i, h], [keys[i, h].view(torch.uint8)], [attention.GGML_BF16], scores[i, h])
+    probs = torch.softmax(scores.mul_(scale).add_(above), dim=-1).to(torch.bfloat16)
+    out = torch.bmm(probs.flatten(0, 1), values.flatten(0, 1)).view(n, kv_heads, length, group, v_dim)
+    return out.transpose(1, 2).reshape(n * length, heads, v_dim)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="the batched scores are our kernels' product")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_scores_equal_one_qmatmul_call_each(threads):
+    """qmatmul_bf16_batched_out: every (sequence, KV head) product in one call, bit for bit the
+    per-product qmatmul_out, also where m is no multiple of a tile (16) and n of a strip (32)."""
+    kernels, before = cpu_kernels(), torch.get_num_threads()
+    g = torch.Generator().manual_seed(3)
+    torch.set_num_threads(threads)
+    try:
+        for products, m, n, k in ((5, 27, 40, 64), (16, 512, 128, 256), (1, 3, 7, 32), (3, 0, 8, 32)):
+            x = torch.randn(products, m, k, generator=g)
+            keys = torch.randn(products, n, k, generator=g).to(torch.bfloat16)
+            out = torch.full((products, m, n), float("nan"))
+            kernels.qmatmul_bf16_batched_out(x, keys, out)
+            for p in range(products):
+                expected = torch.empty(m, n)
+                kernels.qmatmul_out(x[p], [keys[p].view(torch.uint8)], [attention.GGML_BF16], expected)
+                assert torch.equal(out[p], expected)
+        with pytest.raises(RuntimeError, match="keys must be contiguous bf16"):
+            kernels.qmatmul_bf16_batched_out(torch.randn(2, 4, 32), torch.randn(2, 8, 32), torch.empty(2, 4, 8))
+        with pytest.raises(RuntimeError, match="out must be contiguous fp32"):
+            kernels.qmatmul_bf16_batched_out(torch.randn(2, 4, 32), torch.randn(2, 8, 32).bfloat16(), torch.empty(2, 8, 4))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="the short prompts' scores are our kernels' product")
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_short_prompts_equal_the_per_pair_path_into_any_out(kv_heads):
+    """One scores call per pass, the kept mask and the values' product written straight into a bf16
+    out (one KV head): bit for bit the per-(sequence, head) path, returned or written into bf16 or
+    fp32 out."""
+    g = torch.Generator().manual_seed(4)
+    n, length, heads, dim = 3, 40, 4, 64
+    q = torch.randn(n * length, heads, dim, generator=g)
+    k, v = (torch.randn(n * length, kv_heads, dim, generator=g) for _ in range(2))
+    expected = per_pair_reference(q, k, v, length, 0.125)
+    assert torch.equal(attention._attend_short_prompts(q, k, v, length, 0.125), expected)
+    for dtype in (torch.bfloat16, torch.float32):
+        out = torch.full((n * length + 5, heads, dim), float("nan"), dtype=dtype)
+        written = attention._attend_short_prompts(q, k, v, length, 0.125, out[2 : 2 + n * length])
+        assert written.data_ptr() == out[2].data_ptr() and torch.equal(out[2 : 2 + n * length], expected.to(dtype))
+        assert out[:2].isnan().all() and out[2 + n * length :].isnan().all()
