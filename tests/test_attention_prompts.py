@@ -151,6 +151,17 @@ def test_batched_scores_equal_one_qmatmul_call_each(threads):
                 expected = torch.empty(m, n)
                 kernels.qmatmul_out(x[p], [keys[p].view(torch.uint8)], [attention.GGML_BF16], expected)
                 assert torch.equal(out[p], expected)
+        # causal (queries of `group` rows each against their prompt's keys): every visible score the
+        # same, bit for bit; the skipped tiles 0 (all under the mask), the others as computed
+        for group, length in ((4, 128), (3, 40), (1, 100)):
+            x = torch.randn(2, length * group, 64, generator=g)
+            keys = torch.randn(2, length, 64, generator=g).to(torch.bfloat16)
+            full, causal = torch.empty(2, length * group, length), torch.full((2, length * group, length), float("nan"))
+            kernels.qmatmul_bf16_batched_out(x, keys, full)
+            kernels.qmatmul_bf16_batched_out(x, keys, causal, group)
+            visible = (torch.arange(length)[None, :] <= torch.arange(length * group)[:, None] // group).expand_as(full)
+            assert torch.equal(causal[visible], full[visible])
+            assert ((causal == full) | (causal == 0))[~visible].all() and (causal == 0).any()
         with pytest.raises(RuntimeError, match="keys must be contiguous bf16"):
             kernels.qmatmul_bf16_batched_out(torch.randn(2, 4, 32), torch.randn(2, 8, 32), torch.empty(2, 4, 8))
         with pytest.raises(RuntimeError, match="out must be contiguous fp32"):

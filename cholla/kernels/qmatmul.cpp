@@ -20,6 +20,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -267,8 +268,10 @@ void run_qmatmul(const at::Tensor& x, const std::vector<Segment>& segments, cons
 }
 
 // Many small products in one team: x fp32 [P, m, k] (contiguous) packed by group, keys bf16
-// [P, n, k], out fp32 [P, m, n]; job j is a 32-key strip of product j / strips.
-void run_batched_bf16(const at::Tensor& x, const at::Tensor& keys, at::Tensor& out) {
+// [P, n, k], out fp32 [P, m, n]; job j is a 32-key strip of product j / strips. `causal` > 0: x's
+// row r is query r / causal of a prompt whose keys are its tokens, and a strip's tiles of queries
+// that see none of its keys (all before the strip's first) are written as 0, not computed.
+void run_batched_bf16(const at::Tensor& x, const at::Tensor& keys, at::Tensor& out, int64_t causal) {
   const int64_t products = x.size(0), m = x.size(1), k = x.size(2), n = keys.size(1);
   if (products == 0 || m == 0 || n == 0) return;
   const at::Tensor packed = pack_activations(x.view({products * m, k}), m);
@@ -284,9 +287,16 @@ void run_batched_bf16(const at::Tensor& x, const at::Tensor& keys, at::Tensor& o
     std::unique_ptr<uint16_t[]> strip(new uint16_t[BLOCK_ROWS * k]);
     do {
       for (int64_t j = begin; j < end; ++j) {
-        const int64_t p = j / strips;
+        const int64_t p = j / strips, n0 = j % strips * BLOCK_ROWS;
         const Segment seg{key_rows + p * n * k * 2, BF16, n, k * 2, 0};
-        run_job(seg, j % strips * BLOCK_ROWS, xp + p * pair_elems, m, k, y + p * m * n, n, strip.get());
+        // The rows before tile `skip` are queries before key n0: masked for the whole strip.
+        const int64_t skip = causal > 0 ? std::min(n0 * causal, m) / TILE : 0, m0 = skip * TILE;
+        float* y_p = y + p * m * n;
+        for (int64_t r = 0; r < m0; ++r)
+          std::fill_n(y_p + r * n + n0, std::min<int64_t>(BLOCK_ROWS, n - n0), 0.0f);
+        if (m0 < m)
+          run_job(seg, n0, xp + p * pair_elems + skip * (k / KCHUNK) * TILE_ELEMS, m - m0, k, y_p + m0 * n, n,
+                  strip.get());
       }
     } while (member.next(n_jobs, begin, end));
     if (amx_granted) _tile_release();
@@ -302,7 +312,10 @@ namespace cholla {
 // x rounded to bf16 and fp32 sums, the same as qmatmul_out(x[p], [keys[p]], [BF16], out[p]) for each
 // p, bit for bit, but with one team for all of them (a short prompt's layer has one such product
 // per sequence and KV head: 16 wake-ups of the team a layer for 16 prompts on one KV head).
-void qmatmul_bf16_batched_out(const at::Tensor& x_in, const at::Tensor& keys, at::Tensor out) {
+// `causal` > 0 (a KV head's query heads, each query's `causal` rows one after another): the 32-key
+// strips' tiles of 16 query rows that come wholly before the strip's first key are 0, not
+// computed (a causal mask's -inf covers them): 37.5% of the products for 128 tokens of 4 heads.
+void qmatmul_bf16_batched_out(const at::Tensor& x_in, const at::Tensor& keys, at::Tensor out, int64_t causal) {
   TORCH_CHECK(x_in.dim() == 3 && x_in.scalar_type() == at::kFloat, "qmatmul_bf16_batched_out: x must be fp32 [P, m, k]");
   const at::Tensor x = x_in.contiguous();
   const int64_t products = x.size(0), m = x.size(1), k = x.size(2);
@@ -313,7 +326,7 @@ void qmatmul_bf16_batched_out(const at::Tensor& x_in, const at::Tensor& keys, at
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 3 && out.size(0) == products &&
                   out.size(1) == m && out.size(2) == keys.size(1),
               "qmatmul_bf16_batched_out: out must be contiguous fp32 [P, m, n]");
-  run_batched_bf16(x, keys, out);
+  run_batched_bf16(x, keys, out, causal);
 }
 
 // x: fp32 [m, k]; weights[i]: uint8 [n_i, bytes per row] of GGML type types[i].
@@ -357,7 +370,7 @@ void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef t
 TORCH_LIBRARY(cholla, m) {
   m.def("qmatmul(Tensor x, Tensor[] weights, int[] types) -> Tensor");
   m.def("qmatmul_out(Tensor x, Tensor[] weights, int[] types, Tensor(a!) out) -> ()");
-  m.def("qmatmul_bf16_batched_out(Tensor x, Tensor keys, Tensor(a!) out) -> ()");
+  m.def("qmatmul_bf16_batched_out(Tensor x, Tensor keys, Tensor(a!) out, int causal=0) -> ()");
   m.def("dequantize_bf16(Tensor[] weights, int[] types, int k) -> Tensor");
   m.def("request_amx() -> bool", &request_amx);
 }

@@ -278,7 +278,8 @@ def _attend_short_prompts(q, k, v, length: int, scale: float, out: torch.Tensor 
 
     As SDPA computes in bf16: scores of bf16 q and k summed in fp32 (``qmatmul``'s bf16 product
     with the keys as its weight rows, all of a KV head's queries at once, every sequence and KV
-    head in one kernel call), an fp32 softmax, then the probabilities and values in bf16
+    head in one kernel call, which skips the query tiles that see none of a 32-key strip and writes
+    0 there, under the mask's -inf), an fp32 softmax, then the probabilities and values in bf16
     (oneDNN's batched matmul, straight into a bf16 ``out`` where there is one KV head: its layout
     is the result's). Every score is computed, the ones above the diagonal too, which is what
     limits it to short prompts."""
@@ -299,7 +300,7 @@ def _attend_short_prompts(q, k, v, length: int, scale: float, out: torch.Tensor 
         last = min(first + step, n)
         scores = torch.empty(last - first, kv_heads, length * group, length)
         kernels.qmatmul_bf16_batched_out(queries[first:last].flatten(0, 1), keys[first:last].flatten(0, 1),
-                                         scores.flatten(0, 1))
+                                         scores.flatten(0, 1), group)  # tiles above the diagonal: 0, masked
         probs = torch.softmax(scores.mul_(scale).add_(above), dim=-1).to(torch.bfloat16)
         torch.bmm(probs.flatten(0, 1), values[first:last].flatten(0, 1), out=result[first:last].flatten(0, 1))
     if direct:
