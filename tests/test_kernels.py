@@ -502,6 +502,18 @@ def test_rms_norm_matches_the_torch_ops(dim):
         kernels.rms_norm(x, weight[:-1], 1e-6)
 
 
+def test_rms_norm_reads_heads_in_place():
+    """q and k as [tokens, heads, dim] views into a fused q/k/v product (a free token stride): the
+    same result, bit for bit, as their contiguous copies, and contiguous; other layouts are copied."""
+    generator = torch.Generator().manual_seed(5)
+    fused = torch.randn(300, 4 * 64 + 64 + 64, generator=generator)
+    q, k, v = fused.split([256, 64, 64], dim=1)
+    weight = torch.randn(64, generator=generator)
+    for heads in (q.view(300, 4, 64), k.view(300, 1, 64), fused.view(300, 6, 64)[:, ::2]):
+        ours = kernels.rms_norm(heads, weight, 1e-6)
+        assert ours.is_contiguous() and torch.equal(ours, kernels.rms_norm(heads.contiguous(), weight, 1e-6))
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("tokens", [1, 300])
 def test_rope_matches_the_torch_ops(interleaved, tokens):

@@ -74,19 +74,25 @@ void rms_norm_row(const float* x, const float* weight, float* y, int64_t dim, fl
                                                        _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, x + full), scale)));
 }
 
-// x: fp32 [..., dim] -> x / sqrt(mean(x^2) + eps) * weight.
+// x: fp32 [..., dim] -> x / sqrt(mean(x^2) + eps) * weight, contiguous. Heads [tokens, heads, dim]
+// with contiguous heads but a free token stride (q and k as views into a prompt's fused q/k/v
+// product) are read in place: no contiguous copy of them first.
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm: fp32 only");
   const int64_t dim = x_in.size(-1);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == dim && weight.is_contiguous(), "rms_norm: weight must be [", dim, "]");
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty_like(x);
+  const bool heads = x_in.dim() == 3 && x_in.stride(2) == 1 && (x_in.stride(1) == dim || x_in.size(1) == 1);
+  const at::Tensor x = heads ? x_in : x_in.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
   const int64_t rows = dim ? x.numel() / dim : 0;
+  const int64_t per_token = heads ? x.size(1) : 1, token_stride = heads ? x.stride(0) : dim;
   const float* src = x.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* dst = y.data_ptr<float>();
   at::parallel_for(0, rows, std::max<int64_t>(1, SERIAL_ELEMENTS / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) rms_norm_row(src + r * dim, w, dst + r * dim, dim, static_cast<float>(eps));
+    for (int64_t r = begin; r < end; ++r)
+      rms_norm_row(src + r / per_token * token_stride + r % per_token * dim, w, dst + r * dim, dim,
+                   static_cast<float>(eps));
   });
   return y;
 }
