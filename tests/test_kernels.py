@@ -59,6 +59,22 @@ def test_dequantize_matches_gguf(qtype):
     assert (got == reference.bfloat16()).float().mean() > 0.999
 
 
+def test_dequantize_stacks_weights_as_each_alone():
+    """Several weights (q, k, v) in one call, one parallel region over the stack's rows: each
+    weight's rows where its own call puts them, bit for bit, at two threads and one; empty ones too."""
+    weights = [random_weight(T.Q4_K, 130, 256, seed=1)[0], random_weight(T.Q8_0, 4, 256, seed=2)[0][:0],
+               random_weight(T.Q5_0, 67, 256, seed=3)[0], random_weight(T.Q6_K, 5, 256, seed=4)[0]]
+    types = [int(T.Q4_K), int(T.Q8_0), int(T.Q5_0), int(T.Q6_K)]
+    alone = torch.cat([kernels.dequantize_bf16([w], [t], 256) for w, t in zip(weights, types)])
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            assert torch.equal(kernels.dequantize_bf16(weights, types, 256), alone)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 100])
 def test_qmatmul_matches_reference(qtype, rows):

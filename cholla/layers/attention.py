@@ -301,7 +301,9 @@ def _attend_short_prompts(q, k, v, length: int, scale: float, out: torch.Tensor 
         scores = torch.empty(last - first, kv_heads, length * group, length)
         kernels.qmatmul_bf16_batched_out(queries[first:last].flatten(0, 1), keys[first:last].flatten(0, 1),
                                          scores.flatten(0, 1), group)  # tiles above the diagonal: 0, masked
-        probs = torch.softmax(scores.mul_(scale).add_(above), dim=-1).to(torch.bfloat16)
+        # above + scale * scores in one pass: where above is 0, the product rounded once, as a
+        # multiply then an add of 0 gives it (a zero's sign aside); -inf where it is -inf
+        probs = torch.softmax(torch.add(above, scores, alpha=scale, out=scores), dim=-1).to(torch.bfloat16)
         torch.bmm(probs.flatten(0, 1), values[first:last].flatten(0, 1), out=result[first:last].flatten(0, 1))
     if direct:
         return out
