@@ -518,6 +518,35 @@ def test_rms_norm_matches_the_torch_ops(dim):
         kernels.rms_norm(x, weight[:-1], 1e-6)
 
 
+def test_residual_rms_norm_equals_the_add_and_the_norms():
+    """x + rms_norm(a), then that sum's rms_norm (Gemma's post-norm, residual add, next pre-norm)
+    in one pass: bit for bit the three ops, with and without the next norm, at two threads."""
+    from cholla.layers.norm import RMSNorm, residual_rms_norm
+
+    generator = torch.Generator().manual_seed(6)
+    x, a = (torch.randn(700, 650, generator=generator) * 3 for _ in range(2))  # 650: a partial vector
+    norm, next_norm = RMSNorm(650, 1e-6), RMSNorm(650, 1e-6)
+    norm.load(torch.randn(650, generator=generator))
+    next_norm.load(torch.randn(650, generator=generator))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        total, normed = residual_rms_norm(x, a, norm, next_norm)
+        expected = x + kernels.rms_norm(a, norm.weight, 1e-6)
+        assert torch.equal(total, expected) and torch.equal(normed, kernels.rms_norm(expected, next_norm.weight, 1e-6))
+        total, normed = residual_rms_norm(x, a, norm)
+        assert torch.equal(total, expected) and normed is None
+        assert torch.equal(residual_rms_norm(x[:, :64].contiguous(), a[:, :64].t().contiguous().t(),
+                                             RMSNorm(64, 1e-6))[0],
+                           x[:, :64] + kernels.rms_norm(a[:, :64], torch.ones(64), 1e-6))  # not contiguous: the ops
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="weights must be fp32"):
+        kernels.residual_rms_norm(x, a, norm.weight[:-1], 1e-6, None)
+    with pytest.raises(RuntimeError, match="x and a must be contiguous"):
+        kernels.residual_rms_norm(x, a[:, :64], norm.weight, 1e-6, None)
+
+
 def test_rms_norm_reads_heads_in_place():
     """q and k as [tokens, heads, dim] views into a fused q/k/v product (a free token stride): the
     same result, bit for bit, as their contiguous copies, and contiguous; other layouts are copied."""
