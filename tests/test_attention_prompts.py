@@ -115,22 +115,20 @@ def test_short_prompts_take_values_narrower_than_keys(monkeypatch):
 
 def per_pair_reference(q, k, v, length, scale):
     """_attend_short_prompts as it was: one ``qmatmul_out`` call per (sequence, KV head), the mask built
-    anew, the result in bf16 [n L, heads, v's dim]."""
-    kernels = cpu_kernels()
-    n, heads, dim = q.shape[0] // length, q.shape[1], q.shape[2]
-    kv_heads, v_dim = k.shape[1], v.shape[2]
+    anew, each prompt's heads on their own; the result in bf16 [n L, heads, v's dim]."""
+    heads, kv_heads, v_dim = q.shape[1], k.shape[1], v.shape[2]
     group = heads // kv_heads
-    queries = q.reshape(n, length, kv_heads, group, dim).transpose(1, 2).reshape(n, kv_heads, length * group, dim)
-    keys = k.reshape(n, length, kv_heads, dim).transpose(1, 2).to(torch.bfloat16).contiguous()
-    values = v.reshape(n, length, kv_heads, v_dim).transpose(1, 2).to(torch.bfloat16).contiguous()
-    above = torch.full((length, length), float("-inf")).triu_(1).repeat_interleave(group, 0)
-    scores = torch.empty(n, kv_heads, length * group, length)
-    for i in range(n):
+    out = torch.empty(q.shape[0], heads, v_dim, dtype=torch.bfloat16)
+    for start in range(0, q.shape[0], length):
+        above = torch.full((length, length), float("-inf")).triu_(1).repeat_interleave(group, 0)
         for h in range(kv_heads):
-            kernels.qmatmul_out(queries[i, h], [keys[i, h].view(torch.uint8)], [attention.GGML_BF16], scores[i, h])
-    probs = torch.softmax(scores.mul_(scale).add_(above), dim=-1).to(torch.bfloat16)
-    out = torch.bmm(probs.flatten(0, 1), values.flatten(0, 1)).view(n, kv_heads, length, group, v_dim)
-    return out.transpose(1, 2).reshape(n * length, heads, v_dim)
+            tokens, own = slice(start, start + length), slice(h * group, (h + 1) * group)
+            scores = torch.empty(length * group, length)
+            cpu_kernels().qmatmul_out(q[tokens, own].reshape(length * group, -1),
+                                      [k[tokens, h].to(torch.bfloat16).view(torch.uint8)], [attention.GGML_BF16], scores)
+            probs = torch.softmax(scores.mul_(scale).add_(above), dim=-1).to(torch.bfloat16)
+            out[tokens, own] = (probs @ v[tokens, h].to(torch.bfloat16)).view(length, group, v_dim)
+    return out
 
 
 @pytest.mark.skipif(cpu_kernels() is None, reason="the batched scores are our kernels' product")
