@@ -160,8 +160,14 @@ def test_batched_scores_equal_one_qmatmul_call_each(threads):
             visible = (torch.arange(length)[None, :] <= torch.arange(length * group)[:, None] // group).expand_as(full)
             assert torch.equal(causal[visible], full[visible])
             assert ((causal == full) | (causal == 0))[~visible].all() and (causal == 0).any()
-        with pytest.raises(RuntimeError, match="keys must be contiguous bf16"):
-            kernels.qmatmul_bf16_batched_out(torch.randn(2, 4, 32), torch.randn(2, 8, 32), torch.empty(2, 4, 8))
+        # fp32 keys, strided (one KV head of two), rounded to bf16 as they are read: the same bits
+        x, keys = torch.randn(3, 20, 64, generator=g), torch.randn(3, 40, 2, 64, generator=g)[:, :, 1]
+        out, expected = torch.empty(3, 20, 40), torch.empty(3, 20, 40)
+        kernels.qmatmul_bf16_batched_out(x, keys, out)
+        kernels.qmatmul_bf16_batched_out(x, keys.to(torch.bfloat16).contiguous(), expected)
+        assert torch.equal(out, expected)
+        with pytest.raises(RuntimeError, match="keys must be bf16 or fp32"):
+            kernels.qmatmul_bf16_batched_out(torch.randn(2, 4, 32), torch.randn(2, 8, 32).half(), torch.empty(2, 4, 8))
         with pytest.raises(RuntimeError, match="out must be contiguous fp32"):
             kernels.qmatmul_bf16_batched_out(torch.randn(2, 4, 32), torch.randn(2, 8, 32).bfloat16(), torch.empty(2, 8, 4))
     finally:

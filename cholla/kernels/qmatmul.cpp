@@ -272,12 +272,15 @@ void run_qmatmul(const at::Tensor& x, const std::vector<Segment>& segments, cons
   });
 }
 
-// Many small products in one team: x fp32 [P, m, k] (contiguous) packed by group, keys bf16
-// [P, n, k], out fp32 [P, m, n]; job j is a 32-key strip of product j / strips. `causal` > 0: x's
+// Many small products in one team: x fp32 [P, m, k] (contiguous) packed by group, keys bf16 or
+// fp32 [P, n, k] (rows of k contiguous, strides free), out fp32 [P, m, n]; job j is a 32-key strip
+// of product j / strips. `causal` > 0: x's
 // row r is query r / causal of a prompt whose keys are its tokens, and a strip's tiles of queries
 // that see none of its keys (all before the strip's first) are written as 0, not computed.
 void run_batched_bf16(const at::Tensor& x, const at::Tensor& keys, at::Tensor& out, int64_t causal) {
   const int64_t products = x.size(0), m = x.size(1), k = x.size(2), n = keys.size(1);
+  const int64_t type = keys.scalar_type() == at::kFloat ? F32 : BF16, size = keys.element_size();
+  const int64_t product_bytes = keys.stride(0) * size, row_bytes = keys.stride(1) * size;
   if (products == 0 || m == 0 || n == 0) return;
   const at::Tensor packed = pack_activations(x.view({products * m, k}), m);
   const int64_t pair_elems = (m + TILE - 1) / TILE * (k / KCHUNK) * TILE_ELEMS;
@@ -293,7 +296,7 @@ void run_batched_bf16(const at::Tensor& x, const at::Tensor& keys, at::Tensor& o
     do {
       for (int64_t j = begin; j < end; ++j) {
         const int64_t p = j / strips, n0 = j % strips * BLOCK_ROWS;
-        const Segment seg{key_rows + p * n * k * 2, BF16, n, k * 2, 0};
+        const Segment seg{key_rows + p * product_bytes, type, n, row_bytes, 0};
         // The rows before tile `skip` are queries before key n0: masked for the whole strip.
         const int64_t skip = causal > 0 ? std::min(n0 * causal, m) / TILE : 0, m0 = skip * TILE;
         float* y_p = y + p * m * n;
@@ -313,7 +316,8 @@ void run_batched_bf16(const at::Tensor& x, const at::Tensor& keys, at::Tensor& o
 namespace cholla {
 
 // Attention scores of many (sequence, KV head) pairs in one call: x fp32 [P, m, k] (queries),
-// keys bf16 [P, n, k] (contiguous), out fp32 [P, m, n] (contiguous): out[p] = x[p] keys[p]^T with
+// keys bf16 or fp32 [P, n, k] (each row's k contiguous; fp32 rounded to bf16 as they are read, as
+// .to(bfloat16) rounds them), out fp32 [P, m, n] (contiguous): out[p] = x[p] keys[p]^T with
 // x rounded to bf16 and fp32 sums, the same as qmatmul_out(x[p], [keys[p]], [BF16], out[p]) for each
 // p, bit for bit, but with one team for all of them (a short prompt's layer has one such product
 // per sequence and KV head: 16 wake-ups of the team a layer for 16 prompts on one KV head).
@@ -325,9 +329,9 @@ void qmatmul_bf16_batched_out(const at::Tensor& x_in, const at::Tensor& keys, at
   const at::Tensor x = x_in.contiguous();
   const int64_t products = x.size(0), m = x.size(1), k = x.size(2);
   TORCH_CHECK(k % KCHUNK == 0, "qmatmul_bf16_batched_out: k must be a multiple of 32");
-  TORCH_CHECK(keys.dim() == 3 && keys.scalar_type() == at::kBFloat16 && keys.is_contiguous() &&
-                  keys.size(0) == products && keys.size(2) == k,
-              "qmatmul_bf16_batched_out: keys must be contiguous bf16 [P, n, k] with x's P and k");
+  TORCH_CHECK(keys.dim() == 3 && (keys.scalar_type() == at::kBFloat16 || keys.scalar_type() == at::kFloat) &&
+                  keys.stride(2) == 1 && keys.size(0) == products && keys.size(2) == k,
+              "qmatmul_bf16_batched_out: keys must be bf16 or fp32 [P, n, k] with x's P and k, rows contiguous");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 3 && out.size(0) == products &&
                   out.size(1) == m && out.size(2) == keys.size(1),
               "qmatmul_bf16_batched_out: out must be contiguous fp32 [P, m, n]");

@@ -289,7 +289,7 @@ def _attend_short_prompts(q, k, v, length: int, scale: float, out: torch.Tensor 
     group = heads // kv_heads
     # A KV head's queries as [L x group, dim] rows (views when there is one KV head).
     queries = q.reshape(n, length, kv_heads, group, dim).transpose(1, 2).reshape(n, kv_heads, length * group, dim)
-    keys = k.reshape(n, length, kv_heads, dim).transpose(1, 2).to(torch.bfloat16).contiguous()
+    keys = k.reshape(n, length, kv_heads, dim).transpose(1, 2)  # fp32, rounded to bf16 as the kernel reads them
     values = v.reshape(n, length, kv_heads, v_dim).transpose(1, 2).to(torch.bfloat16).contiguous()
     above = _above_diagonal(length, group)
     direct = out is not None and kv_heads == 1 and out.dtype == torch.bfloat16 and out.is_contiguous()
