@@ -5,12 +5,14 @@ SDPA's result within bf16's rounding."""
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType
 
 from cholla.kernels import cpu_kernels
 from cholla.layers import attention
 from cholla.layers.attention import AttentionMetadata, paged_attention
 
 HEADS, KV_HEADS, DIM, BLOCK = 4, 2, 32, 16
+BF16 = int(GGMLQuantizationType.BF16)  # the kernels' type id of bf16 rows
 
 
 def naive(q, k, v, scale, softcap=None, window=None):
@@ -125,7 +127,7 @@ def per_pair_reference(q, k, v, length, scale):
             tokens, own = slice(start, start + length), slice(h * group, (h + 1) * group)
             scores = torch.empty(length * group, length)
             cpu_kernels().qmatmul_out(q[tokens, own].reshape(length * group, -1),
-                                      [k[tokens, h].to(torch.bfloat16).view(torch.uint8)], [attention.GGML_BF16], scores)
+                                      [k[tokens, h].to(torch.bfloat16).view(torch.uint8)], [BF16], scores)
             probs = torch.softmax(scores.mul_(scale).add_(above), dim=-1).to(torch.bfloat16)
             out[tokens, own] = (probs @ v[tokens, h].to(torch.bfloat16)).view(length, group, v_dim)
     return out
@@ -147,7 +149,7 @@ def test_batched_scores_equal_one_qmatmul_call_each(threads):
             kernels.qmatmul_bf16_batched_out(x, keys, out)
             for p in range(products):
                 expected = torch.empty(m, n)
-                kernels.qmatmul_out(x[p], [keys[p].view(torch.uint8)], [attention.GGML_BF16], expected)
+                kernels.qmatmul_out(x[p], [keys[p].view(torch.uint8)], [BF16], expected)
                 assert torch.equal(out[p], expected)
         # causal (queries of `group` rows each against their prompt's keys): every visible score the
         # same, bit for bit; the skipped tiles 0 (all under the mask), the others as computed

@@ -552,7 +552,7 @@ def test_rms_norm_reads_heads_in_place():
     same result, bit for bit, as their contiguous copies, and contiguous; other layouts are copied."""
     generator = torch.Generator().manual_seed(5)
     fused = torch.randn(300, 4 * 64 + 64 + 64, generator=generator)
-    q, k, v = fused.split([256, 64, 64], dim=1)
+    q, k, _ = fused.split([256, 64, 64], dim=1)
     weight = torch.randn(64, generator=generator)
     for heads in (q.view(300, 4, 64), k.view(300, 1, 64), fused.view(300, 6, 64)[:, ::2]):
         ours = kernels.rms_norm(heads, weight, 1e-6)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType
 from torch import nn
 
 from cholla.kernels import amx_tiles, cpu_kernels
@@ -260,7 +259,6 @@ SHORT_PROMPT_MIN_HEAD_DIM = 64
 SHORT_PROMPT_HEAD_DIMS = 2
 # Sequences whose scores one pass holds (fp32, [heads x L, L] each): at most ~8 MiB of them.
 SHORT_PROMPT_SCORE_BYTES = 8 << 20
-GGML_BF16 = int(GGMLQuantizationType.BF16)  # the kernels' type id of bf16 rows
 
 
 def _short_prompts(q, k, length: int, softcap: float | None, dtype: torch.dtype, sinks) -> bool:
