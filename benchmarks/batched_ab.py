@@ -18,6 +18,10 @@ the machine's load: take many turns). The decode steps are also timed one by one
 sequence decoding): on a busy machine a run's p10 step is the least disturbed figure:
 
     OMP_NUM_THREADS=1 python benchmarks/batched_ab.py --baseline ../main --model gemma3 --threads 2 --turns 8
+
+``--prompt-only`` times the prompt phase alone (``max_tokens=1``), more turns in the same time:
+
+    OMP_NUM_THREADS=1 python benchmarks/batched_ab.py --baseline ../main --threads 2 --prompt-only --turns 12
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # One side: load the model, say so, then per line read run the prompts to 1 and to n tokens, print both times
-# and the median and p10 of the decode steps of the second run (every sequence decoding), each timed alone.
+# and the median and p10 of the decode steps of the second run (every sequence decoding), each timed alone;
+# a line "prompt" runs the first only (nan for the rest).
 WORKER = """
 import sys, time
 sys.path.insert(0, "benchmarks")
@@ -67,8 +72,12 @@ def seconds(max_tokens):
     return clock() - start
 
 print("ready", flush=True)
-for _ in sys.stdin:
-    prompt, whole = seconds(1), seconds(n)
+for line in sys.stdin:
+    prompt = seconds(1)
+    if line.strip() == "prompt":
+        print(prompt, "nan nan nan", flush=True)
+        continue
+    whole = seconds(n)
     steps.sort()
     print(prompt, whole, steps[len(steps) // 2], steps[len(steps) // 10], flush=True)
 """
@@ -85,6 +94,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="a team of this many threads on each side, timed in wall seconds (default: CPU time "
                              "at the environment's threads)")
+    parser.add_argument("--prompt-only", action="store_true", help="time the prompt phase (max_tokens=1) alone")
     args = parser.parse_args()
 
     command = [sys.executable, "-c", WORKER, args.model, str(args.num_requests), str(args.prompt_len), str(args.max_tokens),
@@ -92,7 +102,7 @@ def main() -> None:
     clock = f"wall s, {args.threads} threads" if args.threads else "CPU s"
     sides = {name: subprocess.Popen(command, cwd=checkout, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for name, checkout in (("this", ROOT), ("baseline", args.baseline.resolve()))}
-    parts = ("whole", "prompt", "decode", "step median", "step p10")
+    parts = ("prompt",) if args.prompt_only else ("whole", "prompt", "decode", "step median", "step p10")
     times = {name: {part: [] for part in parts} for name in sides}
     try:
         for name, process in sides.items():
@@ -100,9 +110,13 @@ def main() -> None:
                 raise SystemExit(f"the {name} side did not start (see its error above)")
         for turn in range(args.turns):
             for name in ("this", "baseline") if turn % 2 else ("baseline", "this"):
-                sides[name].stdin.write("go\n")
+                sides[name].stdin.write("prompt\n" if args.prompt_only else "go\n")
                 sides[name].stdin.flush()
                 prompt, whole, step, step_p10 = map(float, sides[name].stdout.readline().split())
+                if args.prompt_only:
+                    print(f"turn {turn} {name}: prompt {prompt:.3f} s ({clock})", flush=True)
+                    times[name]["prompt"].append(prompt)
+                    continue
                 print(f"turn {turn} {name}: prompt {prompt:.2f} s, whole {whole:.2f} s, decode {whole - prompt:.2f}, "
                       f"a decode step {1000 * step:.2f} ms (p10 {1000 * step_p10:.2f}) ({clock})", flush=True)
                 for part, value in zip(parts, (whole, prompt, whole - prompt, step, step_p10)):
@@ -118,8 +132,10 @@ def main() -> None:
         b, t = times["baseline"][part], times["this"][part]
         b_med, t_med = statistics.median(b), statistics.median(t)
         scale = 1000 if part.startswith("step") else 1  # (steps in ms)
-        print(f"| {part} | {scale * min(b):.2f} | {scale * min(t):.2f} | {min(b) / min(t):.2f}x | {scale * b_med:.2f} | "
-              f"{scale * t_med:.2f} | {b_med / t_med:.2f}x |")
+        print(f"| {part} | {scale * min(b):.3f} | {scale * min(t):.3f} | {min(b) / min(t):.3f}x | {scale * b_med:.3f} | "
+              f"{scale * t_med:.3f} | {b_med / t_med:.3f}x |")
+    if args.prompt_only:
+        return
     # Turn by turn: each turn's two runs are neighbours in time, so their ratio shares the minute's load.
     for part in ("decode", "step p10"):
         ratios = [b / t for b, t in zip(times["baseline"][part], times["this"][part])]

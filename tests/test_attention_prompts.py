@@ -5,12 +5,14 @@ SDPA's result within bf16's rounding."""
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType
 
 from cholla.kernels import cpu_kernels
 from cholla.layers import attention
 from cholla.layers.attention import AttentionMetadata, paged_attention
 
 HEADS, KV_HEADS, DIM, BLOCK = 4, 2, 32, 16
+BF16 = int(GGMLQuantizationType.BF16)  # the kernels' type id of bf16 rows
 
 
 def naive(q, k, v, scale, softcap=None, window=None):
@@ -111,3 +113,83 @@ def test_short_prompts_take_values_narrower_than_keys(monkeypatch):
         expected = torch.nn.functional.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=True, scale=0.2,
                                                                     enable_gqa=True)
         torch.testing.assert_close(ours[s], expected[0].transpose(0, 1), rtol=2e-2, atol=2e-2)
+
+
+def per_pair_reference(q, k, v, length, scale):
+    """_attend_short_prompts as it was: one ``qmatmul_out`` call per (sequence, KV head), the mask built
+    anew, each prompt's heads on their own; the result in bf16 [n L, heads, v's dim]."""
+    heads, kv_heads, v_dim = q.shape[1], k.shape[1], v.shape[2]
+    group = heads // kv_heads
+    out = torch.empty(q.shape[0], heads, v_dim, dtype=torch.bfloat16)
+    for start in range(0, q.shape[0], length):
+        above = torch.full((length, length), float("-inf")).triu_(1).repeat_interleave(group, 0)
+        for h in range(kv_heads):
+            tokens, own = slice(start, start + length), slice(h * group, (h + 1) * group)
+            scores = torch.empty(length * group, length)
+            cpu_kernels().qmatmul_out(q[tokens, own].reshape(length * group, -1),
+                                      [k[tokens, h].to(torch.bfloat16).view(torch.uint8)], [BF16], scores)
+            probs = torch.softmax(scores.mul_(scale).add_(above), dim=-1).to(torch.bfloat16)
+            out[tokens, own] = (probs @ v[tokens, h].to(torch.bfloat16)).view(length, group, v_dim)
+    return out
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="the batched scores are our kernels' product")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_scores_equal_one_qmatmul_call_each(threads):
+    """qmatmul_bf16_batched_out: every (sequence, KV head) product in one call, bit for bit the
+    per-product qmatmul_out, also where m is no multiple of a tile (16) and n of a strip (32)."""
+    kernels, before = cpu_kernels(), torch.get_num_threads()
+    g = torch.Generator().manual_seed(3)
+    torch.set_num_threads(threads)
+    try:
+        for products, m, n, k in ((5, 27, 40, 64), (16, 512, 128, 256), (1, 3, 7, 32), (3, 0, 8, 32)):
+            x = torch.randn(products, m, k, generator=g)
+            keys = torch.randn(products, n, k, generator=g).to(torch.bfloat16)
+            out = torch.full((products, m, n), float("nan"))
+            kernels.qmatmul_bf16_batched_out(x, keys, out)
+            for p in range(products):
+                expected = torch.empty(m, n)
+                kernels.qmatmul_out(x[p], [keys[p].view(torch.uint8)], [BF16], expected)
+                assert torch.equal(out[p], expected)
+        # causal (queries of `group` rows each against their prompt's keys): every visible score the
+        # same, bit for bit; the skipped tiles 0 (all under the mask), the others as computed
+        for group, length in ((4, 128), (3, 40), (1, 100)):
+            x = torch.randn(2, length * group, 64, generator=g)
+            keys = torch.randn(2, length, 64, generator=g).to(torch.bfloat16)
+            full, causal = torch.empty(2, length * group, length), torch.full((2, length * group, length), float("nan"))
+            kernels.qmatmul_bf16_batched_out(x, keys, full)
+            kernels.qmatmul_bf16_batched_out(x, keys, causal, group)
+            visible = (torch.arange(length)[None, :] <= torch.arange(length * group)[:, None] // group).expand_as(full)
+            assert torch.equal(causal[visible], full[visible])
+            assert ((causal == full) | (causal == 0))[~visible].all() and (causal == 0).any()
+        # fp32 keys, strided (one KV head of two), rounded to bf16 as they are read: the same bits
+        x, keys = torch.randn(3, 20, 64, generator=g), torch.randn(3, 40, 2, 64, generator=g)[:, :, 1]
+        out, expected = torch.empty(3, 20, 40), torch.empty(3, 20, 40)
+        kernels.qmatmul_bf16_batched_out(x, keys, out)
+        kernels.qmatmul_bf16_batched_out(x, keys.to(torch.bfloat16).contiguous(), expected)
+        assert torch.equal(out, expected)
+        with pytest.raises(RuntimeError, match="keys must be bf16 or fp32"):
+            kernels.qmatmul_bf16_batched_out(torch.randn(2, 4, 32), torch.randn(2, 8, 32).half(), torch.empty(2, 4, 8))
+        with pytest.raises(RuntimeError, match="out must be contiguous fp32"):
+            kernels.qmatmul_bf16_batched_out(torch.randn(2, 4, 32), torch.randn(2, 8, 32).bfloat16(), torch.empty(2, 8, 4))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="the short prompts' scores are our kernels' product")
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_short_prompts_equal_the_per_pair_path_into_any_out(kv_heads):
+    """One scores call per pass, the kept mask and the values' product written straight into a bf16
+    out (one KV head): bit for bit the per-(sequence, head) path, returned or written into bf16 or
+    fp32 out."""
+    g = torch.Generator().manual_seed(4)
+    n, length, heads, dim = 3, 40, 4, 64
+    q = torch.randn(n * length, heads, dim, generator=g)
+    k, v = (torch.randn(n * length, kv_heads, dim, generator=g) for _ in range(2))
+    expected = per_pair_reference(q, k, v, length, 0.125)
+    assert torch.equal(attention._attend_short_prompts(q, k, v, length, 0.125), expected)
+    for dtype in (torch.bfloat16, torch.float32):
+        out = torch.full((n * length + 5, heads, dim), float("nan"), dtype=dtype)
+        written = attention._attend_short_prompts(q, k, v, length, 0.125, out[2 : 2 + n * length])
+        assert written.data_ptr() == out[2].data_ptr() and torch.equal(out[2 : 2 + n * length], expected.to(dtype))
+        assert out[:2].isnan().all() and out[2 + n * length :].isnan().all()

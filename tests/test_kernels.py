@@ -59,6 +59,22 @@ def test_dequantize_matches_gguf(qtype):
     assert (got == reference.bfloat16()).float().mean() > 0.999
 
 
+def test_dequantize_stacks_weights_as_each_alone():
+    """Several weights (q, k, v) in one call, one parallel region over the stack's rows: each
+    weight's rows where its own call puts them, bit for bit, at two threads and one; empty ones too."""
+    weights = [random_weight(T.Q4_K, 130, 256, seed=1)[0], random_weight(T.Q8_0, 4, 256, seed=2)[0][:0],
+               random_weight(T.Q5_0, 67, 256, seed=3)[0], random_weight(T.Q6_K, 5, 256, seed=4)[0]]
+    types = [int(T.Q4_K), int(T.Q8_0), int(T.Q5_0), int(T.Q6_K)]
+    alone = torch.cat([kernels.dequantize_bf16([w], [t], 256) for w, t in zip(weights, types)])
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            assert torch.equal(kernels.dequantize_bf16(weights, types, 256), alone)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 100])
 def test_qmatmul_matches_reference(qtype, rows):
@@ -500,6 +516,47 @@ def test_rms_norm_matches_the_torch_ops(dim):
     torch.testing.assert_close(kernels.rms_norm(big, weight, 1e-5), rms_norm_ops(big, weight, 1e-5), rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="weight must be"):
         kernels.rms_norm(x, weight[:-1], 1e-6)
+
+
+def test_residual_rms_norm_equals_the_add_and_the_norms():
+    """x + rms_norm(a), then that sum's rms_norm (Gemma's post-norm, residual add, next pre-norm)
+    in one pass: bit for bit the three ops, with and without the next norm, at two threads."""
+    from cholla.layers.norm import RMSNorm, residual_rms_norm
+
+    generator = torch.Generator().manual_seed(6)
+    x, a = (torch.randn(700, 650, generator=generator) * 3 for _ in range(2))  # 650: a partial vector
+    norm, next_norm = RMSNorm(650, 1e-6), RMSNorm(650, 1e-6)
+    norm.load(torch.randn(650, generator=generator))
+    next_norm.load(torch.randn(650, generator=generator))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        total, normed = residual_rms_norm(x, a, norm, next_norm)
+        expected = x + kernels.rms_norm(a, norm.weight, 1e-6)
+        assert torch.equal(total, expected) and torch.equal(normed, kernels.rms_norm(expected, next_norm.weight, 1e-6))
+        total, normed = residual_rms_norm(x, a, norm)
+        assert torch.equal(total, expected) and normed is None
+        assert torch.equal(residual_rms_norm(x[:, :64].contiguous(), a[:, :64].t().contiguous().t(),
+                                             RMSNorm(64, 1e-6))[0],
+                           x[:, :64] + kernels.rms_norm(a[:, :64], torch.ones(64), 1e-6))  # not contiguous: the ops
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="weights must be fp32"):
+        kernels.residual_rms_norm(x, a, norm.weight[:-1], 1e-6, None)
+    with pytest.raises(RuntimeError, match="x and a must be contiguous"):
+        kernels.residual_rms_norm(x, a[:, :64], norm.weight, 1e-6, None)
+
+
+def test_rms_norm_reads_heads_in_place():
+    """q and k as [tokens, heads, dim] views into a fused q/k/v product (a free token stride): the
+    same result, bit for bit, as their contiguous copies, and contiguous; other layouts are copied."""
+    generator = torch.Generator().manual_seed(5)
+    fused = torch.randn(300, 4 * 64 + 64 + 64, generator=generator)
+    q, k, _ = fused.split([256, 64, 64], dim=1)
+    weight = torch.randn(64, generator=generator)
+    for heads in (q.view(300, 4, 64), k.view(300, 1, 64), fused.view(300, 6, 64)[:, ::2]):
+        ours = kernels.rms_norm(heads, weight, 1e-6)
+        assert ours.is_contiguous() and torch.equal(ours, kernels.rms_norm(heads.contiguous(), weight, 1e-6))
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

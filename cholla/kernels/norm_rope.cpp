@@ -13,6 +13,8 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <optional>
+#include <tuple>
 
 #include "ops.h"
 #include "simd.h"
@@ -74,21 +76,60 @@ void rms_norm_row(const float* x, const float* weight, float* y, int64_t dim, fl
                                                        _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, x + full), scale)));
 }
 
-// x: fp32 [..., dim] -> x / sqrt(mean(x^2) + eps) * weight.
+// x: fp32 [..., dim] -> x / sqrt(mean(x^2) + eps) * weight, contiguous. Heads [tokens, heads, dim]
+// with contiguous heads but a free token stride (q and k as views into a prompt's fused q/k/v
+// product) are read in place: no contiguous copy of them first.
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm: fp32 only");
   const int64_t dim = x_in.size(-1);
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == dim && weight.is_contiguous(), "rms_norm: weight must be [", dim, "]");
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty_like(x);
+  const bool heads = x_in.dim() == 3 && x_in.stride(2) == 1 && (x_in.stride(1) == dim || x_in.size(1) == 1);
+  const at::Tensor x = heads ? x_in : x_in.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
   const int64_t rows = dim ? x.numel() / dim : 0;
+  const int64_t per_token = heads ? x.size(1) : 1, token_stride = heads ? x.stride(0) : dim;
   const float* src = x.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   float* dst = y.data_ptr<float>();
   at::parallel_for(0, rows, std::max<int64_t>(1, SERIAL_ELEMENTS / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) rms_norm_row(src + r * dim, w, dst + r * dim, dim, static_cast<float>(eps));
+    for (int64_t r = begin; r < end; ++r)
+      rms_norm_row(src + r / per_token * token_stride + r % per_token * dim, w, dst + r * dim, dim,
+                   static_cast<float>(eps));
   });
   return y;
+}
+
+// x + rms_norm(a, weight), and that sum's rms_norm(., next_weight) where next_weight is given
+// (Gemma's residual adds: the sublayer's post-norm, the add, the next sublayer's pre-norm), one
+// pass and one parallel region over the rows instead of three: x, a fp32 [rows, dim] contiguous.
+// Without next_weight the second result is empty. Each value as the three ops give it (the norms' rows are rms_norm's, the add is one fp32 add).
+std::tuple<at::Tensor, at::Tensor> residual_rms_norm(const at::Tensor& x, const at::Tensor& a,
+                                                     const at::Tensor& weight, double eps,
+                                                     const std::optional<at::Tensor>& next_weight) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() &&
+                  a.is_contiguous() && a.sizes() == x.sizes(),
+              "residual_rms_norm: x and a must be contiguous fp32 [rows, dim], alike");
+  const int64_t rows = x.size(0), dim = x.size(1);
+  for (const at::Tensor* w : {&weight, next_weight ? &*next_weight : &weight})
+    TORCH_CHECK(w->scalar_type() == at::kFloat && w->dim() == 1 && w->size(0) == dim && w->is_contiguous(),
+                "residual_rms_norm: weights must be fp32 [", dim, "]");
+  at::Tensor sum = at::empty_like(x);
+  at::Tensor normed = next_weight ? at::empty_like(x) : at::empty({0}, x.options());
+  const float* xs = x.data_ptr<float>();
+  const float* as = a.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float* w_next = next_weight ? next_weight->data_ptr<float>() : nullptr;
+  float* dst = sum.data_ptr<float>();
+  float* dst_normed = next_weight ? normed.data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows, std::max<int64_t>(1, SERIAL_ELEMENTS / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = dst + r * dim;
+      rms_norm_row(as + r * dim, w, row, dim, static_cast<float>(eps));
+      for (int64_t i = 0; i < dim; ++i) row[i] = xs[r * dim + i] + row[i];
+      if (w_next) rms_norm_row(row, w_next, dst_normed + r * dim, dim, static_cast<float>(eps));
+    }
+  });
+  return {sum, normed};
 }
 
 void rope_row(float* q, int64_t q_heads, float* k, int64_t k_heads, const float* cos, const float* sin, int64_t dim,
@@ -125,10 +166,12 @@ void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(cholla, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("residual_rms_norm(Tensor x, Tensor a, Tensor weight, float eps, Tensor? next_weight) -> (Tensor, Tensor)");
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos, Tensor sin, bool interleaved) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(cholla, CPU, m) {
   m.impl("rms_norm", &cholla::rms_norm);
+  m.impl("residual_rms_norm", &cholla::residual_rms_norm);
   m.impl("rope_", &cholla::rope_);
 }

@@ -18,11 +18,11 @@ ancestors only.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType
 from torch import nn
 
 from cholla.kernels import amx_tiles, cpu_kernels
@@ -238,7 +238,7 @@ def _attend_prompt_runs(q, k, v, out, meta: AttentionMetadata, scale: float, win
         if j - i > 1 or short:
             start, stop = int(starts[i]), int(starts[j])
             if short:
-                out[start:stop] = _attend_short_prompts(q[start:stop], k[start:stop], v[start:stop], length, scale)
+                _attend_short_prompts(q[start:stop], k[start:stop], v[start:stop], length, scale, out[start:stop])
             else:
                 rows = lambda x: x[start:stop].unflatten(0, (j - i, length)).transpose(1, 2)  # [n, heads, L, dim]
                 attended = _attend(rows(q), rows(k), rows(v), None, scale, softcap, dtype, sinks)
@@ -259,7 +259,6 @@ SHORT_PROMPT_MIN_HEAD_DIM = 64
 SHORT_PROMPT_HEAD_DIMS = 2
 # Sequences whose scores one pass holds (fp32, [heads x L, L] each): at most ~8 MiB of them.
 SHORT_PROMPT_SCORE_BYTES = 8 << 20
-GGML_BF16 = int(GGMLQuantizationType.BF16)  # the kernels' type id of bf16 rows
 
 
 def _short_prompts(q, k, length: int, softcap: float | None, dtype: torch.dtype, sinks) -> bool:
@@ -270,35 +269,51 @@ def _short_prompts(q, k, length: int, softcap: float | None, dtype: torch.dtype,
             and length <= SHORT_PROMPT_HEAD_DIMS * dim and cpu_kernels() is not None and not amx_tiles())
 
 
-def _attend_short_prompts(q, k, v, length: int, scale: float) -> torch.Tensor:
+def _attend_short_prompts(q, k, v, length: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention within each of n whole prompts of ``length`` tokens: q [n L, heads, dim],
-    k, v [n L, kv_heads, dim] (fp32) -> [n L, heads, v's dim] in bf16, as SDPA gives it in bf16.
+    k, v [n L, kv_heads, dim] (fp32) -> [n L, heads, v's dim] in bf16, as SDPA gives it in bf16,
+    or written into ``out`` (bf16 or fp32, that shape) and returned.
 
-    As SDPA computes in bf16: scores of bf16 q and k summed in fp32 (``qmatmul`` with the keys as
-    its bf16 weight rows, all of a KV head's queries at once), an fp32 softmax, then the
-    probabilities and values in bf16 (oneDNN's batched matmul). Every score is computed, the ones
-    above the diagonal too, which is what limits it to short prompts."""
+    As SDPA computes in bf16: scores of bf16 q and k summed in fp32 (``qmatmul``'s bf16 product
+    with the keys as its weight rows, all of a KV head's queries at once, every sequence and KV
+    head in one kernel call, which skips the query tiles that see none of a 32-key strip and writes
+    0 there, under the mask's -inf), an fp32 softmax, then the probabilities and values in bf16
+    (oneDNN's batched matmul, straight into a bf16 ``out`` where there is one KV head: its layout
+    is the result's). Every score is computed, the ones above the diagonal too, which is what
+    limits it to short prompts."""
     kernels = cpu_kernels()
     n, heads, dim = q.shape[0] // length, q.shape[1], q.shape[2]
     kv_heads, v_dim = k.shape[1], v.shape[2]
     group = heads // kv_heads
     # A KV head's queries as [L x group, dim] rows (views when there is one KV head).
     queries = q.reshape(n, length, kv_heads, group, dim).transpose(1, 2).reshape(n, kv_heads, length * group, dim)
-    keys = k.reshape(n, length, kv_heads, dim).transpose(1, 2).to(torch.bfloat16).contiguous()
+    keys = k.reshape(n, length, kv_heads, dim).transpose(1, 2)  # fp32, rounded to bf16 as the kernel reads them
     values = v.reshape(n, length, kv_heads, v_dim).transpose(1, 2).to(torch.bfloat16).contiguous()
-    # -inf above the diagonal, [L x group, L], added to the scores (masked_fill_ took twice as long)
-    above = torch.full((length, length), float("-inf")).triu_(1).repeat_interleave(group, 0)
-    out = torch.empty(n, kv_heads, length * group, v_dim, dtype=torch.bfloat16)
+    above = _above_diagonal(length, group)
+    direct = out is not None and kv_heads == 1 and out.dtype == torch.bfloat16 and out.is_contiguous()
+    result = out.view(n, kv_heads, length * group, v_dim) if direct else \
+        torch.empty(n, kv_heads, length * group, v_dim, dtype=torch.bfloat16)
     step = max(1, SHORT_PROMPT_SCORE_BYTES // (kv_heads * length * group * length * 4))
     for first in range(0, n, step):
         last = min(first + step, n)
         scores = torch.empty(last - first, kv_heads, length * group, length)
-        for i in range(first, last):
-            for h in range(kv_heads):
-                kernels.qmatmul_out(queries[i, h], [keys[i, h].view(torch.uint8)], [GGML_BF16], scores[i - first, h])
-        probs = torch.softmax(scores.mul_(scale).add_(above), dim=-1).to(torch.bfloat16)
-        torch.bmm(probs.flatten(0, 1), values[first:last].flatten(0, 1), out=out[first:last].flatten(0, 1))
-    return out.view(n, kv_heads, length, group, v_dim).transpose(1, 2).reshape(n * length, heads, v_dim)
+        kernels.qmatmul_bf16_batched_out(queries[first:last].flatten(0, 1), keys[first:last].flatten(0, 1),
+                                         scores.flatten(0, 1), group)  # tiles above the diagonal: 0, masked
+        # above + scale * scores in one pass: where above is 0, the product rounded once, as a
+        # multiply then an add of 0 gives it (a zero's sign aside); -inf where it is -inf
+        probs = torch.softmax(torch.add(above, scores, alpha=scale, out=scores), dim=-1).to(torch.bfloat16)
+        torch.bmm(probs.flatten(0, 1), values[first:last].flatten(0, 1), out=result[first:last].flatten(0, 1))
+    if direct:
+        return out
+    attended = result.view(n, kv_heads, length, group, v_dim).transpose(1, 2).reshape(n * length, heads, v_dim)
+    return attended if out is None else out.copy_(attended)
+
+
+@functools.lru_cache(maxsize=8)
+def _above_diagonal(length: int, group: int) -> torch.Tensor:
+    """-inf above the diagonal, [L x group, L] (each query row ``group`` times), added to a prompt's
+    scores (``masked_fill_`` took twice as long); read only, kept for the next layer's prompts."""
+    return torch.full((length, length), float("-inf")).triu_(1).repeat_interleave(group, 0)
 
 
 def _rotated(cache) -> bool:

@@ -20,6 +20,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm_ops(x, weight, eps)
 
 
+def residual_rms_norm(x: torch.Tensor, a: torch.Tensor, norm: RMSNorm,
+                      next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x + norm(a)``, and ``next_norm`` of that sum where one is given (Gemma's sublayers: the
+    post-norm, the residual add, the next pre-norm). One pass of our kernel where it runs (a
+    prompt step's three passes over [2048, hidden] and two parallel regions fewer), the same
+    values as the three ops; x, a: [tokens, hidden]."""
+    kernels = cpu_kernels()
+    if (kernels is not None and x.dtype == a.dtype == torch.float32 and x.dim() == 2 and x.shape == a.shape
+            and x.is_contiguous() and a.is_contiguous() and (next_norm is None or next_norm.eps == norm.eps)):
+        total, normed = kernels.residual_rms_norm(x, a, norm.weight, norm.eps,
+                                                  None if next_norm is None else next_norm.weight)
+        return total, None if next_norm is None else normed
+    total = x + norm(a)
+    return total, None if next_norm is None else next_norm(total)
+
+
 def rms_norm_ops(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``rms_norm`` in PyTorch ops: the fallback, and the kernel's reference."""
     x32 = x.float()

@@ -13,7 +13,7 @@ from torch import nn
 from cholla.layers.attention import Attention, AttentionMetadata
 from cholla.layers.linear import Weight
 from cholla.layers.mlp import GatedMLP
-from cholla.layers.norm import RMSNorm
+from cholla.layers.norm import RMSNorm, residual_rms_norm
 from cholla.layers.rotary import RotaryEmbedding
 from cholla.models.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
 from cholla.models.decoder import DecoderModel
@@ -41,8 +41,9 @@ class Gemma3DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(dim, eps)
 
     def forward(self, x, positions, kv_cache, meta: AttentionMetadata):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, kv_cache, meta))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        attended = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        x, h = residual_rms_norm(x, attended, self.post_attention_layernorm, self.pre_feedforward_layernorm)
+        return residual_rms_norm(x, self.mlp(h), self.post_feedforward_layernorm)[0]
 
 
 class Gemma3ForCausalLM(DecoderModel):
