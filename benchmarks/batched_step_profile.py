@@ -20,12 +20,12 @@ import os
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's cholla
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from step_profile import Timers, _TimedKernels  # noqa: E402
 from throughput import random_prompts  # noqa: E402
 
 from cholla import LLM, SamplingParams  # noqa: E402
@@ -34,27 +34,6 @@ from cholla.models import fused_decode  # noqa: E402
 
 PARTS = ("engine.step", "process CPU", "scheduler.schedule", "runner.execute", "runner._prepare", "embedding",
          "decode_layers (C++)", "final norm", "head (greedy_tokens)", "engine._postprocess")
-
-
-class _TimedKernels:
-    """``cpu_kernels()`` as fused_decode sees it, with its ``decode_layers.op`` timed into ``step``."""
-
-    def __init__(self, kernels, step: dict[str, int]):
-        self._kernels = kernels
-        self.decode_layers = type("op", (), {})()
-        original = kernels.decode_layers.op
-
-        def op(*args):
-            start = time.perf_counter_ns()
-            try:
-                return original(*args)
-            finally:
-                step["decode_layers (C++)"] += time.perf_counter_ns() - start
-
-        self.decode_layers.op = op
-
-    def __getattr__(self, name):
-        return getattr(self._kernels, name)
 
 
 def main() -> None:
@@ -70,20 +49,8 @@ def main() -> None:
               threads=args.threads)
     engine = llm.engine
     model = engine.loaded.model
-    step: dict[str, int] = defaultdict(int)
-
-    def wrap(owner, name: str, label: str) -> None:
-        original = getattr(owner, name)
-
-        def timed(*a, **k):
-            start = time.perf_counter_ns()
-            try:
-                return original(*a, **k)
-            finally:
-                step[label] += time.perf_counter_ns() - start
-
-        setattr(owner, name, timed)
-
+    timers = Timers()  # (step_profile's: each part's nanoseconds in the current step)
+    step, wrap = timers.step, timers.wrap
     wrap(engine.scheduler, "schedule", "scheduler.schedule")
     wrap(engine.runner, "execute", "runner.execute")
     wrap(engine.runner, "_prepare", "runner._prepare")
@@ -91,7 +58,7 @@ def main() -> None:
     wrap(model, "greedy_tokens", "head (greedy_tokens)")
     wrap(model.embed_tokens, "forward", "embedding")
     wrap(model.norm, "forward", "final norm")
-    timed_kernels = _TimedKernels(fused_decode.cpu_kernels(), step)
+    timed_kernels = _TimedKernels(fused_decode.cpu_kernels(), timers)
     fused_decode.cpu_kernels = lambda: timed_kernels
     prompts = [{"prompt_token_ids": p} for p in random_prompts(args.seqs, args.prompt_len, engine.model_config.vocab_size, 0)]
     steps: list[dict[str, int]] = []
