@@ -102,7 +102,8 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
 // x + rms_norm(a, weight), and that sum's rms_norm(., next_weight) where next_weight is given
 // (Gemma's residual adds: the sublayer's post-norm, the add, the next sublayer's pre-norm), one
 // pass and one parallel region over the rows instead of three: x, a fp32 [rows, dim] contiguous.
-// Without next_weight the second result is empty. Each value as the three ops give it (the norms' rows are rms_norm's, the add is one fp32 add).
+// Without next_weight the second result is empty. Each value as the three ops give it (the
+// norms' rows are rms_norm's, the add is one fp32 add).
 std::tuple<at::Tensor, at::Tensor> residual_rms_norm(const at::Tensor& x, const at::Tensor& a,
                                                      const at::Tensor& weight, double eps,
                                                      const std::optional<at::Tensor>& next_weight) {
