@@ -51,10 +51,14 @@ struct WeightRows {
   int64_t type, rows, row_bytes, k;
 };
 WeightRows weight_rows(const at::Tensor& w, int64_t type);
-// x [rows, k] of a batched int8 product (more than 6 rows, every weight of an int8 type), quantized
-// ahead a row at a time (quantize_x_row, by whichever member computed the row) into buffers
-// that every member's jobs then read, where each member quantized all of x for itself before
-// its first job: 0.3 ms of Gemma 3's 32-row step at two threads. The same numbers either way.
+// The int8 GEMV's most rows of x (qgemv.cpp); past them, where every weight has an integer
+// kernel, the batched int8 product.
+constexpr int64_t INT8_GEMV_MAX_ROWS = 6;
+// x [rows, k] of a batched int8 product (more than INT8_GEMV_MAX_ROWS rows, every weight of an
+// int8 type), quantized ahead a row at a time (quantize_x_row, by whichever member computed the
+// row) into buffers that every member's jobs then read, where each member quantized all of x for
+// itself before its first job: 0.3 ms of Gemma 3's 32-row step at two threads. The same numbers
+// either way.
 struct QuantizedX {
   at::Tensor bytes, numbers;
   int64_t rows = 0, k = 0;
@@ -112,9 +116,9 @@ struct Products {
       run(x, w, t, out, member);
   }
   // Whether `rows` rows of weights of types t take the batched int8 product (and so can take x
-  // quantized ahead): past the int8 GEMV's rows (qgemv.cpp's INT8_GEMV_MAX_ROWS, 6) on the GEMVs.
+  // quantized ahead): past the int8 GEMV's rows (INT8_GEMV_MAX_ROWS) on the GEMVs.
   bool batched(int64_t rows, at::IntArrayRef t) const {
-    return integer && rows > std::max<int64_t>(gemv_max_rows, 6) && on_gemv(rows, t);
+    return integer && rows > std::max(gemv_max_rows, INT8_GEMV_MAX_ROWS) && on_gemv(rows, t);
   }
 };
 

@@ -79,11 +79,11 @@ constexpr GemvRows GEMV_BY_ROWS[GEMV_MAX_ROWS] = {gemv_rows<1>, gemv_rows<2>, ge
 
 constexpr int64_t GROUP_BLOCKS = 16;  // blocks reduced together
 
-// The int8 product's row limits: the GEMV serves up to INT8_GEMV_MAX_ROWS rows,
-// the batched product below up to INT8_BATCH_MAX_ROWS where every weight has
+// The int8 product's row limits: the GEMV serves up to INT8_GEMV_MAX_ROWS rows
+// (ops.h), the batched product below up to INT8_BATCH_MAX_ROWS where every weight has
 // an integer kernel (on Zen 5, one thread, its cost stays flat up to 16 rows and
 // it beat the GEMV from 7: benchmarks/batched_products.py).
-constexpr int64_t INT8_GEMV_MAX_ROWS = 6;
+using cholla::INT8_GEMV_MAX_ROWS;
 constexpr int64_t INT8_BATCH_MAX_ROWS = 64;
 
 // How far ahead of its group the walk asks for weights. In bytes, not rows:
