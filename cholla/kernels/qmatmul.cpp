@@ -233,23 +233,38 @@ bool request_amx() {
   return amx_granted;
 }
 
-// A member's jobs (team.h) on this thread's tiles; x packed by `pack` (shared,
-// or each member packs it itself: a few rows, sparing the team a wait).
+// A member's share of `n_jobs` jobs (team.h) on this thread's tiles: `first()` once it has a
+// job, then `job(j, strip)` for each, with a strip of BLOCK_ROWS weight rows of k to unpack into.
+template <typename First, typename Job>
+void tile_jobs(cholla::Member& member, int64_t n_jobs, int64_t k, First&& first, Job&& job) {
+  int64_t begin = 0, end = 0;
+  if (!member.next(n_jobs, begin, end)) return;
+  first();
+  if (amx_granted) configure_tiles();
+  std::unique_ptr<uint16_t[]> strip(new uint16_t[BLOCK_ROWS * k]);
+  do {
+    for (int64_t j = begin; j < end; ++j) job(j, strip.get());
+  } while (member.next(n_jobs, begin, end));
+  if (amx_granted) _tile_release();
+}
+
+// A member's jobs of one product; x packed by `pack` (shared, or each member packs it itself:
+// a few rows, sparing the team a wait), once the member has a job.
 template <typename Pack>
 void run_jobs(const std::vector<Segment>& segments, const std::vector<Job>& jobs, cholla::Member& member,
               Pack&& pack, int64_t m, int64_t k, float* out, int64_t n_total) {
-  const int64_t n_jobs = static_cast<int64_t>(jobs.size());
-  int64_t begin = 0, end = 0;
-  if (m == 0 || !member.next(n_jobs, begin, end)) return;
-  const at::Tensor packed = pack();
-  if (amx_granted) configure_tiles();
-  std::unique_ptr<uint16_t[]> strip(new uint16_t[BLOCK_ROWS * k]);
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-  do {
-    for (int64_t j = begin; j < end; ++j)
-      run_job(segments[jobs[j].segment], jobs[j].first_row, xp, m, k, out, n_total, strip.get());
-  } while (member.next(n_jobs, begin, end));
-  if (amx_granted) _tile_release();
+  if (m == 0) return;
+  at::Tensor packed;
+  const uint16_t* xp = nullptr;
+  tile_jobs(
+      member, static_cast<int64_t>(jobs.size()), k,
+      [&] {
+        packed = pack();
+        xp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+      },
+      [&](int64_t j, uint16_t* strip) {
+        run_job(segments[jobs[j].segment], jobs[j].first_row, xp, m, k, out, n_total, strip);
+      });
 }
 
 // x's checks and the jobs, as every entry point needs them; returns the output width.
@@ -289,25 +304,16 @@ void run_batched_bf16(const at::Tensor& x, const at::Tensor& keys, at::Tensor& o
   const uint8_t* key_rows = static_cast<const uint8_t*>(keys.data_ptr());
   float* y = out.data_ptr<float>();
   cholla::run_as_team([&](cholla::Member& member) {
-    int64_t begin = 0, end = 0;
-    if (!member.next(n_jobs, begin, end)) return;
-    if (amx_granted) configure_tiles();
-    std::unique_ptr<uint16_t[]> strip(new uint16_t[BLOCK_ROWS * k]);
-    do {
-      for (int64_t j = begin; j < end; ++j) {
-        const int64_t p = j / strips, n0 = j % strips * BLOCK_ROWS;
-        const Segment seg{key_rows + p * product_bytes, type, n, row_bytes, 0};
-        // The rows before tile `skip` are queries before key n0: masked for the whole strip.
-        const int64_t skip = causal > 0 ? std::min(n0 * causal, m) / TILE : 0, m0 = skip * TILE;
-        float* y_p = y + p * m * n;
-        for (int64_t r = 0; r < m0; ++r)
-          std::fill_n(y_p + r * n + n0, std::min<int64_t>(BLOCK_ROWS, n - n0), 0.0f);
-        if (m0 < m)
-          run_job(seg, n0, xp + p * pair_elems + skip * (k / KCHUNK) * TILE_ELEMS, m - m0, k, y_p + m0 * n, n,
-                  strip.get());
-      }
-    } while (member.next(n_jobs, begin, end));
-    if (amx_granted) _tile_release();
+    tile_jobs(member, n_jobs, k, [] {}, [&](int64_t j, uint16_t* strip) {
+      const int64_t p = j / strips, n0 = j % strips * BLOCK_ROWS;
+      const Segment seg{key_rows + p * product_bytes, type, n, row_bytes, 0};
+      // The rows before tile `skip` are queries before key n0: masked for the whole strip.
+      const int64_t skip = causal > 0 ? std::min(n0 * causal, m) / TILE : 0, m0 = skip * TILE;
+      float* y_p = y + p * m * n;
+      for (int64_t r = 0; r < m0; ++r) std::fill_n(y_p + r * n + n0, std::min<int64_t>(BLOCK_ROWS, n - n0), 0.0f);
+      if (m0 < m)
+        run_job(seg, n0, xp + p * pair_elems + skip * (k / KCHUNK) * TILE_ELEMS, m - m0, k, y_p + m0 * n, n, strip);
+    });
   });
 }
 
