@@ -348,7 +348,10 @@ class LLMEngine:
 
     # -- the loop -------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one step: the outputs of the requests it advanced (a stream shows each as it grows),
+        or with ``finished_only`` of those it finished only (``LLM.generate`` reads nothing else,
+        and each output copies its request's tokens so far)."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
@@ -362,7 +365,7 @@ class LLMEngine:
         self.metrics.batch_sizes.append(len(batch.requests))
         self.metrics.preemptions += len(batch.preempted)
         return self._postprocess(batch, result.token_ids, result.logprobs, result.dead_ends, result.prompt_logprobs,
-                                 result.targets, result.target_logprobs)
+                                 result.targets, result.target_logprobs, finished_only)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -389,7 +392,8 @@ class LLMEngine:
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list,
                      dead_ends: set[int], prompt_logprobs: list | None = None,
                      targets: dict[int, list[int | None]] | None = None,
-                     target_logprobs: dict[int, list] | None = None) -> list[RequestOutput]:
+                     target_logprobs: dict[int, list] | None = None,
+                     finished_only: bool = False) -> list[RequestOutput]:
         now = time.monotonic()
         outputs = []
         for i, (request, n, token, lp) in enumerate(zip(batch.requests, batch.num_tokens, tokens, logprobs)):
@@ -417,7 +421,8 @@ class LLMEngine:
                     self._append_token(state, token, lp, now)
                     if request.grammar is not None and request.finish_reason is None:
                         self._advance_grammar(state, now)
-            outputs.append(self._make_output(state))
+            if request.finish_reason is not None or not finished_only:
+                outputs.append(self._make_output(state))
             if request.finish_reason is not None:
                 self.scheduler.finish(request, request.finish_reason)
                 self.metrics.on_finish(request.finish_reason, request.arrival_time, now)
