@@ -51,13 +51,13 @@ llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2), use_tqd
 engine, clock = llm.engine, time.perf_counter if threads else time.process_time
 steps, step = [], engine.step
 
-def timed_step():  # each step of all `num` sequences decoding, timed alone
+def timed_step(*args, **kwargs):  # each step of all `num` sequences decoding, timed alone
     scheduler = engine.scheduler
     decoding = not scheduler.waiting and len(scheduler.running) == num and all(
         r.num_computed_tokens >= len(r.prompt_token_ids) for r in scheduler.running)
     start = clock()
     try:
-        return step()
+        return step(*args, **kwargs)
     finally:
         if decoding:
             steps.append(clock() - start)

@@ -6,11 +6,13 @@ engine's parts: the scheduler, the runner's tensors, the embedding, the layers' 
 (``decode_layers``), the final norm, the head's greedy product (``greedy_tokens``), the outputs.
 The rest of ``runner.execute`` and ``engine.step`` is their Python. Medians and p10 over
 ``--reps`` runs; also the process's CPU time a step (at two threads, past the wall time by what
-the team's members spent, waits included):
+the team's members spent, waits included). "Python" is the step less the two kernel calls:
 
     OMP_NUM_THREADS=1 python benchmarks/batched_step_profile.py --model gemma3 --threads 2 --reps 3
 
-Run it with ``--threads 1`` and ``--threads 2`` in turns: each part's ratio is its scaling.
+Run it with ``--threads 1`` and ``--threads 2`` in turns: each part's ratio is its scaling. On a
+busy machine, ``--threads 1 --thread-time`` times every part in the thread's CPU time instead
+(what the load cannot spoil; the wrappers then cost ~1 us each).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from cholla import LLM, SamplingParams  # noqa: E402
 from cholla.download import resolve_model  # noqa: E402
 from cholla.models import fused_decode  # noqa: E402
 
-PARTS = ("engine.step", "process CPU", "scheduler.schedule", "runner.execute", "runner._prepare", "embedding",
+PARTS = ("engine.step", "process CPU", "Python", "scheduler.schedule", "runner.execute", "runner._prepare", "embedding",
          "decode_layers (C++)", "final norm", "head (greedy_tokens)", "engine._postprocess")
 
 
@@ -44,12 +46,14 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--thread-time", action="store_true", help="time the parts in thread CPU time (one thread)")
     args = parser.parse_args()
     llm = LLM(resolve_model(args.model), max_num_seqs=args.seqs, max_model_len=args.prompt_len + args.steps + 16,
               threads=args.threads)
     engine = llm.engine
     model = engine.loaded.model
-    timers = Timers()  # (step_profile's: each part's nanoseconds in the current step)
+    clock = time.thread_time_ns if args.thread_time else time.perf_counter_ns
+    timers = Timers(clock)  # (step_profile's: each part's nanoseconds in the current step)
     step, wrap = timers.step, timers.wrap
     wrap(engine.scheduler, "schedule", "scheduler.schedule")
     wrap(engine.runner, "execute", "runner.execute")
@@ -71,10 +75,11 @@ def main() -> None:
             engine.step()  # the prompts
         while engine.has_unfinished_requests():
             step.clear()
-            wall, cpu = time.perf_counter_ns(), time.process_time_ns()
-            engine.step()
-            step["engine.step"] = time.perf_counter_ns() - wall
+            wall, cpu = clock(), time.process_time_ns()
+            engine.step(finished_only=True)  # as LLM.generate runs it
+            step["engine.step"] = clock() - wall
             step["process CPU"] = time.process_time_ns() - cpu
+            step["Python"] = step["engine.step"] - step.get("decode_layers (C++)", 0) - step.get("head (greedy_tokens)", 0)
             if step.get("decode_layers (C++)") and len(engine.scheduler.running) == args.seqs:
                 steps.append(dict(step))
     print(f"{args.model}, {args.seqs} rows, {args.threads} threads, {len(steps)} decode steps, "

@@ -73,10 +73,9 @@ class LLM:
         total = sum(n for _, n in order)
         with tqdm(total=total, desc="generating", disable=not use_tqdm or total < 8, unit="seq") as bar:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished:
-                        finished[out.request_id] = out
-                        bar.update(1)
+                for out in self.engine.step(finished_only=True):
+                    finished[out.request_id] = out
+                    bar.update(1)
         results = []
         for request_id, n in order:
             if n == 1:

@@ -114,6 +114,43 @@ def test_stop_string_not_in_output(make_llm):
     assert stop not in out.text and free.startswith(out.text)
 
 
+def test_finished_only_steps_give_what_full_steps_give_the_finished(make_llm):
+    """``step(finished_only=True)``, what ``LLM.generate`` runs, returns step by step exactly the
+    outputs ``step()`` returns for the requests that finished in it (tokens, text, logprobs, reasons;
+    stop strings and tokens, n, seeds, a grammar), and nothing for the others. (There the text of a
+    request without stop strings is detokenized at its end; here, at every step's output.)"""
+    from cholla.sampling.params import StructuredOutputsParams
+
+    llm = make_llm(enable_prefix_caching=False)  # both runs compute the same prompts the same way
+    engine = llm.engine
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.9, seed=3, max_tokens=12, stop=[" the", "\n"]),
+        SamplingParams(temperature=0.7, seed=5, max_tokens=7, n=2),
+        SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=llm.tokenizer.encode(".", False)),
+        SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=StructuredOutputsParams(regex="[a-z]+ [0-9]")),
+    ]
+
+    def run(finished_only: bool) -> list[list[tuple]]:
+        for i, (prompt, p) in enumerate(zip(PROMPTS * 2, params)):
+            engine.add_request(f"r{i}", prompt, p)
+        steps = []
+        while engine.has_unfinished_requests():
+            outputs = engine.step(finished_only=True) if finished_only else engine.step()
+            steps.append([(o.request_id, o.prompt, o.prompt_token_ids, o.outputs, o.prompt_logprobs)
+                          for o in outputs if o.finished])
+            assert all(o.finished for o in outputs) or not finished_only
+        return steps
+
+    full, finished = run(False), run(True)
+    assert finished == full
+    reasons = {(o[0], o[3][0].finish_reason, o[3][0].stop_reason) for step in full for o in step}
+    assert {("r2", "stop", "\n"), ("r5", "stop", llm.tokenizer.encode(".", False)[0]), ("r6", "stop", None)} <= reasons
+    assert sum(map(len, full)) == 8 and any(not step for step in full)  # every sequence once; steps with none
+
+
 def test_async_engine_streams_and_frees_on_hang_up(make_llm):
     import asyncio
 

@@ -473,14 +473,15 @@ def test_engine_steps_with_the_head_in_the_kernel_equal_the_unfused_steps(smollm
 
 def test_kept_decode_batches_follow_growth_preemption_and_requests_joining(smollm2_path, monkeypatch):
     """The scheduler's batch of steady decodes (``_steady_decodes``) and the runner's kept block
-    tables (``_prepare_decodes``) give every request what the general paths give, through block
-    growth, preemption, prefix-cache hits and requests joining and leaving; and each step's kept
-    tables equal the requests' tables of that step."""
+    tables and input buffer (``_prepare_decodes``) give every request what the general paths give,
+    through block growth, preemption, prefix-cache hits and requests joining and leaving; and each
+    step's kept tables equal the requests' tables of that step, its refilled inputs the requests'
+    last tokens, positions, slots and context lengths."""
     from cholla.engine.runner import ModelRunner
     from cholla.engine.scheduler import Scheduler
 
     loaded = load_model(smollm2_path, "bfloat16")
-    steady, reused, checked = Scheduler._steady_decodes, [], []
+    steady, reused, checked, refilled = Scheduler._steady_decodes, [], [], []
 
     def counted(self):
         batch = steady(self)
@@ -490,7 +491,7 @@ def test_kept_decode_batches_follow_growth_preemption_and_requests_joining(smoll
     prepare = ModelRunner._prepare_decodes
 
     def checked_prepare(self, batch):
-        kept = self._decode_tables
+        kept, inputs = self._decode_tables, self._decode_inputs
         out = prepare(self, batch)
         if out is not None:
             tables = [r.blocks.block_table for r in batch.requests]
@@ -498,6 +499,11 @@ def test_kept_decode_batches_follow_growth_preemption_and_requests_joining(smoll
             want = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
             assert torch.equal(out[2].block_tables, want)
             checked.append(kept is not None and self._decode_tables is kept)
+            positions = [r.num_computed_tokens for r in batch.requests]
+            assert out[0].tolist() == [r.all_token_ids[p] for r, p in zip(batch.requests, positions)]
+            assert out[1].tolist() == positions and out[2].decode_context_lens.tolist() == [p + 1 for p in positions]
+            assert out[2].slot_mapping.tolist() == [t[p // 16] * 16 + p % 16 for t, p in zip(tables, positions)]
+            refilled.append(inputs is not None and self._decode_inputs is inputs)
         return out
 
     monkeypatch.setattr(Scheduler, "_steady_decodes", counted)
@@ -506,9 +512,10 @@ def test_kept_decode_batches_follow_growth_preemption_and_requests_joining(smoll
     assert stats.preemptions > 0 and stats.prefix_cache_hits > 0
     assert sum(reused) >= 30 and not all(reused)  # steady steps, and steps the general pass made
     assert sum(checked) >= 30 and not all(checked)  # tables kept, and rebuilt when a block came
+    assert sum(refilled) >= 30 and not all(refilled)  # inputs refilled, and made anew for another batch size
 
     def fresh_prepare(self, batch):
-        self._decode_tables = None
+        self._decode_tables = self._decode_inputs = None
         return prepare(self, batch)
 
     monkeypatch.setattr(Scheduler, "_steady_decodes", lambda self: None)

@@ -252,6 +252,40 @@ def test_tiny_sentencepiece():
     assert "".join(_stream(tok, body, prompt=tok.encode("hi"))) == " hi hi ü"
 
 
+class _CountingBackend:
+    """A tokenizers backend whose ``decode`` calls are counted (everything else passes through)."""
+
+    def __init__(self, backend):
+        self.backend, self.decodes = backend, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decodes += 1
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+@pytest.mark.parametrize("metadata", [tiny_gpt2_metadata, tiny_llama_metadata])
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_detokenizer_decodes_a_single_token_once(metadata, skip_special_tokens):
+    """Streaming text decodes each token's left context (the token before it, alone) from the
+    tokenizer's kept texts (``Tokenizer.decode_token``): the deltas are those of the backend's own
+    decodes, and once every token is known a token that adds text costs one backend call."""
+    tok = Tokenizer.from_gguf(metadata())
+    end = tok.eos_token_id if "<|im_end|>" not in tok.backend.get_vocab() else tok.token_to_id("<|im_end|>")
+    ids = (tok.encode("hi hi ü hi", add_special_tokens=False) + [end]) * 3
+    reference = Tokenizer.from_gguf(metadata())
+    reference.decode_token = lambda token_id, skip=True: reference.backend.decode([token_id], skip_special_tokens=skip)
+    assert _stream(tok, ids, skip=skip_special_tokens) == _stream(reference, ids, skip=skip_special_tokens)
+    for token_id in set(ids):
+        assert tok.decode_token(token_id, skip_special_tokens) == tok.decode([token_id], skip_special_tokens)
+    words = tok.encode(" hi" * 8, add_special_tokens=False)  # every token adds text
+    tok.backend = counting = _CountingBackend(tok.backend)
+    assert "".join(_stream(tok, words, skip=skip_special_tokens)) == tok.decode(words, skip_special_tokens)
+    assert counting.decodes == len(words) + 1  # (+1: the first step's empty left context)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

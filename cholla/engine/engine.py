@@ -142,11 +142,19 @@ def _close_disk_tier(block_manager: BlockManager) -> None:
 
 
 class _RequestState:
-    """Text-side state of one request: incremental detokenization and stop strings."""
+    """Text-side state of one request: incremental detokenization and stop strings.
+
+    Tokens go through the detokenizer where the text is read (``LLMEngine._text``): each step
+    for a request with stop strings (matched on the text), else for an output or at the end;
+    ``pending`` holds those not yet through. ``LLM.generate`` reads no text before the end: its
+    requests' tokens then go through in one run, not one a step between kernels that leave every
+    cache cold. The same detokenizer steps in the same order: the same text.
+    """
 
     def __init__(self, request: Request, detokenizer: IncrementalDetokenizer, prompt: str | None, index: int):
         self.request, self.detokenizer, self.prompt, self.index = request, detokenizer, prompt, index
-        self.text = ""
+        self.text = ""  # the text of the tokens through the detokenizer
+        self.pending: list[int] = []
 
 
 class LLMEngine:
@@ -348,7 +356,10 @@ class LLMEngine:
 
     # -- the loop -------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one step: the outputs of the requests it advanced (a stream shows each as it grows),
+        or with ``finished_only`` of those it finished only (``LLM.generate`` reads nothing else,
+        and each output copies its request's tokens so far)."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
@@ -362,7 +373,7 @@ class LLMEngine:
         self.metrics.batch_sizes.append(len(batch.requests))
         self.metrics.preemptions += len(batch.preempted)
         return self._postprocess(batch, result.token_ids, result.logprobs, result.dead_ends, result.prompt_logprobs,
-                                 result.targets, result.target_logprobs)
+                                 result.targets, result.target_logprobs, finished_only)
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -389,7 +400,8 @@ class LLMEngine:
     def _postprocess(self, batch: ScheduledBatch, tokens: list[int | None], logprobs: list,
                      dead_ends: set[int], prompt_logprobs: list | None = None,
                      targets: dict[int, list[int | None]] | None = None,
-                     target_logprobs: dict[int, list] | None = None) -> list[RequestOutput]:
+                     target_logprobs: dict[int, list] | None = None,
+                     finished_only: bool = False) -> list[RequestOutput]:
         now = time.monotonic()
         outputs = []
         for i, (request, n, token, lp) in enumerate(zip(batch.requests, batch.num_tokens, tokens, logprobs)):
@@ -417,7 +429,8 @@ class LLMEngine:
                     self._append_token(state, token, lp, now)
                     if request.grammar is not None and request.finish_reason is None:
                         self._advance_grammar(state, now)
-            outputs.append(self._make_output(state))
+            if request.finish_reason is not None or not finished_only:
+                outputs.append(self._make_output(state))
             if request.finish_reason is not None:
                 self.scheduler.finish(request, request.finish_reason)
                 self.metrics.on_finish(request.finish_reason, request.arrival_time, now)
@@ -505,19 +518,33 @@ class LLMEngine:
                     return True
         if request.grammar.is_finished:
             request.finish_reason, request.stop_reason = "stop", None
-            state.text += state.detokenizer.flush()
+            self._flush_text(state)
             return True
         return bool(forced)
 
     def _end_grammar(self, state: _RequestState, why: str) -> None:
         """No token can continue the grammar: finish with "error" and the reason, never hang."""
         state.request.finish_reason, state.request.stop_reason = "error", why
-        state.text += state.detokenizer.flush()
+        self._flush_text(state)
+
+    def _text(self, state: _RequestState) -> str:
+        """The request's text, its pending tokens put through the detokenizer (see ``_RequestState``)."""
+        if state.pending:
+            step = state.detokenizer.step
+            state.text += "".join([step(token) for token in state.pending])
+            state.pending.clear()
+        return state.text
+
+    def _flush_text(self, state: _RequestState) -> None:
+        """At the end: the text with what the detokenizer held back (a dangling partial character, U+FFFD)."""
+        state.text = self._text(state) + state.detokenizer.flush()
 
     def _check_stop(self, state: _RequestState, token: int) -> None:
         request, params = state.request, state.request.params
-        previous_len = len(state.text)
-        state.text += state.detokenizer.step(token)
+        state.pending.append(token)
+        if params.stop:
+            previous_len = len(state.text)
+            self._text(state)
         num_out = len(request.output_token_ids)
         if num_out >= params.min_tokens:
             if token in params.stop_token_ids:
@@ -536,12 +563,12 @@ class LLMEngine:
             elif request.num_tokens >= self.max_model_len:
                 request.finish_reason = "length"
         if request.finish_reason is not None and not isinstance(request.stop_reason, str):
-            state.text += state.detokenizer.flush()  # a dangling partial character, shown as U+FFFD
+            self._flush_text(state)
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         request = state.request
         finished = request.finish_reason is not None
-        text = state.text
+        text = self._text(state)
         if not finished and request.params.stop:
             text = text[: safe_prefix_len(text, request.params.stop)]
         completion = CompletionOutput(

@@ -35,11 +35,14 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         self.prefix_offset = max(self.read_offset - PREFIX_WINDOW, 0)
         self._text = ""
-        # Tokenizer.decode's backend call, bound once: called twice per token of every running request
+        # Tokenizer.decode's backend call, bound once: called for every token of every running request
         self._backend_decode = tokenizer.backend.decode
 
     def _decode(self, start: int, end: int | None = None) -> str:
-        return self._backend_decode(self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens)
+        ids = self.token_ids[start:end]
+        if len(ids) == 1:  # the left context while text flows: the last token alone, its text kept by id
+            return self.tokenizer.decode_token(ids[0], self.skip_special_tokens)
+        return self._backend_decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def step(self, token_id: int) -> str:
         """Add one generated token; return only the new, complete text (often "", never a broken character)."""

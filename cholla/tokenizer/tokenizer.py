@@ -71,6 +71,8 @@ class Tokenizer:
         empty = backend.encode("", add_special_tokens=True).ids
         self.add_bos = bos_token_id is not None and empty[:1] == [bos_token_id]
         self.add_eos = eos_token_id is not None and empty[-1:] == [eos_token_id] and not (self.add_bos and len(empty) == 1)
+        # decode_token's texts by id: [skip_special_tokens][id]
+        self._token_texts: tuple[dict[int, str], dict[int, str]] = ({}, {})
 
     # -- construction -----------------------------------------------------------
 
@@ -180,6 +182,16 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_token(self, token_id: int, skip_special_tokens: bool = True) -> str:
+        """``decode([token_id])``, kept per id after the first call: the incremental detokenizer
+        decodes each generated token alone, as the next token's left context (a dict lookup
+        where the backend's call costs microseconds)."""
+        texts = self._token_texts[skip_special_tokens]
+        text = texts.get(token_id)
+        if text is None:
+            text = texts[token_id] = self.backend.decode([token_id], skip_special_tokens=skip_special_tokens)
+        return text
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
