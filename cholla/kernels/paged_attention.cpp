@@ -150,6 +150,9 @@ constexpr int64_t MAX_GROUP = 16;
 
 // Keys (and their values) are prefetched this many positions ahead.
 constexpr int64_t AHEAD = 8;
+// Lines of the next pair's keys asked for per value row of a slice (NextKeys): Gemma 3's
+// (dim 256) values take 4 slices, so its next pair's first half of keys arrives meanwhile.
+constexpr int NEXT_KEY_LINES = 2;
 
 // A sequence's positions, walked one by one through its block table: the
 // cache slot of each without a division per position (a run-time block size
@@ -164,6 +167,34 @@ struct SlotCursor {
     if (++offset == block_size) {
       offset = 0;
       ++block;
+    }
+  }
+};
+
+// The next pair's key rows, asked for a line at a time (step()) while this pair's values are
+// weighed: those read what the scores brought in, so few lines are in flight then. All inline (a
+// call in the values' loop would spill its sums around it).
+struct NextKeys {
+  SlotCursor at;
+  const char* values;
+  int64_t heads, kvh, row_bytes, left, line = 0;
+  const char* row = nullptr;
+  NextKeys(const cholla::KVSide& ks, const int64_t* table, int64_t first, int64_t n, int64_t kvh)
+      : at(table, ks.block_size, first), values(reinterpret_cast<const char*>(ks.values)), heads(ks.heads), kvh(kvh),
+        row_bytes(ks.row_bytes), left(n) {
+    if (left > 0) row = values + (at.slot() * heads + kvh) * row_bytes;
+  }
+  NextKeys() : at(nullptr, 1, 0), values(nullptr), heads(0), kvh(0), row_bytes(0), left(0) {}
+  __attribute__((always_inline)) void step() {
+    for (int i = 0; i < NEXT_KEY_LINES && left > 0; ++i) {
+      _mm_prefetch(row + line, _MM_HINT_T0);
+      if ((line += 64) >= row_bytes) {
+        line = 0;
+        if (--left > 0) {
+          at.next();
+          row = values + (at.slot() * heads + kvh) * row_bytes;
+        }
+      }
     }
   }
 };
@@ -379,7 +410,8 @@ void scores_of(const float* q, const cholla::KVSide& ks, const cholla::KVSide& v
 // so the 4 x GROUP sums never leave their registers (as loops, GCC stored all of them every key).
 template <Kind K, int GROUP, bool WHOLE>
 [[gnu::always_inline]] inline void weigh_slice(const cholla::KVSide& vs, const int64_t* table, int64_t first, int64_t n,
-                                               int64_t group, int64_t kvh, const float* scores, float* o, int64_t d0) {
+                                               int64_t group, int64_t kvh, const float* scores, float* o, int64_t d0,
+                                               NextKeys& next) {
   constexpr int64_t SLOTS = GROUP > 0 ? GROUP : MAX_GROUP;
   const int64_t dim = vs.dim, row_bytes = vs.row_bytes, groups = vs.groups;
   const auto live = [&](int j) -> __mmask16 { return WHOLE ? 0xFFFF : lanes(dim - d0 - 16 * j); };
@@ -393,6 +425,7 @@ template <Kind K, int GROUP, bool WHOLE>
     const int64_t row = value_at.slot() * vs.heads + kvh;
     const uint8_t* value = vs.values + row * row_bytes;
     const uint16_t* value_scales = vs.scales == nullptr ? nullptr : vs.scales + row * groups;
+    next.step();
     __m512 v[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) v[j] = load16<K>(value, value_scales, d0 + 16 * j, live(j), dim / 2);
@@ -416,16 +449,16 @@ template <Kind K, int GROUP, bool WHOLE>
 // stream by, each value slice loaded once for all heads.
 template <Kind K, int GROUP>
 void weigh_values(const cholla::KVSide& vs, const int64_t* table, int64_t first, int64_t n, int64_t run_time_group,
-                  int64_t kvh, const float* scores, float* o) {
+                  int64_t kvh, const float* scores, float* o, NextKeys& next) {
   const int64_t dim = vs.dim;
   if constexpr (GROUP > 0) {
     if (dim % 64 == 0) {
-      for (int64_t d0 = 0; d0 < dim; d0 += 64) weigh_slice<K, GROUP, true>(vs, table, first, n, GROUP, kvh, scores, o, d0);
+      for (int64_t d0 = 0; d0 < dim; d0 += 64) weigh_slice<K, GROUP, true>(vs, table, first, n, GROUP, kvh, scores, o, d0, next);
       return;
     }
   }
   const int64_t group = GROUP > 0 ? GROUP : run_time_group;
-  for (int64_t d0 = 0; d0 < dim; d0 += 64) weigh_slice<K, GROUP, false>(vs, table, first, n, group, kvh, scores, o, d0);
+  for (int64_t d0 = 0; d0 < dim; d0 += 64) weigh_slice<K, GROUP, false>(vs, table, first, n, group, kvh, scores, o, d0, next);
 }
 
 using ScoresFn = decltype(&scores_of<Kind::F32, 1>);
@@ -467,7 +500,7 @@ std::pair<ScoresFn, ValuesFn> pair_fns(Kind k, Kind v, int64_t count) {
 // The same sums as rotating each key back, in another order (fp32 rounding differs).
 void attend_pair(const float* q, const cholla::KVSide& ks, const cholla::KVSide& vs, float* o, const int64_t* table,
                  int64_t first, int64_t n, int64_t count, int64_t kvh, float scale, float cap,
-                 std::vector<float>& scores, std::vector<float>& rotated_q) {
+                 std::vector<float>& scores, std::vector<float>& rotated_q, NextKeys& next) {
   const int64_t dim = ks.dim;
   const auto [scores_fn, values_fn] = pair_fns(ks.kind, vs.kind, count);
   float bias[MAX_GROUP];
@@ -497,7 +530,7 @@ void attend_pair(const float* q, const cholla::KVSide& ks, const cholla::KVSide&
   scores_fn(queries, ks, vs, table, first, n, count, kvh, scale, cap, ks.spread != nullptr ? bias : nullptr,
             scores.data());
   for (int64_t g = 0; g < count; ++g) softmax(scores.data() + g * n, n);
-  values_fn(vs, table, first, n, count, kvh, scores.data(), o);
+  values_fn(vs, table, first, n, count, kvh, scores.data(), o, next);
   if (vs.rotated)
     for (int64_t g = 0; g < count; ++g) {
       float* og = o + g * dim;
@@ -523,14 +556,29 @@ void attend_decode(const float* qs, const cholla::KVSide& ks, const cholla::KVSi
                    int64_t parts, int64_t heads, int64_t max_blocks, float scale, int64_t window, float cap) {
   const int64_t kv_heads = ks.heads, dim = ks.dim, group = heads / kv_heads, per_part = (group + parts - 1) / parts;
   thread_local std::vector<float> scores, rotated_q;  // (kept from call to call: a decode step calls this per chunk)
+  const int64_t n_jobs = rows.count * kv_heads * parts;
+  // A job's KV head, row, sequence, and its first visible key and context length.
+  struct Pair {
+    int64_t kvh, r, s, first, ctx;
+  };
+  const auto pair_of = [&](int64_t job) {
+    const int64_t r = job / parts / kv_heads, ctx = rows.visible(r, lens);
+    return Pair{job / parts % kv_heads, r, rows.sequence(r), window > 0 ? std::max<int64_t>(0, ctx - window) : 0, ctx};
+  };
   for (int64_t job = begin; job < end; ++job) {
-    const int64_t pair = job / parts, r = pair / kv_heads, kvh = pair % kv_heads;
-    const int64_t s = rows.sequence(r), ctx = rows.visible(r, lens);
+    const auto [kvh, r, s, first, ctx] = pair_of(job);
     const int64_t head = kvh * group + job % parts * per_part, count = std::min(per_part, (kvh + 1) * group - head);
     if (count <= 0) continue;
-    const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+    // The next job's keys (usually this member's next: its own chunks come in order) are asked for
+    // during this pair's values, unless they are this pair's (its heads split in parts).
+    NextKeys next;
+    if (job + 1 < n_jobs) {
+      const Pair after = pair_of(job + 1);
+      if (after.s != s || after.kvh != kvh)
+        next = NextKeys(ks, tables + after.s * max_blocks, after.first, after.ctx - after.first, after.kvh);
+    }
     attend_pair(qs + (r * heads + head) * dim, ks, vs, os + (r * heads + head) * dim, tables + s * max_blocks, first,
-                ctx - first, count, kvh, scale, cap, scores, rotated_q);
+                ctx - first, count, kvh, scale, cap, scores, rotated_q, next);
   }
 }
 
