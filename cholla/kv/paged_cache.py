@@ -176,11 +176,12 @@ def plan_layout(config: ModelConfig, memory_bytes: int, block_size: int, k_type:
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
     """A zeroed cache tensor. On CPU an anonymous memory map (``heap.mapped_zeros``):
     memory is only resident once blocks are written, so a large budget does not
-    cost its full size in RSS up front. Zeros matter: padded decode reads touch
+    cost its full size in RSS up front (2 MiB at a time: huge pages, for the decode
+    attention's scattered block reads). Zeros matter: padded decode reads touch
     unwritten slots, and masked garbage could be NaN."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    return mapped_zeros(shape, dtype)
+    return mapped_zeros(shape, dtype, huge_pages=True)
 
 
 class PagedKVCache:
