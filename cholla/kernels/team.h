@@ -66,18 +66,30 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int64_t member, int64_t memb
   return {std::min(n, member * chunk), std::min(n, (member + 1) * chunk)};
 }
 
-// A member's own part of a stage of n jobs, cut into `count` chunks. A stage
-// of no jobs has one empty chunk, member 0's, so that someone still closes it.
+// A member's own part of a stage of n jobs: `even` chunks of about equal size, the last of
+// them cut in halves (L jobs: L - L/2, then half of what is left, ..., one job: bit_width(L)
+// pieces). A stage ends when its last chunk does; the member that runs out first takes the
+// others' next chunks, in order, so at the end both work on pieces that shrink, and the one
+// that finds nothing left waits for about half a piece of a job or two, not half a chunk
+// (Gemma 3's 32-row step: 2-16 jobs a chunk, nine stages a layer).
+// A stage of no jobs has one empty chunk, member 0's, so that someone still closes it.
 struct OwnChunks {
-  int64_t begin, size, count;
+  int64_t begin, size, even, tail, count;
 
   OwnChunks(int64_t n, int64_t member, int64_t members) {
     const auto [first, last] = share(n, member, members);
     begin = first, size = last - first;
-    count = size == 0 ? (n == 0 && member == 0 ? 1 : 0)
-                      : std::min(size, std::max(CHUNKS_PER_MEMBER, (size + CHUNK_MAX_JOBS - 1) / CHUNK_MAX_JOBS));
+    even = size == 0 ? (n == 0 && member == 0 ? 1 : 0)
+                     : std::min(size, std::max(CHUNKS_PER_MEMBER, (size + CHUNK_MAX_JOBS - 1) / CHUNK_MAX_JOBS));
+    tail = even == 0 ? 0 : size - size * (even - 1) / even;  // the last even chunk's jobs
+    count = even == 0 ? 0 : even - 1 + (tail == 0 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(tail)));
   }
-  std::pair<int64_t, int64_t> chunk(int64_t i) const { return {begin + size * i / count, begin + size * (i + 1) / count}; }
+  // Chunk i's jobs [begin, end).
+  std::pair<int64_t, int64_t> chunk(int64_t i) const {
+    if (i < even - 1) return {begin + size * i / even, begin + size * (i + 1) / even};
+    const int64_t piece = i - (even - 1), end = begin + size;  // tail >> piece jobs are left before it
+    return {end - (tail >> piece), end - (tail >> (piece + 1))};
+  }
 };
 
 // All members' chunks of a stage of n jobs.
