@@ -1235,17 +1235,20 @@ template <bool ARGMAX>
           store_tile(c + t * GEMV_JOB_ROWS * LANES, t, m, rows, out + seg.out_offset + first, n_total, stream);
       }
     }
+    // The best so far, before next() reports the chunk done: in a stage of decode_layers' team,
+    // the member that reports the stage's last chunk reads every member's best right then.
+    if constexpr (ARGMAX) {
+      for (int64_t t = 0; t < x.tiles; ++t) {
+        alignas(64) float value[LANES];
+        alignas(64) int32_t index[LANES];
+        _mm512_store_ps(value, best_value[t]);
+        _mm512_store_si512(index, best_index[t]);
+        for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane)
+          best[t * LANES + lane] = {value[lane], index[lane]};
+      }
+    }
   } while (member.next(n_jobs, begin, end));
   if (stream) _mm_sfence();  // the streamed lines are out before the team's barrier says so
-  if constexpr (ARGMAX) {
-    for (int64_t t = 0; t < x.tiles; ++t) {
-      alignas(64) float value[LANES];
-      alignas(64) int32_t index[LANES];
-      _mm512_store_ps(value, best_value[t]);
-      _mm512_store_si512(index, best_index[t]);
-      for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) best[t * LANES + lane] = {value[lane], index[lane]};
-    }
-  }
 }
 
 // A member's jobs of a GEMV (team.h): the exact fp32 products, or with
