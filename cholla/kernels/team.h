@@ -6,8 +6,8 @@
 // step that the next stage reads (rope and the cache writes after q/k/v, the
 // residual add and the next norm after a projection). Each member's own part
 // of a stage is the range a static split gives it (share()), cut into chunks
-// (CHUNKS_PER_MEMBER, CHUNK_MAX_JOBS) that it claims in order; a member with none of its
-// own left claims the others' next ones. On a quiet machine each member so
+// (CHUNKS_PER_MEMBER, CHUNK_MAX_JOBS; the last in halves: OwnChunks) that it claims in
+// order; a member with none of its own left claims the others' next ones. On a quiet machine each member so
 // walks its own range, as under the static split; on a busy one, a member the
 // OS has descheduled holds the others up for at most the chunk in its hands,
 // and the rest of its part is done by whoever runs. (With a static split and
