@@ -410,6 +410,48 @@ def test_batched_steps_equal_the_python_layers_bit_for_bit(path, request):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("path", ["smollm2_path", "gemma3_path"])
+@torch.inference_mode()
+def test_batched_steps_with_the_head_in_the_team_equal_the_separate_head(path, request):
+    """7, 32 and 33 rows through ``decode_logits``, the final norm and the head in the layers' team:
+    greedy, the head's own jobs' argmax gives the tokens ``greedy_tokens`` gives over the model's
+    forward (the layers' call, then the final norm and the head in a team of their own); not greedy,
+    the logits are ``compute_logits``'s, bit for bit; one thread, two, and four (on fewer cores:
+    members descheduled between their last chunk and the stage's end, where the member closing it
+    reads every member's best), the greedy step repeated. (Gemma 3: its embedding scaled in Python
+    first.)"""
+    from cholla.layers import linear
+
+    threads = torch.get_num_threads()
+    loaded = load_model(request.getfixturevalue(path), "bfloat16")
+    model, config = loaded.model, loaded.config
+    generator = torch.Generator().manual_seed(5)
+    try:
+        for team in (1, 2, 4):
+            torch.set_num_threads(team)
+            for rows in (7, 32, 33):
+                cache = PagedKVCache(config, num_blocks=rows * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+                lengths = [3 + seq % 5 for seq in range(rows)]
+                for seq, n in enumerate(lengths):
+                    _prefill(model, cache, seq, torch.randint(0, config.vocab_size, (n,), generator=generator).tolist())
+                greedy_cache, sampled_cache = ([(k.clone(), v.clone()) for k, v in cache.layers] for _ in range(2))
+                positions, meta = _decode_meta(lengths)
+                ids = torch.randint(0, config.vocab_size, (rows,), generator=generator)
+                with linear.decode_step():
+                    hidden = model(ids, positions, cache.layers, meta)
+                    expected_tokens = model.greedy_tokens(hidden, decode=True)
+                    expected_logits = model.compute_logits(hidden, reuse_output=True).clone()
+                for _ in range(8):  # (the same step again: the same cache writes)
+                    _, tokens = model.decode_logits(ids, positions, greedy_cache, meta, True)
+                    assert expected_tokens is not None and torch.equal(tokens, expected_tokens), (team, rows)
+                logits, no_tokens = model.decode_logits(ids, positions, sampled_cache, meta, False)
+                assert no_tokens is None and torch.equal(logits, expected_logits), (team, rows)
+                for (k, v), (k_greedy, v_greedy) in zip(cache.layers, greedy_cache):
+                    assert torch.equal(k, k_greedy) and torch.equal(v, v_greedy)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _engine_outputs(loaded, kv_cache_memory: int) -> tuple[dict, object]:
     """Five requests of every sampling kind through one engine whose KV cache holds about two of
     them: two start, three join after a few steps (one sharing the first's prompt: prefix-cache

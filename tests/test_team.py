@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
     reason="the team is for Linux on x86-64 (futex, pause) and needs g++",
 )
 
-# Stage s has jobs(s) jobs (0, 1, a few, many); each job adds one to its own
+# Stage s has jobs(s) jobs (0, 1, a few, many, odd); each job adds one to its own
 # counter. The stage's serial step checks that every job of the stage was done
 # exactly once, and marks the stage closed; every member checks the mark when
 # finish() returns. Modes:
@@ -46,7 +46,7 @@ DRIVER = r"""
 #include <vector>
 #include "team.h"
 
-int64_t jobs(int s) { const int64_t n[] = {37, 1, 0, 5, 1000, 2, 64}; return n[s % 7]; }
+int64_t jobs(int s) { const int64_t n[] = {37, 1, 0, 5, 1000, 2, 64, 3, 17, 129}; return n[s % 10]; }
 
 int main(int argc, char** argv) {
   const int members = std::atoi(argv[1]), stages = std::atoi(argv[2]), spin = std::atoi(argv[3]);
@@ -103,6 +103,44 @@ int main(int argc, char** argv) {
 """
 
 
+# Each member's own chunks (OwnChunks) of n jobs for 0 <= n < 3000 and 1-4 members: they follow each other
+# from its range's start to its end, none empty (but a stage of no jobs' one, member 0's), every job in exactly
+# one; the last even chunk cut in halves (tail pieces, then one job). Prints the number of faults, then the
+# chunks' sizes of one member's 128 jobs.
+CHUNKS = r"""
+#include <cstdio>
+#include <vector>
+#include "team.h"
+
+int main() {
+  int faults = 0;
+  for (int members = 1; members <= 4; ++members)
+    for (int64_t n = 0; n < 3000; ++n) {
+      std::vector<int> hits(n, 0);
+      int64_t chunks = 0;
+      for (int m = 0; m < members; ++m) {
+        const cholla::OwnChunks own(n, m, members);
+        chunks += own.count;
+        int64_t at = own.begin;
+        for (int64_t i = 0; i < own.count; ++i) {
+          const auto [begin, end] = own.chunk(i);
+          if (begin != at || end < begin || (n > 0 && end == begin)) ++faults;
+          for (int64_t j = begin; j < end; ++j) ++hits[j];
+          at = end;
+        }
+        if (at != own.begin + own.size) ++faults;
+      }
+      for (int h : hits) faults += h != 1;
+      faults += chunks != cholla::stage_chunks(n, members) || (n == 0 && chunks != 1);
+    }
+  std::printf("%d", faults);
+  const cholla::OwnChunks own(128, 0, 1);
+  for (int64_t i = 0; i < own.count; ++i) std::printf(" %lld", static_cast<long long>(own.chunk(i).second - own.chunk(i).first));
+  std::printf("\n");
+}
+"""
+
+
 @dataclass
 class Run:
     ok: bool  # every job done once per stage, every serial step after them and before the next stage
@@ -130,6 +168,25 @@ def _run(driver: Path, members: int, stages: int, spin_us: int, mode: str = "run
     flags = {k: v == "1" for k, v in (field.split("=") for field in out[3 + members:])}
     return Run(out[0] == "1", float(out[1]), int(out[2]), [f for f, _ in per_member], [c for _, c in per_member],
                flags)
+
+
+def test_chunks_cover_every_job_once_and_end_in_halves(tmp_path):
+    """A member's chunks tile its range, for every job count up to 3000 and 1-4 members; 128
+    jobs are 7 chunks of 16, then the last 16 in halves down to one job."""
+    (tmp_path / "chunks.cpp").write_text(CHUNKS)
+    subprocess.run(["g++", "-O2", "-std=c++17", f"-I{KERNELS}", str(tmp_path / "chunks.cpp"), "-o",
+                    str(tmp_path / "chunks")], check=True)
+    out = subprocess.run([str(tmp_path / "chunks")], check=True, capture_output=True, text=True).stdout.split()
+    assert out[0] == "0"
+    assert [int(size) for size in out[1:]] == [16] * 7 + [8, 4, 2, 1, 1]
+
+
+@pytest.mark.parametrize("members", [1, 2, 3, 4])
+def test_every_job_is_done_once_by_one_to_four_members(driver, members):
+    """Stages of 0 to 1000 jobs (odd counts among them), each member taking its own chunks and the
+    others' as they come: every job of every stage done exactly once before its serial step."""
+    run = _run(driver, members=members, stages=200, spin_us=30)
+    assert run.ok and run.finished == [200] * members
 
 
 def test_a_member_away_has_its_chunks_taken(driver):

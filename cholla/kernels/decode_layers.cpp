@@ -149,7 +149,9 @@ struct DecodeCaches : torch::CustomClassHolder {
 // With `logits` (fp32 [rows, vocab]), the step goes on through the model's final norm and
 // head (DecodeLayers.bind_head) in the same team, writes the head's product there and
 // returns the final norm's output (and with `tokens`, int64 [rows], each row's argmax);
-// without, it returns the residual stream. x may be int64 token ids [rows] instead,
+// without, it returns the residual stream. With `tokens`, where the head's product is the
+// batched int8 one (more than INT8_GEMV_MAX_ROWS rows), its jobs give each row's argmax
+// themselves (ops.h's gemv_rows_argmax_part) and the logits are not written. x may be int64 token ids [rows] instead,
 // looked up in the bound embedding (DecodeLayers.bind_embedding).
 at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions,
                          const c10::intrusive_ptr<DecodeLayers>& model,
@@ -294,6 +296,12 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
   const QuantizedX h_ready = h_ahead ? quantized_x(rows, hidden) : QuantizedX{};
   const QuantizedX activated_ready = activated_ahead ? quantized_x(rows, inner) : QuantizedX{};
   const QuantizedX* h_quantized = h_ahead ? &h_ready : nullptr;
+  // Greedy rows' tokens from the head's own jobs: the batched int8 product's argmax (its x, the
+  // final norm's rows, quantized ahead into h's buffers with the layers'); fewer rows write the
+  // logits and take each row's argmax after them.
+  const int64_t head_type[] = {model->head_type};
+  const bool head_argmax = tokens.has_value() && products.batched(rows, head_type);
+  std::vector<RowBest> head_best = head_argmax ? no_best(omp_get_max_threads(), rows) : std::vector<RowBest>{};
   const QuantizedX* activated_quantized = activated_ahead ? &activated_ready : nullptr;
   auto activate_row = [&](int64_t r) {
     const float* gu = gate_up.data_ptr<float>() + r * 2 * inner;
@@ -372,7 +380,7 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
           if (!between(member,
                        [&](int64_t row) {
                          add_row(down, post_norms ? &n[3] : nullptr, row);
-                         if (l + 1 < layers)
+                         if (l + 1 < layers || head_argmax)
                            normalize_row_ahead(*next_norm, row);
                          else if (next_norm != nullptr)
                            normalize_row(*next_norm, row);
@@ -385,8 +393,14 @@ at::Tensor decode_layers(const at::Tensor& x_or_ids, const at::Tensor& positions
     };
     if (every_layer() && head_out.defined()) {
       RECORD_FUNCTION("cholla::decode_layers: head", std::vector<c10::IValue>());
+      if (head_argmax) {
+        if (!member.behind())
+          gemv_rows_argmax_part(h, &model->head_rows, 1, head_best.data() + member.index() * rows, member,
+                                h_quantized);
+        member.finish([&] { best_columns(head_best, rows, tokens->data_ptr<int64_t>()); });
+        return;
+      }
       const at::Tensor head_weight[] = {model->head};
-      const int64_t head_type[] = {model->head_type};
       products.run(h, head_weight, head_type, &model->head_rows, head_out, member);
       member.finish([&] {  // greedy rows' tokens: each row's argmax, as argmax_rows gives it
         if (!tokens.has_value()) return;

@@ -70,6 +70,22 @@ void quantize_x_row(const float* row, int64_t r, const QuantizedX& x);
 void gemv_rows_part(const at::Tensor& x, const WeightRows* weights, int64_t count, bool integer, at::Tensor& y,
                     Member& member, const QuantizedX* ready = nullptr);
 
+// Greedy tokens straight from a batched int8 product (x of more than INT8_GEMV_MAX_ROWS rows,
+// every weight of a type with an int8 kernel), the product not written: each row's best
+// (value, column) over a member's jobs, the first column on ties, a NaN above every number (as
+// argmax_rows over the product's sums). Columns fit int32 (a vocabulary).
+struct RowBest {
+  float value;
+  int32_t index;
+};
+// [members][rows] of no candidate yet (what a member with no jobs leaves).
+std::vector<RowBest> no_best(int64_t members, int64_t rows);
+// A member's part: its rows' best over its jobs into best ([rows], the member's own).
+void gemv_rows_argmax_part(const at::Tensor& x, const WeightRows* weights, int64_t count, RowBest* best,
+                           Member& member, const QuantizedX* ready = nullptr);
+// tokens[r]: row r's best column over every member's best ([members][rows]).
+void best_columns(const std::vector<RowBest>& best, int64_t rows, int64_t* tokens);
+
 // qmatmul.cpp: the same products on the AMX tiles (weights and x rounded to bf16).
 void qmatmul_part(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types, at::Tensor& y, Member& member);
 

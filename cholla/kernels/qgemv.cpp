@@ -1119,13 +1119,7 @@ inline void store_tile(const float* c, int64_t t, int64_t m, int64_t rows, uint1
   }
 }
 
-// Greedy sampling's argmax, fused into the head's product: each row of x's
-// best (value, column) so far, the first column on ties, a NaN above every
-// number (as argmax_rows and torch.max). Columns fit int32 (a vocabulary).
-struct RowBest {
-  float value;
-  int32_t index;
-};
+using cholla::RowBest;
 
 // The order RowBest keeps: is (v, i) better than (best, at)?
 inline bool better(float v, int32_t i, float best, int32_t at) {
@@ -1241,17 +1235,20 @@ template <bool ARGMAX>
           store_tile(c + t * GEMV_JOB_ROWS * LANES, t, m, rows, out + seg.out_offset + first, n_total, stream);
       }
     }
+    // The best so far, before next() reports the chunk done: in a stage of decode_layers' team,
+    // the member that reports the stage's last chunk reads every member's best right then.
+    if constexpr (ARGMAX) {
+      for (int64_t t = 0; t < x.tiles; ++t) {
+        alignas(64) float value[LANES];
+        alignas(64) int32_t index[LANES];
+        _mm512_store_ps(value, best_value[t]);
+        _mm512_store_si512(index, best_index[t]);
+        for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane)
+          best[t * LANES + lane] = {value[lane], index[lane]};
+      }
+    }
   } while (member.next(n_jobs, begin, end));
   if (stream) _mm_sfence();  // the streamed lines are out before the team's barrier says so
-  if constexpr (ARGMAX) {
-    for (int64_t t = 0; t < x.tiles; ++t) {
-      alignas(64) float value[LANES];
-      alignas(64) int32_t index[LANES];
-      _mm512_store_ps(value, best_value[t]);
-      _mm512_store_si512(index, best_index[t]);
-      for (int64_t lane = 0; lane < std::min(LANES, m - t * LANES); ++lane) best[t * LANES + lane] = {value[lane], index[lane]};
-    }
-  }
 }
 
 // A member's jobs of a GEMV (team.h): the exact fp32 products, or with
@@ -1561,6 +1558,44 @@ void qmatmul_int8_out(const at::Tensor& x_in, at::TensorList weights, at::IntArr
   });
 }
 
+std::vector<RowBest> no_best(int64_t members, int64_t rows) {
+  return std::vector<RowBest>(members * rows, RowBest{-std::numeric_limits<float>::infinity(),
+                                                      std::numeric_limits<int32_t>::max()});
+}
+
+void gemv_rows_argmax_part(const at::Tensor& x, const WeightRows* weights, int64_t count, RowBest* best,
+                           Member& member, const QuantizedX* ready) {
+  thread_local std::vector<Segment> segments;  // (as gemv_part's)
+  thread_local std::vector<Job> jobs;
+  const int64_t n_total = plan_rows(x, weights, count, true, segments, jobs);
+  const int64_t m = x.size(0), n_jobs = static_cast<int64_t>(jobs.size());
+  TORCH_CHECK(m > INT8_GEMV_MAX_ROWS, "qgemv_int8_argmax: more than ", INT8_GEMV_MAX_ROWS,
+              " rows (fewer take qgemv_int8 and an argmax), got ", m);
+  TORCH_CHECK(std::all_of(segments.begin(), segments.end(),
+                          [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; }),
+              "qgemv_int8_argmax: every weight must be of a type with an int8 kernel");
+  TORCH_CHECK(n_total > 0 && n_total <= std::numeric_limits<int32_t>::max(),
+              "qgemv_int8_argmax: the weights must have 1 to 2^31 - 1 rows in all, got ", n_total);
+  TORCH_CHECK(ready == nullptr || (ready->rows == m && ready->k == x.size(1)),
+              "gemv_rows_argmax_part: x quantized ahead has another shape than x");
+  int64_t begin = 0, end = 0;
+  if (member.next(n_jobs, begin, end))
+    run_batched_jobs<true>(segments, jobs, begin, end, member, x.data_ptr<float>(), m, x.size(1), nullptr, n_total,
+                           best, ready);
+}
+
+void best_columns(const std::vector<RowBest>& best, int64_t rows, int64_t* tokens) {
+  const int64_t members = static_cast<int64_t>(best.size()) / rows;
+  for (int64_t r = 0; r < rows; ++r) {
+    RowBest top = best[r];
+    for (int64_t i = 1; i < members; ++i) {
+      const RowBest& b = best[i * rows + r];
+      if (better(b.value, b.index, top.value, top.index)) top = b;
+    }
+    tokens[r] = top.index;
+  }
+}
+
 // Greedy decoding's tokens straight from the head: each row of x's argmax over
 // its product with the weights side by side (the first column on ties, a NaN
 // above every number: as argmax_rows over qgemv_int8_out's logits, which are
@@ -1569,34 +1604,18 @@ void qmatmul_int8_out(const at::Tensor& x_in, at::TensorList weights, at::IntArr
 // <= INT8_BATCH_MAX_ROWS, the rows the batched int8 product takes; int64 [m] out.
 at::Tensor qgemv_int8_argmax(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {
   const at::Tensor x = x_in.contiguous();
-  std::vector<Segment> segments;
-  std::vector<Job> jobs;
-  const int64_t n_total = plan_gemv(x, weights, types, true, INT8_BATCH_MAX_ROWS, segments, jobs);
-  const int64_t m = x.size(0), n_jobs = static_cast<int64_t>(jobs.size());
-  TORCH_CHECK(m > INT8_GEMV_MAX_ROWS, "qgemv_int8_argmax: more than ", INT8_GEMV_MAX_ROWS,
-              " rows (fewer take qgemv_int8 and an argmax), got ", m);
-  TORCH_CHECK(n_total > 0 && n_total <= std::numeric_limits<int32_t>::max(),
-              "qgemv_int8_argmax: the weights must have 1 to 2^31 - 1 rows in all, got ", n_total);
-  const int64_t members = at::get_num_threads();
+  TORCH_CHECK(weights.size() == types.size(), "qgemv_int8_argmax: one type per weight");
+  std::vector<WeightRows> rows;
+  for (size_t i = 0; i < weights.size(); ++i) rows.push_back(weight_rows(weights[i], types[i]));
+  const int64_t m = x.size(0);
   // Each member's rows' best over its jobs; a member with no jobs leaves its (-inf, max) as no candidate.
-  std::vector<RowBest> best(members * m, RowBest{-std::numeric_limits<float>::infinity(),
-                                                 std::numeric_limits<int32_t>::max()});
+  std::vector<RowBest> best = no_best(at::get_num_threads(), m);
   run_as_team([&](Member& member) {
-    int64_t begin = 0, end = 0;
-    if (member.next(n_jobs, begin, end))
-      run_batched_jobs<true>(segments, jobs, begin, end, member, x.data_ptr<float>(), m, x.size(1), nullptr, n_total,
-                       best.data() + member.index() * m);
+    gemv_rows_argmax_part(x, rows.data(), static_cast<int64_t>(rows.size()), best.data() + member.index() * m,
+                          member);
   });
   at::Tensor tokens = at::empty({m}, x.options().dtype(at::kLong));
-  int64_t* out = tokens.data_ptr<int64_t>();
-  for (int64_t r = 0; r < m; ++r) {
-    RowBest top = best[r];
-    for (int64_t i = 1; i < members; ++i) {
-      const RowBest& b = best[i * m + r];
-      if (better(b.value, b.index, top.value, top.index)) top = b;
-    }
-    out[r] = top.index;
-  }
+  best_columns(best, m, tokens.data_ptr<int64_t>());
   return tokens;
 }
 

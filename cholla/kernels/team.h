@@ -6,8 +6,8 @@
 // step that the next stage reads (rope and the cache writes after q/k/v, the
 // residual add and the next norm after a projection). Each member's own part
 // of a stage is the range a static split gives it (share()), cut into chunks
-// (CHUNKS_PER_MEMBER, CHUNK_MAX_JOBS) that it claims in order; a member with none of its
-// own left claims the others' next ones. On a quiet machine each member so
+// (CHUNKS_PER_MEMBER, CHUNK_MAX_JOBS; the last in halves: OwnChunks) that it claims in
+// order; a member with none of its own left claims the others' next ones. On a quiet machine each member so
 // walks its own range, as under the static split; on a busy one, a member the
 // OS has descheduled holds the others up for at most the chunk in its hands,
 // and the rest of its part is done by whoever runs. (With a static split and
@@ -66,18 +66,30 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int64_t member, int64_t memb
   return {std::min(n, member * chunk), std::min(n, (member + 1) * chunk)};
 }
 
-// A member's own part of a stage of n jobs, cut into `count` chunks. A stage
-// of no jobs has one empty chunk, member 0's, so that someone still closes it.
+// A member's own part of a stage of n jobs: `even` chunks of about equal size, the last of
+// them cut in halves (L jobs: L - L/2, then half of what is left, ..., one job: bit_width(L)
+// pieces). A stage ends when its last chunk does; the member that runs out first takes the
+// others' next chunks, in order, so at the end both work on pieces that shrink, and the one
+// that finds nothing left waits for about half a piece of a job or two, not half a chunk
+// (Gemma 3's 32-row step: 2-16 jobs a chunk, nine stages a layer).
+// A stage of no jobs has one empty chunk, member 0's, so that someone still closes it.
 struct OwnChunks {
-  int64_t begin, size, count;
+  int64_t begin, size, even, tail, count;
 
   OwnChunks(int64_t n, int64_t member, int64_t members) {
     const auto [first, last] = share(n, member, members);
     begin = first, size = last - first;
-    count = size == 0 ? (n == 0 && member == 0 ? 1 : 0)
-                      : std::min(size, std::max(CHUNKS_PER_MEMBER, (size + CHUNK_MAX_JOBS - 1) / CHUNK_MAX_JOBS));
+    even = size == 0 ? (n == 0 && member == 0 ? 1 : 0)
+                     : std::min(size, std::max(CHUNKS_PER_MEMBER, (size + CHUNK_MAX_JOBS - 1) / CHUNK_MAX_JOBS));
+    tail = even == 0 ? 0 : size - size * (even - 1) / even;  // the last even chunk's jobs
+    count = even == 0 ? 0 : even - 1 + (tail == 0 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(tail)));
   }
-  std::pair<int64_t, int64_t> chunk(int64_t i) const { return {begin + size * i / count, begin + size * (i + 1) / count}; }
+  // Chunk i's jobs [begin, end).
+  std::pair<int64_t, int64_t> chunk(int64_t i) const {
+    if (i < even - 1) return {begin + size * i / even, begin + size * (i + 1) / even};
+    const int64_t piece = i - (even - 1), end = begin + size;  // tail >> piece jobs are left before it
+    return {end - (tail >> piece), end - (tail >> (piece + 1))};
+  }
 };
 
 // All members' chunks of a stage of n jobs.
@@ -178,9 +190,10 @@ class Member {
   bool next(int64_t n, int64_t& begin, int64_t& end) {
     if (holding_) holding_ = false, ++unreported_;
     if (team_.failed()) return false;
+    if (n != n_) n_ = n, own_ = OwnChunks(n, index_, team_.members_), total_ = stage_chunks(n, team_.members_);
     for (int64_t i = 0; i < team_.members_; ++i) {
       const int64_t owner = (index_ + i) % team_.members_;
-      const OwnChunks own(n, owner, team_.members_);
+      const OwnChunks own = i == 0 ? own_ : OwnChunks(n, owner, team_.members_);
       std::atomic<uint64_t>& word = team_.claims_[owner].word;
       uint64_t seen = word.load(std::memory_order_acquire);
       // (a word of another stage: this member is behind, and the stage it asks about has closed)
@@ -188,7 +201,6 @@ class Member {
         if (word.compare_exchange_weak(seen, seen + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
           std::tie(begin, end) = own.chunk(static_cast<int64_t>(seen & 0xffffffffu));
           holding_ = true;
-          total_ = stage_chunks(n, team_.members_);
           return true;
         }
       }
@@ -237,7 +249,11 @@ class Member {
   Team& team_;
   const int64_t index_;
   uint32_t stage_ = 0;  // the stage this member is in
-  int64_t total_ = 0;   // its chunks, all members'
+  // The last job count asked about, this member's chunks of it and all members' (a claim
+  // recomputed them: ~50 ns, which SmolLM2's one-row stages of ~1 us chunks felt)
+  int64_t n_ = 0;
+  OwnChunks own_{0, index_, team_.members_};
+  int64_t total_ = stage_chunks(0, team_.members_);
   int64_t unreported_ = 0;  // chunks done but not yet counted
   bool holding_ = false, closing_ = false;
 };

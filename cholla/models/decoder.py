@@ -76,9 +76,11 @@ class DecoderModel(nn.Module):
                       greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """``compute_logits(forward(...), reuse_output=True)`` of a decode step, bit for bit, with the
         embedding, layers, final norm and head in one kernel call (``fused_decode.fused_logits``), and
-        with ``greedy`` each row's argmax (as the sampler's ``argmax``); or None where that does not
-        serve (then nothing has run). An architecture that changes the forward or the logits (a
-        scaled embedding, a soft cap) gets None."""
+        with ``greedy`` each row's argmax (as the sampler's ``argmax``; from more than ``INT8_MAX_ROWS``
+        rows, the head's own jobs give it and the logits are not written: see ``fused_logits``); or
+        None where that does not serve (then nothing has run). An architecture that changes the
+        forward or the logits (a scaled embedding, a soft cap) gets None unless it says otherwise
+        (Gemma 3's scaled embedding)."""
         cls = type(self)
         if cls.forward is not DecoderModel.forward or cls.compute_logits is not DecoderModel.compute_logits:
             return None

@@ -17,7 +17,7 @@ from cholla.layers.norm import RMSNorm, residual_rms_norm
 from cholla.layers.rotary import RotaryEmbedding
 from cholla.models.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
 from cholla.models.decoder import DecoderModel
-from cholla.models.fused_decode import run_layers
+from cholla.models.fused_decode import fused_logits, run_layers
 
 
 def gemma_ropes(config: ModelConfig) -> dict[str, RotaryEmbedding]:
@@ -74,6 +74,16 @@ class Gemma3ForCausalLM(DecoderModel):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def decode_logits(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
+                      greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """As DecoderModel's, the embedding scaled as ``forward`` scales it; None where a final soft
+        cap applies (Gemma 3's own checkpoints have none) or a subclass changes the forward."""
+        cls = type(self)
+        if (self.config.final_logit_softcapping or cls.forward is not Gemma3ForCausalLM.forward
+                or cls.compute_logits is not Gemma3ForCausalLM.compute_logits):
+            return None
+        return fused_logits(self, input_ids, positions, kv_caches, meta, greedy, self.embed_scale)
 
     def greedy_tokens(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor | None:
         """As DecoderModel's, where no soft cap applies (Gemma 3's own checkpoints have none; a
