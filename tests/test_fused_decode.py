@@ -62,6 +62,14 @@ def _prefill(model, cache: PagedKVCache, seq: int, ids: list[int]) -> None:
     model(torch.tensor(ids), torch.arange(n), cache.layers, meta)
 
 
+def _random_prefills(model, config, lengths: list[int], generator: torch.Generator) -> PagedKVCache:
+    """A cache holding a random prompt of each of ``lengths``, one sequence each: a batched step's rows."""
+    cache = PagedKVCache(config, num_blocks=len(lengths) * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
+    for seq, n in enumerate(lengths):
+        _prefill(model, cache, seq, torch.randint(0, config.vocab_size, (n,), generator=generator).tolist())
+    return cache
+
+
 def _decode_meta(lengths: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
     """The next token of each sequence, whose cached lengths are ``lengths``."""
     positions = torch.tensor(lengths)
@@ -124,11 +132,9 @@ def test_fused_decode_of_many_sequences_takes_the_batched_int8_product(path, req
     model, config = loaded.model, loaded.config
     plan = plan_decode(model)
     assert set(plan.types) <= {int(t) for t in linear.INT8_TYPES}  # every layer's products, all of them
-    cache = PagedKVCache(config, num_blocks=12 * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
     generator = torch.Generator().manual_seed(2)
     lengths = [3 + seq % 4 for seq in range(12)]
-    for seq, n in enumerate(lengths):
-        _prefill(model, cache, seq, torch.randint(0, config.vocab_size, (n,), generator=generator).tolist())
+    cache = _random_prefills(model, config, lengths, generator)
     python_cache = [(k.clone(), v.clone()) for k, v in cache.layers]
     positions, meta = _decode_meta(lengths)
     x = torch.randn(len(lengths), config.hidden_size, generator=generator)
@@ -393,10 +399,8 @@ def test_batched_steps_equal_the_python_layers_bit_for_bit(path, request):
         for team in (1, 2):
             torch.set_num_threads(team)
             for rows in (7, 13, 33):
-                cache = PagedKVCache(config, num_blocks=rows * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
                 lengths = [3 + seq % 4 for seq in range(rows)]
-                for seq, n in enumerate(lengths):
-                    _prefill(model, cache, seq, torch.randint(0, config.vocab_size, (n,), generator=generator).tolist())
+                cache = _random_prefills(model, config, lengths, generator)
                 python_cache = [(k.clone(), v.clone()) for k, v in cache.layers]
                 positions, meta = _decode_meta(lengths)
                 x = torch.randn(rows, config.hidden_size, generator=generator)
@@ -430,10 +434,8 @@ def test_batched_steps_with_the_head_in_the_team_equal_the_separate_head(path, r
         for team in (1, 2, 4):
             torch.set_num_threads(team)
             for rows in (7, 32, 33):
-                cache = PagedKVCache(config, num_blocks=rows * BLOCKS_PER_SEQ, block_size=BLOCK_SIZE)
                 lengths = [3 + seq % 5 for seq in range(rows)]
-                for seq, n in enumerate(lengths):
-                    _prefill(model, cache, seq, torch.randint(0, config.vocab_size, (n,), generator=generator).tolist())
+                cache = _random_prefills(model, config, lengths, generator)
                 greedy_cache, sampled_cache = ([(k.clone(), v.clone()) for k, v in cache.layers] for _ in range(2))
                 positions, meta = _decode_meta(lengths)
                 ids = torch.randint(0, config.vocab_size, (rows,), generator=generator)
