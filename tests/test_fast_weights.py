@@ -197,18 +197,26 @@ def test_bf16_model_logits_and_greedy_follow_the_fp32_reference(bf16_and_referen
 
 
 def test_greedy_tokens_from_the_head_equal_the_sampler_on_its_logits(gemma3_path, monkeypatch):
-    """Decode steps of all-greedy rows take their tokens from the head's fused argmax (no logits):
-    the same tokens as the sampler's argmax over the logits, which a logprobs request still gets.
-    Nine sequences (the batched int8 product's rows), Gemma 3's 262k vocabulary."""
+    """Decode steps of all-greedy rows take their tokens from the head's fused argmax in the layers'
+    team (``decode_logits``, no logits written): the same tokens as the sampler's argmax over the
+    logits, which a logprobs request still gets. Nine sequences (the batched int8 product's rows),
+    Gemma 3's 262k vocabulary."""
     llm = LLM(gemma3_path, max_model_len=256, kv_cache_memory=64 * 2**20, dtype="bfloat16")
     prompts = [{"prompt_token_ids": llm.tokenizer.encode(p)} for p in PROMPTS * 3]
-    fused = []
-    greedy_tokens = Linear.greedy_tokens
-    monkeypatch.setattr(Linear, "greedy_tokens", lambda self, *a, **k: fused.append(greedy_tokens(self, *a, **k)) or fused[-1])
+    fused = []  # each decode step's tokens from the kernel (None: the logits were written instead)
+    model_class = type(llm.engine.runner.model)
+    decode_logits = model_class.decode_logits
+
+    def spy(self, *args, **kwargs):
+        out = decode_logits(self, *args, **kwargs)
+        fused.append(None if out is None else out[1])
+        return out
+
+    monkeypatch.setattr(model_class, "decode_logits", spy)
     plain = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, plain, use_tqdm=False)]
     assert sum(tokens is not None for tokens in fused) >= 10  # the decode steps' (9 rows each)
     fused.clear()
     with_logits = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, with_logits, use_tqdm=False)] == got
-    assert not fused  # logprobs read the logits: the full path
+    assert fused and all(tokens is None for tokens in fused)  # logprobs read the logits: written
