@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import operator
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -242,10 +243,10 @@ def run_layers(model: nn.Module, x, positions, kv_caches, meta: AttentionMetadat
 
 
 def fused_logits(model: nn.Module, input_ids, positions, kv_caches, meta: AttentionMetadata,
-                 greedy: bool = False, embed_scale: torch.Tensor | None = None
+                 greedy: bool = False, embed: Callable[[torch.Tensor], torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """A decode step's logits ``[rows, vocab]`` (the head's kept buffer, ``Linear.kept_output``) from
-    the token ids through the embedding (times ``embed_scale``, as Gemma's forward scales it), every
+    the token ids through the embedding (or the model's own lookup ``embed``: Gemma's scaled one), every
     layer, ``model.norm`` and ``model.lm_head`` in one kernel call, with ``greedy`` each row's argmax
     (int64 ``[rows]``) too; or None where that does not serve: what ``fused_layers`` takes, one row
     per sequence (as ``compute_logits`` then multiplies them, ``reuse_output``: the same products,
@@ -254,11 +255,11 @@ def fused_logits(model: nn.Module, input_ids, positions, kv_caches, meta: Attent
     head's product is the batched int8 one (more than ``INT8_MAX_ROWS`` rows), its jobs give the
     tokens (those of ``Linear.greedy_tokens``) and the logits are not written; where another
     product serves more rows (AMX tiles), the tokens are None (the caller takes the logits' argmax).
-    An embedding the kernel does not read (``Embedding.kernel_rows``), or a scaled one, is looked up
+    An embedding the kernel does not read (``Embedding.kernel_rows``), or ``embed``, is looked up
     first, in Python. The caller has checked that the model's forward and logits are the shell's
-    but for the scale (``DecoderModel.decode_logits``)."""
+    but for ``embed`` (``DecoderModel.decode_logits``)."""
     plan = model_plan(model)
-    head, norm, embed = model.lm_head, model.norm, model.embed_tokens
+    head, norm, embed_tokens = model.lm_head, model.norm, model.embed_tokens
     rows = input_ids.shape[0]
     if (plan is None or meta.num_prefills or head.kernel_weight is None
             or head.bias is not None or head.compute_dtype != plan.first_linear.compute_dtype
@@ -267,29 +268,28 @@ def fused_logits(model: nn.Module, input_ids, positions, kv_caches, meta: Attent
     if plan.head is not head:
         plan.bound.bind_head(norm.weight, head.kernel_weight[0], head.kernel_weight[1])
         plan.head = head
-    if plan.embedding is not embed:
-        kernel_rows = embed.kernel_rows()
+    if plan.embedding is not embed_tokens:
+        kernel_rows = embed_tokens.kernel_rows()
         if kernel_rows is not None:
             plan.bound.bind_embedding(*kernel_rows)
-        plan.embedding, plan.embeds = embed, kernel_rows is not None
-    if embed_scale is not None:
+        plan.embedding, plan.embeds = embed_tokens, kernel_rows is not None
+    if embed is not None:
         x = embed(input_ids)
-        x = x * embed_scale.to(x.dtype)
     else:
-        x = input_ids if plan.embeds else embed(input_ids)
+        x = input_ids if plan.embeds else embed_tokens(input_ids)
     logits = head.kept_output(rows)
-    tokens = torch.empty(rows, dtype=torch.long) if greedy and _greedy_in_kernel(head, rows) else None
+    greedy_in_kernel = greedy and _greedy_in_kernel(head, plan.first_linear.compute_dtype == torch.bfloat16, rows)
+    tokens = torch.empty(rows, dtype=torch.long) if greedy_in_kernel else None
     if fused_layers(plan, x, positions, kv_caches, meta, logits, tokens) is None:
         return None
     return logits, tokens
 
 
-def _greedy_in_kernel(head: Linear, rows: int) -> bool:
-    """Whether the kernel gives a greedy step's tokens: the rows the GEMVs multiply (an argmax over
-    the written logits after the head), or the batched int8 product's (its jobs' own argmax, as
-    ``Linear.greedy_tokens`` takes it); not the AMX tiles' rows (an argmax on one thread there
-    would cost ~1 ms for 32 rows of a 262k vocabulary: the sampler's runs on the team)."""
-    integer = head.compute_dtype == torch.bfloat16
-    if rows <= (INT8_MAX_ROWS if integer else GEMV_MAX_ROWS):
-        return True
-    return integer and rows <= int8_batch_max_rows() and head.kernel_weight[1] in int8_batch_types(True)
+def _greedy_in_kernel(head: Linear, integer: bool, rows: int) -> bool:
+    """Whether the kernel gives a greedy step's tokens, by the products' rule it is given
+    (``_decode_products``): the rows the GEMVs multiply (an argmax over the written logits after
+    the head), or the batched int8 product's (its jobs' own argmax, as ``Linear.greedy_tokens``
+    takes it); not the AMX tiles' rows (an argmax on one thread there would cost ~1 ms for 32
+    rows of a 262k vocabulary: the sampler's runs on the team)."""
+    gemv_max_rows, batch_max_rows, batch_types = _decode_products(integer)
+    return rows <= gemv_max_rows or (rows <= batch_max_rows and (batch_types >> int(head.kernel_weight[1])) & 1 == 1)

@@ -62,10 +62,13 @@ class Gemma3ForCausalLM(DecoderModel):
         return Gemma3DecoderLayer(config, attention, GatedMLP(config.hidden_size, config.intermediate_size,
                                                               config.hidden_act))
 
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embedding times ``embed_scale`` (rounded to the embedding's dtype first, as HF)."""
         x = self.embed_tokens(input_ids)
-        x = x * self.embed_scale.to(x.dtype)
-        return self.norm(run_layers(self, x, positions, kv_caches, meta))
+        return x * self.embed_scale.to(x.dtype)
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        return self.norm(run_layers(self, self.embed(input_ids), positions, kv_caches, meta))
 
     def compute_logits(self, hidden: torch.Tensor, reuse_output: bool = False) -> torch.Tensor:
         """reuse_output: see Linear.forward (the result lives until the next such call)."""
@@ -83,7 +86,7 @@ class Gemma3ForCausalLM(DecoderModel):
         if (self.config.final_logit_softcapping or cls.forward is not Gemma3ForCausalLM.forward
                 or cls.compute_logits is not Gemma3ForCausalLM.compute_logits):
             return None
-        return fused_logits(self, input_ids, positions, kv_caches, meta, greedy, self.embed_scale)
+        return fused_logits(self, input_ids, positions, kv_caches, meta, greedy, self.embed)
 
     def greedy_tokens(self, hidden: torch.Tensor, decode: bool = False) -> torch.Tensor | None:
         """As DecoderModel's, where no soft cap applies (Gemma 3's own checkpoints have none; a
