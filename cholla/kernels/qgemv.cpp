@@ -555,6 +555,12 @@ IntDot int_dot_for(int64_t type, int64_t rows) {
   }
 }
 
+// Whether every segment's weights have an integer kernel (the batched int8 product's types).
+bool all_integer(const std::vector<Segment>& segments) {
+  return std::all_of(segments.begin(), segments.end(),
+                     [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; });
+}
+
 // ---- Batched steps (a few dozen sequences): x's rows in the lanes ----
 //
 // The GEMV above reduces each block's products across lanes, which costs about
@@ -1269,9 +1275,7 @@ void run_gemv_jobs(const std::vector<Segment>& segments, const std::vector<Job>&
     const Segment& seg = segments[jobs[j].segment];
     prefetch(seg.data + jobs[j].first_row * seg.row_bytes, PREFETCH_AHEAD);
   };
-  const bool all_integer = std::all_of(segments.begin(), segments.end(),
-                                       [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; });
-  if (integer && m > INT8_GEMV_MAX_ROWS && all_integer)
+  if (integer && m > INT8_GEMV_MAX_ROWS && all_integer(segments))
     return run_batched_jobs<false>(segments, jobs, begin, end, member, xs, m, k, out, n_total, nullptr, ready);
   prefetch_job(begin);
   // Each thread quantizes x itself (reading a copy another core had just written
@@ -1377,9 +1381,7 @@ void check_rows(const char* op, int64_t m, bool integer, bool prompt, int64_t ma
                 const std::vector<Segment>& segments) {
   if (integer && (prompt || m > GEMV_MAX_ROWS)) {
     TORCH_CHECK(m <= max_rows, op, ": at most ", max_rows, " rows, got ", m);
-    TORCH_CHECK(std::all_of(segments.begin(), segments.end(),
-                            [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; }),
-                op, prompt ? ": every weight must be of" : ": more than 8 rows need every weight in",
+    TORCH_CHECK(all_integer(segments), op, prompt ? ": every weight must be of" : ": more than 8 rows need every weight in",
                 " a type with an int8 kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)");
   } else {
     TORCH_CHECK(m <= GEMV_MAX_ROWS, op, ": at most ", GEMV_MAX_ROWS, " rows, got ", m);
@@ -1571,9 +1573,7 @@ void gemv_rows_argmax_part(const at::Tensor& x, const WeightRows* weights, int64
   const int64_t m = x.size(0), n_jobs = static_cast<int64_t>(jobs.size());
   TORCH_CHECK(m > INT8_GEMV_MAX_ROWS, "qgemv_int8_argmax: more than ", INT8_GEMV_MAX_ROWS,
               " rows (fewer take qgemv_int8 and an argmax), got ", m);
-  TORCH_CHECK(std::all_of(segments.begin(), segments.end(),
-                          [](const Segment& seg) { return int_dot_for(seg.type, 1) != nullptr; }),
-              "qgemv_int8_argmax: every weight must be of a type with an int8 kernel");
+  TORCH_CHECK(all_integer(segments), "qgemv_int8_argmax: every weight must be of a type with an int8 kernel");
   TORCH_CHECK(n_total > 0 && n_total <= std::numeric_limits<int32_t>::max(),
               "qgemv_int8_argmax: the weights must have 1 to 2^31 - 1 rows in all, got ", n_total);
   TORCH_CHECK(ready == nullptr || (ready->rows == m && ready->k == x.size(1)),
